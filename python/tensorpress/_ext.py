@@ -1,0 +1,41 @@
+"""Loads the native extension and reports what was built."""
+from __future__ import annotations
+
+import platform
+
+# The extension links the OpenBLAS shipped by scipy-openblas32; importing that package
+# loads the shared library so the dynamic loader finds it whatever the install layout.
+import scipy_openblas32  # noqa: F401
+
+try:
+    from tensorpress import _C
+except ImportError as err:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "tensorpress._C (the native extension) could not be imported. Reinstall with "
+        "`pip install --no-build-isolation .` from the source tree; the underlying error was: "
+        f"{err}"
+    ) from err
+
+
+def info() -> dict:
+    """What this build of tensorpress contains and what it can see at run time."""
+    import numpy
+    import torch
+
+    built = dict(_C.build_info())
+    return {
+        "tensorpress": __import__("tensorpress").__version__,
+        "cpu_kernels": True,
+        "cuda_kernels_built": built.pop("cuda"),
+        "cuda_archs": built.pop("cuda_archs"),
+        "cuda_compiler": built.pop("cuda_compiler"),
+        "cuda_runtime": built.pop("cuda_runtime"),
+        "cuda_devices_seen_by_extension": built.pop("cuda_devices"),
+        "gpu_visible_to_torch": torch.cuda.is_available(),
+        "cxx_compiler": built.pop("cxx_compiler"),
+        "blas": built.pop("blas"),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,105 @@
+"""TT-SVD (Oseledets 2011): sequential truncated SVDs with a per-bond error budget.
+
+With delta = rel_error * ||T|| / sqrt(d - 1) dropped at each of the d - 1 bonds, the result
+satisfies ||T - T_hat|| <= rel_error * ||T||.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TTResult:
+    """cores: list of (r_{k-1}, p_k, r_k) for tt_svd, (r_{k-1}, m_k, n_k, r_k) for tt_matrix_svd.
+    ranks: the bond ranks (r_1 .. r_{d-1}); rel_error: ||T - T_hat|| / ||T|| achieved."""
+
+    cores: list[Tensor]
+    ranks: tuple[int, ...]
+    rel_error: float
+
+
+def _check_rank_args(d: int, max_rank, rel_error):
+    if max_rank is None and rel_error is None:
+        raise ValueError("max_rank, rel_error: expected at least one of them, got neither")
+    if max_rank is not None:
+        ranks = [max_rank] * (d - 1) if isinstance(max_rank, int) else list(max_rank)
+        if len(ranks) != d - 1 or any((not isinstance(r, int)) or r < 1 for r in ranks):
+            raise ValueError(f"max_rank: expected an int >= 1 or {d - 1} ints >= 1, got {max_rank!r}")
+    else:
+        ranks = [None] * (d - 1)
+    if rel_error is not None and not (0 <= rel_error < 1):
+        raise ValueError(f"rel_error: expected a float in [0, 1), got {rel_error!r}")
+    return ranks
+
+
+def tt_svd(tensor: Tensor, max_rank: int | Sequence[int] | None = None,
+           rel_error: float | None = None) -> TTResult:
+    """Tensor-train decomposition of a d-way tensor by sequential truncated SVDs.
+
+    Args:
+        tensor: (p_1, ..., p_d), finite, floating point.
+        max_rank: cap on every bond rank (an int) or on each (d - 1 ints).
+        rel_error: target relative Frobenius error; the bound ||T - T_hat|| <= rel_error ||T||
+            holds when no max_rank cap binds.
+    Returns:
+        TTResult with cores (r_{k-1}, p_k, r_k), in the input's dtype. Computed in float64.
+    """
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        raise TypeError(f"tensor: expected a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor))}")
+    d = tensor.dim()
+    if d < 1:
+        raise ValueError("tensor: expected at least 1 dimension, got a scalar")
+    caps = _check_rank_args(d, max_rank, rel_error) if d > 1 else []
+    if not torch.isfinite(tensor).all():
+        raise ValueError("tensor: expected finite values, found NaN or Inf")
+
+    work = tensor.detach().to(torch.float64)
+    norm = torch.linalg.vector_norm(work).item()
+    delta = (rel_error or 0.0) * norm / math.sqrt(max(d - 1, 1))
+    shape = tensor.shape
+    cores, ranks, r_prev = [], [], 1
+    dropped_sq = 0.0
+    rest = work.reshape(1, -1)
+    for k in range(d - 1):
+        mat = rest.reshape(r_prev * shape[k], -1)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        # smallest rank whose dropped tail has norm <= delta, then the cap
+        tail = torch.cumsum(s.flip(0) ** 2, 0).flip(0)  # tail[i] = sum_{j >= i} s_j^2
+        keep = int((tail > delta ** 2).sum().item()) if rel_error is not None else len(s)
+        keep = max(1, keep)
+        if caps[k] is not None:
+            keep = min(keep, caps[k])
+        dropped_sq += float((s[keep:] ** 2).sum())
+        cores.append(u[:, :keep].reshape(r_prev, shape[k], keep))
+        rest = s[:keep, None] * vh[:keep]
+        ranks.append(keep)
+        r_prev = keep
+    cores.append(rest.reshape(r_prev, shape[-1], 1))
+    achieved = math.sqrt(dropped_sq) / norm if norm > 0 else 0.0
+    return TTResult([c.to(tensor.dtype) for c in cores], tuple(ranks), achieved)
+
+
+def tt_matrix_svd(weight: Tensor, out_factors: Sequence[int], in_factors: Sequence[int],
+                  max_rank: int | Sequence[int] | None = None, rel_error: float | None = None) -> TTResult:
+    """TT-matrix cores (r_{k-1}, m_k, n_k, r_k) of W (M x N), M = prod m_k, N = prod n_k."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-d tensor, got {getattr(weight, 'shape', type(weight))}")
+    out_factors, in_factors = list(out_factors), list(in_factors)
+    if len(out_factors) != len(in_factors):
+        raise ValueError(f"out_factors, in_factors: expected the same length, got {out_factors} and {in_factors}")
+    if math.prod(out_factors) != weight.shape[0] or math.prod(in_factors) != weight.shape[1]:
+        raise ValueError(f"out_factors, in_factors: expected products {tuple(weight.shape)}, got "
+                         f"{math.prod(out_factors)} and {math.prod(in_factors)}")
+    d = len(out_factors)
+    # (m_1..m_d, n_1..n_d) -> (m_1, n_1, m_2, n_2, ...) -> (m_1 n_1, ..., m_d n_d)
+    t = weight.reshape(*out_factors, *in_factors)
+    t = t.permute(*[i for k in range(d) for i in (k, d + k)])
+    t = t.reshape(*[m * n for m, n in zip(out_factors, in_factors)])
+    res = tt_svd(t, max_rank=max_rank, rel_error=rel_error)
+    cores = [c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(res.cores, out_factors, in_factors)]
+    return TTResult(cores, res.ranks, res.rel_error)

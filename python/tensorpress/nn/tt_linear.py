@@ -1,0 +1,155 @@
+"""TTLinear: a linear layer whose weight is a TT-matrix, run by the fused TT kernel."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tensorpress.decompose.tt import tt_matrix_svd
+from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
+from tensorpress.ops.tt import tt_matmul, tt_to_dense
+from tensorpress.ops.tt_plan import TTPlan, choose_plan
+
+
+class TTLinear(nn.Module):
+    r"""y = x W^T + b with W (out_features x in_features) held as a tensor train.
+
+    W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :], with cores
+    ``cores[k]`` of shape (r_{k-1}, m_k, n_k, r_k), m = out_factors, n = in_factors.
+
+    Args:
+        in_features, out_features: sizes of the input and output.
+        ranks: the bond ranks r_1..r_{d-1}: an int for all bonds, or d - 1 ints; each is
+            capped at the largest useful rank of its bond.
+        in_factors, out_factors: how the dimensions are split (same length d); balanced
+            factors are chosen when omitted.
+        bias: add a learnable bias.
+
+    Shape:
+        input (*, in_features) -> output (*, out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, ranks: int | Sequence[int],
+                 in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.in_factors, self.out_factors = _resolve_factors(in_features, out_features, in_factors, out_factors)
+        self.ranks = _resolve_ranks(ranks, self.out_factors, self.in_factors)
+        full = (1, *self.ranks, 1)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(full[k], m, n, full[k + 1], **factory))
+            for k, (m, n) in enumerate(zip(self.out_factors, self.in_factors)))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Cores scaled so the entries of W have nn.Linear's default variance 1 / (3 N).
+
+        With i.i.d. N(0, s_k^2) core entries, Var(W_ij) = prod_k s_k^2 * prod_k r_k; taking
+        s_k^2 = (1/(3N))^(1/d) / sqrt(r_{k-1} r_k) gives 1/(3N) for any d and ranks.
+        """
+        d = len(self.cores)
+        target = 1.0 / (3 * self.in_features)
+        for g in self.cores:
+            std = math.sqrt(target ** (1 / d) / math.sqrt(g.shape[0] * g.shape[3]))
+            nn.init.normal_(g, 0.0, std)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # ------------------------------------------------------------------ forward
+    def plan(self, batch: int) -> TTPlan:
+        """The contraction this layer will run for `batch` rows (by FLOP count; may be dense)."""
+        return choose_plan(self.core_shapes, batch)
+
+    @property
+    def core_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
+        return tuple(tuple(g.shape) for g in self.cores)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input: expected last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
+        y = tt_matmul(x, list(self.cores))
+        return y if self.bias is None else y + self.bias
+
+    # ------------------------------------------------------------------ conversions
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, ranks: int | Sequence[int] | None = None,
+                   rel_error: float | None = None, in_factors: Sequence[int] | None = None,
+                   out_factors: Sequence[int] | None = None) -> "TTLinear":
+        """A TTLinear approximating `linear` by TT-SVD.
+
+        ranks caps the bond ranks; rel_error sets the per-bond truncation so that
+        ||W - W_tt||_F <= rel_error ||W||_F (when no rank cap binds). At least one is needed.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        if ranks is None and rel_error is None:
+            raise ValueError("ranks, rel_error: expected at least one of them, got neither")
+        w = linear.weight.detach()
+        if not torch.isfinite(w).all() or (linear.bias is not None and not torch.isfinite(linear.bias).all()):
+            raise ValueError("linear: expected finite weights, found NaN or Inf")
+        in_f, out_f = _resolve_factors(linear.in_features, linear.out_features, in_factors, out_factors)
+        caps = None if ranks is None else _resolve_ranks(ranks, out_f, in_f)
+        res = tt_matrix_svd(w, out_f, in_f, max_rank=caps, rel_error=rel_error)
+        layer = cls(linear.in_features, linear.out_features, list(res.ranks), in_f, out_f,
+                    bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for g, c in zip(layer.cores, res.cores):
+                g.copy_(c)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def to_dense(self) -> Tensor:
+        """The weight W (out_features x in_features)."""
+        return tt_to_dense(list(self.cores))
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense weight entries per TT parameter (bias not counted)."""
+        return (self.in_features * self.out_features) / sum(g.numel() for g in self.cores)
+
+    def extra_repr(self) -> str:
+        f = lambda t: "(" + ",".join(map(str, t)) + ")"  # noqa: E731
+        return (f"{self.in_features} -> {self.out_features}, factors {f(self.in_factors)}->{f(self.out_factors)}, "
+                f"ranks {f(self.ranks)}, {self.compression_ratio:.0f}x smaller, bias={self.bias is not None}")
+
+
+def _resolve_factors(in_features, out_features, in_factors, out_factors):
+    if in_factors is None and out_factors is None:
+        d = default_num_factors(in_features, out_features)
+    else:
+        d = len(in_factors if in_factors is not None else out_factors)
+    result = []
+    for name, n, given in (("in_factors", in_features, in_factors), ("out_factors", out_features, out_factors)):
+        if given is None:
+            result.append(balanced_factors(n, d, name.replace("factors", "features")))
+            continue
+        given = tuple(given)
+        if len(given) != d or any((not isinstance(f, int)) or f < 1 for f in given):
+            raise ValueError(f"{name}: expected {d} positive ints, got {given}")
+        if math.prod(given) != n:
+            raise ValueError(f"{name}: expected factors whose product is {n}, got {given} (product {math.prod(given)})")
+        result.append(given)
+    return result[0], result[1]
+
+
+def _resolve_ranks(ranks, out_factors, in_factors) -> tuple[int, ...]:
+    d = len(out_factors)
+    caps = max_bond_ranks(out_factors, in_factors)
+    if isinstance(ranks, bool) or not isinstance(ranks, (int, list, tuple)):
+        raise TypeError(f"ranks: expected an int or a list of {d - 1} ints, got {type(ranks).__name__}")
+    values = [ranks] * (d - 1) if isinstance(ranks, int) else list(ranks)
+    if len(values) != d - 1:
+        raise ValueError(f"ranks: expected {d - 1} bond ranks for {d} factors, got {len(values)}")
+    if any((not isinstance(r, int)) or r < 1 for r in values):
+        raise ValueError(f"ranks: expected ints >= 1, got {values}")
+    return tuple(min(r, c) for r, c in zip(values, caps))

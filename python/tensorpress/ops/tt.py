@@ -1,0 +1,254 @@
+"""TT-matrix contraction y = x W^T with W held as TT cores.
+
+Cores G_k have shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1; W is (prod m_k, prod n_k) with
+row-major flattening (factor 0 most significant). The fused kernel lives in csrc/tt/.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from tensorpress._ext import _C
+from tensorpress.ops.tt_plan import TTPlan, choose_plan, flat_dims
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- validation
+def validate_tt_cores(cores: Sequence[Tensor], name: str = "cores") -> None:
+    """Raise a clear error unless `cores` form a TT-matrix chain on one device and dtype."""
+    if not isinstance(cores, (list, tuple)) or len(cores) == 0:
+        raise TypeError(f"{name}: expected a non-empty list of tensors, got {type(cores).__name__}")
+    for k, g in enumerate(cores):
+        if not isinstance(g, Tensor):
+            raise TypeError(f"{name}[{k}]: expected a tensor, got {type(g).__name__}")
+        if g.dim() != 4:
+            raise ValueError(f"{name}[{k}]: expected a 4-d core (r_left, m, n, r_right), got shape {tuple(g.shape)}")
+        if g.dtype != cores[0].dtype:
+            raise TypeError(f"{name}[{k}]: expected dtype {cores[0].dtype} like {name}[0], got {g.dtype}")
+        if g.device != cores[0].device:
+            raise ValueError(f"{name}[{k}]: expected device {cores[0].device} like {name}[0], got {g.device}")
+        if k > 0 and g.shape[0] != cores[k - 1].shape[3]:
+            raise ValueError(f"{name}[{k}]: expected r_left = {cores[k - 1].shape[3]} (r_right of {name}[{k - 1}]), "
+                             f"got {g.shape[0]}")
+    if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
+        raise ValueError(f"{name}: expected boundary ranks r_0 = r_d = 1, got {cores[0].shape[0]} and {cores[-1].shape[3]}")
+    if cores[0].dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float64, float16 or bfloat16, got {cores[0].dtype}")
+
+
+def _check_input(x: Tensor, cores: Sequence[Tensor]) -> int:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+    n = 1
+    for g in cores:
+        n *= g.shape[2]
+    if x.dim() < 1 or x.shape[-1] != n:
+        raise ValueError(f"x: expected last dimension {n} (= prod of the cores' n_k), got shape {tuple(x.shape)}")
+    if x.dtype != cores[0].dtype:
+        raise TypeError(f"x: expected dtype {cores[0].dtype} (the cores' dtype), got {x.dtype}")
+    if x.device != cores[0].device:
+        raise ValueError(f"x: expected device {cores[0].device} (the cores' device), got {x.device}")
+    return n
+
+
+# ----------------------------------------------------------------------------- plan helpers
+def merge_cores(a: Tensor, b: Tensor) -> Tensor:
+    """(r0, m1, n1, r1) x (r1, m2, n2, r2) -> (r0, m1 m2, n1 n2, r2)."""
+    r0, m1, n1, _ = a.shape
+    _, m2, n2, r2 = b.shape
+    return torch.einsum("aijr,rklb->aikjlb", a, b).reshape(r0, m1 * m2, n1 * n2, r2)
+
+
+def merge_group(cores: Sequence[Tensor], group: Sequence[int]) -> Tensor:
+    merged = cores[group[0]]
+    for k in group[1:]:
+        merged = merge_cores(merged, cores[k])
+    return merged
+
+
+def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:
+    """W (prod m_k, prod n_k) from TT-matrix cores."""
+    validate_tt_cores(cores)
+    full = merge_group(cores, range(len(cores)))
+    return full.reshape(full.shape[1], full.shape[2])
+
+
+def step_matrices(merged: Sequence[Tensor], order: Sequence[int]) -> List[Tensor]:
+    """Each absorbed core as the (P x Q) matrix its step multiplies by (see csrc/tt/tt_plan.h)."""
+    mats, lo, hi = [], order[0], order[0]
+    for t, k in enumerate(order):
+        g = merged[k]
+        rl, m, n, rr = g.shape
+        if t == 0:
+            mat = g.permute(0, 1, 3, 2).reshape(rl * m * rr, n)
+        elif k == lo - 1:
+            mat, lo = g.reshape(rl * m, n * rr), k
+        else:
+            mat, hi = g.permute(1, 3, 0, 2).reshape(m * rr, rl * n), k
+        mats.append(mat.contiguous())
+    return mats
+
+
+# ----------------------------------------------------------------------------- custom ops
+def _workspace(x: Tensor, core_dims: List[int], order: List[int], backward: bool) -> tuple[Tensor, int]:
+    """Scratch memory for the kernel, from torch's allocator, and the thread count it is sized for."""
+    threads = torch.get_num_threads()
+    size = _C.tt_workspace_size(core_dims, order, x.shape[0], threads, backward, x.element_size())
+    return torch.empty(size, dtype=x.dtype, device=x.device), threads
+
+
+@torch.library.custom_op("tensorpress::tt_contract", mutates_args=())
+def tt_contract(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int]) -> Tensor:
+    """y (B, M) = x (B, N) W^T, executing a plan's steps with its step matrices (fused kernel)."""
+    if x.device.type != "cpu":
+        return tt_contract_torch(x, mats, core_dims, order)
+    x = x.detach().contiguous()  # DLPack refuses tensors that require grad
+    mats = [m.detach().contiguous() for m in mats]
+    y = x.new_empty(x.shape[0], _out_features(core_dims))
+    ws, threads = _workspace(x, core_dims, order, backward=False)
+    _C.tt_forward(x, mats, core_dims, order, y, ws, threads)
+    return y
+
+
+def _out_features(core_dims: List[int]) -> int:
+    m = 1
+    for k in range(1, len(core_dims), 4):
+        m *= core_dims[k]
+    return m
+
+
+def _in_features(core_dims: List[int]) -> int:
+    n = 1
+    for k in range(2, len(core_dims), 4):
+        n *= core_dims[k]
+    return n
+
+
+@tt_contract.register_fake
+def _tt_contract_fake(x, mats, core_dims, order):
+    torch._check(x.dim() == 2, lambda: f"x should be a 2d tensor (batch, N), got {x.dim()}D")
+    torch._check(x.shape[1] == _in_features(core_dims),
+                 lambda: f"x should have {_in_features(core_dims)} columns, got {x.shape[1]}")
+    steps = _C.tt_plan_steps(core_dims, order)
+    torch._check(len(mats) == len(steps), lambda: f"expected {len(steps)} step matrices, got {len(mats)}")
+    for t, (m, s) in enumerate(zip(mats, steps)):
+        torch._check(tuple(m.shape) == (s["P"], s["Q"]),
+                     lambda: f"mats[{t}] should have shape ({s['P']}, {s['Q']}), got {tuple(m.shape)}")
+        torch._check(m.dtype == x.dtype, lambda: f"mats[{t}] should have dtype {x.dtype}, got {m.dtype}")
+    return x.new_empty(x.shape[0], _out_features(core_dims))
+
+
+@torch.library.custom_op("tensorpress::tt_contract_backward", mutates_args=())
+def tt_contract_backward(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int],
+                         grad_out: Tensor, need_x: bool, need_mats: bool) -> List[Tensor]:
+    """[grad_x, grad_mats...]; gradients that are not needed come back as empty tensors.
+
+    The forward states are recomputed per block of samples from x; nothing but x and the
+    (batch-independent) step matrices is kept between forward and backward.
+    """
+    if x.device.type != "cpu":
+        return _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats)
+    x, grad_out = x.detach().contiguous(), grad_out.detach().contiguous()
+    mats = [m.detach().contiguous() for m in mats]
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_mats = [torch.empty_like(m) for m in mats] if need_mats else [None] * len(mats)
+    ws, threads = _workspace(x, core_dims, order, backward=True)
+    _C.tt_backward(x, mats, core_dims, order, grad_out, grad_x, grad_mats, ws, threads)
+    empty = x.new_empty(0)
+    return [grad_x if need_x else empty] + [g if need_mats else empty for g in grad_mats]
+
+
+@tt_contract_backward.register_fake
+def _tt_contract_backward_fake(x, mats, core_dims, order, grad_out, need_x, need_mats):
+    empty = x.new_empty(0)
+    return [torch.empty_like(x) if need_x else empty] + [torch.empty_like(m) if need_mats else empty for m in mats]
+
+
+def _tt_contract_setup(ctx, inputs, output):
+    x, mats, core_dims, order = inputs
+    ctx.save_for_backward(x, *mats)
+    ctx.core_dims, ctx.order = core_dims, order
+
+
+def _tt_contract_grad(ctx, grad_out):
+    x, *mats = ctx.saved_tensors
+    need_x = bool(ctx.needs_input_grad[0])
+    need_mats = any(ctx.needs_input_grad[1])  # one flag per step matrix
+    grads = tt_contract_backward(x, mats, ctx.core_dims, ctx.order, grad_out, need_x, need_mats)
+    grad_x = grads[0] if need_x else None
+    grad_mats = list(grads[1:]) if need_mats else None
+    return grad_x, grad_mats, None, None
+
+
+tt_contract.register_autograd(_tt_contract_grad, setup_context=_tt_contract_setup)
+
+
+# ----------------------------------------------------------------------------- torch references
+def tt_contract_torch(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int]) -> Tensor:
+    """The same plan executed with torch batched matmuls (reference for the kernel; GPU fallback)."""
+    state = x
+    batch = x.shape[0]
+    for mat, s in zip(mats, _C.tt_plan_steps(core_dims, order)):
+        state = torch.matmul(mat, state.reshape(batch * s["outer"], s["Q"], s["R"]))
+    return state.reshape(batch, _out_features(core_dims))
+
+
+def _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats):
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_(need_x)
+        md = [m.detach().requires_grad_(need_mats) for m in mats]
+        y = tt_contract_torch(xd, md, core_dims, order)
+        wrt = ([xd] if need_x else []) + (md if need_mats else [])
+        grads = list(torch.autograd.grad(y, wrt, grad_out))
+    empty = x.new_empty(0)
+    grad_x = grads.pop(0) if need_x else empty
+    return [grad_x] + (grads if need_mats else [empty] * len(mats))
+
+
+def tt_matmul_reference(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
+    """x W^T by a core-by-core einsum sweep, no merging: the plain reference (use float64)."""
+    validate_tt_cores(cores)
+    _check_input(x, cores)
+    lead = x.shape[:-1]
+    # state: (B, m_<k, r_{k-1}, n_k, n_>k), absorbing cores left to right
+    state = x.reshape(-1, 1, 1, x.shape[-1])
+    for g in cores:
+        rl, m, n, rr = g.shape
+        b, mo, _, rest = state.shape
+        state = state.reshape(b, mo, rl, n, rest // n)
+        state = torch.einsum("bpanq,amnr->bpmrq", state, g).reshape(b, mo * m, rr, rest // n)
+    return state.reshape(*lead, -1)
+
+
+# ----------------------------------------------------------------------------- public entry
+def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None) -> Tensor:
+    """y = x W^T with W given by TT-matrix cores, through the fused kernel.
+
+    Args:
+        x: (..., N) with N = prod n_k; float32, float64, float16 or bfloat16 (the half types
+           are computed in float32 and cast back).
+        cores: d tensors (r_{k-1}, m_k, n_k, r_k) of x's dtype and device, r_0 = r_d = 1.
+        plan: from `choose_plan(shapes, batch)`; chosen by FLOP count when omitted.
+    Returns:
+        (..., M) with M = prod m_k. Differentiable in x and in every core.
+    """
+    validate_tt_cores(cores)
+    n = _check_input(x, cores)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    if plan is None:
+        plan = choose_plan([tuple(g.shape) for g in cores], x2.shape[0])
+    compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
+    xc = x2.to(compute)
+    cores_c = [g.to(compute) for g in cores]
+    if plan.dense:
+        y = xc @ tt_to_dense(cores_c).T
+    else:
+        merged = [merge_group(cores_c, g) for g in plan.groups]
+        mats = step_matrices(merged, plan.order)
+        y = tt_contract(xc, mats, flat_dims(plan.merged_shapes), list(plan.order))
+    return y.to(x.dtype).reshape(*lead, y.shape[-1])

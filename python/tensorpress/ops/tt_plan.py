@@ -1,0 +1,135 @@
+"""Choosing how to contract x with a TT-matrix: which adjacent cores to pre-merge, in which
+order to absorb the (merged) cores, or whether to rebuild W and run one dense GEMM.
+
+The geometry of every step comes from the C++ plan (csrc/tt/tt_plan.h), so the cost model
+and the kernel can never disagree about shapes.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from tensorpress._ext import _C
+
+# A GEMM call costs about this many FLOPs' worth of time beyond its arithmetic (measured:
+# ~0.2 us per small OpenBLAS call at ~100 GFLOP/s). Plans whose steps loop over many tiny
+# GEMMs pay it per sample.
+GEMM_CALL_OVERHEAD_FLOPS = 20_000
+
+CoreShape = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class TTPlan:
+    """A contraction plan for one batch size.
+
+    groups: the partition of the cores into runs merged before the contraction.
+    order:  the order in which the merged groups are absorbed (a growing interval).
+    dense:  rebuild W once and run a single GEMM instead.
+    flops:  FLOPs of the whole call at this batch (merging included);
+    dense_flops: what the dense route costs, for comparison.
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    order: tuple[int, ...]
+    dense: bool
+    batch: int
+    flops: int
+    dense_flops: int
+    merged_shapes: tuple[CoreShape, ...]
+
+    def __str__(self) -> str:
+        if self.dense:
+            return f"dense (rebuild W, one GEMM): {self.flops / 1e6:.1f} MFLOP at batch {self.batch}"
+        groups = " ".join("[" + ",".join(map(str, g)) + "]" for g in self.groups)
+        return (f"fused TT: groups {groups}, order {list(self.order)}: {self.flops / 1e6:.1f} MFLOP "
+                f"at batch {self.batch} (dense {self.dense_flops / 1e6:.1f})")
+
+
+def _partitions(d: int):
+    """All ways to cut 0..d-1 into contiguous runs."""
+    for cuts in itertools.product((False, True), repeat=d - 1):
+        groups, start = [], 0
+        for k, cut in enumerate(cuts, start=1):
+            if cut:
+                groups.append(tuple(range(start, k)))
+                start = k
+        groups.append(tuple(range(start, d)))
+        yield tuple(groups)
+
+
+def _orders(d: int):
+    """All absorb orders of d cores that grow one contiguous interval."""
+    for start in range(d):
+        n_left = start
+        for left_positions in itertools.combinations(range(d - 1), n_left):
+            order, lo, hi = [start], start, start
+            for t in range(d - 1):
+                if t in left_positions:
+                    lo -= 1
+                    order.append(lo)
+                else:
+                    hi += 1
+                    order.append(hi)
+            yield tuple(order)
+
+
+def merge_shapes(shapes: tuple[CoreShape, ...], group: tuple[int, ...]) -> tuple[CoreShape, int]:
+    """Shape of the merged core of a group, and the FLOPs of merging it left to right."""
+    r0, m, n, r = shapes[group[0]]
+    flops = 0
+    for k in group[1:]:
+        _, mk, nk, rk = shapes[k]
+        flops += 2 * r0 * m * n * r * mk * nk * rk
+        m, n, r = m * mk, n * nk, rk
+    return (r0, m, n, r), flops
+
+
+def dense_flops(shapes: tuple[CoreShape, ...], batch: int) -> int:
+    (_, M, N, _), merge = merge_shapes(shapes, tuple(range(len(shapes))))
+    return merge + 2 * batch * M * N
+
+
+def flat_dims(shapes) -> list[int]:
+    return [int(v) for s in shapes for v in s]
+
+
+def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int) -> int:
+    """FLOPs (plus per-call overhead) of contracting a batch with already merged cores."""
+    cost = 0
+    for step in _C.tt_plan_steps(flat_dims(merged), list(order)):
+        calls = step["outer"] if step["R"] > 1 else 0  # R == 1 steps are one GEMM per block
+        cost += batch * (step["flops"] + GEMM_CALL_OVERHEAD_FLOPS * calls)
+    return cost
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> TTPlan:
+    d = len(shapes)
+    dense_cost = dense_flops(shapes, batch)
+    best = None
+    for groups in _partitions(d):
+        merged, merge_cost = zip(*(merge_shapes(shapes, g) for g in groups))
+        for order in _orders(len(groups)):
+            cost = sum(merge_cost) + plan_cost(merged, order, batch)
+            if best is None or cost < best[0]:
+                best = (cost, groups, order, merged)
+    cost, groups, order, merged = best
+    if allow_dense and dense_cost <= cost:  # ties: one big GEMM runs faster
+        everything = tuple(range(d))
+        return TTPlan((everything,), (0,), True, batch, dense_cost, dense_cost,
+                      (merge_shapes(shapes, everything)[0],))
+    return TTPlan(groups, order, False, batch, cost, dense_cost, tuple(merged))
+
+
+def choose_plan(shapes, batch: int, allow_dense: bool = True) -> TTPlan:
+    """The cheapest plan by FLOP count for cores of the given shapes at this batch size.
+
+    Searches every contiguous merge partition and every absorb order (2^(d-1) x 2^(d'-1)
+    candidates, cached), and the dense route when `allow_dense`.
+    """
+    shapes = tuple(tuple(int(v) for v in s) for s in shapes)
+    return _choose(shapes, int(batch), bool(allow_dense))
