@@ -14,6 +14,7 @@ from tensorpress._ext import _C
 from tensorpress.ops.tt_plan import TTPlan, choose_plan, flat_dims
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+SYMBOLIC_BATCH_HINT = 256
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -241,7 +242,13 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None) ->
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n)
     if plan is None:
-        plan = choose_plan([tuple(g.shape) for g in cores], x2.shape[0])
+        shapes = [tuple(g.shape) for g in cores]
+        if torch.compiler.is_compiling():
+            # Under torch.compile the batch may be symbolic and one graph may serve every batch
+            # size: take the fused plan that is best at a typical batch (never the dense route).
+            plan = choose_plan(shapes, SYMBOLIC_BATCH_HINT, allow_dense=False)
+        else:
+            plan = choose_plan(shapes, x2.shape[0])
     compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
     xc = x2.to(compute)
     cores_c = [g.to(compute) for g in cores]

@@ -125,6 +125,7 @@ def _choose(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> TTP
     return TTPlan(groups, order, False, batch, cost, dense_cost, tuple(merged))
 
 
+@torch.compiler.assume_constant_result  # pure function of static shapes: torch.compile folds it
 def choose_plan(shapes, batch: int, allow_dense: bool = True) -> TTPlan:
     """The cheapest plan by FLOP count for cores of the given shapes at this batch size.
 

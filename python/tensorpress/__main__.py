@@ -1,0 +1,5 @@
+import sys
+
+from tensorpress.cli import main
+
+sys.exit(main())

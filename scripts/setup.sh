@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine: a virtual environment in .venv, torch (the local
+# CPU wheel torch==2.13.0 where no torch is present), the build tools, and tensorpress itself
+# (built from source: CUDA kernels too when nvcc is on PATH; TENSORPRESS_CUDA=OFF skips them).
+# Usage: source scripts/setup.sh [extra]    (extra: test | bench)
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "scipy-openblas32>=0.3.27" numpy
+extra="${1:-}"
+case "$extra" in
+  test)  python -m pip install -q "pytest>=8" "hypothesis>=6" ;;
+  bench) python -m pip install -q tensorly==0.10.0 tensorly-torch==0.5.0 opt_einsum matplotlib ;;
+esac
+# --no-build-isolation: build against the tools installed above (no second download) and
+# keep build/ between runs so rebuilds are incremental.
+python -m pip install -q --no-build-isolation --no-deps .
+python -c "import tensorpress, json; print(json.dumps(tensorpress.info()))"
