@@ -159,14 +159,14 @@ def tt_contract_backward(x: Tensor, mats: List[Tensor], core_dims: List[int], or
     grad_mats = [torch.empty_like(m) for m in mats] if need_mats else [None] * len(mats)
     ws, threads = _workspace(x, core_dims, order, backward=True)
     _C.tt_backward(x, mats, core_dims, order, grad_out, grad_x, grad_mats, ws, threads)
-    empty = x.new_empty(0)
-    return [grad_x if need_x else empty] + [g if need_mats else empty for g in grad_mats]
+    # gradients not asked for come back as distinct empty tensors (outputs may not alias)
+    return [grad_x if need_x else x.new_empty(0)] + [g if need_mats else x.new_empty(0) for g in grad_mats]
 
 
 @tt_contract_backward.register_fake
 def _tt_contract_backward_fake(x, mats, core_dims, order, grad_out, need_x, need_mats):
-    empty = x.new_empty(0)
-    return [torch.empty_like(x) if need_x else empty] + [torch.empty_like(m) if need_mats else empty for m in mats]
+    return ([torch.empty_like(x) if need_x else x.new_empty(0)]
+            + [torch.empty_like(m) if need_mats else x.new_empty(0) for m in mats])
 
 
 def _tt_contract_setup(ctx, inputs, output):
@@ -205,9 +205,8 @@ def _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, nee
         y = tt_contract_torch(xd, md, core_dims, order)
         wrt = ([xd] if need_x else []) + (md if need_mats else [])
         grads = list(torch.autograd.grad(y, wrt, grad_out))
-    empty = x.new_empty(0)
-    grad_x = grads.pop(0) if need_x else empty
-    return [grad_x] + (grads if need_mats else [empty] * len(mats))
+    grad_x = grads.pop(0) if need_x else x.new_empty(0)
+    return [grad_x] + (grads if need_mats else [x.new_empty(0) for _ in mats])
 
 
 def tt_matmul_reference(x: Tensor, cores: Sequence[Tensor]) -> Tensor:

@@ -1,0 +1,371 @@
+"""CPU benchmark of tensorpress's fused TT-matrix layer against its peers.
+
+Sides, all holding the *same* weights (one set of TT cores, copied):
+
+* ``tensorpress`` -- ``tensorpress.nn.TTLinear`` (fused kernel, plan chosen by FLOP count);
+* ``tltorch``     -- tensorly-torch ``FactorizedLinear`` (blocktt, factorized implementation);
+* ``einsum``      -- the naive core-by-core ``torch.einsum`` chain from ``peers.py``;
+* ``dense``       -- ``torch.nn.Linear`` holding ``W = layer.to_dense()``.
+
+For every case it checks that the four forward outputs agree, then times forward
+(``torch.no_grad``) and forward+backward (``loss = (y * g).sum()``, gradients with respect
+to ``x`` and every parameter), taking medians over repeats that rotate among a few
+pre-generated inputs and interleave the sides. It also counts the bytes each side saves for
+backward (activation memory), and writes ``tt_cpu.json``, ``tt_cpu.md`` and ``tt_cpu.png``.
+
+    python benchmarks/bench_tt.py                 # full run (a few minutes on 2 cores)
+    python benchmarks/bench_tt.py --quick         # smoke test, < 30 s, writes tt_cpu_quick.*
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import tensorpress
+from tensorpress.nn import TTLinear
+from tensorpress.ops.tt import tt_to_dense
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import einsum_chain_tt, tensorly_torch_tt_linear  # noqa: E402
+
+SIDES = ("tensorpress", "tltorch", "einsum", "dense")
+PEERS = ("tltorch", "einsum")
+N_INPUTS = 4          # inputs rotated among, so no side times a cache-hot input
+AGREE_TOL = 1e-4      # max relative error of any side's forward vs a float64 reference
+TARGET_FWD, TARGET_FB = 2.0, 1.5   # speedups over the fastest peer demanded by the issue
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    batch: int
+    in_factors: tuple[int, ...] | None = None   # None: TTLinear's default factorization
+    out_factors: tuple[int, ...] | None = None
+
+
+CASES = [
+    Case("1024x1024 r8", 1024, 1024, 8, 256, (4, 8, 8, 4), (4, 8, 8, 4)),
+    Case("1024x1024 r16", 1024, 1024, 16, 256, (4, 8, 8, 4), (4, 8, 8, 4)),
+    Case("4096x4096 r8", 4096, 4096, 8, 64, (8, 8, 8, 8), (8, 8, 8, 8)),
+    Case("4096x4096 r16", 4096, 4096, 16, 64, (8, 8, 8, 8), (8, 8, 8, 8)),
+    Case("768->3072 r16", 768, 3072, 16, 256),
+]
+QUICK_CASES = CASES[:2]
+
+
+@dataclass
+class Side:
+    """A forward function and the parameters it should produce gradients for."""
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    params: list[torch.Tensor] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- setup
+def build_sides(case: Case) -> tuple[TTLinear, list[Side]]:
+    """Our TTLinear plus the three peers, all given copies of the same cores and bias."""
+    layer = TTLinear(case.in_features, case.out_features, case.rank,
+                     in_factors=case.in_factors, out_factors=case.out_factors)
+    cores = [g.detach() for g in layer.cores]
+    bias = layer.bias.detach()
+    sides = [Side("tensorpress", layer, list(layer.parameters()))]
+
+    tl = tensorly_torch_tt_linear(layer.in_factors, layer.out_factors, case.rank)
+    if tl is not None:
+        tl_shapes = [tuple(f.shape) for f in tl.weight.factors]
+        if tl_shapes != list(layer.core_shapes):
+            raise RuntimeError(f"{case.name}: tltorch cores {tl_shapes} != ours {layer.core_shapes}")
+        with torch.no_grad():
+            for f, g in zip(tl.weight.factors, cores):
+                f.copy_(g)
+            tl.bias.copy_(bias)
+        sides.append(Side("tltorch", tl, list(tl.parameters())))
+
+    ein_cores = [g.clone().requires_grad_() for g in cores]
+    ein_bias = bias.clone().requires_grad_()
+    sides.append(Side("einsum", lambda x: einsum_chain_tt(x, ein_cores) + ein_bias, ein_cores + [ein_bias]))
+
+    dense = torch.nn.Linear(case.in_features, case.out_features)
+    with torch.no_grad():
+        dense.weight.copy_(layer.to_dense())
+        dense.bias.copy_(bias)
+    sides.append(Side("dense", dense, list(dense.parameters())))
+    return layer, sides
+
+
+def check_agreement(layer: TTLinear, sides: list[Side], x: torch.Tensor) -> dict[str, float]:
+    """Relative error of every side's forward against x W^T + b computed in float64."""
+    with torch.no_grad():
+        w64 = tt_to_dense([g.detach().double() for g in layer.cores])
+        ref = x.double() @ w64.T + layer.bias.detach().double()
+        errs = {s.name: float((s.fn(x).double() - ref).norm() / ref.norm()) for s in sides}
+    bad = {k: v for k, v in errs.items() if not v < AGREE_TOL}
+    if bad:
+        raise RuntimeError(f"forward outputs disagree (rel err >= {AGREE_TOL}): {bad}")
+    return errs
+
+
+# ----------------------------------------------------------------------------- measurements
+def run_forward(side: Side, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        side.fn(x)
+        return time.perf_counter() - t0
+
+
+def run_fwd_bwd(side: Side, x: torch.Tensor, g: torch.Tensor) -> float:
+    x.grad = None
+    for p in side.params:
+        p.grad = None
+    t0 = time.perf_counter()
+    (side.fn(x) * g).sum().backward()
+    return time.perf_counter() - t0
+
+
+def time_sides(sides: list[Side], xs: list[torch.Tensor], g: torch.Tensor,
+               repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Median ms per side for forward and forward+backward.
+
+    Each repeat uses the next input of `xs` for every side, and runs the sides in an order
+    rotated by one per repeat, so slow drifts of the machine hit all sides alike.
+    """
+    for s in sides:
+        for i in range(warmup):
+            run_forward(s, xs[i % len(xs)])
+            run_fwd_bwd(s, xs[i % len(xs)], g)
+    fwd = {s.name: [] for s in sides}
+    fb = {s.name: [] for s in sides}
+    for r in range(repeats):
+        x = xs[r % len(xs)]
+        order = sides[r % len(sides):] + sides[:r % len(sides)]
+        for s in order:
+            fwd[s.name].append(run_forward(s, x))
+        for s in order:
+            fb[s.name].append(run_fwd_bwd(s, x, g))
+    med = lambda v: 1e3 * statistics.median(v)  # noqa: E731
+    return {s.name: {"fwd_ms": med(fwd[s.name]), "fwd_bwd_ms": med(fb[s.name])} for s in sides}
+
+
+def saved_bytes(side: Side, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages a forward saves for backward, parameters excluded.
+
+    This is the activation memory the side holds between forward and backward (the input x
+    itself is included, for every side).
+    """
+    params = {p.untyped_storage().data_ptr() for p in side.params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        side.fn(x)
+    return sum(seen.values())
+
+
+def bench_case(case: Case, repeats: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    layer, sides = build_sides(case)
+    xs = [torch.randn(case.batch, case.in_features).requires_grad_() for _ in range(N_INPUTS)]
+    g = torch.randn(case.batch, case.out_features)
+    errs = check_agreement(layer, sides, xs[0].detach())
+    times = time_sides(sides, xs, g, repeats, warmup)
+    memory = {s.name: saved_bytes(s, xs[0]) for s in sides}
+
+    plan = layer.plan(case.batch)
+    dense_flops = 2 * case.batch * case.in_features * case.out_features
+    ours = times["tensorpress"]
+    peers = [p for p in PEERS if p in times]
+    best = {k: min(times[p][k] for p in peers) if peers else math.nan for k in ("fwd_ms", "fwd_bwd_ms")}
+    best_name = {k: min(peers, key=lambda p: times[p][k]) if peers else None for k in best}
+    gflops = lambda flops, ms: flops / (ms * 1e6)  # noqa: E731
+    res = {
+        "case": case.name, "in_features": case.in_features, "out_features": case.out_features,
+        "in_factors": list(layer.in_factors), "out_factors": list(layer.out_factors),
+        "ranks": list(layer.ranks), "batch": case.batch, "plan": str(plan),
+        "plan_flops": plan.flops, "dense_gemm_flops": dense_flops, "rel_err": errs,
+        "times_ms": times, "saved_bytes": memory,
+        "gflops": {  # fwd+bwd counted as 3x the forward FLOPs (nominal)
+            "tensorpress_fwd": gflops(plan.flops, ours["fwd_ms"]),
+            "tensorpress_fwd_bwd": gflops(3 * plan.flops, ours["fwd_bwd_ms"]),
+            "dense_fwd": gflops(dense_flops, times["dense"]["fwd_ms"]),
+            "dense_fwd_bwd": gflops(3 * dense_flops, times["dense"]["fwd_bwd_ms"]),
+        },
+        "fastest_peer": best_name,
+        "speedup_vs_peer": {k: best[k] / ours[k] for k in best},
+        "speedup_vs_dense": {k: times["dense"][k] / ours[k] for k in best},
+    }
+    res["targets"] = targets(res, plan.flops < dense_flops)
+    return res
+
+
+def targets(res: dict, fewer_flops: bool) -> dict[str, str]:
+    """PASS/FAIL against the issue's targets (n/a where a target does not apply)."""
+    mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    vp, vd = res["speedup_vs_peer"], res["speedup_vs_dense"]
+    return {
+        "fwd_vs_peer": mark(vp["fwd_ms"] >= TARGET_FWD) if not math.isnan(vp["fwd_ms"]) else "n/a",
+        "fwd_bwd_vs_peer": mark(vp["fwd_bwd_ms"] >= TARGET_FB) if not math.isnan(vp["fwd_bwd_ms"]) else "n/a",
+        "fwd_vs_dense": mark(vd["fwd_ms"] > 1) if fewer_flops else "n/a",
+        "fwd_bwd_vs_dense": mark(vd["fwd_bwd_ms"] > 1) if fewer_flops else "n/a",
+    }
+
+
+# ----------------------------------------------------------------------------- reporting
+def machine_info(threads: int) -> dict:
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")) or model
+    except Exception:
+        pass
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
+            "load_avg_start": os.getloadavg(), "torch": torch.__version__, "threads": threads,
+            "opt_einsum": torch.backends.opt_einsum.is_available(), "tensorpress_info": tensorpress.info()}
+
+
+def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, warmup: int) -> None:
+    info = meta["tensorpress_info"]
+    flags = ", ".join(f"{k}={info[k]}" for k in ("tensorpress", "cpu_kernels", "blas", "cxx_compiler") if k in info)
+    lines = [
+        "# TT-matrix layer benchmark (CPU)", "",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['cpu']} ({meta['machine']}), {meta['cores']} cores; "
+        f"load avg at start {', '.join(f'{v:.2f}' for v in meta['load_avg_start'])}, "
+        f"at end {', '.join(f'{v:.2f}' for v in meta['load_avg_end'])}",
+        f"- torch {meta['torch']}, {meta['threads']} threads, float32, opt_einsum={meta['opt_einsum']}",
+        f"- tensorpress: {flags}",
+        f"- median of {repeats} repeats ({warmup} warmup), rotating among {N_INPUTS} inputs, sides interleaved",
+        "- all four sides hold the same weights (one set of TT cores); forward outputs agree "
+        f"with a float64 reference to < {AGREE_TOL:g} relative error before timing",
+        "- fwd+bwd: loss = (y * g).sum(), gradients w.r.t. x and all parameters",
+        "", "## Time (ms, median)", "",
+        "| case | batch | tensorpress fwd | tltorch fwd | einsum fwd | dense fwd "
+        "| tensorpress f+b | tltorch f+b | einsum f+b | dense f+b |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cell = lambda r, s, k: f"{r['times_ms'][s][k]:.3f}" if s in r["times_ms"] else "-"  # noqa: E731
+    for r in results:
+        lines.append(f"| {r['case']} | {r['batch']} | "
+                     + " | ".join(cell(r, s, "fwd_ms") for s in SIDES) + " | "
+                     + " | ".join(cell(r, s, "fwd_bwd_ms") for s in SIDES) + " |")
+    lines += [
+        "", "## tensorpress vs targets", "",
+        f"Targets (from the issue): forward >= {TARGET_FWD:g}x faster than the fastest peer "
+        f"(tltorch / einsum chain), forward+backward >= {TARGET_FB:g}x; faster than dense "
+        "`nn.Linear` wherever the plan needs fewer FLOPs than the dense GEMM (2·B·M·N), "
+        "else n/a. GFLOP/s: plan.flops / time for ours, 2·B·M·N / time for dense; "
+        "fwd+bwd counts a nominal 3x the forward FLOPs.", "",
+        "| case | plan | GFLOP/s ours fwd / f+b | GFLOP/s dense fwd / f+b "
+        "| vs peer fwd | vs peer f+b | vs dense fwd | vs dense f+b |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        gf, vp, vd, t = r["gflops"], r["speedup_vs_peer"], r["speedup_vs_dense"], r["targets"]
+        lines.append(
+            f"| {r['case']} | {r['plan']} | {gf['tensorpress_fwd']:.1f} / {gf['tensorpress_fwd_bwd']:.1f} "
+            f"| {gf['dense_fwd']:.1f} / {gf['dense_fwd_bwd']:.1f} "
+            f"| {vp['fwd_ms']:.2f}x ({r['fastest_peer']['fwd_ms']}) {t['fwd_vs_peer']} "
+            f"| {vp['fwd_bwd_ms']:.2f}x ({r['fastest_peer']['fwd_bwd_ms']}) {t['fwd_bwd_vs_peer']} "
+            f"| {vd['fwd_ms']:.2f}x {t['fwd_vs_dense']} | {vd['fwd_bwd_ms']:.2f}x {t['fwd_bwd_vs_dense']} |")
+    lines += [
+        "", "## Activation memory saved for backward (MiB; x itself included, parameters excluded)", "",
+        "| case | input x | " + " | ".join(SIDES) + " |",
+        "|---|---:|" + "---:|" * len(SIDES),
+    ]
+    mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    for r in results:
+        x_bytes = 4 * r["batch"] * r["in_features"]
+        lines.append(f"| {r['case']} | {mib(x_bytes)} | "
+                     + " | ".join(mib(r["saved_bytes"][s]) if s in r["saved_bytes"] else "-" for s in SIDES) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, results: list[dict]) -> None:
+    """Grouped bars: forward and forward+backward time per case and side (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    width = 0.8 / len(SIDES)
+    for ax, key, title in zip(axes, ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward + backward")):
+        for j, side in enumerate(SIDES):
+            xs = [i + (j - (len(SIDES) - 1) / 2) * width for i in range(len(results))]
+            ax.bar(xs, [r["times_ms"].get(side, {}).get(key, math.nan) for r in results], width, label=side)
+        ax.set_xticks(range(len(results)), [f"{r['case']}\nB={r['batch']}" for r in results], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].set_ylabel("median time (ms)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 30; 3 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="warmup runs (default 5; 1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: two small cases, few repeats")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args(argv)
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("bench_tt.py: --device cuda requested but torch sees no GPU; use --device cpu")
+        sys.exit("bench_tt.py: the CUDA benchmark is not implemented yet; use --device cpu")
+
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    cases = QUICK_CASES if args.quick else CASES
+    meta = machine_info(torch.get_num_threads())
+    results = []
+    for case in cases:
+        t0 = time.perf_counter()
+        r = bench_case(case, repeats, warmup)
+        results.append(r)
+        t = r["times_ms"]
+        print(f"{case.name:15s} B={case.batch:3d} fwd ms: "
+              + " ".join(f"{s}={t[s]['fwd_ms']:.3f}" for s in SIDES if s in t)
+              + " | f+b ms: " + " ".join(f"{s}={t[s]['fwd_bwd_ms']:.3f}" for s in SIDES if s in t)
+              + f" | {r['targets']} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    meta["load_avg_end"] = os.getloadavg()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "tt_cpu_quick" if args.quick else "tt_cpu"
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"meta": meta, "repeats": repeats, "warmup": warmup, "results": results}, indent=2) + "\n")
+    write_markdown(args.out / f"{stem}.md", meta, results, repeats, warmup)
+    write_plot(args.out / f"{stem}.png", results)
+    print(f"wrote {args.out / stem}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Shared helpers for the tensorpress test suite."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from tensorpress.ops.tt_plan import TTPlan, dense_flops, merge_shapes, plan_cost
+
+settings.register_profile(
+    "tensorpress",
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=False,
+)
+settings.load_profile("tensorpress")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b||_F / ||b||_F computed in float64 (0 when both are empty or zero)."""
+    a = a.detach().to(torch.float64)
+    b = b.detach().to(torch.float64)
+    assert a.shape == b.shape, f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}"
+    num = torch.linalg.vector_norm(a - b).item()
+    den = torch.linalg.vector_norm(b).item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+def random_cores(out_factors, in_factors, ranks, dtype=torch.float64, generator=None, requires_grad=False):
+    """TT cores (r_{k-1}, m_k, n_k, r_k) scaled so that W's entries have variance ~ 1/N."""
+    d = len(out_factors)
+    full = (1, *ranks, 1)
+    n_total = math.prod(in_factors)
+    target = 1.0 / n_total
+    cores = []
+    for k in range(d):
+        shape = (full[k], out_factors[k], in_factors[k], full[k + 1])
+        std = math.sqrt(target ** (1 / d) / math.sqrt(full[k] * full[k + 1]))
+        g = torch.randn(shape, dtype=torch.float64, generator=generator) * std
+        g = g.to(dtype)
+        if requires_grad:
+            g.requires_grad_(True)
+        cores.append(g)
+    return cores
+
+
+def make_plan(shapes, groups, order, batch: int = 1, dense: bool = False) -> TTPlan:
+    """A TTPlan for the given merge partition and absorb order (bypassing the search)."""
+    shapes = tuple(tuple(int(v) for v in s) for s in shapes)
+    if dense:
+        everything = tuple(range(len(shapes)))
+        cost = dense_flops(shapes, batch)
+        return TTPlan((everything,), (0,), True, batch, cost, cost, (merge_shapes(shapes, everything)[0],))
+    merged, merge_cost = zip(*(merge_shapes(shapes, tuple(g)) for g in groups))
+    cost = sum(merge_cost) + plan_cost(tuple(merged), tuple(order), batch)
+    return TTPlan(tuple(tuple(g) for g in groups), tuple(order), False, batch, cost,
+                  dense_flops(shapes, batch), tuple(merged))
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield n
+    torch.set_num_threads(n)
