@@ -34,7 +34,7 @@ BorrowedTensor::BorrowedTensor(const py::object& tensor, const std::string& name
   else if (t.dtype.code == kDLFloat && t.dtype.lanes == 1 && t.dtype.bits == 64) view_.dtype = DType::Float64;
 
   // Kernels index with compact row-major strides: refuse anything else.
-  if (t.strides != nullptr) {
+  if (t.strides != nullptr && view_.numel() > 0) {  // an empty tensor has nothing to index
     int64_t expected = 1;
     for (int i = t.ndim - 1; i >= 0; --i) {
       if (t.shape[i] != 1 && t.strides[i] != expected)

@@ -5,6 +5,7 @@ row-major flattening (factor 0 most significant). The fused kernel lives in csrc
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 import torch
@@ -215,13 +216,13 @@ def tt_matmul_reference(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     _check_input(x, cores)
     lead = x.shape[:-1]
     # state: (B, m_<k, r_{k-1}, n_k, n_>k), absorbing cores left to right
-    state = x.reshape(-1, 1, 1, x.shape[-1])
+    state = x.reshape(math.prod(lead), 1, 1, x.shape[-1])
     for g in cores:
         rl, m, n, rr = g.shape
         b, mo, _, rest = state.shape
         state = state.reshape(b, mo, rl, n, rest // n)
         state = torch.einsum("bpanq,amnr->bpmrq", state, g).reshape(b, mo * m, rr, rest // n)
-    return state.reshape(*lead, -1)
+    return state.reshape(*lead, state.shape[1])
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -239,7 +240,7 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None) ->
     validate_tt_cores(cores)
     n = _check_input(x, cores)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, n)
+    x2 = x.reshape(math.prod(lead), n)  # not -1: that is ambiguous for an empty batch
     if plan is None:
         shapes = [tuple(g.shape) for g in cores]
         if torch.compiler.is_compiling():
@@ -257,4 +258,4 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None) ->
         merged = [merge_group(cores_c, g) for g in plan.groups]
         mats = step_matrices(merged, plan.order)
         y = tt_contract(xc, mats, flat_dims(plan.merged_shapes), list(plan.order))
-    return y.to(x.dtype).reshape(*lead, y.shape[-1])
+    return y.to(x.dtype).reshape(*lead, y.shape[1])
