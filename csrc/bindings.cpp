@@ -91,7 +91,7 @@ void tt_forward(const py::object& x, const py::list& mats, const std::vector<int
     std::string name = "mats[" + std::to_string(t) + "]";
     held.emplace_back(mats[t], name);
     expect_like(held.back().view(), xv.dtype, name);
-    expect_shape(held.back().view(), {plan.steps[t].P, plan.steps[t].Q}, name);
+    expect_shape(held.back().view(), {plan.steps[t].K, plan.steps[t].N}, name);
     mat_views.push_back(&held.back().view());
   }
   const int elem = xv.dtype == DType::Float32 ? 4 : 8;
@@ -133,7 +133,7 @@ void tt_backward(const py::object& x, const py::list& mats, const std::vector<in
   held.reserve(2 * n_steps + 1);
   std::vector<const TensorView*> mat_views, grad_views;
   for (size_t t = 0; t < n_steps; ++t) {
-    const std::vector<int64_t> shape{plan.steps[t].P, plan.steps[t].Q};
+    const std::vector<int64_t> shape{plan.steps[t].K, plan.steps[t].N};
     std::string name = "mats[" + std::to_string(t) + "]";
     held.emplace_back(mats[t], name);
     expect_like(held.back().view(), xv.dtype, name);
@@ -175,22 +175,38 @@ void tt_backward(const py::object& x, const py::list& mats, const std::vector<in
   }
 }
 
-py::list tt_plan_steps(const std::vector<int64_t>& core_dims, const std::vector<int>& order) {
+py::dict permutation_dict(const tt::Permutation& p) {
+  py::dict d;
+  d["dims"] = p.dims;
+  d["perm"] = p.perm;
+  d["identity"] = p.identity();
+  return d;
+}
+
+// The plan's geometry, for the cost model and the pure-PyTorch execution of the same plan.
+py::dict tt_plan_info(const std::vector<int64_t>& core_dims, const std::vector<int>& order) {
   tt::Plan plan = plan_from(core_dims, order);
   py::list steps;
-  static const char* kinds[] = {"first", "left", "right"};
   for (const tt::Step& s : plan.steps) {
     py::dict d;
     d["core"] = s.core;
-    d["kind"] = kinds[static_cast<int>(s.kind)];
-    d["outer"] = s.outer;
-    d["P"] = s.P;
-    d["Q"] = s.Q;
-    d["R"] = s.R;
+    d["before"] = permutation_dict(s.before);
+    d["rows"] = s.rows;
+    d["K"] = s.K;
+    d["N"] = s.N;
+    d["core_perm"] = std::vector<int>(s.core_perm.begin(), s.core_perm.end());
     d["flops"] = s.flops();
     steps.append(d);
   }
-  return steps;
+  py::dict info;
+  info["steps"] = steps;
+  info["final"] = permutation_dict(plan.final_perm);
+  info["in_features"] = plan.in_features;
+  info["out_features"] = plan.out_features;
+  info["flops_per_sample"] = plan.flops_per_sample;
+  info["permuted_per_sample"] = plan.permuted_per_sample;
+  info["max_state"] = plan.max_state;
+  return info;
 }
 
 int64_t tt_workspace_size(const std::vector<int64_t>& core_dims, const std::vector<int>& order,
@@ -231,7 +247,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("workspace"), py::arg("threads"));
   m.def("tt_backward", &tt_backward, py::arg("x"), py::arg("mats"), py::arg("core_dims"), py::arg("order"),
         py::arg("grad_out"), py::arg("grad_x"), py::arg("grad_mats"), py::arg("workspace"), py::arg("threads"));
-  m.def("tt_plan_steps", &tt_plan_steps, py::arg("core_dims"), py::arg("order"));
+  m.def("tt_plan_info", &tt_plan_info, py::arg("core_dims"), py::arg("order"));
   m.def("tt_workspace_size", &tt_workspace_size, py::arg("core_dims"), py::arg("order"), py::arg("batch"),
         py::arg("threads"), py::arg("backward"), py::arg("elem_bytes"));
   m.def("build_info", &build_info);

@@ -4,73 +4,60 @@
 #include <cstring>
 
 #include "core/blas.h"
+#include "core/permute.h"
 #include "core/thread_pool.h"
 
 namespace tensorpress::tt {
 namespace {
 
-// A block's intermediates (and, for the backward, all its saved states) should stay in
-// the per-core L2 cache; this is the budget per worker.
-constexpr int64_t kCacheBudgetBytes = 1 << 20;
+// Per worker, a block's buffers (and, in the backward, its saved GEMM inputs) should stay in
+// the core's L2 cache; larger blocks give larger GEMMs. Measured best on this class of CPU.
+constexpr int64_t kCacheBudgetBytes = 2 << 20;
 
-// One step of the plan applied to `samples` consecutive per-sample states.
-template <typename T>
-struct StepKernel {
-  const Step& s;
-  const T* A;  // P x Q
+// The permutations of a plan, ready to run forwards and backwards.
+struct Copies {
+  std::vector<StridedCopy> before, before_inverse;
+  StridedCopy final_copy, final_inverse;
 
-  // out[o] = A in[o]
-  void forward(const T* in, T* out, int64_t samples) const {
-    const int64_t rows = samples * s.outer;
-    if (s.R == 1) {  // all samples at once: OUT (rows x P) = IN (rows x Q) A^T
-      blas::gemm(false, true, rows, s.P, s.Q, T(1), in, s.Q, A, s.Q, T(0), out, s.P);
-      return;
+  explicit Copies(const Plan& plan) {
+    for (const Step& s : plan.steps) {
+      before.push_back(make_strided_copy(s.before.dims, s.before.perm));
+      before_inverse.push_back(make_strided_copy(permuted_dims(s.before.dims, s.before.perm),
+                                                 inverse_perm(s.before.perm)));
     }
-    for (int64_t o = 0; o < rows; ++o)
-      blas::gemm(false, false, s.P, s.R, s.Q, T(1), A, s.Q, in + o * s.Q * s.R, s.R, T(0),
-                 out + o * s.P * s.R, s.R);
-  }
-
-  // d_in[o] = A^T d_out[o]
-  void backward_input(const T* d_out, T* d_in, int64_t samples) const {
-    const int64_t rows = samples * s.outer;
-    if (s.R == 1) {
-      blas::gemm(false, false, rows, s.Q, s.P, T(1), d_out, s.P, A, s.Q, T(0), d_in, s.Q);
-      return;
-    }
-    for (int64_t o = 0; o < rows; ++o)
-      blas::gemm(true, false, s.Q, s.R, s.P, T(1), A, s.Q, d_out + o * s.P * s.R, s.R, T(0),
-                 d_in + o * s.Q * s.R, s.R);
-  }
-
-  // dA += sum_o d_out[o] in[o]^T
-  void backward_matrix(const T* d_out, const T* in, T* dA, int64_t samples) const {
-    const int64_t rows = samples * s.outer;
-    if (s.R == 1) {
-      blas::gemm(true, false, s.P, s.Q, rows, T(1), d_out, s.P, in, s.Q, T(1), dA, s.Q);
-      return;
-    }
-    for (int64_t o = 0; o < rows; ++o)
-      blas::gemm(false, true, s.P, s.Q, s.R, T(1), d_out + o * s.P * s.R, s.R,
-                 in + o * s.Q * s.R, s.R, T(1), dA, s.Q);
+    final_copy = make_strided_copy(plan.final_perm.dims, plan.final_perm.perm);
+    final_inverse = make_strided_copy(permuted_dims(plan.final_perm.dims, plan.final_perm.perm),
+                                      inverse_perm(plan.final_perm.perm));
   }
 };
 
 int64_t mats_size(const Plan& plan) {
   int64_t n = 0;
-  for (const Step& s : plan.steps) n += s.P * s.Q;
+  for (const Step& s : plan.steps) n += s.K * s.N;
   return n;
 }
+
+// Per-sample elements the backward keeps: each step's GEMM input, except step 0's when it is
+// x itself.
+int64_t saved_per_sample(const Plan& plan) {
+  int64_t n = 0;
+  for (size_t t = 0; t < plan.steps.size(); ++t)
+    if (t > 0 || !plan.steps[t].before.identity()) n += plan.steps[t].in_size();
+  return n;
+}
+
+template <typename T>
+T* other(T* p, T* a, T* b) { return p == a ? b : a; }
 
 }  // namespace
 
 CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool backward, int elem_bytes) {
   blas::use_single_threaded_gemm();
   CpuSchedule c;
-  const int64_t per_sample = backward ? plan.saved_states + 2 * plan.max_state : 2 * plan.max_state;
+  const int64_t per_sample = backward ? saved_per_sample(plan) + 3 * plan.max_state : 2 * plan.max_state;
   const int64_t budget = std::max<int64_t>(1, kCacheBudgetBytes / elem_bytes);
   threads = std::max(1, threads);
-  const int64_t share = (batch + threads - 1) / std::max<int64_t>(1, threads);
+  const int64_t share = (batch + threads - 1) / threads;
   c.block = std::max<int64_t>(1, std::min<int64_t>(budget / std::max<int64_t>(1, per_sample), share));
   c.n_blocks = batch == 0 ? 0 : (batch + c.block - 1) / c.block;
   c.threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, c.n_blocks)));
@@ -82,18 +69,28 @@ CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool back
 template <typename T>
 void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, T* y,
                  int64_t batch, T* workspace, const CpuSchedule& c) {
-  const int64_t N = plan.in_features, M = plan.out_features;
+  const int64_t N_in = plan.in_features, M_out = plan.out_features;
   const size_t n_steps = plan.steps.size();
+  const Copies copies(plan);
+  const bool final_identity = plan.final_perm.identity();
   parallel_for(static_cast<int>(c.n_blocks), c.threads, [&](int block, int worker) {
     const int64_t b0 = block * c.block, nb = std::min(c.block, batch - b0);
-    T* ping = workspace + worker * c.per_thread;
-    T* pong = ping + c.block * plan.max_state;
-    const T* in = x + b0 * N;
+    T* buf_a = workspace + worker * c.per_thread;
+    T* buf_b = buf_a + c.block * plan.max_state;
+    const T* state = x + b0 * N_in;
     for (size_t t = 0; t < n_steps; ++t) {
-      T* out = (t + 1 == n_steps) ? y + b0 * M : (t % 2 == 0 ? ping : pong);
-      StepKernel<T>{plan.steps[t], mats[t]}.forward(in, out, nb);
-      in = out;
+      const Step& s = plan.steps[t];
+      const T* in = state;
+      if (!s.before.identity()) {
+        T* dst = other(const_cast<T*>(state), buf_a, buf_b);
+        strided_copy(state, dst, copies.before[t], nb);
+        in = dst;
+      }
+      T* out = (t + 1 == n_steps && final_identity) ? y + b0 * M_out : other(const_cast<T*>(in), buf_a, buf_b);
+      blas::gemm(false, false, nb * s.rows, s.N, s.K, T(1), in, s.K, mats[t], s.N, T(0), out, s.N);
+      state = out;
     }
+    if (!final_identity) strided_copy(state, y + b0 * M_out, copies.final_copy, nb);
   });
 }
 
@@ -101,8 +98,9 @@ template <typename T>
 void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* grad_y,
                   T* grad_x, const std::vector<T*>& grad_mats, int64_t batch, T* workspace,
                   const CpuSchedule& c) {
-  const int64_t N = plan.in_features, M = plan.out_features;
+  const int64_t N_in = plan.in_features, M_out = plan.out_features;
   const int n_steps = static_cast<int>(plan.steps.size());
+  const Copies copies(plan);
 
   // The lowest step whose input gradient is still needed; below it the sweep stops.
   int lowest = n_steps;
@@ -112,39 +110,67 @@ void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mat
   if (lowest == n_steps) return;
 
   // Per-worker partial sums of the matrix gradients, reduced in a fixed order at the end
-  // (deterministic, no atomics).
+  // (deterministic for a given thread count, no atomics).
   T* partials = workspace + c.threads * c.per_thread;
   const int64_t mats_total = mats_size(plan);
   std::memset(partials, 0, sizeof(T) * c.threads * mats_total);
   std::vector<int64_t> mat_offset(n_steps + 1, 0);
-  for (int t = 0; t < n_steps; ++t) mat_offset[t + 1] = mat_offset[t] + plan.steps[t].P * plan.steps[t].Q;
+  for (int t = 0; t < n_steps; ++t) mat_offset[t + 1] = mat_offset[t] + plan.steps[t].K * plan.steps[t].N;
 
   const int64_t blocks_per_worker = (c.n_blocks + c.threads - 1) / c.threads;
   parallel_for(c.threads, c.threads, [&](int worker, int) {
     T* base = workspace + worker * c.per_thread;
     T* partial = partials + worker * mats_total;
-    for (int64_t block = worker * blocks_per_worker;
-         block < std::min(c.n_blocks, (worker + 1) * blocks_per_worker); ++block) {
+    const int64_t first = worker * blocks_per_worker;
+    const int64_t last = std::min(c.n_blocks, first + blocks_per_worker);
+    for (int64_t block = first; block < last; ++block) {
       const int64_t b0 = block * c.block, nb = std::min(c.block, batch - b0);
-      // Recompute the forward states of this block (step t's input is states[t]).
-      std::vector<const T*> states(n_steps);
-      states[0] = x + b0 * N;
+      // Slots for each step's GEMM input, then three state-sized buffers.
+      std::vector<T*> slot(n_steps, nullptr);
       T* cursor = base;
-      for (int t = 0; t + 1 < n_steps; ++t) {
-        StepKernel<T>{plan.steps[t], mats[t]}.forward(states[t], cursor, nb);
-        states[t + 1] = cursor;
-        cursor += c.block * plan.steps[t].out_size();
+      for (int t = 0; t < n_steps; ++t)
+        if (t > 0 || !plan.steps[t].before.identity()) slot[t] = cursor, cursor += c.block * plan.steps[t].in_size();
+      T* scratch = cursor;
+      T* grad_a = scratch + c.block * plan.max_state;
+      T* grad_b = grad_a + c.block * plan.max_state;
+
+      // Recompute this block's forward, keeping every step's (permuted) GEMM input.
+      std::vector<const T*> saved(n_steps);
+      const T* state = x + b0 * N_in;
+      for (int t = 0; t < n_steps; ++t) {
+        const Step& s = plan.steps[t];
+        if (s.before.identity()) {
+          saved[t] = state;
+        } else {
+          strided_copy(state, slot[t], copies.before[t], nb);
+          saved[t] = slot[t];
+        }
+        if (t + 1 == n_steps) break;
+        T* out = plan.steps[t + 1].before.identity() ? slot[t + 1] : scratch;
+        blas::gemm(false, false, nb * s.rows, s.N, s.K, T(1), saved[t], s.K, mats[t], s.N, T(0), out, s.N);
+        state = out;
       }
-      T* grad_a = cursor;
-      T* grad_b = cursor + c.block * plan.max_state;
-      const T* g = grad_y + b0 * M;
+
+      // Sweep back: dB_t += T_t^T G;  dT_t = G B_t^T;  G_prev = inverse permutation of dT_t.
+      const T* g = grad_y + b0 * M_out;
+      if (!plan.final_perm.identity()) {
+        strided_copy(g, grad_a, copies.final_inverse, nb);
+        g = grad_a;
+      }
       for (int t = n_steps - 1; t >= lowest; --t) {
-        StepKernel<T> step{plan.steps[t], mats[t]};
-        if (grad_mats[t] != nullptr) step.backward_matrix(g, states[t], partial + mat_offset[t], nb);
+        const Step& s = plan.steps[t];
+        const int64_t rows = nb * s.rows;
+        if (grad_mats[t] != nullptr)
+          blas::gemm(true, false, s.K, s.N, rows, T(1), saved[t], s.K, g, s.N, T(1), partial + mat_offset[t], s.N);
         if (t == lowest && !(t == 0 && grad_x != nullptr)) break;
-        T* dst = t == 0 ? grad_x + b0 * N : ((n_steps - 1 - t) % 2 == 0 ? grad_a : grad_b);
-        step.backward_input(g, dst, nb);
-        g = dst;
+        T* dest = t == 0 ? grad_x + b0 * N_in : other(const_cast<T*>(g), grad_a, grad_b);
+        if (s.before.identity()) {
+          blas::gemm(false, true, rows, s.K, s.N, T(1), g, s.N, mats[t], s.N, T(0), dest, s.K);
+        } else {
+          blas::gemm(false, true, rows, s.K, s.N, T(1), g, s.N, mats[t], s.N, T(0), scratch, s.K);
+          strided_copy(static_cast<const T*>(scratch), dest, copies.before_inverse[t], nb);
+        }
+        g = dest;
       }
     }
   });

@@ -14,18 +14,18 @@ struct CpuSchedule {
   int64_t n_blocks = 0;
   int threads = 1;         // workers actually used
   int64_t per_thread = 0;  // workspace elements per worker
-  int64_t workspace = 0;   // total elements (states + per-worker gradient partials)
+  int64_t workspace = 0;   // total elements (block buffers + per-worker gradient partials)
 };
 
 CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool backward, int elem_bytes);
 
-// y (batch x M) = x (batch x N) W^T.  mats[t] is step t's (P x Q) matrix.
+// y (batch x M) = x (batch x N) W^T.  mats[t] is step t's (K x N) core matrix.
 template <typename T>
 void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, T* y,
                  int64_t batch, T* workspace, const CpuSchedule& schedule);
 
 // grad_x (may be null) and grad_mats[t] (null entries skipped) from grad_y; recomputes the
-// forward states per block from x instead of storing them between calls.
+// forward states per block from x instead of keeping them between forward and backward.
 template <typename T>
 void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* grad_y,
                   T* grad_x, const std::vector<T*>& grad_mats, int64_t batch, T* workspace,

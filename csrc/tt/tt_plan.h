@@ -1,18 +1,22 @@
 // Index math of the TT-matrix contraction y = x W^T, shared by the CPU and CUDA kernels.
 //
 // W (M x N) is held as cores G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1.
-// A plan absorbs the cores one at a time into a growing contiguous interval [lo, hi]:
-// `order` starts anywhere and each next core is the left or right neighbour of the
-// interval. Per sample, the state after absorbing [lo, hi] is laid out row-major as
-//     [ N_left = prod n_{<lo},  r_{lo-1},  M_int = prod m_{lo..hi},  r_hi,  N_right = prod n_{>hi} ]
-// (starting from x = [N], ending at y = [M]). Every step is the same batched product
-//     out[o] (P x R) = A (P x Q) * in[o] (Q x R),   o = 0 .. outer-1,
-// where A is the core permuted into a (P x Q) matrix (batch-independent, done once):
-//     First core s:  A = G_s as [r_{s-1} m_s r_s, n_s]       P = r_{s-1} m_s r_s, Q = n_s
-//     Left  core k:  A = G_k as [r_{k-1} m_k, n_k r_k]       (G_k's own layout)
-//     Right core k:  A = G_k as [m_k r_k, r_{k-1} n_k]
+// A plan absorbs the cores one at a time, in `order`, into a growing contiguous interval
+// (it starts anywhere; each next core is a neighbour of the interval).
+//
+// The per-sample state is a tensor whose axes are named: n_k (input factor k, not yet
+// contracted), m_k (output factor k, produced) and b_k (the bond between cores k and k+1,
+// open while exactly one of them has been absorbed). It starts as x = [n_0 .. n_{d-1}].
+// Absorbing core k is one GEMM over the whole block of samples:
+//   1. permute the state so the axes the core contracts (n_k and any open bond to an
+//      absorbed neighbour) are innermost, everything else (the "rows") outermost;
+//   2. state (rows x K) * B_k (K x N), B_k = the core permuted to [contracted | produced];
+//   3. the produced axes (a newly opened bond, m_k) are appended after the rows.
+// A final permutation puts the m axes in order: y = [m_0 .. m_{d-1}].
+// Permutations of an already suitable layout are identities and cost nothing.
 #pragma once
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -24,28 +28,44 @@ struct CoreDims {
   int64_t r_left, m, n, r_right;
 };
 
-enum class StepKind : int { First = 0, Left = 1, Right = 2 };
+// A permutation of a per-sample state: dst axis i is src axis perm[i]; dims in src order.
+struct Permutation {
+  std::vector<int64_t> dims;
+  std::vector<int> perm;
+  bool identity() const {
+    for (size_t i = 0; i < perm.size(); ++i)
+      if (perm[i] != static_cast<int>(i)) return false;
+    return true;
+  }
+  int64_t size() const {
+    int64_t s = 1;
+    for (int64_t v : dims) s *= v;
+    return s;
+  }
+};
 
 struct Step {
   int core;
-  StepKind kind;
-  int64_t outer, P, Q, R;  // per sample
-  int64_t in_size() const { return outer * Q * R; }
-  int64_t out_size() const { return outer * P * R; }
-  int64_t flops() const { return 2 * outer * P * Q * R; }
+  Permutation before;           // brings the contracted axes innermost
+  int64_t rows, K, N;           // per sample: (rows x K) * (K x N)
+  std::array<int, 4> core_perm; // B = G.permute(core_perm).reshape(K, N), G axes (r_left, m, n, r_right)
+  int64_t in_size() const { return rows * K; }
+  int64_t out_size() const { return rows * N; }
+  int64_t flops() const { return 2 * rows * K * N; }
 };
 
 struct Plan {
   std::vector<Step> steps;
+  Permutation final_perm;        // the m axes into order, at the end
   int64_t in_features = 1, out_features = 1;
-  int64_t max_state = 0;        // largest per-sample state, intermediates and ends included
-  int64_t saved_states = 0;     // per-sample size of the states the backward keeps (steps 1..T-1)
+  int64_t max_state = 0;         // largest per-sample state anywhere in the sweep
   int64_t flops_per_sample = 0;
+  int64_t permuted_per_sample = 0;  // elements moved by non-identity permutations
 };
 
 inline void plan_error(const std::string& what) { throw std::invalid_argument(what); }
 
-inline Plan make_plan(const std::vector<CoreDims>& cores, const std::vector<int>& order) {
+inline void check_chain(const std::vector<CoreDims>& cores, const std::vector<int>& order) {
   const int d = static_cast<int>(cores.size());
   if (d < 1) plan_error("cores: expected at least one core");
   if (static_cast<int>(order.size()) != d)
@@ -55,48 +75,96 @@ inline Plan make_plan(const std::vector<CoreDims>& cores, const std::vector<int>
     if (c.r_left < 1 || c.m < 1 || c.n < 1 || c.r_right < 1)
       plan_error("cores[" + std::to_string(k) + "]: every dimension must be >= 1");
     if (k + 1 < d && c.r_right != cores[k + 1].r_left)
-      plan_error("cores[" + std::to_string(k) + "] and cores[" + std::to_string(k + 1) +
-                 "]: rank mismatch (" + std::to_string(c.r_right) + " vs " +
-                 std::to_string(cores[k + 1].r_left) + ")");
+      plan_error("cores[" + std::to_string(k) + "] and cores[" + std::to_string(k + 1) + "]: rank mismatch (" +
+                 std::to_string(c.r_right) + " vs " + std::to_string(cores[k + 1].r_left) + ")");
   }
   if (cores.front().r_left != 1 || cores.back().r_right != 1)
     plan_error("cores: the boundary ranks r_0 and r_d must be 1");
+  int lo = -1, hi = -1;
+  for (int t = 0; t < d; ++t) {
+    int k = order[t];
+    if (k < 0 || k >= d) plan_error("order: core index " + std::to_string(k) + " out of range");
+    if (t == 0) { lo = hi = k; continue; }
+    if (k == lo - 1) lo = k;
+    else if (k == hi + 1) hi = k;
+    else plan_error("order: core " + std::to_string(k) + " is not adjacent to the absorbed interval [" +
+                    std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  }
+}
 
-  std::vector<int64_t> n_prefix(d + 1, 1), n_suffix(d + 1, 1);  // prod n_{<k}, prod n_{>=k}
-  for (int k = 0; k < d; ++k) n_prefix[k + 1] = n_prefix[k] * cores[k].n;
-  for (int k = d - 1; k >= 0; --k) n_suffix[k] = n_suffix[k + 1] * cores[k].n;
+inline Plan make_plan(const std::vector<CoreDims>& cores, const std::vector<int>& order) {
+  check_chain(cores, order);
+  const int d = static_cast<int>(cores.size());
+  // axis ids: n_k = k, m_k = d + k, bond b_k = 2d + k
+  auto n_id = [](int k) { return k; };
+  auto m_id = [d](int k) { return d + k; };
+  auto b_id = [d](int k) { return 2 * d + k; };
+  std::vector<int64_t> size(3 * d, 1);
+  for (int k = 0; k < d; ++k) {
+    size[n_id(k)] = cores[k].n;
+    size[m_id(k)] = cores[k].m;
+    if (k + 1 < d) size[b_id(k)] = cores[k].r_right;
+  }
 
   Plan plan;
-  plan.in_features = n_prefix[d];
+  std::vector<int> state;
+  for (int k = 0; k < d; ++k) state.push_back(n_id(k)), plan.in_features *= cores[k].n;
   plan.max_state = plan.in_features;
-  int lo = order[0], hi = order[0];
-  if (lo < 0 || lo >= d) plan_error("order: core index out of range");
-  int64_t m_int = 1;
-  for (int t = 0; t < d; ++t) {
+  std::vector<bool> absorbed(d, false);
+
+  for (int k : order) {
+    const bool left_open = k > 0 && absorbed[k - 1];      // bond b_{k-1} is a state axis
+    const bool right_open = k + 1 < d && absorbed[k + 1]; // bond b_k is a state axis
+    auto is_contracted = [&](int id) {
+      return id == n_id(k) || (left_open && id == b_id(k - 1)) || (right_open && id == b_id(k));
+    };
+    auto core_axis = [&](int id) { return id == n_id(k) ? 2 : id == m_id(k) ? 1 : id == b_id(k) ? 3 : 0; };
+
     Step s{};
-    int k = order[t];
-    const CoreDims& c = cores[k];
-    if (t == 0) {
-      s = {k, StepKind::First, n_prefix[k], c.r_left * c.m * c.r_right, c.n, n_suffix[k + 1]};
-    } else if (k == lo - 1) {
-      s = {k, StepKind::Left, n_prefix[k], c.r_left * c.m, c.n * c.r_right,
-           m_int * cores[hi].r_right * n_suffix[hi + 1]};
-      lo = k;
-    } else if (k == hi + 1) {
-      s = {k, StepKind::Right, n_prefix[lo] * cores[lo].r_left * m_int, c.m * c.r_right,
-           c.r_left * c.n, n_suffix[k + 1]};
-      hi = k;
-    } else {
-      plan_error("order: core " + std::to_string(k) + " is not adjacent to the absorbed interval [" +
-                 std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    s.core = k;
+    std::vector<int> rows_ids, contracted;
+    std::vector<int> src_pos_rows, src_pos_contracted;
+    for (size_t i = 0; i < state.size(); ++i) {
+      if (is_contracted(state[i])) contracted.push_back(state[i]), src_pos_contracted.push_back(static_cast<int>(i));
+      else rows_ids.push_back(state[i]), src_pos_rows.push_back(static_cast<int>(i));
     }
-    m_int *= c.m;
-    plan.steps.push_back(s);
+    for (int id : state) s.before.dims.push_back(size[id]);
+    s.before.perm = src_pos_rows;
+    s.before.perm.insert(s.before.perm.end(), src_pos_contracted.begin(), src_pos_contracted.end());
+
+    std::vector<int> produced;
+    if (k > 0 && !left_open) produced.push_back(b_id(k - 1));
+    produced.push_back(m_id(k));
+    if (k + 1 < d && !right_open) produced.push_back(b_id(k));
+
+    // core layout: contracted axes in state order, then the rest of (r_left, m, r_right)
+    // (n is always contracted and m always produced, so this is a permutation of 4 axes)
+    int c = 0;
+    for (int id : contracted) s.core_perm[c++] = core_axis(id);
+    for (int axis : {0, 1, 3})
+      if (std::find(s.core_perm.begin(), s.core_perm.begin() + c, axis) == s.core_perm.begin() + c)
+        s.core_perm[c++] = axis;
+
+    s.rows = s.K = s.N = 1;
+    for (int id : rows_ids) s.rows *= size[id];
+    for (int id : contracted) s.K *= size[id];
+    // N counts the produced axes; boundary ranks (size 1) are among the core's output axes
+    s.N = cores[k].m * (left_open ? 1 : cores[k].r_left) * (right_open ? 1 : cores[k].r_right);
+
+    if (!s.before.identity()) plan.permuted_per_sample += s.before.size();
     plan.flops_per_sample += s.flops();
-    plan.max_state = std::max(plan.max_state, s.out_size());
-    if (t + 1 < d) plan.saved_states += s.out_size();
+    plan.max_state = std::max({plan.max_state, s.in_size(), s.out_size()});
+    plan.steps.push_back(s);
+
+    state = rows_ids;
+    state.insert(state.end(), produced.begin(), produced.end());
+    absorbed[k] = true;
   }
-  plan.out_features = m_int;
+
+  for (int id : state) plan.final_perm.dims.push_back(size[id]), plan.out_features *= size[id];
+  for (int k = 0; k < d; ++k)
+    plan.final_perm.perm.push_back(static_cast<int>(std::find(state.begin(), state.end(), m_id(k)) - state.begin()));
+  if (!plan.final_perm.identity()) plan.permuted_per_sample += plan.out_features;
   return plan;
 }
 

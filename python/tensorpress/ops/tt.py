@@ -80,19 +80,10 @@ def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:
 
 
 def step_matrices(merged: Sequence[Tensor], order: Sequence[int]) -> List[Tensor]:
-    """Each absorbed core as the (P x Q) matrix its step multiplies by (see csrc/tt/tt_plan.h)."""
-    mats, lo, hi = [], order[0], order[0]
-    for t, k in enumerate(order):
-        g = merged[k]
-        rl, m, n, rr = g.shape
-        if t == 0:
-            mat = g.permute(0, 1, 3, 2).reshape(rl * m * rr, n)
-        elif k == lo - 1:
-            mat, lo = g.reshape(rl * m, n * rr), k
-        else:
-            mat, hi = g.permute(1, 3, 0, 2).reshape(m * rr, rl * n), k
-        mats.append(mat.contiguous())
-    return mats
+    """Each absorbed core as the (K x N) matrix its step multiplies by (see csrc/tt/tt_plan.h)."""
+    info = _C.tt_plan_info(flat_dims(tuple(g.shape) for g in merged), list(order))
+    return [merged[s["core"]].permute(*s["core_perm"]).reshape(s["K"], s["N"]).contiguous()
+            for s in info["steps"]]
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -135,11 +126,11 @@ def _tt_contract_fake(x, mats, core_dims, order):
     torch._check(x.dim() == 2, lambda: f"x should be a 2d tensor (batch, N), got {x.dim()}D")
     torch._check(x.shape[1] == _in_features(core_dims),
                  lambda: f"x should have {_in_features(core_dims)} columns, got {x.shape[1]}")
-    steps = _C.tt_plan_steps(core_dims, order)
+    steps = _C.tt_plan_info(core_dims, order)["steps"]
     torch._check(len(mats) == len(steps), lambda: f"expected {len(steps)} step matrices, got {len(mats)}")
     for t, (m, s) in enumerate(zip(mats, steps)):
-        torch._check(tuple(m.shape) == (s["P"], s["Q"]),
-                     lambda: f"mats[{t}] should have shape ({s['P']}, {s['Q']}), got {tuple(m.shape)}")
+        torch._check(tuple(m.shape) == (s["K"], s["N"]),
+                     lambda: f"mats[{t}] should have shape ({s['K']}, {s['N']}), got {tuple(m.shape)}")
         torch._check(m.dtype == x.dtype, lambda: f"mats[{t}] should have dtype {x.dtype}, got {m.dtype}")
     return x.new_empty(x.shape[0], _out_features(core_dims))
 
@@ -191,12 +182,21 @@ tt_contract.register_autograd(_tt_contract_grad, setup_context=_tt_contract_setu
 
 # ----------------------------------------------------------------------------- torch references
 def tt_contract_torch(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int]) -> Tensor:
-    """The same plan executed with torch batched matmuls (reference for the kernel; GPU fallback)."""
-    state = x
+    """The same plan executed with torch ops (reference for the kernel; GPU fallback)."""
+    info = _C.tt_plan_info(core_dims, order)
     batch = x.shape[0]
-    for mat, s in zip(mats, _C.tt_plan_steps(core_dims, order)):
-        state = torch.matmul(mat, state.reshape(batch * s["outer"], s["Q"], s["R"]))
-    return state.reshape(batch, _out_features(core_dims))
+    state = x
+    for mat, s in zip(mats, info["steps"]):
+        state = _permute_samples(state, s["before"], batch)
+        state = state.reshape(batch * s["rows"], s["K"]) @ mat
+    return _permute_samples(state, info["final"], batch).reshape(batch, info["out_features"])
+
+
+def _permute_samples(state: Tensor, p: dict, batch: int) -> Tensor:
+    if p["identity"]:
+        return state
+    moved = state.reshape(batch, *p["dims"]).permute(0, *[1 + i for i in p["perm"]])
+    return moved.reshape(batch, math.prod(p["dims"]))
 
 
 def _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats):

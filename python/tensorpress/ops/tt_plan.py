@@ -14,10 +14,11 @@ import torch
 
 from tensorpress._ext import _C
 
-# A GEMM call costs about this many FLOPs' worth of time beyond its arithmetic (measured:
-# ~0.2 us per small OpenBLAS call at ~100 GFLOP/s). Plans whose steps loop over many tiny
-# GEMMs pay it per sample.
-GEMM_CALL_OVERHEAD_FLOPS = 20_000
+# Moving one element in a permutation between GEMMs costs about this many FLOPs' worth of
+# time (in-cache copies at a few GB/s against GEMMs at ~100 GFLOP/s per core); and every
+# element a GEMM reads or writes about one more (small-K GEMMs are bound by memory, not FLOPs).
+PERMUTE_COST_FLOPS = 4
+GEMM_TRAFFIC_FLOPS = 1
 
 CoreShape = tuple[int, int, int, int]
 
@@ -98,12 +99,11 @@ def flat_dims(shapes) -> list[int]:
 
 
 def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int) -> int:
-    """FLOPs (plus per-call overhead) of contracting a batch with already merged cores."""
-    cost = 0
-    for step in _C.tt_plan_steps(flat_dims(merged), list(order)):
-        calls = step["outer"] if step["R"] > 1 else 0  # R == 1 steps are one GEMM per block
-        cost += batch * (step["flops"] + GEMM_CALL_OVERHEAD_FLOPS * calls)
-    return cost
+    """Estimated cost, in FLOP-equivalents, of contracting a batch with already merged cores."""
+    info = _C.tt_plan_info(flat_dims(merged), list(order))
+    per_sample = info["flops_per_sample"] + PERMUTE_COST_FLOPS * info["permuted_per_sample"]
+    per_sample += GEMM_TRAFFIC_FLOPS * sum(s["rows"] * (s["K"] + s["N"]) for s in info["steps"])
+    return batch * per_sample
 
 
 @functools.lru_cache(maxsize=4096)
