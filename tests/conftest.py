@@ -62,6 +62,43 @@ def make_plan(shapes, groups, order, batch: int = 1, dense: bool = False) -> TTP
                   dense_flops(shapes, batch), tuple(merged))
 
 
+def tt_flops(shapes, order) -> int:
+    """Per-sample multiply-add FLOPs of absorbing the cores `shapes` one by one in `order`,
+    counted from first principles (independent of the package's plan geometry).
+
+    Absorbing core k contracts n_k and the bonds it shares with absorbed neighbours; the
+    state holds the unabsorbed n's, the absorbed m's and the open bonds. The step costs
+    2 * (state size before) * (sizes produced: m_k and any newly opened bond).
+    """
+    d = len(shapes)
+    absorbed = [False] * d
+    n_left = math.prod(s[2] for s in shapes)
+    m_done = 1
+    open_bonds = {}  # bond index k (between core k and k+1) -> size
+    total = 0
+    for k in order:
+        r_left, m, n, r_right = shapes[k]
+        state = n_left * m_done * math.prod(open_bonds.values())
+        produced = m
+        if k > 0:
+            if absorbed[k - 1]:
+                del open_bonds[k - 1]
+            else:
+                open_bonds[k - 1] = r_left
+                produced *= r_left
+        if k + 1 < d:
+            if absorbed[k + 1]:
+                del open_bonds[k]
+            else:
+                open_bonds[k] = r_right
+                produced *= r_right
+        total += 2 * state * produced
+        n_left //= n
+        m_done *= m
+        absorbed[k] = True
+    return total
+
+
 @pytest.fixture
 def restore_threads():
     n = torch.get_num_threads()

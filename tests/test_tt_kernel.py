@@ -12,9 +12,8 @@ import tensorpress  # noqa: F401  (registers the custom ops)
 from tensorpress.ops import choose_plan, tt_matmul, tt_matmul_reference, tt_to_dense
 from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch
 from tensorpress.ops.tt_plan import _orders, _partitions, flat_dims, merge_shapes
-from tensorpress._ext import _C
 
-from conftest import make_plan, random_cores, rel_err
+from conftest import make_plan, random_cores, rel_err, tt_flops
 
 FACTORS = (2, 3, 4, 5, 7)
 MAX_FEATURES = 4096
@@ -39,12 +38,11 @@ def factor_lists(draw, d):
 
 def naive_sample_flops(shapes) -> int:
     """Per-sample FLOPs of the reference sweep (core by core, no merging)."""
-    return sum(s["flops"] for s in _C.tt_plan_steps(flat_dims(shapes), list(range(len(shapes)))))
+    return tt_flops(shapes, range(len(shapes)))
 
 
 def plan_sample_flops(shapes, groups, order) -> int:
-    merged = [merge_shapes(shapes, g)[0] for g in groups]
-    return sum(s["flops"] for s in _C.tt_plan_steps(flat_dims(merged), list(order)))
+    return tt_flops([merge_shapes(shapes, g)[0] for g in groups], order)
 
 
 @st.composite
@@ -64,7 +62,8 @@ def tt_problems(draw, min_d=2, max_d=5):
     kind = draw(st.sampled_from(["fused", "fused", "fused", "dense", "auto"]))
     if kind == "dense" and math.prod(m) * math.prod(n) > 1 << 20:
         kind = "fused"
-    lead = draw(st.sampled_from([(), (0,), (1,), (2,), (5,), (17,), (40,), (2, 3), (3, 0, 2), (2, 1, 4)]))
+    lead = draw(st.one_of(st.just(()), st.integers(0, 40).map(lambda b: (b,)),
+                          st.sampled_from([(2, 3), (3, 0, 2), (2, 1, 4), (1, 1, 5)])))
     groups, order = draw(st.sampled_from(candidates)) if kind == "fused" else (None, None)
     return m, n, ranks, shapes, kind, groups, order, lead
 
@@ -149,7 +148,7 @@ def test_every_plan_of_random_shape(problem, seed):
     m, n, ranks, shapes, _, _, _, lead = problem
     gen = torch.Generator().manual_seed(seed)
     cores = random_cores(m, n, ranks, generator=gen)
-    lead = lead if math.prod(lead or (1,)) <= 8 else (3,)
+    lead = lead if 0 < math.prod(lead or (1,)) <= 8 else (3,)
     x = torch.randn(*lead, math.prod(n), generator=gen, dtype=torch.float64)
     y_ref = tt_matmul_reference(x, cores)
     batch = math.prod(lead) if lead else 1
@@ -245,7 +244,39 @@ def test_gradcheck(kind, groups, order):
         return tt_matmul(x, list(cores), plan)
 
     assert torch.autograd.gradcheck(f, (x, *cores), eps=1e-6, atol=1e-8, rtol=1e-6)
-    assert torch.autograd.gradgradcheck(f, (x, *cores), eps=1e-6, atol=1e-8, rtol=1e-6) if kind == "dense" else True
+    if kind == "dense":  # plain torch ops: twice differentiable too
+        assert torch.autograd.gradgradcheck(f, (x, *cores), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("groups,order", [(((0,), (1,), (2,)), (0, 1, 2)), (((0,), (1,), (2,)), (2, 1, 0)),
+                                          (((0, 1), (2,)), (1, 0))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grad_wrt_x_only_frozen_cores(groups, order, dtype):
+    """Frozen TT weights (no core requires grad) inside a network that trains earlier layers."""
+    gen = torch.Generator().manual_seed(14)
+    m, n, ranks = (3, 4, 5), (5, 2, 3), (4, 6)
+    cores = random_cores(m, n, ranks, dtype=dtype, generator=gen)
+    shapes = [tuple(g.shape) for g in cores]
+    x = torch.randn(2, 5, 30, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+    g_out = torch.randn(2, 5, 60, generator=gen, dtype=torch.float64).to(dtype)
+    y = tt_matmul(x, cores, make_plan(shapes, groups, order, 10))
+    (gx,) = torch.autograd.grad(y, x, g_out)
+    _, ref = reference_grads(x, cores, g_out)
+    assert rel_err(gx, ref[0]) <= TOL[dtype]
+
+
+def test_grad_wrt_some_cores_only():
+    gen = torch.Generator().manual_seed(15)
+    cores = random_cores((3, 4, 5), (5, 2, 3), (4, 6), generator=gen)
+    shapes = [tuple(g.shape) for g in cores]
+    x = torch.randn(7, 30, generator=gen, dtype=torch.float64)
+    g_out = torch.randn(7, 60, generator=gen, dtype=torch.float64)
+    _, ref = reference_grads(x, cores, g_out)
+    for k in range(3):
+        cs = [g.clone().requires_grad_(j == k) for j, g in enumerate(cores)]
+        y = tt_matmul(x, cs, make_plan(shapes, ((0,), (1,), (2,)), (1, 0, 2), 7))
+        (gk,) = torch.autograd.grad(y, cs[k], g_out)
+        assert rel_err(gk, ref[k + 1]) <= 1e-10
 
 
 def test_gradcheck_only_x_and_only_cores():
@@ -253,13 +284,15 @@ def test_gradcheck_only_x_and_only_cores():
     m, n, ranks = (3, 2), (2, 3), (2,)
     cores = random_cores(m, n, ranks, generator=gen)
     x = torch.randn(3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: tt_matmul(x, cores), (x,))
-    cores_g = [g.clone().requires_grad_(True) for g in cores]
-    x_const = x.detach()
-    assert torch.autograd.gradcheck(lambda *c: tt_matmul(x_const, list(c)), tuple(cores_g))
-    # only one core requires grad
-    c0 = cores[0].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda c: tt_matmul(x_const, [c, cores[1]]), (c0,))
+    shapes = [tuple(g.shape) for g in cores]
+    for plan in (None, make_plan(shapes, ((0,), (1,)), (1, 0), 3), make_plan(shapes, ((0,), (1,)), (0, 1), 3)):
+        assert torch.autograd.gradcheck(lambda x: tt_matmul(x, cores, plan), (x,))
+        cores_g = [g.clone().requires_grad_(True) for g in cores]
+        x_const = x.detach()
+        assert torch.autograd.gradcheck(lambda *c: tt_matmul(x_const, list(c), plan), tuple(cores_g))
+        # only one core requires grad
+        c0 = cores[0].clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda c: tt_matmul(x_const, [c, cores[1]], plan), (c0,))
 
 
 # ----------------------------------------------------------------------------- opcheck
@@ -339,14 +372,33 @@ def test_result_independent_of_thread_count(restore_threads, dtype, batch):
             y = tt_matmul(xr, cr, plan)
             grads = torch.autograd.grad(y, [xr, *cr], g_out)
             results[(threads, groups, order)] = (y.detach(), grads)
-    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    # Splitting the batch differently across workers changes the GEMM sizes (and, for the
+    # core gradients, how per-worker partial sums are grouped): only rounding may differ.
+    tol_y, tol_g = (1e-14, 1e-12) if dtype == torch.float64 else (1e-6, 1e-5)
     for key in [k for k in results if k[0] == 1]:
         y1, g1 = results[key]
         y2, g2 = results[(2, *key[1:])]
-        # per-sample forward work is identical whatever the split of the batch
-        assert torch.equal(y1, y2), key
+        assert rel_err(y1, y2) <= tol_y, key
         for a, b in zip(g1, g2):
-            assert rel_err(a, b) <= tol, key
+            assert rel_err(a, b) <= tol_g, key
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deterministic_for_fixed_thread_count(restore_threads, threads):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(11)
+    m, n, ranks = (4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8)
+    cores = random_cores(m, n, ranks, dtype=torch.float32, generator=gen, requires_grad=True)
+    x = torch.randn(200, 1024, generator=gen, requires_grad=True)
+    g_out = torch.randn(200, 1024, generator=gen)
+    runs = []
+    for _ in range(3):
+        y = tt_matmul(x, cores)
+        runs.append((y.detach(), torch.autograd.grad(y, [x, *cores], g_out)))
+    for y, grads in runs[1:]:
+        assert torch.equal(y, runs[0][0])
+        for a, b in zip(grads, runs[0][1]):
+            assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- edge cases
@@ -368,6 +420,32 @@ def test_batch_zero(lead):
     grads = torch.autograd.grad(y.sum(), [x, *cores])
     for g in grads[1:]:
         assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("lead", [(0,), (0, 5), (3, 0)])
+def test_batch_zero_with_zero_strides(lead):
+    """Empty tensors are contiguous to torch whatever their strides (e.g. expanded ones, as
+    the gradient of y.sum() is): forward and backward must accept them."""
+    cores = random_cores((3, 4), (2, 5), (3,), requires_grad=True)
+    x = torch.zeros((), dtype=torch.float64).expand(*lead, 10)
+    assert x.is_contiguous()
+    y = tt_matmul(x, cores)
+    assert y.shape == (*lead, 12)
+    xl = torch.zeros(*lead, 10, dtype=torch.float64, requires_grad=True)
+    g_out = torch.zeros((), dtype=torch.float64).expand(*lead, 12)
+    grads = torch.autograd.grad(tt_matmul(xl, cores), [xl, *cores], g_out)
+    assert grads[0].shape == xl.shape
+    for g in grads[1:]:
+        assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("lead", [(0,), (0, 5), (3, 0)])
+def test_reference_batch_zero(lead):
+    """The einsum reference handles an empty batch like tt_matmul does."""
+    cores = random_cores((3, 4), (2, 5), (3,))
+    x = torch.zeros(*lead, 10, dtype=torch.float64)
+    assert tt_matmul(x, cores).shape == (*lead, 12)
+    assert tt_matmul_reference(x, cores).shape == (*lead, 12)
 
 
 def test_non_contiguous_inputs():
@@ -393,13 +471,16 @@ def test_non_contiguous_inputs():
             y = tt_matmul(x, cores, plan)
             assert rel_err(y, y_ref) <= 1e-12, name
         assert torch.equal(base, before), name
-        # backward into the base through the non-contiguous view
+        # backward into the base through the non-contiguous view (cores trainable too;
+        # frozen cores are covered by test_grad_wrt_x_only_frozen_cores)
         leaf = base.clone().requires_grad_(True)
-        y = tt_matmul(view(leaf), cores)
+        cr = [g.clone().requires_grad_(True) for g in cores]
+        y = tt_matmul(view(leaf), cr)
         g_out = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-        (gx,) = torch.autograd.grad(y, leaf, g_out)
-        (gx_ref,) = torch.autograd.grad(tt_matmul_reference(view(leaf), cores), leaf, g_out)
-        assert rel_err(gx, gx_ref) <= 1e-12, name
+        grads = torch.autograd.grad(y, [leaf, *cr], g_out)
+        grads_ref = torch.autograd.grad(tt_matmul_reference(view(leaf), cr), [leaf, *cr], g_out)
+        for g, r in zip(grads, grads_ref):
+            assert rel_err(g, r) <= 1e-12, name
 
 
 def test_non_contiguous_view_grad():
@@ -449,3 +530,90 @@ def test_tt_to_dense_matches_entrywise_definition():
                 for j2 in range(2):
                     v = (cores[0][:, i1, j1, :] @ cores[1][:, i2, j2, :]).item()
                     assert abs(W[i1 * 3 + i2, j1 * 2 + j2].item() - v) <= 1e-14
+
+
+# ----------------------------------------------------------------------------- concurrency and fork
+def test_concurrent_calls_from_python_threads(restore_threads):
+    """The kernel releases the GIL and shares one worker pool: concurrent callers stay correct."""
+    import threading
+
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(12)
+    m, n, ranks = (4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8)
+    shapes = tuple(((1, *ranks)[k], m[k], n[k], (*ranks, 1)[k]) for k in range(4))
+    cores = random_cores(m, n, ranks, generator=gen)
+    xs = [torch.randn(64 + 13 * i, 1024, generator=gen, dtype=torch.float64) for i in range(4)]
+    refs = [tt_matmul_reference(x, cores) for x in xs]
+    plans = [make_plan(shapes, ((0,), (1,), (2,), (3,)), (1, 2, 0, 3), 1), None]
+    errors, results = [], {}
+
+    def work(i):
+        try:
+            for rep in range(3):
+                plan = plans[(i + rep) % 2]
+                xr = xs[i].clone().requires_grad_(True)
+                cr = [g.clone().requires_grad_(True) for g in cores]  # (frozen cores: tested apart)
+                y = tt_matmul(xr, cr, plan)
+                gx = torch.autograd.grad(y, [xr, *cr], torch.ones_like(y))[0]
+                results[(i, rep)] = (rel_err(y, refs[i]), gx)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a kernel call hung"
+    assert not errors, errors
+    W = tt_to_dense(cores)
+    for (i, rep), (err, gx) in results.items():
+        assert err <= 1e-12, (i, rep)
+        assert rel_err(gx, torch.ones(xs[i].shape[0], 1024, dtype=torch.float64) @ W) <= 1e-12
+
+
+def test_works_in_forked_child(restore_threads):
+    """The kernel's worker pool is rebuilt in a forked child (DataLoader workers fork).
+
+    The child calls only the custom op (allocation, no torch compute) and compares with numpy:
+    torch's own OpenMP/BLAS thread pools are not fork-safe, and a hang there would not be
+    tensorpress's.
+    """
+    import os
+    import pickle
+    import select
+    import signal
+
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(13)
+    m, n, ranks = (4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8)
+    shapes = [((1, *ranks)[k], m[k], n[k], (*ranks, 1)[k]) for k in range(4)]
+    cores = random_cores(m, n, ranks, generator=gen)
+    x = torch.randn(300, 1024, generator=gen, dtype=torch.float64)
+    order = [0, 1, 2, 3]
+    mats, dims = step_matrices(cores, order), flat_dims(shapes)
+    y_parent = torch.ops.tensorpress.tt_contract(x, mats, dims, order)  # starts the parent's pool
+    assert rel_err(y_parent, tt_matmul_reference(x, cores)) <= 1e-12
+    expected = y_parent.numpy().tobytes()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        try:
+            y = torch.ops.tensorpress.tt_contract(x, mats, dims, order)
+            msg = pickle.dumps(y.numpy().tobytes() == expected)
+        except BaseException as e:  # noqa: BLE001
+            msg = pickle.dumps(repr(e))
+        os.write(w, msg)
+        os._exit(0)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 60)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        assert ready, "the tt_contract kernel hung in a forked child"
+        result = pickle.loads(os.read(r, 1 << 16))
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert result is True, result

@@ -26,13 +26,19 @@ class TTResult:
 def _check_rank_args(d: int, max_rank, rel_error):
     if max_rank is None and rel_error is None:
         raise ValueError("max_rank, rel_error: expected at least one of them, got neither")
-    if max_rank is not None:
-        ranks = [max_rank] * (d - 1) if isinstance(max_rank, int) else list(max_rank)
-        if len(ranks) != d - 1 or any((not isinstance(r, int)) or r < 1 for r in ranks):
-            raise ValueError(f"max_rank: expected an int >= 1 or {d - 1} ints >= 1, got {max_rank!r}")
-    else:
+    def is_rank(r):
+        return isinstance(r, int) and not isinstance(r, bool) and r >= 1
+
+    if max_rank is None:
         ranks = [None] * (d - 1)
-    if rel_error is not None and not (0 <= rel_error < 1):
+    elif is_rank(max_rank):
+        ranks = [max_rank] * (d - 1)
+    elif isinstance(max_rank, (list, tuple)) and len(max_rank) == d - 1 and all(map(is_rank, max_rank)):
+        ranks = list(max_rank)
+    else:
+        raise ValueError(f"max_rank: expected an int >= 1 or {d - 1} ints >= 1, got {max_rank!r}")
+    if rel_error is not None and (isinstance(rel_error, bool) or not isinstance(rel_error, (int, float))
+                                  or not 0 <= rel_error < 1):
         raise ValueError(f"rel_error: expected a float in [0, 1), got {rel_error!r}")
     return ranks
 

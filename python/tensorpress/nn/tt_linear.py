@@ -150,6 +150,6 @@ def _resolve_ranks(ranks, out_factors, in_factors) -> tuple[int, ...]:
     values = [ranks] * (d - 1) if isinstance(ranks, int) else list(ranks)
     if len(values) != d - 1:
         raise ValueError(f"ranks: expected {d - 1} bond ranks for {d} factors, got {len(values)}")
-    if any((not isinstance(r, int)) or r < 1 for r in values):
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in values):
         raise ValueError(f"ranks: expected ints >= 1, got {values}")
     return tuple(min(r, c) for r, c in zip(values, caps))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from tensorpress._ext import _C
-from tensorpress.ops.tt_plan import TTPlan, choose_plan, flat_dims
+from tensorpress.ops.tt_plan import TTPlan, choose_plan, flat_dims, plan_info
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 SYMBOLIC_BATCH_HINT = 256
@@ -81,7 +81,7 @@ def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:
 
 def step_matrices(merged: Sequence[Tensor], order: Sequence[int]) -> List[Tensor]:
     """Each absorbed core as the (K x N) matrix its step multiplies by (see csrc/tt/tt_plan.h)."""
-    info = _C.tt_plan_info(flat_dims(tuple(g.shape) for g in merged), list(order))
+    info = plan_info(tuple(flat_dims(tuple(g.shape) for g in merged)), tuple(order))
     return [merged[s["core"]].permute(*s["core_perm"]).reshape(s["K"], s["N"]).contiguous()
             for s in info["steps"]]
 
@@ -126,7 +126,7 @@ def _tt_contract_fake(x, mats, core_dims, order):
     torch._check(x.dim() == 2, lambda: f"x should be a 2d tensor (batch, N), got {x.dim()}D")
     torch._check(x.shape[1] == _in_features(core_dims),
                  lambda: f"x should have {_in_features(core_dims)} columns, got {x.shape[1]}")
-    steps = _C.tt_plan_info(core_dims, order)["steps"]
+    steps = plan_info(tuple(core_dims), tuple(order))["steps"]
     torch._check(len(mats) == len(steps), lambda: f"expected {len(steps)} step matrices, got {len(mats)}")
     for t, (m, s) in enumerate(zip(mats, steps)):
         torch._check(tuple(m.shape) == (s["K"], s["N"]),
@@ -173,7 +173,8 @@ def _tt_contract_grad(ctx, grad_out):
     need_mats = any(ctx.needs_input_grad[1])  # one flag per step matrix
     grads = tt_contract_backward(x, mats, ctx.core_dims, ctx.order, grad_out, need_x, need_mats)
     grad_x = grads[0] if need_x else None
-    grad_mats = list(grads[1:]) if need_mats else None
+    # one entry per step matrix, even when none of them needs a gradient (frozen cores)
+    grad_mats = list(grads[1:]) if need_mats else [None] * len(mats)
     return grad_x, grad_mats, None, None
 
 
@@ -183,7 +184,7 @@ tt_contract.register_autograd(_tt_contract_grad, setup_context=_tt_contract_setu
 # ----------------------------------------------------------------------------- torch references
 def tt_contract_torch(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int]) -> Tensor:
     """The same plan executed with torch ops (reference for the kernel; GPU fallback)."""
-    info = _C.tt_plan_info(core_dims, order)
+    info = plan_info(tuple(core_dims), tuple(order))
     batch = x.shape[0]
     state = x
     for mat, s in zip(mats, info["steps"]):
@@ -225,6 +226,26 @@ def tt_matmul_reference(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     return state.reshape(*lead, state.shape[1])
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the cores' gradients come back
+    through permutes, and parameters (and DDP's gradient buckets) want dense row-major grads."""
+
+    @staticmethod
+    def forward(t):
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        # exact row-major strides: is_contiguous() ignores the strides of size-1 dims, DDP does not
+        if grad.stride() == torch.empty(grad.shape, device="meta").stride():
+            return grad
+        return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
 # ----------------------------------------------------------------------------- public entry
 def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None) -> Tensor:
     """y = x W^T with W given by TT-matrix cores, through the fused kernel.
@@ -251,7 +272,7 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None) ->
             plan = choose_plan(shapes, x2.shape[0])
     compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
     xc = x2.to(compute)
-    cores_c = [g.to(compute) for g in cores]
+    cores_c = [_ContiguousGrad.apply(g.to(compute)) for g in cores]
     if plan.dense:
         y = xc @ tt_to_dense(cores_c).T
     else:

@@ -98,9 +98,20 @@ def flat_dims(shapes) -> list[int]:
     return [int(v) for s in shapes for v in s]
 
 
+@torch.compiler.assume_constant_result  # a pure function of static shapes
+def plan_info(core_dims: tuple[int, ...], order: tuple[int, ...]) -> dict:
+    """The C++ plan's geometry (steps, permutations, GEMM shapes) for merged core dims."""
+    return _plan_info(tuple(core_dims), tuple(order))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_info(core_dims: tuple[int, ...], order: tuple[int, ...]) -> dict:
+    return _C.tt_plan_info(list(core_dims), list(order))
+
+
 def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int) -> int:
     """Estimated cost, in FLOP-equivalents, of contracting a batch with already merged cores."""
-    info = _C.tt_plan_info(flat_dims(merged), list(order))
+    info = plan_info(tuple(flat_dims(merged)), tuple(order))
     per_sample = info["flops_per_sample"] + PERMUTE_COST_FLOPS * info["permuted_per_sample"]
     per_sample += GEMM_TRAFFIC_FLOPS * sum(s["rows"] * (s["K"] + s["N"]) for s in info["steps"])
     return batch * per_sample
