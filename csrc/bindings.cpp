@@ -204,7 +204,7 @@ py::dict tt_plan_info(const std::vector<int64_t>& core_dims, const std::vector<i
   info["in_features"] = plan.in_features;
   info["out_features"] = plan.out_features;
   info["flops_per_sample"] = plan.flops_per_sample;
-  info["permuted_per_sample"] = plan.permuted_per_sample;
+  info["permute_cost_per_sample"] = plan.permute_cost_per_sample;
   info["max_state"] = plan.max_state;
   return info;
 }

@@ -392,3 +392,22 @@ def test_ddp_world_size_one(tmp_path):
     finally:
         dist.destroy_process_group()
     assert not dist.is_initialized()
+
+
+def test_inference_cache_follows_in_place_updates_and_state_dict():
+    """Without autograd the layer keeps its merged step matrices; edits to the cores must show."""
+    torch.manual_seed(0)
+    layer = TTLinear(256, 128, ranks=4, dtype=torch.float64)
+    x = torch.randn(7, 256, dtype=torch.float64)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer.__dict__.get("_inference_cache") is not None
+        torch.testing.assert_close(layer(x), first)
+        layer.cores[1].mul_(2.0)  # in place: W doubles
+        torch.testing.assert_close(layer(x) - layer.bias, 2.0 * (first - layer.bias))
+        other = TTLinear(256, 128, ranks=4, dtype=torch.float64)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other(x))
+    # with autograd the cache is not used, and gradients reach the cores
+    layer(x).sum().backward()
+    assert all(g.grad is not None for g in layer.cores)

@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "core/permute.h"
+
 namespace tensorpress::tt {
 
 struct CoreDims {
@@ -60,10 +62,20 @@ struct Plan {
   int64_t in_features = 1, out_features = 1;
   int64_t max_state = 0;         // largest per-sample state anywhere in the sweep
   int64_t flops_per_sample = 0;
-  int64_t permuted_per_sample = 0;  // elements moved by non-identity permutations
+  // Cost of the permutations, in element moves weighted by how they run: runs of >= 16
+  // contiguous elements are memcpy (x1), shorter runs x2, element-wise gathers x4.
+  int64_t permute_cost_per_sample = 0;
 };
 
 inline void plan_error(const std::string& what) { throw std::invalid_argument(what); }
+
+inline int64_t permute_cost(const Permutation& p) {
+  if (p.identity()) return 0;
+  const StridedCopy c = make_strided_copy(p.dims, p.perm);
+  if (c.size.size() <= 1) return c.numel;
+  const int64_t inner = c.size.back(), stride = c.stride.back();
+  return c.numel * (stride != 1 ? 4 : inner < 16 ? 2 : 1);
+}
 
 inline void check_chain(const std::vector<CoreDims>& cores, const std::vector<int>& order) {
   const int d = static_cast<int>(cores.size());
@@ -151,7 +163,7 @@ inline Plan make_plan(const std::vector<CoreDims>& cores, const std::vector<int>
     // N counts the produced axes; boundary ranks (size 1) are among the core's output axes
     s.N = cores[k].m * (left_open ? 1 : cores[k].r_left) * (right_open ? 1 : cores[k].r_right);
 
-    if (!s.before.identity()) plan.permuted_per_sample += s.before.size();
+    plan.permute_cost_per_sample += permute_cost(s.before);
     plan.flops_per_sample += s.flops();
     plan.max_state = std::max({plan.max_state, s.in_size(), s.out_size()});
     plan.steps.push_back(s);
@@ -164,7 +176,7 @@ inline Plan make_plan(const std::vector<CoreDims>& cores, const std::vector<int>
   for (int id : state) plan.final_perm.dims.push_back(size[id]), plan.out_features *= size[id];
   for (int k = 0; k < d; ++k)
     plan.final_perm.perm.push_back(static_cast<int>(std::find(state.begin(), state.end(), m_id(k)) - state.begin()));
-  if (!plan.final_perm.identity()) plan.permuted_per_sample += plan.out_features;
+  plan.permute_cost_per_sample += permute_cost(plan.final_perm);
   return plan;
 }
 

@@ -7,6 +7,10 @@ import platform
 # loads the shared library so the dynamic loader finds it whatever the install layout.
 import scipy_openblas32  # noqa: F401
 
+# torch first: it loads its libgomp.so.1, and the extension's OpenMP then binds to that same
+# runtime (one team of threads for torch's ops and ours; see csrc/core/thread_pool.h).
+import torch  # noqa: F401
+
 try:
     from tensorpress import _C
 except ImportError as err:  # pragma: no cover - only on a broken install

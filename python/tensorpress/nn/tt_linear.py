@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from tensorpress.decompose.tt import tt_matrix_svd
 from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
-from tensorpress.ops.tt import tt_matmul, tt_to_dense
+from tensorpress.ops.tt import prepare_tt, tt_matmul, tt_to_dense
 from tensorpress.ops.tt_plan import TTPlan, choose_plan
 
 
@@ -76,8 +76,26 @@ class TTLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input: expected last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
-        y = tt_matmul(x, list(self.cores))
+        plan, prepared = self._prepared_for_inference(x)
+        y = tt_matmul(x, list(self.cores), plan=plan, prepared=prepared)
         return y if self.bias is None else y + self.bias
+
+    def _prepared_for_inference(self, x: Tensor):
+        """Without autograd the merged step matrices depend only on the cores: keep them
+        between calls, keyed on the plan, the core tensors themselves (held, so no other
+        tensor can take their place) and their in-place versions."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(g.requires_grad for g in self.cores)):
+            return None, None
+        plan = self.plan(math.prod(x.shape[:-1]))
+        cores = tuple(self.cores)
+        versions = tuple(g._version for g in cores)
+        cached = self.__dict__.get("_inference_cache")
+        if (cached is None or cached[0] != plan or len(cached[1]) != len(cores)
+                or any(a is not b for a, b in zip(cached[1], cores)) or cached[2] != versions):
+            with torch.no_grad():
+                cached = (plan, cores, versions, prepare_tt(list(cores), plan))
+            self.__dict__["_inference_cache"] = cached
+        return plan, cached[3]
 
     # ------------------------------------------------------------------ conversions
     @classmethod

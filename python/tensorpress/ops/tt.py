@@ -6,6 +6,7 @@ row-major flattening (factor 0 most significant). The fused kernel lives in csrc
 from __future__ import annotations
 
 import math
+import threading
 from typing import List, Sequence
 
 import torch
@@ -87,11 +88,23 @@ def step_matrices(merged: Sequence[Tensor], order: Sequence[int]) -> List[Tensor
 
 
 # ----------------------------------------------------------------------------- custom ops
+_scratch = threading.local()
+
+
 def _workspace(x: Tensor, core_dims: List[int], order: List[int], backward: bool) -> tuple[Tensor, int]:
-    """Scratch memory for the kernel, from torch's allocator, and the thread count it is sized for."""
+    """Scratch memory for the kernel and the thread count it is sized for.
+
+    Kept per Python thread (so concurrent callers never share it) and grown on demand:
+    a fresh multi-MB buffer per call costs page faults comparable to a small kernel call.
+    """
     threads = torch.get_num_threads()
     size = _C.tt_workspace_size(core_dims, order, x.shape[0], threads, backward, x.element_size())
-    return torch.empty(size, dtype=x.dtype, device=x.device), threads
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (x.dtype, x.device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < size:
+        buf = buffers[key] = torch.empty(size, dtype=x.dtype, device=x.device)
+    return buf[:size], threads
 
 
 @torch.library.custom_op("tensorpress::tt_contract", mutates_args=())
@@ -247,7 +260,39 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public entry
-def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None) -> Tensor:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel computes in: the half types accumulate in float32."""
+    return dtype if dtype in _KERNEL_DTYPES else torch.float32
+
+
+def prepare_tt(cores: Sequence[Tensor], plan: TTPlan) -> List[Tensor]:
+    """The batch-independent part of a call: merged cores laid out as the plan's step
+    matrices (or, for the dense route, the single matrix W^T). Differentiable in the cores."""
+    compute = compute_dtype(cores[0].dtype)
+    cores_c = [_ContiguousGrad.apply(g.to(compute)) for g in cores]
+    if plan.dense:
+        return [tt_to_dense(cores_c).T]
+    return step_matrices([merge_group(cores_c, g) for g in plan.groups], plan.order)
+
+
+def apply_tt(x: Tensor, mats: List[Tensor], plan: TTPlan) -> Tensor:
+    """x (B, N) in the compute dtype, contracted with prepared matrices."""
+    if plan.dense:
+        return x @ mats[0]
+    return tt_contract(x, mats, flat_dims(plan.merged_shapes), list(plan.order))
+
+
+def plan_for(cores: Sequence[Tensor], batch) -> TTPlan:
+    shapes = [tuple(g.shape) for g in cores]
+    if torch.compiler.is_compiling():
+        # Under torch.compile the batch may be symbolic and one graph may serve every batch
+        # size: take the fused plan that is best at a typical batch (never the dense route).
+        return choose_plan(shapes, SYMBOLIC_BATCH_HINT, allow_dense=False)
+    return choose_plan(shapes, batch)
+
+
+def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
+              prepared: List[Tensor] | None = None) -> Tensor:
     """y = x W^T with W given by TT-matrix cores, through the fused kernel.
 
     Args:
@@ -255,6 +300,7 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None) ->
            are computed in float32 and cast back).
         cores: d tensors (r_{k-1}, m_k, n_k, r_k) of x's dtype and device, r_0 = r_d = 1.
         plan: from `choose_plan(shapes, batch)`; chosen by FLOP count when omitted.
+        prepared: `prepare_tt(cores, plan)`, when the caller keeps it between calls.
     Returns:
         (..., M) with M = prod m_k. Differentiable in x and in every core.
     """
@@ -263,20 +309,7 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None) ->
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), n)  # not -1: that is ambiguous for an empty batch
     if plan is None:
-        shapes = [tuple(g.shape) for g in cores]
-        if torch.compiler.is_compiling():
-            # Under torch.compile the batch may be symbolic and one graph may serve every batch
-            # size: take the fused plan that is best at a typical batch (never the dense route).
-            plan = choose_plan(shapes, SYMBOLIC_BATCH_HINT, allow_dense=False)
-        else:
-            plan = choose_plan(shapes, x2.shape[0])
-    compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
-    xc = x2.to(compute)
-    cores_c = [_ContiguousGrad.apply(g.to(compute)) for g in cores]
-    if plan.dense:
-        y = xc @ tt_to_dense(cores_c).T
-    else:
-        merged = [merge_group(cores_c, g) for g in plan.groups]
-        mats = step_matrices(merged, plan.order)
-        y = tt_contract(xc, mats, flat_dims(plan.merged_shapes), list(plan.order))
+        plan = plan_for(cores, x2.shape[0])
+    mats = prepare_tt(cores, plan) if prepared is None else prepared
+    y = apply_tt(x2.to(compute_dtype(x.dtype)), mats, plan)
     return y.to(x.dtype).reshape(*lead, y.shape[1])

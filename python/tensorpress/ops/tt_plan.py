@@ -15,8 +15,9 @@ import torch
 from tensorpress._ext import _C
 
 # Moving one element in a permutation between GEMMs costs about this many FLOPs' worth of
-# time (in-cache copies at a few GB/s against GEMMs at ~100 GFLOP/s per core); and every
-# element a GEMM reads or writes about one more (small-K GEMMs are bound by memory, not FLOPs).
+# time per unit of the kernel's permute cost (x1 memcpy runs .. x4 element-wise gathers;
+# GEMMs run at ~100 GFLOP/s per core); and every element a GEMM reads or writes about one
+# more (small-K GEMMs are bound by memory, not FLOPs).
 PERMUTE_COST_FLOPS = 4
 GEMM_TRAFFIC_FLOPS = 1
 
@@ -30,8 +31,9 @@ class TTPlan:
     groups: the partition of the cores into runs merged before the contraction.
     order:  the order in which the merged groups are absorbed (a growing interval).
     dense:  rebuild W once and run a single GEMM instead.
-    flops:  FLOPs of the whole call at this batch (merging included);
+    flops:  arithmetic FLOPs of the whole call at this batch (merging included);
     dense_flops: what the dense route costs, for comparison.
+    cost:   what the plan search minimized: FLOPs plus memory-traffic terms.
     """
 
     groups: tuple[tuple[int, ...], ...]
@@ -41,6 +43,7 @@ class TTPlan:
     flops: int
     dense_flops: int
     merged_shapes: tuple[CoreShape, ...]
+    cost: int = 0
 
     def __str__(self) -> str:
         if self.dense:
@@ -112,7 +115,7 @@ def _plan_info(core_dims: tuple[int, ...], order: tuple[int, ...]) -> dict:
 def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int) -> int:
     """Estimated cost, in FLOP-equivalents, of contracting a batch with already merged cores."""
     info = plan_info(tuple(flat_dims(merged)), tuple(order))
-    per_sample = info["flops_per_sample"] + PERMUTE_COST_FLOPS * info["permuted_per_sample"]
+    per_sample = info["flops_per_sample"] + PERMUTE_COST_FLOPS * info["permute_cost_per_sample"]
     per_sample += GEMM_TRAFFIC_FLOPS * sum(s["rows"] * (s["K"] + s["N"]) for s in info["steps"])
     return batch * per_sample
 
@@ -132,8 +135,10 @@ def _choose(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> TTP
     if allow_dense and dense_cost <= cost:  # ties: one big GEMM runs faster
         everything = tuple(range(d))
         return TTPlan((everything,), (0,), True, batch, dense_cost, dense_cost,
-                      (merge_shapes(shapes, everything)[0],))
-    return TTPlan(groups, order, False, batch, cost, dense_cost, tuple(merged))
+                      (merge_shapes(shapes, everything)[0],), dense_cost)
+    merge_flops = sum(merge_shapes(shapes, g)[1] for g in groups)
+    flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
+    return TTPlan(groups, order, False, batch, flops, dense_cost, tuple(merged), cost)
 
 
 @torch.compiler.assume_constant_result  # pure function of static shapes: torch.compile folds it
