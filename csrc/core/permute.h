@@ -64,7 +64,8 @@ void strided_copy(const T* src, T* dst, const StridedCopy& c, int64_t samples) {
     for (;;) {
       const T* from = base + offset;
       if (inner_stride == 1) {
-        std::memcpy(out, from, sizeof(T) * inner);
+        if (inner >= 64) std::memcpy(out, from, sizeof(T) * inner);
+        else for (int64_t i = 0; i < inner; ++i) out[i] = from[i];  // short runs: no call
       } else {
         for (int64_t i = 0; i < inner; ++i) out[i] = from[i * inner_stride];
       }

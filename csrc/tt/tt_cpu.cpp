@@ -1,6 +1,7 @@
 #include "tt/tt_cpu.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "core/blas.h"
@@ -11,8 +12,16 @@ namespace tensorpress::tt {
 namespace {
 
 // Per worker, a block's buffers (and, in the backward, its saved GEMM inputs) should stay in
-// the core's L2 cache; larger blocks give larger GEMMs. Measured best on this class of CPU.
-constexpr int64_t kCacheBudgetBytes = 2 << 20;
+// the core's cache; larger blocks give larger GEMMs. TENSORPRESS_CPU_BLOCK_BYTES overrides
+// the default (for tuning on other CPUs).
+int64_t cache_budget_bytes() {
+  static const int64_t budget = [] {
+    const char* env = std::getenv("TENSORPRESS_CPU_BLOCK_BYTES");
+    const int64_t v = env ? std::atoll(env) : 0;
+    return v > 0 ? v : int64_t(2) << 20;
+  }();
+  return budget;
+}
 
 // The permutations of a plan, ready to run forwards and backwards.
 struct Copies {
@@ -55,7 +64,7 @@ CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool back
   blas::use_single_threaded_gemm();
   CpuSchedule c;
   const int64_t per_sample = backward ? saved_per_sample(plan) + 3 * plan.max_state : 2 * plan.max_state;
-  const int64_t budget = std::max<int64_t>(1, kCacheBudgetBytes / elem_bytes);
+  const int64_t budget = std::max<int64_t>(1, cache_budget_bytes() / elem_bytes);
   threads = std::max(1, threads);
   const int64_t share = (batch + threads - 1) / threads;
   c.block = std::max<int64_t>(1, std::min<int64_t>(budget / std::max<int64_t>(1, per_sample), share));
