@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,8 @@ PEERS = ("tltorch", "einsum")
 N_INPUTS = 4          # inputs rotated among, so no side times a cache-hot input
 AGREE_TOL = 1e-4      # max relative error of any side's forward vs a float64 reference
 TARGET_FWD, TARGET_FB = 2.0, 1.5   # speedups over the fastest peer demanded by the issue
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
+              "OPENBLAS_NUM_THREADS")  # recorded: they change timings
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ def run_fwd_bwd(side: Side, x: torch.Tensor, g: torch.Tensor) -> float:
 
 def time_sides(sides: list[Side], xs: list[torch.Tensor], g: torch.Tensor,
                repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Median ms per side for forward and forward+backward.
+    """Median ms (and first / third quartiles) per side for forward and forward+backward.
 
     Each repeat uses the next input of `xs` for every side, and runs the sides in an order
     rotated by one per repeat, so slow drifts of the machine hit all sides alike.
@@ -159,7 +162,10 @@ def time_sides(sides: list[Side], xs: list[torch.Tensor], g: torch.Tensor,
         for s in order:
             fb[s.name].append(run_fwd_bwd(s, x, g))
     med = lambda v: 1e3 * statistics.median(v)  # noqa: E731
-    return {s.name: {"fwd_ms": med(fwd[s.name]), "fwd_bwd_ms": med(fb[s.name])} for s in sides}
+    quartiles = lambda v: [1e3 * q for q in statistics.quantiles(v, n=4)[::2]] if len(v) > 1 else []  # noqa: E731
+    return {s.name: {"fwd_ms": med(fwd[s.name]), "fwd_bwd_ms": med(fb[s.name]),
+                     "fwd_quartiles_ms": quartiles(fwd[s.name]), "fwd_bwd_quartiles_ms": quartiles(fb[s.name])}
+            for s in sides}
 
 
 def saved_bytes(side: Side, x: torch.Tensor) -> int:
@@ -183,6 +189,7 @@ def saved_bytes(side: Side, x: torch.Tensor) -> int:
 
 
 def bench_case(case: Case, repeats: int, warmup: int) -> dict:
+    busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     torch.manual_seed(0)
     layer, sides = build_sides(case)
     xs = [torch.randn(case.batch, case.in_features).requires_grad_() for _ in range(N_INPUTS)]
@@ -194,9 +201,9 @@ def bench_case(case: Case, repeats: int, warmup: int) -> dict:
     plan = layer.plan(case.batch)
     dense_flops = 2 * case.batch * case.in_features * case.out_features
     ours = times["tensorpress"]
-    peers = [p for p in PEERS if p in times]
-    best = {k: min(times[p][k] for p in peers) if peers else math.nan for k in ("fwd_ms", "fwd_bwd_ms")}
-    best_name = {k: min(peers, key=lambda p: times[p][k]) if peers else None for k in best}
+    peers = [p for p in PEERS if p in times]  # the einsum chain is always there
+    best_name = {k: min(peers, key=lambda p: times[p][k]) for k in ("fwd_ms", "fwd_bwd_ms")}
+    best = {k: times[p][k] for k, p in best_name.items()}
     gflops = lambda flops, ms: flops / (ms * 1e6)  # noqa: E731
     res = {
         "case": case.name, "in_features": case.in_features, "out_features": case.out_features,
@@ -215,22 +222,41 @@ def bench_case(case: Case, repeats: int, warmup: int) -> dict:
         "speedup_vs_dense": {k: times["dense"][k] / ours[k] for k in best},
     }
     res["targets"] = targets(res, plan.flops < dense_flops)
+    res["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
     return res
 
 
 def targets(res: dict, fewer_flops: bool) -> dict[str, str]:
-    """PASS/FAIL against the issue's targets (n/a where a target does not apply)."""
+    """PASS/FAIL against the issue's targets (the dense ones n/a unless the plan needs fewer FLOPs)."""
     mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     vp, vd = res["speedup_vs_peer"], res["speedup_vs_dense"]
     return {
-        "fwd_vs_peer": mark(vp["fwd_ms"] >= TARGET_FWD) if not math.isnan(vp["fwd_ms"]) else "n/a",
-        "fwd_bwd_vs_peer": mark(vp["fwd_bwd_ms"] >= TARGET_FB) if not math.isnan(vp["fwd_bwd_ms"]) else "n/a",
+        "fwd_vs_peer": mark(vp["fwd_ms"] >= TARGET_FWD),
+        "fwd_bwd_vs_peer": mark(vp["fwd_bwd_ms"] >= TARGET_FB),
         "fwd_vs_dense": mark(vd["fwd_ms"] > 1) if fewer_flops else "n/a",
         "fwd_bwd_vs_dense": mark(vd["fwd_bwd_ms"] > 1) if fewer_flops else "n/a",
     }
 
 
 # ----------------------------------------------------------------------------- reporting
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process), for noise checks."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        busy = (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError):
+        busy = math.nan
+    return busy, ru.ru_utime + ru.ru_stime
+
+
+def other_cpu_share(busy0: float, self0: float, wall0: float) -> float:
+    """Fraction of the machine's CPU time used by other processes since cpu_seconds() gave busy0, self0."""
+    busy1, self1 = cpu_seconds()
+    return max(0.0, ((busy1 - busy0) - (self1 - self0)) / ((time.perf_counter() - wall0) * os.cpu_count()))
+
+
 def machine_info(threads: int) -> dict:
     model = platform.processor()
     try:
@@ -241,7 +267,8 @@ def machine_info(threads: int) -> dict:
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
             "load_avg_start": os.getloadavg(), "torch": torch.__version__, "threads": threads,
-            "opt_einsum": torch.backends.opt_einsum.is_available(), "tensorpress_info": tensorpress.info()}
+            "opt_einsum": torch.backends.opt_einsum.is_available(), "tensorpress_info": tensorpress.info(),
+            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
 
 
 def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, warmup: int) -> None:
@@ -252,8 +279,10 @@ def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, wa
         f"- date: {meta['date']}",
         f"- machine: {meta['cpu']} ({meta['machine']}), {meta['cores']} cores; "
         f"load avg at start {', '.join(f'{v:.2f}' for v in meta['load_avg_start'])}, "
-        f"at end {', '.join(f'{v:.2f}' for v in meta['load_avg_end'])}",
-        f"- torch {meta['torch']}, {meta['threads']} threads, float32, opt_einsum={meta['opt_einsum']}",
+        f"at end {', '.join(f'{v:.2f}' for v in meta['load_avg_end'])}; other processes used "
+        f"{meta['other_cpu_share']:.0%} of the CPU during the run (noisy if more than a few %)",
+        f"- torch {meta['torch']}, {meta['threads']} threads, float32, opt_einsum={meta['opt_einsum']}; "
+        f"thread env: {meta['env'] or 'none set'}",
         f"- tensorpress: {flags}",
         f"- median of {repeats} repeats ({warmup} warmup), rotating among {N_INPUTS} inputs, sides interleaved",
         "- all four sides hold the same weights (one set of TT cores); forward outputs agree "
@@ -261,14 +290,14 @@ def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, wa
         "- fwd+bwd: loss = (y * g).sum(), gradients w.r.t. x and all parameters",
         "", "## Time (ms, median)", "",
         "| case | batch | tensorpress fwd | tltorch fwd | einsum fwd | dense fwd "
-        "| tensorpress f+b | tltorch f+b | einsum f+b | dense f+b |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tensorpress f+b | tltorch f+b | einsum f+b | dense f+b | other CPU load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cell = lambda r, s, k: f"{r['times_ms'][s][k]:.3f}" if s in r["times_ms"] else "-"  # noqa: E731
     for r in results:
         lines.append(f"| {r['case']} | {r['batch']} | "
                      + " | ".join(cell(r, s, "fwd_ms") for s in SIDES) + " | "
-                     + " | ".join(cell(r, s, "fwd_bwd_ms") for s in SIDES) + " |")
+                     + " | ".join(cell(r, s, "fwd_bwd_ms") for s in SIDES) + f" | {r['other_cpu_share']:.0%} |")
     lines += [
         "", "## tensorpress vs targets", "",
         f"Targets (from the issue): forward >= {TARGET_FWD:g}x faster than the fastest peer "
@@ -345,6 +374,7 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     cases = QUICK_CASES if args.quick else CASES
     meta = machine_info(torch.get_num_threads())
+    busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     results = []
     for case in cases:
         t0 = time.perf_counter()
@@ -354,8 +384,13 @@ def main(argv=None) -> int:
         print(f"{case.name:15s} B={case.batch:3d} fwd ms: "
               + " ".join(f"{s}={t[s]['fwd_ms']:.3f}" for s in SIDES if s in t)
               + " | f+b ms: " + " ".join(f"{s}={t[s]['fwd_bwd_ms']:.3f}" for s in SIDES if s in t)
-              + f" | {r['targets']} ({time.perf_counter() - t0:.1f} s)", flush=True)
+              + f" | {r['targets']} ({time.perf_counter() - t0:.1f} s, other CPU load {r['other_cpu_share']:.0%})",
+              flush=True)
     meta["load_avg_end"] = os.getloadavg()
+    meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
+    if meta["other_cpu_share"] > 0.05:
+        print(f"warning: other processes used {meta['other_cpu_share']:.0%} of the CPU during the run; "
+              "timings are noisy, re-run on a quiet machine", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "tt_cpu_quick" if args.quick else "tt_cpu"
