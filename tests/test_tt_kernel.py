@@ -617,3 +617,25 @@ def test_works_in_forked_child(restore_threads):
         os.close(r)
         os.waitpid(pid, 0)
     assert result is True, result
+
+
+@pytest.mark.parametrize("m, n, ranks", [((12, 19), (17, 9), (11,)), ((9, 16, 10), (10, 8, 9), (13, 9))])
+def test_float32_gathering_permutations_every_plan(m, n, ranks):
+    """Factors >= 8 with ragged remainders make the kernel's permutations run as vectorized
+    8x8 transposes plus scalar edges; every plan must still agree with the float64 reference."""
+    gen = torch.Generator().manual_seed(3)
+    cores64 = random_cores(m, n, ranks, generator=gen)
+    cores = [g.float() for g in cores64]
+    x64 = torch.randn(11, math.prod(n), generator=gen, dtype=torch.float64)
+    reference = tt_matmul_reference(x64, cores64)
+    shapes = [tuple(g.shape) for g in cores]
+    for groups, order in all_plans(shapes):
+        plan = make_plan(shapes, groups, order, batch=11)
+        x = x64.float().requires_grad_()
+        y = tt_matmul(x, cores, plan)
+        assert rel_err(y, reference) <= 1e-5, (groups, order)
+        (grad_x,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        (ref_grad,) = torch.autograd.grad(tt_matmul_reference(x64.requires_grad_(), cores64), x64,
+                                          torch.ones_like(reference))
+        x64 = x64.detach()
+        assert rel_err(grad_x, ref_grad) <= 1e-5, (groups, order)

@@ -2,6 +2,7 @@
 // GEMMs of a fused contraction. Adjacent axes that stay adjacent are merged first, so the
 // inner loop is a memcpy whenever the innermost axis does not move.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -46,6 +47,12 @@ inline std::vector<int> inverse_perm(const std::vector<int>& perm) {
   return inv;
 }
 
+// dst[i * dst_row + j] = src[i + j * src_row] for i < rows, j < cols: the transposition at
+// the heart of a gathering permutation. The float version uses AVX2 8x8 register
+// transposes where the CPU has them (checked at run time).
+void transpose_2d(const float* src, float* dst, int64_t rows, int64_t cols, int64_t src_row, int64_t dst_row);
+void transpose_2d(const double* src, double* dst, int64_t rows, int64_t cols, int64_t src_row, int64_t dst_row);
+
 // dst[s] = permute(src[s]) for `samples` consecutive tensors of c.numel elements each.
 template <typename T>
 void strided_copy(const T* src, T* dst, const StridedCopy& c, int64_t samples) {
@@ -55,6 +62,42 @@ void strided_copy(const T* src, T* dst, const StridedCopy& c, int64_t samples) {
     return;
   }
   const int64_t inner = c.size[axes - 1], inner_stride = c.stride[axes - 1];
+  std::vector<int64_t> dst_stride(axes, 1);
+  for (int a = axes - 2; a >= 0; --a) dst_stride[a] = dst_stride[a + 1] * c.size[a + 1];
+
+  // A gather (the innermost destination axis is strided in the source): run it as 2-D
+  // transposes against the axis that is contiguous in the source.
+  int unit = -1;
+  for (int a = 0; a < axes - 1; ++a)
+    if (c.stride[a] == 1) unit = a;
+  if (inner_stride != 1 && unit >= 0) {
+    std::vector<int> others;
+    for (int a = 0; a < axes - 1; ++a)
+      if (a != unit) others.push_back(a);
+    std::vector<int64_t> index(others.size());
+    for (int64_t s = 0; s < samples; ++s) {
+      const T* base = src + s * c.numel;
+      T* out = dst + s * c.numel;
+      std::fill(index.begin(), index.end(), 0);
+      int64_t src_off = 0, dst_off = 0;
+      for (;;) {
+        transpose_2d(base + src_off, out + dst_off, c.size[unit], inner, inner_stride, dst_stride[unit]);
+        int k = static_cast<int>(others.size()) - 1;
+        for (; k >= 0; --k) {
+          const int a = others[k];
+          src_off += c.stride[a];
+          dst_off += dst_stride[a];
+          if (++index[k] < c.size[a]) break;
+          src_off -= c.stride[a] * c.size[a];
+          dst_off -= dst_stride[a] * c.size[a];
+          index[k] = 0;
+        }
+        if (k < 0) break;
+      }
+    }
+    return;
+  }
+
   std::vector<int64_t> index(axes - 1);
   for (int64_t s = 0; s < samples; ++s) {
     const T* base = src + s * c.numel;
