@@ -53,6 +53,21 @@ inline std::vector<int> inverse_perm(const std::vector<int>& perm) {
 void transpose_2d(const float* src, float* dst, int64_t rows, int64_t cols, int64_t src_row, int64_t dst_row);
 void transpose_2d(const double* src, double* dst, int64_t rows, int64_t cols, int64_t src_row, int64_t dst_row);
 
+// A contiguous run: short runs of the usual sizes as fixed-size moves (a register or two),
+// not a library call each.
+template <typename T>
+inline void copy_run(const T* from, T* out, int64_t n) {
+  switch (n * static_cast<int64_t>(sizeof(T))) {
+    case 16: std::memcpy(out, from, 16); return;
+    case 32: std::memcpy(out, from, 32); return;
+    case 64: std::memcpy(out, from, 64); return;
+    case 128: std::memcpy(out, from, 128); return;
+    default:
+      if (n >= 64) std::memcpy(out, from, sizeof(T) * n);
+      else for (int64_t i = 0; i < n; ++i) out[i] = from[i];
+  }
+}
+
 // dst[s] = permute(src[s]) for `samples` consecutive tensors of c.numel elements each.
 template <typename T>
 void strided_copy(const T* src, T* dst, const StridedCopy& c, int64_t samples) {
@@ -107,8 +122,7 @@ void strided_copy(const T* src, T* dst, const StridedCopy& c, int64_t samples) {
     for (;;) {
       const T* from = base + offset;
       if (inner_stride == 1) {
-        if (inner >= 64) std::memcpy(out, from, sizeof(T) * inner);
-        else for (int64_t i = 0; i < inner; ++i) out[i] = from[i];  // short runs: no call
+        copy_run(from, out, inner);
       } else {
         for (int64_t i = 0; i < inner; ++i) out[i] = from[i * inner_stride];
       }
