@@ -319,6 +319,9 @@ def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, wa
             f"| {vd['fwd_ms']:.2f}x {t['fwd_vs_dense']} | {vd['fwd_bwd_ms']:.2f}x {t['fwd_bwd_vs_dense']} |")
     lines += [
         "", "## Activation memory saved for backward (MiB; x itself included, parameters excluded)", "",
+        "tensorpress keeps x and its prepared step matrices (the merged cores: batch-independent, "
+        "the size of the compressed weight); everything batch-sized beyond x is recomputed in the "
+        "backward. The peers keep every intermediate of their contraction chain.", "",
         "| case | input x | " + " | ".join(SIDES) + " |",
         "|---|---:|" + "---:|" * len(SIDES),
     ]
