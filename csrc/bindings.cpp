@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/tensor_view.h"
+#include "svd/jacobi_cpu.h"
 #include "tt/tt_cpu.h"
 #include "tt/tt_plan.h"
 #if TENSORPRESS_WITH_CUDA
@@ -214,6 +215,34 @@ int64_t tt_workspace_size(const std::vector<int64_t>& core_dims, const std::vect
   return tt::cpu_schedule(plan_from(core_dims, order), batch, threads, backward, elem_bytes).workspace;
 }
 
+// Batched one-sided Jacobi SVD: a (batch, m, n) -> u (batch, m, k), s (batch, k), vh (batch, k, n).
+int svd_jacobi(const py::object& a, const py::object& u, const py::object& s, const py::object& vh,
+               const py::object& workspace, double tol, int max_sweeps, int threads) {
+  BorrowedTensor ab(a, "A"), ub(u, "U"), sb(s, "S"), vb(vh, "Vh"), wb(workspace, "workspace");
+  const TensorView &av = ab.view(), &uv = ub.view(), &sv = sb.view(), &vv = vb.view(), &wv = wb.view();
+  require(av.dtype == DType::Float32 || av.dtype == DType::Float64,
+          "A: expected dtype float32 or float64, got " + std::string(dtype_name(av.dtype)));
+  require(av.device == Device::CPU, "A: expected a CPU tensor (the CUDA Jacobi SVD is not built yet)");
+  require(av.shape.size() == 3, "A: expected shape (batch, m, n), got " + shape_str(av.shape));
+  const int64_t batch = av.shape[0], m = av.shape[1], n = av.shape[2], k = std::min(m, n);
+  for (auto [view, name] : {std::pair{&uv, "U"}, {&sv, "S"}, {&vv, "Vh"}}) expect_like(*view, av.dtype, name);
+  expect_shape(uv, {batch, m, k}, "U");
+  expect_shape(sv, {batch, k}, "S");
+  expect_shape(vv, {batch, k, n}, "Vh");
+  require(wv.dtype == DType::Float64 && wv.device == Device::CPU, "workspace: expected a float64 CPU tensor");
+  const int64_t need = svd::jacobi_workspace_size(m, n, threads);
+  require(wv.numel() >= need, "workspace: expected at least " + std::to_string(need) + " elements, got " +
+                                  std::to_string(wv.numel()));
+  require(tol > 0 && max_sweeps >= 1, "tol, max_sweeps: expected tol > 0 and max_sweeps >= 1");
+  const svd::JacobiParams params{tol, max_sweeps};
+  py::gil_scoped_release release;
+  if (av.dtype == DType::Float32)
+    return svd::jacobi_svd_cpu<float>(av.ptr<float>(), uv.ptr<float>(), sv.ptr<float>(), vv.ptr<float>(), batch,
+                                      m, n, params, wv.ptr<double>(), threads);
+  return svd::jacobi_svd_cpu<double>(av.ptr<double>(), uv.ptr<double>(), sv.ptr<double>(), vv.ptr<double>(),
+                                     batch, m, n, params, wv.ptr<double>(), threads);
+}
+
 py::dict build_info() {
   py::dict d;
   d["cxx_compiler"] = TENSORPRESS_CXX_COMPILER;
@@ -250,5 +279,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("tt_plan_info", &tt_plan_info, py::arg("core_dims"), py::arg("order"));
   m.def("tt_workspace_size", &tt_workspace_size, py::arg("core_dims"), py::arg("order"), py::arg("batch"),
         py::arg("threads"), py::arg("backward"), py::arg("elem_bytes"));
+  m.def("svd_jacobi", &svd_jacobi, py::arg("A"), py::arg("U"), py::arg("S"), py::arg("Vh"),
+        py::arg("workspace"), py::arg("tol"), py::arg("max_sweeps"), py::arg("threads"));
+  m.def("svd_jacobi_workspace_size", &svd::jacobi_workspace_size, py::arg("m"), py::arg("n"), py::arg("threads"));
   m.def("build_info", &build_info);
 }

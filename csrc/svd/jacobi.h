@@ -1,0 +1,76 @@
+// One-sided (Hestenes) Jacobi SVD of one small matrix, shared by the CPU and CUDA drivers.
+//
+// The matrix is held as `count` vectors of length `len` (row-major, vector j at w + j*len):
+// the columns of A when A is tall, its rows when it is wide. Plane rotations make the vectors
+// mutually orthogonal; the accumulated rotations form the other orthogonal factor. Then the
+// vector norms are the singular values. One-sided Jacobi is accurate in the relative sense
+// (small singular values of well-scaled matrices come out to high relative accuracy).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace tensorpress::svd {
+
+struct JacobiParams {
+  double tol;       // rotate a pair while |<w_p, w_q>| > tol * ||w_p|| ||w_q||
+  int max_sweeps;
+};
+
+// `static`: each translation unit that includes this (one per instruction set) keeps its own
+// copies, so the linker can never mix an AVX-512 build of these into the baseline path.
+template <typename T>
+static inline T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+static inline void rotate(T* a, T* b, int64_t n, T c, T s) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = a[i], y = b[i];
+    a[i] = c * x - s * y;
+    b[i] = s * x + c * y;
+  }
+}
+
+// Orthogonalizes the `count` vectors of w (each `len` long) in place and accumulates the
+// rotations into v (count x count, row-major, vector j at v + j*count; must start as I).
+// norms[j] receives ||w_j||^2 on exit. Returns the number of sweeps used.
+template <typename T>
+static int jacobi_orthogonalize(T* w, int64_t count, int64_t len, T* v, T* norms, const JacobiParams& p) {
+  for (int64_t j = 0; j < count; ++j) norms[j] = dot(w + j * len, w + j * len, len);
+  int sweep = 0;
+  for (; sweep < p.max_sweeps; ++sweep) {
+    bool rotated = false;
+    for (int64_t a = 0; a + 1 < count; ++a) {
+      for (int64_t b = a + 1; b < count; ++b) {
+        T* wa = w + a * len;
+        T* wb = w + b * len;
+        const T alpha = norms[a], beta = norms[b];
+        const T gamma = dot(wa, wb, len);
+        if (alpha == T(0) || beta == T(0)) continue;
+        if (std::abs(gamma) <= T(p.tol) * std::sqrt(alpha) * std::sqrt(beta)) continue;
+        rotated = true;
+        // the rotation that zeroes <w_a, w_b> (Golub & Van Loan, sym.schur2)
+        const T zeta = (beta - alpha) / (T(2) * gamma);
+        const T t = (zeta >= 0 ? T(1) : T(-1)) / (std::abs(zeta) + std::sqrt(T(1) + zeta * zeta));
+        const T c = T(1) / std::sqrt(T(1) + t * t), s = c * t;
+        rotate(wa, wb, len, c, s);
+        rotate(v + a * count, v + b * count, count, c, s);
+        // the rotation moves t*gamma of squared norm from w_a to w_b
+        norms[a] = std::max(alpha - t * gamma, T(0));
+        norms[b] = beta + t * gamma;
+      }
+    }
+    // refresh the norms once per sweep so the cheap updates never drift far
+    for (int64_t j = 0; j < count; ++j) norms[j] = dot(w + j * len, w + j * len, len);
+    if (!rotated) break;
+  }
+  return sweep;
+}
+
+}  // namespace tensorpress::svd

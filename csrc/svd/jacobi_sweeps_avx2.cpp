@@ -1,0 +1,10 @@
+// Compiled with the avx2 flags (see CMakeLists.txt); called only where the CPU has them.
+#include "svd/jacobi_sweeps.h"
+
+namespace tensorpress::svd {
+
+int orthogonalize_avx2(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p) {
+  return jacobi_orthogonalize(w, count, len, v, norms, p);
+}
+
+}  // namespace tensorpress::svd
