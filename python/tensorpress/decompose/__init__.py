@@ -1,4 +1,6 @@
 """Tensor decompositions as functions with explicit ranks and tolerances."""
-from tensorpress.decompose.tt import TTResult, tt_matrix_svd, tt_svd
+from tensorpress.decompose.tt import TTResult, tt_matrix_svd, tt_round, tt_svd
+from tensorpress.decompose.tucker import TuckerResult, hosvd, multi_mode_product, tucker
 
-__all__ = ["TTResult", "tt_svd", "tt_matrix_svd"]
+__all__ = ["TTResult", "tt_svd", "tt_matrix_svd", "tt_round", "TuckerResult", "hosvd", "tucker",
+           "multi_mode_product"]

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from tensorpress.linalg import truncated_svd
+
 
 @dataclass
 class TTResult:
@@ -41,6 +43,16 @@ def _check_rank_args(d: int, max_rank, rel_error):
                                   or not 0 <= rel_error < 1):
         raise ValueError(f"rel_error: expected a float in [0, 1), got {rel_error!r}")
     return ranks
+
+
+def _bond_rank(s: Tensor, delta: float | None, cap: int | None) -> int:
+    """The smallest rank whose dropped tail of singular values has norm <= delta, then capped."""
+    keep = len(s)
+    if delta is not None:
+        tail = torch.cumsum(s.flip(0) ** 2, 0).flip(0)  # tail[i] = sum_{j >= i} s_j^2
+        keep = int((tail > delta ** 2).sum().item())
+    keep = max(1, keep)
+    return keep if cap is None else min(keep, cap)
 
 
 def tt_svd(tensor: Tensor, max_rank: int | Sequence[int] | None = None,
@@ -73,13 +85,8 @@ def tt_svd(tensor: Tensor, max_rank: int | Sequence[int] | None = None,
     rest = work.reshape(1, -1)
     for k in range(d - 1):
         mat = rest.reshape(r_prev * shape[k], -1)
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        # smallest rank whose dropped tail has norm <= delta, then the cap
-        tail = torch.cumsum(s.flip(0) ** 2, 0).flip(0)  # tail[i] = sum_{j >= i} s_j^2
-        keep = int((tail > delta ** 2).sum().item()) if rel_error is not None else len(s)
-        keep = max(1, keep)
-        if caps[k] is not None:
-            keep = min(keep, caps[k])
+        u, s, vh = truncated_svd(mat, rank=min(mat.shape))
+        keep = _bond_rank(s, delta if rel_error is not None else None, caps[k])
         dropped_sq += float((s[keep:] ** 2).sum())
         cores.append(u[:, :keep].reshape(r_prev, shape[k], keep))
         rest = s[:keep, None] * vh[:keep]
@@ -109,3 +116,51 @@ def tt_matrix_svd(weight: Tensor, out_factors: Sequence[int], in_factors: Sequen
     res = tt_svd(t, max_rank=max_rank, rel_error=rel_error)
     cores = [c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(res.cores, out_factors, in_factors)]
     return TTResult(cores, res.ranks, res.rel_error)
+
+
+def tt_round(cores: Sequence[Tensor], max_rank: int | Sequence[int] | None = None,
+             rel_error: float | None = None) -> TTResult:
+    """Truncate the bond ranks of an existing tensor train (Oseledets' TT rounding).
+
+    A right-to-left QR sweep makes every core but the first orthonormal, so the first core
+    carries the norm; a left-to-right sweep of truncated SVDs then drops, at each bond, a
+    tail of norm <= rel_error ||T|| / sqrt(d - 1) (and caps at max_rank), which keeps
+    ||T - T_rounded|| <= rel_error ||T|| when no cap binds. Works on TT cores
+    (r, p, r') and on TT-matrix cores (r, m, n, r'); computed in float64.
+    """
+    if not isinstance(cores, (list, tuple)) or not cores or not all(isinstance(c, Tensor) for c in cores):
+        raise TypeError("cores: expected a non-empty list of tensors")
+    if any(c.dim() not in (3, 4) or c.dim() != cores[0].dim() for c in cores):
+        raise ValueError("cores: expected all 3-d (r, p, r') or all 4-d (r, m, n, r') cores")
+    for k in range(1, len(cores)):
+        if cores[k].shape[0] != cores[k - 1].shape[-1]:
+            raise ValueError(f"cores[{k}]: expected r_left = {cores[k - 1].shape[-1]}, got {cores[k].shape[0]}")
+    if cores[0].shape[0] != 1 or cores[-1].shape[-1] != 1:
+        raise ValueError("cores: expected boundary ranks r_0 = r_d = 1")
+    d = len(cores)
+    caps = _check_rank_args(d, max_rank, rel_error) if d > 1 else []
+    if not all(torch.isfinite(c).all() for c in cores):
+        raise ValueError("cores: expected finite values, found NaN or Inf")
+    mode_shapes = [tuple(c.shape[1:-1]) for c in cores]
+    work = [c.detach().to(torch.float64).reshape(c.shape[0], -1, c.shape[-1]) for c in cores]
+
+    for k in range(d - 1, 0, -1):  # right-to-left: cores 1..d-1 become row-orthonormal
+        r, p, r2 = work[k].shape
+        q, rr = torch.linalg.qr(work[k].reshape(r, p * r2).T)
+        work[k] = q.T.reshape(-1, p, r2)
+        work[k - 1] = torch.einsum("apr,sr->aps", work[k - 1], rr)
+    norm = torch.linalg.vector_norm(work[0]).item()
+    delta = (rel_error or 0.0) * norm / math.sqrt(max(d - 1, 1))
+
+    ranks, dropped_sq = [], 0.0
+    for k in range(d - 1):  # left-to-right truncation
+        r, p, r2 = work[k].shape
+        u, s, vh = truncated_svd(work[k].reshape(r * p, r2), rank=min(r * p, r2))
+        keep = _bond_rank(s, delta if rel_error is not None else None, caps[k])
+        dropped_sq += float((s[keep:] ** 2).sum())
+        work[k] = u[:, :keep].reshape(r, p, keep)
+        work[k + 1] = torch.einsum("s,sr,rpq->spq", s[:keep], vh[:keep], work[k + 1])
+        ranks.append(keep)
+    out = [w.reshape(w.shape[0], *shape, w.shape[-1]).to(cores[0].dtype) for w, shape in zip(work, mode_shapes)]
+    achieved = math.sqrt(dropped_sq) / norm if norm > 0 else 0.0
+    return TTResult(out, tuple(ranks), achieved)
