@@ -15,6 +15,7 @@ namespace tensorpress::svd {
 struct JacobiParams {
   double tol;       // rotate a pair while |<w_p, w_q>| > tol * ||w_p|| ||w_q||
   int max_sweeps;
+  bool sort_each_sweep = true;
 };
 
 // `static`: each translation unit that includes this (one per instruction set) keeps its own
@@ -37,6 +38,21 @@ static inline void rotate(T* a, T* b, int64_t n, T c, T s) {
   }
 }
 
+// Reorders the vectors (and their rotation rows) by decreasing norm: selection sort with
+// swaps, count is small.
+template <typename T>
+static void sort_by_norm(T* w, int64_t count, int64_t len, T* v, T* norms) {
+  for (int64_t a = 0; a + 1 < count; ++a) {
+    int64_t best = a;
+    for (int64_t b = a + 1; b < count; ++b)
+      if (norms[b] > norms[best]) best = b;
+    if (best == a) continue;
+    std::swap_ranges(w + a * len, w + (a + 1) * len, w + best * len);
+    std::swap_ranges(v + a * count, v + (a + 1) * count, v + best * count);
+    std::swap(norms[a], norms[best]);
+  }
+}
+
 // Orthogonalizes the `count` vectors of w (each `len` long) in place and accumulates the
 // rotations into v (count x count, row-major, vector j at v + j*count; must start as I).
 // norms[j] receives ||w_j||^2 on exit. Returns the number of sweeps used.
@@ -46,6 +62,9 @@ static int jacobi_orthogonalize(T* w, int64_t count, int64_t len, T* v, T* norms
   int sweep = 0;
   for (; sweep < p.max_sweeps; ++sweep) {
     bool rotated = false;
+    // de Rijk's ordering: within a sweep, pair each vector with the ones of smaller norm
+    // after it (moving the vectors into norm order once per sweep), which cuts the sweeps
+    if (p.sort_each_sweep) sort_by_norm(w, count, len, v, norms);
     for (int64_t a = 0; a + 1 < count; ++a) {
       for (int64_t b = a + 1; b < count; ++b) {
         T* wa = w + a * len;
