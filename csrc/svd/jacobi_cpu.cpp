@@ -44,8 +44,8 @@ void complete_basis(double* q, int64_t first, int64_t count, int64_t len) {
 
 int64_t jacobi_workspace_size(int64_t m, int64_t n, int threads) {
   const int64_t k = std::min(m, n), len = std::max(m, n);
-  // w (k x len), v (k x k), norms (k), sorted copies of w and v
-  return static_cast<int64_t>(std::max(threads, 1)) * (2 * k * len + 2 * k * k + k);
+  // w (k x len), v (k x k), norms (k), sorted copies of w and v, the sweep's scratch
+  return static_cast<int64_t>(std::max(threads, 1)) * (2 * k * len + 2 * k * k + 5 * k + 8);
 }
 
 template <typename T>
@@ -53,7 +53,7 @@ int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int6
                    const JacobiParams& params, double* workspace, int threads) {
   const bool tall = m >= n;
   const int64_t k = std::min(m, n), len = std::max(m, n);
-  const int64_t per_thread = 2 * k * len + 2 * k * k + k;
+  const int64_t per_thread = 2 * k * len + 2 * k * k + 5 * k + 8;
   std::atomic<int> max_sweeps{0};
   // Contiguous chunks per worker: each worker owns its slice of the workspace.
   const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, batch)));
@@ -64,6 +64,7 @@ int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int6
     double* norms = v + k * k;
     double* w_sorted = norms + k;
     double* v_sorted = w_sorted + k * len;
+    double* scratch = v_sorted + k * k;
     std::vector<int64_t> order(k);
     for (int64_t item = worker * chunk; item < std::min(batch, (worker + 1) * chunk); ++item) {
       const T* ai = a + item * m * n;
@@ -72,7 +73,7 @@ int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int6
         for (int64_t t = 0; t < len; ++t) w[j * len + t] = tall ? double(ai[t * n + j]) : double(ai[j * n + t]);
       std::fill(v, v + k * k, 0.0);
       for (int64_t j = 0; j < k; ++j) v[j * k + j] = 1.0;
-      const int sweeps = orthogonalize(w, k, len, v, norms, params);
+      const int sweeps = orthogonalize(w, k, len, v, norms, params, scratch);
       int seen = max_sweeps.load();
       while (sweeps > seen && !max_sweeps.compare_exchange_weak(seen, sweeps)) {}
 

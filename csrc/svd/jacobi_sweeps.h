@@ -7,11 +7,15 @@
 
 namespace tensorpress::svd {
 
-int orthogonalize_generic(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p);
-int orthogonalize_avx2(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p);
-int orthogonalize_avx512(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p);
+int orthogonalize_generic(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
+                   double* scratch);
+int orthogonalize_avx2(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
+                   double* scratch);
+int orthogonalize_avx512(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
+                   double* scratch);
 
 // The widest variant this CPU runs.
-int orthogonalize(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p);
+int orthogonalize(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
+                   double* scratch);
 
 }  // namespace tensorpress::svd

@@ -10,7 +10,9 @@ from torch import Tensor
 from tensorpress._ext import _C
 
 METHODS = ("auto", "jacobi", "randomized", "lapack")
-JACOBI_MAX_COLUMNS = 64        # one matrix stays in cache; beyond this LAPACK wins
+# auto uses our Jacobi up to this many columns: measured on the 2-core EPYC, it beats
+# torch.linalg.svd (MKL) on batches of 16x16 (1.6x) and 32x32 (1.2x), not on 64x64 (0.65x)
+JACOBI_MAX_COLUMNS = 32
 RANDOMIZED_MAX_RANK_FRACTION = 0.25
 DEFAULT_OVERSAMPLE = 10
 DEFAULT_POWER_ITERATIONS = 4
@@ -31,7 +33,7 @@ class SVDResult(NamedTuple):
 
 def svd_method(shape, rank: int | None = None, method: str = "auto") -> str:
     """The method `truncated_svd` uses for matrices of this shape and rank (the choice made
-    visible): jacobi when min(m, n) <= 64, randomized when a rank well below min(m, n) is
+    visible): jacobi when min(m, n) <= 32, randomized when a rank well below min(m, n) is
     asked for, LAPACK otherwise."""
     if method != "auto":
         return method
