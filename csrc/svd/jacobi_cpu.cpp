@@ -18,6 +18,7 @@ namespace {
 // ones. Each is the standard basis vector least covered by the vectors so far (largest
 // residual 1 - sum_l q_l[i]^2), orthogonalized twice by Gram-Schmidt.
 void complete_basis(double* q, int64_t first, int64_t count, int64_t len) {
+  if (first >= count) return;
   std::vector<double> covered(len, 0.0);
   for (int64_t l = 0; l < first; ++l)
     for (int64_t i = 0; i < len; ++i) covered[i] += q[l * len + i] * q[l * len + i];
@@ -93,10 +94,14 @@ int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int6
         }
         for (int64_t t = 0; t < k; ++t) v_sorted[r * k + t] = v[j * k + t];
       }
-      // Re-orthogonalize in order of decreasing sigma (twice, modified Gram-Schmidt): a no-op
-      // for well-determined vectors, and it exposes the noise-level ones of a numerically
-      // rank-deficient matrix, which collapse and are replaced by a completed basis.
-      for (int64_t r = 0; r < rank; ++r) {
+      // Vectors with sigma far below sigma_max may be noise of a numerically rank-deficient
+      // matrix: re-orthogonalize those (twice, modified Gram-Schmidt, in order of decreasing
+      // sigma); the ones that collapse are replaced by a completed basis. The rest are
+      // orthogonal to the Jacobi tolerance already.
+      int64_t trusted = rank;
+      for (int64_t r = 0; r < rank; ++r)
+        if (double(s[item * k + r]) < sigma_max * 1e-6) { trusted = r; break; }
+      for (int64_t r = trusted; r < rank; ++r) {
         double* q = w_sorted + r * len;
         for (int pass = 0; pass < 2; ++pass)
           for (int64_t i = 0; i < r; ++i) {
