@@ -15,7 +15,7 @@ python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "scipy-openblas32>=0.3.27" numpy
 extra="${1:-}"
 case "$extra" in
-  test)  python -m pip install -q "pytest>=8" "hypothesis>=6" ;;
+  test)  python -m pip install -q "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" ;;
   bench) python -m pip install -q tensorly==0.10.0 tensorly-torch==0.5.0 opt_einsum matplotlib ;;
 esac
 # --no-build-isolation: build against the tools installed above (no second download) and

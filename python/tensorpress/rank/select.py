@@ -1,0 +1,261 @@
+"""Rank selection: the optimism rule, k-fold cross-validation, AIC/BIC, energy threshold."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tensorpress.rank.optimism import aic, bic, estimated_test_error, noise_variance, optimism
+from tensorpress.rank.regressors import CPRegressor, LowRankRegressor, TuckerRegressor, _generator, check_Xy
+
+__all__ = ["RankSelection", "select_rank", "energy_rank", "CRITERIA", "FAMILIES"]
+
+CRITERIA = ("test_error", "optimism", "cv", "aic", "bic")
+FAMILIES = {"cp": CPRegressor, "tucker": TuckerRegressor, "lowrank": LowRankRegressor,
+            "matrix": LowRankRegressor}
+# the column of the table each criterion minimizes
+_COLUMN = {"test_error": "est_test_error", "optimism": "optimism", "cv": "cv_error", "aic": "aic", "bic": "bic"}
+
+
+@dataclass
+class RankSelection:
+    """The result of a rank selection (one type for every rule).
+
+    rank_: the chosen candidate. criterion: the rule used. best_index_: its position in
+    candidates. scores_: the criterion's value per candidate (lower is better).
+    table: one dict per candidate with keys rank, df, train_error (RSS/n), sigma2
+        (RSS/(n - df)), optimism, est_test_error (train_error + optimism), aic, bic,
+        cv_error and cv_std (mean and std over folds of the held-out MSE; None unless CV
+        ran), fit_time (s, the fit on all data), cv_time (s, all folds; None unless CV ran).
+    estimator_: the model fitted on all the data at rank_ (None for energy_rank).
+    """
+
+    rank_: Any
+    criterion: str
+    candidates: list
+    table: list[dict]
+    scores_: list[float]
+    best_index_: int
+    family: str = ""
+    n_samples: int = 0
+    cv: int | None = None
+    estimator_: Any = field(default=None, repr=False)
+
+    def column(self, key: str) -> list:
+        """One column of the table as a list (e.g. "cv_error")."""
+        return [row[key] for row in self.table]
+
+    def __str__(self):
+        keys = ["rank", "df", "train_error", "optimism", "est_test_error", "aic", "bic", "cv_error", "cv_std",
+                "fit_time", "cv_time"]
+        lines = [f"RankSelection(family={self.family!r}, criterion={self.criterion!r}, rank_={self.rank_!r}, "
+                 f"n={self.n_samples})", " | ".join(keys)]
+        for row in self.table:
+            cells = []
+            for k in keys:
+                v = row.get(k)
+                cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+            lines.append(" | ".join(cells))
+        return "\n".join(lines)
+
+    def plot(self, path) -> str:
+        """Write a PNG: train error, estimated test error, optimism and (when computed) CV
+        error with its std, against the candidates; the chosen rank marked. Returns path."""
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = str(path)
+        labels = [str(r) for r in self.candidates]
+        x = np.arange(len(labels))
+
+        def col(k):
+            return np.array([np.nan if row[k] is None or not math.isfinite(row[k]) else row[k] for row in self.table],
+                            dtype=float)
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ax.plot(x, col("train_error"), "o-", label="train error")
+        ax.plot(x, col("est_test_error"), "s-", label="train error + optimism")
+        ax.plot(x, col("optimism"), "^--", label="optimism")
+        if any(row["cv_error"] is not None for row in self.table):
+            ax.errorbar(x, col("cv_error"), yerr=col("cv_std"), fmt="d-", capsize=3, label=f"{self.cv}-fold CV error")
+        ax.axvline(self.best_index_, color="k", ls=":", lw=1, label=f"chosen ({self.criterion}): {self.rank_}")
+        ax.set_xticks(x, labels)
+        ax.set_xlabel("rank")
+        ax.set_ylabel("mean squared error")
+        finite = col("est_test_error")
+        if np.isfinite(finite).any() and np.nanmax(finite) > 20 * np.nanmin(col("train_error")[np.isfinite(finite)] + 1e-300):
+            ax.set_yscale("log")
+        ax.set_title(f"rank selection: {self.family}, n = {self.n_samples}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _make_estimator(family, rank, estimator_kwargs):
+    if isinstance(family, str):
+        cls = FAMILIES[family]
+        return cls(rank, **estimator_kwargs)
+    return family(rank, **estimator_kwargs)
+
+
+def _check_candidates(family, candidates, dims):
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Iterable):
+        raise ValueError(f"candidates: expected a non-empty sequence of ranks, got {candidates!r}")
+    cands = list(candidates)
+    if not cands:
+        raise ValueError("candidates: expected a non-empty sequence of ranks, got an empty one")
+    for c in cands:
+        ok_int = isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1
+        ok_tuple = (family == "tucker" and isinstance(c, (tuple, list)) and len(c) == len(dims)
+                    and all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r >= 1 for r in c))
+        if not (ok_int or ok_tuple or callable(family)):
+            what = "ints >= 1" + (f" or tuples of {len(dims)} ints" if family == "tucker" else "")
+            raise ValueError(f"candidates: expected {what}, got {c!r}")
+        if family == "tucker":
+            rs = (int(c),) * len(dims) if ok_int else tuple(int(r) for r in c)
+            if any(r > p for r, p in zip(rs, dims)):
+                raise ValueError(f"candidates: Tucker ranks must satisfy R_d <= p_d for samples of shape {dims}, "
+                                 f"got {c!r}")
+    return [tuple(int(r) for r in c) if isinstance(c, (tuple, list)) else (int(c) if not callable(family) or
+            isinstance(c, (int, np.integer)) else c) for c in cands]
+
+
+def kfold_indices(n: int, k: int, generator: torch.Generator) -> list[Tensor]:
+    """A random partition of range(n) into k folds of sizes differing by at most one."""
+    perm = torch.randperm(n, generator=generator)
+    return list(torch.tensor_split(perm, k))
+
+
+def select_rank(model_family: str | Callable, X, y, candidates, criterion: str = "test_error", cv: int = 5,
+                random_state=None, with_cv: bool | None = None, **estimator_kwargs) -> RankSelection:
+    """Choose the rank of a low-rank regression y = <B, X> + eps among `candidates`.
+
+    Args:
+        model_family: "cp", "tucker", "lowrank" (alias "matrix", 2-way X), or a callable
+           rank -> estimator with fit/predict and a `degrees_of_freedom` attribute after fit.
+        X: (n, p_1, ..., p_D) tensor or array; y: (n,).
+        candidates: ranks to try (ints; for "tucker" also tuples, one rank per mode).
+        criterion: the rule, lower is better on each:
+           "test_error" (default): training error + estimated optimism, i.e. the estimated
+               test error sigma_hat^2_R (n - 1)/(n - df_R - 1) (see `tensorpress.rank.optimism`);
+           "optimism": the estimated optimism Opt_hat(R) alone;
+           "cv": `cv`-fold cross-validated mean squared error;
+           "aic", "bic": the information criteria.
+           Default: "test_error", the better of the two optimism rules in our simulation
+           (y = <B, X> + eps, Gaussian X, B of true rank R, 20 seeds per setting, candidates
+           1..R+2): on 16x16 matrices of rank 3 (n = 4 df and 10 df, SNR 1 and 10) it picked
+           the true rank in 11, 18, 16, 18 of 20 trials and agreed with 5-fold CV in 9, 18,
+           16, 18; optimism alone picked 0, 0, 19, 20 and agreed 5, 0, 19, 20 (it
+           over-penalizes df: at SNR 1 it always picks rank 1). Caveat: on 3-way CP
+           (10x10x10, rank 2) train error + optimism over-selects (rank 4 in 16/20 at
+           n = 4 df, SNR 1: over-ranked CP fits are not locally linear with the manifold
+           df), where optimism alone and BIC agree with CV (19/20, 18/20; CV picks rank 1 there); at
+           n = 10 df all three miss (CV picks 2 in 17/20, train error + optimism 4 in 16/20,
+           optimism 1 in 20/20, BIC agrees with CV 15/20); for "cp" with
+           D >= 3, check with criterion="cv" or with_cv=True. 5-fold CV cost 4.3-5.6x the
+           time of the one fit per rank the optimism rules need.
+        cv: folds for "cv" (and when with_cv), an int >= 2.
+        random_state: seed for the folds and the estimators (None: random).
+        with_cv: also compute the CV columns when the criterion is not "cv".
+        **estimator_kwargs: passed to the estimator (ridge, n_iter_max, tol, init, ...).
+    Returns:
+        RankSelection with rank_, table, scores_, estimator_ (refit on all data) and plot().
+    """
+    if isinstance(model_family, str):
+        if model_family not in FAMILIES:
+            raise ValueError(f"model_family: expected one of {sorted(FAMILIES)} or a callable, got {model_family!r}")
+    elif not callable(model_family):
+        raise TypeError(f"model_family: expected a string or a callable rank -> estimator, got "
+                        f"{type(model_family).__name__}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
+    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
+        raise ValueError(f"cv: expected an int >= 2, got {cv!r}")
+    if with_cv is not None and not isinstance(with_cv, bool):
+        raise ValueError(f"with_cv: expected None or a bool, got {with_cv!r}")
+    if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer))):
+        raise ValueError(f"random_state: expected None or an int, got {random_state!r}")
+    if "random_state" in estimator_kwargs:
+        raise ValueError("random_state: pass it to select_rank, not as an estimator keyword")
+    Xt, yt = check_Xy(X, y, min_modes=2 if model_family in ("lowrank", "matrix") else 1)
+    n = int(Xt.shape[0])
+    dims = tuple(Xt.shape[1:])
+    if model_family in ("lowrank", "matrix") and len(dims) != 2:
+        raise ValueError(f"X: model_family {model_family!r} needs matrix samples (n, p, q), got sample shape {dims}")
+    cands = _check_candidates(model_family, candidates, dims)
+    if cv > n:
+        raise ValueError(f"cv: expected at most n = {n} folds, got {cv}")
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if random_state is None else int(random_state)
+    do_cv = criterion == "cv" or bool(with_cv)
+    folds = kfold_indices(n, cv, _generator(seed)) if do_cv else None
+
+    table, fitted = [], []
+    for rank in cands:
+        est = _make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed))
+        t0 = time.perf_counter()
+        est.fit(Xt, yt)
+        fit_time = time.perf_counter() - t0
+        df = int(est.degrees_of_freedom)
+        pred = torch.as_tensor(est.predict(Xt), dtype=torch.float64)
+        rss = float(((yt - pred) ** 2).sum())
+        row = {"rank": rank, "df": df, "train_error": rss / n, "sigma2": noise_variance(rss, n, df),
+               "optimism": optimism(rss, n, df), "est_test_error": estimated_test_error(rss, n, df),
+               "aic": aic(rss, n, df), "bic": bic(rss, n, df), "cv_error": None, "cv_std": None,
+               "fit_time": fit_time, "cv_time": None}
+        if do_cv:
+            t0 = time.perf_counter()
+            errs = []
+            for k, test in enumerate(folds):
+                train = torch.cat([f for j, f in enumerate(folds) if j != k])
+                m = _make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed))
+                m.fit(Xt[train], yt[train])
+                p = torch.as_tensor(m.predict(Xt[test]), dtype=torch.float64)
+                errs.append(float(((yt[test] - p) ** 2).mean()))
+            row["cv_time"] = time.perf_counter() - t0
+            row["cv_error"] = float(np.mean(errs))
+            row["cv_std"] = float(np.std(errs, ddof=1)) if len(errs) > 1 else 0.0
+        table.append(row)
+        fitted.append(est)
+
+    scores = [row[_COLUMN[criterion]] for row in table]
+    finite = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
+    if not finite:
+        raise ValueError(f"candidates: every candidate has df >= n - 1 = {n - 1} (no finite {criterion}); "
+                         f"use smaller ranks or more samples")
+    best = min(finite, key=lambda i: (scores[i], table[i]["df"]))
+    return RankSelection(rank_=cands[best], criterion=criterion, candidates=cands, table=table, scores_=scores,
+                         best_index_=best, family=model_family if isinstance(model_family, str) else
+                         getattr(model_family, "__name__", "custom"), n_samples=n, cv=cv if do_cv else None,
+                         estimator_=fitted[best])
+
+
+def energy_rank(singular_values, energy: float = 0.9) -> int:
+    """The smallest k with sum_{i<=k} s_i^2 >= energy * sum_i s_i^2 (the fraction of the
+    spectrum's energy kept). singular_values: 1-D, nonnegative (any order; sorted here)."""
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise ValueError(f"energy: expected a number in (0, 1], got {energy!r}")
+    if isinstance(singular_values, Tensor):
+        s = singular_values.detach().to(torch.float64).cpu().numpy()
+    else:
+        try:
+            s = np.asarray(singular_values, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"singular_values: expected a 1-D array of numbers, got {type(singular_values).__name__}") from exc
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError(f"singular_values: expected a non-empty 1-D array, got shape {s.shape}")
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("singular_values: expected finite nonnegative values")
+    e = np.sort(s)[::-1] ** 2
+    total = e.sum()
+    if total == 0:
+        return 1
+    cum = np.cumsum(e) / total
+    return int(min(np.searchsorted(cum, energy - 1e-12) + 1, s.size))
