@@ -1,5 +1,7 @@
 """Drop-in compressed layers."""
+from tensorpress.nn.cp_conv2d import CPConv2d
 from tensorpress.nn.factorize import balanced_factors
 from tensorpress.nn.tt_linear import TTLinear
+from tensorpress.nn.tucker_conv2d import TuckerConv2d
 
-__all__ = ["TTLinear", "balanced_factors"]
+__all__ = ["TTLinear", "balanced_factors", "CPConv2d", "TuckerConv2d"]

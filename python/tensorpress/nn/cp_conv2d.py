@@ -1,0 +1,224 @@
+"""CPConv2d: a Conv2d whose kernel is a CP tensor, run as four cheap convolutions."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tensorpress.decompose.cp import cp_als, cp_overparam
+
+METHODS = ("als", "overparam")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _pair(name: str, v, low: int) -> tuple[int, int]:
+    vals = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if (not isinstance(vals, (tuple, list)) or len(vals) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < low for x in vals)):
+        raise ValueError(f"{name}: expected an int >= {low} or a pair of them, got {v!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def _check_positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return v
+
+
+def resolve_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode):
+    """Validated (kernel, stride, dilation, pad) with pad = (left, right, top, bottom) as F.pad
+    takes it, following nn.Conv2d: 'valid' = 0, 'same' = dilation * (k - 1) split with the
+    extra pixel on the right/bottom (stride 1 only)."""
+    _check_positive_int("in_channels", in_channels)
+    _check_positive_int("out_channels", out_channels)
+    kernel = _pair("kernel_size", kernel_size, 1)
+    stride = _pair("stride", stride, 1)
+    dilation = _pair("dilation", dilation, 1)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode: expected one of {PADDING_MODES}, got {padding_mode!r}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding: 'same' is only supported with stride 1 (as in nn.Conv2d), got stride={stride}")
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pad = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+        else:
+            raise ValueError(f"padding: expected an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    else:
+        ph, pw = _pair("padding", padding, 0)
+        pad = (pw, pw, ph, ph)
+    return kernel, stride, dilation, pad
+
+
+def apply_padding(x: Tensor, pad: tuple[int, int, int, int], padding_mode: str) -> Tensor:
+    if not any(pad):
+        return x
+    if padding_mode == "zeros":
+        return F.pad(x, pad)
+    return F.pad(x, pad, mode=padding_mode)
+
+
+def symmetric_zero_padding(pad, padding_mode) -> tuple[int, int] | None:
+    """(ph, pw) when the padding can be left to the conv itself (zeros, symmetric), else None."""
+    if padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3]:
+        return pad[2], pad[0]
+    return None
+
+
+def check_dense_conv(conv) -> Tensor:
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(f"conv: expected groups=1 (grouped/depthwise convs are not factorized), got groups={conv.groups}")
+    w = conv.weight.detach()
+    if w.dim() != 4:
+        raise ValueError(f"conv: expected a 4-D weight (out, in, kh, kw), got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or (conv.bias is not None and not torch.isfinite(conv.bias).all()):
+        raise ValueError("conv: expected finite weights, found NaN or Inf")
+    return w
+
+
+def conv_kwargs(conv: nn.Conv2d) -> dict:
+    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+def check_input(x: Tensor, in_channels: int) -> None:
+    if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
+        raise ValueError(f"input: expected shape (N, {in_channels}, H, W) or ({in_channels}, H, W), got {tuple(x.shape)}")
+
+
+class CPConv2d(nn.Module):
+    r"""A 2-D convolution whose kernel W (out, in, kh, kw) is a rank-R CP tensor,
+
+        W[o, i, h, w] = sum_r A[o, r] B[i, r] C[h, r] D[w, r],
+
+    run as four convolutions (Lebedev et al. 2015): 1x1 in -> R (B), depthwise kh x 1 (C),
+    depthwise 1 x kw (D), 1x1 R -> out (A) plus bias. Stride, padding and dilation act on the
+    two depthwise stages (H on the first, W on the second), so the layer computes exactly
+    nn.Conv2d with weight :meth:`to_dense` for every stride/padding/dilation/padding_mode.
+
+    Args: those of nn.Conv2d (groups must be 1) plus ``rank`` R >= 1.
+
+    Parameters (conv-shaped, used as they are): ``pointwise_in`` (R, in, 1, 1),
+    ``depthwise_h`` (R, 1, kh, 1), ``depthwise_w`` (R, 1, 1, kw), ``pointwise_out``
+    (out, R, 1, 1), ``bias`` (out,).
+
+    Shape: input (N, in, H, W) or (in, H, W) -> output (N, out, H_out, W_out), H_out and W_out
+    as for nn.Conv2d.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if groups != 1:
+            raise ValueError(f"groups: expected 1 (CPConv2d factorizes a full conv), got {groups!r}")
+        _check_positive_int("rank", rank)
+        self.kernel_size, self.stride, self.dilation, self._pad = resolve_conv_args(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.padding, self.padding_mode, self.groups = padding, padding_mode, 1
+        kh, kw = self.kernel_size
+        self.pointwise_in = nn.Parameter(torch.empty(rank, in_channels, 1, 1, **factory))
+        self.depthwise_h = nn.Parameter(torch.empty(rank, 1, kh, 1, **factory))
+        self.depthwise_w = nn.Parameter(torch.empty(rank, 1, 1, kw, **factory))
+        self.pointwise_out = nn.Parameter(torch.empty(out_channels, rank, 1, 1, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Factors i.i.d. normal, scaled so that W's entries have nn.Conv2d's default variance
+        1 / (3 fan_in): Var W = R * prod_k s_k^2, so each s_k^2 = (1 / (3 fan_in R))^(1/4)."""
+        fan_in = self.in_channels * math.prod(self.kernel_size)
+        std = (1.0 / (3 * fan_in * self.rank)) ** 0.125
+        for p in (self.pointwise_in, self.depthwise_h, self.depthwise_w, self.pointwise_out):
+            nn.init.normal_(p, 0.0, std)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_channels)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        h = F.conv2d(x, self.pointwise_in)
+        sym = symmetric_zero_padding(self._pad, self.padding_mode)
+        if sym is None:
+            h = apply_padding(h, self._pad, self.padding_mode)
+            sym = (0, 0)
+        h = F.conv2d(h, self.depthwise_h, stride=(sh, 1), padding=(sym[0], 0), dilation=(dh, 1), groups=self.rank)
+        h = F.conv2d(h, self.depthwise_w, stride=(1, sw), padding=(0, sym[1]), dilation=(1, dw), groups=self.rank)
+        y = F.conv2d(h, self.pointwise_out, self.bias)
+        return y.squeeze(0) if unbatched else y
+
+    # ------------------------------------------------------------------ conversions
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, rank: int, method: str = "als", **kwargs) -> "CPConv2d":
+        """A CPConv2d approximating ``conv`` (groups=1) by a rank-``rank`` CP decomposition of
+        its kernel: ``method="als"`` (:func:`~tensorpress.decompose.cp_als`, SVD start) or
+        ``"overparam"`` (:func:`~tensorpress.decompose.cp_overparam`); ``kwargs`` go to it.
+        The decomposition runs in float64; each component's weight is spread evenly over
+        its four factors (keeps fp16/bf16 factors in range). The bias is copied.
+        ``layer.decomposition`` holds the CPResult (rel_error, history)."""
+        w = check_dense_conv(conv)
+        _check_positive_int("rank", rank)
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        layer = cls(rank=rank, **conv_kwargs(conv))
+        layer.padding = conv.padding
+        res = (cp_als if method == "als" else cp_overparam)(w.to(torch.float64), rank, **kwargs)
+        scale = res.weights.to(torch.float64).abs() ** 0.25
+        a, b, c, d = (f.to(torch.float64) * scale for f in res.factors)
+        kh, kw = layer.kernel_size
+        with torch.no_grad():
+            layer.pointwise_out.copy_(a.reshape(conv.out_channels, rank, 1, 1))
+            layer.pointwise_in.copy_(b.T.reshape(rank, conv.in_channels, 1, 1))
+            layer.depthwise_h.copy_(c.T.reshape(rank, 1, kh, 1))
+            layer.depthwise_w.copy_(d.T.reshape(rank, 1, 1, kw))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.decomposition = res
+        return layer
+
+    def to_dense(self) -> Tensor:
+        """The kernel W (out, in, kh, kw)."""
+        return torch.einsum("or,ri,rh,rw->oihw", self.pointwise_out[:, :, 0, 0], self.pointwise_in[:, :, 0, 0],
+                            self.depthwise_h[:, 0, :, 0], self.depthwise_w[:, 0, 0, :])
+
+    def to_conv(self) -> nn.Conv2d:
+        """The equivalent nn.Conv2d (kernel :meth:`to_dense`, same bias and geometry)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
+                         device=self.pointwise_in.device, dtype=self.pointwise_in.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense kernel entries per factor parameter (bias not counted)."""
+        kh, kw = self.kernel_size
+        dense = self.out_channels * self.in_channels * kh * kw
+        return dense / (self.rank * (self.out_channels + self.in_channels + kh + kw))
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+             f"stride={self.stride}")
+        if self.padding not in (0, (0, 0), "valid"):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", bias={self.bias is not None}, {self.compression_ratio:.1f}x smaller"
