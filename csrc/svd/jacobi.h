@@ -72,19 +72,19 @@ static inline void round_robin_pair(int64_t count, int64_t r, int64_t k, int64_t
 }
 
 // Orthogonalizes the `count` vectors of w (each `len` long) in place and accumulates the
-// rotations into v (count x count, row-major, vector j at v + j*count): throughout,
-// w_j = sum_i v_j[i] x_i for the vectors x_i it started from. norms[j] receives ||w_j||^2.
-// `pairs` holds padded_count(count) indices and `rotations` as many values. Returns the
-// number of sweeps used.
+// rotations into v (count x count, row-major, vector j at v + j*count; must start as I).
+// norms[j] receives ||w_j||^2 on exit. `scratch` holds 4 * count values. Returns the number
+// of sweeps used.
 template <typename T>
 static int jacobi_orthogonalize(T* w, int64_t count, int64_t len, T* v, T* norms, const JacobiParams& p,
-                                int64_t* pairs, T* rotations) {
+                                T* scratch) {
+  static_assert(sizeof(T) >= sizeof(int64_t), "scratch also holds the pairs' indices");
   for (int64_t j = 0; j < count; ++j) norms[j] = dot(w + j * len, w + j * len, len);
   const int64_t half = padded_count(count) / 2;
-  int64_t* first = pairs;  // the pairs of the current round that rotate
-  int64_t* second = pairs + half;
-  T* cosine = rotations;
-  T* sine = rotations + half;
+  int64_t* first = reinterpret_cast<int64_t*>(scratch);   // pair members of the current round
+  int64_t* second = first + half;
+  T* cosine = scratch + 2 * half;
+  T* sine = cosine + half;
   int sweep = 0;
   for (; sweep < p.max_sweeps; ++sweep) {
     bool rotated = false;

@@ -5,10 +5,8 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
-#include <type_traits>
 #include <vector>
 
-#include "core/blas.h"
 #include "core/thread_pool.h"
 #include "svd/jacobi_sweeps.h"
 
@@ -43,46 +41,12 @@ void complete_basis(double* q, int64_t first, int64_t count, int64_t len) {
   }
 }
 
-// A worker's share of the workspace, carved in order (sizes in doubles).
-struct JacobiBuffers {
-  double *w, *v, *norms, *w_sorted, *v_sorted, *rotations, *product;
-  int64_t* pairs;
-  float *wf, *vf, *normsf, *rotationsf;  // the float32 first phase
-
-  static int64_t doubles(int64_t k, int64_t len) {
-    const int64_t pk = k + 2;                   // padded pair count
-    const int64_t floats = k * len + k * k + k + pk;
-    return 2 * k * len + 3 * k * k + k + pk + pk + (floats + 1) / 2;
-  }
-  JacobiBuffers(double* base, int64_t k, int64_t len) {
-    const int64_t pk = k + 2;
-    w = base;
-    v = w + k * len;
-    norms = v + k * k;
-    w_sorted = norms + k;
-    v_sorted = w_sorted + k * len;
-    product = v_sorted + k * k;
-    rotations = product + k * k;
-    pairs = reinterpret_cast<int64_t*>(rotations + pk);
-    wf = reinterpret_cast<float*>(rotations + 2 * pk);
-    vf = wf + k * len;
-    normsf = vf + k * k;
-    rotationsf = normsf + k;
-  }
-};
-
-// First phase for float32 inputs: sweeps in float (twice the SIMD width) until the vectors
-// are orthogonal to ~1e-5, then w = V x recomputed in double from the input for the double
-// sweeps, which converge in one or two more (quadratic convergence from a near-orthogonal
-// start). The singular values keep double accuracy; V's deviation from orthogonality stays
-// at float rounding (~1e-7), well inside what a float32 result can hold.
-constexpr double kFloatPhaseTol = 1e-5;
-
 }  // namespace
 
 int64_t jacobi_workspace_size(int64_t m, int64_t n, int threads) {
   const int64_t k = std::min(m, n), len = std::max(m, n);
-  return static_cast<int64_t>(std::max(threads, 1)) * JacobiBuffers::doubles(k, len);
+  // w (k x len), v (k x k), norms (k), sorted copies of w and v, the sweep's scratch
+  return static_cast<int64_t>(std::max(threads, 1)) * (2 * k * len + 2 * k * k + 5 * k + 8);
 }
 
 template <typename T>
@@ -90,41 +54,27 @@ int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int6
                    const JacobiParams& params, double* workspace, int threads) {
   const bool tall = m >= n;
   const int64_t k = std::min(m, n), len = std::max(m, n);
-  const int64_t per_thread = JacobiBuffers::doubles(k, len);
-  constexpr bool float_phase = std::is_same_v<T, float>;
+  const int64_t per_thread = 2 * k * len + 2 * k * k + 5 * k + 8;
   std::atomic<int> max_sweeps{0};
   // Contiguous chunks per worker: each worker owns its slice of the workspace.
   const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, batch)));
   const int64_t chunk = (batch + workers - 1) / workers;
   parallel_for(workers, workers, [&](int worker, int) {
-    JacobiBuffers buf(workspace + worker * per_thread, k, len);
-    double *w = buf.w, *v = buf.v, *norms = buf.norms, *w_sorted = buf.w_sorted, *v_sorted = buf.v_sorted;
+    double* w = workspace + worker * per_thread;
+    double* v = w + k * len;
+    double* norms = v + k * k;
+    double* w_sorted = norms + k;
+    double* v_sorted = w_sorted + k * len;
+    double* scratch = v_sorted + k * k;
     std::vector<int64_t> order(k);
     for (int64_t item = worker * chunk; item < std::min(batch, (worker + 1) * chunk); ++item) {
       const T* ai = a + item * m * n;
       // vectors: columns of A (tall) or rows of A (wide)
-      double* x = float_phase ? w_sorted : w;  // the float phase recomputes w from x
       for (int64_t j = 0; j < k; ++j)
-        for (int64_t t = 0; t < len; ++t) x[j * len + t] = tall ? double(ai[t * n + j]) : double(ai[j * n + t]);
+        for (int64_t t = 0; t < len; ++t) w[j * len + t] = tall ? double(ai[t * n + j]) : double(ai[j * n + t]);
       std::fill(v, v + k * k, 0.0);
       for (int64_t j = 0; j < k; ++j) v[j * k + j] = 1.0;
-      int sweeps = 0;
-      if (float_phase) {
-        for (int64_t i = 0; i < k * len; ++i) buf.wf[i] = float(x[i]);
-        std::fill(buf.vf, buf.vf + k * k, 0.0f);
-        for (int64_t j = 0; j < k; ++j) buf.vf[j * k + j] = 1.0f;
-        JacobiParams coarse = params;
-        coarse.tol = std::max(params.tol, kFloatPhaseTol);
-        sweeps += orthogonalize(buf.wf, k, len, buf.vf, buf.normsf, coarse, buf.pairs, buf.rotationsf);
-        // V accumulated in float drifts from orthogonal by ~1e-5 over many rotations; one
-        // Newton-Schulz step, V <- 1.5 V - 0.5 (V V^T) V, squares that deviation away.
-        for (int64_t i = 0; i < k * k; ++i) v_sorted[i] = double(buf.vf[i]);
-        blas::gemm(false, true, k, k, k, 1.0, v_sorted, k, v_sorted, k, 0.0, v, k);      // G = V V^T
-        blas::gemm(false, false, k, k, k, -0.5, v, k, v_sorted, k, 0.0, buf.product, k);
-        for (int64_t i = 0; i < k * k; ++i) v[i] = 1.5 * v_sorted[i] + buf.product[i];
-        blas::gemm(false, false, k, len, k, 1.0, v, k, x, len, 0.0, w, len);  // w = V x
-      }
-      sweeps += orthogonalize(w, k, len, v, norms, params, buf.pairs, buf.rotations);
+      const int sweeps = orthogonalize(w, k, len, v, norms, params, scratch);
       int seen = max_sweeps.load();
       while (sweeps > seen && !max_sweeps.compare_exchange_weak(seen, sweeps)) {}
 

@@ -3,6 +3,9 @@
 
 namespace tensorpress::svd {
 
-TP_JACOBI_DEFINE(avx2)
+int orthogonalize_avx2(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
+                   double* scratch) {
+  return jacobi_orthogonalize(w, count, len, v, norms, p, scratch);
+}
 
 }  // namespace tensorpress::svd
