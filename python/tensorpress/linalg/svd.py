@@ -157,9 +157,11 @@ def _cholesky_qr(y: Tensor):
     # where the factorization failed, any invertible stand-in keeps the batch going
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     chol = torch.where(ok[..., None, None], chol, eye)
+    # a factor with a vanishing pivot would blow Q up: count it as failed too
+    diag = torch.diagonal(chol, dim1=-2, dim2=-1)
+    ok = ok & (diag > diag.amax(-1, keepdim=True) * 1e-12).all(-1)
     q = torch.linalg.solve_triangular(chol, y, upper=True, left=False)
-    finite = torch.isfinite(q).flatten(1).all(-1) if q.dim() > 2 else torch.isfinite(q).all()
-    return q, chol, ok & finite
+    return q, chol, ok
 
 
 def _randomized(a: Tensor, k: int, n_iter: int, oversample: int, generator):
