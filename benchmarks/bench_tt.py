@@ -19,14 +19,9 @@ backward (activation memory), and writes ``tt_cpu.json``, ``tt_cpu.md`` and ``tt
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,11 +30,12 @@ from typing import Callable
 
 import torch
 
-import tensorpress
 from tensorpress.nn import TTLinear
 from tensorpress.ops.tt import tt_to_dense
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (cpu_seconds, machine_info, median_ms, other_cpu_share, quartiles_ms,  # noqa: E402
+                     stamp_lines, tensorpress_flags)
 from peers import einsum_chain_tt, tensorly_torch_tt_linear  # noqa: E402
 
 SIDES = ("tensorpress", "tltorch", "einsum", "dense")
@@ -47,8 +43,6 @@ PEERS = ("tltorch", "einsum")
 N_INPUTS = 4          # inputs rotated among, so no side times a cache-hot input
 AGREE_TOL = 1e-4      # max relative error of any side's forward vs a float64 reference
 TARGET_FWD, TARGET_FB = 2.0, 1.5   # speedups over the fastest peer demanded by the issue
-THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
-              "OPENBLAS_NUM_THREADS")  # recorded: they change timings
 
 
 @dataclass(frozen=True)
@@ -161,10 +155,8 @@ def time_sides(sides: list[Side], xs: list[torch.Tensor], g: torch.Tensor,
             fwd[s.name].append(run_forward(s, x))
         for s in order:
             fb[s.name].append(run_fwd_bwd(s, x, g))
-    med = lambda v: 1e3 * statistics.median(v)  # noqa: E731
-    quartiles = lambda v: [1e3 * q for q in statistics.quantiles(v, n=4)[::2]] if len(v) > 1 else []  # noqa: E731
-    return {s.name: {"fwd_ms": med(fwd[s.name]), "fwd_bwd_ms": med(fb[s.name]),
-                     "fwd_quartiles_ms": quartiles(fwd[s.name]), "fwd_bwd_quartiles_ms": quartiles(fb[s.name])}
+    return {s.name: {"fwd_ms": median_ms(fwd[s.name]), "fwd_bwd_ms": median_ms(fb[s.name]),
+                     "fwd_quartiles_ms": quartiles_ms(fwd[s.name]), "fwd_bwd_quartiles_ms": quartiles_ms(fb[s.name])}
             for s in sides}
 
 
@@ -239,51 +231,13 @@ def targets(res: dict, fewer_flops: bool) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- reporting
-def cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process), for noise checks."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    try:
-        with open("/proc/stat") as f:
-            v = [int(t) for t in f.readline().split()[1:]]
-        busy = (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    except (OSError, ValueError):
-        busy = math.nan
-    return busy, ru.ru_utime + ru.ru_stime
-
-
-def other_cpu_share(busy0: float, self0: float, wall0: float) -> float:
-    """Fraction of the machine's CPU time used by other processes since cpu_seconds() gave busy0, self0."""
-    busy1, self1 = cpu_seconds()
-    return max(0.0, ((busy1 - busy0) - (self1 - self0)) / ((time.perf_counter() - wall0) * os.cpu_count()))
-
-
-def machine_info(threads: int) -> dict:
-    model = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")) or model
-    except Exception:
-        pass
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
-            "load_avg_start": os.getloadavg(), "torch": torch.__version__, "threads": threads,
-            "opt_einsum": torch.backends.opt_einsum.is_available(), "tensorpress_info": tensorpress.info(),
-            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
-
-
 def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, warmup: int) -> None:
-    info = meta["tensorpress_info"]
-    flags = ", ".join(f"{k}={info[k]}" for k in ("tensorpress", "cpu_kernels", "blas", "cxx_compiler") if k in info)
     lines = [
         "# TT-matrix layer benchmark (CPU)", "",
-        f"- date: {meta['date']}",
-        f"- machine: {meta['cpu']} ({meta['machine']}), {meta['cores']} cores; "
-        f"load avg at start {', '.join(f'{v:.2f}' for v in meta['load_avg_start'])}, "
-        f"at end {', '.join(f'{v:.2f}' for v in meta['load_avg_end'])}; other processes used "
-        f"{meta['other_cpu_share']:.0%} of the CPU during the run (noisy if more than a few %)",
+        *stamp_lines(meta),
         f"- torch {meta['torch']}, {meta['threads']} threads, float32, opt_einsum={meta['opt_einsum']}; "
         f"thread env: {meta['env'] or 'none set'}",
-        f"- tensorpress: {flags}",
+        f"- tensorpress: {tensorpress_flags(meta)}",
         f"- median of {repeats} repeats ({warmup} warmup), rotating among {N_INPUTS} inputs, sides interleaved",
         "- all four sides hold the same weights (one set of TT cores); forward outputs agree "
         f"with a float64 reference to < {AGREE_TOL:g} relative error before timing",

@@ -1,0 +1,94 @@
+"""Helpers shared by the benchmark scripts: machine stamp, CPU-load (noise) measurement,
+timing statistics and the stamp lines of the Markdown reports."""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import tensorpress
+
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
+              "OPENBLAS_NUM_THREADS")  # recorded: they change timings
+TP_FLAGS = ("tensorpress", "cpu_kernels", "blas", "cxx_compiler")  # tensorpress.info() keys in the reports
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process), for noise checks."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        busy = (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError):
+        busy = math.nan
+    return busy, ru.ru_utime + ru.ru_stime
+
+
+def other_cpu_share(busy0: float, self0: float, wall0: float) -> float:
+    """Fraction of the machine's CPU time used by other processes since cpu_seconds() gave busy0, self0."""
+    busy1, self1 = cpu_seconds()
+    return max(0.0, ((busy1 - busy0) - (self1 - self0)) / ((time.perf_counter() - wall0) * os.cpu_count()))
+
+
+def machine_info(threads: int) -> dict:
+    """Date, CPU, core count, load average, torch version and threads, tensorpress.info(), thread env."""
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")) or model
+    except Exception:
+        pass
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
+            "load_avg_start": os.getloadavg(), "torch": torch.__version__, "threads": threads,
+            "opt_einsum": torch.backends.opt_einsum.is_available(), "tensorpress_info": tensorpress.info(),
+            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
+
+
+def git_revision() -> str:
+    """The repository's commit ('+dirty' when the working tree has changes), or 'unknown'."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def stamp_lines(meta: dict) -> list[str]:
+    """The date and machine lines (load averages and other processes' CPU share included) of a report."""
+    return [
+        f"- date: {meta['date']}",
+        f"- machine: {meta['cpu']} ({meta['machine']}), {meta['cores']} cores; "
+        f"load avg at start {', '.join(f'{v:.2f}' for v in meta['load_avg_start'])}, "
+        f"at end {', '.join(f'{v:.2f}' for v in meta['load_avg_end'])}; other processes used "
+        f"{meta['other_cpu_share']:.0%} of the CPU during the run (noisy if more than a few %)",
+    ]
+
+
+def tensorpress_flags(meta: dict) -> str:
+    """The build flags of tensorpress.info() that the reports show, as 'key=value, ...'."""
+    info = meta["tensorpress_info"]
+    return ", ".join(f"{k}={info[k]}" for k in TP_FLAGS if k in info)
+
+
+def median_ms(seconds: list[float]) -> float:
+    """Median of timings in seconds, in milliseconds."""
+    return 1e3 * statistics.median(seconds)
+
+
+def quartiles_ms(seconds: list[float]) -> list[float]:
+    """[first, third] quartile of timings in seconds, in milliseconds ([] for fewer than two)."""
+    return [1e3 * q for q in statistics.quantiles(seconds, n=4)[::2]] if len(seconds) > 1 else []
