@@ -19,7 +19,7 @@ DEFAULT_POWER_ITERATIONS = 4
 # Rotate a pair while the |cos| of the angle between its vectors exceeds this: the singular
 # values then carry a relative error of about tol * (a modest factor), far below the
 # rounding of the output for float32; float64 outputs ask for full double accuracy.
-JACOBI_TOL = {torch.float32: 1e-10, torch.float64: 1e-14}
+JACOBI_TOL = {torch.float32: 1e-8, torch.float64: 1e-14}
 JACOBI_MAX_SWEEPS = 40
 
 
