@@ -13,6 +13,18 @@
 namespace tensorpress::svd {
 namespace {
 
+// Removes from x its components along the orthonormal vectors q_0 .. q_{count-1} (modified
+// Gram-Schmidt, twice for full accuracy) and returns the norm of what is left.
+double orthogonalize_against(const double* q, int64_t count, int64_t len, double* x) {
+  for (int pass = 0; pass < 2; ++pass)
+    for (int64_t l = 0; l < count; ++l) {
+      const double* ql = q + l * len;
+      const double proj = dot(ql, x, len);
+      for (int64_t i = 0; i < len; ++i) x[i] -= proj * ql[i];
+    }
+  return std::sqrt(dot(x, x, len));
+}
+
 // Orthonormal vectors for the directions a rank-deficient matrix leaves undetermined:
 // vectors [first, count) of q (each len long) become unit vectors orthogonal to all earlier
 // ones. Each is the standard basis vector least covered by the vectors so far (largest
@@ -27,13 +39,7 @@ void complete_basis(double* q, int64_t first, int64_t count, int64_t len) {
     double* qj = q + j * len;
     std::fill(qj, qj + len, 0.0);
     qj[pick] = 1.0;
-    for (int pass = 0; pass < 2; ++pass)
-      for (int64_t l = 0; l < j; ++l) {
-        const double* ql = q + l * len;
-        const double proj = dot(ql, qj, len);
-        for (int64_t i = 0; i < len; ++i) qj[i] -= proj * ql[i];
-      }
-    const double norm = std::sqrt(dot(qj, qj, len));
+    const double norm = orthogonalize_against(q, j, len, qj);
     for (int64_t i = 0; i < len; ++i) {
       qj[i] /= norm;
       covered[i] += qj[i] * qj[i];
@@ -103,13 +109,7 @@ int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int6
         if (double(s[item * k + r]) < sigma_max * 1e-6) { trusted = r; break; }
       for (int64_t r = trusted; r < rank; ++r) {
         double* q = w_sorted + r * len;
-        for (int pass = 0; pass < 2; ++pass)
-          for (int64_t i = 0; i < r; ++i) {
-            const double* qi = w_sorted + i * len;
-            const double proj = dot(qi, q, len);
-            for (int64_t t = 0; t < len; ++t) q[t] -= proj * qi[t];
-          }
-        const double norm = std::sqrt(dot(q, q, len));
+        const double norm = orthogonalize_against(w_sorted, r, len, q);
         if (norm < 0.5) { rank = r; break; }
         for (int64_t t = 0; t < len; ++t) q[t] /= norm;
       }

@@ -88,6 +88,18 @@ def conv_kwargs(conv: nn.Conv2d) -> dict:
                 padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
 
 
+def dense_conv_like(layer: nn.Module, weight: Tensor) -> nn.Conv2d:
+    """An nn.Conv2d with `layer`'s geometry and bias and the given kernel."""
+    conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                     layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode,
+                     device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if layer.bias is not None:
+            conv.bias.copy_(layer.bias)
+    return conv
+
+
 def check_input(x: Tensor, in_channels: int) -> None:
     if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
         raise ValueError(f"input: expected shape (N, {in_channels}, H, W) or ({in_channels}, H, W), got {tuple(x.shape)}")
@@ -196,14 +208,7 @@ class CPConv2d(nn.Module):
 
     def to_conv(self) -> nn.Conv2d:
         """The equivalent nn.Conv2d (kernel :meth:`to_dense`, same bias and geometry)."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
-                         device=self.pointwise_in.device, dtype=self.pointwise_in.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.to_dense())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return dense_conv_like(self, self.to_dense())
 
     @property
     def compression_ratio(self) -> float:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tensorpress.decompose.tucker import multi_mode_product, tucker
-from tensorpress.nn.cp_conv2d import (apply_padding, check_dense_conv, check_input, conv_kwargs,
+from tensorpress.nn.cp_conv2d import (apply_padding, check_dense_conv, check_input, conv_kwargs, dense_conv_like,
                                       resolve_conv_args, symmetric_zero_padding)
 
 
@@ -116,14 +116,7 @@ class TuckerConv2d(nn.Module):
 
     def to_conv(self) -> nn.Conv2d:
         """The equivalent nn.Conv2d (kernel :meth:`to_dense`, same bias and geometry)."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
-                         device=self.core.device, dtype=self.core.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.to_dense())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return dense_conv_like(self, self.to_dense())
 
     @property
     def compression_ratio(self) -> float:
