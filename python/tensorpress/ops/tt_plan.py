@@ -19,6 +19,12 @@ from tensorpress._ext import _C
 # GEMMs run at ~100 GFLOP/s per core); and every element a GEMM reads or writes about one
 # more (small-K GEMMs are bound by memory, not FLOPs).
 PERMUTE_COST_FLOPS = 4
+# One large dense GEMM (torch's BLAS) runs faster per FLOP than a fused plan's smaller GEMMs
+# beyond what the traffic terms above capture, so the dense route's cost is its FLOPs divided
+# by this. Measured on the 2-core EPYC (benchmarks/results/tt_cpu.md): dense won at a
+# dense-FLOPs / fused-cost ratio of 1.06 (1024x1024 r16, batch 256: 3.0 vs 3.6 ms) and lost at
+# 1.16 (768->3072 r16, batch 256: 7.0 vs 6.0 ms); 1.1 separates them.
+DENSE_SPEED_ADVANTAGE = 1.1
 GEMM_TRAFFIC_FLOPS = 1
 
 CoreShape = tuple[int, int, int, int]
@@ -97,6 +103,11 @@ def dense_flops(shapes: tuple[CoreShape, ...], batch: int) -> int:
     return merge + 2 * batch * M * N
 
 
+def dense_route_cost(shapes: tuple[CoreShape, ...], batch: int) -> int:
+    """What the plan search charges for rebuilding W and running one GEMM."""
+    return int(dense_flops(shapes, batch) / DENSE_SPEED_ADVANTAGE)
+
+
 def flat_dims(shapes) -> list[int]:
     return [int(v) for s in shapes for v in s]
 
@@ -123,7 +134,7 @@ def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int)
 @functools.lru_cache(maxsize=4096)
 def _choose(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> TTPlan:
     d = len(shapes)
-    dense_cost = dense_flops(shapes, batch)
+    dense_cost = dense_route_cost(shapes, batch)
     best = None
     for groups in _partitions(d):
         merged, merge_cost = zip(*(merge_shapes(shapes, g) for g in groups))
@@ -134,11 +145,12 @@ def _choose(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> TTP
     cost, groups, order, merged = best
     if allow_dense and dense_cost <= cost:  # ties: one big GEMM runs faster
         everything = tuple(range(d))
-        return TTPlan((everything,), (0,), True, batch, dense_cost, dense_cost,
+        flops = dense_flops(shapes, batch)
+        return TTPlan((everything,), (0,), True, batch, flops, flops,
                       (merge_shapes(shapes, everything)[0],), dense_cost)
     merge_flops = sum(merge_shapes(shapes, g)[1] for g in groups)
     flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
-    return TTPlan(groups, order, False, batch, flops, dense_cost, tuple(merged), cost)
+    return TTPlan(groups, order, False, batch, flops, dense_flops(shapes, batch), tuple(merged), cost)
 
 
 @torch.compiler.assume_constant_result  # pure function of static shapes: torch.compile folds it
