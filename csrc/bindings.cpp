@@ -7,6 +7,7 @@
 
 #include "core/tensor_view.h"
 #include "svd/jacobi_cpu.h"
+#include "svd/jacobi_sweeps.h"
 #include "tt/tt_cpu.h"
 #include "tt/tt_plan.h"
 #if TENSORPRESS_WITH_CUDA
@@ -247,6 +248,7 @@ py::dict build_info() {
   py::dict d;
   d["cxx_compiler"] = TENSORPRESS_CXX_COMPILER;
   d["blas"] = "OpenBLAS (scipy-openblas32)";
+  d["jacobi_isa"] = svd::jacobi_isa();
 #if TENSORPRESS_WITH_CUDA
   d["cuda"] = true;
   d["cuda_archs"] = TENSORPRESS_CUDA_ARCHS;

@@ -14,6 +14,9 @@ int orthogonalize_avx2(double* w, int64_t count, int64_t len, double* v, double*
 int orthogonalize_avx512(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
                    double* scratch);
 
+// The variant in use: "avx512", "avx2" or "generic".
+const char* jacobi_isa();
+
 // The widest variant this CPU runs.
 int orthogonalize(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
                    double* scratch);

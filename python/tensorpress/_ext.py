@@ -38,6 +38,7 @@ def info() -> dict:
         "gpu_visible_to_torch": torch.cuda.is_available(),
         "cxx_compiler": built.pop("cxx_compiler"),
         "blas": built.pop("blas"),
+        "jacobi_svd_isa": built.pop("jacobi_isa"),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "python": platform.python_version(),
