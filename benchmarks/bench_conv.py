@@ -1,0 +1,298 @@
+"""CPU benchmark of tensorpress's factorized convolutions against tensorly-torch.
+
+On ``nn.Conv2d(256, 256, 3, padding=1)`` with a seeded random weight and an input of
+8x256x32x32 (float32) it measures:
+
+1. forward time (``torch.no_grad``, median over repeats, sides interleaved, one input) of
+   dense ``nn.Conv2d``; ``CPConv2d.from_dense`` (ALS) at the CP ranks; ``TuckerConv2d.from_dense``
+   at the Tucker ranks; tensorly-torch ``FactorizedConv`` (CP) with the 'factorized' and the
+   'reconstructed' implementation at the same CP ranks, holding *our* CP factors (so every CP
+   side at a rank computes the same function; outputs are checked to agree);
+2. decomposition time and relative kernel error ||W - W_hat|| / ||W|| of
+   ``CPConv2d.from_dense(conv, 64)`` vs ``tltorch.FactorizedConv.from_conv(conv, rank=64,
+   factorization='cp')`` (tensorly's parafac with its default iteration cap);
+3. the issue's targets, PASS/FAIL.
+
+Writes ``conv_cpu.{json,md,png}`` (``conv_cpu_quick.*`` with --quick) under ``--out``.
+
+    python benchmarks/bench_conv.py            # full run (a couple of minutes on 2 cores)
+    python benchmarks/bench_conv.py --quick    # smoke test, < 20 s (decompositions capped at 3 sweeps)
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensorpress.nn import CPConv2d, TuckerConv2d
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (cpu_seconds, machine_info, median_ms, other_cpu_share, quartiles_ms,  # noqa: E402
+                     stamp_lines, tensorpress_flags)
+
+CHANNELS, KERNEL, BATCH, SIZE = 256, 3, 8, 32
+CP_RANKS, TUCKER_RANKS = (32, 64, 128), ((64, 64), (128, 128))
+DECOMP_RANK = 64
+AGREE_TOL = 1e-4       # max relative difference between the CP sides holding the same factors
+TARGET_DECOMP = 5.0    # from_dense must be this many times faster than tltorch's from_conv
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def rel_err(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """||W - W_hat|| / ||W|| computed in float64."""
+    w, w_hat = w.detach().double(), w_hat.detach().double()
+    return float((w - w_hat).norm() / w.norm())
+
+
+def tltorch_default_implementation() -> str:
+    """The ``implementation`` that ``tltorch.FactorizedConv.from_conv`` uses when none is given."""
+    import tltorch
+    return inspect.signature(tltorch.FactorizedConv.from_conv).parameters["implementation"].default
+
+
+def tltorch_cp_conv(ours: CPConv2d, implementation: str) -> nn.Module:
+    """A tltorch CP FactorizedConv with the geometry, bias and CP factors of ``ours``."""
+    import tltorch
+    layer = tltorch.FactorizedConv(ours.in_channels, ours.out_channels, ours.kernel_size, stride=ours.stride,
+                                   padding=ours.padding, dilation=ours.dilation, bias=True, factorization="cp",
+                                   rank=ours.rank, implementation=implementation)
+    factors = (ours.pointwise_out[:, :, 0, 0], ours.pointwise_in[:, :, 0, 0].T,
+               ours.depthwise_h[:, 0, :, 0].T, ours.depthwise_w[:, 0, 0, :].T)
+    with torch.no_grad():
+        layer.weight.weights.fill_(1.0)
+        for dst, src in zip(layer.weight.factors, factors):
+            dst.copy_(src)
+        layer.bias.copy_(ours.bias)
+    return layer
+
+
+def timed(fn):
+    """(result of fn(), seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- measurements
+def build_sides(conv: nn.Conv2d, cp_ranks, tucker_ranks, n_iter: int | None,
+                built: dict[int, tuple[CPConv2d, float]]) -> tuple[dict, dict]:
+    """Forward sides {name: module} and, per factorized side, its build info (time, error).
+    ``built`` maps CP ranks already decomposed to (layer, seconds); they are reused."""
+    kw = {} if n_iter is None else {"n_iter_max": n_iter}
+    w = conv.weight.detach()
+    sides, info = {"dense": conv}, {}
+    for r in cp_ranks:
+        layer, t = built.get(r) or timed(lambda: CPConv2d.from_dense(conv, r, method="als", **kw))
+        sides[f"CPConv2d r{r}"] = layer
+        info[f"CPConv2d r{r}"] = {"build_s": t, "rel_err": rel_err(w, layer.to_dense())}
+        for impl in ("factorized", "reconstructed"):
+            sides[f"tltorch CP {impl} r{r}"] = tltorch_cp_conv(layer, impl)
+    for rk in tucker_ranks:
+        layer, t = timed(lambda: TuckerConv2d.from_dense(conv, ranks=rk))
+        name = f"TuckerConv2d ({rk[0]},{rk[1]})"
+        sides[name] = layer
+        info[name] = {"build_s": t, "rel_err": rel_err(w, layer.to_dense())}
+    return sides, info
+
+
+def check_agreement(sides: dict, x: torch.Tensor, cp_ranks) -> dict[str, float]:
+    """Relative output difference of each tltorch CP side vs the CPConv2d with the same factors."""
+    errs = {}
+    with torch.no_grad():
+        for r in cp_ranks:
+            ref = sides[f"CPConv2d r{r}"](x).double()
+            for impl in ("factorized", "reconstructed"):
+                name = f"tltorch CP {impl} r{r}"
+                errs[name] = float((sides[name](x).double() - ref).norm() / ref.norm())
+    bad = {k: v for k, v in errs.items() if not v < AGREE_TOL}
+    if bad:
+        raise RuntimeError(f"tltorch and CPConv2d outputs disagree (rel diff >= {AGREE_TOL}): {bad}")
+    return errs
+
+
+def time_forward(sides: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict[str, dict]:
+    """Median forward ms (and quartiles) per side; sides run in an order rotated every repeat."""
+    names = list(sides)
+    with torch.no_grad():
+        for _ in range(warmup):
+            for n in names:
+                sides[n](x)
+        ts = {n: [] for n in names}
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                t0 = time.perf_counter()
+                sides[n](x)
+                ts[n].append(time.perf_counter() - t0)
+    return {n: {"fwd_ms": median_ms(ts[n]), "fwd_quartiles_ms": quartiles_ms(ts[n])} for n in names}
+
+
+def decomposition(conv: nn.Conv2d, rank: int, n_iter: int | None) -> tuple[dict[str, dict], CPConv2d, float]:
+    """Time and relative kernel error of our from_dense and tltorch's from_conv (one run each,
+    after both ran once on a tiny conv so that neither pays first-call costs); also our layer
+    and its build time."""
+    import tltorch
+    kw = {} if n_iter is None else {"n_iter_max": n_iter}
+    tiny = nn.Conv2d(8, 8, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        CPConv2d.from_dense(tiny, 2, n_iter_max=2)
+        tltorch.FactorizedConv.from_conv(tiny, rank=2, factorization="cp", decomposition_kwargs={"n_iter_max": 2})
+    w = conv.weight.detach()
+    ours, t_ours = timed(lambda: CPConv2d.from_dense(conv, rank, method="als", **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tensorly warns that rank > min(3, ...) for the kernel modes
+        peer, t_peer = timed(lambda: tltorch.FactorizedConv.from_conv(
+            conv, rank=rank, factorization="cp", implementation="factorized", decomposition_kwargs=kw))
+    return {"CPConv2d.from_dense (als)": {"seconds": t_ours, "rel_err": rel_err(w, ours.to_dense()),
+                                          "n_iter": ours.decomposition.n_iter},
+            "tltorch from_conv (parafac)": {"seconds": t_peer, "rel_err": rel_err(w, peer.weight.to_tensor())}}, \
+        ours, t_ours
+
+
+def targets(times: dict, decomp: dict, cp_ranks) -> dict[str, str]:
+    """PASS/FAIL for the issue's two targets."""
+    mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    out = {f"fwd r{r}: CPConv2d <= tltorch factorized": mark(
+        times[f"CPConv2d r{r}"]["fwd_ms"] <= times[f"tltorch CP factorized r{r}"]["fwd_ms"]) for r in cp_ranks}
+    ours, peer = decomp["CPConv2d.from_dense (als)"], decomp["tltorch from_conv (parafac)"]
+    out[f"from_dense r{DECOMP_RANK}: >= {TARGET_DECOMP:g}x faster at <= error"] = mark(
+        peer["seconds"] / ours["seconds"] >= TARGET_DECOMP and ours["rel_err"] <= peer["rel_err"])
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+def write_markdown(path: Path, res: dict) -> None:
+    meta, times, dense_ms = res["meta"], res["forward"], res["forward"]["dense"]["fwd_ms"]
+    lines = [
+        "# Factorized Conv2d benchmark (CPU)", "",
+        *stamp_lines(meta),
+        f"- torch {meta['torch']}, {meta['threads']} threads, float32; tltorch {res['tltorch_version']}; "
+        f"thread env: {meta['env'] or 'none set'}",
+        f"- tensorpress: {tensorpress_flags(meta)}",
+        f"- layer nn.Conv2d({CHANNELS}, {CHANNELS}, {KERNEL}, padding=1), seeded random (default-init) "
+        f"weight; input {BATCH}x{CHANNELS}x{SIZE}x{SIZE}",
+        f"- forward: torch.no_grad, median of {res['repeats']} repeats ({res['warmup']} warmup), "
+        "one input, sides interleaved (order rotated each repeat)",
+        "- the tltorch CP sides hold the CPConv2d factors of the same rank (outputs agree to "
+        f"< {AGREE_TOL:g} relative difference); tltorch's `from_conv` default implementation is "
+        f"**'{res['tltorch_default_implementation']}'** (the FactorizedConv constructor's is 'factorized')",
+    ]
+    if res["n_iter_max"] is not None:
+        lines.append(f"- QUICK run: every decomposition capped at {res['n_iter_max']} sweeps")
+    lines += ["", "## Forward time", "",
+              "| layer | params | kernel rel. error | fwd ms (median) | IQR ms | speed-up vs dense |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, t in times.items():
+        err = res["build"].get(name.replace("tltorch CP factorized", "CPConv2d")
+                               .replace("tltorch CP reconstructed", "CPConv2d"), {}).get("rel_err")
+        q = t["fwd_quartiles_ms"]
+        lines.append(f"| {name} | {res['params'][name]:,} | {'-' if err is None else f'{err:.4f}'} "
+                     f"| {t['fwd_ms']:.2f} | {f'{q[0]:.2f}-{q[1]:.2f}' if q else '-'} "
+                     f"| {dense_ms / t['fwd_ms']:.2f}x |")
+    lines += ["", f"## Decomposition at CP rank {DECOMP_RANK} (one run each)", "",
+              "| method | seconds | kernel rel. error |", "|---|---:|---:|"]
+    for name, d in res["decomposition"].items():
+        lines.append(f"| {name} | {d['seconds']:.2f} | {d['rel_err']:.4f} |")
+    ours, peer = res["decomposition"].values()
+    lines += ["", f"from_dense is {peer['seconds'] / ours['seconds']:.2f}x the speed of tltorch's from_conv.",
+              "", "## Targets (from the issue)", "", "| target | result |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in res["targets"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, res: dict) -> None:
+    """Left: forward ms per side (log scale). Right: decomposition seconds at rank 64."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1]})
+    names = list(res["forward"])
+    color = lambda n: ("gray" if n == "dense" else "tab:blue" if n.startswith("CP") else  # noqa: E731
+                       "tab:green" if n.startswith("Tucker") else "tab:orange" if "factorized" in n else "tab:red")
+    a0.bar(range(len(names)), [res["forward"][n]["fwd_ms"] for n in names], color=[color(n) for n in names])
+    a0.set_xticks(range(len(names)), [n.replace("tltorch CP ", "tl ") for n in names], rotation=45, ha="right",
+                  fontsize=8)
+    a0.set_yscale("log")
+    a0.set_ylabel("forward median (ms)")
+    a0.set_title(f"forward, {BATCH}x{CHANNELS}x{SIZE}x{SIZE}, {res['meta']['threads']} threads")
+    a0.grid(axis="y", which="both", alpha=0.3)
+    dec = res["decomposition"]
+    a1.bar(range(len(dec)), [d["seconds"] for d in dec.values()], color=["tab:blue", "tab:orange"])
+    a1.set_xticks(range(len(dec)), [f"{k.split(' ')[0]}\nerr {d['rel_err']:.3f}" for k, d in dec.items()],
+                  fontsize=8)
+    a1.set_ylabel("seconds")
+    a1.set_title(f"CP decomposition, rank {DECOMP_RANK}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; 3 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="warmup runs (default 3; 1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: one CP and one Tucker rank, 3 ALS sweeps")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args(argv)
+    import tltorch
+
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    cp_ranks = (DECOMP_RANK,) if args.quick else CP_RANKS
+    tucker_ranks = TUCKER_RANKS[:1] if args.quick else TUCKER_RANKS
+    n_iter = 3 if args.quick else None
+    meta = machine_info(torch.get_num_threads())
+    busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(CHANNELS, CHANNELS, KERNEL, padding=1)
+    x = torch.randn(BATCH, CHANNELS, SIZE, SIZE)
+    decomp, layer64, t64 = decomposition(conv, DECOMP_RANK, n_iter)
+    print("decomposition:", {k: f"{v['seconds']:.2f} s, err {v['rel_err']:.4f}" for k, v in decomp.items()},
+          flush=True)
+    sides, build = build_sides(conv, cp_ranks, tucker_ranks, n_iter, {DECOMP_RANK: (layer64, t64)})
+    agree = check_agreement(sides, x, cp_ranks)
+    times = time_forward(sides, x, repeats, warmup)
+    for n, t in times.items():
+        print(f"{n:32s} {t['fwd_ms']:9.2f} ms  {times['dense']['fwd_ms'] / t['fwd_ms']:6.2f}x  "
+              f"{n_params(sides[n]):>9,} params", flush=True)
+
+    meta["load_avg_end"] = os.getloadavg()
+    meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
+    if meta["other_cpu_share"] > 0.05:
+        print(f"warning: other processes used {meta['other_cpu_share']:.0%} of the CPU during the run; "
+              "timings are noisy", file=sys.stderr)
+    res = {"meta": meta, "tltorch_version": tltorch.__version__,
+           "tltorch_default_implementation": tltorch_default_implementation(),
+           "repeats": repeats, "warmup": warmup, "n_iter_max": n_iter, "forward": times,
+           "params": {n: n_params(m) for n, m in sides.items()}, "build": build, "agreement": agree,
+           "decomposition": decomp, "targets": targets(times, decomp, cp_ranks)}
+    for k, v in res["targets"].items():
+        print(f"{v}  {k}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "conv_cpu_quick" if args.quick else "conv_cpu"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_markdown(args.out / f"{stem}.md", res)
+    write_plot(args.out / f"{stem}.png", res)
+    print(f"wrote {args.out / stem}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
