@@ -73,10 +73,19 @@ def merge_group(cores: Sequence[Tensor], group: Sequence[int]) -> Tensor:
     return merged
 
 
+def _merge_balanced(cores: Sequence[Tensor]) -> Tensor:
+    """Merge a run of cores as a balanced tree: the two halves meet in one contraction, so
+    the full-size intermediate is built (and differentiated through) once, not d - 2 times."""
+    if len(cores) == 1:
+        return cores[0]
+    half = len(cores) // 2
+    return merge_cores(_merge_balanced(cores[:half]), _merge_balanced(cores[half:]))
+
+
 def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:
     """W (prod m_k, prod n_k) from TT-matrix cores."""
     validate_tt_cores(cores)
-    full = merge_group(cores, range(len(cores)))
+    full = _merge_balanced(list(cores))
     return full.reshape(full.shape[1], full.shape[2])
 
 
