@@ -143,3 +143,16 @@ def test_bad_input_specific():
         cp_overparam(t, 3, width=2)
     with pytest.raises(ValueError, match="lr"):
         cp_overparam(t, 2, lr=0.0)
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 7), (4, 3, 5, 2), (16, 12, 3, 3)])
+def test_mttkrp_matches_the_khatri_rao_product(shape):
+    """The contraction-ordered MTTKRP equals the textbook Unfold(T) @ KhatriRao(others)."""
+    from tensorpress.decompose.cp import _khatri_rao, _mttkrp, _unfold
+
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    factors = [torch.randn(p, 5, generator=gen, dtype=torch.float64) for p in shape]
+    for mode in range(len(shape)):
+        reference = _unfold(t, mode) @ _khatri_rao([f for m, f in enumerate(factors) if m != mode])
+        torch.testing.assert_close(_mttkrp(t, factors, mode), reference, rtol=1e-12, atol=1e-12)

@@ -75,9 +75,24 @@ def _unfold(t: Tensor, mode: int) -> Tensor:
 
 
 def _mttkrp(t: Tensor, factors: Sequence[Tensor], mode: int) -> Tensor:
-    """Unfold(T, mode) @ KhatriRao(other factors): (p_mode, rank)."""
-    others = [f for m, f in enumerate(factors) if m != mode]
-    return _unfold(t, mode) @ _khatri_rao(others)
+    """Unfold(T, mode) @ KhatriRao(other factors): (p_mode, rank), without forming the
+    Khatri-Rao product (for a conv kernel's 3x3 modes it would be a (p_out p_in 3) x rank matrix).
+
+    One GEMM contracts the largest other mode and brings in the rank index; each remaining mode
+    is then a multiply-and-sum over a tensor that already lost that largest mode.
+    """
+    others = [m for m in range(t.dim()) if m != mode]
+    first = max(others, key=lambda m: t.shape[m])
+    out = torch.tensordot(t, factors[first], dims=([first], [0]))  # axes: t's minus `first`, then rank
+    axes = [m for m in range(t.dim()) if m != first]
+    for m in others:
+        if m == first:
+            continue
+        pos = axes.index(m)
+        moved = torch.movedim(out, pos, -2)  # (..., p_m, rank)
+        out = (moved * factors[m]).sum(-2)
+        axes.pop(pos)
+    return out  # only `mode` and the rank axis remain
 
 
 def _hadamard_grams(factors: Sequence[Tensor], skip: int | None = None) -> Tensor:
