@@ -366,32 +366,51 @@ def test_extra_repr_and_compression_ratio():
 
 
 # ----------------------------------------------------------------------------- DDP
+DDP_CHILD = r"""
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from tensorpress.nn import TTLinear
+
+torch.manual_seed(11)
+layer = TTLinear(64, 32, ranks=4, dtype=torch.float64)
+ref = TTLinear(64, 32, ranks=4, dtype=torch.float64)
+ref.load_state_dict(layer.state_dict())
+x = torch.randn(9, 64, dtype=torch.float64)
+g = torch.randn(9, 32, dtype=torch.float64)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+ddp = nn.parallel.DistributedDataParallel(layer)
+y = ddp(x)
+(y * g).sum().backward()
+y_ref = ref(x)
+(y_ref * g).sum().backward()
+rel = lambda a, b: float((a - b).norm() / b.norm())
+out = {"y": rel(y, y_ref), "missing": [n for n, p in layer.named_parameters() if p.grad is None],
+       "grads": {n: rel(p.grad, q.grad) for (n, p), q in zip(layer.named_parameters(), ref.parameters())}}
+print(json.dumps(out), flush=True)
+# Skip interpreter teardown: gloo's process-group destructor can hang joining its threads
+# (a torch issue, seen intermittently), which must not wedge the test suite.
+os._exit(0)
+"""
+
+
 def test_ddp_world_size_one(tmp_path):
-    import torch.distributed as dist
+    """DDP (gloo, world size 1) gives the same outputs and gradients as the bare layer. Runs in a
+    child process with a timeout, so torch's occasional hang in gloo teardown cannot wedge CI."""
+    import json
+    import subprocess
+    import sys
 
-    assert dist.is_available()
-    torch.manual_seed(11)
-    layer = TTLinear(64, 32, ranks=4, dtype=torch.float64)
-    ref = TTLinear(64, 32, ranks=4, dtype=torch.float64)
-    ref.load_state_dict(layer.state_dict())
-    x = torch.randn(9, 64, dtype=torch.float64)
-    g = torch.randn(9, 32, dtype=torch.float64)
-
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'ddp_store'}", rank=0, world_size=1)
-    try:
-        ddp = nn.parallel.DistributedDataParallel(layer)
-        y = ddp(x)
-        (y * g).sum().backward()
-        y_ref = ref(x)
-        (y_ref * g).sum().backward()
-        assert rel_err(y, y_ref) <= 1e-14
-        for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
-            assert p.grad is not None, name
-            assert rel_err(p.grad, p_ref.grad) <= 1e-12, name
-    finally:
-        dist.destroy_process_group()
-    assert not dist.is_initialized()
+    script = tmp_path / "ddp_child.py"
+    script.write_text(DDP_CHILD)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ddp_store")], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["y"] <= 1e-14
+    assert result["missing"] == []
+    assert result["grads"] and all(err <= 1e-12 for err in result["grads"].values()), result["grads"]
 
 
 def test_inference_cache_follows_in_place_updates_and_state_dict():
