@@ -2,7 +2,9 @@
 timing statistics and the stamp lines of the Markdown reports."""
 from __future__ import annotations
 
+import argparse
 import datetime
+import sys
 import math
 import os
 import platform
@@ -92,3 +94,24 @@ def median_ms(seconds: list[float]) -> float:
 def quartiles_ms(seconds: list[float]) -> list[float]:
     """[first, third] quartile of timings in seconds, in milliseconds ([] for fewer than two)."""
     return [1e3 * q for q in statistics.quantiles(seconds, n=4)[::2]] if len(seconds) > 1 else []
+
+
+def bench_parser(doc: str, repeats_help: str, warmup_help: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --device, --threads, --repeats, --warmup,
+    --quick, --out (results/ beside the scripts)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None, help=repeats_help)
+    ap.add_argument("--warmup", type=int, default=None, help=warmup_help)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    return ap
+
+
+def exit_unless_cpu(device: str, script: str) -> None:
+    """The CUDA side of the benchmarks comes with the CUDA kernels; say so clearly."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit(f"{script}: --device cuda requested but torch sees no GPU; use --device cpu")
+        sys.exit(f"{script}: the CUDA benchmark is not implemented yet; use --device cpu")

@@ -20,7 +20,6 @@ Writes ``conv_cpu.{json,md,png}`` (``conv_cpu_quick.*`` with --quick) under ``--
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import os
@@ -35,8 +34,8 @@ from torch import nn
 from tensorpress.nn import CPConv2d, TuckerConv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (cpu_seconds, machine_info, median_ms, other_cpu_share, quartiles_ms,  # noqa: E402
-                     stamp_lines, tensorpress_flags)
+from _common import (bench_parser, cpu_seconds, exit_unless_cpu, machine_info, median_ms, other_cpu_share,  # noqa: E402
+                     quartiles_ms, stamp_lines, tensorpress_flags)
 
 CHANNELS, KERNEL, BATCH, SIZE = 256, 3, 8, 32
 CP_RANKS, TUCKER_RANKS = (32, 64, 128), ((64, 64), (128, 128))
@@ -241,13 +240,11 @@ def write_plot(path: Path, res: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; 3 with --quick)")
-    ap.add_argument("--warmup", type=int, default=None, help="warmup runs (default 3; 1 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: one CP and one Tucker rank, 3 ALS sweeps")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap = bench_parser(__doc__, repeats_help="timed repeats (default 20; 3 with --quick)",
+                      warmup_help="warmup runs (default 3; 1 with --quick)",
+                      quick_help="smoke test: one CP and one Tucker rank, 3 ALS sweeps")
     args = ap.parse_args(argv)
+    exit_unless_cpu(args.device, "bench_conv.py")
     import tltorch
 
     torch.set_num_threads(args.threads)

@@ -23,9 +23,7 @@ excess of the optimal (Eckart-Young) one. Writes ``svd_cpu.json``, ``svd_cpu.md`
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -39,8 +37,8 @@ from tensorpress.linalg import svd_method, truncated_svd
 from tensorpress.linalg import svd as tp_svd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (cpu_seconds, git_revision, machine_info, median_ms, other_cpu_share,  # noqa: E402
-                     quartiles_ms, stamp_lines, tensorpress_flags)
+from _common import (bench_parser, cpu_seconds, exit_unless_cpu, git_revision, machine_info, median_ms,  # noqa: E402
+                     other_cpu_share, quartiles_ms, stamp_lines, tensorpress_flags)
 
 DECAY, FLOOR = 0.9, 1e-3     # singular values s_i = DECAY**i + FLOOR of the "decay" inputs
 LOWRANK_OVERSAMPLE, LOWRANK_NITER = 10, 4   # torch.svd_lowrank(q=rank + 10, niter=4)
@@ -333,20 +331,12 @@ def write_plot(path: Path, results: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="most timed repeats per case (default 30; 5 with --quick); slow cases get fewer")
-    ap.add_argument("--warmup", type=int, default=None, help="warmup calls per side (default 1)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: three tiny cases")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap = bench_parser(__doc__, repeats_help="most timed repeats per case (default 30; 5 with --quick); slow cases get fewer",
+                      warmup_help="warmup calls per side (default 1)",
+                      quick_help="smoke test: three tiny cases")
     args = ap.parse_args(argv)
 
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("bench_svd.py: --device cuda requested but torch sees no GPU; use --device cpu")
-        sys.exit("bench_svd.py: the CUDA benchmark is not implemented yet; use --device cpu")
+    exit_unless_cpu(args.device, "bench_svd.py")
 
     torch.set_num_threads(args.threads)
     max_repeats = args.repeats or (5 if args.quick else 30)

@@ -18,7 +18,6 @@ backward (activation memory), and writes ``tt_cpu.json``, ``tt_cpu.md`` and ``tt
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,8 +33,8 @@ from tensorpress.nn import TTLinear
 from tensorpress.ops.tt import tt_to_dense
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (cpu_seconds, machine_info, median_ms, other_cpu_share, quartiles_ms,  # noqa: E402
-                     stamp_lines, tensorpress_flags)
+from _common import (bench_parser, cpu_seconds, exit_unless_cpu, machine_info, median_ms, other_cpu_share,  # noqa: E402
+                     quartiles_ms, stamp_lines, tensorpress_flags)
 from peers import einsum_chain_tt, tensorly_torch_tt_linear  # noqa: E402
 
 SIDES = ("tensorpress", "tltorch", "einsum", "dense")
@@ -312,19 +311,12 @@ def write_plot(path: Path, results: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 30; 3 with --quick)")
-    ap.add_argument("--warmup", type=int, default=None, help="warmup runs (default 5; 1 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: two small cases, few repeats")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap = bench_parser(__doc__, repeats_help="timed repeats (default 30; 3 with --quick)",
+                      warmup_help="warmup runs (default 5; 1 with --quick)",
+                      quick_help="smoke test: two small cases, few repeats")
     args = ap.parse_args(argv)
 
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("bench_tt.py: --device cuda requested but torch sees no GPU; use --device cpu")
-        sys.exit("bench_tt.py: the CUDA benchmark is not implemented yet; use --device cpu")
+    exit_unless_cpu(args.device, "bench_tt.py")
 
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 30)
