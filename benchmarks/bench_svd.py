@@ -331,7 +331,8 @@ def write_plot(path: Path, results: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = bench_parser(__doc__, repeats_help="most timed repeats per case (default 30; 5 with --quick); slow cases get fewer",
+    ap = bench_parser(__doc__,
+                      repeats_help="most timed repeats per case (default 30; 5 with --quick); slow cases get fewer",
                       warmup_help="warmup calls per side (default 1)",
                       quick_help="smoke test: three tiny cases")
     args = ap.parse_args(argv)
