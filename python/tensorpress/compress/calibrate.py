@@ -1,0 +1,132 @@
+"""Feeding calibration batches through a model and recording target layers' inputs.
+
+Batches are whatever the model takes: a Mapping is passed as keyword arguments, a tuple or
+list as positional arguments, anything else as the single argument. When a Mapping batch has
+an ``attention_mask`` of shape (B, T) and a layer's input has leading shape (B, T), only the
+rows where the mask is nonzero are recorded (padding tokens are not calibration data).
+
+Every hook is registered inside a ``with`` block, so hooks are removed even when a pass fails.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once everything needed was recorded."""
+
+
+def call_model(model: nn.Module, batch) -> object:
+    """Run ``model`` on one batch by the convention in the module docstring."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def row_mask(batch) -> Tensor | None:
+    """The (B, T) boolean mask of real tokens of a Mapping batch, if it has one."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            return mask.bool()
+    return None
+
+
+def rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """x (..., features) as (rows, features), masked rows dropped when the mask fits."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
+
+
+@contextmanager
+def hooks(handles: list):
+    """Remove every handle in ``handles`` on exit (also on error)."""
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+
+def record_inputs(module_of: Mapping[str, nn.Module], on_input: Callable[[str, Tensor], None],
+                  stop_after: Sequence[str] = ()) -> list:
+    """Register pre-hooks that call on_input(name, input) for each named module; once every
+    module in ``stop_after`` has fired in a pass, raise StopForward. Returns the handles (use
+    within :func:`hooks`)."""
+    fired: set[str] = set()
+    need = set(stop_after)
+
+    def make(name):
+        def hook(_mod, args):
+            if not args or not isinstance(args[0], Tensor):
+                raise TypeError(f"layer {name!r}: expected a tensor as its first input, got "
+                                f"{type(args[0]).__name__ if args else 'nothing'}")
+            on_input(name, args[0])
+            if need:
+                fired.add(name)
+                if need <= fired:
+                    fired.clear()
+                    raise StopForward
+        return hook
+
+    return [m.register_forward_pre_hook(make(n)) for n, m in module_of.items()]
+
+
+def run_until_stop(fn: Callable[[], object]) -> object | None:
+    """Call fn(); a StopForward ends it early (returns None)."""
+    try:
+        with torch.no_grad():
+            return fn()
+    except StopForward:
+        return None
+
+
+def execution_order(run: Callable[[], object], targets: Mapping[str, nn.Module]) -> list[list[str]]:
+    """Target layers in the order one forward pass (``run()``) reaches them, grouped into
+    stages: layers reached one after another with the very same input tensor (q, k, v of
+    attention) share a stage, since compressing one does not change the others' inputs.
+    Layers the pass never reaches are left out."""
+    order: list[tuple[str, int]] = []
+
+    def on_input(name, x):
+        order.append((name, x.data_ptr()))
+
+    with hooks(record_inputs(targets, on_input)):
+        run_until_stop(run)
+    stages: list[list[str]] = []
+    seen: set[str] = set()
+    last_ptr = None
+    for name, ptr in order:
+        if name in seen:  # a layer called twice (weight sharing): its first call decides
+            continue
+        seen.add(name)
+        if stages and ptr == last_ptr:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_ptr = ptr
+    return stages
+
+
+def find_blocks(model: nn.Module, targets: Iterable[str]) -> tuple[str, nn.ModuleList] | None:
+    """The repeated-block container holding the most target layers (a ModuleList or
+    Sequential of at least two modules, e.g. a transformer's layers), or None."""
+    targets = list(targets)
+    best, best_count = None, 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+            continue
+        prefix = f"{name}." if name else ""
+        count = sum(1 for t in targets if t.startswith(prefix))
+        if count > best_count:
+            best, best_count = (name, mod), count
+    return best

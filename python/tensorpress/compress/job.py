@@ -1,0 +1,171 @@
+"""The main job behind `tensorpress compress`: compress a real model end to end, measure it,
+compare the methods over a range of budgets, and write the report, the plots and the model."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tensorpress.compress.api import compress
+from tensorpress.compress.saving import save_compressed
+
+DEFAULT_SWEEP = (0.3, 0.5, 0.7, 0.9)
+DEFAULT_COMPARE = ("svd", "whitened", "activation")
+
+
+@dataclass
+class JobConfig:
+    model: str = "minilm"
+    budget: float = 0.5
+    structure: str = "lowrank"
+    method: str = "activation"
+    rank_rule: str | None = "optimism"
+    n_calib: int = 1000
+    n_eval: int = 1000
+    sweep: tuple = DEFAULT_SWEEP
+    compare: tuple = DEFAULT_COMPARE
+    out: str = "tensorpress-out"
+    progress: bool = True
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _text_task(cfg: JobConfig):
+    """(model, calibration batches, evaluate(model) -> quality dict, description)."""
+    from tensorpress.zoo import minilm, text
+
+    path = None if cfg.model == "minilm" else cfg.model
+    model, tokenizer = minilm.load(path)
+    calib_sents, eval_sents = text.split_corpus(cfg.n_calib, cfg.n_eval)
+    calib = minilm.batches(tokenizer, calib_sents)
+    evalb = minilm.batches(tokenizer, eval_sents)
+    reference = minilm.embed(model, evalb)
+
+    def evaluate(m):
+        return minilm.quality(reference, minilm.embed(m, evalb))
+
+    desc = (f"MiniLM-L6 sentence embeddings ({path or 'all-MiniLM-L6-v2'}); {len(calib_sents)} calibration and "
+            f"{len(eval_sents)} disjoint evaluation sentences (standard-library docstrings); quality = mean cosine "
+            f"similarity of normalized mean-pooled embeddings to the original's")
+    return model, calib, evaluate, desc, {"exclude": ["pooler.*"]}, "mean_cosine"
+
+
+def run_job(cfg: JobConfig) -> dict:
+    """Run the job; returns the summary written to report.json."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    _log(f"[tensorpress] loading {cfg.model} ...")
+    model, calib, evaluate, desc, target_kw, metric = _text_task(cfg)
+    _log(f"[tensorpress] {desc}")
+
+    _log(f"[tensorpress] compressing: structure={cfg.structure} method={cfg.method} budget={cfg.budget} "
+         f"rank_rule={cfg.rank_rule}")
+    small, report = compress(model, calib, structure=cfg.structure, method=cfg.method, budget=cfg.budget,
+                             rank_rule=cfg.rank_rule, progress=cfg.progress, **target_kw)
+    report.quality.update(evaluate(small))
+    print(report, flush=True)
+
+    sweep_rows = []
+    runs = [(m, b) for m in cfg.compare for b in cfg.sweep]
+    if runs:
+        _log(f"[tensorpress] comparing methods {list(cfg.compare)} at budgets {list(cfg.sweep)} "
+             f"(same fraction in every layer) ...")
+    bar = None
+    if cfg.progress and runs:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(runs), desc="method sweep")
+    for method, budget in runs:
+        t0 = time.perf_counter()
+        m, r = compress(model, calib, structure=cfg.structure, method=method, budget=budget, **target_kw)
+        q = evaluate(m)
+        sweep_rows.append({"method": method, "budget": budget, "kept_fraction": r.kept_fraction,
+                           **q, "seconds": time.perf_counter() - t0})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{method}@{budget}: {metric} {q[metric]:.3f}")
+    if bar is not None:
+        bar.close()
+
+    summary = {"task": desc, "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
+               "report": report.to_dict(), "sweep": sweep_rows, "metric": metric,
+               "seconds": time.perf_counter() - t_start, "machine": _machine()}
+    with open(out / "report.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(out / "report.md", "w") as f:
+        f.write(_markdown(summary, report))
+    report.plot(out / "layers.png")
+    if sweep_rows:
+        plot_sweep(sweep_rows, metric, out / "compression.png", main=(report.kept_fraction, report.quality[metric],
+                                                                       f"{cfg.method} + {cfg.rank_rule or 'uniform'}"))
+    save_compressed(small, report, out / "model.safetensors")
+    summary["seconds"] = time.perf_counter() - t_start
+    if sweep_rows:
+        print(_sweep_table(sweep_rows, metric), flush=True)
+    _log(f"[tensorpress] wrote {out}/report.json, report.md, layers.png"
+         f"{', compression.png' if sweep_rows else ''}, model.safetensors ({summary['seconds']:.0f} s)")
+    return summary
+
+
+def _machine() -> dict:
+    import platform
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _sweep_table(rows: list[dict], metric: str) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    budgets = sorted({r["budget"] for r in rows})
+    lines = ["| budget | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for b in budgets:
+        cells = []
+        for m in methods:
+            hit = [r for r in rows if r["method"] == m and r["budget"] == b]
+            cells.append(f"{hit[0][metric]:.4f}" if hit else "-")
+        lines.append(f"| {b:.2f} | " + " | ".join(cells) + " |")
+    return f"{metric} by method and budget (fraction of the compressed layers' parameters kept):\n" + "\n".join(lines)
+
+
+def _markdown(summary: dict, report) -> str:
+    parts = ["# tensorpress compress", "", summary["task"], "",
+             f"Machine: {summary['machine']}", "", report.to_markdown().split("\n", 2)[2]]
+    if summary["sweep"]:
+        parts += ["", "## Methods compared", "", _sweep_table(summary["sweep"], summary["metric"]), "",
+                  "![quality vs compression](compression.png)"]
+    parts += ["", f"Total time {summary['seconds']:.0f} s.", ""]
+    return "\n".join(parts)
+
+
+def plot_sweep(rows: list[dict], metric: str, path, main=None) -> str:
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["kept_fraction"], r[metric]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+    if main is not None:
+        ax.plot([main[0]], [main[1]], "*", markersize=14, color="black", label=main[2])
+    ax.set_xlabel("fraction of the compressed layers' parameters kept")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title("quality vs compression (no fine-tuning)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+    return str(path)

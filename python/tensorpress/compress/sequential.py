@@ -1,0 +1,180 @@
+"""Sequential layer-by-layer compression: each layer is fitted on the inputs of the model
+compressed so far (X~) paired with those of the original (X).
+
+When the target layers live in a stack of repeated blocks (a transformer's layers, a
+Sequential), the blocks' inputs are cached once per calibration batch and each stage replays
+one block only, not the whole model: the cost of the calibration passes drops by about the
+number of blocks. The replay is checked against a real forward pass on the first batch and
+the engine falls back to whole-model passes when it does not match (a block whose inputs are
+not "the previous block's output + the same keyword arguments").
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tensorpress.compress.calibrate import (StopForward, call_model, execution_order, find_blocks, hooks,
+                                            record_inputs, row_mask, rows, run_until_stop)
+from tensorpress.compress.stats import GramStats
+
+# fit(name, stats) -> the module that replaces layer `name` in the compressed model
+FitLayer = Callable[[str, GramStats], nn.Module]
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _call(block: nn.Module, inputs) -> object:
+    args, kwargs = inputs
+    return block(*args, **kwargs)
+
+
+def _next_inputs(output, inputs):
+    """The next block's inputs: this block's (first) output replaces the first argument."""
+    hidden = output if isinstance(output, Tensor) else output[0]
+    args, kwargs = inputs
+    return (hidden,) + tuple(args[1:]), kwargs
+
+
+class _BlockStack:
+    """Block inputs cached per batch for the reference and the compressed model."""
+
+    def __init__(self, prefix: str, ref_blocks: nn.Module, cmp_blocks: nn.Module, batches: Sequence):
+        self.prefix, self.ref_blocks, self.cmp_blocks = prefix, ref_blocks, cmp_blocks
+        self.batches = batches
+
+    @staticmethod
+    def capture_first_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence) -> list:
+        captured = []
+
+        def hook(_mod, args, kwargs):
+            captured.append((tuple(args), dict(kwargs)))
+            raise StopForward
+
+        handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+        with hooks([handle]):
+            for batch in batches:
+                run_until_stop(lambda: call_model(model, batch))
+        if len(captured) != len(batches):
+            raise RuntimeError("the first block was not reached by every calibration batch")
+        return captured
+
+    @staticmethod
+    def replay_matches(model: nn.Module, blocks: nn.Module, batch) -> bool:
+        """True when replaying the blocks from the first one's captured inputs reproduces
+        every block's input and the last block's output of a real forward pass."""
+        seen_inputs, seen_first, last_out = [], [], []
+
+        def pre(_mod, args, kwargs):
+            seen_inputs.append(args[0] if args and isinstance(args[0], Tensor) else None)
+            if not seen_first:
+                seen_first.append((tuple(args), dict(kwargs)))
+
+        def post(_mod, _args, output):
+            last_out.append(output if isinstance(output, Tensor) else output[0])
+
+        handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in blocks]
+        handles.append(blocks[len(blocks) - 1].register_forward_hook(post))
+        with hooks(handles), torch.no_grad():
+            call_model(model, batch)
+        if len(seen_inputs) != len(blocks) or any(x is None for x in seen_inputs) or not last_out:
+            return False
+        inputs = seen_first[0]
+        with torch.no_grad():
+            for i, block in enumerate(blocks):
+                if not torch.allclose(inputs[0][0], seen_inputs[i], rtol=1e-5, atol=1e-6):
+                    return False
+                out = _call(block, inputs)
+                inputs = _next_inputs(out, inputs)
+        return torch.allclose(inputs[0][0], last_out[-1], rtol=1e-5, atol=1e-6)
+
+
+def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Callable, run_cmp: Callable,
+                   n_batches: int, mask_of: Callable[[int], Tensor | None], keep_rows: int,
+                   progress: Callable | None) -> dict[str, GramStats]:
+    """GramStats of every layer in the stage over all batches (paired X, X~)."""
+    stats = {name: GramStats(ref_of[name].in_features, paired=True, keep_rows=keep_rows) for name in stage}
+    got_ref: dict[str, Tensor] = {}
+    got_cmp: dict[str, Tensor] = {}
+    ref_handles = record_inputs({n: ref_of[n] for n in stage}, lambda n, x: got_ref.__setitem__(n, x), stage)
+    cmp_handles = record_inputs({n: cmp_of[n] for n in stage}, lambda n, x: got_cmp.__setitem__(n, x), stage)
+    with hooks(ref_handles), hooks(cmp_handles):
+        for b in range(n_batches):
+            got_ref.clear()
+            got_cmp.clear()
+            run_until_stop(lambda: run_ref(b))
+            run_until_stop(lambda: run_cmp(b))
+            mask = mask_of(b)
+            for name in stage:
+                if name not in got_ref or name not in got_cmp:
+                    raise RuntimeError(f"layer {name!r} was not reached by calibration batch {b}")
+                x_ref, x_cmp = rows(got_ref[name], mask), rows(got_cmp[name], mask)
+                if not (torch.isfinite(x_ref).all() and torch.isfinite(x_cmp).all()):
+                    raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {b})")
+                stats[name].update(x_ref, x_cmp)
+            if progress is not None:
+                progress(1)
+    return stats
+
+
+def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targets: Sequence[str],
+                        fit_layer: FitLayer, keep_rows: int = 0, progress=None) -> dict:
+    """Replace every layer in ``targets`` of ``cmp`` (a copy of ``ref``) by fit_layer(name,
+    stats), in execution order, each fitted on X from ``ref`` and X~ from ``cmp`` as compressed
+    so far. ``progress``: an object with ``update(n)``, ``set_description(s)`` and a writable
+    ``total`` (a tqdm bar), or None. Returns {"mode": "blocks"|"model", "stages": [...]}."""
+    ref_of = {n: ref.get_submodule(n) for n in targets}
+    cmp_of = {n: cmp.get_submodule(n) for n in targets}
+    masks = [row_mask(b) for b in batches]
+    done: list[list[str]] = []
+    tick = None if progress is None else progress.update
+
+    def fit_stage(stage, run_ref, run_cmp):
+        if progress is not None:
+            progress.set_description(f"calibrating {stage[0]}" + (f" (+{len(stage) - 1})" if len(stage) > 1 else ""))
+        stats = _collect_stage(stage, ref_of, cmp_of, run_ref, run_cmp, len(batches), masks.__getitem__,
+                               keep_rows, tick)
+        for name in stage:
+            new = fit_layer(name, stats[name])
+            set_submodule(cmp, name, new)
+            cmp_of[name] = new
+        done.append(list(stage))
+
+    found = find_blocks(ref, targets)
+    mode = "model"
+    if found is not None:
+        prefix, ref_blocks = found
+        if _BlockStack.replay_matches(ref, ref_blocks, batches[0]):
+            mode = "blocks"
+            cmp_blocks = cmp.get_submodule(prefix) if prefix else cmp
+            pre = f"{prefix}." if prefix else ""
+            ref_in = _BlockStack.capture_first_inputs(ref, ref_blocks[0], batches)
+            cmp_in = list(ref_in)  # nothing before the first block is compressed yet
+            for i in range(len(ref_blocks)):
+                block_pre = f"{pre}{i}."
+                inside = {n[len(block_pre):]: n for n in targets if n.startswith(block_pre)}
+                if inside:
+                    local = {k: ref_blocks[i].get_submodule(k) for k in inside}
+                    stages = execution_order(lambda i=i: _call(ref_blocks[i], ref_in[0]), local)
+                    for stage in stages:
+                        names = [inside[k] for k in stage]
+                        fit_stage(names, lambda b, i=i: _call(ref_blocks[i], ref_in[b]),
+                                  lambda b, i=i: _call(cmp_blocks[i], cmp_in[b]))
+                with torch.no_grad():
+                    ref_in = [_next_inputs(_call(ref_blocks[i], x), x) for x in ref_in]
+                    cmp_in = [_next_inputs(_call(cmp_blocks[i], x), x) for x in cmp_in]
+    remaining = [n for n in targets if not any(n in s for s in done)]
+    if remaining:
+        stages = execution_order(lambda: call_model(ref, batches[0]), {n: ref_of[n] for n in remaining})
+        reached = {n for s in stages for n in s}
+        missing = [n for n in remaining if n not in reached]
+        if missing:
+            raise ValueError(f"include: layers {missing} are never called by the model on the calibration data")
+        for stage in stages:
+            fit_stage(stage, lambda b: call_model(ref, batches[b]), lambda b: call_model(cmp, batches[b]))
+    return {"mode": mode, "stages": done}

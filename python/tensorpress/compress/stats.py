@@ -1,0 +1,159 @@
+"""Streaming second-moment statistics of a layer's calibration inputs.
+
+For a layer y = x W^T + b, X holds the inputs the ORIGINAL model feeds it and X~ those of the
+model compressed so far (X~ = X when nothing before it changed), one row per sample. Every
+data-aware fit needs only means and the Gram matrices X~^T X~, X~^T X and X^T X, so they are
+accumulated batch by batch and memory never grows with the number of samples.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class GramStats:
+    """Running means and centered Gram matrices of paired inputs (X, X~), in float64.
+
+    Each batch is shifted by a fixed reference point (the first batch's mean) before its
+    products are formed in the input's precision, so large common offsets (transformer hidden
+    states have them) do not cancel catastrophically, and the batch products are added into
+    float64 accumulators.
+
+    Args:
+        in_features: the row length.
+        paired: False when X~ = X (one-shot statistics): then only X^T X is kept.
+        keep_rows: keep up to this many (X, X~) rows (a uniform subsample of the first
+            batches) for methods that need samples, not moments (the ReLU-aware fit).
+    """
+
+    def __init__(self, in_features: int, paired: bool = True, keep_rows: int = 0) -> None:
+        self.in_features, self.paired, self.keep_rows = in_features, paired, keep_rows
+        self.n = 0
+        self._shift_ref: Tensor | None = None
+        self._shift_in: Tensor | None = None
+        self._sum_ref = self._sum_in = None
+        self._gram_ref = self._gram_in = self._cross = None
+        self.rows_ref: list[Tensor] = []
+        self.rows_in: list[Tensor] = []
+        self._kept = 0
+
+    def update(self, x_ref: Tensor, x_in: Tensor | None = None) -> None:
+        """Add rows: x_ref (rows, in) from the original model and x_in (rows, in) from the
+        compressed one (ignored, and may be None, when not paired)."""
+        x_ref = x_ref.detach().reshape(-1, self.in_features)
+        x_in = x_ref if not self.paired or x_in is None else x_in.detach().reshape(-1, self.in_features)
+        if x_in.shape != x_ref.shape:
+            raise ValueError(f"x_in: expected the shape of x_ref {tuple(x_ref.shape)}, got {tuple(x_in.shape)}")
+        if x_ref.shape[0] == 0:
+            return
+        work = torch.float32 if x_ref.dtype in (torch.float16, torch.bfloat16) else x_ref.dtype
+        x_ref, x_in = x_ref.to(work), x_in.to(work)
+        if self._shift_ref is None:
+            self._shift_ref = x_ref.mean(0)
+            self._shift_in = x_in.mean(0)
+            d = self.in_features
+            zeros = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x_ref.device)  # noqa: E731
+            self._sum_ref, self._sum_in = zeros(d), zeros(d)
+            self._gram_ref = zeros(d, d)
+            if self.paired:
+                self._gram_in, self._cross = zeros(d, d), zeros(d, d)
+        a = x_ref - self._shift_ref
+        self._sum_ref += a.sum(0, dtype=torch.float64)
+        self._gram_ref += (a.T @ a).to(torch.float64)
+        if self.paired:
+            b = x_in - self._shift_in
+            self._sum_in += b.sum(0, dtype=torch.float64)
+            self._gram_in += (b.T @ b).to(torch.float64)
+            self._cross += (b.T @ a).to(torch.float64)
+        self.n += x_ref.shape[0]
+        if self._kept < self.keep_rows:
+            take = min(self.keep_rows - self._kept, x_ref.shape[0])
+            idx = torch.randperm(x_ref.shape[0], device=x_ref.device)[:take]
+            self.rows_ref.append(x_ref[idx].to(torch.float64))
+            self.rows_in.append(x_in[idx].to(torch.float64))
+            self._kept += take
+
+    def _require_data(self):
+        if self.n == 0:
+            raise ValueError("calibration data: no rows reached this layer")
+
+    @property
+    def mean_ref(self) -> Tensor:
+        """Mean of the X rows (in,)."""
+        self._require_data()
+        return self._shift_ref.to(torch.float64) + self._sum_ref / self.n
+
+    @property
+    def mean_in(self) -> Tensor:
+        """Mean of the X~ rows (in,)."""
+        if not self.paired:
+            return self.mean_ref
+        self._require_data()
+        return self._shift_in.to(torch.float64) + self._sum_in / self.n
+
+    def _centered(self, gram: Tensor, sum_a: Tensor, sum_b: Tensor) -> Tensor:
+        # sum (a - mean_a)(b - mean_b)^T from the shifted sums: G - s_a s_b^T / n
+        return gram - torch.outer(sum_a, sum_b) / self.n
+
+    @property
+    def cov_ref(self) -> Tensor:
+        """Centered X^T X (in, in): sum over rows of (x - mean)(x - mean)^T."""
+        self._require_data()
+        return self._centered(self._gram_ref, self._sum_ref, self._sum_ref)
+
+    @property
+    def cov_in(self) -> Tensor:
+        """Centered X~^T X~ (in, in)."""
+        if not self.paired:
+            return self.cov_ref
+        self._require_data()
+        return self._centered(self._gram_in, self._sum_in, self._sum_in)
+
+    @property
+    def cov_cross(self) -> Tensor:
+        """Centered X~^T X (in, in)."""
+        if not self.paired:
+            return self.cov_ref
+        self._require_data()
+        return self._centered(self._cross, self._sum_in, self._sum_ref)
+
+    def gram_in(self) -> Tensor:
+        """Uncentered X~^T X~."""
+        m = self.mean_in
+        return self.cov_in + self.n * torch.outer(m, m)
+
+    def cross(self) -> Tensor:
+        """Uncentered X~^T X."""
+        return self.cov_cross + self.n * torch.outer(self.mean_in, self.mean_ref)
+
+    def samples(self) -> tuple[Tensor, Tensor]:
+        """The kept (X, X~) rows, float64."""
+        if not self.rows_ref:
+            raise ValueError("keep_rows: no rows were kept (construct GramStats with keep_rows > 0)")
+        return torch.cat(self.rows_ref), torch.cat(self.rows_in)
+
+    def merge_(self, other: "GramStats") -> "GramStats":
+        """Add another accumulator's rows into this one (for multi-process reduction)."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            self.__dict__.update({k: (v.clone() if isinstance(v, Tensor) else v) for k, v in other.__dict__.items()})
+            self.rows_ref, self.rows_in = list(other.rows_ref), list(other.rows_in)
+            return self
+        # re-express the other's sums about this accumulator's shifts: with d = shift_o - shift,
+        # sum (a + d_a)(b + d_b)^T = G + s_a d_b^T + d_a s_b^T + n d_a d_b^T
+        def moved(gram, s_a, s_b, d_a, d_b):
+            return gram + torch.outer(s_a, d_b) + torch.outer(d_a, s_b) + other.n * torch.outer(d_a, d_b)
+
+        d_ref = (other._shift_ref - self._shift_ref).to(torch.float64)
+        self._gram_ref += moved(other._gram_ref, other._sum_ref, other._sum_ref, d_ref, d_ref)
+        if self.paired:
+            d_in = (other._shift_in - self._shift_in).to(torch.float64)
+            self._gram_in += moved(other._gram_in, other._sum_in, other._sum_in, d_in, d_in)
+            self._cross += moved(other._cross, other._sum_in, other._sum_ref, d_in, d_ref)
+            self._sum_in += other._sum_in + other.n * d_in
+        self._sum_ref += other._sum_ref + other.n * d_ref
+        self.n += other.n
+        self.rows_ref += other.rows_ref
+        self.rows_in += other.rows_in
+        return self

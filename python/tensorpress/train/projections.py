@@ -1,0 +1,117 @@
+"""The constraint projections of tenBCD: TT-SVD with capped bond ranks, and magnitude pruning."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from tensorpress.linalg import truncated_svd
+
+
+def prune_projection(W: Tensor, sparsity: float) -> Tensor:
+    """P_s(W): keep the round((1 - s) * W.numel()) entries of largest magnitude, zero the rest.
+
+    The Euclidean projection onto matrices with at most that many non-zeros (ties broken by
+    torch.topk). sparsity in [0, 1).
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity: expected a float in [0, 1), got {sparsity!r}")
+    keep = max(1, round((1.0 - sparsity) * W.numel()))
+    if keep >= W.numel():
+        return W.clone()
+    flat = W.reshape(-1)
+    idx = torch.topk(flat.abs(), keep, sorted=False).indices
+    out = torch.zeros_like(flat)
+    out[idx] = flat[idx]
+    return out.reshape(W.shape)
+
+
+def _to_tt_tensor(W: Tensor, out_factors: Sequence[int], in_factors: Sequence[int]) -> Tensor:
+    """(b, M, N) -> (b, m_1 n_1, ..., m_d n_d) with W[(i_1..i_d), (j_1..j_d)] row-major."""
+    d = len(out_factors)
+    t = W.reshape(W.shape[0], *out_factors, *in_factors)
+    t = t.permute(0, *[1 + i for k in range(d) for i in (k, d + k)])
+    return t.reshape(W.shape[0], *[m * n for m, n in zip(out_factors, in_factors)])
+
+
+def tt_reconstruct(cores: Sequence[Tensor], out_factors: Sequence[int], in_factors: Sequence[int]) -> Tensor:
+    """The dense (b, M, N) matrices of a batch of TT-matrix cores (b, r_{k-1}, m_k, n_k, r_k)."""
+    d = len(cores)
+    b = cores[0].shape[0]
+    full = cores[0].reshape(b, -1, cores[0].shape[-1])           # (b, p_1, r_1)
+    for g in cores[1:]:
+        full = full @ g.reshape(b, g.shape[1], -1)                # (b, p_1..p_{k-1}, p_k r_k)
+        full = full.reshape(b, -1, g.shape[-1])
+    t = full.reshape(b, *[x for m, n in zip(out_factors, in_factors) for x in (m, n)])
+    t = t.permute(0, *[1 + 2 * k for k in range(d)], *[2 + 2 * k for k in range(d)])
+    return t.reshape(b, math.prod(out_factors), math.prod(in_factors))
+
+
+RANDOMIZED_MIN_SIZE = 512   # auto: a randomized SVD only for unfoldings at least this large in both
+RANDOMIZED_MAX_FRACTION = 0.25  # dimensions and ranks at most this fraction of the smaller one
+
+
+def _svd_method(shape, rank: int, method: str) -> str:
+    """auto: LAPACK, except a randomized SVD for a low rank of a large unfolding (on small
+    unfoldings the randomized method's power iterations cost more than a full SVD)."""
+    if method != "auto":
+        return method
+    k = min(shape[-2:])
+    return "randomized" if k >= RANDOMIZED_MIN_SIZE and rank <= RANDOMIZED_MAX_FRACTION * k else "lapack"
+
+
+SINGLE_THREAD_MAX_K = 256  # CPU SVDs with a smaller min(m, n) run on one thread (see _svd)
+
+
+def _svd(mat: Tensor, r: int, method: str, generator) -> tuple[Tensor, Tensor, Tensor]:
+    """truncated_svd of a batch, wide matrices through their transpose (LAPACK is faster on tall
+    ones). Small CPU problems run single-threaded: they gain nothing from threads, and on this
+    2-core machine a multi-threaded LAPACK SVD of a 128 x 256 matrix was measured 100x slower
+    than a single-threaded one whenever other processes kept the cores busy."""
+    wide = mat.shape[-2] < mat.shape[-1]
+    work = mat.mT.contiguous() if wide else mat
+    threads = torch.get_num_threads()
+    single = mat.device.type == "cpu" and min(mat.shape[-2:]) < SINGLE_THREAD_MAX_K and threads > 1
+    if single:
+        torch.set_num_threads(1)
+    try:
+        u, s, vh = truncated_svd(work, rank=r, method=method, generator=generator)
+    finally:
+        if single:
+            torch.set_num_threads(threads)
+    return (vh.mT, s, u.mT) if wide else (u, s, vh)
+
+
+def tt_project(W: Tensor, out_factors: Sequence[int], in_factors: Sequence[int], ranks: Sequence[int],
+               method: str = "auto", generator: torch.Generator | None = None) -> tuple[list[Tensor], Tensor]:
+    """TT-SVD of W (M x N) or of a batch W (b, M, N), every bond rank capped at ranks[k].
+
+    Sequential truncated SVDs of the unfoldings (Oseledets 2011), in W's dtype and on its
+    device; a batch of same-shape layers runs as one batched SVD per bond. `method` is passed
+    to tensorpress.linalg.truncated_svd ("lapack" for exact SVDs; "auto" takes a randomized SVD
+    for low ranks of unfoldings >= 512 x 512, whose result is near-optimal rather than exact).
+    Returns (cores, W_tt): cores (r_{k-1}, m_k, n_k, r_k) (with the batch dim first when W had
+    one) and the reconstruction, shaped like W.
+    """
+    batched = W.dim() == 3
+    Wb = W if batched else W.unsqueeze(0)
+    b = Wb.shape[0]
+    t = _to_tt_tensor(Wb, out_factors, in_factors)
+    sizes = [m * n for m, n in zip(out_factors, in_factors)]
+    cores, r_prev = [], 1
+    rest = t.reshape(b, 1, -1)
+    for k in range(len(sizes) - 1):
+        mat = rest.reshape(b, r_prev * sizes[k], -1)
+        r = min(ranks[k], *mat.shape[1:])
+        u, s, vh = _svd(mat, r, _svd_method(mat.shape, r, method), generator)
+        r = s.shape[-1]
+        cores.append(u.reshape(b, r_prev, out_factors[k], in_factors[k], r))
+        rest = s.unsqueeze(-1) * vh
+        r_prev = r
+    cores.append(rest.reshape(b, r_prev, out_factors[-1], in_factors[-1], 1))
+    dense = tt_reconstruct(cores, out_factors, in_factors)
+    if not batched:
+        return [c[0] for c in cores], dense[0]
+    return cores, dense

@@ -1,0 +1,133 @@
+"""Layer specifications of a tenBCD network: which weights are TT-constrained, pruned, or a conv front."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
+
+
+@dataclass(frozen=True)
+class TTSpec:
+    """A TT-constrained weight (out_features x in_features): factors and bond ranks r_1..r_{d-1}."""
+
+    out_factors: tuple[int, ...]
+    in_factors: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    @property
+    def num_params(self) -> int:
+        full = (1, *self.ranks, 1)
+        return sum(full[k] * m * n * full[k + 1] for k, (m, n) in enumerate(zip(self.out_factors, self.in_factors)))
+
+    @property
+    def ratio(self) -> float:
+        """TT parameters / dense parameters (< 1 is compression)."""
+        return self.num_params / (math.prod(self.out_factors) * math.prod(self.in_factors))
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A first layer that is a bias-free Conv2d (no padding), trained as a linear map on patches.
+
+    in_shape: (C_in, H, W) of each input sample (given flattened, C_in*H*W features).
+    The layer's output has out_channels * H_out * W_out features, flattened like nn.Flatten.
+    """
+
+    in_shape: tuple[int, int, int]
+    out_channels: int
+    kernel_size: int = 3
+    stride: int = 1
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        _, h, w = self.in_shape
+        return ((h - self.kernel_size) // self.stride + 1, (w - self.kernel_size) // self.stride + 1)
+
+    @property
+    def positions(self) -> int:
+        return self.out_hw[0] * self.out_hw[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels * self.positions
+
+    @property
+    def patch_size(self) -> int:
+        return self.in_shape[0] * self.kernel_size ** 2
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def resolve_tt_spec(spec, in_features: int, out_features: int, name: str) -> TTSpec:
+    """A TTSpec from an int rank, a list of ranks, a dict(ranks=, in_factors=, out_factors=) or a TTSpec.
+
+    An int rank r caps every bond at min(r, the bond's largest useful rank) and must be usable by
+    at least one bond; explicit per-bond ranks must each be <= their bond's largest useful rank.
+    """
+    if isinstance(spec, TTSpec):
+        spec = {"ranks": spec.ranks, "in_factors": spec.in_factors, "out_factors": spec.out_factors}
+    if not isinstance(spec, Mapping):
+        spec = {"ranks": spec}
+    unknown = set(spec) - {"ranks", "in_factors", "out_factors"}
+    if unknown:
+        raise ValueError(f"{name}: unknown keys {sorted(unknown)}; expected ranks, in_factors, out_factors")
+    ranks, inf, outf = spec.get("ranks"), spec.get("in_factors"), spec.get("out_factors")
+    if inf is None and outf is None:
+        d = default_num_factors(in_features, out_features)
+    else:
+        d = len(inf if inf is not None else outf)
+    factors = []
+    for fname, n, given in (("in_factors", in_features, inf), ("out_factors", out_features, outf)):
+        if given is None:
+            try:
+                given = balanced_factors(n, d, f"{name}: {fname.replace('factors', 'features')}")
+            except ValueError as e:
+                raise ValueError(f"{name}: layer size {n} does not factor into {d} factors > 1 ({e}); "
+                                 f"pass {fname} explicitly") from None
+        given = tuple(given)
+        if len(given) != d or not all(_is_int(f) and f >= 1 for f in given) or math.prod(given) != n:
+            raise ValueError(f"{name}: {fname} expected {d} positive ints with product {n}, got {given}")
+        factors.append(given)
+    inf, outf = factors
+    if d < 2:
+        raise ValueError(f"{name}: a TT layer needs at least 2 factors, got {d}")
+    caps = max_bond_ranks(outf, inf)
+    if _is_int(ranks):
+        if ranks < 1 or ranks > max(caps):
+            raise ValueError(f"{name}: rank {ranks} is larger than possible (largest useful bond ranks "
+                             f"{caps} for factors {outf} x {inf})" if ranks >= 1 else
+                             f"{name}: expected ranks >= 1, got {ranks}")
+        ranks = tuple(min(ranks, c) for c in caps)
+    elif isinstance(ranks, (list, tuple)) and len(ranks) == d - 1 and all(_is_int(r) for r in ranks):
+        if any(r < 1 for r in ranks):
+            raise ValueError(f"{name}: expected ranks >= 1, got {list(ranks)}")
+        bad = [k for k, (r, c) in enumerate(zip(ranks, caps)) if r > c]
+        if bad:
+            raise ValueError(f"{name}: ranks {list(ranks)} larger than possible at bond(s) {bad}: "
+                             f"the largest useful ranks are {caps} for factors {outf} x {inf}")
+        ranks = tuple(ranks)
+    else:
+        raise ValueError(f"{name}: ranks expected an int >= 1 or {d - 1} ints, got {ranks!r}")
+    return TTSpec(outf, inf, ranks)
+
+
+def ranks_for_ratio(in_features: int, out_features: int, ratio: float, in_factors: Sequence[int] | None = None,
+                    out_factors: Sequence[int] | None = None) -> TTSpec:
+    """The TTSpec with one rank cap r on every bond (bonds capped at their largest useful rank)
+    whose TT/dense parameter ratio is closest to `ratio`."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio: expected a float in (0, 1], got {ratio!r}")
+    base = resolve_tt_spec({"ranks": 1, "in_factors": in_factors, "out_factors": out_factors},
+                           in_features, out_features, "ranks_for_ratio")
+    caps = max_bond_ranks(base.out_factors, base.in_factors)
+    best = None
+    for r in range(1, max(caps) + 1):
+        s = TTSpec(base.out_factors, base.in_factors, tuple(min(r, c) for c in caps))
+        key = abs(math.log(s.ratio / ratio))
+        if best is None or key < best[0]:
+            best = (key, s)
+    return best[1]

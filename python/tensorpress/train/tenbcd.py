@@ -1,0 +1,539 @@
+"""tenBCD: gradient-free tensor block coordinate descent for TT-compressed (or pruned) networks.
+
+Yang et al., "On Model Compression for Neural Networks: Framework, Algorithm, and Convergence
+Guarantee" (arXiv 2303.06815). Samples are columns internally: V_0 = X^T, U_i = W_i V_{i-1},
+V_i = ReLU(U_i), V_N = U_N, Y one-hot. With 0-based weights W[0..N-1] (this module's indexing;
+the paper counts from 1) the objective is
+
+    F = 1/2||V_N - Y||^2 + sum_i rho/2||U_i - W_i V_{i-1}||^2 + sum_{i<N} gamma/2||V_i - ReLU(U_i)||^2
+        + gamma/2||V_N - U_N||^2 + sum_{i constrained} tau_eff/2||W_i - T_i||^2,
+
+T_i = TTD(G_i; r_i) (TT layers) or P_s(W_i) (pruned layers). Each iteration updates the blocks
+from the output layer back, each by its exact minimizer (with a proximal term alpha/2||.-old||^2
+on V_N, U_i and W_i), so F never increases (the TT-SVD is quasi-optimal rather than optimal; a
+new projection is kept only when it is at least as close to W_i as the old one).
+
+tau convention: the data terms are sums over the n samples while the TT term is not, so with
+``tau_scale="n"`` (default) the weight used is tau_eff = tau * n; ``tau_scale=None`` uses tau as
+given (the paper's tau = 0.1 then leaves W far from its TT projection).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tensorpress.train.projections import prune_projection, tt_project
+from tensorpress.train.spec import ConvSpec, TTSpec, resolve_tt_spec
+from tensorpress.train.updates import (GramFactor, SolveError, cholesky, gram_factor, update_u_hidden,
+                                       update_u_out, update_v_hidden, update_v_out, update_w)
+
+
+class DivergenceError(FloatingPointError):
+    """A tenBCD run produced a non-finite value; the message names the iteration and the block."""
+
+
+def one_hot(labels: Tensor, num_classes: int, dtype=torch.float32) -> Tensor:
+    """(n,) integer labels -> (n, num_classes) one-hot."""
+    return F.one_hot(labels.long(), num_classes).to(dtype)
+
+
+def _check_number(name, v, lo=0.0, strict=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+            (v <= lo if strict else v < lo):
+        raise ValueError(f"{name}: expected a finite number {'>' if strict else '>='} {lo}, got {v!r}")
+    return float(v)
+
+
+class TenBCD:
+    r"""Train a ReLU MLP (optionally with a Conv2d front) whose chosen weights are TT or pruned, by tenBCD.
+
+    Args:
+        layer_sizes: [d_0, d_1, ..., d_N]: input features, hidden widths, number of classes.
+            With ``conv``, d_1 must be the conv's flattened output size.
+        tt_layers: {weight index (0-based): spec}; spec is an int rank cap, a list of d-1 bond
+            ranks, a dict(ranks=, in_factors=, out_factors=) or a TTSpec. Factors are chosen
+            as in TTLinear when omitted.
+        prune: {weight index: sparsity s in [0, 1)}: P_s(W) (keep the largest (1-s) fraction of
+            entries) in place of the TT projection.
+        gamma, rho, alpha, tau: the method's weights (gamma, rho > 0; alpha, tau >= 0).
+        tau_scale: "n" (tau_eff = tau * n_samples, default) or None (tau_eff = tau).
+        conv: a ConvSpec: weight 0 is a bias-free Conv2d trained as a linear map on patches.
+        svd_method: passed to truncated_svd in the TT-SVD ("auto" or "lapack" for exact SVDs).
+        init_gain: hidden weights start with entry variance init_gain / fan_in (TT layers from
+            random TT cores scaled so), the output layer with 1 / fan_in.
+        dtype, device: of all state (float32 or float64; CPU or CUDA). device None: X's device.
+        seed: the initialization's random seed.
+
+    After fit: ``weights_`` (W_i), ``targets_`` (T_i, None for free layers), ``cores_`` (TT cores
+    per TT layer), ``history_`` (per-iteration objective, accuracies with the TT/pruned weights,
+    TT gaps ||W - T||/||W||, times), ``n_iter_``.
+    """
+
+    def __init__(self, layer_sizes: Sequence[int], tt_layers: Mapping[int, object] | None = None,
+                 prune: Mapping[int, float] | None = None, gamma: float = 5.0, rho: float = 5.0,
+                 alpha: float = 1.0, tau: float = 1.0, tau_scale: str | None = "n", conv: ConvSpec | None = None,
+                 svd_method: str = "auto", init_gain: float = 2.0, dtype: torch.dtype = torch.float32,
+                 device=None, seed: int = 0) -> None:
+        if not isinstance(layer_sizes, (list, tuple)) or len(layer_sizes) < 2 or \
+                not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in layer_sizes):
+            raise ValueError(f"layer_sizes: expected a list of >= 2 positive ints, got {layer_sizes!r}")
+        self.layer_sizes = list(layer_sizes)
+        N = len(layer_sizes) - 1
+        self.gamma = _check_number("gamma", gamma, strict=True)
+        self.rho = _check_number("rho", rho, strict=True)
+        self.alpha = _check_number("alpha", alpha)
+        self.tau = _check_number("tau", tau)
+        if tau_scale not in ("n", None, "none"):
+            raise ValueError(f"tau_scale: expected 'n' or None, got {tau_scale!r}")
+        self.tau_scale = None if tau_scale == "none" else tau_scale
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+        self.dtype, self.device, self.seed = dtype, device, seed
+        self.init_gain = _check_number("init_gain", init_gain, strict=True)
+        if svd_method not in ("auto", "lapack", "randomized", "jacobi"):
+            raise ValueError(f"svd_method: expected 'auto' or 'lapack', got {svd_method!r}")
+        self.svd_method = svd_method
+
+        if conv is not None:
+            if not isinstance(conv, ConvSpec):
+                raise ValueError(f"conv: expected a ConvSpec, got {type(conv).__name__}")
+            if math.prod(conv.in_shape) != layer_sizes[0]:
+                raise ValueError(f"conv: in_shape {conv.in_shape} has {math.prod(conv.in_shape)} features, "
+                                 f"layer_sizes[0] is {layer_sizes[0]}")
+            if min(conv.out_hw) < 1 or conv.out_features != layer_sizes[1]:
+                raise ValueError(f"conv: output has {conv.out_features} features, layer_sizes[1] is {layer_sizes[1]}")
+            if N < 2:
+                raise ValueError("conv: expected at least one linear layer after the conv layer")
+        self.conv = conv
+
+        self.tt_specs: dict[int, TTSpec] = {}
+        for i, spec in dict(tt_layers or {}).items():
+            if not isinstance(i, int) or not 0 <= i < N:
+                raise ValueError(f"tt_layers: expected weight indices in 0..{N - 1}, got {i!r}")
+            if conv is not None and i == 0:
+                raise ValueError("tt_layers[0]: the conv layer cannot be TT-constrained")
+            self.tt_specs[i] = resolve_tt_spec(spec, layer_sizes[i], layer_sizes[i + 1], f"tt_layers[{i}]")
+        self.sparsity: dict[int, float] = {}
+        for i, s in dict(prune or {}).items():
+            if not isinstance(i, int) or not 0 <= i < N:
+                raise ValueError(f"prune: expected weight indices in 0..{N - 1}, got {i!r}")
+            if i in self.tt_specs:
+                raise ValueError(f"prune[{i}]: layer {i} is already TT-constrained")
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
+                raise ValueError(f"prune[{i}]: expected a sparsity in [0, 1), got {s!r}")
+            self.sparsity[i] = float(s)
+        self.N = N
+        self.history_: dict[str, list] = {}
+        self.n_iter_ = 0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def constrained(self) -> list[int]:
+        return sorted([*self.tt_specs, *self.sparsity])
+
+    def _weight_shape(self, i: int) -> tuple[int, int]:
+        if i == 0 and self.conv is not None:
+            return self.conv.out_channels, self.conv.patch_size
+        return self.layer_sizes[i + 1], self.layer_sizes[i]
+
+    def _patches(self, X: Tensor) -> Tensor:
+        """Samples (n, C*H*W) -> patch columns (C k^2, P * n), column index p * n + sample."""
+        c = self.conv
+        P = F.unfold(X.reshape(-1, *c.in_shape), c.kernel_size, stride=c.stride)    # (n, C k^2, P)
+        return P.permute(1, 2, 0).reshape(c.patch_size, -1).contiguous()
+
+    def _input(self, X: Tensor) -> Tensor:
+        """V_0 in layer 0's weight layout: X^T (d_0, n), or the patches (C k^2, P n) with a conv."""
+        return self._patches(X) if self.conv is not None else X.T.contiguous()
+
+    def _wl(self, i: int, T: Tensor) -> Tensor:
+        """Layer i's output (d_{i+1}, n) viewed in its weight layout (out_channels, P n for the conv)."""
+        return T.view(self.conv.out_channels, -1) if (i == 0 and self.conv is not None) else T
+
+    def _fl(self, i: int, T: Tensor) -> Tensor:
+        """Layer i's output in weight layout viewed as features (d_{i+1}, n)."""
+        return T.view(self.layer_sizes[i + 1], -1) if (i == 0 and self.conv is not None) else T
+
+    def _inp(self, i: int) -> Tensor:
+        return self.V0 if i == 0 else self.V[i - 1]
+
+    def _project(self, idx: list[int]) -> None:
+        """T_i <- projection of W_i for the given constrained layers; same-shape TT layers batched.
+        A TT projection replaces the old one only if it is at least as close to W_i."""
+        groups: dict[tuple, list[int]] = {}
+        for i in idx:
+            if i in self.sparsity:
+                self.targets_[i] = prune_projection(self.weights_[i], self.sparsity[i])
+            else:
+                s = self.tt_specs[i]
+                groups.setdefault((s.out_factors, s.in_factors, s.ranks), []).append(i)
+        for (outf, inf, ranks), members in groups.items():
+            W = torch.stack([self.weights_[i] for i in members])
+            cores, dense = tt_project(W, outf, inf, ranks, method=self.svd_method, generator=self._gen)
+            for b, i in enumerate(members):
+                old = self.targets_[i]
+                if old is not None and torch.linalg.vector_norm(self.weights_[i] - dense[b]) > \
+                        torch.linalg.vector_norm(self.weights_[i] - old):
+                    continue
+                self.targets_[i] = dense[b].contiguous()
+                self.cores_[i] = [c[b].contiguous() for c in cores]
+
+    def effective_weights(self) -> list[Tensor]:
+        """The weights used at inference: T_i (TT reconstruction / pruned) for constrained layers, else W_i."""
+        return [self.targets_[i] if self.targets_[i] is not None else self.weights_[i] for i in range(self.N)]
+
+    # ------------------------------------------------------------------ validation
+    def _check_xy(self, X, Y, xname="X", yname="Y", labels_ok=False) -> tuple[Tensor, Tensor | None]:
+        if not isinstance(X, Tensor) or X.dim() != 2 or not X.is_floating_point():
+            raise ValueError(f"{xname}: expected a 2-d floating-point tensor (n_samples, {self.layer_sizes[0]}), "
+                             f"got {getattr(X, 'shape', type(X).__name__)}")
+        if X.shape[1] != self.layer_sizes[0]:
+            raise ValueError(f"{xname}: expected {self.layer_sizes[0]} features (layer_sizes[0]), got shape "
+                             f"{tuple(X.shape)}")
+        if X.shape[0] < 1 or not torch.isfinite(X).all():
+            raise ValueError(f"{xname}: expected at least one sample and finite values, found NaN/Inf or no rows")
+        if Y is None:
+            return X, None
+        if not isinstance(Y, Tensor):
+            raise ValueError(f"{yname}: expected a tensor, got {type(Y).__name__}")
+        C = self.layer_sizes[-1]
+        if labels_ok and Y.dim() == 1:
+            if Y.shape[0] != X.shape[0]:
+                raise ValueError(f"{yname}: expected {X.shape[0]} labels like {xname}, got {Y.shape[0]}")
+            if Y.is_floating_point() and not torch.equal(Y, Y.round()) or Y.numel() and (Y.min() < 0 or Y.max() >= C):
+                raise ValueError(f"{yname}: expected integer labels in [0, {C}), got values outside")
+            return X, Y.long()
+        if Y.dim() != 2 or Y.shape[0] != X.shape[0] or Y.shape[1] != C:
+            raise ValueError(f"{yname}: expected one-hot of shape ({X.shape[0]}, {C}) (n_samples of {xname}, "
+                             f"layer_sizes[-1]), got {tuple(Y.shape)}")
+        Yf = Y.to(torch.float64)
+        if not torch.isfinite(Yf).all() or not ((Yf == 0) | (Yf == 1)).all() or not (Yf.sum(1) == 1).all():
+            raise ValueError(f"{yname}: expected one-hot rows (entries 0/1, one 1 per row); use "
+                             "tensorpress.train.one_hot(labels, num_classes)")
+        return X, Y
+
+    # ------------------------------------------------------------------ state
+    def initialize(self, X: Tensor, Y: Tensor) -> "TenBCD":
+        """Validate (X, Y) and set up the state: random weights (TT layers start exactly on
+        random TT cores, so the gap is 0), U, V by a forward pass, T_i, cached factorizations."""
+        X, Y = self._check_xy(X, Y)
+        dev = torch.device(self.device) if self.device is not None else X.device
+        self.device_ = dev
+        X = X.to(dev, self.dtype)
+        Yc = Y.to(dev, self.dtype).T.contiguous()
+        n = X.shape[0]
+        self.n_samples_ = n
+        self.tau_eff = self.tau * n if self.tau_scale == "n" else self.tau
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        self._gen = torch.Generator(device=dev).manual_seed(self.seed + 1) if dev.type == "cuda" else \
+            torch.Generator().manual_seed(self.seed + 1)
+        self.weights_, self.targets_, self.cores_ = [], [None] * self.N, [None] * self.N
+        for i in range(self.N):
+            m, k = self._weight_shape(i)
+            var = (self.init_gain if i < self.N - 1 else 1.0) / k
+            if i in self.tt_specs:
+                cores = _random_tt_cores(self.tt_specs[i], var, g)
+                W = _dense_of(cores, self.tt_specs[i])
+                self.cores_[i] = [c.to(dev, self.dtype) for c in cores]
+                self.targets_[i] = W.to(dev, self.dtype)
+            else:
+                W = torch.randn(m, k, generator=g, dtype=torch.float64) * math.sqrt(var)
+                if i in self.sparsity:
+                    W = prune_projection(W, self.sparsity[i])
+                    self.targets_[i] = W.to(dev, self.dtype)
+            self.weights_.append(W.to(dev, self.dtype))
+        self.Y = Yc
+        self.V0 = self._input(X)
+        self.U, self.V, self.P = [], [], []
+        inp = self.V0
+        for i in range(self.N):
+            P = self._fl(i, self.weights_[i] @ inp)
+            self.P.append(P)
+            self.U.append(P.clone())
+            self.V.append(P.clamp_min(0.0) if i < self.N - 1 else P.clone())
+            inp = self.V[i]
+        self._factor0: GramFactor | None = None
+        self._block = ""
+        self.n_iter_ = 0
+        self.history_ = {k: [] for k in ("iteration", "objective", "train_acc", "test_acc", "test_acc_free_w",
+                                         "tt_gap", "time_update_s", "time_eval_s")}
+        return self
+
+    # ------------------------------------------------------------------ objective
+    def objective(self, terms: bool = False):
+        """F at the current state, computed from scratch (in float64 accumulation)."""
+        rho, gamma = self.rho, self.gamma
+        t = {"fit": 0.5 * _sq(self.V[-1] - self.Y), "coupling": 0.0, "relu": 0.0, "constraint": 0.0}
+        for i in range(self.N):
+            inp = self._inp(i)
+            P = self._fl(i, self.weights_[i] @ inp)
+            t["coupling"] += 0.5 * rho * _sq(self.U[i] - P)
+            t["relu"] += 0.5 * gamma * _sq(self.V[i] - (self.U[i].clamp_min(0.0) if i < self.N - 1 else self.U[i]))
+            if self.targets_[i] is not None and i in self.constrained:
+                t["constraint"] += 0.5 * self.tau_eff * _sq(self.weights_[i] - self.targets_[i])
+        total = sum(t.values())
+        return (total, t) if terms else total
+
+    def _objective_cached(self) -> float:
+        """F using the cached products P_i = W_i V_{i-1} (recomputed here, reused by the next sweep)."""
+        f = 0.5 * _sq(self.V[-1] - self.Y)
+        for i in range(self.N):
+            self.P[i] = self._fl(i, self.weights_[i] @ self._inp(i))
+            f += 0.5 * self.rho * _sq(self.U[i] - self.P[i])
+            f += 0.5 * self.gamma * _sq(self.V[i] - (self.U[i].clamp_min(0.0) if i < self.N - 1 else self.U[i]))
+            if i in self.constrained:
+                f += 0.5 * self.tau_eff * _sq(self.weights_[i] - self.targets_[i])
+        return f
+
+    def tt_gaps(self) -> dict[int, float]:
+        """||W_i - T_i|| / ||W_i|| per constrained layer."""
+        return {i: (torch.linalg.vector_norm(self.weights_[i] - self.targets_[i])
+                    / torch.linalg.vector_norm(self.weights_[i]).clamp_min(1e-30)).item() for i in self.constrained}
+
+    # ------------------------------------------------------------------ one iteration
+    def _w_update(self, i: int) -> None:
+        tau = self.tau_eff if i in self.constrained else 0.0
+        factor = None
+        if i == 0:  # V_0 never changes: its Gram factorization is computed once
+            if self._factor0 is None:
+                self._factor0 = gram_factor(self.V0, self.rho, self.alpha + tau)
+            factor = self._factor0
+        self.weights_[i] = update_w(self.weights_[i], self._wl(i, self.U[i]), self._inp(i), self.rho, self.alpha,
+                                    tau, self.targets_[i] if tau else None, factor)
+
+    def step(self, trace_blocks: bool = False) -> list[tuple[str, float]] | None:
+        """One full-batch tenBCD iteration (output layer back to the first). With trace_blocks,
+        returns [(block, F after it)] (F recomputed from scratch after each block: slow, for checks).
+        The cached products P_i must be current (they are after initialize() and each step())."""
+        L, g, r, a = self.N - 1, self.gamma, self.rho, self.alpha
+        trace = [] if trace_blocks else None
+
+        def mark(name):
+            if trace is not None:
+                trace.append((name, self.objective()))
+
+        self._block = f"V[{L}]"
+        self.V[L] = update_v_out(self.Y, self.U[L], self.V[L], g, a)
+        mark(f"V[{L}]")
+        self._block = f"U[{L}]"
+        self.U[L] = update_u_out(self.V[L], self.P[L], g, r)
+        mark(f"U[{L}]")
+        self._block = f"W[{L}]"
+        self._w_update(L)
+        mark(f"W[{L}]")
+        for i in range(L - 1, -1, -1):
+            self._block = f"V[{i}]"
+            self.V[i] = update_v_hidden(self.weights_[i + 1], self._wl(i + 1, self.U[i + 1]),
+                                        self.U[i].clamp_min(0.0), g, r)
+            mark(f"V[{i}]")
+            self._block = f"U[{i}]"
+            self.U[i] = update_u_hidden(self.V[i], self.P[i], self.U[i], g, r, a)
+            mark(f"U[{i}]")
+            self._block = f"W[{i}]"
+            self._w_update(i)
+            mark(f"W[{i}]")
+            if trace is not None and i in self.constrained:  # projections are batched at the end otherwise
+                self._block = f"T[{i}]"
+                self._project([i])
+                mark(f"T[{i}]")
+        if trace is None:
+            # T_i is used only by W_i's next update and by F, so projecting every layer after the
+            # sweep gives the same result as projecting each right after its W update, batched.
+            self._block = "T (projections)"
+            self._project(self.constrained)
+        return trace
+
+    def _locate_nonfinite(self) -> str:
+        """The first block, in update order, holding a non-finite value."""
+        L = self.N - 1
+        order = [("V", L), ("U", L), ("W", L)] + [(b, i) for i in range(L - 1, -1, -1) for b in ("V", "U", "W")]
+        store = {"V": self.V, "U": self.U, "W": self.weights_}
+        for b, i in order:
+            if not torch.isfinite(store[b][i]).all():
+                return f"{b}[{i}]"
+        for i in self.constrained:
+            if not torch.isfinite(self.targets_[i]).all():
+                return f"T[{i}] (projection)"
+        return "objective (overflow)"
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X: Tensor, Y: Tensor, n_iter: int = 100, X_test: Tensor | None = None,
+            y_test: Tensor | None = None, eval_every: int = 1, refit_output: bool = False,
+            callback: Callable[["TenBCD", dict], None] | None = None, verbose: bool = False) -> "TenBCD":
+        """Run n_iter iterations from a fresh initialization.
+
+        X (n, d_0) finite floats, Y (n, d_N) one-hot; X_test (m, d_0), y_test (m,) labels or
+        (m, d_N) one-hot. Every eval_every iterations records train/test accuracy with the
+        TT/pruned weights (and test accuracy with the free W); F, the gaps and the update time
+        every iteration. refit_output: finish with refit_output() (the output layer's least
+        squares on the TT network's own hidden outputs). callback(self, record) after each iteration.
+        Raises DivergenceError (naming iteration and block) if F becomes non-finite.
+        """
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+            raise ValueError(f"n_iter: expected an int >= 0, got {n_iter!r}")
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise ValueError(f"eval_every: expected an int >= 1, got {eval_every!r}")
+        self._check_xy(X, Y)
+        if (X_test is None) != (y_test is None):
+            raise ValueError("X_test, y_test: expected both or neither")
+        if X_test is not None:
+            X_test, y_test = self._check_xy(X_test, y_test, "X_test", "y_test", labels_ok=True)
+            y_test = y_test if y_test.dim() == 1 else y_test.argmax(1)
+        self.initialize(X, Y)
+        Xd = X.to(self.device_, self.dtype)
+        y_train = Y.argmax(1).to(self.device_)
+        if X_test is not None:
+            X_test, y_test = X_test.to(self.device_, self.dtype), y_test.to(self.device_)
+        sync = (lambda: torch.cuda.synchronize(self.device_)) if self.device_.type == "cuda" else (lambda: None)
+        for it in range(1, n_iter + 1):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                self.step()
+                f = self._objective_cached()
+            except (SolveError, torch.linalg.LinAlgError, ValueError) as e:  # ValueError: SVD of non-finite W
+                raise DivergenceError(f"iteration {it}, block {self._block}: {e}") from None
+            sync()
+            t1 = time.perf_counter()
+            if not math.isfinite(f):
+                raise DivergenceError(f"iteration {it}: objective is {f}; first non-finite block: "
+                                      f"{self._locate_nonfinite()} (try smaller gamma/rho or larger alpha)")
+            rec = {"iteration": it, "objective": f, "tt_gap": self.tt_gaps(), "time_update_s": t1 - t0,
+                   "train_acc": None, "test_acc": None, "test_acc_free_w": None}
+            if it % eval_every == 0 or it == n_iter:
+                rec["train_acc"] = self._accuracy(Xd, y_train)
+                if X_test is not None:
+                    rec["test_acc"] = self._accuracy(X_test, y_test)
+                    rec["test_acc_free_w"] = self._accuracy(X_test, y_test, self.weights_)
+            sync()
+            rec["time_eval_s"] = time.perf_counter() - t1
+            for k, v in rec.items():
+                self.history_[k].append(v)
+            self.n_iter_ = it
+            if verbose:
+                print(f"tenBCD it {it:4d}  F={f:.4e}  train={rec['train_acc']}  test={rec['test_acc']}  "
+                      f"gap={max(rec['tt_gap'].values(), default=0):.3f}  {t1 - t0:.3f}s", flush=True)
+            if callback is not None:
+                callback(self, rec)
+        if refit_output:
+            self.refit_output(X, Y)
+        return self
+
+    def refit_output(self, X: Tensor, Y: Tensor, ridge: float = 1e-4) -> "TenBCD":
+        """W_N <- argmin ||Y - W H||^2 + lam ||W||^2 with H the TT network's own last hidden outputs
+        on X (lam = ridge * mean diag(H H^T)); projected again if the output layer is constrained."""
+        self._require_fitted()
+        X, Y = self._check_xy(X, Y)
+        ridge = _check_number("ridge", ridge)
+        H = self._forward(X.to(self.device_, self.dtype), self.effective_weights(), upto=self.N - 1)
+        G = H @ H.T
+        lam = ridge * float(G.diagonal().mean()) + 1e-12
+        L = cholesky(G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device), "refit_output (H H^T)")
+        Yc = Y.to(self.device_, self.dtype).T
+        self.weights_[-1] = torch.cholesky_solve(H @ Yc.T, L).T.contiguous()
+        if self.N - 1 in self.constrained:
+            self.targets_[-1] = None
+            self._project([self.N - 1])
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def _require_fitted(self):
+        if not getattr(self, "weights_", None):
+            raise RuntimeError("TenBCD: call fit() (or initialize()) first")
+
+    def _forward(self, X: Tensor, weights: Sequence[Tensor], upto: int | None = None) -> Tensor:
+        """Columns (d_k, n) of layer `upto`'s input (default: the network's output)."""
+        upto = self.N if upto is None else upto
+        h = self._input(X)
+        for i in range(upto):
+            h = self._fl(i, weights[i] @ h)
+            if i < self.N - 1:
+                h = h.clamp_min(0.0)
+        return h
+
+    def decision_function(self, X: Tensor, use_free_weights: bool = False) -> Tensor:
+        """Network outputs (n, d_N) with the TT/pruned weights (or the free W with use_free_weights)."""
+        self._require_fitted()
+        X, _ = self._check_xy(X, None)
+        w = self.weights_ if use_free_weights else self.effective_weights()
+        return self._forward(X.to(self.device_, self.dtype), w).T
+
+    def predict(self, X: Tensor, use_free_weights: bool = False) -> Tensor:
+        """Class indices (n,) by the TT/pruned network."""
+        return self.decision_function(X, use_free_weights).argmax(1)
+
+    def _accuracy(self, X: Tensor, y: Tensor, weights=None) -> float:
+        out = self._forward(X, self.effective_weights() if weights is None else weights)
+        return (out.argmax(0) == y).double().mean().item()
+
+    def score(self, X: Tensor, y: Tensor) -> float:
+        """Accuracy with the TT/pruned weights; y labels (n,) or one-hot."""
+        self._require_fitted()
+        X, y = self._check_xy(X, y, "X", "y", labels_ok=True)
+        y = y if y.dim() == 1 else y.argmax(1)
+        return self._accuracy(X.to(self.device_, self.dtype), y.to(self.device_))
+
+    def to_torch(self) -> nn.Sequential:
+        """The inference network: [Unflatten, Conv2d, ReLU, Flatten,] then TTLinear (TT layers,
+        the current cores) or Linear (others, pruned weights for pruned layers), ReLU between;
+        bias-free, in this model's dtype and device. Input (n, d_0) rows, output (n, d_N)."""
+        from tensorpress.nn import TTLinear
+
+        self._require_fitted()
+        mods: list[nn.Module] = []
+        eff = self.effective_weights()
+        for i in range(self.N):
+            if i == 0 and self.conv is not None:
+                c = self.conv
+                conv = nn.Conv2d(c.in_shape[0], c.out_channels, c.kernel_size, stride=c.stride, bias=False,
+                                 device=self.device_, dtype=self.dtype)
+                with torch.no_grad():
+                    conv.weight.copy_(eff[0].reshape(conv.weight.shape))
+                mods += [nn.Unflatten(1, c.in_shape), conv, nn.ReLU(), nn.Flatten()]
+                continue
+            din, dout = self.layer_sizes[i], self.layer_sizes[i + 1]
+            if i in self.tt_specs:
+                s = self.tt_specs[i]
+                cores = self.cores_[i]
+                layer = TTLinear(din, dout, [g.shape[-1] for g in cores[:-1]], s.in_factors, s.out_factors,
+                                 bias=False, device=self.device_, dtype=self.dtype)
+                with torch.no_grad():
+                    for p, g in zip(layer.cores, cores):
+                        p.copy_(g)
+            else:
+                layer = nn.Linear(din, dout, bias=False, device=self.device_, dtype=self.dtype)
+                with torch.no_grad():
+                    layer.weight.copy_(eff[i])
+            mods.append(layer)
+            if i < self.N - 1:
+                mods.append(nn.ReLU())
+        return nn.Sequential(*mods)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _sq(T: Tensor) -> float:
+    return float(torch.linalg.vector_norm(T, dtype=torch.float64) ** 2) if T.dtype != torch.float64 \
+        else float(torch.linalg.vector_norm(T) ** 2)
+
+
+def _random_tt_cores(spec: TTSpec, var: float, gen: torch.Generator) -> list[Tensor]:
+    """Gaussian TT cores (float64) with Var(W_ij) = var: core k has entry variance
+    var^(1/d) / (r_{k-1} r_k)^(1/2) (the bond sums multiply the variances by prod_k r_k)."""
+    d = len(spec.out_factors)
+    full = (1, *spec.ranks, 1)
+    cores = []
+    for k, (m, n) in enumerate(zip(spec.out_factors, spec.in_factors)):
+        std = math.sqrt(var ** (1 / d) / math.sqrt(full[k] * full[k + 1]))
+        cores.append(torch.randn(full[k], m, n, full[k + 1], generator=gen, dtype=torch.float64) * std)
+    return cores
+
+
+def _dense_of(cores: list[Tensor], spec: TTSpec) -> Tensor:
+    from tensorpress.train.projections import tt_reconstruct
+
+    return tt_reconstruct([c.unsqueeze(0) for c in cores], spec.out_factors, spec.in_factors)[0]

@@ -1,0 +1,131 @@
+"""The closed-form block updates of tenBCD (Yang et al., arXiv 2303.06815), as plain functions.
+
+Convention: samples are columns. ``V`` (d_{i-1} x n) is a layer's input, ``U = W V`` (d_i x n)
+its pre-activation, ``W`` (d_i x d_{i-1}) its weight. Every function returns the exact
+minimizer of the objective F (see :func:`tensorpress.train.tenbcd.TenBCD.objective`) over its
+block, plus the proximal term (alpha/2)||X - X_old||^2 where the method asks for one. The linear
+systems are symmetric positive definite and solved by Cholesky; when the other dimension of a
+Gram matrix is smaller, by the Woodbury identity on the smaller system.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class SolveError(RuntimeError):
+    """A Cholesky factorization failed (matrix not numerically positive definite)."""
+
+
+def cholesky(A: Tensor, what: str) -> Tensor:
+    """Lower Cholesky factor of the SPD matrix A; SolveError naming `what` if it fails."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info.max()) != 0:
+        raise SolveError(f"{what}: Cholesky factorization failed (matrix not positive definite; "
+                         "non-finite values or too small gamma/alpha/tau?)")
+    return L
+
+
+def _add_diag(A: Tensor, c: float) -> Tensor:
+    A.diagonal().add_(c)
+    return A
+
+
+# ----------------------------------------------------------------------------- output layer
+def update_v_out(Y: Tensor, U: Tensor, V: Tensor, gamma: float, alpha: float) -> Tensor:
+    """V_N <- argmin 1/2||V - Y||^2 + gamma/2||V - U_N||^2 + alpha/2||V - V_N||^2."""
+    return (Y + gamma * U + alpha * V) / (1.0 + gamma + alpha)
+
+
+def update_u_out(V: Tensor, P: Tensor, gamma: float, rho: float) -> Tensor:
+    """U_N <- argmin gamma/2||V_N - U||^2 + rho/2||U - P||^2 with P = W_N V_{N-1}."""
+    return (gamma * V + rho * P) / (gamma + rho)
+
+
+# ----------------------------------------------------------------------------- hidden layers
+def relu_prox(V: Tensor, B: Tensor, g: float) -> Tensor:
+    """Elementwise argmin_u (ReLU(u) - V)^2 + g (u - B)^2, by cases on the sign of u.
+
+    u >= 0: u1 = max((V + g B) / (1 + g), 0), cost (u1 - V)^2 + g (u1 - B)^2;
+    u <= 0: u2 = min(B, 0), cost V^2 + g (u2 - B)^2. The cheaper one wins (u1 on ties).
+    """
+    u1 = ((V + g * B) / (1.0 + g)).clamp_min_(0.0)
+    u2 = B.clamp_max(0.0)
+    cost1 = (u1 - V).square_() + g * (u1 - B).square_()
+    cost2 = V.square() + g * (u2 - B).square_()
+    return torch.where(cost1 <= cost2, u1, u2)
+
+
+def update_u_hidden(V: Tensor, P: Tensor, U: Tensor, gamma: float, rho: float, alpha: float) -> Tensor:
+    """U_i <- argmin gamma/2||V_i - ReLU(U)||^2 + rho/2||U - P||^2 + alpha/2||U - U_i||^2, P = W_i V_{i-1}.
+
+    The two quadratics merge into (rho + alpha)/2 ||U - B||^2, B = (rho P + alpha U_i)/(rho + alpha);
+    dividing by gamma/2 gives relu_prox with g = (rho + alpha)/gamma.
+    """
+    B = (rho * P + alpha * U) / (rho + alpha) if alpha else P
+    return relu_prox(V, B, (rho + alpha) / gamma)
+
+
+def update_v_hidden(W_next: Tensor, U_next: Tensor, R: Tensor, gamma: float, rho: float) -> Tensor:
+    """V_i <- (rho W^T W + gamma I)^{-1} (rho W^T U_{i+1} + gamma R), W = W_{i+1}, R = ReLU(U_i).
+
+    The exact minimizer of gamma/2||V - R||^2 + rho/2||U_{i+1} - W V||^2. When W has fewer rows
+    (m) than columns (d), Woodbury: (gamma I + rho W^T W)^{-1} = (I - W^T (gamma/rho I + W W^T)^{-1} W)/gamma,
+    so only an m x m system is factorized.
+    R and V may share a (non-contiguous) layout: R is (d x n) or (d*g x n) viewed accordingly.
+    """
+    m, d = W_next.shape
+    Z = torch.addmm(R, W_next.T, U_next, beta=gamma, alpha=rho)           # rho W^T U + gamma R
+    if m < d:
+        L = cholesky(_add_diag(W_next @ W_next.T, gamma / rho), "V update (Woodbury system gamma/rho I + W W^T)")
+        T = torch.cholesky_solve(W_next @ Z, L)
+        return torch.addmm(Z, W_next.T, T, alpha=-1.0).div_(gamma)
+    L = cholesky(_add_diag(rho * (W_next.T @ W_next), gamma), "V update (rho W^T W + gamma I)")
+    return torch.cholesky_solve(Z, L)
+
+
+@dataclass
+class GramFactor:
+    """A Cholesky factor of the W-update system for one layer input V (d x n).
+
+    direct: L L^T = c I + rho V V^T (d x d). woodbury: L L^T = c/rho I + V^T V (n x n), used when n < d.
+    Reusable as long as V and c = alpha + tau do not change (the first layer's input X).
+    """
+
+    L: Tensor
+    woodbury: bool
+    c: float
+
+
+def gram_factor(Vp: Tensor, rho: float, c: float) -> GramFactor:
+    """Factorize the W-update system of input Vp (d x n) with diagonal weight c = alpha + tau."""
+    d, n = Vp.shape
+    if n < d and c > 0:
+        return GramFactor(cholesky(_add_diag(Vp.T @ Vp, c / rho), "W update (Woodbury system c/rho I + V^T V)"),
+                          True, c)
+    return GramFactor(cholesky(_add_diag(rho * (Vp @ Vp.T), c), "W update (c I + rho V V^T)"), False, c)
+
+
+def update_w(W: Tensor, U: Tensor, Vp: Tensor, rho: float, alpha: float, tau: float = 0.0,
+             target: Tensor | None = None, factor: GramFactor | None = None) -> Tensor:
+    """W_i <- (alpha W_i + tau T + rho U V^T) ((alpha + tau) I + rho V V^T)^{-1}, V = V_{i-1}, T = target.
+
+    The exact minimizer of rho/2||U - W V||^2 + tau/2||W - T||^2 + alpha/2||W - W_i||^2.
+    `factor` (from gram_factor(Vp, rho, alpha + tau)) is reused when given.
+    """
+    c = alpha + tau
+    if factor is None:
+        factor = gram_factor(Vp, rho, c)
+    R = U @ Vp.T
+    R.mul_(rho)
+    if alpha:
+        R.add_(W, alpha=alpha)
+    if tau and target is not None:
+        R.add_(target, alpha=tau)
+    if factor.woodbury:
+        # W = (R - (R V) S^{-1} V^T) / c with S = c/rho I + V^T V
+        T = torch.cholesky_solve((R @ Vp).T, factor.L).T
+        return torch.addmm(R, T, Vp.T, alpha=-1.0).div_(c)
+    return torch.cholesky_solve(R.T, factor.L).T.contiguous()

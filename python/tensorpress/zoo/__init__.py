@@ -1,0 +1,2 @@
+"""Real pretrained models that install offline, with their data and quality measures (the
+CLI's defaults and the benchmarks use them)."""
