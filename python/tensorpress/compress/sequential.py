@@ -145,36 +145,42 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
             cmp_of[name] = new
         done.append(list(stage))
 
+    order = execution_order(lambda: call_model(ref, batches[0]), ref_of)
+    reached = [n for stage in order for n in stage]
+    missing = [n for n in targets if n not in reached]
+    if missing:
+        raise ValueError(f"include: layers {missing} are never called by the model on the calibration data")
+
+    def whole_model(names):
+        for stage in order:
+            stage = [n for n in stage if n in names]
+            if stage:
+                fit_stage(stage, lambda b: call_model(ref, batches[b]), lambda b: call_model(cmp, batches[b]))
+
     found = find_blocks(ref, targets)
-    mode = "model"
-    if found is not None:
-        prefix, ref_blocks = found
-        if _BlockStack.replay_matches(ref, ref_blocks, batches[0]):
-            mode = "blocks"
-            cmp_blocks = cmp.get_submodule(prefix) if prefix else cmp
-            pre = f"{prefix}." if prefix else ""
-            ref_in = _BlockStack.capture_first_inputs(ref, ref_blocks[0], batches)
-            cmp_in = list(ref_in)  # nothing before the first block is compressed yet
-            for i in range(len(ref_blocks)):
-                block_pre = f"{pre}{i}."
-                inside = {n[len(block_pre):]: n for n in targets if n.startswith(block_pre)}
-                if inside:
-                    local = {k: ref_blocks[i].get_submodule(k) for k in inside}
-                    stages = execution_order(lambda i=i: _call(ref_blocks[i], ref_in[0]), local)
-                    for stage in stages:
-                        names = [inside[k] for k in stage]
-                        fit_stage(names, lambda b, i=i: _call(ref_blocks[i], ref_in[b]),
-                                  lambda b, i=i: _call(cmp_blocks[i], cmp_in[b]))
-                with torch.no_grad():
-                    ref_in = [_next_inputs(_call(ref_blocks[i], x), x) for x in ref_in]
-                    cmp_in = [_next_inputs(_call(cmp_blocks[i], x), x) for x in cmp_in]
-    remaining = [n for n in targets if not any(n in s for s in done)]
-    if remaining:
-        stages = execution_order(lambda: call_model(ref, batches[0]), {n: ref_of[n] for n in remaining})
-        reached = {n for s in stages for n in s}
-        missing = [n for n in remaining if n not in reached]
-        if missing:
-            raise ValueError(f"include: layers {missing} are never called by the model on the calibration data")
-        for stage in stages:
-            fit_stage(stage, lambda b: call_model(ref, batches[b]), lambda b: call_model(cmp, batches[b]))
-    return {"mode": mode, "stages": done}
+    if found is None or not _BlockStack.replay_matches(ref, found[1], batches[0]):
+        whole_model(set(targets))
+        return {"mode": "model", "stages": done}
+    prefix, ref_blocks = found
+    cmp_blocks = cmp.get_submodule(prefix) if prefix else cmp
+    pre = f"{prefix}." if prefix else ""
+    in_blocks = [n for n in reached if n.startswith(pre)]
+    # layers outside the blocks that run before them are fitted first, the others last, so
+    # the result is the same as with whole-model passes
+    first = reached.index(in_blocks[0])
+    whole_model({n for n in reached[:first] if not n.startswith(pre)})
+    ref_in = _BlockStack.capture_first_inputs(ref, ref_blocks[0], batches)
+    cmp_in = _BlockStack.capture_first_inputs(cmp, cmp_blocks[0], batches)
+    for i in range(len(ref_blocks)):
+        block_pre = f"{pre}{i}."
+        inside = {n[len(block_pre):]: n for n in targets if n.startswith(block_pre)}
+        if inside:
+            local = {k: ref_blocks[i].get_submodule(k) for k in inside}
+            for stage in execution_order(lambda i=i: _call(ref_blocks[i], ref_in[0]), local):
+                fit_stage([inside[k] for k in stage], lambda b, i=i: _call(ref_blocks[i], ref_in[b]),
+                          lambda b, i=i: _call(cmp_blocks[i], cmp_in[b]))
+        with torch.no_grad():
+            ref_in = [_next_inputs(_call(ref_blocks[i], x), x) for x in ref_in]
+            cmp_in = [_next_inputs(_call(cmp_blocks[i], x), x) for x in cmp_in]
+    whole_model({n for n in targets if not any(n in st for st in done)})
+    return {"mode": "blocks", "stages": done}
