@@ -386,3 +386,18 @@ def test_bad_calibration_data_fails_before_work_and_removes_hooks():
         tp.compress(net, late, method="whitened")
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
     assert not torch.isinf(calib[2]).any()
+
+
+def test_method_dict_mixes_sequential_methods():
+    net, calib, test_x = _net_and_data(seed=6)
+    method = {"blocks.*.a": "relu", "head": "convex", "*": "activation"}
+    small, report = tp.compress(net, calib, method=method, budget=0.5)
+    by_name = {r.name: r.method for r in report.layers}
+    assert by_name["blocks.1.a"] == "relu" and by_name["head"] == "convex" and by_name["inp"] == "activation"
+    assert report.method == "activation+convex+relu"
+    err = _out_err(small, net, test_x)
+    assert err < _out_err(tp.compress(net, calib, method="svd", budget=0.5)[0], net, test_x)
+    with pytest.raises(ValueError, match="method"):
+        tp.compress(net, calib, method={"blocks.*": "activation"})   # inp and head unmatched
+    with pytest.raises(ValueError, match="method"):
+        tp.compress(net, calib, method={"*": "svd"})                 # one-shot methods are not per layer

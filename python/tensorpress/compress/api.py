@@ -21,7 +21,9 @@ from tensorpress.nn.lowrank_linear import LowRankLinear
 
 STRUCTURES = ("lowrank",)
 ONE_SHOT_METHODS = ("svd", "whitened")
-SEQUENTIAL_METHODS = ("activation",)
+SEQUENTIAL_METHODS = ("activation", "convex", "relu", "gelu")
+SAMPLE_METHODS = ("relu", "gelu")   # need rows of (X, X~), not only their Grams
+DEFAULT_KEEP_ROWS = 4096
 METHODS = ONE_SHOT_METHODS + SEQUENTIAL_METHODS
 
 
@@ -67,8 +69,13 @@ def _check_args(model, calib, structure, method, budget, ranks, rank_rule):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if structure not in STRUCTURES:
         raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if isinstance(method, Mapping):
+        bad = {k: v for k, v in method.items() if not isinstance(k, str) or v not in SEQUENTIAL_METHODS}
+        if bad or not method:
+            raise ValueError(f"method: a dict maps layer names or glob patterns to one of {SEQUENTIAL_METHODS}, "
+                             f"got {bad or method!r}")
+    elif method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS} or a dict {{pattern: method}}, got {method!r}")
     if ranks is None:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
             raise ValueError(f"budget: expected a fraction of parameters kept in (0, 1], got {budget!r}")
@@ -76,7 +83,7 @@ def _check_args(model, calib, structure, method, budget, ranks, rank_rule):
         raise TypeError(f"ranks: expected a dict {{layer name: rank}}, got {type(ranks).__name__}")
     if rank_rule is not None and rank_rule not in RANK_RULES:
         raise ValueError(f"rank_rule: expected None or one of {RANK_RULES}, got {rank_rule!r}")
-    if method != "svd" or rank_rule is not None:
+    if not (isinstance(method, str) and method == "svd") or rank_rule is not None:
         if calib is None:
             raise ValueError(f"calib: method={method!r} (and any rank_rule) needs calibration batches, got None")
 
@@ -129,15 +136,26 @@ def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Linear]) -> dict[str, i
 def one_shot_stats(model: nn.Module, batches: Sequence, layers: Mapping[str, nn.Module],
                    progress=None) -> dict[str, GramStats]:
     """Input statistics of every layer of the unmodified model, from one pass per batch."""
-    stats = {n: GramStats(m.in_features, paired=False) for n, m in layers.items()}
+    stats: dict[str, GramStats] = {}
     for i, batch in enumerate(batches):
         mask = row_mask(batch)
         got: dict[str, Tensor] = {}
         with hooks(record_inputs(layers, lambda n, x: got.__setitem__(n, x))):
             run_until_stop(lambda: call_model(model, batch))
+        missing = [n for n in layers if n not in got]
+        if missing:
+            raise ValueError(f"include: layers {missing} are never called by the model on calibration batch {i}")
+        if not stats:
+            # layers reading the very same tensor (q, k, v) share one accumulator
+            owner: dict[int, GramStats] = {}
+            for name, layer in layers.items():
+                key = id(got[name])
+                stats[name] = owner.setdefault(key, GramStats(layer.in_features, paired=False))
+        done: set[int] = set()
         for name in layers:
-            if name not in got:
-                raise ValueError(f"include: layer {name!r} is never called by the model on calibration batch {i}")
+            if id(stats[name]) in done:
+                continue
+            done.add(id(stats[name]))
             x = rows(got[name], mask)
             if not torch.isfinite(x).all():
                 raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {i})")
@@ -165,6 +183,32 @@ def output_error(layer: nn.Linear, fit: LowRankFit, stats: GramStats) -> float:
             + n * mean_diff.square().sum())
     energy = energy_c + n * mean_ref_out.square().sum()
     return math.sqrt(max(err2.item(), 0.0) / max(energy.item(), 1e-300))
+
+
+def _methods_by_layer(method, targets: Sequence[str]) -> dict[str, str]:
+    """{layer: method}; a dict method maps patterns to methods, the first match wins."""
+    if isinstance(method, str):
+        return {n: method for n in targets}
+    out = {}
+    for name in targets:
+        hit = next((m for pat, m in method.items() if _match(name, [pat])), None)
+        if hit is None:
+            raise ValueError(f"method: no pattern of {list(method)} matches layer {name!r} (add '*': 'activation')")
+        out[name] = hit
+    return out
+
+
+def _fit_sequential(method: str, layer: nn.Linear, stats: GramStats, rank: int, ridge_kw: dict) -> LowRankFit:
+    if method == "activation":
+        return fit_activation(layer.weight, layer.bias, stats, rank, **ridge_kw)
+    if method == "convex":
+        from tensorpress.compress.convex import fit_convex
+        return fit_convex(layer.weight, layer.bias, stats.n, stats.mean_in, stats.mean_ref, stats.gram_in(),
+                          stats.cross(), rank, **ridge_kw)
+    from tensorpress.compress.relu import fit_gelu, fit_relu
+    x_ref, x_in = stats.samples()
+    fit = fit_relu if method == "relu" else fit_gelu
+    return fit(layer.weight, layer.bias, x_ref, x_in, rank, **ridge_kw)
 
 
 def _identity_fit(layer: nn.Linear) -> LowRankFit:
@@ -209,7 +253,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "lowrank",
-             method: str = "activation", budget: float = 0.5, ranks: Mapping[str, int] | None = None,
+             method: str | Mapping[str, str] = "activation", budget: float = 0.5, ranks: Mapping[str, int] | None = None,
              rank_rule: str | None = None, include=None, exclude=None, keep_rows: int = 0,
              ridge: float | None = None, progress: bool = False) -> tuple[nn.Module, CompressionReport]:
     """Compress the layers of ``model`` and return (compressed copy, report).
@@ -223,7 +267,12 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         structure: "lowrank" (LowRankLinear in place of nn.Linear).
         method: "activation" (sequential: each layer fitted on the inputs of the model
             compressed so far, closed form of Zhang & Saab), "whitened" (the same on the
-            original model's inputs, all layers from one pass), "svd" (weights only).
+            original model's inputs, all layers from one pass), "svd" (weights only);
+            sequential too: "convex" (nuclear-norm-ball constrained least squares, then
+            truncation), "relu" / "gelu" (for a layer followed by that nonlinearity: fitted
+            on the post-activation outputs, from ``keep_rows`` sampled rows). A dict
+            {layer name or glob pattern: method} mixes sequential methods, first match wins,
+            e.g. {"*.intermediate.dense": "gelu", "*": "activation"}.
         budget: fraction of the targeted layers' weight parameters kept, in (0, 1].
         ranks: {layer name: rank} instead of a budget (every targeted layer needs one).
         rank_rule: how the budget is split across layers: None (the same fraction of every
@@ -231,7 +280,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             asymptotic optimism, of the layers' relative outputs) or "energy" (the same
             fraction of whitened output energy kept in every layer).
         include, exclude: layer names or glob patterns ("encoder.*.attention.*").
-        keep_rows: rows of (X, X~) kept per layer for sample-based methods.
+        keep_rows: rows of (X, X~) kept per layer for "relu"/"gelu" (default 4096 when used).
         ridge: Gram regularization relative to its mean diagonal (default 1e-6).
         progress: show progress bars (tqdm).
     Returns:
@@ -240,6 +289,10 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     _check_args(model, calib, structure, method, budget, ranks, rank_rule)
     batches = _batches(calib)
     targets = select_targets(model, structure, include, exclude)
+    per_layer = _methods_by_layer(method, targets)
+    if any(m in SAMPLE_METHODS for m in per_layer.values()) and not keep_rows:
+        keep_rows = DEFAULT_KEEP_ROWS
+    method_name = method if isinstance(method, str) else "+".join(sorted(set(per_layer.values())))
     layers = {n: model.get_submodule(n) for n in targets}
     chosen = _check_ranks(ranks, layers) if ranks is not None else None
     if batches:
@@ -249,7 +302,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     ref = model
     was_training = model.training
     cmp = copy.deepcopy(model).eval()
-    report = CompressionReport(structure=structure, method=method, budget=None if ranks else float(budget),
+    report = CompressionReport(structure=structure, method=method_name, budget=None if ranks else float(budget),
                                rank_rule=rank_rule, model_params_before=count_params(model),
                                bytes_before=state_dict_bytes(model))
     try:
@@ -273,14 +326,15 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             r = min(in_f, out_f) if dense else fit.first.shape[0]
             params_before = out_f * in_f + (out_f if layer.bias is not None else 0)
             report.layers.append(LayerReport(
-                name=name, structure="dense" if dense else structure, method=method, shape=(out_f, in_f), rank=r,
+                name=name, structure="dense" if dense else structure, method=per_layer[name], shape=(out_f, in_f),
+                rank=r,
                 params_before=params_before,
                 params_after=params_before if dense else r * (in_f + out_f) + (out_f if fit.bias is not None else 0),
                 flops_before=out_f * in_f, flops_after=out_f * in_f if dense else r * (in_f + out_f),
                 rel_error=output_error(layer, fit, stats) if stats is not None else float("nan"),
                 seconds=seconds))
 
-        if method in ONE_SHOT_METHODS:
+        if isinstance(method, str) and method in ONE_SHOT_METHODS:
             for name in targets:
                 t0 = time.perf_counter()
                 layer = layers[name]
@@ -304,7 +358,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                 if chosen[name] is None:
                     record(name, _identity_fit(layer), stats, time.perf_counter() - t0)
                     return cmp.get_submodule(name)
-                fit = fit_activation(layer.weight, layer.bias, stats, chosen[name], **ridge_kw)
+                fit = _fit_sequential(per_layer[name], layer, stats, chosen[name], ridge_kw)
                 record(name, fit, stats, time.perf_counter() - t0)
                 return _lowrank_module(layer, fit)
 

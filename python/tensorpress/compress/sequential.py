@@ -97,8 +97,10 @@ class _BlockStack:
 def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Callable, run_cmp: Callable,
                    n_batches: int, mask_of: Callable[[int], Tensor | None], keep_rows: int,
                    progress: Callable | None) -> dict[str, GramStats]:
-    """GramStats of every layer in the stage over all batches (paired X, X~)."""
-    stats = {name: GramStats(ref_of[name].in_features, paired=True, keep_rows=keep_rows) for name in stage}
+    """GramStats of every layer in the stage over all batches (paired X, X~). The layers of a
+    stage read the same input tensor, so they share one accumulator."""
+    shared = GramStats(ref_of[stage[0]].in_features, paired=True, keep_rows=keep_rows)
+    stats = {name: shared for name in stage}
     got_ref: dict[str, Tensor] = {}
     got_cmp: dict[str, Tensor] = {}
     ref_handles = record_inputs({n: ref_of[n] for n in stage}, lambda n, x: got_ref.__setitem__(n, x), stage)
@@ -113,10 +115,14 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
             for name in stage:
                 if name not in got_ref or name not in got_cmp:
                     raise RuntimeError(f"layer {name!r} was not reached by calibration batch {b}")
-                x_ref, x_cmp = rows(got_ref[name], mask), rows(got_cmp[name], mask)
-                if not (torch.isfinite(x_ref).all() and torch.isfinite(x_cmp).all()):
-                    raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {b})")
-                stats[name].update(x_ref, x_cmp)
+                if got_ref[name] is not got_ref[stage[0]] or got_cmp[name] is not got_cmp[stage[0]]:
+                    raise RuntimeError(f"layer {name!r}: its input differs from {stage[0]!r}'s in calibration batch "
+                                       f"{b}, though they were grouped as reading the same tensor")
+            name = stage[0]
+            x_ref, x_cmp = rows(got_ref[name], mask), rows(got_cmp[name], mask)
+            if not (torch.isfinite(x_ref).all() and torch.isfinite(x_cmp).all()):
+                raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {b})")
+            shared.update(x_ref, x_cmp)
             if progress is not None:
                 progress(1)
     return stats
