@@ -401,3 +401,28 @@ def test_method_dict_mixes_sequential_methods():
         tp.compress(net, calib, method={"blocks.*": "activation"})   # inp and head unmatched
     with pytest.raises(ValueError, match="method"):
         tp.compress(net, calib, method={"*": "svd"})                 # one-shot methods are not per layer
+
+
+def test_cache_reuses_statistics_without_changing_results():
+    net, calib, test_x = _net_and_data(seed=7)
+    cache = {}
+    plain, _ = tp.compress(net, calib, budget=0.4, rank_rule="optimism")
+    cached, _ = tp.compress(net, calib, budget=0.4, rank_rule="optimism", cache=cache)
+    assert any(k[0] == "one-shot" for k in cache) and any(k[0] == "sensitivity" for k in cache)
+    again, _ = tp.compress(net, calib, budget=0.4, rank_rule="optimism", cache=cache)
+    with torch.no_grad():
+        assert rel_err(cached(test_x), plain(test_x)) < 1e-4
+        assert rel_err(again(test_x), cached(test_x)) < 1e-6
+
+
+def test_gram_stats_reference_borrows_x_gram():
+    x, xt = _correlated(300, 6), _correlated(300, 6, seed=5)
+    one = GramStats(6, paired=False)
+    one.update(x)
+    borrowed, own = GramStats(6, reference=one), GramStats(6)
+    borrowed.update(x, xt)
+    own.update(x, xt)
+    for attr in ("cov_ref", "cov_in", "cov_cross", "mean_ref"):
+        assert rel_err(getattr(borrowed, attr), getattr(own, attr)) < 1e-10, attr
+    with pytest.raises(ValueError, match="reference"):
+        GramStats(6, paired=False, reference=one)

@@ -225,15 +225,23 @@ def _lowrank_module(layer: nn.Linear, fit: LowRankFit) -> LowRankLinear:
 
 
 # calibration batches used to measure each layer's sensitivity (rank_rule="optimism")
-SENSITIVITY_BATCHES = 4
+SENSITIVITY_BATCHES = 2
 
 
-def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw):
+def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None):
     """Ranks by a rule; for "optimism" each layer's errors are weighted by the measured
     sensitivity of the model's output to it (at the uniform ranks, on a few batches)."""
-    curves = relative_error_curves(layers, shot, **ridge_kw)
+    key = ("curves", tuple(layers))
+    curves = None if cache is None else cache.get(key)
+    if curves is None:
+        curves = relative_error_curves(layers, shot, **ridge_kw)
+        if cache is not None:
+            cache[key] = curves
     weights = None
-    if rule == "optimism":
+    skey = ("sensitivity", tuple(layers), tuple(sorted(uniform.items())))
+    if rule == "optimism" and cache is not None and skey in cache:
+        weights = cache[skey]
+    elif rule == "optimism":
         fits, errs = {}, {}
         for name, layer in layers.items():
             fit = fit_activation(layer.weight, layer.bias, shot[name], uniform[name], **ridge_kw)
@@ -241,7 +249,11 @@ def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw
             errs[name] = curves[name][uniform[name]].item()
         # the copy's own layers are the originals until they are replaced
         work_layers = {n: work_model.get_submodule(n) for n in layers}
-        weights = layer_sensitivity(work_model, batches[:SENSITIVITY_BATCHES], work_layers, fits, errs)
+        # evenly spaced batches: callers often sort batches by length
+        step = max(1, len(batches) // SENSITIVITY_BATCHES)
+        weights = layer_sensitivity(work_model, batches[::step][:SENSITIVITY_BATCHES], work_layers, fits, errs)
+        if cache is not None:
+            cache[skey] = weights
     return allocate_by_rule(rule, layers, shot, budget, curves=curves, weights=weights, **ridge_kw)
 
 
@@ -255,7 +267,8 @@ def _progress(total: int, desc: str, enabled: bool):
 def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "lowrank",
              method: str | Mapping[str, str] = "activation", budget: float = 0.5, ranks: Mapping[str, int] | None = None,
              rank_rule: str | None = None, include=None, exclude=None, keep_rows: int = 0,
-             ridge: float | None = None, progress: bool = False) -> tuple[nn.Module, CompressionReport]:
+             ridge: float | None = None, progress: bool = False,
+             cache: dict | None = None) -> tuple[nn.Module, CompressionReport]:
     """Compress the layers of ``model`` and return (compressed copy, report).
 
     Args:
@@ -283,6 +296,9 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         keep_rows: rows of (X, X~) kept per layer for "relu"/"gelu" (default 4096 when used).
         ridge: Gram regularization relative to its mean diagonal (default 1e-6).
         progress: show progress bars (tqdm).
+        cache: a dict to share between calls on the same model and calibration batches (for
+            example a sweep over budgets): the original model's input statistics and the
+            layers' sensitivities are computed once and reused.
     Returns:
         (compressed model, CompressionReport).
     """
@@ -308,16 +324,24 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     try:
         model.eval()
         shot = None
-        if batches and (method in ONE_SHOT_METHODS or rank_rule is not None):
-            bar = _progress(len(batches), "calibration statistics", progress)
-            shot = one_shot_stats(ref, batches, layers, bar)
-            if bar is not None:
-                bar.close()
+        sequential = not (isinstance(method, str) and method in ONE_SHOT_METHODS)
+        # one-shot statistics: needed by one-shot methods and rank rules; with a cache they
+        # also save the sequential runs a third of their Gram work
+        if batches and (not sequential or rank_rule is not None or cache is not None):
+            key = ("one-shot", tuple(targets))
+            shot = None if cache is None else cache.get(key)
+            if shot is None:
+                bar = _progress(len(batches), "calibration statistics", progress)
+                shot = one_shot_stats(ref, batches, layers, bar)
+                if bar is not None:
+                    bar.close()
+                if cache is not None:
+                    cache[key] = shot
             report.calibration_rows = next(iter(shot.values())).n
         if chosen is None:
             chosen = allocate_uniform(layers, budget)
             if rank_rule is not None:
-                chosen = _allocate(rank_rule, cmp, batches, layers, shot, budget, chosen, ridge_kw)
+                chosen = _allocate(rank_rule, cmp, batches, layers, shot, budget, chosen, ridge_kw, cache)
 
         def record(name, fit, stats, seconds):
             layer = layers[name]
@@ -364,7 +388,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
 
             if bar is not None:
                 bar.total = None
-            info = compress_sequential(ref, cmp, batches, targets, fit_layer, keep_rows=keep_rows, progress=bar)
+            info = compress_sequential(ref, cmp, batches, targets, fit_layer, keep_rows=keep_rows, progress=bar,
+                                       reference=shot)
             if bar is not None:
                 bar.close()
             report.mode = info["mode"]

@@ -72,8 +72,9 @@ def run_job(cfg: JobConfig) -> dict:
 
     _log(f"[tensorpress] compressing: structure={cfg.structure} method={cfg.method} budget={cfg.budget} "
          f"rank_rule={cfg.rank_rule}")
+    cache: dict = {}  # one-shot statistics shared by every run on this calibration set
     small, report = compress(model, calib, structure=cfg.structure, method=cfg.method, budget=cfg.budget,
-                             rank_rule=cfg.rank_rule, progress=cfg.progress, **target_kw)
+                             rank_rule=cfg.rank_rule, progress=cfg.progress, cache=cache, **target_kw)
     report.quality.update(evaluate(small))
     print(report, flush=True)
 
@@ -88,7 +89,7 @@ def run_job(cfg: JobConfig) -> dict:
         bar = tqdm(total=len(runs), desc="method sweep")
     for method, budget in runs:
         t0 = time.perf_counter()
-        m, r = compress(model, calib, structure=cfg.structure, method=method, budget=budget, **target_kw)
+        m, r = compress(model, calib, structure=cfg.structure, method=method, budget=budget, cache=cache, **target_kw)
         q = evaluate(m)
         sweep_rows.append({"method": method, "budget": budget, "kept_fraction": r.kept_fraction,
                            **q, "seconds": time.perf_counter() - t0})

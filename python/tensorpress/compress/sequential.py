@@ -96,10 +96,11 @@ class _BlockStack:
 
 def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Callable, run_cmp: Callable,
                    n_batches: int, mask_of: Callable[[int], Tensor | None], keep_rows: int,
-                   progress: Callable | None) -> dict[str, GramStats]:
+                   progress: Callable | None, reference: dict | None = None) -> dict[str, GramStats]:
     """GramStats of every layer in the stage over all batches (paired X, X~). The layers of a
     stage read the same input tensor, so they share one accumulator."""
-    shared = GramStats(ref_of[stage[0]].in_features, paired=True, keep_rows=keep_rows)
+    shared = GramStats(ref_of[stage[0]].in_features, paired=True, keep_rows=keep_rows,
+                       reference=None if reference is None else reference.get(stage[0]))
     stats = {name: shared for name in stage}
     got_ref: dict[str, Tensor] = {}
     got_cmp: dict[str, Tensor] = {}
@@ -129,11 +130,13 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
 
 
 def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targets: Sequence[str],
-                        fit_layer: FitLayer, keep_rows: int = 0, progress=None) -> dict:
+                        fit_layer: FitLayer, keep_rows: int = 0, progress=None,
+                        reference: dict[str, GramStats] | None = None) -> dict:
     """Replace every layer in ``targets`` of ``cmp`` (a copy of ``ref``) by fit_layer(name,
     stats), in execution order, each fitted on X from ``ref`` and X~ from ``cmp`` as compressed
     so far. ``progress``: an object with ``update(n)``, ``set_description(s)`` and a writable
-    ``total`` (a tqdm bar), or None. Returns {"mode": "blocks"|"model", "stages": [...]}."""
+    ``total`` (a tqdm bar), or None. ``reference``: one-shot statistics of the layers on the
+    same batches, reused for their X^T X. Returns {"mode": "blocks"|"model", "stages": [...]}."""
     ref_of = {n: ref.get_submodule(n) for n in targets}
     cmp_of = {n: cmp.get_submodule(n) for n in targets}
     masks = [row_mask(b) for b in batches]
@@ -144,7 +147,7 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
         if progress is not None:
             progress.set_description(f"calibrating {stage[0]}" + (f" (+{len(stage) - 1})" if len(stage) > 1 else ""))
         stats = _collect_stage(stage, ref_of, cmp_of, run_ref, run_cmp, len(batches), masks.__getitem__,
-                               keep_rows, tick)
+                               keep_rows, tick, reference)
         for name in stage:
             new = fit_layer(name, stats[name])
             set_submodule(cmp, name, new)

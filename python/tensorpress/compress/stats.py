@@ -24,10 +24,17 @@ class GramStats:
         paired: False when X~ = X (one-shot statistics): then only X^T X is kept.
         keep_rows: keep up to this many (X, X~) rows (a uniform subsample of the first
             batches) for methods that need samples, not moments (the ReLU-aware fit).
+        reference: one-shot statistics of the very same X rows (the original model's inputs
+            to this layer, from the same batches), whose X^T X is then used instead of being
+            accumulated again (a third of the work of a paired update).
     """
 
-    def __init__(self, in_features: int, paired: bool = True, keep_rows: int = 0) -> None:
+    def __init__(self, in_features: int, paired: bool = True, keep_rows: int = 0,
+                 reference: "GramStats | None" = None) -> None:
         self.in_features, self.paired, self.keep_rows = in_features, paired, keep_rows
+        if reference is not None and (not paired or reference.in_features != in_features):
+            raise ValueError("reference: expected one-shot statistics of the same features for paired statistics")
+        self.reference = reference
         self.n = 0
         self._shift_ref: Tensor | None = None
         self._shift_in: Tensor | None = None
@@ -54,12 +61,13 @@ class GramStats:
             d = self.in_features
             zeros = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x_ref.device)  # noqa: E731
             self._sum_ref, self._sum_in = zeros(d), zeros(d)
-            self._gram_ref = zeros(d, d)
+            self._gram_ref = zeros(d, d) if self.reference is None else None
             if self.paired:
                 self._gram_in, self._cross = zeros(d, d), zeros(d, d)
         a = x_ref - self._shift_ref
         self._sum_ref += a.sum(0, dtype=torch.float64)
-        self._gram_ref += (a.T @ a).to(torch.float64)
+        if self.reference is None:
+            self._gram_ref += (a.T @ a).to(torch.float64)
         if self.paired:
             b = x_in - self._shift_in
             self._sum_in += b.sum(0, dtype=torch.float64)
@@ -99,6 +107,10 @@ class GramStats:
     def cov_ref(self) -> Tensor:
         """Centered X^T X (in, in): sum over rows of (x - mean)(x - mean)^T."""
         self._require_data()
+        if self.reference is not None:
+            if self.reference.n != self.n:
+                raise RuntimeError(f"reference: its statistics cover {self.reference.n} rows, these {self.n}")
+            return self.reference.cov_ref
         return self._centered(self._gram_ref, self._sum_ref, self._sum_ref)
 
     @property
@@ -134,6 +146,8 @@ class GramStats:
 
     def merge_(self, other: "GramStats") -> "GramStats":
         """Add another accumulator's rows into this one (for multi-process reduction)."""
+        if self.reference is not None or other.reference is not None:
+            raise ValueError("other: statistics that borrow a reference X^T X cannot be merged")
         if other.n == 0:
             return self
         if self.n == 0:
