@@ -297,8 +297,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         ridge: Gram regularization relative to its mean diagonal (default 1e-6).
         progress: show progress bars (tqdm).
         cache: a dict to share between calls on the same model and calibration batches (for
-            example a sweep over budgets): the original model's input statistics and the
-            layers' sensitivities are computed once and reused.
+            example a sweep over budgets): the original model's input statistics, block inputs
+            and the layers' sensitivities are computed once and reused.
     Returns:
         (compressed model, CompressionReport).
     """
@@ -389,7 +389,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             if bar is not None:
                 bar.total = None
             info = compress_sequential(ref, cmp, batches, targets, fit_layer, keep_rows=keep_rows, progress=bar,
-                                       reference=shot)
+                                       reference=shot, cache=cache)
             if bar is not None:
                 bar.close()
             report.mode = info["mode"]

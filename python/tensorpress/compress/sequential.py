@@ -131,12 +131,13 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
 
 def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targets: Sequence[str],
                         fit_layer: FitLayer, keep_rows: int = 0, progress=None,
-                        reference: dict[str, GramStats] | None = None) -> dict:
+                        reference: dict[str, GramStats] | None = None, cache: dict | None = None) -> dict:
     """Replace every layer in ``targets`` of ``cmp`` (a copy of ``ref``) by fit_layer(name,
     stats), in execution order, each fitted on X from ``ref`` and X~ from ``cmp`` as compressed
     so far. ``progress``: an object with ``update(n)``, ``set_description(s)`` and a writable
     ``total`` (a tqdm bar), or None. ``reference``: one-shot statistics of the layers on the
-    same batches, reused for their X^T X. Returns {"mode": "blocks"|"model", "stages": [...]}."""
+    same batches, reused for their X^T X. ``cache``: a dict shared between calls on the same
+    model and batches (keeps the original model's block inputs). Returns {"mode": "blocks"|"model", "stages": [...]}."""
     ref_of = {n: ref.get_submodule(n) for n in targets}
     cmp_of = {n: cmp.get_submodule(n) for n in targets}
     masks = [row_mask(b) for b in batches]
@@ -178,7 +179,17 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
     # the result is the same as with whole-model passes
     first = reached.index(in_blocks[0])
     whole_model({n for n in reached[:first] if not n.startswith(pre)})
-    ref_in = _BlockStack.capture_first_inputs(ref, ref_blocks[0], batches)
+    # the original model's block inputs are the same in every call on these batches: a
+    # shared cache keeps them (one hidden-state tensor per batch and block)
+    store = {} if cache is None else cache
+
+    def ref_inputs(i, compute):
+        key = ("ref-block-inputs", prefix, i)
+        if key not in store:
+            store[key] = compute()
+        return store[key]
+
+    ref_in = ref_inputs(0, lambda: _BlockStack.capture_first_inputs(ref, ref_blocks[0], batches))
     cmp_in = _BlockStack.capture_first_inputs(cmp, cmp_blocks[0], batches)
     for i in range(len(ref_blocks)):
         block_pre = f"{pre}{i}."
@@ -189,7 +200,8 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
                 fit_stage([inside[k] for k in stage], lambda b, i=i: _call(ref_blocks[i], ref_in[b]),
                           lambda b, i=i: _call(cmp_blocks[i], cmp_in[b]))
         with torch.no_grad():
-            ref_in = [_next_inputs(_call(ref_blocks[i], x), x) for x in ref_in]
+            ref_in = ref_inputs(i + 1, lambda i=i, prev=ref_in: [_next_inputs(_call(ref_blocks[i], x), x)
+                                                                 for x in prev])
             cmp_in = [_next_inputs(_call(cmp_blocks[i], x), x) for x in cmp_in]
     whole_model({n for n in targets if not any(n in st for st in done)})
     return {"mode": "blocks", "stages": done}
