@@ -46,10 +46,12 @@ def _bench(args) -> int:
     import pathlib
     import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
-    if not root.is_dir():
-        print("tensorpress bench: the benchmarks/ folder of a source checkout is needed (it is not installed "
-              "with the package)", file=sys.stderr)
+    # the benchmarks live in the source checkout, not in the installed package
+    candidates = [pathlib.Path.cwd() / "benchmarks", pathlib.Path(__file__).resolve().parents[2] / "benchmarks"]
+    root = next((c for c in candidates if (c / "_common.py").is_file()), None)
+    if root is None:
+        print("tensorpress bench: run it from a source checkout (the benchmarks/ folder is not installed with the "
+              "package)", file=sys.stderr)
         return 2
     scripts = [root / f"{name}.py" for name in args.which]
     for script in scripts:
@@ -58,7 +60,7 @@ def _bench(args) -> int:
             return 2
     for script in scripts:
         print(f"== {script.name}", flush=True)
-        code = subprocess.call([sys.executable, str(script)] + (["--quick"] if args.quick else []))
+        code = subprocess.call([sys.executable, str(script)] + (["--quick"] if args.quick else []), cwd=root)
         if code:
             return code
     return 0

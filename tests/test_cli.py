@@ -1,0 +1,47 @@
+"""The command line: argument handling of `tensorpress compress` and `bench` (the full default
+run is the main job, measured in benchmarks; here a tiny run checks every output is written)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tensorpress import cli
+
+
+def test_compress_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["compress", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--budget", "--method", "--rank-rule", "--calib", "--sweep", "--out"):
+        assert opt in out
+
+
+def test_compress_rejects_bad_choices(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "--method", "magic"])
+    assert "magic" in capsys.readouterr().err
+
+
+def test_small_compress_run_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["compress", "--calib", "32", "--eval", "16", "--sweep", "0.5", "--compare", "svd,activation",
+                     "--rank-rule", "uniform", "--out", str(out), "--quiet"])
+    assert code == 0
+    for name in ("report.json", "report.md", "layers.png", "compression.png", "model.safetensors"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "report.json").read_text())
+    assert len(summary["report"]["layers"]) == 36
+    assert abs(summary["report"]["kept_fraction"] - 0.5) < 0.01
+    by = {r["method"]: r["mean_cosine"] for r in summary["sweep"]}
+    assert by["activation"] > by["svd"]
+    assert 0 < summary["report"]["quality"]["mean_cosine"] <= 1
+    assert "mean_cosine" in capsys.readouterr().out
+
+
+def test_bench_outside_a_checkout_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "a" / "b" / "cli.py"))
+    assert cli.main(["bench"]) == 2
+    assert "source checkout" in capsys.readouterr().err
