@@ -226,35 +226,49 @@ def _lowrank_module(layer: nn.Linear, fit: LowRankFit) -> LowRankLinear:
 
 # calibration batches used to measure each layer's sensitivity (rank_rule="optimism")
 SENSITIVITY_BATCHES = 2
+# the sensitivities are a linearization at the uniform ranks; more rounds re-measure them at the
+# ranks the previous allocation chose (on MiniLM at 50%: 1 round 0.885 mean cosine, 2 rounds 0.874)
+SENSITIVITY_ROUNDS = 1
+
+
+def _sensitivities(work_model, batches, layers, shot, ranks, curves, ridge_kw, cache):
+    """Each layer's sensitivity with that layer alone at ranks[name] (cached per ranks)."""
+    key = ("sensitivity", tuple(layers), tuple(sorted(ranks.items())))
+    if cache is not None and key in cache:
+        return cache[key]
+    fits, errs = {}, {}
+    for name, layer in layers.items():
+        fit = fit_activation(layer.weight, layer.bias, shot[name], ranks[name], **ridge_kw)
+        fits[name] = _lowrank_module(layer, fit)
+        errs[name] = curves[name][ranks[name]].item()
+    # the copy's own layers are the originals until they are replaced
+    work_layers = {n: work_model.get_submodule(n) for n in layers}
+    # evenly spaced batches: callers often sort batches by length
+    step = max(1, len(batches) // SENSITIVITY_BATCHES)
+    weights = layer_sensitivity(work_model, batches[::step][:SENSITIVITY_BATCHES], work_layers, fits, errs)
+    if cache is not None:
+        cache[key] = weights
+    return weights
 
 
 def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None):
     """Ranks by a rule; for "optimism" each layer's errors are weighted by the measured
-    sensitivity of the model's output to it (at the uniform ranks, on a few batches)."""
+    sensitivity of the model's output to it (see SENSITIVITY_ROUNDS)."""
     key = ("curves", tuple(layers))
     curves = None if cache is None else cache.get(key)
     if curves is None:
         curves = relative_error_curves(layers, shot, **ridge_kw)
         if cache is not None:
             cache[key] = curves
-    weights = None
-    skey = ("sensitivity", tuple(layers), tuple(sorted(uniform.items())))
-    if rule == "optimism" and cache is not None and skey in cache:
-        weights = cache[skey]
-    elif rule == "optimism":
-        fits, errs = {}, {}
-        for name, layer in layers.items():
-            fit = fit_activation(layer.weight, layer.bias, shot[name], uniform[name], **ridge_kw)
-            fits[name] = _lowrank_module(layer, fit)
-            errs[name] = curves[name][uniform[name]].item()
-        # the copy's own layers are the originals until they are replaced
-        work_layers = {n: work_model.get_submodule(n) for n in layers}
-        # evenly spaced batches: callers often sort batches by length
-        step = max(1, len(batches) // SENSITIVITY_BATCHES)
-        weights = layer_sensitivity(work_model, batches[::step][:SENSITIVITY_BATCHES], work_layers, fits, errs)
-        if cache is not None:
-            cache[skey] = weights
-    return allocate_by_rule(rule, layers, shot, budget, curves=curves, weights=weights, **ridge_kw)
+    if rule != "optimism":
+        return allocate_by_rule(rule, layers, shot, budget, curves=curves, **ridge_kw)
+    at = dict(uniform)
+    for _ in range(SENSITIVITY_ROUNDS):
+        weights = _sensitivities(work_model, batches, layers, shot, at, curves, ridge_kw, cache)
+        chosen = allocate_by_rule(rule, layers, shot, budget, curves=curves, weights=weights, **ridge_kw)
+        # a layer kept dense is linearized at its uniform rank
+        at = {n: (uniform[n] if r is None else r) for n, r in chosen.items()}
+    return chosen
 
 
 def _progress(total: int, desc: str, enabled: bool):
