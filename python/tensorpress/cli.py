@@ -32,13 +32,20 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _compress(args) -> int:
-    from tensorpress.compress.job import JobConfig, run_job
+    from tensorpress.compress.job import JobConfig, init_distributed, run_job
+
+    started = init_distributed()  # under torchrun: split the work across the processes
 
     cfg = JobConfig(model=args.model, budget=args.budget, structure=args.structure, method=args.method,
                     rank_rule=None if args.rank_rule == "uniform" else args.rank_rule, n_calib=args.calib,
                     n_eval=args.eval, sweep=_floats(args.sweep), compare=_names(args.compare), out=args.out,
                     progress=not args.quiet, threads=args.threads)
-    run_job(cfg)
+    try:
+        run_job(cfg)
+    finally:
+        if started:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     return 0
 
 

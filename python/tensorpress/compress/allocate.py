@@ -29,6 +29,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from tensorpress.compress.distributed import sum_floats
 from tensorpress.compress.lowrank import error_curve, fit_activation
 from tensorpress.compress.stats import GramStats
 
@@ -147,15 +148,16 @@ def layer_sensitivity(model: nn.Module, batches, layers: Mapping[str, nn.Linear]
 
     reference = outputs()
     energy = sum(r.square().sum().item() for r in reference)
-    out = {}
+    errs = []
     for name, layer in layers.items():
         set_submodule(model, name, fits[name])
         try:
-            err = sum((o - r).square().sum().item() for o, r in zip(outputs(), reference))
+            errs.append(sum((o - r).square().sum().item() for o, r in zip(outputs(), reference)))
         finally:
             set_submodule(model, name, layer)
-        out[name] = (err / max(energy, 1e-300)) / max(layer_errors[name], 1e-12)
-    return out
+    # under torch.distributed each process measured its share of the batches
+    energy, *errs = sum_floats([energy] + errs)
+    return {name: (err / max(energy, 1e-300)) / max(layer_errors[name], 1e-12) for name, err in zip(layers, errs)}
 
 
 def _first_tensor(output):

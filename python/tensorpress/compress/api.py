@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from tensorpress.compress.allocate import (RANK_RULES, allocate_by_rule, allocate_uniform, layer_sensitivity,
                                           relative_error_curves)
+from tensorpress.compress import distributed as tpdist
 from tensorpress.compress.calibrate import call_model, hooks, record_inputs, row_mask, rows, run_until_stop
 from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd
 from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
@@ -162,6 +163,8 @@ def one_shot_stats(model: nn.Module, batches: Sequence, layers: Mapping[str, nn.
             stats[name].update(x)
         if progress is not None:
             progress.update(1)
+    for unique in {id(st): st for st in stats.values()}.values():
+        unique.all_reduce_()  # sums over processes under torch.distributed; a no-op otherwise
     return stats
 
 
@@ -243,9 +246,12 @@ def _sensitivities(work_model, batches, layers, shot, ranks, curves, ridge_kw, c
         errs[name] = curves[name][ranks[name]].item()
     # the copy's own layers are the originals until they are replaced
     work_layers = {n: work_model.get_submodule(n) for n in layers}
-    # evenly spaced batches: callers often sort batches by length
+    # evenly spaced batches of the whole calibration set (callers often sort batches by
+    # length); under torch.distributed each process measures the ones it owns
     step = max(1, len(batches) // SENSITIVITY_BATCHES)
-    weights = layer_sensitivity(work_model, batches[::step][:SENSITIVITY_BATCHES], work_layers, fits, errs)
+    picks = list(range(0, len(batches), step))[:SENSITIVITY_BATCHES]
+    mine = [batches[i] for k, i in enumerate(picks) if k % tpdist.world() == tpdist.rank()]
+    weights = layer_sensitivity(work_model, mine, work_layers, fits, errs)
     if cache is not None:
         cache[key] = weights
     return weights
@@ -317,7 +323,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         (compressed model, CompressionReport).
     """
     _check_args(model, calib, structure, method, budget, ranks, rank_rule)
-    batches = _batches(calib)
+    all_batches = _batches(calib)
+    batches = tpdist.shard(all_batches)  # this process's share under torch.distributed
     targets = select_targets(model, structure, include, exclude)
     per_layer = _methods_by_layer(method, targets)
     if any(m in SAMPLE_METHODS for m in per_layer.values()) and not keep_rows:
@@ -355,7 +362,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         if chosen is None:
             chosen = allocate_uniform(layers, budget)
             if rank_rule is not None:
-                chosen = _allocate(rank_rule, cmp, batches, layers, shot, budget, chosen, ridge_kw, cache)
+                chosen = _allocate(rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache)
 
         def record(name, fit, stats, seconds):
             layer = layers[name]

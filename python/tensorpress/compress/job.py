@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tensorpress.compress import distributed as tpdist
 from tensorpress.compress.api import compress
 from tensorpress.compress.saving import save_compressed
 
@@ -36,7 +37,22 @@ class JobConfig:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if tpdist.rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): nccl with GPUs, gloo
+    otherwise. Returns True when this process is part of one."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
 
 
 def _text_task(cfg: JobConfig):
@@ -48,10 +64,10 @@ def _text_task(cfg: JobConfig):
     calib_sents, eval_sents = text.split_corpus(cfg.n_calib, cfg.n_eval)
     calib = minilm.batches(tokenizer, calib_sents)
     evalb = minilm.batches(tokenizer, eval_sents)
-    reference = minilm.embed(model, evalb)
+    reference = minilm.embed(model, evalb) if tpdist.rank() == 0 else None
 
-    def evaluate(m):
-        return minilm.quality(reference, minilm.embed(m, evalb))
+    def evaluate(m):  # on the first process only (the others return nothing)
+        return minilm.quality(reference, minilm.embed(m, evalb)) if tpdist.rank() == 0 else {}
 
     desc = (f"MiniLM-L6 sentence embeddings ({path or 'all-MiniLM-L6-v2'}); {len(calib_sents)} calibration and "
             f"{len(eval_sents)} disjoint evaluation sentences (standard-library docstrings); quality = mean cosine "
@@ -63,8 +79,11 @@ def run_job(cfg: JobConfig) -> dict:
     """Run the job; returns the summary written to report.json."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    main = tpdist.rank() == 0
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    progress = cfg.progress and main
     t_start = time.perf_counter()
     _log(f"[tensorpress] loading {cfg.model} ...")
     model, calib, evaluate, desc, target_kw, metric = _text_task(cfg)
@@ -74,9 +93,10 @@ def run_job(cfg: JobConfig) -> dict:
          f"rank_rule={cfg.rank_rule}")
     cache: dict = {}  # one-shot statistics shared by every run on this calibration set
     small, report = compress(model, calib, structure=cfg.structure, method=cfg.method, budget=cfg.budget,
-                             rank_rule=cfg.rank_rule, progress=cfg.progress, cache=cache, **target_kw)
+                             rank_rule=cfg.rank_rule, progress=progress, cache=cache, **target_kw)
     report.quality.update(evaluate(small))
-    print(report, flush=True)
+    if main:
+        print(report, flush=True)
 
     sweep_rows = []
     runs = [(m, b) for m in cfg.compare for b in cfg.sweep]
@@ -84,21 +104,24 @@ def run_job(cfg: JobConfig) -> dict:
         _log(f"[tensorpress] comparing methods {list(cfg.compare)} at budgets {list(cfg.sweep)} "
              f"(same fraction in every layer) ...")
     bar = None
-    if cfg.progress and runs:
+    if progress and runs:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(runs), desc="method sweep")
     for method, budget in runs:
         t0 = time.perf_counter()
         m, r = compress(model, calib, structure=cfg.structure, method=method, budget=budget, cache=cache, **target_kw)
         q = evaluate(m)
-        sweep_rows.append({"method": method, "budget": budget, "kept_fraction": r.kept_fraction,
-                           **q, "seconds": time.perf_counter() - t0})
+        if main:
+            sweep_rows.append({"method": method, "budget": budget, "kept_fraction": r.kept_fraction,
+                               **q, "seconds": time.perf_counter() - t0})
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{method}@{budget}: {metric} {q[metric]:.3f}")
     if bar is not None:
         bar.close()
 
+    if not main:
+        return {}
     summary = {"task": desc, "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
                "report": report.to_dict(), "sweep": sweep_rows, "metric": metric,
                "seconds": time.perf_counter() - t_start, "machine": _machine()}
@@ -124,6 +147,7 @@ def _machine() -> dict:
 
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "processes": tpdist.world(),
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -126,6 +126,7 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
             shared.update(x_ref, x_cmp)
             if progress is not None:
                 progress(1)
+    shared.all_reduce_()  # sums over processes under torch.distributed; a no-op otherwise
     return stats
 
 

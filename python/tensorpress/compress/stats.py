@@ -171,3 +171,56 @@ class GramStats:
         self.rows_ref += other.rows_ref
         self.rows_in += other.rows_in
         return self
+
+    def all_reduce_(self) -> "GramStats":
+        """Sum the statistics of every process of the torch.distributed group (all processes
+        call it; afterwards each holds the totals). Kept rows are concatenated in rank order."""
+        from tensorpress.compress import distributed as tpdist
+
+        if not tpdist.active():
+            return self
+        d = self.in_features
+        f64 = torch.float64
+        dev = self._sum_ref.device if self.n else torch.device("cpu")
+        zero_vec = torch.zeros(d, dtype=f64, device=dev)
+        # 1. the global means become the common shift (the best-conditioned one)
+        s_ref = (self._shift_ref.to(f64) * self.n + self._sum_ref) if self.n else zero_vec
+        s_in = (self._shift_in.to(f64) * self.n + self._sum_in) if (self.n and self.paired) else zero_vec
+        n_t, s_ref, s_in = tpdist.sum_tensors([torch.tensor([float(self.n)], dtype=f64), s_ref, s_in])
+        total = int(n_t.item())
+        if total == 0:
+            return self
+        mu_ref, mu_in = s_ref / total, (s_in / total if self.paired else None)
+
+        # 2. this process's sums re-expressed about the common shift: with d = shift - mu,
+        #    sum (a + d_a)(b + d_b)^T = G + s_a d_b^T + d_a s_b^T + n d_a d_b^T
+        def moved(gram, s_a, s_b, d_a, d_b):
+            return gram + torch.outer(s_a, d_b) + torch.outer(d_a, s_b) + self.n * torch.outer(d_a, d_b)
+
+        zeros = torch.zeros(d, d, dtype=f64, device=dev)
+        parts = []
+        if self.n:
+            d_ref = self._shift_ref.to(f64) - mu_ref
+            parts += [self._sum_ref + self.n * d_ref,
+                      zeros if self._gram_ref is None else moved(self._gram_ref, self._sum_ref, self._sum_ref, d_ref,
+                                                                 d_ref)]
+            if self.paired:
+                d_in = self._shift_in.to(f64) - mu_in
+                parts += [self._sum_in + self.n * d_in,
+                          moved(self._gram_in, self._sum_in, self._sum_in, d_in, d_in),
+                          moved(self._cross, self._sum_in, self._sum_ref, d_in, d_ref)]
+        else:
+            parts += [zero_vec, zeros] + ([zero_vec, zeros, zeros] if self.paired else [])
+        parts = tpdist.sum_tensors(parts)
+        self._sum_ref, gram_ref = parts[0], parts[1]
+        self._gram_ref = None if self.reference is not None else gram_ref
+        if self.paired:
+            self._sum_in, self._gram_in, self._cross = parts[2], parts[3], parts[4]
+        self._shift_ref, self._shift_in = mu_ref, (mu_in if self.paired else mu_ref)
+        self.n = total
+        if self.keep_rows:
+            rows = tpdist.gather_objects((self.rows_ref, self.rows_in))
+            self.rows_ref = [t for r, _ in rows for t in r]
+            self.rows_in = [t for _, i in rows for t in i]
+            self._kept = sum(t.shape[0] for t in self.rows_ref)
+        return self
