@@ -264,13 +264,16 @@ def test_methods_order_on_correlated_inputs():
 
 
 def test_block_replay_equals_whole_model_passes(monkeypatch):
+    # float64: the fits amplify rounding differences along ill-conditioned input directions,
+    # and float32 BLAS results may differ with the threads the library picks under load
     net, calib, test_x = _net_and_data(seed=2)
+    net, calib, test_x = net.double(), [c.double() for c in calib], test_x.double()
     small_blocks, rep_blocks = tp.compress(net, calib, budget=0.5)
     monkeypatch.setattr(sequential, "find_blocks", lambda model, targets: None)
     small_model, rep_model = tp.compress(net, calib, budget=0.5)
     assert rep_blocks.mode == "blocks" and rep_model.mode == "model"
     with torch.no_grad():
-        assert rel_err(small_blocks(test_x), small_model(test_x)) < 1e-5
+        assert rel_err(small_blocks(test_x), small_model(test_x)) < 1e-9
 
 
 def test_explicit_ranks_and_keep_dense_under_rules():

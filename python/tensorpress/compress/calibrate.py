@@ -95,25 +95,27 @@ def execution_order(run: Callable[[], object], targets: Mapping[str, nn.Module])
     stages: layers reached one after another with the very same input tensor (q, k, v of
     attention) share a stage, since compressing one does not change the others' inputs.
     Layers the pass never reaches are left out."""
-    order: list[tuple[str, int]] = []
+    # the input tensors themselves are kept until the grouping is done: comparing addresses
+    # of tensors already freed could match a new tensor allocated at the same place
+    order: list[tuple[str, Tensor]] = []
 
     def on_input(name, x):
-        order.append((name, x.data_ptr()))
+        order.append((name, x))
 
     with hooks(record_inputs(targets, on_input)):
         run_until_stop(run)
     stages: list[list[str]] = []
     seen: set[str] = set()
-    last_ptr = None
-    for name, ptr in order:
+    last = None
+    for name, x in order:
         if name in seen:  # a layer called twice (weight sharing): its first call decides
             continue
         seen.add(name)
-        if stages and ptr == last_ptr:
+        if stages and x is last:
             stages[-1].append(name)
         else:
             stages.append([name])
-        last_ptr = ptr
+        last = x
     return stages
 
 
