@@ -373,8 +373,8 @@ def fit_convex(weight: Tensor, bias: Tensor | None, n: int, mean_in: Tensor, mea
 
     with small_problem_threads(dev, min(out_f, in_f)):
         f64 = torch.float64
-        W = weight.to(f64)
-        b = bias.to(f64) if bias is not None else W.new_zeros(out_f)
+        W = weight.detach().to(f64)
+        b = bias.detach().to(f64) if bias is not None else W.new_zeros(out_f)
         G = gram_in - n * torch.outer(mean_in, mean_in)  # new tensors: the caller's are untouched
         G = 0.5 * (G + G.T)
         C = cross - n * torch.outer(mean_in, mean_ref)

@@ -228,8 +228,8 @@ def fit_relu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
 
     with small_problem_threads(dev, min(out_f, in_f)):
         f64 = torch.float64
-        W = weight.to(f64)
-        b = bias.to(f64) if bias is not None else W.new_zeros(out_f)
+        W = weight.detach().to(f64)
+        b = bias.detach().to(f64) if bias is not None else W.new_zeros(out_f)
         Xr = X_ref.to(f64)
         Xi = X_in.to(f64)
         m = Xr.shape[0]
@@ -319,8 +319,8 @@ def fit_gelu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
     ridge = _check_positive("ridge", ridge, allow_none=False)
     with small_problem_threads(dev, min(out_f, in_f)):
         f64 = torch.float64
-        W = weight.to(f64)
-        b = bias.to(f64) if bias is not None else W.new_zeros(out_f)
+        W = weight.detach().to(f64)
+        b = bias.detach().to(f64) if bias is not None else W.new_zeros(out_f)
         Xi = X_in.to(f64)
         m = Xi.shape[0]
         P = X_ref.to(f64) @ W.T + b
