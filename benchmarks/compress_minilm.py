@@ -51,6 +51,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     configs = CONFIGS + (SLOW_CONFIGS if args.all else [])
     meta = machine_info(args.threads)
+    meta["revision"] = git_revision()  # at the start: the code that runs
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     model, tok = minilm.load()
     max_calib = max(c[1] for c in CONFIGS + SLOW_CONFIGS)  # the same evaluation sentences with or without --all
@@ -74,7 +75,7 @@ def main() -> None:
         print(f"{label:55s} kept {report.kept_fraction:.3f}  cos {q['mean_cosine']:.4f}  "
               f"spearman {q['spearman']:.4f}  {seconds:.0f} s", flush=True)
     meta.update(load_avg_end=list(__import__("os").getloadavg()),
-                other_cpu_share=other_cpu_share(busy0, self0, wall0), revision=git_revision())
+                other_cpu_share=other_cpu_share(busy0, self0, wall0))
     args.out.mkdir(parents=True, exist_ok=True)
     name = "compress_minilm" if args.budget == 0.5 else f"compress_minilm_b{int(100 * args.budget)}"
     (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "budget": args.budget, "rows": rows},
