@@ -174,6 +174,19 @@ def _fista(prob: _Problem, V: Tensor, c: Tensor, project, n_iter: int, tol: floa
     return xV, xc, f, it, converged
 
 
+def _check_layer_samples(weight, bias, rank, X_ref, X_in):
+    """Validate a fit's layer and sample rows; returns (out_features, in_features, device)."""
+    out_f, in_f = _check_weight_bias_rank(weight, bias, rank)
+    dev = weight.device
+    _check_tensor("X_ref", X_ref, ndim=2, device=dev)
+    if X_ref.shape[1] != in_f:
+        raise ValueError(f"X_ref: expected shape (m, {in_f}) to match weight, got {tuple(X_ref.shape)}")
+    if X_ref.shape[0] < 2:
+        raise ValueError(f"X_ref: expected at least 2 rows, got {X_ref.shape[0]}")
+    _check_tensor("X_in", X_in, shape=tuple(X_ref.shape), device=dev)
+    return out_f, in_f, dev
+
+
 def fit_relu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, rank: int, *,
              sigma: float | None = None, radius: float | None = None, n_iter: int = 20,
              polish_iter: int = 30, tol: float = 1e-7, ridge: float = DEFAULT_RIDGE) -> LowRankFit:
@@ -211,14 +224,7 @@ def fit_relu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
         solution, before truncation), objective_truncated, start ("convex" or "activation":
         where the polish started), active_fraction (share of positive targets).
     """
-    out_f, in_f = _check_weight_bias_rank(weight, bias, rank)
-    dev = weight.device
-    _check_tensor("X_ref", X_ref, ndim=2, device=dev)
-    if X_ref.shape[1] != in_f:
-        raise ValueError(f"X_ref: expected shape (m, {in_f}) to match weight, got {tuple(X_ref.shape)}")
-    if X_ref.shape[0] < 2:
-        raise ValueError(f"X_ref: expected at least 2 rows, got {X_ref.shape[0]}")
-    _check_tensor("X_in", X_in, shape=tuple(X_ref.shape), device=dev)
+    out_f, in_f, dev = _check_layer_samples(weight, bias, rank, X_ref, X_in)
     sigma = _check_positive("sigma", sigma)
     radius = _check_positive("radius", radius, allow_inf=True)
     _check_int("n_iter", n_iter, 0)
@@ -306,14 +312,7 @@ def fit_gelu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
     Returns LowRankFit; info keys iterations, converged, step (final step size), ridge_delta,
     objective / objective_activation (½ post-GELU squared error per entry, i.e. / (m·out)).
     """
-    out_f, in_f = _check_weight_bias_rank(weight, bias, rank)
-    dev = weight.device
-    _check_tensor("X_ref", X_ref, ndim=2, device=dev)
-    if X_ref.shape[1] != in_f:
-        raise ValueError(f"X_ref: expected shape (m, {in_f}) to match weight, got {tuple(X_ref.shape)}")
-    if X_ref.shape[0] < 2:
-        raise ValueError(f"X_ref: expected at least 2 rows, got {X_ref.shape[0]}")
-    _check_tensor("X_in", X_in, shape=tuple(X_ref.shape), device=dev)
+    out_f, in_f, dev = _check_layer_samples(weight, bias, rank, X_ref, X_in)
     _check_int("n_iter", n_iter, 0)
     tol = _check_positive("tol", tol, allow_none=False)
     ridge = _check_positive("ridge", ridge, allow_none=False)
