@@ -93,20 +93,16 @@ def fit_svd(weight: Tensor, bias: Tensor | None, rank: int) -> LowRankFit:
     return LowRankFit(first, second, b, {"method": "svd", "singular_values": s})
 
 
-def ridge_cholesky(gram: Tensor, ridge: float = DEFAULT_RIDGE) -> tuple[Tensor, float]:
-    """Lower Cholesky factor L of gram + δI, with δ = ridge · trace(gram)/in (raised tenfold
-    until the factorization succeeds; δ = ridge when the trace is zero). Returns (L, δ)."""
-    d = gram.shape[0]
-    scale = float(torch.trace(gram)) / d
-    delta = ridge * scale if scale > 0 else ridge
-    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-    for _ in range(12):
-        L, bad = torch.linalg.cholesky_ex(gram + delta * eye)
-        if int(bad) == 0:
-            return L, delta
-        delta *= 10.0
-    raise ValueError("gram_in: not positive semidefinite even after a large ridge "
-                     f"(δ = {delta:.3g}); the calibration statistics are inconsistent")
+def whitening_factor(cov: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
+    """Lower Cholesky factor L of cov + ridge * mean(diag(cov)) I (float64)."""
+    d = cov.shape[0]
+    scale = cov.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    reg = cov + (ridge * scale) * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    L, info = torch.linalg.cholesky_ex(reg)
+    if info.item() != 0:
+        # indefinite by rounding: retry with a larger ridge rather than fail
+        L = torch.linalg.cholesky(cov + (1e-3 * scale) * torch.eye(d, dtype=cov.dtype, device=cov.device))
+    return L
 
 
 def fit_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, rank: int,
@@ -122,7 +118,7 @@ def fit_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, rank: 
 
 def _fit_activation(weight, bias, stats, rank, ridge) -> LowRankFit:
     w = weight.detach().to(torch.float64)
-    L, _ = ridge_cholesky(stats.cov_in, ridge)
+    L = whitening_factor(stats.cov_in, ridge)
     # M = L^{-1} C W^T, C = centered X~^T X
     M = torch.linalg.solve_triangular(L, stats.cov_cross.to(w.device) @ w.T, upper=False)
     u, s, vh = torch.linalg.svd(M, full_matrices=False)  # M (in, out) = u s vh
