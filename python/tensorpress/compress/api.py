@@ -13,14 +13,15 @@ from torch import Tensor, nn
 from tensorpress.compress.allocate import (RANK_RULES, allocate_by_rule, allocate_uniform, layer_sensitivity,
                                           relative_error_curves)
 from tensorpress.compress import distributed as tpdist
-from tensorpress.compress.calibrate import call_model, hooks, record_inputs, row_mask, rows, run_until_stop
+from tensorpress.compress.calibrate import (call_model, hooks, layer_features, layer_rows, record_inputs, row_mask,
+                                            row_signature, run_until_stop)
 from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd
 from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
 from tensorpress.compress.sequential import compress_sequential, set_submodule
 from tensorpress.compress.stats import GramStats
+from tensorpress.compress.structures import ADAPTERS, STRUCTURES, dense_macs_per_row, module_params, weight_matrix
 from tensorpress.nn.lowrank_linear import LowRankLinear
 
-STRUCTURES = ("lowrank",)
 ONE_SHOT_METHODS = ("svd", "whitened")
 SEQUENTIAL_METHODS = ("activation", "convex", "relu", "gelu")
 SAMPLE_METHODS = ("relu", "gelu")   # need rows of (X, X~), not only their Grams
@@ -29,9 +30,9 @@ METHODS = ONE_SHOT_METHODS + SEQUENTIAL_METHODS
 
 
 def eligible_layers(model: nn.Module, structure: str = "lowrank") -> dict[str, nn.Module]:
-    """The layers a structure can replace: nn.Linear with both sides >= 2 for "lowrank"."""
-    return {name: mod for name, mod in model.named_modules()
-            if type(mod) is nn.Linear and min(mod.in_features, mod.out_features) >= 2}
+    """The layers a structure can replace (see tensorpress.compress.structures)."""
+    adapter = ADAPTERS[structure]
+    return {name: mod for name, mod in model.named_modules() if adapter.eligible(mod)}
 
 
 def _match(name: str, patterns: Sequence[str]) -> bool:
@@ -61,7 +62,7 @@ def select_targets(model: nn.Module, structure: str, include=None, exclude=None)
     names = [n for n in eligible if (not inc or _match(n, inc)) and not _match(n, exc)]
     if not names:
         raise ValueError(f"model: no eligible layer to compress for structure={structure!r} "
-                         f"(eligible: nn.Linear layers; after include={inc}, exclude={exc})")
+                         f"(eligible: {ADAPTERS[structure].describe()}; after include={inc}, exclude={exc})")
     return names
 
 
@@ -77,6 +78,10 @@ def _check_args(model, calib, structure, method, budget, ranks, rank_rule):
                              f"got {bad or method!r}")
     elif method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS} or a dict {{pattern: method}}, got {method!r}")
+    allowed = ADAPTERS[structure].methods
+    used = set(method.values()) if isinstance(method, Mapping) else {method}
+    if not used <= set(allowed):
+        raise ValueError(f"method: structure={structure!r} supports {allowed}, got {sorted(used - set(allowed))}")
     if ranks is None:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
             raise ValueError(f"budget: expected a fraction of parameters kept in (0, 1], got {budget!r}")
@@ -84,6 +89,9 @@ def _check_args(model, calib, structure, method, budget, ranks, rank_rule):
         raise TypeError(f"ranks: expected a dict {{layer name: rank}}, got {type(ranks).__name__}")
     if rank_rule is not None and rank_rule not in RANK_RULES:
         raise ValueError(f"rank_rule: expected None or one of {RANK_RULES}, got {rank_rule!r}")
+    if rank_rule is not None and structure != "lowrank":
+        raise ValueError(f"rank_rule: the rank rules allocate low-rank layers; with structure={structure!r} use "
+                         f"rank_rule=None (the same fraction in every layer) or ranks={{layer: rank}}")
     if not (isinstance(method, str) and method == "svd") or rank_rule is not None:
         if calib is None:
             raise ValueError(f"calib: method={method!r} (and any rank_rule) needs calibration batches, got None")
@@ -115,7 +123,7 @@ def _check_first_batch(model: nn.Module, batch) -> None:
                          f"{err})") from err
 
 
-def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Linear]) -> dict[str, int]:
+def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Module], structure: str = "lowrank") -> dict:
     unknown = [n for n in ranks if n not in layers]
     if unknown:
         raise ValueError(f"ranks: unknown or excluded layers {unknown}; compressible layers are e.g. "
@@ -126,6 +134,9 @@ def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Linear]) -> dict[str, i
             raise ValueError(f"ranks: no rank given for layer {name!r} (give every targeted layer one, or "
                              f"narrow the targets with include=)")
         r = ranks[name]
+        if structure != "lowrank":
+            out[name] = ADAPTERS[structure].check_rank(name, layer, r)
+            continue
         top = min(layer.in_features, layer.out_features)
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= top:
             raise ValueError(f"ranks: layer {name!r} ({layer.out_features}x{layer.in_features}) needs a rank in "
@@ -147,17 +158,17 @@ def one_shot_stats(model: nn.Module, batches: Sequence, layers: Mapping[str, nn.
         if missing:
             raise ValueError(f"include: layers {missing} are never called by the model on calibration batch {i}")
         if not stats:
-            # layers reading the very same tensor (q, k, v) share one accumulator
-            owner: dict[int, GramStats] = {}
+            # layers reading the very same tensor into the same rows (q, k, v) share one accumulator
+            owner: dict[tuple, GramStats] = {}
             for name, layer in layers.items():
-                key = id(got[name])
-                stats[name] = owner.setdefault(key, GramStats(layer.in_features, paired=False))
+                key = (id(got[name]), row_signature(layer))
+                stats[name] = owner.setdefault(key, GramStats(layer_features(layer), paired=False))
         done: set[int] = set()
         for name in layers:
             if id(stats[name]) in done:
                 continue
             done.add(id(stats[name]))
-            x = rows(got[name], mask)
+            x = layer_rows(layers[name], got[name], mask)
             if not torch.isfinite(x).all():
                 raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {i})")
             stats[name].update(x)
@@ -168,9 +179,10 @@ def one_shot_stats(model: nn.Module, batches: Sequence, layers: Mapping[str, nn.
     return stats
 
 
-def output_error(layer: nn.Linear, fit: LowRankFit, stats: GramStats) -> float:
-    """||X W^T + b - (X~ W^^T + b^)||_F / ||X W^T + b||_F on the calibration rows (from Grams)."""
-    w = layer.weight.detach().to(torch.float64)
+def output_error(layer: nn.Module, fit, stats: GramStats) -> float:
+    """||X W^T + b - (X~ W^^T + b^)||_F / ||X W^T + b||_F on the calibration rows (from Grams);
+    ``fit`` has ``weight()`` (the dense W^ as a matrix) and ``bias``."""
+    w = weight_matrix(layer).to(torch.float64)
     b = torch.zeros(w.shape[0], dtype=torch.float64) if layer.bias is None else layer.bias.detach().to(torch.float64)
     wh = fit.weight().to(torch.float64)
     bh = torch.zeros_like(b) if fit.bias is None else fit.bias.to(torch.float64)
@@ -297,7 +309,11 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             of positional arguments, or a dict of keyword arguments; a dict's
             ``attention_mask`` drops padding tokens from the statistics). Needed by every
             method but "svd".
-        structure: "lowrank" (LowRankLinear in place of nn.Linear).
+        structure: "lowrank" (LowRankLinear in place of nn.Linear), "tt" (TTLinear in place
+            of nn.Linear, the cores fitted by ALS sweeps on the data-aware objective), "tucker"
+            / "cp" (TuckerConv2d / CPConv2d in place of nn.Conv2d, the factors fitted by ALS
+            on the conv's input patches). The tensor structures take the methods "svd"
+            (weights only), "whitened" and "activation", and rank_rule=None.
         method: "activation" (sequential: each layer fitted on the inputs of the model
             compressed so far, closed form of Zhang & Saab), "whitened" (the same on the
             original model's inputs, all layers from one pass), "svd" (weights only);
@@ -307,7 +323,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             {layer name or glob pattern: method} mixes sequential methods, first match wins,
             e.g. {"*.intermediate.dense": "gelu", "*": "activation"}.
         budget: fraction of the targeted layers' weight parameters kept, in (0, 1].
-        ranks: {layer name: rank} instead of a budget (every targeted layer needs one).
+        ranks: {layer name: rank} instead of a budget (every targeted layer needs one): an
+            int, or for "tt" one bond rank per bond, for "tucker" (r_out, r_in).
         rank_rule: how the budget is split across layers: None (the same fraction of every
             layer), "optimism" (minimize the summed estimated test error, training error plus
             asymptotic optimism, of the layers' relative outputs) or "energy" (the same
@@ -331,7 +348,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         keep_rows = DEFAULT_KEEP_ROWS
     method_name = method if isinstance(method, str) else "+".join(sorted(set(per_layer.values())))
     layers = {n: model.get_submodule(n) for n in targets}
-    chosen = _check_ranks(ranks, layers) if ranks is not None else None
+    adapter = ADAPTERS[structure]
+    chosen = _check_ranks(ranks, layers, structure) if ranks is not None else None
     if batches:
         _check_first_batch(model, batches[0])
     ridge_kw = {} if ridge is None else {"ridge": ridge}
@@ -359,53 +377,64 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                 if cache is not None:
                     cache[key] = shot
             report.calibration_rows = next(iter(shot.values())).n
-        if chosen is None:
+        if chosen is None and structure != "lowrank":
+            chosen = {n: adapter.uniform_rank(layer, budget) for n, layer in layers.items()}
+        elif chosen is None:
             chosen = allocate_uniform(layers, budget)
             if rank_rule is not None:
                 chosen = _allocate(rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache)
 
-        def record(name, fit, stats, seconds):
+        def record(name, fit, module, stats, seconds):
             layer = layers[name]
-            out_f, in_f = layer.out_features, layer.in_features
+            out_f, in_f = weight_matrix(layer).shape
             dense = fit.info.get("method") == "dense"
-            r = min(in_f, out_f) if dense else fit.first.shape[0]
-            params_before = out_f * in_f + (out_f if layer.bias is not None else 0)
+            lowrank = structure == "lowrank"
             report.layers.append(LayerReport(
                 name=name, structure="dense" if dense else structure, method=per_layer[name], shape=(out_f, in_f),
-                rank=r,
-                params_before=params_before,
-                params_after=params_before if dense else r * (in_f + out_f) + (out_f if fit.bias is not None else 0),
-                flops_before=out_f * in_f, flops_after=out_f * in_f if dense else r * (in_f + out_f),
+                rank=(min(in_f, out_f) if dense else fit.rank if lowrank else adapter.report_rank(fit)),
+                params_before=module_params(layer), params_after=module_params(module),
+                flops_before=dense_macs_per_row(layer),
+                flops_after=(dense_macs_per_row(layer) if dense else fit.rank * (in_f + out_f) if lowrank
+                             else adapter.macs_per_row(layer, module)),
                 rel_error=output_error(layer, fit, stats) if stats is not None else float("nan"),
                 seconds=seconds))
+
+        def fit_module(name, stats, method_of_layer):
+            """(fit, replacement module) of one layer."""
+            layer = layers[name]
+            if chosen[name] is None:
+                return _identity_fit(layer), layer
+            if structure != "lowrank":
+                fit = adapter.fit(method_of_layer, layer, stats, chosen[name], ridge_kw)
+                return fit, adapter.module(layer, fit)
+            if method_of_layer == "svd":
+                fit = fit_svd(layer.weight, layer.bias, chosen[name])
+            elif method_of_layer == "whitened":
+                fit = fit_activation(layer.weight, layer.bias, stats, chosen[name], **ridge_kw)
+            else:
+                fit = _fit_sequential(method_of_layer, layer, stats, chosen[name], ridge_kw)
+            return fit, _lowrank_module(layer, fit)
 
         if isinstance(method, str) and method in ONE_SHOT_METHODS:
             for name in targets:
                 t0 = time.perf_counter()
-                layer = layers[name]
-                if chosen[name] is None:
-                    fit = _identity_fit(layer)
-                elif method == "svd":
-                    fit = fit_svd(layer.weight, layer.bias, chosen[name])
-                else:
-                    fit = fit_activation(layer.weight, layer.bias, shot[name], chosen[name], **ridge_kw)
-                if chosen[name] is not None:
-                    set_submodule(cmp, name, _lowrank_module(layer, fit))
-                record(name, fit, None if shot is None else shot[name], time.perf_counter() - t0)
+                stats = None if shot is None else shot[name]
+                fit, module = fit_module(name, stats, method)
+                if module is not layers[name]:
+                    set_submodule(cmp, name, module)
+                record(name, fit, module, stats, time.perf_counter() - t0)
             report.mode = "one-shot"
         else:
             bar = _progress(0, "calibrating", progress)
 
             def fit_layer(name, stats):
                 t0 = time.perf_counter()
-                layer = layers[name]
                 report.calibration_rows = stats.n
-                if chosen[name] is None:
-                    record(name, _identity_fit(layer), stats, time.perf_counter() - t0)
-                    return cmp.get_submodule(name)
-                fit = _fit_sequential(per_layer[name], layer, stats, chosen[name], ridge_kw)
-                record(name, fit, stats, time.perf_counter() - t0)
-                return _lowrank_module(layer, fit)
+                fit, module = fit_module(name, stats, per_layer[name])
+                if module is layers[name]:  # kept dense: the copy's own layer stays
+                    module = cmp.get_submodule(name)
+                record(name, fit, module, stats, time.perf_counter() - t0)
+                return module
 
             if bar is not None:
                 bar.total = None

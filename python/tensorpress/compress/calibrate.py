@@ -46,6 +46,45 @@ def rows(x: Tensor, mask: Tensor | None) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def row_signature(layer: nn.Module) -> tuple:
+    """Layers with equal signatures turn the same input tensor into the same rows."""
+    if isinstance(layer, nn.Conv2d):
+        return ("conv2d", layer.in_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                layer.padding_mode)
+    return ("linear", layer.in_features)
+
+
+def layer_features(layer: nn.Module) -> int:
+    """The length of one calibration row of ``layer``: in_features, or in_channels * kh * kw
+    for a Conv2d (one row per output position: the input patch it sees)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    return layer.in_features
+
+
+def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N * H_out * W_out, C * kh * kw): the patches the conv multiplies by
+    weight.reshape(out, -1), padding included (so W^ p + b reproduces the conv exactly)."""
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        # "same" may pad unevenly and other modes are not zeros: pad as nn.Conv2d does
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = (0, 0)
+    cols = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
+                                      stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def layer_rows(layer: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
+    """The calibration rows of ``layer`` for its input ``x`` (see :func:`layer_features`)."""
+    if isinstance(layer, nn.Conv2d):
+        return conv_patches(layer, x)
+    return rows(x, mask)
+
+
 @contextmanager
 def hooks(handles: list):
     """Remove every handle in ``handles`` on exit (also on error)."""
@@ -93,7 +132,8 @@ def run_until_stop(fn: Callable[[], object]) -> object | None:
 def execution_order(run: Callable[[], object], targets: Mapping[str, nn.Module]) -> list[list[str]]:
     """Target layers in the order one forward pass (``run()``) reaches them, grouped into
     stages: layers reached one after another with the very same input tensor (q, k, v of
-    attention) share a stage, since compressing one does not change the others' inputs.
+    attention) and the same row signature share a stage, since compressing one does not
+    change the others' inputs.
     Layers the pass never reaches are left out."""
     # the input tensors themselves are kept until the grouping is done: comparing addresses
     # of tensors already freed could match a new tensor allocated at the same place
@@ -111,7 +151,7 @@ def execution_order(run: Callable[[], object], targets: Mapping[str, nn.Module])
         if name in seen:  # a layer called twice (weight sharing): its first call decides
             continue
         seen.add(name)
-        if stages and x is last:
+        if stages and x is last and row_signature(targets[name]) == row_signature(targets[stages[-1][0]]):
             stages[-1].append(name)
         else:
             stages.append([name])

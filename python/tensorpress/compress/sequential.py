@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tensorpress.compress.calibrate import (StopForward, call_model, execution_order, find_blocks, hooks,
-                                            record_inputs, row_mask, rows, run_until_stop)
+                                            layer_features, layer_rows, record_inputs, row_mask, run_until_stop)
 from tensorpress.compress.stats import GramStats
 
 # fit(name, stats) -> the module that replaces layer `name` in the compressed model
@@ -98,8 +98,8 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
                    n_batches: int, mask_of: Callable[[int], Tensor | None], keep_rows: int,
                    progress: Callable | None, reference: dict | None = None) -> dict[str, GramStats]:
     """GramStats of every layer in the stage over all batches (paired X, X~). The layers of a
-    stage read the same input tensor, so they share one accumulator."""
-    shared = GramStats(ref_of[stage[0]].in_features, paired=True, keep_rows=keep_rows,
+    stage read the same input tensor into the same rows, so they share one accumulator."""
+    shared = GramStats(layer_features(ref_of[stage[0]]), paired=True, keep_rows=keep_rows,
                        reference=None if reference is None else reference.get(stage[0]))
     stats = {name: shared for name in stage}
     got_ref: dict[str, Tensor] = {}
@@ -120,7 +120,7 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
                     raise RuntimeError(f"layer {name!r}: its input differs from {stage[0]!r}'s in calibration batch "
                                        f"{b}, though they were grouped as reading the same tensor")
             name = stage[0]
-            x_ref, x_cmp = rows(got_ref[name], mask), rows(got_cmp[name], mask)
+            x_ref, x_cmp = layer_rows(ref_of[name], got_ref[name], mask), layer_rows(ref_of[name], got_cmp[name], mask)
             if not (torch.isfinite(x_ref).all() and torch.isfinite(x_cmp).all()):
                 raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {b})")
             shared.update(x_ref, x_cmp)

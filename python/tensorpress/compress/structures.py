@@ -1,0 +1,201 @@
+"""What compress() can turn a layer into: one adapter per structure.
+
+An adapter says which layers it applies to, how a parameter budget becomes a rank, how a rank
+is validated, how a layer is fitted (weights only, or from calibration statistics), which
+module replaces it and what that module costs per calibration row.
+
+* ``lowrank``: nn.Linear -> LowRankLinear (two thin linears); rank r.
+* ``tt``: nn.Linear -> TTLinear (balanced factors of both sides); a bond rank for every bond
+  (an int sets all). Needs both sides to split into at least two factors.
+* ``tucker``: nn.Conv2d (groups=1) -> TuckerConv2d; ranks (r_out, r_in) (an int sets both).
+* ``cp``: nn.Conv2d (groups=1) -> CPConv2d; rank R.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tensorpress.compress.stats import GramStats
+
+
+def _is_int(v, low=1) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= low
+
+
+class LowRank:
+    name = "lowrank"
+    methods = ("svd", "whitened", "activation", "convex", "relu", "gelu")
+
+    def eligible(self, module: nn.Module) -> bool:
+        return type(module) is nn.Linear and min(module.in_features, module.out_features) >= 2
+
+    def describe(self) -> str:
+        return "nn.Linear layers with both sides >= 2"
+
+
+class TT:
+    name = "tt"
+    methods = ("svd", "whitened", "activation")
+
+    def eligible(self, module: nn.Module) -> bool:
+        from tensorpress.nn.factorize import _prime_factors
+        return (type(module) is nn.Linear and len(_prime_factors(module.in_features)) >= 2
+                and len(_prime_factors(module.out_features)) >= 2)
+
+    def describe(self) -> str:
+        return "nn.Linear layers whose sides both split into >= 2 factors"
+
+    def factors(self, layer: nn.Linear):
+        from tensorpress.compress.tt import tt_factors
+        in_f, out_f = tt_factors(layer)
+        return out_f, in_f
+
+    def uniform_rank(self, layer: nn.Linear, budget: float):
+        from tensorpress.compress.tt import capped_ranks, uniform_tt_rank
+        out_f, in_f = self.factors(layer)
+        return capped_ranks(uniform_tt_rank(layer, budget, out_f, in_f), out_f, in_f)
+
+    def check_rank(self, name: str, layer: nn.Linear, rank):
+        from tensorpress.compress.tt import capped_ranks
+        from tensorpress.nn.factorize import max_bond_ranks
+        out_f, in_f = self.factors(layer)
+        d = len(out_f)
+        if _is_int(rank):
+            return capped_ranks(rank, out_f, in_f)
+        if isinstance(rank, (list, tuple)) and len(rank) == d - 1 and all(_is_int(r) for r in rank):
+            return tuple(min(r, c) for r, c in zip(rank, max_bond_ranks(out_f, in_f)))
+        raise ValueError(f"ranks: layer {name!r} (TT factors {out_f}x{in_f}) needs an int bond rank >= 1 or "
+                         f"{d - 1} of them, got {rank!r}")
+
+    def fit(self, method: str, layer: nn.Linear, stats: GramStats | None, rank, ridge_kw: dict):
+        from tensorpress.compress.tt import fit_tt_activation, fit_tt_svd
+        out_f, in_f = self.factors(layer)
+        if method == "svd":
+            return fit_tt_svd(layer.weight, layer.bias, list(rank), out_f, in_f)
+        return fit_tt_activation(layer.weight, layer.bias, stats, list(rank), out_f, in_f, **ridge_kw)
+
+    def module(self, layer: nn.Linear, fit) -> nn.Module:
+        from tensorpress.nn.tt_linear import TTLinear
+        new = TTLinear(layer.in_features, layer.out_features, list(fit.ranks), in_factors=fit.in_factors,
+                       out_factors=fit.out_factors, bias=fit.bias is not None, device=layer.weight.device,
+                       dtype=layer.weight.dtype)
+        with torch.no_grad():
+            for g, c in zip(new.cores, fit.cores):
+                g.copy_(c)
+            if fit.bias is not None:
+                new.bias.copy_(fit.bias)
+        return new
+
+    def macs_per_row(self, layer: nn.Linear, module: nn.Module) -> int:
+        from tensorpress.ops.tt_plan import choose_plan
+        batch = 256
+        return int(choose_plan(module.core_shapes, batch).flops // (2 * batch))
+
+    def report_rank(self, fit) -> int:
+        return fit.rank
+
+
+class _ConvStructure:
+    methods = ("svd", "whitened", "activation")
+
+    def eligible(self, module: nn.Module) -> bool:
+        return type(module) is nn.Conv2d and module.groups == 1 and min(module.in_channels,
+                                                                        module.out_channels) >= 2
+
+    def describe(self) -> str:
+        return "nn.Conv2d layers with groups=1 and at least 2 input and output channels"
+
+    def module(self, layer: nn.Conv2d, fit) -> nn.Module:
+        return fit.module.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+class Tucker(_ConvStructure):
+    name = "tucker"
+
+    @staticmethod
+    def params(layer: nn.Conv2d, r_out: int, r_in: int) -> int:
+        kh, kw = layer.kernel_size
+        return r_in * layer.in_channels + r_out * r_in * kh * kw + layer.out_channels * r_out + layer.out_channels
+
+    def uniform_rank(self, layer: nn.Conv2d, budget: float):
+        """The largest (r_out, r_in) in the channels' ratio that fits the budget."""
+        o, i = layer.out_channels, layer.in_channels
+        allowed = budget * (layer.weight.numel() + o)
+        best = (1, 1)
+        for step in range(1, max(o, i) + 1):
+            r_out, r_in = max(1, min(o, round(step * o / max(o, i)))), max(1, min(i, round(step * i / max(o, i))))
+            if self.params(layer, r_out, r_in) > allowed:
+                break
+            best = (r_out, r_in)
+        return best
+
+    def check_rank(self, name: str, layer: nn.Conv2d, rank):
+        o, i = layer.out_channels, layer.in_channels
+        pair = (rank, rank) if _is_int(rank) else rank
+        if (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_int(r) for r in pair)):
+            return (min(pair[0], o), min(pair[1], i))
+        raise ValueError(f"ranks: layer {name!r} ({o}x{i} channels) needs (r_out, r_in) ints >= 1 or one int, "
+                         f"got {rank!r}")
+
+    def fit(self, method: str, layer: nn.Conv2d, stats: GramStats | None, rank, ridge_kw: dict):
+        from tensorpress.compress.conv import fit_tucker_conv
+        return fit_tucker_conv(layer, None if method == "svd" else stats, rank, **ridge_kw)
+
+    def macs_per_row(self, layer: nn.Conv2d, module: nn.Module) -> int:
+        return self.params(layer, *module.ranks) - layer.out_channels
+
+    def report_rank(self, fit):
+        return tuple(fit.module.ranks)
+
+
+class CP(_ConvStructure):
+    name = "cp"
+
+    @staticmethod
+    def params(layer: nn.Conv2d, rank: int) -> int:
+        kh, kw = layer.kernel_size
+        return rank * (layer.in_channels + layer.out_channels + kh + kw) + layer.out_channels
+
+    def uniform_rank(self, layer: nn.Conv2d, budget: float):
+        kh, kw = layer.kernel_size
+        per = layer.in_channels + layer.out_channels + kh + kw
+        return max(1, int((budget * (layer.weight.numel() + layer.out_channels) - layer.out_channels) // per))
+
+    def check_rank(self, name: str, layer: nn.Conv2d, rank):
+        if _is_int(rank):
+            return rank
+        raise ValueError(f"ranks: layer {name!r} needs a CP rank (an int >= 1), got {rank!r}")
+
+    def fit(self, method: str, layer: nn.Conv2d, stats: GramStats | None, rank, ridge_kw: dict):
+        from tensorpress.compress.conv import fit_cp_conv
+        return fit_cp_conv(layer, None if method == "svd" else stats, rank, **ridge_kw)
+
+    def macs_per_row(self, layer: nn.Conv2d, module: nn.Module) -> int:
+        return self.params(layer, module.rank) - layer.out_channels
+
+    def report_rank(self, fit) -> int:
+        return fit.module.rank
+
+
+ADAPTERS = {s.name: s for s in (LowRank(), TT(), Tucker(), CP())}
+STRUCTURES = tuple(ADAPTERS)
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as the (out, features) matrix its calibration rows multiply."""
+    w = layer.weight.detach()
+    return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
+
+
+def dense_params(layer: nn.Module) -> int:
+    return layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
+
+
+def module_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def dense_macs_per_row(layer: nn.Module) -> int:
+    return math.prod(weight_matrix(layer).shape)
