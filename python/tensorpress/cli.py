@@ -85,14 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     plan.set_defaults(run=_plan)
     comp = sub.add_parser("compress", help="compress a real model end to end (default: MiniLM-L6), with a report, "
                                            "plots and the compressed weights")
-    comp.add_argument("--model", default="minilm", help="minilm (default) or a local BERT-like transformers folder")
-    comp.add_argument("--budget", type=float, default=0.5, help="fraction of the linear layers' parameters kept")
-    comp.add_argument("--structure", default="lowrank", choices=["lowrank"])
+    comp.add_argument("--model", default="minilm", help="minilm (default), mnist-cnn (the pretrained MNIST CNN of "
+                                                          "ccexam) or a local BERT-like transformers folder")
+    comp.add_argument("--budget", type=float, default=0.5, help="fraction of the compressed layers' parameters kept")
+    comp.add_argument("--structure", default="lowrank", choices=["lowrank", "tt", "tucker", "cp"],
+                      help="lowrank/tt replace nn.Linear, tucker/cp replace nn.Conv2d")
     comp.add_argument("--method", default="activation", choices=["activation", "whitened", "svd"])
-    comp.add_argument("--rank-rule", default="optimism", choices=["optimism", "energy", "uniform"],
-                      help="how the budget is split across layers (uniform: the same fraction everywhere)")
-    comp.add_argument("--calib", type=int, default=1000, help="calibration sentences")
-    comp.add_argument("--eval", type=int, default=1000, help="held-out evaluation sentences")
+    comp.add_argument("--rank-rule", default="auto", choices=["auto", "optimism", "energy", "uniform"],
+                      help="how the budget is split across layers (uniform: the same fraction everywhere; auto: "
+                           "optimism for lowrank, uniform for the tensor structures)")
+    comp.add_argument("--calib", type=int, default=1000, help="calibration sentences (or images)")
+    comp.add_argument("--eval", type=int, default=1000, help="held-out evaluation sentences (or images)")
     comp.add_argument("--sweep", default="0.3,0.5,0.7,0.9", help="budgets of the method comparison ('' skips it)")
     comp.add_argument("--compare", default="svd,whitened,activation", help="methods compared in the sweep")
     comp.add_argument("--out", default="tensorpress-out", help="output folder")

