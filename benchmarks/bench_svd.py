@@ -337,6 +337,8 @@ def main(argv=None) -> int:
                       quick_help="smoke test: three tiny cases")
     args = ap.parse_args(argv)
 
+    if args.device == "cuda":
+        return cuda_main(args)
     exit_unless_cpu(args.device, "bench_svd.py")
 
     torch.set_num_threads(args.threads)
@@ -371,6 +373,107 @@ def main(argv=None) -> int:
     write_markdown(args.out / f"{stem}.md", meta, results, max_repeats, warmup, budget_s, noise_wait)
     write_plot(args.out / f"{stem}.png", results)
     print(f"wrote {args.out / stem}.{{json,md,png}}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CUDA
+CUDA_TARGET_JACOBI, CUDA_TARGET_LOWRANK = 10.0, 3.0   # vs torch.linalg.svd / torch.svd_lowrank on the GPU
+CUDA_JACOBI_TARGET_SHAPES = {(10000, 32, 32), (1000, 64, 64)}
+
+
+def cuda_time_ms(fn, A, repeats: int, warmup: int) -> float:
+    """Median ms by CUDA events."""
+    import statistics
+
+    for _ in range(warmup):
+        fn(A)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(A)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cuda_main(args) -> int:
+    """The GPU side: our CUDA Jacobi / randomized SVD against cuSOLVER (torch.linalg.svd) and
+    torch.svd_lowrank, same float32 inputs, CUDA events, medians; accuracy against float64
+    LAPACK. Writes svd_<gpu>.json and .md."""
+    import tensorpress
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_svd.py: --device cuda requested but torch sees no GPU")
+    if not tensorpress.info()["cuda_kernels_built"]:
+        sys.exit("bench_svd.py: this build of tensorpress has no CUDA kernels (TENSORPRESS_CUDA=ON to build them)")
+    repeats = args.repeats or (3 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else 1
+    meta = machine_info(torch.get_num_threads())
+    meta["git"] = git_revision()
+    meta["gpu"] = torch.cuda.get_device_name()
+    results = []
+    for case in QUICK_CASES if args.quick else CASES:
+        A = make_input(case)
+        k = case.k
+        lowrank = case.rank is not None
+        Ad = A.to("cuda")
+        sides = {"tp auto": lambda a: truncated_svd(a, rank=k)}
+        if min(case.m, case.n) <= 64:
+            sides["tp jacobi"] = lambda a: truncated_svd(a, rank=k, method="jacobi")
+        sides["torch svd"] = lambda a: torch.linalg.svd(a, full_matrices=False)
+        if lowrank:
+            sides["svd_lowrank"] = lambda a: torch.svd_lowrank(a, q=k + LOWRANK_OVERSAMPLE, niter=LOWRANK_NITER)
+        A64 = A.double()
+        S_ref = torch.linalg.svdvals(A64)
+        optimal = (S_ref[..., k:] ** 2).sum(-1).sqrt() / torch.linalg.matrix_norm(A64)
+        res = {"case": case.name, "auto_method": svd_method(Ad.shape, k, "auto", Ad.device), "times_ms": {},
+               "sv_err": {}, "orth_err": {}, "excess_err": {}}
+        for name, fn in sides.items():
+            U, S, V = fn(Ad)
+            Vh = V.transpose(-1, -2) if name == "svd_lowrank" else V
+            U, S, Vh = U[..., :k].double().cpu(), S[..., :k].double().cpu(), Vh[..., :k, :].double().cpu()
+            res["sv_err"][name] = float(((S - S_ref[..., :k]).abs() / S_ref[..., :1]).max())
+            eye = torch.eye(k, dtype=torch.float64)
+            res["orth_err"][name] = float((U.transpose(-1, -2) @ U - eye).abs().max())
+            err = torch.linalg.matrix_norm((U * S[..., None, :]) @ Vh - A64) / torch.linalg.matrix_norm(A64)
+            res["excess_err"][name] = float(((err - optimal) / optimal.clamp_min(1e-30)).max()) if lowrank else 0.0
+            res["times_ms"][name] = cuda_time_ms(fn, Ad, repeats, warmup)
+        t = res["times_ms"]
+        res["targets"] = {}
+        if (case.batch, case.m, case.n) in CUDA_JACOBI_TARGET_SHAPES:
+            res["targets"]["vs_torch_svd"] = "PASS" if t["torch svd"] / t["tp auto"] >= CUDA_TARGET_JACOBI else "FAIL"
+        if lowrank and case.m == 768:
+            ok = (t["svd_lowrank"] / t["tp auto"] >= CUDA_TARGET_LOWRANK
+                  and res["excess_err"]["tp auto"] <= res["excess_err"]["svd_lowrank"] + 1e-3)
+            res["targets"]["vs_svd_lowrank"] = "PASS" if ok else "FAIL"
+        results.append(res)
+        print(f"{case.name:24s} auto={res['auto_method']:10s} ms: " + " ".join(f"{n}={v:.2f}" for n, v in t.items())
+              + f" {res['targets']}", flush=True)
+    meta["load_avg_end"] = os.getloadavg()
+    meta["other_cpu_share"] = 0.0
+    slug = "".join(c if c.isalnum() else "_" for c in meta["gpu"].lower()).strip("_")
+    stem = f"svd_{slug}" + ("_quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "repeats": repeats, "warmup": warmup,
+                                                       "results": results}, indent=2, default=str) + "\n")
+    sides = ["tp auto", "tp jacobi", "torch svd", "svd_lowrank"]
+    lines = [f"# Batched truncated SVD on {meta['gpu']}", "", *stamp_lines(meta),
+             f"- torch {meta['torch']}; tensorpress: {tensorpress_flags(meta)}; git {meta['git']}",
+             f"- CUDA events, median of {repeats} ({warmup} warmup); float32 inputs; errors against float64 LAPACK",
+             "", "| case | auto | " + " | ".join(f"{s} ms" for s in sides) + " | sv err (auto) | orth (auto) "
+             "| excess err auto / lowrank | targets |", "|---|---|" + "---:|" * len(sides) + "---:|---:|---:|---|"]
+    for r in results:
+        cell = lambda s: f"{r['times_ms'][s]:.2f}" if s in r["times_ms"] else "-"  # noqa: E731
+        ex = r["excess_err"]
+        lines.append(f"| {r['case']} | {r['auto_method']} | " + " | ".join(cell(s) for s in sides)
+                     + f" | {r['sv_err']['tp auto']:.1e} | {r['orth_err']['tp auto']:.1e} "
+                     f"| {ex['tp auto']:.2%} / {ex.get('svd_lowrank', 0):.2%} "
+                     f"| {', '.join(f'{k} {v}' for k, v in r['targets'].items())} |")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / stem}.{{json,md}}")
     return 0
 
 

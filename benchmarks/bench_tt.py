@@ -15,12 +15,14 @@ backward (activation memory), and writes ``tt_cpu.json``, ``tt_cpu.md`` and ``tt
 
     python benchmarks/bench_tt.py                 # full run (a few minutes on 2 cores)
     python benchmarks/bench_tt.py --quick         # smoke test, < 30 s, writes tt_cpu_quick.*
+    python benchmarks/bench_tt.py --device cuda   # the GPU benchmark (see cuda_main), tt_<gpu>.*
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from typing import Callable
 
 import torch
 
+import tensorpress
 from tensorpress.nn import TTLinear
 from tensorpress.ops.tt import tt_to_dense
 
@@ -316,6 +319,8 @@ def main(argv=None) -> int:
                       quick_help="smoke test: two small cases, few repeats")
     args = ap.parse_args(argv)
 
+    if args.device == "cuda":
+        return cuda_main(args)
     exit_unless_cpu(args.device, "bench_tt.py")
 
     torch.set_num_threads(args.threads)
@@ -348,6 +353,178 @@ def main(argv=None) -> int:
     write_markdown(args.out / f"{stem}.md", meta, results, repeats, warmup)
     write_plot(args.out / f"{stem}.png", results)
     print(f"wrote {args.out / stem}.{{json,md,png}}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CUDA
+# The issue's GPU cases: (name, in_features, out_features, rank, in_factors, out_factors);
+# None factors: TTLinear's default factorization.
+CUDA_CASES = [
+    ("1024x1024 r8", 1024, 1024, 8, (4, 8, 8, 4), (4, 8, 8, 4)),
+    ("1024x1024 r16", 1024, 1024, 16, (4, 8, 8, 4), (4, 8, 8, 4)),
+    ("4096x4096 r8", 4096, 4096, 8, (8, 8, 8, 8), (8, 8, 8, 8)),
+    ("4096x4096 r16", 4096, 4096, 16, (8, 8, 8, 8), (8, 8, 8, 8)),
+    ("4096x4096 r32", 4096, 4096, 32, (8, 8, 8, 8), (8, 8, 8, 8)),
+    ("768->3072 r16", 768, 3072, 16, None, None),
+    ("4096->11008 r32", 4096, 11008, 32, None, None),
+]
+CUDA_BATCHES = (1, 16, 256, 4096)
+CUDA_DTYPES = ("float32", "bfloat16")
+CUDA_AGREE_TOL = {"float32": 1e-4, "bfloat16": 3e-2}
+CUDA_TARGET_SMALL, CUDA_TARGET_LARGE = 3.0, 2.0   # vs einsum / tltorch at batch <= 64, at 4096
+CUDA_TARGET_LATENCY_US = 10.0                      # 4096^2 r16 at batch <= 64
+CUDA_TARGET_ROOFLINE = 0.5                         # large-batch forward vs its roofline floor
+
+
+def cuda_time_ms(fn, xs, repeats: int, warmup: int) -> list[float]:
+    """Per-call times (ms) by CUDA events, rotating among the inputs xs."""
+    for i in range(warmup):
+        fn(xs[i % len(xs)])
+    torch.cuda.synchronize()
+    out = []
+    for r in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(xs[r % len(xs)])
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end))
+    return out
+
+
+def cuda_ceilings() -> dict:
+    """The two roofline ceilings measured on this GPU: a large device-to-device copy (bytes
+    read + written per second) and a large dense matmul per dtype (FLOP/s)."""
+    n = 1 << 28  # 1 GiB of float32
+    a, b = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+    copy_ms = statistics.median(cuda_time_ms(lambda _: b.copy_(a), [None], 20, 3))
+    del a, b
+    res = {"copy_bytes_per_s": 2 * 4 * n / (copy_ms * 1e-3)}
+    for name in CUDA_DTYPES:
+        dt = getattr(torch, name)
+        m = torch.randn(8192, 8192, device="cuda").to(dt)
+        ms = statistics.median(cuda_time_ms(lambda _: m @ m, [None], 20, 3))
+        res[f"matmul_flops_{name}"] = 2 * 8192 ** 3 / (ms * 1e-3)
+    return res
+
+
+def cuda_case(name, in_f, out_f, rank, in_factors, out_factors, batch, dtype_name, ceilings, repeats, warmup):
+    from tensorpress.ops.tt import tt_matmul, tt_matmul_reference
+    from tensorpress.ops.tt_plan import choose_plan
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    layer = TTLinear(in_f, out_f, rank, in_factors=in_factors, out_factors=out_factors)
+    cores64 = [g.detach().double() for g in layer.cores]
+    cores = [g.to("cuda", dtype) for g in cores64]
+    w = tt_to_dense(cores64).to("cuda", dtype)
+    xs = [torch.randn(batch, in_f, device="cuda").to(dtype) for _ in range(N_INPUTS)]
+    shapes = [tuple(g.shape) for g in cores]
+    plan = choose_plan(shapes, batch, device="cuda", dtype=dtype)
+    sides = {"tensorpress": lambda x: tt_matmul(x, cores, plan=plan),
+             "einsum": lambda x: einsum_chain_tt(x, cores),
+             "dense": lambda x: x @ w.T}
+    tl = tensorly_torch_tt_linear(layer.in_factors, layer.out_factors, rank)
+    if tl is not None:
+        with torch.no_grad():
+            for f, g in zip(tl.weight.factors, cores64):
+                f.copy_(g)
+            tl.bias.zero_()
+        tl = tl.to("cuda", dtype)
+        sides["tltorch"] = tl
+    ref = tt_matmul_reference(xs[0].double().cpu(), cores64)
+    errs = {}
+    with torch.no_grad():
+        for side, fn in sides.items():
+            errs[side] = float((fn(xs[0]).double().cpu() - ref).norm() / ref.norm())
+        bad = {k: v for k, v in errs.items() if not v < CUDA_AGREE_TOL[dtype_name]}
+        if bad:
+            raise RuntimeError(f"{name} B={batch} {dtype_name}: outputs disagree with float64: {bad}")
+        times = {side: statistics.median(cuda_time_ms(fn, xs, repeats, warmup)) for side, fn in sides.items()}
+    elem = torch.empty((), dtype=dtype).element_size()
+    io_bytes = (batch * (in_f + out_f) + sum(g.numel() for g in cores)) * elem
+    peak = ceilings[f"matmul_flops_{dtype_name}"]
+    floor_ms = 1e3 * max(plan.flops / peak, io_bytes / ceilings["copy_bytes_per_s"])
+    ours = times["tensorpress"]
+    peers = {k: v for k, v in times.items() if k in ("einsum", "tltorch")}
+    return {"case": name, "batch": batch, "dtype": dtype_name, "plan": str(plan), "path": plan.path,
+            "plan_flops": plan.flops, "dense_flops": 2 * batch * in_f * out_f, "rel_err": errs, "times_ms": times,
+            "achieved_flops": plan.flops / (ours * 1e-3), "achieved_bytes_per_s": io_bytes / (ours * 1e-3),
+            "roofline_floor_ms": floor_ms, "roofline_fraction": floor_ms / ours,
+            "speedup_vs_peers": {k: v / ours for k, v in peers.items()},
+            "speedup_vs_dense": times["dense"] / ours}
+
+
+def cuda_targets(r: dict) -> dict:
+    mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    need = CUDA_TARGET_SMALL if r["batch"] <= 64 else CUDA_TARGET_LARGE if r["batch"] >= 4096 else None
+    t = {}
+    if need is not None and r["speedup_vs_peers"]:
+        t["vs_peers"] = mark(min(r["speedup_vs_peers"].values()) >= need)
+    if 3 * r["plan_flops"] <= r["dense_flops"]:
+        t["vs_dense"] = mark(r["speedup_vs_dense"] > 1)
+    if r["case"] == "4096x4096 r16" and r["batch"] <= 64:
+        t["latency_10us"] = mark(1e3 * r["times_ms"]["tensorpress"] < CUDA_TARGET_LATENCY_US)
+    if r["batch"] >= 4096:
+        t["roofline_50pct"] = mark(r["roofline_fraction"] >= CUDA_TARGET_ROOFLINE)
+    return t
+
+
+def gpu_slug() -> str:
+    return "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name().lower()).strip("_")
+
+
+def cuda_main(args) -> int:
+    """Forward times on the GPU (CUDA events, medians, rotating inputs) against the einsum
+    chain, tensorly-torch and cuBLAS dense, with achieved FLOP/s, bytes/s and the roofline
+    floor from ceilings measured on the same GPU. Writes tt_<gpu>.json and .md."""
+    if not torch.cuda.is_available():
+        sys.exit("bench_tt.py: --device cuda requested but torch sees no GPU")
+    if not tensorpress.info()["cuda_kernels_built"]:
+        sys.exit("bench_tt.py: this build of tensorpress has no CUDA kernels (TENSORPRESS_CUDA=ON to build them)")
+    repeats = args.repeats or (5 if args.quick else 50)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
+    cases = CUDA_CASES[:2] if args.quick else CUDA_CASES
+    batches = (1, 256) if args.quick else CUDA_BATCHES
+    meta = machine_info(torch.get_num_threads())
+    meta["gpu"] = torch.cuda.get_device_name()
+    ceilings = cuda_ceilings()
+    print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s, "
+          + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in ceilings.items() if k.startswith("matmul")))
+    results = []
+    for case in cases:
+        for batch in batches:
+            for dt in CUDA_DTYPES:
+                r = cuda_case(*case, batch, dt, ceilings, repeats, warmup)
+                r["targets"] = cuda_targets(r)
+                results.append(r)
+                print(f"{r['case']:16s} B={batch:5d} {dt:8s} {r['path']:6s} "
+                      + " ".join(f"{k}={1e3 * v:.1f}us" for k, v in r["times_ms"].items())
+                      + f" roofline {r['roofline_fraction']:.0%} {r['targets']}", flush=True)
+    meta["load_avg_end"] = os.getloadavg()
+    meta["other_cpu_share"] = 0.0
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"tt_{gpu_slug()}" + ("_quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"meta": meta, "ceilings": ceilings, "repeats": repeats, "warmup": warmup, "results": results},
+        indent=2, default=str) + "\n")
+    lines = [f"# TT-matrix forward on {meta['gpu']}", "", *stamp_lines(meta),
+             f"- torch {meta['torch']}; tensorpress: {tensorpress_flags(meta)}, "
+             f"cuda archs {meta['tensorpress_info']['cuda_archs']}",
+             f"- CUDA events, median of {repeats} ({warmup} warmup), rotating among {N_INPUTS} inputs; "
+             "every side checked against float64 first",
+             f"- ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s; "
+             + ", ".join(f"{k[13:]} matmul {v / 1e12:.1f} TFLOP/s" for k, v in ceilings.items() if k.startswith("matmul")),
+             "", "| case | batch | dtype | path | ours µs | einsum µs | tltorch µs | dense µs | TFLOP/s | GB/s "
+             "| roofline | targets |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    us = lambda r, k: f"{1e3 * r['times_ms'][k]:.1f}" if k in r["times_ms"] else "-"  # noqa: E731
+    for r in results:
+        lines.append(f"| {r['case']} | {r['batch']} | {r['dtype']} | {r['path']} | {us(r, 'tensorpress')} "
+                     f"| {us(r, 'einsum')} | {us(r, 'tltorch')} | {us(r, 'dense')} | {r['achieved_flops'] / 1e12:.2f} "
+                     f"| {r['achieved_bytes_per_s'] / 1e9:.0f} | {r['roofline_fraction']:.0%} "
+                     f"| {', '.join(f'{k} {v}' for k, v in r['targets'].items())} |")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / stem}.{{json,md}}")
     return 0
 
 

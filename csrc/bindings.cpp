@@ -2,16 +2,25 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "core/tensor_view.h"
 #include "svd/jacobi_cpu.h"
+#include "svd/jacobi_cuda.h"
 #include "svd/jacobi_sweeps.h"
 #include "tt/tt_cpu.h"
+#include "tt/tt_cuda_schedule.h"
 #include "tt/tt_plan.h"
 #if TENSORPRESS_WITH_CUDA
+#include <map>
+#include <mutex>
+
 #include "core/cuda_info.h"
+#include "tt/tt_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -47,8 +56,23 @@ void expect_shape(const TensorView& v, const std::vector<int64_t>& shape, const 
 }
 
 void expect_like(const TensorView& v, DType dtype, const std::string& name) {
-  require(v.device == Device::CPU, name + ": expected a CPU tensor (the CUDA TT kernel is not built yet)");
+  require(v.device == Device::CPU, name + ": expected a CPU tensor");
   require(v.dtype == dtype, name + ": expected dtype " + dtype_name(dtype) + ", got " + dtype_name(v.dtype));
+}
+
+// The torch dtype's name ("float16", "int32", ...): TensorView names only float32/float64.
+std::string torch_dtype_name(const py::object& t) {
+  std::string s = py::str(t.attr("dtype"));
+  return s.rfind("torch.", 0) == 0 ? s.substr(6) : s;
+}
+
+tt::CudaSchedule cuda_schedule_checked(const tt::Plan& plan, int64_t batch, bool backward, int acc_bytes,
+                                       const tt::CudaLimits& lim, const std::string& path) {
+  try {
+    return tt::cuda_schedule(plan, batch, backward, acc_bytes, lim, path);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
 }
 
 // Everything a TT call receives, borrowed and checked against the plan.
@@ -71,8 +95,35 @@ std::vector<T*> pointers(const std::vector<const TensorView*>& views) {
   return out;
 }
 
+#if TENSORPRESS_WITH_CUDA
+void tt_forward_cuda(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
+                     const std::vector<int>& order, const py::object& y, const py::object& workspace,
+                     const py::object& tables, const std::string& path, uintptr_t stream);
+void tt_backward_cuda(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
+                      const std::vector<int>& order, const py::object& grad_y, const py::object& grad_x,
+                      const py::list& grad_mats, const py::object& workspace, const py::object& tables,
+                      const std::string& path, uintptr_t stream);
+#endif
+
+// True for a CUDA tensor; raises where the build has no CUDA kernels.
+bool on_cuda(const py::object& x) {
+  if (!py::hasattr(x, "device") || std::string(py::str(x.attr("device").attr("type"))) != "cuda") return false;
+#if !TENSORPRESS_WITH_CUDA
+  throw py::value_error("x: got a CUDA tensor, but this build of tensorpress has no CUDA kernels "
+                        "(rebuild with nvcc on PATH or TENSORPRESS_CUDA=ON)");
+#endif
+  return true;
+}
+
 void tt_forward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
-                const std::vector<int>& order, const py::object& y, const py::object& workspace, int threads) {
+                const std::vector<int>& order, const py::object& y, const py::object& workspace, int threads,
+                const py::object& tables, const std::string& path, uintptr_t stream) {
+#if TENSORPRESS_WITH_CUDA
+  if (on_cuda(x)) return tt_forward_cuda(x, mats, core_dims, order, y, workspace, tables, path, stream);
+#else
+  on_cuda(x);
+  (void)tables, (void)path, (void)stream;
+#endif
   tt::Plan plan = plan_from(core_dims, order);
   BorrowedTensor xb(x, "x"), yb(y, "out"), wb(workspace, "workspace");
   const TensorView &xv = xb.view(), &yv = yb.view(), &wv = wb.view();
@@ -115,7 +166,15 @@ void tt_forward(const py::object& x, const py::list& mats, const std::vector<int
 
 void tt_backward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                  const std::vector<int>& order, const py::object& grad_y, const py::object& grad_x,
-                 const py::list& grad_mats, const py::object& workspace, int threads) {
+                 const py::list& grad_mats, const py::object& workspace, int threads, const py::object& tables,
+                 const std::string& path, uintptr_t stream) {
+#if TENSORPRESS_WITH_CUDA
+  if (on_cuda(x))
+    return tt_backward_cuda(x, mats, core_dims, order, grad_y, grad_x, grad_mats, workspace, tables, path, stream);
+#else
+  on_cuda(x);
+  (void)tables, (void)path, (void)stream;
+#endif
   tt::Plan plan = plan_from(core_dims, order);
   BorrowedTensor xb(x, "x"), gyb(grad_y, "grad_out"), wb(workspace, "workspace");
   const TensorView &xv = xb.view(), &gyv = gyb.view(), &wv = wb.view();
@@ -176,6 +235,193 @@ void tt_backward(const py::object& x, const py::list& mats, const std::vector<in
                              wv.ptr<double>(), sched);
   }
 }
+
+// ---- CUDA TT: geometry (host logic, in every build) and the kernels (CUDA builds) ----
+tt::CudaLimits limits_from(int64_t smem_per_block, int64_t smem_per_sm, int sm_count) {
+  require(smem_per_block > 0 && smem_per_sm > 0 && sm_count > 0,
+          "smem_per_block, smem_per_sm, sm_count: expected positive integers");
+  tt::CudaLimits lim;
+  lim.smem_per_block = smem_per_block;
+  lim.smem_per_sm = smem_per_sm;
+  lim.sm_count = sm_count;
+  return lim;
+}
+
+// The schedule the CUDA kernels would run for this call, as a dict (for the dispatcher and
+// its tests; computable without a GPU).
+py::dict tt_cuda_schedule_info(const std::vector<int64_t>& core_dims, const std::vector<int>& order, int64_t batch,
+                               bool backward, int acc_bytes, int64_t smem_per_block, int64_t smem_per_sm,
+                               int sm_count, const std::string& path) {
+  require(batch >= 0, "batch: expected >= 0, got " + std::to_string(batch));
+  require(acc_bytes == 4 || acc_bytes == 8, "acc_bytes: expected 4 or 8, got " + std::to_string(acc_bytes));
+  const tt::Plan plan = plan_from(core_dims, order);
+  const tt::CudaSchedule c = cuda_schedule_checked(plan, batch, backward, acc_bytes,
+                                                   limits_from(smem_per_block, smem_per_sm, sm_count), path);
+  py::dict d;
+  d["path"] = tt::path_name(c.path);
+  d["fits_fused"] = c.fits_fused;
+  d["samples"] = c.samples;
+  d["chunks"] = c.chunks;
+  d["grid"] = c.grid;
+  d["smem_bytes"] = c.smem_bytes;
+  d["splits"] = c.splits;
+  d["workspace"] = c.workspace;
+  return d;
+}
+
+// The gather tables of a plan (int32 values; Python copies them to the device once per plan).
+std::vector<int32_t> tt_cuda_tables(const std::vector<int64_t>& core_dims, const std::vector<int>& order) {
+  const tt::Plan plan = plan_from(core_dims, order);
+  try {
+    return tt::make_tables(plan);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+}
+
+#if TENSORPRESS_WITH_CUDA
+const tt::CudaLimits& device_limits(int device) {
+  static std::mutex mu;
+  static std::map<int, tt::CudaLimits> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it == cache.end()) it = cache.emplace(device, tt::cuda_limits(device)).first;
+  return it->second;
+}
+
+py::dict tt_cuda_device_limits(int device) {
+  require(device >= 0 && device < cuda_device_count(),
+          "device: expected a CUDA device index below " + std::to_string(cuda_device_count()) + ", got " +
+              std::to_string(device));
+  const tt::CudaLimits& lim = device_limits(device);
+  py::dict d;
+  d["smem_per_block"] = lim.smem_per_block;
+  d["smem_per_sm"] = lim.smem_per_sm;
+  d["sm_count"] = lim.sm_count;
+  return d;
+}
+
+// x's element type on CUDA and the accumulation type of mats / workspace / core gradients.
+std::pair<tt::CudaDType, std::string> cuda_types(const py::object& x) {
+  const std::string name = torch_dtype_name(x);
+  if (name == "float32") return {tt::CudaDType::F32, "float32"};
+  if (name == "float64") return {tt::CudaDType::F64, "float64"};
+  if (name == "float16") return {tt::CudaDType::F16, "float32"};
+  if (name == "bfloat16") return {tt::CudaDType::BF16, "float32"};
+  throw py::type_error("x: expected dtype float32, float64, float16 or bfloat16, got " + name);
+}
+
+// Checks a CUDA operand: device, dtype (by torch name) and shape.
+void expect_cuda(const py::object& t, const TensorView& v, int device, const std::string& dtype,
+                 const std::vector<int64_t>* shape, const std::string& name) {
+  require(v.device == Device::CUDA && v.device_id == device,
+          name + ": expected a tensor on cuda:" + std::to_string(device) + " like x");
+  const std::string got = torch_dtype_name(t);
+  if (got != dtype) throw py::type_error(name + ": expected dtype " + dtype + ", got " + got);
+  if (shape) expect_shape(v, *shape, name);
+}
+
+struct CudaCallArgs {
+  tt::Plan plan;
+  tt::CudaSchedule sched;
+  tt::CudaDType dtype;
+  int device = 0;
+  int64_t batch = 0;
+  std::vector<BorrowedTensor> held;
+  std::vector<const void*> mats;
+  const int32_t* tables = nullptr;
+  void* workspace = nullptr;
+};
+
+// Validation shared by the CUDA forward and backward: x, mats, tables, workspace.
+void check_cuda_common(CudaCallArgs& c, const py::object& x, const py::list& mats, const py::object& workspace,
+                       const py::object& tables, const std::string& path, bool backward, size_t extra) {
+  c.held.reserve(mats.size() + 8 + extra);
+  c.held.emplace_back(x, "x");
+  const TensorView& xv = c.held.back().view();
+  std::string acc;
+  std::tie(c.dtype, acc) = cuda_types(x);
+  c.device = xv.device_id;
+  require(xv.shape.size() == 2 && xv.shape[1] == c.plan.in_features,
+          "x: expected shape (batch, " + std::to_string(c.plan.in_features) + "), got " + shape_str(xv.shape));
+  c.batch = xv.shape[0];
+  require(py::len(mats) == c.plan.steps.size(), "mats: expected " + std::to_string(c.plan.steps.size()) +
+                                                    " step matrices, got " + std::to_string(py::len(mats)));
+  for (size_t t = 0; t < c.plan.steps.size(); ++t) {
+    const std::string name = "mats[" + std::to_string(t) + "]";
+    c.held.emplace_back(mats[t], name);
+    const std::vector<int64_t> shape{c.plan.steps[t].K, c.plan.steps[t].N};
+    expect_cuda(mats[t], c.held.back().view(), c.device, acc, &shape, name);
+    c.mats.push_back(c.held.back().view().data);
+  }
+  c.held.emplace_back(tables, "tables");
+  const std::vector<int64_t> tshape{tt::table_layout(c.plan).total};
+  expect_cuda(tables, c.held.back().view(), c.device, "int32", &tshape, "tables");
+  c.tables = static_cast<const int32_t*>(c.held.back().view().data);
+  const int acc_bytes = acc == "float64" ? 8 : 4;
+  c.sched = cuda_schedule_checked(c.plan, c.batch, backward, acc_bytes, device_limits(c.device), path);
+  c.held.emplace_back(workspace, "workspace");
+  const TensorView& wv = c.held.back().view();
+  expect_cuda(workspace, wv, c.device, acc, nullptr, "workspace");
+  require(wv.numel() >= c.sched.workspace, "workspace: expected at least " + std::to_string(c.sched.workspace) +
+                                               " elements, got " + std::to_string(wv.numel()));
+  c.workspace = wv.data;
+}
+
+void tt_forward_cuda(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
+                     const std::vector<int>& order, const py::object& y, const py::object& workspace,
+                     const py::object& tables, const std::string& path, uintptr_t stream) {
+  CudaCallArgs c;
+  c.plan = plan_from(core_dims, order);
+  check_cuda_common(c, x, mats, workspace, tables, path, false, 1);
+  c.held.emplace_back(y, "out");
+  const std::vector<int64_t> yshape{c.batch, c.plan.out_features};
+  expect_cuda(y, c.held.back().view(), c.device, torch_dtype_name(x), &yshape, "out");
+  void* yp = c.held.back().view().data;
+  const void* xp = c.held.front().view().data;
+  py::gil_scoped_release release;
+  tt::forward_cuda(c.dtype, c.plan, c.sched, xp, c.mats, c.tables, yp, c.batch, c.workspace, c.device,
+                   reinterpret_cast<void*>(stream));
+}
+
+void tt_backward_cuda(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
+                      const std::vector<int>& order, const py::object& grad_y, const py::object& grad_x,
+                      const py::list& grad_mats, const py::object& workspace, const py::object& tables,
+                      const std::string& path, uintptr_t stream) {
+  CudaCallArgs c;
+  c.plan = plan_from(core_dims, order);
+  const size_t n = c.plan.steps.size();
+  check_cuda_common(c, x, mats, workspace, tables, path, true, n + 2);
+  const std::string xdtype = torch_dtype_name(x), acc = xdtype == "float64" ? "float64" : "float32";
+  c.held.emplace_back(grad_y, "grad_out");
+  const std::vector<int64_t> yshape{c.batch, c.plan.out_features};
+  expect_cuda(grad_y, c.held.back().view(), c.device, xdtype, &yshape, "grad_out");
+  const void* gyp = c.held.back().view().data;
+  void* gxp = nullptr;
+  if (!grad_x.is_none()) {
+    c.held.emplace_back(grad_x, "grad_x");
+    const std::vector<int64_t> xshape{c.batch, c.plan.in_features};
+    expect_cuda(grad_x, c.held.back().view(), c.device, xdtype, &xshape, "grad_x");
+    gxp = c.held.back().view().data;
+  }
+  require(py::len(grad_mats) == n, "grad_mats: expected " + std::to_string(n) + " entries");
+  std::vector<void*> gm;
+  const bool none = grad_mats[0].is_none();
+  for (size_t t = 0; t < n; ++t) {
+    const std::string name = "grad_mats[" + std::to_string(t) + "]";
+    require(grad_mats[t].is_none() == none, name + ": expected all grad_mats to be tensors or all None");
+    if (none) continue;
+    c.held.emplace_back(grad_mats[t], name);
+    const std::vector<int64_t> shape{c.plan.steps[t].K, c.plan.steps[t].N};
+    expect_cuda(grad_mats[t], c.held.back().view(), c.device, acc, &shape, name);
+    gm.push_back(c.held.back().view().data);
+  }
+  const void* xp = c.held.front().view().data;
+  py::gil_scoped_release release;
+  tt::backward_cuda(c.dtype, c.plan, c.sched, xp, c.mats, c.tables, gyp, gxp, gm, c.batch, c.workspace, c.device,
+                    reinterpret_cast<void*>(stream));
+}
+#endif
 
 py::dict permutation_dict(const tt::Permutation& p) {
   py::dict d;
@@ -244,6 +490,38 @@ int svd_jacobi(const py::object& a, const py::object& u, const py::object& s, co
                                      batch, m, n, params, wv.ptr<double>(), threads);
 }
 
+#if TENSORPRESS_WITH_CUDA
+// Batched one-sided Jacobi SVD on CUDA, same conventions as svd_jacobi; asynchronous on
+// `stream`, no workspace (each matrix lives in its block's shared memory).
+void svd_jacobi_cuda(const py::object& a, const py::object& u, const py::object& s, const py::object& vh, double tol,
+                     int max_sweeps, uintptr_t stream) {
+  BorrowedTensor ab(a, "A"), ub(u, "U"), sb(s, "S"), vb(vh, "Vh");
+  const TensorView &av = ab.view(), &uv = ub.view(), &sv = sb.view(), &vv = vb.view();
+  require(av.dtype == DType::Float32 || av.dtype == DType::Float64,
+          "A: expected dtype float32 or float64, got " + torch_dtype_name(a));
+  require(av.device == Device::CUDA, "A: expected a CUDA tensor");
+  require(av.shape.size() == 3, "A: expected shape (batch, m, n), got " + shape_str(av.shape));
+  const int64_t batch = av.shape[0], m = av.shape[1], n = av.shape[2], k = std::min(m, n);
+  for (auto [view, name] : {std::pair{&uv, "U"}, {&sv, "S"}, {&vv, "Vh"}}) {
+    require(view->device == Device::CUDA && view->device_id == av.device_id,
+            std::string(name) + ": expected a tensor on A's device");
+    require(view->dtype == av.dtype, std::string(name) + ": expected dtype " + dtype_name(av.dtype));
+  }
+  expect_shape(uv, {batch, m, k}, "U");
+  expect_shape(sv, {batch, k}, "S");
+  expect_shape(vv, {batch, k, n}, "Vh");
+  require(tol > 0 && max_sweeps >= 1, "tol, max_sweeps: expected tol > 0 and max_sweeps >= 1");
+  const int64_t smem = svd::jacobi_cuda_smem_bytes(m, n);
+  const tt::CudaLimits& lim = device_limits(av.device_id);
+  require(smem <= lim.smem_per_block, "A: a " + std::to_string(m) + " x " + std::to_string(n) + " matrix needs " +
+                                          std::to_string(smem) + " bytes of shared memory, the device has " +
+                                          std::to_string(lim.smem_per_block) + " per block");
+  py::gil_scoped_release release;
+  svd::jacobi_svd_cuda(av.dtype == DType::Float64, av.data, uv.data, sv.data, vv.data, batch, m, n, tol, max_sweeps,
+                       av.device_id, reinterpret_cast<void*>(stream));
+}
+#endif
+
 py::dict build_info() {
   py::dict d;
   d["cxx_compiler"] = TENSORPRESS_CXX_COMPILER;
@@ -274,15 +552,28 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tensorpress native kernels (tensors cross through DLPack)";
+  // CPU or CUDA by x's device; tables / path / stream are used on CUDA only.
   m.def("tt_forward", &tt_forward, py::arg("x"), py::arg("mats"), py::arg("core_dims"), py::arg("order"),
-        py::arg("out"), py::arg("workspace"), py::arg("threads"));
+        py::arg("out"), py::arg("workspace"), py::arg("threads"), py::arg("tables") = py::none(),
+        py::arg("path") = "auto", py::arg("stream") = 0);
   m.def("tt_backward", &tt_backward, py::arg("x"), py::arg("mats"), py::arg("core_dims"), py::arg("order"),
-        py::arg("grad_out"), py::arg("grad_x"), py::arg("grad_mats"), py::arg("workspace"), py::arg("threads"));
+        py::arg("grad_out"), py::arg("grad_x"), py::arg("grad_mats"), py::arg("workspace"), py::arg("threads"),
+        py::arg("tables") = py::none(), py::arg("path") = "auto", py::arg("stream") = 0);
+  m.def("tt_cuda_schedule", &tt_cuda_schedule_info, py::arg("core_dims"), py::arg("order"), py::arg("batch"),
+        py::arg("backward"), py::arg("acc_bytes"), py::arg("smem_per_block"), py::arg("smem_per_sm"),
+        py::arg("sm_count"), py::arg("path") = "auto");
+  m.def("tt_cuda_tables", &tt_cuda_tables, py::arg("core_dims"), py::arg("order"));
+#if TENSORPRESS_WITH_CUDA
+  m.def("tt_cuda_device_limits", &tt_cuda_device_limits, py::arg("device"));
+  m.def("svd_jacobi_cuda", &svd_jacobi_cuda, py::arg("A"), py::arg("U"), py::arg("S"), py::arg("Vh"),
+        py::arg("tol"), py::arg("max_sweeps"), py::arg("stream"));
+#endif
   m.def("tt_plan_info", &tt_plan_info, py::arg("core_dims"), py::arg("order"));
   m.def("tt_workspace_size", &tt_workspace_size, py::arg("core_dims"), py::arg("order"), py::arg("batch"),
         py::arg("threads"), py::arg("backward"), py::arg("elem_bytes"));
   m.def("svd_jacobi", &svd_jacobi, py::arg("A"), py::arg("U"), py::arg("S"), py::arg("Vh"),
         py::arg("workspace"), py::arg("tol"), py::arg("max_sweeps"), py::arg("threads"));
   m.def("svd_jacobi_workspace_size", &svd::jacobi_workspace_size, py::arg("m"), py::arg("n"), py::arg("threads"));
+  m.def("svd_jacobi_cuda_smem_bytes", &svd::jacobi_cuda_smem_bytes, py::arg("m"), py::arg("n"));
   m.def("build_info", &build_info);
 }

@@ -13,6 +13,9 @@ METHODS = ("auto", "jacobi", "randomized", "lapack")
 # auto uses our Jacobi up to this many columns: measured on the 2-core EPYC, it beats
 # torch.linalg.svd (MKL) on batches of 16x16 (1.6x) and 32x32 (1.2x), not on 64x64 (0.65x)
 JACOBI_MAX_COLUMNS = 32
+# on CUDA, our Jacobi (one matrix per thread block) against cuSOLVER's batched solvers: up to
+# 64 columns, where the matrix fits in shared memory (to be re-measured by bench_svd --device cuda)
+JACOBI_MAX_COLUMNS_CUDA = 64
 RANDOMIZED_MAX_RANK_FRACTION = 0.25
 DEFAULT_OVERSAMPLE = 10
 DEFAULT_POWER_ITERATIONS = 4
@@ -31,15 +34,17 @@ class SVDResult(NamedTuple):
     Vh: Tensor
 
 
-def svd_method(shape, rank: int | None = None, method: str = "auto") -> str:
+def svd_method(shape, rank: int | None = None, method: str = "auto", device="cpu") -> str:
     """The method `truncated_svd` uses for matrices of this shape and rank (the choice made
-    visible): jacobi when min(m, n) <= 32, randomized when a rank well below min(m, n) is
-    asked for, LAPACK otherwise."""
+    visible): jacobi when min(m, n) <= 32 (on CUDA: <= 64 where our kernel takes the shape),
+    randomized when a rank well below min(m, n) is asked for, LAPACK otherwise."""
     if method != "auto":
         return method
     m, n = shape[-2], shape[-1]
     k = min(m, n)
     if k <= JACOBI_MAX_COLUMNS:
+        return "jacobi"
+    if k <= JACOBI_MAX_COLUMNS_CUDA and jacobi_on_cuda(shape, device):
         return "jacobi"
     if rank is not None and rank <= RANDOMIZED_MAX_RANK_FRACTION * k:
         return "randomized"
@@ -76,8 +81,8 @@ def truncated_svd(A: Tensor, rank: int | None = None, rtol: float | None = None,
     """Truncated SVD of a batch of matrices.
 
     Args:
-        A: (..., m, n), float32 or float64, CPU or CUDA (CUDA runs LAPACK-free paths through
-           torch until the CUDA Jacobi kernel lands).
+        A: (..., m, n), float32 or float64, CPU or CUDA (on CUDA, jacobi runs our kernel where
+           a matrix fits in one block's shared memory, see `jacobi_on_cuda`).
         rank: keep at most this many singular triplets.
         rtol: drop singular values below rtol * S_max (per matrix: in a batch the kept count is
            the largest over the batch, and values below the threshold are set to zero).
@@ -90,7 +95,7 @@ def truncated_svd(A: Tensor, rank: int | None = None, rtol: float | None = None,
         largest-magnitude entry of every left singular vector is positive.
     """
     _validate(A, rank, rtol, method, n_iter, oversample)
-    chosen = svd_method(A.shape, rank, method)
+    chosen = svd_method(A.shape, rank, method, A.device)
     batch_shape, (m, n) = A.shape[:-2], A.shape[-2:]
     a = A.detach().reshape(-1, m, n)
     full = min(m, n)
@@ -119,9 +124,32 @@ def _normalize_signs(U: Tensor, S: Tensor, Vh: Tensor):
     return U * sign, S, Vh * sign.transpose(-1, -2)
 
 
+# the CUDA Jacobi kernel is in this build
+CUDA_JACOBI = hasattr(_C, "svd_jacobi_cuda")
+
+
+def jacobi_on_cuda(shape, device) -> bool:
+    """Whether the CUDA Jacobi kernel runs matrices of this shape on `device`: the build has
+    it and one matrix (in double, with its rotations) fits in a block's shared memory.
+    Elsewhere CUDA tensors go to torch's solver (cuSOLVER)."""
+    if not CUDA_JACOBI or torch.device(device).type != "cuda":
+        return False
+    from tensorpress.ops.tt_plan import cuda_limits
+
+    return _C.svd_jacobi_cuda_smem_bytes(shape[-2], shape[-1]) <= cuda_limits(device).smem_per_block
+
+
 def _jacobi(a: Tensor):
-    if a.device.type != "cpu":  # the CUDA kernel is the next step; torch's solver meanwhile
-        return _normalize_signs(*torch.linalg.svd(a, full_matrices=False))
+    if a.device.type != "cpu":
+        if not jacobi_on_cuda(a.shape, a.device):
+            return _normalize_signs(*torch.linalg.svd(a, full_matrices=False))
+        a = a.contiguous()
+        b, m, n = a.shape
+        k = min(m, n)
+        U, S, Vh = a.new_empty(b, m, k), a.new_empty(b, k), a.new_empty(b, k, n)
+        _C.svd_jacobi_cuda(a, U, S, Vh, JACOBI_TOL[a.dtype], JACOBI_MAX_SWEEPS,
+                           torch.cuda.current_stream(a.device).cuda_stream)
+        return U, S, Vh
     a = a.contiguous()
     b, m, n = a.shape
     k = min(m, n)

@@ -1,7 +1,9 @@
 """TT-matrix contraction y = x W^T with W held as TT cores.
 
 Cores G_k have shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1; W is (prod m_k, prod n_k) with
-row-major flattening (factor 0 most significant). The fused kernel lives in csrc/tt/.
+row-major flattening (factor 0 most significant). The kernels live in csrc/tt/: the CPU
+fused kernel, and on CUDA a fused (shared-memory) and a tiled kernel; x may be float16 or
+bfloat16 on CUDA (the step matrices and the accumulation stay float32).
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import torch
 from torch import Tensor
 
 from tensorpress._ext import _C
-from tensorpress.ops.tt_plan import TTPlan, choose_plan, flat_dims, plan_info
+from tensorpress.ops.tt_plan import TTPlan, choose_plan, cuda_limits, cuda_schedule, flat_dims, plan_info
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 SYMBOLIC_BATCH_HINT = 256
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# the CUDA kernels are in this build (else CUDA tensors run the same plan through torch ops)
+CUDA_KERNELS = hasattr(_C, "tt_cuda_device_limits")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -116,9 +120,69 @@ def _workspace(x: Tensor, core_dims: List[int], order: List[int], backward: bool
     return buf[:size], threads
 
 
+# ----------------------------------------------------------------------------- CUDA plumbing
+_cuda_tables: dict = {}
+
+
+def _tables(core_dims: List[int], order: List[int], device: torch.device) -> Tensor:
+    """The plan's gather tables on the device, built once per (plan, device)."""
+    key = (tuple(core_dims), tuple(order), device)
+    t = _cuda_tables.get(key)
+    if t is None:
+        t = _cuda_tables[key] = torch.tensor(_C.tt_cuda_tables(core_dims, order), dtype=torch.int32, device=device)
+    return t
+
+
+def cuda_kernel_path(core_dims: List[int], order: List[int], batch: int, dtype: torch.dtype, device,
+                     backward: bool = False, path: str = "auto") -> str:
+    """The kernel a CUDA call runs: "fused" where a block of samples fits in shared memory
+    (unless "tiled" is asked for), else "tiled"."""
+    return _cuda_sched(core_dims, order, batch, dtype, device, backward, path)["path"]
+
+
+def _cuda_sched(core_dims, order, batch, dtype, device, backward, path):
+    merged = tuple(tuple(core_dims[i:i + 4]) for i in range(0, len(core_dims), 4))
+    return cuda_schedule(merged, tuple(order), batch, backward, dtype, cuda_limits(device), path)
+
+
+def _run_cuda(x: Tensor, mats: List[Tensor], core_dims, order, path: str) -> Tensor:
+    x = x.detach().contiguous()
+    mats = [m.detach().contiguous() for m in mats]
+    y = x.new_empty(x.shape[0], _out_features(core_dims))
+    sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, False, path)
+    ws = torch.empty(max(sched["workspace"], 1), dtype=mats[0].dtype, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    _C.tt_forward(x, mats, core_dims, order, y, ws, 1, tables=_tables(core_dims, order, x.device), path=path,
+                  stream=stream)
+    return y
+
+
+def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, path):
+    x, grad_out = x.detach().contiguous(), grad_out.detach().contiguous()
+    mats = [m.detach().contiguous() for m in mats]
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_mats = [torch.empty_like(m) for m in mats] if need_mats else [None] * len(mats)
+    sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, True, path)
+    ws = torch.empty(max(sched["workspace"], 1), dtype=mats[0].dtype, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    _C.tt_backward(x, mats, core_dims, order, grad_out, grad_x, grad_mats, ws, 1,
+                   tables=_tables(core_dims, order, x.device), path=path, stream=stream)
+    return [grad_x if need_x else x.new_empty(0)] + [g if need_mats else x.new_empty(0) for g in grad_mats]
+
+
+def _uses_cuda_kernels(x: Tensor) -> bool:
+    return x.device.type == "cuda" and CUDA_KERNELS
+
+
 @torch.library.custom_op("tensorpress::tt_contract", mutates_args=())
-def tt_contract(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int]) -> Tensor:
-    """y (B, M) = x (B, N) W^T, executing a plan's steps with its step matrices (fused kernel)."""
+def tt_contract(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int], path: str = "auto") -> Tensor:
+    """y (B, M) = x (B, N) W^T, executing a plan's steps with its step matrices (fused kernel).
+
+    On CUDA, x may be float16/bfloat16 with float32 mats; `path` picks the kernel ("auto",
+    "fused" or "tiled"; see `cuda_kernel_path`). On the CPU `path` is ignored.
+    """
+    if _uses_cuda_kernels(x):
+        return _run_cuda(x, mats, core_dims, order, path)
     if x.device.type != "cpu":
         return tt_contract_torch(x, mats, core_dims, order)
     x = x.detach().contiguous()  # DLPack refuses tensors that require grad
@@ -144,7 +208,7 @@ def _in_features(core_dims: List[int]) -> int:
 
 
 @tt_contract.register_fake
-def _tt_contract_fake(x, mats, core_dims, order):
+def _tt_contract_fake(x, mats, core_dims, order, path="auto"):
     torch._check(x.dim() == 2, lambda: f"x should be a 2d tensor (batch, N), got {x.dim()}D")
     torch._check(x.shape[1] == _in_features(core_dims),
                  lambda: f"x should have {_in_features(core_dims)} columns, got {x.shape[1]}")
@@ -153,18 +217,21 @@ def _tt_contract_fake(x, mats, core_dims, order):
     for t, (m, s) in enumerate(zip(mats, steps)):
         torch._check(tuple(m.shape) == (s["K"], s["N"]),
                      lambda: f"mats[{t}] should have shape ({s['K']}, {s['N']}), got {tuple(m.shape)}")
-        torch._check(m.dtype == x.dtype, lambda: f"mats[{t}] should have dtype {x.dtype}, got {m.dtype}")
+        torch._check(m.dtype == compute_dtype(x.dtype),
+                     lambda: f"mats[{t}] should have dtype {compute_dtype(x.dtype)}, got {m.dtype}")
     return x.new_empty(x.shape[0], _out_features(core_dims))
 
 
 @torch.library.custom_op("tensorpress::tt_contract_backward", mutates_args=())
 def tt_contract_backward(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int],
-                         grad_out: Tensor, need_x: bool, need_mats: bool) -> List[Tensor]:
+                         grad_out: Tensor, need_x: bool, need_mats: bool, path: str = "auto") -> List[Tensor]:
     """[grad_x, grad_mats...]; gradients that are not needed come back as empty tensors.
 
     The forward states are recomputed per block of samples from x; nothing but x and the
     (batch-independent) step matrices is kept between forward and backward.
     """
+    if _uses_cuda_kernels(x):
+        return _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, path)
     if x.device.type != "cpu":
         return _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats)
     x, grad_out = x.detach().contiguous(), grad_out.detach().contiguous()
@@ -178,26 +245,30 @@ def tt_contract_backward(x: Tensor, mats: List[Tensor], core_dims: List[int], or
 
 
 @tt_contract_backward.register_fake
-def _tt_contract_backward_fake(x, mats, core_dims, order, grad_out, need_x, need_mats):
+def _tt_contract_backward_fake(x, mats, core_dims, order, grad_out, need_x, need_mats, path="auto"):
     return ([torch.empty_like(x) if need_x else x.new_empty(0)]
             + [torch.empty_like(m) if need_mats else x.new_empty(0) for m in mats])
 
 
 def _tt_contract_setup(ctx, inputs, output):
-    x, mats, core_dims, order = inputs
+    x, mats, core_dims, order = inputs[:4]
+    path = inputs[4] if len(inputs) > 4 else "auto"  # defaults not passed are not in `inputs`
     ctx.save_for_backward(x, *mats)
     ctx.core_dims, ctx.order = core_dims, order
+    # the backward needs more shared memory than the forward: a forced "fused" may not fit it
+    ctx.path = "auto" if path == "fused" else path
 
 
 def _tt_contract_grad(ctx, grad_out):
     x, *mats = ctx.saved_tensors
     need_x = bool(ctx.needs_input_grad[0])
     need_mats = any(ctx.needs_input_grad[1])  # one flag per step matrix
-    grads = tt_contract_backward(x, mats, ctx.core_dims, ctx.order, grad_out, need_x, need_mats)
+    grads = tt_contract_backward(x, mats, ctx.core_dims, ctx.order, grad_out, need_x, need_mats, ctx.path)
     grad_x = grads[0] if need_x else None
     # one entry per step matrix, even when none of them needs a gradient (frozen cores)
     grad_mats = list(grads[1:]) if need_mats else [None] * len(mats)
-    return grad_x, grad_mats, None, None
+    # one entry per argument actually passed (a defaulted `path` is not among them)
+    return (grad_x, grad_mats) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 tt_contract.register_autograd(_tt_contract_grad, setup_context=_tt_contract_setup)
@@ -285,19 +356,23 @@ def prepare_tt(cores: Sequence[Tensor], plan: TTPlan) -> List[Tensor]:
 
 
 def apply_tt(x: Tensor, mats: List[Tensor], plan: TTPlan) -> Tensor:
-    """x (B, N) in the compute dtype, contracted with prepared matrices."""
+    """x (B, N) contracted with prepared matrices: in the compute dtype, or on CUDA also in
+    float16/bfloat16 (the kernels read the half types and accumulate in float32; the dense
+    route multiplies in x's dtype, on the tensor cores)."""
     if plan.dense:
-        return x @ mats[0]
-    return tt_contract(x, mats, flat_dims(plan.merged_shapes), list(plan.order))
+        return x @ mats[0].to(x.dtype)
+    path = plan.path if plan.path in ("fused", "tiled") else "auto"
+    return tt_contract(x, mats, flat_dims(plan.merged_shapes), list(plan.order), path)
 
 
 def plan_for(cores: Sequence[Tensor], batch) -> TTPlan:
     shapes = [tuple(g.shape) for g in cores]
+    device, dtype = cores[0].device.type, cores[0].dtype
     if torch.compiler.is_compiling():
         # Under torch.compile the batch may be symbolic and one graph may serve every batch
         # size: take the fused plan that is best at a typical batch (never the dense route).
-        return choose_plan(shapes, SYMBOLIC_BATCH_HINT, allow_dense=False)
-    return choose_plan(shapes, batch)
+        return choose_plan(shapes, SYMBOLIC_BATCH_HINT, allow_dense=False, device=device, dtype=dtype)
+    return choose_plan(shapes, batch, device=device, dtype=dtype)
 
 
 def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
@@ -308,7 +383,8 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
         x: (..., N) with N = prod n_k; float32, float64, float16 or bfloat16 (the half types
            are computed in float32 and cast back).
         cores: d tensors (r_{k-1}, m_k, n_k, r_k) of x's dtype and device, r_0 = r_d = 1.
-        plan: from `choose_plan(shapes, batch)`; chosen by FLOP count when omitted.
+        plan: from `choose_plan(shapes, batch, device=...)`; chosen by the cost model of x's
+           device when omitted (on CUDA: fused, tiled or dense, see `choose_cuda_plan`).
         prepared: `prepare_tt(cores, plan)`, when the caller keeps it between calls.
     Returns:
         (..., M) with M = prod m_k. Differentiable in x and in every core.
@@ -320,5 +396,7 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
     if plan is None:
         plan = plan_for(cores, x2.shape[0])
     mats = prepare_tt(cores, plan) if prepared is None else prepared
-    y = apply_tt(x2.to(compute_dtype(x.dtype)), mats, plan)
+    # the CUDA kernels and cuBLAS take the half types as they are; the CPU computes in float32
+    x_in = x2 if _uses_cuda_kernels(x2) else x2.to(compute_dtype(x.dtype))
+    y = apply_tt(x_in, mats, plan)
     return y.to(x.dtype).reshape(*lead, y.shape[1])

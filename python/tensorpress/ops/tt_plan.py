@@ -1,13 +1,16 @@
 """Choosing how to contract x with a TT-matrix: which adjacent cores to pre-merge, in which
-order to absorb the (merged) cores, or whether to rebuild W and run one dense GEMM.
+order to absorb the (merged) cores, or whether to rebuild W and run one dense GEMM; on CUDA
+also which kernel runs the plan (fused in shared memory, or tiled through global memory).
 
-The geometry of every step comes from the C++ plan (csrc/tt/tt_plan.h), so the cost model
-and the kernel can never disagree about shapes.
+The geometry of every step comes from the C++ plan (csrc/tt/tt_plan.h), and the CUDA
+schedule from csrc/tt/tt_cuda_schedule.h, so the cost model and the kernels can never
+disagree about shapes.
 """
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +30,31 @@ PERMUTE_COST_FLOPS = 4
 DENSE_SPEED_ADVANTAGE = 1.1
 GEMM_TRAFFIC_FLOPS = 1
 
+# ---- CUDA cost model (seconds). First guesses for an H100, to be calibrated from
+# benchmarks/results/tt_<gpu>.json (benchmarks/gpu_check.sh): the fused and tiled kernels run
+# FP32 FMAs on the CUDA cores out of shared memory; cuBLAS runs the dense route (tensor cores
+# for the half types).
+CUDA_FUSED_FLOPS = 8e12
+CUDA_TILED_FLOPS = 10e12
+CUDA_DENSE_FLOPS = {"float32": 40e12, "float64": 40e12, "float16": 400e12, "bfloat16": 400e12}
+CUDA_BANDWIDTH = 2.5e12         # bytes/s
+CUDA_LAUNCH_SECONDS = 4e-6      # per kernel launch (latency floor of small calls)
+CUDA_PATHS = ("fused", "tiled", "dense")
+
 CoreShape = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class CudaLimits:
+    """What the CUDA cost model needs to know about a device (see `cuda_limits`)."""
+
+    smem_per_block: int
+    smem_per_sm: int
+    sm_count: int
+
+
+# An H100 SXM: used by the cost model where no device can be asked (tests, CPU-only hosts).
+H100_LIMITS = CudaLimits(smem_per_block=232448, smem_per_sm=233472, sm_count=132)
 
 
 @dataclass(frozen=True)
@@ -50,12 +77,16 @@ class TTPlan:
     dense_flops: int
     merged_shapes: tuple[CoreShape, ...]
     cost: int = 0
+    # which kernel runs it: "cpu" (the CPU fused kernel), "dense", or on CUDA "fused" / "tiled";
+    # CUDA plans' cost is in picoseconds of estimated time
+    path: str = "cpu"
 
     def __str__(self) -> str:
         if self.dense:
             return f"dense (rebuild W, one GEMM): {self.flops / 1e6:.1f} MFLOP at batch {self.batch}"
         groups = " ".join("[" + ",".join(map(str, g)) + "]" for g in self.groups)
-        return (f"fused TT: groups {groups}, order {list(self.order)}: {self.flops / 1e6:.1f} MFLOP "
+        kernel = "fused TT" if self.path == "cpu" else f"CUDA {self.path} TT"
+        return (f"{kernel}: groups {groups}, order {list(self.order)}: {self.flops / 1e6:.1f} MFLOP "
                 f"at batch {self.batch} (dense {self.dense_flops / 1e6:.1f})")
 
 
@@ -144,21 +175,137 @@ def _choose(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> TTP
                 best = (cost, groups, order, merged)
     cost, groups, order, merged = best
     if allow_dense and dense_cost <= cost:  # ties: one big GEMM runs faster
-        everything = tuple(range(d))
-        flops = dense_flops(shapes, batch)
-        return TTPlan((everything,), (0,), True, batch, flops, flops,
-                      (merge_shapes(shapes, everything)[0],), dense_cost)
+        return _dense_plan(shapes, batch, dense_cost)
     merge_flops = sum(merge_shapes(shapes, g)[1] for g in groups)
     flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
     return TTPlan(groups, order, False, batch, flops, dense_flops(shapes, batch), tuple(merged), cost)
 
 
-@torch.compiler.assume_constant_result  # pure function of static shapes: torch.compile folds it
-def choose_plan(shapes, batch: int, allow_dense: bool = True) -> TTPlan:
-    """The cheapest plan by FLOP count for cores of the given shapes at this batch size.
+def _dense_plan(shapes: tuple[CoreShape, ...], batch: int, cost: int) -> TTPlan:
+    everything = tuple(range(len(shapes)))
+    flops = dense_flops(shapes, batch)
+    return TTPlan((everything,), (0,), True, batch, flops, flops, (merge_shapes(shapes, everything)[0],), cost,
+                  path="dense")
 
-    Searches every contiguous merge partition and every absorb order (2^(d-1) x 2^(d'-1)
-    candidates, cached), and the dense route when `allow_dense`.
+
+@torch.compiler.assume_constant_result  # pure function of static shapes: torch.compile folds it
+def choose_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> TTPlan:
+    """The cheapest plan for cores of the given shapes at this batch size.
+
+    CPU (default): by FLOP count plus traffic terms; searches every contiguous merge partition
+    and every absorb order (2^(d-1) x 2^(d'-1) candidates, cached), and the dense route when
+    `allow_dense`. device="cuda": by the CUDA cost model (`choose_cuda_plan`) for the current
+    CUDA device (or an H100's limits where none can be asked); `dtype` is the input's dtype.
     """
     shapes = tuple(tuple(int(v) for v in s) for s in shapes)
+    if str(device).startswith("cuda"):
+        return choose_cuda_plan(shapes, batch, cuda_limits(device), dtype, allow_dense)
     return _choose(shapes, int(batch), bool(allow_dense))
+
+
+# ----------------------------------------------------------------------------- CUDA
+def cuda_limits(device="cuda") -> CudaLimits:
+    """The device's shared-memory and SM limits, or an H100's where the build has no CUDA
+    kernels or no GPU is visible."""
+    if not hasattr(_C, "tt_cuda_device_limits") or not torch.cuda.is_available():
+        return H100_LIMITS
+    dev = torch.device(device)
+    return _device_limits(torch.cuda.current_device() if dev.index is None else dev.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> CudaLimits:
+    return CudaLimits(**_C.tt_cuda_device_limits(index))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def cuda_schedule(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int, backward: bool,
+                  dtype, limits: CudaLimits, path: str = "auto") -> dict:
+    """The C++ schedule of one CUDA call: path, samples per block, grid, shared memory and
+    workspace (elements of the accumulation type: float64 for float64 inputs, else float32)."""
+    return _cuda_schedule(tuple(flat_dims(merged)), tuple(order), int(batch), bool(backward),
+                          8 if _dtype_name(dtype) == "float64" else 4, limits, path)
+
+
+@functools.lru_cache(maxsize=8192)
+def _cuda_schedule(core_dims, order, batch, backward, acc_bytes, limits, path) -> dict:
+    return _C.tt_cuda_schedule(list(core_dims), list(order), batch, backward, acc_bytes, limits.smem_per_block,
+                               limits.smem_per_sm, limits.sm_count, path)
+
+
+def cuda_plan_costs(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int, limits: CudaLimits,
+                    dtype=torch.float32) -> dict[str, float]:
+    """Estimated seconds of the forward of one plan by each CUDA kernel that can run it:
+    {"fused": s, "tiled": s} ("fused" only where one sample's intermediates fit in shared
+    memory)."""
+    info = plan_info(tuple(flat_dims(merged)), tuple(order))
+    elem = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if elem == 8 else 4
+    flops = batch * info["flops_per_sample"]
+    io_bytes = batch * (info["in_features"] + info["out_features"]) * elem
+    costs = {}
+    fused = cuda_schedule(merged, order, batch, False, dtype, limits)
+    if fused["fits_fused"]:
+        # blocks of `samples` samples: fewer blocks than SMs leave SMs idle
+        busy = min(1.0, max(fused["chunks"], 1) / limits.sm_count)
+        costs["fused"] = CUDA_LAUNCH_SECONDS + flops / (CUDA_FUSED_FLOPS * busy) + io_bytes / CUDA_BANDWIDTH
+    # tiled: one GEMM launch per step (and the output permutation) per chunk of the batch,
+    # each filling only as many SMs as it has 64 x 64 output tiles
+    tiled = cuda_schedule(merged, order, batch, False, dtype, limits, "tiled")
+    chunks = max(tiled["chunks"], 1)
+    seconds = chunks * CUDA_LAUNCH_SECONDS
+    for s in info["steps"]:
+        rows = tiled["samples"] * s["rows"]
+        tiles = math.ceil(rows / 64) * math.ceil(s["N"] / 64)
+        busy = min(1.0, tiles / limits.sm_count)
+        step_flops = 2 * rows * s["K"] * s["N"]
+        step_bytes = rows * (s["K"] + s["N"]) * acc
+        seconds += chunks * (CUDA_LAUNCH_SECONDS + step_flops / (CUDA_TILED_FLOPS * busy) + step_bytes / CUDA_BANDWIDTH)
+    costs["tiled"] = seconds + io_bytes / CUDA_BANDWIDTH
+    return costs
+
+
+def cuda_dense_cost(shapes: tuple[CoreShape, ...], batch: int, dtype=torch.float32) -> float:
+    """Estimated seconds of rebuilding W (einsum merges) and one cuBLAS GEMM."""
+    (_, M, N, _), merge = merge_shapes(shapes, tuple(range(len(shapes))))
+    elem = torch.empty((), dtype=dtype).element_size()
+    rate = CUDA_DENSE_FLOPS.get(_dtype_name(dtype), CUDA_DENSE_FLOPS["float32"])
+    traffic = (M * N * 3 + batch * (M + N)) * elem  # W written by the merge, cast, read by the GEMM
+    return len(shapes) * CUDA_LAUNCH_SECONDS + (merge + 2 * batch * M * N) / rate + traffic / CUDA_BANDWIDTH
+
+
+def choose_cuda_plan(shapes, batch: int, limits: CudaLimits = H100_LIMITS, dtype=torch.float32,
+                     allow_dense: bool = True) -> TTPlan:
+    """The fastest CUDA route by the cost model above: the best (partition, order, kernel) of
+    the fused and tiled kernels, or the dense route. Pure host logic (runs without a GPU);
+    the choice is `plan.path`."""
+    shapes = tuple(tuple(int(v) for v in s) for s in shapes)
+    return _choose_cuda(shapes, int(batch), limits, _dtype_name(dtype), bool(allow_dense))
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_cuda(shapes, batch, limits, dtype_name, allow_dense) -> TTPlan:
+    dtype = getattr(torch, dtype_name)
+    d = len(shapes)
+    best = None
+    for groups in _partitions(d):
+        merged, merge_cost = zip(*(merge_shapes(shapes, g) for g in groups))
+        merge_seconds = sum(merge_cost) / CUDA_DENSE_FLOPS["float32"] + (len(shapes) - len(groups)) * CUDA_LAUNCH_SECONDS
+        for order in _orders(len(groups)):
+            for path, seconds in cuda_plan_costs(tuple(merged), order, batch, limits, dtype).items():
+                total = merge_seconds + seconds
+                if best is None or total < best[0]:
+                    best = (total, groups, order, tuple(merged), path)
+    seconds, groups, order, merged, path = best
+    if allow_dense:
+        dense_seconds = cuda_dense_cost(shapes, batch, dtype)
+        if dense_seconds <= seconds:
+            return _dense_plan(shapes, batch, int(dense_seconds * 1e12))
+    merge_flops = sum(merge_shapes(shapes, g)[1] for g in groups)
+    flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
+    return TTPlan(groups, order, False, batch, flops, dense_flops(shapes, batch), merged, int(seconds * 1e12),
+                  path=path)

@@ -1,0 +1,655 @@
+// TT-matrix contraction on CUDA: forward and backward, fused (one launch, everything in
+// shared memory) or tiled (one gathered GEMM launch per step, intermediates in a global
+// workspace). The geometry (steps, gather tables, schedule) comes from tt_plan.h and
+// tt_cuda_schedule.h, shared with the CPU build.
+//
+// Every GEMM here has the form C(p, q) = sum_l A(p, l) B(l, q) where each operand element sits
+// at base[map1(index1) + map2(index2)] (a `Map`): the permutations between steps are never
+// materialized, the kernels gather through the plan's row/column offset tables.
+#include "tt/tt_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <string>
+
+#include "tt/tt_cuda_check.h"
+
+namespace tensorpress::tt {
+namespace {
+
+// ----------------------------------------------------------------------------- conversions
+template <typename To, typename From>
+__device__ __forceinline__ To cvt(From v) { return static_cast<To>(v); }
+template <> __device__ __forceinline__ float cvt<float, __half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float cvt<float, __nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ __half cvt<__half, float>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 cvt<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+// ----------------------------------------------------------------------------- index maps
+// off(i) = (i / inner) * outer + tab[i % inner] with a table, i * mul without.
+struct Map {
+  const int32_t* tab;
+  int inner;
+  int outer;
+  int mul;
+  __device__ __forceinline__ int at(int i) const {
+    if (tab == nullptr) return i * mul;
+    const int o = i / inner;
+    return o * outer + tab[i - o * inner];
+  }
+};
+__host__ __device__ inline Map lin(int mul) { return Map{nullptr, INT_MAX, 0, mul}; }
+__host__ __device__ inline Map table(const int32_t* tab, int inner, int outer) { return Map{tab, inner, outer, 0}; }
+__host__ __device__ inline Map table1(const int32_t* tab) { return Map{tab, INT_MAX, 0, 0}; }
+
+// Walking a map along consecutive indices without a division per step.
+struct Walk {
+  int o = 0, r = 0;
+  __device__ __forceinline__ int off(const Map& m) const { return m.tab ? o * m.outer + m.tab[r] : r * m.mul; }
+  __device__ __forceinline__ void next(const Map& m) {
+    if (++r == m.inner) r = 0, ++o;
+  }
+};
+
+template <typename TC>
+struct Out {
+  TC* ptr;
+  Map p, q;
+  bool accumulate;
+};
+
+template <typename TC, typename Acc>
+__device__ __forceinline__ void put(const Out<TC>& o, int p, int q, Acc v) {
+  TC* d = o.ptr + o.p.at(p) + o.q.at(q);
+  *d = o.accumulate ? cvt<TC>(static_cast<Acc>(cvt<Acc>(*d) + v)) : cvt<TC>(v);
+}
+
+// ----------------------------------------------------------------------------- in-block GEMM
+// The whole block computes C = A B on operands already in shared memory (or cached global
+// memory): each thread owns TP consecutive rows x TQ columns strided by the number of column
+// threads, so a warp reads consecutive B entries (no bank conflicts when bq is unit-stride)
+// and broadcasts A entries.
+template <int TP, int TQ, typename Acc, typename TC>
+__device__ void block_gemm_tiles(int P, int Q, int L, const Acc* A, Map ap, Map al, const Acc* B, Map bl, Map bq,
+                                 const Out<TC>& out) {
+  const int qthreads = (Q + TQ - 1) / TQ;
+  const int tiles = ((P + TP - 1) / TP) * qthreads;
+  for (int tile = threadIdx.x; tile < tiles; tile += blockDim.x) {
+    const int qi = tile % qthreads, p0 = (tile / qthreads) * TP;
+    int aoff[TP], boff[TQ];
+#pragma unroll
+    for (int i = 0; i < TP; ++i) aoff[i] = ap.at(min(p0 + i, P - 1));
+#pragma unroll
+    for (int c = 0; c < TQ; ++c) boff[c] = bq.at(min(qi + c * qthreads, Q - 1));
+    Acc acc[TP][TQ];
+#pragma unroll
+    for (int i = 0; i < TP; ++i)
+#pragma unroll
+      for (int c = 0; c < TQ; ++c) acc[i][c] = Acc(0);
+    Walk wa, wb;
+    for (int l = 0; l < L; ++l) {
+      const int oa = wa.off(al), ob = wb.off(bl);
+      Acc a[TP], b[TQ];
+#pragma unroll
+      for (int i = 0; i < TP; ++i) a[i] = A[aoff[i] + oa];
+#pragma unroll
+      for (int c = 0; c < TQ; ++c) b[c] = B[ob + boff[c]];
+#pragma unroll
+      for (int i = 0; i < TP; ++i)
+#pragma unroll
+        for (int c = 0; c < TQ; ++c) acc[i][c] = fma(a[i], b[c], acc[i][c]);
+      wa.next(al);
+      wb.next(bl);
+    }
+#pragma unroll
+    for (int i = 0; i < TP; ++i)
+#pragma unroll
+      for (int c = 0; c < TQ; ++c)
+        if (p0 + i < P && qi + c * qthreads < Q) put(out, p0 + i, qi + c * qthreads, acc[i][c]);
+  }
+}
+
+// Register tile by shape: 4 columns per thread only when there are enough columns, 4 rows
+// only when that still leaves every thread of the block some work.
+template <typename Acc, typename TC>
+__device__ void block_gemm(int P, int Q, int L, const Acc* A, Map ap, Map al, const Acc* B, Map bl, Map bq,
+                           const Out<TC>& out) {
+  const bool wide = Q >= 64;
+  const int qthreads = wide ? (Q + 3) / 4 : Q;
+  const bool tall = ((P + 3) / 4) * qthreads >= static_cast<int>(blockDim.x);
+  if (wide && tall) block_gemm_tiles<4, 4>(P, Q, L, A, ap, al, B, bl, bq, out);
+  else if (wide) block_gemm_tiles<1, 4>(P, Q, L, A, ap, al, B, bl, bq, out);
+  else if (tall) block_gemm_tiles<4, 1>(P, Q, L, A, ap, al, B, bl, bq, out);
+  else block_gemm_tiles<1, 1>(P, Q, L, A, ap, al, B, bl, bq, out);
+}
+
+// ----------------------------------------------------------------------------- fused kernels
+template <typename T, typename Acc>
+struct FusedArgs {
+  int n_steps;
+  int rows[kCudaMaxSteps], K[kCudaMaxSteps], N[kCudaMaxSteps];
+  int smem_off[kCudaMaxSteps];  // step matrix offset in shared memory (row stride smem_ld(N))
+  int grad_off[kCudaMaxSteps];  // step matrix offset in a gradient partial (row stride N)
+  int saved_off[kCudaMaxSteps]; // backward: per-sample offset of step t's saved input
+  const Acc* mat[kCudaMaxSteps];
+  const int32_t* ro[kCudaMaxSteps];
+  const int32_t* co[kCudaMaxSteps];
+  const int32_t* fsrc;
+  const int32_t* finv;
+  int in_features, out_features, max_state, smem_mats, mats_total, samples, saved_total;
+  int64_t batch, chunks;
+  const T* x;
+  T* y;
+  const T* gy;
+  T* gx;
+  Acc* partial;
+  bool need_x, need_mats;
+};
+
+template <typename Acc>
+__device__ __forceinline__ int ld_of(int N) { return N % 2 == 0 ? N + 1 : N; }
+
+// out (ns x rows x N) = gathered in (ns x rows x K) * mat (K x N, row stride ld).
+template <typename T, typename Acc>
+__device__ void fused_step(const FusedArgs<T, Acc>& a, int t, int ns, const Acc* in, const Acc* mat, Acc* out) {
+  const int rows = a.rows[t], K = a.K[t], N = a.N[t];
+  block_gemm(ns * rows, N, K, in, table(a.ro[t], rows, rows * K), table1(a.co[t]), mat, lin(ld_of<Acc>(N)), lin(1),
+             Out<Acc>{out, lin(N), lin(1), false});
+}
+
+template <typename T, typename Acc>
+__device__ void stage_mats(const FusedArgs<T, Acc>& a, Acc* mats) {
+  for (int t = 0; t < a.n_steps; ++t) {
+    const int K = a.K[t], N = a.N[t], ld = ld_of<Acc>(N);
+    for (int i = threadIdx.x; i < K * N; i += blockDim.x) {
+      const int k = i / N;
+      mats[a.smem_off[t] + k * ld + (i - k * N)] = a.mat[t][i];
+    }
+  }
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kCudaThreads) fused_forward_kernel(const FusedArgs<T, Acc> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Acc* mats = reinterpret_cast<Acc*>(smem_raw);
+  Acc* buf0 = mats + a.smem_mats;
+  Acc* buf1 = buf0 + a.samples * a.max_state;
+  stage_mats(a, mats);  // visible after the barrier that follows the first input copy
+  const int M = a.out_features;
+  for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
+    const int64_t b0 = chunk * a.samples;
+    const int ns = static_cast<int>(min(static_cast<int64_t>(a.samples), a.batch - b0));
+    const T* xs = a.x + b0 * a.in_features;
+    for (int i = threadIdx.x; i < ns * a.in_features; i += blockDim.x) buf0[i] = cvt<Acc>(xs[i]);
+    __syncthreads();
+    Acc* cur = buf0;
+    Acc* nxt = buf1;
+    for (int t = 0; t < a.n_steps; ++t) {
+      fused_step(a, t, ns, cur, mats + a.smem_off[t], nxt);
+      __syncthreads();
+      Acc* tmp = cur;
+      cur = nxt;
+      nxt = tmp;
+    }
+    T* ys = a.y + b0 * M;
+    for (int i = threadIdx.x; i < ns * M; i += blockDim.x) {
+      const int s = i / M;
+      ys[i] = cvt<T>(cur[s * M + a.fsrc[i - s * M]]);
+    }
+    __syncthreads();  // the next chunk overwrites the buffers
+  }
+}
+
+// Backward of one block of samples at a time: recompute the forward keeping every step's
+// input, then sweep back. Core gradients accumulate into this block's own partial (global
+// memory, owned by the block: no atomics), summed over blocks by reduce_partials.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kCudaThreads) fused_backward_kernel(const FusedArgs<T, Acc> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Acc* mats = reinterpret_cast<Acc*>(smem_raw);
+  Acc* saved = mats + a.smem_mats;
+  Acc* g0 = saved + a.samples * a.saved_total;
+  Acc* g1 = g0 + a.samples * a.max_state;
+  Acc* partial = a.partial + static_cast<int64_t>(blockIdx.x) * a.mats_total;
+  stage_mats(a, mats);
+  if (a.need_mats)
+    for (int i = threadIdx.x; i < a.mats_total; i += blockDim.x) partial[i] = Acc(0);
+  const int M = a.out_features, n = a.n_steps;
+  for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
+    const int64_t b0 = chunk * a.samples;
+    const int ns = static_cast<int>(min(static_cast<int64_t>(a.samples), a.batch - b0));
+    const T* xs = a.x + b0 * a.in_features;
+    for (int i = threadIdx.x; i < ns * a.in_features; i += blockDim.x) saved[i] = cvt<Acc>(xs[i]);
+    __syncthreads();
+    for (int t = 0; t + 1 < n; ++t) {
+      fused_step(a, t, ns, saved + a.samples * a.saved_off[t], mats + a.smem_off[t],
+                 saved + a.samples * a.saved_off[t + 1]);
+      __syncthreads();
+    }
+    const T* gys = a.gy + b0 * M;
+    for (int i = threadIdx.x; i < ns * M; i += blockDim.x) {
+      const int s = i / M;
+      g0[i] = cvt<Acc>(gys[s * M + a.finv[i - s * M]]);
+    }
+    __syncthreads();
+    Acc* g = g0;
+    Acc* gn = g1;
+    for (int t = n - 1; t >= 0; --t) {
+      const int rows = a.rows[t], K = a.K[t], N = a.N[t], in_size = rows * K;
+      const Acc* in = saved + a.samples * a.saved_off[t];
+      if (a.need_mats)  // dB(k, j) += sum over (sample, row) of in(row, k) g(row, j)
+        block_gemm(K, N, ns * rows, in, table1(a.co[t]), table(a.ro[t], rows, in_size), g, lin(N), lin(1),
+                   Out<Acc>{partial + a.grad_off[t], lin(N), lin(1), true});
+      if (t > 0 || a.need_x)  // d in(row, k) = sum_j g(row, j) B(k, j), scattered to the state layout
+        block_gemm(ns * rows, K, N, g, lin(N), lin(1), mats + a.smem_off[t], lin(1), lin(ld_of<Acc>(N)),
+                   Out<Acc>{gn, table(a.ro[t], rows, in_size), table1(a.co[t]), false});
+      __syncthreads();
+      Acc* tmp = g;
+      g = gn;
+      gn = tmp;
+    }
+    if (a.need_x) {
+      T* gxs = a.gx + b0 * a.in_features;
+      for (int i = threadIdx.x; i < ns * a.in_features; i += blockDim.x) gxs[i] = cvt<T>(g[i]);
+      __syncthreads();
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- tiled GEMM
+// C(p, q) (+)= sum over this split's l of A(p, l) B(l, q), operands gathered from global
+// memory through maps, one 64 x 64 tile per block, 4 x 4 outputs per thread. blockIdx.z is
+// the split of the l range; split z writes C + z * c_split_stride.
+template <typename TA, typename TB, typename TC>
+struct TiledGemm {
+  int P, Q, L, l_per_split;
+  const TA* A;
+  Map ap, al;
+  const TB* B;
+  Map bl, bq;
+  TC* C;
+  Map cp, cq;
+  int64_t c_split_stride;
+  bool accumulate;
+};
+
+template <typename TA, typename TB, typename TC, typename Acc>
+__global__ void __launch_bounds__(kCudaThreads) tiled_gemm_kernel(const TiledGemm<TA, TB, TC> g) {
+  constexpr int BM = kCudaTileM, BN = kCudaTileN, BK = kCudaTileK;
+  static_assert(BM == 64 && BN == 64 && kCudaThreads == 256, "4 x 4 outputs per thread on a 16 x 16 grid");
+  __shared__ Acc As[BK][BM + 1];
+  __shared__ Acc Bs[BK][BN];
+  __shared__ int arow[BM], bcol[BN], acol[BK], brow[BK];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int p0 = blockIdx.x * BM, q0 = blockIdx.y * BN;
+  const int l_begin = blockIdx.z * g.l_per_split;
+  const int l_end = min(g.L, l_begin + g.l_per_split);
+  if (tid < BM) arow[tid] = g.ap.at(min(p0 + tid, g.P - 1));
+  else if (tid < BM + BN) bcol[tid - BM] = g.bq.at(min(q0 + tid - BM, g.Q - 1));
+  Acc acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[i][c] = Acc(0);
+  for (int l0 = l_begin; l0 < l_end; l0 += BK) {
+    __syncthreads();  // the previous tile has been consumed
+    if (tid < BK) acol[tid] = l0 + tid < l_end ? g.al.at(l0 + tid) : 0;
+    else if (tid < 2 * BK) brow[tid - BK] = l0 + tid - BK < l_end ? g.bl.at(l0 + tid - BK) : 0;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < BM * BK / kCudaThreads; ++i) {
+      const int e = tid + i * kCudaThreads, pp = e / BK, ll = e % BK;
+      As[ll][pp] = (p0 + pp < g.P && l0 + ll < l_end) ? cvt<Acc>(g.A[arow[pp] + acol[ll]]) : Acc(0);
+    }
+#pragma unroll
+    for (int i = 0; i < BN * BK / kCudaThreads; ++i) {
+      const int e = tid + i * kCudaThreads, ll = e / BN, qq = e % BN;
+      Bs[ll][qq] = (q0 + qq < g.Q && l0 + ll < l_end) ? cvt<Acc>(g.B[brow[ll] + bcol[qq]]) : Acc(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ll = 0; ll < BK; ++ll) {
+      Acc a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[ll][ty + 16 * i];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) b[c] = Bs[ll][tx + 16 * c];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[i][c] = fma(a[i], b[c], acc[i][c]);
+    }
+  }
+  const Out<TC> out{g.C + blockIdx.z * g.c_split_stride, g.cp, g.cq, g.accumulate};
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int p = p0 + ty + 16 * i, q = q0 + tx + 16 * c;
+      if (p < g.P && q < g.Q) put(out, p, q, acc[i][c]);
+    }
+}
+
+// ----------------------------------------------------------------------------- small kernels
+// dst[i] = src[(i / M) * M + tab[i % M]]: the final permutation and its inverse.
+template <typename TS, typename TD>
+__global__ void gather_rows_kernel(const TS* src, TD* dst, int64_t n, int M, const int32_t* tab) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t s = i / M;
+    dst[i] = cvt<TD>(cvt<typename AccOf<TD>::type>(src[s * M + tab[i - s * M]]));
+  }
+}
+
+struct ReduceArgs {
+  int n_steps, mats_total;
+  int off[kCudaMaxSteps + 1];
+  void* out[kCudaMaxSteps];
+};
+
+// grad_mats[t][i] = sum over `count` partials, in a fixed order (deterministic).
+template <typename Acc>
+__global__ void reduce_partials_kernel(const Acc* partial, int64_t count, const ReduceArgs r) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < r.mats_total; i += gridDim.x * blockDim.x) {
+    Acc s = Acc(0);
+    for (int64_t b = 0; b < count; ++b) s += partial[b * r.mats_total + i];
+    int t = 0;
+    while (i >= r.off[t + 1]) ++t;
+    static_cast<Acc*>(r.out[t])[i - r.off[t]] = s;
+  }
+}
+
+// ----------------------------------------------------------------------------- host side
+int grid_for(int64_t n) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kCudaThreads), 4096)));
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024)
+    TP_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+template <typename T, typename Acc>
+FusedArgs<T, Acc> fused_args(const Plan& plan, const CudaSchedule& sched, const std::vector<const void*>& mats,
+                             const int32_t* tables, int64_t batch) {
+  FusedArgs<T, Acc> a{};
+  const TableLayout lay = table_layout(plan);
+  a.n_steps = static_cast<int>(plan.steps.size());
+  int smem = 0, grad = 0, saved = 0;
+  for (int t = 0; t < a.n_steps; ++t) {
+    const Step& s = plan.steps[t];
+    a.rows[t] = static_cast<int>(s.rows);
+    a.K[t] = static_cast<int>(s.K);
+    a.N[t] = static_cast<int>(s.N);
+    a.smem_off[t] = smem;
+    a.grad_off[t] = grad;
+    a.saved_off[t] = saved;
+    smem += static_cast<int>(s.K * smem_ld(s.N));
+    grad += static_cast<int>(s.K * s.N);
+    saved += static_cast<int>(s.in_size());
+    a.mat[t] = static_cast<const Acc*>(mats[t]);
+    a.ro[t] = tables + lay.row_off[t];
+    a.co[t] = tables + lay.col_off[t];
+  }
+  a.fsrc = tables + lay.fsrc;
+  a.finv = tables + lay.finv;
+  a.in_features = static_cast<int>(plan.in_features);
+  a.out_features = static_cast<int>(plan.out_features);
+  a.max_state = static_cast<int>(plan.max_state);
+  a.smem_mats = smem;
+  a.mats_total = grad;
+  a.saved_total = saved;
+  a.samples = static_cast<int>(sched.samples);
+  a.batch = batch;
+  a.chunks = sched.chunks;
+  return a;
+}
+
+template <typename TA, typename TB, typename TC>
+void launch_tiled(const TiledGemm<TA, TB, TC>& g, int splits, cudaStream_t stream, const char* what) {
+  using Acc = typename AccOf<TC>::type;
+  if (g.P <= 0 || g.Q <= 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(g.P, kCudaTileM)), static_cast<unsigned>(ceil_div(g.Q, kCudaTileN)),
+                  static_cast<unsigned>(splits));
+  tiled_gemm_kernel<TA, TB, TC, Acc><<<grid, kCudaThreads, 0, stream>>>(g);
+  TP_CUDA_CHECK_LAUNCH(what);
+}
+
+template <typename Acc>
+ReduceArgs reduce_args(const Plan& plan, const std::vector<void*>& grad_mats) {
+  ReduceArgs r{};
+  r.n_steps = static_cast<int>(plan.steps.size());
+  int off = 0;
+  for (int t = 0; t < r.n_steps; ++t) {
+    r.off[t] = off;
+    off += static_cast<int>(plan.steps[t].K * plan.steps[t].N);
+    r.out[t] = grad_mats[t];
+  }
+  r.off[r.n_steps] = off;
+  for (int t = r.n_steps + 1; t <= kCudaMaxSteps; ++t) r.off[t] = INT_MAX;
+  r.mats_total = off;
+  return r;
+}
+
+template <typename Acc>
+void reduce_partials(const Plan& plan, const Acc* partial, int64_t count, const std::vector<void*>& grad_mats,
+                     cudaStream_t stream) {
+  const ReduceArgs r = reduce_args<Acc>(plan, grad_mats);
+  reduce_partials_kernel<Acc><<<grid_for(r.mats_total), kCudaThreads, 0, stream>>>(partial, count, r);
+  TP_CUDA_CHECK_LAUNCH("tt reduce_partials");
+}
+
+template <typename T>
+void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const std::vector<const void*>& mats,
+                  const int32_t* tables, T* y, int64_t batch, void* workspace, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  if (batch == 0) return;
+  if (sched.path == CudaPath::Fused) {
+    FusedArgs<T, Acc> a = fused_args<T, Acc>(plan, sched, mats, tables, batch);
+    a.x = x;
+    a.y = y;
+    allow_smem(fused_forward_kernel<T, Acc>, sched.smem_bytes);
+    fused_forward_kernel<T, Acc><<<static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream>>>(a);
+    TP_CUDA_CHECK_LAUNCH("tt fused_forward_kernel");
+    return;
+  }
+  const TableLayout lay = table_layout(plan);
+  const int n = static_cast<int>(plan.steps.size());
+  const int64_t Nin = plan.in_features, M = plan.out_features, Bc = sched.samples;
+  Acc* buf[2] = {static_cast<Acc*>(workspace), static_cast<Acc*>(workspace) + Bc * plan.max_state};
+  for (int64_t chunk = 0; chunk < sched.chunks; ++chunk) {
+    const int64_t b0 = chunk * Bc;
+    const int nb = static_cast<int>(std::min(Bc, batch - b0));
+    const Acc* cur = nullptr;
+    for (int t = 0; t < n; ++t) {
+      const Step& s = plan.steps[t];
+      const int rows = static_cast<int>(s.rows), K = static_cast<int>(s.K), N = static_cast<int>(s.N);
+      const Map ap = table(tables + lay.row_off[t], rows, rows * K), al = table1(tables + lay.col_off[t]);
+      Acc* out = buf[t % 2];
+      const Acc* mat = static_cast<const Acc*>(mats[t]);
+      if (t == 0)
+        launch_tiled(TiledGemm<T, Acc, Acc>{nb * rows, N, K, K, x + b0 * Nin, ap, al, mat, lin(N), lin(1), out, lin(N),
+                                            lin(1), 0, false},
+                     1, stream, "tt tiled forward step");
+      else
+        launch_tiled(TiledGemm<Acc, Acc, Acc>{nb * rows, N, K, K, cur, ap, al, mat, lin(N), lin(1), out, lin(N), lin(1),
+                                              0, false},
+                     1, stream, "tt tiled forward step");
+      cur = out;
+    }
+    gather_rows_kernel<Acc, T><<<grid_for(nb * M), kCudaThreads, 0, stream>>>(cur, y + b0 * M, nb * M,
+                                                                              static_cast<int>(M), tables + lay.fsrc);
+    TP_CUDA_CHECK_LAUNCH("tt gather_rows (output)");
+  }
+}
+
+template <typename T>
+void backward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const std::vector<const void*>& mats,
+                   const int32_t* tables, const T* grad_y, T* grad_x, const std::vector<void*>& grad_mats,
+                   int64_t batch, void* workspace, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const bool need_x = grad_x != nullptr, need_mats = !grad_mats.empty();
+  if (!need_x && !need_mats) return;
+  const int64_t mtotal = mats_total(plan);
+  if (sched.path == CudaPath::Fused) {
+    Acc* partial = static_cast<Acc*>(workspace);
+    if (batch > 0) {
+      FusedArgs<T, Acc> a = fused_args<T, Acc>(plan, sched, mats, tables, batch);
+      a.x = x;
+      a.gy = grad_y;
+      a.gx = grad_x;
+      a.partial = partial;
+      a.need_x = need_x;
+      a.need_mats = need_mats;
+      allow_smem(fused_backward_kernel<T, Acc>, sched.smem_bytes);
+      fused_backward_kernel<T, Acc><<<static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream>>>(a);
+      TP_CUDA_CHECK_LAUNCH("tt fused_backward_kernel");
+    }
+    if (need_mats) reduce_partials<Acc>(plan, partial, batch > 0 ? sched.grid : 0, grad_mats, stream);
+    return;
+  }
+
+  const TableLayout lay = table_layout(plan);
+  const int n = static_cast<int>(plan.steps.size());
+  const int64_t Nin = plan.in_features, M = plan.out_features, Bc = sched.samples;
+  // workspace: each step's saved input (step 0's slot unused: x is read in place), two
+  // gradient buffers, then the split partials of the core gradients
+  Acc* ws = static_cast<Acc*>(workspace);
+  std::vector<Acc*> slot(n);
+  int64_t used = 0;
+  for (int t = 0; t < n; ++t) slot[t] = ws + used, used += Bc * plan.steps[t].in_size();
+  Acc* gbuf[2] = {ws + used, ws + used + Bc * plan.max_state};
+  Acc* partial = ws + used + 2 * Bc * plan.max_state;
+  std::vector<int64_t> grad_off(n + 1, 0);
+  for (int t = 0; t < n; ++t) grad_off[t + 1] = grad_off[t] + plan.steps[t].K * plan.steps[t].N;
+  const int splits = static_cast<int>(sched.splits);
+
+  for (int64_t chunk = 0; chunk < sched.chunks; ++chunk) {
+    const int64_t b0 = chunk * Bc;
+    const int nb = static_cast<int>(std::min(Bc, batch - b0));
+    const T* xs = x + b0 * Nin;
+    for (int t = 0; t + 1 < n; ++t) {  // recompute the forward, keeping every step's input
+      const Step& s = plan.steps[t];
+      const int rows = static_cast<int>(s.rows), K = static_cast<int>(s.K), N = static_cast<int>(s.N);
+      const Map ap = table(tables + lay.row_off[t], rows, rows * K), al = table1(tables + lay.col_off[t]);
+      const Acc* mat = static_cast<const Acc*>(mats[t]);
+      if (t == 0)
+        launch_tiled(TiledGemm<T, Acc, Acc>{nb * rows, N, K, K, xs, ap, al, mat, lin(N), lin(1), slot[1], lin(N),
+                                            lin(1), 0, false},
+                     1, stream, "tt tiled backward recompute");
+      else
+        launch_tiled(TiledGemm<Acc, Acc, Acc>{nb * rows, N, K, K, slot[t], ap, al, mat, lin(N), lin(1), slot[t + 1],
+                                              lin(N), lin(1), 0, false},
+                     1, stream, "tt tiled backward recompute");
+    }
+    gather_rows_kernel<T, Acc><<<grid_for(nb * M), kCudaThreads, 0, stream>>>(grad_y + b0 * M, gbuf[0], nb * M,
+                                                                              static_cast<int>(M), tables + lay.finv);
+    TP_CUDA_CHECK_LAUNCH("tt gather_rows (grad_out)");
+    int cur = 0;
+    for (int t = n - 1; t >= 0; --t) {
+      const Step& s = plan.steps[t];
+      const int rows = static_cast<int>(s.rows), K = static_cast<int>(s.K), N = static_cast<int>(s.N);
+      const int in_size = rows * K;
+      const int32_t* ro = tables + lay.row_off[t];
+      const int32_t* co = tables + lay.col_off[t];
+      const Acc* g = gbuf[cur];
+      if (need_mats) {
+        const int L = nb * rows;
+        const int per = static_cast<int>(ceil_div(ceil_div(L, splits), kCudaTileK) * kCudaTileK);
+        Acc* c = partial + grad_off[t];
+        if (t == 0)
+          launch_tiled(TiledGemm<T, Acc, Acc>{K, N, L, per, xs, table1(co), table(ro, rows, in_size), g, lin(N), lin(1),
+                                              c, lin(N), lin(1), mtotal, chunk > 0},
+                       splits, stream, "tt tiled core gradient");
+        else
+          launch_tiled(TiledGemm<Acc, Acc, Acc>{K, N, L, per, slot[t], table1(co), table(ro, rows, in_size), g, lin(N),
+                                                lin(1), c, lin(N), lin(1), mtotal, chunk > 0},
+                       splits, stream, "tt tiled core gradient");
+      }
+      if (t > 0 || need_x) {
+        const Acc* mat = static_cast<const Acc*>(mats[t]);
+        const Map cp = table(ro, rows, in_size), cq = table1(co);
+        if (t == 0)
+          launch_tiled(TiledGemm<Acc, Acc, T>{nb * rows, K, N, N, g, lin(N), lin(1), mat, lin(1), lin(N),
+                                              grad_x + b0 * Nin, cp, cq, 0, false},
+                       1, stream, "tt tiled input gradient");
+        else
+          launch_tiled(TiledGemm<Acc, Acc, Acc>{nb * rows, K, N, N, g, lin(N), lin(1), mat, lin(1), lin(N),
+                                                gbuf[1 - cur], cp, cq, 0, false},
+                       1, stream, "tt tiled input gradient");
+      }
+      cur = 1 - cur;
+    }
+  }
+  if (need_mats) reduce_partials<Acc>(plan, partial, sched.chunks > 0 ? splits : 0, grad_mats, stream);
+}
+
+}  // namespace
+
+CudaLimits cuda_limits(int device) {
+  CudaLimits lim;
+  int v = 0;
+  TP_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  lim.smem_per_block = v;
+  TP_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  lim.smem_per_sm = v;
+  TP_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+  lim.sm_count = v;
+  return lim;
+}
+
+void forward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
+                  const std::vector<const void*>& mats, const int32_t* tables, void* y, int64_t batch,
+                  void* workspace, int device, void* stream) {
+  CudaDeviceGuard guard(device);
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case CudaDType::F32:
+      return forward_impl<float>(plan, sched, static_cast<const float*>(x), mats, tables, static_cast<float*>(y), batch,
+                                 workspace, st);
+    case CudaDType::F64:
+      return forward_impl<double>(plan, sched, static_cast<const double*>(x), mats, tables, static_cast<double*>(y),
+                                  batch, workspace, st);
+    case CudaDType::F16:
+      return forward_impl<__half>(plan, sched, static_cast<const __half*>(x), mats, tables, static_cast<__half*>(y),
+                                  batch, workspace, st);
+    case CudaDType::BF16:
+      return forward_impl<__nv_bfloat16>(plan, sched, static_cast<const __nv_bfloat16*>(x), mats, tables,
+                                         static_cast<__nv_bfloat16*>(y), batch, workspace, st);
+  }
+}
+
+void backward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
+                   const std::vector<const void*>& mats, const int32_t* tables, const void* grad_y, void* grad_x,
+                   const std::vector<void*>& grad_mats, int64_t batch, void* workspace, int device, void* stream) {
+  CudaDeviceGuard guard(device);
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case CudaDType::F32:
+      return backward_impl<float>(plan, sched, static_cast<const float*>(x), mats, tables,
+                                  static_cast<const float*>(grad_y), static_cast<float*>(grad_x), grad_mats, batch,
+                                  workspace, st);
+    case CudaDType::F64:
+      return backward_impl<double>(plan, sched, static_cast<const double*>(x), mats, tables,
+                                   static_cast<const double*>(grad_y), static_cast<double*>(grad_x), grad_mats, batch,
+                                   workspace, st);
+    case CudaDType::F16:
+      return backward_impl<__half>(plan, sched, static_cast<const __half*>(x), mats, tables,
+                                   static_cast<const __half*>(grad_y), static_cast<__half*>(grad_x), grad_mats, batch,
+                                   workspace, st);
+    case CudaDType::BF16:
+      return backward_impl<__nv_bfloat16>(plan, sched, static_cast<const __nv_bfloat16*>(x), mats, tables,
+                                          static_cast<const __nv_bfloat16*>(grad_y),
+                                          static_cast<__nv_bfloat16*>(grad_x), grad_mats, batch, workspace, st);
+  }
+}
+
+}  // namespace tensorpress::tt
