@@ -65,9 +65,10 @@ class TTLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     # ------------------------------------------------------------------ forward
-    def plan(self, batch: int) -> TTPlan:
+    def plan(self, batch: int, dtype: torch.dtype | None = None) -> TTPlan:
         """The contraction this layer will run for `batch` rows (by FLOP count; may be dense)."""
-        return choose_plan(self.core_shapes, batch)
+        core = self.cores[0]   # on CUDA the plan also picks the kernel path by the GPU cost model
+        return choose_plan(self.core_shapes, batch, device=str(core.device), dtype=dtype or core.dtype)
 
     @property
     def core_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
@@ -86,7 +87,7 @@ class TTLinear(nn.Module):
         tensor can take their place) and their in-place versions."""
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(g.requires_grad for g in self.cores)):
             return None, None
-        plan = self.plan(math.prod(x.shape[:-1]))
+        plan = self.plan(math.prod(x.shape[:-1]), x.dtype)
         cores = tuple(self.cores)
         versions = tuple(g._version for g in cores)
         cached = self.__dict__.get("_inference_cache")
