@@ -300,7 +300,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
              method: str | Mapping[str, str] = "activation", budget: float = 0.5, ranks: Mapping[str, int] | None = None,
              rank_rule: str | None = None, include=None, exclude=None, keep_rows: int = 0,
              ridge: float | None = None, progress: bool = False,
-             cache: dict | None = None) -> tuple[nn.Module, CompressionReport]:
+             cache: dict | None = None, residual_feedback: bool = False) -> tuple[nn.Module, CompressionReport]:
     """Compress the layers of ``model`` and return (compressed copy, report).
 
     Args:
@@ -333,6 +333,11 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         keep_rows: rows of (X, X~) kept per layer for "relu"/"gelu" (default 4096 when used).
         ridge: Gram regularization relative to its mean diagonal (default 1e-6).
         progress: show progress bars (tqdm).
+        residual_feedback: for "activation" low-rank layers that end a post-norm residual
+            branch (parent(h, residual) -> norm(layer(...) + residual), as BERT's output
+            blocks; detected and checked numerically on the first batch), fit the layer to also
+            make up for the error the compressed model has accumulated in the residual stream:
+            target X W^T + b + (residual - residual~) instead of X W^T + b.
         cache: a dict to share between calls on the same model and calibration batches (for
             example a sweep over budgets): the original model's input statistics, block inputs
             and the layers' sensitivities are computed once and reused.
@@ -399,7 +404,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                 rel_error=output_error(layer, fit, stats) if stats is not None else float("nan"),
                 seconds=seconds))
 
-        def fit_module(name, stats, method_of_layer):
+        def fit_module(name, stats, method_of_layer, offset=None):
             """(fit, replacement module) of one layer."""
             layer = layers[name]
             if chosen[name] is None:
@@ -411,6 +416,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                 fit = fit_svd(layer.weight, layer.bias, chosen[name])
             elif method_of_layer == "whitened":
                 fit = fit_activation(layer.weight, layer.bias, stats, chosen[name], **ridge_kw)
+            elif method_of_layer == "activation":
+                fit = fit_activation(layer.weight, layer.bias, stats, chosen[name], offset=offset, **ridge_kw)
             else:
                 fit = _fit_sequential(method_of_layer, layer, stats, chosen[name], ridge_kw)
             return fit, _lowrank_module(layer, fit)
@@ -427,10 +434,10 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         else:
             bar = _progress(0, "calibrating", progress)
 
-            def fit_layer(name, stats):
+            def fit_layer(name, stats, offset):
                 t0 = time.perf_counter()
                 report.calibration_rows = stats.n
-                fit, module = fit_module(name, stats, per_layer[name])
+                fit, module = fit_module(name, stats, per_layer[name], offset)
                 if module is layers[name]:  # kept dense: the copy's own layer stays
                     module = cmp.get_submodule(name)
                 record(name, fit, module, stats, time.perf_counter() - t0)
@@ -438,8 +445,11 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
 
             if bar is not None:
                 bar.total = None
+            feedback = ([n for n in targets if per_layer[n] == "activation" and chosen[n] is not None]
+                        if residual_feedback and structure == "lowrank" else [])
             info = compress_sequential(ref, cmp, batches, targets, fit_layer, keep_rows=keep_rows, progress=bar,
-                                       reference=shot, cache=cache)
+                                       reference=shot, cache=cache, residual_feedback=feedback)
+            report.residual_feedback = info["residual_feedback"]
             if bar is not None:
                 bar.close()
             report.mode = info["mode"]

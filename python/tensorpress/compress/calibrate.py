@@ -172,3 +172,64 @@ def find_blocks(model: nn.Module, targets: Iterable[str]) -> tuple[str, nn.Modul
         if count > best_count:
             best, best_count = (name, mod), count
     return best
+
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
+
+
+def residual_partners(model: nn.Module, targets: Mapping[str, nn.Module], batch) -> dict[str, str]:
+    """{layer name: its parent's name} for the target layers that end a post-norm residual
+    branch: the parent is called as parent(h, residual, ...) and feeds norm(layer(...) + residual)
+    to a normalization child (BERT's "output" blocks). Checked numerically on ``batch``: the
+    norm's input must equal the layer's output plus the parent's second argument.
+
+    For such a layer, the compressed model's residual differs from the original's by an error
+    D the layer's output can make up for, so its fit may aim at X W^T + b + D instead of
+    X W^T + b (see OffsetStats)."""
+    parents = {}
+    for name in targets:
+        parent_name = name.rpartition(".")[0]
+        if parent_name:
+            parents[name] = parent_name
+    if not parents:
+        return {}
+    seen_args: dict[str, tuple] = {}
+    seen_out: dict[str, Tensor] = {}
+    seen_norm: dict[str, list] = {}
+    handles = []
+
+    def on_parent(pname):
+        def hook(_mod, args, kwargs):
+            seen_args.setdefault(pname, tuple(args))
+        return hook
+
+    def on_layer(name):
+        def hook(_mod, _args, out):
+            if isinstance(out, Tensor):
+                seen_out.setdefault(name, out)
+        return hook
+
+    def on_norm(pname):
+        def hook(_mod, args):
+            if args and isinstance(args[0], Tensor):
+                seen_norm.setdefault(pname, []).append(args[0])
+        return hook
+
+    for name, pname in parents.items():
+        parent = model.get_submodule(pname)
+        handles.append(parent.register_forward_pre_hook(on_parent(pname), with_kwargs=True))
+        handles.append(targets[name].register_forward_hook(on_layer(name)))
+        for child in parent.children():
+            if isinstance(child, NORMS):
+                handles.append(child.register_forward_pre_hook(on_norm(pname)))
+    with hooks(handles):
+        run_until_stop(lambda: call_model(model, batch))
+    found = {}
+    for name, pname in parents.items():
+        args, out = seen_args.get(pname, ()), seen_out.get(name)
+        if out is None or len(args) < 2 or not isinstance(args[1], Tensor) or args[1].shape != out.shape:
+            continue
+        if any(x.shape == out.shape and torch.allclose(x, out + args[1], rtol=1e-4, atol=1e-5)
+               for x in seen_norm.get(pname, [])):
+            found[name] = pname
+    return found

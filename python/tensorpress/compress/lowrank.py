@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tensorpress.compress.stats import GramStats
+from tensorpress.compress.stats import GramStats, OffsetStats
 
 # Ridge added to G, relative to its mean diagonal: keeps the Cholesky factor well defined when
 # some input directions carry (almost) no energy, at a negligible bias elsewhere.
@@ -106,21 +106,31 @@ def whitening_factor(cov: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
 
 
 def fit_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, rank: int,
-                   ridge: float = DEFAULT_RIDGE) -> LowRankFit:
+                   ridge: float = DEFAULT_RIDGE, offset: OffsetStats | None = None) -> LowRankFit:
     """Activation-aware rank-r fit (the closed form in the module docstring). With one-shot
-    statistics (stats.paired False) it is the whitened SVD."""
+    statistics (stats.paired False) it is the whitened SVD.
+
+    offset: statistics of an extra target D (rows, out) paired with X~: the fit then aims at
+    X W^T + b + D (C W^T becomes C W^T + X~c^T Dc in M, and the bias gets mean(D)). Used for
+    residual feedback: D is the error of the residual stream the layer's output is added to."""
+    if offset is not None and (offset.in_features != weight.shape[1] or offset.out_features != weight.shape[0]):
+        raise ValueError(f"offset: expected statistics of {weight.shape[1]} inputs and {weight.shape[0]} outputs, got "
+                         f"{offset.in_features} and {offset.out_features}")
     _check_weight_rank(weight, rank)
     if stats.in_features != weight.shape[1]:
         raise ValueError(f"stats: expected statistics of {weight.shape[1]} input features, got {stats.in_features}")
     with small_problem_threads(weight.device, min(weight.shape)):
-        return _fit_activation(weight, bias, stats, rank, ridge)
+        return _fit_activation(weight, bias, stats, rank, ridge, offset)
 
 
-def _fit_activation(weight, bias, stats, rank, ridge) -> LowRankFit:
+def _fit_activation(weight, bias, stats, rank, ridge, offset=None) -> LowRankFit:
     w = weight.detach().to(torch.float64)
     L = whitening_factor(stats.cov_in, ridge)
-    # M = L^{-1} C W^T, C = centered X~^T X
-    M = torch.linalg.solve_triangular(L, stats.cov_cross.to(w.device) @ w.T, upper=False)
+    # M = L^{-1} C W^T, C = centered X~^T X (plus X~c^T Dc with an offset target)
+    rhs = stats.cov_cross.to(w.device) @ w.T
+    if offset is not None:
+        rhs = rhs + offset.cov_cross.to(w.device)
+    M = torch.linalg.solve_triangular(L, rhs, upper=False)
     u, s, vh = torch.linalg.svd(M, full_matrices=False)  # M (in, out) = u s vh
     # W^ = V_r S_r U_r^T L^{-1}: first = sqrt(S) U_r^T L^{-1}, second = V_r sqrt(S)
     root = s[:rank].sqrt()
@@ -132,6 +142,9 @@ def _fit_activation(weight, bias, stats, rank, ridge) -> LowRankFit:
     # the free bias b^ = b + W mu - W^ mu~ (given even to a layer that had none: the rank
     # part was fitted to centered data)
     b = w @ stats.mean_ref - second @ (first @ stats.mean_in)
+    if offset is not None:
+        b = b + offset.mean_d.to(w.device)
+        info["residual_feedback"] = True
     if bias is not None:
         b = b + bias.detach().to(torch.float64)
     return LowRankFit(first, second, b, info)

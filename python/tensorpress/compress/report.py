@@ -39,6 +39,7 @@ class CompressionReport:
     seconds: float = 0.0
     mode: str = ""                  # "blocks" (block replay) or "model" (whole-model passes) or "one-shot"
     quality: dict = field(default_factory=dict)   # filled by the caller (accuracy, cosine, ...)
+    residual_feedback: list = field(default_factory=list)   # layers fitted to make up for the residual error
 
     @property
     def layer_params_before(self) -> int:

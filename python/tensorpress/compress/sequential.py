@@ -16,11 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from tensorpress.compress.calibrate import (StopForward, call_model, execution_order, find_blocks, hooks,
-                                            layer_features, layer_rows, record_inputs, row_mask, run_until_stop)
-from tensorpress.compress.stats import GramStats
+                                            layer_features, layer_rows, record_inputs, residual_partners, row_mask,
+                                            rows, run_until_stop)
+from tensorpress.compress.stats import GramStats, OffsetStats
 
-# fit(name, stats) -> the module that replaces layer `name` in the compressed model
-FitLayer = Callable[[str, GramStats], nn.Module]
+# fit(name, stats, offset) -> the module that replaces layer `name` in the compressed model;
+# offset: OffsetStats of the residual error the layer should also make up for, or None
+FitLayer = Callable[[str, GramStats, "OffsetStats | None"], nn.Module]
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -94,22 +96,42 @@ class _BlockStack:
         return torch.allclose(inputs[0][0], last_out[-1], rtol=1e-5, atol=1e-6)
 
 
+def _residual_hooks(parents: dict, got: dict) -> list:
+    """Pre-hooks recording each parent's second argument (the residual) as got[layer name]."""
+    def make(name):
+        def hook(_mod, args, kwargs):
+            got.setdefault(name, args[1])
+        return hook
+    return [parent.register_forward_pre_hook(make(name), with_kwargs=True) for name, parent in parents.items()]
+
+
 def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Callable, run_cmp: Callable,
                    n_batches: int, mask_of: Callable[[int], Tensor | None], keep_rows: int,
-                   progress: Callable | None, reference: dict | None = None) -> dict[str, GramStats]:
+                   progress: Callable | None, reference: dict | None = None,
+                   partners: dict | None = None) -> tuple[dict[str, GramStats], dict[str, OffsetStats]]:
     """GramStats of every layer in the stage over all batches (paired X, X~). The layers of a
     stage read the same input tensor into the same rows, so they share one accumulator."""
     shared = GramStats(layer_features(ref_of[stage[0]]), paired=True, keep_rows=keep_rows,
                        reference=None if reference is None else reference.get(stage[0]))
     stats = {name: shared for name in stage}
+    paired = {n: partners[n] for n in stage if partners and n in partners}   # name -> (ref parent, cmp parent)
+    offsets = {n: OffsetStats(layer_features(ref_of[n]), ref_of[n].out_features) for n in paired}
     got_ref: dict[str, Tensor] = {}
     got_cmp: dict[str, Tensor] = {}
+    res_ref: dict[str, Tensor] = {}
+    res_cmp: dict[str, Tensor] = {}
     ref_handles = record_inputs({n: ref_of[n] for n in stage}, lambda n, x: got_ref.__setitem__(n, x), stage)
     cmp_handles = record_inputs({n: cmp_of[n] for n in stage}, lambda n, x: got_cmp.__setitem__(n, x), stage)
+    # the parents' pre-hooks fire before the layers' (a parent calls its layer), so the
+    # residuals are recorded before the layers' hooks end the pass
+    ref_handles += _residual_hooks({n: p[0] for n, p in paired.items()}, res_ref)
+    cmp_handles += _residual_hooks({n: p[1] for n, p in paired.items()}, res_cmp)
     with hooks(ref_handles), hooks(cmp_handles):
         for b in range(n_batches):
             got_ref.clear()
             got_cmp.clear()
+            res_ref.clear()
+            res_cmp.clear()
             run_until_stop(lambda: run_ref(b))
             run_until_stop(lambda: run_cmp(b))
             mask = mask_of(b)
@@ -124,21 +146,31 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
             if not (torch.isfinite(x_ref).all() and torch.isfinite(x_cmp).all()):
                 raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {b})")
             shared.update(x_ref, x_cmp)
+            for n, off in offsets.items():
+                if n not in res_ref or n not in res_cmp:
+                    raise RuntimeError(f"layer {n!r}: its block's residual was not recorded in calibration batch {b}")
+                off.update(x_cmp, rows(res_ref[n], mask) - rows(res_cmp[n], mask))
             if progress is not None:
                 progress(1)
     shared.all_reduce_()  # sums over processes under torch.distributed; a no-op otherwise
-    return stats
+    for off in offsets.values():
+        off.all_reduce_()
+    return stats, offsets
 
 
 def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targets: Sequence[str],
                         fit_layer: FitLayer, keep_rows: int = 0, progress=None,
-                        reference: dict[str, GramStats] | None = None, cache: dict | None = None) -> dict:
+                        reference: dict[str, GramStats] | None = None, cache: dict | None = None,
+                        residual_feedback: Sequence[str] = ()) -> dict:
     """Replace every layer in ``targets`` of ``cmp`` (a copy of ``ref``) by fit_layer(name,
     stats), in execution order, each fitted on X from ``ref`` and X~ from ``cmp`` as compressed
     so far. ``progress``: an object with ``update(n)``, ``set_description(s)`` and a writable
     ``total`` (a tqdm bar), or None. ``reference``: one-shot statistics of the layers on the
     same batches, reused for their X^T X. ``cache``: a dict shared between calls on the same
-    model and batches (keeps the original model's block inputs). Returns {"mode": "blocks"|"model", "stages": [...]}."""
+    model and batches (keeps the original model's block inputs). ``residual_feedback``: layers
+    that, when they end a post-norm residual branch (see residual_partners), are fitted to make
+    up for the residual stream's error too (fit_layer gets their OffsetStats).
+    Returns {"mode": "blocks"|"model", "stages": [...], "residual_feedback": [names]}."""
     ref_of = {n: ref.get_submodule(n) for n in targets}
     cmp_of = {n: cmp.get_submodule(n) for n in targets}
     masks = [row_mask(b) for b in batches]
@@ -148,15 +180,18 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
     def fit_stage(stage, run_ref, run_cmp):
         if progress is not None:
             progress.set_description(f"calibrating {stage[0]}" + (f" (+{len(stage) - 1})" if len(stage) > 1 else ""))
-        stats = _collect_stage(stage, ref_of, cmp_of, run_ref, run_cmp, len(batches), masks.__getitem__,
-                               keep_rows, tick, reference)
+        stats, offsets = _collect_stage(stage, ref_of, cmp_of, run_ref, run_cmp, len(batches), masks.__getitem__,
+                                        keep_rows, tick, reference, partners)
         for name in stage:
-            new = fit_layer(name, stats[name])
+            new = fit_layer(name, stats[name], offsets.get(name))
             set_submodule(cmp, name, new)
             cmp_of[name] = new
         done.append(list(stage))
 
     order = execution_order(lambda: call_model(ref, batches[0]), ref_of)
+    wanted = {n: ref_of[n] for n in targets if n in set(residual_feedback)}
+    ends = residual_partners(ref, wanted, batches[0]) if wanted else {}
+    partners = {n: (ref.get_submodule(p), cmp.get_submodule(p)) for n, p in ends.items()}
     reached = [n for stage in order for n in stage]
     missing = [n for n in targets if n not in reached]
     if missing:
@@ -171,7 +206,7 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
     found = find_blocks(ref, targets)
     if found is None or not _BlockStack.replay_matches(ref, found[1], batches[0]):
         whole_model(set(targets))
-        return {"mode": "model", "stages": done}
+        return {"mode": "model", "stages": done, "residual_feedback": sorted(partners)}
     prefix, ref_blocks = found
     cmp_blocks = cmp.get_submodule(prefix) if prefix else cmp
     pre = f"{prefix}." if prefix else ""
@@ -205,4 +240,4 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
                                                                  for x in prev])
             cmp_in = [_next_inputs(_call(cmp_blocks[i], x), x) for x in cmp_in]
     whole_model({n for n in targets if not any(n in st for st in done)})
-    return {"mode": "blocks", "stages": done}
+    return {"mode": "blocks", "stages": done, "residual_feedback": sorted(partners)}

@@ -224,3 +224,69 @@ class GramStats:
             self.rows_in = [t for _, i in rows for t in i]
             self._kept = sum(t.shape[0] for t in self.rows_ref)
         return self
+
+
+class OffsetStats:
+    """Statistics of a correction added to a layer's target: rows of X~ (the compressed model's
+    inputs to the layer) paired with rows of D (rows, out), the amount the layer's output
+    should also make up for (the residual-stream error, see
+    :func:`tensorpress.compress.calibrate.residual_partners`). Keeps the mean of D and the
+    centered cross product X~c^T Dc (in, out), in float64."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.n = 0
+        self._shift: Tensor | None = None
+        self._sum_x = self._sum_d = self._cross = None
+
+    def update(self, x_in: Tensor, d: Tensor) -> None:
+        x_in = x_in.detach().reshape(-1, self.in_features)
+        d = d.detach().reshape(-1, self.out_features)
+        if x_in.shape[0] != d.shape[0]:
+            raise ValueError(f"d: expected {x_in.shape[0]} rows (one per input row), got {d.shape[0]}")
+        if x_in.shape[0] == 0:
+            return
+        work = torch.float32 if x_in.dtype in (torch.float16, torch.bfloat16) else x_in.dtype
+        x_in, d = x_in.to(work), d.to(work)
+        if self._shift is None:
+            self._shift = x_in.mean(0).to(torch.float64)
+            zeros = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x_in.device)  # noqa: E731
+            self._sum_x, self._sum_d = zeros(self.in_features), zeros(self.out_features)
+            self._cross = zeros(self.in_features, self.out_features)
+        b = x_in - self._shift.to(work)
+        self._sum_x += b.sum(0, dtype=torch.float64)
+        self._sum_d += d.sum(0, dtype=torch.float64)
+        self._cross += (b.T @ d).to(torch.float64)
+        self.n += x_in.shape[0]
+
+    @property
+    def mean_d(self) -> Tensor:
+        if self.n == 0:
+            raise ValueError("calibration data: no rows reached this layer")
+        return self._sum_d / self.n
+
+    @property
+    def cov_cross(self) -> Tensor:
+        """Centered X~^T D (in, out)."""
+        if self.n == 0:
+            raise ValueError("calibration data: no rows reached this layer")
+        return self._cross - torch.outer(self._sum_x, self._sum_d) / self.n
+
+    def all_reduce_(self) -> "OffsetStats":
+        """Sum over the processes of the torch.distributed group (a no-op without one)."""
+        from tensorpress.compress import distributed as tpdist
+
+        if not tpdist.active():
+            return self
+        f64, d_in, d_out = torch.float64, self.in_features, self.out_features
+        if self.n:   # uncentered sums (shift 0): sum x, sum d, sum x d^T
+            sum_x = self._sum_x + self.n * self._shift
+            parts = [torch.tensor([float(self.n)], dtype=f64, device=sum_x.device), sum_x, self._sum_d,
+                     self._cross + torch.outer(self._shift, self._sum_d)]
+        else:
+            parts = [torch.zeros(1, dtype=f64), torch.zeros(d_in, dtype=f64), torch.zeros(d_out, dtype=f64),
+                     torch.zeros(d_in, d_out, dtype=f64)]
+        n, self._sum_x, self._sum_d, self._cross = tpdist.sum_tensors(parts)
+        self.n = int(n.item())
+        self._shift = torch.zeros(d_in, dtype=f64, device=self._sum_x.device)
+        return self
