@@ -122,3 +122,11 @@ def test_compress_with_residual_feedback_lowers_the_output_error():
         with torch.no_grad():
             errs[fb] = ((cmp(held) - model(held)).norm() / model(held).norm()).item()
     assert errs[True] < 0.95 * errs[False]
+
+
+def test_residual_feedback_is_on_by_default_and_ignored_by_one_shot_methods():
+    model, calib = Stack(n=2).eval(), list(data(400).split(200))
+    _, report = tensorpress.compress(model, calib, budget=0.5)
+    assert report.residual_feedback == ["blocks.0.out.dense", "blocks.1.out.dense"]
+    _, report = tensorpress.compress(model, calib, budget=0.5, method="whitened")
+    assert report.residual_feedback == []

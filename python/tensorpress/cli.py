@@ -39,7 +39,8 @@ def _compress(args) -> int:
     cfg = JobConfig(model=args.model, budget=args.budget, structure=args.structure, method=args.method,
                     rank_rule=None if args.rank_rule == "uniform" else args.rank_rule, n_calib=args.calib,
                     n_eval=args.eval, sweep=_floats(args.sweep), compare=_names(args.compare), out=args.out,
-                    progress=not args.quiet, threads=args.threads)
+                    progress=not args.quiet, threads=args.threads,
+                    residual_feedback=not args.no_residual_feedback)
     try:
         run_job(cfg)
     finally:
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     comp = sub.add_parser("compress", help="compress a real model end to end (default: MiniLM-L6), with a report, "
                                            "plots and the compressed weights")
     comp.add_argument("--model", default="minilm", help="minilm (default), mnist-cnn (the pretrained MNIST CNN of "
-                                                          "ccexam) or a local BERT-like transformers folder")
+                                                          "ccexam), fashion-cnn (ours, trained once and cached) or "
+                                                          "a local BERT-like transformers folder")
     comp.add_argument("--budget", type=float, default=0.5, help="fraction of the compressed layers' parameters kept")
     comp.add_argument("--structure", default="lowrank", choices=["lowrank", "tt", "tucker", "cp"],
                       help="lowrank/tt replace nn.Linear, tucker/cp replace nn.Conv2d")
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--out", default="tensorpress-out", help="output folder")
     comp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     comp.add_argument("--quiet", action="store_true", help="no progress bars")
+    comp.add_argument("--no-residual-feedback", action="store_true",
+                      help="fit every layer to its own original output only (see compress(residual_feedback=))")
     comp.set_defaults(run=_compress)
     bench = sub.add_parser("bench", help="run the kernel benchmarks (from a source checkout)")
     bench.add_argument("which", nargs="*", default=["bench_tt", "bench_svd", "bench_conv"])

