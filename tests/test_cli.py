@@ -45,3 +45,23 @@ def test_bench_outside_a_checkout_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "a" / "b" / "cli.py"))
     assert cli.main(["bench"]) == 2
     assert "source checkout" in capsys.readouterr().err
+
+
+def test_small_image_run_compresses_the_cnn_conv_with_tucker(tmp_path):
+    out = tmp_path / "cnn"
+    code = cli.main(["compress", "--model", "mnist-cnn", "--structure", "tucker", "--budget", "0.3", "--calib", "200",
+                     "--eval", "300", "--sweep", "0.2", "--compare", "svd,activation", "--out", str(out), "--quiet"])
+    assert code == 0
+    summary = json.loads((out / "report.json").read_text())
+    (layer,) = summary["report"]["layers"]
+    assert layer["name"] == "features.3" and layer["structure"] == "tucker"
+    assert summary["config"]["rank_rule"] is None   # "auto": uniform for the tensor structures
+    assert summary["report"]["kept_fraction"] <= 0.3
+    assert summary["report"]["quality"]["accuracy"] > 0.9
+    by = {r["method"]: r["agreement"] for r in summary["sweep"]}
+    assert by["activation"] >= by["svd"]
+    from tensorpress.compress.saving import load_compressed
+    from tensorpress.nn import TuckerConv2d
+    from tensorpress.zoo import mnist
+    back = load_compressed(mnist.load_mnist_cnn(), out / "model.safetensors")
+    assert isinstance(back.features[3], TuckerConv2d)
