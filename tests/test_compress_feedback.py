@@ -130,3 +130,29 @@ def test_residual_feedback_is_on_by_default_and_ignored_by_one_shot_methods():
     assert report.residual_feedback == ["blocks.0.out.dense", "blocks.1.out.dense"]
     _, report = tensorpress.compress(model, calib, budget=0.5, method="whitened")
     assert report.residual_feedback == []
+
+
+def test_layers_kept_dense_are_refitted_on_the_compressed_inputs():
+    torch.manual_seed(4)
+    model = Stack(n=2).eval()
+    x = data(3000)
+    calib, held = list(x[:2000].split(250)), x[2000:]
+    ranks = {"blocks.0.up": 3, "blocks.0.out.dense": 3, "blocks.1.up": 3, "blocks.1.out.dense": None}
+    cmp, report = tensorpress.compress(model, calib, ranks=ranks)
+    last = cmp.blocks[1].out.dense
+    assert type(last) is nn.Linear and last is not model.blocks[1].out.dense
+    assert not torch.equal(last.weight, model.blocks[1].out.dense.weight)
+    row = {r.name: r for r in report.layers}["blocks.1.out.dense"]
+    assert row.structure == "dense" and row.params_after == row.params_before
+    # against keeping the original weights behind the same compressed layers: the refit makes
+    # up for the upstream error
+    with torch.no_grad():
+        plain = Stack(n=2).eval()
+        plain.load_state_dict(model.state_dict())
+        for n in ("blocks.0.up", "blocks.0.out.dense", "blocks.1.up"):
+            parent, _, child = n.rpartition(".")
+            setattr(plain.get_submodule(parent), child, cmp.get_submodule(n))
+        ref = model(held)
+        err_refit = ((cmp(held) - ref).norm() / ref.norm()).item()
+        err_plain = ((plain(held) - ref).norm() / ref.norm()).item()
+    assert err_refit < err_plain

@@ -134,6 +134,9 @@ def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Module], structure: str
             raise ValueError(f"ranks: no rank given for layer {name!r} (give every targeted layer one, or "
                              f"narrow the targets with include=)")
         r = ranks[name]
+        if r is None and structure == "lowrank":   # kept dense (refitted by "activation")
+            out[name] = None
+            continue
         if structure != "lowrank":
             out[name] = ADAPTERS[structure].check_rank(name, layer, r)
             continue
@@ -234,6 +237,27 @@ def _identity_fit(layer: nn.Linear) -> LowRankFit:
     return LowRankFit(w, eye, bias, {"method": "dense"})
 
 
+# a layer the rank rule keeps dense is refitted at full rank on the compressed model's inputs
+# (sequential "activation") when the calibration rows are at least this many times its inputs
+# (fewer rows would let the least-squares fit chase noise)
+DENSE_REFIT_MIN_ROWS_PER_INPUT = 4
+
+
+def _dense_refit(layer: nn.Linear, stats: GramStats, offset, ridge_kw: dict):
+    """(fit, nn.Linear) of the same shape whose weights are the least-squares fit of the
+    original outputs (plus the residual offset) on the compressed model's inputs."""
+    full = min(layer.in_features, layer.out_features)
+    fit = fit_activation(layer.weight, layer.bias, stats, full, offset=offset, **ridge_kw)
+    new = nn.Linear(layer.in_features, layer.out_features, bias=True, device=layer.weight.device,
+                    dtype=layer.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(fit.weight())
+        new.bias.copy_(fit.bias)
+    fit.info["method"] = "dense"
+    fit.info["refit"] = True
+    return fit, new
+
+
 def _lowrank_module(layer: nn.Linear, fit: LowRankFit) -> LowRankLinear:
     return LowRankLinear.from_factors(fit.first, fit.second, fit.bias, dtype=layer.weight.dtype,
                                       device=layer.weight.device)
@@ -324,7 +348,9 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             e.g. {"*.intermediate.dense": "gelu", "*": "activation"}.
         budget: fraction of the targeted layers' weight parameters kept, in (0, 1].
         ranks: {layer name: rank} instead of a budget (every targeted layer needs one): an
-            int, or for "tt" one bond rank per bond, for "tucker" (r_out, r_in).
+            int, or for "tt" one bond rank per bond, for "tucker" (r_out, r_in); for "lowrank"
+            None keeps a layer dense (with "activation" it is still refitted by least squares
+            on the compressed model's inputs, when there are enough calibration rows).
         rank_rule: how the budget is split across layers: None (the same fraction of every
             layer), "optimism" (minimize the summed estimated test error, training error plus
             asymptotic optimism, of the layers' relative outputs) or "energy" (the same
@@ -410,6 +436,9 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             """(fit, replacement module) of one layer."""
             layer = layers[name]
             if chosen[name] is None:
+                if (method_of_layer == "activation" and stats is not None and stats.paired and layer.bias is not None
+                        and stats.n >= DENSE_REFIT_MIN_ROWS_PER_INPUT * layer.in_features):
+                    return _dense_refit(layer, stats, offset, ridge_kw)
                 return _identity_fit(layer), layer
             if structure != "lowrank":
                 fit = adapter.fit(method_of_layer, layer, stats, chosen[name], ridge_kw)
