@@ -87,7 +87,7 @@ class TuckerConv2d(nn.Module):
     # ------------------------------------------------------------------ conversions
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, ranks: int | Sequence[int], n_iter_max: int = 50,
-                   tol: float = 1e-10) -> "TuckerConv2d":
+                   tol: float = 1e-6) -> "TuckerConv2d":
         """A TuckerConv2d approximating ``conv`` (groups=1): Tucker-2 of its kernel on the
         (out, in) modes by HOSVD refined with HOOI (:func:`~tensorpress.decompose.tucker`,
         float64; the spatial modes are kept whole). Exact when ranks = (out, in).
