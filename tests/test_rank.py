@@ -226,3 +226,75 @@ def test_bad_inputs_name_the_argument():
         energy_rank([[1.0]], 0.5)
     with pytest.raises(ValueError, match="^n:"):
         optimism(1.0, 0, 1)
+    with pytest.raises(ValueError, match="^df_rule:"):
+        select_rank("cp", X, y, [1], df_rule="exact")
+    from tensorpress.rank import stein_degrees_of_freedom
+    with pytest.raises(TypeError, match="^estimator:"):
+        stein_degrees_of_freedom(object(), X, y)
+    with pytest.raises(ValueError, match="^X:"):
+        stein_degrees_of_freedom(CPRegressor(1).fit(X, y), X[:, :3], y)
+
+
+# ----------------------------------------------------------------------------- Stein df (the over-selection fix)
+def _refit_warm(est, X, y, sweeps=2000):
+    """Continue the estimator's ALS from its current factors on new targets (for finite
+    differences; a fixed number of sweeps: the RSS stalls before the factors stop moving)."""
+    import copy
+    m = copy.deepcopy(est)
+    for _ in range(sweeps):
+        m._sweep(X, y)
+    return X.flatten(1) @ m._coef().flatten()
+
+
+@pytest.mark.parametrize("cls,kind", [(CPRegressor, "cp"), (TuckerRegressor, "tucker")])
+def test_stein_sensitivity_matches_finite_differences(cls, kind):
+    # an over-ranked fit (rank 3, true rank 2): the closed-form d y_hat / d y (whose trace is
+    # df_eff) must match refits on perturbed targets, and df_eff must exceed the manifold df
+    from tensorpress.rank import stein_degrees_of_freedom
+    from tensorpress.rank.stein import fit_sensitivity
+    dims = (6, 6, 6)
+    if kind == "cp":
+        X, y, _ = planted_cp(dims, 2, 200, 4.0, seed=7)
+    else:
+        X, y0, _ = planted_tucker(dims, (2, 2, 2), 200, seed=7)
+        y = y0 + 0.5 * torch.randn(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    est = cls(3, n_iter_max=20000, tol=0.0, random_state=0).fit(X, y)
+    sweeps = 3 * est.n_iter_                       # ample: ALS from the fit converged in n_iter_ sweeps
+    yhat = _refit_warm(est, X, y, sweeps)
+    z = torch.randn(200, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    fd = (_refit_warm(est, X, y + 1e-6 * z, sweeps) - yhat) / 1e-6
+    assert rel(fit_sensitivity(est, X, y, z), fd) < 1e-4
+    assert stein_degrees_of_freedom(est, X, y) > est.degrees_of_freedom + 4   # 53 vs 48 (CP), 71 vs 54 (Tucker)
+
+
+def test_stein_df_equals_manifold_df_at_a_well_determined_fit():
+    from tensorpress.rank import stein_degrees_of_freedom
+    dims = (8, 8, 8)
+    X, y, _ = planted_cp(dims, 2, 600, 100.0, seed=8)
+    est = CPRegressor(2, tol=1e-12, n_iter_max=500, random_state=0).fit(X, y)
+    assert stein_degrees_of_freedom(est, X, y) == pytest.approx(cp_degrees_of_freedom(2, dims), rel=0.02)
+    # ALS reports the RSS of its last block update: it must be the RSS of the final model
+    assert est.rss_history_[-1] == pytest.approx(est.rss_, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["cp", "tucker"])
+def test_planted_rank_stein_fixes_over_selection(kind):
+    # 3-way CP / Tucker of true rank 2, n = 4 df, SNR 10, candidates 1..4 (the benchmark's setting):
+    # with the manifold df, train error + optimism over-selected (rank 3 or 4); with the Stein df
+    # it must pick the true rank in every seed, as 5-fold CV does
+    R, dims = 2, (10, 10, 10)
+    picks, manifold_picks = [], []
+    for seed in range(4):
+        if kind == "cp":
+            X, y, _ = planted_cp(dims, R, 4 * cp_degrees_of_freedom(R, dims), 10.0, seed)
+        else:
+            X, y0, _ = planted_tucker(dims, (R,) * 3, 4 * tucker_degrees_of_freedom(R, dims), seed)
+            y = y0 + torch.randn(len(y0), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) \
+                / math.sqrt(10.0)
+        kw = dict(random_state=seed, n_iter_max=100, tol=1e-6)
+        sel = select_rank(kind, X, y, range(1, 5), **kw)
+        picks.append(sel.rank_)
+        manifold_picks.append(select_rank(kind, X, y, range(1, 5), df_rule="manifold", **kw).rank_)
+        assert all(row["df_eff"] >= 0.95 * row["df"] for row in sel.table)
+    assert picks == [R] * 4, picks
+    assert sum(p > R for p in manifold_picks) >= 2, manifold_picks      # the bug this fixes

@@ -177,6 +177,23 @@ def test_noiseless_layer_and_rank_deficient_inputs():
     assert float((sel.estimator_.predict(X) - X @ W.T).norm()) < 1e-8 * float((X @ W.T).norm())
 
 
+
+def test_dead_inputs_take_the_cholesky_path_and_match_lstsq():
+    # inputs that are always zero (dead ReLU units) are dropped before the Cholesky whitening:
+    # p_eff counts the live ones and the least-squares weight equals lstsq on them
+    from tensorpress.rank.layer import _stats, _whiten
+    W, X, Y = planted_layer(100, 10, 7, 3, 0.5, seed=5)
+    X = torch.cat([X, torch.zeros(100, 2, dtype=X.dtype)], 1)
+    W = torch.cat([W, torch.zeros(7, 2, dtype=W.dtype)], 1)
+    wh = _whiten(_stats(X, Y, False), 1e-10)
+    assert wh.p_eff == 10
+    ref = torch.linalg.lstsq(X[:, :10], Y).solution
+    assert float((wh.ls_coef()[:10] - ref).norm() / ref.norm()) < 1e-10
+    assert float(wh.ls_coef()[10:].abs().max()) == 0.0
+    sel = select_layer_rank(W, X, outputs=Y, candidates=[3, 7], random_state=0)
+    assert sel.table[0]["df"] == 3 * (10 + 7 - 3)
+
+
 # ----------------------------------------------------------------------------- TT
 def _tt_jacobian_rank(out_f, in_f, ranks, seed=0):
     g = torch.Generator().manual_seed(seed)

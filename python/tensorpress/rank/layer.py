@@ -13,7 +13,8 @@ tr(Y^T Y) (float64), so the cost after the two Gram matrices does not grow with 
 Fits (one per candidate):
 
 * "lowrank": reduced-rank regression, in closed form. With C_xx = Q D Q^T (eigenvalues below
-  rcond * max dropped: p_eff = the number kept) and G = D^{-1/2} Q^T C_xy = U S V^T (the
+  rcond * max dropped: p_eff = the number kept; in practice a Cholesky factor L^{-T} takes the
+  place of Q D^{-1/2}, see `_whiten`) and G = D^{-1/2} Q^T C_xy = U S V^T (the
   fitted values Y_hat = X B_ls in whitened coordinates), the rank-r least-squares fit is
   B_r = Q D^{-1/2} U_r S_r V_r^T (= B_ls V_r V_r^T, the projection of the fitted values on
   their top-r right singular vectors) and RSS_r = tr(Y^T Y) - sum_{i <= r} s_i^2: every rank
@@ -220,30 +221,46 @@ def _stats(X: Tensor, Y: Tensor, fit_intercept: bool) -> _Stats:
 
 @dataclass
 class _Whitened:
-    """C_xx = Q D Q^T restricted to the eigenvalues kept; G = D^{-1/2} Q^T C_xy."""
+    """A whitening map M (p x p_eff) with M^T C_xx M = I on the input directions kept, and
+    G = M^T C_xy. M = Q D^{-1/2} from C_xx = Q D Q^T, or L^{-T} from a Cholesky factor (both
+    give the same B_ls and the same singular values of G: they differ by a rotation)."""
 
-    Q: Tensor
-    d: Tensor
+    M: Tensor
     G: Tensor
 
     @property
     def p_eff(self) -> int:
-        return int(self.d.numel())
+        return int(self.M.shape[1])
 
     def ls_coef(self) -> Tensor:
         """The least-squares (minimum-norm) B_ls (p x q)."""
-        return self.Q @ (self.G / self.d.sqrt()[:, None])
+        return self.M @ self.G
 
 
 def _whiten(st: _Stats, rcond: float) -> _Whitened:
-    evals, Q = torch.linalg.eigh(st.Cxx)
-    top = float(evals.max()) if evals.numel() else 0.0
-    keep = evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
-    if not bool(keep.any()):
+    C = st.Cxx
+    diag = C.diagonal()
+    top = float(diag.max()) if diag.numel() else 0.0
+    if top <= 0:
         raise ValueError("inputs: the calibration inputs are all zero (or numerically so); nothing to regress on")
+    # fast path: Cholesky on the inputs that vary (a third of the flops of one eigh, and far
+    # fewer in practice); dead inputs (e.g. ReLU units that never fire) are dropped, p_eff omits them
+    live = diag > rcond * top
+    idx = live.nonzero().flatten()
+    L, info = torch.linalg.cholesky_ex(C[idx][:, idx])
+    if int(info) == 0 and float(L.diagonal().min()) ** 2 > max(rcond, 1e-12) * top:
+        Linv_t = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device),
+                                               upper=False).T                      # L^{-T}
+        M = torch.zeros(C.shape[0], idx.numel(), dtype=C.dtype, device=C.device)
+        M[idx] = Linv_t
+        return _Whitened(M, M.T @ st.Cxy)
+    evals, Q = torch.linalg.eigh(C[idx][:, idx])   # near-singular inputs: drop small eigen-directions
+    etop = float(evals.max())
+    keep = evals > rcond * etop
     Q, d = Q[:, keep], evals[keep]
-    G = (Q.T @ st.Cxy) / d.sqrt()[:, None]
-    return _Whitened(Q, d, G)
+    M = torch.zeros(C.shape[0], int(keep.sum()), dtype=C.dtype, device=C.device)
+    M[idx] = Q / d.sqrt()
+    return _Whitened(M, M.T @ st.Cxy)
 
 
 def _rss_of(st: _Stats, B: Tensor) -> float:
@@ -283,8 +300,7 @@ def _lowrank_all(st: _Stats, rcond: float):
 def _lowrank_fit(shared, r: int):
     wh, U, S, Vh = shared
     k = min(r, S.numel())
-    right = (U[:, :k] * S[:k]).T / wh.d.sqrt()         # (k, p_eff): S U^T D^{-1/2}
-    Bt = right @ wh.Q.T                               # (k, p)
+    Bt = (wh.M @ (U[:, :k] * S[:k])).T                # (k, p): (M U_k S_k)^T
     A = Vh[:k].T                                      # (q, k)
     return A, Bt
 
@@ -296,7 +312,7 @@ def _lowrank_heldout_errors(shared, st_train: _Stats, Xte: Tensor, Yte: Tensor, 
     wh, U, S, Vh = shared
     if st_train.x_mean is not None:
         Xte, Yte = Xte - st_train.x_mean, Yte - st_train.y_mean
-    T = ((Xte @ wh.Q) / wh.d.sqrt()) @ U              # (n_te, k)
+    T = (Xte @ wh.M) @ U                              # (n_te, k)
     A = Yte @ Vh.T                                    # (n_te, k)
     gain = 2 * S * (T * A).sum(0) - S ** 2 * (T * T).sum(0)
     cum = torch.cat([torch.zeros(1, dtype=gain.dtype), torch.cumsum(gain, 0)])

@@ -222,8 +222,8 @@ class _ALSRegressor:
         it = 0
         converged = False
         for it in range(1, self.n_iter_max + 1):
-            self._sweep(Xc, yc)
-            rss = float(((yc - self._predict_centered(Xc)) ** 2).sum())
+            # the sweep returns the RSS of its last block update (no extra contraction of X)
+            rss = self._sweep(Xc, yc)
             history.append(rss)
             prev = history[-2]
             if rss <= 1e-28 * max(y_norm2, 1e-300) or abs(prev - rss) <= self.tol * max(prev, 1e-300):
@@ -266,6 +266,15 @@ class _ALSRegressor:
         ss_res = float(((yt - pred) ** 2).sum())
         ss_tot = float(((yt - yt.mean()) ** 2).sum())
         return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+
+    def centered(self, X, y):
+        """(X, y) as the fit saw them (centered with the training means when fit_intercept)."""
+        self._check_fitted()
+        Xt, yt = check_Xy(X, y, min_modes=self._min_modes)
+        if self.fit_intercept:
+            Xt = Xt - Xt.mean(0)
+            yt = yt - yt.mean()
+        return Xt, yt
 
     def degrees_of_freedom_for(self, dims) -> int:
         return self._df(tuple(dims)) + (1 if self.fit_intercept else 0)
@@ -377,12 +386,14 @@ class CPRegressor(_ALSRegressor):
         last = X.dim() - 2
         return (self._partial(X, last) * self.factors_[last]).sum((1, 2))
 
-    def _sweep(self, X, y):
+    def _sweep(self, X, y) -> float:
         D = X.dim() - 1
         for d in range(D):
-            Z = self._partial(X, d)                                 # (n, p_d, R)
-            n, p, R = Z.shape
-            self.factors_[d] = _lstsq(Z.reshape(n, p * R), y, float(self.ridge)).reshape(p, R)
+            Z = self._partial(X, d).reshape(X.shape[0], -1)        # (n, p_d R)
+            w = _lstsq(Z, y, float(self.ridge))
+            if d == D - 1:
+                rss = float(((y - Z @ w) ** 2).sum())               # B after the sweep (rescaling keeps it)
+            self.factors_[d] = w.reshape(self.factors_[d].shape)
             if D > 1:
                 # keep the scale on the factor updated next: unit columns elsewhere
                 norms = self.factors_[d].norm(dim=0)
@@ -390,13 +401,50 @@ class CPRegressor(_ALSRegressor):
                 self.factors_[d] = self.factors_[d] / safe
                 nxt = (d + 1) % D
                 self.factors_[nxt] = self.factors_[nxt] * safe
+        return rss
 
     def _coef(self):
+        return _cp_tensor(self.factors_)
+
+    # the fitted point as a flat parameter vector, for `tensorpress.rank.stein`
+    def _param_vector(self) -> Tensor:
+        return torch.cat([f.flatten() for f in self.factors_])
+
+    def _coef_of(self, theta: Tensor) -> Tensor:
+        sizes = [f.numel() for f in self.factors_]
+        return _cp_tensor([t.reshape(f.shape) for t, f in zip(torch.split(theta, sizes), self.factors_)])
+
+    def _jacobian(self, X: Tensor) -> Tensor:
+        """d(predictions)/d(parameters) (n, P) at the fit: the ALS design matrices side by side."""
+        return torch.cat([self._partial(X, d).reshape(X.shape[0], -1) for d in range(X.dim() - 1)], 1)
+
+    def _coef_hessian(self, E: Tensor) -> Tensor:
+        """Hessian (P, P) of theta -> <E, B(theta)> at the fit, in closed form: B is linear in
+        each factor, so only blocks of two different modes d != e and the same component r
+        are nonzero, E contracted with a^(f)_r on every other mode f."""
         A = self.factors_
-        B = A[0]                                                    # (p_1, R)
-        for f in A[1:]:
-            B = (B[..., None, :] * f).reshape(*B.shape[:-1], f.shape[0], f.shape[1])
-        return B.sum(-1)
+        D, R = len(A), A[0].shape[1]
+        sizes = [a.shape[0] * R for a in A]
+        offs = [sum(sizes[:d]) for d in range(D)]
+        H = torch.zeros(sum(sizes), sum(sizes), dtype=E.dtype, device=E.device)
+        letters = "abcdefghijklmnopq"[:D]
+        for d in range(D):
+            for e in range(d + 1, D):
+                others = [f for f in range(D) if f not in (d, e)]
+                spec = letters + "".join(f",{letters[f]}r" for f in others) + f"->{letters[d]}{letters[e]}r"
+                T = torch.einsum(spec, E, *[A[f] for f in others]) if others else \
+                    E[:, :, None].expand(-1, -1, R)                                  # (p_d, p_e, R)
+                blk = torch.diag_embed(T).permute(0, 2, 1, 3).reshape(sizes[d], sizes[e])
+                H[offs[d]:offs[d] + sizes[d], offs[e]:offs[e] + sizes[e]] = blk
+                H[offs[e]:offs[e] + sizes[e], offs[d]:offs[d] + sizes[d]] = blk.T
+        return H
+
+
+def _cp_tensor(factors) -> Tensor:
+    B = factors[0]                                                  # (p_1, R)
+    for f in factors[1:]:
+        B = (B[..., None, :] * f).reshape(*B.shape[:-1], f.shape[0], f.shape[1])
+    return B.sum(-1)
 
 
 class LowRankRegressor(CPRegressor):
@@ -485,32 +533,59 @@ class TuckerRegressor(_ALSRegressor):
                 T = _mode_product(T, U, k + 1)
         return T
 
-    def _update_core(self, X, y):
+    def _update_core(self, X, y) -> float:
         W = self._project(X).reshape(X.shape[0], -1)
-        self.core_ = _lstsq(W, y, float(self.ridge)).reshape(self.core_.shape)
+        g = _lstsq(W, y, float(self.ridge))
+        self.core_ = g.reshape(self.core_.shape)
+        return float(((y - W @ g) ** 2).sum())
 
     def _predict_centered(self, X):
         return self._project(X).reshape(X.shape[0], -1) @ self.core_.flatten()
 
-    def _sweep(self, X, y):
+    def _factor_design(self, X, d) -> Tensor:
+        """Z (n, p_d, R_d): predictions are linear in U_d with these coefficients."""
+        n = X.shape[0]
+        W = self._project(X, skip=d)                                # (n, R_1.., p_d, ..R_D)
+        G = self.core_
+        # Z[i, a, s] = sum_{others} W[i, .., a, ..] G[.., s, ..]
+        Wd = torch.movedim(W, d + 1, -1).reshape(n, -1, W.shape[d + 1])     # (n, prod R_-d, p_d)
+        Gd = torch.movedim(G, d, -1).reshape(-1, G.shape[d])                 # (prod R_-d, R_d)
+        return torch.einsum("nka,ks->nas", Wd, Gd)
+
+    def _sweep(self, X, y) -> float:
         D = X.dim() - 1
         n = X.shape[0]
         for d in range(D):
-            W = self._project(X, skip=d)                            # (n, R_1.., p_d, ..R_D)
-            G = self.core_
-            # Z[i, a, s] = sum_{others} W[i, .., a, ..] G[.., s, ..]
-            Wd = torch.movedim(W, d + 1, -1).reshape(n, -1, W.shape[d + 1])     # (n, prod R_-d, p_d)
-            Gd = torch.movedim(G, d, -1).reshape(-1, G.shape[d])                 # (prod R_-d, R_d)
-            Z = torch.einsum("nka,ks->nas", Wd, Gd)
+            Z = self._factor_design(X, d)
             p, r = Z.shape[1], Z.shape[2]
             U = _lstsq(Z.reshape(n, p * r), y, float(self.ridge)).reshape(p, r)
             Q, Rq = torch.linalg.qr(U)
             self.factors_[d] = Q
-            self.core_ = _mode_product(G, Rq.T, d)  # G x_d Rq
-        self._update_core(X, y)
+            self.core_ = _mode_product(self.core_, Rq.T, d)  # G x_d Rq
+        return self._update_core(X, y)
 
     def _coef(self):
-        B = self.core_
-        for k, U in enumerate(self.factors_):
-            B = _mode_product(B, U.T, k)
-        return B
+        return _tucker_tensor(self.core_, self.factors_)
+
+    # the fitted point as a flat parameter vector (core, then factors), for `tensorpress.rank.stein`
+    def _param_vector(self) -> Tensor:
+        return torch.cat([self.core_.flatten()] + [u.flatten() for u in self.factors_])
+
+    def _coef_of(self, theta: Tensor) -> Tensor:
+        parts = [self.core_] + list(self.factors_)
+        t = torch.split(theta, [a.numel() for a in parts])
+        return _tucker_tensor(t[0].reshape(self.core_.shape), [u.reshape(f.shape) for u, f in zip(t[1:], parts[1:])])
+
+    def _jacobian(self, X: Tensor) -> Tensor:
+        """d(predictions)/d(core, factors) (n, P) at the fit."""
+        n = X.shape[0]
+        blocks = [self._project(X).reshape(n, -1)]
+        blocks += [self._factor_design(X, d).reshape(n, -1) for d in range(X.dim() - 1)]
+        return torch.cat(blocks, 1)
+
+
+def _tucker_tensor(core: Tensor, factors) -> Tensor:
+    B = core
+    for k, U in enumerate(factors):
+        B = _mode_product(B, U.T, k)
+    return B

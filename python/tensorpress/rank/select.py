@@ -12,10 +12,12 @@ from torch import Tensor
 
 from tensorpress.rank.optimism import aic, bic, estimated_test_error, noise_variance, optimism
 from tensorpress.rank.regressors import CPRegressor, LowRankRegressor, TuckerRegressor, _generator, check_Xy
+from tensorpress.rank.stein import _stein_df
 
-__all__ = ["RankSelection", "select_rank", "energy_rank", "CRITERIA", "FAMILIES"]
+__all__ = ["RankSelection", "select_rank", "energy_rank", "CRITERIA", "FAMILIES", "DF_RULES"]
 
 CRITERIA = ("test_error", "optimism", "cv", "aic", "bic")
+DF_RULES = ("stein", "manifold")
 FAMILIES = {"cp": CPRegressor, "tucker": TuckerRegressor, "lowrank": LowRankRegressor,
             "matrix": LowRankRegressor}
 # the column of the table each criterion minimizes
@@ -28,10 +30,12 @@ class RankSelection:
 
     rank_: the chosen candidate. criterion: the rule used. best_index_: its position in
     candidates. scores_: the criterion's value per candidate (lower is better).
-    table: one dict per candidate with keys rank, df, train_error (RSS/n), sigma2
-        (RSS/(n - df)), optimism, est_test_error (train_error + optimism), aic, bic,
-        cv_error and cv_std (mean and std over folds of the held-out MSE; None unless CV
-        ran), fit_time (s, the fit on all data), cv_time (s, all folds; None unless CV ran).
+    table: one dict per candidate with keys rank, df (manifold dimension), df_eff (the df
+        charged by the optimism: Stein's divergence, or df with df_rule="manifold"),
+        train_error (RSS/n), sigma2 (RSS/(n - df_eff)), optimism, est_test_error
+        (train_error + optimism), aic, bic (manifold df), cv_error and cv_std (mean and std
+        over folds of the held-out MSE; None unless CV ran), fit_time (s, the fit on all
+        data), df_time (s, computing df_eff), cv_time (s, all folds; None unless CV ran).
     estimator_: the model fitted on all the data at rank_ (None for energy_rank).
     """
 
@@ -51,8 +55,8 @@ class RankSelection:
         return [row[key] for row in self.table]
 
     def __str__(self):
-        keys = ["rank", "df", "train_error", "optimism", "est_test_error", "aic", "bic", "cv_error", "cv_std",
-                "fit_time", "cv_time"]
+        keys = ["rank", "df", "df_eff", "train_error", "optimism", "est_test_error", "aic", "bic", "cv_error", "cv_std",
+                "fit_time", "df_time", "cv_time"]
         lines = [f"RankSelection(family={self.family!r}, criterion={self.criterion!r}, rank_={self.rank_!r}, "
                  f"n={self.n_samples})", " | ".join(keys)]
         for row in self.table:
@@ -135,7 +139,8 @@ def kfold_indices(n: int, k: int, generator: torch.Generator) -> list[Tensor]:
 
 
 def select_rank(model_family: str | Callable, X, y, candidates, criterion: str = "test_error", cv: int = 5,
-                random_state=None, with_cv: bool | None = None, **estimator_kwargs) -> RankSelection:
+                random_state=None, with_cv: bool | None = None, df_rule: str = "stein",
+                **estimator_kwargs) -> RankSelection:
     """Choose the rank of a low-rank regression y = <B, X> + eps among `candidates`.
 
     Args:
@@ -149,22 +154,16 @@ def select_rank(model_family: str | Callable, X, y, candidates, criterion: str =
            "optimism": the estimated optimism Opt_hat(R) alone;
            "cv": `cv`-fold cross-validated mean squared error;
            "aic", "bic": the information criteria.
-           Default: "test_error", the better of the two optimism rules in our simulation
-           (y = <B, X> + eps, Gaussian X, B of true rank R, 20 seeds per setting, candidates
-           1..R+2): on 16x16 matrices of rank 3 (n = 4 df and 10 df, SNR 1 and 10) it picked
-           the true rank in 11, 18, 16, 18 of 20 trials and agreed with 5-fold CV in 9, 18,
-           16, 18; optimism alone picked 0, 0, 19, 20 and agreed 5, 0, 19, 20 (it
-           over-penalizes df: at SNR 1 it always picks rank 1). Caveat: on 3-way CP
-           (10x10x10, rank 2) train error + optimism over-selects (rank 4 in 16/20 at
-           n = 4 df, SNR 1: over-ranked CP fits are not locally linear with the manifold
-           df), where optimism alone and BIC agree with CV (19/20, 18/20; CV picks rank 1 there); at
-           n = 10 df all three miss (CV picks 2 in 17/20, train error + optimism 4 in 16/20,
-           optimism 1 in 20/20, BIC agrees with CV 15/20); for "cp" with
-           D >= 3, check with criterion="cv" or with_cv=True. 5-fold CV cost 4.3-5.6x the
-           time of the one fit per rank the optimism rules need.
+           Default: "test_error", which matches what CV estimates; "optimism" alone
+           over-penalizes the rank at low SNR (the omitted part inflates sigma_hat^2 less than
+           df grows), see benchmarks/results/rank_selection.md for the figures of every rule.
         cv: folds for "cv" (and when with_cv), an int >= 2.
         random_state: seed for the folds and the estimators (None: random).
         with_cv: also compute the CV columns when the criterion is not "cv".
+        df_rule: the degrees of freedom the optimism charges: "stein" (default; the divergence
+           of each fit, `tensorpress.rank.stein`, which counts components fitted to noise
+           above the true rank) or "manifold" (the manifold dimension df_R; over-selects CP
+           and Tucker ranks). Callable families without the Jacobian hooks use "manifold".
         **estimator_kwargs: passed to the estimator (ridge, n_iter_max, tol, init, ...).
     Returns:
         RankSelection with rank_, table, scores_, estimator_ (refit on all data) and plot().
@@ -177,6 +176,8 @@ def select_rank(model_family: str | Callable, X, y, candidates, criterion: str =
                         f"{type(model_family).__name__}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
+    if df_rule not in DF_RULES:
+        raise ValueError(f"df_rule: expected one of {DF_RULES}, got {df_rule!r}")
     if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
         raise ValueError(f"cv: expected an int >= 2, got {cv!r}")
     if with_cv is not None and not isinstance(with_cv, bool):
@@ -204,12 +205,20 @@ def select_rank(model_family: str | Callable, X, y, candidates, criterion: str =
         est.fit(Xt, yt)
         fit_time = time.perf_counter() - t0
         df = int(est.degrees_of_freedom)
-        pred = torch.as_tensor(est.predict(Xt), dtype=torch.float64)
-        rss = float(((yt - pred) ** 2).sum())
-        row = {"rank": rank, "df": df, "train_error": rss / n, "sigma2": noise_variance(rss, n, df),
-               "optimism": optimism(rss, n, df), "est_test_error": estimated_test_error(rss, n, df),
-               "aic": aic(rss, n, df), "bic": bic(rss, n, df), "cv_error": None, "cv_std": None,
-               "fit_time": fit_time, "cv_time": None}
+        rss = float(est.rss_) if hasattr(est, "rss_") else \
+            float(((yt - torch.as_tensor(est.predict(Xt), dtype=torch.float64)) ** 2).sum())
+        t0 = time.perf_counter()
+        if df_rule == "stein" and hasattr(est, "_jacobian"):
+            Xc, yc = (Xt - Xt.mean(0), yt - yt.mean()) if getattr(est, "fit_intercept", False) else (Xt, yt)
+            df_eff = _stein_df(est, Xc, yc)
+        else:
+            df_eff = float(df)
+        df_time = time.perf_counter() - t0
+        row = {"rank": rank, "df": df, "df_eff": df_eff, "train_error": rss / n,
+               "sigma2": noise_variance(rss, n, df_eff), "optimism": optimism(rss, n, df_eff),
+               "est_test_error": estimated_test_error(rss, n, df_eff), "aic": aic(rss, n, df),
+               "bic": bic(rss, n, df), "cv_error": None, "cv_std": None, "fit_time": fit_time,
+               "df_time": df_time, "cv_time": None}
         if do_cv:
             t0 = time.perf_counter()
             errs = []
