@@ -429,3 +429,21 @@ def test_gram_stats_reference_borrows_x_gram():
         assert rel_err(getattr(borrowed, attr), getattr(own, attr)) < 1e-10, attr
     with pytest.raises(ValueError, match="reference"):
         GramStats(6, paired=False, reference=one)
+
+
+def test_truncating_a_full_fit_equals_fitting_at_the_rank():
+    from tensorpress.compress.lowrank import fit_activation, fit_svd, truncate_fit
+    from tensorpress.compress.stats import GramStats
+    torch.manual_seed(11)
+    w, b = torch.randn(7, 10, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    st = GramStats(10, paired=False)
+    st.update(torch.randn(200, 10, dtype=torch.float64) @ torch.randn(10, 10, dtype=torch.float64) + 2)
+    for r in (1, 3, 7):
+        direct, cut = fit_activation(w, b, st, r), truncate_fit(fit_activation(w, b, st, 7), r, w, b, st)
+        assert torch.allclose(direct.weight(), cut.weight(), atol=1e-10)
+        assert torch.allclose(direct.bias, cut.bias, atol=1e-10)
+        direct, cut = fit_svd(w, b, r), truncate_fit(fit_svd(w, b, 7), r, w, b)
+        assert torch.allclose(direct.weight(), cut.weight(), atol=1e-10)
+        assert torch.equal(direct.bias, cut.bias)
+    with pytest.raises(ValueError, match="rank"):
+        truncate_fit(fit_svd(w, b, 3), 5, w, b)

@@ -15,7 +15,7 @@ from tensorpress.compress.allocate import (RANK_RULES, allocate_by_rule, allocat
 from tensorpress.compress import distributed as tpdist
 from tensorpress.compress.calibrate import (call_model, hooks, layer_features, layer_rows, record_inputs, row_mask,
                                             row_signature, run_until_stop)
-from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd
+from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd, truncate_fit
 from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
 from tensorpress.compress.sequential import compress_sequential, set_submodule
 from tensorpress.compress.stats import GramStats
@@ -443,10 +443,19 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             if structure != "lowrank":
                 fit = adapter.fit(method_of_layer, layer, stats, chosen[name], ridge_kw)
                 return fit, adapter.module(layer, fit)
-            if method_of_layer == "svd":
-                fit = fit_svd(layer.weight, layer.bias, chosen[name])
-            elif method_of_layer == "whitened":
-                fit = fit_activation(layer.weight, layer.bias, stats, chosen[name], **ridge_kw)
+            if method_of_layer in ONE_SHOT_METHODS:
+                # one decomposition per layer, truncated to each rank asked for (a cache
+                # shared by a sweep over budgets keeps it)
+                key = ("full-fit", method_of_layer, name, tuple(sorted(ridge_kw.items())))
+                full = None if cache is None else cache.get(key)
+                if full is None:
+                    top = min(layer.in_features, layer.out_features)
+                    full = (fit_svd(layer.weight, layer.bias, top) if method_of_layer == "svd"
+                            else fit_activation(layer.weight, layer.bias, stats, top, **ridge_kw))
+                    if cache is not None:
+                        cache[key] = full
+                fit = truncate_fit(full, chosen[name], layer.weight, layer.bias,
+                                   None if method_of_layer == "svd" else stats)
             elif method_of_layer == "activation":
                 fit = fit_activation(layer.weight, layer.bias, stats, chosen[name], offset=offset, **ridge_kw)
             else:

@@ -150,6 +150,26 @@ def _fit_activation(weight, bias, stats, rank, ridge, offset=None) -> LowRankFit
     return LowRankFit(first, second, b, info)
 
 
+def truncate_fit(fit: LowRankFit, rank: int, weight: Tensor, bias: Tensor | None,
+                 stats: GramStats | None = None) -> LowRankFit:
+    """The rank-``rank`` fit from a higher-rank fit_svd / fit_activation result (their factors
+    are ordered by singular value, so truncation is slicing; the free bias is recomputed from
+    ``stats`` when given, else the layer's bias is kept). Saves the decomposition when the
+    same layer is fitted at several ranks (a sweep over budgets)."""
+    _check_weight_rank(weight, rank)
+    if rank > fit.rank:
+        raise ValueError(f"rank: expected at most the fit's rank {fit.rank}, got {rank}")
+    first, second = fit.first[:rank], fit.second[:, :rank]
+    if stats is None:
+        b = None if bias is None else bias.detach().to(torch.float64).clone()
+    else:
+        w = weight.detach().to(torch.float64)
+        b = w @ stats.mean_ref - second @ (first @ stats.mean_in)
+        if bias is not None:
+            b = b + bias.detach().to(torch.float64)
+    return LowRankFit(first, second, b, dict(fit.info))
+
+
 def error_curve(fit_info: dict) -> Tensor:
     """Squared centered output error of the activation/whitened fit at every rank 0..k
     (from one SVD: residual floor + tail energy)."""
