@@ -16,13 +16,21 @@ CHILD = textwrap.dedent(r"""
 
     import tensorpress as tp
 
+    class Out(nn.Module):   # a post-norm residual branch: residual feedback applies to .dense
+        def __init__(self, d):
+            super().__init__()
+            self.dense, self.norm = nn.Linear(2 * d, d), nn.LayerNorm(d)
+
+        def forward(self, x, residual):
+            return self.norm(self.dense(x) + residual)
+
     class Block(nn.Module):
         def __init__(self, d):
             super().__init__()
-            self.a, self.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+            self.a, self.out = nn.Linear(d, 2 * d), Out(d)
 
         def forward(self, x):
-            return x + self.b(torch.relu(self.a(x)))
+            return self.out(torch.relu(self.a(x)), x)
 
     class Net(nn.Module):
         def __init__(self):
@@ -80,6 +88,7 @@ CHILD = textwrap.dedent(r"""
         print(json.dumps({"vs_single": rel(r0["y"], y1), "between_ranks": rel(r1["y"], r0["y"]),
                           "ranks_single": [l.rank for l in rep.layers], "ranks0": r0["ranks"], "ranks1": r1["ranks"],
                           "rows_single": rep.calibration_rows, "rows0": r0["rows"],
+                          "feedback": rep.residual_feedback,
                           "ddp_between_ranks": rel(r1["trained"], r0["trained"]),
                           "ddp_moved": rel(r0["trained"], torch.cat([p.detach().flatten()
                                                                     for p in single.parameters()]))}))
@@ -97,6 +106,7 @@ def _run(tmp_path, method, rule):
 
 def test_two_processes_give_the_one_process_model_activation(tmp_path):
     r = _run(tmp_path, "activation", "none")
+    assert r["feedback"] == ["blocks.0.out.dense", "blocks.1.out.dense"]   # OffsetStats summed too
     assert r["rows0"] == r["rows_single"] == 1200
     assert r["ranks0"] == r["ranks1"] == r["ranks_single"]
     assert r["between_ranks"] < 1e-12
