@@ -216,9 +216,11 @@ def _methods_by_layer(method, targets: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _fit_sequential(method: str, layer: nn.Linear, stats: GramStats, rank: int, ridge_kw: dict) -> LowRankFit:
+def _fit_sequential(method: str, layer: nn.Linear, stats: GramStats, rank: int, ridge_kw: dict,
+                    offset=None) -> LowRankFit:
+    """A sequential method's fit; ``offset`` (residual feedback) is used by "activation" only."""
     if method == "activation":
-        return fit_activation(layer.weight, layer.bias, stats, rank, **ridge_kw)
+        return fit_activation(layer.weight, layer.bias, stats, rank, offset=offset, **ridge_kw)
     if method == "convex":
         from tensorpress.compress.convex import fit_convex
         return fit_convex(layer.weight, layer.bias, stats.n, stats.mean_in, stats.mean_ref, stats.gram_in(),
@@ -456,10 +458,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                         cache[key] = full
                 fit = truncate_fit(full, chosen[name], layer.weight, layer.bias,
                                    None if method_of_layer == "svd" else stats)
-            elif method_of_layer == "activation":
-                fit = fit_activation(layer.weight, layer.bias, stats, chosen[name], offset=offset, **ridge_kw)
             else:
-                fit = _fit_sequential(method_of_layer, layer, stats, chosen[name], ridge_kw)
+                fit = _fit_sequential(method_of_layer, layer, stats, chosen[name], ridge_kw, offset)
             return fit, _lowrank_module(layer, fit)
 
         if isinstance(method, str) and method in ONE_SHOT_METHODS:
