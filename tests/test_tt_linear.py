@@ -430,3 +430,14 @@ def test_inference_cache_follows_in_place_updates_and_state_dict():
     # with autograd the cache is not used, and gradients reach the cores
     layer(x).sum().backward()
     assert all(g.grad is not None for g in layer.cores)
+
+
+def test_from_cores_copies_the_cores_and_checks_their_shapes():
+    torch.manual_seed(0)
+    cores = [torch.randn(1, 2, 3, 4), torch.randn(4, 5, 2, 1)]
+    bias = torch.randn(10)
+    layer = TTLinear.from_cores(cores, bias, (3, 2), (2, 5))
+    assert (layer.in_features, layer.out_features, layer.ranks) == (6, 10, (4,))
+    assert torch.equal(layer.cores[1].detach(), cores[1]) and torch.equal(layer.bias.detach(), bias)
+    with pytest.raises(ValueError, match="cores: expected shapes"):
+        TTLinear.from_cores(cores, None, (2, 3), (2, 5))

@@ -78,15 +78,8 @@ class TT:
 
     def module(self, layer: nn.Linear, fit) -> nn.Module:
         from tensorpress.nn.tt_linear import TTLinear
-        new = TTLinear(layer.in_features, layer.out_features, list(fit.ranks), in_factors=fit.in_factors,
-                       out_factors=fit.out_factors, bias=fit.bias is not None, device=layer.weight.device,
-                       dtype=layer.weight.dtype)
-        with torch.no_grad():
-            for g, c in zip(new.cores, fit.cores):
-                g.copy_(c)
-            if fit.bias is not None:
-                new.bias.copy_(fit.bias)
-        return new
+        return TTLinear.from_cores(fit.cores, fit.bias, fit.in_factors, fit.out_factors,
+                                   device=layer.weight.device, dtype=layer.weight.dtype)
 
     def macs_per_row(self, layer: nn.Linear, module: nn.Module) -> int:
         from tensorpress.ops.tt_plan import choose_plan

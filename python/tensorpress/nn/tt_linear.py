@@ -118,13 +118,24 @@ class TTLinear(nn.Module):
         in_f, out_f = _resolve_factors(linear.in_features, linear.out_features, in_factors, out_factors)
         caps = None if ranks is None else _resolve_ranks(ranks, out_f, in_f)
         res = tt_matrix_svd(w, out_f, in_f, max_rank=caps, rel_error=rel_error)
-        layer = cls(linear.in_features, linear.out_features, list(res.ranks), in_f, out_f,
-                    bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+        return cls.from_cores(res.cores, linear.bias, in_f, out_f, device=w.device, dtype=w.dtype)
+
+    @classmethod
+    def from_cores(cls, cores: Sequence[Tensor], bias: Tensor | None, in_factors: Sequence[int],
+                   out_factors: Sequence[int], device=None, dtype=None) -> "TTLinear":
+        """A TTLinear holding copies of ``cores`` (r_{k-1}, out_factors[k], in_factors[k], r_k)
+        and of ``bias`` (or none), in ``dtype`` on ``device``."""
+        ranks = [int(g.shape[3]) for g in cores[:-1]]
+        layer = cls(math.prod(in_factors), math.prod(out_factors), ranks, in_factors, out_factors,
+                    bias=bias is not None, device=device, dtype=dtype)
+        if layer.core_shapes != tuple(tuple(g.shape) for g in cores):
+            raise ValueError(f"cores: expected shapes {layer.core_shapes} for these factors, got "
+                             f"{[tuple(g.shape) for g in cores]}")
         with torch.no_grad():
-            for g, c in zip(layer.cores, res.cores):
+            for g, c in zip(layer.cores, cores):
                 g.copy_(c)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+            if bias is not None:
+                layer.bias.copy_(bias)
         return layer
 
     def to_dense(self) -> Tensor:
