@@ -19,6 +19,7 @@ the least-squares map from the compressed layer's inner channels to the original
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -26,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from tensorpress.compress.lowrank import DEFAULT_RIDGE, small_problem_threads
+from tensorpress.compress.quadratic import OutputObjective, conjugate_gradient
 from tensorpress.compress.stats import GramStats
-from tensorpress.compress.tt import _conjugate_gradient
 from tensorpress.nn.cp_conv2d import CPConv2d
 from tensorpress.nn.tucker_conv2d import TuckerConv2d
 
@@ -53,16 +54,7 @@ def refine_factors(factors: list[Tensor], kernel: Callable[..., Tensor], stats: 
                    sweeps: int, cg_iters: int, ridge: float) -> tuple[list[Tensor], list[float], float]:
     """ALS sweeps over ``factors`` of the multilinear ``kernel(*factors) -> (out, features)``
     on the data-aware objective. Returns (factors, objective history, output energy)."""
-    w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
-    gram = stats.cov_in.to(w.device)
-    scale = gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    gram = gram + (ridge * scale) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    target = w @ stats.cov_cross.to(w.device).T            # W C^T (out, features)
-    energy = ((w @ stats.cov_ref.to(w.device)) * w).sum().item()
-
-    def objective(wh: Tensor) -> float:
-        return energy + ((wh @ gram) * wh).sum().item() - 2 * (wh * target).sum().item()
-
+    objective = OutputObjective(weight.reshape(weight.shape[0], -1), stats, ridge)
     factors = [f.detach().to(torch.float64).clone() for f in factors]
     history = [objective(kernel(*factors))]
     for _ in range(sweeps):
@@ -70,10 +62,32 @@ def refine_factors(factors: list[Tensor], kernel: Callable[..., Tensor], stats: 
             def linear(x, k=k):
                 return kernel(*factors[:k], x, *factors[k + 1:])
             _, adjoint = torch.func.vjp(linear, factors[k])   # linear in x: valid at any point
-            rhs = adjoint(target)[0]
-            factors[k] = _conjugate_gradient(lambda g: adjoint(linear(g) @ gram)[0], rhs, factors[k], cg_iters)
+            rhs = adjoint(objective.target)[0]
+            factors[k] = conjugate_gradient(lambda g: adjoint(linear(g) @ objective.gram)[0], rhs, factors[k],
+                                            cg_iters)
             history.append(objective(kernel(*factors)))
-    return factors, history, energy
+    return factors, history, objective.energy
+
+
+def _fit_factored(conv: nn.Conv2d, module: nn.Module, stats: GramStats | None, kernel: Callable[..., Tensor],
+                  views: list[Tensor], sweeps: int, cg_iters: int, ridge: float) -> ConvFit:
+    """``module`` (float64, from the weights-only decomposition) refined on the data: ``views``
+    are its factors as views into its parameters (written back in place), ``kernel`` maps them
+    to the (out, in * kh * kw) kernel matrix."""
+    if stats is None:
+        return ConvFit(module, None if conv.bias is None else module.bias.detach().clone(), {"method": "svd"})
+    with small_problem_threads(views[0].device, min(conv.out_channels, conv.in_channels)):
+        factors, history, energy = refine_factors(views, kernel, stats, conv.weight.to(torch.float64), sweeps,
+                                                  cg_iters, ridge)
+    with torch.no_grad():
+        for view, factor in zip(views, factors):
+            view.copy_(factor)
+    module = _with_bias(conv, module)
+    bias = _free_bias(conv, kernel(*factors), stats)
+    with torch.no_grad():
+        module.bias.copy_(bias)
+    info = {"method": "activation" if stats.paired else "whitened", "objective": history, "output_energy": energy}
+    return ConvFit(module, bias, info)
 
 
 def _free_bias(conv: nn.Conv2d, w_hat: Tensor, stats: GramStats) -> Tensor:
@@ -81,10 +95,6 @@ def _free_bias(conv: nn.Conv2d, w_hat: Tensor, stats: GramStats) -> Tensor:
     w = conv.weight.detach().to(torch.float64).reshape(conv.out_channels, -1)
     b = w @ stats.mean_ref - w_hat @ stats.mean_in
     return b if conv.bias is None else b + conv.bias.detach().to(torch.float64)
-
-
-def _as_float64_module(module: nn.Module) -> nn.Module:
-    return module.to(torch.float64)
 
 
 def _check_stats(conv: nn.Conv2d, stats: GramStats | None) -> None:
@@ -107,28 +117,13 @@ def fit_tucker_conv(conv: nn.Conv2d, stats: GramStats | None, ranks: Sequence[in
     """Tucker-2 (r_out, r_in) of ``conv``: HOOI of the kernel, then (with statistics) ALS on
     the data-aware objective over U_out, the core and U_in."""
     _check_stats(conv, stats)
-    dense64 = _as_float64_conv(conv)
-    module = _as_float64_module(TuckerConv2d.from_dense(dense64, ranks))
-    if stats is None:
-        return ConvFit(module, None if conv.bias is None else module.bias.detach().clone(), {"method": "svd"})
+    module = TuckerConv2d.from_dense(_as_float64_conv(conv), ranks).to(torch.float64)
 
     def kernel(last, core, first):
         return torch.einsum("oa,abhw,bi->oihw", last, core, first).reshape(last.shape[0], -1)
 
-    with small_problem_threads(dense64.weight.device, min(conv.out_channels, conv.in_channels)):
-        start = [module.last[:, :, 0, 0], module.core, module.first[:, :, 0, 0]]
-        (last, core, first), history, energy = refine_factors(start, kernel, stats, dense64.weight, sweeps,
-                                                              cg_iters, ridge)
-    with torch.no_grad():
-        module.last.copy_(last[:, :, None, None])
-        module.core.copy_(core)
-        module.first.copy_(first[:, :, None, None])
-    module = _with_bias(conv, module)
-    bias = _free_bias(conv, kernel(last, core, first), stats)
-    with torch.no_grad():
-        module.bias.copy_(bias)
-    info = {"method": "activation" if stats.paired else "whitened", "objective": history, "output_energy": energy}
-    return ConvFit(module, bias, info)
+    views = [module.last[:, :, 0, 0], module.core, module.first[:, :, 0, 0]]
+    return _fit_factored(conv, module, stats, kernel, views, sweeps, cg_iters, ridge)
 
 
 def fit_cp_conv(conv: nn.Conv2d, stats: GramStats | None, rank: int, decomposition: str = "als",
@@ -137,32 +132,16 @@ def fit_cp_conv(conv: nn.Conv2d, stats: GramStats | None, rank: int, decompositi
     """Rank-R CP of ``conv``: CP-ALS (or ``decomposition="overparam"``) of the kernel, then (with
     statistics) ALS on the data-aware objective over the four factors."""
     _check_stats(conv, stats)
-    dense64 = _as_float64_conv(conv)
-    module = _as_float64_module(CPConv2d.from_dense(dense64, rank, method=decomposition))
-    if stats is None:
-        return ConvFit(module, None if conv.bias is None else module.bias.detach().clone(), {"method": "svd"})
+    module = CPConv2d.from_dense(_as_float64_conv(conv), rank, method=decomposition).to(torch.float64)
 
     def kernel(a, b, c, d):
         return torch.einsum("or,ri,rh,rw->oihw", a, b, c, d).reshape(a.shape[0], -1)
 
-    with small_problem_threads(dense64.weight.device, min(conv.out_channels, conv.in_channels)):
-        start = [module.pointwise_out[:, :, 0, 0], module.pointwise_in[:, :, 0, 0], module.depthwise_h[:, 0, :, 0],
-                 module.depthwise_w[:, 0, 0, :]]
-        (a, b, c, d), history, energy = refine_factors(start, kernel, stats, dense64.weight, sweeps, cg_iters, ridge)
-    with torch.no_grad():
-        module.pointwise_out.copy_(a[:, :, None, None])
-        module.pointwise_in.copy_(b[:, :, None, None])
-        module.depthwise_h.copy_(c[:, None, :, None])
-        module.depthwise_w.copy_(d[:, None, None, :])
-    module = _with_bias(conv, module)
-    bias = _free_bias(conv, kernel(a, b, c, d), stats)
-    with torch.no_grad():
-        module.bias.copy_(bias)
-    info = {"method": "activation" if stats.paired else "whitened", "objective": history, "output_energy": energy}
-    return ConvFit(module, bias, info)
+    views = [module.pointwise_out[:, :, 0, 0], module.pointwise_in[:, :, 0, 0], module.depthwise_h[:, 0, :, 0],
+             module.depthwise_w[:, 0, 0, :]]
+    return _fit_factored(conv, module, stats, kernel, views, sweeps, cg_iters, ridge)
 
 
 def _as_float64_conv(conv: nn.Conv2d) -> nn.Conv2d:
     """A float64 copy of the conv (the decompositions run in float64)."""
-    import copy
     return copy.deepcopy(conv).to(torch.float64)

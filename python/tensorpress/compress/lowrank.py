@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tensorpress.compress.quadratic import ridged_gram
 from tensorpress.compress.stats import GramStats, OffsetStats
 
 # Ridge added to G, relative to its mean diagonal: keeps the Cholesky factor well defined when
@@ -95,13 +96,10 @@ def fit_svd(weight: Tensor, bias: Tensor | None, rank: int) -> LowRankFit:
 
 def whitening_factor(cov: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
     """Lower Cholesky factor L of cov + ridge * mean(diag(cov)) I (float64)."""
-    d = cov.shape[0]
-    scale = cov.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    reg = cov + (ridge * scale) * torch.eye(d, dtype=cov.dtype, device=cov.device)
-    L, info = torch.linalg.cholesky_ex(reg)
+    L, info = torch.linalg.cholesky_ex(ridged_gram(cov, ridge))
     if info.item() != 0:
         # indefinite by rounding: retry with a larger ridge rather than fail
-        L = torch.linalg.cholesky(cov + (1e-3 * scale) * torch.eye(d, dtype=cov.dtype, device=cov.device))
+        L = torch.linalg.cholesky(ridged_gram(cov, 1e-3))
     return L
 
 

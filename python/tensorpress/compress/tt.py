@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from tensorpress.compress.lowrank import DEFAULT_RIDGE, small_problem_threads
+from tensorpress.compress.quadratic import OutputObjective, conjugate_gradient
 from tensorpress.compress.stats import GramStats
 from tensorpress.decompose.tt import tt_matrix_svd
 from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
@@ -144,29 +145,6 @@ class _CoreMap:
         return t.reshape(a, m, n, b)
 
 
-def _conjugate_gradient(matvec, rhs: Tensor, start: Tensor, iters: int, tol: float = 1e-10) -> Tensor:
-    """CG for the SPD system matvec(g) = rhs from `start`; each step lowers the quadratic."""
-    g = start.clone()
-    r = rhs - matvec(g)
-    p = r.clone()
-    rr = (r * r).sum()
-    stop = tol * tol * max((rhs * rhs).sum().item(), 1e-300)
-    for _ in range(iters):
-        if rr.item() <= stop:
-            break
-        ap = matvec(p)
-        curvature = (p * ap).sum()
-        if curvature.item() <= 0:
-            break
-        alpha = rr / curvature
-        g += alpha * p
-        r -= alpha * ap
-        rr_new = (r * r).sum()
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return g
-
-
 def _left_orthonormalize(cores: list[Tensor], k: int) -> None:
     """QR core k as a (r_{k-1} m n, r_k) matrix; R moves into core k + 1."""
     a, m, n, b = cores[k].shape
@@ -227,15 +205,7 @@ def fit_tt_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, ran
     w = weight.detach().to(torch.float64)
     start = fit_tt_svd(weight, None, list(caps), out_factors, in_factors)
     cores = list(start.cores)
-    gram = stats.cov_in.to(w.device)
-    scale = gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    gram = gram + (ridge * scale) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    target = w @ stats.cov_cross.to(w.device).T          # Q^T = W C^T  (out, in)
-    ref_energy = ((w @ stats.cov_ref.to(w.device)) * w).sum().item()
-
-    def objective(wh: Tensor) -> float:   # the squared centered output error
-        return ref_energy + ((wh @ gram) * wh).sum().item() - 2 * (wh * target).sum().item()
-
+    objective = OutputObjective(w, stats, ridge)   # the squared centered output error
     history = [objective(_dense(cores).reshape(w.shape))]
     d = len(cores)
     with small_problem_threads(w.device, min(w.shape)):
@@ -245,7 +215,7 @@ def fit_tt_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, ran
         for _ in range(sweeps):
             for step, k in enumerate(order):
                 going_right = step < d - 1
-                _update_core(cores, k, gram, target, cg_iters)
+                _update_core(cores, k, objective.gram, objective.target, cg_iters)
                 history.append(objective(_dense(cores).reshape(w.shape)))
                 if going_right and k < d - 1:
                     _left_orthonormalize(cores, k)
@@ -253,7 +223,7 @@ def fit_tt_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, ran
                     _right_orthonormalize(cores, k)
     fit = TTFit(cores, tuple(out_factors), tuple(in_factors), None,
                 {"method": "activation" if stats.paired else "whitened", "objective": history,
-                 "output_energy": ref_energy})
+                 "output_energy": objective.energy})
     # the free bias b^ = b + W mu - W^ mu~
     b = w @ stats.mean_ref - fit.weight() @ stats.mean_in
     fit.bias = b if bias is None else b + bias.detach().to(torch.float64)
@@ -271,4 +241,4 @@ def _update_core(cores: list[Tensor], k: int, gram: Tensor, target: Tensor, cg_i
     _, m, n, _ = cores[k].shape
     cmap = _CoreMap(left, right, m, n)
     rhs = cmap.adjoint(target)
-    cores[k] = _conjugate_gradient(lambda g: cmap.adjoint(cmap.apply(g) @ gram), rhs, cores[k], cg_iters)
+    cores[k] = conjugate_gradient(lambda g: cmap.adjoint(cmap.apply(g) @ gram), rhs, cores[k], cg_iters)

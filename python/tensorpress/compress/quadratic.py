@@ -1,0 +1,61 @@
+r"""The data-aware objective of the structured fits (TT, Tucker-2, CP) and the solver of their
+block updates.
+
+For a layer with weight W, the squared centered output error of a replacement W^ on the
+calibration rows is, from the Gram matrices,
+
+    E(W^) = tr(W Cr W^T) + tr(W^ G W^^T) - 2 tr(W^ T^T),   G = X~c^T X~c (+ ridge),  T = W C^T,
+
+with Cr = Xc^T Xc and C = X~c^T Xc. A structured W^ is linear in each of its blocks, so every
+block update is a symmetric positive (semi)definite linear system, solved by conjugate
+gradients from the current block.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tensorpress.compress.stats import GramStats
+
+
+def ridged_gram(cov: Tensor, ridge: float) -> Tensor:
+    """cov + ridge * mean(diag(cov)) I: keeps directions with (almost) no energy well posed."""
+    scale = cov.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    return cov + (ridge * scale) * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+
+
+class OutputObjective:
+    """E(W^) of the module docstring for one layer: ``gram`` (G), ``target`` (T, out x in),
+    ``energy`` (the original outputs' centered energy, E(0)); calling it on W^ gives E(W^)."""
+
+    def __init__(self, weight: Tensor, stats: GramStats, ridge: float) -> None:
+        w = weight.detach().to(torch.float64)
+        self.gram = ridged_gram(stats.cov_in.to(w.device), ridge)
+        self.target = w @ stats.cov_cross.to(w.device).T
+        self.energy = ((w @ stats.cov_ref.to(w.device)) * w).sum().item()
+
+    def __call__(self, w_hat: Tensor) -> float:
+        return self.energy + ((w_hat @ self.gram) * w_hat).sum().item() - 2 * (w_hat * self.target).sum().item()
+
+
+def conjugate_gradient(matvec, rhs: Tensor, start: Tensor, iters: int, tol: float = 1e-10) -> Tensor:
+    """CG for the SPD system matvec(g) = rhs from `start`; each step lowers the quadratic."""
+    g = start.clone()
+    r = rhs - matvec(g)
+    p = r.clone()
+    rr = (r * r).sum()
+    stop = tol * tol * max((rhs * rhs).sum().item(), 1e-300)
+    for _ in range(iters):
+        if rr.item() <= stop:
+            break
+        ap = matvec(p)
+        curvature = (p * ap).sum()
+        if curvature.item() <= 0:
+            break
+        alpha = rr / curvature
+        g += alpha * p
+        r -= alpha * ap
+        rr_new = (r * r).sum()
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return g
