@@ -11,6 +11,11 @@ import torch
 from torch import Tensor
 
 
+def _work_dtype(x: Tensor) -> torch.dtype:
+    """The precision batch products are formed in: fp16/bf16 inputs are promoted to fp32."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 class GramStats:
     """Running means and centered Gram matrices of paired inputs (X, X~), in float64.
 
@@ -53,7 +58,7 @@ class GramStats:
             raise ValueError(f"x_in: expected the shape of x_ref {tuple(x_ref.shape)}, got {tuple(x_in.shape)}")
         if x_ref.shape[0] == 0:
             return
-        work = torch.float32 if x_ref.dtype in (torch.float16, torch.bfloat16) else x_ref.dtype
+        work = _work_dtype(x_ref)
         x_ref, x_in = x_ref.to(work), x_in.to(work)
         if self._shift_ref is None:
             self._shift_ref = x_ref.mean(0)
@@ -246,7 +251,7 @@ class OffsetStats:
             raise ValueError(f"d: expected {x_in.shape[0]} rows (one per input row), got {d.shape[0]}")
         if x_in.shape[0] == 0:
             return
-        work = torch.float32 if x_in.dtype in (torch.float16, torch.bfloat16) else x_in.dtype
+        work = _work_dtype(x_in)
         x_in, d = x_in.to(work), d.to(work)
         if self._shift is None:
             self._shift = x_in.mean(0).to(torch.float64)

@@ -182,10 +182,6 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
 
 
-def dense_params(layer: nn.Module) -> int:
-    return layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
-
-
 def module_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
