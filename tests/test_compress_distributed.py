@@ -119,3 +119,11 @@ def test_two_processes_give_the_one_process_model_optimism_rule(tmp_path):
     assert r["ranks0"] == r["ranks1"] == r["ranks_single"]
     assert r["between_ranks"] < 1e-12
     assert r["vs_single"] < 1e-8
+
+
+def test_two_processes_give_the_one_process_model_cv_rule(tmp_path):
+    # the folds are formed from the global batch order, so they do not depend on the processes
+    r = _run(tmp_path, "whitened", "cv")
+    assert r["ranks0"] == r["ranks1"] == r["ranks_single"]
+    assert r["between_ranks"] < 1e-12
+    assert r["vs_single"] < 1e-8

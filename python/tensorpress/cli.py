@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--structure", default="lowrank", choices=["lowrank", "tt", "tucker", "cp"],
                       help="lowrank/tt replace nn.Linear, tucker/cp replace nn.Conv2d")
     comp.add_argument("--method", default="activation", choices=["activation", "whitened", "svd"])
-    comp.add_argument("--rank-rule", default="auto", choices=["auto", "optimism", "energy", "uniform"],
-                      help="how the budget is split across layers (uniform: the same fraction everywhere; auto: "
-                           "optimism for lowrank, uniform for the tensor structures)")
+    comp.add_argument("--rank-rule", default="auto", choices=["auto", "optimism", "cv", "energy", "uniform"],
+                      help="how the budget is split across layers (uniform: the same fraction everywhere; cv: "
+                           "like optimism with 5-fold cross-validated layer errors, 5x the fits; auto: optimism "
+                           "for lowrank, uniform for the tensor structures)")
     comp.add_argument("--calib", type=int, default=1000, help="calibration sentences (or images)")
     comp.add_argument("--eval", type=int, default=1000, help="held-out evaluation sentences (or images)")
     comp.add_argument("--sweep", default="0.3,0.5,0.7,0.9", help="budgets of the method comparison ('' skips it)")

@@ -14,6 +14,10 @@ parameters (weights and biases) kept. Rules:
   sum of the layers' relative errors under the total budget are found by
   tensorpress.rank.allocate_ranks. A layer may also stay dense ("keep" candidate: error 0,
   params in * out) when that is where the budget does most good.
+* "cv": the same allocation with each layer's curve measured by K-fold cross-validation over
+  the calibration batches instead of estimated by the optimism formula (see
+  tensorpress.compress.crossval): K fits per layer instead of one, the reference the
+  optimism rule is checked against.
 * "energy": one threshold t for all layers: each keeps the smallest rank whose relative
   output error is at most t (t found by bisection so that the total fits the budget).
 Relative errors are each layer's squared output error over its output energy. Layers do not
@@ -33,7 +37,7 @@ from tensorpress.compress.distributed import sum_floats
 from tensorpress.compress.lowrank import error_curve, fit_activation
 from tensorpress.compress.stats import GramStats
 
-RANK_RULES = ("optimism", "energy")
+RANK_RULES = ("optimism", "cv", "energy")
 KEEP_DENSE = None  # the rank value meaning "leave this layer as it is"
 
 
@@ -88,12 +92,16 @@ def _optimism_curve(rel: torch.Tensor, layer: nn.Linear, rows: int) -> torch.Ten
 
 def allocate_by_rule(rule: str, layers: Mapping[str, nn.Linear], stats: Mapping[str, GramStats], budget: float,
                      curves: Mapping[str, torch.Tensor] | None = None,
-                     weights: Mapping[str, float] | None = None, **fit_kwargs) -> dict[str, int | None]:
+                     weights: Mapping[str, float] | None = None, heldout: Mapping[str, torch.Tensor] | None = None,
+                     **fit_kwargs) -> dict[str, int | None]:
     """Ranks by ``rule`` (see the module docstring). curves: the layers' relative error
     curves if already computed; weights: per-layer multipliers of the errors (the measured
-    sensitivity of the model's output to each layer's error; 1 when None)."""
+    sensitivity of the model's output to each layer's error; 1 when None); heldout: the
+    cross-validated curves (tensorpress.compress.crossval.cv_error_curves), needed by "cv"."""
     if rule not in RANK_RULES:
         raise ValueError(f"rank_rule: expected one of {RANK_RULES}, got {rule!r}")
+    if rule == "cv" and heldout is None:
+        raise ValueError("heldout: rank_rule='cv' needs the cross-validated error curves")
     rel = dict(curves) if curves is not None else relative_error_curves(layers, stats, **fit_kwargs)
     total = budget * sum(dense_params(m) for m in layers.values())
     if rule == "energy":
@@ -103,7 +111,8 @@ def allocate_by_rule(rule: str, layers: Mapping[str, nn.Linear], stats: Mapping[
     curves = {}
     for name, layer in layers.items():
         rows = stats[name].n
-        est = _optimism_curve(rel[name], layer, rows) * (1.0 if weights is None else weights[name])
+        est = heldout[name] if rule == "cv" else _optimism_curve(rel[name], layer, rows)
+        est = est * (1.0 if weights is None else weights[name])
         pts = [(r, lowrank_params(layer, r), est[r].item()) for r in range(1, max_useful_rank(layer) + 1)
                if torch.isfinite(est[r])]
         pts.append((KEEP_DENSE, dense_params(layer), 0.0))

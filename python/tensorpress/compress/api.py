@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from tensorpress.compress.allocate import (RANK_RULES, allocate_by_rule, allocate_uniform, layer_sensitivity,
                                           relative_error_curves)
 from tensorpress.compress import distributed as tpdist
+from tensorpress.compress.crossval import DEFAULT_FOLDS, cv_error_curves, merge_stats
 from tensorpress.compress.calibrate import (call_model, hooks, layer_features, layer_rows, record_inputs, row_mask,
                                             row_signature, run_until_stop)
 from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd, truncate_fit
@@ -66,7 +67,7 @@ def select_targets(model: nn.Module, structure: str, include=None, exclude=None)
     return names
 
 
-def _check_args(model, calib, structure, method, budget, ranks, rank_rule):
+def _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds=DEFAULT_FOLDS):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if structure not in STRUCTURES:
@@ -92,6 +93,8 @@ def _check_args(model, calib, structure, method, budget, ranks, rank_rule):
     if rank_rule is not None and structure != "lowrank":
         raise ValueError(f"rank_rule: the rank rules allocate low-rank layers; with structure={structure!r} use "
                          f"rank_rule=None (the same fraction in every layer) or ranks={{layer: rank}}")
+    if rank_rule == "cv" and (isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 2):
+        raise ValueError(f"cv_folds: expected an int >= 2 (folds of the calibration batches), got {cv_folds!r}")
     if not (isinstance(method, str) and method == "svd") or rank_rule is not None:
         if calib is None:
             raise ValueError(f"calib: method={method!r} (and any rank_rule) needs calibration batches, got None")
@@ -295,24 +298,60 @@ def _sensitivities(work_model, batches, layers, shot, ranks, curves, ridge_kw, c
     return weights
 
 
-def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None):
-    """Ranks by a rule; for "optimism" each layer's errors are weighted by the measured
-    sensitivity of the model's output to it (see SENSITIVITY_ROUNDS)."""
-    key = ("curves", tuple(layers))
-    curves = None if cache is None else cache.get(key)
-    if curves is None:
-        curves = relative_error_curves(layers, shot, **ridge_kw)
+def _cached(cache, key, compute):
+    value = None if cache is None else cache.get(key)
+    if value is None:
+        value = compute()
         if cache is not None:
-            cache[key] = curves
-    if rule != "optimism":
+            cache[key] = value
+    return value
+
+
+def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None, folds=None):
+    """Ranks by a rule; for "optimism" and "cv" each layer's errors are weighted by the
+    measured sensitivity of the model's output to it (see SENSITIVITY_ROUNDS); "cv" needs
+    ``folds``, the per-fold one-shot statistics."""
+    curves = _cached(cache, ("curves", tuple(layers)), lambda: relative_error_curves(layers, shot, **ridge_kw))
+    if rule == "energy":
         return allocate_by_rule(rule, layers, shot, budget, curves=curves, **ridge_kw)
+    heldout = None
+    if rule == "cv":
+        heldout = _cached(cache, ("cv-curves", tuple(layers), len(folds)),
+                          lambda: cv_error_curves(layers, folds, **ridge_kw))
     at = dict(uniform)
     for _ in range(SENSITIVITY_ROUNDS):
         weights = _sensitivities(work_model, batches, layers, shot, at, curves, ridge_kw, cache)
-        chosen = allocate_by_rule(rule, layers, shot, budget, curves=curves, weights=weights, **ridge_kw)
+        chosen = allocate_by_rule(rule, layers, shot, budget, curves=curves, weights=weights, heldout=heldout,
+                                  **ridge_kw)
         # a layer kept dense is linearized at its uniform rank
         at = {n: (uniform[n] if r is None else r) for n, r in chosen.items()}
     return chosen
+
+
+def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress):
+    """(one-shot statistics of every layer on all batches, per-fold statistics or None).
+    ``batches`` are this process's share of ``all_batches``. With folds, fold k holds the
+    batches i = k mod folds of all processes together (so the folds do not depend on the
+    number of processes), each process passes its share of every fold once, and the totals
+    are merged from the folds."""
+    key, fold_key = ("one-shot", tuple(layers)), ("folds", tuple(layers), folds)
+    shot = None if cache is None else cache.get(key)
+    parts = None if (cache is None or not folds) else cache.get(fold_key)
+    if shot is not None and (not folds or parts is not None):
+        return shot, parts
+    bar = _progress(len(batches), "calibration statistics", progress)
+    if folds:
+        parts = [one_shot_stats(ref, tpdist.shard(all_batches[k::folds]), layers, bar) for k in range(folds)]
+        shot = merge_stats(parts)
+    else:
+        shot = one_shot_stats(ref, batches, layers, bar)
+    if bar is not None:
+        bar.close()
+    if cache is not None:
+        cache[key] = shot
+        if folds:
+            cache[fold_key] = parts
+    return shot, parts
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -326,7 +365,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
              method: str | Mapping[str, str] = "activation", budget: float = 0.5, ranks: Mapping[str, int] | None = None,
              rank_rule: str | None = None, include=None, exclude=None, keep_rows: int = 0,
              ridge: float | None = None, progress: bool = False,
-             cache: dict | None = None, residual_feedback: bool = True) -> tuple[nn.Module, CompressionReport]:
+             cache: dict | None = None, residual_feedback: bool = True,
+             cv_folds: int = DEFAULT_FOLDS) -> tuple[nn.Module, CompressionReport]:
     """Compress the layers of ``model`` and return (compressed copy, report).
 
     Args:
@@ -355,8 +395,12 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             on the compressed model's inputs, when there are enough calibration rows).
         rank_rule: how the budget is split across layers: None (the same fraction of every
             layer), "optimism" (minimize the summed estimated test error, training error plus
-            asymptotic optimism, of the layers' relative outputs) or "energy" (the same
-            fraction of whitened output energy kept in every layer).
+            asymptotic optimism, of the layers' relative outputs), "cv" (the same with each
+            layer's test error measured by ``cv_folds``-fold cross-validation over the
+            calibration batches: ``cv_folds`` fits per layer instead of one) or "energy" (the
+            same fraction of whitened output energy kept in every layer).
+        cv_folds: folds for rank_rule="cv" (batch i goes to fold i mod cv_folds; at least
+            that many calibration batches per process).
         include, exclude: layer names or glob patterns ("encoder.*.attention.*").
         keep_rows: rows of (X, X~) kept per layer for "relu"/"gelu" (default 4096 when used).
         ridge: Gram regularization relative to its mean diagonal (default 1e-6).
@@ -374,9 +418,14 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     Returns:
         (compressed model, CompressionReport).
     """
-    _check_args(model, calib, structure, method, budget, ranks, rank_rule)
+    _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds)
     all_batches = _batches(calib)
     batches = tpdist.shard(all_batches)  # this process's share under torch.distributed
+    folds = cv_folds if rank_rule == "cv" else 0
+    if folds and len(all_batches) < folds * tpdist.world():
+        per = " (one per fold and process)" if tpdist.world() > 1 else ""
+        raise ValueError(f"calib: rank_rule='cv' with cv_folds={folds} needs at least {folds * tpdist.world()} "
+                         f"calibration batches{per}, got {len(all_batches)}")
     targets = select_targets(model, structure, include, exclude)
     per_layer = _methods_by_layer(method, targets)
     if any(m in SAMPLE_METHODS for m in per_layer.values()) and not keep_rows:
@@ -401,23 +450,19 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         sequential = not (isinstance(method, str) and method in ONE_SHOT_METHODS)
         # one-shot statistics: needed by one-shot methods and rank rules; with a cache they
         # also save the sequential runs a third of their Gram work
+        fold_stats = None
         if batches and (not sequential or rank_rule is not None or cache is not None):
-            key = ("one-shot", tuple(targets))
-            shot = None if cache is None else cache.get(key)
-            if shot is None:
-                bar = _progress(len(batches), "calibration statistics", progress)
-                shot = one_shot_stats(ref, batches, layers, bar)
-                if bar is not None:
-                    bar.close()
-                if cache is not None:
-                    cache[key] = shot
+            shot, fold_stats = _reference_stats(ref, batches, all_batches, layers, folds, cache, progress)
             report.calibration_rows = next(iter(shot.values())).n
         if chosen is None and structure != "lowrank":
             chosen = {n: adapter.uniform_rank(layer, budget) for n, layer in layers.items()}
         elif chosen is None:
             chosen = allocate_uniform(layers, budget)
             if rank_rule is not None:
-                chosen = _allocate(rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache)
+                t0 = time.perf_counter()
+                chosen = _allocate(rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache,
+                                   fold_stats)
+                report.rank_rule_seconds = time.perf_counter() - t0
 
         def record(name, fit, module, stats, seconds):
             layer = layers[name]

@@ -37,6 +37,7 @@ class CompressionReport:
     bytes_after: int = 0
     calibration_rows: int = 0
     seconds: float = 0.0
+    rank_rule_seconds: float = 0.0  # time the rank rule took to choose the ranks (fits, sensitivities)
     mode: str = ""                  # "blocks" (block replay) or "model" (whole-model passes) or "one-shot"
     quality: dict = field(default_factory=dict)   # filled by the caller (accuracy, cosine, ...)
     residual_feedback: list = field(default_factory=list)   # layers fitted to make up for the residual error
