@@ -162,6 +162,25 @@ def test_tt_project_matches_tt_matrix_svd_and_batches():
         torch.testing.assert_close(d1, dense[b], rtol=1e-10, atol=1e-12)
 
 
+def test_tt_project_warm_start_from_the_previous_subspace_is_near_optimal():
+    # the tenBCD case: the same layer projected again after a small change; the 1024 x 1024
+    # middle unfolding gets the (warm-started) subspace SVD, the others exact SVDs
+    outf = inf = (4, 8, 8, 4)
+    ranks = (16, 40, 16)
+    planted = tt_to_dense(tt_matrix_svd(_randn(1024, 1024, seed=16), outf, inf, max_rank=list(ranks)).cores)
+    W0 = planted / planted.norm() + 0.3 * _randn(1024, 1024, seed=17) / 1024
+    state = {}
+    tt_project(W0, outf, inf, ranks, method="auto", generator=_gen(1), state=state)
+    assert list(state) == [1] and state[1].shape == (1, 1024, 50)
+    first = state[1].clone()
+    W1 = W0 + 0.01 * _randn(1024, 1024, seed=18) / 1024
+    _, warm = tt_project(W1, outf, inf, ranks, method="auto", generator=_gen(2), state=state)
+    _, exact = tt_project(W1, outf, inf, ranks, method="lapack")
+    assert not torch.equal(state[1], first)          # the subspace moved with W
+    assert (W1 - warm).norm() <= 1.001 * (W1 - exact).norm()
+    assert (warm - exact).norm() < 1e-2 * exact.norm()
+
+
 def test_ranks_for_ratio():
     s = ranks_for_ratio(784, 1024, 0.09)
     assert s.ranks[0] <= 16 and abs(math.log(s.ratio / 0.09)) < 0.1

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from tensorpress.linalg import truncated_svd
+from tensorpress.linalg.svd import cholesky_qr2
 
 
 def prune_projection(W: Tensor, sparsity: float) -> Tensor:
@@ -84,14 +85,55 @@ def _svd(mat: Tensor, r: int, method: str, generator) -> tuple[Tensor, Tensor, T
     return (vh.mT, s, u.mT) if wide else (u, s, vh)
 
 
+# warm-started subspace SVD (tt_project with a state): power iterations from a random start on
+# the first call, from the previous call's right singular subspace afterwards
+COLD_POWER_ITERATIONS = 4
+WARM_POWER_ITERATIONS = 1
+OVERSAMPLE = 10
+
+
+def _subspace_svd(mat: Tensor, r: int, start: Tensor, power_iterations: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rank-r truncated SVD of mat (b, m, n) by subspace iteration from ``start`` (b, n, l),
+    l >= r; also returns the l right singular vectors found (the next call's start). From the
+    right subspace of a nearby matrix (the same layer one tenBCD iteration earlier), one power
+    iteration gives what several from a random start give."""
+    y = mat @ start
+    for _ in range(power_iterations):
+        q, _ = cholesky_qr2(y)
+        z, _ = cholesky_qr2(mat.mT @ q)
+        y = mat @ z
+    q, _ = cholesky_qr2(y)                                   # (b, m, l): the range of mat
+    ub, s, vh = torch.linalg.svd(q.mT @ mat, full_matrices=False)   # the small (b, l, n) problem
+    return q @ ub[..., :r], s[..., :r], vh[..., :r, :], vh.mT.contiguous()
+
+
+def _warm_svd(mat: Tensor, r: int, key, state: dict, generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncated SVD of an unfolding through ``state[key]`` (see _subspace_svd)."""
+    b, m, n = mat.shape
+    l = min(r + OVERSAMPLE, m, n)
+    start = state.get(key)
+    iters = WARM_POWER_ITERATIONS
+    if start is None or start.shape != (b, n, l):
+        where = generator.device if generator is not None else mat.device
+        start = torch.randn(b, n, l, generator=generator, dtype=mat.dtype, device=where).to(mat.device)
+        iters = COLD_POWER_ITERATIONS
+    u, s, vh, state[key] = _subspace_svd(mat, r, start, iters)
+    return u, s, vh
+
+
 def tt_project(W: Tensor, out_factors: Sequence[int], in_factors: Sequence[int], ranks: Sequence[int],
-               method: str = "auto", generator: torch.Generator | None = None) -> tuple[list[Tensor], Tensor]:
+               method: str = "auto", generator: torch.Generator | None = None,
+               state: dict | None = None) -> tuple[list[Tensor], Tensor]:
     """TT-SVD of W (M x N) or of a batch W (b, M, N), every bond rank capped at ranks[k].
 
     Sequential truncated SVDs of the unfoldings (Oseledets 2011), in W's dtype and on its
     device; a batch of same-shape layers runs as one batched SVD per bond. `method` is passed
     to tensorpress.linalg.truncated_svd ("lapack" for exact SVDs; "auto" takes a randomized SVD
     for low ranks of unfoldings >= 512 x 512, whose result is near-optimal rather than exact).
+    state: a dict kept by the caller between calls on slowly changing W (the iterations of
+    tenBCD): the unfoldings that "auto" gives a randomized SVD are then solved by subspace
+    iteration started from the previous call's singular subspace (one power iteration instead
+    of four from a random start); the dict holds those subspaces.
     Returns (cores, W_tt): cores (r_{k-1}, m_k, n_k, r_k) (with the batch dim first when W had
     one) and the reconstruction, shaped like W.
     """
@@ -105,7 +147,11 @@ def tt_project(W: Tensor, out_factors: Sequence[int], in_factors: Sequence[int],
     for k in range(len(sizes) - 1):
         mat = rest.reshape(b, r_prev * sizes[k], -1)
         r = min(ranks[k], *mat.shape[1:])
-        u, s, vh = _svd(mat, r, _svd_method(mat.shape, r, method), generator)
+        how = _svd_method(mat.shape, r, method)
+        if state is not None and how == "randomized":
+            u, s, vh = _warm_svd(mat, r, k, state, generator)
+        else:
+            u, s, vh = _svd(mat, r, how, generator)
         r = s.shape[-1]
         cores.append(u.reshape(b, r_prev, out_factors[k], in_factors[k], r))
         rest = s.unsqueeze(-1) * vh

@@ -174,7 +174,8 @@ class TenBCD:
                 groups.setdefault((s.out_factors, s.in_factors, s.ranks), []).append(i)
         for (outf, inf, ranks), members in groups.items():
             W = torch.stack([self.weights_[i] for i in members])
-            cores, dense = tt_project(W, outf, inf, ranks, method=self.svd_method, generator=self._gen)
+            cores, dense = tt_project(W, outf, inf, ranks, method=self.svd_method, generator=self._gen,
+                                      state=self._svd_state.setdefault((outf, inf, ranks), {}))
             for b, i in enumerate(members):
                 old = self.targets_[i]
                 if old is not None and torch.linalg.vector_norm(self.weights_[i] - dense[b]) > \
@@ -258,6 +259,7 @@ class TenBCD:
             self.V.append(P.clamp_min(0.0) if i < self.N - 1 else P.clone())
             inp = self.V[i]
         self._factor0: GramFactor | None = None
+        self._svd_state: dict = {}   # per TT group: the previous singular subspaces (warm starts)
         self._block = ""
         self.n_iter_ = 0
         self.history_ = {k: [] for k in ("iteration", "objective", "train_acc", "test_acc", "test_acc_free_w",
