@@ -20,7 +20,6 @@ are shared with the `relu` method (tensorpress.compress.relu).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import torch
 from torch import Tensor
