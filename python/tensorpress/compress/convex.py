@@ -24,11 +24,12 @@ import math
 import torch
 from torch import Tensor
 
-from tensorpress.compress.lowrank import SINGLE_THREAD_MAX_K, LowRankFit, small_problem_threads  # noqa: F401
+from tensorpress.compress.lowrank import (SINGLE_THREAD_MAX_K, DEFAULT_RIDGE, LowRankFit,  # noqa: F401
+                                          small_problem_threads)
+from tensorpress.compress.quadratic import ridged_cholesky
 
 __all__ = ["LowRankFit", "fit_convex", "constrained_lstsq", "project_nuclear_ball", "project_l1_ball"]
 
-DEFAULT_RIDGE = 1e-6
 # Dykstra's alternating projections onto ball ∩ box stop after this many rounds or when a
 # round moves the point by less than DYKSTRA_TOL relative to its norm.
 DEFAULT_DYKSTRA_ITER = 50
@@ -104,22 +105,6 @@ def _svdvals(Z: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- linear algebra
-def ridge_cholesky(gram: Tensor, ridge: float = DEFAULT_RIDGE) -> tuple[Tensor, float]:
-    """Lower Cholesky factor L of gram + δI, with δ = ridge · trace(gram)/in (raised tenfold
-    until the factorization succeeds; δ = ridge when the trace is zero). Returns (L, δ)."""
-    d = gram.shape[0]
-    scale = float(torch.trace(gram)) / d
-    delta = ridge * scale if scale > 0 else ridge
-    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-    for _ in range(12):
-        L, bad = torch.linalg.cholesky_ex(gram + delta * eye)
-        if int(bad) == 0:
-            return L, delta
-        delta *= 10.0
-    raise ValueError("gram_in: not positive semidefinite even after a large ridge "
-                     f"(δ = {delta:.3g}); the calibration statistics are inconsistent")
-
-
 def _solve_right_lower(M: Tensor, L: Tensor) -> Tensor:
     """M L⁻¹ for lower-triangular L."""
     Lt, Mt = L.transpose(-1, -2), M.transpose(-1, -2)
@@ -377,7 +362,7 @@ def fit_convex(weight: Tensor, bias: Tensor | None, n: int, mean_in: Tensor, mea
         G = gram_in - n * torch.outer(mean_in, mean_in)  # new tensors: the caller's are untouched
         G = 0.5 * (G + G.T)
         C = cross - n * torch.outer(mean_in, mean_ref)
-        L, delta = ridge_cholesky(G, ridge)
+        L, delta = ridged_cholesky(G, ridge)
         G_reg = G + delta * torch.eye(in_f, dtype=f64, device=dev)
         B = W @ C.T  # the objective is tr(ŴGŴᵀ) − 2⟨Ŵ, B⟩
         T = _solve_right_lower_t(B, L)  # B L⁻ᵀ: the target in whitened coordinates

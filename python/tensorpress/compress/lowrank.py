@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tensorpress.compress.quadratic import ridged_gram
+from tensorpress.compress.quadratic import ridged_cholesky
 from tensorpress.compress.stats import GramStats, OffsetStats
 
 # Ridge added to G, relative to its mean diagonal: keeps the Cholesky factor well defined when
@@ -95,12 +95,9 @@ def fit_svd(weight: Tensor, bias: Tensor | None, rank: int) -> LowRankFit:
 
 
 def whitening_factor(cov: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
-    """Lower Cholesky factor L of cov + ridge * mean(diag(cov)) I (float64)."""
-    L, info = torch.linalg.cholesky_ex(ridged_gram(cov, ridge))
-    if info.item() != 0:
-        # indefinite by rounding: retry with a larger ridge rather than fail
-        L = torch.linalg.cholesky(ridged_gram(cov, 1e-3))
-    return L
+    """Lower Cholesky factor L of cov + ridge * mean(diag(cov)) I (float64; the ridge raised
+    where rounding left cov indefinite, see ridged_cholesky)."""
+    return ridged_cholesky(cov, ridge)[0]
 
 
 def fit_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, rank: int,

@@ -18,10 +18,30 @@ from torch import Tensor
 from tensorpress.compress.stats import GramStats
 
 
+def _ridge(cov: Tensor, ridge: float) -> float:
+    """The absolute ridge: ``ridge`` times the mean diagonal of cov (``ridge`` itself when cov is 0)."""
+    scale = float(cov.diagonal().mean())
+    return ridge * scale if scale > 0 else ridge
+
+
 def ridged_gram(cov: Tensor, ridge: float) -> Tensor:
     """cov + ridge * mean(diag(cov)) I: keeps directions with (almost) no energy well posed."""
-    scale = cov.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    return cov + (ridge * scale) * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return cov + _ridge(cov, ridge) * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+
+
+def ridged_cholesky(cov: Tensor, ridge: float) -> tuple[Tensor, float]:
+    """(L, delta): the lower Cholesky factor of cov + delta I, delta = ridge * mean(diag(cov))
+    raised tenfold until the factorization succeeds (a Gram matrix that rounding made slightly
+    indefinite). The one ridge policy of every data-aware fit."""
+    delta = _ridge(cov, ridge)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    for _ in range(12):
+        L, bad = torch.linalg.cholesky_ex(cov + delta * eye)
+        if int(bad) == 0:
+            return L, delta
+        delta *= 10.0
+    raise ValueError("calib: the calibration inputs' Gram matrix is not positive semidefinite even after a large "
+                     f"ridge (delta = {delta:.3g}); the calibration statistics are inconsistent (NaN or overflow?)")
 
 
 class OutputObjective:

@@ -51,9 +51,9 @@ from tensorpress.compress.convex import (
     _svdvals,
     balanced_factors,
     project_nuclear_ball,
-    ridge_cholesky,
     small_problem_threads,
 )
+from tensorpress.compress.quadratic import ridged_cholesky
 
 __all__ = ["fit_relu", "fit_gelu", "relu_nll", "gelu_loss"]
 
@@ -243,7 +243,7 @@ def fit_relu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
         Y = P.clamp_min(0)
         mu_in = Xi.mean(0)
         Xc = Xi - mu_in
-        L, delta = ridge_cholesky(Xc.T @ Xc, ridge)
+        L, delta = ridged_cholesky(Xc.T @ Xc, ridge)
         A = _solve_right_lower_t(Xc, L)  # X̃_c L⁻ᵀ
 
         # 1. the activation-aware rank-r start: least squares of P on [X̃_c, 1], best rank r in V
@@ -326,7 +326,7 @@ def fit_gelu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
         Y = torch.nn.functional.gelu(P)
         mu_in = Xi.mean(0)
         Xc = Xi - mu_in
-        L, delta = ridge_cholesky(Xc.T @ Xc, ridge)
+        L, delta = ridged_cholesky(Xc.T @ Xc, ridge)
         A = _solve_right_lower_t(Xc, L)
         c = P.mean(0)
         V = _truncate((P - c).T @ A, rank)
