@@ -1,4 +1,4 @@
-"""CPConv2d: a Conv2d whose kernel is a CP tensor, run as four cheap convolutions."""
+"""CPConv2d: a Conv2d whose kernel is a CP tensor, run as 1x1 GEMMs around a depthwise conv."""
 from __future__ import annotations
 
 import math
@@ -100,6 +100,30 @@ def dense_conv_like(layer: nn.Module, weight: Tensor) -> nn.Conv2d:
     return conv
 
 
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.conv2d(x, weight, bias) for a 1x1 ``weight`` (out, in, 1, 1). On an NCHW-contiguous x
+    it is one batched GEMM on the (N, in, H*W) view, with the bias as the GEMM's addend: oneDNN's
+    1x1 conv reorders NCHW to a blocked layout and back, which made it 1.2-2x slower on CPU.
+    Other layouts (channels_last, strided views) go to F.conv2d, which handles them natively."""
+    if not x.is_contiguous():
+        return F.conv2d(x, weight, bias)
+    n, c, h, w = x.shape
+    out = weight.shape[0]
+    w_batched = weight.reshape(out, c).expand(n, out, c)
+    x_flat = x.view(n, c, h * w)
+    if bias is None:
+        y = torch.bmm(w_batched, x_flat)
+    else:
+        y = torch.baddbmm(bias.view(1, out, 1).expand(n, out, h * w), w_batched, x_flat)
+    return y.view(n, out, h, w)
+
+
+# Largest kernel side for which one depthwise kh x kw conv (outer-product kernel) beats the two
+# 1-D passes on CPU: oneDNN's depthwise kernels are memory-bound up to 7x7 (one pass over the
+# activations instead of two, 0.2-0.7x the time); at 11x11 they fall to a slow path (4-5x).
+MAX_FUSED_DEPTHWISE = 7
+
+
 def check_input(x: Tensor, in_channels: int) -> None:
     if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
         raise ValueError(f"input: expected shape (N, {in_channels}, H, W) or ({in_channels}, H, W), got {tuple(x.shape)}")
@@ -112,8 +136,10 @@ class CPConv2d(nn.Module):
 
     run as four convolutions (Lebedev et al. 2015): 1x1 in -> R (B), depthwise kh x 1 (C),
     depthwise 1 x kw (D), 1x1 R -> out (A) plus bias. Stride, padding and dilation act on the
-    two depthwise stages (H on the first, W on the second), so the layer computes exactly
-    nn.Conv2d with weight :meth:`to_dense` for every stride/padding/dilation/padding_mode.
+    depthwise stages, so the layer computes exactly nn.Conv2d with weight :meth:`to_dense` for
+    every stride/padding/dilation/padding_mode. For CPU speed the 1x1 stages run as batched
+    GEMMs (:func:`pointwise_conv`) and, for kernels up to ``MAX_FUSED_DEPTHWISE`` a side, the two
+    depthwise stages as one kh x kw depthwise conv with kernel C[h, r] D[w, r].
 
     Args: those of nn.Conv2d (groups must be 1) plus ``rank`` R >= 1.
 
@@ -161,16 +187,28 @@ class CPConv2d(nn.Module):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        (sh, sw), (dh, dw) = self.stride, self.dilation
-        h = F.conv2d(x, self.pointwise_in)
+        h = pointwise_conv(x, self.pointwise_in)
         sym = symmetric_zero_padding(self._pad, self.padding_mode)
         if sym is None:
             h = apply_padding(h, self._pad, self.padding_mode)
             sym = (0, 0)
-        h = F.conv2d(h, self.depthwise_h, stride=(sh, 1), padding=(sym[0], 0), dilation=(dh, 1), groups=self.rank)
-        h = F.conv2d(h, self.depthwise_w, stride=(1, sw), padding=(0, sym[1]), dilation=(1, dw), groups=self.rank)
-        y = F.conv2d(h, self.pointwise_out, self.bias)
+        if max(self.kernel_size) <= MAX_FUSED_DEPTHWISE:
+            h = self._depthwise_fused(h, sym)
+        else:
+            h = self._depthwise_separable(h, sym)
+        y = pointwise_conv(h, self.pointwise_out, self.bias)
         return y.squeeze(0) if unbatched else y
+
+    def _depthwise_fused(self, h: Tensor, pad: tuple[int, int]) -> Tensor:
+        """The two depthwise stages as one kh x kw depthwise conv with kernel C[h, r] D[w, r]."""
+        kernel = self.depthwise_h * self.depthwise_w          # (R, 1, kh, 1) * (R, 1, 1, kw)
+        return F.conv2d(h, kernel, stride=self.stride, padding=pad, dilation=self.dilation, groups=self.rank)
+
+    def _depthwise_separable(self, h: Tensor, pad: tuple[int, int]) -> Tensor:
+        """kh x 1 then 1 x kw depthwise convs (H stride/dilation on the first, W on the second)."""
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        h = F.conv2d(h, self.depthwise_h, stride=(sh, 1), padding=(pad[0], 0), dilation=(dh, 1), groups=self.rank)
+        return F.conv2d(h, self.depthwise_w, stride=(1, sw), padding=(0, pad[1]), dilation=(1, dw), groups=self.rank)
 
     # ------------------------------------------------------------------ conversions
     @classmethod
