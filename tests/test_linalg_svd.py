@@ -101,8 +101,48 @@ def test_batch_shapes_rank_and_rtol(method):
     assert torch.allclose(S.double(), ref, rtol=1e-8)
 
 
+def check_against_lapack(A, U, S, Vh, tol):
+    """truncated_svd's full-rank outputs for A against float64 LAPACK, matrix by matrix."""
+    reference = torch.linalg.svdvals(A.double())
+    noise = reference[..., :1] * 1e-14  # exact zeros come out at the noise level of the largest
+    assert ((S.double() - reference).abs() <= tol * reference + noise).all()
+    assert orthogonality(U, "columns") <= tol
+    assert orthogonality(Vh, "rows") <= tol
+    rebuilt = U.double() @ torch.diag_embed(S.double()) @ Vh.double()
+    error = torch.linalg.matrix_norm(rebuilt - A.double())
+    assert (error <= tol * torch.linalg.matrix_norm(A.double()).clamp_min(1e-300)).all()
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (40, 17), (17, 40)])
+def test_float32_batch_of_mixed_matrices_matches_lapack_and_single_solves(shape):
+    # float32 runs 8 matrices per group in lock step: each group here mixes spectra that
+    # converge at different speeds, and the last group is partly empty (19 matrices)
+    A = torch.cat([with_spectrum(1, *shape, SPECTRA[i % len(SPECTRA)], dtype=torch.float32, seed=i)
+                   for i in range(19)])
+    U, S, Vh = truncated_svd(A, rank=min(shape), method="jacobi")
+    check_against_lapack(A, U, S, Vh, tol=1e-6)
+    for i in (0, 7, 18):  # a matrix alone in its group gets the same result
+        Ui, Si, Vhi = truncated_svd(A[i:i + 1], rank=min(shape), method="jacobi")
+        assert torch.allclose(Si, S[i:i + 1], rtol=1e-6, atol=1e-6 * float(S[i, 0]))
+
+
+def test_float32_extreme_scales():
+    # the float32 sweeps run on each matrix scaled by a power of two; the result must not
+    # depend on the scale, from huge to tiny (denormal entries included)
+    base = with_spectrum(6, 32, 32, "decaying", dtype=torch.float64, seed=3)
+    scales = torch.tensor([1e30, 1e-30, 1.0, 1e-12, 1e20, 1.0], dtype=torch.float64)
+    A = (base * scales[:, None, None]).float()
+    A[5, :, 7] *= 1e-38  # one column of denormals next to normal ones
+    U, S, Vh = truncated_svd(A, rank=32, method="jacobi")
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    check_against_lapack(A, U, S, Vh, tol=1e-6)
+
+
 def test_method_choice_is_visible():
     assert svd_method((100, 16, 16)) == "jacobi"
+    assert svd_method((100, 64, 64)) == "jacobi"
+    assert svd_method((100, 64, 64), dtype=torch.float64) == "lapack"
+    assert svd_method((100, 32, 32), dtype=torch.float64) == "jacobi"
     assert svd_method((1024, 1024), rank=64) == "randomized"
     assert svd_method((1024, 1024), rank=900) == "lapack"
     assert svd_method((1024, 1024), rank=64, method="lapack") == "lapack"

@@ -1,10 +1,20 @@
 #include "svd/jacobi_sweeps.h"
 
+#include "svd/jacobi_lanes.h"
+
+// jacobi_lanes.h's templates are emitted at the end of this file, past the header's own
+// suppression of the (inapplicable) note on returning 32-byte vectors without AVX.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace tensorpress::svd {
 
 int orthogonalize_generic(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
                    double* scratch) {
   return jacobi_orthogonalize(w, count, len, v, norms, p, scratch);
+}
+
+int orthogonalize_group_generic(const float* x, int64_t count, int64_t len, const JacobiParams& p, double* ws) {
+  return lanes::orthogonalize_group(x, count, len, p, ws);
 }
 
 namespace {
@@ -31,6 +41,14 @@ int orthogonalize(double* w, int64_t count, int64_t len, double* v, double* norm
   if (isa_level() == 1) return orthogonalize_avx2(w, count, len, v, norms, p, scratch);
 #endif
   return orthogonalize_generic(w, count, len, v, norms, p, scratch);
+}
+
+int orthogonalize_group(const float* x, int64_t count, int64_t len, const JacobiParams& p, double* ws) {
+#if defined(__x86_64__) && defined(TENSORPRESS_X86_VARIANTS)
+  if (isa_level() == 2) return orthogonalize_group_avx512(x, count, len, p, ws);
+  if (isa_level() == 1) return orthogonalize_group_avx2(x, count, len, p, ws);
+#endif
+  return orthogonalize_group_generic(x, count, len, p, ws);
 }
 
 }  // namespace tensorpress::svd

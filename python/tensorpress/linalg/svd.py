@@ -10,9 +10,11 @@ from torch import Tensor
 from tensorpress._ext import _C
 
 METHODS = ("auto", "jacobi", "randomized", "lapack")
-# auto uses our Jacobi up to this many columns: measured on the 2-core EPYC, it beats
-# torch.linalg.svd (MKL) on batches of 16x16 (1.6x) and 32x32 (1.2x), not on 64x64 (0.65x)
-JACOBI_MAX_COLUMNS = 32
+# auto uses our Jacobi up to this many columns, per dtype: measured on the 2-core EPYC against
+# torch.linalg.svd (MKL), float32 (the batch-interleaved kernel of csrc/svd/jacobi_lanes.h)
+# wins on batches of 16x16, 32x32 and 64x64 (benchmarks/results/svd_cpu.md); float64 (the
+# per-matrix double kernel) wins on 32x32 (1.4x), not on 64x64 (0.8x)
+JACOBI_MAX_COLUMNS = {torch.float32: 64, torch.float64: 32}
 # on CUDA, our Jacobi (one matrix per thread block) against cuSOLVER's batched solvers: up to
 # 64 columns, where the matrix fits in shared memory (to be re-measured by bench_svd --device cuda)
 JACOBI_MAX_COLUMNS_CUDA = 64
@@ -34,15 +36,17 @@ class SVDResult(NamedTuple):
     Vh: Tensor
 
 
-def svd_method(shape, rank: int | None = None, method: str = "auto", device="cpu") -> str:
-    """The method `truncated_svd` uses for matrices of this shape and rank (the choice made
-    visible): jacobi when min(m, n) <= 32 (on CUDA: <= 64 where our kernel takes the shape),
-    randomized when a rank well below min(m, n) is asked for, LAPACK otherwise."""
+def svd_method(shape, rank: int | None = None, method: str = "auto", device="cpu",
+               dtype: torch.dtype = torch.float32) -> str:
+    """The method `truncated_svd` uses for matrices of this shape, rank and dtype (the choice
+    made visible): jacobi when min(m, n) <= 64 for float32, <= 32 for float64 (on CUDA: up to
+    64 where our kernel takes the shape), randomized when a rank well below min(m, n) is asked
+    for, LAPACK otherwise."""
     if method != "auto":
         return method
     m, n = shape[-2], shape[-1]
     k = min(m, n)
-    if k <= JACOBI_MAX_COLUMNS:
+    if k <= JACOBI_MAX_COLUMNS.get(dtype, JACOBI_MAX_COLUMNS[torch.float64]):
         return "jacobi"
     if k <= JACOBI_MAX_COLUMNS_CUDA and jacobi_on_cuda(shape, device):
         return "jacobi"
@@ -95,7 +99,7 @@ def truncated_svd(A: Tensor, rank: int | None = None, rtol: float | None = None,
         largest-magnitude entry of every left singular vector is positive.
     """
     _validate(A, rank, rtol, method, n_iter, oversample)
-    chosen = svd_method(A.shape, rank, method, A.device)
+    chosen = svd_method(A.shape, rank, method, A.device, A.dtype)
     batch_shape, (m, n) = A.shape[:-2], A.shape[-2:]
     a = A.detach().reshape(-1, m, n)
     full = min(m, n)
