@@ -247,7 +247,7 @@ def test_compress_structure_bad_input():
     with pytest.raises(ValueError, match="method"):
         tensorpress.compress(model, calib, structure="tt", method="relu")
     with pytest.raises(ValueError, match="rank_rule"):
-        tensorpress.compress(model, calib, structure="tt", rank_rule="optimism")
+        tensorpress.compress(model, calib, structure="tt", rank_rule="bic")
     with pytest.raises(ValueError, match="structure"):
         tensorpress.compress(model, calib, structure="tensor-ring")
     with pytest.raises(ValueError, match="model: no eligible layer"):

@@ -80,14 +80,20 @@ def _mean_energy(layer: nn.Linear, stats: GramStats) -> float:
     return stats.n * mean_out.square().sum().item()
 
 
+def optimism_estimate(rel: torch.Tensor, df: torch.Tensor, n: float) -> torch.Tensor:
+    """Training relative errors ``rel`` of models with ``df`` degrees of freedom fitted to n
+    responses -> their estimated relative test errors (Shi, Chi & Luo's asymptotic optimism:
+    RSS/(n - df) * (n - 1)/(n - df - 1), relative to RSS/n); inf where df >= n - 1."""
+    df = df.to(torch.float64)
+    est = rel * (n - 1) / ((n - df) * (n - df - 1)) * n
+    return torch.where(df < n - 1, est, torch.full_like(est, float("inf")))
+
+
 def _optimism_curve(rel: torch.Tensor, layer: nn.Linear, rows: int) -> torch.Tensor:
     """rel (ranks 0..k) -> estimated relative test error (inf where df >= n - 1)."""
     i, o = layer.in_features, layer.out_features
     r = torch.arange(rel.shape[0], dtype=torch.float64)
-    df = r * (i + o - r) + o
-    n = float(rows * o)
-    est = rel * (n - 1) / ((n - df) * (n - df - 1)) * n
-    return torch.where(df < n - 1, est, torch.full_like(est, float("inf")))
+    return optimism_estimate(rel, r * (i + o - r) + o, float(rows * o))
 
 
 def allocate_by_rule(rule: str, layers: Mapping[str, nn.Linear], stats: Mapping[str, GramStats], budget: float,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
 import time
 from typing import Iterable, Mapping, Sequence
 
@@ -17,9 +16,11 @@ from tensorpress.compress.crossval import DEFAULT_FOLDS, cv_error_curves, merge_
 from tensorpress.compress.calibrate import (call_model, hooks, layer_features, layer_rows, record_inputs, row_mask,
                                             row_signature, run_until_stop)
 from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd, truncate_fit
+from tensorpress.compress.output_error import output_error, output_error_parts
 from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
 from tensorpress.compress.sequential import compress_sequential, set_submodule
 from tensorpress.compress.stats import GramStats
+from tensorpress.compress.structured_rules import CURVE_EFFORT, allocate_structured, candidate_ranks, measure_curves
 from tensorpress.compress.structures import ADAPTERS, STRUCTURES, dense_macs_per_row, module_params, weight_matrix
 from tensorpress.nn.lowrank_linear import LowRankLinear
 
@@ -90,9 +91,6 @@ def _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_fo
         raise TypeError(f"ranks: expected a dict {{layer name: rank}}, got {type(ranks).__name__}")
     if rank_rule is not None and rank_rule not in RANK_RULES:
         raise ValueError(f"rank_rule: expected None or one of {RANK_RULES}, got {rank_rule!r}")
-    if rank_rule is not None and structure != "lowrank":
-        raise ValueError(f"rank_rule: the rank rules allocate low-rank layers; with structure={structure!r} use "
-                         f"rank_rule=None (the same fraction in every layer) or ranks={{layer: rank}}")
     if rank_rule == "cv" and (isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 2):
         raise ValueError(f"cv_folds: expected an int >= 2 (folds of the calibration batches), got {cv_folds!r}")
     if not (isinstance(method, str) and method == "svd") or rank_rule is not None:
@@ -185,27 +183,6 @@ def one_shot_stats(model: nn.Module, batches: Sequence, layers: Mapping[str, nn.
     return stats
 
 
-def output_error(layer: nn.Module, fit, stats: GramStats) -> float:
-    """||X W^T + b - (X~ W^^T + b^)||_F / ||X W^T + b||_F on the calibration rows (from Grams);
-    ``fit`` has ``weight()`` (the dense W^ as a matrix) and ``bias``."""
-    w = weight_matrix(layer).to(torch.float64)
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if layer.bias is None else layer.bias.detach().to(torch.float64)
-    wh = fit.weight().to(torch.float64)
-    bh = torch.zeros_like(b) if fit.bias is None else fit.bias.to(torch.float64)
-    n = stats.n
-
-    def quad(a, g, c):  # tr(a g c^T) without an (out, in, in) intermediate
-        return ((a @ g) * c).sum()
-
-    mean_ref_out = w @ stats.mean_ref + b
-    mean_diff = mean_ref_out - (wh @ stats.mean_in + bh)
-    energy_c = quad(w, stats.cov_ref, w)
-    err2 = (energy_c - 2 * quad(wh, stats.cov_cross, w) + quad(wh, stats.cov_in, wh)
-            + n * mean_diff.square().sum())
-    energy = energy_c + n * mean_ref_out.square().sum()
-    return math.sqrt(max(err2.item(), 0.0) / max(energy.item(), 1e-300))
-
-
 def _methods_by_layer(method, targets: Sequence[str]) -> dict[str, str]:
     """{layer: method}; a dict method maps patterns to methods, the first match wins."""
     if isinstance(method, str):
@@ -234,9 +211,9 @@ def _fit_sequential(method: str, layer: nn.Linear, stats: GramStats, rank: int, 
     return fit(layer.weight, layer.bias, x_ref, x_in, rank, **ridge_kw)
 
 
-def _identity_fit(layer: nn.Linear) -> LowRankFit:
+def _identity_fit(layer: nn.Module) -> LowRankFit:
     """The layer kept dense, as a 'fit' (W = I @ W) for the error report."""
-    w = layer.weight.detach().to(torch.float64)
+    w = weight_matrix(layer).to(torch.float64)
     eye = torch.eye(w.shape[0], dtype=torch.float64, device=w.device)
     bias = None if layer.bias is None else layer.bias.detach().to(torch.float64)
     return LowRankFit(w, eye, bias, {"method": "dense"})
@@ -285,6 +262,14 @@ def _sensitivities(work_model, batches, layers, shot, ranks, curves, ridge_kw, c
         fit = fit_activation(layer.weight, layer.bias, shot[name], ranks[name], **ridge_kw)
         fits[name] = _lowrank_module(layer, fit)
         errs[name] = curves[name][ranks[name]].item()
+    weights = _measure_sensitivities(work_model, batches, layers, fits, errs)
+    if cache is not None:
+        cache[key] = weights
+    return weights
+
+
+def _measure_sensitivities(work_model, batches, layers, fits, errs):
+    """layer_sensitivity of ``work_model`` on SENSITIVITY_BATCHES of ``batches``."""
     # the copy's own layers are the originals until they are replaced
     work_layers = {n: work_model.get_submodule(n) for n in layers}
     # evenly spaced batches of the whole calibration set (callers often sort batches by
@@ -292,10 +277,41 @@ def _sensitivities(work_model, batches, layers, shot, ranks, curves, ridge_kw, c
     step = max(1, len(batches) // SENSITIVITY_BATCHES)
     picks = list(range(0, len(batches), step))[:SENSITIVITY_BATCHES]
     mine = [batches[i] for k, i in enumerate(picks) if k % tpdist.world() == tpdist.rank()]
-    weights = layer_sensitivity(work_model, mine, work_layers, fits, errs)
-    if cache is not None:
-        cache[key] = weights
-    return weights
+    return layer_sensitivity(work_model, mine, work_layers, fits, errs)
+
+
+def _allocate_structured(rule, adapter, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None,
+                         folds=None, progress=False):
+    """Ranks of a tensor structure by a rule (see tensorpress.compress.structured_rules): the
+    layers' curves from fits at candidate ranks, weighted for "optimism" and "cv" by each
+    layer's measured sensitivity at its uniform rank."""
+    def measure():
+        fits = sum(len(candidate_ranks(adapter, layer, budget)) for layer in layers.values()) * (1 + len(folds or ()))
+        bar = _progress(fits, f"rank rule: {adapter.name} fits", progress)
+        try:
+            return measure_curves(adapter, layers, shot, budget, folds, ridge_kw,
+                                  tick=None if bar is None else lambda: bar.update(1))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    key = ("structured-curves", adapter.name, tuple(layers), budget, len(folds or ()),
+           tuple(sorted(ridge_kw.items())))
+    curves = _cached(cache, key, measure)
+    weights = None
+    if rule != "energy":
+        def sensitivities():
+            fits, errs = {}, {}
+            for name, layer in layers.items():
+                fit = adapter.fit("whitened", layer, shot[name], uniform[name], {**CURVE_EFFORT, **ridge_kw})
+                err, energy = output_error_parts(layer, fit, shot[name])
+                fits[name], errs[name] = adapter.module(layer, fit), err / max(energy, 1e-300)
+            return _measure_sensitivities(work_model, batches, layers, fits, errs)
+
+        weights = _cached(cache, ("structured-sensitivity", adapter.name, tuple(layers),
+                                  tuple(sorted(uniform.items()))), sensitivities)
+    rows = next(iter(shot.values())).n
+    return allocate_structured(rule, layers, curves, rows, budget, weights)
 
 
 def _cached(cache, key, compute):
@@ -379,7 +395,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             of nn.Linear, the cores fitted by ALS sweeps on the data-aware objective), "tucker"
             / "cp" (TuckerConv2d / CPConv2d in place of nn.Conv2d, the factors fitted by ALS
             on the conv's input patches). The tensor structures take the methods "svd"
-            (weights only), "whitened" and "activation", and rank_rule=None.
+            (weights only), "whitened" and "activation", and every rank_rule (their error
+            curves come from fits at candidate ranks: see compress.structured_rules).
         method: "activation" (sequential: each layer fitted on the inputs of the model
             compressed so far, closed form of Zhang & Saab), "whitened" (the same on the
             original model's inputs, all layers from one pass), "svd" (weights only);
@@ -456,6 +473,11 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             report.calibration_rows = next(iter(shot.values())).n
         if chosen is None and structure != "lowrank":
             chosen = {n: adapter.uniform_rank(layer, budget) for n, layer in layers.items()}
+            if rank_rule is not None:
+                t0 = time.perf_counter()
+                chosen = _allocate_structured(rank_rule, adapter, cmp, all_batches, layers, shot, budget, chosen,
+                                              ridge_kw, cache, fold_stats, progress)
+                report.rank_rule_seconds = time.perf_counter() - t0
         elif chosen is None:
             chosen = allocate_uniform(layers, budget)
             if rank_rule is not None:
@@ -483,7 +505,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             """(fit, replacement module) of one layer."""
             layer = layers[name]
             if chosen[name] is None:
-                if (method_of_layer == "activation" and stats is not None and stats.paired and layer.bias is not None
+                if (type(layer) is nn.Linear and method_of_layer == "activation" and stats is not None
+                        and stats.paired and layer.bias is not None
                         and stats.n >= DENSE_REFIT_MIN_ROWS_PER_INPUT * layer.in_features):
                     return _dense_refit(layer, stats, offset, ridge_kw)
                 return _identity_fit(layer), layer

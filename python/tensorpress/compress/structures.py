@@ -57,6 +57,16 @@ class TT:
         out_f, in_f = self.factors(layer)
         return capped_ranks(uniform_tt_rank(layer, budget, out_f, in_f), out_f, in_f)
 
+    def rank_params(self, layer: nn.Linear, rank) -> int:
+        """Parameters of the compressed layer (cores and the bias the fits leave free)."""
+        from tensorpress.compress.tt import tt_params
+        return tt_params(*self.factors(layer), rank) + layer.out_features
+
+    def rank_dof(self, layer: nn.Linear, rank) -> int:
+        """Dimension of the TT manifold (each bond's r x r gauge removed) plus the bias."""
+        from tensorpress.rank.layer import tt_degrees_of_freedom
+        return tt_degrees_of_freedom(list(rank), *self.factors(layer)) + layer.out_features
+
     def check_rank(self, name: str, layer: nn.Linear, rank):
         from tensorpress.compress.tt import capped_ranks
         from tensorpress.nn.factorize import max_bond_ranks
@@ -124,6 +134,15 @@ class Tucker(_ConvStructure):
             best = (r_out, r_in)
         return best
 
+    def rank_params(self, layer: nn.Conv2d, rank) -> int:
+        return self.params(layer, *rank)
+
+    def rank_dof(self, layer: nn.Conv2d, rank) -> int:
+        """Dimension of the Tucker manifold (spatial modes kept whole) plus the bias."""
+        from tensorpress.rank.regressors import tucker_degrees_of_freedom
+        kh, kw = layer.kernel_size
+        return tucker_degrees_of_freedom((*rank, kh, kw), tuple(layer.weight.shape)) + layer.out_channels
+
     def check_rank(self, name: str, layer: nn.Conv2d, rank):
         o, i = layer.out_channels, layer.in_channels
         pair = (rank, rank) if _is_int(rank) else rank
@@ -156,6 +175,14 @@ class CP(_ConvStructure):
         per = layer.in_channels + layer.out_channels + kh + kw
         return max(1, int((budget * (layer.weight.numel() + layer.out_channels) - layer.out_channels) // per))
 
+    def rank_params(self, layer: nn.Conv2d, rank: int) -> int:
+        return self.params(layer, rank)
+
+    def rank_dof(self, layer: nn.Conv2d, rank: int) -> int:
+        """CP parameters less each component's three scale indeterminacies, plus the bias."""
+        from tensorpress.rank.regressors import cp_degrees_of_freedom
+        return cp_degrees_of_freedom(rank, tuple(layer.weight.shape)) + layer.out_channels
+
     def check_rank(self, name: str, layer: nn.Conv2d, rank):
         if _is_int(rank):
             return rank
@@ -180,6 +207,12 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as the (out, features) matrix its calibration rows multiply."""
     w = layer.weight.detach()
     return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
+
+
+def budget_params(layer: nn.Module) -> int:
+    """The layer's weights plus a bias: what a budget fraction of a tensor-structured layer is
+    taken of (every fit has a bias)."""
+    return layer.weight.numel() + layer.weight.shape[0]
 
 
 def module_params(module: nn.Module) -> int:

@@ -1,0 +1,150 @@
+r"""Rank rules for the tensor structures (rank_rule with structure="tt", "tucker" or "cp").
+
+A low-rank layer's error is known at every rank from one SVD (see allocate.py). TT, Tucker-2
+and CP fits are not nested that way, so each layer's error curve is measured at a grid of
+candidate ranks: those the uniform rule gives at CANDIDATE_FRACTIONS of the layer's parameters
+and at the budget asked for, each fitted on the original model's inputs (the "whitened" fit)
+with a lighter ALS than the final fit (CURVE_EFFORT: the curves compare trade-offs between
+layers; the layer is refitted in full at the rank chosen). Then, as for low rank:
+
+* "optimism": relative training error -> estimated test error by Shi, Chi & Luo's asymptotic
+  optimism, with df the dimension of the structure's manifold (TT: the cores less the bond
+  gauges; Tucker-2: less the factors' gauges; CP: less three scalings per component) plus the
+  bias, and n = rows * out responses;
+* "cv": every candidate fitted on K - 1 folds of the calibration batches and scored on the
+  held-out fold (K times the fits);
+* "energy": one relative-error threshold for every layer, set so the total fits the budget.
+
+For "optimism" and "cv" each layer's curve is weighted by the measured sensitivity of the
+model's output to that layer, and tensorpress.rank.allocate_ranks picks one candidate per layer,
+or keeps it dense, under the total budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from tensorpress.compress.allocate import KEEP_DENSE, optimism_estimate
+from tensorpress.compress.crossval import merge_stats
+from tensorpress.compress.output_error import output_error_parts
+from tensorpress.compress.stats import GramStats
+from tensorpress.compress.structures import budget_params
+
+# fractions of a layer's parameters at which its error is measured (with the budget asked for)
+CANDIDATE_FRACTIONS = (0.03, 0.07, 0.12, 0.2, 0.3, 0.45, 0.6, 0.8)
+# the curve fits: one ALS sweep of few CG steps after the weights-only decomposition
+CURVE_EFFORT = {"sweeps": 1, "cg_iters": 5}
+
+
+@dataclass
+class Candidate:
+    """One rank of one layer: its parameters, degrees of freedom, relative squared output
+    error on all calibration rows (``train``) and, for "cv", on held-out rows."""
+
+    rank: Any
+    params: int
+    dof: int
+    train: float
+    heldout: float | None = None
+
+
+def candidate_ranks(adapter, layer: nn.Module, budget: float) -> list:
+    """Distinct ranks from the uniform rule at CANDIDATE_FRACTIONS and at ``budget``, that keep
+    fewer parameters than the layer, in increasing parameter count."""
+    ranks = {}
+    for fraction in sorted(set(CANDIDATE_FRACTIONS) | {budget}):
+        rank = adapter.uniform_rank(layer, fraction)
+        if adapter.rank_params(layer, rank) < budget_params(layer):
+            ranks[rank] = rank
+    return sorted(ranks.values(), key=lambda r: adapter.rank_params(layer, r))
+
+
+def measure_curves(adapter, layers: Mapping[str, nn.Module], shot: Mapping[str, GramStats], budget: float,
+                   folds: Sequence[Mapping[str, GramStats]] | None = None, ridge_kw: dict | None = None,
+                   tick: Callable[[], None] | None = None) -> dict[str, list[Candidate]]:
+    """{layer: its candidates with training (and with ``folds``, cross-validated) errors}.
+    ``tick`` is called after every fit (progress)."""
+    effort = {**CURVE_EFFORT, **(ridge_kw or {})}
+    ranks = {name: candidate_ranks(adapter, layer, budget) for name, layer in layers.items()}
+
+    def scored(layer, rank, train, test):
+        fit = adapter.fit("whitened", layer, train, rank, effort)
+        if tick is not None:
+            tick()
+        return output_error_parts(layer, fit, test)
+
+    curves = {}
+    for name, layer in layers.items():
+        curves[name] = []
+        for rank in ranks[name]:
+            err, energy = scored(layer, rank, shot[name], shot[name])
+            curves[name].append(Candidate(rank, adapter.rank_params(layer, rank), adapter.rank_dof(layer, rank),
+                                          err / max(energy, 1e-300)))
+    if folds:
+        totals = {name: [[0.0, 0.0] for _ in ranks[name]] for name in layers}
+        for k, held_out in enumerate(folds):
+            # one training set at a time: each is as large as all the statistics together
+            train = merge_stats([f for j, f in enumerate(folds) if j != k])
+            for name, layer in layers.items():
+                for total, rank in zip(totals[name], ranks[name]):
+                    err, energy = scored(layer, rank, train[name], held_out[name])
+                    total[0] += err
+                    total[1] += energy
+        for name in layers:
+            for cand, (err, energy) in zip(curves[name], totals[name]):
+                cand.heldout = err / max(energy, 1e-300)
+    return curves
+
+
+def estimated_errors(rule: str, cands: Sequence[Candidate], rows: int, out_features: int) -> list[float]:
+    """Each candidate's estimated relative test error under ``rule`` ("optimism" or "cv")."""
+    if rule == "cv":
+        return [c.heldout for c in cands]
+    rel = torch.tensor([c.train for c in cands], dtype=torch.float64)
+    dof = torch.tensor([c.dof for c in cands], dtype=torch.float64)
+    return optimism_estimate(rel, dof, float(rows * out_features)).tolist()
+
+
+def allocate_structured(rule: str, layers: Mapping[str, nn.Module], curves: Mapping[str, Sequence[Candidate]],
+                        rows: int, budget: float, weights: Mapping[str, float] | None = None) -> dict:
+    """{layer: chosen rank, or KEEP_DENSE} under ``budget`` (fraction of the layers'
+    parameters) by ``rule``; ``weights`` multiply each layer's errors (sensitivities)."""
+    from tensorpress.rank.budget import allocate_ranks
+
+    total = budget * sum(budget_params(m) for m in layers.values())
+    if rule == "energy":
+        return _energy_threshold(curves, total)
+    points = {}
+    for name, layer in layers.items():
+        out = layer.weight.shape[0]
+        scale = 1.0 if weights is None else weights[name]
+        pts = [(c.rank, c.params, scale * e) for c, e in zip(curves[name], estimated_errors(rule, curves[name], rows,
+                                                                                             out))
+               if math.isfinite(e)]
+        pts.append((KEEP_DENSE, budget_params(layer), 0.0))
+        points[name] = pts
+    return dict(allocate_ranks(points, total).ranks)
+
+
+def _energy_threshold(curves: Mapping[str, Sequence[Candidate]], total: float) -> dict:
+    def ranks_for(t):  # {layer: the smallest candidate within t, else its largest}
+        return {name: next((c for c in cands if c.train <= t), cands[-1]) for name, cands in curves.items()
+                if cands}
+
+    def params(chosen):
+        return sum(c.params for c in chosen.values())
+
+    lo, hi = 0.0, 1.0  # relative errors: lo too strict (over budget), hi loose enough
+    if params(ranks_for(hi)) <= total:
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if params(ranks_for(mid)) <= total:
+                hi = mid
+            else:
+                lo = mid
+    chosen = ranks_for(hi)
+    return {name: chosen[name].rank if name in chosen else KEEP_DENSE for name in curves}
