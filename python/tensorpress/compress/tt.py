@@ -208,15 +208,18 @@ def fit_tt_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, ran
     objective = OutputObjective(w, stats, ridge)   # the squared centered output error
     history = [objective(_dense(cores).reshape(w.shape))]
     d = len(cores)
+    # the CG products (out x in by in x in) run on every thread; the small QRs of the cores on one
+    # (see small_problem_threads)
     with small_problem_threads(w.device, min(w.shape)):
         for k in range(d - 1, 0, -1):   # right-orthonormal cores 1..d-1, the free one is core 0
             _right_orthonormalize(cores, k)
-        order = list(range(d)) + list(range(d - 2, -1, -1))   # there and back
-        for _ in range(sweeps):
-            for step, k in enumerate(order):
-                going_right = step < d - 1
-                _update_core(cores, k, objective.gram, objective.target, cg_iters)
-                history.append(objective(_dense(cores).reshape(w.shape)))
+    order = list(range(d)) + list(range(d - 2, -1, -1))   # there and back
+    for _ in range(sweeps):
+        for step, k in enumerate(order):
+            going_right = step < d - 1
+            _update_core(cores, k, objective.gram, objective.target, cg_iters)
+            history.append(objective(_dense(cores).reshape(w.shape)))
+            with small_problem_threads(w.device, min(w.shape)):
                 if going_right and k < d - 1:
                     _left_orthonormalize(cores, k)
                 elif not going_right and k > 0:
