@@ -126,6 +126,16 @@ def test_float32_batch_of_mixed_matrices_matches_lapack_and_single_solves(shape)
         assert torch.allclose(Si, S[i:i + 1], rtol=1e-6, atol=1e-6 * float(S[i, 0]))
 
 
+@pytest.mark.parametrize("spectrum", ["decaying", "clustered", "rank_deficient"])
+@pytest.mark.parametrize("shape", [(9, 63, 63), (9, 33, 64), (9, 64, 47), (9, 3, 5)])
+def test_float32_odd_counts_match_lapack(shape, spectrum):
+    # the float32 kernel pairs vectors two by two (quads of four vectors per fused rotation
+    # pass): with an odd count one vector is left alone, and its pairs take the one-by-one path
+    A = with_spectrum(*shape, spectrum, dtype=torch.float32, seed=5)
+    U, S, Vh = truncated_svd(A, rank=min(shape[1:]), method="jacobi")
+    check_against_lapack(A, U, S, Vh, tol=1e-6)
+
+
 def test_float32_extreme_scales():
     # the float32 sweeps run on each matrix scaled by a power of two; the result must not
     # depend on the scale, from huge to tiny (denormal entries included)

@@ -135,19 +135,24 @@ def _energy_threshold(layers, rel, total) -> dict[str, int]:
             out[name] = int(ok[0]) + 1 if ok.numel() else top
         return out
 
-    def params(rk):
-        return sum(lowrank_params(layers[n], r) for n, r in rk.items())
+    return ranks_for(fitting_threshold(lambda t: sum(lowrank_params(layers[n], r) for n, r in ranks_for(t).items()),
+                                       total))
 
-    lo, hi = 0.0, 1.0  # relative error thresholds: lo too strict (over budget), hi loose enough
-    if params(ranks_for(hi)) > total:
-        return ranks_for(hi)  # the smallest ranks; the caller's budget is below rank 1 everywhere
+
+def fitting_threshold(params_at, total: float) -> float:
+    """The strictest relative-error threshold t in [0, 1] with params_at(t) <= total, by
+    bisection (params_at falls as t grows); 1 when even t = 1 is over the budget (the
+    smallest ranks: the budget is below them)."""
+    lo, hi = 0.0, 1.0  # lo too strict (over budget), hi loose enough
+    if params_at(hi) > total:
+        return hi
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if params(ranks_for(mid)) <= total:
+        if params_at(mid) <= total:
             hi = mid
         else:
             lo = mid
-    return ranks_for(hi)
+    return hi
 
 
 def layer_sensitivity(model: nn.Module, batches, layers: Mapping[str, nn.Linear], fits: Mapping[str, nn.Module],

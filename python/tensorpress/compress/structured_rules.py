@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from tensorpress.compress.allocate import KEEP_DENSE, optimism_estimate
+from tensorpress.compress.allocate import KEEP_DENSE, fitting_threshold, optimism_estimate
 from tensorpress.compress.crossval import merge_stats
 from tensorpress.compress.output_error import output_error_parts
 from tensorpress.compress.stats import GramStats
@@ -135,16 +135,5 @@ def _energy_threshold(curves: Mapping[str, Sequence[Candidate]], total: float) -
         return {name: next((c for c in cands if c.train <= t), cands[-1]) for name, cands in curves.items()
                 if cands}
 
-    def params(chosen):
-        return sum(c.params for c in chosen.values())
-
-    lo, hi = 0.0, 1.0  # relative errors: lo too strict (over budget), hi loose enough
-    if params(ranks_for(hi)) <= total:
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if params(ranks_for(mid)) <= total:
-                hi = mid
-            else:
-                lo = mid
-    chosen = ranks_for(hi)
+    chosen = ranks_for(fitting_threshold(lambda t: sum(c.params for c in ranks_for(t).values()), total))
     return {name: chosen[name].rank if name in chosen else KEEP_DENSE for name in curves}
