@@ -20,6 +20,8 @@ excess of the optimal (Eckart-Young) one. Writes ``svd_cpu.json``, ``svd_cpu.md`
 
     python benchmarks/bench_svd.py                # full run (a few minutes on 2 cores)
     python benchmarks/bench_svd.py --quick        # smoke test, < 20 s, writes svd_cpu_quick.*
+    python benchmarks/bench_svd.py --only 16x16,32x32,64x64   # re-run some cases (name substrings);
+                                                  # the others are carried over from svd_cpu.json
 """
 from __future__ import annotations
 
@@ -248,6 +250,8 @@ def write_markdown(path: Path, meta: dict, results: list[dict], max_repeats: int
     lines = [
         "# Batched truncated SVD benchmark (CPU)", "",
         *stamp_lines(meta),
+        *[f"- carried over from an earlier run (not re-measured; its date, repository): {case} "
+          f"({c.get('date')}, {c.get('git')})" for case, c in meta.get("carried_over", {}).items()],
         f"- torch {meta['torch']}, {meta['threads']} threads, float32 inputs; thread env: {meta['env'] or 'none set'}",
         f"- tensorpress: {tensorpress_flags(meta)}; repository at {meta['git']}",
         f"- inputs: U diag(s) V^T with Haar-random U, V and s_i = {DECAY:g}^i + {FLOOR:g} (built in float64, cast "
@@ -335,6 +339,10 @@ def main(argv=None) -> int:
                       repeats_help="most timed repeats per case (default 30; 5 with --quick); slow cases get fewer",
                       warmup_help="warmup calls per side (default 1)",
                       quick_help="smoke test: three tiny cases")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated substrings of case names (e.g. '64x64,1024'): run only the matching "
+                         "cases; the results files keep the other cases from the previous svd_cpu.json, marked "
+                         "as carried over with their date")
     args = ap.parse_args(argv)
 
     if args.device == "cuda":
@@ -348,8 +356,14 @@ def main(argv=None) -> int:
     meta = machine_info(torch.get_num_threads())
     meta["git"] = git_revision()
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
+    cases = QUICK_CASES if args.quick else CASES
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        cases = [c for c in cases if any(w in c.name for w in wanted)]
+        if not cases:
+            sys.exit(f"bench_svd.py: --only {args.only!r} matches no case; cases: {', '.join(c.name for c in CASES)}")
     results = []
-    for case in QUICK_CASES if args.quick else CASES:
+    for case in cases:
         t0 = time.perf_counter()
         r = bench_case(case, max_repeats, warmup, budget_s, noise_wait)
         results.append(r)
@@ -367,6 +381,8 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "svd_cpu_quick" if args.quick else "svd_cpu"
+    if args.only and not args.quick:
+        results = with_carried_over(args.out / f"{stem}.json", results, meta)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "max_repeats": max_repeats, "warmup": warmup, "budget_s": budget_s, "noise_wait": noise_wait,
          "results": results}, indent=2) + "\n")
@@ -374,6 +390,29 @@ def main(argv=None) -> int:
     write_plot(args.out / f"{stem}.png", results)
     print(f"wrote {args.out / stem}.{{json,md,png}}")
     return 0
+
+
+def with_carried_over(previous: Path, results: list[dict], meta: dict) -> list[dict]:
+    """All of CASES' results in order: the ones just measured, and for the others the previous
+    run's (from its JSON, if it has them), each marked with that run's date and revision, which
+    also go to meta["carried_over"]."""
+    fresh = {r["case"]: r for r in results}
+    old_meta, old = {}, {}
+    if previous.exists():
+        data = json.loads(previous.read_text())
+        old_meta = data.get("meta", {})
+        old = {r["case"]: r for r in data.get("results", [])}
+    merged, carried = [], {}
+    for case in CASES:
+        if case.name in fresh:
+            merged.append(fresh[case.name])
+        elif case.name in old:
+            r = dict(old[case.name])
+            r["carried_over"] = r.get("carried_over") or {"date": old_meta.get("date"), "git": old_meta.get("git")}
+            carried[case.name] = r["carried_over"]
+            merged.append(r)
+    meta["carried_over"] = carried
+    return merged
 
 
 # ----------------------------------------------------------------------------- CUDA

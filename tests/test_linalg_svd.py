@@ -136,6 +136,15 @@ def test_float32_odd_counts_match_lapack(shape, spectrum):
     check_against_lapack(A, U, S, Vh, tol=1e-6)
 
 
+@pytest.mark.parametrize("spectrum", ["decaying", "flat", "ill_conditioned"])
+def test_float32_many_vectors_match_lapack(spectrum):
+    # past 64 vectors a float32 sweep brings the vectors back to true scale part way (its fast
+    # Givens scales would otherwise leave float32's range); method="jacobi" takes any size
+    A = with_spectrum(3, 150, 130, spectrum, dtype=torch.float32, seed=6)
+    U, S, Vh = truncated_svd(A, rank=130, method="jacobi")
+    check_against_lapack(A, U, S, Vh, tol=1e-6)
+
+
 def test_float32_extreme_scales():
     # the float32 sweeps run on each matrix scaled by a power of two; the result must not
     # depend on the scale, from huge to tiny (denormal entries included)

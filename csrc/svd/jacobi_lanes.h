@@ -356,8 +356,8 @@ static inline void dot_across_rotated(const V* a0, const V* a1, const V* b0, con
 // held scaled, true w_j = d_j * stored w_j, so that a rotation of (a, b) updates the stored
 // vectors by two multiply-adds per entry, a += -t (d_b / d_a) b, b += t (d_a / d_b) a (the
 // old a), and multiplies d_a and d_b by the cosine. d starts at 1 and ends as each vector's
-// scale, applied by scale_vectors once the sweep is applied; d stays within the range of
-// float32 (a vector takes under count rotations per sweep, each cosine >= 1/sqrt(2)).
+// scale, by which the caller multiplies the vectors once the rotations are applied (apply_fused
+// does); quad_sweeps bounds how small d gets.
 template <typename V>
 static inline void fast_givens(const QuadSchedule& qs, V* cs, V* d, V* inv_d, int64_t count) {
   const V one = splat<V>(1);
@@ -384,11 +384,11 @@ static inline void fast_givens(const QuadSchedule& qs, V* cs, V* d, V* inv_d, in
 // operations and eight stores. Entries are independent of each other, so this runs block by
 // block of entries, each block of all vectors staying in the cache while every rotation passes
 // over it (blocks of 32: fewer and the per-rotation setup shows, more and they leave the L2
-// cache; measured on 64 x 64). Pairs and quads whose active flag is 0 (no lane rotates) are
-// skipped.
+// cache; measured on 64 x 64). Applies the atoms' own pairs (unless own_active is null) and
+// quads [q_begin, q_end); pairs and quads whose active flag is 0 (no lane rotates) are skipped.
 template <typename V>
 static inline void apply_fused(V* v, int64_t len, const QuadSchedule& qs, const V* m, const uint8_t* own_active,
-                               const uint8_t* quad_active, const V* d, int64_t count) {
+                               const uint8_t* quad_active, int64_t q_begin, int64_t q_end, const V* d, int64_t count) {
   constexpr int64_t kBlock = 32;
   auto pair = [](V* a, V* b, int64_t n, const V& ma, const V& mb) {
     for (int64_t i = 0; i < n; ++i) {
@@ -399,9 +399,9 @@ static inline void apply_fused(V* v, int64_t len, const QuadSchedule& qs, const 
   };
   for (int64_t t0 = 0; t0 < len; t0 += kBlock) {
     const int64_t n = std::min(kBlock, len - t0);
-    for (int64_t k = 0; k < qs.own_pairs; ++k)
+    for (int64_t k = 0; own_active && k < qs.own_pairs; ++k)
       if (own_active[k]) pair(v + 2 * k * len + t0, v + (2 * k + 1) * len + t0, n, m[2 * k], m[2 * k + 1]);
-    for (int64_t q = 0; q < qs.quad_count(); ++q) {
+    for (int64_t q = q_begin; q < q_end; ++q) {
       if (!quad_active[q]) continue;
       const int32_t* ids = qs.quads.data() + 4 * q;
       const V* mq = m + 2 * (qs.own_pairs + 4 * q);
@@ -440,6 +440,8 @@ static inline int quad_sweeps(V* w, int64_t count, int64_t len, V* v, V* norms, 
   const V tol2 = splat<V>(E(tol * tol)), nullv = splat<V>(E(null)), last2 = splat<V>(E(last * last));
   for (int64_t j = 0; j < count; ++j) norms[j] = vdot(w + j * len, w + j * len, len);
   std::vector<uint8_t> own_active(qs.own_pairs), quad_active(qs.quad_count());
+  std::vector<int32_t> taken((count + 1) / 2);  // quads per atom since the last flush
+  constexpr int32_t kQuadsPerScale = 32;
   int sweep = 0;
   while (sweep < max_sweeps) {
     bool rotated = false;
@@ -462,6 +464,23 @@ static inline int quad_sweeps(V* w, int64_t count, int64_t len, V* v, V* norms, 
     };
     auto apply = [&](int64_t slot, int32_t a, int32_t b) {
       fast_rotate(w + a * len, w + b * len, len, cs[2 * slot], cs[2 * slot + 1]);
+    };
+    // the rotations so far to v, and both back to true scale: after at most kQuadsPerScale quads
+    // per atom (each cosine >= 1/sqrt(2), so d >= 2^-(kQuadsPerScale + 1/2)), which keeps the
+    // stored vectors and their products in float32's range however many vectors there are
+    // (up to 64 vectors, 31 quads per atom and sweep: once, at the end of the sweep)
+    int64_t pending = 0;  // first quad v has not received
+    bool own_pending = true;
+    std::fill(taken.begin(), taken.end(), 0);
+    auto flush = [&](int64_t q_end) {
+      apply_fused(v, count, qs, cs, own_pending ? own_active.data() : nullptr, quad_active.data(), pending, q_end, d,
+                  count);
+      for (int64_t j = 0; j < count; ++j) {
+        for (int64_t i = 0; i < len; ++i) w[j * len + i] *= d[j];
+        d[j] = one, inv_d[j] = one;
+      }
+      std::fill(taken.begin(), taken.end(), 0);
+      pending = q_end, own_pending = false;
     };
     for (int64_t k = 0; k < qs.own_pairs; ++k) g[k] = vdot(w + 2 * k * len, w + (2 * k + 1) * len, len);
     for (int64_t k = 0; k < qs.own_pairs; ++k) {
@@ -523,10 +542,12 @@ static inline int quad_sweeps(V* w, int64_t count, int64_t len, V* v, V* norms, 
             apply(qs.own_pairs + 4 * q + i, a, b);
           }
       }
+      bool full = false;
+      for (int64_t q = first; q < end; ++q)
+        for (int k = 0; k < 4; k += 2) full |= ++taken[qs.quads[4 * q + k] / 2] >= kQuadsPerScale;
+      if (full && end < qs.quad_count()) flush(end);
     }
-    apply_fused(v, count, qs, cs, own_active.data(), quad_active.data(), d, count);
-    for (int64_t j = 0; j < count; ++j)
-      for (int64_t i = 0; i < len; ++i) w[j * len + i] *= d[j];
+    flush(qs.quad_count());
     // refresh the norms once per sweep so the cheap updates never drift far
     for (int64_t j = 0; j < count; ++j) norms[j] = vdot(w + j * len, w + j * len, len);
     ++sweep;
@@ -678,8 +699,8 @@ static inline FirstOrder first_order_step(VD* w, VD* v, int64_t count, int64_t l
   if (any(largest > splat<VD>(kMaxTan))) return FirstOrder::kDeclined;
   
   fast_givens(qs, cs, d, inv_d, count);
-  apply_fused(v, count, qs, cs, own_active.data(), quad_active.data(), d, count);
-  apply_fused(w, len, qs, cs, own_active.data(), quad_active.data(), d, count);
+  apply_fused(v, count, qs, cs, own_active.data(), quad_active.data(), 0, qs.quad_count(), d, count);
+  apply_fused(w, len, qs, cs, own_active.data(), quad_active.data(), 0, qs.quad_count(), d, count);
   return FirstOrder::kApplied;
 }
 
