@@ -290,7 +290,7 @@ def _allocate_structured(rule, adapter, work_model, batches, layers, shot, budge
         bar = _progress(fits, f"rank rule: {adapter.name} fits", progress)
         try:
             return measure_curves(adapter, layers, shot, budget, folds, ridge_kw,
-                                  tick=None if bar is None else lambda: bar.update(1))
+                                  tick=None if bar is None else lambda: bar.update(1), keep_fits=uniform)
         finally:
             if bar is not None:
                 bar.close()
@@ -303,9 +303,16 @@ def _allocate_structured(rule, adapter, work_model, batches, layers, shot, budge
         def sensitivities():
             fits, errs = {}, {}
             for name, layer in layers.items():
-                fit = adapter.fit("whitened", layer, shot[name], uniform[name], {**CURVE_EFFORT, **ridge_kw})
-                err, energy = output_error_parts(layer, fit, shot[name])
-                fits[name], errs[name] = adapter.module(layer, fit), err / max(energy, 1e-300)
+                # the curve's fit at the uniform rank; it is no candidate when the budget keeps
+                # about the whole layer, and is fitted here then
+                cand = next((c for c in curves[name] if c.rank == uniform[name]), None)
+                if cand is not None:
+                    fit, errs[name] = cand.fit, cand.train
+                else:
+                    fit = adapter.fit("whitened", layer, shot[name], uniform[name], {**CURVE_EFFORT, **ridge_kw})
+                    err, energy = output_error_parts(layer, fit, shot[name])
+                    errs[name] = err / max(energy, 1e-300)
+                fits[name] = adapter.module(layer, fit)
             return _measure_sensitivities(work_model, batches, layers, fits, errs)
 
         weights = _cached(cache, ("structured-sensitivity", adapter.name, tuple(layers),

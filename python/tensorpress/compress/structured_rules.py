@@ -22,7 +22,7 @@ or keeps it dense, under the total budget.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -50,6 +50,7 @@ class Candidate:
     dof: int
     train: float
     heldout: float | None = None
+    fit: Any = field(default=None, repr=False)   # kept only where measure_curves was asked to
 
 
 def candidate_ranks(adapter, layer: nn.Module, budget: float) -> list:
@@ -65,9 +66,11 @@ def candidate_ranks(adapter, layer: nn.Module, budget: float) -> list:
 
 def measure_curves(adapter, layers: Mapping[str, nn.Module], shot: Mapping[str, GramStats], budget: float,
                    folds: Sequence[Mapping[str, GramStats]] | None = None, ridge_kw: dict | None = None,
-                   tick: Callable[[], None] | None = None) -> dict[str, list[Candidate]]:
+                   tick: Callable[[], None] | None = None,
+                   keep_fits: Mapping[str, Any] | None = None) -> dict[str, list[Candidate]]:
     """{layer: its candidates with training (and with ``folds``, cross-validated) errors}.
-    ``tick`` is called after every fit (progress)."""
+    ``tick`` is called after every fit (progress); the candidate at ``keep_fits[layer]`` keeps
+    its fit on all the rows (the sensitivities swap it in)."""
     effort = {**CURVE_EFFORT, **(ridge_kw or {})}
     ranks = {name: candidate_ranks(adapter, layer, budget) for name, layer in layers.items()}
 
@@ -75,15 +78,16 @@ def measure_curves(adapter, layers: Mapping[str, nn.Module], shot: Mapping[str, 
         fit = adapter.fit("whitened", layer, train, rank, effort)
         if tick is not None:
             tick()
-        return output_error_parts(layer, fit, test)
+        return (fit, *output_error_parts(layer, fit, test))
 
     curves = {}
     for name, layer in layers.items():
         curves[name] = []
         for rank in ranks[name]:
-            err, energy = scored(layer, rank, shot[name], shot[name])
+            fit, err, energy = scored(layer, rank, shot[name], shot[name])
+            keep = keep_fits is not None and keep_fits.get(name) == rank
             curves[name].append(Candidate(rank, adapter.rank_params(layer, rank), adapter.rank_dof(layer, rank),
-                                          err / max(energy, 1e-300)))
+                                          err / max(energy, 1e-300), fit=fit if keep else None))
     if folds:
         totals = {name: [[0.0, 0.0] for _ in ranks[name]] for name in layers}
         for k, held_out in enumerate(folds):
@@ -91,7 +95,7 @@ def measure_curves(adapter, layers: Mapping[str, nn.Module], shot: Mapping[str, 
             train = merge_stats([f for j, f in enumerate(folds) if j != k])
             for name, layer in layers.items():
                 for total, rank in zip(totals[name], ranks[name]):
-                    err, energy = scored(layer, rank, train[name], held_out[name])
+                    _, err, energy = scored(layer, rank, train[name], held_out[name])
                     total[0] += err
                     total[1] += energy
         for name in layers:
