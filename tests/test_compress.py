@@ -53,6 +53,82 @@ def test_gram_stats_merge_equals_one_accumulator():
         assert rel_err(getattr(a, attr), getattr(whole, attr)) < 1e-12, attr
 
 
+def test_gram_stats_in_panels_match_direct_float64(monkeypatch):
+    """Wide Grams are summed as their upper block triangle (here panels of 5 over 12
+    features, the last one narrower), mirrored at first read; rows added after a read go
+    into the whole matrices."""
+    from tensorpress.compress import stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "GRAM_PANEL", 5)
+    x = _correlated(600, 12, offset=20.0)
+    xt = x + 0.2 * _correlated(600, 12, seed=2, offset=0.0)
+    paired, one_shot = GramStats(12), GramStats(12, paired=False)
+    for a, b in zip(x[:400].split(90), xt[:400].split(90)):
+        paired.update(a, b)
+        one_shot.update(a)
+    assert rel_err(paired.cov_in, (xt[:400] - xt[:400].mean(0)).T @ (xt[:400] - xt[:400].mean(0))) < 1e-10
+    paired.update(x[400:], xt[400:])   # after a read
+    one_shot.update(x[400:])
+    xc, xtc = x - x.mean(0), xt - xt.mean(0)
+    for got, want in ((paired.cov_ref, xc.T @ xc), (paired.cov_in, xtc.T @ xtc), (one_shot.cov_ref, xc.T @ xc)):
+        assert rel_err(got, got.T) < 1e-13 and rel_err(got, want) < 1e-10
+    assert rel_err(paired.cov_cross, xtc.T @ xc) < 1e-10
+
+
+def test_gram_stats_projected_on_a_weight_keep_only_the_cross_product_times_it():
+    x = _correlated(500, 12, offset=30.0)
+    xt = x + 0.1 * _correlated(500, 12, seed=4, offset=0.0)
+    w = torch.randn(5, 12, dtype=torch.float64)
+    proj, full = GramStats(12, project=w.float()), GramStats(12)
+    for a, b in zip(x.split(120), xt.split(120)):
+        proj.update(a.float(), b.float())
+        full.update(a.float(), b.float())
+    xc, xtc = x - x.mean(0), xt - xt.mean(0)
+    w32 = w.float().double()   # the weight as the layer holds it
+    assert rel_err(proj.cov_cross_times(w32), xtc.T @ xc @ w32.T) < 1e-5
+    assert rel_err(proj.cov_cross_times(w32), full.cov_cross_times(w32)) < 1e-5
+    assert rel_err(proj.cov_in, full.cov_in) < 1e-12
+    with pytest.raises(ValueError, match="cov_cross_times"):
+        proj.cov_cross
+    with pytest.raises(ValueError, match="weight"):
+        proj.cov_cross_times(w32 + 1.0)
+    with pytest.raises(ValueError, match="project"):
+        GramStats(12, project=torch.randn(5, 11))
+    with pytest.raises(ValueError, match="project"):
+        proj.merge_(full)
+
+
+def test_compress_projects_the_statistics_of_narrowing_layers_without_changing_the_fit(monkeypatch):
+    """A layer whose output is narrower than half its input keeps X~^T X only times its
+    weight; the compressed model is the one the full statistics give."""
+    from tensorpress.compress import sequential
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 6)).double()
+    x = _correlated(900, 12, seed=8)
+    calib, test_x = list(x[:600].split(150)), x[600:]
+    made = []
+
+    class Spy(sequential.GramStats):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.project is not None)
+
+    monkeypatch.setattr(sequential, "GramStats", Spy)
+    projected, _ = tp.compress(net, calib, budget=0.5)
+    assert made == [False, False, True]          # 12->40 and 40->30 widen or keep, 30->6 narrows
+    made.clear()
+
+    class Full(sequential.GramStats):
+        def __init__(self, *args, project=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "GramStats", Full)
+    full, _ = tp.compress(net, calib, budget=0.5)
+    with torch.no_grad():
+        assert rel_err(projected(test_x), full(test_x)) < 1e-10
+
+
 def test_gram_stats_rejects_mismatched_rows():
     st = GramStats(4)
     with pytest.raises(ValueError, match="x_in"):

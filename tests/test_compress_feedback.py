@@ -156,3 +156,36 @@ def test_layers_kept_dense_are_refitted_on_the_compressed_inputs():
         err_refit = ((cmp(held) - ref).norm() / ref.norm()).item()
         err_plain = ((plain(held) - ref).norm() / ref.norm()).item()
     assert err_refit < err_plain
+
+
+def test_a_shared_cache_keeps_the_original_models_rows_and_changes_no_result(monkeypatch):
+    """With a cache, the original model's rows of every stage (inputs and residuals) are kept
+    and a second call replays only the compressed model; the results are those without it,
+    and with the byte cap at 0 nothing is kept."""
+    from tensorpress.compress import sequential
+
+    torch.manual_seed(3)
+    model = Stack(n=3).eval()
+    calib, held = list(data(1200).split(200)), data(300, seed=9)
+    calls = []
+    handle = model.blocks[2].out.dense.register_forward_pre_hook(lambda *_: calls.append(1))
+    plain, _ = tensorpress.compress(model, calib, budget=0.4)
+    calls.clear()
+    cache = {}
+    first, _ = tensorpress.compress(model, calib, budget=0.4, cache=cache)
+    first_calls = len(calls)
+    calls.clear()
+    again, _ = tensorpress.compress(model, calib, budget=0.6, cache=cache)
+    handle.remove()
+    kept = [k for k in cache if isinstance(k, tuple) and k[0] == "ref-stage-rows"]
+    assert len(kept) == 6 * len(calib)                       # 2 stages per block, every batch
+    assert any(k[2] == ("blocks.2.out.dense",) for k in kept)  # residual rows kept with the stage
+    assert len(calls) <= first_calls - len(calib)   # no replay of the original per batch
+    fresh, _ = tensorpress.compress(model, calib, budget=0.6)
+    monkeypatch.setattr(sequential, "REF_ROWS_BYTES", 0)
+    capped_cache = {}
+    capped, _ = tensorpress.compress(model, calib, budget=0.4, cache=capped_cache)
+    assert not any(isinstance(k, tuple) and k[0] == "ref-stage-rows" for k in capped_cache)
+    with torch.no_grad():
+        assert torch.equal(first(held), plain(held)) and torch.equal(capped(held), plain(held))
+        assert torch.equal(again(held), fresh(held))

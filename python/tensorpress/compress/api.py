@@ -563,7 +563,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             feedback = ([n for n in targets if per_layer[n] == "activation" and chosen[n] is not None]
                         if residual_feedback and structure == "lowrank" else [])
             info = compress_sequential(ref, cmp, batches, targets, fit_layer, keep_rows=keep_rows, progress=bar,
-                                       reference=shot, cache=cache, residual_feedback=feedback)
+                                       reference=shot, cache=cache, residual_feedback=feedback,
+                                       projectable=[n for n in targets if per_layer[n] == "activation"])
             report.residual_feedback = info["residual_feedback"]
             if bar is not None:
                 bar.close()

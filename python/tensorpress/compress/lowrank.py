@@ -122,7 +122,7 @@ def _fit_activation(weight, bias, stats, rank, ridge, offset=None) -> LowRankFit
     w = weight.detach().to(torch.float64)
     L = whitening_factor(stats.cov_in, ridge)
     # M = L^{-1} C W^T, C = centered X~^T X (plus X~c^T Dc with an offset target)
-    rhs = stats.cov_cross.to(w.device) @ w.T
+    rhs = stats.cov_cross_times(w)
     if offset is not None:
         rhs = rhs + offset.cov_cross.to(w.device)
     M = torch.linalg.solve_triangular(L, rhs, upper=False)

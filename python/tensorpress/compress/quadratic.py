@@ -51,7 +51,7 @@ class OutputObjective:
     def __init__(self, weight: Tensor, stats: GramStats, ridge: float) -> None:
         w = weight.detach().to(torch.float64)
         self.gram = ridged_gram(stats.cov_in.to(w.device), ridge)
-        self.target = w @ stats.cov_cross.to(w.device).T
+        self.target = stats.cov_cross_times(w).T
         self.energy = ((w @ stats.cov_ref.to(w.device)) * w).sum().item()
 
     def __call__(self, w_hat: Tensor) -> float:

@@ -16,6 +16,35 @@ def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+# Gram matrices wider than two panels are accumulated as their upper block triangle, one
+# row panel at a time (x_i^T x[:, i:]): 10 of 16 blocks at four panels, and the panel
+# products run about as fast per FLOP as one whole product
+GRAM_PANEL = 384
+
+
+def _add_gram(acc: Tensor, x: Tensor) -> None:
+    """acc += x^T x, where acc holds the upper block triangle (see _mirror)."""
+    d = x.shape[1]
+    if d < 2 * GRAM_PANEL:
+        acc += (x.T @ x).to(torch.float64)
+        return
+    for lo in range(0, d, GRAM_PANEL):
+        hi = min(lo + GRAM_PANEL, d)
+        acc[lo:hi, lo:] += (x[:, lo:hi].T @ x[:, lo:]).to(torch.float64)
+
+
+def _mirror(acc: Tensor) -> Tensor:
+    """The whole symmetric matrix from _add_gram's upper block triangle."""
+    d = acc.shape[0]
+    if d < 2 * GRAM_PANEL:
+        return acc
+    full = acc + acc.T
+    for lo in range(0, d, GRAM_PANEL):   # the diagonal blocks were whole, so they were doubled
+        hi = min(lo + GRAM_PANEL, d)
+        full[lo:hi, lo:hi] = acc[lo:hi, lo:hi]
+    return full
+
+
 class GramStats:
     """Running means and centered Gram matrices of paired inputs (X, X~), in float64.
 
@@ -32,14 +61,22 @@ class GramStats:
         reference: one-shot statistics of the very same X rows (the original model's inputs
             to this layer, from the same batches), whose X^T X is then used instead of being
             accumulated again (a third of the work of a paired update).
+        project: the weight W (out, in) of the one layer these statistics serve, for paired
+            statistics: X~^T X is then kept only as X~^T X W^T (in, out), which is all a fit
+            of that layer reads (see cov_cross_times), at out/in of the cost.
     """
 
     def __init__(self, in_features: int, paired: bool = True, keep_rows: int = 0,
-                 reference: "GramStats | None" = None) -> None:
+                 reference: "GramStats | None" = None, project: Tensor | None = None) -> None:
         self.in_features, self.paired, self.keep_rows = in_features, paired, keep_rows
         if reference is not None and (not paired or reference.in_features != in_features):
             raise ValueError("reference: expected one-shot statistics of the same features for paired statistics")
+        if project is not None and (not paired or project.dim() != 2 or project.shape[1] != in_features):
+            raise ValueError(f"project: expected a weight (out, {in_features}) for paired statistics, got "
+                             f"{tuple(project.shape) if project is not None else None}")
+        self.project = None if project is None else project.detach().to(torch.float64)
         self.reference = reference
+        self._upper = False   # True while the Grams hold upper block triangles (see _add_gram)
         self.n = 0
         self._shift_ref: Tensor | None = None
         self._shift_in: Tensor | None = None
@@ -68,16 +105,23 @@ class GramStats:
             self._sum_ref, self._sum_in = zeros(d), zeros(d)
             self._gram_ref = zeros(d, d) if self.reference is None else None
             if self.paired:
-                self._gram_in, self._cross = zeros(d, d), zeros(d, d)
+                self._gram_in = zeros(d, d)
+                self._cross = zeros(d, d) if self.project is None else zeros(d, self.project.shape[0])
+            self._upper = True   # the Grams hold upper block triangles until first read
+        # rows added after a read go into the whole matrices
+        add_gram = _add_gram if self._upper else (lambda acc, x: acc.add_((x.T @ x).to(torch.float64)))
         a = x_ref - self._shift_ref
         self._sum_ref += a.sum(0, dtype=torch.float64)
         if self.reference is None:
-            self._gram_ref += (a.T @ a).to(torch.float64)
+            add_gram(self._gram_ref, a)
         if self.paired:
             b = x_in - self._shift_in
             self._sum_in += b.sum(0, dtype=torch.float64)
-            self._gram_in += (b.T @ b).to(torch.float64)
-            self._cross += (b.T @ a).to(torch.float64)
+            add_gram(self._gram_in, b)
+            if self.project is None:
+                self._cross += (b.T @ a).to(torch.float64)
+            else:
+                self._cross += (b.T @ (a @ self.project.to(device=a.device, dtype=a.dtype).T)).to(torch.float64)
         self.n += x_ref.shape[0]
         if self._kept < self.keep_rows:
             take = min(self.keep_rows - self._kept, x_ref.shape[0])
@@ -89,6 +133,16 @@ class GramStats:
     def _require_data(self):
         if self.n == 0:
             raise ValueError("calibration data: no rows reached this layer")
+        self._whole()
+
+    def _whole(self) -> None:
+        """Turn the Grams' upper block triangles into whole matrices (once, at first read)."""
+        if self.n and self._upper:
+            if self._gram_ref is not None:
+                self._gram_ref = _mirror(self._gram_ref)
+            if self.paired:
+                self._gram_in = _mirror(self._gram_in)
+            self._upper = False
 
     @property
     def mean_ref(self) -> Tensor:
@@ -132,7 +186,21 @@ class GramStats:
         if not self.paired:
             return self.cov_ref
         self._require_data()
+        if self.project is not None:
+            raise ValueError("stats: X~^T X was kept only times the layer's weight (project=); use cov_cross_times")
         return self._centered(self._cross, self._sum_in, self._sum_ref)
+
+    def cov_cross_times(self, weight: Tensor) -> Tensor:
+        """Centered X~^T X W^T (in, out) for the layer's weight W (out, in), float64."""
+        w = weight.detach().to(torch.float64)
+        if self.project is None:
+            return self.cov_cross.to(w.device) @ w.T
+        self._require_data()
+        if w.shape != self.project.shape or not torch.equal(w.to(self.project.device), self.project):
+            raise ValueError(f"weight: these statistics keep X~^T X only times the weight they were projected on "
+                             f"{tuple(self.project.shape)}; expected that weight")
+        centered = self._cross - torch.outer(self._sum_in, self.project @ self._sum_ref) / self.n
+        return centered.to(w.device)
 
     def gram_in(self) -> Tensor:
         """Uncentered X~^T X~."""
@@ -140,7 +208,7 @@ class GramStats:
         return self.cov_in + self.n * torch.outer(m, m)
 
     def cross(self) -> Tensor:
-        """Uncentered X~^T X."""
+        """Uncentered X~^T X (unavailable for statistics made with project=)."""
         return self.cov_cross + self.n * torch.outer(self.mean_in, self.mean_ref)
 
     def samples(self) -> tuple[Tensor, Tensor]:
@@ -153,8 +221,12 @@ class GramStats:
         """Add another accumulator's rows into this one (for multi-process reduction)."""
         if self.reference is not None or other.reference is not None:
             raise ValueError("other: statistics that borrow a reference X^T X cannot be merged")
+        if self.project is not None or other.project is not None:
+            raise ValueError("other: statistics made with project= cannot be merged")
         if other.n == 0:
             return self
+        self._whole()
+        other._whole()
         if self.n == 0:
             self.__dict__.update({k: (v.clone() if isinstance(v, Tensor) else v) for k, v in other.__dict__.items()})
             self.rows_ref, self.rows_in = list(other.rows_ref), list(other.rows_in)
@@ -184,9 +256,13 @@ class GramStats:
 
         if not tpdist.active():
             return self
+        self._whole()
         d = self.in_features
         f64 = torch.float64
         dev = self._sum_ref.device if self.n else torch.device("cpu")
+        proj = self.project   # the cross product's ref side is kept times W^T: move it through W too
+        wt = (lambda v: v) if proj is None else (lambda v: proj.to(v.device) @ v)  # noqa: E731
+        cross_cols = d if proj is None else proj.shape[0]
         zero_vec = torch.zeros(d, dtype=f64, device=dev)
         # 1. the global means become the common shift (the best-conditioned one)
         s_ref = (self._shift_ref.to(f64) * self.n + self._sum_ref) if self.n else zero_vec
@@ -213,9 +289,10 @@ class GramStats:
                 d_in = self._shift_in.to(f64) - mu_in
                 parts += [self._sum_in + self.n * d_in,
                           moved(self._gram_in, self._sum_in, self._sum_in, d_in, d_in),
-                          moved(self._cross, self._sum_in, self._sum_ref, d_in, d_ref)]
+                          moved(self._cross, self._sum_in, wt(self._sum_ref), d_in, wt(d_ref))]
         else:
-            parts += [zero_vec, zeros] + ([zero_vec, zeros, zeros] if self.paired else [])
+            parts += [zero_vec, zeros] + ([zero_vec, zeros, torch.zeros(d, cross_cols, dtype=f64, device=dev)]
+                                          if self.paired else [])
         parts = tpdist.sum_tensors(parts)
         self._sum_ref, gram_ref = parts[0], parts[1]
         self._gram_ref = None if self.reference is not None else gram_ref
@@ -223,6 +300,7 @@ class GramStats:
             self._sum_in, self._gram_in, self._cross = parts[2], parts[3], parts[4]
         self._shift_ref, self._shift_in = mu_ref, (mu_in if self.paired else mu_ref)
         self.n = total
+        self._upper = False
         if self.keep_rows:
             rows = tpdist.gather_objects((self.rows_ref, self.rows_in))
             self.rows_ref = [t for r, _ in rows for t in r]

@@ -39,8 +39,10 @@ def load(path: str | None = None) -> tuple[nn.Module, object]:
 
 
 def batches(tokenizer, sentences: list[str], batch_size: int = 64, max_length: int = 128) -> list[dict]:
-    """Tokenized batches, sentences sorted by length so padding stays small."""
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    """Tokenized batches, sentences sorted by their token count so padding stays small (a
+    batch costs its longest sentence's length, and attention its square)."""
+    lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(sentences)), key=lambda i: (lengths[i], i))
     out = []
     for i in range(0, len(order), batch_size):
         chunk = [sentences[j] for j in order[i:i + batch_size]]
