@@ -494,6 +494,23 @@ def test_cache_reuses_statistics_without_changing_results():
         assert rel_err(again(test_x), cached(test_x)) < 1e-6
 
 
+def test_rank_rule_and_whitened_runs_share_one_decomposition_per_layer(monkeypatch):
+    """The optimism rule's curves and sensitivities and a later whitened run at any budget
+    truncate one cached full-rank whitened fit per layer; the results are those without it."""
+    net, calib, test_x = _net_and_data(seed=8)
+    cache = {}
+    tp.compress(net, calib, budget=0.4, rank_rule="optimism", cache=cache)
+    calls = []
+    real = compress_api.fit_activation
+    monkeypatch.setattr(compress_api, "fit_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared, _ = tp.compress(net, calib, method="whitened", budget=0.3, cache=cache)
+    assert calls == []
+    fresh, _ = tp.compress(net, calib, method="whitened", budget=0.3)
+    assert len(calls) == len([m for m in net.modules() if isinstance(m, nn.Linear)])
+    with torch.no_grad():
+        assert rel_err(shared(test_x), fresh(test_x)) < 1e-10
+
+
 def test_gram_stats_reference_borrows_x_gram():
     x, xt = _correlated(300, 6), _correlated(300, 6, seed=5)
     one = GramStats(6, paired=False)

@@ -62,12 +62,14 @@ def allocate_uniform(layers: Mapping[str, nn.Linear], budget: float) -> dict[str
 
 
 def relative_error_curves(layers: Mapping[str, nn.Linear], stats: Mapping[str, GramStats],
-                          **fit_kwargs) -> dict[str, torch.Tensor]:
-    """Relative squared output error at ranks 0..k of every layer (one-shot statistics)."""
+                          fits: Mapping | None = None, **fit_kwargs) -> dict[str, torch.Tensor]:
+    """Relative squared output error at ranks 0..k of every layer (one-shot statistics).
+    ``fits``: the layers' full-rank whitened fits on these statistics, when already made."""
     curves = {}
     for name, layer in layers.items():
         k = min(layer.in_features, layer.out_features)
-        info = fit_activation(layer.weight, layer.bias, stats[name], k, **fit_kwargs).info
+        info = (fits[name] if fits is not None else fit_activation(layer.weight, layer.bias, stats[name], k,
+                                                                   **fit_kwargs)).info
         curves[name] = error_curve(info) / max(info["output_energy"] + _mean_energy(layer, stats[name]), 1e-300)
     return curves
 

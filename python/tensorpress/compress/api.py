@@ -252,14 +252,31 @@ SENSITIVITY_BATCHES = 2
 SENSITIVITY_ROUNDS = 1
 
 
+def _full_fit_key(method: str, name: str, ridge_kw: dict) -> tuple:
+    return ("full-fit", method, name, tuple(sorted(ridge_kw.items())))
+
+
+def _whitened_full_fits(layers, shot, ridge_kw, cache) -> dict:
+    """Every layer's full-rank whitened fit on the one-shot statistics, kept in the cache
+    under the key compress()'s "whitened" method reads too: the rank rule's error curves,
+    its sensitivities and a whitened run share one decomposition per layer."""
+    fits = {}
+    for name, layer in layers.items():
+        top = min(layer.in_features, layer.out_features)
+        fits[name] = _cached(cache, _full_fit_key("whitened", name, ridge_kw),
+                             lambda: fit_activation(layer.weight, layer.bias, shot[name], top, **ridge_kw))
+    return fits
+
+
 def _sensitivities(work_model, batches, layers, shot, ranks, curves, ridge_kw, cache):
     """Each layer's sensitivity with that layer alone at ranks[name] (cached per ranks)."""
     key = ("sensitivity", tuple(layers), tuple(sorted(ranks.items())))
     if cache is not None and key in cache:
         return cache[key]
+    full = _whitened_full_fits(layers, shot, ridge_kw, cache)
     fits, errs = {}, {}
     for name, layer in layers.items():
-        fit = fit_activation(layer.weight, layer.bias, shot[name], ranks[name], **ridge_kw)
+        fit = truncate_fit(full[name], ranks[name], layer.weight, layer.bias, shot[name])
         fits[name] = _lowrank_module(layer, fit)
         errs[name] = curves[name][ranks[name]].item()
     weights = _measure_sensitivities(work_model, batches, layers, fits, errs)
@@ -334,7 +351,8 @@ def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw
     """Ranks by a rule; for "optimism" and "cv" each layer's errors are weighted by the
     measured sensitivity of the model's output to it (see SENSITIVITY_ROUNDS); "cv" needs
     ``folds``, the per-fold one-shot statistics."""
-    curves = _cached(cache, ("curves", tuple(layers)), lambda: relative_error_curves(layers, shot, **ridge_kw))
+    curves = _cached(cache, ("curves", tuple(layers)),
+                     lambda: relative_error_curves(layers, shot, _whitened_full_fits(layers, shot, ridge_kw, cache)))
     if rule == "energy":
         return allocate_by_rule(rule, layers, shot, budget, curves=curves, **ridge_kw)
     heldout = None
@@ -523,7 +541,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             if method_of_layer in ONE_SHOT_METHODS:
                 # one decomposition per layer, truncated to each rank asked for (a cache
                 # shared by a sweep over budgets keeps it)
-                key = ("full-fit", method_of_layer, name, tuple(sorted(ridge_kw.items())))
+                key = _full_fit_key(method_of_layer, name, ridge_kw)
                 full = None if cache is None else cache.get(key)
                 if full is None:
                     top = min(layer.in_features, layer.out_features)
