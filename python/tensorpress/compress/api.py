@@ -455,8 +455,9 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             50% kept (activation + optimism, 1,000 sentences) it lifts the mean cosine of the
             embeddings from 0.884 to 0.912. No effect on models without such branches.
         cache: a dict to share between calls on the same model and calibration batches (for
-            example a sweep over budgets): the original model's input statistics, block inputs
-            and the layers' sensitivities are computed once and reused.
+            example a sweep over budgets): the original model's input statistics, block inputs,
+            calibration rows (up to sequential.REF_ROWS_BYTES, 3 GiB), the whitened
+            decompositions and the layers' sensitivities are computed once and reused.
     Returns:
         (compressed model, CompressionReport).
     """
