@@ -106,9 +106,10 @@ def synthetic_settings(quick, full):
             ("tucker", (10, 10, 10), 2, [4, 10], [1.0, 10.0], 3)]
 
 
-def run_synthetic(quick, full, log):
+def run_synthetic(quick, full, log, seeds_override=None):
     trials = []
     for kind, dims, R, mults, snrs, seeds in synthetic_settings(quick, full):
+        seeds = seeds_override or seeds
         df = cp_degrees_of_freedom(R, dims) if kind == "cp" else tucker_degrees_of_freedom(R, dims)
         for mult in mults:
             for snr in snrs:
@@ -514,8 +515,9 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
     L = ["# Rank selection: asymptotic optimism vs cross-validation", "", *stamp_lines(meta),
          f"- torch {meta['torch']}, {meta['threads']} threads; tensorpress: {tensorpress_flags(meta)}; "
          f"repository at {meta['git']}",
-         f"- run: {'--quick' if args.quick else ('--full' if args.full else 'defaults')} "
-         f"({meta['elapsed_s']:.0f} s). Rules: test_error = train error + optimism (the default), optimism alone, "
+         f"- run: {'--quick' if args.quick else ('--full' if args.full else 'defaults')}"
+         f"{f', {args.seeds} seeds per synthetic setting' if getattr(args, 'seeds', None) else ''}, "
+         f"parts {args.parts} ({meta['elapsed_s']:.0f} s). Rules: test_error = train error + optimism (the default), optimism alone, "
          "BIC, AIC, k-fold CV; all from one table per trial.", ""]
     L += ["## Targets (issue 6)", "",
           "Time ratios: sum over trials of the CV time / sum of the optimism rule's time (fits + Stein df), and "
@@ -734,6 +736,9 @@ def main(argv=None) -> int:
                     help="comma-separated subset of synthetic,layer,image,mnist,minilm")
     ap.add_argument("--rewrite", type=Path, default=None,
                     help="rewrite the Markdown and plots from an existing results JSON (no runs)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="seeds per synthetic setting (default 3; 50 with --full)")
+    ap.add_argument("--stem", default=None, help="results file name (default rank_selection)")
     args = ap.parse_args(argv)
     if args.rewrite is not None:
         data = json.loads(args.rewrite.read_text())
@@ -757,7 +762,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - wall0:7.1f}s] {msg}", flush=True)
 
-    syn = run_synthetic(args.quick, args.full, log) if "synthetic" in parts else []
+    syn = run_synthetic(args.quick, args.full, log, args.seeds) if "synthetic" in parts else []
     lay = run_layer(args.quick, args.full, log) if "layer" in parts else []
     img = run_image(args.quick, args.full, log) if "image" in parts else []
     mn = run_mnist(args.quick, args.full, log) if "mnist" in parts else {}
@@ -767,7 +772,7 @@ def main(argv=None) -> int:
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
     summary = summarize(syn, lay, img, mini, mn)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "rank_selection_quick" if args.quick else "rank_selection"
+    stem = args.stem or ("rank_selection_quick" if args.quick else "rank_selection")
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "summary": summary, "synthetic": syn, "layer": lay, "image": img, "mnist": mn, "minilm": mini},
         indent=1, default=str) + "\n")
