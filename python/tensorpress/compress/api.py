@@ -268,12 +268,12 @@ def _whitened_full_fits(layers, shot, ridge_kw, cache) -> dict:
     return fits
 
 
-def _sensitivities(work_model, batches, layers, shot, ranks, curves, ridge_kw, cache):
-    """Each layer's sensitivity with that layer alone at ranks[name] (cached per ranks)."""
+def _sensitivities(work_model, batches, layers, shot, ranks, curves, full, cache):
+    """Each layer's sensitivity with that layer alone at ranks[name] (cached per ranks);
+    ``full``: the layers' full-rank whitened fits, truncated to those ranks."""
     key = ("sensitivity", tuple(layers), tuple(sorted(ranks.items())))
     if cache is not None and key in cache:
         return cache[key]
-    full = _whitened_full_fits(layers, shot, ridge_kw, cache)
     fits, errs = {}, {}
     for name, layer in layers.items():
         fit = truncate_fit(full[name], ranks[name], layer.weight, layer.bias, shot[name])
@@ -351,8 +351,9 @@ def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw
     """Ranks by a rule; for "optimism" and "cv" each layer's errors are weighted by the
     measured sensitivity of the model's output to it (see SENSITIVITY_ROUNDS); "cv" needs
     ``folds``, the per-fold one-shot statistics."""
-    curves = _cached(cache, ("curves", tuple(layers)),
-                     lambda: relative_error_curves(layers, shot, _whitened_full_fits(layers, shot, ridge_kw, cache)))
+    # one decomposition per layer for the curves and the sensitivities (cached for later calls)
+    full = _whitened_full_fits(layers, shot, ridge_kw, cache)
+    curves = _cached(cache, ("curves", tuple(layers)), lambda: relative_error_curves(layers, shot, full))
     if rule == "energy":
         return allocate_by_rule(rule, layers, shot, budget, curves=curves, **ridge_kw)
     heldout = None
@@ -361,7 +362,7 @@ def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw
                           lambda: cv_error_curves(layers, folds, **ridge_kw))
     at = dict(uniform)
     for _ in range(SENSITIVITY_ROUNDS):
-        weights = _sensitivities(work_model, batches, layers, shot, at, curves, ridge_kw, cache)
+        weights = _sensitivities(work_model, batches, layers, shot, at, curves, full, cache)
         chosen = allocate_by_rule(rule, layers, shot, budget, curves=curves, weights=weights, heldout=heldout,
                                   **ridge_kw)
         # a layer kept dense is linearized at its uniform rank
