@@ -109,13 +109,15 @@ def gram_factor(Vp: Tensor, rho: float, c: float) -> GramFactor:
 
 
 def update_w(W: Tensor, U: Tensor, Vp: Tensor, rho: float, alpha: float, tau: float = 0.0,
-             target: Tensor | None = None, factor: GramFactor | None = None) -> Tensor:
-    """W_i <- (alpha W_i + tau T + rho U V^T) ((alpha + tau) I + rho V V^T)^{-1}, V = V_{i-1}, T = target.
+             target: Tensor | None = None, factor: GramFactor | None = None, decay: float = 0.0) -> Tensor:
+    """W_i <- (alpha W_i + tau T + rho U V^T) ((alpha + tau + decay) I + rho V V^T)^{-1}, V = V_{i-1}, T = target.
 
-    The exact minimizer of rho/2||U - W V||^2 + tau/2||W - T||^2 + alpha/2||W - W_i||^2.
-    `factor` (from gram_factor(Vp, rho, alpha + tau)) is reused when given.
+    The exact minimizer of rho/2||U - W V||^2 + tau/2||W - T||^2 + alpha/2||W - W_i||^2 + decay/2||W||^2.
+    `factor` (from gram_factor(Vp, rho, alpha + tau + decay)) is reused when given.
     """
-    c = alpha + tau
+    c = alpha + tau + decay
+    if factor is not None and factor.c != c:
+        raise ValueError(f"factor: built for alpha + tau + decay = {factor.c}, this update needs {c}")
     if factor is None:
         factor = gram_factor(Vp, rho, c)
     R = U @ Vp.T
