@@ -106,41 +106,77 @@ def synthetic_settings(quick, full):
             ("tucker", (10, 10, 10), 2, [4, 10], [1.0, 10.0], 3)]
 
 
-def run_synthetic(quick, full, log, seeds_override=None):
+def trial_key(row) -> tuple:
+    return (row["family"], tuple(row["dims"]), row["true_rank"], float(row["mult"]), float(row["snr"]), row["seed"])
+
+
+def load_trial_log(path) -> dict:
+    """Completed synthetic trials from a JSON-lines log (a partial last line, from a killed run, is dropped)."""
+    done = {}
+    if path is not None and Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[trial_key(row)] = row
+    return done
+
+
+def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadline=math.inf):
+    """The synthetic grid. trial_log: a JSON-lines file of completed trials, read to skip them and
+    appended to (a long grid then runs over several sessions); no new trial starts after `deadline`
+    (time.perf_counter() value): the trials done so far are returned."""
     trials = []
+    done = load_trial_log(trial_log)
+    sink = open(trial_log, "a") if trial_log is not None else None
+    cells = []
     for kind, dims, R, mults, snrs, seeds in synthetic_settings(quick, full):
-        seeds = seeds_override or seeds
         df = cp_degrees_of_freedom(R, dims) if kind == "cp" else tucker_degrees_of_freedom(R, dims)
-        for mult in mults:
-            for snr in snrs:
-                for seed in range(seeds):
-                    n = int(mult * df)
-                    X, y, _ = planted(kind, dims, R, n, snr, seed)
-                    cands = list(range(1, R + 3))
-                    t0 = time.perf_counter()
-                    sel = select_rank(kind, X, y, candidates=cands, with_cv=True, cv=5, random_state=seed, **ALS)
-                    wall = time.perf_counter() - t0
-                    # the previous rule: train error + optimism with the manifold df (same fits)
-                    manifold = [estimated_test_error(r["train_error"] * n, n, r["df"]) for r in sel.table]
-                    row = {"family": kind, "dims": list(dims), "true_rank": R, "df": df, "n": n, "mult": mult,
-                           "snr": snr, "seed": seed, "wall_s": wall,
-                           "picks": {"test_error": argmin_rank(sel, "est_test_error"),
-                                     "test_error_manifold": cands[int(np.argmin(manifold))],
-                                     "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
-                                     "aic": argmin_rank(sel, "aic"), "cv5": argmin_rank(sel, "cv_error")},
-                           "df_eff": sel.column("df_eff"),
-                           "fit_s": sum(sel.column("fit_time")) + sum(sel.column("df_time")),
-                           "df_s": sum(sel.column("df_time")), "cv5_s": sum(sel.column("cv_time")),
-                           "cv10_s": None}
-                    if seed == 0:     # 10-fold: timing and picks on the first seed of each setting
-                        s10 = select_rank(kind, X, y, candidates=cands, criterion="cv", cv=10, random_state=seed,
-                                          **ALS)
-                        row["picks"]["cv10"] = s10.rank_
-                        row["cv10_s"] = sum(s10.column("cv_time"))
-                    trials.append(row)
-                    log(f"synthetic {kind} {dims} R={R} n={n} snr={snr} seed={seed}: {row['picks']} "
-                        f"fit {row['fit_s']:.2f}s cv5 {row['cv5_s']:.2f}s ({wall:.1f}s)")
-    return trials
+        cells += [(seed, kind, dims, R, df, mult, snr) for mult in mults for snr in snrs
+                  for seed in range(seeds_override or seeds)]
+    grid_order = {(c[1], tuple(c[2]), c[3], float(c[5]), float(c[6]), c[0]): i for i, c in enumerate(cells)}
+    # seed-major order: a run stopped early (or resumed later) covers the whole grid at fewer seeds
+    cells.sort(key=lambda c: c[0])
+    for seed, kind, dims, R, df, mult, snr in cells:
+        key = (kind, tuple(dims), R, float(mult), float(snr), seed)
+        if key in done:
+            trials.append(done[key])
+            continue
+        if time.perf_counter() > deadline:
+            continue
+        n = int(mult * df)
+        X, y, _ = planted(kind, dims, R, n, snr, seed)
+        cands = list(range(1, R + 3))
+        t0 = time.perf_counter()
+        sel = select_rank(kind, X, y, candidates=cands, with_cv=True, cv=5, random_state=seed, **ALS)
+        wall = time.perf_counter() - t0
+        # the previous rule: train error + optimism with the manifold df (same fits)
+        manifold = [estimated_test_error(r["train_error"] * n, n, r["df"]) for r in sel.table]
+        row = {"family": kind, "dims": list(dims), "true_rank": R, "df": df, "n": n, "mult": mult,
+               "snr": snr, "seed": seed, "wall_s": wall,
+               "picks": {"test_error": argmin_rank(sel, "est_test_error"),
+                         "test_error_manifold": cands[int(np.argmin(manifold))],
+                         "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
+                         "aic": argmin_rank(sel, "aic"), "cv5": argmin_rank(sel, "cv_error")},
+               "df_eff": sel.column("df_eff"),
+               "fit_s": sum(sel.column("fit_time")) + sum(sel.column("df_time")),
+               "df_s": sum(sel.column("df_time")), "cv5_s": sum(sel.column("cv_time")),
+               "cv10_s": None}
+        if seed == 0:     # 10-fold: timing and picks on the first seed of each setting
+            s10 = select_rank(kind, X, y, candidates=cands, criterion="cv", cv=10, random_state=seed,
+                              **ALS)
+            row["picks"]["cv10"] = s10.rank_
+            row["cv10_s"] = sum(s10.column("cv_time"))
+        trials.append(row)
+        if sink is not None:
+            sink.write(json.dumps(row, default=str) + "\n")
+            sink.flush()
+        log(f"synthetic {kind} {dims} R={R} n={n} snr={snr} seed={seed}: {row['picks']} "
+            f"fit {row['fit_s']:.2f}s cv5 {row['cv5_s']:.2f}s ({wall:.1f}s)")
+    if sink is not None:
+        sink.close()
+    return sorted(trials, key=lambda t: grid_order.get(trial_key(t), len(grid_order)))   # reported setting by setting
 
 
 # ----------------------------------------------------------------------------- part 2
@@ -512,12 +548,15 @@ def _disagreements(syn, lay) -> list[str]:
 
 
 def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
+    grid = meta.get("synthetic_grid_trials")
+    partial = f"; PARTIAL: {len(syn)} of the grid's {grid} synthetic trials done so far" \
+        if grid and len(syn) < grid else ""
     L = ["# Rank selection: asymptotic optimism vs cross-validation", "", *stamp_lines(meta),
          f"- torch {meta['torch']}, {meta['threads']} threads; tensorpress: {tensorpress_flags(meta)}; "
          f"repository at {meta['git']}",
          f"- run: {'--quick' if args.quick else ('--full' if args.full else 'defaults')}"
          f"{f', {args.seeds} seeds per synthetic setting' if getattr(args, 'seeds', None) else ''}, "
-         f"parts {args.parts} ({meta['elapsed_s']:.0f} s). Rules: test_error = train error + optimism (the default), optimism alone, "
+         f"parts {args.parts} ({meta['elapsed_s']:.0f} s{partial}). Rules: test_error = train error + optimism (the default), optimism alone, "
          "BIC, AIC, k-fold CV; all from one table per trial.", ""]
     L += ["## Targets (issue 6)", "",
           "Time ratios: sum over trials of the CV time / sum of the optimism rule's time (fits + Stein df), and "
@@ -739,6 +778,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per synthetic setting (default 3; 50 with --full)")
     ap.add_argument("--stem", default=None, help="results file name (default rank_selection)")
+    ap.add_argument("--trial-log", type=Path, default=None,
+                    help="JSON-lines log of synthetic trials: completed ones are skipped, new ones appended "
+                         "(run a long grid over several sessions)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no new synthetic trial after this many minutes; write results for those done")
     args = ap.parse_args(argv)
     if args.rewrite is not None:
         data = json.loads(args.rewrite.read_text())
@@ -762,7 +806,11 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - wall0:7.1f}s] {msg}", flush=True)
 
-    syn = run_synthetic(args.quick, args.full, log, args.seeds) if "synthetic" in parts else []
+    deadline = wall0 + 60 * args.max_minutes if args.max_minutes else math.inf
+    syn = run_synthetic(args.quick, args.full, log, args.seeds, args.trial_log, deadline) \
+        if "synthetic" in parts else []
+    meta["synthetic_grid_trials"] = sum(len(m) * len(sn) * (args.seeds or sd) for _, _, _, m, sn, sd
+                                        in synthetic_settings(args.quick, args.full)) if "synthetic" in parts else 0
     lay = run_layer(args.quick, args.full, log) if "layer" in parts else []
     img = run_image(args.quick, args.full, log) if "image" in parts else []
     mn = run_mnist(args.quick, args.full, log) if "mnist" in parts else {}

@@ -396,6 +396,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=("mlp", "cnn", "timing"))
     ap.add_argument("--fashion", action="store_true", help="also the MLP at ratio 0.09 on Fashion-MNIST")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stem", default=None, help="results file name (default tenbcd, tenbcd_quick with --quick)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("tenbcd.py: --device cuda requested but torch sees no GPU; use --device cpu")
@@ -451,7 +452,7 @@ def main(argv=None) -> int:
         notes.append(f"Scaled-down defaults ({args.n_train} training digits, {args.iters} MLP / {args.cnn_iters} "
                      f"CNN iterations, {args.epochs} epochs); the paper's setup is `--full`.")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "tenbcd_quick" if quick else "tenbcd"
+    stem = args.stem or ("tenbcd_quick" if quick else "tenbcd")
     pngs = write_plots(args.out, stem, mlp, cnn)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "config": cfg, "mlp": mlp, "cnn": cnn, "timing": timing, "notes": notes, "plots": pngs},
