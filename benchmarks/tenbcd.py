@@ -285,7 +285,7 @@ def write_markdown(path: Path, meta: dict, cfg: dict, mlp: list[dict], cnn: list
          "- tenBCD: gamma = rho = 5, alpha = 1 (V, U), tau_eff = tau * n_train with tau = 1, W's proximal weight "
          "alpha_w * n_train with alpha_w = 0.1, weight decay 0.01 * n_train; accuracies are with the TT "
          "weights (the network actually deployed); '+refit': after the least-squares refit of the output layer on "
-         "the TT network's hidden outputs; 'free W': the unconstrained weights W (not deployable); gap = max over "
+         "the TT network's hidden outputs (ridge chosen by generalized cross-validation); 'free W': the unconstrained weights W (not deployable); gap = max over "
          "TT layers of ||W - TTD||/||W||",
          "- Adam / SGD (momentum 0.9): cross-entropy, mini-batches, the same TT network from the same initial "
          "cores; learning rate tuned once on a held-out 20 % of the training set (grid in the JSON)", ""]

@@ -370,3 +370,38 @@ def test_weight_decay_shrinks_the_weights(digits):
         m = TenBCD([64, 64, 10], weight_decay=wd, dtype=D64, seed=3).fit(X[:400], one_hot(y[:400], 10), n_iter=5)
         norms[wd] = sum(float(w.norm()) for w in m.weights_)
     assert norms[0.05] < 0.9 * norms[0.0]
+
+
+def test_gcv_ridge_matches_brute_force():
+    from tensorpress.train.tenbcd import gcv_ridge
+
+    H, Y = _randn(12, 40, seed=5), _randn(3, 40, seed=6)
+    Y = Y + 2.0 * _randn(3, 12, seed=7) @ H                         # a signal to fit, plus noise
+    G, B = H @ H.T, Y @ H.T
+    lam = gcv_ridge(G, B, float(Y.square().sum()), 40)
+    lams = torch.linalg.eigvalsh(G).mean() * torch.logspace(-8, 2, 61, dtype=D64)
+
+    def gcv(l):
+        hat = H.T @ torch.linalg.solve(G + l * torch.eye(12, dtype=D64), H)   # n x n hat matrix
+        rss = (Y - Y @ hat).square().sum()
+        return float(rss / (40 * (1 - torch.trace(hat) / 40) ** 2))
+    scores = [gcv(float(l)) for l in lams]
+    assert lam == pytest.approx(float(lams[min(range(len(scores)), key=scores.__getitem__)]), rel=1e-9)
+    assert 0 < lam < float(lams[-1])                                   # an interior optimum here
+
+
+def test_refit_output_gcv_and_fixed_ridge(digits):
+    X, y, Xt, yt = digits
+    m = TenBCD([64, 128, 10], tt_layers={0: 4}, seed=0, dtype=D64).fit(X[:300], one_hot(y[:300], 10), n_iter=5)
+    before = [w.clone() for w in m.weights_]
+    m.refit_output(X[:300], one_hot(y[:300], 10))
+    gcv_lam = m.refit_ridge_
+    H = m._forward(X[:300].double(), m.effective_weights(), upto=1)
+    G = H @ H.T
+    W = torch.linalg.solve(G + gcv_lam * torch.eye(128, dtype=D64), H @ one_hot(y[:300], 10).double()).T
+    torch.testing.assert_close(m.weights_[-1], W, rtol=1e-8, atol=1e-10)
+    assert torch.equal(m.weights_[0], before[0])                       # only the output layer changes
+    m.refit_output(X[:300], one_hot(y[:300], 10), ridge=1e-4)
+    assert m.refit_ridge_ == pytest.approx(1e-4 * float(G.diagonal().mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="ridge"):
+        m.refit_output(X[:300], one_hot(y[:300], 10), ridge=-1.0)

@@ -444,18 +444,27 @@ class TenBCD:
             self.refit_output(X, Y)
         return self
 
-    def refit_output(self, X: Tensor, Y: Tensor, ridge: float = 1e-4) -> "TenBCD":
+    def refit_output(self, X: Tensor, Y: Tensor, ridge: float | str = "gcv") -> "TenBCD":
         """W_N <- argmin ||Y - W H||^2 + lam ||W||^2 with H the TT network's own last hidden outputs
-        on X (lam = ridge * mean diag(H H^T)); projected again if the output layer is constrained."""
+        on X; projected again if the output layer is constrained.
+
+        ridge: "gcv" (default): lam minimizing the generalized cross-validation score over a grid
+        (closed form from one eigendecomposition of H H^T; an unregularized refit overfits small
+        training sets); or a float: lam = ridge * mean diag(H H^T). The chosen lam is in ``refit_ridge_``.
+        """
         self._require_fitted()
         X, Y = self._check_xy(X, Y)
-        ridge = _check_number("ridge", ridge)
+        if ridge != "gcv":
+            ridge = _check_number("ridge", ridge)
         H = self._forward(X.to(self.device_, self.dtype), self.effective_weights(), upto=self.N - 1)
-        G = H @ H.T
-        lam = ridge * float(G.diagonal().mean()) + 1e-12
-        L = cholesky(G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device), "refit_output (H H^T)")
         Yc = Y.to(self.device_, self.dtype).T
-        self.weights_[-1] = torch.cholesky_solve(H @ Yc.T, L).T.contiguous()
+        G = (H @ H.T).double()
+        B = (Yc @ H.T).double()                                     # Y H^T (C x d)
+        lam = gcv_ridge(G, B, float(Yc.double().square().sum()), H.shape[1]) if ridge == "gcv" else \
+            ridge * float(G.diagonal().mean()) + 1e-12
+        self.refit_ridge_ = lam
+        L = cholesky(G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device), "refit_output (H H^T)")
+        self.weights_[-1] = torch.cholesky_solve(B.T, L).T.to(self.dtype).contiguous()
         if self.N - 1 in self.constrained:
             self.targets_[-1] = None
             self._project([self.N - 1])
@@ -536,6 +545,25 @@ class TenBCD:
 
 
 # ----------------------------------------------------------------------------- helpers
+def gcv_ridge(G: Tensor, B: Tensor, y_sq: float, n: int, grid: int = 61) -> float:
+    """The ridge lam minimizing GCV(lam) = RSS(lam) / (n (1 - df(lam)/n)^2) for W = B (G + lam I)^{-1}.
+
+    G = H H^T (d x d), B = Y H^T (C x d), y_sq = ||Y||^2, n samples (columns of H). With
+    G = Q diag(e) Q^T: RSS(lam) = y_sq - sum_j c_j (1 - (lam / (e_j + lam))^2), c_j = ||B q_j||^2 / e_j,
+    df(lam) = sum_j e_j / (e_j + lam). lam on a log grid from 1e-8 to 1e2 times mean(e).
+    """
+    e, Q = torch.linalg.eigh(G.double())
+    e = e.clamp_min(0.0)
+    keep = e > e.max() * 1e-12
+    e, c = e[keep], (B.double() @ Q[:, keep]).square().sum(0) / e[keep]
+    lams = e.mean() * torch.logspace(-8, 2, grid, dtype=torch.float64, device=e.device)
+    shrink = lams[:, None] / (e[None, :] + lams[:, None])                       # (grid, k)
+    rss = (y_sq - (c[None, :] * (1 - shrink.square())).sum(1)).clamp_min(0.0)
+    df = (1 - shrink).sum(1)
+    score = rss / (n * (1 - df / n).clamp_min(1e-12).square())
+    return float(lams[int(torch.argmin(score))])
+
+
 def _sq(T: Tensor) -> float:
     return float(torch.linalg.vector_norm(T, dtype=torch.float64) ** 2) if T.dtype != torch.float64 \
         else float(torch.linalg.vector_norm(T) ** 2)
