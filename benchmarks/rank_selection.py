@@ -146,19 +146,23 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
         if time.perf_counter() > deadline:
             continue
         n = int(mult * df)
-        X, y, _ = planted(kind, dims, R, n, snr, seed)
+        X, y, B = planted(kind, dims, R, n, snr, seed)
         cands = list(range(1, R + 3))
         t0 = time.perf_counter()
         sel = select_rank(kind, X, y, candidates=cands, with_cv=True, cv=5, random_state=seed, **ALS)
         wall = time.perf_counter() - t0
         # the previous rule: train error + optimism with the manifold df (same fits)
         manifold = [estimated_test_error(r["train_error"] * n, n, r["df"]) for r in sel.table]
+        # the referee of prediction: X has i.i.d. N(0, 1) entries, so a fit's excess test error is
+        # ||B_hat - B||_F^2 exactly (the test error is that plus the noise variance 1/snr)
+        excess = [float(((e.coef_ - B) ** 2).sum()) for e in sel.estimators_]
         row = {"family": kind, "dims": list(dims), "true_rank": R, "df": df, "n": n, "mult": mult,
-               "snr": snr, "seed": seed, "wall_s": wall,
+               "snr": snr, "seed": seed, "wall_s": wall, "excess_by_rank": excess, "noise_var": 1.0 / snr,
                "picks": {"test_error": argmin_rank(sel, "est_test_error"),
                          "test_error_manifold": cands[int(np.argmin(manifold))],
                          "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
-                         "aic": argmin_rank(sel, "aic"), "cv5": argmin_rank(sel, "cv_error")},
+                         "aic": argmin_rank(sel, "aic"), "cv5": argmin_rank(sel, "cv_error"),
+                         "oracle": cands[int(np.argmin(excess))]},
                "df_eff": sel.column("df_eff"),
                "fit_s": sum(sel.column("fit_time")) + sum(sel.column("df_time")),
                "df_s": sum(sel.column("df_time")), "cv5_s": sum(sel.column("cv_time")),
@@ -477,6 +481,11 @@ def agree(trials, a, b):
     return sum(t["picks"][a] == t["picks"][b] for t in sub) / max(1, len(sub)), len(sub)
 
 
+def _test_error(trial, rank) -> float:
+    """The exact test error of a synthetic trial's fit at `rank`: noise variance + ||B_hat - B||^2."""
+    return trial["noise_var"] + trial["excess_by_rank"][rank - 1]
+
+
 def summarize(syn, lay, img, mini, mn=None):
     s = {}
     for part, trials, tkeys in (("synthetic", syn, ("fit_s", "cv5_s", "cv10_s")),
@@ -489,6 +498,17 @@ def summarize(syn, lay, img, mini, mn=None):
             d[f"true_rank_rate_{crit}"] = rate(sub, crit) if sub else None
         for crit in ("test_error", "test_error_manifold", "optimism", "bic", "cv10"):
             d[f"agree_cv5_{crit}"], _ = agree(trials, crit, "cv5")
+        refereed = [t for t in trials if "excess_by_rank" in t]
+        d["oracle_trials"] = len(refereed)
+        for crit in ("test_error", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10"):
+            sub = [t for t in refereed if crit in t["picks"]]
+            if not sub:
+                continue
+            d[f"oracle_rate_{crit}"] = float(np.mean([t["picks"][crit] == t["picks"]["oracle"] for t in sub]))
+            d[f"excess_vs_oracle_{crit}"] = float(np.mean([_test_error(t, t["picks"][crit]) /
+                                                           _test_error(t, t["picks"]["oracle"]) - 1 for t in sub]))
+        if refereed:
+            d["true_is_oracle"] = float(np.mean([t["picks"]["oracle"] == t["true_rank"] for t in refereed]))
         t_one = sum(t[tkeys[0]] for t in trials)
         d["speedup_cv5"] = sum(t[tkeys[1]] for t in trials) / t_one
         # per-trial ratios: their median is robust to load spikes from other processes
@@ -593,6 +613,17 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
                     continue
                 ag = d.get(f"agree_cv5_{crit}")
                 L.append(f"| {part} | {crit} | {fmt(d[f'true_rank_rate_{crit}'], True)} | {fmt(ag, True)} |")
+    d = summary.get("synthetic") or {}
+    if d.get("oracle_trials"):
+        L += ["", f"Against the oracle ({d['oracle_trials']} synthetic trials): the candidate whose fit has the least "
+              "exact test error (X is Gaussian, so it is the noise variance + ||B_hat - B||^2). The true rank is the "
+              f"oracle's pick in {fmt(d['true_is_oracle'], True)} of trials (at low SNR or few samples a lower rank "
+              "predicts better). Excess: the mean over trials of the picked fit's test error / the oracle's - 1.", "",
+              "| rule | picks the oracle's rank | mean test-error excess over the oracle |", "|---|---:|---:|"]
+        for crit in ("test_error", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10"):
+            if f"oracle_rate_{crit}" in d:
+                L.append(f"| {crit} | {fmt(d[f'oracle_rate_{crit}'], True)} | "
+                         f"{100 * d[f'excess_vs_oracle_{crit}']:.1f}% |")
     L += _disagreements(syn, lay)
     if syn:
         L += ["", "## Synthetic scalar-on-tensor trials", "",

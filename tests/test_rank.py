@@ -161,6 +161,9 @@ def test_cv_path_table_and_plot(tmp_path):
         assert row["est_test_error"] == pytest.approx(row["train_error"] + row["optimism"])
     assert sel.scores_ == sel.column("cv_error")
     assert "cv_error" in str(sel)
+    # one full-data fit per candidate, the chosen one among them
+    assert [e.rank for e in sel.estimators_] == [1, 2, 3, 4] and sel.estimators_[sel.best_index_] is sel.estimator_
+    assert [e.rss_ / 300 for e in sel.estimators_] == pytest.approx(sel.column("train_error"))
     out = sel.plot(tmp_path / "ranks.png")
     data = (tmp_path / "ranks.png").read_bytes()
     assert out.endswith("ranks.png") and len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"

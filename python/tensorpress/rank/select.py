@@ -37,6 +37,7 @@ class RankSelection:
         over folds of the held-out MSE; None unless CV ran), fit_time (s, the fit on all
         data), df_time (s, computing df_eff), cv_time (s, all folds; None unless CV ran).
     estimator_: the model fitted on all the data at rank_ (None for energy_rank).
+    estimators_: the models fitted on all the data, one per candidate (select_rank).
     """
 
     rank_: Any
@@ -49,6 +50,7 @@ class RankSelection:
     n_samples: int = 0
     cv: int | None = None
     estimator_: Any = field(default=None, repr=False)
+    estimators_: list = field(default_factory=list, repr=False)
 
     def column(self, key: str) -> list:
         """One column of the table as a list (e.g. "cv_error")."""
@@ -243,7 +245,7 @@ def select_rank(model_family: str | Callable, X, y, candidates, criterion: str =
     return RankSelection(rank_=cands[best], criterion=criterion, candidates=cands, table=table, scores_=scores,
                          best_index_=best, family=model_family if isinstance(model_family, str) else
                          getattr(model_family, "__name__", "custom"), n_samples=n, cv=cv if do_cv else None,
-                         estimator_=fitted[best])
+                         estimator_=fitted[best], estimators_=fitted)
 
 
 def energy_rank(singular_values, energy: float = 0.9) -> int:
