@@ -54,6 +54,7 @@ from _common import bench_parser, cpu_seconds, exit_unless_cpu, git_revision, ma
 
 ALS = {"n_iter_max": 100, "tol": 1e-6}
 TARGET_AGREE, TARGET_CV5, TARGET_CV10 = 0.85, 4.0, 8.0
+RULES = ("test_error", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10")   # every rule reported
 
 
 # ----------------------------------------------------------------------------- data
@@ -123,6 +124,17 @@ def load_trial_log(path) -> dict:
     return done
 
 
+def synthetic_cells(quick, full, seeds_override=None) -> list[tuple]:
+    """Every synthetic trial of the grid, in grid order: (key, kind, dims, R, df, mult, snr, seed),
+    key as trial_key gives it for the trial's row."""
+    cells = []
+    for kind, dims, R, mults, snrs, seeds in synthetic_settings(quick, full):
+        df = cp_degrees_of_freedom(R, dims) if kind == "cp" else tucker_degrees_of_freedom(R, dims)
+        cells += [((kind, tuple(dims), R, float(mult), float(snr), seed), kind, dims, R, df, mult, snr, seed)
+                  for mult in mults for snr in snrs for seed in range(seeds_override or seeds)]
+    return cells
+
+
 def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadline=math.inf):
     """The synthetic grid. trial_log: a JSON-lines file of completed trials, read to skip them and
     appended to (a long grid then runs over several sessions); no new trial starts after `deadline`
@@ -130,16 +142,11 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
     trials = []
     done = load_trial_log(trial_log)
     sink = open(trial_log, "a") if trial_log is not None else None
-    cells = []
-    for kind, dims, R, mults, snrs, seeds in synthetic_settings(quick, full):
-        df = cp_degrees_of_freedom(R, dims) if kind == "cp" else tucker_degrees_of_freedom(R, dims)
-        cells += [(seed, kind, dims, R, df, mult, snr) for mult in mults for snr in snrs
-                  for seed in range(seeds_override or seeds)]
-    grid_order = {(c[1], tuple(c[2]), c[3], float(c[5]), float(c[6]), c[0]): i for i, c in enumerate(cells)}
+    cells = synthetic_cells(quick, full, seeds_override)
+    grid_order = {c[0]: i for i, c in enumerate(cells)}
     # seed-major order: a run stopped early (or resumed later) covers the whole grid at fewer seeds
-    cells.sort(key=lambda c: c[0])
-    for seed, kind, dims, R, df, mult, snr in cells:
-        key = (kind, tuple(dims), R, float(mult), float(snr), seed)
+    cells.sort(key=lambda c: c[-1])
+    for key, kind, dims, R, df, mult, snr, seed in cells:
         if key in done:
             trials.append(done[key])
             continue
@@ -493,14 +500,14 @@ def summarize(syn, lay, img, mini, mn=None):
         if not trials:
             continue
         d = {"trials": len(trials)}
-        for crit in ("test_error", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10"):
+        for crit in RULES:
             sub = [t for t in trials if crit in t["picks"]]
             d[f"true_rank_rate_{crit}"] = rate(sub, crit) if sub else None
         for crit in ("test_error", "test_error_manifold", "optimism", "bic", "cv10"):
             d[f"agree_cv5_{crit}"], _ = agree(trials, crit, "cv5")
         refereed = [t for t in trials if "excess_by_rank" in t]
         d["oracle_trials"] = len(refereed)
-        for crit in ("test_error", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10"):
+        for crit in RULES:
             sub = [t for t in refereed if crit in t["picks"]]
             if not sub:
                 continue
@@ -608,7 +615,7 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
     for part in ("synthetic", "layer"):
         d = summary.get(part)
         if d:
-            for crit in ("test_error", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10"):
+            for crit in RULES:
                 if d.get(f"true_rank_rate_{crit}") is None:
                     continue
                 ag = d.get(f"agree_cv5_{crit}")
@@ -620,7 +627,7 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
               f"oracle's pick in {fmt(d['true_is_oracle'], True)} of trials (at low SNR or few samples a lower rank "
               "predicts better). Excess: the mean over trials of the picked fit's test error / the oracle's - 1.", "",
               "| rule | picks the oracle's rank | mean test-error excess over the oracle |", "|---|---:|---:|"]
-        for crit in ("test_error", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10"):
+        for crit in RULES:
             if f"oracle_rate_{crit}" in d:
                 L.append(f"| {crit} | {fmt(d[f'oracle_rate_{crit}'], True)} | "
                          f"{100 * d[f'excess_vs_oracle_{crit}']:.1f}% |")
@@ -840,8 +847,8 @@ def main(argv=None) -> int:
     deadline = wall0 + 60 * args.max_minutes if args.max_minutes else math.inf
     syn = run_synthetic(args.quick, args.full, log, args.seeds, args.trial_log, deadline) \
         if "synthetic" in parts else []
-    meta["synthetic_grid_trials"] = sum(len(m) * len(sn) * (args.seeds or sd) for _, _, _, m, sn, sd
-                                        in synthetic_settings(args.quick, args.full)) if "synthetic" in parts else 0
+    meta["synthetic_grid_trials"] = len(synthetic_cells(args.quick, args.full, args.seeds)) \
+        if "synthetic" in parts else 0
     lay = run_layer(args.quick, args.full, log) if "layer" in parts else []
     img = run_image(args.quick, args.full, log) if "image" in parts else []
     mn = run_mnist(args.quick, args.full, log) if "mnist" in parts else {}
