@@ -35,6 +35,7 @@ Writes results/rank_selection.{json,md} and rank_selection_*.png (``_quick`` wit
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -135,10 +136,13 @@ def synthetic_cells(quick, full, seeds_override=None) -> list[tuple]:
     return cells
 
 
-def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadline=math.inf):
+def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadline=math.inf, shard=(0, 1)):
     """The synthetic grid. trial_log: a JSON-lines file of completed trials, read to skip them and
     appended to (a long grid then runs over several sessions); no new trial starts after `deadline`
-    (time.perf_counter() value): the trials done so far are returned."""
+    (time.perf_counter() value): the trials done so far are returned. shard (i, k): run only every
+    k-th trial of the seed-major order, starting at the i-th (k single-threaded processes sharing
+    one trial log fill the grid k times faster on k cores); the trials every shard has logged are
+    returned."""
     trials = []
     done = load_trial_log(trial_log)
     sink = open(trial_log, "a") if trial_log is not None else None
@@ -146,11 +150,11 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
     grid_order = {c[0]: i for i, c in enumerate(cells)}
     # seed-major order: a run stopped early (or resumed later) covers the whole grid at fewer seeds
     cells.sort(key=lambda c: c[-1])
-    for key, kind, dims, R, df, mult, snr, seed in cells:
+    for index, (key, kind, dims, R, df, mult, snr, seed) in enumerate(cells):
         if key in done:
             trials.append(done[key])
             continue
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline or index % shard[1] != shard[0]:
             continue
         n = int(mult * df)
         X, y, B = planted(kind, dims, R, n, snr, seed)
@@ -164,7 +168,7 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
         # ||B_hat - B||_F^2 exactly (the test error is that plus the noise variance 1/snr)
         excess = [float(((e.coef_ - B) ** 2).sum()) for e in sel.estimators_]
         row = {"family": kind, "dims": list(dims), "true_rank": R, "df": df, "n": n, "mult": mult,
-               "snr": snr, "seed": seed, "wall_s": wall, "excess_by_rank": excess, "noise_var": 1.0 / snr,
+               "snr": snr, "seed": seed, "threads": torch.get_num_threads(), "wall_s": wall, "excess_by_rank": excess, "noise_var": 1.0 / snr,
                "picks": {"test_error": argmin_rank(sel, "est_test_error"),
                          "test_error_manifold": cands[int(np.argmin(manifold))],
                          "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
@@ -187,6 +191,8 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
             f"fit {row['fit_s']:.2f}s cv5 {row['cv5_s']:.2f}s ({wall:.1f}s)")
     if sink is not None:
         sink.close()
+        if shard[1] > 1:   # the other shards' trials logged meanwhile
+            trials = list(load_trial_log(trial_log).values())
     return sorted(trials, key=lambda t: grid_order.get(trial_key(t), len(grid_order)))   # reported setting by setting
 
 
@@ -805,6 +811,16 @@ def write_plots(out, stem, syn, lay, img, mini, mn=None):
     return written
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, k = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/K (e.g. 0/2), got {text!r}") from None
+    if not (k >= 1 and 0 <= i < k):
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < K, got {text!r}")
+    return i, k
+
+
 def main(argv=None) -> int:
     ap = bench_parser(__doc__, repeats_help="unused (each trial is timed once)", warmup_help="unused",
                       quick_help="smoke test: one small setting per part")
@@ -819,6 +835,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trial-log", type=Path, default=None,
                     help="JSON-lines log of synthetic trials: completed ones are skipped, new ones appended "
                          "(run a long grid over several sessions)")
+    ap.add_argument("--shard", default="0/1", type=parse_shard,
+                    help="I/K: run every K-th synthetic trial from the I-th (K processes, one trial log)")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="start no new synthetic trial after this many minutes; write results for those done")
     args = ap.parse_args(argv)
@@ -845,7 +863,9 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - wall0:7.1f}s] {msg}", flush=True)
 
     deadline = wall0 + 60 * args.max_minutes if args.max_minutes else math.inf
-    syn = run_synthetic(args.quick, args.full, log, args.seeds, args.trial_log, deadline) \
+    if args.shard[1] > 1 and args.trial_log is None:
+        ap.error("--shard: needs --trial-log (the shards share their trials through it)")
+    syn = run_synthetic(args.quick, args.full, log, args.seeds, args.trial_log, deadline, args.shard) \
         if "synthetic" in parts else []
     meta["synthetic_grid_trials"] = len(synthetic_cells(args.quick, args.full, args.seeds)) \
         if "synthetic" in parts else 0

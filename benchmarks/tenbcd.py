@@ -28,6 +28,7 @@ TT projection, and its alpha = 1 unscaled on W lets the network fit the training
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -278,12 +279,15 @@ def experiment_timing(data, args, ratio: float = 0.09) -> dict:
 def write_markdown(path: Path, meta: dict, cfg: dict, mlp: list[dict], cnn: list[dict], timing: dict | None,
                    notes: list[str]) -> None:
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    h = cfg["hyper"]
+    n = "n_train" if h["scale"] == "n" else "1"
     L = ["# tenBCD vs SGD/Adam on TT-compressed networks", "", *stamp_lines(meta),
          f"- torch {meta['torch']}, {meta['threads']} threads, float32; tensorpress: {tensorpress_flags(meta)}; "
          f"repository at {meta['git']}",
          f"- config: {json.dumps(cfg)}",
-         "- tenBCD: gamma = rho = 5, alpha = 1 (V, U), tau_eff = tau * n_train with tau = 1, W's proximal weight "
-         "alpha_w * n_train with alpha_w = 0.1, weight decay 0.01 * n_train; accuracies are with the TT "
+         f"- tenBCD: gamma = {h['gamma']:g}, rho = {h['rho']:g}, alpha = {h['alpha']:g} (V, U), tau_eff = tau * {n} "
+         f"with tau = {h['tau']:g}, W's proximal weight alpha_w * {n} with alpha_w = {h['alpha_w']:g}, weight decay "
+         f"{h['weight_decay']:g} * {n}; accuracies are with the TT "
          "weights (the network actually deployed); '+refit': after the least-squares refit of the output layer on "
          "the TT network's hidden outputs (ridge chosen by generalized cross-validation); 'free W': the unconstrained weights W (not deployable); gap = max over "
          "TT layers of ||W - TTD||/||W||",
@@ -381,6 +385,18 @@ def write_plots(out: Path, stem: str, mlp: list[dict], cnn: list[dict]) -> list[
 
 
 # ----------------------------------------------------------------------------- main
+def parse_hyper(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    if key not in HYPER or not value:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {sorted(HYPER)}, got {text!r}")
+    if key == "scale":
+        return key, None if value == "none" else value
+    try:
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: expected a number, got {value!r}") from None
+
+
 def main(argv=None) -> int:
     ap = bench_parser(__doc__, repeats_help="timing iterations per side (default 5; 2 with --quick)",
                       warmup_help="unused (one warmup iteration per side)", quick_help="smoke test, tiny sizes")
@@ -397,7 +413,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fashion", action="store_true", help="also the MLP at ratio 0.09 on Fashion-MNIST")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stem", default=None, help="results file name (default tenbcd, tenbcd_quick with --quick)")
+    ap.add_argument("--hyper", nargs="*", default=[], metavar="KEY=VALUE", type=parse_hyper,
+                    help=f"override tenBCD's settings, e.g. gamma=1 rho=1 (defaults {HYPER})")
     args = ap.parse_args(argv)
+    HYPER.update(dict(args.hyper))
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("tenbcd.py: --device cuda requested but torch sees no GPU; use --device cpu")
     torch.set_num_threads(args.threads)

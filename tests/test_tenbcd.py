@@ -405,3 +405,17 @@ def test_refit_output_gcv_and_fixed_ridge(digits):
     assert m.refit_ridge_ == pytest.approx(1e-4 * float(G.diagonal().mean()), rel=1e-5)
     with pytest.raises(ValueError, match="ridge"):
         m.refit_output(X[:300], one_hot(y[:300], 10), ridge=-1.0)
+
+
+def test_refit_output_with_fewer_samples_than_hidden_units_in_float32(digits):
+    """H H^T is singular when n < d: the refit still solves (in float64), matches the ridge
+    solution and fits the training set (the quick benchmark's 500 digits vs 1024 units)."""
+    X, y, _, _ = digits
+    m = TenBCD([64, 256, 10], seed=1).fit(X[:100], one_hot(y[:100], 10), n_iter=3)   # float32, n = 100 < 256
+    m.refit_output(X[:100], one_hot(y[:100], 10))
+    assert math.isfinite(m.refit_ridge_) and m.refit_ridge_ > 0
+    H = m._forward(X[:100].double(), [w.double() for w in m.effective_weights()], upto=1)
+    W = torch.linalg.solve(H @ H.T + m.refit_ridge_ * torch.eye(256, dtype=D64),
+                           H @ one_hot(y[:100], 10).double()).T
+    torch.testing.assert_close(m.weights_[-1].double(), W, rtol=2e-3, atol=2e-4)
+    assert m.score(X[:100], y[:100]) > 0.9

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from tensorpress.train.projections import prune_projection, tt_project
 from tensorpress.train.spec import ConvSpec, TTSpec, resolve_tt_spec
-from tensorpress.train.updates import (GramFactor, SolveError, cholesky, gram_factor, update_u_hidden,
+from tensorpress.train.updates import (GramFactor, SolveError, gram_factor, update_u_hidden,
                                        update_u_out, update_v_hidden, update_v_out, update_w)
 
 
@@ -456,15 +456,19 @@ class TenBCD:
         X, Y = self._check_xy(X, Y)
         if ridge != "gcv":
             ridge = _check_number("ridge", ridge)
-        H = self._forward(X.to(self.device_, self.dtype), self.effective_weights(), upto=self.N - 1)
-        Yc = Y.to(self.device_, self.dtype).T
-        G = (H @ H.T).double()
-        B = (Yc @ H.T).double()                                     # Y H^T (C x d)
-        lam = gcv_ridge(G, B, float(Yc.double().square().sum()), H.shape[1]) if ridge == "gcv" else \
+        # float64 throughout: with fewer samples than hidden units H H^T is singular, and a float32
+        # Gram's rounding (negative eigenvalues ~1e-7 ||G||) would swamp a small chosen lam
+        H = self._forward(X.to(self.device_, self.dtype), self.effective_weights(), upto=self.N - 1).double()
+        Yc = Y.to(self.device_, torch.float64).T
+        G, B = H @ H.T, Yc @ H.T                                    # B = Y H^T (C x d)
+        e, Q = torch.linalg.eigh(G)
+        e = e.clamp_min(0.0)
+        lam = gcv_ridge(G, B, float(Yc.square().sum()), H.shape[1], eig=(e, Q)) if ridge == "gcv" else \
             ridge * float(G.diagonal().mean()) + 1e-12
         self.refit_ridge_ = lam
-        L = cholesky(G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device), "refit_output (H H^T)")
-        self.weights_[-1] = torch.cholesky_solve(B.T, L).T.to(self.dtype).contiguous()
+        # W = B (G + lam I)^{-1} through G's eigenvectors (lam > 0 unless H = 0, whose refit is W = 0)
+        inv = torch.where(e + lam > 0, 1.0 / (e + lam), torch.zeros_like(e))
+        self.weights_[-1] = (((B @ Q) * inv) @ Q.T).to(self.dtype).contiguous()
         if self.N - 1 in self.constrained:
             self.targets_[-1] = None
             self._project([self.N - 1])
@@ -545,14 +549,16 @@ class TenBCD:
 
 
 # ----------------------------------------------------------------------------- helpers
-def gcv_ridge(G: Tensor, B: Tensor, y_sq: float, n: int, grid: int = 61) -> float:
+def gcv_ridge(G: Tensor, B: Tensor, y_sq: float, n: int, grid: int = 61,
+              eig: tuple[Tensor, Tensor] | None = None) -> float:
     """The ridge lam minimizing GCV(lam) = RSS(lam) / (n (1 - df(lam)/n)^2) for W = B (G + lam I)^{-1}.
 
     G = H H^T (d x d), B = Y H^T (C x d), y_sq = ||Y||^2, n samples (columns of H). With
     G = Q diag(e) Q^T: RSS(lam) = y_sq - sum_j c_j (1 - (lam / (e_j + lam))^2), c_j = ||B q_j||^2 / e_j,
     df(lam) = sum_j e_j / (e_j + lam). lam on a log grid from 1e-8 to 1e2 times mean(e).
+    eig: (e, Q) of G when the caller has it (float64).
     """
-    e, Q = torch.linalg.eigh(G.double())
+    e, Q = eig if eig is not None else torch.linalg.eigh(G.double())
     e = e.clamp_min(0.0)
     keep = e > e.max() * 1e-12
     e, c = e[keep], (B.double() @ Q[:, keep]).square().sum(0) / e[keep]

@@ -1,0 +1,59 @@
+"""benchmarks/rank_selection.py: the synthetic grid's trial log resumes and shards correctly (the
+full grid runs over several sessions and processes; its figures are in
+benchmarks/results/rank_selection_full.md)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def rank_selection():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import rank_selection
+    finally:
+        sys.path.remove(str(BENCH))
+    return rank_selection
+
+
+def _log_keys(rs, path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [rs.trial_key(r) for r in rows]
+
+
+def test_shards_split_the_grid_and_resume_from_the_log(rank_selection, tmp_path):
+    rs = rank_selection
+    log = tmp_path / "trials.jsonl"
+    grid = [c[0] for c in rs.synthetic_cells(True, False, seeds_override=3)]
+    assert len(grid) == 3
+
+    first = rs.run_synthetic(True, False, print, seeds_override=3, trial_log=log, shard=(1, 2))
+    ran = _log_keys(rs, log)
+    assert len(ran) == 1 and len(first) == 1            # shard 1/2 of 3 seed-major trials: the second
+    assert ran[0] == sorted(grid, key=lambda k: k[-1])[1]
+
+    second = rs.run_synthetic(True, False, print, seeds_override=3, trial_log=log, shard=(0, 2))
+    keys = _log_keys(rs, log)
+    assert len(keys) == len(set(keys)) == 3              # no trial twice, none missing
+    assert sorted(rs.trial_key(t) for t in second) == sorted(grid)
+    assert [rs.trial_key(t) for t in second] == grid      # reported in grid order
+
+    again = rs.run_synthetic(True, False, print, seeds_override=3, trial_log=log)
+    assert len(_log_keys(rs, log)) == 3                  # everything was logged: nothing reruns
+    assert [t["picks"] for t in again] == [t["picks"] for t in second]
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "0/0", "-1/2"])
+def test_bad_shard_is_rejected(rank_selection, text):
+    with pytest.raises(SystemExit):
+        rank_selection.main(["--shard", text, "--parts", "synthetic", "--quick"])
+
+
+def test_shard_needs_a_trial_log(rank_selection, capsys):
+    with pytest.raises(SystemExit):
+        rank_selection.main(["--shard", "1/2", "--parts", "synthetic", "--quick"])
+    assert "--trial-log" in capsys.readouterr().err
