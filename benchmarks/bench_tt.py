@@ -34,6 +34,7 @@ import torch
 import tensorpress
 from tensorpress.nn import TTLinear
 from tensorpress.ops.tt import tt_to_dense
+from tensorpress.ops.tt_plan import flat_dims, plan_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (bench_parser, cpu_seconds, exit_unless_cpu, machine_info, median_ms, other_cpu_share,  # noqa: E402
@@ -273,6 +274,7 @@ def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, wa
             f"| {vp['fwd_ms']:.2f}x ({r['fastest_peer']['fwd_ms']}) {t['fwd_vs_peer']} "
             f"| {vp['fwd_bwd_ms']:.2f}x ({r['fastest_peer']['fwd_bwd_ms']}) {t['fwd_bwd_vs_peer']} "
             f"| {vd['fwd_ms']:.2f}x {t['fwd_vs_dense']} | {vd['fwd_bwd_ms']:.2f}x {t['fwd_bwd_vs_dense']} |")
+    lines += needed_rate_lines(results)
     lines += [
         "", "## Activation memory saved for backward (MiB; x itself included, parameters excluded)", "",
         "tensorpress keeps x and its prepared step matrices (the merged cores: batch-independent, "
@@ -287,6 +289,48 @@ def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, wa
         lines.append(f"| {r['case']} | {mib(x_bytes)} | "
                      + " | ".join(mib(r["saved_bytes"][s]) if s in r["saved_bytes"] else "-" for s in SIDES) + " |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def needed_rate_lines(results: list[dict]) -> list[str]:
+    """For each failed target against the peers: the FLOP rate our plan would have to run at to
+    meet it, beside the best rate a single dense GEMM reached in this run (the machine's
+    practical ceiling for these FLOPs)."""
+    ceiling = max(r["gflops"]["dense_fwd"] for r in results)
+    rows = []
+    for r in results:
+        executed = {"fwd_ms": r["plan_flops"], "fwd_bwd_ms": executed_fwd_bwd_flops(r)}
+        for key, target, label in (("fwd_ms", TARGET_FWD, "fwd"), ("fwd_bwd_ms", TARGET_FB, "f+b")):
+            if r["speedup_vs_peer"][key] >= target:
+                continue
+            allowed_ms = r["times_ms"][r["fastest_peer"][key]][key] / target
+            reached = executed[key] / (r["times_ms"]["tensorpress"][key] * 1e6)
+            need = executed[key] / (allowed_ms * 1e6)
+            rows.append(f"| {r['case']} | {label} | {executed[key] / 1e6:.1f} | {allowed_ms:.3f} | {need:.1f} "
+                        f"| {reached:.1f} | {need / ceiling:.0%} |")
+    if not rows:
+        return []
+    return ["", "## What the failed targets need", "",
+            "The FLOPs tensorpress executes (the forward plan's; fwd+bwd: three times the forward plus the "
+            "backward's recompute of every step but the last, which is what keeps only x saved) and the rate "
+            "they would have to run at to meet each failed target, against the best rate one dense GEMM "
+            f"reached in this run ({ceiling:.1f} GFLOP/s). The fused plans are the fewest-FLOP contraction "
+            "plans, so above 100% no kernel executing them meets the target on this machine.", "",
+            "| case | pass | MFLOP executed | time allowed (ms) | GFLOP/s needed | GFLOP/s reached "
+            "| needed / dense GEMM's best |", "|---|---|---:|---:|---:|---:|---:|", *rows]
+
+
+def executed_fwd_bwd_flops(r: dict) -> int:
+    """Forward + backward FLOPs of the case's plan: 3x the forward (y, grad x, grad cores), plus the
+    backward's recompute of every fused step but the last (nominal 3x for the dense route)."""
+    layer = TTLinear(r["in_features"], r["out_features"], r["ranks"], in_factors=r["in_factors"],
+                     out_factors=r["out_factors"], bias=False)
+    plan = layer.plan(r["batch"])
+    if str(plan) != r["plan"]:
+        raise ValueError(f"{r['case']}: the plan chosen now ({plan}) is not the recorded one ({r['plan']})")
+    if plan.dense:
+        return 3 * plan.flops
+    steps = plan_info(tuple(flat_dims(plan.merged_shapes)), tuple(plan.order))["steps"]
+    return 3 * plan.flops + r["batch"] * sum(s["flops"] for s in steps[:-1])
 
 
 def write_plot(path: Path, results: list[dict]) -> None:
@@ -317,8 +361,15 @@ def main(argv=None) -> int:
     ap = bench_parser(__doc__, repeats_help="timed repeats (default 30; 3 with --quick)",
                       warmup_help="warmup runs (default 5; 1 with --quick)",
                       quick_help="smoke test: two small cases, few repeats")
+    ap.add_argument("--rewrite", type=Path, default=None,
+                    help="rewrite the Markdown from an existing CPU results JSON (no runs)")
     args = ap.parse_args(argv)
 
+    if args.rewrite is not None:
+        data = json.loads(args.rewrite.read_text())
+        write_markdown(args.rewrite.with_suffix(".md"), data["meta"], data["results"], data["repeats"], data["warmup"])
+        print(f"wrote {args.rewrite.with_suffix('.md')}")
+        return 0
     if args.device == "cuda":
         return cuda_main(args)
     exit_unless_cpu(args.device, "bench_tt.py")

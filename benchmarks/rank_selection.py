@@ -584,12 +584,21 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
     grid = meta.get("synthetic_grid_trials")
     partial = f"; PARTIAL: {len(syn)} of the grid's {grid} synthetic trials done so far" \
         if grid and len(syn) < grid else ""
+    # how the results were run: recorded in meta (so --rewrite keeps it), else this invocation's flags
+    run = meta.get("run") or {"quick": args.quick, "full": args.full, "seeds": getattr(args, "seeds", None),
+                              "parts": args.parts}
+    seeds_text = f", {run['seeds']} seeds per synthetic setting" if run.get("seeds") else ""
+    threads = sorted({t.get("threads", meta["threads"]) for t in syn}) or [meta["threads"]]
+    trial_s = sum(t["wall_s"] + (t.get("cv10_s") or 0.0) for t in syn)
+    took = f"{trial_s / 3600:.1f} h" if trial_s >= 3600 else f"{trial_s / 60:.1f} min"
+    logged = f"; the synthetic trials took {took} in all, at {'/'.join(map(str, threads))} " \
+        "thread(s) per process" if syn else ""
     L = ["# Rank selection: asymptotic optimism vs cross-validation", "", *stamp_lines(meta),
          f"- torch {meta['torch']}, {meta['threads']} threads; tensorpress: {tensorpress_flags(meta)}; "
          f"repository at {meta['git']}",
-         f"- run: {'--quick' if args.quick else ('--full' if args.full else 'defaults')}"
-         f"{f', {args.seeds} seeds per synthetic setting' if getattr(args, 'seeds', None) else ''}, "
-         f"parts {args.parts} ({meta['elapsed_s']:.0f} s{partial}). Rules: test_error = train error + optimism (the default), optimism alone, "
+         f"- run: {'--quick' if run['quick'] else ('--full' if run['full'] else 'defaults')}"
+         f"{seeds_text}, "
+         f"parts {run['parts']} ({meta['elapsed_s']:.0f} s this invocation{logged}{partial}). Rules: test_error = train error + optimism (the default), optimism alone, "
          "BIC, AIC, k-fold CV; all from one table per trial.", ""]
     L += ["## Targets (issue 6)", "",
           "Time ratios: sum over trials of the CV time / sum of the optimism rule's time (fits + Stein df), and "
@@ -857,6 +866,7 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     meta = machine_info(torch.get_num_threads())
     meta["git"] = git_revision()
+    meta["run"] = {"quick": args.quick, "full": args.full, "seeds": args.seeds, "parts": args.parts}
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
 
     def log(msg):
