@@ -847,7 +847,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", default="0/1", type=parse_shard,
                     help="I/K: run every K-th synthetic trial from the I-th (K processes, one trial log)")
     ap.add_argument("--max-minutes", type=float, default=None,
-                    help="start no new synthetic trial after this many minutes; write results for those done")
+                    help="start no new synthetic trial after this many minutes; write results for those done "
+                         "(0: only report the trials already in --trial-log)")
     args = ap.parse_args(argv)
     if args.rewrite is not None:
         data = json.loads(args.rewrite.read_text())
@@ -872,7 +873,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - wall0:7.1f}s] {msg}", flush=True)
 
-    deadline = wall0 + 60 * args.max_minutes if args.max_minutes else math.inf
+    deadline = wall0 + 60 * args.max_minutes if args.max_minutes is not None else math.inf
     if args.shard[1] > 1 and args.trial_log is None:
         ap.error("--shard: needs --trial-log (the shards share their trials through it)")
     syn = run_synthetic(args.quick, args.full, log, args.seeds, args.trial_log, deadline, args.shard) \

@@ -46,6 +46,19 @@ def test_shards_split_the_grid_and_resume_from_the_log(rank_selection, tmp_path)
     assert len(_log_keys(rs, log)) == 3                  # everything was logged: nothing reruns
     assert [t["picks"] for t in again] == [t["picks"] for t in second]
 
+    # --max-minutes 0 runs nothing and reports what the log holds
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        assert rs.main(["--quick", "--seeds", "3", "--parts", "synthetic", "--trial-log", str(log),
+                        "--max-minutes", "0", "--out", str(tmp_path), "--stem", "report", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert len(_log_keys(rs, log)) == 3
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["synthetic"]) == 3 and report["meta"]["run"]["seeds"] == 3
+    assert "--quick, 3 seeds per synthetic setting" in (tmp_path / "report.md").read_text()
+
 
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "0/0", "-1/2"])
 def test_bad_shard_is_rejected(rank_selection, text):
