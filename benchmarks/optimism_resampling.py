@@ -12,6 +12,7 @@ time of each.
 
     python benchmarks/optimism_resampling.py            # 3 settings x 2 n x 2 SNR x 3 seeds
     python benchmarks/optimism_resampling.py --quick    # one trial (smoke test)
+    python benchmarks/optimism_resampling.py --rewrite benchmarks/results/optimism_resampling.json
 """
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def summarize(trials: list[dict]) -> dict:
     of the picks; total times."""
     rel = {"below": [], "at": [], "above": []}
     for t in trials:
-        for r, s, b in zip(t["candidates"], t["df_stein"], t["df_boot"]):
-            if b > 0 and s < t["n"] - 1 and b < t["n"] - 1:     # both finite-valued
+        for r, s, b, d in zip(t["candidates"], t["df_stein"], t["df_boot"], t["df"]):
+            if d < t["n"] - 1 and b > 0 and s < t["n"] - 1 and b < t["n"] - 1:     # both finite-valued
                 where = "below" if r < t["true_rank"] else ("at" if r == t["true_rank"] else "above")
                 rel[where].append(abs(b - s) / b)
     agree = lambda a, b: float(np.mean([t["picks"][a] == t["picks"][b] for t in trials]))  # noqa: E731
@@ -118,9 +119,15 @@ def write_markdown(path: Path, meta: dict, summary: dict, trials: list[dict]) ->
         for i, r in enumerate(t["candidates"]):
             mark = " (true)" if r == t["true_rank"] else ""
             L.append(f"| {t['family']} | {'x'.join(map(str, t['dims']))} | {t['true_rank']} | {t['n']} | {t['snr']:g} "
-                     f"| {t['seed']} | {r}{mark} | {t['df'][i]} | {t['df_stein'][i]:.1f} | {t['df_boot'][i]:.1f} "
+                     f"| {t['seed']} | {r}{mark} | {t['df'][i]} | {t['df_stein'][i]:.1f} | {boot_cell(t, i)} "
                      f"| {f(t['est_stein'][i])} / {f(t['est_boot'][i])} | {f(t['cv5'][i])} | {f(t['exact'][i])} |")
     path.write_text("\n".join(L) + "\n")
+
+
+def boot_cell(t: dict, i: int) -> str:
+    """The bootstrap df of candidate i; select_rank skips the refits where the manifold df is >= n - 1
+    (no finite optimism there) and reports the manifold df."""
+    return "- (df >= n - 1)" if t["df"][i] >= t["n"] - 1 else f"{t['df_boot'][i]:.1f}"
 
 
 def write_plot(path: Path, trials: list[dict]) -> None:
@@ -131,7 +138,9 @@ def write_plot(path: Path, trials: list[dict]) -> None:
     for where, color in (("below", "tab:blue"), ("at", "tab:green"), ("above", "tab:red")):
         xs, ys = [], []
         for t in trials:
-            for r, s, b in zip(t["candidates"], t["df_stein"], t["df_boot"]):
+            for r, s, b, d in zip(t["candidates"], t["df_stein"], t["df_boot"], t["df"]):
+                if d >= t["n"] - 1:
+                    continue
                 pos = "below" if r < t["true_rank"] else ("at" if r == t["true_rank"] else "above")
                 if pos == where:
                     xs.append(b / t["n"])
@@ -153,7 +162,16 @@ def main(argv=None) -> int:
     ap = bench_parser(__doc__, repeats_help="unused", warmup_help="unused", quick_help="one trial (smoke test)")
     ap.add_argument("--n-boot", type=int, default=20, help="bootstrap refits per candidate")
     ap.add_argument("--stem", default=None, help="results file name (default optimism_resampling)")
+    ap.add_argument("--rewrite", type=Path, default=None,
+                    help="rewrite the summary, Markdown and plot from an existing results JSON (no runs)")
     args = ap.parse_args(argv)
+    if args.rewrite is not None:
+        data = json.loads(args.rewrite.read_text())
+        data["summary"] = summarize(data["trials"])
+        args.rewrite.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        write_markdown(args.rewrite.with_suffix(".md"), data["meta"], data["summary"], data["trials"])
+        write_plot(args.rewrite.with_name(args.rewrite.stem + "_df.png"), data["trials"])
+        return 0
     exit_unless_cpu(args.device, "optimism_resampling.py")
     torch.set_num_threads(args.threads)
     meta = machine_info(torch.get_num_threads())

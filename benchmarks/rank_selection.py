@@ -175,6 +175,9 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
                          "aic": argmin_rank(sel, "aic"), "cv5": argmin_rank(sel, "cv_error"),
                          "oracle": cands[int(np.argmin(excess))]},
                "df_eff": sel.column("df_eff"),
+               # per candidate, so later rules can be evaluated on the logged trials without refitting
+               "train_error_by_rank": sel.column("train_error"),
+               "est_by_rank": [v if math.isfinite(v) else None for v in sel.column("est_test_error")],
                "fit_s": sum(sel.column("fit_time")) + sum(sel.column("df_time")),
                "df_s": sum(sel.column("df_time")), "cv5_s": sum(sel.column("cv_time")),
                "cv10_s": None}

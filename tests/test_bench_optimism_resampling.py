@@ -38,10 +38,19 @@ def test_quick_run_writes_json_markdown_and_plot(bench, tmp_path):
 
 
 def test_summary_sorts_candidates_by_their_place_against_the_true_rank(bench):
-    trial = {"candidates": [1, 2, 3], "true_rank": 2, "n": 100, "df_stein": [10.0, 20.0, 45.0],
+    trial = {"candidates": [1, 2, 3], "true_rank": 2, "n": 100, "df": [9, 18, 25], "df_stein": [10.0, 20.0, 45.0],
              "df_boot": [10.0, 25.0, 30.0], "picks": {"stein": 2, "bootstrap": 3, "cv5": 2, "oracle": 2},
              "time_s": {"fit": 1.0, "stein": 1.0, "bootstrap": 10.0, "cv5": 8.0}}
     s = bench.summarize([trial])
     assert s["median_rel_df_diff"] == {"below": 0.0, "at": pytest.approx(0.2), "above": pytest.approx(0.5)}
     assert s["agree_stein_bootstrap"] == 0.0 and s["agree_stein_cv5"] == 1.0
     assert s["time_ratio_bootstrap_vs_rule"] == 5.0 and s["time_ratio_cv5_vs_rule"] == 4.0
+
+
+def test_rewrite_regenerates_the_report_from_the_json(bench, tmp_path):
+    assert bench.main(["--quick", "--threads", "1", "--n-boot", "4", "--out", str(tmp_path)]) == 0
+    js = tmp_path / "optimism_resampling_quick.json"
+    md = tmp_path / "optimism_resampling_quick.md"
+    md.write_text("stale")
+    assert bench.main(["--rewrite", str(js)]) == 0
+    assert md.read_text().startswith("# Optimism: Stein's closed-form df")
