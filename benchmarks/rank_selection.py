@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tensorpress.rank import (cp_degrees_of_freedom, estimated_test_error, select_layer_rank, select_rank,
+from tensorpress.rank import (cp_degrees_of_freedom, estimated_test_error, one_standard_error_choice,
+                              select_layer_rank, select_rank,
                               tucker_degrees_of_freedom)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,7 +56,7 @@ from _common import bench_parser, cpu_seconds, exit_unless_cpu, git_revision, ma
 
 ALS = {"n_iter_max": 100, "tol": 1e-6}
 TARGET_AGREE, TARGET_CV5, TARGET_CV10 = 0.85, 4.0, 8.0
-RULES = ("test_error", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10")   # every rule reported
+RULES = ("test_error", "test_error_1se", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10")  # every rule reported
 
 
 # ----------------------------------------------------------------------------- data
@@ -170,6 +171,8 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
         row = {"family": kind, "dims": list(dims), "true_rank": R, "df": df, "n": n, "mult": mult,
                "snr": snr, "seed": seed, "threads": torch.get_num_threads(), "wall_s": wall, "excess_by_rank": excess, "noise_var": 1.0 / snr,
                "picks": {"test_error": argmin_rank(sel, "est_test_error"),
+                         "test_error_1se": cands[one_standard_error_choice(sel.column("est_test_error"),
+                                                                           sel.column("df_eff"), sel.column("df"), n)],
                          "test_error_manifold": cands[int(np.argmin(manifold))],
                          "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
                          "aic": argmin_rank(sel, "aic"), "cv5": argmin_rank(sel, "cv_error"),
@@ -502,7 +505,19 @@ def _test_error(trial, rank) -> float:
     return trial["noise_var"] + trial["excess_by_rank"][rank - 1]
 
 
+def add_one_se_picks(trials) -> None:
+    """The one-standard-error pick (test_error_1se) of logged trials that have the per-rank
+    estimates but were run before the rule existed (candidates are 1..R+2: df grows with rank)."""
+    for t in trials:
+        if "test_error_1se" not in t["picks"] and t.get("est_by_rank") is not None:
+            ranks = list(range(1, len(t["est_by_rank"]) + 1))
+            i = one_standard_error_choice(t["est_by_rank"], t["df_eff"], ranks, t["n"])
+            if i is not None:
+                t["picks"]["test_error_1se"] = ranks[i]
+
+
 def summarize(syn, lay, img, mini, mn=None):
+    add_one_se_picks(syn)
     s = {}
     for part, trials, tkeys in (("synthetic", syn, ("fit_s", "cv5_s", "cv10_s")),
                                 ("layer", lay, ("opt_s", "cv5_s", "cv10_s"))):
@@ -512,7 +527,8 @@ def summarize(syn, lay, img, mini, mn=None):
         for crit in RULES:
             sub = [t for t in trials if crit in t["picks"]]
             d[f"true_rank_rate_{crit}"] = rate(sub, crit) if sub else None
-        for crit in ("test_error", "test_error_manifold", "optimism", "bic", "cv10", "oracle"):
+            d[f"trials_{crit}"] = len(sub)
+        for crit in ("test_error", "test_error_1se", "test_error_manifold", "optimism", "bic", "cv10", "oracle"):
             d[f"agree_cv5_{crit}"], _ = agree(trials, crit, "cv5")
         refereed = [t for t in trials if "excess_by_rank" in t]
         d["oracle_trials"] = len(refereed)
@@ -561,6 +577,29 @@ def fmt(v, pct=False):
     if v is None:
         return "-"
     return f"{100 * v:.0f}%" if pct else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+
+def _one_se_comparison(syn) -> list[str]:
+    """The plain argmin of the estimated test error against the one-standard-error rule, paired,
+    on the trials that log the per-rank estimates, by n/df."""
+    sub = [t for t in syn if "test_error_1se" in t["picks"]]
+    if not sub:
+        return []
+    L = ["", f"## The one-standard-error rule (test_error_1se), paired with the plain rule on the {len(sub)} trials "
+         "that log the per-rank estimates", "",
+         "The same estimated test errors; test_error_1se takes the smallest rank whose estimate is within one "
+         "standard error (Err_hat sqrt(2/(n - df_eff))) of the least.", "",
+         "| n/df | trials | rule | true rank | agrees with CV5 | picks the oracle's rank | mean excess over the oracle |",
+         "|---:|---:|---|---:|---:|---:|---:|"]
+    for mult in [None] + sorted({t["mult"] for t in sub}):
+        part = [t for t in sub if mult is None or t["mult"] == mult]
+        for crit in ("test_error", "test_error_1se", "cv5"):
+            excess = np.mean([_test_error(t, t["picks"][crit]) / _test_error(t, t["picks"]["oracle"]) - 1 for t in part])
+            L.append(f"| {'all' if mult is None else f'{mult:g}'} | {len(part)} | {crit} | {fmt(rate(part, crit), True)} "
+                     f"| {fmt(agree(part, crit, 'cv5')[0], True)} "
+                     f"| {fmt(float(np.mean([t['picks'][crit] == t['picks']['oracle'] for t in part])), True)} "
+                     f"| {100 * excess:.1f}% |")
+    return L
 
 
 def _disagreements(syn, lay) -> list[str]:
@@ -635,7 +674,7 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
         L.append(f"| MiniLM layers | (no true rank) | - | {fmt(d['agree_cv5_test_error'], True)} "
                  f"| {d['speedup_cv5']:.2f}x | {d['speedup_cv10']:.2f}x |")
     L += ["", "Rates of every rule (fraction of trials picking the true rank; agreement with 5-fold CV):", "",
-          "| part | rule | true rank | agrees with CV5 |", "|---|---|---:|---:|"]
+          "| part | rule | trials | true rank | agrees with CV5 |", "|---|---|---:|---:|---:|"]
     for part in ("synthetic", "layer"):
         d = summary.get(part)
         if d:
@@ -643,10 +682,12 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
                 if d.get(f"true_rank_rate_{crit}") is None:
                     continue
                 ag = d.get(f"agree_cv5_{crit}")
-                L.append(f"| {part} | {crit} | {fmt(d[f'true_rank_rate_{crit}'], True)} | {fmt(ag, True)} |")
+                L.append(f"| {part} | {crit} | {d[f'trials_{crit}']} | {fmt(d[f'true_rank_rate_{crit}'], True)} "
+                         f"| {fmt(ag, True)} |")
             if d.get("oracle_trials"):
                 # the yardstick for the agreement target: how often the best-predicting rank itself agrees with CV5
-                L.append(f"| {part} | oracle (least exact test error) | {fmt(rate(syn if part == 'synthetic' else lay, 'oracle'), True)} "
+                L.append(f"| {part} | oracle (least exact test error) | {d['oracle_trials']} "
+                         f"| {fmt(rate(syn if part == 'synthetic' else lay, 'oracle'), True)} "
                          f"| {fmt(d['agree_cv5_oracle'], True)} |")
     d = summary.get("synthetic") or {}
     if d.get("oracle_trials"):
@@ -659,6 +700,7 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
             if f"oracle_rate_{crit}" in d:
                 L.append(f"| {crit} | {fmt(d[f'oracle_rate_{crit}'], True)} | "
                          f"{100 * d[f'excess_vs_oracle_{crit}']:.1f}% |")
+    L += _one_se_comparison(syn)
     L += _disagreements(syn, lay)
     if syn:
         L += ["", "## Synthetic scalar-on-tensor trials", "",

@@ -12,14 +12,15 @@ from tensorpress.rank.regressors import (CPRegressor, LowRankRegressor, TuckerRe
                                          matrix_degrees_of_freedom, tucker_degrees_of_freedom)
 from tensorpress.rank.stein import stein_degrees_of_freedom
 from tensorpress.rank.resampling import BootstrapDF, covariance_penalty_df
-from tensorpress.rank.select import CRITERIA, DF_RULES, FAMILIES, RankSelection, energy_rank, select_rank
+from tensorpress.rank.select import (CRITERIA, DF_RULES, FAMILIES, RankSelection, energy_rank,
+                                     one_standard_error_choice, select_rank)
 from tensorpress.rank.layer import (LAYER_FAMILIES, LayerFit, layer_optimism, rrr_effective_df, select_layer_rank,
                                    tt_degrees_of_freedom)
 from tensorpress.rank.budget import Allocation, allocate_ranks
 
 __all__ = ["CPRegressor", "TuckerRegressor", "LowRankRegressor", "cp_degrees_of_freedom",
            "tucker_degrees_of_freedom", "matrix_degrees_of_freedom", "optimism", "estimated_test_error",
-           "noise_variance", "aic", "bic", "select_rank", "RankSelection", "energy_rank", "CRITERIA", "DF_RULES", "FAMILIES", "stein_degrees_of_freedom",
+           "noise_variance", "aic", "bic", "select_rank", "RankSelection", "energy_rank", "one_standard_error_choice", "CRITERIA", "DF_RULES", "FAMILIES", "stein_degrees_of_freedom",
            "covariance_penalty_df", "BootstrapDF",
            "select_layer_rank", "tt_degrees_of_freedom", "layer_optimism", "rrr_effective_df", "LayerFit", "LAYER_FAMILIES",
            "allocate_ranks", "Allocation"]

@@ -87,7 +87,7 @@ from tensorpress.linalg import truncated_svd
 from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
 from tensorpress.rank.optimism import aic, bic
 from tensorpress.rank.regressors import cp_degrees_of_freedom, tucker_degrees_of_freedom
-from tensorpress.rank.select import _COLUMN, CRITERIA, RankSelection, kfold_indices
+from tensorpress.rank.select import _COLUMN, CRITERIA, RankSelection, choose, kfold_indices
 from tensorpress.rank.regressors import _generator
 
 __all__ = ["select_layer_rank", "tt_degrees_of_freedom", "layer_optimism", "rrr_effective_df", "LayerFit",
@@ -502,8 +502,8 @@ def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, 
         candidates: ranks to try: ints (TT: every bond, or tuples of d - 1 bond ranks; Tucker:
             r -> (r, r), or pairs (r_out, r_in)); ranks above what the shape allows are capped
             (the table holds the fitted rank). None: a geometric ladder up to full rank.
-        criterion: "test_error" (default: training error + optimism), "optimism", "cv", "aic",
-            "bic" (as `tensorpress.rank.select_rank`); lower is better.
+        criterion: "test_error" (default: training error + optimism), "test_error_1se",
+            "optimism", "cv", "aic", "bic" (as `tensorpress.rank.select_rank`); lower is better.
         cv: folds for "cv" (and with_cv), an int >= 2 and <= n.
         outputs: (n, q) targets (conv with images: (N, out, H_out, W_out)); default inputs @ W^T.
             Without fit_intercept they should not contain the bias.
@@ -645,7 +645,7 @@ def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, 
         raise ValueError(f"candidates: no candidate has a finite {criterion} (n = {n} samples for p_eff = {p_eff} "
                          f"inputs and {q} outputs: need n > p_eff + 1 and df < n q - 1); use more calibration "
                          f"samples or smaller ranks")
-    best = min(finite, key=lambda i: (scores[i], table[i]["df"]))
+    best = choose(criterion, table, scores, N)
     r = ranks[best]
     if family == "lowrank":
         A, Bt = _lowrank_fit(shared, r)

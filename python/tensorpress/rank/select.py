@@ -15,14 +15,15 @@ from tensorpress.rank.regressors import CPRegressor, LowRankRegressor, TuckerReg
 from tensorpress.rank.resampling import covariance_penalty_df
 from tensorpress.rank.stein import _stein_df
 
-__all__ = ["RankSelection", "select_rank", "energy_rank", "CRITERIA", "FAMILIES", "DF_RULES"]
+__all__ = ["RankSelection", "select_rank", "energy_rank", "one_standard_error_choice", "CRITERIA", "FAMILIES",
+           "DF_RULES"]
 
-CRITERIA = ("test_error", "optimism", "cv", "aic", "bic")
+CRITERIA = ("test_error", "test_error_1se", "optimism", "cv", "aic", "bic")
 DF_RULES = ("stein", "manifold", "bootstrap")
 FAMILIES = {"cp": CPRegressor, "tucker": TuckerRegressor, "lowrank": LowRankRegressor,
             "matrix": LowRankRegressor}
 # the column of the table each criterion minimizes
-_COLUMN = {"test_error": "est_test_error", "optimism": "optimism", "cv": "cv_error", "aic": "aic", "bic": "bic"}
+_COLUMN = {"test_error": "est_test_error", "test_error_1se": "est_test_error", "optimism": "optimism", "cv": "cv_error", "aic": "aic", "bic": "bic"}
 
 
 @dataclass
@@ -254,11 +255,44 @@ def select_rank(model_family: str | Callable, X, y, candidates, criterion: str =
     if not finite:
         raise ValueError(f"candidates: every candidate has df >= n - 1 = {n - 1} (no finite {criterion}); "
                          f"use smaller ranks or more samples")
-    best = min(finite, key=lambda i: (scores[i], table[i]["df"]))
+    best = choose(criterion, table, scores, n)
     return RankSelection(rank_=cands[best], criterion=criterion, candidates=cands, table=table, scores_=scores,
                          best_index_=best, family=model_family if isinstance(model_family, str) else
                          getattr(model_family, "__name__", "custom"), n_samples=n, cv=cv if do_cv else None,
                          estimator_=fitted[best], estimators_=fitted)
+
+
+def one_standard_error_choice(est_test_error, df_eff, df, n_obs: int) -> int | None:
+    """The one-standard-error rule on the estimated test errors: the index of the candidate of
+    least df among those whose estimate is within one standard error of the smallest one (None
+    when no estimate is finite).
+
+    The standard error is the estimate's own sampling error: Err_hat = RSS/(n - df_eff) times a
+    constant, and RSS/sigma^2 ~ chi^2 with n - df_eff degrees of freedom, so
+    se(Err_hat) = Err_hat sqrt(2/(n - df_eff)) (ours; n_obs = n, or n q residual entries for a
+    layer, treated as independent). Why: as df_eff -> n the estimate's relative error grows like
+    sqrt(2/(n - df_eff)), and the plain argmin of estimates of unequal precision favours the
+    noisiest, i.e. the largest ranks at few samples per parameter; the rule (Breiman et al. 1984;
+    Hastie, Tibshirani & Friedman, sec. 7.10) prefers the simpler model unless the data show the
+    larger one is better by more than the estimate's noise.
+    """
+    vals = [v if v is not None and math.isfinite(v) else math.inf for v in est_test_error]
+    finite = [i for i, v in enumerate(vals) if math.isfinite(v)]
+    if not finite:
+        return None
+    best = min(finite, key=lambda i: (vals[i], df[i]))
+    slack = float(n_obs) - float(df_eff[best])
+    bound = vals[best] * (1.0 + math.sqrt(2.0 / slack)) if slack > 0 else vals[best]
+    return min((i for i in finite if vals[i] <= bound), key=lambda i: (df[i], vals[i]))
+
+
+def choose(criterion: str, table: list[dict], scores: list, n_obs: int) -> int:
+    """The index of the chosen candidate: the least score (ties to the smaller df), or the
+    one-standard-error choice for "test_error_1se". Assumes at least one finite score."""
+    if criterion == "test_error_1se":
+        return one_standard_error_choice(scores, [r["df_eff"] for r in table], [r["df"] for r in table], n_obs)
+    finite = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
+    return min(finite, key=lambda i: (scores[i], table[i]["df"]))
 
 
 def energy_rank(singular_values, energy: float = 0.9) -> int:
