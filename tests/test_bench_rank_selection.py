@@ -70,3 +70,12 @@ def test_shard_needs_a_trial_log(rank_selection, capsys):
     with pytest.raises(SystemExit):
         rank_selection.main(["--shard", "1/2", "--parts", "synthetic", "--quick"])
     assert "--trial-log" in capsys.readouterr().err
+
+
+def test_one_se_picks_are_derived_for_logged_trials(rank_selection):
+    rows = [{"n": 100, "df_eff": [10.0, 20.0, 90.0], "est_by_rank": [1.0, 0.95, 0.94], "picks": {"test_error": 3}},
+            {"n": 10_000, "df_eff": [10.0, 20.0, 90.0], "est_by_rank": [1.0, 0.95, 0.94], "picks": {"test_error": 3}},
+            {"n": 100, "df_eff": [10.0], "picks": {"test_error": 1}},                       # logged before est_by_rank
+            {"n": 100, "df_eff": [10.0, 20.0], "est_by_rank": [1.0, None], "picks": {"test_error_1se": 2}}]
+    rank_selection.add_one_se_picks(rows)
+    assert [r["picks"].get("test_error_1se") for r in rows] == [1, 2, None, 2]     # the last one is kept
