@@ -1,7 +1,10 @@
 """Shared helpers for the tensorpress test suite."""
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,19 @@ settings.register_profile(
     derandomize=False,
 )
 settings.load_profile("tensorpress")
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def import_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (benchmarks/ is on sys.path only meanwhile,
+    so its helper modules, _common and the like, resolve)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,25 +1,18 @@
 """benchmarks/conv_compression.py --quick: the real-model check runs end to end and writes its
 results (the full run's figures are in benchmarks/results/conv_compression.md)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
+
+from conftest import import_benchmark
 
 pytest.importorskip("tltorch", reason="tensorly-torch is the benchmark's peer (scripts/setup.sh bench)")
 pytest.importorskip("matplotlib")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def conv_compression():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import conv_compression
-    finally:
-        sys.path.remove(str(BENCH))
-    return conv_compression
+    return import_benchmark("conv_compression")
 
 
 def test_quick_run_writes_consistent_results(conv_compression, tmp_path):

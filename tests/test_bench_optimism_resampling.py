@@ -1,22 +1,15 @@
 """benchmarks/optimism_resampling.py: its smoke run writes a consistent report (the figures of
 the full run are in benchmarks/results/optimism_resampling.md)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import optimism_resampling
-    finally:
-        sys.path.remove(str(BENCH))
-    return optimism_resampling
+    return import_benchmark("optimism_resampling")
 
 
 def test_quick_run_writes_json_markdown_and_plot(bench, tmp_path):

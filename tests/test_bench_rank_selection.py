@@ -2,22 +2,15 @@
 full grid runs over several sessions and processes; its figures are in
 benchmarks/results/rank_selection_full.md)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def rank_selection():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import rank_selection
-    finally:
-        sys.path.remove(str(BENCH))
-    return rank_selection
+    return import_benchmark("rank_selection")
 
 
 def _log_keys(rs, path):

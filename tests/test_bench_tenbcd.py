@@ -2,24 +2,17 @@
 results (the full runs' figures are in benchmarks/results/tenbcd*.md)."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
+from conftest import import_benchmark
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+pytest.importorskip("matplotlib")
 
 
 @pytest.fixture(scope="module")
 def tenbcd_bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import tenbcd
-    finally:
-        sys.path.remove(str(BENCH))
-    return tenbcd
+    return import_benchmark("tenbcd")
 
 
 def test_quick_mlp_run_with_overridden_settings(tenbcd_bench, tmp_path):

@@ -2,10 +2,11 @@
 "what the failed targets need" section is computed from the recorded plans and times."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import import_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 RECORDED = BENCH / "results" / "tt_cpu.json"
@@ -13,12 +14,7 @@ RECORDED = BENCH / "results" / "tt_cpu.json"
 
 @pytest.fixture(scope="module")
 def bench_tt():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_tt
-    finally:
-        sys.path.remove(str(BENCH))
-    return bench_tt
+    return import_benchmark("bench_tt")
 
 
 def test_rewrite_adds_the_needed_rates(bench_tt, tmp_path):
