@@ -42,8 +42,8 @@ def planted_matrix(p, R, n, snr, seed):
 def test_select_rank_with_the_rule(seed):
     R, p = 3, 10
     X, y = planted_matrix(p, R, 8 * matrix_degrees_of_freedom(R, p, p), 10.0, seed)
-    plain = select_rank("lowrank", X, y, range(1, 6), random_state=seed)
-    sel = select_rank("lowrank", X, y, range(1, 6), criterion="test_error_1se", random_state=seed)
+    plain = select_rank("lowrank", X, y, range(1, 6), criterion="test_error", random_state=seed)
+    sel = select_rank("lowrank", X, y, range(1, 6), random_state=seed)       # the default
     assert sel.rank_ == R and sel.criterion == "test_error_1se"
     assert sel.scores_ == plain.scores_          # the same estimates, a different choice rule
     i = one_standard_error_choice(sel.scores_, sel.column("df_eff"), sel.column("df"), X.shape[0])
@@ -56,7 +56,7 @@ def test_the_rule_prefers_the_smaller_rank_at_few_samples():
     for seed in range(6):
         X, y = planted_matrix(8, 1, 60, 2.0, seed)
         sel = select_rank("lowrank", X, y, [1, 2, 3], criterion="test_error_1se", random_state=seed)
-        plain = select_rank("lowrank", X, y, [1, 2, 3], random_state=seed)
+        plain = select_rank("lowrank", X, y, [1, 2, 3], criterion="test_error", random_state=seed)
         assert sel.rank_ <= plain.rank_
         picks.append(sel.rank_)
         plain_picks.append(plain.rank_)

@@ -504,6 +504,9 @@ def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, 
             (the table holds the fitted rank). None: a geometric ladder up to full rank.
         criterion: "test_error" (default: training error + optimism), "test_error_1se",
             "optimism", "cv", "aic", "bic" (as `tensorpress.rank.select_rank`); lower is better.
+            The default stays the plain minimum here (select_rank's is the one-standard-error
+            choice): the estimate's standard error, over N = n q residual entries, is small at
+            calibration sizes, and the layer benchmarks were measured with the minimum.
         cv: folds for "cv" (and with_cv), an int >= 2 and <= n.
         outputs: (n, q) targets (conv with images: (N, out, H_out, W_out)); default inputs @ W^T.
             Without fit_intercept they should not contain the bias.

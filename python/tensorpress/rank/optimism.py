@@ -35,8 +35,9 @@ tests/test_rank.py and benchmarks/rank_selection.py):
   are charged extra df (see `tensorpress.rank.stein`). sigma_hat^2 is estimated at each rank
   (RSS_R / (n - df_eff,R)), not from the largest candidate: below the true rank the omitted
   part must count as noise, and the largest candidate's fit is the least reliable. The
-  criterion: "test_error" (train error + optimism) estimates what CV estimates and is the
-  default; "optimism" alone ranks (sigma^2 + omitted part) x df, which under-selects at low
+  criterion: "test_error" (train error + optimism) estimates what CV estimates; the default
+  picks from those estimates by the one-standard-error rule ("test_error_1se", see
+  `tensorpress.rank.select.one_standard_error_choice`); "optimism" alone ranks (sigma^2 + omitted part) x df, which under-selects at low
   SNR (it chose rank 1 in all our SNR-1 trials).
 * AIC = n log(RSS/n) + 2 df, BIC = n log(RSS/n) + df log n (Gaussian likelihood, sigma
   profiled out).
