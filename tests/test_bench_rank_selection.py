@@ -72,3 +72,20 @@ def test_one_se_picks_are_derived_for_logged_trials(rank_selection):
             {"n": 100, "df_eff": [10.0, 20.0], "est_by_rank": [1.0, None], "picks": {"test_error_1se": 2}}]
     rank_selection.add_one_se_picks(rows)
     assert [r["picks"].get("test_error_1se") for r in rows] == [1, 2, None, 2]     # the last one is kept
+
+
+def test_default_rule_rows_render_on_the_trials_that_log_it(rank_selection):
+    rs = rank_selection
+
+    def trial(mult, picks, cv10_s=None):
+        return {"mult": mult, "true_rank": 2, "noise_var": 1.0, "excess_by_rank": [0.5, 0.1, 0.3],
+                "picks": dict(picks, oracle=2), "fit_s": 1.0, "cv5_s": 4.0, "cv10_s": cv10_s}
+    syn = [trial(2, {"test_error": 3, "test_error_1se": 2, "cv5": 2}, cv10_s=9.0),
+           trial(5, {"test_error": 2, "test_error_1se": 1, "cv5": 1}),
+           trial(5, {"test_error": 2, "cv5": 2})]                       # logged before the rule existed
+    (row,) = rs._default_rule_row(syn)
+    assert "(2 trials that log" in row and "| 50% | 50% | 100% | 4.00x" in row and "9.00x (1 trials)" in row
+    table = "\n".join(rs._one_se_comparison(syn))
+    assert "| all | 2 | test_error_1se | 50% | 100% | 50% | 18.2% |" in table    # (0 + 1.5/1.1 - 1) / 2
+    assert "| all | 2 | test_error | 50% | 0% | 50% | 9.1% |" in table
+    assert rs._default_rule_row(syn[2:]) == [] and rs._one_se_comparison(syn[2:]) == []
