@@ -88,6 +88,12 @@ def timed(fn, repeats=2):
     return out, best
 
 
+def one_se_rank(sel, cands, n):
+    """test_error_1se's pick; the smallest candidate where no estimate is finite (as argmin_rank)."""
+    i = one_standard_error_choice(sel.column("est_test_error"), sel.column("df_eff"), sel.column("df"), n)
+    return cands[0 if i is None else i]
+
+
 def argmin_rank(sel, column):
     vals = [v if v is not None and math.isfinite(v) else math.inf for v in sel.column(column)]
     return sel.candidates[int(np.argmin(vals))]
@@ -137,17 +143,21 @@ def synthetic_cells(quick, full, seeds_override=None) -> list[tuple]:
     return cells
 
 
-def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadline=math.inf, shard=(0, 1)):
+def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadline=math.inf, shard=(0, 1),
+                  only=None):
     """The synthetic grid. trial_log: a JSON-lines file of completed trials, read to skip them and
     appended to (a long grid then runs over several sessions); no new trial starts after `deadline`
     (time.perf_counter() value): the trials done so far are returned. shard (i, k): run only every
     k-th trial of the seed-major order, starting at the i-th (k single-threaded processes sharing
     one trial log fill the grid k times faster on k cores); the trials every shard has logged are
-    returned."""
+    returned. only: a collection of trial keys (as trial_key gives them) to restrict the grid to."""
     trials = []
     done = load_trial_log(trial_log)
     sink = open(trial_log, "a") if trial_log is not None else None
     cells = synthetic_cells(quick, full, seeds_override)
+    if only is not None:
+        wanted = {tuple(k) for k in only}
+        cells = [c for c in cells if c[0] in wanted]
     grid_order = {c[0]: i for i, c in enumerate(cells)}
     # seed-major order: a run stopped early (or resumed later) covers the whole grid at fewer seeds
     cells.sort(key=lambda c: c[-1])
@@ -161,7 +171,10 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
         X, y, B = planted(kind, dims, R, n, snr, seed)
         cands = list(range(1, R + 3))
         t0 = time.perf_counter()
-        sel = select_rank(kind, X, y, candidates=cands, with_cv=True, cv=5, random_state=seed, **ALS)
+        # criterion="cv": every rule's pick is read off the table below, and the call must not raise
+        # where no candidate has a finite estimated test error (n ~ 2 df at low SNR, degenerate fits)
+        sel = select_rank(kind, X, y, candidates=cands, criterion="cv", with_cv=True, cv=5, random_state=seed,
+                          **ALS)
         wall = time.perf_counter() - t0
         # the previous rule: train error + optimism with the manifold df (same fits)
         manifold = [estimated_test_error(r["train_error"] * n, n, r["df"]) for r in sel.table]
@@ -171,8 +184,7 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
         row = {"family": kind, "dims": list(dims), "true_rank": R, "df": df, "n": n, "mult": mult,
                "snr": snr, "seed": seed, "threads": torch.get_num_threads(), "wall_s": wall, "excess_by_rank": excess, "noise_var": 1.0 / snr,
                "picks": {"test_error": argmin_rank(sel, "est_test_error"),
-                         "test_error_1se": cands[one_standard_error_choice(sel.column("est_test_error"),
-                                                                           sel.column("df_eff"), sel.column("df"), n)],
+                         "test_error_1se": one_se_rank(sel, cands, n),
                          "test_error_manifold": cands[int(np.argmin(manifold))],
                          "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
                          "aic": argmin_rank(sel, "aic"), "cv5": argmin_rank(sel, "cv_error"),
@@ -512,8 +524,7 @@ def add_one_se_picks(trials) -> None:
         if "test_error_1se" not in t["picks"] and t.get("est_by_rank") is not None:
             ranks = list(range(1, len(t["est_by_rank"]) + 1))
             i = one_standard_error_choice(t["est_by_rank"], t["df_eff"], ranks, t["n"])
-            if i is not None:
-                t["picks"]["test_error_1se"] = ranks[i]
+            t["picks"]["test_error_1se"] = ranks[0 if i is None else i]    # as one_se_rank
 
 
 def summarize(syn, lay, img, mini, mn=None):

@@ -72,6 +72,9 @@ def test_one_se_picks_are_derived_for_logged_trials(rank_selection):
             {"n": 100, "df_eff": [10.0, 20.0], "est_by_rank": [1.0, None], "picks": {"test_error_1se": 2}}]
     rank_selection.add_one_se_picks(rows)
     assert [r["picks"].get("test_error_1se") for r in rows] == [1, 2, None, 2]     # the last one is kept
+    rows = [{"n": 62, "df_eff": [61.0, 78.0], "est_by_rank": [None, None], "picks": {}}]   # no finite estimate
+    rank_selection.add_one_se_picks(rows)
+    assert rows[0]["picks"]["test_error_1se"] == 1
 
 
 def test_default_rule_rows_render_on_the_trials_that_log_it(rank_selection):
@@ -89,3 +92,16 @@ def test_default_rule_rows_render_on_the_trials_that_log_it(rank_selection):
     assert "| all | 2 | test_error_1se | 50% | 100% | 50% | 18.2% |" in table    # (0 + 1.5/1.1 - 1) / 2
     assert "| all | 2 | test_error | 50% | 0% | 50% | 9.1% |" in table
     assert rs._default_rule_row(syn[2:]) == [] and rs._one_se_comparison(syn[2:]) == []
+
+
+def test_a_trial_without_finite_estimates_is_logged_not_fatal(rank_selection, tmp_path):
+    # cp 16x16, true rank 1, n = 2 df, SNR 0.5, seed 6 of the full grid: the rank-1 fit is degenerate
+    # (Stein df 61 of n = 62) and no candidate has a finite estimated test error; it killed a shard
+    rs = rank_selection
+    log = tmp_path / "trials.jsonl"
+    trials = rs.run_synthetic(False, True, lambda m: None, trial_log=log, deadline=float("inf"), shard=(0, 1),
+                              only=[("cp", (16, 16), 1, 2.0, 0.5, 6)])
+    (t,) = trials
+    assert all(v is None for v in t["est_by_rank"])
+    assert t["picks"]["test_error"] == t["picks"]["test_error_1se"] == 1
+    assert json.loads(log.read_text())["seed"] == 6
