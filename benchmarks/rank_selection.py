@@ -674,7 +674,7 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
          f"repository at {meta['git']}",
          f"- run: {'--quick' if run['quick'] else ('--full' if run['full'] else 'defaults')}"
          f"{seeds_text}, "
-         f"parts {run['parts']} ({meta['elapsed_s']:.0f} s this invocation{logged}{partial}). Rules: test_error = train error + optimism (the default), optimism alone, "
+         f"parts {run['parts']} ({meta['elapsed_s']:.0f} s this invocation{logged}{partial}). Rules: test_error = train error + optimism, its minimum; test_error_1se = the same estimates, the one-standard-error choice (select_rank's default); optimism alone, "
          "BIC, AIC, k-fold CV; all from one table per trial.", ""]
     L += ["## Targets (issue 6)", "",
           "Time ratios: sum over trials of the CV time / sum of the optimism rule's time (fits + Stein df), and "
