@@ -44,24 +44,25 @@ def test_least_squares_df_is_the_number_of_parameters():
     assert r.n_boot == 400 and r.sigma2 > 0
 
 
+def bootstrap_and_stein(X, y, rank, n_boot, draws_seed):
+    """(bootstrap result, Stein df, manifold df) of a CP fit of the given rank on (X, y)."""
+    make = lambda: CPRegressor(rank, n_iter_max=100, tol=1e-6, random_state=0)  # noqa: E731
+    est = make().fit(X, y)
+    r = covariance_penalty_df(make, X, y, fitted=est, n_boot=n_boot, random_state=draws_seed)
+    return r, stein_degrees_of_freedom(est, X, y), est.degrees_of_freedom
+
+
 def test_cp_at_the_true_rank_agrees_with_stein_and_the_manifold():
     X, y = planted_cp(8, 2, 140, 5.0, seed=2)
-    make = lambda: CPRegressor(2, n_iter_max=100, tol=1e-6, random_state=0)  # noqa: E731
-    est = make().fit(X, y)
-    r = covariance_penalty_df(make, X, y, fitted=est, n_boot=60, random_state=3)
-    stein = stein_degrees_of_freedom(est, X, y)
-    assert est.degrees_of_freedom == 28
+    r, stein, manifold = bootstrap_and_stein(X, y, rank=2, n_boot=60, draws_seed=3)
+    assert manifold == 28
     assert abs(r.df - 28) < 4 * r.se + 1.5
     assert abs(r.df - stein) < 4 * r.se + 1.5
 
 
 def test_cp_above_the_true_rank_pays_for_fitting_noise():
     X, y = planted_cp(8, 1, 100, 1.0, seed=0)
-    make = lambda: CPRegressor(3, n_iter_max=100, tol=1e-6, random_state=0)  # noqa: E731
-    est = make().fit(X, y)
-    r = covariance_penalty_df(make, X, y, fitted=est, n_boot=100, random_state=1)
-    stein = stein_degrees_of_freedom(est, X, y)
-    manifold = est.degrees_of_freedom
+    r, stein, manifold = bootstrap_and_stein(X, y, rank=3, n_boot=100, draws_seed=1)
     assert r.df > manifold + 3 * r.se          # the extra components fitted to noise count more than df
     assert stein > manifold                     # the closed form sees it too ...
     assert abs(r.df - stein) < 4 * r.se + 0.1 * stein   # ... by about as much
