@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tensorpress.rank import (cp_degrees_of_freedom, estimated_test_error, one_standard_error_choice,
-                              select_layer_rank, select_rank,
+from tensorpress.rank import (cp_degrees_of_freedom, estimated_cv_error, estimated_test_error,
+                              one_standard_error_choice, select_layer_rank, select_rank,
                               tucker_degrees_of_freedom)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,7 +56,8 @@ from _common import bench_parser, cpu_seconds, exit_unless_cpu, git_revision, ma
 
 ALS = {"n_iter_max": 100, "tol": 1e-6}
 TARGET_AGREE, TARGET_CV5, TARGET_CV10 = 0.85, 4.0, 8.0
-RULES = ("test_error", "test_error_1se", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10")  # every rule reported
+DEFAULT_RULE = "analytic_cv"     # select_rank's default criterion
+RULES = ("analytic_cv", "test_error", "test_error_1se", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10")  # every rule reported
 
 
 # ----------------------------------------------------------------------------- data
@@ -189,7 +190,7 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
                "fit_s": sum(sel.column("fit_time")) + sum(sel.column("df_time")),
                "df_s": sum(sel.column("df_time")), "cv5_s": sum(sel.column("cv_time")),
                "cv10_s": None}
-        add_one_se_picks([row])     # test_error_1se, from est_by_rank: one implementation for new and logged rows
+        add_derived_picks([row])    # test_error_1se, analytic_cv: one implementation for new and logged rows
         if seed == 0:     # 10-fold: timing and picks on the first seed of each setting
             s10 = select_rank(kind, X, y, candidates=cands, criterion="cv", cv=10, random_state=seed,
                               **ALS)
@@ -511,18 +512,26 @@ def _test_error(trial, rank) -> float:
     return trial["noise_var"] + trial["excess_by_rank"][rank - 1]
 
 
-def add_one_se_picks(trials) -> None:
-    """The one-standard-error pick (test_error_1se) of logged trials that have the per-rank
-    estimates but were run before the rule existed (candidates are 1..R+2: df grows with rank)."""
+def add_derived_picks(trials) -> None:
+    """The picks of the rules computed from the logged per-rank columns, for trials that log them
+    (also those run before a rule existed; candidates are 1..R+2, df grows with rank; where no
+    estimate is finite, the smallest candidate, as argmin_rank): test_error_1se (the
+    one-standard-error choice on est_by_rank) and analytic_cv (the least 5-fold CV error
+    predicted from train_error_by_rank and df_eff, `estimated_cv_error`)."""
     for t in trials:
         if "test_error_1se" not in t["picks"] and t.get("est_by_rank") is not None:
             ranks = list(range(1, len(t["est_by_rank"]) + 1))
             i = one_standard_error_choice(t["est_by_rank"], t["df_eff"], ranks, t["n"])
-            t["picks"]["test_error_1se"] = ranks[0 if i is None else i]    # no finite estimate: the smallest, as argmin_rank
+            t["picks"]["test_error_1se"] = ranks[0 if i is None else i]
+        if "analytic_cv" not in t["picks"] and t.get("train_error_by_rank") is not None:
+            n = t["n"]
+            est = [estimated_cv_error(e * n, n, d, 5) for e, d in zip(t["train_error_by_rank"], t["df_eff"])]
+            finite = [i for i, v in enumerate(est) if math.isfinite(v)]
+            t["picks"]["analytic_cv"] = 1 + (min(finite, key=lambda i: est[i]) if finite else 0)
 
 
 def summarize(syn, lay, img, mini, mn=None):
-    add_one_se_picks(syn)
+    add_derived_picks(syn)
     s = {}
     for part, trials, tkeys in (("synthetic", syn, ("fit_s", "cv5_s", "cv10_s")),
                                 ("layer", lay, ("opt_s", "cv5_s", "cv10_s"))):
@@ -533,7 +542,8 @@ def summarize(syn, lay, img, mini, mn=None):
             sub = [t for t in trials if crit in t["picks"]]
             d[f"true_rank_rate_{crit}"] = rate(sub, crit) if sub else None
             d[f"trials_{crit}"] = len(sub)
-        for crit in ("test_error", "test_error_1se", "test_error_manifold", "optimism", "bic", "cv10", "oracle"):
+        for crit in ("analytic_cv", "test_error", "test_error_1se", "test_error_manifold", "optimism", "bic", "cv10",
+                     "oracle"):
             d[f"agree_cv5_{crit}"], _ = agree(trials, crit, "cv5")
         refereed = [t for t in trials if "excess_by_rank" in t]
         d["oracle_trials"] = len(refereed)
@@ -584,38 +594,46 @@ def fmt(v, pct=False):
     return f"{100 * v:.0f}%" if pct else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
-def _default_rule_row(syn) -> list[str]:
-    """The targets row of select_rank's default rule (test_error_1se), on the trials that log the
-    per-rank estimates it needs (same fits and times as the plain rule: only the choice differs)."""
-    sub = [t for t in syn if "test_error_1se" in t["picks"]]
+def _default_rule_row(syn, rule=DEFAULT_RULE) -> list[str]:
+    """The targets row of a rule derived from the logged per-rank columns (select_rank's default,
+    analytic_cv, or test_error_1se), on the trials that log them (same fits and times as the plain
+    rule: only the choice differs)."""
+    sub = [t for t in syn if rule in t["picks"]]
     if not sub:
         return []
     one = sum(t["fit_s"] for t in sub)
     s10 = [t for t in sub if t.get("cv10_s") is not None]
     cv10 = (f"{sum(t['cv10_s'] for t in s10) / sum(t['fit_s'] for t in s10):.2f}x ({len(s10)} trials)"
             if s10 else "- (no 10-fold trials in this subset)")
-    return [f"| synthetic, the default rule test_error_1se ({len(sub)} trials that log the per-rank estimates) "
-            f"| {fmt(rate(sub, 'test_error_1se'), True)} | {fmt(rate(sub, 'cv5'), True)} "
-            f"| {fmt(agree(sub, 'test_error_1se', 'cv5')[0], True)} "
+    what = "the default rule " if rule == DEFAULT_RULE else ""
+    return [f"| synthetic, {what}{rule} ({len(sub)} trials that log the per-rank estimates) "
+            f"| {fmt(rate(sub, rule), True)} | {fmt(rate(sub, 'cv5'), True)} "
+            f"| {fmt(agree(sub, rule, 'cv5')[0], True)} "
             f"| {sum(t['cv5_s'] for t in sub) / one:.2f}x (median of trials "
             f"{float(np.median([t['cv5_s'] / t['fit_s'] for t in sub])):.2f}x) | {cv10} |"]
 
 
-def _one_se_comparison(syn) -> list[str]:
-    """The plain argmin of the estimated test error against the one-standard-error rule, paired,
-    on the trials that log the per-rank estimates, by n/df."""
-    sub = [t for t in syn if "test_error_1se" in t["picks"]]
+PAIRED_RULES = ("test_error", "test_error_1se", "analytic_cv", "cv5")
+
+
+def _paired_comparison(syn) -> list[str]:
+    """The rules computed from the same per-rank fits (the plain argmin of the estimated test
+    error, its one-standard-error choice, the predicted 5-fold CV error) and 5-fold CV, paired on
+    the trials that log the per-rank columns, by n/df."""
+    sub = [t for t in syn if all(c in t["picks"] for c in PAIRED_RULES)]
     if not sub:
         return []
-    L = ["", f"## The one-standard-error rule (test_error_1se), paired with the plain rule on the {len(sub)} trials "
-         "that log the per-rank estimates", "",
-         "The same estimated test errors; test_error_1se takes the smallest rank whose estimate is within one "
-         "standard error (Err_hat sqrt(2/(n - df_eff))) of the least.", "",
+    L = ["", f"## The rules from the same fits, paired on the {len(sub)} trials that log the per-rank columns", "",
+         "test_error: the least estimated test error sigma_hat^2 (n - 1)/(n - df_eff - 1) of the fit on all n "
+         "samples; test_error_1se: the smallest rank whose estimate is within one standard error "
+         "(Err_hat sqrt(2/(n - df_eff))) of the least; analytic_cv (select_rank's default): the least predicted "
+         "5-fold CV error sigma_hat^2 (m - 1)/(m - df_eff - 1), m = 0.8 n, i.e. the test error of fits on the "
+         "folds' training size.", "",
          "| n/df | trials | rule | true rank | agrees with CV5 | picks the oracle's rank | mean excess over the oracle |",
          "|---:|---:|---|---:|---:|---:|---:|"]
     for mult in [None] + sorted({t["mult"] for t in sub}):
         part = [t for t in sub if mult is None or t["mult"] == mult]
-        for crit in ("test_error", "test_error_1se", "cv5"):
+        for crit in PAIRED_RULES:
             excess = np.mean([_test_error(t, t["picks"][crit]) / _test_error(t, t["picks"]["oracle"]) - 1 for t in part])
             L.append(f"| {'all' if mult is None else f'{mult:g}'} | {len(part)} | {crit} | {fmt(rate(part, crit), True)} "
                      f"| {fmt(agree(part, crit, 'cv5')[0], True)} "
@@ -668,7 +686,7 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
          f"repository at {meta['git']}",
          f"- run: {'--quick' if run['quick'] else ('--full' if run['full'] else 'defaults')}"
          f"{seeds_text}, "
-         f"parts {run['parts']} ({meta['elapsed_s']:.0f} s this invocation{logged}{partial}). Rules: test_error = train error + optimism, its minimum; test_error_1se = the same estimates, the one-standard-error choice (select_rank's default); optimism alone, "
+         f"parts {run['parts']} ({meta['elapsed_s']:.0f} s this invocation{logged}{partial}). Rules: analytic_cv = the 5-fold CV error predicted in closed form from the one fit per rank, its minimum (select_rank's default); test_error = train error + optimism, its minimum; test_error_1se = the same estimates, the one-standard-error choice; optimism alone, "
          "BIC, AIC, k-fold CV; all from one table per trial.", ""]
     L += ["## Targets (issue 6)", "",
           "Time ratios: sum over trials of the CV time / sum of the optimism rule's time (fits + Stein df), and "
@@ -685,7 +703,7 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
                      f"| {d['speedup_cv5']:.2f}x (median of trials {d['speedup_cv5_median']:.2f}x) "
                      f"| {fmt(d['speedup_cv10'])}x (median {fmt(d['speedup_cv10_median'])}x; {d['cv10_trials']} trials) |")
             if part == "synthetic":
-                L += _default_rule_row(syn)
+                L += _default_rule_row(syn) + _default_rule_row(syn, "test_error_1se")
     if "image" in summary:
         d = summary["image"]
         L.append(f"| image ({d['trials']} trials) | (no true rank) | - | {fmt(d['agree_cv5_test_error'], True)} "
@@ -725,7 +743,7 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
             if f"oracle_rate_{crit}" in d:
                 L.append(f"| {crit} | {fmt(d[f'oracle_rate_{crit}'], True)} | "
                          f"{100 * d[f'excess_vs_oracle_{crit}']:.1f}% |")
-    L += _one_se_comparison(syn)
+    L += _paired_comparison(syn)
     L += _disagreements(syn, lay)
     if syn:
         L += ["", "## Synthetic scalar-on-tensor trials", "",
@@ -797,8 +815,9 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
           f"tol={ALS['tol']:g}, moment initialization, no warm starts on either side); the speedup is (sum over ranks "
           "of the k CV fits on (k-1)/k of the data, with their held-out predictions) / (sum over ranks of the one "
           "fit plus the Stein df of the optimism rule). 10-fold CV runs on the first seed of each setting.",
-          "- test_error (Stein df) is the default rule: train error + optimism with the effective df of each fit "
-          "(`tensorpress/rank/stein.py`); test_error (manifold df) is the previous rule, computed from the same fits.",
+          "- test_error (Stein df): train error + optimism with the effective df of each fit "
+          "(`tensorpress/rank/stein.py`); test_error (manifold df) is the earlier rule, computed from the same fits; "
+          "analytic_cv (the default) and test_error_1se use the same Stein df.",
           "- Layer rules: for reduced rank the optimism charges the Stein-divergence df (`rrr_effective_df`), "
           "see `tensorpress/rank/layer.py`. CV recomputes the Gram matrices from each fold's training rows "
           "(same fitting code); the layer timings are of whole `select_layer_rank` calls, the best of 2 runs "
@@ -814,7 +833,7 @@ def write_plots(out, stem, syn, lay, img, mini, mn=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
-    crits = ("test_error", "test_error_manifold", "optimism", "bic", "cv5", "cv10")
+    crits = ("analytic_cv", "test_error", "test_error_manifold", "optimism", "bic", "cv5", "cv10")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (name, trials) in zip(axes, (("synthetic scalar-on-tensor", syn), ("layer (reduced rank)", lay))):
         if not trials:

@@ -65,16 +65,29 @@ def test_shard_needs_a_trial_log(rank_selection, capsys):
     assert "--trial-log" in capsys.readouterr().err
 
 
-def test_one_se_picks_are_derived_for_logged_trials(rank_selection):
+def test_derived_picks_for_logged_trials(rank_selection):
     rows = [{"n": 100, "df_eff": [10.0, 20.0, 90.0], "est_by_rank": [1.0, 0.95, 0.94], "picks": {"test_error": 3}},
             {"n": 10_000, "df_eff": [10.0, 20.0, 90.0], "est_by_rank": [1.0, 0.95, 0.94], "picks": {"test_error": 3}},
             {"n": 100, "df_eff": [10.0], "picks": {"test_error": 1}},                       # logged before est_by_rank
             {"n": 100, "df_eff": [10.0, 20.0], "est_by_rank": [1.0, None], "picks": {"test_error_1se": 2}}]
-    rank_selection.add_one_se_picks(rows)
+    rank_selection.add_derived_picks(rows)
     assert [r["picks"].get("test_error_1se") for r in rows] == [1, 2, None, 2]     # the last one is kept
+    assert all("analytic_cv" not in r["picks"] for r in rows)                       # no train_error_by_rank
     rows = [{"n": 62, "df_eff": [61.0, 78.0], "est_by_rank": [None, None], "picks": {}}]   # no finite estimate
-    rank_selection.add_one_se_picks(rows)
+    rank_selection.add_derived_picks(rows)
     assert rows[0]["picks"]["test_error_1se"] == 1
+    # analytic_cv: sigma2 (m - 1)/(m - df - 1), m = 0.8 n = 80; train errors 1.0, 0.78, 0.8 at df 10, 20, 40:
+    # 1.0*100/90*79/69 = 1.272, 0.78*100/80*79/59 = 1.306, 0.8*100/60*79/39 = 2.701 -> rank 1, while the
+    # full-sample estimates sigma2 (n - 1)/(n - df - 1) are 1.236, 1.222, 2.237 -> rank 2
+    row = {"n": 100, "df_eff": [10.0, 20.0, 40.0], "train_error_by_rank": [1.0, 0.78, 0.8], "picks": {}}
+    rank_selection.add_derived_picks([row])
+    assert row["picks"]["analytic_cv"] == 1
+    row = {"n": 1000, "df_eff": [10.0, 20.0, 40.0], "train_error_by_rank": [1.0, 0.9, 0.8], "picks": {}}
+    rank_selection.add_derived_picks([row])
+    assert row["picks"]["analytic_cv"] == 3
+    row = {"n": 50, "df_eff": [39.0, 45.0], "train_error_by_rank": [1.0, 0.5], "picks": {}}      # m = 40: none finite
+    rank_selection.add_derived_picks([row])
+    assert row["picks"]["analytic_cv"] == 1
 
 
 def test_default_rule_rows_render_on_the_trials_that_log_it(rank_selection):
@@ -83,15 +96,19 @@ def test_default_rule_rows_render_on_the_trials_that_log_it(rank_selection):
     def trial(mult, picks, cv10_s=None):
         return {"mult": mult, "true_rank": 2, "noise_var": 1.0, "excess_by_rank": [0.5, 0.1, 0.3],
                 "picks": dict(picks, oracle=2), "fit_s": 1.0, "cv5_s": 4.0, "cv10_s": cv10_s}
-    syn = [trial(2, {"test_error": 3, "test_error_1se": 2, "cv5": 2}, cv10_s=9.0),
-           trial(5, {"test_error": 2, "test_error_1se": 1, "cv5": 1}),
-           trial(5, {"test_error": 2, "cv5": 2})]                       # logged before the rule existed
+    syn = [trial(2, {"test_error": 3, "test_error_1se": 2, "analytic_cv": 1, "cv5": 2}, cv10_s=9.0),
+           trial(5, {"test_error": 2, "test_error_1se": 1, "analytic_cv": 2, "cv5": 1}),
+           trial(5, {"test_error": 2, "cv5": 2})]                       # logged before the rules existed
     (row,) = rs._default_rule_row(syn)
-    assert "(2 trials that log" in row and "| 50% | 50% | 100% | 4.00x" in row and "9.00x (1 trials)" in row
-    table = "\n".join(rs._one_se_comparison(syn))
+    assert "the default rule analytic_cv (2 trials that log" in row
+    assert "| 50% | 50% | 0% | 4.00x" in row and "9.00x (1 trials)" in row
+    (row,) = rs._default_rule_row(syn, "test_error_1se")
+    assert "| synthetic, test_error_1se (2 trials" in row and "| 50% | 50% | 100% | 4.00x" in row
+    table = "\n".join(rs._paired_comparison(syn))
     assert "| all | 2 | test_error_1se | 50% | 100% | 50% | 18.2% |" in table    # (0 + 1.5/1.1 - 1) / 2
     assert "| all | 2 | test_error | 50% | 0% | 50% | 9.1% |" in table
-    assert rs._default_rule_row(syn[2:]) == [] and rs._one_se_comparison(syn[2:]) == []
+    assert "| all | 2 | analytic_cv | 50% | 0% | 50% | 18.2% |" in table
+    assert rs._default_rule_row(syn[2:]) == [] and rs._paired_comparison(syn[2:]) == []
 
 
 def test_a_trial_without_finite_estimates_is_logged_not_fatal(rank_selection, tmp_path):

@@ -134,7 +134,7 @@ def test_test_error_rule_picks_true_matrix_rank(seed):
     n = 8 * matrix_degrees_of_freedom(R, *dims)
     X, y, _ = planted_cp(dims, R, n, 10.0, seed)
     sel = select_rank("lowrank", X, y, range(1, 6), random_state=seed)
-    assert sel.criterion == "test_error_1se"
+    assert sel.criterion == "analytic_cv"
     assert sel.rank_ == R
 
 

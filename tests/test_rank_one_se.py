@@ -43,7 +43,7 @@ def test_select_rank_with_the_rule(seed):
     R, p = 3, 10
     X, y = planted_matrix(p, R, 8 * matrix_degrees_of_freedom(R, p, p), 10.0, seed)
     plain = select_rank("lowrank", X, y, range(1, 6), criterion="test_error", random_state=seed)
-    sel = select_rank("lowrank", X, y, range(1, 6), random_state=seed)       # the default
+    sel = select_rank("lowrank", X, y, range(1, 6), criterion="test_error_1se", random_state=seed)
     assert sel.rank_ == R and sel.criterion == "test_error_1se"
     assert sel.scores_ == plain.scores_          # the same estimates, a different choice rule
     i = one_standard_error_choice(sel.scores_, sel.column("df_eff"), sel.column("df"), X.shape[0])
