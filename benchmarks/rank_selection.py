@@ -232,8 +232,8 @@ def run_layer(quick, full, log):
             s10, t10 = timed(lambda: select_layer_rank(W, X, outputs=Y, candidates=cands, criterion="cv", cv=10,
                                                        random_state=seed))
             trials.append({"p": p, "q": q, "true_rank": R, "n": n, "mult": mult, "snr": snr, "seed": seed,
-                           "picks": {"test_error": sel.rank_, "optimism": argmin_rank(sel, "optimism"),
-                                     "bic": argmin_rank(sel, "bic"), "aic": argmin_rank(sel, "aic"),
+                           "picks": {"test_error": sel.rank_, "analytic_cv": argmin_rank(sel, "est_cv_error"),
+                                     "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"), "aic": argmin_rank(sel, "aic"),
                                      "cv5": s5.rank_, "cv10": s10.rank_},
                            "opt_s": t_opt, "cv5_s": t5, "cv10_s": t10})
         sub = [t for t in trials if (t["true_rank"], t["mult"], t["snr"]) == (R, mult, snr)]
@@ -281,7 +281,8 @@ def run_image(quick, full, log):
             for r in cands:
                 s1 = select_rank("lowrank", X, y, candidates=[r], random_state=seed, **ALS)
                 errs.append(float(((s1.estimator_.coef_ - B) ** 2).sum()) + 1 / snr)
-            pick = {"test_error": argmin_rank(sel, "est_test_error"), "optimism": argmin_rank(sel, "optimism"),
+            pick = {"test_error": argmin_rank(sel, "est_test_error"), "analytic_cv": argmin_rank(sel, "est_cv_error"),
+                    "optimism": argmin_rank(sel, "optimism"),
                     "bic": argmin_rank(sel, "bic"), "cv5": argmin_rank(sel, "cv_error"),
                     "oracle": cands[int(np.argmin(errs))]}
             trials.append({"image": name, "size": size, "n": n, "snr": snr, "seed": seed, "picks": pick,
@@ -392,7 +393,8 @@ def run_minilm(quick, full, log):
         sel, res["opt_s"] = timed(lambda: select_layer_rank(W, Xc[name], **kw))
         s5, res["cv5_s"] = timed(lambda: select_layer_rank(W, Xc[name], criterion="cv", cv=5, **kw))
         s10, res["cv10_s"] = timed(lambda: select_layer_rank(W, Xc[name], criterion="cv", cv=10, **kw), 1)
-        res["picks"] = {"test_error": sel.rank_, "optimism": argmin_rank(sel, "optimism"),
+        res["picks"] = {"test_error": sel.rank_, "analytic_cv": argmin_rank(sel, "est_cv_error"),
+                        "optimism": argmin_rank(sel, "optimism"),
                         "bic": argmin_rank(sel, "bic"), "cv5": s5.rank_, "cv10": s10.rank_}
         res["est_test_error"] = sel.column("est_test_error")
         res["train_error"] = sel.column("train_error")
@@ -419,7 +421,8 @@ def run_minilm(quick, full, log):
     kw = dict(outputs=Yc[name], family="tt", candidates=[4, 8, 16, 32, 64], random_state=0)
     stt, t_opt = timed(lambda: select_layer_rank(W, Xc[name], **kw))
     stt5, t_cv5 = timed(lambda: select_layer_rank(W, Xc[name], criterion="cv", cv=5, **kw), 1)
-    tt = {"layer": name, "picks": {"test_error": stt.rank_, "cv5": stt5.rank_}, "opt_s": t_opt,
+    tt = {"layer": name, "picks": {"test_error": stt.rank_, "analytic_cv": argmin_rank(stt, "est_cv_error"),
+                                   "cv5": stt5.rank_}, "opt_s": t_opt,
           "cv5_s": t_cv5, "candidates": [list(r) for r in stt.candidates],
           "df": stt.column("df"), "est_test_error": stt.column("est_test_error"), "cv5_error": stt5.column("cv_error")}
     log(f"minilm TT {name}: picks {tt['picks']}, time opt {tt['opt_s']:.2f}s cv5 {tt['cv5_s']:.2f}s")
@@ -484,7 +487,8 @@ def run_mnist(quick, full, log):
             net.classifier[0].weight.copy_(Wr.to(lin_p.weight.dtype))
             net.classifier[0].bias.copy_(b.to(lin_p.bias.dtype))
         acc.append(accuracy(net, images[held], labels[held]))
-    picks = {"test_error": sel.rank_, "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
+    picks = {"test_error": sel.rank_, "analytic_cv": argmin_rank(sel, "est_cv_error"),
+             "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
              "cv5": s5.rank_, "cv10": s10.rank_}
     res = {"layer": "classifier.0 (Linear 3136 -> 128)", "perturbation": "conv weights fake-quantized to 3 bits "
            "per output channel", "n_cal": n_cal, "n_held": int(len(held)), "candidates": cands, "picks": picks,
@@ -505,6 +509,12 @@ def rate(trials, key, truth="true_rank"):
 def agree(trials, a, b):
     sub = [t for t in trials if a in t["picks"] and b in t["picks"]]
     return sum(t["picks"][a] == t["picks"][b] for t in sub) / max(1, len(sub)), len(sub)
+
+
+def agree_or_none(trials, a, b):
+    """agree()'s rate, None where no trial has both picks (results from before a rule existed)."""
+    frac, count = agree(trials, a, b)
+    return frac if count else None
 
 
 def _test_error(trial, rank) -> float:
@@ -567,21 +577,28 @@ def summarize(syn, lay, img, mini, mn=None):
         s[part] = d
     if img:
         d = {"trials": len(img)}
-        for crit in ("test_error", "optimism", "bic", "cv5"):
+        for crit in ("test_error", "analytic_cv", "optimism", "bic", "cv5"):
+            if any(crit not in t["picks"] for t in img):
+                continue
             d[f"excess_vs_oracle_{crit}"] = float(np.mean([
                 t["test_error_by_rank"][t["candidates"].index(t["picks"][crit])] /
                 min(t["test_error_by_rank"]) - 1 for t in img]))
         d["agree_cv5_test_error"], _ = agree(img, "test_error", "cv5")
+        d["agree_cv5_analytic_cv"] = agree_or_none(img, "analytic_cv", "cv5")
         d["speedup_cv5"] = sum(t["cv5_s"] for t in img) / sum(t["fit_s"] for t in img)
         s["image"] = d
     if mn and "picks" in mn:
         c = mn["candidates"]
         s["mnist"] = {"agree_cv5_test_error": mn["picks"]["test_error"] == mn["picks"]["cv5"],
+                      "agree_cv5_analytic_cv": (mn["picks"]["analytic_cv"] == mn["picks"]["cv5"]
+                                                if "analytic_cv" in mn["picks"] else None),
                       "accuracy_at": {k: mn["held_accuracy"][c.index(v)] for k, v in mn["picks"].items()},
                       "speedup_cv5": mn["cv5_s"] / mn["opt_s"], "speedup_cv10": mn["cv10_s"] / mn["opt_s"]}
     if mini and "layers" in mini:
         L = mini["layers"]
         s["minilm"] = {"agree_cv5_test_error": agree(L, "test_error", "cv5")[0],
+                       "agree_cv5_analytic_cv": agree_or_none(L, "analytic_cv", "cv5"),
+                       "agree_cv10_analytic_cv": agree_or_none(L, "analytic_cv", "cv10"),
                        "agree_cv10_test_error": agree(L, "test_error", "cv10")[0],
                        "speedup_cv5": sum(t["cv5_s"] for t in L) / sum(t["opt_s"] for t in L),
                        "speedup_cv10": sum(t["cv10_s"] for t in L) / sum(t["opt_s"] for t in L)}
@@ -704,17 +721,25 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
                      f"| {fmt(d['speedup_cv10'])}x (median {fmt(d['speedup_cv10_median'])}x; {d['cv10_trials']} trials) |")
             if part == "synthetic":
                 L += _default_rule_row(syn) + _default_rule_row(syn, "test_error_1se")
+            elif d.get("true_rank_rate_analytic_cv") is not None:
+                # the same select_layer_rank call computes both columns: same times
+                L.append(f"| layer, analytic_cv ({d['trials_analytic_cv']} trials) "
+                         f"| {fmt(d['true_rank_rate_analytic_cv'], True)} | {fmt(d['true_rank_rate_cv5'], True)} "
+                         f"| {fmt(d['agree_cv5_analytic_cv'], True)} | (same call) | (same call) |")
     if "image" in summary:
         d = summary["image"]
-        L.append(f"| image ({d['trials']} trials) | (no true rank) | - | {fmt(d['agree_cv5_test_error'], True)} "
+        L.append(f"| image ({d['trials']} trials) | (no true rank) | - | test_error {fmt(d['agree_cv5_test_error'], True)}, "
+                 f"analytic_cv {fmt(d.get('agree_cv5_analytic_cv'), True)} "
                  f"| {d['speedup_cv5']:.2f}x | - |")
     if "mnist" in summary:
         d = summary["mnist"]
-        L.append(f"| MNIST CNN Linear 3136->128 | (no true rank) | - | {'yes' if d['agree_cv5_test_error'] else 'no'} "
+        L.append(f"| MNIST CNN Linear 3136->128 | (no true rank) | - | test_error {'yes' if d['agree_cv5_test_error'] else 'no'}, "
+                 f"analytic_cv {({True: 'yes', False: 'no'}).get(d.get('agree_cv5_analytic_cv'), '-')} "
                  f"| {d['speedup_cv5']:.2f}x | {d['speedup_cv10']:.2f}x |")
     if "minilm" in summary:
         d = summary["minilm"]
-        L.append(f"| MiniLM layers | (no true rank) | - | {fmt(d['agree_cv5_test_error'], True)} "
+        L.append(f"| MiniLM layers | (no true rank) | - | test_error {fmt(d['agree_cv5_test_error'], True)}, "
+                 f"analytic_cv {fmt(d.get('agree_cv5_analytic_cv'), True)} "
                  f"| {d['speedup_cv5']:.2f}x | {d['speedup_cv10']:.2f}x |")
     L += ["", "Rates of every rule (fraction of trials picking the true rank; agreement with 5-fold CV):", "",
           "| part | rule | trials | true rank | agrees with CV5 |", "|---|---|---:|---:|---:|"]
@@ -747,55 +772,64 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
     L += _disagreements(syn, lay)
     if syn:
         L += ["", "## Synthetic scalar-on-tensor trials", "",
-              "| family | dims | R | n | SNR | seed | test_error (Stein df) | test_error (manifold df) | optimism | BIC "
-              "| CV5 | CV10 | df_eff per candidate | fit + df s | CV5 s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+              "| family | dims | R | n | SNR | seed | analytic_cv | test_error (Stein df) | test_error (manifold df) "
+              "| optimism | BIC | CV5 | CV10 | df_eff per candidate | fit + df s | CV5 s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for t in syn:
             p = t["picks"]
             dfe = ", ".join(f"{v:.0f}" for v in t["df_eff"])
             L.append(f"| {t['family']} | {'x'.join(map(str, t['dims']))} | {t['true_rank']} | {t['n']} | {t['snr']:g} "
-                     f"| {t['seed']} | {p['test_error']} | {p['test_error_manifold']} | {p['optimism']} | {p['bic']} "
+                     f"| {t['seed']} | {p.get('analytic_cv', '-')} | {p['test_error']} | {p['test_error_manifold']} "
+                     f"| {p['optimism']} | {p['bic']} "
                      f"| {p['cv5']} | {p.get('cv10', '-')} | {dfe} | {t['fit_s']:.2f} | {t['cv5_s']:.2f} |")
     if lay:
         L += ["", "## Layer (reduced-rank regression) trials, per setting", "",
-              "| p x q | R | n | SNR | trials | test_error hits | optimism hits | BIC hits | CV5 hits | CV10 hits "
-              "| agree CV5 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| p x q | R | n | SNR | trials | test_error hits | analytic_cv hits | optimism hits | BIC hits | CV5 hits "
+              "| CV10 hits | test_error agrees with CV5 | analytic_cv agrees with CV5 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         keys = sorted({(t["true_rank"], t["n"], t["snr"]) for t in lay})
         for R, n, snr in keys:
             sub = [t for t in lay if (t["true_rank"], t["n"], t["snr"]) == (R, n, snr)]
-            h = lambda c: sum(t["picks"][c] == R for t in sub)  # noqa: E731
+            h = lambda c: sum(t["picks"].get(c) == R for t in sub) if all(c in t["picks"] for t in sub) else "-"  # noqa: E731
+            ag = lambda c: sum(t["picks"].get(c) == t["picks"]["cv5"] for t in sub) \
+                if all(c in t["picks"] for t in sub) else "-"  # noqa: E731
             L.append(f"| {sub[0]['p']}x{sub[0]['q']} | {R} | {n} | {snr:g} | {len(sub)} | {h('test_error')} "
-                     f"| {h('optimism')} | {h('bic')} | {h('cv5')} | {h('cv10')} "
-                     f"| {sum(t['picks']['test_error'] == t['picks']['cv5'] for t in sub)} |")
+                     f"| {h('analytic_cv')} | {h('optimism')} | {h('bic')} | {h('cv5')} | {h('cv10')} "
+                     f"| {ag('test_error')} | {ag('analytic_cv')} |")
     if img:
         L += ["", "## Image regression (B = photo, Gaussian X, SNR 2)", "",
-              "| image | size | n | seed | test_error rank | CV5 rank | oracle rank | err(test_error)/oracle "
-              "| err(CV5)/oracle |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| image | size | n | seed | test_error rank | analytic_cv rank | CV5 rank | oracle rank "
+              "| err(test_error)/oracle | err(analytic_cv)/oracle | err(CV5)/oracle |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for t in img:
             e = t["test_error_by_rank"]
             o = min(e)
+            ratio = lambda crit: (f"{e[t['candidates'].index(t['picks'][crit])] / o:.3f}"  # noqa: E731
+                                  if crit in t["picks"] else "-")
             L.append(f"| {t['image']} | {t['size']} | {t['n']} | {t['seed']} | {t['picks']['test_error']} "
-                     f"| {t['picks']['cv5']} | {t['picks']['oracle']} "
-                     f"| {e[t['candidates'].index(t['picks']['test_error'])] / o:.3f} "
-                     f"| {e[t['candidates'].index(t['picks']['cv5'])] / o:.3f} |")
+                     f"| {t['picks'].get('analytic_cv', '-')} | {t['picks']['cv5']} | {t['picks']['oracle']} "
+                     f"| {ratio('test_error')} | {ratio('analytic_cv')} | {ratio('cv5')} |")
     if mini and "layers" in mini:
         L += ["", f"## MiniLM-L6 {mini['block']} (inputs from the perturbed model: {mini['perturbation']}; "
               f"{mini['n_sentences'][0]} calibration / {mini['n_sentences'][1]} held-out sentences)", "",
               "Held-out output error is relative (MSE / mean square of the outputs); 'original W' is the error of the "
               "unmodified weight on the perturbed inputs.", "",
-              "| layer | q x p | n cal | test_error | optimism | CV5 | CV10 | held-out oracle | held err at "
+              "| layer | q x p | n cal | test_error | analytic_cv | optimism | CV5 | CV10 | held-out oracle | held err at "
               "test_error / CV5 / oracle | SVD of W at that rank | original W | time opt / CV5 / CV10 (s) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
         for t in mini["layers"]:
             c, hf, hs = t["candidates"], t["held_rel_mse_fit"], t["held_rel_mse_svd"]
             pk = t["picks"]
             L.append(f"| {t['layer'].split('encoder.')[-1]} | {t['shape'][0]}x{t['shape'][1]} | {t['n_cal']} "
-                     f"| {pk['test_error']} | {pk['optimism']} | {pk['cv5']} | {pk['cv10']} | {t['oracle']} "
+                     f"| {pk['test_error']} | {pk.get('analytic_cv', '-')} | {pk['optimism']} | {pk['cv5']} "
+                     f"| {pk['cv10']} | {t['oracle']} "
                      f"| {hf[c.index(pk['test_error'])]:.4f} / {hf[c.index(pk['cv5'])]:.4f} / {min(hf):.4f} "
                      f"| {hs[c.index(pk['test_error'])]:.4f} | {t['held_rel_mse_original_weight']:.4f} "
                      f"| {t['opt_s']:.2f} / {t['cv5_s']:.2f} / {t['cv10_s']:.2f} |")
         tt = mini["tt"]
-        L += ["", f"TT-matrix on {tt['layer']}: test_error picks {tuple(tt['picks']['test_error'])}, 5-fold CV picks "
+        acv = tt["picks"].get("analytic_cv")
+        L += ["", f"TT-matrix on {tt['layer']}: test_error picks {tuple(tt['picks']['test_error'])}, "
+              + (f"analytic_cv picks {tuple(acv)}, " if acv else "") + "5-fold CV picks "
               f"{tuple(tt['picks']['cv5'])}; time {tt['opt_s']:.2f} s vs {tt['cv5_s']:.2f} s."]
     if mn and "picks" in mn:
         c = mn["candidates"]
