@@ -347,12 +347,13 @@ class CPRegressor(_ALSRegressor):
         self.factors_ = [f.to(X.device) for f in self.factors_]
 
     def _prepared(self, X: Tensor):
-        """X and (for D >= 3) a copy with mode 1 moved last, so that the first contraction of
-        every partial product is one GEMM over a contiguous last axis."""
+        """X and (for D >= 2) a copy with mode 1 moved last, so that the first contraction of
+        every partial product is one GEMM over a contiguous last axis (made once per fit: the
+        transposed view would be copied again at every sweep)."""
         key = (X.data_ptr(), tuple(X.shape))
         cache = getattr(self, "_prep_cache", None)
         if cache is None or cache[0] != key:
-            rot = torch.movedim(X, 1, -1).contiguous() if X.dim() > 3 else None
+            rot = torch.movedim(X, 1, -1).contiguous() if X.dim() > 2 else None
             self._prep_cache = cache = (key, X, rot)
         return cache[1], cache[2]
 
