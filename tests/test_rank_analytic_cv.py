@@ -95,6 +95,7 @@ def test_folds_argument_is_the_k():
     s2 = select_rank("lowrank", X, y, [1, 2, 3], cv=2, random_state=0)
     assert all(a < b for a, b in zip(s5.column("est_cv_error"), s2.column("est_cv_error")))
     assert s5.cv is None        # no CV was run
+    assert "est_cv_error" in str(s5)
 
 
 def test_smaller_model_at_few_samples():

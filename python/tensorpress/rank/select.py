@@ -60,7 +60,7 @@ class RankSelection:
         return [row[key] for row in self.table]
 
     def __str__(self):
-        keys = ["rank", "df", "df_eff", "train_error", "optimism", "est_test_error", "aic", "bic", "cv_error", "cv_std",
+        keys = ["rank", "df", "df_eff", "train_error", "optimism", "est_test_error", "est_cv_error", "aic", "bic", "cv_error", "cv_std",
                 "fit_time", "df_time", "cv_time"]
         lines = [f"RankSelection(family={self.family!r}, criterion={self.criterion!r}, rank_={self.rank_!r}, "
                  f"n={self.n_samples})", " | ".join(keys)]
@@ -90,6 +90,8 @@ class RankSelection:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         ax.plot(x, col("train_error"), "o-", label="train error")
         ax.plot(x, col("est_test_error"), "s-", label="train error + optimism")
+        if all("est_cv_error" in row for row in self.table):
+            ax.plot(x, col("est_cv_error"), "v-", label="predicted k-fold CV error (analytic_cv)")
         ax.plot(x, col("optimism"), "^--", label="optimism")
         if any(row["cv_error"] is not None for row in self.table):
             ax.errorbar(x, col("cv_error"), yerr=col("cv_std"), fmt="d-", capsize=3, label=f"{self.cv}-fold CV error")
