@@ -197,6 +197,32 @@ def test_dense_plan_forward_backward(dtype):
     check_forward_backward(list(m), list(n), list(ranks), dtype, plan, (2, 3))
 
 
+@pytest.mark.parametrize("m,n,ranks", [((6, 5), (4, 7), (3,)), ((4, 3, 5, 2), (2, 5, 3, 3), (3, 4, 2)),
+                                        ((2, 3, 2, 2, 3), (3, 2, 2, 3, 2), (2, 3, 4, 2))])
+def test_dense_route_even_and_odd_chains(m, n, ranks):
+    """The dense route splits the chain into two merged halves (d // 2 cores on the left)."""
+    shapes = tuple(((1, *ranks)[k], m[k], n[k], (*ranks, 1)[k]) for k in range(len(m)))
+    plan = make_plan(shapes, None, None, 5, dense=True)
+    check_forward_backward(list(m), list(n), list(ranks), torch.float64, plan, (5,))
+
+
+def test_dense_route_keeps_no_weight_sized_tensor_for_backward():
+    """What the dense route saves for backward: x and the small merged halves, not W (M x N)."""
+    gen = torch.Generator().manual_seed(21)
+    m = n = (4, 8, 8, 4)
+    cores = random_cores(m, n, (4, 4, 4), dtype=torch.float32, generator=gen, requires_grad=True)
+    x = torch.randn(8, 1024, generator=gen, requires_grad=True)
+    plan = make_plan(tuple(tuple(g.shape) for g in cores), None, None, 8, dense=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = tt_matmul(x, cores, plan)
+    assert x.numel() in saved
+    assert max(saved) < 1024 * 1024 // 8, f"a weight-sized tensor is saved for backward: {max(saved)} elements"
+    y.sum().backward()
+    ref = x.detach() @ tt_to_dense([g.detach() for g in cores]).T
+    assert rel_err(y.detach(), ref) <= 1e-5
+
+
 def test_auto_plan_large_batch_forward_backward():
     # a batch large enough that the kernel splits it into several blocks and workers
     m, n, ranks = (4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from tensorpress._ext import _C
+from tensorpress.ops.tt_dense import dense_from_halves
 from tensorpress.ops.tt_plan import TTPlan, choose_plan, cuda_limits, cuda_schedule, flat_dims, plan_info
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -365,6 +366,16 @@ def apply_tt(x: Tensor, mats: List[Tensor], plan: TTPlan) -> Tensor:
     return tt_contract(x, mats, flat_dims(plan.merged_shapes), list(plan.order), path)
 
 
+def _dense_route(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
+    """The dense plan when W is rebuilt at this call: the two halves of the chain merged
+    (small, batch-independent), then `dense_from_halves` (one GEMM; a lean backward)."""
+    compute = compute_dtype(cores[0].dtype)
+    cores_c = [_ContiguousGrad.apply(g.to(compute)) for g in cores]
+    half = len(cores_c) // 2
+    left, right = _merge_balanced(cores_c[:half]), _merge_balanced(cores_c[half:])
+    return dense_from_halves(x, left.to(x.dtype), right.to(x.dtype))
+
+
 def plan_for(cores: Sequence[Tensor], batch) -> TTPlan:
     shapes = [tuple(g.shape) for g in cores]
     device, dtype = cores[0].device.type, cores[0].dtype
@@ -395,8 +406,10 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
     x2 = x.reshape(math.prod(lead), n)  # not -1: that is ambiguous for an empty batch
     if plan is None:
         plan = plan_for(cores, x2.shape[0])
-    mats = prepare_tt(cores, plan) if prepared is None else prepared
     # the CUDA kernels and cuBLAS take the half types as they are; the CPU computes in float32
     x_in = x2 if _uses_cuda_kernels(x2) else x2.to(compute_dtype(x.dtype))
-    y = apply_tt(x_in, mats, plan)
+    if prepared is None and plan.dense and len(cores) > 1:
+        y = _dense_route(x_in, cores)
+    else:
+        y = apply_tt(x_in, prepare_tt(cores, plan) if prepared is None else prepared, plan)
     return y.to(x.dtype).reshape(*lead, y.shape[1])
