@@ -65,6 +65,17 @@ def random_cores(out_factors, in_factors, ranks, dtype=torch.float64, generator=
     return cores
 
 
+def planted_matrix(p, R, n, snr, seed):
+    """Scalar-on-matrix data y = <B, X> + eps: B (p x p) of rank R with ||B||_F = 1, X with
+    i.i.d. N(0, 1) entries, Var(eps) = 1/snr."""
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(p, R, generator=g, dtype=torch.float64) @ torch.randn(R, p, generator=g, dtype=torch.float64)
+    B /= B.norm()
+    X = torch.randn(n, p, p, generator=g, dtype=torch.float64)
+    y = X.flatten(1) @ B.flatten() + torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(snr)
+    return X, y
+
+
 def make_plan(shapes, groups, order, batch: int = 1, dense: bool = False) -> TTPlan:
     """A TTPlan for the given merge partition and absorb order (bypassing the search)."""
     shapes = tuple(tuple(int(v) for v in s) for s in shapes)

@@ -8,6 +8,8 @@ import torch
 from tensorpress.rank import (estimated_cv_error, estimated_test_error, layer_cv_error, layer_optimism,
                               matrix_degrees_of_freedom, select_layer_rank, select_rank)
 
+from conftest import planted_matrix
+
 
 def kfold_cv_error(X, Y, k, gen):
     """The k-fold CV mean squared error of least squares (no intercept), per response entry."""
@@ -61,15 +63,6 @@ def test_bad_folds_rejected(bad):
         estimated_cv_error(1.0, 10, 2, bad)
     with pytest.raises(ValueError, match="k: expected an int >= 2"):
         layer_cv_error(1.0, 10, 3, 2, 6, bad)
-
-
-def planted_matrix(p, R, n, snr, seed):
-    g = torch.Generator().manual_seed(seed)
-    B = torch.randn(p, R, generator=g, dtype=torch.float64) @ torch.randn(R, p, generator=g, dtype=torch.float64)
-    B /= B.norm()
-    X = torch.randn(n, p, p, generator=g, dtype=torch.float64)
-    y = X.flatten(1) @ B.flatten() + torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(snr)
-    return X, y
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -8,6 +8,8 @@ from tensorpress.rank import (CRITERIA, matrix_degrees_of_freedom, one_standard_
                               select_rank)
 from tensorpress.rank.select import choose
 
+from conftest import planted_matrix
+
 
 def test_the_smallest_candidate_within_one_standard_error():
     est, dfe, df = [1.0, 0.95, 0.94], [10.0, 20.0, 90.0], [10, 20, 90]
@@ -27,15 +29,6 @@ def test_choose_is_the_argmin_for_every_other_criterion():
     assert choose("test_error", table, [1.0, 0.9, 0.9], 100) == 1       # ties go to the smaller df
     assert choose("test_error_1se", table, [1.0, 0.9, 0.9], 100) == 0
     assert "test_error_1se" in CRITERIA
-
-
-def planted_matrix(p, R, n, snr, seed):
-    g = torch.Generator().manual_seed(seed)
-    B = torch.randn(p, R, generator=g, dtype=torch.float64) @ torch.randn(R, p, generator=g, dtype=torch.float64)
-    B /= B.norm()
-    X = torch.randn(n, p, p, generator=g, dtype=torch.float64)
-    y = X.flatten(1) @ B.flatten() + torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(snr)
-    return X, y
 
 
 @pytest.mark.parametrize("seed", [0, 1])
