@@ -346,42 +346,29 @@ class CPRegressor(_ALSRegressor):
             self.factors_ = [_leading_vectors(B0, d, R, gen) for d in range(len(dims))]
         self.factors_ = [f.to(X.device) for f in self.factors_]
 
-    def _prepared(self, X: Tensor):
-        """X and (for D >= 2) a copy with mode 1 moved last, so that the first contraction of
-        every partial product is one GEMM over a contiguous last axis (made once per fit: the
-        transposed view would be copied again at every sweep)."""
+    def _unfoldings(self, X: Tensor) -> list:
+        """For each mode d, X unfolded as (n p_d, prod of the other p) with the other modes in
+        order: every partial product is then one GEMM with their Khatri-Rao product. Mode 0's
+        is a view; the others are copies, made once per fit (not at every sweep)."""
         key = (X.data_ptr(), tuple(X.shape))
         cache = getattr(self, "_prep_cache", None)
         if cache is None or cache[0] != key:
-            rot = torch.movedim(X, 1, -1).contiguous() if X.dim() > 2 else None
-            self._prep_cache = cache = (key, X, rot)
-        return cache[1], cache[2]
+            n, dims = X.shape[0], X.shape[1:]
+            unf = [torch.movedim(X, d + 1, 1).reshape(n * p, -1) for d, p in enumerate(dims)]
+            self._prep_cache = cache = (key, X, unf)    # X held: its address cannot be reused meanwhile
+        return cache[2]
 
     def _partial(self, X: Tensor, skip: int) -> Tensor:
-        """Z (n, p_skip, R): X_i contracted with a^(k)_r on every mode k != skip."""
-        D = X.dim() - 1
+        """Z (n, p_skip, R): X_i contracted with a^(k)_r on every mode k != skip (the MTTKRP)."""
         A = self.factors_
         R = A[0].shape[1]
-        if D == 1:
+        if X.dim() == 2:
             return X[:, :, None].expand(-1, -1, R)
-        base, rot = self._prepared(X)
-        if skip != D - 1:
-            order = list(range(D))                     # axis j + 1 of base holds mode order[j]
-            src = base
-        else:
-            order = list(range(1, D)) + [0]
-            src = rot if rot is not None else base.transpose(1, 2)
-        last = order[-1]
-        T = src.reshape(-1, src.shape[-1]) @ A[last]    # (n * prod other modes, R)
-        kept = order[:-1]
-        T = T.reshape(X.shape[0], *[X.shape[k + 1] for k in kept], R)
-        for k in [m for m in kept if m != skip]:
-            ax = kept.index(k) + 1
-            shape = [1] * T.dim()
-            shape[ax], shape[-1] = A[k].shape[0], R
-            T = (T * A[k].reshape(shape)).sum(ax)
-            kept.remove(k)
-        return T                                        # (n, p_skip, R)
+        others = [A[k] for k in range(len(A)) if k != skip]
+        khatri_rao = others[0]
+        for a in others[1:]:                           # rows: the other modes' indices, first most significant
+            khatri_rao = (khatri_rao[:, None, :] * a[None, :, :]).reshape(-1, R)
+        return (self._unfoldings(X)[skip] @ khatri_rao).reshape(X.shape[0], X.shape[skip + 1], R)
 
     def _predict_centered(self, X):
         last = X.dim() - 2
@@ -417,7 +404,9 @@ class CPRegressor(_ALSRegressor):
 
     def _jacobian(self, X: Tensor) -> Tensor:
         """d(predictions)/d(parameters) (n, P) at the fit: the ALS design matrices side by side."""
-        return torch.cat([self._partial(X, d).reshape(X.shape[0], -1) for d in range(X.dim() - 1)], 1)
+        jac = torch.cat([self._partial(X, d).reshape(X.shape[0], -1) for d in range(X.dim() - 1)], 1)
+        self._prep_cache = None                        # the unfoldings are copies of X: not kept
+        return jac
 
     def _coef_hessian(self, E: Tensor) -> Tensor:
         """Hessian (P, P) of theta -> <E, B(theta)> at the fit, in closed form: B is linear in
