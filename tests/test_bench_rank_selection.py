@@ -19,7 +19,7 @@ def _log_keys(rs, path):
     return [rs.trial_key(r) for r in rows]
 
 
-def test_shards_split_the_grid_and_resume_from_the_log(rank_selection, tmp_path):
+def test_shards_split_the_grid_and_resume_from_the_log(rank_selection, tmp_path, monkeypatch):
     rs = rank_selection
     log = tmp_path / "trials.jsonl"
     grid = [c[0] for c in rs.synthetic_cells(True, False, seeds_override=3)]
@@ -39,8 +39,13 @@ def test_shards_split_the_grid_and_resume_from_the_log(rank_selection, tmp_path)
     again = rs.run_synthetic(True, False, print, seeds_override=3, trial_log=log)
     assert len(_log_keys(rs, log)) == 3                  # everything was logged: nothing reruns
     assert [t["picks"] for t in again] == [t["picks"] for t in second]
+    # every reported trial knows where it stands in the log (the order the trials ran in)
+    order = {rs.trial_key(t): t["log_line"] for t in again}
+    assert [order[k] for k in keys] == [0, 1, 2]
 
-    # --max-minutes 0 runs nothing and reports what the log holds
+    # --max-minutes 0 runs nothing and reports what the log holds; trials logged after the
+    # default rule was chosen get their own section
+    monkeypatch.setattr(rs, "RULE_CHOSEN_BEFORE_LINE", 1)
     import torch
     threads = torch.get_num_threads()
     try:
@@ -51,7 +56,9 @@ def test_shards_split_the_grid_and_resume_from_the_log(rank_selection, tmp_path)
     assert len(_log_keys(rs, log)) == 3
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["synthetic"]) == 3 and report["meta"]["run"]["seeds"] == 3
-    assert "--quick, 3 seeds per synthetic setting" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "--quick, 3 seeds per synthetic setting" in md
+    assert "## Held out: the 2 trials logged after analytic_cv was chosen (log lines from 2 on" in md
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "0/0", "-1/2"])
