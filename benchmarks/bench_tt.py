@@ -240,7 +240,9 @@ def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, wa
         *stamp_lines(meta),
         f"- torch {meta['torch']}, {meta['threads']} threads, float32, opt_einsum={meta['opt_einsum']}; "
         f"thread env: {meta['env'] or 'none set'}",
-        f"- tensorpress: {tensorpress_flags(meta)}",
+        f"- tensorpress: {tensorpress_flags(meta)}; plans: "
+        + ("autotuned (`--autotune`: the fastest of the cost model's few cheapest, timed)" if meta.get("autotune")
+           else "the cost model's"),
         f"- median of {repeats} repeats ({warmup} warmup), rotating among {N_INPUTS} inputs, sides interleaved",
         "- all four sides hold the same weights (one set of TT cores); forward outputs agree "
         f"with a float64 reference to < {AGREE_TOL:g} relative error before timing",
@@ -363,6 +365,9 @@ def main(argv=None) -> int:
                       quick_help="smoke test: two small cases, few repeats")
     ap.add_argument("--rewrite", type=Path, default=None,
                     help="rewrite the Markdown from an existing CPU results JSON (no runs)")
+    ap.add_argument("--autotune", action="store_true",
+                    help="CPU plans by timing the cost model's few cheapest (tensorpress.ops.set_autotune); "
+                         "results go to tt_cpu_autotune.*")
     args = ap.parse_args(argv)
 
     if args.rewrite is not None:
@@ -379,6 +384,8 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     cases = QUICK_CASES if args.quick else CASES
     meta = machine_info(torch.get_num_threads())
+    meta["autotune"] = args.autotune
+    tensorpress.ops.set_autotune(args.autotune)
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     results = []
     for case in cases:
@@ -398,7 +405,7 @@ def main(argv=None) -> int:
               "timings are noisy, re-run on a quiet machine", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "tt_cpu_quick" if args.quick else "tt_cpu"
+    stem = ("tt_cpu_quick" if args.quick else "tt_cpu") + ("_autotune" if args.autotune else "")
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "repeats": repeats, "warmup": warmup, "results": results}, indent=2) + "\n")
     write_markdown(args.out / f"{stem}.md", meta, results, repeats, warmup)

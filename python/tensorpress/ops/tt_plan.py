@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -163,22 +164,26 @@ def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int)
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> TTPlan:
-    d = len(shapes)
-    dense_cost = dense_route_cost(shapes, batch)
-    best = None
-    for groups in _partitions(d):
+def ranked_plans(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool = True) -> tuple[TTPlan, ...]:
+    """Every fused plan (merge partition x absorb order), and the dense route when allowed,
+    cheapest first by the cost model; the first is what `choose_plan` returns on CPU."""
+    plans = []
+    for groups in _partitions(len(shapes)):
         merged, merge_cost = zip(*(merge_shapes(shapes, g) for g in groups))
+        merge_flops = sum(merge_cost)
         for order in _orders(len(groups)):
-            cost = sum(merge_cost) + plan_cost(merged, order, batch)
-            if best is None or cost < best[0]:
-                best = (cost, groups, order, merged)
-    cost, groups, order, merged = best
-    if allow_dense and dense_cost <= cost:  # ties: one big GEMM runs faster
-        return _dense_plan(shapes, batch, dense_cost)
-    merge_flops = sum(merge_shapes(shapes, g)[1] for g in groups)
-    flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
-    return TTPlan(groups, order, False, batch, flops, dense_flops(shapes, batch), tuple(merged), cost)
+            cost = merge_flops + plan_cost(merged, order, batch)
+            flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
+            plans.append(TTPlan(groups, order, False, batch, flops, dense_flops(shapes, batch), tuple(merged), cost))
+    if allow_dense:
+        plans.append(_dense_plan(shapes, batch, dense_route_cost(shapes, batch)))
+    # ties go to the dense route (one big GEMM runs faster), then to the plan found first
+    plans.sort(key=lambda p: (p.cost, not p.dense))
+    return tuple(plans)
+
+
+def _choose(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> TTPlan:
+    return ranked_plans(shapes, batch, allow_dense)[0]
 
 
 def _dense_plan(shapes: tuple[CoreShape, ...], batch: int, cost: int) -> TTPlan:
@@ -201,7 +206,25 @@ def choose_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu
     shapes = tuple(tuple(int(v) for v in s) for s in shapes)
     if str(device).startswith("cuda"):
         return choose_cuda_plan(shapes, batch, cuda_limits(device), dtype, allow_dense)
+    if autotune_enabled() and not torch.compiler.is_compiling():
+        from tensorpress.ops.tt_autotune import autotuned_plan   # it runs the kernels: imports ops.tt
+        return autotuned_plan(shapes, int(batch), bool(allow_dense), dtype)
     return _choose(shapes, int(batch), bool(allow_dense))
+
+
+_AUTOTUNE = {"enabled": os.environ.get("TENSORPRESS_AUTOTUNE", "") == "1"}
+
+
+def set_autotune(enabled: bool) -> None:
+    """Choose CPU plans by timing the few the cost model ranks cheapest (`tt_autotune`), not by
+    the model alone. Off by default (TENSORPRESS_AUTOTUNE=1 turns it on at import)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    _AUTOTUNE["enabled"] = enabled
+
+
+def autotune_enabled() -> bool:
+    return _AUTOTUNE["enabled"]
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -1,0 +1,90 @@
+"""Opt-in autotuning of CPU plans (tensorpress.ops.set_autotune, ops/tt_autotune.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorpress.nn import TTLinear
+from tensorpress.ops import autotune_enabled, choose_plan, set_autotune, tt_matmul, tt_matmul_reference
+from tensorpress.ops import tt_autotune
+from tensorpress.ops.tt_plan import ranked_plans
+
+from conftest import random_cores, rel_err
+
+SHAPES_1024_R8 = ((1, 4, 4, 8), (8, 8, 8, 8), (8, 8, 8, 8), (8, 4, 4, 1))
+
+
+@pytest.fixture
+def autotune():
+    """Autotuning on for one test, with an empty cache; the previous setting restored after."""
+    before = autotune_enabled()
+    tt_autotune._autotuned.cache_clear()
+    set_autotune(True)
+    yield
+    set_autotune(before)
+    tt_autotune._autotuned.cache_clear()
+
+
+def test_off_by_default_and_the_model_plan_is_the_first_ranked():
+    assert not autotune_enabled()
+    for batch in (1, 64, 256, 100_000):
+        ranked = ranked_plans(SHAPES_1024_R8, batch)
+        assert choose_plan(SHAPES_1024_R8, batch) == ranked[0]
+        assert [p.cost for p in ranked] == sorted(p.cost for p in ranked)
+
+
+def test_candidates_are_the_cheapest_few_within_the_slack():
+    ranked = ranked_plans(SHAPES_1024_R8, 256, True)
+    cands = tt_autotune.candidates(SHAPES_1024_R8, 256, True)
+    assert cands[0] == ranked[0]
+    assert list(cands) == list(ranked[:len(cands)])
+    assert 1 < len(cands) <= tt_autotune.MAX_CANDIDATES
+    assert all(p.cost <= ranked[0].cost * tt_autotune.COST_SLACK for p in cands)
+
+
+def test_the_fastest_candidate_is_chosen_and_kept(autotune, monkeypatch):
+    cands = tt_autotune.candidates(SHAPES_1024_R8, 256, True)
+    timed = []
+
+    def fake_seconds(x, cores, plan):    # the model's runner-up is the fastest here
+        timed.append(plan)
+        return 1.0 if plan == cands[1] else 2.0
+
+    monkeypatch.setattr(tt_autotune, "_median_seconds", fake_seconds)
+    assert choose_plan(SHAPES_1024_R8, 256) == cands[1]
+    assert timed == list(cands)                          # every candidate timed once
+    assert choose_plan(SHAPES_1024_R8, 256) == cands[1]
+    assert len(timed) == len(cands)                      # then kept: no second timing
+    set_autotune(False)
+    assert choose_plan(SHAPES_1024_R8, 256) == cands[0]  # off again: the model's plan
+
+
+def test_autotuned_layer_matches_the_float64_reference(autotune):
+    gen = torch.Generator().manual_seed(5)
+    cores = random_cores((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8), dtype=torch.float64, generator=gen,
+                         requires_grad=True)
+    x = torch.randn(64, 1024, generator=gen, dtype=torch.float64, requires_grad=True)
+    plan = choose_plan([tuple(g.shape) for g in cores], 64, dtype=torch.float64)
+    assert plan in tt_autotune.candidates(tuple(tuple(g.shape) for g in cores), 64, True)
+    y = tt_matmul(x, cores)
+    assert rel_err(y, tt_matmul_reference(x, cores)) <= 1e-12
+    grads = torch.autograd.grad(y.sum(), [x, *cores])
+    refs = torch.autograd.grad(tt_matmul_reference(x, cores).sum(), [x, *cores])
+    for g, r in zip(grads, refs):
+        assert rel_err(g, r) <= 1e-12
+
+
+def test_autotune_under_torch_compile(autotune):
+    torch.manual_seed(3)
+    torch._dynamo.reset()
+    layer = TTLinear(256, 128, ranks=8)
+    x = torch.randn(16, 256)
+    compiled = torch.compile(layer, fullgraph=True)
+    assert rel_err(compiled(x), layer(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_set_autotune_wants_a_bool(bad):
+    with pytest.raises(TypeError, match="enabled: expected a bool"):
+        set_autotune(bad)
+    assert not autotune_enabled()
