@@ -46,7 +46,7 @@ def test_the_fastest_candidate_is_chosen_and_kept(autotune, monkeypatch):
     cands = tt_autotune.candidates(SHAPES_1024_R8, 256, True)
     timed = []
 
-    def fake_seconds(x, cores, plan):    # the model's runner-up is the fastest here
+    def fake_seconds(x, cores, plan, training):    # the model's runner-up is the fastest here
         timed.append(plan)
         return 1.0 if plan == cands[1] else 2.0
 
@@ -55,6 +55,9 @@ def test_the_fastest_candidate_is_chosen_and_kept(autotune, monkeypatch):
     assert timed == list(cands)                          # every candidate timed once
     assert choose_plan(SHAPES_1024_R8, 256) == cands[1]
     assert len(timed) == len(cands)                      # then kept: no second timing
+    with torch.no_grad():                                # inference is timed apart (forward only)
+        assert choose_plan(SHAPES_1024_R8, 256) == cands[1]
+    assert len(timed) == 2 * len(cands)
     set_autotune(False)
     assert choose_plan(SHAPES_1024_R8, 256) == cands[0]  # off again: the model's plan
 
@@ -72,6 +75,15 @@ def test_autotuned_layer_matches_the_float64_reference(autotune):
     refs = torch.autograd.grad(tt_matmul_reference(x, cores).sum(), [x, *cores])
     for g, r in zip(grads, refs):
         assert rel_err(g, r) <= 1e-12
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_both_timings_run_and_pick_a_candidate(autotune, training):
+    shapes = ((1, 4, 3, 4), (4, 5, 6, 1))
+    with torch.set_grad_enabled(training):
+        plan = choose_plan(shapes, 32)
+    assert plan in tt_autotune.candidates(shapes, 32, True)
+    assert tt_autotune._autotuned.cache_info().currsize == 1
 
 
 def test_autotune_under_torch_compile(autotune):

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tensorpress.ops.tt import apply_tt, compute_dtype, prepare_tt
+from tensorpress.ops.tt import apply_tt, compute_dtype, prepare_tt, tt_matmul
 from tensorpress.ops.tt_plan import CoreShape, TTPlan, ranked_plans
 
 # plans timed: at most this many, and only those the model puts within this factor of its best
@@ -37,27 +37,42 @@ def candidates(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> 
 
 
 def autotuned_plan(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool, dtype: torch.dtype) -> TTPlan:
-    return _autotuned(shapes, batch, allow_dense, compute_dtype(dtype), torch.get_num_threads())
+    """With autograd on, plans are timed forward + backward (a plan fast forward can be slow
+    backward: one merged core of all of W runs its gradient through the fused kernel's
+    per-thread partials); without, forward alone. Each is kept apart."""
+    return _autotuned(shapes, batch, allow_dense, compute_dtype(dtype), torch.get_num_threads(),
+                      torch.is_grad_enabled())
 
 
 @functools.lru_cache(maxsize=1024)
-def _autotuned(shapes, batch, allow_dense, dtype, threads) -> TTPlan:
+def _autotuned(shapes, batch, allow_dense, dtype, threads, training) -> TTPlan:
     plans = candidates(shapes, batch, allow_dense)
     if len(plans) == 1 or batch == 0:
         return plans[0]
     gen = torch.Generator().manual_seed(0)
     cores = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     x = torch.randn(batch, math.prod(s[2] for s in shapes), generator=gen, dtype=dtype)
-    return min(plans, key=lambda plan: _median_seconds(x, cores, plan))
+    return min(plans, key=lambda plan: _median_seconds(x, cores, plan, training))
 
 
-def _median_seconds(x, cores, plan) -> float:
-    with torch.no_grad():
+def _median_seconds(x, cores, plan, training) -> float:
+    if training:
+        cores = [g.detach().requires_grad_(True) for g in cores]
+        x = x.detach().requires_grad_(True)
+        grad_y = torch.ones(x.shape[0], math.prod(g.shape[1] for g in cores), dtype=x.dtype)
+
+        def run():
+            torch.autograd.grad(tt_matmul(x, cores, plan), [x, *cores], grad_y)
+    else:
         mats = prepare_tt(cores, plan)
-        apply_tt(x, mats, plan)                       # warm-up: workspace, caches
-        times = []
-        for _ in range(REPEATS):
-            start = time.perf_counter()
-            apply_tt(x, mats, plan)
-            times.append(time.perf_counter() - start)
+
+        def run():
+            with torch.no_grad():
+                apply_tt(x, mats, plan)
+    run()                                             # warm-up: workspace, caches
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
     return statistics.median(times)
