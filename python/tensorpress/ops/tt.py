@@ -346,11 +346,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _KERNEL_DTYPES else torch.float32
 
 
+def _compute_cores(cores: Sequence[Tensor]) -> List[Tensor]:
+    """The cores in the compute dtype, their gradients made contiguous on the way back."""
+    compute = compute_dtype(cores[0].dtype)
+    return [_ContiguousGrad.apply(g.to(compute)) for g in cores]
+
+
 def prepare_tt(cores: Sequence[Tensor], plan: TTPlan) -> List[Tensor]:
     """The batch-independent part of a call: merged cores laid out as the plan's step
     matrices (or, for the dense route, the single matrix W^T). Differentiable in the cores."""
-    compute = compute_dtype(cores[0].dtype)
-    cores_c = [_ContiguousGrad.apply(g.to(compute)) for g in cores]
+    cores_c = _compute_cores(cores)
     if plan.dense:
         return [tt_to_dense(cores_c).T]
     return step_matrices([merge_group(cores_c, g) for g in plan.groups], plan.order)
@@ -369,8 +374,7 @@ def apply_tt(x: Tensor, mats: List[Tensor], plan: TTPlan) -> Tensor:
 def _dense_route(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     """The dense plan when W is rebuilt at this call: the two halves of the chain merged
     (small, batch-independent), then `dense_from_halves` (one GEMM; a lean backward)."""
-    compute = compute_dtype(cores[0].dtype)
-    cores_c = [_ContiguousGrad.apply(g.to(compute)) for g in cores]
+    cores_c = _compute_cores(cores)
     half = len(cores_c) // 2
     left, right = _merge_balanced(cores_c[:half]), _merge_balanced(cores_c[half:])
     return dense_from_halves(x, left.to(x.dtype), right.to(x.dtype))

@@ -1,6 +1,6 @@
 """Opt-in autotuning of CPU contraction plans: time the few plans the cost model ranks
 cheapest on random data of the call's shapes and keep the fastest, per (core shapes, batch,
-dtype, thread count), for the life of the process.
+dtype, thread count, grad mode), for the life of the process.
 
 Why: the cost model (FLOPs plus weighted permute and GEMM traffic, `tt_plan.plan_cost`)
 cannot rank plans whose costs differ by a few percent; which permutation is cheaper depends

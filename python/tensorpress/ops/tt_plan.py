@@ -167,23 +167,19 @@ def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int)
 def ranked_plans(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool = True) -> tuple[TTPlan, ...]:
     """Every fused plan (merge partition x absorb order), and the dense route when allowed,
     cheapest first by the cost model; the first is what `choose_plan` returns on CPU."""
-    plans = []
+    plans, dense = [], dense_flops(shapes, batch)
     for groups in _partitions(len(shapes)):
         merged, merge_cost = zip(*(merge_shapes(shapes, g) for g in groups))
         merge_flops = sum(merge_cost)
         for order in _orders(len(groups)):
             cost = merge_flops + plan_cost(merged, order, batch)
             flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
-            plans.append(TTPlan(groups, order, False, batch, flops, dense_flops(shapes, batch), tuple(merged), cost))
+            plans.append(TTPlan(groups, order, False, batch, flops, dense, tuple(merged), cost))
     if allow_dense:
         plans.append(_dense_plan(shapes, batch, dense_route_cost(shapes, batch)))
     # ties go to the dense route (one big GEMM runs faster), then to the plan found first
     plans.sort(key=lambda p: (p.cost, not p.dense))
     return tuple(plans)
-
-
-def _choose(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> TTPlan:
-    return ranked_plans(shapes, batch, allow_dense)[0]
 
 
 def _dense_plan(shapes: tuple[CoreShape, ...], batch: int, cost: int) -> TTPlan:
@@ -209,7 +205,7 @@ def choose_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu
     if autotune_enabled() and not torch.compiler.is_compiling():
         from tensorpress.ops.tt_autotune import autotuned_plan   # it runs the kernels: imports ops.tt
         return autotuned_plan(shapes, int(batch), bool(allow_dense), dtype)
-    return _choose(shapes, int(batch), bool(allow_dense))
+    return ranked_plans(shapes, int(batch), bool(allow_dense))[0]
 
 
 _AUTOTUNE = {"enabled": os.environ.get("TENSORPRESS_AUTOTUNE", "") == "1"}
