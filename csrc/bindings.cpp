@@ -452,7 +452,11 @@ py::dict tt_plan_info(const std::vector<int64_t>& core_dims, const std::vector<i
   info["in_features"] = plan.in_features;
   info["out_features"] = plan.out_features;
   info["flops_per_sample"] = plan.flops_per_sample;
-  info["permute_cost_per_sample"] = plan.permute_cost_per_sample;
+  py::dict moved;
+  moved["copy"] = plan.permute_elements[tt::kCopy];
+  moved["short_runs"] = plan.permute_elements[tt::kShortRuns];
+  moved["transpose"] = plan.permute_elements[tt::kTranspose];
+  info["permute_elements"] = moved;
   info["max_state"] = plan.max_state;
   return info;
 }

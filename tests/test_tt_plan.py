@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from tensorpress.nn import TTLinear
 from tensorpress.ops import TTPlan, choose_plan, tt_matmul, tt_matmul_reference
-from tensorpress.ops.tt_plan import _orders, _partitions, dense_flops, dense_route_cost, merge_shapes, plan_cost
+from tensorpress.ops.tt_plan import (_orders, _partitions, dense_flops, dense_route_cost, merge_shapes, plan_cost,
+                                     plan_info)
 
 from conftest import make_plan, random_cores, rel_err, tt_flops
 
@@ -183,6 +184,21 @@ def test_plan_cost_is_per_sample_and_covers_the_arithmetic():
             assert plan_cost(shapes, order, 0) == 0
             assert plan_cost(shapes, order, 10) == 10 * one
             assert one >= tt_flops(shapes, order)
+
+
+@pytest.mark.parametrize("core_dims, order, expected", [
+    # 1024x1024 rank 8 as two merged cores (1,32,32,8) (8,32,32,1), left first: x's two axes
+    # swap (a 32x32 transpose), then [n1, m0, b0] -> [m0, n1, b0] moves runs of 8
+    ((1, 32, 32, 8, 8, 32, 32, 1), (0, 1), {"copy": 0, "short_runs": 8192, "transpose": 1024}),
+    # right first: [n0, b0, m1] -> [m1, n0, b0] moves the innermost axis, then y's two axes swap
+    ((1, 32, 32, 8, 8, 32, 32, 1), (1, 0), {"copy": 0, "short_runs": 0, "transpose": 9216}),
+    # runs of 20 contiguous elements stay memcpy runs
+    ((1, 3, 1, 16, 16, 20, 1, 20, 20, 1, 17, 1), (0, 1, 2), {"copy": 21233, "short_runs": 0, "transpose": 0}),
+    # one core: x is contracted as it lies, nothing moves
+    ((1, 8, 8, 1), (0,), {"copy": 0, "short_runs": 0, "transpose": 0}),
+])
+def test_permuted_elements_by_how_the_kernel_moves_them(core_dims, order, expected):
+    assert plan_info(core_dims, order)["permute_elements"] == expected
 
 
 def test_flop_counter_on_a_known_case():

@@ -30,6 +30,11 @@ struct CoreDims {
   int64_t r_left, m, n, r_right;
 };
 
+// How strided_copy moves a permutation: long contiguous runs (memcpy), runs of < 16
+// elements, or, where the innermost axis moves, 2-D blocked transposes against the axis that
+// is contiguous in the source (a merged state always has one). Identities move nothing.
+enum PermuteKind { kCopy = 0, kShortRuns = 1, kTranspose = 2, kPermuteKinds = 3 };
+
 // A permutation of a per-sample state: dst axis i is src axis perm[i]; dims in src order.
 struct Permutation {
   std::vector<int64_t> dims;
@@ -62,19 +67,22 @@ struct Plan {
   int64_t in_features = 1, out_features = 1;
   int64_t max_state = 0;         // largest per-sample state anywhere in the sweep
   int64_t flops_per_sample = 0;
-  // Cost of the permutations, in element moves weighted by how they run: runs of >= 16
-  // contiguous elements are memcpy (x1), shorter runs x2, element-wise gathers x4.
-  int64_t permute_cost_per_sample = 0;
+  // Elements the permutations move per sample, by how strided_copy (core/permute.h) runs
+  // them; the cost model (python/tensorpress/ops/tt_plan.py) weighs each kind.
+  std::array<int64_t, kPermuteKinds> permute_elements{};
 };
 
 inline void plan_error(const std::string& what) { throw std::invalid_argument(what); }
 
-inline int64_t permute_cost(const Permutation& p) {
-  if (p.identity()) return 0;
+inline void count_permute(const Permutation& p, std::array<int64_t, kPermuteKinds>& elements) {
+  if (p.identity()) return;
   const StridedCopy c = make_strided_copy(p.dims, p.perm);
-  if (c.size.size() <= 1) return c.numel;
-  const int64_t inner = c.size.back(), stride = c.stride.back();
-  return c.numel * (stride != 1 ? 4 : inner < 16 ? 2 : 1);
+  if (c.size.size() <= 1) {
+    elements[kCopy] += c.numel;
+    return;
+  }
+  if (c.stride.back() != 1) elements[kTranspose] += c.numel;
+  else elements[c.size.back() >= 16 ? kCopy : kShortRuns] += c.numel;
 }
 
 inline void check_chain(const std::vector<CoreDims>& cores, const std::vector<int>& order) {
@@ -163,7 +171,7 @@ inline Plan make_plan(const std::vector<CoreDims>& cores, const std::vector<int>
     // N counts the produced axes; boundary ranks (size 1) are among the core's output axes
     s.N = cores[k].m * (left_open ? 1 : cores[k].r_left) * (right_open ? 1 : cores[k].r_right);
 
-    plan.permute_cost_per_sample += permute_cost(s.before);
+    count_permute(s.before, plan.permute_elements);
     plan.flops_per_sample += s.flops();
     plan.max_state = std::max({plan.max_state, s.in_size(), s.out_size()});
     plan.steps.push_back(s);
@@ -176,7 +184,7 @@ inline Plan make_plan(const std::vector<CoreDims>& cores, const std::vector<int>
   for (int id : state) plan.final_perm.dims.push_back(size[id]), plan.out_features *= size[id];
   for (int k = 0; k < d; ++k)
     plan.final_perm.perm.push_back(static_cast<int>(std::find(state.begin(), state.end(), m_id(k)) - state.begin()));
-  plan.permute_cost_per_sample += permute_cost(plan.final_perm);
+  count_permute(plan.final_perm, plan.permute_elements);
   return plan;
 }
 

@@ -18,18 +18,22 @@ import torch
 
 from tensorpress._ext import _C
 
-# Moving one element in a permutation between GEMMs costs about this many FLOPs' worth of
-# time per unit of the kernel's permute cost (x1 memcpy runs .. x4 element-wise gathers;
-# GEMMs run at ~100 GFLOP/s per core); and every element a GEMM reads or writes about one
-# more (small-K GEMMs are bound by memory, not FLOPs).
-PERMUTE_COST_FLOPS = 4
-# One large dense GEMM (torch's BLAS) runs faster per FLOP than a fused plan's smaller GEMMs
-# beyond what the traffic terms above capture, so the dense route's cost is its FLOPs divided
-# by this. Measured on the 2-core EPYC (benchmarks/results/tt_cpu.md): dense won at a
-# dense-FLOPs / fused-cost ratio of 1.06 (1024x1024 r16, batch 256: 3.0 vs 3.6 ms) and lost at
-# 1.16 (768->3072 r16, batch 256: 7.0 vs 6.0 ms); 1.1 separates them.
-DENSE_SPEED_ADVANTAGE = 1.1
-GEMM_TRAFFIC_FLOPS = 1
+# The CPU cost of a fused plan, in FLOP-equivalents: its GEMMs' FLOPs, plus every element the
+# permutations between them move, weighted by how the kernel moves it (csrc/tt/tt_plan.h,
+# PermuteKind: memcpy runs, runs of < 16 elements, 2-D blocked transposes), plus every
+# element a GEMM reads or writes. Fitted to the forward times of every fused plan of nine
+# chains (benchmarks/tt_cost_model.py, results/tt_cost_model.md, 2-core EPYC): a moved element
+# costs as much as 36-44 FLOPs, and the GEMM traffic term gets no weight once the moves are
+# counted. The refit picks the fastest plan or one within 8% of it in every case (the old
+# weights, 4 / 8 / 16 and 1, missed by 21% on average).
+PERMUTE_FLOPS = {"copy": 36, "short_runs": 44, "transpose": 37}
+GEMM_TRAFFIC_FLOPS = 0
+# The dense route (W rebuilt, one GEMM through torch's BLAS) costs its FLOPs divided by this.
+# Its forward alone ran at 0.68x the fused plans' rate per FLOP-equivalent in that fit, but in
+# training its backward is leaner than the fused plans' (which recompute the forward and, in a
+# layer, backpropagate through the merging); 1.0 makes the dense route win its tie with the
+# single merged core (the same GEMM) and keeps it where the fused plans need as many FLOPs.
+DENSE_SPEED_ADVANTAGE = 1.0
 
 # ---- CUDA cost model (seconds). First guesses for an H100, to be calibrated from
 # benchmarks/results/tt_<gpu>.json (benchmarks/gpu_check.sh): the fused and tiled kernels run
@@ -158,7 +162,8 @@ def _plan_info(core_dims: tuple[int, ...], order: tuple[int, ...]) -> dict:
 def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int) -> int:
     """Estimated cost, in FLOP-equivalents, of contracting a batch with already merged cores."""
     info = plan_info(tuple(flat_dims(merged)), tuple(order))
-    per_sample = info["flops_per_sample"] + PERMUTE_COST_FLOPS * info["permute_cost_per_sample"]
+    per_sample = info["flops_per_sample"]
+    per_sample += sum(PERMUTE_FLOPS[kind] * n for kind, n in info["permute_elements"].items())
     per_sample += GEMM_TRAFFIC_FLOPS * sum(s["rows"] * (s["K"] + s["N"]) for s in info["steps"])
     return batch * per_sample
 
