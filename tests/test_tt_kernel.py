@@ -665,3 +665,33 @@ def test_float32_gathering_permutations_every_plan(m, n, ranks):
                                           torch.ones_like(reference))
         x64 = x64.detach()
         assert rel_err(grad_x, ref_grad) <= 1e-5, (groups, order)
+
+
+def test_eager_inference_skips_the_custom_op_dispatch_only_without_autograd(monkeypatch):
+    """Without autograd on plain CPU tensors apply_tt calls the kernel directly (the op's
+    dispatch is a third of a small batch's time); with autograd it goes through the op."""
+    from tensorpress.ops import tt as tt_ops
+
+    gen = torch.Generator().manual_seed(3)
+    cores = random_cores((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8), generator=gen)
+    plan = choose_plan([tuple(g.shape) for g in cores], 5)
+    assert not plan.dense
+    x = torch.randn(5, 1024, generator=gen, dtype=torch.float64)
+    mats = tt_ops.prepare_tt(cores, plan)
+    with torch.no_grad():
+        through_op = tt_ops.tt_contract(x, mats, flat_dims(plan.merged_shapes), list(plan.order))
+
+    def no_dispatch(*args, **kwargs):
+        raise AssertionError("the custom op was dispatched")
+
+    monkeypatch.setattr(tt_ops, "tt_contract", no_dispatch)
+    with torch.no_grad():
+        direct = tt_ops.apply_tt(x, mats, plan)
+    assert torch.equal(direct, through_op)
+    assert rel_err(direct, tt_matmul_reference(x, cores)) <= 1e-12
+    # autograd wanted: the op (and its backward) must run
+    with pytest.raises(AssertionError, match="dispatched"):
+        tt_ops.apply_tt(x.clone().requires_grad_(), mats, plan)
+    # not a plain CPU tensor: no shortcut
+    assert not tt_ops._eager_cpu_inference(x.to("meta"), [m.to("meta") for m in mats])
+    assert not tt_ops._eager_cpu_inference(x.float().half(), mats)

@@ -441,3 +441,19 @@ def test_from_cores_copies_the_cores_and_checks_their_shapes():
     assert torch.equal(layer.cores[1].detach(), cores[1]) and torch.equal(layer.bias.detach(), bias)
     with pytest.raises(ValueError, match="cores: expected shapes"):
         TTLinear.from_cores(cores, None, (2, 3), (2, 5))
+
+
+def test_replacing_a_core_parameter_reaches_forward_and_the_inference_cache():
+    """forward reads the cores from the ParameterList's dict (faster than its iterator): a core
+    swapped in by assignment must be the one used, with and without autograd."""
+    torch.manual_seed(0)
+    layer = TTLinear(64, 48, ranks=3, dtype=torch.float64)
+    x = torch.randn(4, 64, dtype=torch.float64)
+    assert [id(g) for g in layer._core_list()] == [id(g) for g in layer.cores]
+    with torch.no_grad():
+        before = layer(x) - layer.bias
+    layer.cores[1] = nn.Parameter(3.0 * layer.cores[1].detach())
+    assert layer._core_list()[1] is layer.cores[1]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x) - layer.bias, 3.0 * before)
+    torch.testing.assert_close(layer(x) - layer.bias, 3.0 * before)

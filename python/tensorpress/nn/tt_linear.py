@@ -67,28 +67,41 @@ class TTLinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def plan(self, batch: int, dtype: torch.dtype | None = None) -> TTPlan:
         """The contraction this layer will run for `batch` rows (by FLOP count; may be dense)."""
-        core = self.cores[0]   # on CUDA the plan also picks the kernel path by the GPU cost model
-        return choose_plan(self.core_shapes, batch, device=str(core.device), dtype=dtype or core.dtype)
+        return self._plan(self._core_list(), batch, dtype)
+
+    @staticmethod
+    def _plan(cores: list[Tensor], batch: int, dtype: torch.dtype | None) -> TTPlan:
+        core = cores[0]   # on CUDA the plan also picks the kernel path by the GPU cost model
+        return choose_plan(tuple(tuple(g.shape) for g in cores), batch, device=str(core.device),
+                           dtype=dtype or core.dtype)
 
     @property
     def core_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
-        return tuple(tuple(g.shape) for g in self.cores)
+        return tuple(tuple(g.shape) for g in self._core_list())
+
+    def _core_list(self) -> list[Tensor]:
+        # ParameterList's iterator goes through __getitem__ (about 2 us a core, a good part of
+        # a small batch's call); its parameter dict holds the same tensors in index order.
+        if torch.compiler.is_compiling():
+            return list(self.cores)
+        return list(self.cores._parameters.values())
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input: expected last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
-        plan, prepared = self._prepared_for_inference(x)
-        y = tt_matmul(x, list(self.cores), plan=plan, prepared=prepared)
+        cores = self._core_list()
+        plan, prepared = self._prepared_for_inference(x, cores)
+        y = tt_matmul(x, cores, plan=plan, prepared=prepared)
         return y if self.bias is None else y + self.bias
 
-    def _prepared_for_inference(self, x: Tensor):
+    def _prepared_for_inference(self, x: Tensor, cores: list[Tensor]):
         """Without autograd the merged step matrices depend only on the cores: keep them
         between calls, keyed on the plan, the core tensors themselves (held, so no other
         tensor can take their place) and their in-place versions."""
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(g.requires_grad for g in self.cores)):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(g.requires_grad for g in cores)):
             return None, None
-        plan = self.plan(math.prod(x.shape[:-1]), x.dtype)
-        cores = tuple(self.cores)
+        plan = self._plan(cores, math.prod(x.shape[:-1]), x.dtype)
+        cores = tuple(cores)
         versions = tuple(g._version for g in cores)
         cached = self.__dict__.get("_inference_cache")
         if (cached is None or cached[0] != plan or len(cached[1]) != len(cores)
@@ -140,7 +153,7 @@ class TTLinear(nn.Module):
 
     def to_dense(self) -> Tensor:
         """The weight W (out_features x in_features)."""
-        return tt_to_dense(list(self.cores))
+        return tt_to_dense(self._core_list())
 
     @property
     def compression_ratio(self) -> float:

@@ -17,6 +17,7 @@ from torch import Tensor
 from tensorpress._ext import _C
 from tensorpress.ops.tt_dense import dense_from_halves
 from tensorpress.ops.tt_plan import TTPlan, choose_plan, cuda_limits, cuda_schedule, flat_dims, plan_info
+from tensorpress.ops.tt_prepare import merge_pair, merged_groups, step_matrices_of_groups
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 SYMBOLIC_BATCH_HINT = 256
@@ -66,9 +67,7 @@ def _check_input(x: Tensor, cores: Sequence[Tensor]) -> int:
 # ----------------------------------------------------------------------------- plan helpers
 def merge_cores(a: Tensor, b: Tensor) -> Tensor:
     """(r0, m1, n1, r1) x (r1, m2, n2, r2) -> (r0, m1 m2, n1 n2, r2)."""
-    r0, m1, n1, _ = a.shape
-    _, m2, n2, r2 = b.shape
-    return torch.einsum("aijr,rklb->aikjlb", a, b).reshape(r0, m1 * m2, n1 * n2, r2)
+    return merge_pair(a, b)
 
 
 def merge_group(cores: Sequence[Tensor], group: Sequence[int]) -> Tensor:
@@ -186,6 +185,10 @@ def tt_contract(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List
         return _run_cuda(x, mats, core_dims, order, path)
     if x.device.type != "cpu":
         return tt_contract_torch(x, mats, core_dims, order)
+    return _forward_cpu(x, mats, core_dims, order)
+
+
+def _forward_cpu(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int]) -> Tensor:
     x = x.detach().contiguous()  # DLPack refuses tensors that require grad
     mats = [m.detach().contiguous() for m in mats]
     y = x.new_empty(x.shape[0], _out_features(core_dims))
@@ -320,26 +323,6 @@ def tt_matmul_reference(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     return state.reshape(*lead, state.shape[1])
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous: the cores' gradients come back
-    through permutes, and parameters (and DDP's gradient buckets) want dense row-major grads."""
-
-    @staticmethod
-    def forward(t):
-        return t.view_as(t)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        # exact row-major strides: is_contiguous() ignores the strides of size-1 dims, DDP does not
-        if grad.stride() == torch.empty(grad.shape, device="meta").stride():
-            return grad
-        return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device).copy_(grad)
-
-
 # ----------------------------------------------------------------------------- public entry
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernel computes in: the half types accumulate in float32."""
@@ -347,18 +330,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _compute_cores(cores: Sequence[Tensor]) -> List[Tensor]:
-    """The cores in the compute dtype, their gradients made contiguous on the way back."""
     compute = compute_dtype(cores[0].dtype)
-    return [_ContiguousGrad.apply(g.to(compute)) for g in cores]
+    return [g.to(compute) for g in cores]
 
 
 def prepare_tt(cores: Sequence[Tensor], plan: TTPlan) -> List[Tensor]:
     """The batch-independent part of a call: merged cores laid out as the plan's step
-    matrices (or, for the dense route, the single matrix W^T). Differentiable in the cores."""
+    matrices (or, for the dense route, the single matrix W^T). Differentiable in the cores
+    (one autograd node, `ops/tt_prepare.py`)."""
     cores_c = _compute_cores(cores)
     if plan.dense:
         return [tt_to_dense(cores_c).T]
-    return step_matrices([merge_group(cores_c, g) for g in plan.groups], plan.order)
+    info = plan_info(tuple(flat_dims(plan.merged_shapes)), tuple(plan.order))
+    steps = [(s["core"], tuple(s["core_perm"]), s["K"], s["N"]) for s in info["steps"]]
+    return list(step_matrices_of_groups(cores_c, plan.groups, steps))
 
 
 def apply_tt(x: Tensor, mats: List[Tensor], plan: TTPlan) -> Tensor:
@@ -367,8 +352,20 @@ def apply_tt(x: Tensor, mats: List[Tensor], plan: TTPlan) -> Tensor:
     route multiplies in x's dtype, on the tensor cores)."""
     if plan.dense:
         return x @ mats[0].to(x.dtype)
+    core_dims, order = flat_dims(plan.merged_shapes), list(plan.order)
+    if _eager_cpu_inference(x, mats):
+        # what the custom op would run, without its dispatch (a third of a small call's time)
+        return _forward_cpu(x, mats, core_dims, order)
     path = plan.path if plan.path in ("fused", "tiled") else "auto"
-    return tt_contract(x, mats, flat_dims(plan.merged_shapes), list(plan.order), path)
+    return tt_contract(x, mats, core_dims, order, path)
+
+
+def _eager_cpu_inference(x: Tensor, mats: List[Tensor]) -> bool:
+    """No autograd, no tracing, plain CPU tensors of a kernel dtype (not fake or subclassed):
+    the custom op adds nothing to the kernel."""
+    return (type(x) is Tensor and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+            and not torch.compiler.is_compiling() and all(type(m) is Tensor for m in mats)
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats))))
 
 
 def _dense_route(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
@@ -376,7 +373,7 @@ def _dense_route(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     (small, batch-independent), then `dense_from_halves` (one GEMM; a lean backward)."""
     cores_c = _compute_cores(cores)
     half = len(cores_c) // 2
-    left, right = _merge_balanced(cores_c[:half]), _merge_balanced(cores_c[half:])
+    left, right = merged_groups(cores_c, (tuple(range(half)), tuple(range(half, len(cores_c)))))
     return dense_from_halves(x, left.to(x.dtype), right.to(x.dtype))
 
 

@@ -26,13 +26,12 @@ class _DenseFromHalves(torch.autograd.Function):
     """y = x W^T, W = halves_to_dense(left, right). The backward is built of differentiable
     torch ops, so the route stays twice differentiable."""
 
+    # forward(ctx, ...) rather than setup_context: apply() then skips binding the arguments
+    # through inspect.signature, which costs as much as a small layer's GEMM
     @staticmethod
-    def forward(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        ctx.save_for_backward(x, left, right)
         return x @ halves_to_dense(left, right).T
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):

@@ -1,0 +1,118 @@
+"""The batch-independent half of a TT layer's call as one autograd node: cores merged by
+groups and, for the fused kernel, laid out as the plan's step matrices.
+
+In training this runs at every call. Through autograd's generic ops it is some forty small
+nodes forward and back, several times the kernel's own time for a small layer. Here the
+merges run without autograd and the backward is written out. For M = merge(A, B)
+(`tt.merge_cores`), with dM laid out as (r0 m1 n1) x (m2 n2 r2):
+    dA = dM B^T,   dB = A^T dM   (B as r1 x (m2 n2 r2), A as (r0 m1 n1) x r1).
+A group merged left to right is differentiated right to left through its prefixes, which
+the backward recomputes from the saved cores (small). The backward is built of
+differentiable torch ops, so the node stays twice differentiable. Core gradients come back
+with exact row-major strides (DDP's buckets want them; is_contiguous() ignores size-1 dims).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+# A step of the fused kernel: which merged group it absorbs, how that core is permuted, and
+# the (K, N) matrix it becomes (csrc/tt/tt_plan.h).
+Step = tuple[int, tuple[int, ...], int, int]
+
+
+def merge_pair(a: Tensor, b: Tensor) -> Tensor:
+    """(r0, m1, n1, r1) x (r1, m2, n2, r2) -> (r0, m1 m2, n1 n2, r2)."""
+    r0, m1, n1, r1 = a.shape
+    _, m2, n2, r2 = b.shape
+    product = (a.reshape(r0 * m1 * n1, r1) @ b.reshape(r1, m2 * n2 * r2)).view(r0, m1, n1, m2, n2, r2)
+    return product.permute(0, 1, 3, 2, 4, 5).reshape(r0, m1 * m2, n1 * n2, r2)
+
+
+def merge_pair_grads(a: Tensor, b: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of merge_pair(a, b) w.r.t. a and b, given the gradient of its output."""
+    r0, m1, n1, r1 = a.shape
+    _, m2, n2, r2 = b.shape
+    g = grad.reshape(r0, m1, m2, n1, n2, r2).permute(0, 1, 3, 2, 4, 5).reshape(r0 * m1 * n1, m2 * n2 * r2)
+    grad_a = (g @ b.reshape(r1, m2 * n2 * r2).T).view(a.shape)
+    grad_b = (a.reshape(r0 * m1 * n1, r1).T @ g).view(b.shape)
+    return grad_a, grad_b
+
+
+def _prefixes(cores: Sequence[Tensor], group: Sequence[int]) -> list[Tensor]:
+    out = [cores[group[0]]]
+    for k in group[1:]:
+        out.append(merge_pair(out[-1], cores[k]))
+    return out
+
+
+def _row_major(t: Tensor) -> Tensor:
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(step)
+        step *= size
+    if t.stride() == tuple(reversed(strides)):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+class _Prepared(torch.autograd.Function):
+    # forward(ctx, ...) rather than setup_context: apply() then skips binding the arguments
+    # through inspect.signature, a good part of this node's cost at every call
+    @staticmethod
+    def forward(ctx, groups: tuple[tuple[int, ...], ...], steps: tuple[Step, ...] | None, *cores: Tensor):
+        ctx.groups, ctx.steps = groups, steps
+        ctx.save_for_backward(*cores)
+        merged = [_prefixes(cores, g)[-1] for g in groups]
+        if steps is None:
+            outs = merged
+        else:
+            outs = [merged[i].permute(*perm).reshape(K, N).contiguous() for i, perm, K, N in steps]
+        # an output may not share an input's memory (a lone core, laid out as it lies)
+        inputs = {c.data_ptr() for c in cores}
+        return tuple(o.clone() if o.data_ptr() in inputs else o for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cores = ctx.saved_tensors
+        groups, steps = ctx.groups, ctx.steps
+        if steps is None:
+            merged_grads = list(grads)
+        else:
+            merged_grads = [None] * len(groups)
+            for (i, perm, _, _), grad in zip(steps, grads):
+                merged = _merged_shape(cores, groups[i])
+                laid_out = [merged[p] for p in perm]
+                inverse = [perm.index(a) for a in range(4)]
+                g = grad.reshape(laid_out).permute(*inverse)
+                merged_grads[i] = g if merged_grads[i] is None else merged_grads[i] + g
+        core_grads: list[Tensor | None] = [None] * len(cores)
+        for group, grad in zip(groups, merged_grads):
+            if grad is None:
+                continue
+            prefixes = _prefixes(cores, group)
+            for j in range(len(group) - 1, 0, -1):
+                grad, core_grads[group[j]] = merge_pair_grads(prefixes[j - 1], cores[group[j]], grad)
+            core_grads[group[0]] = grad
+        return (None, None, *(None if g is None else _row_major(g) for g in core_grads))
+
+
+def _merged_shape(cores: Sequence[Tensor], group: Sequence[int]) -> tuple[int, int, int, int]:
+    m = n = 1
+    for k in group:
+        m, n = m * cores[k].shape[1], n * cores[k].shape[2]
+    return (cores[group[0]].shape[0], m, n, cores[group[-1]].shape[3])
+
+
+def merged_groups(cores: Sequence[Tensor], groups: Sequence[Sequence[int]]) -> tuple[Tensor, ...]:
+    """Each group of adjacent cores merged into one core (r_first, prod m, prod n, r_last)."""
+    return _Prepared.apply(tuple(tuple(g) for g in groups), None, *cores)
+
+
+def step_matrices_of_groups(cores: Sequence[Tensor], groups: Sequence[Sequence[int]],
+                            steps: Sequence[Step]) -> tuple[Tensor, ...]:
+    """The fused kernel's step matrices: merged group `i` permuted by `perm` into (K, N)."""
+    return _Prepared.apply(tuple(tuple(g) for g in groups), tuple((i, tuple(p), K, N) for i, p, K, N in steps),
+                           *cores)
