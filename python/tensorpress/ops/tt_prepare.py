@@ -92,7 +92,8 @@ class _Prepared(torch.autograd.Function):
         for group, grad in zip(groups, merged_grads):
             if grad is None:
                 continue
-            prefixes = _prefixes(cores, group)
+            # the prefixes the chain rule needs: all but the full merge itself
+            prefixes = _prefixes(cores, group[:-1]) if len(group) > 1 else []
             for j in range(len(group) - 1, 0, -1):
                 grad, core_grads[group[j]] = merge_pair_grads(prefixes[j - 1], cores[group[j]], grad)
             core_grads[group[0]] = grad
