@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from tensorpress.ops.tt import apply_tt, prepare_tt
 from tensorpress.ops.tt_plan import flat_dims, plan_info, ranked_plans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tt import CASES as BENCH_CASES, Case  # noqa: E402
 from _common import (bench_parser, cpu_seconds, exit_unless_cpu, machine_info, median_ms,  # noqa: E402
                      other_cpu_share, stamp_lines, tensorpress_flags)
 
@@ -38,25 +38,10 @@ FEATURES = ("flops", "traffic") + PERMUTE_KINDS
 N_INPUTS = 4   # inputs rotated among, so no plan times a cache-hot input
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    in_features: int
-    out_features: int
-    rank: int
-    batch: int
-    in_factors: tuple[int, ...] | None = None
-    out_factors: tuple[int, ...] | None = None
-
-
 # bench_tt's cases, then other geometries (3 and 5 cores, small and large batches) so the
 # fit sees more than one kind of chain.
 CASES = [
-    Case("1024x1024 r8", 1024, 1024, 8, 256, (4, 8, 8, 4), (4, 8, 8, 4)),
-    Case("1024x1024 r16", 1024, 1024, 16, 256, (4, 8, 8, 4), (4, 8, 8, 4)),
-    Case("4096x4096 r8", 4096, 4096, 8, 64, (8, 8, 8, 8), (8, 8, 8, 8)),
-    Case("4096x4096 r16", 4096, 4096, 16, 64, (8, 8, 8, 8), (8, 8, 8, 8)),
-    Case("768->3072 r16", 768, 3072, 16, 256),
+    *BENCH_CASES,
     Case("1024x1024 d3 r16", 1024, 1024, 16, 256, (8, 16, 8), (8, 16, 8)),
     Case("1024x1024 d5 r8", 1024, 1024, 8, 256, (4, 4, 4, 4, 4), (4, 4, 4, 4, 4)),
     Case("512->2048 d3 r32 b64", 512, 2048, 32, 64, (8, 8, 8), (8, 16, 16)),
