@@ -65,15 +65,10 @@ def _check_input(x: Tensor, cores: Sequence[Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------- plan helpers
-def merge_cores(a: Tensor, b: Tensor) -> Tensor:
-    """(r0, m1, n1, r1) x (r1, m2, n2, r2) -> (r0, m1 m2, n1 n2, r2)."""
-    return merge_pair(a, b)
-
-
 def merge_group(cores: Sequence[Tensor], group: Sequence[int]) -> Tensor:
     merged = cores[group[0]]
     for k in group[1:]:
-        merged = merge_cores(merged, cores[k])
+        merged = merge_pair(merged, cores[k])
     return merged
 
 
@@ -83,7 +78,7 @@ def _merge_balanced(cores: Sequence[Tensor]) -> Tensor:
     if len(cores) == 1:
         return cores[0]
     half = len(cores) // 2
-    return merge_cores(_merge_balanced(cores[:half]), _merge_balanced(cores[half:]))
+    return merge_pair(_merge_balanced(cores[:half]), _merge_balanced(cores[half:]))
 
 
 def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:

@@ -4,7 +4,7 @@ groups and, for the fused kernel, laid out as the plan's step matrices.
 In training this runs at every call. Through autograd's generic ops it is some forty small
 nodes forward and back, several times the kernel's own time for a small layer. Here the
 merges run without autograd and the backward is written out. For M = merge(A, B)
-(`tt.merge_cores`), with dM laid out as (r0 m1 n1) x (m2 n2 r2):
+(`merge_pair`), with dM laid out as (r0 m1 n1) x (m2 n2 r2):
     dA = dM B^T,   dB = A^T dM   (B as r1 x (m2 n2 r2), A as (r0 m1 n1) x r1).
 A group merged left to right is differentiated right to left through its prefixes, which
 the backward recomputes from the saved cores (small). The backward is built of
@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from tensorpress.ops.tt_plan import merge_shapes
 
 # A step of the fused kernel: which merged group it absorbs, how that core is permuted, and
 # the (K, N) matrix it becomes (csrc/tt/tt_plan.h).
@@ -83,7 +85,7 @@ class _Prepared(torch.autograd.Function):
         else:
             merged_grads = [None] * len(groups)
             for (i, perm, _, _), grad in zip(steps, grads):
-                merged = _merged_shape(cores, groups[i])
+                merged, _ = merge_shapes(tuple(tuple(c.shape) for c in cores), tuple(groups[i]))
                 laid_out = [merged[p] for p in perm]
                 inverse = [perm.index(a) for a in range(4)]
                 g = grad.reshape(laid_out).permute(*inverse)
@@ -98,13 +100,6 @@ class _Prepared(torch.autograd.Function):
                 grad, core_grads[group[j]] = merge_pair_grads(prefixes[j - 1], cores[group[j]], grad)
             core_grads[group[0]] = grad
         return (None, None, *(None if g is None else _row_major(g) for g in core_grads))
-
-
-def _merged_shape(cores: Sequence[Tensor], group: Sequence[int]) -> tuple[int, int, int, int]:
-    m = n = 1
-    for k in group:
-        m, n = m * cores[k].shape[1], n * cores[k].shape[2]
-    return (cores[group[0]].shape[0], m, n, cores[group[-1]].shape[3])
 
 
 def merged_groups(cores: Sequence[Tensor], groups: Sequence[Sequence[int]]) -> tuple[Tensor, ...]:
