@@ -13,7 +13,7 @@ from tensorpress.ops.tt import tt_to_dense
 from tensorpress.train import (ConvSpec, DivergenceError, TenBCD, one_hot, prune_projection, ranks_for_ratio,
                                relu_prox, train_backprop, tt_project, update_u_hidden, update_u_out, update_v_hidden,
                                update_v_out, update_w)
-from tensorpress.train.updates import gram_factor
+from tensorpress.train.updates import gram, gram_factor
 
 D64 = torch.float64
 
@@ -79,6 +79,14 @@ def test_update_w_is_block_minimizer(n, tau, decay):
     torch.testing.assert_close(update_w(W0, U, Vp, r, a, tau, T, factor=gram_factor(Vp, r, c), decay=decay), W)
     with pytest.raises(ValueError, match="factor"):
         update_w(W0, U, Vp, r, a, tau, T, factor=gram_factor(Vp, r, c + 1.0), decay=decay)
+
+
+@pytest.mark.parametrize("d", [300, 513, 1024])
+def test_gram_is_the_product_with_its_transpose(d):
+    A = _randn(d, 200, seed=20)
+    G = gram(A, 2.5)
+    torch.testing.assert_close(G, 2.5 * A @ A.T, rtol=1e-12, atol=1e-10)
+    assert torch.equal(A, _randn(d, 200, seed=20))   # input untouched
 
 
 @pytest.mark.parametrize("m", [30, 4], ids=["direct", "woodbury"])  # W_{i+1} with fewer rows -> m x m system
@@ -163,6 +171,24 @@ def test_tt_project_matches_tt_matrix_svd_and_batches():
         torch.testing.assert_close(dense[b], tt_to_dense([c[b] for c in cores]), rtol=1e-10, atol=1e-12)
         c1, d1 = tt_project(W[b], outf, inf, ranks, method="lapack")
         torch.testing.assert_close(d1, dense[b], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ranks", [(12, 16), (12, 7), (5, 16)])
+def test_tt_project_bonds_that_do_not_truncate_skip_the_svd_and_give_the_same_projection(ranks):
+    # (12, .): the first unfolding is 12 x 240, kept whole (identity core); (., 16): the last
+    # is 12*15 x 16 or 5*15 x 16, kept whole (thin QR); the others truncate by SVD
+    W = _randn(2, 48, 60, seed=19)
+    outf, inf = (4, 3, 4), (3, 5, 4)
+    cores, dense = tt_project(W, outf, inf, ranks, method="lapack")
+    for b in range(2):
+        ref = tt_matrix_svd(W[b], outf, inf, max_rank=list(ranks))
+        torch.testing.assert_close(dense[b], tt_to_dense(ref.cores), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(dense[b], tt_to_dense([c[b] for c in cores]), rtol=1e-10, atol=1e-12)
+    if ranks == (12, 16):
+        torch.testing.assert_close(dense, W, rtol=1e-10, atol=1e-12)   # nothing truncated: exact
+    for c in cores[:-1]:   # left-orthonormal cores, as the SVD would give
+        u = c.reshape(2, -1, c.shape[-1])
+        torch.testing.assert_close(u.mT @ u, torch.eye(u.shape[-1], dtype=D64).expand(2, -1, -1), rtol=0, atol=1e-12)
 
 
 def test_tt_project_warm_start_from_the_previous_subspace_is_near_optimal():

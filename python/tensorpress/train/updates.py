@@ -48,14 +48,17 @@ def update_u_out(V: Tensor, P: Tensor, gamma: float, rho: float) -> Tensor:
 def relu_prox(V: Tensor, B: Tensor, g: float) -> Tensor:
     """Elementwise argmin_u (ReLU(u) - V)^2 + g (u - B)^2, by cases on the sign of u.
 
-    u >= 0: u1 = max((V + g B) / (1 + g), 0), cost (u1 - V)^2 + g (u1 - B)^2;
+    u >= 0: u1 = max(s, 0), s = (V + g B) / (1 + g), cost (u1 - V)^2 + g (u1 - B)^2;
     u <= 0: u2 = min(B, 0), cost V^2 + g (u2 - B)^2. The cheaper one wins (u1 on ties).
+    Comparing the two costs in closed form (fewer passes over the data than computing both):
+    B >= 0: u2 = 0 is u1's candidate too, so u1 wins; B < 0, s <= 0: u1 = 0 costs g B^2 more
+    than u2 = B; B < 0, s > 0: u1 = s costs g (V - B)^2 / (1 + g) against V^2.
     """
-    u1 = ((V + g * B) / (1.0 + g)).clamp_min_(0.0)
-    u2 = B.clamp_max(0.0)
-    cost1 = (u1 - V).square_() + g * (u1 - B).square_()
-    cost2 = V.square() + g * (u2 - B).square_()
-    return torch.where(cost1 <= cost2, u1, u2)
+    s = torch.add(V, B, alpha=g).div_(1.0 + g)
+    s_wins = (V - B).square_().mul_(g) <= V.square().mul_(1.0 + g)
+    s_wins &= s > 0
+    s_wins |= B >= 0
+    return torch.where(s_wins, s.clamp_min_(0.0), B)
 
 
 def update_u_hidden(V: Tensor, P: Tensor, U: Tensor, gamma: float, rho: float, alpha: float) -> Tensor:
@@ -82,8 +85,29 @@ def update_v_hidden(W_next: Tensor, U_next: Tensor, R: Tensor, gamma: float, rho
         L = cholesky(_add_diag(W_next @ W_next.T, gamma / rho), "V update (Woodbury system gamma/rho I + W W^T)")
         T = torch.cholesky_solve(W_next @ Z, L)
         return torch.addmm(Z, W_next.T, T, alpha=-1.0).div_(gamma)
-    L = cholesky(_add_diag(rho * (W_next.T @ W_next), gamma), "V update (rho W^T W + gamma I)")
-    return torch.cholesky_solve(Z, L)
+    L = cholesky(_add_diag(gram(W_next.T, rho), gamma), "V update (rho W^T W + gamma I)")
+    return _solve_right(Z.T, L).T   # A^{-1} Z = (Z^T A^{-1})^T: right-side solves are the fast ones
+
+
+GRAM_BLOCKED_MIN = 512   # below this the three half-size products are no faster than one
+
+
+def gram(A: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * A A^T (A: d x n). From d = 512 on, by 2 x 2 blocks with the off-diagonal one
+    computed once and mirrored: three half-size products instead of the four of A @ A.T
+    (BLAS's GEMM does not use the symmetry; about 20% faster at 1024 x 1500)."""
+    d = A.shape[0]
+    if d < GRAM_BLOCKED_MIN:
+        return torch.mm(A, A.T).mul_(scale)
+    h = d // 2
+    top, bottom = A[:h], A[h:]
+    out = A.new_empty(d, d)
+    out[:h, :h] = torch.mm(top, top.T)
+    out[h:, h:] = torch.mm(bottom, bottom.T)
+    off = torch.mm(bottom, top.T)
+    out[h:, :h] = off
+    out[:h, h:] = off.T
+    return out.mul_(scale) if scale != 1.0 else out
 
 
 @dataclass
@@ -103,9 +127,9 @@ def gram_factor(Vp: Tensor, rho: float, c: float) -> GramFactor:
     """Factorize the W-update system of input Vp (d x n) with diagonal weight c = alpha + tau."""
     d, n = Vp.shape
     if n < d and c > 0:
-        return GramFactor(cholesky(_add_diag(Vp.T @ Vp, c / rho), "W update (Woodbury system c/rho I + V^T V)"),
+        return GramFactor(cholesky(_add_diag(gram(Vp.T), c / rho), "W update (Woodbury system c/rho I + V^T V)"),
                           True, c)
-    return GramFactor(cholesky(_add_diag(rho * (Vp @ Vp.T), c), "W update (c I + rho V V^T)"), False, c)
+    return GramFactor(cholesky(_add_diag(gram(Vp, rho), c), "W update (c I + rho V V^T)"), False, c)
 
 
 def update_w(W: Tensor, U: Tensor, Vp: Tensor, rho: float, alpha: float, tau: float = 0.0,
