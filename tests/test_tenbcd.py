@@ -62,10 +62,11 @@ def test_update_v_out_and_u_out_are_block_minimizers():
 
 @pytest.mark.parametrize("n", [50, 12], ids=["direct", "woodbury"])  # n < d_in switches to the n x n system
 @pytest.mark.parametrize("tau, decay", [(0.0, 0.0), (7.0, 0.0), (7.0, 3.0)])
-def test_update_w_is_block_minimizer(n, tau, decay):
+@pytest.mark.parametrize("rows", [9, 80])  # the solve goes from the left below FEW_ROWS rows, else from the right
+def test_update_w_is_block_minimizer(n, tau, decay, rows):
     r, a = 5.0, 1.0
-    W0, T = _randn(9, 20, seed=1), _randn(9, 20, seed=2)
-    U, Vp = _randn(9, n, seed=3), _randn(20, n, seed=4)
+    W0, T = _randn(rows, 20, seed=1), _randn(rows, 20, seed=2)
+    U, Vp = _randn(rows, n, seed=3), _randn(20, n, seed=4)
     W = update_w(W0, U, Vp, r, a, tau, T, decay=decay)
     assert gram_factor(Vp, r, a + tau).woodbury == (n < 20)
     f = lambda W: (r / 2 * (U - W @ Vp).square().sum() + tau / 2 * (W - T).square().sum()  # noqa: E731
@@ -90,9 +91,10 @@ def test_gram_is_the_product_with_its_transpose(d):
 
 
 @pytest.mark.parametrize("m", [30, 4], ids=["direct", "woodbury"])  # W_{i+1} with fewer rows -> m x m system
-def test_update_v_hidden_is_block_minimizer(m):
+@pytest.mark.parametrize("n", [25, 90])  # samples: the direct solve runs on the n x 16 transpose, see FEW_ROWS
+def test_update_v_hidden_is_block_minimizer(m, n):
     g, r = 5.0, 2.0
-    W, Un, R = _randn(m, 16, seed=5), _randn(m, 25, seed=6), _randn(16, 25, seed=7).clamp_min(0)
+    W, Un, R = _randn(m, 16, seed=5), _randn(m, n, seed=6), _randn(16, n, seed=7).clamp_min(0)
     V = update_v_hidden(W, Un, R, g, r)
     _assert_stationary(lambda V: g / 2 * (V - R).square().sum() + r / 2 * (Un - W @ V).square().sum(), V)
     direct = torch.linalg.solve(r * W.T @ W + g * torch.eye(16, dtype=D64), r * W.T @ Un + g * R)
