@@ -82,6 +82,16 @@ def test_update_w_is_block_minimizer(n, tau, decay, rows):
         update_w(W0, U, Vp, r, a, tau, T, factor=gram_factor(Vp, r, c + 1.0), decay=decay)
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (1024, 1500), (777, 1031)])
+def test_squared_norm_of_float32_accumulates_in_float64(shape):
+    from tensorpress.train.tenbcd import _sq
+    T = (_randn(*shape, seed=21) * 3 + 1).float()
+    exact = float(T.double().square().sum())
+    assert abs(_sq(T) / exact - 1) < 1e-7
+    assert abs(_sq(T.T) / exact - 1) < 1e-7            # any layout
+    assert _sq(_randn(*shape, seed=21)) == pytest.approx(float(_randn(*shape, seed=21).square().sum()), rel=1e-12)
+
+
 @pytest.mark.parametrize("d", [300, 513, 1024])
 def test_gram_is_the_product_with_its_transpose(d):
     A = _randn(d, 200, seed=20)

@@ -86,7 +86,9 @@ def update_v_hidden(W_next: Tensor, U_next: Tensor, R: Tensor, gamma: float, rho
         T = torch.cholesky_solve(W_next @ Z, L)
         return torch.addmm(Z, W_next.T, T, alpha=-1.0).div_(gamma)
     L = cholesky(_add_diag(gram(W_next.T, rho), gamma), "V update (rho W^T W + gamma I)")
-    return _solve_right(Z.T, L).T   # A^{-1} Z = (Z^T A^{-1})^T: right-side solves are the fast ones
+    # A^{-1} Z = (Z^T A^{-1})^T: right-side solves are the fast ones; made row-major again so
+    # the V (and the U computed from it) keep the layout the layer views expect
+    return _solve_right(Z.T, L).T.contiguous()
 
 
 GRAM_BLOCKED_MIN = 512   # below this the three half-size products are no faster than one
