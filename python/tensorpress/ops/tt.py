@@ -17,7 +17,7 @@ from torch import Tensor
 from tensorpress._ext import _C
 from tensorpress.ops.tt_dense import dense_from_halves
 from tensorpress.ops.tt_plan import TTPlan, choose_plan, cuda_limits, cuda_schedule, flat_dims, plan_info
-from tensorpress.ops.tt_prepare import merge_pair, merged_groups, step_matrices_of_groups
+from tensorpress.ops.tt_prepare import merge_group, merge_pair, merged_groups, step_matrices_of_groups  # noqa: F401 (merge_group: public here)
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 SYMBOLIC_BATCH_HINT = 256
@@ -65,13 +65,6 @@ def _check_input(x: Tensor, cores: Sequence[Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------- plan helpers
-def merge_group(cores: Sequence[Tensor], group: Sequence[int]) -> Tensor:
-    merged = cores[group[0]]
-    for k in group[1:]:
-        merged = merge_pair(merged, cores[k])
-    return merged
-
-
 def _merge_balanced(cores: Sequence[Tensor]) -> Tensor:
     """Merge a run of cores as a balanced tree: the two halves meet in one contraction, so
     the full-size intermediate is built (and differentiated through) once, not d - 2 times."""

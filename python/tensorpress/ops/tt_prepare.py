@@ -13,6 +13,8 @@ with exact row-major strides (DDP's buckets want them; is_contiguous() ignores s
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Sequence
 
 import torch
@@ -43,11 +45,14 @@ def merge_pair_grads(a: Tensor, b: Tensor, grad: Tensor) -> tuple[Tensor, Tensor
     return grad_a, grad_b
 
 
+def merge_group(cores: Sequence[Tensor], group: Sequence[int]) -> Tensor:
+    """The cores of `group` merged left to right into one core."""
+    return functools.reduce(merge_pair, (cores[k] for k in group))
+
+
 def _prefixes(cores: Sequence[Tensor], group: Sequence[int]) -> list[Tensor]:
-    out = [cores[group[0]]]
-    for k in group[1:]:
-        out.append(merge_pair(out[-1], cores[k]))
-    return out
+    """merge_group of every prefix of `group`, shortest first."""
+    return list(itertools.accumulate((cores[k] for k in group), merge_pair))
 
 
 def _row_major(t: Tensor) -> Tensor:
@@ -67,7 +72,7 @@ class _Prepared(torch.autograd.Function):
     def forward(ctx, groups: tuple[tuple[int, ...], ...], steps: tuple[Step, ...] | None, *cores: Tensor):
         ctx.groups, ctx.steps = groups, steps
         ctx.save_for_backward(*cores)
-        merged = [_prefixes(cores, g)[-1] for g in groups]
+        merged = [merge_group(cores, g) for g in groups]
         if steps is None:
             outs = merged
         else:
@@ -84,8 +89,9 @@ class _Prepared(torch.autograd.Function):
             merged_grads = list(grads)
         else:
             merged_grads = [None] * len(groups)
+            shapes = tuple(tuple(c.shape) for c in cores)
             for (i, perm, _, _), grad in zip(steps, grads):
-                merged, _ = merge_shapes(tuple(tuple(c.shape) for c in cores), tuple(groups[i]))
+                merged, _ = merge_shapes(shapes, groups[i])
                 laid_out = [merged[p] for p in perm]
                 inverse = [perm.index(a) for a in range(4)]
                 g = grad.reshape(laid_out).permute(*inverse)

@@ -82,7 +82,7 @@ def update_v_hidden(W_next: Tensor, U_next: Tensor, R: Tensor, gamma: float, rho
     m, d = W_next.shape
     Z = torch.addmm(R, W_next.T, U_next, beta=gamma, alpha=rho)           # rho W^T U + gamma R
     if m < d:
-        L = cholesky(_add_diag(W_next @ W_next.T, gamma / rho), "V update (Woodbury system gamma/rho I + W W^T)")
+        L = cholesky(_add_diag(gram(W_next), gamma / rho), "V update (Woodbury system gamma/rho I + W W^T)")
         T = torch.cholesky_solve(W_next @ Z, L)
         return torch.addmm(Z, W_next.T, T, alpha=-1.0).div_(gamma)
     L = cholesky(_add_diag(gram(W_next.T, rho), gamma), "V update (rho W^T W + gamma I)")
