@@ -37,8 +37,8 @@ from tensorpress.ops.tt import tt_to_dense
 from tensorpress.ops.tt_plan import flat_dims, plan_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, cpu_seconds, exit_unless_cpu, machine_info, median_ms, other_cpu_share,  # noqa: E402
-                     quartiles_ms, stamp_lines, tensorpress_flags)
+from _common import (bench_parser, cpu_seconds, exit_unless_cpu, interleaved_orders, machine_info, median_ms,  # noqa: E402
+                     other_cpu_share, quartiles_ms, stamp_lines, tensorpress_flags)
 from peers import einsum_chain_tt, tensorly_torch_tt_linear  # noqa: E402
 
 SIDES = ("tensorpress", "tltorch", "einsum", "dense")
@@ -143,7 +143,8 @@ def time_sides(sides: list[Side], xs: list[torch.Tensor], g: torch.Tensor,
     """Median ms (and first / third quartiles) per side for forward and forward+backward.
 
     Each repeat uses the next input of `xs` for every side, and runs the sides in an order
-    rotated by one per repeat, so slow drifts of the machine hit all sides alike.
+    that changes every repeat (`interleaved_orders`): slow drifts of the machine hit all
+    sides alike, and every side follows every other side equally often.
     """
     for s in sides:
         for i in range(warmup):
@@ -151,9 +152,9 @@ def time_sides(sides: list[Side], xs: list[torch.Tensor], g: torch.Tensor,
             run_fwd_bwd(s, xs[i % len(xs)], g)
     fwd = {s.name: [] for s in sides}
     fb = {s.name: [] for s in sides}
-    for r in range(repeats):
+    for r, positions in enumerate(interleaved_orders(len(sides), repeats)):
         x = xs[r % len(xs)]
-        order = sides[r % len(sides):] + sides[:r % len(sides)]
+        order = [sides[i] for i in positions]
         for s in order:
             fwd[s.name].append(run_forward(s, x))
         for s in order:
@@ -243,7 +244,8 @@ def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, wa
         f"- tensorpress: {tensorpress_flags(meta)}; plans: "
         + ("autotuned (`--autotune`: the fastest of the cost model's few cheapest, timed)" if meta.get("autotune")
            else "the cost model's"),
-        f"- median of {repeats} repeats ({warmup} warmup), rotating among {N_INPUTS} inputs, sides interleaved",
+        f"- median of {repeats} repeats ({warmup} warmup), rotating among {N_INPUTS} inputs, sides interleaved in an order that changes every "
+        "repeat (every side follows every other equally often)",
         "- all four sides hold the same weights (one set of TT cores); forward outputs agree "
         f"with a float64 reference to < {AGREE_TOL:g} relative error before timing",
         "- fwd+bwd: loss = (y * g).sum(), gradients w.r.t. x and all parameters",
@@ -360,7 +362,7 @@ def write_plot(path: Path, results: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = bench_parser(__doc__, repeats_help="timed repeats (default 30; 3 with --quick)",
+    ap = bench_parser(__doc__, repeats_help="timed repeats (default 48: every order of the four sides twice; 3 with --quick)",
                       warmup_help="warmup runs (default 5; 1 with --quick)",
                       quick_help="smoke test: two small cases, few repeats")
     ap.add_argument("--rewrite", type=Path, default=None,
@@ -380,7 +382,7 @@ def main(argv=None) -> int:
     exit_unless_cpu(args.device, "bench_tt.py")
 
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (3 if args.quick else 30)
+    repeats = args.repeats or (3 if args.quick else 48)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     cases = QUICK_CASES if args.quick else CASES
     meta = machine_info(torch.get_num_threads())

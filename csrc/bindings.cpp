@@ -115,11 +115,21 @@ bool on_cuda(const py::object& x) {
   return true;
 }
 
+// The CPU kernels add the bias (and sum its gradient) per block; the CUDA ones leave it to
+// the caller.
+void refuse_bias_on_cuda(const py::object& bias, const char* name) {
+  require(bias.is_none(), std::string(name) + ": expected None for CUDA tensors (the CUDA kernels take no bias; "
+                          "add it to the output)");
+}
+
 void tt_forward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                 const std::vector<int>& order, const py::object& y, const py::object& workspace, int threads,
-                const py::object& tables, const std::string& path, uintptr_t stream) {
+                const py::object& tables, const std::string& path, uintptr_t stream, const py::object& bias) {
 #if TENSORPRESS_WITH_CUDA
-  if (on_cuda(x)) return tt_forward_cuda(x, mats, core_dims, order, y, workspace, tables, path, stream);
+  if (on_cuda(x)) {
+    refuse_bias_on_cuda(bias, "bias");
+    return tt_forward_cuda(x, mats, core_dims, order, y, workspace, tables, path, stream);
+  }
 #else
   on_cuda(x);
   (void)tables, (void)path, (void)stream;
@@ -138,7 +148,7 @@ void tt_forward(const py::object& x, const py::list& mats, const std::vector<int
   require(py::len(mats) == plan.steps.size(), "mats: expected " + std::to_string(plan.steps.size()) +
                                                    " step matrices, got " + std::to_string(py::len(mats)));
   std::vector<BorrowedTensor> held;
-  held.reserve(plan.steps.size());
+  held.reserve(plan.steps.size() + 1);  // views point into it: no reallocation
   std::vector<const TensorView*> mat_views;
   for (size_t t = 0; t < plan.steps.size(); ++t) {
     std::string name = "mats[" + std::to_string(t) + "]";
@@ -146,6 +156,13 @@ void tt_forward(const py::object& x, const py::list& mats, const std::vector<int
     expect_like(held.back().view(), xv.dtype, name);
     expect_shape(held.back().view(), {plan.steps[t].K, plan.steps[t].N}, name);
     mat_views.push_back(&held.back().view());
+  }
+  const TensorView* bv = nullptr;
+  if (!bias.is_none()) {
+    held.emplace_back(bias, "bias");
+    bv = &held.back().view();
+    expect_like(*bv, xv.dtype, "bias");
+    expect_shape(*bv, {plan.out_features}, "bias");
   }
   const int elem = xv.dtype == DType::Float32 ? 4 : 8;
   tt::CpuSchedule sched = tt::cpu_schedule(plan, batch, threads, false, elem);
@@ -155,22 +172,24 @@ void tt_forward(const py::object& x, const py::list& mats, const std::vector<int
   py::gil_scoped_release release;
   if (xv.dtype == DType::Float32) {
     auto m = pointers<float>(mat_views);
-    tt::forward_cpu<float>(plan, xv.ptr<float>(), {m.begin(), m.end()}, yv.ptr<float>(), batch,
-                           wv.ptr<float>(), sched);
+    tt::forward_cpu<float>(plan, xv.ptr<float>(), {m.begin(), m.end()}, bv ? bv->ptr<float>() : nullptr,
+                           yv.ptr<float>(), batch, wv.ptr<float>(), sched);
   } else {
     auto m = pointers<double>(mat_views);
-    tt::forward_cpu<double>(plan, xv.ptr<double>(), {m.begin(), m.end()}, yv.ptr<double>(), batch,
-                            wv.ptr<double>(), sched);
+    tt::forward_cpu<double>(plan, xv.ptr<double>(), {m.begin(), m.end()}, bv ? bv->ptr<double>() : nullptr,
+                            yv.ptr<double>(), batch, wv.ptr<double>(), sched);
   }
 }
 
 void tt_backward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                  const std::vector<int>& order, const py::object& grad_y, const py::object& grad_x,
                  const py::list& grad_mats, const py::object& workspace, int threads, const py::object& tables,
-                 const std::string& path, uintptr_t stream) {
+                 const std::string& path, uintptr_t stream, const py::object& grad_bias) {
 #if TENSORPRESS_WITH_CUDA
-  if (on_cuda(x))
+  if (on_cuda(x)) {
+    refuse_bias_on_cuda(grad_bias, "grad_bias");
     return tt_backward_cuda(x, mats, core_dims, order, grad_y, grad_x, grad_mats, workspace, tables, path, stream);
+  }
 #else
   on_cuda(x);
   (void)tables, (void)path, (void)stream;
@@ -191,7 +210,7 @@ void tt_backward(const py::object& x, const py::list& mats, const std::vector<in
           "mats, grad_mats: expected " + std::to_string(n_steps) + " step matrices each");
 
   std::vector<BorrowedTensor> held;
-  held.reserve(2 * n_steps + 1);
+  held.reserve(2 * n_steps + 2);  // views point into it: no reallocation
   std::vector<const TensorView*> mat_views, grad_views;
   for (size_t t = 0; t < n_steps; ++t) {
     const std::vector<int64_t> shape{plan.steps[t].K, plan.steps[t].N};
@@ -217,6 +236,13 @@ void tt_backward(const py::object& x, const py::list& mats, const std::vector<in
     expect_like(*gxv, xv.dtype, "grad_x");
     expect_shape(*gxv, xv.shape, "grad_x");
   }
+  const TensorView* gbv = nullptr;
+  if (!grad_bias.is_none()) {
+    held.emplace_back(grad_bias, "grad_bias");
+    gbv = &held.back().view();
+    expect_like(*gbv, xv.dtype, "grad_bias");
+    expect_shape(*gbv, {plan.out_features}, "grad_bias");
+  }
   const int elem = xv.dtype == DType::Float32 ? 4 : 8;
   tt::CpuSchedule sched = tt::cpu_schedule(plan, batch, threads, true, elem);
   expect_like(wv, xv.dtype, "workspace");
@@ -226,13 +252,13 @@ void tt_backward(const py::object& x, const py::list& mats, const std::vector<in
   if (xv.dtype == DType::Float32) {
     auto m = pointers<float>(mat_views);
     tt::backward_cpu<float>(plan, xv.ptr<float>(), {m.begin(), m.end()}, gyv.ptr<float>(),
-                            gxv ? gxv->ptr<float>() : nullptr, pointers<float>(grad_views), batch,
-                            wv.ptr<float>(), sched);
+                            gxv ? gxv->ptr<float>() : nullptr, pointers<float>(grad_views),
+                            gbv ? gbv->ptr<float>() : nullptr, batch, wv.ptr<float>(), sched);
   } else {
     auto m = pointers<double>(mat_views);
     tt::backward_cpu<double>(plan, xv.ptr<double>(), {m.begin(), m.end()}, gyv.ptr<double>(),
-                             gxv ? gxv->ptr<double>() : nullptr, pointers<double>(grad_views), batch,
-                             wv.ptr<double>(), sched);
+                             gxv ? gxv->ptr<double>() : nullptr, pointers<double>(grad_views),
+                             gbv ? gbv->ptr<double>() : nullptr, batch, wv.ptr<double>(), sched);
   }
 }
 
@@ -559,10 +585,11 @@ PYBIND11_MODULE(_C, m) {
   // CPU or CUDA by x's device; tables / path / stream are used on CUDA only.
   m.def("tt_forward", &tt_forward, py::arg("x"), py::arg("mats"), py::arg("core_dims"), py::arg("order"),
         py::arg("out"), py::arg("workspace"), py::arg("threads"), py::arg("tables") = py::none(),
-        py::arg("path") = "auto", py::arg("stream") = 0);
+        py::arg("path") = "auto", py::arg("stream") = 0, py::arg("bias") = py::none());
   m.def("tt_backward", &tt_backward, py::arg("x"), py::arg("mats"), py::arg("core_dims"), py::arg("order"),
         py::arg("grad_out"), py::arg("grad_x"), py::arg("grad_mats"), py::arg("workspace"), py::arg("threads"),
-        py::arg("tables") = py::none(), py::arg("path") = "auto", py::arg("stream") = 0);
+        py::arg("tables") = py::none(), py::arg("path") = "auto", py::arg("stream") = 0,
+        py::arg("grad_bias") = py::none());
   m.def("tt_cuda_schedule", &tt_cuda_schedule_info, py::arg("core_dims"), py::arg("order"), py::arg("batch"),
         py::arg("backward"), py::arg("acc_bytes"), py::arg("smem_per_block"), py::arg("smem_per_sm"),
         py::arg("sm_count"), py::arg("path") = "auto");

@@ -60,6 +60,20 @@ int64_t saved_per_sample(const Plan& plan) {
 template <typename T>
 T* other(T* p, T* a, T* b) { return p == a ? b : a; }
 
+// y[i, :] += bias for `rows` rows of `cols`: done per block, while the block's rows are in cache.
+template <typename T>
+void add_bias(T* __restrict y, const T* __restrict bias, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i, y += cols)
+    for (int64_t j = 0; j < cols; ++j) y[j] += bias[j];
+}
+
+// sums[j] += sum_i g[i, j]: the bias gradient of a block.
+template <typename T>
+void add_column_sums(const T* __restrict g, T* __restrict sums, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i, g += cols)
+    for (int64_t j = 0; j < cols; ++j) sums[j] += g[j];
+}
+
 }  // namespace
 
 CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool backward, int elem_bytes) {
@@ -73,12 +87,13 @@ CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool back
   c.n_blocks = batch == 0 ? 0 : (batch + c.block - 1) / c.block;
   c.threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, c.n_blocks)));
   c.per_thread = c.block * per_sample;
-  c.workspace = c.threads * c.per_thread + (backward ? c.threads * mats_size(plan) : 0);
+  // the backward's per-worker partial sums: every step matrix, then the bias
+  c.workspace = c.threads * c.per_thread + (backward ? c.threads * (mats_size(plan) + plan.out_features) : 0);
   return c;
 }
 
 template <typename T>
-void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, T* y,
+void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* bias, T* y,
                  int64_t batch, T* workspace, const CpuSchedule& c) {
   const int64_t N_in = plan.in_features, M_out = plan.out_features;
   const size_t n_steps = plan.steps.size();
@@ -102,12 +117,13 @@ void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats
       state = out;
     }
     if (!final_identity) strided_copy(state, y + b0 * M_out, copies.final_copy, nb);
+    if (bias != nullptr) add_bias(y + b0 * M_out, bias, nb, M_out);
   });
 }
 
 template <typename T>
 void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* grad_y,
-                  T* grad_x, const std::vector<T*>& grad_mats, int64_t batch, T* workspace,
+                  T* grad_x, const std::vector<T*>& grad_mats, T* grad_bias, int64_t batch, T* workspace,
                   const CpuSchedule& c) {
   const int64_t N_in = plan.in_features, M_out = plan.out_features;
   const int n_steps = static_cast<int>(plan.steps.size());
@@ -118,24 +134,26 @@ void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mat
   for (int t = 0; t < n_steps; ++t)
     if (grad_mats[t] != nullptr) { lowest = t; break; }
   if (grad_x != nullptr) lowest = 0;
-  if (lowest == n_steps) return;
+  if (lowest == n_steps && grad_bias == nullptr) return;
 
-  // Per-worker partial sums of the matrix gradients, reduced in a fixed order at the end
-  // (deterministic for a given thread count, no atomics).
+  // Per-worker partial sums of the matrix (and bias) gradients, reduced in a fixed order at
+  // the end (deterministic for a given thread count, no atomics).
   T* partials = workspace + c.threads * c.per_thread;
-  const int64_t mats_total = mats_size(plan);
-  std::memset(partials, 0, sizeof(T) * c.threads * mats_total);
+  const int64_t mats_total = mats_size(plan), partial_size = mats_total + M_out;
+  std::memset(partials, 0, sizeof(T) * c.threads * partial_size);
   std::vector<int64_t> mat_offset(n_steps + 1, 0);
   for (int t = 0; t < n_steps; ++t) mat_offset[t + 1] = mat_offset[t] + plan.steps[t].K * plan.steps[t].N;
 
   const int64_t blocks_per_worker = (c.n_blocks + c.threads - 1) / c.threads;
   parallel_for(c.threads, c.threads, [&](int worker, int) {
     T* base = workspace + worker * c.per_thread;
-    T* partial = partials + worker * mats_total;
+    T* partial = partials + worker * partial_size;
     const int64_t first = worker * blocks_per_worker;
     const int64_t last = std::min(c.n_blocks, first + blocks_per_worker);
     for (int64_t block = first; block < last; ++block) {
       const int64_t b0 = block * c.block, nb = std::min(c.block, batch - b0);
+      if (grad_bias != nullptr) add_column_sums(grad_y + b0 * M_out, partial + mats_total, nb, M_out);
+      if (lowest == n_steps) continue;
       // Slots for each step's GEMM input, then three state-sized buffers.
       std::vector<T*> slot(n_steps, nullptr);
       T* cursor = base;
@@ -186,27 +204,27 @@ void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mat
     }
   });
 
-  for (int t = 0; t < n_steps; ++t) {
-    if (grad_mats[t] == nullptr) continue;
-    const int64_t size = mat_offset[t + 1] - mat_offset[t];
-    T* out = grad_mats[t];
-    std::memcpy(out, partials + mat_offset[t], sizeof(T) * size);
+  auto reduce = [&](T* out, int64_t offset, int64_t size) {
+    std::memcpy(out, partials + offset, sizeof(T) * size);
     for (int w = 1; w < c.threads; ++w) {
-      const T* p = partials + w * mats_total + mat_offset[t];
+      const T* p = partials + w * partial_size + offset;
       for (int64_t i = 0; i < size; ++i) out[i] += p[i];
     }
-  }
+  };
+  for (int t = 0; t < n_steps; ++t)
+    if (grad_mats[t] != nullptr) reduce(grad_mats[t], mat_offset[t], mat_offset[t + 1] - mat_offset[t]);
+  if (grad_bias != nullptr) reduce(grad_bias, mats_total, M_out);
 }
 
-template void forward_cpu<float>(const Plan&, const float*, const std::vector<const float*>&, float*,
-                                 int64_t, float*, const CpuSchedule&);
-template void forward_cpu<double>(const Plan&, const double*, const std::vector<const double*>&, double*,
-                                  int64_t, double*, const CpuSchedule&);
+template void forward_cpu<float>(const Plan&, const float*, const std::vector<const float*>&, const float*,
+                                 float*, int64_t, float*, const CpuSchedule&);
+template void forward_cpu<double>(const Plan&, const double*, const std::vector<const double*>&, const double*,
+                                  double*, int64_t, double*, const CpuSchedule&);
 template void backward_cpu<float>(const Plan&, const float*, const std::vector<const float*>&,
-                                  const float*, float*, const std::vector<float*>&, int64_t, float*,
+                                  const float*, float*, const std::vector<float*>&, float*, int64_t, float*,
                                   const CpuSchedule&);
 template void backward_cpu<double>(const Plan&, const double*, const std::vector<const double*>&,
-                                   const double*, double*, const std::vector<double*>&, int64_t,
+                                   const double*, double*, const std::vector<double*>&, double*, int64_t,
                                    double*, const CpuSchedule&);
 
 }  // namespace tensorpress::tt

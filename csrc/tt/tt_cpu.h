@@ -19,16 +19,17 @@ struct CpuSchedule {
 
 CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool backward, int elem_bytes);
 
-// y (batch x M) = x (batch x N) W^T.  mats[t] is step t's (K x N) core matrix.
+// y (batch x M) = x (batch x N) W^T (+ bias, where not null).  mats[t] is step t's (K x N)
+// core matrix.
 template <typename T>
-void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, T* y,
+void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* bias, T* y,
                  int64_t batch, T* workspace, const CpuSchedule& schedule);
 
-// grad_x (may be null) and grad_mats[t] (null entries skipped) from grad_y; recomputes the
+// grad_x, grad_mats[t] and grad_bias (each skipped where null) from grad_y; recomputes the
 // forward states per block from x instead of keeping them between forward and backward.
 template <typename T>
 void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* grad_y,
-                  T* grad_x, const std::vector<T*>& grad_mats, int64_t batch, T* workspace,
+                  T* grad_x, const std::vector<T*>& grad_mats, T* grad_bias, int64_t batch, T* workspace,
                   const CpuSchedule& schedule);
 
 }  // namespace tensorpress::tt

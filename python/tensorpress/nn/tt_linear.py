@@ -91,8 +91,8 @@ class TTLinear(nn.Module):
             raise ValueError(f"input: expected last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
         cores = self._core_list()
         plan, prepared = self._prepared_for_inference(x, cores)
-        y = tt_matmul(x, cores, plan=plan, prepared=prepared)
-        return y if self.bias is None else y + self.bias
+        # the CPU kernel adds the bias block by block (and sums its gradient the same way)
+        return tt_matmul(x, cores, plan=plan, prepared=prepared, bias=self.bias)
 
     def _prepared_for_inference(self, x: Tensor, cores: list[Tensor]):
         """Without autograd the merged step matrices depend only on the cores: keep them

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -133,7 +133,7 @@ def _cuda_sched(core_dims, order, batch, dtype, device, backward, path):
     return cuda_schedule(merged, tuple(order), batch, backward, dtype, cuda_limits(device), path)
 
 
-def _run_cuda(x: Tensor, mats: List[Tensor], core_dims, order, path: str) -> Tensor:
+def _run_cuda(x: Tensor, mats: List[Tensor], core_dims, order, path: str, bias: Optional[Tensor]) -> Tensor:
     x = x.detach().contiguous()
     mats = [m.detach().contiguous() for m in mats]
     y = x.new_empty(x.shape[0], _out_features(core_dims))
@@ -142,10 +142,10 @@ def _run_cuda(x: Tensor, mats: List[Tensor], core_dims, order, path: str) -> Ten
     stream = torch.cuda.current_stream(x.device).cuda_stream
     _C.tt_forward(x, mats, core_dims, order, y, ws, 1, tables=_tables(core_dims, order, x.device), path=path,
                   stream=stream)
-    return y
+    return y if bias is None else y.add_(bias)
 
 
-def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, path):
+def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, path, need_bias):
     x, grad_out = x.detach().contiguous(), grad_out.detach().contiguous()
     mats = [m.detach().contiguous() for m in mats]
     grad_x = torch.empty_like(x) if need_x else None
@@ -155,7 +155,8 @@ def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, p
     stream = torch.cuda.current_stream(x.device).cuda_stream
     _C.tt_backward(x, mats, core_dims, order, grad_out, grad_x, grad_mats, ws, 1,
                    tables=_tables(core_dims, order, x.device), path=path, stream=stream)
-    return [grad_x if need_x else x.new_empty(0)] + [g if need_mats else x.new_empty(0) for g in grad_mats]
+    grad_bias = grad_out.sum(0, dtype=mats[0].dtype) if need_bias else None
+    return _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats)
 
 
 def _uses_cuda_kernels(x: Tensor) -> bool:
@@ -163,25 +164,29 @@ def _uses_cuda_kernels(x: Tensor) -> bool:
 
 
 @torch.library.custom_op("tensorpress::tt_contract", mutates_args=())
-def tt_contract(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int], path: str = "auto") -> Tensor:
-    """y (B, M) = x (B, N) W^T, executing a plan's steps with its step matrices (fused kernel).
+def tt_contract(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int], path: str = "auto",
+                bias: Optional[Tensor] = None) -> Tensor:
+    """y (B, M) = x (B, N) W^T (+ bias (M,)), executing a plan's steps with its step matrices
+    (fused kernel; on the CPU the bias is added, and its gradient summed, block by block).
 
     On CUDA, x may be float16/bfloat16 with float32 mats; `path` picks the kernel ("auto",
     "fused" or "tiled"; see `cuda_kernel_path`). On the CPU `path` is ignored.
     """
     if _uses_cuda_kernels(x):
-        return _run_cuda(x, mats, core_dims, order, path)
+        return _run_cuda(x, mats, core_dims, order, path, bias)
     if x.device.type != "cpu":
-        return tt_contract_torch(x, mats, core_dims, order)
-    return _forward_cpu(x, mats, core_dims, order)
+        y = tt_contract_torch(x, mats, core_dims, order)
+        return y if bias is None else y.add_(bias)
+    return _forward_cpu(x, mats, core_dims, order, bias)
 
 
-def _forward_cpu(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int]) -> Tensor:
+def _forward_cpu(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int],
+                 bias: Optional[Tensor] = None) -> Tensor:
     x = x.detach().contiguous()  # DLPack refuses tensors that require grad
     mats = [m.detach().contiguous() for m in mats]
     y = x.new_empty(x.shape[0], _out_features(core_dims))
     ws, threads = _workspace(x, core_dims, order, backward=False)
-    _C.tt_forward(x, mats, core_dims, order, y, ws, threads)
+    _C.tt_forward(x, mats, core_dims, order, y, ws, threads, bias=None if bias is None else bias.detach().contiguous())
     return y
 
 
@@ -200,7 +205,7 @@ def _in_features(core_dims: List[int]) -> int:
 
 
 @tt_contract.register_fake
-def _tt_contract_fake(x, mats, core_dims, order, path="auto"):
+def _tt_contract_fake(x, mats, core_dims, order, path="auto", bias=None):
     torch._check(x.dim() == 2, lambda: f"x should be a 2d tensor (batch, N), got {x.dim()}D")
     torch._check(x.shape[1] == _in_features(core_dims),
                  lambda: f"x should have {_in_features(core_dims)} columns, got {x.shape[1]}")
@@ -211,40 +216,55 @@ def _tt_contract_fake(x, mats, core_dims, order, path="auto"):
                      lambda: f"mats[{t}] should have shape ({s['K']}, {s['N']}), got {tuple(m.shape)}")
         torch._check(m.dtype == compute_dtype(x.dtype),
                      lambda: f"mats[{t}] should have dtype {compute_dtype(x.dtype)}, got {m.dtype}")
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (_out_features(core_dims),),
+                     lambda: f"bias should have shape ({_out_features(core_dims)},), got {tuple(bias.shape)}")
     return x.new_empty(x.shape[0], _out_features(core_dims))
 
 
 @torch.library.custom_op("tensorpress::tt_contract_backward", mutates_args=())
 def tt_contract_backward(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int],
-                         grad_out: Tensor, need_x: bool, need_mats: bool, path: str = "auto") -> List[Tensor]:
-    """[grad_x, grad_mats...]; gradients that are not needed come back as empty tensors.
+                         grad_out: Tensor, need_x: bool, need_mats: bool, path: str = "auto",
+                         need_bias: bool = False) -> List[Tensor]:
+    """[grad_x, grad_mats..., grad_bias]; gradients that are not needed come back as empty
+    tensors.
 
     The forward states are recomputed per block of samples from x; nothing but x and the
     (batch-independent) step matrices is kept between forward and backward.
     """
     if _uses_cuda_kernels(x):
-        return _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, path)
+        return _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, path, need_bias)
     if x.device.type != "cpu":
-        return _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats)
+        return _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias)
     x, grad_out = x.detach().contiguous(), grad_out.detach().contiguous()
     mats = [m.detach().contiguous() for m in mats]
     grad_x = torch.empty_like(x) if need_x else None
     grad_mats = [torch.empty_like(m) for m in mats] if need_mats else [None] * len(mats)
+    grad_bias = x.new_empty(_out_features(core_dims)) if need_bias else None
     ws, threads = _workspace(x, core_dims, order, backward=True)
-    _C.tt_backward(x, mats, core_dims, order, grad_out, grad_x, grad_mats, ws, threads)
+    _C.tt_backward(x, mats, core_dims, order, grad_out, grad_x, grad_mats, ws, threads, grad_bias=grad_bias)
+    return _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats)
+
+
+def _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats) -> List[Tensor]:
     # gradients not asked for come back as distinct empty tensors (outputs may not alias)
-    return [grad_x if need_x else x.new_empty(0)] + [g if need_mats else x.new_empty(0) for g in grad_mats]
+    return ([grad_x if need_x else x.new_empty(0)] + [g if need_mats else x.new_empty(0) for g in grad_mats]
+            + [x.new_empty(0) if grad_bias is None else grad_bias])
 
 
 @tt_contract_backward.register_fake
-def _tt_contract_backward_fake(x, mats, core_dims, order, grad_out, need_x, need_mats, path="auto"):
+def _tt_contract_backward_fake(x, mats, core_dims, order, grad_out, need_x, need_mats, path="auto",
+                               need_bias=False):
     return ([torch.empty_like(x) if need_x else x.new_empty(0)]
-            + [torch.empty_like(m) if need_mats else x.new_empty(0) for m in mats])
+            + [torch.empty_like(m) if need_mats else x.new_empty(0) for m in mats]
+            + [x.new_empty(_out_features(core_dims)) if need_bias else x.new_empty(0)])
 
 
 def _tt_contract_setup(ctx, inputs, output):
     x, mats, core_dims, order = inputs[:4]
-    path = inputs[4] if len(inputs) > 4 else "auto"  # defaults not passed are not in `inputs`
+    # defaults not passed are not in `inputs`
+    path = inputs[4] if len(inputs) > 4 else "auto"
+    ctx.has_bias = len(inputs) > 5 and inputs[5] is not None
     ctx.save_for_backward(x, *mats)
     ctx.core_dims, ctx.order = core_dims, order
     # the backward needs more shared memory than the forward: a forced "fused" may not fit it
@@ -255,12 +275,17 @@ def _tt_contract_grad(ctx, grad_out):
     x, *mats = ctx.saved_tensors
     need_x = bool(ctx.needs_input_grad[0])
     need_mats = any(ctx.needs_input_grad[1])  # one flag per step matrix
-    grads = tt_contract_backward(x, mats, ctx.core_dims, ctx.order, grad_out, need_x, need_mats, ctx.path)
+    need_bias = ctx.has_bias and bool(ctx.needs_input_grad[5])
+    grads = tt_contract_backward(x, mats, ctx.core_dims, ctx.order, grad_out, need_x, need_mats, ctx.path,
+                                 need_bias)
     grad_x = grads[0] if need_x else None
     # one entry per step matrix, even when none of them needs a gradient (frozen cores)
-    grad_mats = list(grads[1:]) if need_mats else [None] * len(mats)
-    # one entry per argument actually passed (a defaulted `path` is not among them)
-    return (grad_x, grad_mats) + (None,) * (len(ctx.needs_input_grad) - 2)
+    grad_mats = list(grads[1:-1]) if need_mats else [None] * len(mats)
+    # one entry per argument actually passed (a defaulted `path` or `bias` is not among them)
+    rest = [None] * (len(ctx.needs_input_grad) - 2)
+    if need_bias:
+        rest[-1] = grads[-1]
+    return (grad_x, grad_mats, *rest)
 
 
 tt_contract.register_autograd(_tt_contract_grad, setup_context=_tt_contract_setup)
@@ -285,15 +310,19 @@ def _permute_samples(state: Tensor, p: dict, batch: int) -> Tensor:
     return moved.reshape(batch, math.prod(p["dims"]))
 
 
-def _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats):
-    with torch.enable_grad():
-        xd = x.detach().requires_grad_(need_x)
-        md = [m.detach().requires_grad_(need_mats) for m in mats]
-        y = tt_contract_torch(xd, md, core_dims, order)
-        wrt = ([xd] if need_x else []) + (md if need_mats else [])
-        grads = list(torch.autograd.grad(y, wrt, grad_out))
-    grad_x = grads.pop(0) if need_x else x.new_empty(0)
-    return [grad_x] + (grads if need_mats else [x.new_empty(0) for _ in mats])
+def _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias=False):
+    grad_x, grad_mats = None, [None] * len(mats)
+    if need_x or need_mats:
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(need_x)
+            md = [m.detach().requires_grad_(need_mats) for m in mats]
+            y = tt_contract_torch(xd, md, core_dims, order)
+            wrt = ([xd] if need_x else []) + (md if need_mats else [])
+            grads = list(torch.autograd.grad(y, wrt, grad_out))
+        grad_x = grads.pop(0) if need_x else None
+        grad_mats = grads if need_mats else grad_mats
+    grad_bias = grad_out.sum(0, dtype=mats[0].dtype) if need_bias else None
+    return _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats)
 
 
 def tt_matmul_reference(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
@@ -334,26 +363,28 @@ def prepare_tt(cores: Sequence[Tensor], plan: TTPlan) -> List[Tensor]:
     return list(step_matrices_of_groups(cores_c, plan.groups, steps))
 
 
-def apply_tt(x: Tensor, mats: List[Tensor], plan: TTPlan) -> Tensor:
-    """x (B, N) contracted with prepared matrices: in the compute dtype, or on CUDA also in
-    float16/bfloat16 (the kernels read the half types and accumulate in float32; the dense
-    route multiplies in x's dtype, on the tensor cores)."""
+def apply_tt(x: Tensor, mats: List[Tensor], plan: TTPlan, bias: Tensor | None = None) -> Tensor:
+    """x (B, N) contracted with prepared matrices (+ bias): in the compute dtype, or on CUDA
+    also in float16/bfloat16 (the kernels read the half types and accumulate in float32; the
+    dense route multiplies in x's dtype, on the tensor cores). `bias` is in the compute dtype."""
     if plan.dense:
-        return x @ mats[0].to(x.dtype)
+        w_t = mats[0].to(x.dtype)
+        return x @ w_t if bias is None else torch.addmm(bias.to(x.dtype), x, w_t)
     core_dims, order = flat_dims(plan.merged_shapes), list(plan.order)
-    if _eager_cpu_inference(x, mats):
+    if _eager_cpu_inference(x, mats, bias):
         # what the custom op would run, without its dispatch (a third of a small call's time)
-        return _forward_cpu(x, mats, core_dims, order)
+        return _forward_cpu(x, mats, core_dims, order, bias)
     path = plan.path if plan.path in ("fused", "tiled") else "auto"
-    return tt_contract(x, mats, core_dims, order, path)
+    return tt_contract(x, mats, core_dims, order, path, bias)
 
 
-def _eager_cpu_inference(x: Tensor, mats: List[Tensor]) -> bool:
+def _eager_cpu_inference(x: Tensor, mats: List[Tensor], bias: Tensor | None = None) -> bool:
     """No autograd, no tracing, plain CPU tensors of a kernel dtype (not fake or subclassed):
     the custom op adds nothing to the kernel."""
+    tensors = mats if bias is None else [*mats, bias]
     return (type(x) is Tensor and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
-            and not torch.compiler.is_compiling() and all(type(m) is Tensor for m in mats)
-            and not (torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats))))
+            and not torch.compiler.is_compiling() and all(type(t) is Tensor for t in tensors)
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))))
 
 
 def _dense_route(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
@@ -376,8 +407,8 @@ def plan_for(cores: Sequence[Tensor], batch) -> TTPlan:
 
 
 def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
-              prepared: List[Tensor] | None = None) -> Tensor:
-    """y = x W^T with W given by TT-matrix cores, through the fused kernel.
+              prepared: List[Tensor] | None = None, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T (+ bias) with W given by TT-matrix cores, through the fused kernel.
 
     Args:
         x: (..., N) with N = prod n_k; float32, float64, float16 or bfloat16 (the half types
@@ -386,19 +417,36 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
         plan: from `choose_plan(shapes, batch, device=...)`; chosen by the cost model of x's
            device when omitted (on CUDA: fused, tiled or dense, see `choose_cuda_plan`).
         prepared: `prepare_tt(cores, plan)`, when the caller keeps it between calls.
+        bias: (M,) of the cores' dtype and device, or None; added inside the kernel on the CPU.
     Returns:
-        (..., M) with M = prod m_k. Differentiable in x and in every core.
+        (..., M) with M = prod m_k. Differentiable in x, in every core and in the bias.
     """
     validate_tt_cores(cores)
     n = _check_input(x, cores)
+    if bias is not None:
+        _check_bias(bias, cores)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), n)  # not -1: that is ambiguous for an empty batch
     if plan is None:
         plan = plan_for(cores, x2.shape[0])
     # the CUDA kernels and cuBLAS take the half types as they are; the CPU computes in float32
     x_in = x2 if _uses_cuda_kernels(x2) else x2.to(compute_dtype(x.dtype))
+    bias_c = None if bias is None else bias.to(compute_dtype(bias.dtype))
     if prepared is None and plan.dense and len(cores) > 1:
         y = _dense_route(x_in, cores)
+        y = y if bias_c is None else y + bias_c.to(y.dtype)
     else:
-        y = apply_tt(x_in, prepare_tt(cores, plan) if prepared is None else prepared, plan)
+        y = apply_tt(x_in, prepare_tt(cores, plan) if prepared is None else prepared, plan, bias_c)
     return y.to(x.dtype).reshape(*lead, y.shape[1])
+
+
+def _check_bias(bias: Tensor, cores: Sequence[Tensor]) -> None:
+    m = math.prod([g.shape[1] for g in cores])  # a list: dynamo cannot trace a generator here
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias: expected a tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (m,):
+        raise ValueError(f"bias: expected shape ({m},) (= prod of the cores' m_k), got {tuple(bias.shape)}")
+    if bias.dtype != cores[0].dtype:
+        raise TypeError(f"bias: expected dtype {cores[0].dtype} (the cores' dtype), got {bias.dtype}")
+    if bias.device != cores[0].device:
+        raise ValueError(f"bias: expected device {cores[0].device} (the cores' device), got {bias.device}")
