@@ -695,3 +695,40 @@ def test_eager_inference_skips_the_custom_op_dispatch_only_without_autograd(monk
     # not a plain CPU tensor: no shortcut
     assert not tt_ops._eager_cpu_inference(x.to("meta"), [m.to("meta") for m in mats])
     assert not tt_ops._eager_cpu_inference(x.float().half(), mats)
+
+
+def test_eager_training_of_a_layer_runs_one_node_without_the_custom_op(monkeypatch):
+    """TTLinear training on the CPU (parameters, a bias): prepare + kernels as one autograd
+    node, the custom op never dispatched, same values and gradients as the op's route."""
+    from tensorpress.nn import TTLinear
+    from tensorpress.ops import tt as tt_ops
+
+    torch.manual_seed(8)
+    layer = TTLinear(1024, 1024, 8, in_factors=(4, 8, 8, 4), out_factors=(4, 8, 8, 4), dtype=torch.float64)
+    x = torch.randn(6, 1024, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 1024, dtype=torch.float64)
+    params = [x, *layer.cores, layer.bias]
+    plan = layer.plan(6)
+    assert not plan.dense
+    mats = tt_ops.prepare_tt(layer._core_list(), plan)
+    y_op = tt_ops.tt_contract(x, mats, flat_dims(plan.merged_shapes), list(plan.order), "auto", layer.bias)
+    grads_op = torch.autograd.grad(y_op, params, g)
+
+    def no_dispatch(*args, **kwargs):
+        raise AssertionError("the custom op was dispatched")
+
+    monkeypatch.setattr(tt_ops, "tt_contract", no_dispatch)
+    monkeypatch.setattr(tt_ops, "step_matrices_of_groups", no_dispatch)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "_EagerCpuTrainingBackward"
+    grads = torch.autograd.grad(y, params, g)
+    assert torch.equal(y, y_op)
+    for a, b in zip(grads, grads_op):
+        assert rel_err(a, b) <= 1e-13
+    # frozen cores: only x and the bias get gradients (the layer then keeps its step
+    # matrices between calls and runs them through the op)
+    monkeypatch.undo()
+    for c in layer.cores:
+        c.requires_grad_(False)
+    gx, gb = torch.autograd.grad(layer(x), [x, layer.bias], g)
+    assert rel_err(gx, grads_op[0]) <= 1e-13 and rel_err(gb, grads_op[-1]) <= 1e-13

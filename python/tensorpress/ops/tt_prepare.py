@@ -65,6 +65,47 @@ def _row_major(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
+def prepared_outputs(cores: Sequence[Tensor], groups: tuple[tuple[int, ...], ...],
+                     steps: tuple[Step, ...] | None) -> tuple[Tensor, ...]:
+    """The merged groups (steps None) or the step matrices, computed without autograd's
+    bookkeeping; never sharing a core's memory (a lone core, laid out as it lies, is copied)."""
+    merged = [merge_group(cores, g) for g in groups]
+    if steps is None:
+        outs = merged
+    else:
+        outs = [merged[i].permute(*perm).reshape(K, N).contiguous() for i, perm, K, N in steps]
+    inputs = {c.data_ptr() for c in cores}
+    return tuple(o.clone() if o.data_ptr() in inputs else o for o in outs)
+
+
+def prepared_grads(cores: Sequence[Tensor], groups: tuple[tuple[int, ...], ...], steps: tuple[Step, ...] | None,
+                   grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """The cores' gradients from those of `prepared_outputs` (None where none flows)."""
+    if steps is None:
+        merged_grads = list(grads)
+    else:
+        merged_grads = [None] * len(groups)
+        shapes = tuple(tuple(c.shape) for c in cores)
+        for (i, perm, _, _), grad in zip(steps, grads):
+            if grad is None:
+                continue
+            merged, _ = merge_shapes(shapes, groups[i])
+            laid_out = [merged[p] for p in perm]
+            inverse = [perm.index(a) for a in range(4)]
+            g = grad.reshape(laid_out).permute(*inverse)
+            merged_grads[i] = g if merged_grads[i] is None else merged_grads[i] + g
+    core_grads: list[Tensor | None] = [None] * len(cores)
+    for group, grad in zip(groups, merged_grads):
+        if grad is None:
+            continue
+        # the prefixes the chain rule needs: all but the full merge itself
+        prefixes = _prefixes(cores, group[:-1]) if len(group) > 1 else []
+        for j in range(len(group) - 1, 0, -1):
+            grad, core_grads[group[j]] = merge_pair_grads(prefixes[j - 1], cores[group[j]], grad)
+        core_grads[group[0]] = grad
+    return [None if g is None else _row_major(g) for g in core_grads]
+
+
 class _Prepared(torch.autograd.Function):
     # forward(ctx, ...) rather than setup_context: apply() then skips binding the arguments
     # through inspect.signature, a good part of this node's cost at every call
@@ -72,40 +113,11 @@ class _Prepared(torch.autograd.Function):
     def forward(ctx, groups: tuple[tuple[int, ...], ...], steps: tuple[Step, ...] | None, *cores: Tensor):
         ctx.groups, ctx.steps = groups, steps
         ctx.save_for_backward(*cores)
-        merged = [merge_group(cores, g) for g in groups]
-        if steps is None:
-            outs = merged
-        else:
-            outs = [merged[i].permute(*perm).reshape(K, N).contiguous() for i, perm, K, N in steps]
-        # an output may not share an input's memory (a lone core, laid out as it lies)
-        inputs = {c.data_ptr() for c in cores}
-        return tuple(o.clone() if o.data_ptr() in inputs else o for o in outs)
+        return prepared_outputs(cores, groups, steps)
 
     @staticmethod
     def backward(ctx, *grads):
-        cores = ctx.saved_tensors
-        groups, steps = ctx.groups, ctx.steps
-        if steps is None:
-            merged_grads = list(grads)
-        else:
-            merged_grads = [None] * len(groups)
-            shapes = tuple(tuple(c.shape) for c in cores)
-            for (i, perm, _, _), grad in zip(steps, grads):
-                merged, _ = merge_shapes(shapes, groups[i])
-                laid_out = [merged[p] for p in perm]
-                inverse = [perm.index(a) for a in range(4)]
-                g = grad.reshape(laid_out).permute(*inverse)
-                merged_grads[i] = g if merged_grads[i] is None else merged_grads[i] + g
-        core_grads: list[Tensor | None] = [None] * len(cores)
-        for group, grad in zip(groups, merged_grads):
-            if grad is None:
-                continue
-            # the prefixes the chain rule needs: all but the full merge itself
-            prefixes = _prefixes(cores, group[:-1]) if len(group) > 1 else []
-            for j in range(len(group) - 1, 0, -1):
-                grad, core_grads[group[j]] = merge_pair_grads(prefixes[j - 1], cores[group[j]], grad)
-            core_grads[group[0]] = grad
-        return (None, None, *(None if g is None else _row_major(g) for g in core_grads))
+        return (None, None, *prepared_grads(ctx.saved_tensors, ctx.groups, ctx.steps, grads))
 
 
 def merged_groups(cores: Sequence[Tensor], groups: Sequence[Sequence[int]]) -> tuple[Tensor, ...]:
