@@ -21,8 +21,8 @@ import torch
 import tensorpress
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
-              "OPENBLAS_NUM_THREADS")  # recorded: they change timings
-TP_FLAGS = ("tensorpress", "cpu_kernels", "blas", "cxx_compiler")  # tensorpress.info() keys in the reports
+              "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # recorded: they change timings
+TP_FLAGS = ("tensorpress", "cpu_kernels", "blas", "blas_core", "cxx_compiler")  # tensorpress.info() keys in the reports
 
 
 def cpu_seconds() -> tuple[float, float]:

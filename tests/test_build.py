@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import tensorpress
 
 EXPECTED_KEYS = {
     "tensorpress", "cpu_kernels", "cuda_kernels_built", "cuda_archs", "cuda_compiler", "cuda_runtime",
-    "cuda_devices_seen_by_extension", "gpu_visible_to_torch", "cxx_compiler", "blas", "torch", "numpy",
+    "cuda_devices_seen_by_extension", "gpu_visible_to_torch", "cxx_compiler", "blas", "blas_core", "torch", "numpy",
     "python", "threads",
 }
 
@@ -33,6 +34,24 @@ def test_info_keys_and_values():
     if not info["cuda_kernels_built"]:
         assert info["cuda_devices_seen_by_extension"] == []
     json.dumps(info)  # plain data, printable by a CLI
+
+
+def test_info_names_the_openblas_kernels_in_use():
+    import scipy_openblas32
+
+    core = tensorpress.info()["blas_core"]
+    assert core and core in scipy_openblas32.get_openblas_config()
+
+
+def test_info_reports_a_forced_openblas_core():
+    """OPENBLAS_CORETYPE (set on some machines, e.g. this project's, for old OpenBLAS builds)
+    decides the kernels our GEMMs run; the benchmarks record it through info()."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("OpenBLAS's Haswell kernels need AVX2")
+    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell")
+    out = subprocess.run([sys.executable, "-c", "import tensorpress; print(tensorpress.info()['blas_core'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "Haswell"
 
 
 def test_custom_ops_registered():

@@ -3,13 +3,24 @@ from __future__ import annotations
 
 import platform
 
-# The extension links the OpenBLAS shipped by scipy-openblas32; importing that package
-# loads the shared library so the dynamic loader finds it whatever the install layout.
-import scipy_openblas32  # noqa: F401
-
 # torch first: it loads its libgomp.so.1, and the extension's OpenMP then binds to that same
 # runtime (one team of threads for torch's ops and ours; see csrc/core/thread_pool.h).
 import torch  # noqa: F401
+
+# The extension links the OpenBLAS shipped by scipy-openblas32; importing that package
+# loads the shared library so the dynamic loader finds it whatever the install layout.
+import scipy_openblas32
+
+
+def openblas_core() -> str:
+    """The kernels OpenBLAS runs for the extension ("SkylakeX", "Haswell", ...): chosen by
+    OpenBLAS for the CPU at load time, or forced by the OPENBLAS_CORETYPE variable."""
+    import ctypes
+
+    corename = scipy_openblas32.dll.scipy_openblas_get_corename
+    corename.restype = ctypes.c_char_p
+    return corename().decode()
+
 
 try:
     from tensorpress import _C
@@ -38,6 +49,7 @@ def info() -> dict:
         "gpu_visible_to_torch": torch.cuda.is_available(),
         "cxx_compiler": built.pop("cxx_compiler"),
         "blas": built.pop("blas"),
+        "blas_core": openblas_core(),
         "jacobi_svd_isa": built.pop("jacobi_isa"),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
