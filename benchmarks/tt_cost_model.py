@@ -75,7 +75,7 @@ def model_cost(feat: dict[str, float], weights: dict[str, float]) -> float:
 def current_weights() -> dict[str, float]:
     w = {"flops": 1.0, "traffic": float(tt_plan.GEMM_TRAFFIC_FLOPS)}
     w.update({k: float(tt_plan.PERMUTE_FLOPS[k]) for k in PERMUTE_KINDS})
-    w["dense_speed_advantage"] = float(tt_plan.DENSE_SPEED_ADVANTAGE)
+    w["dense_speed_advantage"] = float(tt_plan.dense_speed_advantage())
     return w
 
 
@@ -292,8 +292,9 @@ def main(argv=None) -> int:
         print(f"{case.name:22s} {len(cases[-1]['plans']):3d} plans timed ({time.perf_counter() - t0:.1f} s)", flush=True)
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
-    report(args.out, "tt_cost_model_quick" if args.quick else "tt_cost_model", meta, cases, current_weights(),
-           repeats, warmup)
+    stem = "tt_cost_model_quick" if args.quick else "tt_cost_model"
+    forced = os.environ.get("OPENBLAS_CORETYPE")   # a forced OpenBLAS core is a different machine
+    report(args.out, stem + (f"_{forced.lower()}" if forced else ""), meta, cases, current_weights(), repeats, warmup)
     return 0
 
 

@@ -25,6 +25,21 @@ settings.load_profile("tensorpress")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def avx2_dense_route_price():
+    """The plan choices the tests assert are those priced for OpenBLAS's AVX2 kernels (CI's
+    machines force them). With its AVX-512 kernels on an AMD CPU the plan search prices the
+    dense route 2.4x higher (tt_plan.gemm_family); the tests of that pin it themselves."""
+    from tensorpress.ops import tt_plan
+
+    patch = pytest.MonkeyPatch()
+    tt_plan.ranked_plans.cache_clear()
+    patch.setattr(tt_plan, "dense_speed_advantage", lambda: tt_plan.DENSE_SPEED_ADVANTAGE["avx2"])
+    yield
+    patch.undo()
+    tt_plan.ranked_plans.cache_clear()
+
+
 def import_benchmark(name: str):
     """A script of benchmarks/ imported as a module (benchmarks/ is on sys.path only meanwhile,
     so its helper modules, _common and the like, resolve)."""

@@ -234,3 +234,62 @@ def test_ttlinear_plan_visible_and_printable():
     big = layer.plan(1_000_000)
     assert big.dense
     assert "dense" in str(big) and "batch 1000000" in str(big)
+
+
+@pytest.mark.parametrize("core,vendor,family", [
+    ("Haswell", "AuthenticAMD", "avx2"),             # AVX2 kernels: torch's GEMM runs at about our rate
+    ("SkylakeX", "GenuineIntel", "avx2"),            # MKL runs AVX-512 on Intel too
+    ("SkylakeX", "AuthenticAMD", "avx512_on_amd"),   # MKL stays on AVX2 on AMD, our OpenBLAS does not
+    ("Cooperlake", "AuthenticAMD", "avx512_on_amd"),
+    ("Zen", "AuthenticAMD", "avx2"),
+])
+def test_dense_speed_advantage_follows_the_gemm_kernels(core, vendor, family):
+    from tensorpress.ops import tt_plan
+
+    assert tt_plan.gemm_family(core, vendor) == family
+    assert tt_plan.DENSE_SPEED_ADVANTAGE[family] == (0.42 if family == "avx512_on_amd" else 1.0)
+
+
+def test_cheaper_dense_route_wins_only_where_torch_gemm_is_as_fast(monkeypatch):
+    """1024x1024 rank 16 at batch 256: with torch's GEMM as fast as ours the dense route wins
+    its tie with the single merged core; at 0.42x our rate a fused plan does."""
+    from tensorpress.ops import tt_plan
+
+    shapes = ((1, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1))
+    for advantage, dense in ((1.0, True), (0.42, False)):
+        monkeypatch.setattr(tt_plan, "dense_speed_advantage", lambda a=advantage: a)
+        assert tt_plan.ranked_plans.__wrapped__(shapes, 256)[0].dense is dense
+
+
+def test_training_plans_leave_out_the_single_merged_core(monkeypatch):
+    """Where the single merged core is the cheapest forward (our GEMM faster than torch's),
+    a training step does not take it: its backward runs the merge chain over W-sized tensors."""
+    from tensorpress.ops import tt_plan
+
+    tt_plan.ranked_plans.cache_clear()
+    monkeypatch.setattr(tt_plan, "dense_speed_advantage", lambda: 0.42)
+    try:
+        torch.manual_seed(0)
+        layer = TTLinear(1024, 1024, 16, in_factors=(4, 8, 8, 4), out_factors=(4, 8, 8, 4), dtype=torch.float64)
+        inference, training = layer.plan(256), layer.plan(256, training=True)
+        assert inference.groups == ((0, 1, 2, 3),) and not inference.dense
+        assert len(training.groups) > 1 and not training.dense   # 2.4x cheaper than torch's dense GEMM here
+        assert all(len(p.groups) > 1 or p.dense for p in tt_plan.ranked_plans(layer.core_shapes, 256, True, True))
+        # without the dense route nothing is left out
+        assert any(len(p.groups) == 1 for p in tt_plan.ranked_plans(layer.core_shapes, 256, False, True))
+        # a training call runs the training plan
+        x = torch.randn(256, 1024, dtype=torch.float64)
+        y = layer(x)
+        seen, stack = set(), [y.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and type(node).__name__ not in seen:
+                seen.add(type(node).__name__)
+                stack.extend(f for f, _ in node.next_functions)
+        assert "_EagerCpuTrainingBackward" in seen, seen
+        assert y.grad_fn.plan == training   # the node is its own context
+        with torch.no_grad():
+            assert torch.allclose(layer(x), y, rtol=1e-10, atol=1e-12)
+    finally:
+        monkeypatch.undo()
+        tt_plan.ranked_plans.cache_clear()

@@ -12,6 +12,18 @@ import torch  # noqa: F401
 import scipy_openblas32
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...; "" where /proc/cpuinfo is not)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def openblas_core() -> str:
     """The kernels OpenBLAS runs for the extension ("SkylakeX", "Haswell", ...): chosen by
     OpenBLAS for the CPU at load time, or forced by the OPENBLAS_CORETYPE variable."""

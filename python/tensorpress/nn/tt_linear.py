@@ -65,15 +65,16 @@ class TTLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     # ------------------------------------------------------------------ forward
-    def plan(self, batch: int, dtype: torch.dtype | None = None) -> TTPlan:
-        """The contraction this layer will run for `batch` rows (by FLOP count; may be dense)."""
-        return self._plan(self._core_list(), batch, dtype)
+    def plan(self, batch: int, dtype: torch.dtype | None = None, training: bool = False) -> TTPlan:
+        """The contraction this layer will run for `batch` rows (by FLOP count; may be dense):
+        at inference, or with `training` in a step that needs the cores' gradients."""
+        return self._plan(self._core_list(), batch, dtype, training)
 
     @staticmethod
-    def _plan(cores: list[Tensor], batch: int, dtype: torch.dtype | None) -> TTPlan:
+    def _plan(cores: list[Tensor], batch: int, dtype: torch.dtype | None, training: bool = False) -> TTPlan:
         core = cores[0]   # on CUDA the plan also picks the kernel path by the GPU cost model
         return choose_plan(tuple(tuple(g.shape) for g in cores), batch, device=str(core.device),
-                           dtype=dtype or core.dtype)
+                           dtype=dtype or core.dtype, training=training)
 
     @property
     def core_shapes(self) -> tuple[tuple[int, int, int, int], ...]:

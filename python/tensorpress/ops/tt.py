@@ -451,7 +451,8 @@ def plan_for(cores: Sequence[Tensor], batch) -> TTPlan:
         # Under torch.compile the batch may be symbolic and one graph may serve every batch
         # size: take the fused plan that is best at a typical batch (never the dense route).
         return choose_plan(shapes, SYMBOLIC_BATCH_HINT, allow_dense=False, device=device, dtype=dtype)
-    return choose_plan(shapes, batch, device=device, dtype=dtype)
+    training = torch.is_grad_enabled() and any(g.requires_grad for g in cores)
+    return choose_plan(shapes, batch, device=device, dtype=dtype, training=training)
 
 
 def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,

@@ -28,12 +28,17 @@ from tensorpress._ext import _C
 # 11%, forward+backward 1% (the old weights, 4 / 8 / 16 and 1: 17% and 9%).
 PERMUTE_FLOPS = {"copy": 36, "short_runs": 44, "transpose": 37}
 GEMM_TRAFFIC_FLOPS = 0
-# The dense route (W rebuilt, one GEMM through torch's BLAS) costs its FLOPs divided by this.
-# Its forward alone ran at 0.68x the fused plans' rate per FLOP-equivalent in that fit, but in
-# training its backward is leaner than the fused plans' (which recompute the forward and, in a
-# layer, backpropagate through the merging); 1.0 makes the dense route win its tie with the
-# single merged core (the same GEMM) and keeps it where the fused plans need as many FLOPs.
-DENSE_SPEED_ADVANTAGE = 1.0
+# The dense route (W rebuilt, one GEMM through torch's BLAS) costs its FLOPs divided by
+# `dense_speed_advantage()`. Where our OpenBLAS runs its AVX2 kernels (results/
+# tt_cost_model_haswell.md) its forward alone ran at 0.68x the fused plans' rate per
+# FLOP-equivalent, but in training its backward is leaner than the fused plans' (which
+# recompute the forward and, in a layer, backpropagate through the merging); 1.0 makes the
+# dense route win its tie with the single merged core (the same GEMM) and keeps it where the
+# fused plans need as many FLOPs. With OpenBLAS's AVX-512 kernels on an AMD CPU, torch's MKL
+# (AVX2 there) runs its GEMM at 0.42x the fused plans' rate (results/tt_cost_model.md, Zen 5:
+# mean regret forward 24% -> 4%, forward+backward 9% -> 7% against 1.0).
+DENSE_SPEED_ADVANTAGE = {"avx2": 1.0, "avx512_on_amd": 0.42}
+AVX512_OPENBLAS_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
 
 # ---- CUDA cost model (seconds). First guesses for an H100, to be calibrated from
 # benchmarks/results/tt_<gpu>.json (benchmarks/gpu_check.sh): the fused and tiled kernels run
@@ -141,7 +146,22 @@ def dense_flops(shapes: tuple[CoreShape, ...], batch: int) -> int:
 
 def dense_route_cost(shapes: tuple[CoreShape, ...], batch: int) -> int:
     """What the plan search charges for rebuilding W and running one GEMM."""
-    return int(dense_flops(shapes, batch) / DENSE_SPEED_ADVANTAGE)
+    return int(dense_flops(shapes, batch) / dense_speed_advantage())
+
+
+@functools.lru_cache(maxsize=None)
+def dense_speed_advantage() -> float:
+    """How fast torch's dense GEMM runs per FLOP against the fused kernel's FLOP-equivalent,
+    by which kernels our OpenBLAS runs (fixed when it loads) and the CPU's vendor."""
+    from tensorpress._ext import cpu_vendor, openblas_core
+    return DENSE_SPEED_ADVANTAGE[gemm_family(openblas_core(), cpu_vendor())]
+
+
+def gemm_family(openblas_core: str, cpu_vendor: str) -> str:
+    """The key of DENSE_SPEED_ADVANTAGE: MKL (torch's BLAS) runs AVX-512 on Intel only."""
+    if openblas_core in AVX512_OPENBLAS_CORES and cpu_vendor == "AuthenticAMD":
+        return "avx512_on_amd"
+    return "avx2"
 
 
 def flat_dims(shapes) -> list[int]:
@@ -169,11 +189,21 @@ def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int)
 
 
 @functools.lru_cache(maxsize=4096)
-def ranked_plans(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool = True) -> tuple[TTPlan, ...]:
+def ranked_plans(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool = True,
+                 training: bool = False) -> tuple[TTPlan, ...]:
     """Every fused plan (merge partition x absorb order), and the dense route when allowed,
-    cheapest first by the cost model; the first is what `choose_plan` returns on CPU."""
+    cheapest first by the cost model; the first is what `choose_plan` returns on CPU.
+
+    training: the cores need gradients. Then the single merged core (all cores in one group)
+    is left out where the dense route is allowed: it is the dense route's GEMM, but its
+    backward runs the generic merge chain over W-sized tensors (a 1024^2 rank-16 layer,
+    batch 256: 15.3 ms a step against the dense route's 10), where the dense route
+    differentiates through W's two halves (`tt_dense.py`).
+    """
     plans, dense = [], dense_flops(shapes, batch)
     for groups in _partitions(len(shapes)):
+        if training and allow_dense and len(groups) == 1:
+            continue
         merged, merge_cost = zip(*(merge_shapes(shapes, g) for g in groups))
         merge_flops = sum(merge_cost)
         for order in _orders(len(groups)):
@@ -196,13 +226,15 @@ def _dense_plan(shapes: tuple[CoreShape, ...], batch: int, cost: int) -> TTPlan:
 
 @torch.compiler.assume_constant_result  # pure function of static shapes: torch.compile folds it
 def choose_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu",
-                dtype: torch.dtype = torch.float32) -> TTPlan:
+                dtype: torch.dtype = torch.float32, training: bool = False) -> TTPlan:
     """The cheapest plan for cores of the given shapes at this batch size.
 
     CPU (default): by FLOP count plus traffic terms; searches every contiguous merge partition
     and every absorb order (2^(d-1) x 2^(d'-1) candidates, cached), and the dense route when
-    `allow_dense`. device="cuda": by the CUDA cost model (`choose_cuda_plan`) for the current
-    CUDA device (or an H100's limits where none can be asked); `dtype` is the input's dtype.
+    `allow_dense`; `training` (the cores need gradients) leaves out plans whose backward is
+    known to lose (see `ranked_plans`). device="cuda": by the CUDA cost model
+    (`choose_cuda_plan`) for the current CUDA device (or an H100's limits where none can be
+    asked); `dtype` is the input's dtype.
     """
     shapes = tuple(tuple(int(v) for v in s) for s in shapes)
     if str(device).startswith("cuda"):
@@ -210,7 +242,7 @@ def choose_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu
     if autotune_enabled() and not torch.compiler.is_compiling():
         from tensorpress.ops.tt_autotune import autotuned_plan   # it runs the kernels: imports ops.tt
         return autotuned_plan(shapes, int(batch), bool(allow_dense), dtype)
-    return ranked_plans(shapes, int(batch), bool(allow_dense))[0]
+    return ranked_plans(shapes, int(batch), bool(allow_dense), bool(training))[0]
 
 
 _AUTOTUNE = {"enabled": os.environ.get("TENSORPRESS_AUTOTUNE", "") == "1"}
