@@ -321,7 +321,9 @@ def needed_rate_lines(results: list[dict]) -> list[str]:
             "backward's recompute of every step but the last, which is what keeps only x saved) and the rate "
             "they would have to run at to meet each failed target, against the best rate one dense GEMM "
             f"reached in this run ({ceiling:.1f} GFLOP/s). The fused plans are the fewest-FLOP contraction "
-            "plans, so above 100% no kernel executing them meets the target on this machine.", "",
+            "plans, so above 100% the kernel would have to out-run that GEMM. (That is a ceiling of the "
+            "BLAS kernels in use: where OPENBLAS_CORETYPE forces AVX2 kernels on an AVX-512 CPU, "
+            "OpenBLAS's own choice runs about twice as fast; see tt_cpu.md.)", "",
             "| case | pass | MFLOP executed | time allowed (ms) | GFLOP/s needed | GFLOP/s reached "
             "| needed / dense GEMM's best |", "|---|---|---:|---:|---:|---:|---:|", *rows]
 
