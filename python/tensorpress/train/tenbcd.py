@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tensorpress.linalg import blas
 from tensorpress.train.projections import prune_projection, tt_project
 from tensorpress.train.spec import ConvSpec, TTSpec, resolve_tt_spec
 from tensorpress.train.updates import (GramFactor, SolveError, gram_factor, update_u_hidden,
@@ -267,7 +268,7 @@ class TenBCD:
         self.U, self.V, self.P = [], [], []
         inp = self.V0
         for i in range(self.N):
-            P = self._fl(i, self.weights_[i] @ inp)
+            P = self._fl(i, blas.mm(self.weights_[i], inp))
             self.P.append(P)
             self.U.append(P.clone())
             self.V.append(P.clamp_min(0.0) if i < self.N - 1 else P.clone())
@@ -287,7 +288,7 @@ class TenBCD:
         t = {"fit": 0.5 * _sq(self.V[-1] - self.Y), "coupling": 0.0, "relu": 0.0, "constraint": 0.0, "decay": 0.0}
         for i in range(self.N):
             inp = self._inp(i)
-            P = self._fl(i, self.weights_[i] @ inp)
+            P = self._fl(i, blas.mm(self.weights_[i], inp))
             t["coupling"] += 0.5 * rho * _sq(self.U[i] - P)
             t["relu"] += 0.5 * gamma * _sq(self.V[i] - (self.U[i].clamp_min(0.0) if i < self.N - 1 else self.U[i]))
             if self.targets_[i] is not None and i in self.constrained:
@@ -301,7 +302,7 @@ class TenBCD:
         """F using the cached products P_i = W_i V_{i-1} (recomputed here, reused by the next sweep)."""
         f = 0.5 * _sq(self.V[-1] - self.Y)
         for i in range(self.N):
-            self.P[i] = self._fl(i, self.weights_[i] @ self._inp(i))
+            self.P[i] = self._fl(i, blas.mm(self.weights_[i], self._inp(i)))
             f += 0.5 * self.rho * _sq(self.U[i] - self.P[i])
             f += 0.5 * self.gamma * _sq(self.V[i] - (self.U[i].clamp_min(0.0) if i < self.N - 1 else self.U[i]))
             if i in self.constrained:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tensorpress.linalg import blas
+
 
 class SolveError(RuntimeError):
     """A Cholesky factorization failed (matrix not numerically positive definite)."""
@@ -80,11 +82,11 @@ def update_v_hidden(W_next: Tensor, U_next: Tensor, R: Tensor, gamma: float, rho
     R and V may share a (non-contiguous) layout: R is (d x n) or (d*g x n) viewed accordingly.
     """
     m, d = W_next.shape
-    Z = torch.addmm(R, W_next.T, U_next, beta=gamma, alpha=rho)           # rho W^T U + gamma R
+    Z = blas.addmm(R, W_next.T, U_next, beta=gamma, alpha=rho)           # rho W^T U + gamma R
     if m < d:
         L = cholesky(_add_diag(gram(W_next), gamma / rho), "V update (Woodbury system gamma/rho I + W W^T)")
-        T = torch.cholesky_solve(W_next @ Z, L)
-        return torch.addmm(Z, W_next.T, T, alpha=-1.0).div_(gamma)
+        T = _solve_left(blas.mm(W_next, Z), L)
+        return blas.addmm(Z, W_next.T, T, alpha=-1.0).div_(gamma)
     L = cholesky(_add_diag(gram(W_next.T, rho), gamma), "V update (rho W^T W + gamma I)")
     # A^{-1} Z = (Z^T A^{-1})^T: right-side solves are the fast ones; made row-major again so
     # the V (and the U computed from it) keep the layout the layer views expect
@@ -100,13 +102,13 @@ def gram(A: Tensor, scale: float = 1.0) -> Tensor:
     (BLAS's GEMM does not use the symmetry; about 20% faster at 1024 x 1500)."""
     d = A.shape[0]
     if d < GRAM_BLOCKED_MIN:
-        return torch.mm(A, A.T).mul_(scale)
+        return blas.mm(A, A.T).mul_(scale)
     h = d // 2
     top, bottom = A[:h], A[h:]
     out = A.new_empty(d, d)
-    out[:h, :h] = torch.mm(top, top.T)
-    out[h:, h:] = torch.mm(bottom, bottom.T)
-    off = torch.mm(bottom, top.T)
+    out[:h, :h] = blas.mm(top, top.T)
+    out[h:, h:] = blas.mm(bottom, bottom.T)
+    off = blas.mm(bottom, top.T)
     out[h:, :h] = off
     out[:h, h:] = off.T
     return out.mul_(scale) if scale != 1.0 else out
@@ -146,7 +148,7 @@ def update_w(W: Tensor, U: Tensor, Vp: Tensor, rho: float, alpha: float, tau: fl
         raise ValueError(f"factor: built for alpha + tau + decay = {factor.c}, this update needs {c}")
     if factor is None:
         factor = gram_factor(Vp, rho, c)
-    R = U @ Vp.T
+    R = blas.mm(U, Vp.T)
     R.mul_(rho)
     if alpha:
         R.add_(W, alpha=alpha)
@@ -154,21 +156,26 @@ def update_w(W: Tensor, U: Tensor, Vp: Tensor, rho: float, alpha: float, tau: fl
         R.add_(target, alpha=tau)
     if factor.woodbury:
         # W = (R - (R V) S^{-1} V^T) / c with S = c/rho I + V^T V
-        T = _solve_right(R @ Vp, factor.L)
-        return torch.addmm(R, T, Vp.T, alpha=-1.0).div_(c)
+        T = _solve_right(blas.mm(R, Vp), factor.L)
+        return blas.addmm(R, T, Vp.T, alpha=-1.0).div_(c)
     return _solve_right(R, factor.L)
 
 
 def _solve_right(B: Tensor, L: Tensor) -> Tensor:
     """B (L L^T)^{-1} by two triangular solves from the right (no transposed copies of B, as
     cholesky_solve on B^T would make: about 15% faster for the 1024 x 1024 W updates). A B of
-    few rows (the output layer's W) is solved from the left as (L L^T)^{-1} B^T instead: the
-    right-side solve copies L, 7x the time of the solve itself at 10 x 1024."""
+    few rows (the output layer's W) is solved from the left as (L L^T)^{-1} B^T instead: torch's
+    right-side solve copies L, 7x the time of the solve itself at 10 x 1024. The solves run on
+    the extension's OpenBLAS where they can (`linalg.blas`: 2-3x torch's on this CPU)."""
     if B.shape[0] < FEW_ROWS:
-        Y = torch.linalg.solve_triangular(L, B.mT, upper=False)
-        return torch.linalg.solve_triangular(L.mT, Y, upper=True).mT
-    X = torch.linalg.solve_triangular(L.mT, B, upper=True, left=False)
-    return torch.linalg.solve_triangular(L, X, upper=False, left=False)
+        return _solve_left(B.mT, L).mT
+    X = blas.solve_triangular(L.mT, B, upper=True, left=False)
+    return blas.solve_triangular(L, X, upper=False, left=False)
+
+
+def _solve_left(B: Tensor, L: Tensor) -> Tensor:
+    """(L L^T)^{-1} B by two triangular solves (what torch.cholesky_solve computes)."""
+    return blas.solve_triangular(L.mT, blas.solve_triangular(L, B, upper=False), upper=True)
 
 
 FEW_ROWS = 64

@@ -1,0 +1,71 @@
+"""Matrix products and triangular solves on the extension's OpenBLAS (`csrc/core/blas_threaded.h`).
+
+For plain CPU float32 / float64 matrices without autograd: torch's BLAS (MKL) keeps to AVX2 on
+AMD processors, where OpenBLAS runs its AVX-512 kernels at about twice the rate (an EPYC Zen 5:
+one core 100-107 against 197-228 GFLOP/s). Anything else (autograd, other devices or dtypes,
+batched or tiny operands, tracing) goes to the torch call of the same meaning. Each function
+returns a new tensor and leaves its inputs untouched.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tensorpress._ext import _C
+
+_DTYPES = (torch.float32, torch.float64)
+# below this many multiply-adds torch's dispatch is as quick as the DLPack round trip
+MIN_WORK = 1 << 16
+
+
+def _eligible(*ts: Tensor) -> bool:
+    first = ts[0]
+    return (first.dtype in _DTYPES and not torch.compiler.is_compiling()
+            and all(type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dim() == 2
+                    and t.dtype == first.dtype for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
+
+
+def _stored(t: Tensor) -> tuple[Tensor, bool]:
+    """The row-major matrix behind t, and whether t is its transpose."""
+    if t.is_contiguous():
+        return t.detach(), False
+    if t.mT.is_contiguous():
+        return t.mT.detach(), True
+    return t.detach().contiguous(), False
+
+
+def addmm(c: Tensor | None, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """beta * c + alpha * a @ b (c None: alpha * a @ b); as torch.addmm."""
+    if not (_eligible(a, b) and (c is None or _eligible(c)) and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_WORK
+            and (c is None or tuple(c.shape) == (a.shape[0], b.shape[1]))):
+        if c is None:
+            return torch.mm(a, b).mul_(alpha) if alpha != 1.0 else torch.mm(a, b)
+        return torch.addmm(c, a, b, beta=beta, alpha=alpha)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"a, b: expected a (m, k) and b (k, n), got {tuple(a.shape)} and {tuple(b.shape)}")
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+    if c is not None and beta != 0.0:
+        out.copy_(c)
+    else:
+        beta = 0.0
+    (sa, ta), (sb, tb) = _stored(a), _stored(b)
+    _C.blas_gemm(sa, sb, out, ta, tb, float(alpha), float(beta), torch.get_num_threads())
+    return out
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b; as torch.mm."""
+    return addmm(None, a, b)
+
+
+def solve_triangular(A: Tensor, B: Tensor, upper: bool, left: bool = True) -> Tensor:
+    """X with A X = B (left) or X A = B, A triangular; as torch.linalg.solve_triangular."""
+    if not (_eligible(A, B) and B.numel() * A.shape[0] >= MIN_WORK and A.shape[0] == A.shape[1]
+            and A.shape[0] == (B.shape[0] if left else B.shape[1])):
+        return torch.linalg.solve_triangular(A, B, upper=upper, left=left)
+    stored, transposed = _stored(A)
+    X = B.detach().contiguous().clone() if B.is_contiguous() else B.detach().contiguous()
+    # cblas names the triangle of the stored matrix: a transposed lower factor is upper
+    _C.blas_trsm(stored, X, left, upper != transposed, transposed, torch.get_num_threads())
+    return X

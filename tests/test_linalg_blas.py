@@ -1,0 +1,102 @@
+"""tensorpress.linalg.blas: GEMM and triangular solves on the extension's OpenBLAS, against
+float64 torch references, with torch's own call wherever ours does not apply."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorpress.linalg import blas
+
+from conftest import rel_err
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-13}
+
+
+def _matrix(rows, cols, dtype, transposed, gen):
+    """A (rows x cols) matrix, stored row-major or as the transpose of a row-major one."""
+    if transposed:
+        return torch.randn(cols, rows, generator=gen, dtype=torch.float64).to(dtype).T
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("m,k,n", [(300, 70, 90), (40, 90, 500), (257, 129, 3)])  # tall, wide, ragged panels
+def test_addmm_matches_float64(dtype, ta, tb, m, k, n):
+    gen = torch.Generator().manual_seed(m + k + n)
+    a, b = _matrix(m, k, dtype, ta, gen), _matrix(k, n, dtype, tb, gen)
+    c = torch.randn(m, n, generator=gen, dtype=torch.float64).to(dtype)
+    before = [t.clone() for t in (a, b, c)]
+    out = blas.addmm(c, a, b, beta=0.5, alpha=-2.0)
+    ref = 0.5 * c.double() - 2.0 * a.double() @ b.double()
+    assert out.dtype == dtype and out.is_contiguous()
+    assert rel_err(out, ref) <= TOL[dtype]
+    assert rel_err(blas.mm(a, b), a.double() @ b.double()) <= TOL[dtype]
+    assert all(torch.equal(t, u) for t, u in zip((a, b, c), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("transposed_factor", [False, True])
+def test_solve_triangular_matches_float64(dtype, left, transposed_factor):
+    gen = torch.Generator().manual_seed(3)
+    n, rhs = 200, 150
+    G = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    L = torch.linalg.cholesky(G @ G.T / n + torch.eye(n, dtype=torch.float64)).to(dtype)
+    A, upper = (L.mT, True) if transposed_factor else (L, False)
+    B = torch.randn(n, rhs, generator=gen, dtype=torch.float64).to(dtype)
+    B = B if left else B.T.contiguous()
+    before = B.clone()
+    X = blas.solve_triangular(A, B, upper=upper, left=left)
+    ref = torch.linalg.solve_triangular(A.double(), B.double(), upper=upper, left=left)
+    assert rel_err(X, ref) <= 50 * TOL[dtype]
+    assert torch.equal(B, before)
+
+
+def test_thread_count_does_not_change_the_result():
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(512, 300, generator=gen), torch.randn(300, 400, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(blas.mm(a, b))
+    finally:
+        torch.set_num_threads(threads)
+    for o in outs[1:]:
+        assert rel_err(o, outs[0]) <= 1e-6
+
+
+def test_falls_back_to_torch_where_ours_does_not_apply(monkeypatch):
+    from tensorpress.linalg import blas as mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("our GEMM was called")
+
+    monkeypatch.setattr(mod._C, "blas_gemm", refuse)
+    monkeypatch.setattr(mod._C, "blas_trsm", refuse)
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(200, 100, generator=gen), torch.randn(100, 150, generator=gen)
+    # autograd wanted: torch's op, and the gradient flows
+    a_g = a.clone().requires_grad_(True)
+    blas.mm(a_g, b).sum().backward()
+    assert a_g.grad is not None
+    # other dtypes, tiny products
+    assert blas.mm(a.half(), b.half()).dtype == torch.float16
+    assert torch.allclose(blas.mm(a[:4, :4], b[:4, :4]), a[:4, :4] @ b[:4, :4])
+    L = torch.eye(100) * 2
+    assert torch.allclose(blas.solve_triangular(L.requires_grad_(True), b, upper=False), b / 2)
+
+
+def test_mismatched_shapes_are_refused_with_the_argument_named():
+    with pytest.raises(ValueError, match="a, b: expected a"):
+        blas.mm(torch.randn(300, 200), torch.randn(201, 300))
+    with pytest.raises(ValueError, match="out: expected shape"):
+        from tensorpress._ext import _C
+        _C.blas_gemm(torch.randn(300, 200), torch.randn(200, 100), torch.empty(300, 99), False, False, 1.0, 0.0, 2)
+    with pytest.raises(ValueError, match="b: expected dtype float64"):
+        from tensorpress._ext import _C
+        _C.blas_gemm(torch.randn(3, 2, dtype=torch.float64), torch.randn(2, 1), torch.empty(3, 1, dtype=torch.float64),
+                     False, False, 1.0, 0.0, 1)
