@@ -35,8 +35,9 @@ GEMM_TRAFFIC_FLOPS = 0
 # recompute the forward and, in a layer, backpropagate through the merging); 1.0 makes the
 # dense route win its tie with the single merged core (the same GEMM) and keeps it where the
 # fused plans need as many FLOPs. With OpenBLAS's AVX-512 kernels on an AMD CPU, torch's MKL
-# (AVX2 there) runs its GEMM at 0.42x the fused plans' rate (results/tt_cost_model.md, Zen 5:
-# mean regret forward 24% -> 4%, forward+backward 9% -> 7% against 1.0).
+# (AVX2 there) runs its GEMM at 0.42x the fused plans' rate (a first timing run on a Zen 5:
+# mean regret 24% forward, 9% forward+backward with 1.0; results/tt_cost_model.md, a second
+# run with 0.42: 4.5% and 8.6%).
 DENSE_SPEED_ADVANTAGE = {"avx2": 1.0, "avx512_on_amd": 0.42}
 AVX512_OPENBLAS_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
 
