@@ -98,6 +98,13 @@ def quartiles_ms(seconds: list[float]) -> list[float]:
     return [1e3 * q for q in statistics.quantiles(seconds, n=4)[::2]] if len(seconds) > 1 else []
 
 
+def forced_blas_suffix() -> str:
+    """'_<core>' where OPENBLAS_CORETYPE forces OpenBLAS's kernels (this project's machines set
+    Haswell), else '': a forced core is a different machine, its results another file."""
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return f"_{forced.lower()}" if forced else ""
+
+
 def interleaved_orders(n_sides: int, repeats: int, seed: int = 0) -> list[list[int]]:
     """The order in which to run `n_sides` sides at each of `repeats` repeats.
 

@@ -34,8 +34,9 @@ from torch import nn
 from tensorpress.nn import CPConv2d, TuckerConv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, cpu_seconds, exit_unless_cpu, machine_info, median_ms, other_cpu_share,  # noqa: E402
-                     quartiles_ms, stamp_lines, tensorpress_flags)
+from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, interleaved_orders,  # noqa: E402
+                     machine_info, median_ms, other_cpu_share, quartiles_ms, stamp_lines,
+                     tensorpress_flags)
 
 CHANNELS, KERNEL, BATCH, SIZE = 256, 3, 8, 32
 CP_RANKS, TUCKER_RANKS = (32, 64, 128), ((64, 64), (128, 128))
@@ -121,15 +122,16 @@ def check_agreement(sides: dict, x: torch.Tensor, cp_ranks) -> dict[str, float]:
 
 
 def time_forward(sides: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict[str, dict]:
-    """Median forward ms (and quartiles) per side; sides run in an order rotated every repeat."""
+    """Median forward ms (and quartiles) per side; the sides' order changes every repeat
+    (`interleaved_orders`: every side follows every other equally often)."""
     names = list(sides)
     with torch.no_grad():
         for _ in range(warmup):
             for n in names:
                 sides[n](x)
         ts = {n: [] for n in names}
-        for r in range(repeats):
-            for n in names[r % len(names):] + names[:r % len(names)]:
+        for positions in interleaved_orders(len(names), repeats):
+            for n in (names[i] for i in positions):
                 t0 = time.perf_counter()
                 sides[n](x)
                 ts[n].append(time.perf_counter() - t0)
@@ -182,7 +184,7 @@ def write_markdown(path: Path, res: dict) -> None:
         f"- layer nn.Conv2d({CHANNELS}, {CHANNELS}, {KERNEL}, padding=1), seeded random (default-init) "
         f"weight; input {BATCH}x{CHANNELS}x{SIZE}x{SIZE}",
         f"- forward: torch.no_grad, median of {res['repeats']} repeats ({res['warmup']} warmup), "
-        "one input, sides interleaved (order rotated each repeat)",
+        "one input, sides interleaved (in an order that changes every repeat)",
         "- the tltorch CP sides hold the CPConv2d factors of the same rank (outputs agree to "
         f"< {AGREE_TOL:g} relative difference); tltorch's `from_conv` default implementation is "
         f"**'{res['tltorch_default_implementation']}'** (the FactorizedConv constructor's is 'factorized')",
@@ -283,7 +285,7 @@ def main(argv=None) -> int:
         print(f"{v}  {k}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "conv_cpu_quick" if args.quick else "conv_cpu"
+    stem = ("conv_cpu_quick" if args.quick else "conv_cpu") + forced_blas_suffix()
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     write_markdown(args.out / f"{stem}.md", res)
     write_plot(args.out / f"{stem}.png", res)

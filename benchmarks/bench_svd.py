@@ -39,8 +39,9 @@ from tensorpress.linalg import svd_method, truncated_svd
 from tensorpress.linalg import svd as tp_svd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, cpu_seconds, exit_unless_cpu, git_revision, machine_info, median_ms,  # noqa: E402
-                     other_cpu_share, quartiles_ms, stamp_lines, tensorpress_flags)
+from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, git_revision,  # noqa: E402
+                     interleaved_orders, machine_info, median_ms, other_cpu_share, quartiles_ms,
+                     stamp_lines, tensorpress_flags)
 
 DECAY, FLOOR = 0.9, 1e-3     # singular values s_i = DECAY**i + FLOOR of the "decay" inputs
 LOWRANK_OVERSAMPLE, LOWRANK_NITER = 10, 4   # torch.svd_lowrank(q=rank + 10, niter=4)
@@ -139,7 +140,8 @@ def time_sides(sides: dict[str, SVD], A: torch.Tensor, k: int, max_repeats: int,
     """Timings (s) per side, and how many rounds ran and were kept.
 
     After `warmup` calls per side, the number of rounds (each runs every side once, in an
-    order rotated by one per round, so slow drifts hit all sides alike) is scaled so the case
+    order that changes every round, `interleaved_orders`: slow drifts hit all sides alike and
+    every side follows every other about equally often) is scaled so the case
     takes about budget_s, between MIN_REPEATS and max_repeats. A round during which other
     processes used more than NOISY_SHARE of the CPU is redone, for up to noise_wait x budget_s
     in all; only quiet rounds are kept, unless fewer than MIN_REPEATS were (then all are).
@@ -149,11 +151,15 @@ def time_sides(sides: dict[str, SVD], A: torch.Tensor, k: int, max_repeats: int,
     names = list(sides)
     rounds: list[tuple[dict[str, float], float]] = []
     t0 = time.perf_counter()
+    orders = iter([])
     while len(rounds) < want or (sum(sh <= NOISY_SHARE for _, sh in rounds) < want
                                  and time.perf_counter() - t0 < noise_wait * budget_s):
         busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
-        r = len(rounds)
-        t = {name: timed(sides[name], A, k) for name in names[r % len(names):] + names[:r % len(names)]}
+        positions = next(orders, None)
+        if positions is None:   # a fresh batch of orders, seeded by how many rounds ran
+            orders = iter(interleaved_orders(len(names), max(want, 1), seed=len(rounds)))
+            positions = next(orders)
+        t = {names[i]: timed(sides[names[i]], A, k) for i in positions}
         rounds.append((t, other_cpu_share(busy0, self0, wall0)))
     quiet = [t for t, sh in rounds if sh <= NOISY_SHARE]
     quiet_only = len(quiet) >= min(MIN_REPEATS, want)
@@ -256,7 +262,7 @@ def write_markdown(path: Path, meta: dict, results: list[dict], max_repeats: int
         f"- tensorpress: {tensorpress_flags(meta)}; repository at {meta['git']}",
         f"- inputs: U diag(s) V^T with Haar-random U, V and s_i = {DECAY:g}^i + {FLOOR:g} (built in float64, cast "
         "to float32); 'gauss': i.i.d. N(0, 1) entries. Every side gets the same input.",
-        f"- time: median over rounds that each run every side once (order rotated per round), after {warmup} "
+        f"- time: median over rounds that each run every side once (in an order that changes every round), after {warmup} "
         f"warmup call(s) per side; {MIN_REPEATS} to {max_repeats} rounds, scaled so a case takes ~{budget_s:g} s. "
         f"A round during which other processes used > {NOISY_SHARE:.0%} of the CPU is noisy and redone (for up to "
         f"{noise_wait:g}x that time); column 'rounds': kept / run, '(all)' where too few were quiet and all are kept",
@@ -380,7 +386,7 @@ def main(argv=None) -> int:
               "timings are noisy, re-run on a quiet machine", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "svd_cpu_quick" if args.quick else "svd_cpu"
+    stem = ("svd_cpu_quick" if args.quick else "svd_cpu") + forced_blas_suffix()
     if args.only and not args.quick:
         results = with_carried_over(args.out / f"{stem}.json", results, meta)
     (args.out / f"{stem}.json").write_text(json.dumps(

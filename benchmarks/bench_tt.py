@@ -37,8 +37,9 @@ from tensorpress.ops.tt import tt_to_dense
 from tensorpress.ops.tt_plan import flat_dims, plan_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, cpu_seconds, exit_unless_cpu, interleaved_orders, machine_info, median_ms,  # noqa: E402
-                     other_cpu_share, quartiles_ms, stamp_lines, tensorpress_flags)
+from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, interleaved_orders,  # noqa: E402
+                     machine_info, median_ms, other_cpu_share, quartiles_ms, stamp_lines,
+                     tensorpress_flags)
 from peers import einsum_chain_tt, tensorly_torch_tt_linear  # noqa: E402
 
 SIDES = ("tensorpress", "tltorch", "einsum", "dense")
@@ -420,9 +421,7 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("tt_cpu_quick" if args.quick else "tt_cpu") + ("_autotune" if args.autotune else "")
-    # a forced OpenBLAS core (this project's machines set Haswell) is a different result
-    forced = os.environ.get("OPENBLAS_CORETYPE")
-    stem += f"_{forced.lower()}" if forced else ""
+    stem += forced_blas_suffix()
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "repeats": repeats, "warmup": warmup, "results": results}, indent=2) + "\n")
     write_markdown(args.out / f"{stem}.md", meta, results, repeats, warmup)

@@ -30,8 +30,8 @@ from tensorpress.ops.tt_plan import flat_dims, plan_info, ranked_plans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tt import CASES as BENCH_CASES, Case  # noqa: E402
-from _common import (bench_parser, cpu_seconds, exit_unless_cpu, machine_info, median_ms,  # noqa: E402
-                     other_cpu_share, stamp_lines, tensorpress_flags)
+from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, machine_info,  # noqa: E402
+                     median_ms, other_cpu_share, stamp_lines, tensorpress_flags)
 
 PERMUTE_KINDS = ("copy", "short_runs", "transpose")
 FEATURES = ("flops", "traffic") + PERMUTE_KINDS
@@ -293,8 +293,7 @@ def main(argv=None) -> int:
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
     stem = "tt_cost_model_quick" if args.quick else "tt_cost_model"
-    forced = os.environ.get("OPENBLAS_CORETYPE")   # a forced OpenBLAS core is a different machine
-    report(args.out, stem + (f"_{forced.lower()}" if forced else ""), meta, cases, current_weights(), repeats, warmup)
+    report(args.out, stem + forced_blas_suffix(), meta, cases, current_weights(), repeats, warmup)
     return 0
 
 

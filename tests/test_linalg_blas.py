@@ -100,3 +100,23 @@ def test_mismatched_shapes_are_refused_with_the_argument_named():
         from tensorpress._ext import _C
         _C.blas_gemm(torch.randn(3, 2, dtype=torch.float64), torch.randn(2, 1), torch.empty(3, 1, dtype=torch.float64),
                      False, False, 1.0, 0.0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_c", [False, True])
+def test_baddbmm_matches_float64_with_an_expanded_matrix_and_addend(dtype, with_c):
+    """The 1x1-conv shape: one weight expanded over the batch, a bias broadcast as the addend."""
+    gen = torch.Generator().manual_seed(6)
+    n, out, c, hw = 3, 70, 90, 130
+    w = torch.randn(out, c, generator=gen, dtype=torch.float64).to(dtype)
+    x = torch.randn(n, c, hw, generator=gen, dtype=torch.float64).to(dtype)
+    bias = torch.randn(out, generator=gen, dtype=torch.float64).to(dtype)
+    addend = bias.view(1, out, 1).expand(n, out, hw) if with_c else None
+    y = blas.baddbmm(addend, w.expand(n, out, c), x)
+    ref = w.double() @ x.double() + (bias.double().view(1, out, 1) if with_c else 0)
+    assert y.shape == (n, out, hw) and rel_err(y, ref) <= TOL[dtype]
+    # an empty batch, and autograd, go to torch
+    assert blas.baddbmm(None, w.expand(0, out, c), x[:0]).shape == (0, out, hw)
+    xg = x.clone().requires_grad_(True)
+    blas.baddbmm(addend, w.expand(n, out, c), xg).sum().backward()
+    assert xg.grad is not None

@@ -69,3 +69,24 @@ def solve_triangular(A: Tensor, B: Tensor, upper: bool, left: bool = True) -> Te
     # cblas names the triangle of the stored matrix: a transposed lower factor is upper
     _C.blas_trsm(stored, X, left, upper != transposed, transposed, torch.get_num_threads())
     return X
+
+
+def baddbmm(c: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """c + a @ b batched over the first dim (c None: a @ b); as torch.baddbmm / torch.bmm. c may
+    be broadcast (e.g. a bias expanded over the batch), a may be one matrix expanded."""
+    n = a.shape[0] if a.dim() == 3 else 0
+    ok = (a.dim() == 3 and b.dim() == 3 and n > 0 and b.shape[0] == n and a.shape[2] == b.shape[1]
+          and _eligible(a[0], b[0]) and (c is None or _eligible(c[0]))
+          and a.shape[1] * a.shape[2] * b.shape[2] >= MIN_WORK)
+    if not ok:
+        return torch.bmm(a, b) if c is None else torch.baddbmm(c, a, b)
+    out = torch.empty(n, a.shape[1], b.shape[2], dtype=a.dtype)
+    beta = 0.0
+    if c is not None:
+        out.copy_(c)
+        beta = 1.0
+    threads = torch.get_num_threads()
+    for i in range(n):
+        (sa, ta), (sb, tb) = _stored(a[i]), _stored(b[i])
+        _C.blas_gemm(sa, sb, out[i], ta, tb, 1.0, beta, threads)
+    return out

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tensorpress.decompose.cp import cp_als, cp_overparam
+from tensorpress.linalg import blas
 
 METHODS = ("als", "overparam")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -111,11 +112,9 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     out = weight.shape[0]
     w_batched = weight.reshape(out, c).expand(n, out, c)
     x_flat = x.view(n, c, h * w)
-    if bias is None:
-        y = torch.bmm(w_batched, x_flat)
-    else:
-        y = torch.baddbmm(bias.view(1, out, 1).expand(n, out, h * w), w_batched, x_flat)
-    return y.view(n, out, h, w)
+    addend = None if bias is None else bias.view(1, out, 1).expand(n, out, h * w)
+    # without autograd, on the extension's OpenBLAS (linalg.blas: torch's MKL keeps to AVX2 on AMD)
+    return blas.baddbmm(addend, w_batched, x_flat).view(n, out, h, w)
 
 
 # Largest kernel side for which one depthwise kh x kw conv (outer-product kernel) beats the two
