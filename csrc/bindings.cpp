@@ -76,18 +76,22 @@ tt::CudaSchedule cuda_schedule_checked(const tt::Plan& plan, int64_t batch, bool
   }
 }
 
-// Everything a TT call receives, borrowed and checked against the plan.
-struct TTArgs {
-  tt::Plan plan;
-  std::vector<BorrowedTensor> held;
-  DType dtype = DType::Other;
-  int64_t batch = 0;
+// Borrows t into `held` and checks it is a CPU tensor of `dtype` and `shape`. The view points
+// into `held`: reserve room for every tensor first.
+const TensorView& borrow_checked(std::vector<BorrowedTensor>& held, const py::object& t, DType dtype,
+                                 const std::vector<int64_t>& shape, const std::string& name) {
+  held.emplace_back(t, name);
+  const TensorView& v = held.back().view();
+  expect_like(v, dtype, name);
+  expect_shape(v, shape, name);
+  return v;
+}
 
-  const TensorView& add(const py::object& t, const std::string& name) {
-    held.emplace_back(t, name);
-    return held.back().view();
-  }
-};
+// The same for an optional argument: nullptr for None.
+const TensorView* borrow_optional(std::vector<BorrowedTensor>& held, const py::object& t, DType dtype,
+                                  const std::vector<int64_t>& shape, const std::string& name) {
+  return t.is_none() ? nullptr : &borrow_checked(held, t, dtype, shape, name);
+}
 
 template <typename T>
 std::vector<T*> pointers(const std::vector<const TensorView*>& views) {
@@ -151,20 +155,10 @@ void tt_forward(const py::object& x, const py::list& mats, const std::vector<int
   std::vector<BorrowedTensor> held;
   held.reserve(plan.steps.size() + 1);  // views point into it: no reallocation
   std::vector<const TensorView*> mat_views;
-  for (size_t t = 0; t < plan.steps.size(); ++t) {
-    std::string name = "mats[" + std::to_string(t) + "]";
-    held.emplace_back(mats[t], name);
-    expect_like(held.back().view(), xv.dtype, name);
-    expect_shape(held.back().view(), {plan.steps[t].K, plan.steps[t].N}, name);
-    mat_views.push_back(&held.back().view());
-  }
-  const TensorView* bv = nullptr;
-  if (!bias.is_none()) {
-    held.emplace_back(bias, "bias");
-    bv = &held.back().view();
-    expect_like(*bv, xv.dtype, "bias");
-    expect_shape(*bv, {plan.out_features}, "bias");
-  }
+  for (size_t t = 0; t < plan.steps.size(); ++t)
+    mat_views.push_back(&borrow_checked(held, mats[t], xv.dtype, {plan.steps[t].K, plan.steps[t].N},
+                                        "mats[" + std::to_string(t) + "]"));
+  const TensorView* bv = borrow_optional(held, bias, xv.dtype, {plan.out_features}, "bias");
   const int elem = xv.dtype == DType::Float32 ? 4 : 8;
   tt::CpuSchedule sched = tt::cpu_schedule(plan, batch, threads, false, elem);
   expect_like(wv, xv.dtype, "workspace");
@@ -215,35 +209,12 @@ void tt_backward(const py::object& x, const py::list& mats, const std::vector<in
   std::vector<const TensorView*> mat_views, grad_views;
   for (size_t t = 0; t < n_steps; ++t) {
     const std::vector<int64_t> shape{plan.steps[t].K, plan.steps[t].N};
-    std::string name = "mats[" + std::to_string(t) + "]";
-    held.emplace_back(mats[t], name);
-    expect_like(held.back().view(), xv.dtype, name);
-    expect_shape(held.back().view(), shape, name);
-    mat_views.push_back(&held.back().view());
-    if (grad_mats[t].is_none()) {
-      grad_views.push_back(nullptr);
-    } else {
-      name = "grad_mats[" + std::to_string(t) + "]";
-      held.emplace_back(grad_mats[t], name);
-      expect_like(held.back().view(), xv.dtype, name);
-      expect_shape(held.back().view(), shape, name);
-      grad_views.push_back(&held.back().view());
-    }
+    const std::string index = "[" + std::to_string(t) + "]";
+    mat_views.push_back(&borrow_checked(held, mats[t], xv.dtype, shape, "mats" + index));
+    grad_views.push_back(borrow_optional(held, grad_mats[t], xv.dtype, shape, "grad_mats" + index));
   }
-  const TensorView* gxv = nullptr;
-  if (!grad_x.is_none()) {
-    held.emplace_back(grad_x, "grad_x");
-    gxv = &held.back().view();
-    expect_like(*gxv, xv.dtype, "grad_x");
-    expect_shape(*gxv, xv.shape, "grad_x");
-  }
-  const TensorView* gbv = nullptr;
-  if (!grad_bias.is_none()) {
-    held.emplace_back(grad_bias, "grad_bias");
-    gbv = &held.back().view();
-    expect_like(*gbv, xv.dtype, "grad_bias");
-    expect_shape(*gbv, {plan.out_features}, "grad_bias");
-  }
+  const TensorView* gxv = borrow_optional(held, grad_x, xv.dtype, xv.shape, "grad_x");
+  const TensorView* gbv = borrow_optional(held, grad_bias, xv.dtype, {plan.out_features}, "grad_bias");
   const int elem = xv.dtype == DType::Float32 ? 4 : 8;
   tt::CpuSchedule sched = tt::cpu_schedule(plan, batch, threads, true, elem);
   expect_like(wv, xv.dtype, "workspace");

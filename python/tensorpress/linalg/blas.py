@@ -65,7 +65,7 @@ def solve_triangular(A: Tensor, B: Tensor, upper: bool, left: bool = True) -> Te
             and A.shape[0] == (B.shape[0] if left else B.shape[1])):
         return torch.linalg.solve_triangular(A, B, upper=upper, left=left)
     stored, transposed = _stored(A)
-    X = B.detach().contiguous().clone() if B.is_contiguous() else B.detach().contiguous()
+    X = B.detach().clone(memory_format=torch.contiguous_format)   # solved in place
     # cblas names the triangle of the stored matrix: a transposed lower factor is upper
     _C.blas_trsm(stored, X, left, upper != transposed, transposed, torch.get_num_threads())
     return X
