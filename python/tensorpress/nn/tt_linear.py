@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from tensorpress._eager import PLAIN_TENSOR_TYPES, recording
 from tensorpress.decompose.tt import tt_matrix_svd
 from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
 from tensorpress.ops.tt import prepare_tt, tt_matmul, tt_to_dense
@@ -37,11 +39,13 @@ class TTLinear(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        _check_dtype(dtype if dtype is not None else torch.get_default_dtype())
         self.in_features, self.out_features = in_features, out_features
         self.in_factors, self.out_factors = _resolve_factors(in_features, out_features, in_factors, out_factors)
         self.ranks = _resolve_ranks(ranks, self.out_factors, self.in_factors)
+        _warn_if_not_smaller(self.ranks, self.out_factors, self.in_factors)
         full = (1, *self.ranks, 1)
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(full[k], m, n, full[k + 1], **factory))
@@ -88,29 +92,49 @@ class TTLinear(nn.Module):
         return list(self.cores._parameters.values())
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input: expected last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
-        cores = self._core_list()
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input: expected shape (*, in_features={self.in_features}), got shape {tuple(x.shape)}")
+        cores, bias = self._core_list(), self.bias
+        if _autocasts(x, cores[0]):
+            # like nn.Linear: input, weight and bias in autocast's dtype (the kernel accumulates
+            # the half types in float32), autocast itself off inside
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return tt_matmul(x.to(dtype), [g.to(dtype) for g in cores],
+                                 bias=None if bias is None else bias.to(dtype))
         plan, prepared = self._prepared_for_inference(x, cores)
         # the CPU kernel adds the bias block by block (and sums its gradient the same way)
-        return tt_matmul(x, cores, plan=plan, prepared=prepared, bias=self.bias)
+        return tt_matmul(x, cores, plan=plan, prepared=prepared, bias=bias)
 
     def _prepared_for_inference(self, x: Tensor, cores: list[Tensor]):
-        """Without autograd the merged step matrices depend only on the cores: keep them
-        between calls, keyed on the plan, the core tensors themselves (held, so no other
-        tensor can take their place) and their in-place versions."""
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(g.requires_grad for g in cores)):
+        """Without autograd the merged step matrices depend only on the cores: on the CPU keep
+        them between calls. Valid while the cores are the same tensors with the same storage,
+        dtype, device and in-place version, and the same values: writes through ``.data``
+        (EMA updates, weight clipping, vector_to_parameters) bump no version, so the cached
+        cores' values are compared too (a few microseconds; prepare_tt costs 100x that).
+        Not on CUDA, where comparing values would synchronise every call."""
+        if (recording() or (torch.is_grad_enabled() and any(g.requires_grad for g in cores))
+                or x.device.type != "cpu" or any(type(t) not in PLAIN_TENSOR_TYPES for t in (x, *cores))):
             return None, None
         plan = self._plan(cores, math.prod(x.shape[:-1]), x.dtype)
-        cores = tuple(cores)
-        versions = tuple(g._version for g in cores)
         cached = self.__dict__.get("_inference_cache")
-        if (cached is None or cached[0] != plan or len(cached[1]) != len(cores)
-                or any(a is not b for a, b in zip(cached[1], cores)) or cached[2] != versions):
-            with torch.no_grad():
-                cached = (plan, cores, versions, prepare_tt(list(cores), plan))
+        if cached is None or not cached.valid_for(plan, cores):
+            cached = _InferenceCache(plan, cores)
             self.__dict__["_inference_cache"] = cached
-        return plan, cached[3]
+        return plan, cached.prepared
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .double(), .cuda() ... replace the cores: drop what was prepared from the old ones
+        self.__dict__.pop("_inference_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # the cache is derived data (as large as the cores): never pickled, copied or saved
+        state = self.__dict__.copy()
+        state.pop("_inference_cache", None)
+        return state
 
     # ------------------------------------------------------------------ conversions
     @classmethod
@@ -165,6 +189,47 @@ class TTLinear(nn.Module):
         f = lambda t: "(" + ",".join(map(str, t)) + ")"  # noqa: E731
         return (f"{self.in_features} -> {self.out_features}, factors {f(self.in_factors)}->{f(self.out_factors)}, "
                 f"ranks {f(self.ranks)}, {self.compression_ratio:.0f}x smaller, bias={self.bias is not None}")
+
+
+class _InferenceCache:
+    """prepare_tt's output for one plan and one state of the cores (see _prepared_for_inference)."""
+
+    def __init__(self, plan: TTPlan, cores: list[Tensor]) -> None:
+        self.plan, self.cores = plan, tuple(cores)   # held, so no other tensor can take their place
+        self.keys = _storage_keys(cores)
+        with torch.no_grad():
+            self.values = tuple(g.detach().clone() for g in cores)
+            self.prepared = prepare_tt(list(cores), plan)
+
+    def valid_for(self, plan: TTPlan, cores: list[Tensor]) -> bool:
+        return (plan == self.plan and len(cores) == len(self.cores)
+                and all(a is b for a, b in zip(cores, self.cores)) and _storage_keys(cores) == self.keys
+                and all(torch.equal(g, v) for g, v in zip(cores, self.values)))
+
+
+def _storage_keys(cores: Sequence[Tensor]) -> tuple:
+    return tuple((g.data_ptr(), g.dtype, g.device, tuple(g.shape), g._version) for g in cores)
+
+
+def _autocasts(x: Tensor, core: Tensor) -> bool:
+    """Whether autocast is on for x's device and would cast this layer (as it casts nn.Linear:
+    floating tensors other than float64)."""
+    return (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()
+            and core.dtype != torch.float64 and x.dtype != torch.float64)
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype: expected float32, float64, float16 or bfloat16, got {dtype}")
+
+
+def _warn_if_not_smaller(ranks, out_factors, in_factors) -> None:
+    full = (1, *ranks, 1)
+    params = sum(full[k] * m * n * full[k + 1] for k, (m, n) in enumerate(zip(out_factors, in_factors)))
+    dense = math.prod(out_factors) * math.prod(in_factors)
+    if params > dense:
+        warnings.warn(f"ranks {tuple(ranks)}: the TT cores hold {params} parameters, more than the dense "
+                      f"weight's {dense}; lower ranks compress", stacklevel=3)
 
 
 def _resolve_factors(in_features, out_features, in_factors, out_factors):

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from tensorpress._eager import PLAIN_TENSOR_TYPES, recording
 from tensorpress._ext import _C
 from tensorpress.ops.tt_dense import dense_from_halves
 from tensorpress.ops.tt_plan import TTPlan, choose_plan, cuda_limits, cuda_schedule, flat_dims, plan_info
@@ -21,8 +22,6 @@ from tensorpress.ops.tt_prepare import (merge_group, merge_pair, merged_groups, 
                                         prepared_grads, prepared_outputs, step_matrices_of_groups)
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
-# not fake, functional or otherwise subclassed tensors: the eager paths call the kernels directly
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 SYMBOLIC_BATCH_HINT = 256
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # the CUDA kernels are in this build (else CUDA tensors run the same plan through torch ops)
@@ -267,6 +266,34 @@ def _tt_contract_backward_fake(x, mats, core_dims, order, grad_out, need_x, need
             + [x.new_empty(_out_features(core_dims)) if need_bias else x.new_empty(0)])
 
 
+def _tt_contract_backward_setup(ctx, inputs, output):
+    x, mats, core_dims, order, grad_out, need_x, need_mats = inputs[:7]
+    ctx.save_for_backward(x, grad_out, *mats)
+    ctx.core_dims, ctx.order, ctx.need_x, ctx.need_mats = core_dims, order, need_x, need_mats
+    ctx.need_bias = len(inputs) > 8 and inputs[8]
+
+
+def _tt_contract_backward_grad(ctx, grads_of_outputs):
+    """The backward's own vector-Jacobian product (second-order gradients: gradient penalties,
+    Hessian-vector products), through the torch reference of the same plan."""
+    x, grad_out, *mats = ctx.saved_tensors
+    with torch.enable_grad():
+        xd, god = x.detach().requires_grad_(), grad_out.detach().requires_grad_()
+        md = [m.detach().requires_grad_() for m in mats]
+        outs = _tt_contract_backward_torch(xd, md, ctx.core_dims, ctx.order, god, ctx.need_x, ctx.need_mats,
+                                           ctx.need_bias, create_graph=True)
+        pairs = [(o, g) for o, g in zip(outs, grads_of_outputs) if o.numel() and o.requires_grad]
+        wrt = [xd, *md, god]
+        got = (torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+               if pairs else [None] * len(wrt))
+    got = [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt)]
+    # one entry per input of the op: x, mats, core_dims, order, grad_out, need_x, need_mats, path, need_bias
+    return (got[0], got[1:-1], None, None, got[-1], None, None, None, None)
+
+
+tt_contract_backward.register_autograd(_tt_contract_backward_grad, setup_context=_tt_contract_backward_setup)
+
+
 def _tt_contract_setup(ctx, inputs, output):
     x, mats, core_dims, order = inputs[:4]
     # defaults not passed are not in `inputs`
@@ -317,15 +344,17 @@ def _permute_samples(state: Tensor, p: dict, batch: int) -> Tensor:
     return moved.reshape(batch, math.prod(p["dims"]))
 
 
-def _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias=False):
+def _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias=False,
+                                create_graph=False):
+    """The backward by torch ops; with create_graph, differentiable in x, mats and grad_out."""
     grad_x, grad_mats = None, [None] * len(mats)
     if need_x or need_mats:
         with torch.enable_grad():
-            xd = x.detach().requires_grad_(need_x)
-            md = [m.detach().requires_grad_(need_mats) for m in mats]
+            xd = x if create_graph else x.detach().requires_grad_(need_x)
+            md = mats if create_graph else [m.detach().requires_grad_(need_mats) for m in mats]
             y = tt_contract_torch(xd, md, core_dims, order)
             wrt = ([xd] if need_x else []) + (md if need_mats else [])
-            grads = list(torch.autograd.grad(y, wrt, grad_out))
+            grads = list(torch.autograd.grad(y, wrt, grad_out, create_graph=create_graph))
         grad_x = grads.pop(0) if need_x else None
         grad_mats = grads if need_mats else grad_mats
     grad_bias = grad_out.sum(0, dtype=mats[0].dtype) if need_bias else None
@@ -399,12 +428,11 @@ class _EagerCpuTraining(torch.autograd.Function):
     def forward(ctx, plan: TTPlan, steps, x: Tensor, bias: Tensor | None, *cores: Tensor) -> Tensor:
         mats = prepared_outputs(cores, plan.groups, steps)
         core_dims, order = flat_dims(plan.merged_shapes), list(plan.order)
-        ctx.plan, ctx.steps = plan, steps
+        ctx.plan, ctx.steps, ctx.bias_given = plan, steps, bias is not None
         ctx.save_for_backward(x, *cores, *mats)
         return _forward_cpu(x, list(mats), core_dims, order, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor):
         plan = ctx.plan
         n_cores = sum(len(g) for g in plan.groups)
@@ -412,26 +440,49 @@ class _EagerCpuTraining(torch.autograd.Function):
         cores, mats = rest[:n_cores], rest[n_cores:]
         need_x, need_bias = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         need_cores = any(ctx.needs_input_grad[4:])
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, a Hessian-vector product): the kernel's
+            # gradients carry no graph, so the gradient is rebuilt from differentiable torch ops
+            return (None, None, *_differentiable_vjp(plan, ctx.steps, x, ctx.bias_given, cores, grad_y,
+                                                    ctx.needs_input_grad[2:]))
         grads = _backward_cpu(x, mats, flat_dims(plan.merged_shapes), list(plan.order), grad_y, need_x,
                               need_cores, need_bias)
         core_grads = prepared_grads(cores, plan.groups, ctx.steps, grads[1:-1]) if need_cores else [None] * n_cores
         return (None, None, grads[0] if need_x else None, grads[-1] if need_bias else None, *core_grads)
 
 
+def _differentiable_vjp(plan: TTPlan, steps, x: Tensor, bias_given: bool, cores: Sequence[Tensor], grad_y: Tensor,
+                        needs: Sequence[bool]) -> list[Tensor | None]:
+    """[grad x, grad bias, grad cores...] of y = x W^T + b by torch ops that autograd can
+    differentiate again (in x, the cores and grad_y)."""
+    with torch.enable_grad():
+        mats = step_matrices_of_groups(cores, plan.groups, steps)   # twice differentiable
+        y = tt_contract_torch(x, list(mats), flat_dims(plan.merged_shapes), list(plan.order))
+        wrt = [t for t, need in zip((x, *cores), (needs[0], *needs[2:])) if need]
+        grads = list(torch.autograd.grad(y, wrt, grad_y, create_graph=True, allow_unused=True)) if wrt else []
+    out = [grads.pop(0) if needs[0] else None, grad_y.sum(0) if bias_given and needs[1] else None]
+    for k, core in enumerate(cores):
+        g = grads.pop(0) if needs[2 + k] else None
+        out.append(torch.zeros_like(core) if needs[2 + k] and g is None else g)
+    if needs[0] and out[0] is None:
+        out[0] = torch.zeros_like(x)
+    return out
+
+
 def _eager_cpu_training(x: Tensor, cores: Sequence[Tensor], bias: Tensor | None) -> bool:
-    """Autograd on, no tracing, plain CPU tensors of a kernel dtype (not fake or subclassed)."""
+    """Autograd on, nothing recording (compile, export, jit.trace, torch.func), plain CPU tensors of a kernel dtype (not fake or subclassed)."""
     tensors = [x, *cores] if bias is None else [x, *cores, bias]
-    return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and not torch.compiler.is_compiling()
-            and all(type(t) in _PLAIN_TENSORS for t in tensors) and torch.is_grad_enabled()
+    return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and not recording()
+            and all(type(t) in PLAIN_TENSOR_TYPES for t in tensors) and torch.is_grad_enabled()
             and any(t.requires_grad for t in tensors))
 
 
 def _eager_cpu_inference(x: Tensor, mats: List[Tensor], bias: Tensor | None = None) -> bool:
-    """No autograd, no tracing, plain CPU tensors of a kernel dtype (not fake or subclassed):
+    """No autograd, nothing recording (compile, export, jit.trace, torch.func), plain CPU tensors of a kernel dtype (not fake or subclassed):
     the custom op adds nothing to the kernel."""
     tensors = mats if bias is None else [*mats, bias]
-    return (type(x) in _PLAIN_TENSORS and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
-            and not torch.compiler.is_compiling() and all(type(t) in _PLAIN_TENSORS for t in tensors)
+    return (type(x) in PLAIN_TENSOR_TYPES and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+            and not recording() and all(type(t) in PLAIN_TENSOR_TYPES for t in tensors)
             and not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))))
 
 
@@ -479,9 +530,11 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
     if plan is None:
         plan = plan_for(cores, x2.shape[0])
     # the CUDA kernels and cuBLAS take the half types as they are; the CPU computes in float32
-    x_in = x2 if _uses_cuda_kernels(x2) else x2.to(compute_dtype(x.dtype))
+    x_in = x2 if _uses_cuda_kernels(x2) and not _functorch_active() else x2.to(compute_dtype(x.dtype))
     bias_c = None if bias is None else bias.to(compute_dtype(bias.dtype))
-    if prepared is None and plan.dense and len(cores) > 1:
+    if _functorch_active():
+        y = _tt_matmul_torch(x_in, cores, plan, prepared, bias_c)
+    elif prepared is None and plan.dense and len(cores) > 1:
         y = _dense_route(x_in, cores)
         y = y if bias_c is None else y + bias_c.to(y.dtype)
     elif prepared is None and not plan.dense and _eager_cpu_training(x_in, cores, bias_c):
@@ -491,6 +544,30 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
         y = apply_tt(x_in, prepare_tt(cores, plan) if prepared is None else prepared, plan, bias_c)
     y = y.to(x.dtype)
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[1])  # (no view node where none is needed)
+
+
+def _functorch_active() -> bool:
+    """Inside torch.func's vmap / grad / jacrev / jvp: autograd Functions and the custom op have
+    no batching or forward-mode rules, so the plan runs as torch ops, which have them all."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def _tt_matmul_torch(x: Tensor, cores: Sequence[Tensor], plan: TTPlan, prepared: List[Tensor] | None,
+                     bias: Tensor | None) -> Tensor:
+    """The plan by plain differentiable torch ops (merges, permutes, matmuls)."""
+    cores_c = _compute_cores(cores)
+    if prepared is not None:
+        mats = prepared
+    elif plan.dense:
+        mats = [tt_to_dense(cores_c).T]
+    else:
+        merged = [merge_group(cores_c, g) for g in plan.groups]
+        mats = [merged[i].permute(*perm).reshape(K, N) for i, perm, K, N in _step_layouts(plan)]
+    if plan.dense:
+        y = x @ mats[0]
+    else:
+        y = tt_contract_torch(x, list(mats), flat_dims(plan.merged_shapes), list(plan.order))
+    return y if bias is None else y + bias
 
 
 def _check_bias(bias: Tensor, cores: Sequence[Tensor]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tensorpress._eager import recording
 from tensorpress._ext import _C
 
 # The CPU cost of a fused plan, in FLOP-equivalents: its GEMMs' FLOPs, plus every element the
@@ -240,7 +241,7 @@ def choose_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu
     shapes = tuple(tuple(int(v) for v in s) for s in shapes)
     if str(device).startswith("cuda"):
         return choose_cuda_plan(shapes, batch, cuda_limits(device), dtype, allow_dense)
-    if autotune_enabled() and not torch.compiler.is_compiling():
+    if autotune_enabled() and not recording():
         from tensorpress.ops.tt_autotune import autotuned_plan   # it runs the kernels: imports ops.tt
         return autotuned_plan(shapes, int(batch), bool(allow_dense), dtype)
     return ranked_plans(shapes, int(batch), bool(allow_dense), bool(training))[0]

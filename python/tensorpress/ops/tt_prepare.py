@@ -71,11 +71,13 @@ def prepared_outputs(cores: Sequence[Tensor], groups: tuple[tuple[int, ...], ...
     bookkeeping; never sharing a core's memory (a lone core, laid out as it lies, is copied)."""
     merged = [merge_group(cores, g) for g in groups]
     if steps is None:
-        outs = merged
+        outs = [(i, m) for i, m in enumerate(merged)]
     else:
-        outs = [merged[i].permute(*perm).reshape(K, N).contiguous() for i, perm, K, N in steps]
-    inputs = {c.data_ptr() for c in cores}
-    return tuple(o.clone() if o.data_ptr() in inputs else o for o in outs)
+        outs = [(i, merged[i].permute(*perm).reshape(K, N).contiguous()) for i, perm, K, N in steps]
+    # a lone core laid out as it lies comes back as itself or a view of it; a merge or a
+    # copying layout gives new memory. (No data_ptr: fake tensors under export have none.)
+    return tuple(o.clone() if len(groups[i]) == 1 and (o is cores[groups[i][0]] or o._is_view()) else o
+                 for i, o in outs)
 
 
 def prepared_grads(cores: Sequence[Tensor], groups: tuple[tuple[int, ...], ...], steps: tuple[Step, ...] | None,
