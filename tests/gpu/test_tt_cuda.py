@@ -167,6 +167,35 @@ def test_gradcheck_float64_on_gpu(path):
     assert torch.autograd.gradcheck(lambda x, *c: tt_matmul(x, list(c), plan=plan), (x, *cores))
 
 
+@pytest.mark.parametrize("path", ("fused", "tiled"))
+def test_gradgradcheck_float64_on_gpu(path):
+    """Second-order gradients through the CUDA custom op (its backward has its own autograd)."""
+    gen = torch.Generator().manual_seed(12)
+    out_f, in_f, ranks = (2, 3, 2), (3, 2, 2), (2, 3)
+    cores = [g.to(DEV).requires_grad_() for g in random_cores(out_f, in_f, ranks, gen)]
+    x = torch.randn(3, 12, dtype=torch.float64, generator=gen).to(DEV).requires_grad_()
+    plan = choose_cuda_plan([tuple(g.shape) for g in cores], 3, cuda_limits(DEV), torch.float64, allow_dense=False)
+    plan = dataclasses.replace(plan, path=path)
+    assert torch.autograd.gradgradcheck(lambda x, *c: tt_matmul(x, list(c), plan=plan), (x, *cores))
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_ttlinear_follows_autocast_on_gpu(dtype):
+    """Under CUDA autocast TTLinear computes and returns autocast's dtype, like nn.Linear."""
+    from tensorpress.nn import TTLinear
+
+    torch.manual_seed(0)
+    layer = TTLinear(1024, 512, ranks=8).to(DEV)
+    x = torch.randn(64, 1024, device=DEV)
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    ref = x.double() @ layer.to_dense().detach().double().T + layer.bias.detach().double()
+    assert rel_err(y, ref) < 3e-2
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
 def test_empty_batch():
     gen = torch.Generator().manual_seed(5)
     _, _, mats, dims, order = _problem(SHAPES[1], 0, torch.float32, gen)
