@@ -120,3 +120,64 @@ def test_baddbmm_matches_float64_with_an_expanded_matrix_and_addend(dtype, with_
     xg = x.clone().requires_grad_(True)
     blas.baddbmm(addend, w.expand(n, out, c), xg).sum().backward()
     assert xg.grad is not None
+
+
+def _operands(gen):
+    a = torch.randn(200, 100, generator=gen, dtype=torch.float64)
+    b = torch.randn(100, 150, generator=gen, dtype=torch.float64)
+    return a, b
+
+
+def test_traced_products_are_recorded_not_computed_once():
+    """Under torch.jit.trace without autograd the extension would record nothing: the traced
+    graph would return uninitialised memory on the next input."""
+    gen = torch.Generator().manual_seed(7)
+    a, b = _operands(gen)
+    w = torch.randn(3, 70, 90, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 90, 130, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        mm = torch.jit.trace(blas.mm, (a, b), check_trace=False)
+        bmm = torch.jit.trace(lambda u, v: blas.baddbmm(None, u, v), (w, x), check_trace=False)
+        solve = torch.jit.trace(lambda u, v: blas.solve_triangular(u, v, upper=False),
+                                (torch.eye(200, dtype=torch.float64) * 2, a), check_trace=False)
+    a2, b2 = _operands(gen)
+    assert rel_err(mm(a2, b2), a2 @ b2) < 1e-13
+    assert rel_err(bmm(w * 2, x), (w * 2) @ x) < 1e-13
+    L = torch.eye(200, dtype=torch.float64) * 4
+    assert rel_err(solve(L, a2), a2 / 4) < 1e-13
+
+
+def test_vmap_and_forward_mode_ad_go_to_torch():
+    gen = torch.Generator().manual_seed(8)
+    a, b = _operands(gen)
+    stack = torch.stack([b, 2 * b])
+    with torch.no_grad():
+        assert rel_err(torch.func.vmap(lambda v: blas.mm(a, v))(stack), a @ stack) < 1e-13
+        w = torch.randn(2, 3, 70, 90, generator=gen, dtype=torch.float64)
+        x = torch.randn(2, 3, 90, 130, generator=gen, dtype=torch.float64)
+        assert rel_err(torch.func.vmap(lambda u, v: blas.baddbmm(None, u, v))(w, x), w @ x) < 1e-13
+    tangent = torch.randn(100, 150, generator=gen, dtype=torch.float64)
+    with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+        out = blas.mm(a, torch.autograd.forward_ad.make_dual(b, tangent))
+        got = torch.autograd.forward_ad.unpack_dual(out).tangent
+    assert got is not None and rel_err(got, a @ tangent) < 1e-13
+
+
+def test_autocast_casts_as_for_torch_mm():
+    gen = torch.Generator().manual_seed(9)
+    a, b = (t.float() for t in _operands(gen))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = blas.mm(a, b), torch.mm(a, b)
+        batched = blas.baddbmm(None, a.expand(2, 200, 100), b.expand(2, 100, 150))
+    assert out.dtype == want.dtype == batched.dtype == torch.bfloat16
+    assert rel_err(out, a.double() @ b.double()) < 2e-2
+
+
+def test_addend_of_another_dtype_is_refused_as_by_torch():
+    gen = torch.Generator().manual_seed(10)
+    a, b = _operands(gen)
+    c = torch.zeros(200, 150, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="dtype|scalar type"):
+        torch.addmm(c, a, b)
+    with pytest.raises(RuntimeError, match="dtype|scalar type"):
+        blas.addmm(c, a, b)

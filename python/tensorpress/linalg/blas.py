@@ -3,14 +3,17 @@
 For plain CPU float32 / float64 matrices without autograd: torch's BLAS (MKL) keeps to AVX2 on
 AMD processors, where OpenBLAS runs its AVX-512 kernels at about twice the rate (an EPYC Zen 5:
 one core 100-107 against 197-228 GFLOP/s). Anything else (autograd, other devices or dtypes,
-batched or tiny operands, tracing) goes to the torch call of the same meaning. Each function
-returns a new tensor and leaves its inputs untouched.
+batched or tiny operands, tracing, torch.compile/export, torch.func transforms, forward-mode AD,
+autocast) goes to the torch call of the same meaning. Each function returns a new tensor and
+leaves its inputs untouched.
 """
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from tensorpress._eager import plain_eager
 from tensorpress._ext import _C
 
 _DTYPES = (torch.float32, torch.float64)
@@ -18,12 +21,21 @@ _DTYPES = (torch.float32, torch.float64)
 MIN_WORK = 1 << 16
 
 
+def _untracked(*ts: Tensor | None) -> bool:
+    """Whether the extension may compute on these tensors without anything losing track of it:
+    plain CPU tensors that nothing records or transforms (jit.trace, compile, torch.func; see
+    tensorpress._eager), no autograd wanted, no forward-mode AD level open (a dual tensor's
+    tangent would be dropped) and CPU autocast off (torch's op would run in autocast's dtype)."""
+    # forward_ad keeps its open level in this module attribute (-1: none open)
+    return (plain_eager(*ts) and fwAD._current_level < 0 and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)))
+
+
 def _eligible(*ts: Tensor) -> bool:
+    """Untracked float32 / float64 matrices of one dtype (an addend's too, as torch requires)."""
     first = ts[0]
-    return (first.dtype in _DTYPES and not torch.compiler.is_compiling()
-            and all(type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dim() == 2
-                    and t.dtype == first.dtype for t in ts)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
+    return (first.dtype in _DTYPES and all(t.dim() == 2 and t.dtype == first.dtype for t in ts)
+            and _untracked(*ts))
 
 
 def _stored(t: Tensor) -> tuple[Tensor, bool]:
@@ -37,7 +49,7 @@ def _stored(t: Tensor) -> tuple[Tensor, bool]:
 
 def addmm(c: Tensor | None, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
     """beta * c + alpha * a @ b (c None: alpha * a @ b); as torch.addmm."""
-    if not (_eligible(a, b) and (c is None or _eligible(c)) and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_WORK
+    if not (_eligible(a, b, *([] if c is None else [c])) and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_WORK
             and (c is None or tuple(c.shape) == (a.shape[0], b.shape[1]))):
         if c is None:
             return torch.mm(a, b).mul_(alpha) if alpha != 1.0 else torch.mm(a, b)
@@ -75,8 +87,9 @@ def baddbmm(c: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
     """c + a @ b batched over the first dim (c None: a @ b); as torch.baddbmm / torch.bmm. c may
     be broadcast (e.g. a bias expanded over the batch), a may be one matrix expanded."""
     n = a.shape[0] if a.dim() == 3 else 0
-    ok = (a.dim() == 3 and b.dim() == 3 and n > 0 and b.shape[0] == n and a.shape[2] == b.shape[1]
-          and _eligible(a[0], b[0]) and (c is None or _eligible(c[0]))
+    # the whole operands are checked first: under vmap or tracing a[0] is itself recorded
+    ok = (_untracked(a, b, c) and a.dim() == 3 and b.dim() == 3 and n > 0 and b.shape[0] == n
+          and a.shape[2] == b.shape[1] and _eligible(a[0], b[0], *([] if c is None else [c[0]]))
           and a.shape[1] * a.shape[2] * b.shape[2] >= MIN_WORK)
     if not ok:
         return torch.bmm(a, b) if c is None else torch.baddbmm(c, a, b)

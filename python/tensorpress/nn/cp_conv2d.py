@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from tensorpress.decompose.cp import cp_als, cp_overparam
 from tensorpress.linalg import blas
+from tensorpress.nn._checks import check_factor_dtype, check_input_matches
 
 METHODS = ("als", "overparam")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -123,9 +124,31 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
 MAX_FUSED_DEPTHWISE = 7
 
 
-def check_input(x: Tensor, in_channels: int) -> None:
+def check_input(x: Tensor, layer: nn.Module) -> None:
+    """A conv layer's input: on its parameters' device, of their dtype, (N, in, H, W) or (in, H, W)."""
+    check_input_matches(x, layer._parameters.items())
+    in_channels = layer.in_channels
     if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
         raise ValueError(f"input: expected shape (N, {in_channels}, H, W) or ({in_channels}, H, W), got {tuple(x.shape)}")
+
+
+def max_cp_rank(shape: tuple[int, ...]) -> int:
+    """The largest CP rank any tensor of this shape has: the product of all sizes but the
+    largest (the tensor is the sum of its fibres along the largest mode, each times a unit
+    vector in every other mode)."""
+    return math.prod(shape) // max(shape)
+
+
+def check_cp_rank(rank, kernel_shape: tuple[int, int, int, int]) -> int:
+    """A CP rank >= 1 that a kernel of ``kernel_shape`` can need: a larger one would only add
+    redundant parameters (and, for a mistyped rank, allocate gigabytes before failing)."""
+    _check_positive_int("rank", rank)
+    bound = max_cp_rank(kernel_shape)
+    if rank > bound:
+        raise ValueError(f"rank: expected at most {bound} for a kernel of shape {kernel_shape} (out, in, kh, kw): "
+                         f"no such kernel has a larger CP rank (at most the product of all sizes but the "
+                         f"largest), got {rank}")
+    return rank
 
 
 class CPConv2d(nn.Module):
@@ -140,7 +163,10 @@ class CPConv2d(nn.Module):
     GEMMs (:func:`pointwise_conv`) and, for kernels up to ``MAX_FUSED_DEPTHWISE`` a side, the two
     depthwise stages as one kh x kw depthwise conv with kernel C[h, r] D[w, r].
 
-    Args: those of nn.Conv2d (groups must be 1) plus ``rank`` R >= 1.
+    Args: those of nn.Conv2d (groups must be 1) plus ``rank`` R, 1 <= R <= the largest CP rank
+    of a kernel of this shape (:func:`max_cp_rank`: out * in * kh * kw over the largest of the
+    four; a larger R only adds redundant parameters). ``dtype``: float32, float64, float16 or
+    bfloat16.
 
     Parameters (conv-shaped, used as they are): ``pointwise_in`` (R, in, 1, 1),
     ``depthwise_h`` (R, 1, kh, 1), ``depthwise_w`` (R, 1, 1, kw), ``pointwise_out``
@@ -157,9 +183,10 @@ class CPConv2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if groups != 1:
             raise ValueError(f"groups: expected 1 (CPConv2d factorizes a full conv), got {groups!r}")
-        _check_positive_int("rank", rank)
+        check_factor_dtype(dtype)
         self.kernel_size, self.stride, self.dilation, self._pad = resolve_conv_args(
             in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
+        check_cp_rank(rank, (out_channels, in_channels, *self.kernel_size))
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
         self.padding, self.padding_mode, self.groups = padding, padding_mode, 1
         kh, kw = self.kernel_size
@@ -182,7 +209,7 @@ class CPConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels)
+        check_input(x, self)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tensorpress.linalg.svd import truncated_svd
+from tensorpress.nn._checks import check_factor_dtype, check_input_matches
 
 
 def _check_rank(rank, in_features: int, out_features: int) -> int:
@@ -34,7 +35,8 @@ class LowRankLinear(nn.Module):
 
     Costs rank (in + out) multiply-adds per sample instead of in * out.
 
-    Args: in_features, out_features, rank (1 <= rank <= min(in, out)), bias, device, dtype.
+    Args: in_features, out_features, rank (1 <= rank <= min(in, out)), bias, device, dtype
+    (float32, float64, float16 or bfloat16).
 
     Parameters: ``first`` (rank, in_features), ``second`` (out_features, rank),
     ``bias`` (out_features,).
@@ -46,6 +48,7 @@ class LowRankLinear(nn.Module):
                  dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        check_factor_dtype(dtype)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
@@ -67,6 +70,7 @@ class LowRankLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input_matches(x, self._parameters.items())
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input: expected shape (..., {self.in_features}), got {tuple(x.shape)}")
         return F.linear(F.linear(x, self.first), self.second, self.bias)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -11,14 +12,40 @@ from torch.nn import functional as F
 from tensorpress.decompose.tucker import multi_mode_product, tucker
 from tensorpress.nn.cp_conv2d import (apply_padding, check_dense_conv, check_input, conv_kwargs, dense_conv_like,
                                       resolve_conv_args, symmetric_zero_padding)
+from tensorpress.nn._checks import check_factor_dtype
 
 
-def _resolve_ranks(ranks, in_channels: int, out_channels: int) -> tuple[int, int]:
+def _requested_ranks(ranks) -> tuple[int, int]:
     vals = (ranks, ranks) if isinstance(ranks, int) and not isinstance(ranks, bool) else ranks
     if (not isinstance(vals, (tuple, list)) or len(vals) != 2
             or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in vals)):
         raise ValueError(f"ranks: expected (r_out, r_in), two ints >= 1 (or one int for both), got {ranks!r}")
-    return min(vals[0], out_channels), min(vals[1], in_channels)
+    return int(vals[0]), int(vals[1])
+
+
+def _resolve_ranks(ranks, in_channels: int, out_channels: int) -> tuple[int, int]:
+    r_out, r_in = _requested_ranks(ranks)
+    return min(r_out, out_channels), min(r_in, in_channels)
+
+
+def tucker_params(ranks: tuple[int, int], in_channels: int, out_channels: int, kernel: tuple[int, int]) -> int:
+    """Factor parameters of a Tucker-2 conv (bias not counted): first, core, last."""
+    r_out, r_in = ranks
+    return r_in * in_channels + r_out * r_in * math.prod(kernel) + out_channels * r_out
+
+
+def warn_if_capped_past_dense(requested, ranks: tuple[int, int], in_channels: int, out_channels: int,
+                              kernel: tuple[int, int]) -> None:
+    """Capping the requested ranks is silent otherwise: say so when the capped layer is no
+    smaller than the dense conv it stands for (then it compresses nothing)."""
+    if tuple(requested) == tuple(ranks):
+        return
+    params = tucker_params(ranks, in_channels, out_channels, kernel)
+    dense = out_channels * in_channels * math.prod(kernel)
+    if params >= dense:
+        warnings.warn(f"ranks: {tuple(requested)} capped to {tuple(ranks)} for a {out_channels}x{in_channels}x"
+                      f"{kernel[0]}x{kernel[1]} kernel; the TuckerConv2d has {params} factor parameters, not fewer "
+                      f"than the dense kernel's {dense}", stacklevel=3)
 
 
 class TuckerConv2d(nn.Module):
@@ -31,7 +58,8 @@ class TuckerConv2d(nn.Module):
     r_out -> out (U_out) plus bias. Computes exactly nn.Conv2d with weight :meth:`to_dense`.
 
     Args: those of nn.Conv2d (groups must be 1) plus ``ranks`` = (r_out, r_in) (an int sets
-    both); each is capped at its channel count.
+    both); each is capped at its channel count, with a warning when the capped layer has no
+    fewer parameters than the dense kernel. ``dtype``: float32, float64, float16 or bfloat16.
 
     Parameters: ``first`` (r_in, in, 1, 1), ``core`` (r_out, r_in, kh, kw), ``last``
     (out, r_out, 1, 1), ``bias`` (out,).
@@ -46,9 +74,11 @@ class TuckerConv2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if groups != 1:
             raise ValueError(f"groups: expected 1 (TuckerConv2d factorizes a full conv), got {groups!r}")
+        check_factor_dtype(dtype)
         self.kernel_size, self.stride, self.dilation, self._pad = resolve_conv_args(
             in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
         self.ranks = _resolve_ranks(ranks, in_channels, out_channels)
+        warn_if_capped_past_dense(_requested_ranks(ranks), self.ranks, in_channels, out_channels, self.kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.padding, self.padding_mode, self.groups = padding, padding_mode, 1
         r_out, r_in = self.ranks
@@ -71,7 +101,7 @@ class TuckerConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels)
+        check_input(x, self)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -97,6 +127,8 @@ class TuckerConv2d(nn.Module):
         kh, kw = conv.kernel_size
         # a mode's rank is also bounded by the product of the other modes
         r_out, r_in = min(r_out, conv.in_channels * kh * kw), min(r_in, conv.out_channels * kh * kw)
+        warn_if_capped_past_dense(_requested_ranks(ranks), (r_out, r_in), conv.in_channels, conv.out_channels,
+                                  conv.kernel_size)
         layer = cls(ranks=(r_out, r_in), **conv_kwargs(conv))
         res = tucker(w.to(torch.float64), [r_out, r_in, kh, kw], n_iter_max=n_iter_max, tol=tol)
         # the spatial factors are square orthogonal: fold them back into the core
@@ -121,9 +153,8 @@ class TuckerConv2d(nn.Module):
     @property
     def compression_ratio(self) -> float:
         """Dense kernel entries per factor parameter (bias not counted)."""
-        kh, kw = self.kernel_size
-        (r_out, r_in), o, i = self.ranks, self.out_channels, self.in_channels
-        return (o * i * kh * kw) / (r_in * i + r_out * r_in * kh * kw + o * r_out)
+        dense = self.out_channels * self.in_channels * math.prod(self.kernel_size)
+        return dense / tucker_params(self.ranks, self.in_channels, self.out_channels, self.kernel_size)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
