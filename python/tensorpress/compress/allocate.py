@@ -160,9 +160,10 @@ def fitting_threshold(params_at, total: float) -> float:
 def layer_sensitivity(model: nn.Module, batches, layers: Mapping[str, nn.Linear], fits: Mapping[str, nn.Module],
                       layer_errors: Mapping[str, float]) -> dict[str, float]:
     """For each layer: (relative squared change of the model's output when ``fits[name]``
-    alone replaces it) / layer_errors[name]. ``model`` is modified in place and restored."""
+    alone replaces it) / layer_errors[name]. ``model`` is modified in place and restored;
+    ``layers`` are its own modules."""
     from tensorpress.compress.calibrate import call_model
-    from tensorpress.compress.sequential import set_submodule
+    from tensorpress.compress.shared import swap_module
 
     def outputs():
         with torch.no_grad():
@@ -172,11 +173,12 @@ def layer_sensitivity(model: nn.Module, batches, layers: Mapping[str, nn.Linear]
     energy = sum(r.square().sum().item() for r in reference)
     errs = []
     for name, layer in layers.items():
-        set_submodule(model, name, fits[name])
+        # under every name the layer has: a module registered twice is replaced at both places
+        swap_module(model, layer, fits[name])
         try:
             errs.append(sum((o - r).square().sum().item() for o, r in zip(outputs(), reference)))
         finally:
-            set_submodule(model, name, layer)
+            swap_module(model, fits[name], layer)
     # under torch.distributed each process measured its share of the batches
     energy, *errs = sum_floats([energy] + errs)
     return {name: (err / max(energy, 1e-300)) / max(layer_errors[name], 1e-12) for name, err in zip(layers, errs)}

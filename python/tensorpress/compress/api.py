@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import time
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -13,12 +14,13 @@ from tensorpress.compress.allocate import (RANK_RULES, allocate_by_rule, allocat
                                           relative_error_curves)
 from tensorpress.compress import distributed as tpdist
 from tensorpress.compress.crossval import DEFAULT_FOLDS, cv_error_curves, merge_stats
-from tensorpress.compress.calibrate import (call_model, hooks, layer_features, layer_rows, record_inputs, row_mask,
-                                            row_signature, run_until_stop)
+from tensorpress.compress.calibrate import (call_model, hooks, layer_features, layer_rows, naming_batch, record_inputs,
+                                            row_mask, row_signature, run_until_stop)
 from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd, truncate_fit
 from tensorpress.compress.output_error import output_error, output_error_parts
 from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
-from tensorpress.compress.sequential import compress_sequential, set_submodule
+from tensorpress.compress.sequential import compress_sequential
+from tensorpress.compress.shared import call_errors, module_names, swap_module, tied_layers
 from tensorpress.compress.stats import GramStats
 from tensorpress.compress.structured_rules import CURVE_EFFORT, allocate_structured, candidate_ranks, measure_curves
 from tensorpress.compress.structures import ADAPTERS, STRUCTURES, dense_macs_per_row, module_params, weight_matrix
@@ -52,20 +54,46 @@ def _as_patterns(value, arg: str) -> list[str]:
 
 
 def select_targets(model: nn.Module, structure: str, include=None, exclude=None) -> list[str]:
-    """Eligible layer names after include/exclude (names or glob patterns); unknown names fail."""
+    """Eligible layer names after include/exclude (names or glob patterns); unknown names fail.
+    A module registered under several names is one target, under its first name; a pattern
+    matching any of its names includes (or excludes) it."""
     eligible = eligible_layers(model, structure)
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-    all_names = {n for n, _ in model.named_modules()}
+    names_of = module_names(model)
+    all_names = {n for names in names_of.values() for n in names}
     for arg, pats in (("include", inc), ("exclude", exc)):
         unknown = [p for p in pats if not any(fnmatch.fnmatchcase(n, p) or n == p for n in all_names)]
         if unknown:
             raise ValueError(f"{arg}: no layer of the model matches {unknown}; eligible layers are e.g. "
                              f"{list(eligible)[:5]}")
-    names = [n for n in eligible if (not inc or _match(n, inc)) and not _match(n, exc)]
+    names = [n for n, mod in eligible.items()
+             if (not inc or any(_match(a, inc) for a in names_of[id(mod)]))
+             and not any(_match(a, exc) for a in names_of[id(mod)])]
     if not names:
         raise ValueError(f"model: no eligible layer to compress for structure={structure!r} "
                          f"(eligible: {ADAPTERS[structure].describe()}; after include={inc}, exclude={exc})")
+    if "" in names:   # the returned copy would have to be another object than a copy of the model
+        raise ValueError(f"model: is itself a layer to compress ({type(model).__name__}); compress() replaces "
+                         f"layers inside a model: pass e.g. nn.Sequential(model), or use the layer classes' "
+                         f"from_dense")
     return names
+
+
+def _skip_tied(model: nn.Module, targets: list[str], ranks) -> tuple[list[str], dict[str, str]]:
+    """(targets left, {skipped layer: why}): a layer whose weights are tied to another module
+    stays dense (replacing it would untie them and add parameters)."""
+    skipped = tied_layers(model, {n: model.get_submodule(n) for n in targets})
+    if not skipped:
+        return targets, {}
+    named = [n for n in skipped if ranks is not None and n in ranks]
+    if named:
+        raise ValueError(f"ranks: layer {named[0]!r} cannot be compressed: {skipped[named[0]]}; drop it from ranks")
+    left = [n for n in targets if n not in skipped]
+    if not left:
+        raise ValueError(f"model: every layer to compress has tied weights ({skipped}); nothing to compress")
+    warnings.warn(f"compress: layers with tied weights kept dense: {sorted(skipped)} (see report.skipped)",
+                  stacklevel=3)
+    return left, skipped
 
 
 def _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds=DEFAULT_FOLDS):
@@ -110,18 +138,22 @@ def _batches(calib) -> list:
     return batches
 
 
-def _check_first_batch(model: nn.Module, batch) -> None:
+def _first_batch_calls(model: nn.Module, batch, layers: Mapping[str, nn.Module], position: int = 0) -> dict:
+    """Check that the model runs on its first calibration batch (the model's own message says
+    which shape or dtype it wanted) and count each layer's calls in that pass: {name: calls}."""
     tensors = list(batch.values()) if isinstance(batch, Mapping) else (
         list(batch) if isinstance(batch, (tuple, list)) else [batch])
     for t in tensors:
         if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError("calib: the first batch contains NaN or Inf")
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    except Exception as err:  # the model's own message says which shape/dtype it wanted
-        raise ValueError(f"calib: the model cannot run on the first calibration batch ({type(err).__name__}: "
-                         f"{err})") from err
+            raise ValueError(f"calib[{position}]: the batch contains NaN or Inf")
+    calls = {n: 0 for n in layers}
+
+    def count(name, _x):
+        calls[name] += 1
+
+    with hooks(record_inputs(layers, count)), naming_batch(position), torch.no_grad():
+        call_model(model, batch)
+    return calls
 
 
 def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Module], structure: str = "lowrank") -> dict:
@@ -150,32 +182,37 @@ def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Module], structure: str
 
 
 def one_shot_stats(model: nn.Module, batches: Sequence, layers: Mapping[str, nn.Module],
-                   progress=None) -> dict[str, GramStats]:
-    """Input statistics of every layer of the unmodified model, from one pass per batch."""
+                   progress=None, positions: Sequence[int] | None = None) -> dict[str, GramStats]:
+    """Input statistics of every layer of the unmodified model, from one pass per batch; a
+    layer called several times per pass gets the rows of all its calls. ``positions``: each
+    batch's index in the user's calib list (for error messages)."""
     stats: dict[str, GramStats] = {}
     for i, batch in enumerate(batches):
+        pos = i if positions is None else positions[i]
         mask = row_mask(batch)
-        got: dict[str, Tensor] = {}
-        with hooks(record_inputs(layers, lambda n, x: got.__setitem__(n, x))):
+        got: dict[str, list[Tensor]] = {}   # every call's input, in call order
+        with hooks(record_inputs(layers, lambda n, x: got.setdefault(n, []).append(x))), naming_batch(pos):
             run_until_stop(lambda: call_model(model, batch))
         missing = [n for n in layers if n not in got]
         if missing:
-            raise ValueError(f"include: layers {missing} are never called by the model on calibration batch {i}")
+            raise ValueError(f"include: layers {missing} are never called by the model on calibration batch {pos}")
         if not stats:
-            # layers reading the very same tensor into the same rows (q, k, v) share one accumulator
+            # layers called once, reading the very same tensor into the same rows (q, k, v),
+            # share one accumulator
             owner: dict[tuple, GramStats] = {}
             for name, layer in layers.items():
-                key = (id(got[name]), row_signature(layer))
+                key = (id(got[name][0]), row_signature(layer)) if len(got[name]) == 1 else (name,)
                 stats[name] = owner.setdefault(key, GramStats(layer_features(layer), paired=False))
         done: set[int] = set()
         for name in layers:
             if id(stats[name]) in done:
                 continue
             done.add(id(stats[name]))
-            x = layer_rows(layers[name], got[name], mask)
-            if not torch.isfinite(x).all():
-                raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {i})")
-            stats[name].update(x)
+            for x in got[name]:
+                x = layer_rows(layers[name], x, mask)
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {pos})")
+                stats[name].update(x)
         if progress is not None:
             progress.update(1)
     for unique in {id(st): st for st in stats.values()}.values():
@@ -382,11 +419,13 @@ def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress):
     if shot is not None and (not folds or parts is not None):
         return shot, parts
     bar = _progress(len(batches), "calibration statistics", progress)
+    index = list(range(len(all_batches)))   # sliced as the batches are, for error messages
     if folds:
-        parts = [one_shot_stats(ref, tpdist.shard(all_batches[k::folds]), layers, bar) for k in range(folds)]
+        parts = [one_shot_stats(ref, tpdist.shard(all_batches[k::folds]), layers, bar, tpdist.shard(index[k::folds]))
+                 for k in range(folds)]
         shot = merge_stats(parts)
     else:
-        shot = one_shot_stats(ref, batches, layers, bar)
+        shot = one_shot_stats(ref, batches, layers, bar, tpdist.shard(index))
     if bar is not None:
         bar.close()
     if cache is not None:
@@ -394,6 +433,41 @@ def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress):
         if folds:
             cache[fold_key] = parts
     return shot, parts
+
+
+def _training_flags(model: nn.Module) -> dict[int, tuple[nn.Module, bool]]:
+    """{id(module): (module, its own training flag)} (a model may mix train and eval
+    submodules; keyed by identity, whatever the modules' own __eq__)."""
+    return {id(m): (m, m.training) for m in model.modules()}
+
+
+def _restore_training_flags(flags: Mapping[int, tuple[nn.Module, bool]]) -> None:
+    # set the flags themselves: model.train(flag) would overwrite the submodules' own
+    for m, flag in flags.values():
+        m.training = flag
+
+
+def _copy_training_flags(model: nn.Module, flags: Mapping[int, tuple[nn.Module, bool]], out: nn.Module) -> None:
+    """Give each module of ``out`` (a compressed copy of ``model``) the flag of the module at
+    its name in ``model``; a replacement's own submodules take the replacement's flag."""
+    by_name = {name: flags[id(m)][1] for name, m in model.named_modules(remove_duplicate=False)}
+    given: dict[str, bool] = {}
+    for name, m in out.named_modules(remove_duplicate=False):   # parents come before children
+        flag = by_name.get(name, given.get(name.rpartition(".")[0], flags[id(model)][1]))
+        m.training = given[name] = flag
+
+
+def _report_repeated_calls(report: CompressionReport, ref: nn.Module, cmp: nn.Module, batches, calls: Mapping,
+                           one_shot: bool, positions) -> None:
+    """For each layer called several times per pass: its output error at every call, measured
+    on the models (see shared.call_errors); its rel_error is the worst of them."""
+    repeated = [r for r in report.layers if calls.get(r.name, 1) > 1]
+    if not repeated or not batches:
+        return
+    errors = call_errors(ref, cmp, batches, [r.name for r in repeated], one_shot, positions)
+    for r in repeated:
+        r.call_errors = errors[r.name]
+        r.rel_error = max(r.call_errors)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -411,8 +485,16 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
              cv_folds: int = DEFAULT_FOLDS) -> tuple[nn.Module, CompressionReport]:
     """Compress the layers of ``model`` and return (compressed copy, report).
 
+    Modules used at more than one place: a layer called several times per forward pass (or
+    registered under several names) is fitted on the statistics of all its calls, replaced
+    under every name it has by one module, and reported once, with the error of its worst
+    call; a layer whose weights are tied to another module's is kept dense (listed in
+    report.skipped, with a warning), so the tie holds.
+
     Args:
-        model: any nn.Module; it is deep-copied and never modified.
+        model: any nn.Module; it is deep-copied and never modified: its parameters, buffers
+            and every module's own training flag are as they were afterwards, also when
+            compress() fails. The returned model has the same training flags at every name.
         calib: an iterable of calibration batches, each what the model takes (a tensor, a tuple
             of positional arguments, or a dict of keyword arguments; a dict's
             ``attention_mask`` drops padding tokens from the statistics). Needed by every
@@ -461,6 +543,9 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             decompositions and the layers' sensitivities are computed once and reused.
     Returns:
         (compressed model, CompressionReport).
+    Raises:
+        CalibrationBatchError (a ValueError): the model failed on a calibration batch; the
+            message names it as calib[i] and the model's own error is chained.
     """
     _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds)
     all_batches = _batches(calib)
@@ -470,7 +555,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         per = " (one per fold and process)" if tpdist.world() > 1 else ""
         raise ValueError(f"calib: rank_rule='cv' with cv_folds={folds} needs at least {folds * tpdist.world()} "
                          f"calibration batches{per}, got {len(all_batches)}")
-    targets = select_targets(model, structure, include, exclude)
+    positions = tpdist.shard(list(range(len(all_batches))))   # each batch's index in calib
+    targets, skipped = _skip_tied(model, select_targets(model, structure, include, exclude), ranks)
     per_layer = _methods_by_layer(method, targets)
     if any(m in SAMPLE_METHODS for m in per_layer.values()) and not keep_rows:
         keep_rows = DEFAULT_KEEP_ROWS
@@ -478,18 +564,19 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     layers = {n: model.get_submodule(n) for n in targets}
     adapter = ADAPTERS[structure]
     chosen = _check_ranks(ranks, layers, structure) if ranks is not None else None
-    if batches:
-        _check_first_batch(model, batches[0])
     ridge_kw = {} if ridge is None else {"ridge": ridge}
     start = time.perf_counter()
     ref = model
-    was_training = model.training
+    names_of = module_names(model)
+    flags = _training_flags(model)
     cmp = copy.deepcopy(model).eval()
     report = CompressionReport(structure=structure, method=method_name, budget=None if ranks else float(budget),
                                rank_rule=rank_rule, model_params_before=count_params(model),
-                               bytes_before=state_dict_bytes(model))
+                               bytes_before=state_dict_bytes(model), skipped=skipped)
     try:
+        # statistics of the model as it infers (dropout off, normalization buffers left alone)
         model.eval()
+        calls = _first_batch_calls(model, batches[0], layers, positions[0]) if batches else {}
         shot = None
         sequential = not (isinstance(method, str) and method in ONE_SHOT_METHODS)
         # one-shot statistics: needed by one-shot methods and rank rules; with a cache they
@@ -526,7 +613,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                 flops_after=(dense_macs_per_row(layer) if dense else fit.rank * (in_f + out_f) if lowrank
                              else adapter.macs_per_row(layer, module)),
                 rel_error=output_error(layer, fit, stats) if stats is not None else float("nan"),
-                seconds=seconds))
+                seconds=seconds, calls=calls.get(name, 1), aliases=names_of[id(layer)][1:]))
 
         def fit_module(name, stats, method_of_layer, offset=None):
             """(fit, replacement module) of one layer."""
@@ -563,7 +650,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                 stats = None if shot is None else shot[name]
                 fit, module = fit_module(name, stats, method)
                 if module is not layers[name]:
-                    set_submodule(cmp, name, module)
+                    swap_module(cmp, cmp.get_submodule(name), module)
                 record(name, fit, module, stats, time.perf_counter() - t0)
             report.mode = "one-shot"
         else:
@@ -584,14 +671,17 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                         if residual_feedback and structure == "lowrank" else [])
             info = compress_sequential(ref, cmp, batches, targets, fit_layer, keep_rows=keep_rows, progress=bar,
                                        reference=shot, cache=cache, residual_feedback=feedback,
-                                       projectable=[n for n in targets if per_layer[n] == "activation"])
+                                       projectable=[n for n in targets if per_layer[n] == "activation"],
+                                       positions=positions)
             report.residual_feedback = info["residual_feedback"]
+            report.notes += info["notes"]
             if bar is not None:
                 bar.close()
             report.mode = info["mode"]
+        _report_repeated_calls(report, ref, cmp, batches, calls, one_shot=not sequential, positions=positions)
     finally:
-        model.train(was_training)
-    cmp.train(was_training)
+        _restore_training_flags(flags)
+    _copy_training_flags(model, flags, cmp)
     report.model_params_after = count_params(cmp)
     report.bytes_after = state_dict_bytes(cmp)
     report.seconds = time.perf_counter() - start

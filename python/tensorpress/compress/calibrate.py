@@ -5,7 +5,12 @@ list as positional arguments, anything else as the single argument. When a Mappi
 an ``attention_mask`` of shape (B, T) and a layer's input has leading shape (B, T), only the
 rows where the mask is nonzero are recorded (padding tokens are not calibration data).
 
+A layer may be called several times in one pass (a module applied twice, or registered at two
+places): the hooks record every call, and the statistics of such a layer cover all of them.
+
 Every hook is registered inside a ``with`` block, so hooks are removed even when a pass fails.
+An error the model raises on a calibration batch is re-raised as a CalibrationBatchError naming
+the batch's position in the caller's ``calib`` list (the original error chained).
 """
 from __future__ import annotations
 
@@ -19,6 +24,27 @@ from torch import Tensor, nn
 
 class StopForward(Exception):
     """Raised by a hook to end a forward pass once everything needed was recorded."""
+
+
+class CalibrationBatchError(ValueError):
+    """The model failed on one calibration batch; the message names it as calib[i]."""
+
+
+# errors that say nothing about the batch: passed on as they are
+_NOT_THE_BATCH = (StopForward, CalibrationBatchError, MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+
+
+@contextmanager
+def naming_batch(index: int):
+    """Re-raise an error of the model on calibration batch ``index`` (its position in the
+    caller's calib list) as a CalibrationBatchError saying which batch it was."""
+    try:
+        yield
+    except _NOT_THE_BATCH:
+        raise
+    except Exception as err:
+        raise CalibrationBatchError(f"calib[{index}]: the model cannot run on this calibration batch "
+                                    f"({type(err).__name__}: {err})") from err
 
 
 def call_model(model: nn.Module, batch) -> object:
@@ -129,34 +155,68 @@ def run_until_stop(fn: Callable[[], object]) -> object | None:
         return None
 
 
-def execution_order(run: Callable[[], object], targets: Mapping[str, nn.Module]) -> list[list[str]]:
-    """Target layers in the order one forward pass (``run()``) reaches them, grouped into
-    stages: layers reached one after another with the very same input tensor (q, k, v of
-    attention) and the same row signature share a stage, since compressing one does not
-    change the others' inputs.
-    Layers the pass never reaches are left out."""
-    # the input tensors themselves are kept until the grouping is done: comparing addresses
-    # of tensors already freed could match a new tensor allocated at the same place
-    order: list[tuple[str, Tensor]] = []
+def trace_calls(run: Callable[[], object], targets: Mapping[str, nn.Module],
+                scopes: Sequence[nn.Module] = ()) -> list[tuple[str, Tensor, int | None]]:
+    """(name, input, scope) of every call of a target layer in one pass (``run()``), in order;
+    scope: the index in ``scopes`` of the innermost scope module running at that call (e.g.
+    the block of a transformer), or None. Each scope module must appear once in ``scopes``."""
+    calls: list[tuple[str, Tensor, int | None]] = []
+    running: list[int] = []
 
-    def on_input(name, x):
-        order.append((name, x))
+    def enter(i):
+        def hook(_mod, _args):
+            running.append(i)
+        return hook
 
-    with hooks(record_inputs(targets, on_input)):
+    def leave(_mod, _args, _out):
+        running.pop()
+
+    handles = record_inputs(targets, lambda n, x: calls.append((n, x, running[-1] if running else None)))
+    for i, scope in enumerate(scopes):
+        handles += [scope.register_forward_pre_hook(enter(i)), scope.register_forward_hook(leave)]
+    with hooks(handles):
         run_until_stop(run)
+    return calls
+
+
+def call_counts(calls: Sequence[tuple]) -> dict[str, int]:
+    """{name: calls in the pass} of trace_calls' record."""
+    counts: dict[str, int] = {}
+    for name, *_ in calls:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def group_stages(calls: Sequence[tuple], targets: Mapping[str, nn.Module]) -> list[list[str]]:
+    """Target layers in the order of their first call (trace_calls' record), grouped into
+    stages: layers called once each, one after another with the very same input tensor (q, k,
+    v of attention) and the same row signature share a stage, since compressing one does not
+    change the others' inputs. A layer called several times has a stage of its own (its later
+    calls read other tensors)."""
+    counts = call_counts(calls)
     stages: list[list[str]] = []
     seen: set[str] = set()
-    last = None
-    for name, x in order:
-        if name in seen:  # a layer called twice (weight sharing): its first call decides
+    last, last_shared = None, False
+    for name, x, *_ in calls:
+        if name in seen:
             continue
         seen.add(name)
-        if stages and x is last and row_signature(targets[name]) == row_signature(targets[stages[-1][0]]):
+        shareable = counts[name] == 1
+        if (stages and shareable and last_shared and x is last
+                and row_signature(targets[name]) == row_signature(targets[stages[-1][0]])):
             stages[-1].append(name)
         else:
             stages.append([name])
-        last = x
+        last, last_shared = x, shareable
     return stages
+
+
+def execution_order(run: Callable[[], object], targets: Mapping[str, nn.Module]) -> list[list[str]]:
+    """Target layers in the order one forward pass (``run()``) reaches them, grouped into
+    stages (see group_stages). Layers the pass never reaches are left out."""
+    # the input tensors themselves are kept until the grouping is done: comparing addresses
+    # of tensors already freed could match a new tensor allocated at the same place
+    return group_stages(trace_calls(run, targets), targets)
 
 
 def find_blocks(model: nn.Module, targets: Iterable[str]) -> tuple[str, nn.ModuleList] | None:

@@ -20,8 +20,14 @@ class LayerReport:
     params_after: int
     flops_before: int               # multiply-adds per sample (per token)
     flops_after: int
-    rel_error: float                # ||y - y^|| / ||y|| of the layer's outputs on the calibration data
+    # ||y - y^|| / ||y|| of the layer's outputs on the calibration data (one-shot methods: on the
+    # original model's inputs; sequential ones: y^ on the compressed model's inputs); for a
+    # layer called several times per forward pass, the worst of its calls
+    rel_error: float
     seconds: float
+    calls: int = 1                  # calls per forward pass (a module applied more than once)
+    call_errors: list = field(default_factory=list)   # rel_error of each call, measured, when calls > 1
+    aliases: list = field(default_factory=list)       # the module's other names (registered at several places)
 
 
 @dataclass
@@ -41,6 +47,8 @@ class CompressionReport:
     mode: str = ""                  # "blocks" (block replay) or "model" (whole-model passes) or "one-shot"
     quality: dict = field(default_factory=dict)   # filled by the caller (accuracy, cosine, ...)
     residual_feedback: list = field(default_factory=list)   # layers fitted to make up for the residual error
+    skipped: dict = field(default_factory=dict)   # {layer: why it was left dense} (tied weights)
+    notes: list = field(default_factory=list)     # how the run departed from its defaults, and why
 
     @property
     def layer_params_before(self) -> int:
@@ -76,6 +84,9 @@ class CompressionReport:
                  f"{self.layer_params_after:,} ({100 * self.kept_fraction:.1f}% kept)",
                  f"model parameters {self.model_params_before:,} -> {self.model_params_after:,}; "
                  f"state_dict {self.bytes_before / mb:.2f} MiB -> {self.bytes_after / mb:.2f} MiB"]
+        for name, why in self.skipped.items():
+            lines.append(f"skipped {name}: {why}")
+        lines += self.notes
         for k, v in self.quality.items():
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return lines
@@ -84,7 +95,8 @@ class CompressionReport:
         head = ["layer", "shape", "rank", "params", "kept %", "MACs/row", "rel err", "s"]
         rows = []
         for r in self.layers:
-            rows.append([r.name, f"{r.shape[0]}x{r.shape[1]}", str(r.rank), f"{r.params_after:,}",
+            name = r.name + "".join(f" = {a}" for a in r.aliases) + (f" (x{r.calls} calls)" if r.calls > 1 else "")
+            rows.append([name, f"{r.shape[0]}x{r.shape[1]}", str(r.rank), f"{r.params_after:,}",
                          f"{100 * r.params_after / r.params_before:.1f}", f"{r.flops_after:,}",
                          f"{r.rel_error:.4f}", f"{r.seconds:.2f}"])
         if fmt == "markdown":

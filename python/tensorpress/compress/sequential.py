@@ -7,17 +7,25 @@ one block only, not the whole model: the cost of the calibration passes drops by
 number of blocks. The replay is checked against a real forward pass on the first batch and
 the engine falls back to whole-model passes when it does not match (a block whose inputs are
 not "the previous block's output + the same keyword arguments").
+
+A layer called several times per pass is fitted on the rows of all its calls (paired call by
+call; its later calls' X~ are those of the model before this layer's own replacement). The
+block replay is used only when every call of a layer inside a block happens while that block
+runs: a layer shared across blocks switches the engine to whole-model passes.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from tensorpress.compress.calibrate import (StopForward, call_model, execution_order, find_blocks, hooks,
-                                            layer_features, layer_rows, record_inputs, residual_partners, row_mask,
-                                            rows, run_until_stop)
+from tensorpress.compress.calibrate import (StopForward, call_counts, call_model, execution_order, find_blocks,
+                                            group_stages, hooks, layer_features, layer_rows, naming_batch,
+                                            record_inputs, residual_partners, row_mask, rows, run_until_stop,
+                                            trace_calls)
+from tensorpress.compress.shared import swap_module
 from tensorpress.compress.stats import GramStats, OffsetStats
 
 # the original model's calibration rows kept in a shared cache, at most this many bytes (the
@@ -56,7 +64,8 @@ class _BlockStack:
         self.batches = batches
 
     @staticmethod
-    def capture_first_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence) -> list:
+    def capture_first_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence,
+                             position: Callable[[int], int] = int) -> list:
         captured = []
 
         def hook(_mod, args, kwargs):
@@ -65,8 +74,9 @@ class _BlockStack:
 
         handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
         with hooks([handle]):
-            for batch in batches:
-                run_until_stop(lambda: call_model(model, batch))
+            for b, batch in enumerate(batches):
+                with naming_batch(position(b)):
+                    run_until_stop(lambda: call_model(model, batch))
         if len(captured) != len(batches):
             raise RuntimeError("the first block was not reached by every calibration batch")
         return captured
@@ -114,13 +124,18 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
                    n_batches: int, mask_of: Callable[[int], Tensor | None], keep_rows: int,
                    progress: Callable | None, reference: dict | None = None,
                    partners: dict | None = None, store: dict | None = None,
-                   projectable: Collection[str] = ()) -> tuple[dict[str, GramStats], dict[str, OffsetStats]]:
+                   projectable: Collection[str] = (), repeated: bool = False,
+                   position: Callable[[int], int] = int) -> tuple[dict[str, GramStats], dict[str, OffsetStats]]:
     """GramStats of every layer in the stage over all batches (paired X, X~). The layers of a
     stage read the same input tensor into the same rows, so they share one accumulator.
     ``store``: a cache shared by calls on the same model and batches; the original model's rows
     (X, and the residuals) are kept there within REF_ROWS_BYTES and reused instead of
     replaying the original model. ``projectable``: layers whose fits read X~^T X only times
-    their weight (GramStats project=); used for a one-layer stage that narrows its input."""
+    their weight (GramStats project=); used for a one-layer stage that narrows its input.
+    ``repeated``: the stage's one layer is called several times per pass: every pass runs to
+    its end and the rows of all calls are added, the k-th call of the original model paired
+    with the k-th of the compressed one. ``position(b)``: batch b's index in the user's calib
+    list (for error messages)."""
     only = ref_of[stage[0]]
     narrows = (len(stage) == 1 and stage[0] in projectable and not keep_rows and isinstance(only, nn.Linear)
                and 2 * only.out_features < only.in_features)
@@ -130,12 +145,15 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
     stats = {name: shared for name in stage}
     paired = {n: partners[n] for n in stage if partners and n in partners}   # name -> (ref parent, cmp parent)
     offsets = {n: OffsetStats(layer_features(ref_of[n]), ref_of[n].out_features) for n in paired}
-    got_ref: dict[str, Tensor] = {}
-    got_cmp: dict[str, Tensor] = {}
+    got_ref: dict[str, list[Tensor]] = {}   # every call's input, in call order
+    got_cmp: dict[str, list[Tensor]] = {}
     res_ref: dict[str, Tensor] = {}
     res_cmp: dict[str, Tensor] = {}
-    ref_handles = record_inputs({n: ref_of[n] for n in stage}, lambda n, x: got_ref.__setitem__(n, x), stage)
-    cmp_handles = record_inputs({n: cmp_of[n] for n in stage}, lambda n, x: got_cmp.__setitem__(n, x), stage)
+    stop = () if repeated else stage   # a repeated layer's later calls are needed too
+    ref_handles = record_inputs({n: ref_of[n] for n in stage}, lambda n, x: got_ref.setdefault(n, []).append(x),
+                                stop)
+    cmp_handles = record_inputs({n: cmp_of[n] for n in stage}, lambda n, x: got_cmp.setdefault(n, []).append(x),
+                                stop)
     # the parents' pre-hooks fire before the layers' (a parent calls its layer), so the
     # residuals are recorded before the layers' hooks end the pass
     ref_handles += _residual_hooks({n: p[0] for n, p in paired.items()}, res_ref)
@@ -143,13 +161,20 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
     def check_reached(got, res, b):
         for name in stage:
             if name not in got:
-                raise RuntimeError(f"layer {name!r} was not reached by calibration batch {b}")
-            if got[name] is not got[stage[0]]:
+                raise RuntimeError(f"layer {name!r} was not reached by calibration batch {position(b)}")
+            if got[name][0] is not got[stage[0]][0]:
                 raise RuntimeError(f"layer {name!r}: its input differs from {stage[0]!r}'s in calibration batch "
-                                   f"{b}, though they were grouped as reading the same tensor")
+                                   f"{position(b)}, though they were grouped as reading the same tensor")
         for n in paired:
             if n not in res:
-                raise RuntimeError(f"layer {n!r}: its block's residual was not recorded in calibration batch {b}")
+                raise RuntimeError(f"layer {n!r}: its block's residual was not recorded in calibration batch "
+                                   f"{position(b)}")
+
+    def stage_rows(got, mask):
+        """The rows of every call of the stage's (first) layer, in call order."""
+        layer = ref_of[stage[0]]
+        parts = [layer_rows(layer, x, mask) for x in got[stage[0]]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def reference_rows(b, mask):
         """(X rows, {layer: residual rows}) of the original model for batch b."""
@@ -158,11 +183,13 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
             return store[key]
         got_ref.clear()
         res_ref.clear()
-        run_until_stop(lambda: run_ref(b))
+        with naming_batch(position(b)):
+            run_until_stop(lambda: run_ref(b))
         check_reached(got_ref, res_ref, b)
-        x_ref = layer_rows(ref_of[stage[0]], got_ref[stage[0]], mask)
+        x_ref = stage_rows(got_ref, mask)
         if not torch.isfinite(x_ref).all():
-            raise ValueError(f"layer {stage[0]!r}: calibration activations contain NaN or Inf (batch {b})")
+            raise ValueError(f"layer {stage[0]!r}: calibration activations contain NaN or Inf (batch "
+                             f"{position(b)})")
         found = (x_ref, {n: rows(res_ref[n], mask) for n in paired})
         if store is not None:
             size = x_ref.numel() * x_ref.element_size() + sum(r.numel() * r.element_size() for r in found[1].values())
@@ -178,12 +205,18 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
             x_ref, residual_ref = reference_rows(b, mask)
             got_cmp.clear()
             res_cmp.clear()
-            run_until_stop(lambda: run_cmp(b))
+            with naming_batch(position(b)):
+                run_until_stop(lambda: run_cmp(b))
             check_reached(got_cmp, res_cmp, b)
             name = stage[0]
-            x_cmp = layer_rows(ref_of[name], got_cmp[name], mask)
+            x_cmp = stage_rows(got_cmp, mask)
+            if x_cmp.shape != x_ref.shape:
+                raise RuntimeError(f"layer {name!r}: {x_ref.shape[0]} input rows in the original model, "
+                                   f"{x_cmp.shape[0]} in the compressed one on calibration batch {position(b)} "
+                                   f"(it is called a different number of times)")
             if not torch.isfinite(x_cmp).all():
-                raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {b})")
+                raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch "
+                                 f"{position(b)})")
             shared.update(x_ref, x_cmp)
             for n, off in offsets.items():
                 off.update(x_cmp, residual_ref[n] - rows(res_cmp[n], mask))
@@ -198,7 +231,8 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
 def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targets: Sequence[str],
                         fit_layer: FitLayer, keep_rows: int = 0, progress=None,
                         reference: dict[str, GramStats] | None = None, cache: dict | None = None,
-                        residual_feedback: Sequence[str] = (), projectable: Collection[str] = ()) -> dict:
+                        residual_feedback: Sequence[str] = (), projectable: Collection[str] = (),
+                        positions: Sequence[int] | None = None) -> dict:
     """Replace every layer in ``targets`` of ``cmp`` (a copy of ``ref``) by fit_layer(name,
     stats), in execution order, each fitted on X from ``ref`` and X~ from ``cmp`` as compressed
     so far. ``progress``: an object with ``update(n)``, ``set_description(s)`` and a writable
@@ -209,26 +243,40 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
     up for the residual stream's error too (fit_layer gets their OffsetStats).
     ``projectable``: layers whose fit reads the cross statistics only through
     GramStats.cov_cross_times(their weight), which then may be all that is kept.
-    Returns {"mode": "blocks"|"model", "stages": [...], "residual_feedback": [names]}."""
+    ``positions``: each batch's index in the user's calib list (for error messages).
+    A layer is replaced under every name it is registered by (see shared.swap_module).
+    Returns {"mode": "blocks"|"model", "stages": [...], "residual_feedback": [names],
+    "calls": {layer: calls per pass on the first batch}, "notes": [why the block replay was
+    not used, if so]}."""
     ref_of = {n: ref.get_submodule(n) for n in targets}
     cmp_of = {n: cmp.get_submodule(n) for n in targets}
     masks = [row_mask(b) for b in batches]
+    position = (lambda b: b) if positions is None else positions.__getitem__
     done: list[list[str]] = []
+    notes: list[str] = []
     tick = None if progress is None else progress.update
 
     def fit_stage(stage, run_ref, run_cmp):
         if progress is not None:
             progress.set_description(f"calibrating {stage[0]}" + (f" (+{len(stage) - 1})" if len(stage) > 1 else ""))
         stats, offsets = _collect_stage(stage, ref_of, cmp_of, run_ref, run_cmp, len(batches), masks.__getitem__,
-                                        keep_rows, tick, reference, partners, cache, projectable)
+                                        keep_rows, tick, reference, partners, cache, projectable,
+                                        repeated=any(n in repeated for n in stage), position=position)
         for name in stage:
             new = fit_layer(name, stats[name], offsets.get(name))
-            set_submodule(cmp, name, new)
+            swap_module(cmp, cmp_of[name], new)
             cmp_of[name] = new
         done.append(list(stage))
 
-    order = execution_order(lambda: call_model(ref, batches[0]), ref_of)
-    wanted = {n: ref_of[n] for n in targets if n in set(residual_feedback)}
+    found = find_blocks(ref, targets)
+    blocks = list(found[1]) if found is not None else []
+    distinct = len({id(b) for b in blocks}) == len(blocks)
+    calls = trace_calls(lambda: call_model(ref, batches[0]), ref_of, blocks if distinct else ())
+    order = group_stages(calls, ref_of)
+    counts = call_counts(calls)
+    repeated = {n for n, c in counts.items() if c > 1}
+    # the residual of a repeated layer's block is not one per call: no feedback for it
+    wanted = {n: ref_of[n] for n in targets if n in set(residual_feedback) and n not in repeated}
     ends = residual_partners(ref, wanted, batches[0]) if wanted else {}
     partners = {n: (ref.get_submodule(p), cmp.get_submodule(p)) for n, p in ends.items()}
     reached = [n for stage in order for n in stage]
@@ -242,10 +290,16 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
             if stage:
                 fit_stage(stage, lambda b: call_model(ref, batches[b]), lambda b: call_model(cmp, batches[b]))
 
-    found = find_blocks(ref, targets)
-    if found is None or not _BlockStack.replay_matches(ref, found[1], batches[0]):
+    if found is not None:
+        why = _replay_unsafe(found[0], blocks, calls, ref_of)
+        if why:
+            notes.append(f"block replay of {found[0] or 'the model'!r} not used: {why}; whole-model passes instead")
+            found = None
+    # a container holding one block object twice is not a stack of blocks to replay
+    if found is None or not distinct or not _BlockStack.replay_matches(ref, found[1], batches[0]):
         whole_model(set(targets))
-        return {"mode": "model", "stages": done, "residual_feedback": sorted(partners)}
+        return {"mode": "model", "stages": done, "residual_feedback": sorted(partners), "calls": counts,
+                "notes": notes}
     prefix, ref_blocks = found
     cmp_blocks = cmp.get_submodule(prefix) if prefix else cmp
     pre = f"{prefix}." if prefix else ""
@@ -264,8 +318,13 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
             store[key] = compute()
         return store[key]
 
-    ref_in = ref_inputs(0, lambda: _BlockStack.capture_first_inputs(ref, ref_blocks[0], batches))
-    cmp_in = _BlockStack.capture_first_inputs(cmp, cmp_blocks[0], batches)
+    def step(block, inputs, b):
+        """The next block's inputs of batch b."""
+        with naming_batch(position(b)):
+            return _next_inputs(_call(block, inputs), inputs)
+
+    ref_in = ref_inputs(0, lambda: _BlockStack.capture_first_inputs(ref, ref_blocks[0], batches, position))
+    cmp_in = _BlockStack.capture_first_inputs(cmp, cmp_blocks[0], batches, position)
     for i in range(len(ref_blocks)):
         block_pre = f"{pre}{i}."
         inside = {n[len(block_pre):]: n for n in targets if n.startswith(block_pre)}
@@ -275,8 +334,37 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
                 fit_stage([inside[k] for k in stage], lambda b, i=i: _call(ref_blocks[i], ref_in[b]),
                           lambda b, i=i: _call(cmp_blocks[i], cmp_in[b]))
         with torch.no_grad():
-            ref_in = ref_inputs(i + 1, lambda i=i, prev=ref_in: [_next_inputs(_call(ref_blocks[i], x), x)
-                                                                 for x in prev])
-            cmp_in = [_next_inputs(_call(cmp_blocks[i], x), x) for x in cmp_in]
+            ref_in = ref_inputs(i + 1, lambda i=i, prev=ref_in: [step(ref_blocks[i], x, b)
+                                                                 for b, x in enumerate(prev)])
+            cmp_in = [step(cmp_blocks[i], x, b) for b, x in enumerate(cmp_in)]
     whole_model({n for n in targets if not any(n in st for st in done)})
-    return {"mode": "blocks", "stages": done, "residual_feedback": sorted(partners)}
+    return {"mode": "blocks", "stages": done, "residual_feedback": sorted(partners), "calls": counts,
+            "notes": notes}
+
+
+def _home_block(name: str, prefix: str, n_blocks: int) -> int | None:
+    """The index of the block whose inside holds layer ``name`` (``prefix.i.``...), or None."""
+    pre = f"{prefix}." if prefix else ""
+    head, dot, _ = name[len(pre):].partition(".") if name.startswith(pre) else ("", "", "")
+    return int(head) if dot and head.isdigit() and int(head) < n_blocks else None
+
+
+def _replay_unsafe(prefix: str, blocks: Sequence[nn.Module], calls, ref_of: dict) -> str:
+    """Why replaying single blocks would miss calls of a target layer ("" when it would not):
+    the replay of block i sees only the calls made while block i runs. (A container holding
+    one block object twice is never replayed: that is worth a note only when a target sits
+    in such a block.)"""
+    seen = Counter(id(b) for b in blocks)
+    twice = {i for i, c in seen.items() if c > 1}
+    for name, mod in ref_of.items():
+        home = _home_block(name, prefix, len(blocks))
+        if id(mod) in twice or (home is not None and id(blocks[home]) in twice):
+            return f"layer {name!r} is in a block registered at several positions"
+    if twice:
+        return ""
+    for name, _x, scope in calls:
+        home = _home_block(name, prefix, len(blocks))
+        if home is not None and scope != home:
+            where = "outside the blocks" if scope is None else f"in block {scope}"
+            return f"layer {name!r} (a module of block {home}) is also called {where}"
+    return ""
