@@ -14,11 +14,17 @@ from torch import Tensor
 PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
+def transforming() -> bool:
+    """True inside a torch.func transform (vmap, grad, jacrev, jvp, ...) or while a
+    forward-mode AD level is open: tensors may be batched or carry tangents that only torch's
+    own ops (which have batching and forward-mode rules) propagate."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 def recording() -> bool:
-    """True while torch.compile / torch.export, torch.jit.trace or a torch.func transform
-    is recording or transforming the computation."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch._C._are_functorch_transforms_active())
+    """True while torch.compile / torch.export, torch.jit.trace, a torch.func transform or
+    forward-mode AD is recording or transforming the computation."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or transforming()
 
 
 def plain_eager(*tensors: Tensor | None) -> bool:

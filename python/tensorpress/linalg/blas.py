@@ -10,7 +10,6 @@ leaves its inputs untouched.
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from tensorpress._eager import plain_eager
@@ -23,11 +22,10 @@ MIN_WORK = 1 << 16
 
 def _untracked(*ts: Tensor | None) -> bool:
     """Whether the extension may compute on these tensors without anything losing track of it:
-    plain CPU tensors that nothing records or transforms (jit.trace, compile, torch.func; see
-    tensorpress._eager), no autograd wanted, no forward-mode AD level open (a dual tensor's
-    tangent would be dropped) and CPU autocast off (torch's op would run in autocast's dtype)."""
-    # forward_ad keeps its open level in this module attribute (-1: none open)
-    return (plain_eager(*ts) and fwAD._current_level < 0 and not torch.is_autocast_enabled("cpu")
+    plain CPU tensors that nothing records or transforms (jit.trace, compile, torch.func,
+    forward-mode AD; see tensorpress._eager), no autograd wanted and CPU autocast off (torch's
+    op would run in autocast's dtype)."""
+    return (plain_eager(*ts) and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)))
 
 

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from tensorpress._eager import PLAIN_TENSOR_TYPES, recording
+from tensorpress._eager import PLAIN_TENSOR_TYPES, recording, transforming
 from tensorpress._ext import _C
 from tensorpress.ops.tt_dense import dense_from_halves
 from tensorpress.ops.tt_plan import TTPlan, choose_plan, cuda_limits, cuda_schedule, flat_dims, plan_info
@@ -530,9 +530,9 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
     if plan is None:
         plan = plan_for(cores, x2.shape[0])
     # the CUDA kernels and cuBLAS take the half types as they are; the CPU computes in float32
-    x_in = x2 if _uses_cuda_kernels(x2) and not _functorch_active() else x2.to(compute_dtype(x.dtype))
+    x_in = x2 if _uses_cuda_kernels(x2) and not transforming() else x2.to(compute_dtype(x.dtype))
     bias_c = None if bias is None else bias.to(compute_dtype(bias.dtype))
-    if _functorch_active():
+    if transforming():
         y = _tt_matmul_torch(x_in, cores, plan, prepared, bias_c)
     elif prepared is None and plan.dense and len(cores) > 1:
         y = _dense_route(x_in, cores)
@@ -546,15 +546,11 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[1])  # (no view node where none is needed)
 
 
-def _functorch_active() -> bool:
-    """Inside torch.func's vmap / grad / jacrev / jvp: autograd Functions and the custom op have
-    no batching or forward-mode rules, so the plan runs as torch ops, which have them all."""
-    return torch._C._are_functorch_transforms_active()
-
-
 def _tt_matmul_torch(x: Tensor, cores: Sequence[Tensor], plan: TTPlan, prepared: List[Tensor] | None,
                      bias: Tensor | None) -> Tensor:
-    """The plan by plain differentiable torch ops (merges, permutes, matmuls)."""
+    """The plan by plain differentiable torch ops (merges, permutes, matmuls): under torch.func
+    and forward-mode AD, where autograd Functions and the custom op have no batching or
+    forward-mode rules and torch's ops have them all."""
     cores_c = _compute_cores(cores)
     if prepared is not None:
         mats = prepared
