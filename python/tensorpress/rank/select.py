@@ -135,6 +135,10 @@ def _check_candidates(family, candidates, dims):
             if any(r > p for r, p in zip(rs, dims)):
                 raise ValueError(f"candidates: Tucker ranks must satisfy R_d <= p_d for samples of shape {dims}, "
                                  f"got {c!r}")
+        # a rank past min(p, q) is no model: the fit would silently stop at min(p, q)
+        if family in ("lowrank", "matrix") and ok_int and c > min(dims):
+            raise ValueError(f"candidates: a low-rank candidate must be at most min(p, q) = {min(dims)} for samples "
+                             f"of shape {dims}, got {c!r}")
     return [tuple(int(r) for r in c) if isinstance(c, (tuple, list)) else (int(c) if not callable(family) or
             isinstance(c, (int, np.integer)) else c) for c in cands]
 
