@@ -466,3 +466,24 @@ def test_a_model_that_is_itself_the_layer_is_refused():
     """Its replacement cannot be put inside a copy of it: no silently dense "compressed" model."""
     with pytest.raises(ValueError, match=r"model: is itself a layer to compress \(Linear\).*nn.Sequential"):
         tp.compress(nn.Linear(16, 16).to(F64), _features(), budget=0.3)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_save_and_load_keep_shared_modules_and_ties(case, tmp_path):
+    """save_compressed / load_compressed give back the returned model: a module registered
+    under several names is replaced at every place (and stays one module), ties stay tied."""
+    from tensorpress.compress import load_compressed, save_compressed
+
+    model, calib, kw = CASES[case]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small, report = tp.compress(model, calib, method="svd", **kw)
+    path = save_compressed(small, report, tmp_path / "small.safetensors")
+    again = load_compressed(model, path)
+    for n, m in small.named_modules(remove_duplicate=False):
+        assert type(again.get_submodule(n)) is type(m), n
+    assert _tied_groups(again) == _tied_groups(small)
+    small.eval(), again.eval()
+    with torch.no_grad():
+        for batch in calib[:2]:
+            assert torch.equal(again(batch), small(batch))

@@ -79,9 +79,10 @@ def _spec(mod) -> dict | None:
 
 
 def compressed_layers(model: nn.Module) -> dict[str, dict]:
-    """{name: spec} of the compressed layers inside ``model``."""
+    """{name: spec} of the compressed layers inside ``model``, under every name a layer has (a
+    module registered twice is replaced at both places on load)."""
     spec = {}
-    for name, mod in model.named_modules():
+    for name, mod in model.named_modules(remove_duplicate=False):
         found = _spec(mod)
         if found is not None:
             spec[name] = found
