@@ -162,7 +162,8 @@ def test_method_choice_is_visible():
     assert svd_method((100, 64, 64)) == "jacobi"
     assert svd_method((100, 64, 64), dtype=torch.float64) == "lapack"
     assert svd_method((100, 32, 32), dtype=torch.float64) == "jacobi"
-    assert svd_method((1024, 1024), rank=64) == "randomized"
+    assert svd_method((1024, 1024), rank=64) == "randomized_checked"
+    assert svd_method((1024, 1024), rank=64, dtype=torch.float64) == "lapack"  # cost model: no gain
     assert svd_method((1024, 1024), rank=900) == "lapack"
     assert svd_method((1024, 1024), rank=64, method="lapack") == "lapack"
 
