@@ -190,6 +190,17 @@ def test_malformed_structured_specs(saved, tmp_path, no_real_build, structure, e
         load_compressed(model, crafted)
 
 
+def test_conv_layer_built_with_an_int_padding_round_trips(tmp_path):
+    from tensorpress.nn import TuckerConv2d
+
+    model = cnn()
+    small = nn.Sequential(TuckerConv2d(3, 8, 3, ranks=(4, 2), padding=1), *list(model)[1:])
+    path = save_compressed(small, path=tmp_path / "m.safetensors")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(model, path)(x), small(x), rtol=0, atol=0)
+
+
 def test_another_models_file_is_refused(saved, no_real_build):
     _, _, path = saved["lowrank"]   # compressed from an MLP taking 16 inputs
     with pytest.raises(CompressedFileError, match="in_features: the file has 16, the model's nn.Linear has 12"):

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import re
 import warnings
 
 import torch
@@ -136,7 +137,7 @@ def _read_header(where: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int,
 
 def _format_version(meta: dict[str, str], where: str) -> int:
     raw = meta.get(_FORMAT_KEY, "0")
-    if not raw.isdigit():
+    if not re.fullmatch(r"[0-9]{1,9}", raw):
         raise CompressedFileError(f"path: {where}: {_FORMAT_KEY}: expected a format version (an int), got {raw!r}")
     version = int(raw)
     if version > FORMAT_VERSION:
@@ -266,10 +267,10 @@ def _check_conv(fields: _Fields, module: nn.Module) -> dict:
         raise fields.fail("padding", f"expected 'same', 'valid', an int >= 0 or a list of 2, got {padding!r}")
     kw["padding"] = padding
     kw["padding_mode"] = fields.spec["padding_mode"]
-    for field in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "padding", "padding_mode"):
-        model_value = getattr(module, field)
-        fields.same(field, kw[field], tuple(model_value) if isinstance(model_value, list) else model_value,
-                    "nn.Conv2d")
+    for field in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "padding_mode"):
+        fields.same(field, kw[field], getattr(module, field), "nn.Conv2d")
+    # a layer built with padding=p records p; nn.Conv2d holds (p, p)
+    fields.same("padding", (padding, padding) if isinstance(padding, int) else padding, module.padding, "nn.Conv2d")
     return kw
 
 
