@@ -1,4 +1,4 @@
-"""Checks shared by the factorized layers (CPConv2d, TuckerConv2d, LowRankLinear)."""
+"""Checks shared by the factorized layers (TTLinear, CPConv2d, TuckerConv2d, LowRankLinear)."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -30,12 +30,12 @@ def check_input_matches(x, params: Iterable[tuple[str, Tensor | None]]) -> None:
         if x.device != p.device:
             raise ValueError(f"input: expected a tensor on {p.device} (the device of the layer's {name}), "
                              f"got one on {x.device}")
-        if x.dtype != p.dtype and not _autocast_casts(x, p):
+        if x.dtype != p.dtype and not autocast_casts(x, p):
             raise TypeError(f"input: expected dtype {p.dtype} (the dtype of the layer's {name}; under "
                             f"torch.autocast any dtype it casts), got {x.dtype}")
 
 
-def _autocast_casts(x: Tensor, p: Tensor) -> bool:
+def autocast_casts(x: Tensor, p: Tensor) -> bool:
     """Whether autocast is on for x's device and casts both x and p (floating types other than
     float64, as for nn.Linear), so that their dtypes need not match."""
     device = x.device.type

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from tensorpress._eager import PLAIN_TENSOR_TYPES, recording
 from tensorpress.decompose.tt import tt_matrix_svd
+from tensorpress.nn._checks import autocast_casts, check_factor_dtype
 from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
 from tensorpress.ops.tt import prepare_tt, tt_matmul, tt_to_dense
 from tensorpress.ops.tt_plan import TTPlan, choose_plan
@@ -42,7 +43,7 @@ class TTLinear(nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        _check_dtype(dtype if dtype is not None else torch.get_default_dtype())
+        check_factor_dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
         self.in_factors, self.out_factors = _resolve_factors(in_features, out_features, in_factors, out_factors)
         self.ranks = _resolve_ranks(ranks, self.out_factors, self.in_factors)
@@ -98,7 +99,7 @@ class TTLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input: expected shape (*, in_features={self.in_features}), got shape {tuple(x.shape)}")
         cores, bias = self._core_list(), self.bias
-        if _autocasts(x, cores[0]):
+        if autocast_casts(x, cores[0]):
             # like nn.Linear: input, weight and bias in autocast's dtype (the kernel accumulates
             # the half types in float32), autocast itself off inside
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -230,18 +231,6 @@ def _same_bytes(a: Tensor, b: Tensor) -> bool:
 
 def _storage_keys(cores: Sequence[Tensor]) -> tuple:
     return tuple((g.data_ptr(), g.dtype, g.device, tuple(g.shape), g._version) for g in cores)
-
-
-def _autocasts(x: Tensor, core: Tensor) -> bool:
-    """Whether autocast is on for x's device and would cast this layer (as it casts nn.Linear:
-    floating tensors other than float64)."""
-    return (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()
-            and core.dtype != torch.float64 and x.dtype != torch.float64)
-
-
-def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype: expected float32, float64, float16 or bfloat16, got {dtype}")
 
 
 def _warn_if_not_smaller(ranks, out_factors, in_factors) -> None:
