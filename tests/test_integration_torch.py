@@ -44,6 +44,13 @@ LAYERS = [
     Spec("cp_small", lambda **f: CPConv2d(3, 4, 3, rank=4, padding=1, **f), (2, 3, 5, 5), True),
     Spec("cp_large", lambda **f: CPConv2d(32, 32, 3, rank=32, padding=1, **f), (2, 32, 16, 16), False),
     Spec("tucker_small", lambda **f: TuckerConv2d(3, 4, 3, ranks=(2, 3), padding=1, **f), (2, 3, 5, 5), True),
+    # the other geometries: stride; a kernel past MAX_FUSED_DEPTHWISE (two 1-D depthwise convs)
+    # on a reflect-padded input; dilation with "same" padding
+    Spec("cp_strided", lambda **f: CPConv2d(3, 4, 3, rank=3, stride=2, padding=1, **f), (2, 3, 7, 6), True),
+    Spec("cp_separable", lambda **f: CPConv2d(2, 3, (9, 3), rank=2, padding=(4, 1), padding_mode="reflect", **f),
+         (2, 2, 10, 6), True),
+    Spec("tucker_dilated", lambda **f: TuckerConv2d(3, 5, 3, (4, 2), padding="same", dilation=2, **f),
+         (2, 3, 7, 6), True),
     Spec("tucker_large", lambda **f: TuckerConv2d(32, 32, 3, ranks=(16, 16), padding=1, **f), (2, 32, 16, 16),
          False),
 ]
@@ -207,11 +214,12 @@ def test_gradient_penalty_matches_dense_reference(spec):
     got = torch.autograd.grad(gx.square().sum(), list(layer.parameters()), allow_unused=True)
 
     def dense_of_parameters(t):
-        # the same weight rebuilt differentiably from the layer's own parameters
+        # the dense layer (its geometry and padding mode) with the weight rebuilt differentiably
+        # from the layer's own parameters
         w = layer.to_dense()
         if w.dim() == 2:
             return F.linear(t, w, layer.bias)
-        return F.conv2d(t, w, layer.bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        return torch.func.functional_call(layer.to_conv(), {"weight": w, "bias": layer.bias}, (t,))
 
     (gd,) = torch.autograd.grad(dense_of_parameters(x).square().sum(), x, create_graph=True)
     want = torch.autograd.grad(gd.square().sum(), list(layer.parameters()), allow_unused=True)
