@@ -196,3 +196,20 @@ def test_bad_input(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         truncated_svd(**bad)
     assert torch.equal(A, before) or torch.isnan(A).any()
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 5, 9), (6, 6), (9, 4)])
+def test_lapack_of_wide_matrices_through_the_transpose(shape):
+    """lapack_svd factors a wide matrix through its tall transpose (faster in MKL): the same
+    reduced SVD, A = U diag(S) Vh with orthonormal factors and LAPACK's values."""
+    from tensorpress.linalg.svd import lapack_svd
+
+    A = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    U, S, Vh = lapack_svd(A)
+    k = min(shape[-2:])
+    assert U.shape == (*shape[:-1], k) and Vh.shape == (*shape[:-2], k, shape[-1])
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, A, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S, torch.linalg.svdvals(A), rtol=1e-12, atol=1e-12)
+    eye = torch.eye(k, dtype=torch.float64).expand(*shape[:-2], k, k)
+    torch.testing.assert_close(U.mT @ U, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(Vh @ Vh.mT, eye, rtol=0, atol=1e-12)

@@ -184,7 +184,7 @@ def truncated_svd(A: Tensor, rank: int | None = None, rtol: float | None = None,
     elif chosen == "randomized_checked":
         U, S, Vh = _randomized_checked(a, k, generator)
     else:
-        U, S, Vh = _normalize_signs(*torch.linalg.svd(a, full_matrices=False))
+        U, S, Vh = _normalize_signs(*lapack_svd(a))
     U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
     if rtol is not None and S.numel():
         keep = S >= rtol * S[..., :1]
@@ -192,6 +192,17 @@ def truncated_svd(A: Tensor, rank: int | None = None, rtol: float | None = None,
         U, S, Vh = U[..., :count], (S * keep)[..., :count], Vh[..., :count, :]
     k = S.shape[-1]
     return SVDResult(U.reshape(*batch_shape, m, k), S.reshape(*batch_shape, k), Vh.reshape(*batch_shape, k, n))
+
+
+def lapack_svd(a: Tensor):
+    """torch.linalg.svd(a, full_matrices=False). On the CPU a wide matrix (m < n) goes in as its
+    tall transpose: MKL's gesdd took 1.8-4.2x longer on the wide one on this EPYC (768 x 3072:
+    297 against 166 ms in float32, 541 against 297 ms in float64; 1024 x 4096 float32: 2016
+    against 482 ms) for the same factorization."""
+    if a.device.type == "cpu" and a.shape[-2] < a.shape[-1]:
+        U, S, Vh = torch.linalg.svd(a.mT, full_matrices=False)
+        return Vh.mT, S, U.mT
+    return torch.linalg.svd(a, full_matrices=False)
 
 
 def _normalize_signs(U: Tensor, S: Tensor, Vh: Tensor):
@@ -290,7 +301,7 @@ def _small_svd(x: Tensor):
     Jacobi up to JACOBI_MAX_COLUMNS, LAPACK on wider blocks (where it is the faster one)."""
     if svd_method(x.shape, None, "auto", x.device, x.dtype) == "jacobi":
         return _jacobi(x)
-    return torch.linalg.svd(x, full_matrices=False)
+    return lapack_svd(x)
 
 
 def _rayleigh_ritz(a: Tensor, q: Tensor):
@@ -362,7 +373,7 @@ def checked_step_budget(m: int, n: int, k: int, dtype: torch.dtype) -> float:
 
 
 def _lapack_truncated(a: Tensor, k: int):
-    U, S, Vh = torch.linalg.svd(a, full_matrices=False)
+    U, S, Vh = lapack_svd(a)
     return U[..., :k], S[..., :k], Vh[..., :k, :]
 
 
