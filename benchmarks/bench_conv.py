@@ -11,7 +11,12 @@ On ``nn.Conv2d(256, 256, 3, padding=1)`` with a seeded random weight and an inpu
 2. decomposition time and relative kernel error ||W - W_hat|| / ||W|| of
    ``CPConv2d.from_dense(conv, 64)`` vs ``tltorch.FactorizedConv.from_conv(conv, rank=64,
    factorization='cp')`` (tensorly's parafac with its default iteration cap);
-3. the issue's targets, PASS/FAIL.
+3. forward + backward time (autograd on, gradients of the input and every parameter) of each
+   CPConv2d and the tltorch 'factorized' side of the same rank;
+4. the cost of CPConv2d's first call per shape key, which times the stages' routes
+   (``tensorpress.nn.conv_paths``), the routes it chose, and the layer with its static routes
+   (GEMM 1x1 stages, fused depthwise; what it ran before the choice) as a baseline;
+5. the issue's targets, PASS/FAIL.
 
 Writes ``conv_cpu.{json,md,png}`` (``conv_cpu_quick.*`` with --quick) under ``--out``.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -31,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensorpress.nn import CPConv2d, TuckerConv2d
+from tensorpress.nn import CPConv2d, TuckerConv2d, conv_paths
+from tensorpress.nn.cp_conv2d import static_routes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, interleaved_orders,  # noqa: E402
@@ -77,6 +84,23 @@ def tltorch_cp_conv(ours: CPConv2d, implementation: str) -> nn.Module:
     return layer
 
 
+class StaticRoutes(nn.Module):
+    """A CPConv2d run on its static routes (no measured choice): the baseline of the choice."""
+
+    def __init__(self, layer: CPConv2d) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.forward_routes(x, static_routes(self.layer.kernel_size))
+
+
+def cp_rank(name: str) -> int | None:
+    """The CP rank in a side's name ("CPConv2d r64 static routes" -> 64), None for other sides."""
+    m = re.search(r"CP.* r(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
 def timed(fn):
     """(result of fn(), seconds it took)."""
     t0 = time.perf_counter()
@@ -95,6 +119,7 @@ def build_sides(conv: nn.Conv2d, cp_ranks, tucker_ranks, n_iter: int | None,
     for r in cp_ranks:
         layer, t = built.get(r) or timed(lambda: CPConv2d.from_dense(conv, r, method="als", **kw))
         sides[f"CPConv2d r{r}"] = layer
+        sides[f"CPConv2d r{r} static routes"] = StaticRoutes(layer)
         info[f"CPConv2d r{r}"] = {"build_s": t, "rel_err": rel_err(w, layer.to_dense())}
         for impl in ("factorized", "reconstructed"):
             sides[f"tltorch CP {impl} r{r}"] = tltorch_cp_conv(layer, impl)
@@ -104,6 +129,43 @@ def build_sides(conv: nn.Conv2d, cp_ranks, tucker_ranks, n_iter: int | None,
         sides[name] = layer
         info[name] = {"build_s": t, "rel_err": rel_err(w, layer.to_dense())}
     return sides, info
+
+
+def first_calls(sides: dict, x: torch.Tensor, cp_ranks) -> dict[str, dict]:
+    """Per CPConv2d: its first call without and with autograd (each times the routes of its
+    shape key once) and the routes chosen, read from the cache."""
+    out = {}
+    for r in cp_ranks:
+        layer = sides[f"CPConv2d r{r}"]
+        with torch.no_grad():
+            _, t_inf = timed(lambda: layer(x))
+        xg = x.detach().requires_grad_()
+        _, t_train = timed(lambda: torch.autograd.grad(layer(xg).sum(), [xg, *layer.parameters()]))
+        chosen = {("grad" if key[-1] else "no_grad"): list(routes) for key, routes in conv_paths.cached().items()
+                  if key[3] == r and key[0] == "CPConv2d"}
+        out[f"CPConv2d r{r}"] = {"first_fwd_ms": 1e3 * t_inf, "first_fwd_bwd_ms": 1e3 * t_train, "routes": chosen}
+    return out
+
+
+def time_forward_backward(sides: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict[str, dict]:
+    """Median forward + backward ms (gradients of the input and every parameter, the output's
+    gradient fixed), sides interleaved as in `time_forward`."""
+    names = list(sides)
+    xg = x.detach().requires_grad_()
+    grad_y = torch.randn_like(sides[names[0]](x.detach()).detach())
+
+    def step(module):
+        torch.autograd.grad(module(xg), [xg, *module.parameters()], grad_y)
+    for _ in range(warmup):
+        for n in names:
+            step(sides[n])
+    ts = {n: [] for n in names}
+    for positions in interleaved_orders(len(names), repeats):
+        for n in (names[i] for i in positions):
+            t0 = time.perf_counter()
+            step(sides[n])
+            ts[n].append(time.perf_counter() - t0)
+    return {n: {"fwd_bwd_ms": median_ms(ts[n]), "fwd_bwd_quartiles_ms": quartiles_ms(ts[n])} for n in names}
 
 
 def check_agreement(sides: dict, x: torch.Tensor, cp_ranks) -> dict[str, float]:
@@ -161,11 +223,14 @@ def decomposition(conv: nn.Conv2d, rank: int, n_iter: int | None) -> tuple[dict[
         ours, t_ours
 
 
-def targets(times: dict, decomp: dict, cp_ranks) -> dict[str, str]:
-    """PASS/FAIL for the issue's two targets."""
+def targets(times: dict, train: dict, decomp: dict, cp_ranks) -> dict[str, str]:
+    """PASS/FAIL for the issues' targets."""
     mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     out = {f"fwd r{r}: CPConv2d <= tltorch factorized": mark(
         times[f"CPConv2d r{r}"]["fwd_ms"] <= times[f"tltorch CP factorized r{r}"]["fwd_ms"]) for r in cp_ranks}
+    out.update({f"fwd+bwd r{r}: CPConv2d <= tltorch factorized": mark(
+        train[f"CPConv2d r{r}"]["fwd_bwd_ms"] <= train[f"tltorch CP factorized r{r}"]["fwd_bwd_ms"])
+        for r in cp_ranks})
     ours, peer = decomp["CPConv2d.from_dense (als)"], decomp["tltorch from_conv (parafac)"]
     out[f"from_dense r{DECOMP_RANK}: >= {TARGET_DECOMP:g}x faster at <= error"] = mark(
         peer["seconds"] / ours["seconds"] >= TARGET_DECOMP and ours["rel_err"] <= peer["rel_err"])
@@ -192,15 +257,36 @@ def write_markdown(path: Path, res: dict) -> None:
     if res["n_iter_max"] is not None:
         lines.append(f"- QUICK run: every decomposition capped at {res['n_iter_max']} sweeps")
     lines += ["", "## Forward time", "",
-              "| layer | params | kernel rel. error | fwd ms (median) | IQR ms | speed-up vs dense |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| layer | params | kernel rel. error | fwd ms (median) | IQR ms | speed-up vs dense "
+              "| time vs tltorch factorized |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, t in times.items():
-        err = res["build"].get(name.replace("tltorch CP factorized", "CPConv2d")
-                               .replace("tltorch CP reconstructed", "CPConv2d"), {}).get("rel_err")
+        rank = cp_rank(name)
+        err = res["build"].get(f"CPConv2d r{rank}" if rank else name, {}).get("rel_err")
+        peer = times[f"tltorch CP factorized r{rank}"]["fwd_ms"] if rank else None
         q = t["fwd_quartiles_ms"]
+        vs_peer = "-" if peer is None else f"{t['fwd_ms'] / peer:.3f}x"
         lines.append(f"| {name} | {res['params'][name]:,} | {'-' if err is None else f'{err:.4f}'} "
                      f"| {t['fwd_ms']:.2f} | {f'{q[0]:.2f}-{q[1]:.2f}' if q else '-'} "
-                     f"| {dense_ms / t['fwd_ms']:.2f}x |")
+                     f"| {dense_ms / t['fwd_ms']:.2f}x | {vs_peer} |")
+    lines += ["", "## Forward + backward time (autograd on: gradients of the input and every parameter)", "",
+              "| layer | fwd+bwd ms (median) | IQR ms | vs tltorch factorized |", "|---|---:|---:|---:|"]
+    for name, t in res["forward_backward"].items():
+        peer = res["forward_backward"][f"tltorch CP factorized r{cp_rank(name)}"]["fwd_bwd_ms"]
+        q = t["fwd_bwd_quartiles_ms"]
+        lines.append(f"| {name} | {t['fwd_bwd_ms']:.2f} | {f'{q[0]:.2f}-{q[1]:.2f}' if q else '-'} "
+                     f"| {t['fwd_bwd_ms'] / peer:.3f}x |")
+    lines += ["", "## CPConv2d's route choice (first call per shape key)", "",
+              "The first call of each shape key (no_grad / grad) times each stage's routes "
+              "(`tensorpress.nn.conv_paths`: 1x1 stages as OpenBLAS GEMMs or torch's conv, depthwise "
+              "fused or two 1-D convs) and keeps the fastest; \"static routes\" is the layer without "
+              "the choice (GEMM, fused, GEMM), the routes it ran before.", "",
+              "| layer | first call ms, no_grad | first fwd+bwd ms | routes no_grad (in, depthwise, out) "
+              "| routes grad |", "|---|---:|---:|---|---|"]
+    for name, f in res["first_calls"].items():
+        rt = f["routes"]
+        lines.append(f"| {name} | {f['first_fwd_ms']:.1f} | {f['first_fwd_bwd_ms']:.1f} "
+                     f"| {', '.join(rt.get('no_grad', ['-']))} | {', '.join(rt.get('grad', ['-']))} |")
     lines += ["", f"## Decomposition at CP rank {DECOMP_RANK} (one run each)", "",
               "| method | seconds | kernel rel. error |", "|---|---:|---:|"]
     for name, d in res["decomposition"].items():
@@ -265,11 +351,19 @@ def main(argv=None) -> int:
     print("decomposition:", {k: f"{v['seconds']:.2f} s, err {v['rel_err']:.4f}" for k, v in decomp.items()},
           flush=True)
     sides, build = build_sides(conv, cp_ranks, tucker_ranks, n_iter, {DECOMP_RANK: (layer64, t64)})
+    firsts = first_calls(sides, x, cp_ranks)
+    print("first calls:", {k: f"{v['first_fwd_ms']:.1f} / {v['first_fwd_bwd_ms']:.1f} ms, {v['routes']}"
+                           for k, v in firsts.items()}, flush=True)
     agree = check_agreement(sides, x, cp_ranks)
     times = time_forward(sides, x, repeats, warmup)
     for n, t in times.items():
         print(f"{n:32s} {t['fwd_ms']:9.2f} ms  {times['dense']['fwd_ms'] / t['fwd_ms']:6.2f}x  "
               f"{n_params(sides[n]):>9,} params", flush=True)
+    train_sides = {n: sides[n] for r in cp_ranks for n in
+                   (f"CPConv2d r{r}", f"CPConv2d r{r} static routes", f"tltorch CP factorized r{r}")}
+    train = time_forward_backward(train_sides, x, repeats, warmup)
+    for n, t in train.items():
+        print(f"{n:32s} {t['fwd_bwd_ms']:9.2f} ms fwd+bwd", flush=True)
 
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
@@ -279,8 +373,9 @@ def main(argv=None) -> int:
     res = {"meta": meta, "tltorch_version": tltorch.__version__,
            "tltorch_default_implementation": tltorch_default_implementation(),
            "repeats": repeats, "warmup": warmup, "n_iter_max": n_iter, "forward": times,
+           "forward_backward": train, "first_calls": firsts,
            "params": {n: n_params(m) for n, m in sides.items()}, "build": build, "agreement": agree,
-           "decomposition": decomp, "targets": targets(times, decomp, cp_ranks)}
+           "decomposition": decomp, "targets": targets(times, train, decomp, cp_ranks)}
     for k, v in res["targets"].items():
         print(f"{v}  {k}")
 

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tensorpress.nn import CPConv2d
-from tensorpress.nn import cp_conv2d
+from tensorpress.nn import conv_paths, cp_conv2d
 
 from conftest import rel_err
 
@@ -60,14 +60,45 @@ def test_fast_path_equals_general_path_and_dense(geom, bias):
     assert rel_err(layer(wide), _general_forward(layer, wide)) < 1e-12
 
 
+def _all_routes(layer, x):
+    """Every combination of the stages' routes this layer and input may take."""
+    return [cp_conv2d.Routes(a, d, b) for a in cp_conv2d.pointwise_candidates(x)
+            for d in cp_conv2d.depthwise_candidates(layer.kernel_size) for b in ("gemm", "conv")]
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_every_route_equals_the_dense_conv(geom):
+    layer = _layer(geom)
+    x = torch.randn(3, 5, 12, 11, dtype=torch.float64)
+    dense = layer.to_conv()(x)
+    routes = _all_routes(layer, x)
+    assert len(routes) == (8 if max(layer.kernel_size) <= cp_conv2d.MAX_FUSED_DEPTHWISE else 4)
+    for r in routes:
+        assert rel_err(layer.forward_routes(x, r), dense) < 1e-12, r
+
+
+def test_every_route_has_the_general_paths_gradients():
+    layer = _layer(((3, 3), 2, 1, 1, "zeros"))
+    x = torch.randn(2, 5, 9, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(layer(x))
+    ref = torch.autograd.grad((_general_forward(layer, x) * g).sum(), [x, *layer.parameters()])
+    for r in _all_routes(layer, x):
+        grads = torch.autograd.grad((layer.forward_routes(x, r) * g).sum(), [x, *layer.parameters()])
+        for a, b in zip(grads, ref):
+            assert rel_err(a, b) < 1e-12, r
+
+
 @pytest.mark.parametrize("geom", GEOMETRIES[:2] + GEOMETRIES[-2:])
-def test_fused_and_separable_depthwise_agree(geom, monkeypatch):
+def test_static_routes_follow_max_fused_depthwise(geom, monkeypatch):
+    monkeypatch.setitem(conv_paths._ENABLED, "on", False)
     layer = _layer(geom)
     x = torch.randn(2, 5, 12, 11, dtype=torch.float64)
     fused = layer(x)
     monkeypatch.setattr(cp_conv2d, "MAX_FUSED_DEPTHWISE", 0)       # every kernel -> separable
+    assert layer.routes(x).depthwise == "separable"
     separable = layer(x)
     monkeypatch.setattr(cp_conv2d, "MAX_FUSED_DEPTHWISE", 99)      # every kernel -> fused
+    assert layer.routes(x) == ("gemm", "fused", "gemm")
     all_fused = layer(x)
     assert rel_err(fused, separable) < 1e-12
     assert rel_err(all_fused, separable) < 1e-12

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -9,6 +10,7 @@ from torch.nn import functional as F
 
 from tensorpress.decompose.cp import cp_als, cp_overparam
 from tensorpress.linalg import blas
+from tensorpress.nn import conv_paths
 from tensorpress.nn._checks import check_factor_dtype, check_input_matches
 
 METHODS = ("als", "overparam")
@@ -118,10 +120,57 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     return blas.baddbmm(addend, w_batched, x_flat).view(n, out, h, w)
 
 
-# Largest kernel side for which one depthwise kh x kw conv (outer-product kernel) beats the two
-# 1-D passes on CPU: oneDNN's depthwise kernels are memory-bound up to 7x7 (one pass over the
-# activations instead of two, 0.2-0.7x the time); at 11x11 they fall to a slow path (4-5x).
+def pointwise_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.conv2d(x, weight, bias) for a 1x1 ``weight``: torch's own conv (oneDNN on CPU)."""
+    return F.conv2d(x, weight, bias)
+
+
+# Largest kernel side for which one depthwise kh x kw conv (outer-product kernel) is a route:
+# oneDNN's depthwise kernels are memory-bound up to 7x7 (one pass over the activations instead
+# of two, 0.2-0.7x the time); at 11x11 they fall to a slow path (4-5x), not worth timing.
 MAX_FUSED_DEPTHWISE = 7
+
+
+def depthwise_fused(h: Tensor, kernel_h: Tensor, kernel_w: Tensor, pad: tuple[int, int], stride, dilation) -> Tensor:
+    """The two depthwise stages as one kh x kw depthwise conv with kernel C[h, r] D[w, r]."""
+    kernel = kernel_h * kernel_w          # (R, 1, kh, 1) * (R, 1, 1, kw)
+    return F.conv2d(h, kernel, stride=stride, padding=pad, dilation=dilation, groups=kernel.shape[0])
+
+
+def depthwise_separable(h: Tensor, kernel_h: Tensor, kernel_w: Tensor, pad: tuple[int, int], stride,
+                        dilation) -> Tensor:
+    """kh x 1 then 1 x kw depthwise convs (H stride/dilation on the first, W on the second)."""
+    (sh, sw), (dh, dw), rank = stride, dilation, kernel_h.shape[0]
+    h = F.conv2d(h, kernel_h, stride=(sh, 1), padding=(pad[0], 0), dilation=(dh, 1), groups=rank)
+    return F.conv2d(h, kernel_w, stride=(1, sw), padding=(0, pad[1]), dilation=(1, dw), groups=rank)
+
+
+# the routes of each stage, looked up at call time (tests replace entries)
+POINTWISE = {"gemm": pointwise_conv, "conv": pointwise_torch}
+DEPTHWISE = {"fused": depthwise_fused, "separable": depthwise_separable}
+
+
+class Routes(NamedTuple):
+    """The route each stage of a CPConv2d forward takes."""
+    pointwise_in: str        # a key of POINTWISE
+    depthwise: str           # a key of DEPTHWISE
+    pointwise_out: str
+
+
+def static_routes(kernel_size: tuple[int, int]) -> Routes:
+    """The routes taken when nothing is measured (recording, autocast, other devices,
+    autotuning off): GEMM 1x1 stages, the fused depthwise kernel up to MAX_FUSED_DEPTHWISE."""
+    fused = max(kernel_size) <= MAX_FUSED_DEPTHWISE
+    return Routes("gemm", "fused" if fused else "separable", "gemm")
+
+
+def depthwise_candidates(kernel_size: tuple[int, int]) -> tuple[str, ...]:
+    return ("fused", "separable") if max(kernel_size) <= MAX_FUSED_DEPTHWISE else ("separable",)
+
+
+def pointwise_candidates(x: Tensor) -> tuple[str, ...]:
+    # the GEMM route only differs from F.conv2d on NCHW-contiguous inputs
+    return ("gemm", "conv") if x.is_contiguous() else ("conv",)
 
 
 def check_input(x: Tensor, layer: nn.Module) -> None:
@@ -159,9 +208,12 @@ class CPConv2d(nn.Module):
     run as four convolutions (Lebedev et al. 2015): 1x1 in -> R (B), depthwise kh x 1 (C),
     depthwise 1 x kw (D), 1x1 R -> out (A) plus bias. Stride, padding and dilation act on the
     depthwise stages, so the layer computes exactly nn.Conv2d with weight :meth:`to_dense` for
-    every stride/padding/dilation/padding_mode. For CPU speed the 1x1 stages run as batched
-    GEMMs (:func:`pointwise_conv`) and, for kernels up to ``MAX_FUSED_DEPTHWISE`` a side, the two
-    depthwise stages as one kh x kw depthwise conv with kernel C[h, r] D[w, r].
+    every stride/padding/dilation/padding_mode. For CPU speed each 1x1 stage runs either as
+    batched GEMMs (:func:`pointwise_conv`) or as torch's 1x1 conv, and the two depthwise stages
+    either as one kh x kw depthwise conv with kernel C[h, r] D[w, r] (kernels up to
+    ``MAX_FUSED_DEPTHWISE`` a side) or as two 1-D ones: the first eager CPU call of each shape
+    times the routes and keeps the fastest for the process (:mod:`tensorpress.nn.conv_paths`;
+    ``conv_paths.set_autotune(False)`` keeps the static GEMM / fused routes).
 
     Args: those of nn.Conv2d (groups must be 1) plus ``rank`` R, 1 <= R <= the largest CP rank
     of a kernel of this shape (:func:`max_cp_rank`: out * in * kh * kw over the largest of the
@@ -213,28 +265,66 @@ class CPConv2d(nn.Module):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        h = pointwise_conv(x, self.pointwise_in)
-        sym = symmetric_zero_padding(self._pad, self.padding_mode)
-        if sym is None:
-            h = apply_padding(h, self._pad, self.padding_mode)
-            sym = (0, 0)
-        if max(self.kernel_size) <= MAX_FUSED_DEPTHWISE:
-            h = self._depthwise_fused(h, sym)
-        else:
-            h = self._depthwise_separable(h, sym)
-        y = pointwise_conv(h, self.pointwise_out, self.bias)
+        y = self.forward_routes(x, self.routes(x))
         return y.squeeze(0) if unbatched else y
 
+    def forward_routes(self, x: Tensor, routes: Routes) -> Tensor:
+        """The forward on a batched input with the given stage routes (all compute the same)."""
+        h = POINTWISE[routes.pointwise_in](x, self.pointwise_in)
+        h, pad = self._depthwise_input(h)
+        h = DEPTHWISE[routes.depthwise](h, self.depthwise_h, self.depthwise_w, pad, self.stride, self.dilation)
+        return POINTWISE[routes.pointwise_out](h, self.pointwise_out, self.bias)
+
+    def _depthwise_input(self, h: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """h padded for the depthwise stages, and the (symmetric zero) padding left to the conv."""
+        sym = symmetric_zero_padding(self._pad, self.padding_mode)
+        if sym is None:
+            return apply_padding(h, self._pad, self.padding_mode), (0, 0)
+        return h, sym
+
+    def routes(self, x: Tensor) -> Routes:
+        """The stage routes for a batched input: measured on the first call of its shape key
+        (`conv_paths`), the static ones where nothing may be measured."""
+        params = tuple(self._parameters.values())
+        if not conv_paths.may_measure(x, *params):
+            return static_routes(self.kernel_size)
+        training = conv_paths.autograd_wanted(x, *params)
+        key = (type(self).__name__, self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride,
+               self.dilation, self._pad, self.padding_mode, self.bias is not None,
+               *conv_paths.call_key(x, training))
+        return conv_paths.cached_choice(key, lambda: self._measure_routes(x, training))
+
+    def _measure_routes(self, x: Tensor, training: bool) -> Routes:
+        """Each stage's fastest route, timed on the call's input (detached) and on the previous
+        stage's output, forward + backward when the call builds a graph."""
+        leaf = conv_paths.leaf
+        p_in, k_h, k_w, p_out, bias = (leaf(p, p.requires_grad) if p is not None else None for p in (
+            self.pointwise_in, self.depthwise_h, self.depthwise_w, self.pointwise_out, self.bias))
+        x = leaf(x, x.requires_grad)
+
+        def time_stage(names, call, inputs, wrt):
+            return conv_paths.fastest({n: conv_paths.runner(lambda n=n: call(n, *inputs), (*inputs, *wrt), training)
+                                       for n in names})
+
+        stage_in = lambda n, t: POINTWISE[n](t, p_in)  # noqa: E731
+        first = time_stage(pointwise_candidates(x), stage_in, (x,), (p_in,))
+        with torch.no_grad():
+            h, pad = self._depthwise_input(stage_in(first, x))
+        h = leaf(h, training)
+        stage_dw = lambda n, t: DEPTHWISE[n](t, k_h, k_w, pad, self.stride, self.dilation)  # noqa: E731
+        depthwise = time_stage(depthwise_candidates(self.kernel_size), stage_dw, (h,), (k_h, k_w))
+        with torch.no_grad():
+            h = leaf(stage_dw(depthwise, h), training)
+        stage_out = lambda n, t: POINTWISE[n](t, p_out, bias)  # noqa: E731
+        wrt_out = (p_out,) if bias is None else (p_out, bias)
+        last = time_stage(pointwise_candidates(h), stage_out, (h,), wrt_out)
+        return Routes(first, depthwise, last)
+
     def _depthwise_fused(self, h: Tensor, pad: tuple[int, int]) -> Tensor:
-        """The two depthwise stages as one kh x kw depthwise conv with kernel C[h, r] D[w, r]."""
-        kernel = self.depthwise_h * self.depthwise_w          # (R, 1, kh, 1) * (R, 1, 1, kw)
-        return F.conv2d(h, kernel, stride=self.stride, padding=pad, dilation=self.dilation, groups=self.rank)
+        return depthwise_fused(h, self.depthwise_h, self.depthwise_w, pad, self.stride, self.dilation)
 
     def _depthwise_separable(self, h: Tensor, pad: tuple[int, int]) -> Tensor:
-        """kh x 1 then 1 x kw depthwise convs (H stride/dilation on the first, W on the second)."""
-        (sh, sw), (dh, dw) = self.stride, self.dilation
-        h = F.conv2d(h, self.depthwise_h, stride=(sh, 1), padding=(pad[0], 0), dilation=(dh, 1), groups=self.rank)
-        return F.conv2d(h, self.depthwise_w, stride=(1, sw), padding=(0, pad[1]), dilation=(1, dw), groups=self.rank)
+        return depthwise_separable(h, self.depthwise_h, self.depthwise_w, pad, self.stride, self.dilation)
 
     # ------------------------------------------------------------------ conversions
     @classmethod
