@@ -47,12 +47,24 @@ def test_bench_outside_a_checkout_says_so(tmp_path, monkeypatch, capsys):
     assert "source checkout" in capsys.readouterr().err
 
 
-def test_small_image_run_compresses_the_cnn_conv_with_tucker(tmp_path):
+def test_small_image_run_compresses_the_cnn_conv_with_tucker(tmp_path, capsys):
     out = tmp_path / "cnn"
     code = cli.main(["compress", "--model", "mnist-cnn", "--structure", "tucker", "--budget", "0.3", "--calib", "200",
                      "--eval", "300", "--sweep", "0.2", "--compare", "svd,activation", "--out", str(out), "--quiet"])
     assert code == 0
+    # the run ends with every layer accounted for: the 1-input-channel stem and the Linear head
+    # are named with their reasons, not dropped silently
+    printed = capsys.readouterr().out
+    account = printed[printed.index("every Linear/conv layer of the model (4)"):]
+    for name, status, why in (("features.0", "skipped", "one input channel"),
+                              ("features.3", "compressed", "tucker rank"),
+                              ("classifier.0", "skipped", "replaces nn.Conv2d only"),
+                              ("classifier.2", "skipped", "replaces nn.Conv2d only")):
+        line = next(row for row in account.splitlines() if row.startswith(name + " "))
+        assert status in line and why in line, line
     summary = json.loads((out / "report.json").read_text())
+    assert [a["status"] for a in summary["report"]["account"]] == ["skipped", "compressed", "skipped", "skipped"]
+    assert "| features.0 | Conv2d(1->32, 3x3) | skipped |" in (out / "report.md").read_text()
     (layer,) = summary["report"]["layers"]
     assert layer["name"] == "features.3" and layer["structure"] == "tucker"
     assert summary["config"]["rank_rule"] is None   # "auto": uniform for the tensor structures

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import sys
 import time
 import warnings
 from typing import Iterable, Mapping, Sequence
@@ -10,6 +11,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from tensorpress.compress.account import build_account, dense_reason, screen
 from tensorpress.compress.allocate import (RANK_RULES, allocate_by_rule, allocate_uniform, layer_sensitivity,
                                           relative_error_curves)
 from tensorpress.compress import distributed as tpdist
@@ -57,7 +59,15 @@ def select_targets(model: nn.Module, structure: str, include=None, exclude=None)
     """Eligible layer names after include/exclude (names or glob patterns); unknown names fail.
     A module registered under several names is one target, under its first name; a pattern
     matching any of its names includes (or excludes) it."""
-    eligible = eligible_layers(model, structure)
+    return screen_targets(model, structure, include, exclude)[0]
+
+
+def screen_targets(model: nn.Module, structure: str, include=None, exclude=None
+                   ) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """(select_targets' names, {every other nn.Linear / conv layer: (status, why)}): status
+    "skipped" for a layer the structure cannot replace, "excluded" for one the include/exclude
+    patterns leave out (see compress.account)."""
+    adapter = ADAPTERS[structure]
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     names_of = module_names(model)
     all_names = {n for names in names_of.values() for n in names}
@@ -65,18 +75,18 @@ def select_targets(model: nn.Module, structure: str, include=None, exclude=None)
         unknown = [p for p in pats if not any(fnmatch.fnmatchcase(n, p) or n == p for n in all_names)]
         if unknown:
             raise ValueError(f"{arg}: no layer of the model matches {unknown}; eligible layers are e.g. "
-                             f"{list(eligible)[:5]}")
-    names = [n for n, mod in eligible.items()
-             if (not inc or any(_match(a, inc) for a in names_of[id(mod)]))
-             and not any(_match(a, exc) for a in names_of[id(mod)])]
+                             f"{list(eligible_layers(model, structure))[:5]}")
+    names, left_out = screen(model, adapter.why_not, names_of, inc, exc)
     if not names:
+        why = "; ".join(f"{n}: {w}" for n, (_, w) in list(left_out.items())[:3])
         raise ValueError(f"model: no eligible layer to compress for structure={structure!r} "
-                         f"(eligible: {ADAPTERS[structure].describe()}; after include={inc}, exclude={exc})")
+                         f"(eligible: {adapter.describe()}; after include={inc}, exclude={exc})"
+                         + (f"; left out: {why}" if why else ""))
     if "" in names:   # the returned copy would have to be another object than a copy of the model
         raise ValueError(f"model: is itself a layer to compress ({type(model).__name__}); compress() replaces "
                          f"layers inside a model: pass e.g. nn.Sequential(model), or use the layer classes' "
                          f"from_dense")
-    return names
+    return names, left_out
 
 
 def _skip_tied(model: nn.Module, targets: list[str], ranks) -> tuple[list[str], dict[str, str]]:
@@ -156,8 +166,13 @@ def _first_batch_calls(model: nn.Module, batch, layers: Mapping[str, nn.Module],
     return calls
 
 
-def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Module], structure: str = "lowrank") -> dict:
+def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Module], structure: str = "lowrank",
+                 left_out: Mapping[str, tuple[str, str]] | None = None) -> dict:
     unknown = [n for n in ranks if n not in layers]
+    known = [n for n in unknown if n in (left_out or {})]
+    if known:   # a layer of the model that was left out: say why
+        status, why = left_out[known[0]]
+        raise ValueError(f"ranks: layer {known[0]!r} is {status}: {why}; drop it from ranks")
     if unknown:
         raise ValueError(f"ranks: unknown or excluded layers {unknown}; compressible layers are e.g. "
                          f"{list(layers)[:5]}")
@@ -470,6 +485,14 @@ def _report_repeated_calls(report: CompressionReport, ref: nn.Module, cmp: nn.Mo
         r.rel_error = max(r.call_errors)
 
 
+def show_progress(progress: bool | None) -> bool:
+    """progress=None: on when stderr is a terminal (someone is watching), off in logs and tests
+    (and on the first process only under torch.distributed)."""
+    if progress is None:
+        return bool(getattr(sys.stderr, "isatty", lambda: False)()) and tpdist.rank() == 0
+    return bool(progress)
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
@@ -480,7 +503,7 @@ def _progress(total: int, desc: str, enabled: bool):
 def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "lowrank",
              method: str | Mapping[str, str] = "activation", budget: float = 0.5, ranks: Mapping[str, int] | None = None,
              rank_rule: str | None = None, include=None, exclude=None, keep_rows: int = 0,
-             ridge: float | None = None, progress: bool = False,
+             ridge: float | None = None, progress: bool | None = None,
              cache: dict | None = None, residual_feedback: bool = True,
              cv_folds: int = DEFAULT_FOLDS) -> tuple[nn.Module, CompressionReport]:
     """Compress the layers of ``model`` and return (compressed copy, report).
@@ -490,6 +513,11 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     under every name it has by one module, and reported once, with the error of its worst
     call; a layer whose weights are tied to another module's is kept dense (listed in
     report.skipped, with a warning), so the tie holds.
+
+    Every nn.Linear / conv layer of the model is accounted for in report.account (printed with
+    the report): compressed (structure, rank), kept dense (ranks or the rank rule), skipped with
+    the reason (a type or shape the structure cannot replace, tied weights) or excluded by
+    include/exclude.
 
     Args:
         model: any nn.Module; it is deep-copied and never modified: its parameters, buffers
@@ -529,7 +557,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         include, exclude: layer names or glob patterns ("encoder.*.attention.*").
         keep_rows: rows of (X, X~) kept per layer for "relu"/"gelu" (default 4096 when used).
         ridge: Gram regularization relative to its mean diagonal (default 1e-6).
-        progress: show progress bars (tqdm).
+        progress: show progress bars (tqdm) on stderr; None (the default): when stderr is a
+            terminal.
         residual_feedback: for "activation" low-rank layers that end a post-norm residual
             branch (parent(h, residual) -> norm(layer(...) + residual), as BERT's output
             blocks; detected and checked numerically on the first batch), fit the layer to also
@@ -556,14 +585,16 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         raise ValueError(f"calib: rank_rule='cv' with cv_folds={folds} needs at least {folds * tpdist.world()} "
                          f"calibration batches{per}, got {len(all_batches)}")
     positions = tpdist.shard(list(range(len(all_batches))))   # each batch's index in calib
-    targets, skipped = _skip_tied(model, select_targets(model, structure, include, exclude), ranks)
+    progress = show_progress(progress)
+    screened, left_out = screen_targets(model, structure, include, exclude)
+    targets, skipped = _skip_tied(model, screened, ranks)
     per_layer = _methods_by_layer(method, targets)
     if any(m in SAMPLE_METHODS for m in per_layer.values()) and not keep_rows:
         keep_rows = DEFAULT_KEEP_ROWS
     method_name = method if isinstance(method, str) else "+".join(sorted(set(per_layer.values())))
     layers = {n: model.get_submodule(n) for n in targets}
     adapter = ADAPTERS[structure]
-    chosen = _check_ranks(ranks, layers, structure) if ranks is not None else None
+    chosen = _check_ranks(ranks, layers, structure, left_out) if ranks is not None else None
     ridge_kw = {} if ridge is None else {"ridge": ridge}
     start = time.perf_counter()
     ref = model
@@ -584,7 +615,6 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
         fold_stats = None
         if batches and (not sequential or rank_rule is not None or cache is not None):
             shot, fold_stats = _reference_stats(ref, batches, all_batches, layers, folds, cache, progress)
-            report.calibration_rows = next(iter(shot.values())).n
         if chosen is None and structure != "lowrank":
             chosen = {n: adapter.uniform_rank(layer, budget) for n, layer in layers.items()}
             if rank_rule is not None:
@@ -600,6 +630,8 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                                    fold_stats)
                 report.rank_rule_seconds = time.perf_counter() - t0
 
+        dense_why: dict[str, str] = {}   # why each layer was kept dense (for the account)
+
         def record(name, fit, module, stats, seconds):
             layer = layers[name]
             out_f, in_f = weight_matrix(layer).shape
@@ -613,7 +645,11 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                 flops_after=(dense_macs_per_row(layer) if dense else fit.rank * (in_f + out_f) if lowrank
                              else adapter.macs_per_row(layer, module)),
                 rel_error=output_error(layer, fit, stats) if stats is not None else float("nan"),
-                seconds=seconds, calls=calls.get(name, 1), aliases=names_of[id(layer)][1:]))
+                seconds=seconds, calls=calls.get(name, 1), aliases=names_of[id(layer)][1:],
+                rows=0 if stats is None else stats.n))
+            if dense:
+                refit = "; refitted at full rank by least squares on the compressed model's inputs"
+                dense_why[name] = dense_reason(name, ranks, rank_rule) + (refit if fit.info.get("refit") else "")
 
         def fit_module(name, stats, method_of_layer, offset=None):
             """(fit, replacement module) of one layer."""
@@ -645,6 +681,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             return fit, _lowrank_module(layer, fit)
 
         if isinstance(method, str) and method in ONE_SHOT_METHODS:
+            bar = _progress(len(targets), f"fitting ({structure}, {method})", progress)
             for name in targets:
                 t0 = time.perf_counter()
                 stats = None if shot is None else shot[name]
@@ -652,13 +689,16 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                 if module is not layers[name]:
                     swap_module(cmp, cmp.get_submodule(name), module)
                 record(name, fit, module, stats, time.perf_counter() - t0)
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
             report.mode = "one-shot"
         else:
             bar = _progress(0, "calibrating", progress)
 
             def fit_layer(name, stats, offset):
                 t0 = time.perf_counter()
-                report.calibration_rows = stats.n
                 fit, module = fit_module(name, stats, per_layer[name], offset)
                 if module is layers[name]:  # kept dense: the copy's own layer stays
                     module = cmp.get_submodule(name)
@@ -687,4 +727,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     report.seconds = time.perf_counter() - start
     order = {n: i for i, n in enumerate(targets)}
     report.layers.sort(key=lambda r: order[r.name])
+    # the same in every mode: the rows the first layer's statistics hold (each layer's in its row)
+    report.calibration_rows = report.layers[0].rows
+    report.account = build_account(model, names_of, left_out, skipped, report.layers, dense_why)
     return cmp, report

@@ -153,7 +153,8 @@ def run_job(cfg: JobConfig) -> dict:
                              residual_feedback=cfg.residual_feedback, **target_kw)
     report.quality.update(evaluate(small))
     if main:
-        print(report, flush=True)
+        # the per-layer account comes last, after the sweep
+        print("\n".join(report.summary_lines() + [report.table()]), flush=True)
 
     sweep_rows = []
     runs = [(m, b) for m in cfg.compare for b in cfg.sweep]
@@ -166,8 +167,9 @@ def run_job(cfg: JobConfig) -> dict:
         bar = tqdm(total=len(runs), desc="method sweep")
     for method, budget in runs:
         t0 = time.perf_counter()
+        # the sweep's own bar stands for these runs (no nested bars)
         m, r = compress(model, calib, structure=cfg.structure, method=method, budget=budget, cache=cache,
-                        residual_feedback=cfg.residual_feedback, **target_kw)
+                        residual_feedback=cfg.residual_feedback, progress=False, **target_kw)
         q = evaluate(m)
         if main:
             sweep_rows.append({"method": method, "budget": budget, "kept_fraction": r.kept_fraction,
@@ -195,9 +197,15 @@ def run_job(cfg: JobConfig) -> dict:
     summary["seconds"] = time.perf_counter() - t_start
     if sweep_rows:
         print(_sweep_table(sweep_rows, metric), flush=True)
+    # the account closes the run: what happened to every layer is the last thing on screen
+    print(_account_text(report), flush=True)
     _log(f"[tensorpress] wrote {out}/report.json, report.md, layers.png"
          f"{', compression.png' if sweep_rows else ''}, model.safetensors ({summary['seconds']:.0f} s)")
     return summary
+
+
+def _account_text(report) -> str:
+    return "\n".join([f"[tensorpress] {report.account_line()}:", report.account_table()])
 
 
 def _machine() -> dict:

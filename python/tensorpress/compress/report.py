@@ -28,6 +28,30 @@ class LayerReport:
     calls: int = 1                  # calls per forward pass (a module applied more than once)
     call_errors: list = field(default_factory=list)   # rel_error of each call, measured, when calls > 1
     aliases: list = field(default_factory=list)       # the module's other names (registered at several places)
+    # calibration rows the layer's statistics hold: its input vectors over the whole calibration
+    # set (a token of a Linear, an output position of an image for a conv; every call counted)
+    rows: int = 0
+
+    @property
+    def rank_text(self) -> str:
+        """The rank as the table shows it: "dense" for a layer kept dense, so no bare full rank
+        stands next to a structure's (r_out, r_in) or bond ranks."""
+        return "dense" if self.structure == "dense" else str(self.rank)
+
+
+# what compress() did with a layer (LayerAccount.status)
+COMPRESSED, KEPT_DENSE, SKIPPED, EXCLUDED = "compressed", "kept dense", "skipped", "excluded"
+STATUSES = (COMPRESSED, KEPT_DENSE, SKIPPED, EXCLUDED)
+
+
+@dataclass
+class LayerAccount:
+    """One nn.Linear / conv layer of the model and what compress() did with it, and why."""
+    name: str
+    kind: str                       # e.g. "Conv2d(1->8, 3x3)"
+    status: str                     # one of STATUSES
+    why: str
+    aliases: list = field(default_factory=list)
 
 
 @dataclass
@@ -49,6 +73,21 @@ class CompressionReport:
     residual_feedback: list = field(default_factory=list)   # layers fitted to make up for the residual error
     skipped: dict = field(default_factory=dict)   # {layer: why it was left dense} (tied weights)
     notes: list = field(default_factory=list)     # how the run departed from its defaults, and why
+    # every nn.Linear / conv layer of the model, in model order: compressed, kept dense, skipped
+    # (with the reason; tied weights too) or excluded by include/exclude
+    account: list[LayerAccount] = field(default_factory=list)
+
+    def account_counts(self) -> dict[str, int]:
+        return {s: sum(a.status == s for a in self.account) for s in STATUSES}
+
+    def account_line(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.account_counts().items())
+        return f"every Linear/conv layer of the model ({len(self.account)}): {counts}"
+
+    def account_table(self, fmt: str = "text") -> str:
+        head = ["layer", "type", "status", "why"]
+        rows = [[a.name + "".join(f" = {x}" for x in a.aliases), a.kind, a.status, a.why] for a in self.account]
+        return _format_table(head, rows, fmt, right=())
 
     @property
     def layer_params_before(self) -> int:
@@ -78,42 +117,45 @@ class CompressionReport:
 
     def summary_lines(self) -> list[str]:
         mb = 1024 * 1024
+        first = self.layers[0].name if self.layers else None
+        rows = (f"calibration rows={self.calibration_rows:,} (the inputs {first!r} saw over the calibration set; "
+                f"each layer's own in the 'rows' column)" if first else f"calibration rows={self.calibration_rows:,}")
         lines = [f"structure={self.structure} method={self.method} budget={self.budget} rank_rule={self.rank_rule} "
-                 f"mode={self.mode} calibration rows={self.calibration_rows} time={self.seconds:.1f}s",
+                 f"mode={self.mode} time={self.seconds:.1f}s",
+                 rows,
                  f"compressed layers: {len(self.layers)}, their parameters {self.layer_params_before:,} -> "
                  f"{self.layer_params_after:,} ({100 * self.kept_fraction:.1f}% kept)",
                  f"model parameters {self.model_params_before:,} -> {self.model_params_after:,}; "
                  f"state_dict {self.bytes_before / mb:.2f} MiB -> {self.bytes_after / mb:.2f} MiB"]
-        for name, why in self.skipped.items():
-            lines.append(f"skipped {name}: {why}")
+        # tied layers up front too (the account lists them with the others)
+        lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
         lines += self.notes
         for k, v in self.quality.items():
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return lines
 
     def table(self, fmt: str = "text") -> str:
-        head = ["layer", "shape", "rank", "params", "kept %", "MACs/row", "rel err", "s"]
+        head = ["layer", "shape", "rank", "params", "kept %", "MACs/row", "rows", "rel err", "s"]
         rows = []
         for r in self.layers:
             name = r.name + "".join(f" = {a}" for a in r.aliases) + (f" (x{r.calls} calls)" if r.calls > 1 else "")
-            rows.append([name, f"{r.shape[0]}x{r.shape[1]}", str(r.rank), f"{r.params_after:,}",
-                         f"{100 * r.params_after / r.params_before:.1f}", f"{r.flops_after:,}",
+            rows.append([name, f"{r.shape[0]}x{r.shape[1]}", r.rank_text, f"{r.params_after:,}",
+                         f"{100 * r.params_after / r.params_before:.1f}", f"{r.flops_after:,}", f"{r.rows:,}",
                          f"{r.rel_error:.4f}", f"{r.seconds:.2f}"])
-        if fmt == "markdown":
-            out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            out += ["| " + " | ".join(row) + " |" for row in rows]
-            return "\n".join(out)
-        widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-        fmt_row = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                        for i, (c, w) in enumerate(zip(row, widths)))
-        return "\n".join([fmt_row(head)] + [fmt_row(row) for row in rows])
+        return _format_table(head, rows, fmt, right=range(1, len(head)))
+
+    def _account_section(self, fmt: str) -> list[str]:
+        if not self.account:
+            return []
+        head = ["", "## Every layer accounted for"] if fmt == "markdown" else []
+        return head + ["", self.account_line() + ":", "", self.account_table(fmt)]
 
     def __str__(self) -> str:
-        return "\n".join(self.summary_lines() + [self.table()])
+        return "\n".join(self.summary_lines() + [self.table()] + self._account_section("text"))
 
     def to_markdown(self, path=None) -> str:
         text = "\n".join(["# Compression report", ""] + [f"- {line}" for line in self.summary_lines()]
-                         + ["", self.table("markdown"), ""])
+                         + ["", self.table("markdown")] + self._account_section("markdown") + [""])
         if path is not None:
             with open(path, "w") as f:
                 f.write(text)
@@ -142,6 +184,19 @@ class CompressionReport:
         fig.savefig(str(path), dpi=120)
         plt.close(fig)
         return str(path)
+
+
+def _format_table(head: list[str], rows: list[list[str]], fmt: str, right) -> str:
+    """A markdown table, or aligned text with the columns ``right`` right-justified."""
+    if fmt == "markdown":
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        return "\n".join(out)
+    right = set(right)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt_row = lambda row: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+                                    for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([fmt_row(head)] + [fmt_row(row) for row in rows])
 
 
 def count_params(model: nn.Module) -> int:

@@ -24,12 +24,37 @@ def _is_int(v, low=1) -> bool:
     return not isinstance(v, bool) and isinstance(v, int) and v >= low
 
 
+# the structures for each layer type, to point the user at the right one
+_STRUCTURES_OF = {nn.Linear: "'lowrank' or 'tt'", nn.Conv2d: "'tucker' or 'cp'"}
+
+
+def _type_reason(module: nn.Module, cls: type, structure: str) -> str | None:
+    """Why ``module`` is not a ``cls`` the structure replaces (None when it is one): an exact
+    type is required, since a subclass's forward may do more than the base class's."""
+    if type(module) is cls:
+        return None
+    kind = type(module).__name__
+    if isinstance(module, cls):
+        return f"{kind} subclasses nn.{cls.__name__}: unsupported type (its forward may differ from the base class's)"
+    other = next((c for c in _STRUCTURES_OF if type(module) is c), None)
+    hint = f" (use structure={_STRUCTURES_OF[other]} for nn.{other.__name__})" if other is not None else ""
+    return f"{kind}: structure={structure!r} replaces nn.{cls.__name__} only{hint}"
+
+
 class LowRank:
     name = "lowrank"
     methods = ("svd", "whitened", "activation", "convex", "relu", "gelu")
 
+    def why_not(self, module: nn.Module) -> str | None:
+        """None when the layer can be replaced, else why it cannot (for the report's account)."""
+        wrong = _type_reason(module, nn.Linear, self.name)
+        if wrong or min(module.in_features, module.out_features) >= 2:
+            return wrong
+        return (f"{module.out_features}x{module.in_features}: a side of one feature leaves no rank to reduce "
+                f"(rank 1 is the layer itself)")
+
     def eligible(self, module: nn.Module) -> bool:
-        return type(module) is nn.Linear and min(module.in_features, module.out_features) >= 2
+        return self.why_not(module) is None
 
     def describe(self) -> str:
         return "nn.Linear layers with both sides >= 2"
@@ -39,10 +64,20 @@ class TT:
     name = "tt"
     methods = ("svd", "whitened", "activation")
 
-    def eligible(self, module: nn.Module) -> bool:
+    def why_not(self, module: nn.Module) -> str | None:
         from tensorpress.nn.factorize import _prime_factors
-        return (type(module) is nn.Linear and len(_prime_factors(module.in_features)) >= 2
-                and len(_prime_factors(module.out_features)) >= 2)
+        wrong = _type_reason(module, nn.Linear, self.name)
+        if wrong:
+            return wrong
+        prime = [f"{side} {n}" for side, n in (("in_features", module.in_features),
+                                              ("out_features", module.out_features))
+                 if len(_prime_factors(n)) < 2]
+        if prime:
+            return f"{' and '.join(prime)} do not split into >= 2 factors: no TT cores to form"
+        return None
+
+    def eligible(self, module: nn.Module) -> bool:
+        return self.why_not(module) is None
 
     def describe(self) -> str:
         return "nn.Linear layers whose sides both split into >= 2 factors"
@@ -103,9 +138,24 @@ class TT:
 class _ConvStructure:
     methods = ("svd", "whitened", "activation")
 
+    def why_not(self, module: nn.Module) -> str | None:
+        wrong = _type_reason(module, nn.Conv2d, self.name)
+        if wrong:
+            return wrong
+        g, i, o = module.groups, module.in_channels, module.out_channels
+        if g > 1:
+            # the fits factor one dense (out, in) channel map; a grouped conv has one per group
+            kind = f"depthwise conv (groups = in_channels = {g})" if g == i else f"grouped conv (groups={g})"
+            return f"{kind}: unsupported by {self.name}, which factors one dense channel map (groups=1)"
+        if i == 1:
+            return (f"one input channel: {self.name} has no input channels to reduce (the conv is already a "
+                    f"{o}x{module.kernel_size[0]}x{module.kernel_size[1]} map)")
+        if o == 1:
+            return f"one output channel: {self.name} has no output channels to reduce"
+        return None
+
     def eligible(self, module: nn.Module) -> bool:
-        return type(module) is nn.Conv2d and module.groups == 1 and min(module.in_channels,
-                                                                        module.out_channels) >= 2
+        return self.why_not(module) is None
 
     def describe(self) -> str:
         return "nn.Conv2d layers with groups=1 and at least 2 input and output channels"
