@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tensorpress.nn import TTLinear
-from tensorpress.ops import autotune_enabled, choose_plan, set_autotune, tt_matmul, tt_matmul_reference
+from tensorpress.ops import autotune_enabled, choose_plan, select_plan, set_autotune, tt_matmul, tt_matmul_reference
 from tensorpress.ops import tt_autotune
 from tensorpress.ops.tt_plan import ranked_plans
 
@@ -46,20 +46,61 @@ def test_the_fastest_candidate_is_chosen_and_kept(autotune, monkeypatch):
     cands = tt_autotune.candidates(SHAPES_1024_R8, 256, True)
     timed = []
 
-    def fake_seconds(x, cores, plan, training):    # the model's runner-up is the fastest here
+    def fake_seconds(x, cores, plan, training, run_plan):    # the model's runner-up is the fastest here
         timed.append(plan)
         return 1.0 if plan == cands[1] else 2.0
 
     monkeypatch.setattr(tt_autotune, "_median_seconds", fake_seconds)
-    assert choose_plan(SHAPES_1024_R8, 256) == cands[1]
+    assert select_plan(SHAPES_1024_R8, 256) == cands[1]
     assert timed == list(cands)                          # every candidate timed once
-    assert choose_plan(SHAPES_1024_R8, 256) == cands[1]
+    assert select_plan(SHAPES_1024_R8, 256) == cands[1]
     assert len(timed) == len(cands)                      # then kept: no second timing
-    with torch.no_grad():                                # inference is timed apart (forward only)
-        assert choose_plan(SHAPES_1024_R8, 256) == cands[1]
-    assert len(timed) == 2 * len(cands)
+    training = tt_autotune.candidates(SHAPES_1024_R8, 256, True, training=True)
+    assert select_plan(SHAPES_1024_R8, 256, training=True) in training   # a training step is timed apart
+    assert len(timed) == len(cands) + len(training)
+    assert choose_plan(SHAPES_1024_R8, 256) == cands[0]  # the cost model alone: pure, no timing
     set_autotune(False)
-    assert choose_plan(SHAPES_1024_R8, 256) == cands[0]  # off again: the model's plan
+    assert select_plan(SHAPES_1024_R8, 256) == cands[0]  # off again: the model's plan
+
+
+def test_training_candidates_are_those_the_model_allows_in_training():
+    """The single merged core is never a training candidate (its backward runs the merge chain
+    over W-sized tensors); the autotune used to time it anyway."""
+    shapes = ((1, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1))
+    for batch in (1, 16, 256):
+        allowed = ranked_plans(shapes, batch, True, True)
+        cands = tt_autotune.candidates(shapes, batch, True, training=True)
+        assert set(cands) <= set(allowed)
+        assert all(not (len(p.groups) == 1 and not p.dense) for p in cands)
+
+
+def test_the_ops_modules_import_each_other_without_a_cycle():
+    """Every import among tensorpress.ops' modules (module level or inside a function) goes one
+    way: the autotune gets the kernels passed in by ops.tt instead of importing it."""
+    import ast
+    from pathlib import Path
+
+    import tensorpress.ops as ops
+
+    root = Path(ops.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        name = f"tensorpress.ops.{path.stem}"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tensorpress.ops."):
+                deps.add(node.module)
+            elif isinstance(node, ast.ImportFrom) and node.module == "tensorpress.ops":
+                deps.update(f"tensorpress.ops.{a.name}" for a in node.names)
+        graph[name] = deps - {name}
+    graph.pop("tensorpress.ops.__init__", None)
+
+    def reaches(start, target, seen=()):
+        return any(d == target or (d not in seen and reaches(d, target, (*seen, d))) for d in graph.get(start, ()))
+
+    cycles = [m for m in graph if reaches(m, m)]
+    assert not cycles, {m: graph[m] for m in cycles}
+    assert "tensorpress.ops.tt" not in graph["tensorpress.ops.tt_autotune"]
 
 
 def test_autotuned_layer_matches_the_float64_reference(autotune):
@@ -67,8 +108,8 @@ def test_autotuned_layer_matches_the_float64_reference(autotune):
     cores = random_cores((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8), dtype=torch.float64, generator=gen,
                          requires_grad=True)
     x = torch.randn(64, 1024, generator=gen, dtype=torch.float64, requires_grad=True)
-    plan = choose_plan([tuple(g.shape) for g in cores], 64, dtype=torch.float64)
-    assert plan in tt_autotune.candidates(tuple(tuple(g.shape) for g in cores), 64, True)
+    plan = select_plan([tuple(g.shape) for g in cores], 64, dtype=torch.float64, training=True)
+    assert plan in tt_autotune.candidates(tuple(tuple(g.shape) for g in cores), 64, True, training=True)
     y = tt_matmul(x, cores)
     assert rel_err(y, tt_matmul_reference(x, cores)) <= 1e-12
     grads = torch.autograd.grad(y.sum(), [x, *cores])
@@ -80,9 +121,8 @@ def test_autotuned_layer_matches_the_float64_reference(autotune):
 @pytest.mark.parametrize("training", [True, False])
 def test_both_timings_run_and_pick_a_candidate(autotune, training):
     shapes = ((1, 4, 3, 4), (4, 5, 6, 1))
-    with torch.set_grad_enabled(training):
-        plan = choose_plan(shapes, 32)
-    assert plan in tt_autotune.candidates(shapes, 32, True)
+    plan = select_plan(shapes, 32, training=training)
+    assert plan in tt_autotune.candidates(shapes, 32, True, training)
     assert tt_autotune._autotuned.cache_info().currsize == 1
 
 

@@ -13,8 +13,8 @@ from tensorpress._eager import PLAIN_TENSOR_TYPES, recording
 from tensorpress.decompose.tt import tt_matrix_svd
 from tensorpress.nn._checks import autocast_casts, check_factor_dtype
 from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
-from tensorpress.ops.tt import prepare_tt, tt_matmul, tt_to_dense
-from tensorpress.ops.tt_plan import TTPlan, choose_plan
+from tensorpress.ops.tt import prepare_tt, select_plan, tt_matmul, tt_to_dense
+from tensorpress.ops.tt_plan import TTPlan
 
 
 class TTLinear(nn.Module):
@@ -79,7 +79,7 @@ class TTLinear(nn.Module):
     @staticmethod
     def _plan(cores: list[Tensor], batch: int, dtype: torch.dtype | None, training: bool = False) -> TTPlan:
         core = cores[0]   # on CUDA the plan also picks the kernel path by the GPU cost model
-        return choose_plan(tuple(tuple(g.shape) for g in cores), batch, device=str(core.device),
+        return select_plan(tuple(tuple(g.shape) for g in cores), batch, device=str(core.device),
                            dtype=dtype or core.dtype, training=training)
 
     @property

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from tensorpress._eager import PLAIN_TENSOR_TYPES, recording, transforming
 from tensorpress._ext import _C
+from tensorpress.ops import tt_autotune
 from tensorpress.ops.tt_dense import dense_from_halves
 from tensorpress.ops.tt_plan import TTPlan, choose_plan, cuda_limits, cuda_schedule, flat_dims, plan_info
 from tensorpress.ops.tt_prepare import (merge_group, merge_pair, merged_groups,  # noqa: F401 (merge_group: public here)
@@ -495,6 +496,30 @@ def _dense_route(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     return dense_from_halves(x, left.to(x.dtype), right.to(x.dtype))
 
 
+def select_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu",
+                dtype: torch.dtype = torch.float32, training: bool = False) -> TTPlan:
+    """The plan a call runs: `choose_plan`'s (the cost model), or on the CPU with the opt-in
+    autotune (`set_autotune`) the fastest of the model's few best, timed once (never while
+    anything records the computation)."""
+    if tt_autotune.autotune_enabled() and str(device) == "cpu" and not recording():
+        shapes = tuple(tuple(int(v) for v in s) for s in shapes)
+        return tt_autotune.autotuned_plan(shapes, int(batch), bool(allow_dense), compute_dtype(dtype),
+                                          bool(training), _run_plan)
+    return choose_plan(shapes, batch, allow_dense=allow_dense, device=device, dtype=dtype, training=training)
+
+
+def _run_plan(x: Tensor, cores: list[Tensor], plan: TTPlan, training: bool) -> None:
+    """One call on `plan`, as the autotune times it: forward (+ backward in training)."""
+    if training:
+        cores = [g.detach().requires_grad_(True) for g in cores]
+        x = x.detach().requires_grad_(True)
+        y = tt_matmul(x, cores, plan)
+        torch.autograd.grad(y, [x, *cores], torch.ones_like(y))
+    else:
+        with torch.no_grad():
+            apply_tt(x, prepare_tt(cores, plan), plan)
+
+
 def plan_for(cores: Sequence[Tensor], batch) -> TTPlan:
     shapes = [tuple(g.shape) for g in cores]
     device, dtype = cores[0].device.type, cores[0].dtype
@@ -503,7 +528,7 @@ def plan_for(cores: Sequence[Tensor], batch) -> TTPlan:
         # size: take the fused plan that is best at a typical batch (never the dense route).
         return choose_plan(shapes, SYMBOLIC_BATCH_HINT, allow_dense=False, device=device, dtype=dtype)
     training = torch.is_grad_enabled() and any(g.requires_grad for g in cores)
-    return choose_plan(shapes, batch, device=device, dtype=dtype, training=training)
+    return select_plan(shapes, batch, device=device, dtype=dtype, training=training)
 
 
 def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
@@ -514,8 +539,8 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
         x: (..., N) with N = prod n_k; float32, float64, float16 or bfloat16 (the half types
            are computed in float32 and cast back).
         cores: d tensors (r_{k-1}, m_k, n_k, r_k) of x's dtype and device, r_0 = r_d = 1.
-        plan: from `choose_plan(shapes, batch, device=...)`; chosen by the cost model of x's
-           device when omitted (on CUDA: fused, tiled or dense, see `choose_cuda_plan`).
+        plan: from `select_plan(shapes, batch, device=...)`; chosen by the cost model of x's
+           device (or the opt-in autotune) when omitted (on CUDA: fused, tiled or dense, see `choose_cuda_plan`).
         prepared: `prepare_tt(cores, plan)`, when the caller keeps it between calls.
         bias: (M,) of the cores' dtype and device, or None; added inside the kernel on the CPU.
     Returns:

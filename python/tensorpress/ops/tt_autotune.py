@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import statistics
 import time
+from typing import Callable
 
 import torch
 
-from tensorpress.ops.tt import apply_tt, compute_dtype, prepare_tt, tt_matmul
 from tensorpress.ops.tt_plan import CoreShape, TTPlan, ranked_plans
 
 # plans timed: at most this many, and only those the model puts within this factor of its best
@@ -28,51 +29,60 @@ MAX_CANDIDATES = 4
 COST_SLACK = 1.3
 REPEATS = 5
 
+_AUTOTUNE = {"enabled": os.environ.get("TENSORPRESS_AUTOTUNE", "") == "1"}
 
-def candidates(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool) -> tuple[TTPlan, ...]:
-    """The plans worth timing: the cheapest by the model and those close behind it."""
-    ranked = ranked_plans(shapes, batch, allow_dense)
+# run_plan(x, cores, plan, training): one call of tt_matmul on that plan (forward, and with
+# `training` the backward of x and every core). Passed in by ops.tt, which runs the kernels:
+# this module then needs nothing of ops.tt and the import graph has no cycle.
+RunPlan = Callable[[torch.Tensor, list, TTPlan, bool], None]
+
+
+def set_autotune(enabled: bool) -> None:
+    """Choose CPU plans by timing the few the cost model ranks cheapest, not by the model
+    alone. Off by default (TENSORPRESS_AUTOTUNE=1 turns it on at import)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    _AUTOTUNE["enabled"] = enabled
+
+
+def autotune_enabled() -> bool:
+    return _AUTOTUNE["enabled"]
+
+
+def candidates(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool,
+               training: bool = False) -> tuple[TTPlan, ...]:
+    """The plans worth timing: the cheapest by the model and those close behind it (in a
+    training step, among the plans the model allows there)."""
+    ranked = ranked_plans(shapes, batch, allow_dense, training)
     limit = ranked[0].cost * COST_SLACK
     return tuple(p for p in ranked[:MAX_CANDIDATES] if p.cost <= limit)
 
 
-def autotuned_plan(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool, dtype: torch.dtype) -> TTPlan:
-    """With autograd on, plans are timed forward + backward (a plan fast forward can be slow
-    backward: one merged core of all of W runs its gradient through the fused kernel's
-    per-thread partials); without, forward alone. Each is kept apart."""
-    return _autotuned(shapes, batch, allow_dense, compute_dtype(dtype), torch.get_num_threads(),
-                      torch.is_grad_enabled())
+def autotuned_plan(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool, dtype: torch.dtype,
+                   training: bool, run_plan: RunPlan) -> TTPlan:
+    """The fastest candidate, timed once per (shapes, batch, dtype, threads, training) for the
+    life of the process. In training (the cores need gradients) plans are timed forward +
+    backward (a plan fast forward can be slow backward: one merged core of all of W runs its
+    gradient through the fused kernel's per-thread partials); otherwise forward alone."""
+    return _autotuned(shapes, batch, allow_dense, dtype, torch.get_num_threads(), training, run_plan)
 
 
 @functools.lru_cache(maxsize=1024)
-def _autotuned(shapes, batch, allow_dense, dtype, threads, training) -> TTPlan:
-    plans = candidates(shapes, batch, allow_dense)
+def _autotuned(shapes, batch, allow_dense, dtype, threads, training, run_plan) -> TTPlan:
+    plans = candidates(shapes, batch, allow_dense, training)
     if len(plans) == 1 or batch == 0:
         return plans[0]
     gen = torch.Generator().manual_seed(0)
     cores = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     x = torch.randn(batch, math.prod(s[2] for s in shapes), generator=gen, dtype=dtype)
-    return min(plans, key=lambda plan: _median_seconds(x, cores, plan, training))
+    return min(plans, key=lambda plan: _median_seconds(x, cores, plan, training, run_plan))
 
 
-def _median_seconds(x, cores, plan, training) -> float:
-    if training:
-        cores = [g.detach().requires_grad_(True) for g in cores]
-        x = x.detach().requires_grad_(True)
-        grad_y = torch.ones(x.shape[0], math.prod(g.shape[1] for g in cores), dtype=x.dtype)
-
-        def run():
-            torch.autograd.grad(tt_matmul(x, cores, plan), [x, *cores], grad_y)
-    else:
-        mats = prepare_tt(cores, plan)
-
-        def run():
-            with torch.no_grad():
-                apply_tt(x, mats, plan)
-    run()                                             # warm-up: workspace, caches
+def _median_seconds(x, cores, plan, training, run_plan) -> float:
+    run_plan(x, cores, plan, training)                 # warm-up: workspace, caches
     times = []
     for _ in range(REPEATS):
         start = time.perf_counter()
-        run()
+        run_plan(x, cores, plan, training)
         times.append(time.perf_counter() - start)
     return statistics.median(times)

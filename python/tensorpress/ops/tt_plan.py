@@ -11,12 +11,10 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from tensorpress._eager import recording
 from tensorpress._ext import _C
 
 # The CPU cost of a fused plan, in FLOP-equivalents: its GEMMs' FLOPs, plus every element the
@@ -229,7 +227,8 @@ def _dense_plan(shapes: tuple[CoreShape, ...], batch: int, cost: int) -> TTPlan:
 @torch.compiler.assume_constant_result  # pure function of static shapes: torch.compile folds it
 def choose_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, training: bool = False) -> TTPlan:
-    """The cheapest plan for cores of the given shapes at this batch size.
+    """The cheapest plan for cores of the given shapes at this batch size, by the cost model
+    alone (a pure function of its arguments; `ops.tt.select_plan` adds the opt-in autotune).
 
     CPU (default): by FLOP count plus traffic terms; searches every contiguous merge partition
     and every absorb order (2^(d-1) x 2^(d'-1) candidates, cached), and the dense route when
@@ -241,25 +240,7 @@ def choose_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu
     shapes = tuple(tuple(int(v) for v in s) for s in shapes)
     if str(device).startswith("cuda"):
         return choose_cuda_plan(shapes, batch, cuda_limits(device), dtype, allow_dense)
-    if autotune_enabled() and not recording():
-        from tensorpress.ops.tt_autotune import autotuned_plan   # it runs the kernels: imports ops.tt
-        return autotuned_plan(shapes, int(batch), bool(allow_dense), dtype)
     return ranked_plans(shapes, int(batch), bool(allow_dense), bool(training))[0]
-
-
-_AUTOTUNE = {"enabled": os.environ.get("TENSORPRESS_AUTOTUNE", "") == "1"}
-
-
-def set_autotune(enabled: bool) -> None:
-    """Choose CPU plans by timing the few the cost model ranks cheapest (`tt_autotune`), not by
-    the model alone. Off by default (TENSORPRESS_AUTOTUNE=1 turns it on at import)."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
-    _AUTOTUNE["enabled"] = enabled
-
-
-def autotune_enabled() -> bool:
-    return _AUTOTUNE["enabled"]
 
 
 # ----------------------------------------------------------------------------- CUDA
