@@ -41,7 +41,8 @@ from tensorpress.nn import CPConv2d, TuckerConv2d, conv_paths
 from tensorpress.nn.cp_conv2d import static_routes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, interleaved_orders,  # noqa: E402
+from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, git_revision,  # noqa: E402
+                     interleaved_orders,
                      machine_info, median_ms, other_cpu_share, quartiles_ms, stamp_lines,
                      tensorpress_flags)
 
@@ -243,6 +244,7 @@ def write_markdown(path: Path, res: dict) -> None:
     lines = [
         "# Factorized Conv2d benchmark (CPU)", "",
         *stamp_lines(meta),
+        f"- code: git {meta['git']}; command: `{meta['command']}`; OpenBLAS env: {meta['blas_env'] or 'none set'}",
         f"- torch {meta['torch']}, {meta['threads']} threads, float32; tltorch {res['tltorch_version']}; "
         f"thread env: {meta['env'] or 'none set'}",
         f"- tensorpress: {tensorpress_flags(meta)}",
@@ -342,6 +344,9 @@ def main(argv=None) -> int:
     tucker_ranks = TUCKER_RANKS[:1] if args.quick else TUCKER_RANKS
     n_iter = 3 if args.quick else None
     meta = machine_info(torch.get_num_threads())
+    meta["git"] = git_revision()                       # at the start: the code that runs
+    meta["command"] = " ".join(["python", *sys.argv])
+    meta["blas_env"] = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
 
     torch.manual_seed(0)
