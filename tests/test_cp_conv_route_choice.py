@@ -217,3 +217,27 @@ def test_the_cache_is_bounded(monkeypatch):
     for k in range(5):
         conv_paths.cached_choice(("k", k), lambda k=k: k)
     assert list(conv_paths.cached()) == [("k", 2), ("k", 3), ("k", 4)]
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "frozen", "frozen_input_grad", "half"])
+def test_measured_calls_in_every_grad_setting(mode, monkeypatch):
+    count = _count_measurements(monkeypatch)
+    layer, x = _layer(), _x()
+    if mode.startswith("frozen"):
+        layer.requires_grad_(False)
+    if mode == "frozen_input_grad":
+        x.requires_grad_()
+    if mode == "half":
+        layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    if mode == "inference_mode":
+        with torch.inference_mode():
+            y = layer(x)
+    else:
+        y = layer(x)
+    (key,) = conv_paths.cached()
+    assert key[-1] is (mode in ("frozen_input_grad", "half")) and count["n"] == 3   # one choice per stage
+    tol = 2e-2 if mode == "half" else 1e-12
+    assert rel_err(y.double(), layer.double().to_conv()(x.detach().double())) < tol
+    if mode == "frozen_input_grad":
+        y.sum().backward()
+        assert x.grad is not None and all(p.grad is None for p in layer.parameters())
