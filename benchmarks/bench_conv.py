@@ -13,10 +13,12 @@ On ``nn.Conv2d(256, 256, 3, padding=1)`` with a seeded random weight and an inpu
    factorization='cp')`` (tensorly's parafac with its default iteration cap);
 3. forward + backward time (autograd on, gradients of the input and every parameter) of each
    CPConv2d and the tltorch 'factorized' side of the same rank;
-4. the cost of CPConv2d's first call per shape key, which times the stages' routes
+4. forward and forward + backward at a few other shapes (batch 1; 64 channels at 56x56; 512 at
+   14x14; a 5x5 kernel), randomly initialised CPConv2d against the tltorch side with its factors;
+5. the cost of CPConv2d's first call per shape key, which times the stages' routes
    (``tensorpress.nn.conv_paths``), the routes it chose, and the layer with its static routes
    (GEMM 1x1 stages, fused depthwise; what it ran before the choice) as a baseline;
-5. the issue's targets, PASS/FAIL.
+6. the issue's targets, PASS/FAIL.
 
 Writes ``conv_cpu.{json,md,png}`` (``conv_cpu_quick.*`` with --quick) under ``--out``.
 
@@ -49,6 +51,8 @@ from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suf
 CHANNELS, KERNEL, BATCH, SIZE = 256, 3, 8, 32
 CP_RANKS, TUCKER_RANKS = (32, 64, 128), ((64, 64), (128, 128))
 DECOMP_RANK = 64
+# (batch, channels, size, rank, kernel) of the other shapes (padding kernel // 2)
+OTHER_SHAPES = ((1, 256, 32, 64, 3), (32, 64, 56, 32, 3), (8, 512, 14, 128, 3), (8, 128, 28, 64, 5))
 AGREE_TOL = 1e-4       # max relative difference between the CP sides holding the same factors
 TARGET_DECOMP = 5.0    # from_dense must be this many times faster than tltorch's from_conv
 
@@ -142,9 +146,31 @@ def first_calls(sides: dict, x: torch.Tensor, cp_ranks) -> dict[str, dict]:
             _, t_inf = timed(lambda: layer(x))
         xg = x.detach().requires_grad_()
         _, t_train = timed(lambda: torch.autograd.grad(layer(xg).sum(), [xg, *layer.parameters()]))
-        chosen = {("grad" if key[-1] else "no_grad"): list(routes) for key, routes in conv_paths.cached().items()
-                  if key[3] == r and key[0] == "CPConv2d"}
-        out[f"CPConv2d r{r}"] = {"first_fwd_ms": 1e3 * t_inf, "first_fwd_bwd_ms": 1e3 * t_train, "routes": chosen}
+        out[f"CPConv2d r{r}"] = {"first_fwd_ms": 1e3 * t_inf, "first_fwd_bwd_ms": 1e3 * t_train,
+                                 "routes": chosen_routes(layer, x)}
+    return out
+
+
+def chosen_routes(layer: CPConv2d, x: torch.Tensor) -> dict[str, list[str]]:
+    """The routes the layer's calls on x took, without and with autograd (cached: nothing is timed)."""
+    with torch.no_grad():
+        no_grad = layer.routes(x)
+    return {"no_grad": list(no_grad), "grad": list(layer.routes(x))}
+
+
+def other_shapes(shapes, repeats: int, warmup: int) -> list[dict]:
+    """Forward and forward + backward of a CPConv2d, its static routes and tltorch's factorized
+    CP conv with the same factors, at each (batch, channels, size, rank, kernel)."""
+    out = []
+    for n, c, size, r, k in shapes:
+        torch.manual_seed(0)
+        ours = CPConv2d(c, c, k, r, padding=k // 2)
+        sides = {"CPConv2d": ours, "CPConv2d static routes": StaticRoutes(ours),
+                 "tltorch CP factorized": tltorch_cp_conv(ours, "factorized")}
+        x = torch.randn(n, c, size, size)
+        out.append({"shape": f"{n}x{c}x{size}x{size} r{r} k{k}", "forward": time_forward(sides, x, repeats, warmup),
+                    "forward_backward": time_forward_backward(sides, x, repeats, warmup),
+                    "routes": chosen_routes(ours, x)})
     return out
 
 
@@ -224,7 +250,7 @@ def decomposition(conv: nn.Conv2d, rank: int, n_iter: int | None) -> tuple[dict[
         ours, t_ours
 
 
-def targets(times: dict, train: dict, decomp: dict, cp_ranks) -> dict[str, str]:
+def targets(times: dict, train: dict, decomp: dict, cp_ranks, others: list[dict]) -> dict[str, str]:
     """PASS/FAIL for the issues' targets."""
     mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     out = {f"fwd r{r}: CPConv2d <= tltorch factorized": mark(
@@ -232,6 +258,11 @@ def targets(times: dict, train: dict, decomp: dict, cp_ranks) -> dict[str, str]:
     out.update({f"fwd+bwd r{r}: CPConv2d <= tltorch factorized": mark(
         train[f"CPConv2d r{r}"]["fwd_bwd_ms"] <= train[f"tltorch CP factorized r{r}"]["fwd_bwd_ms"])
         for r in cp_ranks})
+    for o in others:
+        for kind, unit in (("forward", "fwd_ms"), ("forward_backward", "fwd_bwd_ms")):
+            t = o[kind]
+            out[f"{o['shape']} {'fwd' if unit == 'fwd_ms' else 'fwd+bwd'}: CPConv2d <= tltorch factorized"] = mark(
+                t["CPConv2d"][unit] <= t["tltorch CP factorized"][unit])
     ours, peer = decomp["CPConv2d.from_dense (als)"], decomp["tltorch from_conv (parafac)"]
     out[f"from_dense r{DECOMP_RANK}: >= {TARGET_DECOMP:g}x faster at <= error"] = mark(
         peer["seconds"] / ours["seconds"] >= TARGET_DECOMP and ours["rel_err"] <= peer["rel_err"])
@@ -278,6 +309,17 @@ def write_markdown(path: Path, res: dict) -> None:
         q = t["fwd_bwd_quartiles_ms"]
         lines.append(f"| {name} | {t['fwd_bwd_ms']:.2f} | {f'{q[0]:.2f}-{q[1]:.2f}' if q else '-'} "
                      f"| {t['fwd_bwd_ms'] / peer:.3f}x |")
+    lines += ["", "## Other shapes (random CPConv2d, padding k // 2; tltorch holds its factors)", "",
+              "| input, rank, kernel | fwd ms: CPConv2d / static routes / tltorch | ratio | "
+              "fwd+bwd ms: CPConv2d / static / tltorch | ratio | routes no_grad | routes grad |",
+              "|---|---|---:|---|---:|---|---|"]
+    for o in res["other_shapes"]:
+        f, b = o["forward"], o["forward_backward"]
+        fs = [f[n]["fwd_ms"] for n in ("CPConv2d", "CPConv2d static routes", "tltorch CP factorized")]
+        bs = [b[n]["fwd_bwd_ms"] for n in ("CPConv2d", "CPConv2d static routes", "tltorch CP factorized")]
+        lines.append(f"| {o['shape']} | {' / '.join(f'{v:.2f}' for v in fs)} | {fs[0] / fs[2]:.3f}x "
+                     f"| {' / '.join(f'{v:.2f}' for v in bs)} | {bs[0] / bs[2]:.3f}x "
+                     f"| {', '.join(o['routes']['no_grad'])} | {', '.join(o['routes']['grad'])} |")
     lines += ["", "## CPConv2d's route choice (first call per shape key)", "",
               "The first call of each shape key (no_grad / grad) times each stage's routes "
               "(`tensorpress.nn.conv_paths`: 1x1 stages as OpenBLAS GEMMs or torch's conv, depthwise "
@@ -369,6 +411,10 @@ def main(argv=None) -> int:
     train = time_forward_backward(train_sides, x, repeats, warmup)
     for n, t in train.items():
         print(f"{n:32s} {t['fwd_bwd_ms']:9.2f} ms fwd+bwd", flush=True)
+    others = other_shapes(OTHER_SHAPES[:1] if args.quick else OTHER_SHAPES, repeats, warmup)
+    for o in others:
+        print(o["shape"], {n: f"{o['forward'][n]['fwd_ms']:.2f} / {o['forward_backward'][n]['fwd_bwd_ms']:.2f} ms"
+                           for n in o["forward"]}, o["routes"], flush=True)
 
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
@@ -378,9 +424,9 @@ def main(argv=None) -> int:
     res = {"meta": meta, "tltorch_version": tltorch.__version__,
            "tltorch_default_implementation": tltorch_default_implementation(),
            "repeats": repeats, "warmup": warmup, "n_iter_max": n_iter, "forward": times,
-           "forward_backward": train, "first_calls": firsts,
+           "forward_backward": train, "first_calls": firsts, "other_shapes": others,
            "params": {n: n_params(m) for n, m in sides.items()}, "build": build, "agreement": agree,
-           "decomposition": decomp, "targets": targets(times, train, decomp, cp_ranks)}
+           "decomposition": decomp, "targets": targets(times, train, decomp, cp_ranks, others)}
     for k, v in res["targets"].items():
         print(f"{v}  {k}")
 
