@@ -7,7 +7,9 @@ Which is faster depends on the CPU, its BLAS kernels, the thread count and the s
 machine the GEMMs were 1.2-2x faster than oneDNN's NCHW 1x1 conv, on the 2-core EPYC of
 benchmarks/results/conv_cpu.md they left the layer 2-10% behind tensorly-torch's four torch
 convs, and issue 28 measured 5.34 vs 4.40 ms on a Zen 4. So the first call of each shape key
-times every route of each stage on the call's own tensors and keeps the fastest.
+times every combination of routes as a whole forward on the call's own tensors (forward +
+backward when it builds a graph) and keeps the fastest: about 4 forwards per combination
+(one warm-up, REPEATS timed), 8 combinations for kernels up to 7x7, once per key.
 
 On by default for plain eager CPU calls (`set_autotune(False)` or TENSORPRESS_CONV_AUTOTUNE=0
 at import turn it off; the layer then takes its static routes). Nothing is measured while
@@ -22,14 +24,14 @@ import os
 import statistics
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Callable, Hashable, Mapping
 
 import torch
 from torch import Tensor
 
 from tensorpress._eager import plain_eager
 
-REPEATS = 5            # timed runs per route (after one warm-up), interleaved across routes
+REPEATS = 3            # timed runs per route (after one warm-up), interleaved across routes
 MAX_KEYS = 1024        # cached keys kept; the oldest is dropped past this
 
 # read at call time, so that tests can replace it with a scripted clock
@@ -128,7 +130,7 @@ def leaf(t: Tensor | None, requires_grad: bool) -> Tensor | None:
     return None if t is None else t.detach().requires_grad_(requires_grad)
 
 
-def fastest(routes: Mapping[str, Callable[[], None]]) -> str:
+def fastest(routes: Mapping[Hashable, Callable[[], None]]) -> Hashable:
     """The route with the smallest median time; ties go to the first listed. One warm-up
     each, then REPEATS rounds, the order rotated every round (no route always runs first)."""
     names = list(routes)
@@ -136,7 +138,7 @@ def fastest(routes: Mapping[str, Callable[[], None]]) -> str:
         return names[0]
     for name in names:
         routes[name]()
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict[Hashable, list[float]] = {n: [] for n in names}
     for i in range(REPEATS):
         for name in names[i % len(names):] + names[:i % len(names)]:
             start = clock()
