@@ -16,7 +16,7 @@ On ``nn.Conv2d(256, 256, 3, padding=1)`` with a seeded random weight and an inpu
 4. forward and forward + backward at a few other shapes (batch 1; 64 channels at 56x56; 512 at
    14x14; a 5x5 kernel), randomly initialised CPConv2d against the tltorch side with its factors;
 5. the cost of CPConv2d's first call per shape key, which times the stages' routes
-   (``tensorpress.nn.conv_paths``), the routes it chose, and the layer with its static routes
+   (``tensorpress.nn.conv_paths``: every combination as a whole forward), the routes it chose, and the layer with its static routes
    (GEMM 1x1 stages, fused depthwise; what it ran before the choice) as a baseline;
 6. the issue's targets, PASS/FAIL.
 
@@ -321,10 +321,12 @@ def write_markdown(path: Path, res: dict) -> None:
                      f"| {' / '.join(f'{v:.2f}' for v in bs)} | {bs[0] / bs[2]:.3f}x "
                      f"| {', '.join(o['routes']['no_grad'])} | {', '.join(o['routes']['grad'])} |")
     lines += ["", "## CPConv2d's route choice (first call per shape key)", "",
-              "The first call of each shape key (no_grad / grad) times each stage's routes "
-              "(`tensorpress.nn.conv_paths`: 1x1 stages as OpenBLAS GEMMs or torch's conv, depthwise "
-              "fused or two 1-D convs) and keeps the fastest; \"static routes\" is the layer without "
-              "the choice (GEMM, fused, GEMM), the routes it ran before.", "",
+              "The first call of each shape key (no_grad / grad) times every combination of the stages' "
+              "routes as whole forwards (`tensorpress.nn.conv_paths`: 1x1 stages as OpenBLAS GEMMs or "
+              "torch's conv, depthwise fused or two 1-D convs; least time of 3 runs after a warm-up) and "
+              "keeps the fastest; \"static routes\" is the layer without the choice (GEMM, fused, GEMM), "
+              "the routes it ran before. The static side shares the layer's parameters: its rows are the "
+              "same process and input.", "",
               "| layer | first call ms, no_grad | first fwd+bwd ms | routes no_grad (in, depthwise, out) "
               "| routes grad |", "|---|---:|---:|---|---|"]
     for name, f in res["first_calls"].items():
