@@ -54,7 +54,8 @@ def test_cp_rank_above_the_largest_cp_rank_is_refused_before_allocating():
         CPConv2d(3, 4, 3, rank=10 ** 12)   # 12 TB of factors
     with pytest.raises(ValueError, match="rank: expected at most 27"):
         CPConv2d(3, 4, 3, rank=28)
-    assert CPConv2d(3, 4, 3, rank=27).rank == 27
+    with pytest.warns(UserWarning, match="more than the dense"):
+        assert CPConv2d(3, 4, 3, rank=27).rank == 27
     # a 1x1 conv is a matrix: rank at most min(out, in)
     with pytest.raises(ValueError, match="rank: expected at most 3"):
         CPConv2d(3, 8, 1, rank=4)
@@ -98,3 +99,12 @@ def test_tt_input_errors_name_the_expected_shape(x):
     layer = TTLinear(16, 16, ranks=2)
     with pytest.raises((TypeError, ValueError), match="input: expected"):
         layer(x)
+
+
+def test_cp_rank_past_dense_warns_with_the_counts():
+    with pytest.warns(UserWarning, match=r"rank: 27 gives the CPConv2d 351 factor parameters, more than the dense "
+                                         r"4x3x3x3 kernel's 108; a rank of at most 8 compresses"):
+        CPConv2d(3, 4, 3, rank=27)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CPConv2d(3, 4, 3, rank=8)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -197,6 +198,11 @@ def check_cp_rank(rank, kernel_shape: tuple[int, int, int, int]) -> int:
         raise ValueError(f"rank: expected at most {bound} for a kernel of shape {kernel_shape} (out, in, kh, kw): "
                          f"no such kernel has a larger CP rank (at most the product of all sizes but the "
                          f"largest), got {rank}")
+    params, dense = rank * sum(kernel_shape), math.prod(kernel_shape)
+    if params > dense:
+        warnings.warn(f"rank: {rank} gives the CPConv2d {params} factor parameters, more than the dense "
+                      f"{'x'.join(map(str, kernel_shape))} kernel's {dense}; a rank of at most "
+                      f"{dense // sum(kernel_shape)} compresses", stacklevel=3)
     return rank
 
 
