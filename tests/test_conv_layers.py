@@ -190,3 +190,18 @@ def test_cp_bad_method_and_rank():
         CPConv2d.from_dense(conv, 0)
     with pytest.raises(ValueError, match="rank"):
         CPConv2d(4, 4, 3, rank=True)
+
+
+def test_cp_conv_compiled_by_inductor_serves_a_second_input_shape():
+    """A second input shape makes torch.compile recompile with dynamic sizes; inductor failed on
+    the 1x1 stages' expanded batched GEMM there ("cannot determine truth value of Relational")."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = CPConv2d(8, 8, 3, rank=4, padding=1)
+    compiled = torch.compile(layer)
+    try:
+        for shape in [(2, 8, 10, 10), (3, 8, 12, 12)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()

@@ -109,8 +109,10 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     """F.conv2d(x, weight, bias) for a 1x1 ``weight`` (out, in, 1, 1). On an NCHW-contiguous x
     it is one batched GEMM on the (N, in, H*W) view, with the bias as the GEMM's addend: oneDNN's
     1x1 conv reorders NCHW to a blocked layout and back, which made it 1.2-2x slower on CPU.
-    Other layouts (channels_last, strided views) go to F.conv2d, which handles them natively."""
-    if not x.is_contiguous():
+    Other layouts (channels_last, strided views) go to F.conv2d, which handles them natively;
+    so does torch.compile, whose inductor fails on the expanded batched GEMM once it recompiles
+    for a second input shape with dynamic sizes ("cannot determine truth value of Relational")."""
+    if not x.is_contiguous() or torch.compiler.is_compiling():
         return F.conv2d(x, weight, bias)
     n, c, h, w = x.shape
     out = weight.shape[0]
