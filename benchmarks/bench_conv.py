@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensorpress.nn import CPConv2d, TuckerConv2d, conv_paths
+from tensorpress.nn import CPConv2d, TuckerConv2d
 from tensorpress.nn.cp_conv2d import static_routes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

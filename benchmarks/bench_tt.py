@@ -472,7 +472,7 @@ def cuda_ceilings() -> dict:
     n = 1 << 28  # 1 GiB of float32
     a, b = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
     copy_ms = statistics.median(cuda_time_ms(lambda _: b.copy_(a), [None], 20, 3))
-    del a, b
+    a = b = None   # 2 GiB freed before the matmuls (not `del`: the lambda above still names them)
     res = {"copy_bytes_per_s": 2 * 4 * n / (copy_ms * 1e-3)}
     for name in CUDA_DTYPES:
         dt = getattr(torch, name)

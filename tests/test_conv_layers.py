@@ -1,5 +1,4 @@
 """CPConv2d and TuckerConv2d: exact equivalence with nn.Conv2d, from_dense, compile, dtypes."""
-import itertools
 
 import pytest
 import torch

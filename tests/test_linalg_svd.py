@@ -1,5 +1,4 @@
 """truncated_svd against float64 LAPACK on matrices with chosen spectra."""
-import math
 
 import pytest
 import torch

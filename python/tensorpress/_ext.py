@@ -47,7 +47,6 @@ except ImportError as err:  # pragma: no cover - only on a broken install
 def info() -> dict:
     """What this build of tensorpress contains and what it can see at run time."""
     import numpy
-    import torch
 
     built = dict(_C.build_info())
     return {

@@ -19,7 +19,7 @@ import tensorpress  # noqa: F401  (registers the ops)
 from tensorpress._ext import _C
 from tensorpress.ops import tt as T
 from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch, tt_matmul, tt_matmul_reference
-from tensorpress.ops.tt_plan import choose_cuda_plan, choose_plan, cuda_limits, cuda_schedule, flat_dims, merge_shapes
+from tensorpress.ops.tt_plan import choose_cuda_plan, choose_plan, cuda_limits, cuda_schedule, flat_dims
 
 pytestmark = GPU
 

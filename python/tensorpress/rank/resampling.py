@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from tensorpress.rank.regressors import _generator, check_Xy
 
