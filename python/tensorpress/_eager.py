@@ -2,7 +2,7 @@
 
 The extension reads tensors through DLPack, outside PyTorch's dispatcher: whatever records
 or transforms the computation (torch.compile and torch.export, torch.jit.trace, torch.func's
-vmap/grad/jacrev, fake and other subclassed tensors) would see no operation at all and keep
+vmap/grad/jacrev, forward-mode AD, fake and other subclassed tensors) would see no operation at all and keep
 uninitialised memory. Those callers must take the traceable torch (or custom-op) path.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from tensorpress._eager import PLAIN_TENSOR_TYPES, recording
+from tensorpress._eager import plain_eager
 from tensorpress.decompose.tt import tt_matrix_svd
 from tensorpress.nn._checks import autocast_casts, check_factor_dtype
 from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
@@ -118,8 +118,7 @@ class TTLinear(nn.Module):
         cores' values are compared too (bytes, by memcmp: 3 us for four cores at 1024^2 rank 8,
         against 10 us by torch.equal and 8 ms for prepare_tt).
         Not on CUDA, where comparing values would synchronise every call."""
-        if (recording() or (torch.is_grad_enabled() and any(g.requires_grad for g in cores))
-                or x.device.type != "cpu" or any(type(t) not in PLAIN_TENSOR_TYPES for t in (x, *cores))):
+        if not plain_eager(x, *cores) or (torch.is_grad_enabled() and any(g.requires_grad for g in cores)):
             return None, None
         plan = self._plan(cores, math.prod(x.shape[:-1]), x.dtype)
         cached = self.__dict__.get("_inference_cache")

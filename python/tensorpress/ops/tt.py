@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from tensorpress._eager import PLAIN_TENSOR_TYPES, recording, transforming
+from tensorpress._eager import plain_eager, recording, transforming
 from tensorpress._ext import _C
 from tensorpress.ops import tt_autotune
 from tensorpress.ops.tt_dense import dense_from_halves
@@ -471,20 +471,16 @@ def _differentiable_vjp(plan: TTPlan, steps, x: Tensor, bias_given: bool, cores:
 
 
 def _eager_cpu_training(x: Tensor, cores: Sequence[Tensor], bias: Tensor | None) -> bool:
-    """Autograd on, nothing recording (compile, export, jit.trace, torch.func), plain CPU tensors of a kernel dtype (not fake or subclassed)."""
-    tensors = [x, *cores] if bias is None else [x, *cores, bias]
-    return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and not recording()
-            and all(type(t) in PLAIN_TENSOR_TYPES for t in tensors) and torch.is_grad_enabled()
-            and any(t.requires_grad for t in tensors))
+    """Autograd on, a kernel dtype, and `plain_eager` (nothing records the call; plain CPU
+    tensors, not fake or subclassed)."""
+    return (x.dtype in _KERNEL_DTYPES and plain_eager(x, *cores, bias) and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, *cores, bias)))
 
 
 def _eager_cpu_inference(x: Tensor, mats: List[Tensor], bias: Tensor | None = None) -> bool:
-    """No autograd, nothing recording (compile, export, jit.trace, torch.func), plain CPU tensors of a kernel dtype (not fake or subclassed):
-    the custom op adds nothing to the kernel."""
-    tensors = mats if bias is None else [*mats, bias]
-    return (type(x) in PLAIN_TENSOR_TYPES and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
-            and not recording() and all(type(t) in PLAIN_TENSOR_TYPES for t in tensors)
-            and not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))))
+    """No autograd, a kernel dtype, and `plain_eager`: the custom op adds nothing to the kernel."""
+    return (x.dtype in _KERNEL_DTYPES and plain_eager(x, *mats, bias)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *mats, bias))))
 
 
 def _dense_route(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
@@ -540,7 +536,8 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
            are computed in float32 and cast back).
         cores: d tensors (r_{k-1}, m_k, n_k, r_k) of x's dtype and device, r_0 = r_d = 1.
         plan: from `select_plan(shapes, batch, device=...)`; chosen by the cost model of x's
-           device (or the opt-in autotune) when omitted (on CUDA: fused, tiled or dense, see `choose_cuda_plan`).
+           device (or the opt-in autotune) when omitted (on CUDA: fused, tiled or dense, see
+           `choose_cuda_plan`).
         prepared: `prepare_tt(cores, plan)`, when the caller keeps it between calls.
         bias: (M,) of the cores' dtype and device, or None; added inside the kernel on the CPU.
     Returns:
