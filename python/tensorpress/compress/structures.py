@@ -145,8 +145,10 @@ class _ConvStructure:
         g, i, o = module.groups, module.in_channels, module.out_channels
         if g > 1:
             # the fits factor one dense (out, in) channel map; a grouped conv has one per group
-            kind = f"depthwise conv (groups = in_channels = {g})" if g == i else f"grouped conv (groups={g})"
-            return f"{kind}: unsupported by {self.name}, which factors one dense channel map (groups=1)"
+            # (a block-diagonal map; per-group factors would need a grouped layer class)
+            depthwise = "; a depthwise conv (groups = in_channels) mixes no channels: none to reduce" if g == i else ""
+            return (f"grouped conv (groups={g}): not supported by {self.name}, which factors one dense channel map "
+                    f"(groups=1){depthwise}")
         if i == 1:
             return (f"one input channel: {self.name} has no input channels to reduce (the conv is already a "
                     f"{o}x{module.kernel_size[0]}x{module.kernel_size[1]} map)")
@@ -172,16 +174,25 @@ class Tucker(_ConvStructure):
         kh, kw = layer.kernel_size
         return r_in * layer.in_channels + r_out * r_in * kh * kw + layer.out_channels * r_out + layer.out_channels
 
+    @staticmethod
+    def feasible(layer: nn.Conv2d, r_out: int, r_in: int) -> tuple[int, int, int, int]:
+        """(r_out, r_in, s_h, s_w): the ranks TuckerConv2d.from_dense fits, each at most its
+        mode's size and the product of the other ranks (a 1x1 conv's (3, 2) is (2, 2))."""
+        from tensorpress.decompose.tucker import feasible_ranks
+        return tuple(feasible_ranks([r_out, r_in, *layer.kernel_size], layer.weight.shape))
+
     def uniform_rank(self, layer: nn.Conv2d, budget: float):
-        """The largest (r_out, r_in) in the channels' ratio that fits the budget."""
+        """The largest (r_out, r_in) in the channels' ratio that fits the budget (made feasible,
+        so the budget is charged for the ranks the layer gets)."""
         o, i = layer.out_channels, layer.in_channels
         allowed = budget * (layer.weight.numel() + o)
         best = (1, 1)
         for step in range(1, max(o, i) + 1):
             r_out, r_in = max(1, min(o, round(step * o / max(o, i)))), max(1, min(i, round(step * i / max(o, i))))
-            if self.params(layer, r_out, r_in) > allowed:
+            rank = self.feasible(layer, r_out, r_in)[:2]
+            if self.params(layer, *rank) > allowed:
                 break
-            best = (r_out, r_in)
+            best = rank
         return best
 
     def rank_params(self, layer: nn.Conv2d, rank) -> int:
@@ -190,14 +201,13 @@ class Tucker(_ConvStructure):
     def rank_dof(self, layer: nn.Conv2d, rank) -> int:
         """Dimension of the Tucker manifold (spatial modes kept whole) plus the bias."""
         from tensorpress.rank.regressors import tucker_degrees_of_freedom
-        kh, kw = layer.kernel_size
-        return tucker_degrees_of_freedom((*rank, kh, kw), tuple(layer.weight.shape)) + layer.out_channels
+        return tucker_degrees_of_freedom(self.feasible(layer, *rank), tuple(layer.weight.shape)) + layer.out_channels
 
     def check_rank(self, name: str, layer: nn.Conv2d, rank):
         o, i = layer.out_channels, layer.in_channels
         pair = (rank, rank) if _is_int(rank) else rank
         if (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_int(r) for r in pair)):
-            return (min(pair[0], o), min(pair[1], i))
+            return self.feasible(layer, *pair)[:2]
         raise ValueError(f"ranks: layer {name!r} ({o}x{i} channels) needs (r_out, r_in) ints >= 1 or one int, "
                          f"got {rank!r}")
 

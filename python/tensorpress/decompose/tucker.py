@@ -1,6 +1,7 @@
 """Tucker decomposition: HOSVD (De Lathauwer et al. 2000), refined by HOOI."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -41,6 +42,23 @@ def _leading_left_vectors(t: Tensor, mode: int, rank: int) -> Tensor:
     unfolding = torch.movedim(t, mode, 0).reshape(t.shape[mode], -1)
     u, _, _ = truncated_svd(unfolding, rank=rank)
     return u
+
+
+def feasible_ranks(ranks: Sequence[int], shape: Sequence[int]) -> list[int]:
+    """The multilinear ranks a Tucker decomposition of a ``shape`` tensor can hold at most
+    ``ranks``: each R_n <= p_n and R_n <= prod_{m != n} R_m (the core's mode-n unfolding has
+    no higher rank), lowered together until all hold. HOOI's factors come out with these
+    ranks (a mode asked for more gets fewer columns); e.g. a 1x1 conv's (r_out, r_in, 1, 1)
+    Tucker-2 kernel needs r_out = r_in."""
+    out = [min(int(r), int(p)) for r, p in zip(ranks, shape)]
+    changed = True
+    while changed:   # each pass only lowers ranks (all >= 1): it ends
+        changed = False
+        for n in range(len(out)):
+            cap = math.prod(out[:n] + out[n + 1:])
+            if out[n] > cap:
+                out[n], changed = cap, True
+    return out
 
 
 def _check(tensor, ranks):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tensorpress.decompose.tucker import multi_mode_product, tucker
+from tensorpress.decompose.tucker import feasible_ranks, multi_mode_product, tucker
 from tensorpress.nn.cp_conv2d import (apply_padding, check_dense_conv, check_input, conv_kwargs, dense_conv_like,
                                       resolve_conv_args, symmetric_zero_padding)
 from tensorpress.nn._checks import check_factor_dtype
@@ -123,15 +123,16 @@ class TuckerConv2d(nn.Module):
         float64; the spatial modes are kept whole). Exact when ranks = (out, in).
         ``layer.decomposition`` holds the TuckerResult (rel_error, history)."""
         w = check_dense_conv(conv)
-        r_out, r_in = _resolve_ranks(ranks, conv.in_channels, conv.out_channels)
         kh, kw = conv.kernel_size
-        # a mode's rank is also bounded by the product of the other modes
-        r_out, r_in = min(r_out, conv.in_channels * kh * kw), min(r_in, conv.out_channels * kh * kw)
+        # a mode's rank is also bounded by the product of the other modes' ranks (HOOI returns
+        # no more: a 1x1 conv's ranks (3, 2) come out (2, 2)); the spatial modes too
+        r_out, r_in, s_h, s_w = feasible_ranks([*_requested_ranks(ranks), kh, kw], w.shape)
         warn_if_capped_past_dense(_requested_ranks(ranks), (r_out, r_in), conv.in_channels, conv.out_channels,
                                   conv.kernel_size)
         layer = cls(ranks=(r_out, r_in), **conv_kwargs(conv))
-        res = tucker(w.to(torch.float64), [r_out, r_in, kh, kw], n_iter_max=n_iter_max, tol=tol)
-        # the spatial factors are square orthogonal: fold them back into the core
+        res = tucker(w.to(torch.float64), [r_out, r_in, s_h, s_w], n_iter_max=n_iter_max, tol=tol)
+        # the spatial factors (kh x s_h, kw x s_w; square unless a rank bounds them) go back
+        # into the core, which keeps the whole kh x kw kernel
         core = multi_mode_product(res.core, [None, None, res.factors[2], res.factors[3]])
         with torch.no_grad():
             layer.last.copy_(res.factors[0].reshape(conv.out_channels, r_out, 1, 1))
