@@ -40,7 +40,7 @@ def _compress(args) -> int:
                     rank_rule=None if args.rank_rule == "uniform" else args.rank_rule, n_calib=args.calib,
                     n_eval=args.eval, sweep=_floats(args.sweep), compare=_names(args.compare), out=args.out,
                     progress=not args.quiet, threads=args.threads,
-                    residual_feedback=not args.no_residual_feedback)
+                    residual_feedback=not args.no_residual_feedback, fold_batchnorm=args.fold_batchnorm)
     try:
         run_job(cfg)
     finally:
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--quiet", action="store_true", help="no progress bars")
     comp.add_argument("--no-residual-feedback", action="store_true",
                       help="fit every layer to its own original output only (see compress(residual_feedback=))")
+    comp.add_argument("--fold-batchnorm", action="store_true",
+                      help="fold each eval-mode BatchNorm2d that directly follows a conv to compress into that "
+                           "conv before the fit (see compress(fold_batchnorm=)); the report lists them")
     comp.set_defaults(run=_compress)
     bench = sub.add_parser("bench", help="run the kernel benchmarks (from a source checkout)")
     bench.add_argument("which", nargs="*", default=["bench_tt", "bench_svd", "bench_conv"])

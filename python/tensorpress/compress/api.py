@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tensorpress.compress.account import build_account, dense_reason, screen
 from tensorpress.compress.allocate import (RANK_RULES, allocate_by_rule, allocate_uniform, layer_sensitivity,
                                           relative_error_curves)
+from tensorpress.compress.batchnorm import fold_batchnorms
 from tensorpress.compress import distributed as tpdist
 from tensorpress.compress.crossval import DEFAULT_FOLDS, cv_error_curves, merge_stats
 from tensorpress.compress.calibrate import (call_model, hooks, layer_features, layer_rows, naming_batch, record_inputs,
@@ -106,9 +107,12 @@ def _skip_tied(model: nn.Module, targets: list[str], ranks) -> tuple[list[str], 
     return left, skipped
 
 
-def _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds=DEFAULT_FOLDS):
+def _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds=DEFAULT_FOLDS,
+                fold_batchnorm=False):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(fold_batchnorm, bool):
+        raise TypeError(f"fold_batchnorm: expected True or False, got {fold_batchnorm!r}")
     if structure not in STRUCTURES:
         raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
     if isinstance(method, Mapping):
@@ -505,7 +509,7 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
              rank_rule: str | None = None, include=None, exclude=None, keep_rows: int = 0,
              ridge: float | None = None, progress: bool | None = None,
              cache: dict | None = None, residual_feedback: bool = True,
-             cv_folds: int = DEFAULT_FOLDS) -> tuple[nn.Module, CompressionReport]:
+             cv_folds: int = DEFAULT_FOLDS, fold_batchnorm: bool = False) -> tuple[nn.Module, CompressionReport]:
     """Compress the layers of ``model`` and return (compressed copy, report).
 
     Modules used at more than one place: a layer called several times per forward pass (or
@@ -570,13 +574,23 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             example a sweep over budgets): the original model's input statistics, block inputs,
             calibration rows (up to sequential.REF_ROWS_BYTES, 3 GiB), the whitened
             decompositions and the layers' sensitivities are computed once and reused.
+        fold_batchnorm: fold each eval-mode BatchNorm2d that directly follows a conv to be
+            compressed into that conv before the fit (its running statistics scale the conv's
+            weight and shift its bias), so the fit sees the conv as the model uses it; the
+            returned model has a FoldedBatchNorm (an identity) in the BatchNorm's place and
+            computes the same function. Pairs are found on the first calibration batch (the
+            BatchNorm reads the tensor the conv returned; without calibration batches: side by
+            side in an nn.Sequential) and the folded model's output is checked on it; the
+            report lists the BatchNorms folded (report.folded_batchnorm) and, in its notes,
+            those after a conv left as they were, with the reason. A BatchNorm to fold that is
+            in training mode is refused (ValueError). See compress.batchnorm.
     Returns:
         (compressed model, CompressionReport).
     Raises:
         CalibrationBatchError (a ValueError): the model failed on a calibration batch; the
             message names it as calib[i] and the model's own error is chained.
     """
-    _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds)
+    _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds, fold_batchnorm)
     all_batches = _batches(calib)
     batches = tpdist.shard(all_batches)  # this process's share under torch.distributed
     folds = cv_folds if rank_rule == "cv" else 0
@@ -588,6 +602,16 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     progress = show_progress(progress)
     screened, left_out = screen_targets(model, structure, include, exclude)
     targets, skipped = _skip_tied(model, screened, ranks)
+    original, folding = model, None
+    if fold_batchnorm:
+        not_fitted = {**{n: f"{status}: {why}" for n, (status, why) in left_out.items()},
+                      **{n: f"skipped: {why}" for n, why in skipped.items()}}
+        # every process finds the pairs on the same batch (calib[0]), so they fold alike
+        folding = fold_batchnorms(model, targets, not_fitted, all_batches[0] if all_batches else None)
+        # from here on the folded copy stands for the model (it computes the same outputs)
+        model = folding.model
+        if cache is not None and folding.folded:   # the folded convs' fits differ from the dense ones'
+            cache = cache.setdefault(("fold_batchnorm",), {})
     per_layer = _methods_by_layer(method, targets)
     if any(m in SAMPLE_METHODS for m in per_layer.values()) and not keep_rows:
         keep_rows = DEFAULT_KEEP_ROWS
@@ -602,8 +626,11 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     flags = _training_flags(model)
     cmp = copy.deepcopy(model).eval()
     report = CompressionReport(structure=structure, method=method_name, budget=None if ranks else float(budget),
-                               rank_rule=rank_rule, model_params_before=count_params(model),
-                               bytes_before=state_dict_bytes(model), skipped=skipped)
+                               rank_rule=rank_rule, model_params_before=count_params(original),
+                               bytes_before=state_dict_bytes(original), skipped=skipped)
+    if folding is not None:
+        report.folded_batchnorm = dict(folding.folded)
+        report.notes += folding.notes
     try:
         # statistics of the model as it infers (dropout off, normalization buffers left alone)
         model.eval()
@@ -730,4 +757,9 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     # the same in every mode: the rows the first layer's statistics hold (each layer's in its row)
     report.calibration_rows = report.layers[0].rows
     report.account = build_account(model, names_of, left_out, skipped, report.layers, dense_why)
+    if folding is not None:
+        convs = {conv: bn for bn, conv in folding.folded.items()}
+        for a in report.account:
+            if a.name in convs:
+                a.why += f"; {convs[a.name]!r} (BatchNorm) folded into it before the fit"
     return cmp, report

@@ -34,6 +34,7 @@ class JobConfig:
     progress: bool = True
     threads: int | None = None
     residual_feedback: bool = True
+    fold_batchnorm: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -150,7 +151,8 @@ def run_job(cfg: JobConfig) -> dict:
     cache: dict = {}  # one-shot statistics shared by every run on this calibration set
     small, report = compress(model, calib, structure=cfg.structure, method=cfg.method, budget=cfg.budget,
                              rank_rule=cfg.rank_rule, progress=progress, cache=cache,
-                             residual_feedback=cfg.residual_feedback, **target_kw)
+                             residual_feedback=cfg.residual_feedback, fold_batchnorm=cfg.fold_batchnorm,
+                             **target_kw)
     report.quality.update(evaluate(small))
     if main:
         # the per-layer account comes last, after the sweep
@@ -169,7 +171,8 @@ def run_job(cfg: JobConfig) -> dict:
         t0 = time.perf_counter()
         # the sweep's own bar stands for these runs (no nested bars)
         m, r = compress(model, calib, structure=cfg.structure, method=method, budget=budget, cache=cache,
-                        residual_feedback=cfg.residual_feedback, progress=False, **target_kw)
+                        residual_feedback=cfg.residual_feedback, fold_batchnorm=cfg.fold_batchnorm,
+                        progress=False, **target_kw)
         q = evaluate(m)
         if main:
             sweep_rows.append({"method": method, "budget": budget, "kept_fraction": r.kept_fraction,

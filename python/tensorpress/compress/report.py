@@ -73,6 +73,8 @@ class CompressionReport:
     residual_feedback: list = field(default_factory=list)   # layers fitted to make up for the residual error
     skipped: dict = field(default_factory=dict)   # {layer: why it was left dense} (tied weights)
     notes: list = field(default_factory=list)     # how the run departed from its defaults, and why
+    # {BatchNorm name: conv name} folded by fold_batchnorm=True (a FoldedBatchNorm in its place)
+    folded_batchnorm: dict = field(default_factory=dict)
     # every nn.Linear / conv layer of the model, in model order: compressed, kept dense, skipped
     # (with the reason; tied weights too) or excluded by include/exclude
     account: list[LayerAccount] = field(default_factory=list)
@@ -129,6 +131,9 @@ class CompressionReport:
                  f"state_dict {self.bytes_before / mb:.2f} MiB -> {self.bytes_after / mb:.2f} MiB"]
         # tied layers up front too (the account lists them with the others)
         lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
+        if self.folded_batchnorm:
+            pairs = ", ".join(f"{bn} -> {conv}" for bn, conv in self.folded_batchnorm.items())
+            lines.append(f"BatchNorm folded into the conv before it (an identity in its place; same outputs): {pairs}")
         lines += self.notes
         for k, v in self.quality.items():
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")

@@ -3,7 +3,9 @@
 The file is a safetensors state_dict whose metadata records which layers were replaced by
 what ({"name": {"type": "LowRankLinear" | "TTLinear" | "TuckerConv2d" | "CPConv2d", and the
 constructor arguments}}) and the format version, so `load_compressed(dense_model, path)` can
-swap the same layers in and load the weights.
+swap the same layers in and load the weights. A BatchNorm that compress(fold_batchnorm=True)
+folded into its conv is recorded as {"type": "FoldedBatchNorm", "conv": name, "num_features"}:
+the loaded model has the identity in its place (and its conv, if kept dense, the folded bias).
 
 Loading checks the whole file before it allocates anything: the metadata against a schema
 and against the dense model (each layer's name, type, sizes, geometry and ranks, each rank
@@ -23,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from tensorpress.compress.batchnorm import FoldedBatchNorm
 from tensorpress.nn.cp_conv2d import CPConv2d
 from tensorpress.nn.lowrank_linear import LowRankLinear
 from tensorpress.nn.tt_linear import TTLinear
@@ -37,13 +40,15 @@ _FORMAT_KEY = "tensorpress.format"
 FORMAT_VERSION = 1
 # more cores than this would need factors of 1: no file written by save_compressed has them
 MAX_TT_CORES = 64
-_CLASSES = {"LowRankLinear": LowRankLinear, "TTLinear": TTLinear, "TuckerConv2d": TuckerConv2d, "CPConv2d": CPConv2d}
+_CLASSES = {"LowRankLinear": LowRankLinear, "TTLinear": TTLinear, "TuckerConv2d": TuckerConv2d, "CPConv2d": CPConv2d,
+            "FoldedBatchNorm": FoldedBatchNorm}
 _LINEAR_FIELDS = ("in_features", "out_features", "bias")
 _CONV_FIELDS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode", "bias")
 _FIELDS = {"LowRankLinear": ("type", *_LINEAR_FIELDS, "rank"),
            "TTLinear": ("type", *_LINEAR_FIELDS, "ranks", "in_factors", "out_factors"),
            "TuckerConv2d": ("type", *_CONV_FIELDS, "ranks"),
-           "CPConv2d": ("type", *_CONV_FIELDS, "rank")}
+           "CPConv2d": ("type", *_CONV_FIELDS, "rank"),
+           "FoldedBatchNorm": ("type", "conv", "num_features")}
 # torch dtype -> the safetensors header's name for it
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -76,6 +81,8 @@ def _spec(mod) -> dict | None:
         return {"type": "TuckerConv2d", "ranks": list(mod.ranks), **_conv_geometry(mod)}
     if isinstance(mod, CPConv2d):
         return {"type": "CPConv2d", "rank": mod.rank, **_conv_geometry(mod)}
+    if isinstance(mod, FoldedBatchNorm):
+        return {"type": "FoldedBatchNorm", "conv": mod.conv, "num_features": mod.num_features}
     return None
 
 
@@ -274,10 +281,32 @@ def _check_conv(fields: _Fields, module: nn.Module) -> dict:
     return kw
 
 
-def _check_spec(fields: _Fields, module: nn.Module) -> dict:
+def _check_folded(fields: _Fields, module: nn.Module, model: nn.Module) -> dict:
+    """A FoldedBatchNorm: a BatchNorm in the dense model, folded into the nn.Conv2d it names."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        raise fields.fail("type", f"a FoldedBatchNorm replaces a BatchNorm, but the model has a "
+                                  f"{type(module).__name__} there")
+    n = fields.int("num_features")
+    fields.same("num_features", n, module.num_features, type(module).__name__)
+    conv = fields.spec["conv"]
+    if not isinstance(conv, str):
+        raise fields.fail("conv", f"expected the name of the conv it was folded into, got {conv!r}")
+    try:
+        target = model.get_submodule(conv)
+    except AttributeError:
+        target = None
+    if type(target) is not nn.Conv2d or target.out_channels != n:
+        raise fields.fail("conv", f"expected an nn.Conv2d with {n} output channels at {conv!r}, the model has "
+                                  f"{type(target).__name__ if target is not None else 'no module'} there")
+    return {"conv": conv, "num_features": n}
+
+
+def _check_spec(fields: _Fields, module: nn.Module, model: nn.Module) -> dict:
     """The constructor arguments of one layer, each checked against the schema and against
     the dense module it replaces; ranks within what the shape allows."""
     kind = _check_fields(fields)
+    if kind == "FoldedBatchNorm":
+        return _check_folded(fields, module, model)
     if kind == "LowRankLinear":
         kw = _check_linear(fields, module)
         return {**kw, "rank": fields.int("rank", hi=min(kw["in_features"], kw["out_features"]))}
@@ -304,7 +333,21 @@ def _module_at(model: nn.Module, name: str, fields: _Fields) -> nn.Module:
 
 
 def _build(kind: str, kw: dict, device, dtype) -> nn.Module:
+    if kind == "FoldedBatchNorm":   # no tensors of its own
+        return FoldedBatchNorm(**kw)
     return _CLASSES[kind](**kw, device=device, dtype=dtype)
+
+
+def _folded_biases(model: nn.Module, checked: dict) -> dict[str, nn.Conv2d]:
+    """{conv name: conv} of the dense convs (not replaced by the file) that a folded BatchNorm
+    gave the bias they lack in the dense model."""
+    out = {}
+    for kind, kw, _ in checked.values():
+        if kind == "FoldedBatchNorm" and kw["conv"] not in checked:
+            conv = model.get_submodule(kw["conv"])
+            if conv.bias is None:
+                out[kw["conv"]] = conv
+    return out
 
 
 def _meta_layer(fields: _Fields, kind: str, kw: dict, dtype) -> nn.Module:
@@ -326,10 +369,12 @@ def _prefixed(name: str, key: str) -> str:
     return f"{name}.{key}" if name else key
 
 
-def _expected_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, tuple]:
+def _expected_tensors(model: nn.Module, layers: dict[str, nn.Module],
+                      biased: dict[str, nn.Conv2d] | None = None) -> dict[str, tuple]:
     """{key: (shape, dtype, alias group)} of the model load_compressed would build: the dense
     model's tensors outside the replaced layers, the replaced layers' own (one group per
-    dense module, so a module under several names counts once)."""
+    dense module, so a module under several names counts once), and the bias of each conv in
+    ``biased``."""
     replaced = [name for name in layers]
     expected = {}
     for key, t in model.state_dict(keep_vars=True).items():
@@ -339,6 +384,8 @@ def _expected_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[st
         owner = id(model.get_submodule(name))
         for key, t in layer.state_dict(keep_vars=True).items():
             expected[_prefixed(name, key)] = (tuple(t.shape), t.dtype, ("layer", owner, key))
+    for name, conv in (biased or {}).items():
+        expected[_prefixed(name, "bias")] = ((conv.out_channels,), conv.weight.dtype, ("bias", name))
     return expected
 
 
@@ -379,9 +426,10 @@ def _checked_layers(model: nn.Module, specs: dict[str, dict], where: str) -> dic
     for name, spec in specs.items():
         fields = _Fields(where, name, spec)
         module = _module_at(model, name, fields)
-        kw = _check_spec(fields, module)
+        kw = _check_spec(fields, module, model)
         kind = spec["type"]
-        checked[name] = (kind, kw, _meta_layer(fields, kind, kw, module.weight.dtype))
+        weight = getattr(module, "weight", None)   # a BatchNorm's is None without affine
+        checked[name] = (kind, kw, _meta_layer(fields, kind, kw, None if weight is None else weight.dtype))
     return checked
 
 
@@ -403,14 +451,19 @@ def load_compressed(model: nn.Module, path) -> nn.Module:
     meta, header = _read_header(where)
     _format_version(meta, where)
     checked = _checked_layers(model, _layer_specs(meta, where), where)
-    _check_tensors(_expected_tensors(model, {n: c[2] for n, c in checked.items()}), header, where)
+    biased = _folded_biases(model, checked)
+    _check_tensors(_expected_tensors(model, {n: c[2] for n, c in checked.items()}, biased), header, where)
 
     out = copy.deepcopy(model)
+    for name in biased:   # a dense conv that took its folded BatchNorm's shift as its bias
+        conv = out.get_submodule(name)
+        conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
     built = {}   # one layer per dense module, however many names it has
     for name, (kind, kw, _) in checked.items():
         old = out.get_submodule(name)
         if id(old) not in built:
-            built[id(old)] = _build(kind, kw, old.weight.device, old.weight.dtype)
+            like = (None, None) if kind == "FoldedBatchNorm" else (old.weight.device, old.weight.dtype)
+            built[id(old)] = _build(kind, kw, *like)
         out = _replace(out, name, built[id(old)])
     try:
         load_model(out, where)
