@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -70,44 +71,53 @@ class Folding:
 def fold_batchnorms(model: nn.Module, targets: Sequence[str], not_fitted: Mapping[str, str], batch=None,
                     position: int = 0) -> Folding:
     """Fold every eval-mode BatchNorm that directly follows one of the convs ``targets`` (the
-    layers compress() fits) into it, in a copy of ``model`` (see the module docstring).
+    layers compress() fits) into it, in a copy of ``model`` (see the module docstring); the
+    model is copied only when there is something to fold, and left as it was.
     ``not_fitted``: why each other conv is not fitted (for the notes); ``batch``: the first
     calibration batch (found pairs and the output check; None: nn.Sequential adjacency only),
     ``position`` its index in calib (for error messages)."""
-    work = copy.deepcopy(model)
-    flags = {id(m): m.training for m in work.modules()}
-    names = {i: n[0] for i, n in module_names(work).items()}
-    aliased = {i for i, n in module_names(work).items() if len(n) > 1}
-    try:
-        work.eval()   # the pass and the check as the model infers (dropout off)
-        if batch is None:
-            pairs, reference = _sequential_pairs(work), None
+    names = {i: n[0] for i, n in module_names(model).items()}
+    aliased = {i for i, n in module_names(model).items() if len(n) > 1}
+    with _inferring(model) as flags:   # the pass as the model infers (dropout off), flags put back
+        pairs, reference = (_sequential_pairs(model), None) if batch is None else _dataflow_pairs(model, batch,
+                                                                                                  position)
+    notes, chosen = [], []
+    if not pairs:
+        where = "reads a conv's output directly" if batch is not None else "follows a Conv2d in an nn.Sequential"
+        notes.append(f"fold_batchnorm: no BatchNorm2d of the model {where}: nothing folded")
+    for conv, bn in pairs:
+        conv_name, bn_name = names[id(conv)], names[id(bn)]
+        why = _why_not(conv, bn, conv_name, targets, not_fitted, aliased)
+        if why is not None:
+            notes.append(f"fold_batchnorm: {type(bn).__name__} {bn_name!r} after conv {conv_name!r} not folded: {why}")
+        elif flags[id(bn)]:
+            raise ValueError(f"fold_batchnorm: {type(bn).__name__} {bn_name!r} (after conv {conv_name!r}) is in "
+                             f"training mode: it normalizes by each batch's statistics, and folding uses its running "
+                             f"statistics; call model.eval() first, or leave fold_batchnorm=False")
         else:
-            pairs, reference = _dataflow_pairs(work, batch, position)
-        folding, chosen = Folding(work), []
-        if not pairs:
-            where = "reads a conv's output directly" if batch is not None else "follows a Conv2d in an nn.Sequential"
-            folding.notes.append(f"fold_batchnorm: no BatchNorm2d of the model {where}: nothing folded")
-        for conv, bn in pairs:
-            conv_name, bn_name = names[id(conv)], names[id(bn)]
-            why = _why_not(conv, bn, conv_name, targets, not_fitted, aliased)
-            if why is not None:
-                folding.notes.append(f"fold_batchnorm: {type(bn).__name__} {bn_name!r} after conv {conv_name!r} "
-                                     f"not folded: {why}")
-            elif flags[id(bn)]:
-                raise ValueError(f"fold_batchnorm: {type(bn).__name__} {bn_name!r} (after conv {conv_name!r}) is in "
-                                 f"training mode: it normalizes by each batch's statistics, and folding uses its "
-                                 f"running statistics; call model.eval() first, or leave fold_batchnorm=False")
-            else:
-                chosen.append((conv, bn, conv_name, bn_name))
-        kept = _fold_checked(work, chosen, batch, position, reference, folding.notes)
-        folding.folded = {bn_name: conv_name for _, _, conv_name, bn_name in kept}
+            chosen.append((conv_name, bn_name))
+    if not chosen:
+        return Folding(model, {}, notes)
+    work = copy.deepcopy(model)
+    with _inferring(work):   # a FoldedBatchNorm stands for an eval-mode BatchNorm: its flag stays False
+        kept = _fold_checked(work, [(work.get_submodule(c), work.get_submodule(b), c, b) for c, b in chosen], batch,
+                             position, reference, notes)
+    if not kept:
+        return Folding(model, {}, notes)
+    return Folding(work, {bn_name: conv_name for _, _, conv_name, bn_name in kept}, notes)
+
+
+@contextmanager
+def _inferring(model: nn.Module):
+    """``model`` in eval mode inside the block, every module's own training flag (yielded,
+    by id) put back after it; modules added inside it (a FoldedBatchNorm) keep eval mode."""
+    flags = {id(m): m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield flags
     finally:
-        for m in work.modules():   # a FoldedBatchNorm stands for an eval-mode BatchNorm
+        for m in model.modules():
             m.training = flags.get(id(m), False)
-    if not folding.folded:
-        return Folding(model, {}, folding.notes)
-    return folding
 
 
 def _why_not(conv: nn.Module, bn: nn.Module, conv_name: str, targets: Sequence[str],
