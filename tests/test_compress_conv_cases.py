@@ -482,3 +482,48 @@ def test_the_cli_passes_fold_batchnorm_to_every_compress_call(monkeypatch, tmp_p
         job.run_job(job.JobConfig(model="mnist-cnn", structure="tucker", n_calib=8, n_eval=8, sweep=(0.5,),
                                   compare=("svd",), out=str(tmp_path), progress=False, fold_batchnorm=True))
     assert seen == [True, True]
+
+
+def _identity_conv(channels: int, groups: int = 1, **kw) -> nn.Conv2d:
+    """A channels -> channels conv that passes its input through (a 1 at the kernel's centre for
+    each channel), so inserted into a trained CNN it leaves the predictions as they were."""
+    conv = nn.Conv2d(channels, channels, groups=groups, **kw)
+    kh, kw_ = conv.kernel_size
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        per = channels // groups
+        for o in range(channels):
+            conv.weight[o, o % per, kh // 2, kw_ // 2] = 1.0
+    return conv
+
+
+def test_shipped_cnns_with_every_conv_kind_inserted(shipped):
+    """The real networks with a depthwise, a grouped, a non-square dilated and a (k, 1) conv
+    after their second conv (each passing its input through): the grouped ones are kept with
+    the reason, the others compressed; at full rank the predictions are the CNN's own."""
+    import copy
+    _, model, images = shipped
+    model = copy.deepcopy(model)
+    model.features = nn.Sequential(*model.features, _identity_conv(64, groups=64, kernel_size=3, padding=1),
+                                   _identity_conv(64, groups=4, kernel_size=1),
+                                   _identity_conv(64, kernel_size=(3, 5), dilation=(1, 2), padding=(1, 4)),
+                                   _identity_conv(64, kernel_size=(5, 1), padding=(2, 0))).eval()
+    calib, held_out = list(images[:128].split(64)), images[128:]
+    full = {"features.3": (64, 32), "features.8": (64, 64), "features.9": (64, 64)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # full rank: no fewer parameters than the dense kernel
+        small, report = tp.compress(model, calib, structure="tucker", method="whitened", ranks=full, ridge=1e-12)
+    acc = {a.name: a for a in report.account}
+    assert acc["features.6"].why.startswith("grouped conv (groups=64): not supported by tucker")
+    assert "depthwise conv" in acc["features.6"].why
+    assert acc["features.7"].why.startswith("grouped conv (groups=4): not supported by tucker")
+    assert [acc[f"features.{i}"].status for i in (0, 3, 6, 7, 8, 9)] == ["skipped", "compressed", "skipped",
+                                                                         "skipped", "compressed", "compressed"]
+    with torch.no_grad():
+        assert _rel(small(held_out), model(held_out)) < 1e-4
+    # and CP at a budget runs on the same kinds, accounting for every conv (weights only: the
+    # data-aware CP fits of these kinds are checked above, 3 s more here)
+    _, report = tp.compress(model, calib, structure="cp", method="svd", budget=0.5)
+    assert [a.status for a in report.account][:6] == ["skipped", "compressed", "skipped", "skipped", "compressed",
+                                                     "compressed"]
