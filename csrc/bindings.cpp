@@ -16,6 +16,9 @@
 #include "tt/tt_cpu.h"
 #include "tt/tt_cuda_schedule.h"
 #include "tt/tt_plan.h"
+#if TENSORPRESS_CUDA_EMU
+#include "testing/emu_selftest.h"
+#endif
 #if TENSORPRESS_WITH_CUDA
 #include <map>
 #include <mutex>
@@ -110,9 +113,28 @@ void tt_backward_cuda(const py::object& x, const py::list& mats, const std::vect
                       const std::string& path, uintptr_t stream);
 #endif
 
+// The memory the CUDA entry points take: device memory, or host memory in the CPU emulation
+// build (_C_cuda_emu, tests only: csrc/testing/cuda_emu.h), where CPU tensors play the GPU.
+#if TENSORPRESS_CUDA_EMU
+constexpr const char* kKernelDevice = "cpu";
+constexpr Device kKernelDeviceKind = Device::CPU;
+#else
+constexpr const char* kKernelDevice = "cuda";
+constexpr Device kKernelDeviceKind = Device::CUDA;
+#endif
+
+// The caller's stream (torch.cuda.current_stream(device).cuda_stream): required, never a
+// silent default to the legacy stream 0 of a caller working on another stream.
+uintptr_t stream_of(const py::object& stream) {
+  require(!stream.is_none(), "stream: expected the caller's CUDA stream (torch.cuda.current_stream(x.device)"
+                             ".cuda_stream) for CUDA tensors, got None");
+  return stream.cast<uintptr_t>();
+}
+
 // True for a CUDA tensor; raises where the build has no CUDA kernels.
 bool on_cuda(const py::object& x) {
-  if (!py::hasattr(x, "device") || std::string(py::str(x.attr("device").attr("type"))) != "cuda") return false;
+  if (!py::hasattr(x, "device") || std::string(py::str(x.attr("device").attr("type"))) != kKernelDevice)
+    return false;
 #if !TENSORPRESS_WITH_CUDA
   throw py::value_error("x: got a CUDA tensor, but this build of tensorpress has no CUDA kernels "
                         "(rebuild with nvcc on PATH or TENSORPRESS_CUDA=ON)");
@@ -129,11 +151,11 @@ void refuse_bias_on_cuda(const py::object& bias, const char* name) {
 
 void tt_forward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                 const std::vector<int>& order, const py::object& y, const py::object& workspace, int threads,
-                const py::object& tables, const std::string& path, uintptr_t stream, const py::object& bias) {
+                const py::object& tables, const std::string& path, const py::object& stream, const py::object& bias) {
 #if TENSORPRESS_WITH_CUDA
   if (on_cuda(x)) {
     refuse_bias_on_cuda(bias, "bias");
-    return tt_forward_cuda(x, mats, core_dims, order, y, workspace, tables, path, stream);
+    return tt_forward_cuda(x, mats, core_dims, order, y, workspace, tables, path, stream_of(stream));
   }
 #else
   on_cuda(x);
@@ -179,11 +201,12 @@ void tt_forward(const py::object& x, const py::list& mats, const std::vector<int
 void tt_backward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                  const std::vector<int>& order, const py::object& grad_y, const py::object& grad_x,
                  const py::list& grad_mats, const py::object& workspace, int threads, const py::object& tables,
-                 const std::string& path, uintptr_t stream, const py::object& grad_bias) {
+                 const std::string& path, const py::object& stream, const py::object& grad_bias) {
 #if TENSORPRESS_WITH_CUDA
   if (on_cuda(x)) {
     refuse_bias_on_cuda(grad_bias, "grad_bias");
-    return tt_backward_cuda(x, mats, core_dims, order, grad_y, grad_x, grad_mats, workspace, tables, path, stream);
+    return tt_backward_cuda(x, mats, core_dims, order, grad_y, grad_x, grad_mats, workspace, tables, path,
+                            stream_of(stream));
   }
 #else
   on_cuda(x);
@@ -366,7 +389,7 @@ std::pair<tt::CudaDType, std::string> cuda_types(const py::object& x) {
 // Checks a CUDA operand: device, dtype (by torch name) and shape.
 void expect_cuda(const py::object& t, const TensorView& v, int device, const std::string& dtype,
                  const std::vector<int64_t>* shape, const std::string& name) {
-  require(v.device == Device::CUDA && v.device_id == device,
+  require(v.device == kKernelDeviceKind && v.device_id == device,
           name + ": expected a tensor on cuda:" + std::to_string(device) + " like x");
   const std::string got = torch_dtype_name(t);
   if (got != dtype) throw py::type_error(name + ": expected dtype " + dtype + ", got " + got);
@@ -555,11 +578,11 @@ void svd_jacobi_cuda(const py::object& a, const py::object& u, const py::object&
   const TensorView &av = ab.view(), &uv = ub.view(), &sv = sb.view(), &vv = vb.view();
   require(av.dtype == DType::Float32 || av.dtype == DType::Float64,
           "A: expected dtype float32 or float64, got " + torch_dtype_name(a));
-  require(av.device == Device::CUDA, "A: expected a CUDA tensor");
+  require(av.device == kKernelDeviceKind, "A: expected a CUDA tensor");
   require(av.shape.size() == 3, "A: expected shape (batch, m, n), got " + shape_str(av.shape));
   const int64_t batch = av.shape[0], m = av.shape[1], n = av.shape[2], k = std::min(m, n);
   for (auto [view, name] : {std::pair{&uv, "U"}, {&sv, "S"}, {&vv, "Vh"}}) {
-    require(view->device == Device::CUDA && view->device_id == av.device_id,
+    require(view->device == kKernelDeviceKind && view->device_id == av.device_id,
             std::string(name) + ": expected a tensor on A's device");
     require(view->dtype == av.dtype, std::string(name) + ": expected dtype " + dtype_name(av.dtype));
   }
@@ -588,6 +611,8 @@ py::dict build_info() {
   d["cuda_archs"] = TENSORPRESS_CUDA_ARCHS;
   d["cuda_compiler"] = TENSORPRESS_CUDA_COMPILER;
   d["cuda_runtime"] = cuda_runtime_version();
+  d["cuda_driver"] = cuda_driver_version();
+  d["cuda_driver_required"] = cuda_driver_required();
   int n = cuda_device_count();
   d["cuda_device_count"] = n;
   py::list names;
@@ -598,6 +623,8 @@ py::dict build_info() {
   d["cuda_archs"] = "";
   d["cuda_compiler"] = "";
   d["cuda_runtime"] = "";
+  d["cuda_driver"] = "";
+  d["cuda_driver_required"] = "";
   d["cuda_device_count"] = 0;
   d["cuda_devices"] = py::list();
 #endif
@@ -606,15 +633,19 @@ py::dict build_info() {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+#ifndef TENSORPRESS_MODULE_NAME
+#define TENSORPRESS_MODULE_NAME _C  // the emulation build names itself _C_cuda_emu
+#endif
+
+PYBIND11_MODULE(TENSORPRESS_MODULE_NAME, m) {
   m.doc() = "tensorpress native kernels (tensors cross through DLPack)";
   // CPU or CUDA by x's device; tables / path / stream are used on CUDA only.
   m.def("tt_forward", &tt_forward, py::arg("x"), py::arg("mats"), py::arg("core_dims"), py::arg("order"),
         py::arg("out"), py::arg("workspace"), py::arg("threads"), py::arg("tables") = py::none(),
-        py::arg("path") = "auto", py::arg("stream") = 0, py::arg("bias") = py::none());
+        py::arg("path") = "auto", py::arg("stream") = py::none(), py::arg("bias") = py::none());
   m.def("tt_backward", &tt_backward, py::arg("x"), py::arg("mats"), py::arg("core_dims"), py::arg("order"),
         py::arg("grad_out"), py::arg("grad_x"), py::arg("grad_mats"), py::arg("workspace"), py::arg("threads"),
-        py::arg("tables") = py::none(), py::arg("path") = "auto", py::arg("stream") = 0,
+        py::arg("tables") = py::none(), py::arg("path") = "auto", py::arg("stream") = py::none(),
         py::arg("grad_bias") = py::none());
   m.def("tt_cuda_schedule", &tt_cuda_schedule_info, py::arg("core_dims"), py::arg("order"), py::arg("batch"),
         py::arg("backward"), py::arg("acc_bytes"), py::arg("smem_per_block"), py::arg("smem_per_sm"),
@@ -637,4 +668,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("blas_trsm", &blas_trsm, py::arg("A"), py::arg("B"), py::arg("left"), py::arg("upper"),
         py::arg("transpose"), py::arg("threads"));
   m.def("build_info", &build_info);
+#if TENSORPRESS_CUDA_EMU
+  m.def("emu_selftest", &testing::emu_selftest, py::arg("name"), py::arg("threads"), py::arg("blocks") = 1);
+  m.def("emu_float_to_half", &testing::emu_float_to_half, py::arg("values"), py::arg("bf16"));
+  m.def("emu_half_to_float", &testing::emu_half_to_float, py::arg("bits"), py::arg("bf16"));
+#endif
 }

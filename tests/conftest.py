@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,10 @@ settings.load_profile("tensorpress")
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# tests/cuda_emu/ needs the CUDA emulation build: scripts/cuda_emu_tests.sh (run by
+# run_tests.sh) builds it, points TENSORPRESS_CUDA_EMU_MODULE at it and runs that directory
+collect_ignore = [] if os.environ.get("TENSORPRESS_CUDA_EMU_MODULE") else ["cuda_emu"]
 
 
 @pytest.fixture(autouse=True, scope="session")

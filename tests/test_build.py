@@ -13,7 +13,7 @@ import tensorpress
 
 EXPECTED_KEYS = {
     "tensorpress", "cpu_kernels", "cuda_kernels_built", "cuda_archs", "cuda_compiler", "cuda_runtime",
-    "cuda_devices_seen_by_extension", "gpu_visible_to_torch", "cxx_compiler", "blas", "blas_core", "torch", "numpy",
+    "cuda_driver_required", "cuda_driver", "cuda_devices_seen_by_extension", "gpu_visible_to_torch", "cxx_compiler", "blas", "blas_core", "torch", "numpy",
     "python", "threads",
 }
 
@@ -33,6 +33,9 @@ def test_info_keys_and_values():
     assert info["cxx_compiler"]
     if not info["cuda_kernels_built"]:
         assert info["cuda_devices_seen_by_extension"] == []
+    else:  # the static runtime's driver requirement, e.g. ">= 580.65.06 (CUDA 13.x)" for a 13.0 runtime
+        major = info["cuda_runtime"].split(".")[0]
+        assert info["cuda_driver_required"].startswith(">= ") and f"CUDA {major}" in info["cuda_driver_required"]
     json.dumps(info)  # plain data, printable by a CLI
 
 

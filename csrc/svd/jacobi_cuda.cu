@@ -12,7 +12,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "tt/tt_cuda_check.h"
+#include "core/cuda_check.h"
+#include "core/cuda_launch.h"
 
 namespace tensorpress::svd {
 namespace {
@@ -64,13 +65,14 @@ __global__ void jacobi_kernel(const T* a, T* u, T* s, T* vh, int m, int n, doubl
   const bool tall = m >= n;
   const int k = min(m, n), len = max(m, n);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TP_DYNAMIC_SHARED(unsigned char, smem_raw);
   double* w = reinterpret_cast<double*>(smem_raw);  // k vectors of len
   double* v = w + k * len;                             // k x k rotations
   double* norms = v + k * k;
   double* covered = norms + k;                         // len (basis completion)
   int* order = reinterpret_cast<int*>(covered + len);  // sorted position -> vector
-  __shared__ int rotated, rank, trusted;
+  __shared__ int rotated_by[kMaxWarps];  // per warp: a rotation this sweep (one writer each)
+  __shared__ int rank, trusted;
 
   const int64_t item = blockIdx.x;
   const T* ai = a + item * m * n;
@@ -84,11 +86,23 @@ __global__ void jacobi_kernel(const T* a, T* u, T* s, T* vh, int m, int n, doubl
     const double d = warp_dot(w + j * len, w + j * len, len, lane);
     if (lane == 0) norms[j] = d;
   }
+  __syncthreads();
+  // NaN or Inf anywhere (or squares overflowing): every output is NaN, a defined result (the
+  // sweeps and the sort below assume finite norms)
+  bool finite = true;
+  for (int j = 0; j < k; ++j) finite = finite && isfinite(norms[j]);
+  if (!finite) {
+    const double nan = __longlong_as_double(0x7ff8000000000000LL);
+    for (int r = threadIdx.x; r < k; r += blockDim.x) s[item * k + r] = static_cast<T>(nan);
+    for (int e = threadIdx.x; e < m * k; e += blockDim.x) u[item * m * k + e] = static_cast<T>(nan);
+    for (int e = threadIdx.x; e < k * n; e += blockDim.x) vh[item * k * n + e] = static_cast<T>(nan);
+    return;  // the whole block: `finite` is the same in every thread
+  }
 
   const int half = (k + (k & 1)) / 2, rounds = k + (k & 1) - 1;
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
     __syncthreads();
-    if (threadIdx.x == 0) rotated = 0;
+    if (threadIdx.x < kMaxWarps) rotated_by[threadIdx.x] = 0;
     __syncthreads();
     for (int r = 0; r < rounds; ++r) {
       for (int p = warp; p < half; p += warps) {
@@ -120,7 +134,7 @@ __global__ void jacobi_kernel(const T* a, T* u, T* s, T* vh, int m, int n, doubl
         if (lane == 0) {
           norms[ia] = fmax(alpha - t * gamma, 0.0);
           norms[ib] = beta + t * gamma;
-          rotated = 1;
+          rotated_by[warp] = 1;
         }
       }
       __syncthreads();
@@ -131,6 +145,8 @@ __global__ void jacobi_kernel(const T* a, T* u, T* s, T* vh, int m, int n, doubl
       if (lane == 0) norms[j] = d;
     }
     __syncthreads();
+    int rotated = 0;
+    for (int i = 0; i < warps; ++i) rotated |= rotated_by[i];
     if (!rotated) break;
   }
   __syncthreads();
@@ -138,7 +154,11 @@ __global__ void jacobi_kernel(const T* a, T* u, T* s, T* vh, int m, int n, doubl
   // order: a stable sort by decreasing norm, by counting
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
     int pos = 0;
-    for (int i = 0; i < k; ++i) pos += norms[i] > norms[j] || (norms[i] == norms[j] && i < j);
+    // a total order even if a norm became NaN mid-way, so `order` is always a permutation
+    for (int i = 0; i < k; ++i) {
+      const bool ni = isnan(norms[i]), nj = isnan(norms[j]);
+      pos += ni != nj ? ni : (ni || norms[i] == norms[j]) ? i < j : norms[i] > norms[j];
+    }
     order[pos] = j;
   }
   __syncthreads();
@@ -258,9 +278,9 @@ void jacobi_svd_cuda(bool is_double, const void* a, void* u, void* s, void* vh, 
     if (smem > 48 * 1024)
       TP_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<static_cast<unsigned>(batch), 32 * warps, smem, st>>>(ap, up, sp, vp, static_cast<int>(m),
+    TP_LAUNCH(static_cast<unsigned>(batch), 32 * warps, smem, st, kernel)(ap, up, sp, vp, static_cast<int>(m),
                                                                    static_cast<int>(n), tol, max_sweeps);
-    TP_CUDA_CHECK_LAUNCH("jacobi_kernel");
+    TP_CUDA_CHECK_LAUNCH("jacobi_kernel", st);
   };
   if (is_double)
     launch(jacobi_kernel<double>, static_cast<const double*>(a), static_cast<double*>(u), static_cast<double*>(s),

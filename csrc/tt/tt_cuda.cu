@@ -16,7 +16,8 @@
 #include <climits>
 #include <string>
 
-#include "tt/tt_cuda_check.h"
+#include "core/cuda_check.h"
+#include "core/cuda_launch.h"
 
 namespace tensorpress::tt {
 namespace {
@@ -177,7 +178,7 @@ __device__ void stage_mats(const FusedArgs<T, Acc>& a, Acc* mats) {
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kCudaThreads) fused_forward_kernel(const FusedArgs<T, Acc> a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TP_DYNAMIC_SHARED(unsigned char, smem_raw);
   Acc* mats = reinterpret_cast<Acc*>(smem_raw);
   Acc* buf0 = mats + a.smem_mats;
   Acc* buf1 = buf0 + a.samples * a.max_state;
@@ -212,7 +213,7 @@ __global__ void __launch_bounds__(kCudaThreads) fused_forward_kernel(const Fused
 // memory, owned by the block: no atomics), summed over blocks by reduce_partials.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kCudaThreads) fused_backward_kernel(const FusedArgs<T, Acc> a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TP_DYNAMIC_SHARED(unsigned char, smem_raw);
   Acc* mats = reinterpret_cast<Acc*>(smem_raw);
   Acc* saved = mats + a.smem_mats;
   Acc* g0 = saved + a.samples * a.saved_total;
@@ -419,8 +420,8 @@ void launch_tiled(const TiledGemm<TA, TB, TC>& g, int splits, cudaStream_t strea
   if (g.P <= 0 || g.Q <= 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div(g.P, kCudaTileM)), static_cast<unsigned>(ceil_div(g.Q, kCudaTileN)),
                   static_cast<unsigned>(splits));
-  tiled_gemm_kernel<TA, TB, TC, Acc><<<grid, kCudaThreads, 0, stream>>>(g);
-  TP_CUDA_CHECK_LAUNCH(what);
+  TP_LAUNCH(grid, kCudaThreads, 0, stream, tiled_gemm_kernel<TA, TB, TC, Acc>)(g);
+  TP_CUDA_CHECK_LAUNCH(what, stream);
 }
 
 template <typename Acc>
@@ -443,8 +444,8 @@ template <typename Acc>
 void reduce_partials(const Plan& plan, const Acc* partial, int64_t count, const std::vector<void*>& grad_mats,
                      cudaStream_t stream) {
   const ReduceArgs r = reduce_args<Acc>(plan, grad_mats);
-  reduce_partials_kernel<Acc><<<grid_for(r.mats_total), kCudaThreads, 0, stream>>>(partial, count, r);
-  TP_CUDA_CHECK_LAUNCH("tt reduce_partials");
+  TP_LAUNCH(grid_for(r.mats_total), kCudaThreads, 0, stream, reduce_partials_kernel<Acc>)(partial, count, r);
+  TP_CUDA_CHECK_LAUNCH("tt reduce_partials", stream);
 }
 
 template <typename T>
@@ -457,8 +458,9 @@ void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const
     a.x = x;
     a.y = y;
     allow_smem(fused_forward_kernel<T, Acc>, sched.smem_bytes);
-    fused_forward_kernel<T, Acc><<<static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream>>>(a);
-    TP_CUDA_CHECK_LAUNCH("tt fused_forward_kernel");
+    TP_LAUNCH(static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream,
+              fused_forward_kernel<T, Acc>)(a);
+    TP_CUDA_CHECK_LAUNCH("tt fused_forward_kernel", stream);
     return;
   }
   const TableLayout lay = table_layout(plan);
@@ -485,9 +487,9 @@ void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const
                      1, stream, "tt tiled forward step");
       cur = out;
     }
-    gather_rows_kernel<Acc, T><<<grid_for(nb * M), kCudaThreads, 0, stream>>>(cur, y + b0 * M, nb * M,
-                                                                              static_cast<int>(M), tables + lay.fsrc);
-    TP_CUDA_CHECK_LAUNCH("tt gather_rows (output)");
+    TP_LAUNCH(grid_for(nb * M), kCudaThreads, 0, stream, gather_rows_kernel<Acc, T>)(
+        cur, y + b0 * M, nb * M, static_cast<int>(M), tables + lay.fsrc);
+    TP_CUDA_CHECK_LAUNCH("tt gather_rows (output)", stream);
   }
 }
 
@@ -510,8 +512,9 @@ void backward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, cons
       a.need_x = need_x;
       a.need_mats = need_mats;
       allow_smem(fused_backward_kernel<T, Acc>, sched.smem_bytes);
-      fused_backward_kernel<T, Acc><<<static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream>>>(a);
-      TP_CUDA_CHECK_LAUNCH("tt fused_backward_kernel");
+      TP_LAUNCH(static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream,
+                fused_backward_kernel<T, Acc>)(a);
+      TP_CUDA_CHECK_LAUNCH("tt fused_backward_kernel", stream);
     }
     if (need_mats) reduce_partials<Acc>(plan, partial, batch > 0 ? sched.grid : 0, grad_mats, stream);
     return;
@@ -550,9 +553,9 @@ void backward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, cons
                                               lin(N), lin(1), 0, false},
                      1, stream, "tt tiled backward recompute");
     }
-    gather_rows_kernel<T, Acc><<<grid_for(nb * M), kCudaThreads, 0, stream>>>(grad_y + b0 * M, gbuf[0], nb * M,
-                                                                              static_cast<int>(M), tables + lay.finv);
-    TP_CUDA_CHECK_LAUNCH("tt gather_rows (grad_out)");
+    TP_LAUNCH(grid_for(nb * M), kCudaThreads, 0, stream, gather_rows_kernel<T, Acc>)(
+        grad_y + b0 * M, gbuf[0], nb * M, static_cast<int>(M), tables + lay.finv);
+    TP_CUDA_CHECK_LAUNCH("tt gather_rows (grad_out)", stream);
     int cur = 0;
     for (int t = n - 1; t >= 0; --t) {
       const Step& s = plan.steps[t];

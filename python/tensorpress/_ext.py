@@ -56,6 +56,9 @@ def info() -> dict:
         "cuda_archs": built.pop("cuda_archs"),
         "cuda_compiler": built.pop("cuda_compiler"),
         "cuda_runtime": built.pop("cuda_runtime"),
+        # the runtime is linked statically: it needs this driver (or newer) at run time
+        "cuda_driver_required": built.pop("cuda_driver_required"),
+        "cuda_driver": built.pop("cuda_driver"),
         "cuda_devices_seen_by_extension": built.pop("cuda_devices"),
         "gpu_visible_to_torch": torch.cuda.is_available(),
         "cxx_compiler": built.pop("cxx_compiler"),

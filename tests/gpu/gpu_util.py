@@ -1,19 +1,57 @@
-"""Shared pieces of the GPU suite (tests/gpu/): the skip marker and float64 helpers.
+"""Shared pieces of the GPU suite (tests/gpu/): the device, the kernels module, the skip
+marker and float64 helpers.
+
+The suite runs on a GPU, and without one on the CPU emulation build of the CUDA sources
+(scripts/cuda_emu_tests.sh sets TENSORPRESS_CUDA_EMU_MODULE to the built _C_cuda_emu): then
+CPU tensors play the GPU, through the same bindings, schedules and Python host code.
 
 No conftest.py here on purpose: a second module named `conftest` would shadow tests/conftest.py
 for the test modules that import from it.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
 
 import tensorpress
+from tensorpress import _cuda_kernels
+from tensorpress._ext import _C
+
+
+def _load_emulation():
+    path = os.environ.get("TENSORPRESS_CUDA_EMU_MODULE")
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("_C_cuda_emu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _cuda_kernels.use(_cuda_kernels.CudaKernels(module, device_type="cpu"))
+    return module
+
+
+EMU = _load_emulation()
+EMULATED = EMU is not None
+DEV = "cpu" if EMULATED else "cuda"
+KERNELS = EMU if EMULATED else _C  # the module with the CUDA entry points
+
+
+def stream() -> int:
+    """The stream to pass the raw bindings (the emulation runs launches synchronously)."""
+    return 0 if EMULATED else torch.cuda.current_stream().cuda_stream
+
+
+def sync() -> None:
+    if not EMULATED:
+        torch.cuda.synchronize()
 
 
 def _skip_reason() -> str:
+    if EMULATED:
+        return ""
     if not torch.cuda.is_available():
         return "no CUDA device visible to torch"
     if not tensorpress.info()["cuda_kernels_built"]:
@@ -24,6 +62,8 @@ def _skip_reason() -> str:
 SKIP_REASON = _skip_reason()
 # every module of the suite: `pytestmark = GPU`
 GPU = [pytest.mark.gpu, pytest.mark.skipif(bool(SKIP_REASON), reason=SKIP_REASON or "GPU available")]
+# tests of what only a real GPU has (streams, CUDA graphs, CUDA autocast, cuSOLVER routing)
+REAL_GPU = pytest.mark.skipif(EMULATED, reason="needs a real GPU (not modelled by the CPU emulation)")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tensorpress import _cuda_kernels as cuda_kernels
 from tensorpress._ext import _C
 
 METHODS = ("auto", "jacobi", "randomized", "randomized_checked", "lapack")
@@ -213,15 +214,12 @@ def _normalize_signs(U: Tensor, S: Tensor, Vh: Tensor):
     return U * sign, S, Vh * sign.transpose(-1, -2)
 
 
-# the CUDA Jacobi kernel is in this build
-CUDA_JACOBI = hasattr(_C, "svd_jacobi_cuda")
-
-
 def jacobi_on_cuda(shape, device) -> bool:
     """Whether the CUDA Jacobi kernel runs matrices of this shape on `device`: the build has
     it and one matrix (in double, with its rotations) fits in a block's shared memory.
     Elsewhere CUDA tensors go to torch's solver (cuSOLVER)."""
-    if not CUDA_JACOBI or torch.device(device).type != "cuda":
+    kernels = cuda_kernels.active()
+    if not kernels.jacobi or torch.device(device).type != kernels.device_type:
         return False
     from tensorpress.ops.tt_plan import cuda_limits
 
@@ -229,15 +227,16 @@ def jacobi_on_cuda(shape, device) -> bool:
 
 
 def _jacobi(a: Tensor):
-    if a.device.type != "cpu":
+    kernels = cuda_kernels.active()
+    if a.device.type != "cpu" or kernels.emulated:
         if not jacobi_on_cuda(a.shape, a.device):
             return _normalize_signs(*torch.linalg.svd(a, full_matrices=False))
         a = a.contiguous()
         b, m, n = a.shape
         k = min(m, n)
         U, S, Vh = a.new_empty(b, m, k), a.new_empty(b, k), a.new_empty(b, k, n)
-        _C.svd_jacobi_cuda(a, U, S, Vh, JACOBI_TOL[a.dtype], JACOBI_MAX_SWEEPS,
-                           torch.cuda.current_stream(a.device).cuda_stream)
+        kernels.module.svd_jacobi_cuda(a, U, S, Vh, JACOBI_TOL[a.dtype], JACOBI_MAX_SWEEPS,
+                                       kernels.stream(a.device))
         return U, S, Vh
     a = a.contiguous()
     b, m, n = a.shape

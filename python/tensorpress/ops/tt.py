@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from tensorpress import _cuda_kernels as cuda_kernels
 from tensorpress._eager import plain_eager, recording, transforming
 from tensorpress._ext import _C
 from tensorpress.ops import tt_autotune
@@ -25,8 +26,6 @@ from tensorpress.ops.tt_prepare import (merge_group, merge_pair, merged_groups, 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 SYMBOLIC_BATCH_HINT = 256
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# the CUDA kernels are in this build (else CUDA tensors run the same plan through torch ops)
-CUDA_KERNELS = hasattr(_C, "tt_cuda_device_limits")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -142,9 +141,9 @@ def _run_cuda(x: Tensor, mats: List[Tensor], core_dims, order, path: str, bias: 
     y = x.new_empty(x.shape[0], _out_features(core_dims))
     sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, False, path)
     ws = torch.empty(max(sched["workspace"], 1), dtype=mats[0].dtype, device=x.device)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    _C.tt_forward(x, mats, core_dims, order, y, ws, 1, tables=_tables(core_dims, order, x.device), path=path,
-                  stream=stream)
+    kernels = cuda_kernels.active()
+    kernels.module.tt_forward(x, mats, core_dims, order, y, ws, 1, tables=_tables(core_dims, order, x.device),
+                              path=path, stream=kernels.stream(x.device))
     return y if bias is None else y.add_(bias)
 
 
@@ -155,15 +154,18 @@ def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, p
     grad_mats = [torch.empty_like(m) for m in mats] if need_mats else [None] * len(mats)
     sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, True, path)
     ws = torch.empty(max(sched["workspace"], 1), dtype=mats[0].dtype, device=x.device)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    _C.tt_backward(x, mats, core_dims, order, grad_out, grad_x, grad_mats, ws, 1,
-                   tables=_tables(core_dims, order, x.device), path=path, stream=stream)
+    kernels = cuda_kernels.active()
+    kernels.module.tt_backward(x, mats, core_dims, order, grad_out, grad_x, grad_mats, ws, 1,
+                               tables=_tables(core_dims, order, x.device), path=path,
+                               stream=kernels.stream(x.device))
     grad_bias = grad_out.sum(0, dtype=mats[0].dtype) if need_bias else None
     return _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats)
 
 
 def _uses_cuda_kernels(x: Tensor) -> bool:
-    return x.device.type == "cuda" and CUDA_KERNELS
+    """x goes to our CUDA kernels (else CUDA tensors run the same plan through torch ops)."""
+    kernels = cuda_kernels.active()
+    return kernels.tt and kernels.takes(x)
 
 
 @torch.library.custom_op("tensorpress::tt_contract", mutates_args=())
@@ -288,8 +290,9 @@ def _tt_contract_backward_grad(ctx, grads_of_outputs):
         got = (torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
                if pairs else [None] * len(wrt))
     got = [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt)]
-    # one entry per input of the op: x, mats, core_dims, order, grad_out, need_x, need_mats, path, need_bias
-    return (got[0], got[1:-1], None, None, got[-1], None, None, None, None)
+    # one entry per input of the call: x, mats, core_dims, order, grad_out, need_x, need_mats[, path[, need_bias]]
+    # (the dispatcher drops trailing arguments equal to their defaults: count what autograd saw)
+    return (got[0], got[1:-1], None, None, got[-1], *[None] * (len(ctx.needs_input_grad) - 5))
 
 
 tt_contract_backward.register_autograd(_tt_contract_backward_grad, setup_context=_tt_contract_backward_setup)
@@ -473,13 +476,13 @@ def _differentiable_vjp(plan: TTPlan, steps, x: Tensor, bias_given: bool, cores:
 def _eager_cpu_training(x: Tensor, cores: Sequence[Tensor], bias: Tensor | None) -> bool:
     """Autograd on, a kernel dtype, and `plain_eager` (nothing records the call; plain CPU
     tensors, not fake or subclassed)."""
-    return (x.dtype in _KERNEL_DTYPES and plain_eager(x, *cores, bias) and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in (x, *cores, bias)))
+    return (x.dtype in _KERNEL_DTYPES and plain_eager(x, *cores, bias) and not _uses_cuda_kernels(x)
+            and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *cores, bias)))
 
 
 def _eager_cpu_inference(x: Tensor, mats: List[Tensor], bias: Tensor | None = None) -> bool:
     """No autograd, a kernel dtype, and `plain_eager`: the custom op adds nothing to the kernel."""
-    return (x.dtype in _KERNEL_DTYPES and plain_eager(x, *mats, bias)
+    return (x.dtype in _KERNEL_DTYPES and plain_eager(x, *mats, bias) and not _uses_cuda_kernels(x)
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *mats, bias))))
 
 
@@ -518,7 +521,9 @@ def _run_plan(x: Tensor, cores: list[Tensor], plan: TTPlan, training: bool) -> N
 
 def plan_for(cores: Sequence[Tensor], batch) -> TTPlan:
     shapes = [tuple(g.shape) for g in cores]
-    device, dtype = cores[0].device.type, cores[0].dtype
+    # (CPU tensors of the CUDA emulation build, tests only, are planned as CUDA tensors)
+    device = "cuda" if _uses_cuda_kernels(cores[0]) else cores[0].device.type
+    dtype = cores[0].dtype
     if torch.compiler.is_compiling():
         # Under torch.compile the batch may be symbolic and one graph may serve every batch
         # size: take the fused plan that is best at a typical batch (never the dense route).
