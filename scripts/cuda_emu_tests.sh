@@ -22,6 +22,7 @@ case "$san" in
   *) echo "usage: $0 [asan|tsan|plain] [pytest args]" >&2; exit 2 ;;
 esac
 build="build/cuda-emu-$san"
+mkdir -p build
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE= -DTENSORPRESS_CUDA=OFF -DTENSORPRESS_CUDA_EMU=ON \
   -DTENSORPRESS_SANITIZE="$flags" -DPython_EXECUTABLE="$py" -Dpybind11_DIR="$("$py" -m pybind11 --cmakedir)" \
   > "$build.configure.log" 2>&1 || { cat "$build.configure.log"; exit 1; }

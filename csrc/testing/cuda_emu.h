@@ -265,8 +265,40 @@ inline float __bfloat162float(__nv_bfloat16 b) { return tp_emu::bits_float(stati
 
 // ----------------------------------------------------------------------------- blocks
 extern "C" void tp_emu_switch(void** save_sp, void* load_sp);  // cuda_emu.cpp
+#if TP_EMU_TSAN
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+#endif
 
 namespace tp_emu {
+
+// ThreadSanitizer must not check the emulator's own bookkeeping (fiber states, barrier counts,
+// threadIdx), which the scheduler and the fibers share with no synchronization the tool could
+// see (they never run at once): within a Quiet scope a fiber's accesses are not recorded, its
+// acquires and releases still are. Only the kernels' own accesses are checked.
+struct Quiet {
+  Quiet() { begin(); }
+  ~Quiet() { end(); }
+  Quiet(const Quiet&) = delete;
+  Quiet& operator=(const Quiet&) = delete;
+  // the nesting of the code now running: a fiber's own (it may end inside a scope, see
+  // Block::suspend), or the OS thread's
+  static inline thread_local int* depth = nullptr;
+  static inline thread_local int thread_depth = 0;
+  static int& current() { return depth ? *depth : thread_depth; }
+  static void begin() {
+#if TP_EMU_TSAN
+    __tsan_ignore_thread_begin();
+#endif
+    ++current();
+  }
+  static void end() {
+    --current();
+#if TP_EMU_TSAN
+    __tsan_ignore_thread_end();
+#endif
+  }
+};
 
 // Happens-before for ThreadSanitizer, which sees every CUDA thread as its own fiber with no
 // synchronization at the switches: only the barriers order the threads' memory accesses.
@@ -331,6 +363,7 @@ class Block {
 
   // Runs `body` on every thread of one block; false when the block failed (see error()).
   bool run(dim3 block_dim, const std::function<void()>& body) {
+    Quiet quiet;
     std::memset(smem_.get(), 0xff, smem_bytes_);
     reset(block_, n_);
     for (Warp& w : warps_) {
@@ -350,6 +383,7 @@ class Block {
       f.sp = sp;
       f.state = State::Runnable;
       f.waiting_on = nullptr;
+      f.quiet = 0;
     }
     hb_release(&start_token_);
     while (!failed_ && exited_ < n_) {
@@ -367,8 +401,12 @@ class Block {
   unsigned char* dynamic_shared() { return smem_.get(); }
   const std::string& error() const { return error_; }
 
-  void syncthreads(int line) { arrive(block_, line, "__syncthreads"); }
+  void syncthreads(int line) {
+    Quiet quiet;
+    arrive(block_, line, "__syncthreads");
+  }
   void syncwarp(unsigned mask, int line) {
+    Quiet quiet;
     check_mask(mask, "__syncwarp");
     arrive(warps_[current_tid / 32].bar, line, "__syncwarp");
   }
@@ -379,6 +417,7 @@ class Block {
   template <typename T, typename Src>
   T exchange(unsigned mask, T v, Src src, int line, const char* what) {
     static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle of a type above 8 bytes");
+    Quiet quiet;
     check_mask(mask, what);
     Warp& w = warps_[current_tid / 32];
     const int lane = current_tid % 32, p = w.parity[lane];
@@ -410,6 +449,7 @@ class Block {
     uint64_t generation = 0;
     void* tsan = nullptr;
     void* asan_fake = nullptr;
+    int quiet = 0;  // Quiet nesting of this fiber
   };
   struct Warp {
     Barrier bar;
@@ -430,6 +470,7 @@ class Block {
     current_tid = t;
     threadIdx = {t % block_dim_.x, (t / block_dim_.x) % block_dim_.y, t / (block_dim_.x * block_dim_.y)};
     Fiber& f = fibers_[t];
+    Quiet::depth = &f.quiet;  // (before the switch: the scheduler's own write, ignored)
 #if TP_EMU_TSAN
     __tsan_switch_to_fiber(f.tsan, 1 /* __tsan_switch_to_fiber_no_sync */);
 #endif
@@ -437,6 +478,7 @@ class Block {
     __sanitizer_start_switch_fiber(&main_fake_, f.stack, kStackBytes);
 #endif
     tp_emu_switch(&main_sp_, f.sp);
+    Quiet::depth = nullptr;
 #if TP_EMU_ASAN
     __sanitizer_finish_switch_fiber(main_fake_, nullptr, nullptr);
 #endif
@@ -447,6 +489,8 @@ class Block {
     Fiber& f = fibers_[current_tid];
     f.state = state;
     const bool last = state == State::Exited || state == State::Parked;
+    if (last)  // a fiber must not end with its accesses ignored (ThreadSanitizer reports it)
+      while (f.quiet > 0) Quiet::end();
 #if TP_EMU_TSAN
     __tsan_switch_to_fiber(main_tsan_, 1);
 #endif
@@ -461,18 +505,28 @@ class Block {
   }
 
   static void entry() {
-    Block& b = *current;
+    Block* bp;
+    const std::function<void()>* body;
+    {
+      Quiet quiet;
+      bp = current;
+      body = bp->body_;
 #if TP_EMU_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, &b.main_bottom_, &b.main_size_);
+      __sanitizer_finish_switch_fiber(nullptr, &bp->main_bottom_, &bp->main_size_);
 #endif
-    hb_acquire(&b.start_token_);
+      hb_acquire(&bp->start_token_);
+    }
+    Block& b = *bp;
     try {
-      (*b.body_)();
+      (*body)();
     } catch (const std::exception& e) {
+      Quiet quiet;
       b.fail(std::string("exception in the kernel: ") + e.what());
     } catch (...) {
+      Quiet quiet;
       b.fail("exception in the kernel");
     }
+    Quiet quiet;  // to the end: this fiber is never resumed
     if (!b.failed_) b.leave();
     hb_release(&b.end_token_);
     b.suspend(State::Exited);
@@ -588,6 +642,7 @@ inline std::string dim_str(dim3 d) {
 // Runs `body` (the kernel with its arguments bound) on every thread of every block.
 inline void run_grid(const char* file, int line, dim3 grid, dim3 block_dim, size_t smem, const void* kernel,
                      const std::function<void()>& body) {
+  Quiet quiet;
   const std::string at = std::string(file) + ":" + std::to_string(line);
   const uint64_t threads = uint64_t(block_dim.x) * block_dim.y * block_dim.z;
   if (threads == 0 || threads > 1024 || block_dim.x > 1024 || block_dim.y > 1024 || block_dim.z > 64) {

@@ -64,6 +64,8 @@ SKIP_REASON = _skip_reason()
 GPU = [pytest.mark.gpu, pytest.mark.skipif(bool(SKIP_REASON), reason=SKIP_REASON or "GPU available")]
 # tests of what only a real GPU has (streams, CUDA graphs, CUDA autocast, cuSOLVER routing)
 REAL_GPU = pytest.mark.skipif(EMULATED, reason="needs a real GPU (not modelled by the CPU emulation)")
+# cases too slow for the CPU emulation whose code the emulated run covers at smaller sizes
+GPU_SIZE = pytest.mark.skipif(EMULATED, reason="too slow on the CPU emulation (its code is run at smaller sizes)")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

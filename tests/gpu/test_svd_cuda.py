@@ -103,6 +103,7 @@ def test_truncated_svd_routes_to_kernel():
     assert rel_err(S, torch.linalg.svdvals(big.double().cpu())[:, :4]) < 1e-5
 
 
+@pytest.mark.tsan
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e300], ids=["nan", "inf", "overflow"])
 @pytest.mark.parametrize("shape", [(16, 16), (40, 17), (17, 40)], ids=str)
 def test_non_finite_input_gives_nan_and_stays_in_bounds(shape, bad):
