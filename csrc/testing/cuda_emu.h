@@ -484,21 +484,39 @@ class Block {
 #endif
   }
 
-  // fiber -> scheduler; `state` says whether it will be resumed (never for Exited / Parked)
+  // fiber -> scheduler; `state` says whether it will be resumed (never for Exited / Parked).
+  // Called within a Quiet scope; everything the switch needs is read into locals first, so a
+  // last switch, made with the accesses no longer ignored, touches no shared memory.
   void suspend(State state) {
     Fiber& f = fibers_[current_tid];
     f.state = state;
     const bool last = state == State::Exited || state == State::Parked;
-    if (last)  // a fiber must not end with its accesses ignored (ThreadSanitizer reports it)
-      while (f.quiet > 0) Quiet::end();
+    void** const save_sp = &f.sp;
+    void* const main_sp = main_sp_;
+    void* const main_tsan = main_tsan_;
+    void** const fake = last ? nullptr : &f.asan_fake;
+    const void* const bottom = main_bottom_;
+    const size_t size = main_size_;
+    if (last) {  // a fiber must not end with its accesses ignored (ThreadSanitizer reports it)
+      const int depth = f.quiet;
+      f.quiet = 0;
 #if TP_EMU_TSAN
-    __tsan_switch_to_fiber(main_tsan_, 1);
+      for (int i = 0; i < depth; ++i) __tsan_ignore_thread_end();
+#else
+      (void)depth;
+#endif
+    }
+#if TP_EMU_TSAN
+    __tsan_switch_to_fiber(main_tsan, 1);
+#else
+    (void)main_tsan;
 #endif
 #if TP_EMU_ASAN
-    __sanitizer_start_switch_fiber(last ? nullptr : &f.asan_fake, main_bottom_, main_size_);
+    __sanitizer_start_switch_fiber(fake, bottom, size);
+#else
+    (void)fake, (void)bottom, (void)size;
 #endif
-    (void)last;
-    tp_emu_switch(&f.sp, main_sp_);
+    tp_emu_switch(save_sp, main_sp);  // (assembly: not instrumented)
 #if TP_EMU_ASAN
     __sanitizer_finish_switch_fiber(f.asan_fake, &main_bottom_, &main_size_);
 #endif

@@ -118,3 +118,24 @@ def test_non_finite_input_gives_nan_and_stays_in_bounds(shape, bad):
     assert torch.isnan(S[1]).all() and torch.isnan(U[1]).all() and torch.isnan(Vh[1]).all()
     for i in (0, 2):
         assert rel_err(U[i] * S[i] @ Vh[i], a[i]) < 1e-12
+
+
+def test_randomized_method_runs_its_small_svds_on_the_kernel():
+    """The randomized range finder's Rayleigh-Ritz step: its (l x l) SVDs go to the Jacobi
+    kernel on the device (l = rank + oversample <= 64)."""
+    from tensorpress.linalg import svd as svd_module
+
+    gen = torch.Generator().manual_seed(37)
+    a = make_batch(2, 160, 96, "decaying", gen)
+    calls = []
+    original = svd_module._jacobi
+    svd_module._jacobi = lambda x: calls.append(tuple(x.shape)) or original(x)
+    try:
+        U, S, Vh = truncated_svd(a.to(DEV), rank=6, method="randomized", n_iter=6, generator=gen)
+    finally:
+        svd_module._jacobi = original
+    assert calls and all(max(c[-2:]) <= 64 for c in calls)
+    assert U.device.type == DEV and rel_err(S, torch.linalg.svdvals(a)[:, :6]) < 1e-10
+    assert rel_err(U @ torch.diag_embed(S) @ Vh, (torch.linalg.svd(a, full_matrices=False)[0][..., :6]
+                                               * torch.linalg.svdvals(a)[:, None, :6])
+                   @ torch.linalg.svd(a, full_matrices=False)[2][..., :6, :]) < 1e-8
