@@ -29,10 +29,7 @@ inline bool cuda_sync_check() {
 // synchronous check on (else on a later call).
 inline void cuda_check_launch(const char* name, cudaStream_t stream, const char* file, int line) {
   cuda_check(cudaGetLastError(), name, file, line);
-  if (cuda_sync_check()) {
-    cuda_check(cudaStreamSynchronize(stream), name, file, line);
-    cuda_check(cudaGetLastError(), name, file, line);
-  }
+  if (cuda_sync_check()) cuda_check(cudaStreamSynchronize(stream), name, file, line);
 }
 
 // Makes `device` current for the scope and restores the caller's device afterwards.

@@ -7,7 +7,7 @@ csrc/testing/cuda_emu.h and tests/cuda_emu/), where CPU tensors play the GPU.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import importlib.util
 
 import torch
 
@@ -49,13 +49,9 @@ def use(kernels: CudaKernels) -> None:
     _active = kernels
 
 
-@contextmanager
-def emulated(module):
-    """Within the block, CPU tensors go through the CUDA code paths of `module` (the emulation
-    build); tests only."""
-    global _active
-    previous, _active = _active, CudaKernels(module, device_type="cpu")
-    try:
-        yield _active
-    finally:
-        _active = previous
+def load_module(path: str):
+    """The extension module at `path` (the emulation build, _C_cuda_emu; tests only)."""
+    spec = importlib.util.spec_from_file_location("_C_cuda_emu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

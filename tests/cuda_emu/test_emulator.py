@@ -8,7 +8,6 @@ tests/conftest.py leaves this directory out of the plain run.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,18 +15,13 @@ import sys
 import pytest
 import torch
 
+from tensorpress._cuda_kernels import load_module
+
 MODULE = os.environ["TENSORPRESS_CUDA_EMU_MODULE"]
 SANITIZER = os.environ.get("TENSORPRESS_CUDA_EMU_SANITIZER", "plain")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("_C_cuda_emu", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EMU = _load()
+EMU = load_module(MODULE)
 
 
 @pytest.mark.parametrize("threads, blocks", [(32, 1), (64, 3), (256, 2), (1024, 1)])
@@ -67,8 +61,8 @@ def test_a_missing_barrier_reads_the_poison():
 
 
 def _run_selftest_in_subprocess(name: str) -> subprocess.CompletedProcess:
-    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('_C_cuda_emu', sys.argv[1]); "
-            "m = u.module_from_spec(s); s.loader.exec_module(m); m.emu_selftest(sys.argv[2], 64)")
+    code = ("import sys; from tensorpress._cuda_kernels import load_module; "
+            "load_module(sys.argv[1]).emu_selftest(sys.argv[2], 64)")
     # start_new_session: a plain fork, not vfork (a vforked child under the sanitizer's
     # preloaded runtime corrupts the parent, which then aborts at its exit)
     return subprocess.run([sys.executable, "-c", code, MODULE, name], capture_output=True, text=True, timeout=300,

@@ -10,7 +10,6 @@ for the test modules that import from it.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -26,9 +25,7 @@ def _load_emulation():
     path = os.environ.get("TENSORPRESS_CUDA_EMU_MODULE")
     if not path:
         return None
-    spec = importlib.util.spec_from_file_location("_C_cuda_emu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _cuda_kernels.load_module(path)
     _cuda_kernels.use(_cuda_kernels.CudaKernels(module, device_type="cpu"))
     return module
 
