@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh test
-# the lint gate first (pyproject.toml [tool.ruff]): fails fast on unused or undefined names
+# the quality gate first: ruff's lint and format (pyproject.toml [tool.ruff]) and clang-format
+# (.clang-format) over csrc; the versions are pinned in setup.sh so formatting cannot drift
 python -m ruff check python tests benchmarks scripts
+python -m ruff format --check python tests benchmarks scripts
+find csrc \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' \) -print0 | xargs -0 clang-format --dry-run -Werror
 python -m pytest -q tests "$@"
 bash scripts/cuda_emu_tests.sh asan
 bash scripts/cuda_emu_tests.sh tsan -m tsan

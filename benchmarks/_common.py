@@ -1,18 +1,19 @@
 """Helpers shared by the benchmark scripts: machine stamp, CPU-load (noise) measurement,
 timing statistics and the stamp lines of the Markdown reports."""
+
 from __future__ import annotations
 
 import argparse
 import datetime
 import itertools
-import random
-import sys
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +21,16 @@ import torch
 
 import tensorpress
 
-THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
-              "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # recorded: they change timings
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+)  # recorded: they change timings
 TP_FLAGS = ("tensorpress", "cpu_kernels", "blas", "blas_core", "cxx_compiler")  # tensorpress.info() keys in the reports
 
 
@@ -51,21 +60,34 @@ def machine_info(threads: int) -> dict:
         model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")) or model
     except Exception:
         pass
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
-            "load_avg_start": os.getloadavg(), "torch": torch.__version__, "threads": threads,
-            "opt_einsum": torch.backends.opt_einsum.is_available(), "tensorpress_info": tensorpress.info(),
-            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": model,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "load_avg_start": os.getloadavg(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "opt_einsum": torch.backends.opt_einsum.is_available(),
+        "tensorpress_info": tensorpress.info(),
+        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+    }
 
 
 def git_revision() -> str:
     """The repository's commit ('+dirty' when the working tree has changes), or 'unknown'."""
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"

@@ -25,6 +25,7 @@ Writes ``conv_cpu.{json,md,png}`` (``conv_cpu_quick.*`` with --quick) under ``--
     python benchmarks/bench_conv.py            # full run (a couple of minutes on 2 cores)
     python benchmarks/bench_conv.py --quick    # smoke test, < 20 s (decompositions capped at 3 sweeps)
 """
+
 from __future__ import annotations
 
 import inspect
@@ -43,18 +44,28 @@ from tensorpress.nn import CPConv2d, TuckerConv2d
 from tensorpress.nn.cp_conv2d import static_routes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, git_revision,  # noqa: E402
-                     interleaved_orders,
-                     machine_info, median_ms, other_cpu_share, quartiles_ms, stamp_lines,
-                     tensorpress_flags)
+from _common import (
+    bench_parser,
+    cpu_seconds,
+    exit_unless_cpu,
+    forced_blas_suffix,
+    git_revision,  # noqa: E402
+    interleaved_orders,
+    machine_info,
+    median_ms,
+    other_cpu_share,
+    quartiles_ms,
+    stamp_lines,
+    tensorpress_flags,
+)
 
 CHANNELS, KERNEL, BATCH, SIZE = 256, 3, 8, 32
 CP_RANKS, TUCKER_RANKS = (32, 64, 128), ((64, 64), (128, 128))
 DECOMP_RANK = 64
 # (batch, channels, size, rank, kernel) of the other shapes (padding kernel // 2)
 OTHER_SHAPES = ((1, 256, 32, 64, 3), (32, 64, 56, 32, 3), (8, 512, 14, 128, 3), (8, 128, 28, 64, 5))
-AGREE_TOL = 1e-4       # max relative difference between the CP sides holding the same factors
-TARGET_DECOMP = 5.0    # from_dense must be this many times faster than tltorch's from_conv
+AGREE_TOL = 1e-4  # max relative difference between the CP sides holding the same factors
+TARGET_DECOMP = 5.0  # from_dense must be this many times faster than tltorch's from_conv
 
 
 def n_params(module: nn.Module) -> int:
@@ -70,17 +81,32 @@ def rel_err(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 def tltorch_default_implementation() -> str:
     """The ``implementation`` that ``tltorch.FactorizedConv.from_conv`` uses when none is given."""
     import tltorch
+
     return inspect.signature(tltorch.FactorizedConv.from_conv).parameters["implementation"].default
 
 
 def tltorch_cp_conv(ours: CPConv2d, implementation: str) -> nn.Module:
     """A tltorch CP FactorizedConv with the geometry, bias and CP factors of ``ours``."""
     import tltorch
-    layer = tltorch.FactorizedConv(ours.in_channels, ours.out_channels, ours.kernel_size, stride=ours.stride,
-                                   padding=ours.padding, dilation=ours.dilation, bias=True, factorization="cp",
-                                   rank=ours.rank, implementation=implementation)
-    factors = (ours.pointwise_out[:, :, 0, 0], ours.pointwise_in[:, :, 0, 0].T,
-               ours.depthwise_h[:, 0, :, 0].T, ours.depthwise_w[:, 0, 0, :].T)
+
+    layer = tltorch.FactorizedConv(
+        ours.in_channels,
+        ours.out_channels,
+        ours.kernel_size,
+        stride=ours.stride,
+        padding=ours.padding,
+        dilation=ours.dilation,
+        bias=True,
+        factorization="cp",
+        rank=ours.rank,
+        implementation=implementation,
+    )
+    factors = (
+        ours.pointwise_out[:, :, 0, 0],
+        ours.pointwise_in[:, :, 0, 0].T,
+        ours.depthwise_h[:, 0, :, 0].T,
+        ours.depthwise_w[:, 0, 0, :].T,
+    )
     with torch.no_grad():
         layer.weight.weights.fill_(1.0)
         for dst, src in zip(layer.weight.factors, factors):
@@ -114,8 +140,9 @@ def timed(fn):
 
 
 # ----------------------------------------------------------------------------- measurements
-def build_sides(conv: nn.Conv2d, cp_ranks, tucker_ranks, n_iter: int | None,
-                built: dict[int, tuple[CPConv2d, float]]) -> tuple[dict, dict]:
+def build_sides(
+    conv: nn.Conv2d, cp_ranks, tucker_ranks, n_iter: int | None, built: dict[int, tuple[CPConv2d, float]]
+) -> tuple[dict, dict]:
     """Forward sides {name: module} and, per factorized side, its build info (time, error).
     ``built`` maps CP ranks already decomposed to (layer, seconds); they are reused."""
     kw = {} if n_iter is None else {"n_iter_max": n_iter}
@@ -146,8 +173,11 @@ def first_calls(sides: dict, x: torch.Tensor, cp_ranks) -> dict[str, dict]:
             _, t_inf = timed(lambda: layer(x))
         xg = x.detach().requires_grad_()
         _, t_train = timed(lambda: torch.autograd.grad(layer(xg).sum(), [xg, *layer.parameters()]))
-        out[f"CPConv2d r{r}"] = {"first_fwd_ms": 1e3 * t_inf, "first_fwd_bwd_ms": 1e3 * t_train,
-                                 "routes": chosen_routes(layer, x)}
+        out[f"CPConv2d r{r}"] = {
+            "first_fwd_ms": 1e3 * t_inf,
+            "first_fwd_bwd_ms": 1e3 * t_train,
+            "routes": chosen_routes(layer, x),
+        }
     return out
 
 
@@ -165,12 +195,20 @@ def other_shapes(shapes, repeats: int, warmup: int) -> list[dict]:
     for n, c, size, r, k in shapes:
         torch.manual_seed(0)
         ours = CPConv2d(c, c, k, r, padding=k // 2)
-        sides = {"CPConv2d": ours, "CPConv2d static routes": StaticRoutes(ours),
-                 "tltorch CP factorized": tltorch_cp_conv(ours, "factorized")}
+        sides = {
+            "CPConv2d": ours,
+            "CPConv2d static routes": StaticRoutes(ours),
+            "tltorch CP factorized": tltorch_cp_conv(ours, "factorized"),
+        }
         x = torch.randn(n, c, size, size)
-        out.append({"shape": f"{n}x{c}x{size}x{size} r{r} k{k}", "forward": time_forward(sides, x, repeats, warmup),
-                    "forward_backward": time_forward_backward(sides, x, repeats, warmup),
-                    "routes": chosen_routes(ours, x)})
+        out.append(
+            {
+                "shape": f"{n}x{c}x{size}x{size} r{r} k{k}",
+                "forward": time_forward(sides, x, repeats, warmup),
+                "forward_backward": time_forward_backward(sides, x, repeats, warmup),
+                "routes": chosen_routes(ours, x),
+            }
+        )
     return out
 
 
@@ -183,6 +221,7 @@ def time_forward_backward(sides: dict, x: torch.Tensor, repeats: int, warmup: in
 
     def step(module):
         torch.autograd.grad(module(xg), [xg, *module.parameters()], grad_y)
+
     for _ in range(warmup):
         for n in names:
             step(sides[n])
@@ -232,6 +271,7 @@ def decomposition(conv: nn.Conv2d, rank: int, n_iter: int | None) -> tuple[dict[
     after both ran once on a tiny conv so that neither pays first-call costs); also our layer
     and its build time."""
     import tltorch
+
     kw = {} if n_iter is None else {"n_iter_max": n_iter}
     tiny = nn.Conv2d(8, 8, 3)
     with warnings.catch_warnings():
@@ -242,30 +282,52 @@ def decomposition(conv: nn.Conv2d, rank: int, n_iter: int | None) -> tuple[dict[
     ours, t_ours = timed(lambda: CPConv2d.from_dense(conv, rank, method="als", **kw))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tensorly warns that rank > min(3, ...) for the kernel modes
-        peer, t_peer = timed(lambda: tltorch.FactorizedConv.from_conv(
-            conv, rank=rank, factorization="cp", implementation="factorized", decomposition_kwargs=kw))
-    return {"CPConv2d.from_dense (als)": {"seconds": t_ours, "rel_err": rel_err(w, ours.to_dense()),
-                                          "n_iter": ours.decomposition.n_iter},
-            "tltorch from_conv (parafac)": {"seconds": t_peer, "rel_err": rel_err(w, peer.weight.to_tensor())}}, \
-        ours, t_ours
+        peer, t_peer = timed(
+            lambda: tltorch.FactorizedConv.from_conv(
+                conv, rank=rank, factorization="cp", implementation="factorized", decomposition_kwargs=kw
+            )
+        )
+    return (
+        {
+            "CPConv2d.from_dense (als)": {
+                "seconds": t_ours,
+                "rel_err": rel_err(w, ours.to_dense()),
+                "n_iter": ours.decomposition.n_iter,
+            },
+            "tltorch from_conv (parafac)": {"seconds": t_peer, "rel_err": rel_err(w, peer.weight.to_tensor())},
+        },
+        ours,
+        t_ours,
+    )
 
 
 def targets(times: dict, train: dict, decomp: dict, cp_ranks, others: list[dict]) -> dict[str, str]:
     """PASS/FAIL for the issues' targets."""
     mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
-    out = {f"fwd r{r}: CPConv2d <= tltorch factorized": mark(
-        times[f"CPConv2d r{r}"]["fwd_ms"] <= times[f"tltorch CP factorized r{r}"]["fwd_ms"]) for r in cp_ranks}
-    out.update({f"fwd+bwd r{r}: CPConv2d <= tltorch factorized": mark(
-        train[f"CPConv2d r{r}"]["fwd_bwd_ms"] <= train[f"tltorch CP factorized r{r}"]["fwd_bwd_ms"])
-        for r in cp_ranks})
+    out = {
+        f"fwd r{r}: CPConv2d <= tltorch factorized": mark(
+            times[f"CPConv2d r{r}"]["fwd_ms"] <= times[f"tltorch CP factorized r{r}"]["fwd_ms"]
+        )
+        for r in cp_ranks
+    }
+    out.update(
+        {
+            f"fwd+bwd r{r}: CPConv2d <= tltorch factorized": mark(
+                train[f"CPConv2d r{r}"]["fwd_bwd_ms"] <= train[f"tltorch CP factorized r{r}"]["fwd_bwd_ms"]
+            )
+            for r in cp_ranks
+        }
+    )
     for o in others:
         for kind, unit in (("forward", "fwd_ms"), ("forward_backward", "fwd_bwd_ms")):
             t = o[kind]
             out[f"{o['shape']} {'fwd' if unit == 'fwd_ms' else 'fwd+bwd'}: CPConv2d <= tltorch factorized"] = mark(
-                t["CPConv2d"][unit] <= t["tltorch CP factorized"][unit])
+                t["CPConv2d"][unit] <= t["tltorch CP factorized"][unit]
+            )
     ours, peer = decomp["CPConv2d.from_dense (als)"], decomp["tltorch from_conv (parafac)"]
     out[f"from_dense r{DECOMP_RANK}: >= {TARGET_DECOMP:g}x faster at <= error"] = mark(
-        peer["seconds"] / ours["seconds"] >= TARGET_DECOMP and ours["rel_err"] <= peer["rel_err"])
+        peer["seconds"] / ours["seconds"] >= TARGET_DECOMP and ours["rel_err"] <= peer["rel_err"]
+    )
     return out
 
 
@@ -273,7 +335,8 @@ def targets(times: dict, train: dict, decomp: dict, cp_ranks, others: list[dict]
 def write_markdown(path: Path, res: dict) -> None:
     meta, times, dense_ms = res["meta"], res["forward"], res["forward"]["dense"]["fwd_ms"]
     lines = [
-        "# Factorized Conv2d benchmark (CPU)", "",
+        "# Factorized Conv2d benchmark (CPU)",
+        "",
         *stamp_lines(meta),
         f"- code: git {meta['git']}; command: `{meta['command']}`; OpenBLAS env: {meta['blas_env'] or 'none set'}",
         f"- torch {meta['torch']}, {meta['threads']} threads, float32; tltorch {res['tltorch_version']}; "
@@ -289,57 +352,95 @@ def write_markdown(path: Path, res: dict) -> None:
     ]
     if res["n_iter_max"] is not None:
         lines.append(f"- QUICK run: every decomposition capped at {res['n_iter_max']} sweeps")
-    lines += ["", "## Forward time", "",
-              "| layer | params | kernel rel. error | fwd ms (median) | IQR ms | speed-up vs dense "
-              "| time vs tltorch factorized |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Forward time",
+        "",
+        "| layer | params | kernel rel. error | fwd ms (median) | IQR ms | speed-up vs dense "
+        "| time vs tltorch factorized |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, t in times.items():
         rank = cp_rank(name)
         err = res["build"].get(f"CPConv2d r{rank}" if rank else name, {}).get("rel_err")
         peer = times[f"tltorch CP factorized r{rank}"]["fwd_ms"] if rank else None
         q = t["fwd_quartiles_ms"]
         vs_peer = "-" if peer is None else f"{t['fwd_ms'] / peer:.3f}x"
-        lines.append(f"| {name} | {res['params'][name]:,} | {'-' if err is None else f'{err:.4f}'} "
-                     f"| {t['fwd_ms']:.2f} | {f'{q[0]:.2f}-{q[1]:.2f}' if q else '-'} "
-                     f"| {dense_ms / t['fwd_ms']:.2f}x | {vs_peer} |")
-    lines += ["", "## Forward + backward time (autograd on: gradients of the input and every parameter)", "",
-              "| layer | fwd+bwd ms (median) | IQR ms | vs tltorch factorized |", "|---|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | {res['params'][name]:,} | {'-' if err is None else f'{err:.4f}'} "
+            f"| {t['fwd_ms']:.2f} | {f'{q[0]:.2f}-{q[1]:.2f}' if q else '-'} "
+            f"| {dense_ms / t['fwd_ms']:.2f}x | {vs_peer} |"
+        )
+    lines += [
+        "",
+        "## Forward + backward time (autograd on: gradients of the input and every parameter)",
+        "",
+        "| layer | fwd+bwd ms (median) | IQR ms | vs tltorch factorized |",
+        "|---|---:|---:|---:|",
+    ]
     for name, t in res["forward_backward"].items():
         peer = res["forward_backward"][f"tltorch CP factorized r{cp_rank(name)}"]["fwd_bwd_ms"]
         q = t["fwd_bwd_quartiles_ms"]
-        lines.append(f"| {name} | {t['fwd_bwd_ms']:.2f} | {f'{q[0]:.2f}-{q[1]:.2f}' if q else '-'} "
-                     f"| {t['fwd_bwd_ms'] / peer:.3f}x |")
-    lines += ["", "## Other shapes (random CPConv2d, padding k // 2; tltorch holds its factors)", "",
-              "| input, rank, kernel | fwd ms: CPConv2d / static routes / tltorch | ratio | "
-              "fwd+bwd ms: CPConv2d / static / tltorch | ratio | routes no_grad | routes grad |",
-              "|---|---|---:|---|---:|---|---|"]
+        lines.append(
+            f"| {name} | {t['fwd_bwd_ms']:.2f} | {f'{q[0]:.2f}-{q[1]:.2f}' if q else '-'} "
+            f"| {t['fwd_bwd_ms'] / peer:.3f}x |"
+        )
+    lines += [
+        "",
+        "## Other shapes (random CPConv2d, padding k // 2; tltorch holds its factors)",
+        "",
+        "| input, rank, kernel | fwd ms: CPConv2d / static routes / tltorch | ratio | "
+        "fwd+bwd ms: CPConv2d / static / tltorch | ratio | routes no_grad | routes grad |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
     for o in res["other_shapes"]:
         f, b = o["forward"], o["forward_backward"]
         fs = [f[n]["fwd_ms"] for n in ("CPConv2d", "CPConv2d static routes", "tltorch CP factorized")]
         bs = [b[n]["fwd_bwd_ms"] for n in ("CPConv2d", "CPConv2d static routes", "tltorch CP factorized")]
-        lines.append(f"| {o['shape']} | {' / '.join(f'{v:.2f}' for v in fs)} | {fs[0] / fs[2]:.3f}x "
-                     f"| {' / '.join(f'{v:.2f}' for v in bs)} | {bs[0] / bs[2]:.3f}x "
-                     f"| {', '.join(o['routes']['no_grad'])} | {', '.join(o['routes']['grad'])} |")
-    lines += ["", "## CPConv2d's route choice (first call per shape key)", "",
-              "The first call of each shape key (no_grad / grad) times every combination of the stages' "
-              "routes as whole forwards (`tensorpress.nn.conv_paths`: 1x1 stages as OpenBLAS GEMMs or "
-              "torch's conv, depthwise fused or two 1-D convs; least time of 3 runs after a warm-up) and "
-              "keeps the fastest; \"static routes\" is the layer without the choice (GEMM, fused, GEMM), "
-              "the routes it ran before. The static side shares the layer's parameters: its rows are the "
-              "same process and input.", "",
-              "| layer | first call ms, no_grad | first fwd+bwd ms | routes no_grad (in, depthwise, out) "
-              "| routes grad |", "|---|---:|---:|---|---|"]
+        lines.append(
+            f"| {o['shape']} | {' / '.join(f'{v:.2f}' for v in fs)} | {fs[0] / fs[2]:.3f}x "
+            f"| {' / '.join(f'{v:.2f}' for v in bs)} | {bs[0] / bs[2]:.3f}x "
+            f"| {', '.join(o['routes']['no_grad'])} | {', '.join(o['routes']['grad'])} |"
+        )
+    lines += [
+        "",
+        "## CPConv2d's route choice (first call per shape key)",
+        "",
+        "The first call of each shape key (no_grad / grad) times every combination of the stages' "
+        "routes as whole forwards (`tensorpress.nn.conv_paths`: 1x1 stages as OpenBLAS GEMMs or "
+        "torch's conv, depthwise fused or two 1-D convs; least time of 3 runs after a warm-up) and "
+        'keeps the fastest; "static routes" is the layer without the choice (GEMM, fused, GEMM), '
+        "the routes it ran before. The static side shares the layer's parameters: its rows are the "
+        "same process and input.",
+        "",
+        "| layer | first call ms, no_grad | first fwd+bwd ms | routes no_grad (in, depthwise, out) | routes grad |",
+        "|---|---:|---:|---|---|",
+    ]
     for name, f in res["first_calls"].items():
         rt = f["routes"]
-        lines.append(f"| {name} | {f['first_fwd_ms']:.1f} | {f['first_fwd_bwd_ms']:.1f} "
-                     f"| {', '.join(rt.get('no_grad', ['-']))} | {', '.join(rt.get('grad', ['-']))} |")
-    lines += ["", f"## Decomposition at CP rank {DECOMP_RANK} (one run each)", "",
-              "| method | seconds | kernel rel. error |", "|---|---:|---:|"]
+        lines.append(
+            f"| {name} | {f['first_fwd_ms']:.1f} | {f['first_fwd_bwd_ms']:.1f} "
+            f"| {', '.join(rt.get('no_grad', ['-']))} | {', '.join(rt.get('grad', ['-']))} |"
+        )
+    lines += [
+        "",
+        f"## Decomposition at CP rank {DECOMP_RANK} (one run each)",
+        "",
+        "| method | seconds | kernel rel. error |",
+        "|---|---:|---:|",
+    ]
     for name, d in res["decomposition"].items():
         lines.append(f"| {name} | {d['seconds']:.2f} | {d['rel_err']:.4f} |")
     ours, peer = res["decomposition"].values()
-    lines += ["", f"from_dense is {peer['seconds'] / ours['seconds']:.2f}x the speed of tltorch's from_conv.",
-              "", "## Targets (from the issue)", "", "| target | result |", "|---|---|"]
+    lines += [
+        "",
+        f"from_dense is {peer['seconds'] / ours['seconds']:.2f}x the speed of tltorch's from_conv.",
+        "",
+        "## Targets (from the issue)",
+        "",
+        "| target | result |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in res["targets"].items()]
     path.write_text("\n".join(lines) + "\n")
 
@@ -347,24 +448,35 @@ def write_markdown(path: Path, res: dict) -> None:
 def write_plot(path: Path, res: dict) -> None:
     """Left: forward ms per side (log scale). Right: decomposition seconds at rank 64."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1]})
     names = list(res["forward"])
-    color = lambda n: ("gray" if n == "dense" else "tab:blue" if n.startswith("CP") else  # noqa: E731
-                       "tab:green" if n.startswith("Tucker") else "tab:orange" if "factorized" in n else "tab:red")
+    color = lambda n: (
+        "gray"
+        if n == "dense"
+        else "tab:blue"
+        if n.startswith("CP")
+        # noqa: E731
+        else "tab:green"
+        if n.startswith("Tucker")
+        else "tab:orange"
+        if "factorized" in n
+        else "tab:red"
+    )
     a0.bar(range(len(names)), [res["forward"][n]["fwd_ms"] for n in names], color=[color(n) for n in names])
-    a0.set_xticks(range(len(names)), [n.replace("tltorch CP ", "tl ") for n in names], rotation=45, ha="right",
-                  fontsize=8)
+    a0.set_xticks(
+        range(len(names)), [n.replace("tltorch CP ", "tl ") for n in names], rotation=45, ha="right", fontsize=8
+    )
     a0.set_yscale("log")
     a0.set_ylabel("forward median (ms)")
     a0.set_title(f"forward, {BATCH}x{CHANNELS}x{SIZE}x{SIZE}, {res['meta']['threads']} threads")
     a0.grid(axis="y", which="both", alpha=0.3)
     dec = res["decomposition"]
     a1.bar(range(len(dec)), [d["seconds"] for d in dec.values()], color=["tab:blue", "tab:orange"])
-    a1.set_xticks(range(len(dec)), [f"{k.split(' ')[0]}\nerr {d['rel_err']:.3f}" for k, d in dec.items()],
-                  fontsize=8)
+    a1.set_xticks(range(len(dec)), [f"{k.split(' ')[0]}\nerr {d['rel_err']:.3f}" for k, d in dec.items()], fontsize=8)
     a1.set_ylabel("seconds")
     a1.set_title(f"CP decomposition, rank {DECOMP_RANK}")
     fig.tight_layout()
@@ -374,9 +486,12 @@ def write_plot(path: Path, res: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = bench_parser(__doc__, repeats_help="timed repeats (default 20; 3 with --quick)",
-                      warmup_help="warmup runs (default 3; 1 with --quick)",
-                      quick_help="smoke test: one CP and one Tucker rank, 3 ALS sweeps")
+    ap = bench_parser(
+        __doc__,
+        repeats_help="timed repeats (default 20; 3 with --quick)",
+        warmup_help="warmup runs (default 3; 1 with --quick)",
+        quick_help="smoke test: one CP and one Tucker rank, 3 ALS sweeps",
+    )
     args = ap.parse_args(argv)
     exit_unless_cpu(args.device, "bench_conv.py")
     import tltorch
@@ -388,7 +503,7 @@ def main(argv=None) -> int:
     tucker_ranks = TUCKER_RANKS[:1] if args.quick else TUCKER_RANKS
     n_iter = 3 if args.quick else None
     meta = machine_info(torch.get_num_threads())
-    meta["git"] = git_revision()                       # at the start: the code that runs
+    meta["git"] = git_revision()  # at the start: the code that runs
     meta["command"] = " ".join(["python", *sys.argv])
     meta["blas_env"] = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
@@ -397,38 +512,66 @@ def main(argv=None) -> int:
     conv = nn.Conv2d(CHANNELS, CHANNELS, KERNEL, padding=1)
     x = torch.randn(BATCH, CHANNELS, SIZE, SIZE)
     decomp, layer64, t64 = decomposition(conv, DECOMP_RANK, n_iter)
-    print("decomposition:", {k: f"{v['seconds']:.2f} s, err {v['rel_err']:.4f}" for k, v in decomp.items()},
-          flush=True)
+    print("decomposition:", {k: f"{v['seconds']:.2f} s, err {v['rel_err']:.4f}" for k, v in decomp.items()}, flush=True)
     sides, build = build_sides(conv, cp_ranks, tucker_ranks, n_iter, {DECOMP_RANK: (layer64, t64)})
     firsts = first_calls(sides, x, cp_ranks)
-    print("first calls:", {k: f"{v['first_fwd_ms']:.1f} / {v['first_fwd_bwd_ms']:.1f} ms, {v['routes']}"
-                           for k, v in firsts.items()}, flush=True)
+    print(
+        "first calls:",
+        {k: f"{v['first_fwd_ms']:.1f} / {v['first_fwd_bwd_ms']:.1f} ms, {v['routes']}" for k, v in firsts.items()},
+        flush=True,
+    )
     agree = check_agreement(sides, x, cp_ranks)
     times = time_forward(sides, x, repeats, warmup)
     for n, t in times.items():
-        print(f"{n:32s} {t['fwd_ms']:9.2f} ms  {times['dense']['fwd_ms'] / t['fwd_ms']:6.2f}x  "
-              f"{n_params(sides[n]):>9,} params", flush=True)
-    train_sides = {n: sides[n] for r in cp_ranks for n in
-                   (f"CPConv2d r{r}", f"CPConv2d r{r} static routes", f"tltorch CP factorized r{r}")}
+        print(
+            f"{n:32s} {t['fwd_ms']:9.2f} ms  {times['dense']['fwd_ms'] / t['fwd_ms']:6.2f}x  "
+            f"{n_params(sides[n]):>9,} params",
+            flush=True,
+        )
+    train_sides = {
+        n: sides[n]
+        for r in cp_ranks
+        for n in (f"CPConv2d r{r}", f"CPConv2d r{r} static routes", f"tltorch CP factorized r{r}")
+    }
     train = time_forward_backward(train_sides, x, repeats, warmup)
     for n, t in train.items():
         print(f"{n:32s} {t['fwd_bwd_ms']:9.2f} ms fwd+bwd", flush=True)
     others = other_shapes(OTHER_SHAPES[:1] if args.quick else OTHER_SHAPES, repeats, warmup)
     for o in others:
-        print(o["shape"], {n: f"{o['forward'][n]['fwd_ms']:.2f} / {o['forward_backward'][n]['fwd_bwd_ms']:.2f} ms"
-                           for n in o["forward"]}, o["routes"], flush=True)
+        print(
+            o["shape"],
+            {
+                n: f"{o['forward'][n]['fwd_ms']:.2f} / {o['forward_backward'][n]['fwd_bwd_ms']:.2f} ms"
+                for n in o["forward"]
+            },
+            o["routes"],
+            flush=True,
+        )
 
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
     if meta["other_cpu_share"] > 0.05:
-        print(f"warning: other processes used {meta['other_cpu_share']:.0%} of the CPU during the run; "
-              "timings are noisy", file=sys.stderr)
-    res = {"meta": meta, "tltorch_version": tltorch.__version__,
-           "tltorch_default_implementation": tltorch_default_implementation(),
-           "repeats": repeats, "warmup": warmup, "n_iter_max": n_iter, "forward": times,
-           "forward_backward": train, "first_calls": firsts, "other_shapes": others,
-           "params": {n: n_params(m) for n, m in sides.items()}, "build": build, "agreement": agree,
-           "decomposition": decomp, "targets": targets(times, train, decomp, cp_ranks, others)}
+        print(
+            f"warning: other processes used {meta['other_cpu_share']:.0%} of the CPU during the run; timings are noisy",
+            file=sys.stderr,
+        )
+    res = {
+        "meta": meta,
+        "tltorch_version": tltorch.__version__,
+        "tltorch_default_implementation": tltorch_default_implementation(),
+        "repeats": repeats,
+        "warmup": warmup,
+        "n_iter_max": n_iter,
+        "forward": times,
+        "forward_backward": train,
+        "first_calls": firsts,
+        "other_shapes": others,
+        "params": {n: n_params(m) for n, m in sides.items()},
+        "build": build,
+        "agreement": agree,
+        "decomposition": decomp,
+        "targets": targets(times, train, decomp, cp_ranks, others),
+    }
     for k, v in res["targets"].items():
         print(f"{v}  {k}")
 

@@ -23,34 +23,46 @@ excess of the optimal (Eckart-Young) one. Writes ``svd_cpu.json``, ``svd_cpu.md`
     python benchmarks/bench_svd.py --only 16x16,32x32,64x64   # re-run some cases (name substrings);
                                                   # the others are carried over from svd_cpu.json
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from tensorpress.linalg import svd_method, truncated_svd
 from tensorpress.linalg import svd as tp_svd
+from tensorpress.linalg import svd_method, truncated_svd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, git_revision,  # noqa: E402
-                     interleaved_orders, machine_info, median_ms, other_cpu_share, quartiles_ms,
-                     stamp_lines, tensorpress_flags)
+from _common import (
+    bench_parser,
+    cpu_seconds,
+    exit_unless_cpu,
+    forced_blas_suffix,
+    git_revision,  # noqa: E402
+    interleaved_orders,
+    machine_info,
+    median_ms,
+    other_cpu_share,
+    quartiles_ms,
+    stamp_lines,
+    tensorpress_flags,
+)
 
-DECAY, FLOOR = 0.9, 1e-3     # singular values s_i = DECAY**i + FLOOR of the "decay" inputs
-LOWRANK_OVERSAMPLE, LOWRANK_NITER = 10, 4   # torch.svd_lowrank(q=rank + 10, niter=4)
-TARGET_SMALL = 2.0           # batched small cases: tp auto >= 2x torch.linalg.svd
+DECAY, FLOOR = 0.9, 1e-3  # singular values s_i = DECAY**i + FLOOR of the "decay" inputs
+LOWRANK_OVERSAMPLE, LOWRANK_NITER = 10, 4  # torch.svd_lowrank(q=rank + 10, niter=4)
+TARGET_SMALL = 2.0  # batched small cases: tp auto >= 2x torch.linalg.svd
 TARGET_RAND, TARGET_RAND_EXCESS = 3.0, 1.0  # 1024^2 rank 64: randomized >= 3x full LAPACK, <= 1 % extra error
-BUDGET_S, QUICK_BUDGET_S = 15.0, 2.0   # timed seconds per case (all sides); repeats are scaled to fit
+BUDGET_S, QUICK_BUDGET_S = 15.0, 2.0  # timed seconds per case (all sides); repeats are scaled to fit
 MIN_REPEATS = 3
-NOISY_SHARE = 0.10           # a timing round is noisy when other processes used more than this CPU share
-NOISE_WAIT = 3.0             # noisy rounds are redone for up to this many budgets per case (not with --quick)
+NOISY_SHARE = 0.10  # a timing round is noisy when other processes used more than this CPU share
+NOISE_WAIT = 3.0  # noisy rounds are redone for up to this many budgets per case (not with --quick)
 JACOBI_SIDE_MAX_COLUMNS = 64  # full-rank cases this small also time method="jacobi" explicitly
 
 
@@ -59,9 +71,9 @@ class Case:
     batch: int
     m: int
     n: int
-    rank: int | None = None      # None: full rank
-    spectrum: str = "decay"      # "decay" or "gauss"
-    target: str | None = None    # "small" or "randomized": which of the issue's targets applies
+    rank: int | None = None  # None: full rank
+    spectrum: str = "decay"  # "decay" or "gauss"
+    target: str | None = None  # "small" or "randomized": which of the issue's targets applies
 
     @property
     def k(self) -> int:
@@ -118,8 +130,13 @@ def make_sides(case: Case) -> dict[str, SVD]:
         return U[..., :k], S[..., :k], V[..., :k].mT
 
     auto = svd_method((case.m, case.n), case.rank)
-    explicit = ("randomized", "lapack") if case.rank is not None else \
-        ("jacobi",) if min(case.m, case.n) <= JACOBI_SIDE_MAX_COLUMNS else ()
+    explicit = (
+        ("randomized", "lapack")
+        if case.rank is not None
+        else ("jacobi",)
+        if min(case.m, case.n) <= JACOBI_SIDE_MAX_COLUMNS
+        else ()
+    )
     sides = {"tp auto": ours("auto")}
     sides.update({f"tp {m}": ours(m) for m in explicit if m != auto})
     sides["torch svd"] = torch_svd
@@ -135,8 +152,9 @@ def timed(fn: SVD, A: torch.Tensor, k: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_sides(sides: dict[str, SVD], A: torch.Tensor, k: int, max_repeats: int, warmup: int,
-               budget_s: float, noise_wait: float) -> tuple[dict[str, list[float]], dict]:
+def time_sides(
+    sides: dict[str, SVD], A: torch.Tensor, k: int, max_repeats: int, warmup: int, budget_s: float, noise_wait: float
+) -> tuple[dict[str, list[float]], dict]:
     """Timings (s) per side, and how many rounds ran and were kept.
 
     After `warmup` calls per side, the number of rounds (each runs every side once, in an
@@ -152,11 +170,12 @@ def time_sides(sides: dict[str, SVD], A: torch.Tensor, k: int, max_repeats: int,
     rounds: list[tuple[dict[str, float], float]] = []
     t0 = time.perf_counter()
     orders = iter([])
-    while len(rounds) < want or (sum(sh <= NOISY_SHARE for _, sh in rounds) < want
-                                 and time.perf_counter() - t0 < noise_wait * budget_s):
+    while len(rounds) < want or (
+        sum(sh <= NOISY_SHARE for _, sh in rounds) < want and time.perf_counter() - t0 < noise_wait * budget_s
+    ):
         busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
         positions = next(orders, None)
-        if positions is None:   # a fresh batch of orders, seeded by how many rounds ran
+        if positions is None:  # a fresh batch of orders, seeded by how many rounds ran
             orders = iter(interleaved_orders(len(names), max(want, 1), seed=len(rounds)))
             positions = next(orders)
         t = {names[i]: timed(sides[names[i]], A, k) for i in positions}
@@ -164,13 +183,19 @@ def time_sides(sides: dict[str, SVD], A: torch.Tensor, k: int, max_repeats: int,
     quiet = [t for t, sh in rounds if sh <= NOISY_SHARE]
     quiet_only = len(quiet) >= min(MIN_REPEATS, want)
     kept = quiet if quiet_only else [t for t, _ in rounds]
-    info = {"rounds": len(rounds), "quiet_rounds": len(quiet), "kept": len(kept), "quiet_only": quiet_only,
-            "other_cpu_share": [sh for _, sh in rounds]}
+    info = {
+        "rounds": len(rounds),
+        "quiet_rounds": len(quiet),
+        "kept": len(kept),
+        "quiet_only": quiet_only,
+        "other_cpu_share": [sh for _, sh in rounds],
+    }
     return {name: [t[name] for t in kept] for name in names}, info
 
 
-def accuracy(A64: torch.Tensor, S_ref: torch.Tensor, k: int, lowrank: bool,
-             U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> dict[str, float]:
+def accuracy(
+    A64: torch.Tensor, S_ref: torch.Tensor, k: int, lowrank: bool, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor
+) -> dict[str, float]:
     """Errors of one side's (U, S, Vh) against float64 LAPACK's singular values S_ref of A64.
 
     sv_rel_err: max_i |S_i - S_ref_i| / S_ref_i; sv_err_vs_smax: max_i |S_i - S_ref_i| / S_ref_0;
@@ -182,11 +207,13 @@ def accuracy(A64: torch.Tensor, S_ref: torch.Tensor, k: int, lowrank: bool,
     eye = torch.eye(k, dtype=torch.float64)
     dS = (S - S_ref[..., :k]).abs()
     err = torch.linalg.matrix_norm(A64 - (U * S[..., None, :]) @ Vh)
-    res = {"sv_rel_err": float((dS / S_ref[..., :k]).max()),
-           "sv_err_vs_smax": float((dS / S_ref[..., :1]).max()),
-           "orth_U": float((U.mT @ U - eye).abs().max()),
-           "orth_V": float((Vh @ Vh.mT - eye).abs().max()),
-           "recon_rel": float((err / torch.linalg.matrix_norm(A64)).max())}
+    res = {
+        "sv_rel_err": float((dS / S_ref[..., :k]).max()),
+        "sv_err_vs_smax": float((dS / S_ref[..., :1]).max()),
+        "orth_U": float((U.mT @ U - eye).abs().max()),
+        "orth_V": float((Vh @ Vh.mT - eye).abs().max()),
+        "recon_rel": float((err / torch.linalg.matrix_norm(A64)).max()),
+    }
     if lowrank:
         opt = S_ref[..., k:].norm(dim=-1)
         res["recon_excess_pct"] = float((100 * (err - opt) / opt).max())
@@ -205,14 +232,24 @@ def bench_case(case: Case, max_repeats: int, warmup: int, budget_s: float, noise
     del A64
     times, rounds = time_sides(sides, A, k, max_repeats, warmup, budget_s, noise_wait)
 
-    stats = {name: {"median_ms": median_ms(t), "quartiles_ms": quartiles_ms(t), "min_ms": 1e3 * min(t)}
-             for name, t in times.items()}
+    stats = {
+        name: {"median_ms": median_ms(t), "quartiles_ms": quartiles_ms(t), "min_ms": 1e3 * min(t)}
+        for name, t in times.items()
+    }
     med = {name: s["median_ms"] for name, s in stats.items()}
     ours = [name for name in sides if name.startswith("tp ")]
     res = {
-        "case": case.name, "batch": case.batch, "m": case.m, "n": case.n, "rank": case.rank, "k": k,
-        "spectrum": case.spectrum, "auto_method": svd_method((case.m, case.n), case.rank),
-        "rounds": rounds, "times": stats, "accuracy": acc,
+        "case": case.name,
+        "batch": case.batch,
+        "m": case.m,
+        "n": case.n,
+        "rank": case.rank,
+        "k": k,
+        "spectrum": case.spectrum,
+        "auto_method": svd_method((case.m, case.n), case.rank),
+        "rounds": rounds,
+        "times": stats,
+        "accuracy": acc,
         "speedup_vs_torch_svd": {name: med["torch svd"] / med[name] for name in ours},
     }
     if "svd_lowrank" in med:
@@ -232,32 +269,53 @@ def targets(case: Case, res: dict) -> dict[str, dict]:
     mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     sp = res["speedup_vs_torch_svd"]
     if case.target == "small":
-        return {"tp auto": {"rule": f">= {TARGET_SMALL:g}x torch.linalg.svd", "speedup": sp["tp auto"],
-                            "result": mark(sp["tp auto"] >= TARGET_SMALL)}}
+        return {
+            "tp auto": {
+                "rule": f">= {TARGET_SMALL:g}x torch.linalg.svd",
+                "speedup": sp["tp auto"],
+                "result": mark(sp["tp auto"] >= TARGET_SMALL),
+            }
+        }
     if case.target == "randomized":
         side = randomized_side(res)
         excess = res["accuracy"][side]["recon_excess_pct"]
-        return {side: {"rule": f">= {TARGET_RAND:g}x full torch.linalg.svd, <= {TARGET_RAND_EXCESS:g}% extra error",
-                       "speedup": sp[side], "excess_pct": excess,
-                       "result": mark(sp[side] >= TARGET_RAND and excess <= TARGET_RAND_EXCESS)}}
+        return {
+            side: {
+                "rule": f">= {TARGET_RAND:g}x full torch.linalg.svd, <= {TARGET_RAND_EXCESS:g}% extra error",
+                "speedup": sp[side],
+                "excess_pct": excess,
+                "result": mark(sp[side] >= TARGET_RAND and excess <= TARGET_RAND_EXCESS),
+            }
+        }
     return {}
 
 
 # ----------------------------------------------------------------------------- reporting
 def method_of(res: dict, side: str) -> str:
-    return {"tp auto": res["auto_method"], "tp jacobi": "jacobi", "tp randomized": "randomized", "tp lapack": "lapack",
-            "torch svd": "LAPACK gesdd (full)", "svd_lowrank": f"q=k+{LOWRANK_OVERSAMPLE}, niter={LOWRANK_NITER}"}[side]
+    return {
+        "tp auto": res["auto_method"],
+        "tp jacobi": "jacobi",
+        "tp randomized": "randomized",
+        "tp lapack": "lapack",
+        "torch svd": "LAPACK gesdd (full)",
+        "svd_lowrank": f"q=k+{LOWRANK_OVERSAMPLE}, niter={LOWRANK_NITER}",
+    }[side]
 
 
-def write_markdown(path: Path, meta: dict, results: list[dict], max_repeats: int, warmup: int,
-                   budget_s: float, noise_wait: float) -> None:
+def write_markdown(
+    path: Path, meta: dict, results: list[dict], max_repeats: int, warmup: int, budget_s: float, noise_wait: float
+) -> None:
     n_iter = getattr(tp_svd, "DEFAULT_POWER_ITERATIONS", "?")
     oversample = getattr(tp_svd, "DEFAULT_OVERSAMPLE", "?")
     lines = [
-        "# Batched truncated SVD benchmark (CPU)", "",
+        "# Batched truncated SVD benchmark (CPU)",
+        "",
         *stamp_lines(meta),
-        *[f"- carried over from an earlier run (not re-measured; its date, repository): {case} "
-          f"({c.get('date')}, {c.get('git')})" for case, c in meta.get("carried_over", {}).items()],
+        *[
+            f"- carried over from an earlier run (not re-measured; its date, repository): {case} "
+            f"({c.get('date')}, {c.get('git')})"
+            for case, c in meta.get("carried_over", {}).items()
+        ],
         f"- torch {meta['torch']}, {meta['threads']} threads, float32 inputs; thread env: {meta['env'] or 'none set'}",
         f"- tensorpress: {tensorpress_flags(meta)}; repository at {meta['git']}",
         f"- inputs: U diag(s) V^T with Haar-random U, V and s_i = {DECAY:g}^i + {FLOOR:g} (built in float64, cast "
@@ -272,7 +330,9 @@ def write_markdown(path: Path, meta: dict, results: list[dict], max_repeats: int
         "- accuracy, against float64 LAPACK on the float32 input, max over the batch: σ err = max_i |S_i - S_ref,i| "
         "/ S_ref,i over the kept values; orth = ||UᵀU - I||max; recon = ||A - U S Vh||_F / ||A||_F for full rank, "
         "and for the low-rank cases the error in excess of the optimal Eckart-Young error ||S_ref[k:]||, in % of it",
-        "", "## Results", "",
+        "",
+        "## Results",
+        "",
         "| case | side | method | median ms [q1, q3] | vs torch svd | vs svd_lowrank | σ err | orth U | recon "
         "| target |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -288,30 +348,44 @@ def write_markdown(path: Path, meta: dict, results: list[dict], max_repeats: int
                 f"| {r['case']} | {side} | {method_of(r, side)} | {t['median_ms']:.1f} "
                 f"[{q[0]:.1f}, {q[1]:.1f}] | {vs('speedup_vs_torch_svd')} | {vs('speedup_vs_svd_lowrank')} "
                 f"| {a['sv_rel_err']:.1e} | {a['orth_U']:.1e} | {recon} "
-                f"| {target['result'] if target else ''} |")
+                f"| {target['result'] if target else ''} |"
+            )
     lines += [
-        "", "## Targets (from the issue) and noise", "",
+        "",
+        "## Targets (from the issue) and noise",
+        "",
         f"CPU: tp auto >= {TARGET_SMALL:g}x torch.linalg.svd on the batched small cases (16², 32², 64²); "
         f"randomized 1024² rank 64 >= {TARGET_RAND:g}x faster than full LAPACK (torch.linalg.svd) "
-        f"at <= {TARGET_RAND_EXCESS:g}% extra error.", "",
+        f"at <= {TARGET_RAND_EXCESS:g}% extra error.",
+        "",
         "| case | auto picks | rounds | target | side | measured | result | other CPU load |",
         "|---|---|---:|---|---|---|---|---:|",
     ]
-    rounds_cell = lambda r: f"{r['rounds']['kept']} / {r['rounds']['rounds']}" + (  # noqa: E731
-        "" if r["rounds"]["quiet_only"] else " (all)")
+    rounds_cell = lambda r: (
+        f"{r['rounds']['kept']} / {r['rounds']['rounds']}"
+        + (  # noqa: E731
+            "" if r["rounds"]["quiet_only"] else " (all)"
+        )
+    )
     for r in results:
         rows = r["targets"].items() or [(None, None)]
         for side, t in rows:
-            measured = "" if t is None else f"{t['speedup']:.2f}x" + (
-                f", {t['excess_pct']:+.2g}%" if "excess_pct" in t else "")
-            lines.append(f"| {r['case']} | {r['auto_method']} | {rounds_cell(r)} | {t['rule'] if t else 'n/a'} "
-                         f"| {side or ''} | {measured} | {t['result'] if t else 'n/a'} | {r['other_cpu_share']:.0%} |")
+            measured = (
+                ""
+                if t is None
+                else f"{t['speedup']:.2f}x" + (f", {t['excess_pct']:+.2g}%" if "excess_pct" in t else "")
+            )
+            lines.append(
+                f"| {r['case']} | {r['auto_method']} | {rounds_cell(r)} | {t['rule'] if t else 'n/a'} "
+                f"| {side or ''} | {measured} | {t['result'] if t else 'n/a'} | {r['other_cpu_share']:.0%} |"
+            )
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_plot(path: Path, results: list[dict]) -> None:
     """Grouped bars: median time per case and side (log scale); a case shows only its sides."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -322,11 +396,19 @@ def write_plot(path: Path, results: list[dict]) -> None:
         present = [s for s in SIDES if s in r["times"]]
         width = 0.8 / len(present)
         for j, side in enumerate(present):
-            ax.bar(i + (j - (len(present) - 1) / 2) * width, r["times"][side]["median_ms"], width,
-                   color=colors[side], label=None if side in labelled else side)
+            ax.bar(
+                i + (j - (len(present) - 1) / 2) * width,
+                r["times"][side]["median_ms"],
+                width,
+                color=colors[side],
+                label=None if side in labelled else side,
+            )
             labelled.add(side)
-    ax.set_xticks(range(len(results)), [r["case"].replace(" ", "\n", 1) + f"\nauto: {r['auto_method']}"
-                                        for r in results], fontsize=8)
+    ax.set_xticks(
+        range(len(results)),
+        [r["case"].replace(" ", "\n", 1) + f"\nauto: {r['auto_method']}" for r in results],
+        fontsize=8,
+    )
     ax.set_yscale("log")
     ax.set_ylabel("median time (ms)")
     ax.set_title("batched truncated SVD, float32, CPU")
@@ -341,14 +423,19 @@ def write_plot(path: Path, results: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = bench_parser(__doc__,
-                      repeats_help="most timed repeats per case (default 30; 5 with --quick); slow cases get fewer",
-                      warmup_help="warmup calls per side (default 1)",
-                      quick_help="smoke test: three tiny cases")
-    ap.add_argument("--only", default=None,
-                    help="comma-separated substrings of case names (e.g. '64x64,1024'): run only the matching "
-                         "cases; the results files keep the other cases from the previous svd_cpu.json, marked "
-                         "as carried over with their date")
+    ap = bench_parser(
+        __doc__,
+        repeats_help="most timed repeats per case (default 30; 5 with --quick); slow cases get fewer",
+        warmup_help="warmup calls per side (default 1)",
+        quick_help="smoke test: three tiny cases",
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated substrings of case names (e.g. '64x64,1024'): run only the matching "
+        "cases; the results files keep the other cases from the previous svd_cpu.json, marked "
+        "as carried over with their date",
+    )
     args = ap.parse_args(argv)
 
     if args.device == "cuda":
@@ -373,25 +460,42 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         r = bench_case(case, max_repeats, warmup, budget_s, noise_wait)
         results.append(r)
-        print(f"{case.name:24s} auto={r['auto_method']:10s} ms: "
-              + " ".join(f"{s}={t['median_ms']:.1f}" for s, t in r["times"].items())
-              + " | " + " ".join(f"{s}: {t['result']}" for s, t in r["targets"].items())
-              + f" ({r['rounds']['kept']}/{r['rounds']['rounds']} rounds kept, {time.perf_counter() - t0:.1f} s, "
-              f"other CPU load {r['other_cpu_share']:.0%})",
-              flush=True)
+        print(
+            f"{case.name:24s} auto={r['auto_method']:10s} ms: "
+            + " ".join(f"{s}={t['median_ms']:.1f}" for s, t in r["times"].items())
+            + " | "
+            + " ".join(f"{s}: {t['result']}" for s, t in r["targets"].items())
+            + f" ({r['rounds']['kept']}/{r['rounds']['rounds']} rounds kept, {time.perf_counter() - t0:.1f} s, "
+            f"other CPU load {r['other_cpu_share']:.0%})",
+            flush=True,
+        )
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
     if meta["other_cpu_share"] > 0.05:
-        print(f"warning: other processes used {meta['other_cpu_share']:.0%} of the CPU during the run; "
-              "timings are noisy, re-run on a quiet machine", file=sys.stderr)
+        print(
+            f"warning: other processes used {meta['other_cpu_share']:.0%} of the CPU during the run; "
+            "timings are noisy, re-run on a quiet machine",
+            file=sys.stderr,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("svd_cpu_quick" if args.quick else "svd_cpu") + forced_blas_suffix()
     if args.only and not args.quick:
         results = with_carried_over(args.out / f"{stem}.json", results, meta)
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "max_repeats": max_repeats, "warmup": warmup, "budget_s": budget_s, "noise_wait": noise_wait,
-         "results": results}, indent=2) + "\n")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "max_repeats": max_repeats,
+                "warmup": warmup,
+                "budget_s": budget_s,
+                "noise_wait": noise_wait,
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     write_markdown(args.out / f"{stem}.md", meta, results, max_repeats, warmup, budget_s, noise_wait)
     write_plot(args.out / f"{stem}.png", results)
     print(f"wrote {args.out / stem}.{{json,md,png}}")
@@ -422,7 +526,7 @@ def with_carried_over(previous: Path, results: list[dict], meta: dict) -> list[d
 
 
 # ----------------------------------------------------------------------------- CUDA
-CUDA_TARGET_JACOBI, CUDA_TARGET_LOWRANK = 10.0, 3.0   # vs torch.linalg.svd / torch.svd_lowrank on the GPU
+CUDA_TARGET_JACOBI, CUDA_TARGET_LOWRANK = 10.0, 3.0  # vs torch.linalg.svd / torch.svd_lowrank on the GPU
 CUDA_JACOBI_TARGET_SHAPES = {(10000, 32, 32), (1000, 64, 64)}
 
 
@@ -474,8 +578,14 @@ def cuda_main(args) -> int:
         A64 = A.double()
         S_ref = torch.linalg.svdvals(A64)
         optimal = (S_ref[..., k:] ** 2).sum(-1).sqrt() / torch.linalg.matrix_norm(A64)
-        res = {"case": case.name, "auto_method": svd_method(Ad.shape, k, "auto", Ad.device), "times_ms": {},
-               "sv_err": {}, "orth_err": {}, "excess_err": {}}
+        res = {
+            "case": case.name,
+            "auto_method": svd_method(Ad.shape, k, "auto", Ad.device),
+            "times_ms": {},
+            "sv_err": {},
+            "orth_err": {},
+            "excess_err": {},
+        }
         for name, fn in sides.items():
             U, S, V = fn(Ad)
             Vh = V.transpose(-1, -2) if name == "svd_lowrank" else V
@@ -491,32 +601,49 @@ def cuda_main(args) -> int:
         if (case.batch, case.m, case.n) in CUDA_JACOBI_TARGET_SHAPES:
             res["targets"]["vs_torch_svd"] = "PASS" if t["torch svd"] / t["tp auto"] >= CUDA_TARGET_JACOBI else "FAIL"
         if lowrank and case.m == 768:
-            ok = (t["svd_lowrank"] / t["tp auto"] >= CUDA_TARGET_LOWRANK
-                  and res["excess_err"]["tp auto"] <= res["excess_err"]["svd_lowrank"] + 1e-3)
+            ok = (
+                t["svd_lowrank"] / t["tp auto"] >= CUDA_TARGET_LOWRANK
+                and res["excess_err"]["tp auto"] <= res["excess_err"]["svd_lowrank"] + 1e-3
+            )
             res["targets"]["vs_svd_lowrank"] = "PASS" if ok else "FAIL"
         results.append(res)
-        print(f"{case.name:24s} auto={res['auto_method']:10s} ms: " + " ".join(f"{n}={v:.2f}" for n, v in t.items())
-              + f" {res['targets']}", flush=True)
+        print(
+            f"{case.name:24s} auto={res['auto_method']:10s} ms: "
+            + " ".join(f"{n}={v:.2f}" for n, v in t.items())
+            + f" {res['targets']}",
+            flush=True,
+        )
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = 0.0
     slug = "".join(c if c.isalnum() else "_" for c in meta["gpu"].lower()).strip("_")
     stem = f"svd_{slug}" + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "repeats": repeats, "warmup": warmup,
-                                                       "results": results}, indent=2, default=str) + "\n")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "repeats": repeats, "warmup": warmup, "results": results}, indent=2, default=str)
+        + "\n"
+    )
     sides = ["tp auto", "tp jacobi", "torch svd", "svd_lowrank"]
-    lines = [f"# Batched truncated SVD on {meta['gpu']}", "", *stamp_lines(meta),
-             f"- torch {meta['torch']}; tensorpress: {tensorpress_flags(meta)}; git {meta['git']}",
-             f"- CUDA events, median of {repeats} ({warmup} warmup); float32 inputs; errors against float64 LAPACK",
-             "", "| case | auto | " + " | ".join(f"{s} ms" for s in sides) + " | sv err (auto) | orth (auto) "
-             "| excess err auto / lowrank | targets |", "|---|---|" + "---:|" * len(sides) + "---:|---:|---:|---|"]
+    lines = [
+        f"# Batched truncated SVD on {meta['gpu']}",
+        "",
+        *stamp_lines(meta),
+        f"- torch {meta['torch']}; tensorpress: {tensorpress_flags(meta)}; git {meta['git']}",
+        f"- CUDA events, median of {repeats} ({warmup} warmup); float32 inputs; errors against float64 LAPACK",
+        "",
+        "| case | auto | " + " | ".join(f"{s} ms" for s in sides) + " | sv err (auto) | orth (auto) "
+        "| excess err auto / lowrank | targets |",
+        "|---|---|" + "---:|" * len(sides) + "---:|---:|---:|---|",
+    ]
     for r in results:
         cell = lambda s: f"{r['times_ms'][s]:.2f}" if s in r["times_ms"] else "-"  # noqa: E731
         ex = r["excess_err"]
-        lines.append(f"| {r['case']} | {r['auto_method']} | " + " | ".join(cell(s) for s in sides)
-                     + f" | {r['sv_err']['tp auto']:.1e} | {r['orth_err']['tp auto']:.1e} "
-                     f"| {ex['tp auto']:.2%} / {ex.get('svd_lowrank', 0):.2%} "
-                     f"| {', '.join(f'{k} {v}' for k, v in r['targets'].items())} |")
+        lines.append(
+            f"| {r['case']} | {r['auto_method']} | "
+            + " | ".join(cell(s) for s in sides)
+            + f" | {r['sv_err']['tp auto']:.1e} | {r['orth_err']['tp auto']:.1e} "
+            f"| {ex['tp auto']:.2%} / {ex.get('svd_lowrank', 0):.2%} "
+            f"| {', '.join(f'{k} {v}' for k, v in r['targets'].items())} |"
+        )
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / stem}.{{json,md}}")
     return 0

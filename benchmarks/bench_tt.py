@@ -17,6 +17,7 @@ backward (activation memory), and writes ``tt_cpu.json``, ``tt_cpu.md`` and ``tt
     python benchmarks/bench_tt.py --quick         # smoke test, < 30 s, writes tt_cpu_quick.*
     python benchmarks/bench_tt.py --device cuda   # the GPU benchmark (see cuda_main), tt_<gpu>.*
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -37,16 +38,26 @@ from tensorpress.ops.tt import tt_to_dense
 from tensorpress.ops.tt_plan import flat_dims, plan_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, cpu_seconds, exit_unless_cpu, forced_blas_suffix, interleaved_orders,  # noqa: E402
-                     machine_info, median_ms, other_cpu_share, quartiles_ms, stamp_lines,
-                     tensorpress_flags)
+from _common import (
+    bench_parser,
+    cpu_seconds,
+    exit_unless_cpu,
+    forced_blas_suffix,
+    interleaved_orders,  # noqa: E402
+    machine_info,
+    median_ms,
+    other_cpu_share,
+    quartiles_ms,
+    stamp_lines,
+    tensorpress_flags,
+)
 from peers import einsum_chain_tt, tensorly_torch_tt_linear  # noqa: E402
 
 SIDES = ("tensorpress", "tltorch", "einsum", "dense")
 PEERS = ("tltorch", "einsum")
-N_INPUTS = 4          # inputs rotated among, so no side times a cache-hot input
-AGREE_TOL = 1e-4      # max relative error of any side's forward vs a float64 reference
-TARGET_FWD, TARGET_FB = 2.0, 1.5   # speedups over the fastest peer demanded by the issue
+N_INPUTS = 4  # inputs rotated among, so no side times a cache-hot input
+AGREE_TOL = 1e-4  # max relative error of any side's forward vs a float64 reference
+TARGET_FWD, TARGET_FB = 2.0, 1.5  # speedups over the fastest peer demanded by the issue
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ class Case:
     out_features: int
     rank: int
     batch: int
-    in_factors: tuple[int, ...] | None = None   # None: TTLinear's default factorization
+    in_factors: tuple[int, ...] | None = None  # None: TTLinear's default factorization
     out_factors: tuple[int, ...] | None = None
 
 
@@ -73,6 +84,7 @@ QUICK_CASES = CASES[:2]
 @dataclass
 class Side:
     """A forward function and the parameters it should produce gradients for."""
+
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     params: list[torch.Tensor] = field(default_factory=list)
@@ -81,8 +93,9 @@ class Side:
 # ----------------------------------------------------------------------------- setup
 def build_sides(case: Case) -> tuple[TTLinear, list[Side]]:
     """Our TTLinear plus the three peers, all given copies of the same cores and bias."""
-    layer = TTLinear(case.in_features, case.out_features, case.rank,
-                     in_factors=case.in_factors, out_factors=case.out_factors)
+    layer = TTLinear(
+        case.in_features, case.out_features, case.rank, in_factors=case.in_factors, out_factors=case.out_factors
+    )
     cores = [g.detach() for g in layer.cores]
     bias = layer.bias.detach()
     sides = [Side("tensorpress", layer, list(layer.parameters()))]
@@ -139,8 +152,9 @@ def run_fwd_bwd(side: Side, x: torch.Tensor, g: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def time_sides(sides: list[Side], xs: list[torch.Tensor], g: torch.Tensor,
-               repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+def time_sides(
+    sides: list[Side], xs: list[torch.Tensor], g: torch.Tensor, repeats: int, warmup: int
+) -> dict[str, dict[str, float]]:
     """Median ms (and first / third quartiles) per side for forward and forward+backward.
 
     Each repeat uses the next input of `xs` for every side, and runs the sides in an order
@@ -160,9 +174,15 @@ def time_sides(sides: list[Side], xs: list[torch.Tensor], g: torch.Tensor,
             fwd[s.name].append(run_forward(s, x))
         for s in order:
             fb[s.name].append(run_fwd_bwd(s, x, g))
-    return {s.name: {"fwd_ms": median_ms(fwd[s.name]), "fwd_bwd_ms": median_ms(fb[s.name]),
-                     "fwd_quartiles_ms": quartiles_ms(fwd[s.name]), "fwd_bwd_quartiles_ms": quartiles_ms(fb[s.name])}
-            for s in sides}
+    return {
+        s.name: {
+            "fwd_ms": median_ms(fwd[s.name]),
+            "fwd_bwd_ms": median_ms(fb[s.name]),
+            "fwd_quartiles_ms": quartiles_ms(fwd[s.name]),
+            "fwd_bwd_quartiles_ms": quartiles_ms(fb[s.name]),
+        }
+        for s in sides
+    }
 
 
 def saved_bytes(side: Side, x: torch.Tensor) -> int:
@@ -203,12 +223,21 @@ def bench_case(case: Case, repeats: int, warmup: int) -> dict:
     best = {k: times[p][k] for k, p in best_name.items()}
     gflops = lambda flops, ms: flops / (ms * 1e6)  # noqa: E731
     res = {
-        "case": case.name, "in_features": case.in_features, "out_features": case.out_features,
-        "in_factors": list(layer.in_factors), "out_factors": list(layer.out_factors),
-        "ranks": list(layer.ranks), "batch": case.batch, "plan": str(plan),
-        "plan_flops": plan.flops, "plan_train": str(plan_train), "plan_train_flops": plan_train.flops,
-        "dense_gemm_flops": dense_flops, "rel_err": errs,
-        "times_ms": times, "saved_bytes": memory,
+        "case": case.name,
+        "in_features": case.in_features,
+        "out_features": case.out_features,
+        "in_factors": list(layer.in_factors),
+        "out_factors": list(layer.out_factors),
+        "ranks": list(layer.ranks),
+        "batch": case.batch,
+        "plan": str(plan),
+        "plan_flops": plan.flops,
+        "plan_train": str(plan_train),
+        "plan_train_flops": plan_train.flops,
+        "dense_gemm_flops": dense_flops,
+        "rel_err": errs,
+        "times_ms": times,
+        "saved_bytes": memory,
         "gflops": {  # fwd+bwd counted as 3x the forward FLOPs (nominal)
             "tensorpress_fwd": gflops(plan.flops, ours["fwd_ms"]),
             "tensorpress_fwd_bwd": gflops(3 * plan_train.flops, ours["fwd_bwd_ms"]),
@@ -241,35 +270,48 @@ def targets(res: dict, fewer_flops: bool, fewer_flops_training: bool | None = No
 # ----------------------------------------------------------------------------- reporting
 def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, warmup: int) -> None:
     lines = [
-        "# TT-matrix layer benchmark (CPU)", "",
+        "# TT-matrix layer benchmark (CPU)",
+        "",
         *stamp_lines(meta),
         f"- torch {meta['torch']}, {meta['threads']} threads, float32, opt_einsum={meta['opt_einsum']}; "
         f"thread env: {meta['env'] or 'none set'}",
         f"- tensorpress: {tensorpress_flags(meta)}; plans: "
-        + ("autotuned (`--autotune`: the fastest of the cost model's few cheapest, timed)" if meta.get("autotune")
-           else "the cost model's"),
+        + (
+            "autotuned (`--autotune`: the fastest of the cost model's few cheapest, timed)"
+            if meta.get("autotune")
+            else "the cost model's"
+        ),
         f"- median of {repeats} repeats ({warmup} warmup), rotating among {N_INPUTS} inputs, sides interleaved in an order that changes every "
         "repeat (every side follows every other equally often)",
         "- all four sides hold the same weights (one set of TT cores); forward outputs agree "
         f"with a float64 reference to < {AGREE_TOL:g} relative error before timing",
         "- fwd+bwd: loss = (y * g).sum(), gradients w.r.t. x and all parameters",
-        "", "## Time (ms, median)", "",
+        "",
+        "## Time (ms, median)",
+        "",
         "| case | batch | tensorpress fwd | tltorch fwd | einsum fwd | dense fwd "
         "| tensorpress f+b | tltorch f+b | einsum f+b | dense f+b | other CPU load |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cell = lambda r, s, k: f"{r['times_ms'][s][k]:.3f}" if s in r["times_ms"] else "-"  # noqa: E731
     for r in results:
-        lines.append(f"| {r['case']} | {r['batch']} | "
-                     + " | ".join(cell(r, s, "fwd_ms") for s in SIDES) + " | "
-                     + " | ".join(cell(r, s, "fwd_bwd_ms") for s in SIDES) + f" | {r['other_cpu_share']:.0%} |")
+        lines.append(
+            f"| {r['case']} | {r['batch']} | "
+            + " | ".join(cell(r, s, "fwd_ms") for s in SIDES)
+            + " | "
+            + " | ".join(cell(r, s, "fwd_bwd_ms") for s in SIDES)
+            + f" | {r['other_cpu_share']:.0%} |"
+        )
     lines += [
-        "", "## tensorpress vs targets", "",
+        "",
+        "## tensorpress vs targets",
+        "",
         f"Targets (from the issue): forward >= {TARGET_FWD:g}x faster than the fastest peer "
         f"(tltorch / einsum chain), forward+backward >= {TARGET_FB:g}x; faster than dense "
         "`nn.Linear` wherever the plan needs fewer FLOPs than the dense GEMM (2·B·M·N), "
         "else n/a. GFLOP/s: plan.flops / time for ours (the training plan's for f+b), 2·B·M·N / time for dense; "
-        "fwd+bwd counts a nominal 3x the forward FLOPs.", "",
+        "fwd+bwd counts a nominal 3x the forward FLOPs.",
+        "",
         "| case | plan | GFLOP/s ours fwd / f+b | GFLOP/s dense fwd / f+b "
         "| vs peer fwd | vs peer f+b | vs dense fwd | vs dense f+b |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -281,21 +323,28 @@ def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, wa
             f"| {gf['dense_fwd']:.1f} / {gf['dense_fwd_bwd']:.1f} "
             f"| {vp['fwd_ms']:.2f}x ({r['fastest_peer']['fwd_ms']}) {t['fwd_vs_peer']} "
             f"| {vp['fwd_bwd_ms']:.2f}x ({r['fastest_peer']['fwd_bwd_ms']}) {t['fwd_bwd_vs_peer']} "
-            f"| {vd['fwd_ms']:.2f}x {t['fwd_vs_dense']} | {vd['fwd_bwd_ms']:.2f}x {t['fwd_bwd_vs_dense']} |")
+            f"| {vd['fwd_ms']:.2f}x {t['fwd_vs_dense']} | {vd['fwd_bwd_ms']:.2f}x {t['fwd_bwd_vs_dense']} |"
+        )
     lines += needed_rate_lines(results)
     lines += [
-        "", "## Activation memory saved for backward (MiB; x itself included, parameters excluded)", "",
+        "",
+        "## Activation memory saved for backward (MiB; x itself included, parameters excluded)",
+        "",
         "tensorpress keeps x and its prepared step matrices (the merged cores: batch-independent, "
         "the size of the compressed weight); everything batch-sized beyond x is recomputed in the "
-        "backward. The peers keep every intermediate of their contraction chain.", "",
+        "backward. The peers keep every intermediate of their contraction chain.",
+        "",
         "| case | input x | " + " | ".join(SIDES) + " |",
         "|---|---:|" + "---:|" * len(SIDES),
     ]
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     for r in results:
         x_bytes = 4 * r["batch"] * r["in_features"]
-        lines.append(f"| {r['case']} | {mib(x_bytes)} | "
-                     + " | ".join(mib(r["saved_bytes"][s]) if s in r["saved_bytes"] else "-" for s in SIDES) + " |")
+        lines.append(
+            f"| {r['case']} | {mib(x_bytes)} | "
+            + " | ".join(mib(r["saved_bytes"][s]) if s in r["saved_bytes"] else "-" for s in SIDES)
+            + " |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -313,20 +362,29 @@ def needed_rate_lines(results: list[dict]) -> list[str]:
             allowed_ms = r["times_ms"][r["fastest_peer"][key]][key] / target
             reached = executed[key] / (r["times_ms"]["tensorpress"][key] * 1e6)
             need = executed[key] / (allowed_ms * 1e6)
-            rows.append(f"| {r['case']} | {label} | {executed[key] / 1e6:.1f} | {allowed_ms:.3f} | {need:.1f} "
-                        f"| {reached:.1f} | {need / ceiling:.0%} |")
+            rows.append(
+                f"| {r['case']} | {label} | {executed[key] / 1e6:.1f} | {allowed_ms:.3f} | {need:.1f} "
+                f"| {reached:.1f} | {need / ceiling:.0%} |"
+            )
     if not rows:
         return []
-    return ["", "## What the failed targets need", "",
-            "The FLOPs tensorpress executes (the forward plan's; fwd+bwd: three times the forward plus the "
-            "backward's recompute of every step but the last, which is what keeps only x saved) and the rate "
-            "they would have to run at to meet each failed target, against the best rate one dense GEMM "
-            f"reached in this run ({ceiling:.1f} GFLOP/s). The fused plans are the fewest-FLOP contraction "
-            "plans, so above 100% the kernel would have to out-run that GEMM. (That is a ceiling of the "
-            "BLAS kernels in use: where OPENBLAS_CORETYPE forces AVX2 kernels on an AVX-512 CPU, "
-            "OpenBLAS's own choice runs about twice as fast; see tt_cpu.md.)", "",
-            "| case | pass | MFLOP executed | time allowed (ms) | GFLOP/s needed | GFLOP/s reached "
-            "| needed / dense GEMM's best |", "|---|---|---:|---:|---:|---:|---:|", *rows]
+    return [
+        "",
+        "## What the failed targets need",
+        "",
+        "The FLOPs tensorpress executes (the forward plan's; fwd+bwd: three times the forward plus the "
+        "backward's recompute of every step but the last, which is what keeps only x saved) and the rate "
+        "they would have to run at to meet each failed target, against the best rate one dense GEMM "
+        f"reached in this run ({ceiling:.1f} GFLOP/s). The fused plans are the fewest-FLOP contraction "
+        "plans, so above 100% the kernel would have to out-run that GEMM. (That is a ceiling of the "
+        "BLAS kernels in use: where OPENBLAS_CORETYPE forces AVX2 kernels on an AVX-512 CPU, "
+        "OpenBLAS's own choice runs about twice as fast; see tt_cpu.md.)",
+        "",
+        "| case | pass | MFLOP executed | time allowed (ms) | GFLOP/s needed | GFLOP/s reached "
+        "| needed / dense GEMM's best |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def plan_cell(r: dict) -> str:
@@ -338,8 +396,14 @@ def plan_cell(r: dict) -> str:
 def executed_fwd_bwd_flops(r: dict) -> int:
     """Forward + backward FLOPs of the case's plan: 3x the forward (y, grad x, grad cores), plus the
     backward's recompute of every fused step but the last (nominal 3x for the dense route)."""
-    layer = TTLinear(r["in_features"], r["out_features"], r["ranks"], in_factors=r["in_factors"],
-                     out_factors=r["out_factors"], bias=False)
+    layer = TTLinear(
+        r["in_features"],
+        r["out_features"],
+        r["ranks"],
+        in_factors=r["in_factors"],
+        out_factors=r["out_factors"],
+        bias=False,
+    )
     plan = layer.plan(r["batch"], training="plan_train" in r)
     recorded = r.get("plan_train", r["plan"])
     if str(plan) != recorded:
@@ -353,6 +417,7 @@ def executed_fwd_bwd_flops(r: dict) -> int:
 def write_plot(path: Path, results: list[dict]) -> None:
     """Grouped bars: forward and forward+backward time per case and side (log scale)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -375,14 +440,21 @@ def write_plot(path: Path, results: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = bench_parser(__doc__, repeats_help="timed repeats (default 48: every order of the four sides twice; 3 with --quick)",
-                      warmup_help="warmup runs (default 5; 1 with --quick)",
-                      quick_help="smoke test: two small cases, few repeats")
-    ap.add_argument("--rewrite", type=Path, default=None,
-                    help="rewrite the Markdown from an existing CPU results JSON (no runs)")
-    ap.add_argument("--autotune", action="store_true",
-                    help="CPU plans by timing the cost model's few cheapest (tensorpress.ops.set_autotune); "
-                         "results go to tt_cpu_autotune.*")
+    ap = bench_parser(
+        __doc__,
+        repeats_help="timed repeats (default 48: every order of the four sides twice; 3 with --quick)",
+        warmup_help="warmup runs (default 5; 1 with --quick)",
+        quick_help="smoke test: two small cases, few repeats",
+    )
+    ap.add_argument(
+        "--rewrite", type=Path, default=None, help="rewrite the Markdown from an existing CPU results JSON (no runs)"
+    )
+    ap.add_argument(
+        "--autotune",
+        action="store_true",
+        help="CPU plans by timing the cost model's few cheapest (tensorpress.ops.set_autotune); "
+        "results go to tt_cpu_autotune.*",
+    )
     args = ap.parse_args(argv)
 
     if args.rewrite is not None:
@@ -408,22 +480,29 @@ def main(argv=None) -> int:
         r = bench_case(case, repeats, warmup)
         results.append(r)
         t = r["times_ms"]
-        print(f"{case.name:15s} B={case.batch:3d} fwd ms: "
-              + " ".join(f"{s}={t[s]['fwd_ms']:.3f}" for s in SIDES if s in t)
-              + " | f+b ms: " + " ".join(f"{s}={t[s]['fwd_bwd_ms']:.3f}" for s in SIDES if s in t)
-              + f" | {r['targets']} ({time.perf_counter() - t0:.1f} s, other CPU load {r['other_cpu_share']:.0%})",
-              flush=True)
+        print(
+            f"{case.name:15s} B={case.batch:3d} fwd ms: "
+            + " ".join(f"{s}={t[s]['fwd_ms']:.3f}" for s in SIDES if s in t)
+            + " | f+b ms: "
+            + " ".join(f"{s}={t[s]['fwd_bwd_ms']:.3f}" for s in SIDES if s in t)
+            + f" | {r['targets']} ({time.perf_counter() - t0:.1f} s, other CPU load {r['other_cpu_share']:.0%})",
+            flush=True,
+        )
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
     if meta["other_cpu_share"] > 0.05:
-        print(f"warning: other processes used {meta['other_cpu_share']:.0%} of the CPU during the run; "
-              "timings are noisy, re-run on a quiet machine", file=sys.stderr)
+        print(
+            f"warning: other processes used {meta['other_cpu_share']:.0%} of the CPU during the run; "
+            "timings are noisy, re-run on a quiet machine",
+            file=sys.stderr,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("tt_cpu_quick" if args.quick else "tt_cpu") + ("_autotune" if args.autotune else "")
     stem += forced_blas_suffix()
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "repeats": repeats, "warmup": warmup, "results": results}, indent=2) + "\n")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "repeats": repeats, "warmup": warmup, "results": results}, indent=2) + "\n"
+    )
     write_markdown(args.out / f"{stem}.md", meta, results, repeats, warmup)
     write_plot(args.out / f"{stem}.png", results)
     print(f"wrote {args.out / stem}.{{json,md,png}}")
@@ -445,9 +524,9 @@ CUDA_CASES = [
 CUDA_BATCHES = (1, 16, 256, 4096)
 CUDA_DTYPES = ("float32", "bfloat16")
 CUDA_AGREE_TOL = {"float32": 1e-4, "bfloat16": 3e-2}
-CUDA_TARGET_SMALL, CUDA_TARGET_LARGE = 3.0, 2.0   # vs einsum / tltorch at batch <= 64, at 4096
-CUDA_TARGET_LATENCY_US = 10.0                      # 4096^2 r16 at batch <= 64
-CUDA_TARGET_ROOFLINE = 0.5                         # large-batch forward vs its roofline floor
+CUDA_TARGET_SMALL, CUDA_TARGET_LARGE = 3.0, 2.0  # vs einsum / tltorch at batch <= 64, at 4096
+CUDA_TARGET_LATENCY_US = 10.0  # 4096^2 r16 at batch <= 64
+CUDA_TARGET_ROOFLINE = 0.5  # large-batch forward vs its roofline floor
 
 
 def cuda_time_ms(fn, xs, repeats: int, warmup: int) -> list[float]:
@@ -472,13 +551,13 @@ def cuda_ceilings() -> dict:
     n = 1 << 28  # 1 GiB of float32
     a, b = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
     copy_ms = statistics.median(cuda_time_ms(lambda _: b.copy_(a), [None], 20, 3))
-    a = b = None   # 2 GiB freed before the matmuls (not `del`: the lambda above still names them)
+    a = b = None  # 2 GiB freed before the matmuls (not `del`: the lambda above still names them)
     res = {"copy_bytes_per_s": 2 * 4 * n / (copy_ms * 1e-3)}
     for name in CUDA_DTYPES:
         dt = getattr(torch, name)
         m = torch.randn(8192, 8192, device="cuda").to(dt)
         ms = statistics.median(cuda_time_ms(lambda _: m @ m, [None], 20, 3))
-        res[f"matmul_flops_{name}"] = 2 * 8192 ** 3 / (ms * 1e-3)
+        res[f"matmul_flops_{name}"] = 2 * 8192**3 / (ms * 1e-3)
     return res
 
 
@@ -495,9 +574,11 @@ def cuda_case(name, in_f, out_f, rank, in_factors, out_factors, batch, dtype_nam
     xs = [torch.randn(batch, in_f, device="cuda").to(dtype) for _ in range(N_INPUTS)]
     shapes = [tuple(g.shape) for g in cores]
     plan = choose_plan(shapes, batch, device="cuda", dtype=dtype)
-    sides = {"tensorpress": lambda x: tt_matmul(x, cores, plan=plan),
-             "einsum": lambda x: einsum_chain_tt(x, cores),
-             "dense": lambda x: x @ w.T}
+    sides = {
+        "tensorpress": lambda x: tt_matmul(x, cores, plan=plan),
+        "einsum": lambda x: einsum_chain_tt(x, cores),
+        "dense": lambda x: x @ w.T,
+    }
     tl = tensorly_torch_tt_linear(layer.in_factors, layer.out_factors, rank)
     if tl is not None:
         with torch.no_grad():
@@ -521,12 +602,23 @@ def cuda_case(name, in_f, out_f, rank, in_factors, out_factors, batch, dtype_nam
     floor_ms = 1e3 * max(plan.flops / peak, io_bytes / ceilings["copy_bytes_per_s"])
     ours = times["tensorpress"]
     peers = {k: v for k, v in times.items() if k in ("einsum", "tltorch")}
-    return {"case": name, "batch": batch, "dtype": dtype_name, "plan": str(plan), "path": plan.path,
-            "plan_flops": plan.flops, "dense_flops": 2 * batch * in_f * out_f, "rel_err": errs, "times_ms": times,
-            "achieved_flops": plan.flops / (ours * 1e-3), "achieved_bytes_per_s": io_bytes / (ours * 1e-3),
-            "roofline_floor_ms": floor_ms, "roofline_fraction": floor_ms / ours,
-            "speedup_vs_peers": {k: v / ours for k, v in peers.items()},
-            "speedup_vs_dense": times["dense"] / ours}
+    return {
+        "case": name,
+        "batch": batch,
+        "dtype": dtype_name,
+        "plan": str(plan),
+        "path": plan.path,
+        "plan_flops": plan.flops,
+        "dense_flops": 2 * batch * in_f * out_f,
+        "rel_err": errs,
+        "times_ms": times,
+        "achieved_flops": plan.flops / (ours * 1e-3),
+        "achieved_bytes_per_s": io_bytes / (ours * 1e-3),
+        "roofline_floor_ms": floor_ms,
+        "roofline_fraction": floor_ms / ours,
+        "speedup_vs_peers": {k: v / ours for k, v in peers.items()},
+        "speedup_vs_dense": times["dense"] / ours,
+    }
 
 
 def cuda_targets(r: dict) -> dict:
@@ -563,8 +655,10 @@ def cuda_main(args) -> int:
     meta = machine_info(torch.get_num_threads())
     meta["gpu"] = torch.cuda.get_device_name()
     ceilings = cuda_ceilings()
-    print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s, "
-          + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in ceilings.items() if k.startswith("matmul")))
+    print(
+        f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s, "
+        + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in ceilings.items() if k.startswith("matmul"))
+    )
     results = []
     for case in cases:
         for batch in batches:
@@ -572,31 +666,47 @@ def cuda_main(args) -> int:
                 r = cuda_case(*case, batch, dt, ceilings, repeats, warmup)
                 r["targets"] = cuda_targets(r)
                 results.append(r)
-                print(f"{r['case']:16s} B={batch:5d} {dt:8s} {r['path']:6s} "
-                      + " ".join(f"{k}={1e3 * v:.1f}us" for k, v in r["times_ms"].items())
-                      + f" roofline {r['roofline_fraction']:.0%} {r['targets']}", flush=True)
+                print(
+                    f"{r['case']:16s} B={batch:5d} {dt:8s} {r['path']:6s} "
+                    + " ".join(f"{k}={1e3 * v:.1f}us" for k, v in r["times_ms"].items())
+                    + f" roofline {r['roofline_fraction']:.0%} {r['targets']}",
+                    flush=True,
+                )
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = 0.0
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"tt_{gpu_slug()}" + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "ceilings": ceilings, "repeats": repeats, "warmup": warmup, "results": results},
-        indent=2, default=str) + "\n")
-    lines = [f"# TT-matrix forward on {meta['gpu']}", "", *stamp_lines(meta),
-             f"- torch {meta['torch']}; tensorpress: {tensorpress_flags(meta)}, "
-             f"cuda archs {meta['tensorpress_info']['cuda_archs']}",
-             f"- CUDA events, median of {repeats} ({warmup} warmup), rotating among {N_INPUTS} inputs; "
-             "every side checked against float64 first",
-             f"- ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s; "
-             + ", ".join(f"{k[13:]} matmul {v / 1e12:.1f} TFLOP/s" for k, v in ceilings.items() if k.startswith("matmul")),
-             "", "| case | batch | dtype | path | ours µs | einsum µs | tltorch µs | dense µs | TFLOP/s | GB/s "
-             "| roofline | targets |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {"meta": meta, "ceilings": ceilings, "repeats": repeats, "warmup": warmup, "results": results},
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
+    lines = [
+        f"# TT-matrix forward on {meta['gpu']}",
+        "",
+        *stamp_lines(meta),
+        f"- torch {meta['torch']}; tensorpress: {tensorpress_flags(meta)}, "
+        f"cuda archs {meta['tensorpress_info']['cuda_archs']}",
+        f"- CUDA events, median of {repeats} ({warmup} warmup), rotating among {N_INPUTS} inputs; "
+        "every side checked against float64 first",
+        f"- ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s; "
+        + ", ".join(f"{k[13:]} matmul {v / 1e12:.1f} TFLOP/s" for k, v in ceilings.items() if k.startswith("matmul")),
+        "",
+        "| case | batch | dtype | path | ours µs | einsum µs | tltorch µs | dense µs | TFLOP/s | GB/s "
+        "| roofline | targets |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     us = lambda r, k: f"{1e3 * r['times_ms'][k]:.1f}" if k in r["times_ms"] else "-"  # noqa: E731
     for r in results:
-        lines.append(f"| {r['case']} | {r['batch']} | {r['dtype']} | {r['path']} | {us(r, 'tensorpress')} "
-                     f"| {us(r, 'einsum')} | {us(r, 'tltorch')} | {us(r, 'dense')} | {r['achieved_flops'] / 1e12:.2f} "
-                     f"| {r['achieved_bytes_per_s'] / 1e9:.0f} | {r['roofline_fraction']:.0%} "
-                     f"| {', '.join(f'{k} {v}' for k, v in r['targets'].items())} |")
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['dtype']} | {r['path']} | {us(r, 'tensorpress')} "
+            f"| {us(r, 'einsum')} | {us(r, 'tltorch')} | {us(r, 'dense')} | {r['achieved_flops'] / 1e12:.2f} "
+            f"| {r['achieved_bytes_per_s'] / 1e9:.0f} | {r['roofline_fraction']:.0%} "
+            f"| {', '.join(f'{k} {v}' for k, v in r['targets'].items())} |"
+        )
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / stem}.{{json,md}}")
     return 0

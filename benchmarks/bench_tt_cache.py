@@ -9,6 +9,7 @@ orders, and reports medians and their ratio. A third side prepares every call (n
 
     python benchmarks/bench_tt_cache.py [--repeats 40] [--threads 2]
 """
+
 from __future__ import annotations
 
 import json
@@ -18,19 +19,31 @@ import time
 
 import torch
 
-from _common import (bench_parser, cpu_seconds, forced_blas_suffix, git_revision, interleaved_orders, machine_info,
-                     other_cpu_share, stamp_lines, tensorpress_flags)
-from tensorpress.nn import TTLinear
-from tensorpress.nn import tt_linear
+from _common import (
+    bench_parser,
+    cpu_seconds,
+    forced_blas_suffix,
+    git_revision,
+    interleaved_orders,
+    machine_info,
+    other_cpu_share,
+    stamp_lines,
+    tensorpress_flags,
+)
+from tensorpress.nn import TTLinear, tt_linear
 
-CASES = [(1024, 8, 1), (1024, 8, 32), (4096, 16, 1), (4096, 16, 32)]   # (features, rank, batch)
-CALLS = 200   # forwards per timed sample
+CASES = [(1024, 8, 1), (1024, 8, 32), (4096, 16, 1), (4096, 16, 32)]  # (features, rank, batch)
+CALLS = 200  # forwards per timed sample
 
 
 def _keys_only(self, plan, cores):
     """The cache check without the byte comparison (stale after writes through .data)."""
-    return (plan == self.plan and len(cores) == len(self.cores)
-            and all(a is b for a, b in zip(cores, self.cores)) and tt_linear._storage_keys(cores) == self.keys)
+    return (
+        plan == self.plan
+        and len(cores) == len(self.cores)
+        and all(a is b for a, b in zip(cores, self.cores))
+        and tt_linear._storage_keys(cores) == self.keys
+    )
 
 
 def _time(layer, x, check, prepare_every_call=False) -> float:
@@ -66,34 +79,57 @@ def main() -> None:
                     name = list(sides)[i]
                     check, every = sides[name]
                     times[name].append(_time(layer, x, check, every))
-                    if every:   # the next side starts from a warm cache again
+                    if every:  # the next side starts from a warm cache again
                         tt_linear._InferenceCache.valid_for = safe
                         layer(x)
         tt_linear._InferenceCache.valid_for = safe
         med = {name: 1e6 * statistics.median(v) for name, v in times.items()}
-        rows.append({"features": n, "rank": r, "batch": b, "median_us": med,
-                     "check_cost": med["bytes checked"] / med["keys only"],
-                     "cache_gain": med["no cache"] / med["bytes checked"]})
+        rows.append(
+            {
+                "features": n,
+                "rank": r,
+                "batch": b,
+                "median_us": med,
+                "check_cost": med["bytes checked"] / med["keys only"],
+                "cache_gain": med["no cache"] / med["bytes checked"],
+            }
+        )
     meta.update(load_avg_end=__import__("os").getloadavg(), other_cpu_share=other_cpu_share(busy0, self0, wall0))
     stem = "tt_cache_cpu" + ("_quick" if args.quick else "") + forced_blas_suffix()
-    record = {"git": git_revision(), "command": " ".join(sys.argv), "repeats": repeats, "calls_per_sample": CALLS,
-              "machine": meta, "rows": rows}
+    record = {
+        "git": git_revision(),
+        "command": " ".join(sys.argv),
+        "repeats": repeats,
+        "calls_per_sample": CALLS,
+        "machine": meta,
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    lines = ["# TTLinear no-grad inference cache: the cost of the byte check", "",
-             f"- git: {record['git']}; command: `python {record['command']}`",
-             *stamp_lines(meta), f"- tensorpress: {tensorpress_flags(meta)}",
-             f"- settings: {args.threads} threads, {repeats} samples of {CALLS} no-grad forwards per side, "
-             "sides in changing orders; medians", "",
-             "| layer | batch | bytes checked (us) | keys only (us) | no cache (us) | check costs | cache gains |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# TTLinear no-grad inference cache: the cost of the byte check",
+        "",
+        f"- git: {record['git']}; command: `python {record['command']}`",
+        *stamp_lines(meta),
+        f"- tensorpress: {tensorpress_flags(meta)}",
+        f"- settings: {args.threads} threads, {repeats} samples of {CALLS} no-grad forwards per side, "
+        "sides in changing orders; medians",
+        "",
+        "| layer | batch | bytes checked (us) | keys only (us) | no cache (us) | check costs | cache gains |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         m = row["median_us"]
-        lines.append(f"| {row['features']}² rank {row['rank']} | {row['batch']} | {m['bytes checked']:.1f} | "
-                     f"{m['keys only']:.1f} | {m['no cache']:.1f} | {row['check_cost']:.3f}x | "
-                     f"{row['cache_gain']:.2f}x |")
-    lines += ["", "'keys only' is the unsafe check (stale after `p.data.mul_`); 'check costs' = bytes checked / "
-              "keys only; 'cache gains' = no cache / bytes checked."]
+        lines.append(
+            f"| {row['features']}² rank {row['rank']} | {row['batch']} | {m['bytes checked']:.1f} | "
+            f"{m['keys only']:.1f} | {m['no cache']:.1f} | {row['check_cost']:.3f}x | "
+            f"{row['cache_gain']:.2f}x |"
+        )
+    lines += [
+        "",
+        "'keys only' is the unsafe check (stale after `p.data.mul_`); 'check costs' = bytes checked / "
+        "keys only; 'cache gains' = no cache / bytes checked.",
+    ]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

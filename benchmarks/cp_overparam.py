@@ -12,6 +12,7 @@ Writes benchmarks/results/cp_overparam.{json,md,png}.
 
 Small by default (2 threads, a few minutes); --seeds 20 --full for the issue's full grid.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,12 +52,13 @@ def timed(fn):
 def tucker_rows(base: dict, tensors: list, rank: int, tl_tucker) -> list[dict]:
     """Ours vs TensorLy's Tucker at multilinear rank ``rank`` and ``rank - 1`` on the same tensors."""
     import tensorly as tl
+
     rows = []
     for tr in (rank, rank - 1):
         if tr < 1:
             continue
         ranks = [tr] * tensors[0].dim()
-        tucker(tensors[0], ranks)                                    # warm-up
+        tucker(tensors[0], ranks)  # warm-up
         tl_tucker(tensors[0], rank=ranks, n_iter_max=50, tol=1e-10)
         ours = [timed(lambda t=t: tucker(t, ranks, n_iter_max=50, tol=1e-10)) for t in tensors]
         peer = [timed(lambda t=t: tl_tucker(t, rank=ranks, n_iter_max=50, tol=1e-10)) for t in tensors]
@@ -65,13 +67,23 @@ def tucker_rows(base: dict, tensors: list, rank: int, tl_tucker) -> list[dict]:
         ours_err = [((r.to_tensor() - t).norm() / t.norm()).item() for (r, _), t in zip(ours, tensors)]
         peer_err = [((tl.tucker_to_tensor(r) - t).norm() / t.norm()).item() for (r, _), t in zip(peer, tensors)]
         common = {**base, "tucker_rank": tr, "exact": tr == rank}
-        rows.append({**common, "method": "tensorpress tucker (HOSVD+HOOI)",
-                     "median_time_s": statistics.median(t for _, t in ours),
-                     "median_rel_error": statistics.median(ours_err),
-                     "share_fit_le_peer": sum(a <= b + 1e-9 for a, b in zip(ours_err, peer_err)) / len(tensors)})
-        rows.append({**common, "method": "tensorly tucker (SVD+HOOI)",
-                     "median_time_s": statistics.median(t for _, t in peer),
-                     "median_rel_error": statistics.median(peer_err)})
+        rows.append(
+            {
+                **common,
+                "method": "tensorpress tucker (HOSVD+HOOI)",
+                "median_time_s": statistics.median(t for _, t in ours),
+                "median_rel_error": statistics.median(ours_err),
+                "share_fit_le_peer": sum(a <= b + 1e-9 for a, b in zip(ours_err, peer_err)) / len(tensors),
+            }
+        )
+        rows.append(
+            {
+                **common,
+                "method": "tensorly tucker (SVD+HOOI)",
+                "median_time_s": statistics.median(t for _, t in peer),
+                "median_rel_error": statistics.median(peer_err),
+            }
+        )
     return rows
 
 
@@ -81,8 +93,11 @@ def main():
     ap.add_argument("--full", action="store_true", help="the issue's grid: l in {3,4}, d in {10,20,40}, r in {2,3,5}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
-    ap.add_argument("--tucker-only", action="store_true",
-                    help="re-measure only the Tucker comparison and merge it into --out's existing cp_overparam.json")
+    ap.add_argument(
+        "--tucker-only",
+        action="store_true",
+        help="re-measure only the Tucker comparison and merge it into --out's existing cp_overparam.json",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.full:
@@ -93,12 +108,17 @@ def main():
         import tensorly as tl
         from tensorly.decomposition import parafac
         from tensorly.decomposition import tucker as tl_tucker
+
         tl.set_backend("pytorch")
     except ImportError:  # optional peer
         parafac = tl_tucker = None
     meta = machine_info(torch.get_num_threads())
-    meta.update(seeds=args.seeds, success_threshold=1e-3, revision=git_revision(),
-                tensorly=getattr(tl, "__version__", None) if parafac is not None else None)
+    meta.update(
+        seeds=args.seeds,
+        success_threshold=1e-3,
+        revision=git_revision(),
+        tensorly=getattr(tl, "__version__", None) if parafac is not None else None,
+    )
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     if args.tucker_only:
         return tucker_only(args, cases, meta, busy0, self0, wall0, tl_tucker)
@@ -112,12 +132,20 @@ def main():
             cp_overparam(tensors[0], rank, n_steps=5, n_iter_max=5, random_state=0)
             if parafac is not None:
                 parafac(tensors[0], rank, n_iter_max=5, init="random", random_state=0)
-            als = [timed(lambda t=t, s=s: cp_als(t, rank, n_iter_max=1000, tol=1e-12, init="random", random_state=s))
-                   for s, t in enumerate(tensors)]
-            rows.append({**base, "method": "cp_als (random init)", "width": rank,
-                         "success": sum(r.rel_error <= 1e-3 for r, _ in als) / len(als),
-                         "median_time_s": statistics.median(t for _, t in als),
-                         "median_rel_error": statistics.median(r.rel_error for r, _ in als)})
+            als = [
+                timed(lambda t=t, s=s: cp_als(t, rank, n_iter_max=1000, tol=1e-12, init="random", random_state=s))
+                for s, t in enumerate(tensors)
+            ]
+            rows.append(
+                {
+                    **base,
+                    "method": "cp_als (random init)",
+                    "width": rank,
+                    "success": sum(r.rel_error <= 1e-3 for r, _ in als) / len(als),
+                    "median_time_s": statistics.median(t for _, t in als),
+                    "median_rel_error": statistics.median(r.rel_error for r, _ in als),
+                }
+            )
             if parafac is not None:
                 res, crashed = [], 0
                 for s, t in enumerate(tensors):
@@ -128,19 +156,34 @@ def main():
                     except RuntimeError:  # its ALS solve can hit a singular Gram matrix: a failed run
                         err, crashed = float("inf"), crashed + 1
                     res.append((err, time.perf_counter() - t0))
-                rows.append({**base, "method": "tensorly parafac (random init)", "width": rank,
-                             "success": sum(e <= 1e-3 for e, _ in res) / len(res),
-                             "median_time_s": statistics.median(t for _, t in res),
-                             "median_rel_error": statistics.median(e for e, _ in res), "crashed": crashed})
+                rows.append(
+                    {
+                        **base,
+                        "method": "tensorly parafac (random init)",
+                        "width": rank,
+                        "success": sum(e <= 1e-3 for e, _ in res) / len(res),
+                        "median_time_s": statistics.median(t for _, t in res),
+                        "median_rel_error": statistics.median(e for e, _ in res),
+                        "crashed": crashed,
+                    }
+                )
             for width in (rank, 2 * rank, 4 * rank):
                 for name, lazy in (("cp_overparam", False), ("cp_overparam lazy", True)):
-                    out = [timed(lambda t=t, s=s: cp_overparam(t, rank, width=width, lazy=lazy, random_state=s))
-                           for s, t in enumerate(tensors)]
-                    rows.append({**base, "method": name, "width": width,
-                                 "success": sum(r.rel_error <= 1e-3 for r, _ in out) / len(out),
-                                 "median_time_s": statistics.median(t for _, t in out),
-                                 "median_rel_error": statistics.median(r.rel_error for r, _ in out),
-                                 "median_gd_steps": statistics.median(r.n_steps for r, _ in out)})
+                    out = [
+                        timed(lambda t=t, s=s: cp_overparam(t, rank, width=width, lazy=lazy, random_state=s))
+                        for s, t in enumerate(tensors)
+                    ]
+                    rows.append(
+                        {
+                            **base,
+                            "method": name,
+                            "width": width,
+                            "success": sum(r.rel_error <= 1e-3 for r, _ in out) / len(out),
+                            "median_time_s": statistics.median(t for _, t in out),
+                            "median_rel_error": statistics.median(r.rel_error for r, _ in out),
+                            "median_gd_steps": statistics.median(r.n_steps for r, _ in out),
+                        }
+                    )
             for row in rows[-8:]:
                 print(row, flush=True)
             if tl_tucker is not None:
@@ -176,8 +219,10 @@ def summary_lines(rows: list[dict]) -> list[str]:
     out = ["| kind | method | width m | cases | mean success |", "|---|---|---|---|---|"]
     for kind in ("random", "orthogonal"):
         sel = [r for r in rows if r["kind"] == kind]
-        keys = sorted({(r["method"], r["width"] // r["rank"]) for r in sel},
-                      key=lambda k: (not k[0].startswith(("cp_als", "tensorly")), k[0], k[1]))
+        keys = sorted(
+            {(r["method"], r["width"] // r["rank"]) for r in sel},
+            key=lambda k: (not k[0].startswith(("cp_als", "tensorly")), k[0], k[1]),
+        )
         for method, mult in keys:
             rs = [r for r in sel if r["method"] == method and r["width"] // r["rank"] == mult]
             width = "r" if mult == 1 else f"{mult}r"
@@ -186,33 +231,54 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
 
 def write_markdown(path: Path, meta: dict, rows: list[dict], trows: list[dict], tmeta: dict | None = None) -> None:
-    lines = [f"# Over-parameterized CP vs lazy vs ALS ({meta['seeds']} seeds, success = rel. error <= 1e-3)", "",
-             *stamp_lines(meta),
-             f"- torch {meta['torch']}, {meta['threads']} threads, float64 tensors; tensorly {meta['tensorly']} "
-             f"(pytorch backend); revision {meta['revision']}",
-             "- planted tensors: sum of `rank` unit-norm rank-one terms, random Gaussian or orthogonal directions; "
-             "every method was called once untimed first (warm-up); times are medians over the seeds", "",
-             "## Summary: mean success rate over the cases", "", *summary_lines(rows), "",
-             "## CP: success rate against the width", "",
-             "| order | dim | rank | kind | method | width m | success | median time (s) | median rel. error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Over-parameterized CP vs lazy vs ALS ({meta['seeds']} seeds, success = rel. error <= 1e-3)",
+        "",
+        *stamp_lines(meta),
+        f"- torch {meta['torch']}, {meta['threads']} threads, float64 tensors; tensorly {meta['tensorly']} "
+        f"(pytorch backend); revision {meta['revision']}",
+        "- planted tensors: sum of `rank` unit-norm rank-one terms, random Gaussian or orthogonal directions; "
+        "every method was called once untimed first (warm-up); times are medians over the seeds",
+        "",
+        "## Summary: mean success rate over the cases",
+        "",
+        *summary_lines(rows),
+        "",
+        "## CP: success rate against the width",
+        "",
+        "| order | dim | rank | kind | method | width m | success | median time (s) | median rel. error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         note = f" ({r['crashed']} raised a singular-matrix error)" if r.get("crashed") else ""
-        lines.append(f"| {r['order']} | {r['dim']} | {r['rank']} | {r['kind']} | {r['method']}{note} | {r['width']} | "
-                     f"{r['success']:.2f} | {r['median_time_s']:.3f} | {r['median_rel_error']:.1e} |")
+        lines.append(
+            f"| {r['order']} | {r['dim']} | {r['rank']} | {r['kind']} | {r['method']}{note} | {r['width']} | "
+            f"{r['success']:.2f} | {r['median_time_s']:.3f} | {r['median_rel_error']:.1e} |"
+        )
     if trows:
-        lines += ["", "## Tucker on the same tensors: tensorpress vs TensorLy", "",
-                  "Multilinear rank r is exact for these tensors; r - 1 is a truncated fit (both run HOOI "
-                  "to 50 sweeps or a change of fit below 1e-10). 'fit <= TensorLy' = share of seeds where our "
-                  "relative error is at most TensorLy's + 1e-9 (both errors from the explicit reconstruction).", "",
-                  *([f"Measured separately (`--tucker-only`), {tmeta['threads']} threads:", *stamp_lines(tmeta), ""]
-                    if tmeta else []),
-                  "| order | dim | rank | kind | Tucker rank | method | median time (s) | median rel. error "
-                  "| fit <= TensorLy |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Tucker on the same tensors: tensorpress vs TensorLy",
+            "",
+            "Multilinear rank r is exact for these tensors; r - 1 is a truncated fit (both run HOOI "
+            "to 50 sweeps or a change of fit below 1e-10). 'fit <= TensorLy' = share of seeds where our "
+            "relative error is at most TensorLy's + 1e-9 (both errors from the explicit reconstruction).",
+            "",
+            *(
+                [f"Measured separately (`--tucker-only`), {tmeta['threads']} threads:", *stamp_lines(tmeta), ""]
+                if tmeta
+                else []
+            ),
+            "| order | dim | rank | kind | Tucker rank | method | median time (s) | median rel. error "
+            "| fit <= TensorLy |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in trows:
             share = f"{r['share_fit_le_peer']:.2f}" if "share_fit_le_peer" in r else "-"
-            lines.append(f"| {r['order']} | {r['dim']} | {r['rank']} | {r['kind']} | {r['tucker_rank']} "
-                         f"| {r['method']} | {r['median_time_s']:.4f} | {r['median_rel_error']:.1e} | {share} |")
+            lines.append(
+                f"| {r['order']} | {r['dim']} | {r['rank']} | {r['kind']} | {r['tucker_rank']} "
+                f"| {r['method']} | {r['median_time_s']:.4f} | {r['median_rel_error']:.1e} | {share} |"
+            )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -220,6 +286,7 @@ def write_plot(path: Path, rows: list[dict]) -> None:
     """Success rate against the width, one panel per (order, dim, rank, kind); ALS and parafac as lines."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -228,7 +295,7 @@ def write_plot(path: Path, rows: list[dict]) -> None:
     ncols = min(len(groups), 6)
     nrows = -(-len(groups) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.8 * ncols, 2.6 * nrows), sharey=True, squeeze=False)
-    for ax in axes.flat[len(groups):]:
+    for ax in axes.flat[len(groups) :]:
         ax.set_visible(False)
     for ax, g in zip(axes.flat, groups):
         sel = [r for r in rows if (r["order"], r["dim"], r["rank"], r["kind"]) == g]

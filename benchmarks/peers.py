@@ -13,6 +13,7 @@ Convention shared by everything here (and by tensorly-torch's BlockTT):
 
 Run ``python benchmarks/peers.py`` for correctness checks and a small timing.
 """
+
 from __future__ import annotations
 
 import math
@@ -111,8 +112,10 @@ def _check_einsum_chain():
     g = torch.Generator().manual_seed(0)
     for m, n, r in [((2, 3, 4), (3, 2, 5), 3), ((4, 8, 8, 4), (4, 8, 8, 4), 8), ((5,), (7,), 1)]:
         ranks = (1,) + (r,) * (len(m) - 1) + (1,)
-        cores = [torch.randn(ranks[k], m[k], n[k], ranks[k + 1], generator=g,
-                             dtype=torch.float64, requires_grad=True) for k in range(len(m))]
+        cores = [
+            torch.randn(ranks[k], m[k], n[k], ranks[k + 1], generator=g, dtype=torch.float64, requires_grad=True)
+            for k in range(len(m))
+        ]
         x = torch.randn(6, math.prod(n), generator=g, dtype=torch.float64)
         y = einsum_chain_tt(x, cores)
         ref = x @ dense_from_cores(cores).T
@@ -151,16 +154,14 @@ def _check_tltorch():
 def _bench():
     torch.set_num_threads(2)
     print(f"timing: median of 20, {torch.get_num_threads()} threads, float32, no_grad")
-    for factors, rank, batch in [((4, 8, 8, 4), 8, 256), ((4, 8, 8, 4), 16, 256),
-                                 ((8, 8, 8, 8), 16, 64)]:
+    for factors, rank, batch in [((4, 8, 8, 4), 8, 256), ((4, 8, 8, 4), 16, 256), ((8, 8, 8, 8), 16, 64)]:
         layer = tensorly_torch_tt_linear(factors, factors, rank)
         cores = [c.detach() for c in layer.weight.factors]
         x = torch.randn(batch, math.prod(factors))
         with torch.no_grad():
             t_tl = _median_ms(lambda: layer(x))
             t_ch = _median_ms(lambda: einsum_chain_tt(x, cores))
-        print(f"  {factors} rank {rank:2d} batch {batch:3d}: "
-              f"tltorch {t_tl:8.3f} ms   einsum_chain_tt {t_ch:8.3f} ms")
+        print(f"  {factors} rank {rank:2d} batch {batch:3d}: tltorch {t_tl:8.3f} ms   einsum_chain_tt {t_ch:8.3f} ms")
 
 
 if __name__ == "__main__":

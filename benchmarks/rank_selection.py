@@ -33,6 +33,7 @@ Parts (all CPU, float64 fits):
 
 Writes results/rank_selection.{json,md} and rank_selection_*.png (``_quick`` with --quick).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,18 +47,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tensorpress.rank import (cp_degrees_of_freedom, estimated_cv_error, estimated_test_error,
-                              one_standard_error_choice, select_layer_rank, select_rank,
-                              tucker_degrees_of_freedom)
+from tensorpress.rank import (
+    cp_degrees_of_freedom,
+    estimated_cv_error,
+    estimated_test_error,
+    one_standard_error_choice,
+    select_layer_rank,
+    select_rank,
+    tucker_degrees_of_freedom,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_parser, cpu_seconds, exit_unless_cpu, git_revision, machine_info, other_cpu_share, \
-    stamp_lines, tensorpress_flags  # noqa: E402
+from _common import (
+    bench_parser,
+    cpu_seconds,
+    exit_unless_cpu,
+    git_revision,
+    machine_info,
+    other_cpu_share,
+    stamp_lines,
+    tensorpress_flags,
+)  # noqa: E402
 
 ALS = {"n_iter_max": 100, "tol": 1e-6}
 TARGET_AGREE, TARGET_CV5, TARGET_CV10 = 0.85, 4.0, 8.0
-DEFAULT_RULE = "analytic_cv"     # select_rank's default criterion
-RULES = ("analytic_cv", "test_error", "test_error_1se", "test_error_manifold", "optimism", "bic", "aic", "cv5", "cv10")  # every rule reported
+DEFAULT_RULE = "analytic_cv"  # select_rank's default criterion
+RULES = (
+    "analytic_cv",
+    "test_error",
+    "test_error_1se",
+    "test_error_manifold",
+    "optimism",
+    "bic",
+    "aic",
+    "cv5",
+    "cv10",
+)  # every rule reported
 
 
 # ----------------------------------------------------------------------------- data
@@ -105,9 +130,11 @@ def synthetic_settings(quick, full):
                 out.append(("cp", dims, R, [2, 5, 10, 20], [0.5, 1, 2, 5, 10], 50))
         out.append(("tucker", (10, 10, 10), 2, [2, 5, 10, 20], [0.5, 1, 2, 5, 10], 50))
         return out
-    return [("cp", (16, 16), 3, [2, 5, 10], [1.0, 10.0], 3),
-            ("cp", (10, 10, 10), 2, [4, 10], [1.0, 10.0], 3),
-            ("tucker", (10, 10, 10), 2, [4, 10], [1.0, 10.0], 3)]
+    return [
+        ("cp", (16, 16), 3, [2, 5, 10], [1.0, 10.0], 3),
+        ("cp", (10, 10, 10), 2, [4, 10], [1.0, 10.0], 3),
+        ("tucker", (10, 10, 10), 2, [4, 10], [1.0, 10.0], 3),
+    ]
 
 
 def trial_key(row) -> tuple:
@@ -123,7 +150,7 @@ def load_trial_log(path) -> dict:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            row["log_line"] = index         # the order trials were run in (see RULE_CHOSEN_BEFORE_LINE)
+            row["log_line"] = index  # the order trials were run in (see RULE_CHOSEN_BEFORE_LINE)
             done[trial_key(row)] = row
     return done
 
@@ -134,13 +161,16 @@ def synthetic_cells(quick, full, seeds_override=None) -> list[tuple]:
     cells = []
     for kind, dims, R, mults, snrs, seeds in synthetic_settings(quick, full):
         df = cp_degrees_of_freedom(R, dims) if kind == "cp" else tucker_degrees_of_freedom(R, dims)
-        cells += [((kind, tuple(dims), R, float(mult), float(snr), seed), kind, dims, R, df, mult, snr, seed)
-                  for mult in mults for snr in snrs for seed in range(seeds_override or seeds)]
+        cells += [
+            ((kind, tuple(dims), R, float(mult), float(snr), seed), kind, dims, R, df, mult, snr, seed)
+            for mult in mults
+            for snr in snrs
+            for seed in range(seeds_override or seeds)
+        ]
     return cells
 
 
-def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadline=math.inf, shard=(0, 1),
-                  only=None):
+def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadline=math.inf, shard=(0, 1), only=None):
     """The synthetic grid. trial_log: a JSON-lines file of completed trials, read to skip them and
     appended to (a long grid then runs over several sessions); no new trial starts after `deadline`
     (time.perf_counter() value): the trials done so far are returned. shard (i, k): run only every
@@ -148,7 +178,7 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
     one trial log fill the grid k times faster on k cores); the trials every shard has logged are
     returned. only: a collection of trial keys (as trial_key gives them) to restrict the grid to."""
     trials = []
-    revision = git_revision()       # logged with each trial: the grid runs over sessions and code versions
+    revision = git_revision()  # logged with each trial: the grid runs over sessions and code versions
     done = load_trial_log(trial_log)
     sink = open(trial_log, "a") if trial_log is not None else None
     cells = synthetic_cells(quick, full, seeds_override)
@@ -170,87 +200,134 @@ def run_synthetic(quick, full, log, seeds_override=None, trial_log=None, deadlin
         t0 = time.perf_counter()
         # criterion="cv": every rule's pick is read off the table below, and the call must not raise
         # where no candidate has a finite estimated test error (n ~ 2 df at low SNR, degenerate fits)
-        sel = select_rank(kind, X, y, candidates=cands, criterion="cv", with_cv=True, cv=5, random_state=seed,
-                          **ALS)
+        sel = select_rank(kind, X, y, candidates=cands, criterion="cv", with_cv=True, cv=5, random_state=seed, **ALS)
         wall = time.perf_counter() - t0
         # the previous rule: train error + optimism with the manifold df (same fits)
         manifold = [estimated_test_error(r["train_error"] * n, n, r["df"]) for r in sel.table]
         # the referee of prediction: X has i.i.d. N(0, 1) entries, so a fit's excess test error is
         # ||B_hat - B||_F^2 exactly (the test error is that plus the noise variance 1/snr)
         excess = [float(((e.coef_ - B) ** 2).sum()) for e in sel.estimators_]
-        row = {"family": kind, "dims": list(dims), "true_rank": R, "df": df, "n": n, "mult": mult,
-               "snr": snr, "seed": seed, "threads": torch.get_num_threads(), "wall_s": wall, "excess_by_rank": excess, "noise_var": 1.0 / snr,
-               "picks": {"test_error": argmin_rank(sel, "est_test_error"),
-                         "test_error_manifold": cands[int(np.argmin(manifold))],
-                         "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
-                         "aic": argmin_rank(sel, "aic"), "cv5": argmin_rank(sel, "cv_error"),
-                         "oracle": cands[int(np.argmin(excess))]},
-               "df_eff": sel.column("df_eff"),
-               # per candidate, so later rules can be evaluated on the logged trials without refitting
-               "train_error_by_rank": sel.column("train_error"),
-               "est_by_rank": [v if math.isfinite(v) else None for v in sel.column("est_test_error")],
-               "fit_s": sum(sel.column("fit_time")) + sum(sel.column("df_time")),
-               "df_s": sum(sel.column("df_time")), "cv5_s": sum(sel.column("cv_time")),
-               "cv10_s": None, "git": revision}
-        add_derived_picks([row])    # test_error_1se, analytic_cv: one implementation for new and logged rows
-        if seed == 0:     # 10-fold: timing and picks on the first seed of each setting
-            s10 = select_rank(kind, X, y, candidates=cands, criterion="cv", cv=10, random_state=seed,
-                              **ALS)
+        row = {
+            "family": kind,
+            "dims": list(dims),
+            "true_rank": R,
+            "df": df,
+            "n": n,
+            "mult": mult,
+            "snr": snr,
+            "seed": seed,
+            "threads": torch.get_num_threads(),
+            "wall_s": wall,
+            "excess_by_rank": excess,
+            "noise_var": 1.0 / snr,
+            "picks": {
+                "test_error": argmin_rank(sel, "est_test_error"),
+                "test_error_manifold": cands[int(np.argmin(manifold))],
+                "optimism": argmin_rank(sel, "optimism"),
+                "bic": argmin_rank(sel, "bic"),
+                "aic": argmin_rank(sel, "aic"),
+                "cv5": argmin_rank(sel, "cv_error"),
+                "oracle": cands[int(np.argmin(excess))],
+            },
+            "df_eff": sel.column("df_eff"),
+            # per candidate, so later rules can be evaluated on the logged trials without refitting
+            "train_error_by_rank": sel.column("train_error"),
+            "est_by_rank": [v if math.isfinite(v) else None for v in sel.column("est_test_error")],
+            "fit_s": sum(sel.column("fit_time")) + sum(sel.column("df_time")),
+            "df_s": sum(sel.column("df_time")),
+            "cv5_s": sum(sel.column("cv_time")),
+            "cv10_s": None,
+            "git": revision,
+        }
+        add_derived_picks([row])  # test_error_1se, analytic_cv: one implementation for new and logged rows
+        if seed == 0:  # 10-fold: timing and picks on the first seed of each setting
+            s10 = select_rank(kind, X, y, candidates=cands, criterion="cv", cv=10, random_state=seed, **ALS)
             row["picks"]["cv10"] = s10.rank_
             row["cv10_s"] = sum(s10.column("cv_time"))
         trials.append(row)
         if sink is not None:
             sink.write(json.dumps(row, default=str) + "\n")
             sink.flush()
-        log(f"synthetic {kind} {dims} R={R} n={n} snr={snr} seed={seed}: {row['picks']} "
-            f"fit {row['fit_s']:.2f}s cv5 {row['cv5_s']:.2f}s ({wall:.1f}s)")
+        log(
+            f"synthetic {kind} {dims} R={R} n={n} snr={snr} seed={seed}: {row['picks']} "
+            f"fit {row['fit_s']:.2f}s cv5 {row['cv5_s']:.2f}s ({wall:.1f}s)"
+        )
     if sink is not None:
         sink.close()
         # reread: the other shards' trials logged meanwhile, and every row with its log line
         trials = [t for k, t in load_trial_log(trial_log).items() if k in grid_order]
-    return sorted(trials, key=lambda t: grid_order.get(trial_key(t), len(grid_order)))   # reported setting by setting
+    return sorted(trials, key=lambda t: grid_order.get(trial_key(t), len(grid_order)))  # reported setting by setting
 
 
 # ----------------------------------------------------------------------------- part 2
 def run_layer(quick, full, log):
     trials = []
     seeds = 3 if quick else (50 if full else 3)
-    settings = [(64, 48, R, mult, snr) for R in ((4,) if quick else (2, 5)) for mult in (2, 5, 20)
-                for snr in ((0.5, 2.0, 10.0) if not quick else (2.0,))]
+    settings = [
+        (64, 48, R, mult, snr)
+        for R in ((4,) if quick else (2, 5))
+        for mult in (2, 5, 20)
+        for snr in ((0.5, 2.0, 10.0) if not quick else (2.0,))
+    ]
     for p, q, R, mult, snr in settings:
         df = R * (p + q - R)
         for seed in range(seeds):
             g = torch.Generator().manual_seed(1000 + seed)
-            n = int(mult * df / q) + p + 2          # df / q samples per response, at least p + 2
-            W = torch.randn(q, R, generator=g, dtype=torch.float64) @ torch.randn(R, p, generator=g,
-                                                                                  dtype=torch.float64)
+            n = int(mult * df / q) + p + 2  # df / q samples per response, at least p + 2
+            W = torch.randn(q, R, generator=g, dtype=torch.float64) @ torch.randn(
+                R, p, generator=g, dtype=torch.float64
+            )
             W = W / W.norm() * math.sqrt(q)
             X = torch.randn(n, p, generator=g, dtype=torch.float64)
             Y = X @ W.T + torch.randn(n, q, generator=g, dtype=torch.float64) / math.sqrt(snr)
             cands = list(range(1, 2 * R + 3))
             sel, t_opt = timed(lambda: select_layer_rank(W, X, outputs=Y, candidates=cands, random_state=seed))
-            s5, t5 = timed(lambda: select_layer_rank(W, X, outputs=Y, candidates=cands, criterion="cv", cv=5,
-                                                     random_state=seed))
-            s10, t10 = timed(lambda: select_layer_rank(W, X, outputs=Y, candidates=cands, criterion="cv", cv=10,
-                                                       random_state=seed))
-            trials.append({"p": p, "q": q, "true_rank": R, "n": n, "mult": mult, "snr": snr, "seed": seed,
-                           "picks": {"test_error": sel.rank_, "analytic_cv": argmin_rank(sel, "est_cv_error"),
-                                     "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"), "aic": argmin_rank(sel, "aic"),
-                                     "cv5": s5.rank_, "cv10": s10.rank_},
-                           "opt_s": t_opt, "cv5_s": t5, "cv10_s": t10})
+            s5, t5 = timed(
+                lambda: select_layer_rank(W, X, outputs=Y, candidates=cands, criterion="cv", cv=5, random_state=seed)
+            )
+            s10, t10 = timed(
+                lambda: select_layer_rank(W, X, outputs=Y, candidates=cands, criterion="cv", cv=10, random_state=seed)
+            )
+            trials.append(
+                {
+                    "p": p,
+                    "q": q,
+                    "true_rank": R,
+                    "n": n,
+                    "mult": mult,
+                    "snr": snr,
+                    "seed": seed,
+                    "picks": {
+                        "test_error": sel.rank_,
+                        "analytic_cv": argmin_rank(sel, "est_cv_error"),
+                        "optimism": argmin_rank(sel, "optimism"),
+                        "bic": argmin_rank(sel, "bic"),
+                        "aic": argmin_rank(sel, "aic"),
+                        "cv5": s5.rank_,
+                        "cv10": s10.rank_,
+                    },
+                    "opt_s": t_opt,
+                    "cv5_s": t5,
+                    "cv10_s": t10,
+                }
+            )
         sub = [t for t in trials if (t["true_rank"], t["mult"], t["snr"]) == (R, mult, snr)]
-        log(f"layer p={p} q={q} R={R} mult={mult} snr={snr}: test_error hits "
+        log(
+            f"layer p={p} q={q} R={R} mult={mult} snr={snr}: test_error hits "
             f"{sum(t['picks']['test_error'] == R for t in sub)}/{len(sub)}, cv5 hits "
-            f"{sum(t['picks']['cv5'] == R for t in sub)}/{len(sub)}")
+            f"{sum(t['picks']['cv5'] == R for t in sub)}/{len(sub)}"
+        )
     return trials
 
 
 # ----------------------------------------------------------------------------- part 3
 def load_images(size):
     from sklearn.datasets import load_sample_images
+
     imgs = []
     try:
         from skimage import data as skdata
+
         imgs.append(("skimage camera", np.asarray(skdata.camera(), dtype=np.float64)))
     except ImportError:
         pass
@@ -283,28 +360,46 @@ def run_image(quick, full, log):
                 y = X.flatten(1) @ B.flatten() + torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(snr)
                 sel = select_rank("lowrank", X, y, candidates=cands, with_cv=True, cv=5, random_state=seed, **ALS)
                 errs = [float(((e.coef_ - B) ** 2).sum()) + 1 / snr for e in sel.estimators_]
-                pick = {"test_error": argmin_rank(sel, "est_test_error"),
-                        "analytic_cv": argmin_rank(sel, "est_cv_error"),
-                        "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
-                        "cv5": argmin_rank(sel, "cv_error"), "oracle": cands[int(np.argmin(errs))]}
-                trials.append({"image": name, "size": size, "n": n, "snr": snr, "seed": seed, "picks": pick,
-                               "test_error_by_rank": errs, "candidates": cands,
-                               "est_test_error": sel.column("est_test_error"),
-                               "est_cv_error": sel.column("est_cv_error"), "cv_error": sel.column("cv_error"),
-                               "fit_s": sum(sel.column("fit_time")) + sum(sel.column("df_time")),
-                               "cv5_s": sum(sel.column("cv_time"))})
-                log(f"image {name} {size}x{size} seed={seed}: {pick} fit {trials[-1]['fit_s']:.1f}s "
-                    f"cv5 {trials[-1]['cv5_s']:.1f}s")
+                pick = {
+                    "test_error": argmin_rank(sel, "est_test_error"),
+                    "analytic_cv": argmin_rank(sel, "est_cv_error"),
+                    "optimism": argmin_rank(sel, "optimism"),
+                    "bic": argmin_rank(sel, "bic"),
+                    "cv5": argmin_rank(sel, "cv_error"),
+                    "oracle": cands[int(np.argmin(errs))],
+                }
+                trials.append(
+                    {
+                        "image": name,
+                        "size": size,
+                        "n": n,
+                        "snr": snr,
+                        "seed": seed,
+                        "picks": pick,
+                        "test_error_by_rank": errs,
+                        "candidates": cands,
+                        "est_test_error": sel.column("est_test_error"),
+                        "est_cv_error": sel.column("est_cv_error"),
+                        "cv_error": sel.column("cv_error"),
+                        "fit_s": sum(sel.column("fit_time")) + sum(sel.column("df_time")),
+                        "cv5_s": sum(sel.column("cv_time")),
+                    }
+                )
+                log(
+                    f"image {name} {size}x{size} seed={seed}: {pick} fit {trials[-1]['fit_s']:.1f}s "
+                    f"cv5 {trials[-1]['cv5_s']:.1f}s"
+                )
                 del X
     return trials
 
 
 # ----------------------------------------------------------------------------- part 4
 def docstring_sentences(limit):
-    import inspect
-    import json as _json
     import argparse as _argparse
     import collections
+    import inspect
+    import json as _json
+
     mods = [np, torch.nn, torch.linalg, collections, _json, _argparse, inspect, math, os.path]
     texts = []
     for mod in mods:
@@ -344,12 +439,13 @@ def record(model, tok, sentences, names, side):
                 store[name].append(inp[0].detach())
             else:
                 store[name].append((out - mod.bias).detach() if mod.bias is not None else out.detach())
+
         return f
 
     handles = [mods[n].register_forward_hook(hook(n)) for n in names]
     with torch.no_grad():
         for i in range(0, len(sentences), 32):
-            batch = tok(sentences[i:i + 32], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            batch = tok(sentences[i : i + 32], padding=True, truncation=True, max_length=64, return_tensors="pt")
             model(**batch)
             masks.append(batch["attention_mask"].bool())
     for h in handles:
@@ -380,8 +476,12 @@ def run_minilm(quick, full, log):
     sents = docstring_sentences(n_cal + n_held)
     cal, held = sents[:n_cal], sents[n_cal:]
     block = "encoder.layer.3"
-    names = [f"{block}.attention.self.query", f"{block}.attention.output.dense", f"{block}.intermediate.dense",
-             f"{block}.output.dense"]
+    names = [
+        f"{block}.attention.self.query",
+        f"{block}.attention.output.dense",
+        f"{block}.intermediate.dense",
+        f"{block}.output.dense",
+    ]
     if quick:
         names = names[:2]
     Xc, Yc = record(compressed, tok, cal, names, "in"), record(model, tok, cal, names, "out")
@@ -393,15 +493,25 @@ def run_minilm(quick, full, log):
         q, p = W.shape
         top = min(p, q)
         cands = sorted({8, 16, 32, 48, 64, 96, 128, 192, 256, top} & set(range(1, top + 1)))
-        res = {"layer": name, "shape": [q, p], "n_cal": int(Xc[name].shape[0]), "n_held": int(Xh[name].shape[0]),
-               "candidates": cands}
+        res = {
+            "layer": name,
+            "shape": [q, p],
+            "n_cal": int(Xc[name].shape[0]),
+            "n_held": int(Xh[name].shape[0]),
+            "candidates": cands,
+        }
         kw = dict(outputs=Yc[name], candidates=cands, random_state=0)
         sel, res["opt_s"] = timed(lambda: select_layer_rank(W, Xc[name], **kw))
         s5, res["cv5_s"] = timed(lambda: select_layer_rank(W, Xc[name], criterion="cv", cv=5, **kw))
         s10, res["cv10_s"] = timed(lambda: select_layer_rank(W, Xc[name], criterion="cv", cv=10, **kw), 1)
-        res["picks"] = {"test_error": sel.rank_, "analytic_cv": argmin_rank(sel, "est_cv_error"),
-                        "optimism": argmin_rank(sel, "optimism"),
-                        "bic": argmin_rank(sel, "bic"), "cv5": s5.rank_, "cv10": s10.rank_}
+        res["picks"] = {
+            "test_error": sel.rank_,
+            "analytic_cv": argmin_rank(sel, "est_cv_error"),
+            "optimism": argmin_rank(sel, "optimism"),
+            "bic": argmin_rank(sel, "bic"),
+            "cv5": s5.rank_,
+            "cv10": s10.rank_,
+        }
         res["est_test_error"] = sel.column("est_test_error")
         res["train_error"] = sel.column("train_error")
         res["cv5_error"] = s5.column("cv_error")
@@ -419,21 +529,34 @@ def run_minilm(quick, full, log):
         res["held_rel_mse_original_weight"] = float(((Yh[name] - Xh[name] @ W.T) ** 2).mean()) / ynorm
         res["oracle"] = cands[int(np.argmin(held_fit))]
         layers.append(res)
-        log(f"minilm {name} {q}x{p} n={res['n_cal']}: picks {res['picks']} oracle {res['oracle']}; "
-            f"time opt {res['opt_s']:.2f}s cv5 {res['cv5_s']:.2f}s cv10 {res['cv10_s']:.2f}s")
+        log(
+            f"minilm {name} {q}x{p} n={res['n_cal']}: picks {res['picks']} oracle {res['oracle']}; "
+            f"time opt {res['opt_s']:.2f}s cv5 {res['cv5_s']:.2f}s cv10 {res['cv10_s']:.2f}s"
+        )
     # TT on the query layer (one family check; TT-SVD of the least-squares weight)
     name = names[0]
     W = mods[name].weight.detach().to(torch.float64)
     kw = dict(outputs=Yc[name], family="tt", candidates=[4, 8, 16, 32, 64], random_state=0)
     stt, t_opt = timed(lambda: select_layer_rank(W, Xc[name], **kw))
     stt5, t_cv5 = timed(lambda: select_layer_rank(W, Xc[name], criterion="cv", cv=5, **kw), 1)
-    tt = {"layer": name, "picks": {"test_error": stt.rank_, "analytic_cv": argmin_rank(stt, "est_cv_error"),
-                                   "cv5": stt5.rank_}, "opt_s": t_opt,
-          "cv5_s": t_cv5, "candidates": [list(r) for r in stt.candidates],
-          "df": stt.column("df"), "est_test_error": stt.column("est_test_error"), "cv5_error": stt5.column("cv_error")}
+    tt = {
+        "layer": name,
+        "picks": {"test_error": stt.rank_, "analytic_cv": argmin_rank(stt, "est_cv_error"), "cv5": stt5.rank_},
+        "opt_s": t_opt,
+        "cv5_s": t_cv5,
+        "candidates": [list(r) for r in stt.candidates],
+        "df": stt.column("df"),
+        "est_test_error": stt.column("est_test_error"),
+        "cv5_error": stt5.column("cv_error"),
+    }
     log(f"minilm TT {name}: picks {tt['picks']}, time opt {tt['opt_s']:.2f}s cv5 {tt['cv5_s']:.2f}s")
-    return {"block": block, "perturbation": "all Linear weights fake-quantized to 4 bits per row",
-            "n_sentences": [n_cal, n_held], "layers": layers, "tt": tt}
+    return {
+        "block": block,
+        "perturbation": "all Linear weights fake-quantized to 4 bits per row",
+        "n_sentences": [n_cal, n_held],
+        "layers": layers,
+        "tt": tt,
+    }
 
 
 # ----------------------------------------------------------------------------- part 5
@@ -444,12 +567,14 @@ def run_mnist(quick, full, log):
     calibration digits; accuracy and output error on held-out digits."""
     try:
         from tensorpress.zoo.mnist import accuracy, load_mnist_cnn, mnist_digits
+
         model = load_mnist_cnn()
         images, labels = mnist_digits()
     except (ImportError, RuntimeError) as exc:
         log(f"mnist: skipped ({exc})")
         return {"skipped": str(exc)}
     import copy
+
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_cal = 3500 if quick else (5000 if full else 3500)
     cal, held = perm[:n_cal], perm[n_cal:]
@@ -464,25 +589,27 @@ def run_mnist(quick, full, log):
 
     def features(net, idx):
         with torch.no_grad():
-            return torch.cat([net.features(images[idx[i:i + 1000]]).flatten(1)
-                              for i in range(0, len(idx), 1000)]).to(torch.float64)
+            return torch.cat([net.features(images[idx[i : i + 1000]]).flatten(1) for i in range(0, len(idx), 1000)]).to(
+                torch.float64
+            )
 
     Xc, Xh = features(perturbed, cal), features(perturbed, held)
     W = lin.weight.detach().to(torch.float64)
     b = lin.bias.detach().to(torch.float64)
-    Yc = features(model, cal) @ W.T                     # targets without the bias (kept as is)
+    Yc = features(model, cal) @ W.T  # targets without the bias (kept as is)
     Yh = features(model, held) @ W.T
     cands = [4, 8, 12, 16, 24, 32, 48, 64, 96, 128]
     kw = dict(outputs=Yc, candidates=cands, random_state=0)
     sel, t_opt = timed(lambda: select_layer_rank(W, Xc, **kw), 1)
     s5, t5 = timed(lambda: select_layer_rank(W, Xc, criterion="cv", cv=5, **kw), 1)
     s10, t10 = timed(lambda: select_layer_rank(W, Xc, criterion="cv", cv=10, **kw), 1)
-    ynorm = float((Yh ** 2).mean())
+    ynorm = float((Yh**2).mean())
     acc_ref = accuracy(model, images[held], labels[held])
     acc_pert = accuracy(perturbed, images[held], labels[held])
     acc, err = [], []
     # every candidate's rank-r fit from one whitening + SVD (what select_layer_rank computes inside)
     from tensorpress.rank.layer import _lowrank_all, _lowrank_fit, _stats
+
     shared = _lowrank_all(_stats(Xc, Yc, False), 1e-10)
     for r in cands:
         A, Bt = _lowrank_fit(shared, r)
@@ -493,17 +620,36 @@ def run_mnist(quick, full, log):
             net.classifier[0].weight.copy_(Wr.to(lin_p.weight.dtype))
             net.classifier[0].bias.copy_(b.to(lin_p.bias.dtype))
         acc.append(accuracy(net, images[held], labels[held]))
-    picks = {"test_error": sel.rank_, "analytic_cv": argmin_rank(sel, "est_cv_error"),
-             "optimism": argmin_rank(sel, "optimism"), "bic": argmin_rank(sel, "bic"),
-             "cv5": s5.rank_, "cv10": s10.rank_}
-    res = {"layer": "classifier.0 (Linear 3136 -> 128)", "perturbation": "conv weights fake-quantized to 3 bits "
-           "per output channel", "n_cal": n_cal, "n_held": int(len(held)), "candidates": cands, "picks": picks,
-           "held_rel_mse": err, "held_accuracy": acc, "accuracy_original": acc_ref,
-           "accuracy_perturbed": acc_pert, "est_test_error": sel.column("est_test_error"),
-           "cv5_error": s5.column("cv_error"), "opt_s": t_opt, "cv5_s": t5, "cv10_s": t10,
-           "params": [r * (3136 + 128) for r in cands]}
-    log(f"mnist: picks {picks}, acc at picks {[acc[cands.index(picks[k])] for k in ('test_error', 'cv5')]}, "
-        f"original {acc_ref:.4f}, perturbed {acc_pert:.4f}; time opt {t_opt:.2f}s cv5 {t5:.2f}s cv10 {t10:.2f}s")
+    picks = {
+        "test_error": sel.rank_,
+        "analytic_cv": argmin_rank(sel, "est_cv_error"),
+        "optimism": argmin_rank(sel, "optimism"),
+        "bic": argmin_rank(sel, "bic"),
+        "cv5": s5.rank_,
+        "cv10": s10.rank_,
+    }
+    res = {
+        "layer": "classifier.0 (Linear 3136 -> 128)",
+        "perturbation": "conv weights fake-quantized to 3 bits per output channel",
+        "n_cal": n_cal,
+        "n_held": int(len(held)),
+        "candidates": cands,
+        "picks": picks,
+        "held_rel_mse": err,
+        "held_accuracy": acc,
+        "accuracy_original": acc_ref,
+        "accuracy_perturbed": acc_pert,
+        "est_test_error": sel.column("est_test_error"),
+        "cv5_error": s5.column("cv_error"),
+        "opt_s": t_opt,
+        "cv5_s": t5,
+        "cv10_s": t10,
+        "params": [r * (3136 + 128) for r in cands],
+    }
+    log(
+        f"mnist: picks {picks}, acc at picks {[acc[cands.index(picks[k])] for k in ('test_error', 'cv5')]}, "
+        f"original {acc_ref:.4f}, perturbed {acc_pert:.4f}; time opt {t_opt:.2f}s cv5 {t5:.2f}s cv10 {t10:.2f}s"
+    )
     return res
 
 
@@ -549,8 +695,10 @@ def add_derived_picks(trials) -> None:
 def summarize(syn, lay, img, mini, mn=None):
     add_derived_picks(syn)
     s = {}
-    for part, trials, tkeys in (("synthetic", syn, ("fit_s", "cv5_s", "cv10_s")),
-                                ("layer", lay, ("opt_s", "cv5_s", "cv10_s"))):
+    for part, trials, tkeys in (
+        ("synthetic", syn, ("fit_s", "cv5_s", "cv10_s")),
+        ("layer", lay, ("opt_s", "cv5_s", "cv10_s")),
+    ):
         if not trials:
             continue
         d = {"trials": len(trials)}
@@ -558,8 +706,16 @@ def summarize(syn, lay, img, mini, mn=None):
             sub = [t for t in trials if crit in t["picks"]]
             d[f"true_rank_rate_{crit}"] = rate(sub, crit) if sub else None
             d[f"trials_{crit}"] = len(sub)
-        for crit in ("analytic_cv", "test_error", "test_error_1se", "test_error_manifold", "optimism", "bic", "cv10",
-                     "oracle"):
+        for crit in (
+            "analytic_cv",
+            "test_error",
+            "test_error_1se",
+            "test_error_manifold",
+            "optimism",
+            "bic",
+            "cv10",
+            "oracle",
+        ):
             d[f"agree_cv5_{crit}"], _ = agree(trials, crit, "cv5")
         refereed = [t for t in trials if "excess_by_rank" in t]
         d["oracle_trials"] = len(refereed)
@@ -568,8 +724,9 @@ def summarize(syn, lay, img, mini, mn=None):
             if not sub:
                 continue
             d[f"oracle_rate_{crit}"] = float(np.mean([t["picks"][crit] == t["picks"]["oracle"] for t in sub]))
-            d[f"excess_vs_oracle_{crit}"] = float(np.mean([_test_error(t, t["picks"][crit]) /
-                                                           _test_error(t, t["picks"]["oracle"]) - 1 for t in sub]))
+            d[f"excess_vs_oracle_{crit}"] = float(
+                np.mean([_test_error(t, t["picks"][crit]) / _test_error(t, t["picks"]["oracle"]) - 1 for t in sub])
+            )
         if refereed:
             d["true_is_oracle"] = float(np.mean([t["picks"]["oracle"] == t["true_rank"] for t in refereed]))
         t_one = sum(t[tkeys[0]] for t in trials)
@@ -586,28 +743,40 @@ def summarize(syn, lay, img, mini, mn=None):
         for crit in ("test_error", "analytic_cv", "optimism", "bic", "cv5"):
             if any(crit not in t["picks"] for t in img):
                 continue
-            d[f"excess_vs_oracle_{crit}"] = float(np.mean([
-                t["test_error_by_rank"][t["candidates"].index(t["picks"][crit])] /
-                min(t["test_error_by_rank"]) - 1 for t in img]))
+            d[f"excess_vs_oracle_{crit}"] = float(
+                np.mean(
+                    [
+                        t["test_error_by_rank"][t["candidates"].index(t["picks"][crit])] / min(t["test_error_by_rank"])
+                        - 1
+                        for t in img
+                    ]
+                )
+            )
         d["agree_cv5_test_error"], _ = agree(img, "test_error", "cv5")
         d["agree_cv5_analytic_cv"] = agree_or_none(img, "analytic_cv", "cv5")
         d["speedup_cv5"] = sum(t["cv5_s"] for t in img) / sum(t["fit_s"] for t in img)
         s["image"] = d
     if mn and "picks" in mn:
         c = mn["candidates"]
-        s["mnist"] = {"agree_cv5_test_error": mn["picks"]["test_error"] == mn["picks"]["cv5"],
-                      "agree_cv5_analytic_cv": (mn["picks"]["analytic_cv"] == mn["picks"]["cv5"]
-                                                if "analytic_cv" in mn["picks"] else None),
-                      "accuracy_at": {k: mn["held_accuracy"][c.index(v)] for k, v in mn["picks"].items()},
-                      "speedup_cv5": mn["cv5_s"] / mn["opt_s"], "speedup_cv10": mn["cv10_s"] / mn["opt_s"]}
+        s["mnist"] = {
+            "agree_cv5_test_error": mn["picks"]["test_error"] == mn["picks"]["cv5"],
+            "agree_cv5_analytic_cv": (
+                mn["picks"]["analytic_cv"] == mn["picks"]["cv5"] if "analytic_cv" in mn["picks"] else None
+            ),
+            "accuracy_at": {k: mn["held_accuracy"][c.index(v)] for k, v in mn["picks"].items()},
+            "speedup_cv5": mn["cv5_s"] / mn["opt_s"],
+            "speedup_cv10": mn["cv10_s"] / mn["opt_s"],
+        }
     if mini and "layers" in mini:
         L = mini["layers"]
-        s["minilm"] = {"agree_cv5_test_error": agree(L, "test_error", "cv5")[0],
-                       "agree_cv5_analytic_cv": agree_or_none(L, "analytic_cv", "cv5"),
-                       "agree_cv10_analytic_cv": agree_or_none(L, "analytic_cv", "cv10"),
-                       "agree_cv10_test_error": agree(L, "test_error", "cv10")[0],
-                       "speedup_cv5": sum(t["cv5_s"] for t in L) / sum(t["opt_s"] for t in L),
-                       "speedup_cv10": sum(t["cv10_s"] for t in L) / sum(t["opt_s"] for t in L)}
+        s["minilm"] = {
+            "agree_cv5_test_error": agree(L, "test_error", "cv5")[0],
+            "agree_cv5_analytic_cv": agree_or_none(L, "analytic_cv", "cv5"),
+            "agree_cv10_analytic_cv": agree_or_none(L, "analytic_cv", "cv10"),
+            "agree_cv10_test_error": agree(L, "test_error", "cv10")[0],
+            "speedup_cv5": sum(t["cv5_s"] for t in L) / sum(t["opt_s"] for t in L),
+            "speedup_cv10": sum(t["cv10_s"] for t in L) / sum(t["opt_s"] for t in L),
+        }
     return s
 
 
@@ -626,14 +795,19 @@ def _default_rule_row(syn, rule=DEFAULT_RULE) -> list[str]:
         return []
     one = sum(t["fit_s"] for t in sub)
     s10 = [t for t in sub if t.get("cv10_s") is not None]
-    cv10 = (f"{sum(t['cv10_s'] for t in s10) / sum(t['fit_s'] for t in s10):.2f}x ({len(s10)} trials)"
-            if s10 else "- (no 10-fold trials in this subset)")
+    cv10 = (
+        f"{sum(t['cv10_s'] for t in s10) / sum(t['fit_s'] for t in s10):.2f}x ({len(s10)} trials)"
+        if s10
+        else "- (no 10-fold trials in this subset)"
+    )
     what = "the default rule " if rule == DEFAULT_RULE else ""
-    return [f"| synthetic, {what}{rule} ({len(sub)} trials that log the per-rank estimates) "
-            f"| {fmt(rate(sub, rule), True)} | {fmt(rate(sub, 'cv5'), True)} "
-            f"| {fmt(agree(sub, rule, 'cv5')[0], True)} "
-            f"| {sum(t['cv5_s'] for t in sub) / one:.2f}x (median of trials "
-            f"{float(np.median([t['cv5_s'] / t['fit_s'] for t in sub])):.2f}x) | {cv10} |"]
+    return [
+        f"| synthetic, {what}{rule} ({len(sub)} trials that log the per-rank estimates) "
+        f"| {fmt(rate(sub, rule), True)} | {fmt(rate(sub, 'cv5'), True)} "
+        f"| {fmt(agree(sub, rule, 'cv5')[0], True)} "
+        f"| {sum(t['cv5_s'] for t in sub) / one:.2f}x (median of trials "
+        f"{float(np.median([t['cv5_s'] / t['fit_s'] for t in sub])):.2f}x) | {cv10} |"
+    ]
 
 
 PAIRED_RULES = ("test_error", "test_error_1se", "analytic_cv", "cv5")
@@ -650,38 +824,53 @@ def _paired_comparison(syn, heading=None) -> list[str]:
     if not sub:
         return []
     heading = heading or f"The rules from the same fits, paired on the {len(sub)} trials that log the per-rank columns"
-    L = ["", f"## {heading}", "",
-         "test_error: the least estimated test error sigma_hat^2 (n - 1)/(n - df_eff - 1) of the fit on all n "
-         "samples; test_error_1se: the smallest rank whose estimate is within one standard error "
-         "(Err_hat sqrt(2/(n - df_eff))) of the least; analytic_cv (select_rank's default): the least predicted "
-         "5-fold CV error sigma_hat^2 (m - 1)/(m - df_eff - 1), m = 0.8 n, i.e. the test error of fits on the "
-         "folds' training size.", "",
-         "| n/df | trials | rule | true rank | agrees with CV5 | picks the oracle's rank | mean excess over the oracle |",
-         "|---:|---:|---|---:|---:|---:|---:|"]
+    L = [
+        "",
+        f"## {heading}",
+        "",
+        "test_error: the least estimated test error sigma_hat^2 (n - 1)/(n - df_eff - 1) of the fit on all n "
+        "samples; test_error_1se: the smallest rank whose estimate is within one standard error "
+        "(Err_hat sqrt(2/(n - df_eff))) of the least; analytic_cv (select_rank's default): the least predicted "
+        "5-fold CV error sigma_hat^2 (m - 1)/(m - df_eff - 1), m = 0.8 n, i.e. the test error of fits on the "
+        "folds' training size.",
+        "",
+        "| n/df | trials | rule | true rank | agrees with CV5 | picks the oracle's rank | mean excess over the oracle |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for mult in [None] + sorted({t["mult"] for t in sub}):
         part = [t for t in sub if mult is None or t["mult"] == mult]
         for crit in PAIRED_RULES:
-            excess = np.mean([_test_error(t, t["picks"][crit]) / _test_error(t, t["picks"]["oracle"]) - 1 for t in part])
-            L.append(f"| {'all' if mult is None else f'{mult:g}'} | {len(part)} | {crit} | {fmt(rate(part, crit), True)} "
-                     f"| {fmt(agree(part, crit, 'cv5')[0], True)} "
-                     f"| {fmt(agree(part, crit, 'oracle')[0], True)} "
-                     f"| {100 * excess:.1f}% |")
+            excess = np.mean(
+                [_test_error(t, t["picks"][crit]) / _test_error(t, t["picks"]["oracle"]) - 1 for t in part]
+            )
+            L.append(
+                f"| {'all' if mult is None else f'{mult:g}'} | {len(part)} | {crit} | {fmt(rate(part, crit), True)} "
+                f"| {fmt(agree(part, crit, 'cv5')[0], True)} "
+                f"| {fmt(agree(part, crit, 'oracle')[0], True)} "
+                f"| {100 * excess:.1f}% |"
+            )
     return L
 
 
 def _disagreements(syn, lay) -> list[str]:
     """Where the optimism rule (test_error) and 5-fold CV pick different ranks: by sample size
     (n as a multiple of the true model's df) and which of the two found the true rank."""
-    L = ["", "## Where the optimism rule and 5-fold CV disagree", "",
-         "n/df: samples per degree of freedom of the true model. In a disagreement, the rule that picked the "
-         "true rank is counted; 5-fold CV fits each candidate on 80% of the samples, so at small n/df it "
-         "under-ranks where the full-sample rule does not (agreement is then not the test of quality).", "",
-         "The last two columns: agreement of the optimism rule with CV5, and of the oracle (the candidate "
-         "with the least exact test error, synthetic trials only) with CV5 -- the best-predicting rank "
-         "itself disagrees with CV5 where CV5's 80% fits favour smaller models.", "",
-         "| part | n/df | trials | disagree | CV5 picked lower | optimism right | CV5 right | neither "
-         "| optimism agrees with CV5 | oracle agrees with CV5 |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    L = [
+        "",
+        "## Where the optimism rule and 5-fold CV disagree",
+        "",
+        "n/df: samples per degree of freedom of the true model. In a disagreement, the rule that picked the "
+        "true rank is counted; 5-fold CV fits each candidate on 80% of the samples, so at small n/df it "
+        "under-ranks where the full-sample rule does not (agreement is then not the test of quality).",
+        "",
+        "The last two columns: agreement of the optimism rule with CV5, and of the oracle (the candidate "
+        "with the least exact test error, synthetic trials only) with CV5 -- the best-predicting rank "
+        "itself disagrees with CV5 where CV5's 80% fits favour smaller models.",
+        "",
+        "| part | n/df | trials | disagree | CV5 picked lower | optimism right | CV5 right | neither "
+        "| optimism agrees with CV5 | oracle agrees with CV5 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for part, trials in (("synthetic", syn), ("layer", lay)):
         for mult in sorted({t["mult"] for t in trials}):
             sub = [t for t in trials if t["mult"] == mult]
@@ -690,69 +879,104 @@ def _disagreements(syn, lay) -> list[str]:
             cv = sum(t["picks"]["cv5"] == t["true_rank"] for t in off)
             lower = sum(t["picks"]["cv5"] < t["picks"]["test_error"] for t in off)
             oracle = fmt(agree(sub, "oracle", "cv5")[0], True) if "excess_by_rank" in sub[0] else "-"
-            L.append(f"| {part} | {mult:g} | {len(sub)} | {len(off)} | {lower} | {opt} | {cv} | {len(off) - opt - cv} "
-                     f"| {fmt(1 - len(off) / len(sub), True)} | {oracle} |")
+            L.append(
+                f"| {part} | {mult:g} | {len(sub)} | {len(off)} | {lower} | {opt} | {cv} | {len(off) - opt - cv} "
+                f"| {fmt(1 - len(off) / len(sub), True)} | {oracle} |"
+            )
     return L
 
 
 def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
     grid = meta.get("synthetic_grid_trials")
-    partial = f"; PARTIAL: {len(syn)} of the grid's {grid} synthetic trials done so far" \
-        if grid and len(syn) < grid else ""
+    partial = (
+        f"; PARTIAL: {len(syn)} of the grid's {grid} synthetic trials done so far" if grid and len(syn) < grid else ""
+    )
     # how the results were run: recorded in meta (so --rewrite keeps it), else this invocation's flags
-    run = meta.get("run") or {"quick": args.quick, "full": args.full, "seeds": getattr(args, "seeds", None),
-                              "parts": args.parts}
+    run = meta.get("run") or {
+        "quick": args.quick,
+        "full": args.full,
+        "seeds": getattr(args, "seeds", None),
+        "parts": args.parts,
+    }
     seeds_text = f", {run['seeds']} seeds per synthetic setting" if run.get("seeds") else ""
     threads = sorted({t.get("threads", meta["threads"]) for t in syn}) or [meta["threads"]]
     trial_s = sum(t["wall_s"] + (t.get("cv10_s") or 0.0) for t in syn)
     took = f"{trial_s / 3600:.1f} h" if trial_s >= 3600 else f"{trial_s / 60:.1f} min"
-    logged = f"; the synthetic trials took {took} in all, at {'/'.join(map(str, threads))} " \
-        "thread(s) per process" if syn else ""
-    L = ["# Rank selection: asymptotic optimism vs cross-validation", "", *stamp_lines(meta),
-         f"- torch {meta['torch']}, {meta['threads']} threads; tensorpress: {tensorpress_flags(meta)}; "
-         f"repository at {meta['git']}",
-         f"- run: {'--quick' if run['quick'] else ('--full' if run['full'] else 'defaults')}"
-         f"{seeds_text}, "
-         f"parts {run['parts']} ({meta['elapsed_s']:.0f} s this invocation{logged}{partial}). Rules: analytic_cv = the 5-fold CV error predicted in closed form from the one fit per rank, its minimum (select_rank's default); test_error = train error + optimism, its minimum; test_error_1se = the same estimates, the one-standard-error choice; optimism alone, "
-         "BIC, AIC, k-fold CV; all from one table per trial.", ""]
-    L += ["## Targets (issue 6)", "",
-          "Time ratios: sum over trials of the CV time / sum of the optimism rule's time (fits + Stein df), and "
-          "in parentheses the median of the per-trial ratios (robust to load spikes from other processes).", "",
-          "| part | optimism rule picks true rank | 5-fold CV picks true rank | agreement with 5-fold CV "
-          f"(target >= {TARGET_AGREE:.0%}) | time 5-fold CV / optimism (target >= {TARGET_CV5:g}x) "
-          f"| time 10-fold / optimism (target >= {TARGET_CV10:g}x) |", "|---|---:|---:|---:|---:|---:|"]
+    logged = (
+        f"; the synthetic trials took {took} in all, at {'/'.join(map(str, threads))} thread(s) per process"
+        if syn
+        else ""
+    )
+    L = [
+        "# Rank selection: asymptotic optimism vs cross-validation",
+        "",
+        *stamp_lines(meta),
+        f"- torch {meta['torch']}, {meta['threads']} threads; tensorpress: {tensorpress_flags(meta)}; "
+        f"repository at {meta['git']}",
+        f"- run: {'--quick' if run['quick'] else ('--full' if run['full'] else 'defaults')}"
+        f"{seeds_text}, "
+        f"parts {run['parts']} ({meta['elapsed_s']:.0f} s this invocation{logged}{partial}). Rules: analytic_cv = the 5-fold CV error predicted in closed form from the one fit per rank, its minimum (select_rank's default); test_error = train error + optimism, its minimum; test_error_1se = the same estimates, the one-standard-error choice; optimism alone, "
+        "BIC, AIC, k-fold CV; all from one table per trial.",
+        "",
+    ]
+    L += [
+        "## Targets (issue 6)",
+        "",
+        "Time ratios: sum over trials of the CV time / sum of the optimism rule's time (fits + Stein df), and "
+        "in parentheses the median of the per-trial ratios (robust to load spikes from other processes).",
+        "",
+        "| part | optimism rule picks true rank | 5-fold CV picks true rank | agreement with 5-fold CV "
+        f"(target >= {TARGET_AGREE:.0%}) | time 5-fold CV / optimism (target >= {TARGET_CV5:g}x) "
+        f"| time 10-fold / optimism (target >= {TARGET_CV10:g}x) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for part in ("synthetic", "layer"):
         d = summary.get(part)
         if d:
             label = "synthetic, the plain minimum test_error" if part == "synthetic" else part
-            L.append(f"| {label} ({d['trials']} trials) | {fmt(d['true_rank_rate_test_error'], True)} "
-                     f"| {fmt(d['true_rank_rate_cv5'], True)} | {fmt(d['agree_cv5_test_error'], True)} "
-                     f"| {d['speedup_cv5']:.2f}x (median of trials {d['speedup_cv5_median']:.2f}x) "
-                     f"| {fmt(d['speedup_cv10'])}x (median {fmt(d['speedup_cv10_median'])}x; {d['cv10_trials']} trials) |")
+            L.append(
+                f"| {label} ({d['trials']} trials) | {fmt(d['true_rank_rate_test_error'], True)} "
+                f"| {fmt(d['true_rank_rate_cv5'], True)} | {fmt(d['agree_cv5_test_error'], True)} "
+                f"| {d['speedup_cv5']:.2f}x (median of trials {d['speedup_cv5_median']:.2f}x) "
+                f"| {fmt(d['speedup_cv10'])}x (median {fmt(d['speedup_cv10_median'])}x; {d['cv10_trials']} trials) |"
+            )
             if part == "synthetic":
                 L += _default_rule_row(syn) + _default_rule_row(syn, "test_error_1se")
             elif d.get("true_rank_rate_analytic_cv") is not None:
                 # the same select_layer_rank call computes both columns: same times
-                L.append(f"| layer, analytic_cv ({d['trials_analytic_cv']} trials) "
-                         f"| {fmt(d['true_rank_rate_analytic_cv'], True)} | {fmt(d['true_rank_rate_cv5'], True)} "
-                         f"| {fmt(d['agree_cv5_analytic_cv'], True)} | (same call) | (same call) |")
+                L.append(
+                    f"| layer, analytic_cv ({d['trials_analytic_cv']} trials) "
+                    f"| {fmt(d['true_rank_rate_analytic_cv'], True)} | {fmt(d['true_rank_rate_cv5'], True)} "
+                    f"| {fmt(d['agree_cv5_analytic_cv'], True)} | (same call) | (same call) |"
+                )
     if "image" in summary:
         d = summary["image"]
-        L.append(f"| image ({d['trials']} trials) | (no true rank) | - | test_error {fmt(d['agree_cv5_test_error'], True)}, "
-                 f"analytic_cv {fmt(d.get('agree_cv5_analytic_cv'), True)} "
-                 f"| {d['speedup_cv5']:.2f}x | - |")
+        L.append(
+            f"| image ({d['trials']} trials) | (no true rank) | - | test_error {fmt(d['agree_cv5_test_error'], True)}, "
+            f"analytic_cv {fmt(d.get('agree_cv5_analytic_cv'), True)} "
+            f"| {d['speedup_cv5']:.2f}x | - |"
+        )
     if "mnist" in summary:
         d = summary["mnist"]
-        L.append(f"| MNIST CNN Linear 3136->128 | (no true rank) | - | test_error {'yes' if d['agree_cv5_test_error'] else 'no'}, "
-                 f"analytic_cv {({True: 'yes', False: 'no'}).get(d.get('agree_cv5_analytic_cv'), '-')} "
-                 f"| {d['speedup_cv5']:.2f}x | {d['speedup_cv10']:.2f}x |")
+        L.append(
+            f"| MNIST CNN Linear 3136->128 | (no true rank) | - | test_error {'yes' if d['agree_cv5_test_error'] else 'no'}, "
+            f"analytic_cv {({True: 'yes', False: 'no'}).get(d.get('agree_cv5_analytic_cv'), '-')} "
+            f"| {d['speedup_cv5']:.2f}x | {d['speedup_cv10']:.2f}x |"
+        )
     if "minilm" in summary:
         d = summary["minilm"]
-        L.append(f"| MiniLM layers | (no true rank) | - | test_error {fmt(d['agree_cv5_test_error'], True)}, "
-                 f"analytic_cv {fmt(d.get('agree_cv5_analytic_cv'), True)} "
-                 f"| {d['speedup_cv5']:.2f}x | {d['speedup_cv10']:.2f}x |")
-    L += ["", "Rates of every rule (fraction of trials picking the true rank; agreement with 5-fold CV):", "",
-          "| part | rule | trials | true rank | agrees with CV5 |", "|---|---|---:|---:|---:|"]
+        L.append(
+            f"| MiniLM layers | (no true rank) | - | test_error {fmt(d['agree_cv5_test_error'], True)}, "
+            f"analytic_cv {fmt(d.get('agree_cv5_analytic_cv'), True)} "
+            f"| {d['speedup_cv5']:.2f}x | {d['speedup_cv10']:.2f}x |"
+        )
+    L += [
+        "",
+        "Rates of every rule (fraction of trials picking the true rank; agreement with 5-fold CV):",
+        "",
+        "| part | rule | trials | true rank | agrees with CV5 |",
+        "|---|---|---:|---:|---:|",
+    ]
     for part in ("synthetic", "layer"):
         d = summary.get(part)
         if d:
@@ -760,134 +984,194 @@ def write_markdown(path, meta, summary, syn, lay, img, mini, args, mn=None):
                 if d.get(f"true_rank_rate_{crit}") is None:
                     continue
                 ag = d.get(f"agree_cv5_{crit}")
-                L.append(f"| {part} | {crit} | {d[f'trials_{crit}']} | {fmt(d[f'true_rank_rate_{crit}'], True)} "
-                         f"| {fmt(ag, True)} |")
+                L.append(
+                    f"| {part} | {crit} | {d[f'trials_{crit}']} | {fmt(d[f'true_rank_rate_{crit}'], True)} "
+                    f"| {fmt(ag, True)} |"
+                )
             if d.get("oracle_trials"):
                 # the yardstick for the agreement target: how often the best-predicting rank itself agrees with CV5
-                L.append(f"| {part} | oracle (least exact test error) | {d['oracle_trials']} "
-                         f"| {fmt(rate(syn if part == 'synthetic' else lay, 'oracle'), True)} "
-                         f"| {fmt(d['agree_cv5_oracle'], True)} |")
+                L.append(
+                    f"| {part} | oracle (least exact test error) | {d['oracle_trials']} "
+                    f"| {fmt(rate(syn if part == 'synthetic' else lay, 'oracle'), True)} "
+                    f"| {fmt(d['agree_cv5_oracle'], True)} |"
+                )
     d = summary.get("synthetic") or {}
     if d.get("oracle_trials"):
-        L += ["", f"Against the oracle ({d['oracle_trials']} synthetic trials): the candidate whose fit has the least "
-              "exact test error (X is Gaussian, so it is the noise variance + ||B_hat - B||^2). The true rank is the "
-              f"oracle's pick in {fmt(d['true_is_oracle'], True)} of trials (at low SNR or few samples a lower rank "
-              "predicts better). Excess: the mean over trials of the picked fit's test error / the oracle's - 1.", "",
-              "| rule | picks the oracle's rank | mean test-error excess over the oracle |", "|---|---:|---:|"]
+        L += [
+            "",
+            f"Against the oracle ({d['oracle_trials']} synthetic trials): the candidate whose fit has the least "
+            "exact test error (X is Gaussian, so it is the noise variance + ||B_hat - B||^2). The true rank is the "
+            f"oracle's pick in {fmt(d['true_is_oracle'], True)} of trials (at low SNR or few samples a lower rank "
+            "predicts better). Excess: the mean over trials of the picked fit's test error / the oracle's - 1.",
+            "",
+            "| rule | picks the oracle's rank | mean test-error excess over the oracle |",
+            "|---|---:|---:|",
+        ]
         for crit in RULES:
             if f"oracle_rate_{crit}" in d:
-                L.append(f"| {crit} | {fmt(d[f'oracle_rate_{crit}'], True)} | "
-                         f"{100 * d[f'excess_vs_oracle_{crit}']:.1f}% |")
+                L.append(
+                    f"| {crit} | {fmt(d[f'oracle_rate_{crit}'], True)} | {100 * d[f'excess_vs_oracle_{crit}']:.1f}% |"
+                )
     L += _paired_comparison(syn)
     held = [t for t in syn if t.get("log_line", -1) >= RULE_CHOSEN_BEFORE_LINE]
     if held:
         ratio = sum(t["cv5_s"] for t in held) / sum(t["fit_s"] for t in held)
-        L += _paired_comparison(held, f"Held out: the {len(held)} trials logged after analytic_cv was chosen "
-                                      f"(log lines from {RULE_CHOSEN_BEFORE_LINE + 1:,} on; seeds "
-                                      f"{min(t['seed'] for t in held)}-{max(t['seed'] for t in held)})")
-        L += ["", f"Time 5-fold CV / the rule on these trials: {ratio:.2f}x (median of trials "
-                  f"{float(np.median([t['cv5_s'] / t['fit_s'] for t in held])):.2f}x)."]
+        L += _paired_comparison(
+            held,
+            f"Held out: the {len(held)} trials logged after analytic_cv was chosen "
+            f"(log lines from {RULE_CHOSEN_BEFORE_LINE + 1:,} on; seeds "
+            f"{min(t['seed'] for t in held)}-{max(t['seed'] for t in held)})",
+        )
+        L += [
+            "",
+            f"Time 5-fold CV / the rule on these trials: {ratio:.2f}x (median of trials "
+            f"{float(np.median([t['cv5_s'] / t['fit_s'] for t in held])):.2f}x).",
+        ]
     L += _disagreements(syn, lay)
     if syn:
-        L += ["", "## Synthetic scalar-on-tensor trials", "",
-              "| family | dims | R | n | SNR | seed | analytic_cv | test_error (Stein df) | test_error (manifold df) "
-              "| optimism | BIC | CV5 | CV10 | df_eff per candidate | fit + df s | CV5 s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        L += [
+            "",
+            "## Synthetic scalar-on-tensor trials",
+            "",
+            "| family | dims | R | n | SNR | seed | analytic_cv | test_error (Stein df) | test_error (manifold df) "
+            "| optimism | BIC | CV5 | CV10 | df_eff per candidate | fit + df s | CV5 s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        ]
         for t in syn:
             p = t["picks"]
             dfe = ", ".join(f"{v:.0f}" for v in t["df_eff"])
-            L.append(f"| {t['family']} | {'x'.join(map(str, t['dims']))} | {t['true_rank']} | {t['n']} | {t['snr']:g} "
-                     f"| {t['seed']} | {p.get('analytic_cv', '-')} | {p['test_error']} | {p['test_error_manifold']} "
-                     f"| {p['optimism']} | {p['bic']} "
-                     f"| {p['cv5']} | {p.get('cv10', '-')} | {dfe} | {t['fit_s']:.2f} | {t['cv5_s']:.2f} |")
+            L.append(
+                f"| {t['family']} | {'x'.join(map(str, t['dims']))} | {t['true_rank']} | {t['n']} | {t['snr']:g} "
+                f"| {t['seed']} | {p.get('analytic_cv', '-')} | {p['test_error']} | {p['test_error_manifold']} "
+                f"| {p['optimism']} | {p['bic']} "
+                f"| {p['cv5']} | {p.get('cv10', '-')} | {dfe} | {t['fit_s']:.2f} | {t['cv5_s']:.2f} |"
+            )
     if lay:
-        L += ["", "## Layer (reduced-rank regression) trials, per setting", "",
-              "| p x q | R | n | SNR | trials | test_error hits | analytic_cv hits | optimism hits | BIC hits | CV5 hits "
-              "| CV10 hits | test_error agrees with CV5 | analytic_cv agrees with CV5 |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        L += [
+            "",
+            "## Layer (reduced-rank regression) trials, per setting",
+            "",
+            "| p x q | R | n | SNR | trials | test_error hits | analytic_cv hits | optimism hits | BIC hits | CV5 hits "
+            "| CV10 hits | test_error agrees with CV5 | analytic_cv agrees with CV5 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         keys = sorted({(t["true_rank"], t["n"], t["snr"]) for t in lay})
         for R, n, snr in keys:
             sub = [t for t in lay if (t["true_rank"], t["n"], t["snr"]) == (R, n, snr)]
             h = lambda c: sum(t["picks"].get(c) == R for t in sub) if all(c in t["picks"] for t in sub) else "-"  # noqa: E731
-            ag = lambda c: sum(t["picks"].get(c) == t["picks"]["cv5"] for t in sub) \
-                if all(c in t["picks"] for t in sub) else "-"  # noqa: E731
-            L.append(f"| {sub[0]['p']}x{sub[0]['q']} | {R} | {n} | {snr:g} | {len(sub)} | {h('test_error')} "
-                     f"| {h('analytic_cv')} | {h('optimism')} | {h('bic')} | {h('cv5')} | {h('cv10')} "
-                     f"| {ag('test_error')} | {ag('analytic_cv')} |")
+            ag = lambda c: (
+                sum(t["picks"].get(c) == t["picks"]["cv5"] for t in sub) if all(c in t["picks"] for t in sub) else "-"
+            )  # noqa: E731
+            L.append(
+                f"| {sub[0]['p']}x{sub[0]['q']} | {R} | {n} | {snr:g} | {len(sub)} | {h('test_error')} "
+                f"| {h('analytic_cv')} | {h('optimism')} | {h('bic')} | {h('cv5')} | {h('cv10')} "
+                f"| {ag('test_error')} | {ag('analytic_cv')} |"
+            )
     if img:
-        L += ["", "## Image regression (B = photo, Gaussian X, SNR 2)", "",
-              "| image | size | n | seed | test_error rank | analytic_cv rank | CV5 rank | oracle rank "
-              "| err(test_error)/oracle | err(analytic_cv)/oracle | err(CV5)/oracle |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        L += [
+            "",
+            "## Image regression (B = photo, Gaussian X, SNR 2)",
+            "",
+            "| image | size | n | seed | test_error rank | analytic_cv rank | CV5 rank | oracle rank "
+            "| err(test_error)/oracle | err(analytic_cv)/oracle | err(CV5)/oracle |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for t in img:
             e = t["test_error_by_rank"]
             o = min(e)
-            ratio = lambda crit: (f"{e[t['candidates'].index(t['picks'][crit])] / o:.3f}"  # noqa: E731
-                                  if crit in t["picks"] else "-")
-            L.append(f"| {t['image']} | {t['size']} | {t['n']} | {t['seed']} | {t['picks']['test_error']} "
-                     f"| {t['picks'].get('analytic_cv', '-')} | {t['picks']['cv5']} | {t['picks']['oracle']} "
-                     f"| {ratio('test_error')} | {ratio('analytic_cv')} | {ratio('cv5')} |")
+            ratio = lambda crit: (
+                f"{e[t['candidates'].index(t['picks'][crit])] / o:.3f}"  # noqa: E731
+                if crit in t["picks"]
+                else "-"
+            )
+            L.append(
+                f"| {t['image']} | {t['size']} | {t['n']} | {t['seed']} | {t['picks']['test_error']} "
+                f"| {t['picks'].get('analytic_cv', '-')} | {t['picks']['cv5']} | {t['picks']['oracle']} "
+                f"| {ratio('test_error')} | {ratio('analytic_cv')} | {ratio('cv5')} |"
+            )
     if mini and "layers" in mini:
-        L += ["", f"## MiniLM-L6 {mini['block']} (inputs from the perturbed model: {mini['perturbation']}; "
-              f"{mini['n_sentences'][0]} calibration / {mini['n_sentences'][1]} held-out sentences)", "",
-              "Held-out output error is relative (MSE / mean square of the outputs); 'original W' is the error of the "
-              "unmodified weight on the perturbed inputs.", "",
-              "| layer | q x p | n cal | test_error | analytic_cv | optimism | CV5 | CV10 | held-out oracle | held err at "
-              "test_error / CV5 / oracle | SVD of W at that rank | original W | time opt / CV5 / CV10 (s) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+        L += [
+            "",
+            f"## MiniLM-L6 {mini['block']} (inputs from the perturbed model: {mini['perturbation']}; "
+            f"{mini['n_sentences'][0]} calibration / {mini['n_sentences'][1]} held-out sentences)",
+            "",
+            "Held-out output error is relative (MSE / mean square of the outputs); 'original W' is the error of the "
+            "unmodified weight on the perturbed inputs.",
+            "",
+            "| layer | q x p | n cal | test_error | analytic_cv | optimism | CV5 | CV10 | held-out oracle | held err at "
+            "test_error / CV5 / oracle | SVD of W at that rank | original W | time opt / CV5 / CV10 (s) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        ]
         for t in mini["layers"]:
             c, hf, hs = t["candidates"], t["held_rel_mse_fit"], t["held_rel_mse_svd"]
             pk = t["picks"]
-            L.append(f"| {t['layer'].split('encoder.')[-1]} | {t['shape'][0]}x{t['shape'][1]} | {t['n_cal']} "
-                     f"| {pk['test_error']} | {pk.get('analytic_cv', '-')} | {pk['optimism']} | {pk['cv5']} "
-                     f"| {pk['cv10']} | {t['oracle']} "
-                     f"| {hf[c.index(pk['test_error'])]:.4f} / {hf[c.index(pk['cv5'])]:.4f} / {min(hf):.4f} "
-                     f"| {hs[c.index(pk['test_error'])]:.4f} | {t['held_rel_mse_original_weight']:.4f} "
-                     f"| {t['opt_s']:.2f} / {t['cv5_s']:.2f} / {t['cv10_s']:.2f} |")
+            L.append(
+                f"| {t['layer'].split('encoder.')[-1]} | {t['shape'][0]}x{t['shape'][1]} | {t['n_cal']} "
+                f"| {pk['test_error']} | {pk.get('analytic_cv', '-')} | {pk['optimism']} | {pk['cv5']} "
+                f"| {pk['cv10']} | {t['oracle']} "
+                f"| {hf[c.index(pk['test_error'])]:.4f} / {hf[c.index(pk['cv5'])]:.4f} / {min(hf):.4f} "
+                f"| {hs[c.index(pk['test_error'])]:.4f} | {t['held_rel_mse_original_weight']:.4f} "
+                f"| {t['opt_s']:.2f} / {t['cv5_s']:.2f} / {t['cv10_s']:.2f} |"
+            )
         tt = mini["tt"]
         acv = tt["picks"].get("analytic_cv")
-        L += ["", f"TT-matrix on {tt['layer']}: test_error picks {tuple(tt['picks']['test_error'])}, "
-              + (f"analytic_cv picks {tuple(acv)}, " if acv else "") + "5-fold CV picks "
-              f"{tuple(tt['picks']['cv5'])}; time {tt['opt_s']:.2f} s vs {tt['cv5_s']:.2f} s."]
+        L += [
+            "",
+            f"TT-matrix on {tt['layer']}: test_error picks {tuple(tt['picks']['test_error'])}, "
+            + (f"analytic_cv picks {tuple(acv)}, " if acv else "")
+            + "5-fold CV picks "
+            f"{tuple(tt['picks']['cv5'])}; time {tt['opt_s']:.2f} s vs {tt['cv5_s']:.2f} s.",
+        ]
     if mn and "picks" in mn:
         c = mn["candidates"]
-        L += ["", f"## MNIST CNN, {mn['layer']} ({mn['n_cal']} calibration / {mn['n_held']} held-out digits; inputs "
-              f"from the perturbed model: {mn['perturbation']})", "",
-              f"Accuracy on the held-out digits: original model {mn['accuracy_original']:.4f}, perturbed model with the "
-              f"original Linear {mn['accuracy_perturbed']:.4f}. Ranks chosen: "
-              + ", ".join(f"{k} {v}" for k, v in mn["picks"].items())
-              + f"; time optimism {mn['opt_s']:.2f} s, 5-fold CV {mn['cv5_s']:.2f} s, 10-fold CV {mn['cv10_s']:.2f} s.",
-              "", "| rank | params of the Linear | held-out relative output MSE | held-out accuracy | chosen by |",
-              "|---:|---:|---:|---:|---|"]
+        L += [
+            "",
+            f"## MNIST CNN, {mn['layer']} ({mn['n_cal']} calibration / {mn['n_held']} held-out digits; inputs "
+            f"from the perturbed model: {mn['perturbation']})",
+            "",
+            f"Accuracy on the held-out digits: original model {mn['accuracy_original']:.4f}, perturbed model with the "
+            f"original Linear {mn['accuracy_perturbed']:.4f}. Ranks chosen: "
+            + ", ".join(f"{k} {v}" for k, v in mn["picks"].items())
+            + f"; time optimism {mn['opt_s']:.2f} s, 5-fold CV {mn['cv5_s']:.2f} s, 10-fold CV {mn['cv10_s']:.2f} s.",
+            "",
+            "| rank | params of the Linear | held-out relative output MSE | held-out accuracy | chosen by |",
+            "|---:|---:|---:|---:|---|",
+        ]
         for j, r in enumerate(c):
             by = ", ".join(k for k, v in mn["picks"].items() if v == r)
             L.append(f"| {r} | {mn['params'][j]} | {mn['held_rel_mse'][j]:.4f} | {mn['held_accuracy'][j]:.4f} | {by} |")
-    L += ["", "## Notes", "",
-          f"- Synthetic fits use the same estimator code and settings on both sides (ALS n_iter_max={ALS['n_iter_max']}, "
-          f"tol={ALS['tol']:g}, moment initialization, no warm starts on either side); the speedup is (sum over ranks "
-          "of the k CV fits on (k-1)/k of the data, with their held-out predictions) / (sum over ranks of the one "
-          "fit plus the Stein df of the optimism rule). 10-fold CV runs on the first seed of each setting. "
-          "The fitting code got faster while the grid ran over sessions (2-way X transposed once per fit from "
-          "about the 3,800th logged trial; for 3 and more modes one GEMM per block update with the Khatri-Rao "
-          "product of the other factors, about 2x faster, from the trials that log a `git` revision); the fits "
-          "are the same to 1e-15, and both sides of a trial always ran the same code.",
-          "- test_error (Stein df): train error + optimism with the effective df of each fit "
-          "(`tensorpress/rank/stein.py`); test_error (manifold df) is the earlier rule, computed from the same fits; "
-          "analytic_cv (the default) and test_error_1se use the same Stein df.",
-          "- Layer rules: for reduced rank the optimism charges the Stein-divergence df (`rrr_effective_df`), "
-          "see `tensorpress/rank/layer.py`. CV recomputes the Gram matrices from each fold's training rows "
-          "(same fitting code); the layer timings are of whole `select_layer_rank` calls, the best of 2 runs "
-          "(1 for 10-fold on MiniLM and 5-fold TT; 1 for every MNIST timing).",
-          "- MNIST: CV trains on (k-1)/k of 3,500 digits for p_eff of about 2,500 inputs, so its fold fits are much "
-          "noisier than the full fit and CV favours low ranks; compare the held-out columns of the table.",
-          "- Timings share a 2-core machine with other work (see the load line above)."]
+    L += [
+        "",
+        "## Notes",
+        "",
+        f"- Synthetic fits use the same estimator code and settings on both sides (ALS n_iter_max={ALS['n_iter_max']}, "
+        f"tol={ALS['tol']:g}, moment initialization, no warm starts on either side); the speedup is (sum over ranks "
+        "of the k CV fits on (k-1)/k of the data, with their held-out predictions) / (sum over ranks of the one "
+        "fit plus the Stein df of the optimism rule). 10-fold CV runs on the first seed of each setting. "
+        "The fitting code got faster while the grid ran over sessions (2-way X transposed once per fit from "
+        "about the 3,800th logged trial; for 3 and more modes one GEMM per block update with the Khatri-Rao "
+        "product of the other factors, about 2x faster, from the trials that log a `git` revision); the fits "
+        "are the same to 1e-15, and both sides of a trial always ran the same code.",
+        "- test_error (Stein df): train error + optimism with the effective df of each fit "
+        "(`tensorpress/rank/stein.py`); test_error (manifold df) is the earlier rule, computed from the same fits; "
+        "analytic_cv (the default) and test_error_1se use the same Stein df.",
+        "- Layer rules: for reduced rank the optimism charges the Stein-divergence df (`rrr_effective_df`), "
+        "see `tensorpress/rank/layer.py`. CV recomputes the Gram matrices from each fold's training rows "
+        "(same fitting code); the layer timings are of whole `select_layer_rank` calls, the best of 2 runs "
+        "(1 for 10-fold on MiniLM and 5-fold TT; 1 for every MNIST timing).",
+        "- MNIST: CV trains on (k-1)/k of 3,500 digits for p_eff of about 2,500 inputs, so its fold fits are much "
+        "noisier than the full fit and CV favours low ranks; compare the held-out columns of the table.",
+        "- Timings share a 2-core machine with other work (see the load line above).",
+    ]
     path.write_text("\n".join(L) + "\n")
 
 
 def write_plots(out, stem, syn, lay, img, mini, mn=None):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     written = []
     crits = ("analytic_cv", "test_error", "test_error_manifold", "optimism", "bic", "cv5", "cv10")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -917,8 +1201,12 @@ def write_plots(out, stem, syn, lay, img, mini, mn=None):
         for t in img:
             if t["seed"] != 0:
                 continue
-            line, = ax.plot(t["candidates"], t["test_error_by_rank"], "o-",
-                            label=f"{t['image']} {t.get('size', '')}: true test error")
+            (line,) = ax.plot(
+                t["candidates"],
+                t["test_error_by_rank"],
+                "o-",
+                label=f"{t['image']} {t.get('size', '')}: true test error",
+            )
             ax.plot(t["candidates"], t["est_test_error"], "--", color=line.get_color(), alpha=0.7)
             if t.get("est_cv_error"):
                 ax.plot(t["candidates"], t["est_cv_error"], ":", color=line.get_color(), alpha=0.7)
@@ -927,8 +1215,11 @@ def write_plots(out, stem, syn, lay, img, mini, mn=None):
             ax.axvline(t["picks"].get("analytic_cv", t["picks"]["test_error"]), color=line.get_color(), ls=":")
         ax.set_xlabel("rank")
         ax.set_ylabel("mean squared error")
-        ax.set_title("image regression: true test error (solid), estimated (dashed),\n"
-                     "predicted 5-fold CV (dotted), measured 5-fold CV (x); pick of analytic_cv", fontsize=9)
+        ax.set_title(
+            "image regression: true test error (solid), estimated (dashed),\n"
+            "predicted 5-fold CV (dotted), measured 5-fold CV (x); pick of analytic_cv",
+            fontsize=9,
+        )
         ax.legend(fontsize=7)
         fig.tight_layout()
         p = out / f"{stem}_image.png"
@@ -992,29 +1283,53 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    ap = bench_parser(__doc__, repeats_help="unused (each trial is timed once)", warmup_help="unused",
-                      quick_help="smoke test: one small setting per part")
+    ap = bench_parser(
+        __doc__,
+        repeats_help="unused (each trial is timed once)",
+        warmup_help="unused",
+        quick_help="smoke test: one small setting per part",
+    )
     ap.add_argument("--full", action="store_true", help="the issue's grid: 50 seeds, n from 2 to 20 df, SNR 0.5..10")
-    ap.add_argument("--parts", default="synthetic,layer,image,mnist,minilm",
-                    help="comma-separated subset of synthetic,layer,image,mnist,minilm")
-    ap.add_argument("--rewrite", type=Path, default=None,
-                    help="rewrite the Markdown and plots from an existing results JSON (no runs)")
-    ap.add_argument("--seeds", type=int, default=None,
-                    help="seeds per synthetic setting (default 3; 50 with --full)")
+    ap.add_argument(
+        "--parts",
+        default="synthetic,layer,image,mnist,minilm",
+        help="comma-separated subset of synthetic,layer,image,mnist,minilm",
+    )
+    ap.add_argument(
+        "--rewrite",
+        type=Path,
+        default=None,
+        help="rewrite the Markdown and plots from an existing results JSON (no runs)",
+    )
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per synthetic setting (default 3; 50 with --full)")
     ap.add_argument("--stem", default=None, help="results file name (default rank_selection)")
-    ap.add_argument("--trial-log", type=Path, default=None,
-                    help="JSON-lines log of synthetic trials: completed ones are skipped, new ones appended "
-                         "(run a long grid over several sessions)")
-    ap.add_argument("--shard", default="0/1", type=parse_shard,
-                    help="I/K: run every K-th synthetic trial from the I-th (K processes, one trial log)")
-    ap.add_argument("--max-minutes", type=float, default=None,
-                    help="start no new synthetic trial after this many minutes; write results for those done "
-                         "(0: only report the trials already in --trial-log)")
+    ap.add_argument(
+        "--trial-log",
+        type=Path,
+        default=None,
+        help="JSON-lines log of synthetic trials: completed ones are skipped, new ones appended "
+        "(run a long grid over several sessions)",
+    )
+    ap.add_argument(
+        "--shard",
+        default="0/1",
+        type=parse_shard,
+        help="I/K: run every K-th synthetic trial from the I-th (K processes, one trial log)",
+    )
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no new synthetic trial after this many minutes; write results for those done "
+        "(0: only report the trials already in --trial-log)",
+    )
     args = ap.parse_args(argv)
     if args.rewrite is not None:
         data = json.loads(args.rewrite.read_text())
-        syn, lay, img, mn, mini = (data.get(k) or ([] if k in ("synthetic", "layer", "image") else {})
-                                   for k in ("synthetic", "layer", "image", "mnist", "minilm"))
+        syn, lay, img, mn, mini = (
+            data.get(k) or ([] if k in ("synthetic", "layer", "image") else {})
+            for k in ("synthetic", "layer", "image", "mnist", "minilm")
+        )
         data["summary"] = summarize(syn, lay, img, mini, mn)
         args.rewrite.write_text(json.dumps(data, indent=1, default=str) + "\n")
         stem = args.rewrite.stem
@@ -1037,10 +1352,14 @@ def main(argv=None) -> int:
     deadline = wall0 + 60 * args.max_minutes if args.max_minutes is not None else math.inf
     if args.shard[1] > 1 and args.trial_log is None:
         ap.error("--shard: needs --trial-log (the shards share their trials through it)")
-    syn = run_synthetic(args.quick, args.full, log, args.seeds, args.trial_log, deadline, args.shard) \
-        if "synthetic" in parts else []
-    meta["synthetic_grid_trials"] = len(synthetic_cells(args.quick, args.full, args.seeds)) \
-        if "synthetic" in parts else 0
+    syn = (
+        run_synthetic(args.quick, args.full, log, args.seeds, args.trial_log, deadline, args.shard)
+        if "synthetic" in parts
+        else []
+    )
+    meta["synthetic_grid_trials"] = (
+        len(synthetic_cells(args.quick, args.full, args.seeds)) if "synthetic" in parts else 0
+    )
     lay = run_layer(args.quick, args.full, log) if "layer" in parts else []
     img = run_image(args.quick, args.full, log) if "image" in parts else []
     mn = run_mnist(args.quick, args.full, log) if "mnist" in parts else {}
@@ -1051,9 +1370,22 @@ def main(argv=None) -> int:
     summary = summarize(syn, lay, img, mini, mn)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.stem or ("rank_selection_quick" if args.quick else "rank_selection")
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "synthetic": syn, "layer": lay, "image": img, "mnist": mn, "minilm": mini},
-        indent=1, default=str) + "\n")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "summary": summary,
+                "synthetic": syn,
+                "layer": lay,
+                "image": img,
+                "mnist": mn,
+                "minilm": mini,
+            },
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
     write_markdown(args.out / f"{stem}.md", meta, summary, syn, lay, img, mini, args, mn)
     pngs = write_plots(args.out, stem, syn, lay, img, mini, mn)
     print(json.dumps(summary, indent=1))

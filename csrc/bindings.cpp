@@ -34,8 +34,8 @@ namespace {
 
 std::vector<tt::CoreDims> parse_core_dims(const std::vector<int64_t>& flat) {
   require(!flat.empty() && flat.size() % 4 == 0,
-          "core_dims: expected 4 integers (r_left, m, n, r_right) per core, got " +
-              std::to_string(flat.size()) + " integers");
+          "core_dims: expected 4 integers (r_left, m, n, r_right) per core, got " + std::to_string(flat.size()) +
+              " integers");
   std::vector<tt::CoreDims> cores;
   for (size_t i = 0; i < flat.size(); i += 4) cores.push_back({flat[i], flat[i + 1], flat[i + 2], flat[i + 3]});
   return cores;
@@ -126,18 +126,19 @@ constexpr Device kKernelDeviceKind = Device::CUDA;
 // The caller's stream (torch.cuda.current_stream(device).cuda_stream): required, never a
 // silent default to the legacy stream 0 of a caller working on another stream.
 uintptr_t stream_of(const py::object& stream) {
-  require(!stream.is_none(), "stream: expected the caller's CUDA stream (torch.cuda.current_stream(x.device)"
-                             ".cuda_stream) for CUDA tensors, got None");
+  require(!stream.is_none(),
+          "stream: expected the caller's CUDA stream (torch.cuda.current_stream(x.device)"
+          ".cuda_stream) for CUDA tensors, got None");
   return stream.cast<uintptr_t>();
 }
 
 // True for a CUDA tensor; raises where the build has no CUDA kernels.
 bool on_cuda(const py::object& x) {
-  if (!py::hasattr(x, "device") || std::string(py::str(x.attr("device").attr("type"))) != kKernelDevice)
-    return false;
+  if (!py::hasattr(x, "device") || std::string(py::str(x.attr("device").attr("type"))) != kKernelDevice) return false;
 #if !TENSORPRESS_WITH_CUDA
-  throw py::value_error("x: got a CUDA tensor, but this build of tensorpress has no CUDA kernels "
-                        "(rebuild with nvcc on PATH or TENSORPRESS_CUDA=ON)");
+  throw py::value_error(
+      "x: got a CUDA tensor, but this build of tensorpress has no CUDA kernels "
+      "(rebuild with nvcc on PATH or TENSORPRESS_CUDA=ON)");
 #endif
   return true;
 }
@@ -145,8 +146,9 @@ bool on_cuda(const py::object& x) {
 // The CPU kernels add the bias (and sum its gradient) per block; the CUDA ones leave it to
 // the caller.
 void refuse_bias_on_cuda(const py::object& bias, const char* name) {
-  require(bias.is_none(), std::string(name) + ": expected None for CUDA tensors (the CUDA kernels take no bias; "
-                          "add it to the output)");
+  require(bias.is_none(), std::string(name) +
+                              ": expected None for CUDA tensors (the CUDA kernels take no bias; "
+                              "add it to the output)");
 }
 
 void tt_forward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
@@ -173,7 +175,7 @@ void tt_forward(const py::object& x, const py::list& mats, const std::vector<int
   expect_like(yv, xv.dtype, "out");
   expect_shape(yv, {batch, plan.out_features}, "out");
   require(py::len(mats) == plan.steps.size(), "mats: expected " + std::to_string(plan.steps.size()) +
-                                                   " step matrices, got " + std::to_string(py::len(mats)));
+                                                  " step matrices, got " + std::to_string(py::len(mats)));
   std::vector<BorrowedTensor> held;
   held.reserve(plan.steps.size() + 1);  // views point into it: no reallocation
   std::vector<const TensorView*> mat_views;
@@ -264,8 +266,8 @@ const TensorView& blas_matrix(BorrowedTensor& held, DType dtype, const std::stri
   const TensorView& v = held.view();
   require(v.device == Device::CPU, name + ": expected a CPU tensor");
   require(v.shape.size() == 2, name + ": expected a matrix, got " + std::to_string(v.shape.size()) + " dims");
-  require(v.dtype == dtype, name + ": expected dtype " + std::string(dtype_name(dtype)) + ", got " +
-                                std::string(dtype_name(v.dtype)));
+  require(v.dtype == dtype,
+          name + ": expected dtype " + std::string(dtype_name(dtype)) + ", got " + std::string(dtype_name(v.dtype)));
   return v;
 }
 
@@ -279,8 +281,8 @@ void blas_gemm(const py::object& a, const py::object& b, const py::object& c, bo
   const TensorView &bv = blas_matrix(bb, av.dtype, "b"), &cv = blas_matrix(cb, av.dtype, "out");
   const int64_t m = ta ? av.shape[1] : av.shape[0], k = ta ? av.shape[0] : av.shape[1];
   const int64_t kb = tb ? bv.shape[1] : bv.shape[0], n = tb ? bv.shape[0] : bv.shape[1];
-  require(kb == k, "b: expected " + std::to_string(k) + " rows in op(b) (the columns of op(a)), got " +
-                       std::to_string(kb));
+  require(kb == k,
+          "b: expected " + std::to_string(k) + " rows in op(b) (the columns of op(a)), got " + std::to_string(kb));
   expect_shape(cv, {m, n}, "out");
   if (m == 0 || n == 0) return;
   py::gil_scoped_release release;
@@ -288,8 +290,8 @@ void blas_gemm(const py::object& a, const py::object& b, const py::object& c, bo
     blas::gemm_threaded<float>(ta, tb, m, n, k, float(alpha), av.ptr<float>(), av.shape[1], bv.ptr<float>(),
                                bv.shape[1], float(beta), cv.ptr<float>(), threads);
   else
-    blas::gemm_threaded<double>(ta, tb, m, n, k, alpha, av.ptr<double>(), av.shape[1], bv.ptr<double>(),
-                                bv.shape[1], beta, cv.ptr<double>(), threads);
+    blas::gemm_threaded<double>(ta, tb, m, n, k, alpha, av.ptr<double>(), av.shape[1], bv.ptr<double>(), bv.shape[1],
+                                beta, cv.ptr<double>(), threads);
 }
 
 void blas_trsm(const py::object& a, const py::object& b, bool left, bool upper, bool trans, int threads) {
@@ -325,13 +327,13 @@ tt::CudaLimits limits_from(int64_t smem_per_block, int64_t smem_per_sm, int sm_c
 // The schedule the CUDA kernels would run for this call, as a dict (for the dispatcher and
 // its tests; computable without a GPU).
 py::dict tt_cuda_schedule_info(const std::vector<int64_t>& core_dims, const std::vector<int>& order, int64_t batch,
-                               bool backward, int acc_bytes, int64_t smem_per_block, int64_t smem_per_sm,
-                               int sm_count, const std::string& path) {
+                               bool backward, int acc_bytes, int64_t smem_per_block, int64_t smem_per_sm, int sm_count,
+                               const std::string& path) {
   require(batch >= 0, "batch: expected >= 0, got " + std::to_string(batch));
   require(acc_bytes == 4 || acc_bytes == 8, "acc_bytes: expected 4 or 8, got " + std::to_string(acc_bytes));
   const tt::Plan plan = plan_from(core_dims, order);
-  const tt::CudaSchedule c = cuda_schedule_checked(plan, batch, backward, acc_bytes,
-                                                   limits_from(smem_per_block, smem_per_sm, sm_count), path);
+  const tt::CudaSchedule c =
+      cuda_schedule_checked(plan, batch, backward, acc_bytes, limits_from(smem_per_block, smem_per_sm, sm_count), path);
   py::dict d;
   d["path"] = tt::path_name(c.path);
   d["fits_fused"] = c.fits_fused;
@@ -365,9 +367,9 @@ const tt::CudaLimits& device_limits(int device) {
 }
 
 py::dict tt_cuda_device_limits(int device) {
-  require(device >= 0 && device < cuda_device_count(),
-          "device: expected a CUDA device index below " + std::to_string(cuda_device_count()) + ", got " +
-              std::to_string(device));
+  require(device >= 0 && device < cuda_device_count(), "device: expected a CUDA device index below " +
+                                                           std::to_string(cuda_device_count()) + ", got " +
+                                                           std::to_string(device));
   const tt::CudaLimits& lim = device_limits(device);
   py::dict d;
   d["smem_per_block"] = lim.smem_per_block;
@@ -536,8 +538,8 @@ py::dict tt_plan_info(const std::vector<int64_t>& core_dims, const std::vector<i
   return info;
 }
 
-int64_t tt_workspace_size(const std::vector<int64_t>& core_dims, const std::vector<int>& order,
-                          int64_t batch, int threads, bool backward, int elem_bytes) {
+int64_t tt_workspace_size(const std::vector<int64_t>& core_dims, const std::vector<int>& order, int64_t batch,
+                          int threads, bool backward, int elem_bytes) {
   return tt::cpu_schedule(plan_from(core_dims, order), batch, threads, backward, elem_bytes).workspace;
 }
 
@@ -557,16 +559,16 @@ int svd_jacobi(const py::object& a, const py::object& u, const py::object& s, co
   expect_shape(vv, {batch, k, n}, "Vh");
   require(wv.dtype == DType::Float64 && wv.device == Device::CPU, "workspace: expected a float64 CPU tensor");
   const int64_t need = svd::jacobi_workspace_size(m, n, threads);
-  require(wv.numel() >= need, "workspace: expected at least " + std::to_string(need) + " elements, got " +
-                                  std::to_string(wv.numel()));
+  require(wv.numel() >= need,
+          "workspace: expected at least " + std::to_string(need) + " elements, got " + std::to_string(wv.numel()));
   require(tol > 0 && max_sweeps >= 1, "tol, max_sweeps: expected tol > 0 and max_sweeps >= 1");
   const svd::JacobiParams params{tol, max_sweeps};
   py::gil_scoped_release release;
   if (av.dtype == DType::Float32)
-    return svd::jacobi_svd_cpu<float>(av.ptr<float>(), uv.ptr<float>(), sv.ptr<float>(), vv.ptr<float>(), batch,
-                                      m, n, params, wv.ptr<double>(), threads);
-  return svd::jacobi_svd_cpu<double>(av.ptr<double>(), uv.ptr<double>(), sv.ptr<double>(), vv.ptr<double>(),
-                                     batch, m, n, params, wv.ptr<double>(), threads);
+    return svd::jacobi_svd_cpu<float>(av.ptr<float>(), uv.ptr<float>(), sv.ptr<float>(), vv.ptr<float>(), batch, m, n,
+                                      params, wv.ptr<double>(), threads);
+  return svd::jacobi_svd_cpu<double>(av.ptr<double>(), uv.ptr<double>(), sv.ptr<double>(), vv.ptr<double>(), batch, m,
+                                     n, params, wv.ptr<double>(), threads);
 }
 
 #if TENSORPRESS_WITH_CUDA
@@ -653,20 +655,20 @@ PYBIND11_MODULE(TENSORPRESS_MODULE_NAME, m) {
   m.def("tt_cuda_tables", &tt_cuda_tables, py::arg("core_dims"), py::arg("order"));
 #if TENSORPRESS_WITH_CUDA
   m.def("tt_cuda_device_limits", &tt_cuda_device_limits, py::arg("device"));
-  m.def("svd_jacobi_cuda", &svd_jacobi_cuda, py::arg("A"), py::arg("U"), py::arg("S"), py::arg("Vh"),
-        py::arg("tol"), py::arg("max_sweeps"), py::arg("stream"));
+  m.def("svd_jacobi_cuda", &svd_jacobi_cuda, py::arg("A"), py::arg("U"), py::arg("S"), py::arg("Vh"), py::arg("tol"),
+        py::arg("max_sweeps"), py::arg("stream"));
 #endif
   m.def("tt_plan_info", &tt_plan_info, py::arg("core_dims"), py::arg("order"));
   m.def("tt_workspace_size", &tt_workspace_size, py::arg("core_dims"), py::arg("order"), py::arg("batch"),
         py::arg("threads"), py::arg("backward"), py::arg("elem_bytes"));
-  m.def("svd_jacobi", &svd_jacobi, py::arg("A"), py::arg("U"), py::arg("S"), py::arg("Vh"),
-        py::arg("workspace"), py::arg("tol"), py::arg("max_sweeps"), py::arg("threads"));
+  m.def("svd_jacobi", &svd_jacobi, py::arg("A"), py::arg("U"), py::arg("S"), py::arg("Vh"), py::arg("workspace"),
+        py::arg("tol"), py::arg("max_sweeps"), py::arg("threads"));
   m.def("svd_jacobi_workspace_size", &svd::jacobi_workspace_size, py::arg("m"), py::arg("n"), py::arg("threads"));
   m.def("svd_jacobi_cuda_smem_bytes", &svd::jacobi_cuda_smem_bytes, py::arg("m"), py::arg("n"));
   m.def("blas_gemm", &blas_gemm, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("transpose_a"),
         py::arg("transpose_b"), py::arg("alpha"), py::arg("beta"), py::arg("threads"));
-  m.def("blas_trsm", &blas_trsm, py::arg("A"), py::arg("B"), py::arg("left"), py::arg("upper"),
-        py::arg("transpose"), py::arg("threads"));
+  m.def("blas_trsm", &blas_trsm, py::arg("A"), py::arg("B"), py::arg("left"), py::arg("upper"), py::arg("transpose"),
+        py::arg("threads"));
   m.def("build_info", &build_info);
 #if TENSORPRESS_CUDA_EMU
   m.def("emu_selftest", &testing::emu_selftest, py::arg("name"), py::arg("threads"), py::arg("blocks") = 1);

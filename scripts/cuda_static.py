@@ -18,6 +18,7 @@ written even when a check fails (its result line says so); the exit status is wh
 
 Python standard library only; needs nvcc on PATH (c++filt, from binutils, to demangle names).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,15 @@ ALLOWED_LOCAL_MEMORY: dict[str, str] = {}
 # position-independent host code, include dir csrc, TENSORPRESS_WITH_CUDA=1. The host side gets
 # the -Wall -Wextra that CMake gives the C++ sources.
 BUILD_FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "-lineinfo", "-Xcompiler=-fPIC", "-DTENSORPRESS_WITH_CUDA=1"]
-CHECK_FLAGS = ["-Werror", "all-warnings", "-Xcompiler=-Wall,-Wextra", "-Xptxas", "-warn-spills,-warn-lmem-usage",
-               "-Xptxas", "-v"]
+CHECK_FLAGS = [
+    "-Werror",
+    "all-warnings",
+    "-Xcompiler=-Wall,-Wextra",
+    "-Xptxas",
+    "-warn-spills,-warn-lmem-usage",
+    "-Xptxas",
+    "-v",
+]
 
 
 # ----------------------------------------------------------------------------- occupancy
@@ -61,13 +69,13 @@ class Device:
     regs_per_sm: int = 65536
     regs_per_block: int = 65536
     max_regs_per_thread: int = 255
-    reg_alloc_unit: int = 256          # registers are allocated per warp, in units of 256
-    sub_partitions: int = 4            # warps' registers come from 4 SM sub-partitions
+    reg_alloc_unit: int = 256  # registers are allocated per warp, in units of 256
+    sub_partitions: int = 4  # warps' registers come from 4 SM sub-partitions
     max_threads_per_block: int = 1024
-    max_warps_per_sm: int = 64         # 2048 threads
+    max_warps_per_sm: int = 64  # 2048 threads
     max_blocks_per_sm: int = 32
-    smem_per_sm: int = 0               # shared memory of an SM at the largest carveout
-    smem_per_block: int = 0            # opt-in maximum per block (static + dynamic)
+    smem_per_sm: int = 0  # shared memory of an SM at the largest carveout
+    smem_per_block: int = 0  # opt-in maximum per block (static + dynamic)
     smem_reserved_per_block: int = 1024  # taken by CUDA from every block since sm_80
     smem_alloc_unit: int = 128
 
@@ -80,10 +88,10 @@ DEVICES = {
 
 @dataclasses.dataclass(frozen=True)
 class Occupancy:
-    blocks: int          # resident blocks per SM
-    warps: int           # resident warps per SM
-    fraction: float      # warps / max warps per SM
-    limiter: str         # which limit gives `blocks` ("registers", "shared memory", "warps", "blocks"; ties joined)
+    blocks: int  # resident blocks per SM
+    warps: int  # resident warps per SM
+    fraction: float  # warps / max warps per SM
+    limiter: str  # which limit gives `blocks` ("registers", "shared memory", "warps", "blocks"; ties joined)
 
 
 def _round_up(x: int, unit: int) -> int:
@@ -145,8 +153,8 @@ class Function:
     entry: bool = False
     regs: int = 0
     barriers: int = 0
-    smem: int = 0            # static shared memory (bytes)
-    stack: int = 0           # stack frame (bytes): local memory
+    smem: int = 0  # static shared memory (bytes)
+    stack: int = 0  # stack frame (bytes): local memory
     spill_stores: int = 0
     spill_loads: int = 0
     cumulative_stack: int = 0
@@ -159,8 +167,10 @@ _PROPS = re.compile(r"ptxas info\s*: Function properties for (\S+)")
 _FRAME = re.compile(r"^\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"ptxas info\s*: Used (\d+) registers")
 _LMEM = re.compile(r"ptxas (?:warning|error)\s*: Local memory used for function '([^']+)', size of stack frame: (\d+)")
-_SPILL = re.compile(r"ptxas (?:warning|error)\s*: Registers are spilled to local memory in function '([^']+)', "
-                    r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_SPILL = re.compile(
+    r"ptxas (?:warning|error)\s*: Registers are spilled to local memory in function '([^']+)', "
+    r"(\d+) bytes spill stores, (\d+) bytes spill loads"
+)
 # "f.cu(1): error #177-D: ...", "f.cu:2:15: warning: ...", "nvcc warning : ...", "cc1plus: fatal error: ..."
 _DIAG = re.compile(r"\b(warning|error)\s*(#[\w-]+\s*)?:", re.IGNORECASE)
 _SUMMARY = re.compile(r"errors? detected in the compilation of")
@@ -248,8 +258,12 @@ def cuda_sources(root: Path = ROOT) -> list[str]:
     """The .cu files the CUDA build compiles (CMakeLists.txt's `list(APPEND TP_SOURCES ...)` of .cu
     files), so test-only sources (csrc/testing/, built for the CPU emulation) stay out."""
     text = (root / "CMakeLists.txt").read_text()
-    files = [f for m in re.finditer(r"list\(APPEND\s+TP_SOURCES\s+([^)]*)\)", text)
-             for f in m.group(1).split() if f.endswith(".cu")]
+    files = [
+        f
+        for m in re.finditer(r"list\(APPEND\s+TP_SOURCES\s+([^)]*)\)", text)
+        for f in m.group(1).split()
+        if f.endswith(".cu")
+    ]
     if not files:
         raise SystemExit("cuda_static: no .cu files appended to TP_SOURCES in CMakeLists.txt")
     return sorted(set(files))
@@ -267,7 +281,7 @@ def source_constant(path: Path, name: str) -> int:
 class Launch:
     threads: int
     dynamic_smem: int
-    config: str          # key of the configuration legend
+    config: str  # key of the configuration legend
 
 
 # A100 / H100 limits the TT schedule sees (tt_cuda_schedule.h CudaLimits: opt-in smem per
@@ -282,24 +296,24 @@ FUSED_SMEM = {  # (kernel, accumulator bytes) -> {arch: dynamic shared memory of
     ("fused_backward_kernel", 4): {"80": 93584, "90": 51600},
     ("fused_backward_kernel", 8): {"80": 103200, "90": 103200},
 }
-JACOBI_CALL = (64, 64)   # m x n: the widest block the CUDA Jacobi takes (JACOBI_MAX_COLUMNS_CUDA)
-JACOBI_SMEM = 66816      # jacobi_cuda_smem_bytes(64, 64)
+JACOBI_CALL = (64, 64)  # m x n: the widest block the CUDA Jacobi takes (JACOBI_MAX_COLUMNS_CUDA)
+JACOBI_SMEM = 66816  # jacobi_cuda_smem_bytes(64, 64)
 
 CONFIG_LEGEND = {
     "T": "threads = kCudaThreads (tt_cuda_schedule.h); no dynamic shared memory (tiled GEMM, gather, reduce)",
     "F": "fused TT at its scheduled dynamic shared memory for TT 256x256, cores (1,4,4,8) (8,4,4,8) (8,4,4,8) "
-         "(8,4,4,1) (rank 8), one step per core in order, batch 256 (the path and plan the CUDA cost model picks "
-         "for float32 on both GPUs): tt_cuda_schedule.h with the GPU's limits packs 1 (H100) or 2 (A100) samples "
-         "per block (backward float64 on A100: 1)",
+    "(8,4,4,1) (rank 8), one step per core in order, batch 256 (the path and plan the CUDA cost model picks "
+    "for float32 on both GPUs): tt_cuda_schedule.h with the GPU's limits packs 1 (H100) or 2 (A100) samples "
+    "per block (backward float64 on A100: 1)",
     "J": "Jacobi SVD at its worst-case block, 32 * min(kMaxWarps, (k + 1) / 2) threads, here k = 64: "
-         "one 64 x 64 matrix per block (jacobi_cuda_smem_bytes(64, 64) bytes of dynamic shared memory)",
+    "one 64 x 64 matrix per block (jacobi_cuda_smem_bytes(64, 64) bytes of dynamic shared memory)",
 }
 
 
 def launch_of(name: str, arch: str, tt_threads: int, jacobi_threads: int) -> Launch | None:
     """The launch configuration the report assumes for a kernel (short name), or None."""
     base = name.split("<", 1)[0]
-    args = name[len(base) + 1:-1].split(",") if "<" in name else []
+    args = name[len(base) + 1 : -1].split(",") if "<" in name else []
     if base in ("tiled_gemm_kernel", "gather_rows_kernel", "reduce_partials_kernel"):
         return Launch(tt_threads, 0, "T")
     if base in ("fused_forward_kernel", "fused_backward_kernel"):
@@ -314,7 +328,7 @@ def launch_of(name: str, arch: str, tt_threads: int, jacobi_threads: int) -> Lau
 # ----------------------------------------------------------------------------- compiling
 @dataclasses.dataclass
 class Job:
-    source: str      # relative to the source root
+    source: str  # relative to the source root
     arch: str
     command: list[str]
     returncode: int = 0
@@ -384,8 +398,9 @@ def check(jobs: list[Job]) -> tuple[list[Row], list[str]]:
 # ----------------------------------------------------------------------------- report
 def git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -418,10 +433,14 @@ def report(rows: list[Row], findings: list[str], meta: dict) -> str:
         f"- architectures: {', '.join('sm_' + a for a in meta['archs'])} ({meta['archs_from']})",
         f"- files: {', '.join(meta['files'])} (the .cu files of the CUDA build, CMakeLists.txt)",
         f"- compile time: {meta['seconds']:.1f} s wall, {meta['jobs']} jobs at a time",
-        "- allow-list (spills / local memory): " + (", ".join(
-            f"`{k}`: {v}" for k, v in ALLOWED_LOCAL_MEMORY.items()) or "empty"),
-        "- result: " + ("PASS: no warnings, no register spills, no local memory" if not findings
-                        else f"FAIL: {len(findings)} finding(s), listed at the end"),
+        "- allow-list (spills / local memory): "
+        + (", ".join(f"`{k}`: {v}" for k, v in ALLOWED_LOCAL_MEMORY.items()) or "empty"),
+        "- result: "
+        + (
+            "PASS: no warnings, no register spills, no local memory"
+            if not findings
+            else f"FAIL: {len(findings)} finding(s), listed at the end"
+        ),
         "",
         "Occupancy: resident warps per SM over the SM's maximum (64), by the rules of CUDA's occupancy "
         "calculator (`occupancy()` in the script): per-warp register allocation in units of 256 from 4 "
@@ -436,34 +455,61 @@ def report(rows: list[Row], findings: list[str], meta: dict) -> str:
     for arch in meta["archs"]:
         dev = DEVICES.get(arch)
         lines += [f"## sm_{arch}" + (f" ({dev.name})" if dev else " (no device table: occupancy not computed)"), ""]
-        lines += ["| file | kernel | regs | static smem | stack / spills | threads | dyn smem | config | blocks/SM "
-                  "| limit | occupancy | dyn smem headroom |",
-                  "|---|---|---:|---:|---|---:|---:|:---:|---:|---|---:|---:|"]
+        lines += [
+            "| file | kernel | regs | static smem | stack / spills | threads | dyn smem | config | blocks/SM "
+            "| limit | occupancy | dyn smem headroom |",
+            "|---|---|---:|---:|---|---:|---:|:---:|---:|---|---:|---:|",
+        ]
         for r in (r for r in rows if r.arch == arch and r.f.entry):
             f = r.f
-            spills = "0" if not (f.stack or f.spill_stores or f.spill_loads) else \
-                f"{f.stack} B stack, {f.spill_stores}/{f.spill_loads} B spill st/ld"
+            spills = (
+                "0"
+                if not (f.stack or f.spill_stores or f.spill_loads)
+                else f"{f.stack} B stack, {f.spill_stores}/{f.spill_loads} B spill st/ld"
+            )
             launch = launch_of(r.name, arch, tt_threads, jacobi_threads)
             cells = [Path(r.source).name, f"`{r.name}`", str(f.regs), f"{f.smem} B", spills]
             if launch is None or dev is None:
-                cells += [str(launch.threads) if launch else "?", "?", launch.config if launch else "-",
-                          "-", "-", "-", "-"]
+                cells += [
+                    str(launch.threads) if launch else "?",
+                    "?",
+                    launch.config if launch else "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                ]
             else:
                 occ = occupancy(launch.threads, f.regs, f.smem, launch.dynamic_smem, dev)
                 head = max_dynamic_smem(launch.threads, f.regs, f.smem, dev)
-                cells += [str(launch.threads), _kb(launch.dynamic_smem), launch.config, str(occ.blocks), occ.limiter,
-                          f"{occ.fraction:.1%} ({occ.warps}/{dev.max_warps_per_sm} warps)", _kb(head)]
+                cells += [
+                    str(launch.threads),
+                    _kb(launch.dynamic_smem),
+                    launch.config,
+                    str(occ.blocks),
+                    occ.limiter,
+                    f"{occ.fraction:.1%} ({occ.warps}/{dev.max_warps_per_sm} warps)",
+                    _kb(head),
+                ]
             lines.append("| " + " | ".join(cells) + " |")
         device_functions = [r for r in rows if r.arch == arch and not r.f.entry]
         if device_functions:
-            lines += ["", "Non-inlined device functions: " + ", ".join(
-                f"`{r.name}` ({r.f.stack} B stack, {r.f.spill_stores}/{r.f.spill_loads} B spill st/ld)"
-                for r in device_functions)]
+            lines += [
+                "",
+                "Non-inlined device functions: "
+                + ", ".join(
+                    f"`{r.name}` ({r.f.stack} B stack, {r.f.spill_stores}/{r.f.spill_loads} B spill st/ld)"
+                    for r in device_functions
+                ),
+            ]
         lines.append("")
     lines += ["## Launch configurations assumed", ""]
     lines += [f"- {k}: {v}" for k, v in CONFIG_LEGEND.items()]
-    lines += ["", f"Threads per block as the sources set them: kCudaThreads = {tt_threads}, Jacobi at most "
-              f"32 * kMaxWarps = {jacobi_threads}."]
+    lines += [
+        "",
+        f"Threads per block as the sources set them: kCudaThreads = {tt_threads}, Jacobi at most "
+        f"32 * kMaxWarps = {jacobi_threads}.",
+    ]
     if findings:
         lines += ["", "## Findings", ""] + [f"- {f}" for f in findings]
     return "\n".join(lines) + "\n"
@@ -476,8 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="compiles at a time (default 2)")
     ap.add_argument("--out", type=Path, default=REPORT, help="the markdown report (default: %(default)s)")
     ap.add_argument("--no-report", action="store_true", help="check only, write nothing")
-    ap.add_argument("--rev", default=None, help="compile csrc/ as committed at this revision (git archive) "
-                    "instead of the working tree")
+    ap.add_argument(
+        "--rev",
+        default=None,
+        help="compile csrc/ as committed at this revision (git archive) instead of the working tree",
+    )
     ap.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"))
     argv_used = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv_used)
@@ -491,19 +540,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.rev:
             src_root = Path(tmp) / "src"
             src_root.mkdir()
-            archive = subprocess.run(["git", "archive", args.rev, "csrc", "CMakeLists.txt"], cwd=ROOT,
-                                     capture_output=True, check=True).stdout
+            archive = subprocess.run(
+                ["git", "archive", args.rev, "csrc", "CMakeLists.txt"], cwd=ROOT, capture_output=True, check=True
+            ).stdout
             subprocess.run(["tar", "-x", "-C", str(src_root)], input=archive, check=True)
-        archs = [a.strip() for a in re.split(r"[;,]", args.archs) if a.strip()] if args.archs \
-            else default_archs(src_root)
+        archs = (
+            [a.strip() for a in re.split(r"[;,]", args.archs) if a.strip()] if args.archs else default_archs(src_root)
+        )
         files = cuda_sources(src_root)
         flags = BUILD_FLAGS + ["-I", "csrc"] + CHECK_FLAGS
         jobs = []
         for source in files:
             for arch in archs:
                 obj = Path(tmp) / f"{source.replace('/', '_')}.sm_{arch}.o"
-                jobs.append(Job(source, arch, [nvcc, *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c",
-                                               source, "-o", str(obj)]))
+                jobs.append(
+                    Job(
+                        source,
+                        arch,
+                        [nvcc, *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", source, "-o", str(obj)],
+                    )
+                )
         # the largest files first, so two workers finish together
         order = sorted(jobs, key=lambda j: -(src_root / j.source).stat().st_size)
         t0 = time.perf_counter()
@@ -522,12 +578,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  note: no launch configuration known for {name} (sm_{arch}): add it to launch_of()")
     if not args.no_report:
         meta = {
-            "revision": revision(args.rev), "sources": f"git archive {args.rev}" if args.rev else "working tree",
+            "revision": revision(args.rev),
+            "sources": f"git archive {args.rev}" if args.rev else "working tree",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join(["python scripts/cuda_static.py", *map(shlex.quote, map(str, argv_used))]),
-            "nvcc": nvcc_version(nvcc), "flags": flags, "archs": archs, "files": files, "seconds": seconds,
+            "nvcc": nvcc_version(nvcc),
+            "flags": flags,
+            "archs": archs,
+            "files": files,
+            "seconds": seconds,
             "archs_from": "--archs" if args.archs else "TENSORPRESS_CUDA_ARCHS default in CMakeLists.txt",
-            "jobs": max(1, args.jobs), "tt_threads": tt_threads, "jacobi_threads": jacobi_threads,
+            "jobs": max(1, args.jobs),
+            "tt_threads": tt_threads,
+            "jacobi_threads": jacobi_threads,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report(rows, findings, meta))
@@ -537,8 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         for f in findings:
             print(f"  {f}", file=sys.stderr)
         return 1
-    print(f"cuda_static: PASS: {len(files)} files x {len(archs)} architectures ({', '.join(archs)}), "
-          f"{len(kernels)} kernels, no warnings, no spills, no local memory ({seconds:.1f} s)")
+    print(
+        f"cuda_static: PASS: {len(files)} files x {len(archs)} architectures ({', '.join(archs)}), "
+        f"{len(kernels)} kernels, no warnings, no spills, no local memory ({seconds:.1f} s)"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Shared helpers for the tensorpress test suite."""
+
 from __future__ import annotations
 
 import importlib
@@ -105,8 +106,9 @@ def make_plan(shapes, groups, order, batch: int = 1, dense: bool = False) -> TTP
         return TTPlan((everything,), (0,), True, batch, cost, cost, (merge_shapes(shapes, everything)[0],))
     merged, merge_cost = zip(*(merge_shapes(shapes, tuple(g)) for g in groups))
     cost = sum(merge_cost) + plan_cost(tuple(merged), tuple(order), batch)
-    return TTPlan(tuple(tuple(g) for g in groups), tuple(order), False, batch, cost,
-                  dense_flops(shapes, batch), tuple(merged))
+    return TTPlan(
+        tuple(tuple(g) for g in groups), tuple(order), False, batch, cost, dense_flops(shapes, batch), tuple(merged)
+    )
 
 
 def tt_flops(shapes, order) -> int:

@@ -1,4 +1,5 @@
 """Bad inputs raise the right exception type with a message that names the argument."""
+
 from __future__ import annotations
 
 import re
@@ -8,13 +9,12 @@ import torch
 from torch import nn
 
 import tensorpress  # noqa: F401
+from conftest import random_cores
 from tensorpress.decompose import tt_matrix_svd, tt_svd
 from tensorpress.nn import TTLinear, balanced_factors
 from tensorpress.ops import choose_plan, tt_matmul, tt_matmul_reference, tt_to_dense, validate_tt_cores
 from tensorpress.ops.tt import merge_group, step_matrices
 from tensorpress.ops.tt_plan import flat_dims
-
-from conftest import random_cores
 
 
 def cores_3():
@@ -95,8 +95,12 @@ def test_cores_rank_mismatch():
     cores[1] = torch.randn(2, 4, 5, 4, dtype=torch.float64)  # r_left 2 but cores[0] has r_right 3
     x = torch.randn(2, 30, dtype=torch.float64)
     snap = _snapshot(x, *cores)
-    for fn in (lambda: tt_matmul(x, cores), lambda: tt_matmul_reference(x, cores), lambda: tt_to_dense(cores),
-               lambda: validate_tt_cores(cores)):
+    for fn in (
+        lambda: tt_matmul(x, cores),
+        lambda: tt_matmul_reference(x, cores),
+        lambda: tt_to_dense(cores),
+        lambda: validate_tt_cores(cores),
+    ):
         with pytest.raises(ValueError, match=re.escape("cores[1]") + r".*r_left = 3.*got 2"):
             fn()
     assert _unchanged([x, *cores], snap)
@@ -137,8 +141,15 @@ def test_cores_unsupported_dtype():
 
 
 # ----------------------------------------------------------------------------- dtype / device
-@pytest.mark.parametrize("x_dtype,core_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
-                                                (torch.float16, torch.float32), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize(
+    "x_dtype,core_dtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float16),
+    ],
+)
 def test_dtype_mismatch_x_vs_cores(x_dtype, core_dtype):
     cores = [g.to(core_dtype) for g in cores_3()]
     x = torch.randn(3, 30).to(x_dtype)
@@ -223,15 +234,18 @@ def test_from_dense_bad_rel_error(rel_error):
 
 
 # ----------------------------------------------------------------------------- factors
-@pytest.mark.parametrize("kw,name", [
-    ({"in_factors": (4, 8, 8, 8)}, "in_factors"),
-    ({"out_factors": (4, 8, 8, 2)}, "out_factors"),
-    ({"in_factors": (4, 8, 8, 4), "out_factors": (4, 8, 8, 8)}, "out_factors"),
-    ({"in_factors": (32, 32), "out_factors": (4, 8, 8, 4)}, "out_factors"),  # lengths differ
-    ({"in_factors": (4, 8, 8, 4.0)}, "in_factors"),
-    ({"in_factors": (-4, -8, 8, 4)}, "in_factors"),
-    ({"in_factors": (0, 8, 8, 4)}, "in_factors"),
-])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"in_factors": (4, 8, 8, 8)}, "in_factors"),
+        ({"out_factors": (4, 8, 8, 2)}, "out_factors"),
+        ({"in_factors": (4, 8, 8, 4), "out_factors": (4, 8, 8, 8)}, "out_factors"),
+        ({"in_factors": (32, 32), "out_factors": (4, 8, 8, 4)}, "out_factors"),  # lengths differ
+        ({"in_factors": (4, 8, 8, 4.0)}, "in_factors"),
+        ({"in_factors": (-4, -8, 8, 4)}, "in_factors"),
+        ({"in_factors": (0, 8, 8, 4)}, "in_factors"),
+    ],
+)
 def test_factors_with_wrong_product_or_values(kw, name):
     with pytest.raises(ValueError, match=rf"^{name}: "):
         TTLinear(1024, 1024, ranks=4, **kw)
@@ -250,11 +264,12 @@ def test_prime_or_too_few_prime_factors(n, d):
     with pytest.raises(ValueError, match=r"^features=" + str(n) + r" cannot be split"):
         balanced_factors(n, d, "features")
     with pytest.raises(ValueError, match=r"^in_features="):
-        TTLinear(n, 2 ** 12, ranks=2, out_factors=(2 ** 12 // 2 ** (d - 1),) + (2,) * (d - 1))
+        TTLinear(n, 2**12, ranks=2, out_factors=(2**12 // 2 ** (d - 1),) + (2,) * (d - 1))
 
 
-@pytest.mark.parametrize("kw", [{"in_features": 0}, {"in_features": -4}, {"in_features": 8.0},
-                                {"out_features": 0}, {"out_features": "8"}])
+@pytest.mark.parametrize(
+    "kw", [{"in_features": 0}, {"in_features": -4}, {"in_features": 8.0}, {"out_features": 0}, {"out_features": "8"}]
+)
 def test_bad_features(kw):
     args = {"in_features": 8, "out_features": 8, "ranks": 2, **kw}
     name = next(iter(kw))
@@ -285,8 +300,9 @@ def test_custom_op_non_adjacent_order():
 def test_custom_op_wrong_mats():
     x, mats, dims = _op_args()
     with pytest.raises(ValueError, match=re.escape("mats[1]") + r": expected shape"):
-        torch.ops.tensorpress.tt_contract(x, [mats[0], torch.cat([mats[1], mats[1][:, :1]], 1), mats[2]],
-                                          dims, [0, 1, 2])
+        torch.ops.tensorpress.tt_contract(
+            x, [mats[0], torch.cat([mats[1], mats[1][:, :1]], 1), mats[2]], dims, [0, 1, 2]
+        )
     with pytest.raises(ValueError, match=r"^mats: expected 3 step matrices"):
         torch.ops.tensorpress.tt_contract(x, mats[:2], dims, [0, 1, 2])
     with pytest.raises(ValueError, match=re.escape("mats[2]") + r": expected dtype float64"):

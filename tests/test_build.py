@@ -1,4 +1,5 @@
 """The installed build: info() and importing without any GPU."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,23 @@ import torch
 import tensorpress
 
 EXPECTED_KEYS = {
-    "tensorpress", "cpu_kernels", "cuda_kernels_built", "cuda_archs", "cuda_compiler", "cuda_runtime",
-    "cuda_driver_required", "cuda_driver", "cuda_devices_seen_by_extension", "gpu_visible_to_torch", "cxx_compiler", "blas", "blas_core", "torch", "numpy",
-    "python", "threads",
+    "tensorpress",
+    "cpu_kernels",
+    "cuda_kernels_built",
+    "cuda_archs",
+    "cuda_compiler",
+    "cuda_runtime",
+    "cuda_driver_required",
+    "cuda_driver",
+    "cuda_devices_seen_by_extension",
+    "gpu_visible_to_torch",
+    "cxx_compiler",
+    "blas",
+    "blas_core",
+    "torch",
+    "numpy",
+    "python",
+    "threads",
 }
 
 
@@ -52,8 +67,13 @@ def test_info_reports_a_forced_openblas_core():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("OpenBLAS's Haswell kernels need AVX2")
     env = dict(os.environ, OPENBLAS_CORETYPE="Haswell")
-    out = subprocess.run([sys.executable, "-c", "import tensorpress; print(tensorpress.info()['blas_core'])"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "import tensorpress; print(tensorpress.info()['blas_core'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert out == "Haswell"
 
 

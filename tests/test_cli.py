@@ -1,5 +1,6 @@
 """The command line: argument handling of `tensorpress compress` and `bench` (the full default
 run is the main job, measured in benchmarks; here a tiny run checks every output is written)."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,24 @@ def test_compress_rejects_bad_choices(capsys):
 
 def test_small_compress_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli.main(["compress", "--calib", "32", "--eval", "16", "--sweep", "0.5", "--compare", "svd,activation",
-                     "--rank-rule", "uniform", "--out", str(out), "--quiet"])
+    code = cli.main(
+        [
+            "compress",
+            "--calib",
+            "32",
+            "--eval",
+            "16",
+            "--sweep",
+            "0.5",
+            "--compare",
+            "svd,activation",
+            "--rank-rule",
+            "uniform",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     for name in ("report.json", "report.md", "layers.png", "compression.png", "model.safetensors"):
         assert (out / name).is_file(), name
@@ -49,17 +66,39 @@ def test_bench_outside_a_checkout_says_so(tmp_path, monkeypatch, capsys):
 
 def test_small_image_run_compresses_the_cnn_conv_with_tucker(tmp_path, capsys):
     out = tmp_path / "cnn"
-    code = cli.main(["compress", "--model", "mnist-cnn", "--structure", "tucker", "--budget", "0.3", "--calib", "200",
-                     "--eval", "300", "--sweep", "0.2", "--compare", "svd,activation", "--out", str(out), "--quiet"])
+    code = cli.main(
+        [
+            "compress",
+            "--model",
+            "mnist-cnn",
+            "--structure",
+            "tucker",
+            "--budget",
+            "0.3",
+            "--calib",
+            "200",
+            "--eval",
+            "300",
+            "--sweep",
+            "0.2",
+            "--compare",
+            "svd,activation",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     # the run ends with every layer accounted for: the 1-input-channel stem and the Linear head
     # are named with their reasons, not dropped silently
     printed = capsys.readouterr().out
-    account = printed[printed.index("every Linear/conv layer of the model (4)"):]
-    for name, status, why in (("features.0", "skipped", "one input channel"),
-                              ("features.3", "compressed", "tucker rank"),
-                              ("classifier.0", "skipped", "replaces nn.Conv2d only"),
-                              ("classifier.2", "skipped", "replaces nn.Conv2d only")):
+    account = printed[printed.index("every Linear/conv layer of the model (4)") :]
+    for name, status, why in (
+        ("features.0", "skipped", "one input channel"),
+        ("features.3", "compressed", "tucker rank"),
+        ("classifier.0", "skipped", "replaces nn.Conv2d only"),
+        ("classifier.2", "skipped", "replaces nn.Conv2d only"),
+    ):
         line = next(row for row in account.splitlines() if row.startswith(name + " "))
         assert status in line and why in line, line
     summary = json.loads((out / "report.json").read_text())
@@ -67,7 +106,7 @@ def test_small_image_run_compresses_the_cnn_conv_with_tucker(tmp_path, capsys):
     assert "| features.0 | Conv2d(1->32, 3x3) | skipped |" in (out / "report.md").read_text()
     (layer,) = summary["report"]["layers"]
     assert layer["name"] == "features.3" and layer["structure"] == "tucker"
-    assert summary["config"]["rank_rule"] is None   # "auto": uniform for the tensor structures
+    assert summary["config"]["rank_rule"] is None  # "auto": uniform for the tensor structures
     assert summary["report"]["kept_fraction"] <= 0.3
     assert summary["report"]["quality"]["accuracy"] > 0.9
     by = {r["method"]: r["agreement"] for r in summary["sweep"]}
@@ -75,5 +114,6 @@ def test_small_image_run_compresses_the_cnn_conv_with_tucker(tmp_path, capsys):
     from tensorpress.compress.saving import load_compressed
     from tensorpress.nn import TuckerConv2d
     from tensorpress.zoo import mnist
+
     back = load_compressed(mnist.load_mnist_cnn(), out / "model.safetensors")
     assert isinstance(back.features[3], TuckerConv2d)

@@ -1,4 +1,5 @@
 """compress(): statistics, closed-form fits, sequential engine, allocation, report, saving."""
+
 from __future__ import annotations
 
 import copy
@@ -9,14 +10,12 @@ import torch
 from torch import nn
 
 import tensorpress as tp
-from tensorpress.compress import GramStats, fit_activation, fit_svd, load_compressed, save_compressed
+from conftest import rel_err
+from tensorpress.compress import GramStats, fit_activation, fit_svd, load_compressed, save_compressed, sequential
 from tensorpress.compress import api as compress_api
-from tensorpress.compress import sequential
 from tensorpress.compress.allocate import allocate_uniform, dense_params
 from tensorpress.compress.lowrank import error_curve
 from tensorpress.nn import LowRankLinear
-
-from conftest import rel_err
 
 
 def _correlated(n, d, seed=0, offset=3.0):
@@ -67,7 +66,7 @@ def test_gram_stats_in_panels_match_direct_float64(monkeypatch):
         paired.update(a, b)
         one_shot.update(a)
     assert rel_err(paired.cov_in, (xt[:400] - xt[:400].mean(0)).T @ (xt[:400] - xt[:400].mean(0))) < 1e-10
-    paired.update(x[400:], xt[400:])   # after a read
+    paired.update(x[400:], xt[400:])  # after a read
     one_shot.update(x[400:])
     xc, xtc = x - x.mean(0), xt - xt.mean(0)
     for got, want in ((paired.cov_ref, xc.T @ xc), (paired.cov_in, xtc.T @ xtc), (one_shot.cov_ref, xc.T @ xc)):
@@ -84,7 +83,7 @@ def test_gram_stats_projected_on_a_weight_keep_only_the_cross_product_times_it()
         proj.update(a.float(), b.float())
         full.update(a.float(), b.float())
     xc, xtc = x - x.mean(0), xt - xt.mean(0)
-    w32 = w.float().double()   # the weight as the layer holds it
+    w32 = w.float().double()  # the weight as the layer holds it
     assert rel_err(proj.cov_cross_times(w32), xtc.T @ xc @ w32.T) < 1e-5
     assert rel_err(proj.cov_cross_times(w32), full.cov_cross_times(w32)) < 1e-5
     assert rel_err(proj.cov_in, full.cov_in) < 1e-12
@@ -116,7 +115,7 @@ def test_compress_projects_the_statistics_of_narrowing_layers_without_changing_t
 
     monkeypatch.setattr(sequential, "GramStats", Spy)
     projected, _ = tp.compress(net, calib, budget=0.5)
-    assert made == [False, False, True]          # 12->40 and 40->30 widen or keep, 30->6 narrows
+    assert made == [False, False, True]  # 12->40 and 40->30 widen or keep, 30->6 narrows
     made.clear()
 
     class Full(sequential.GramStats):
@@ -251,12 +250,14 @@ def test_lowrank_linear_from_dense_forward_and_roundtrip():
 def test_lowrank_linear_gradcheck_and_dtypes():
     low = LowRankLinear(6, 5, 2, dtype=torch.float64)
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, a, b: nn.functional.linear(nn.functional.linear(x, a), b),
-                                    (x, low.first, low.second))
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: nn.functional.linear(nn.functional.linear(x, a), b), (x, low.first, low.second)
+    )
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         layer = LowRankLinear(16, 8, 4, dtype=dtype)
-        ref = nn.functional.linear(torch.ones(2, 16, dtype=torch.float64), layer.to_dense().double(),
-                                   layer.bias.double())
+        ref = nn.functional.linear(
+            torch.ones(2, 16, dtype=torch.float64), layer.to_dense().double(), layer.bias.double()
+        )
         out = layer(torch.ones(2, 16, dtype=dtype))
         assert out.dtype == dtype
         assert rel_err(out, ref) < (1e-2 if dtype != torch.float32 else 1e-5)
@@ -333,8 +334,10 @@ def test_compress_leaves_the_original_untouched_and_replaces_layers():
 
 def test_methods_order_on_correlated_inputs():
     net, calib, test_x = _net_and_data(seed=1)
-    errs = {m: _out_err(tp.compress(net, calib, method=m, budget=0.3)[0], net, test_x)
-            for m in ("svd", "whitened", "activation")}
+    errs = {
+        m: _out_err(tp.compress(net, calib, method=m, budget=0.3)[0], net, test_x)
+        for m in ("svd", "whitened", "activation")
+    }
     assert errs["activation"] <= errs["whitened"] * 1.02
     assert errs["whitened"] < errs["svd"]
 
@@ -371,8 +374,9 @@ def test_uniform_allocation_fits_the_budget():
         ranks = allocate_uniform(layers, budget)
         for n, layer in layers.items():
             used = ranks[n] * (layer.in_features + layer.out_features) + layer.out_features
-            assert used <= max(budget * dense_params(layer), 1 * (layer.in_features + layer.out_features)
-                               + layer.out_features)
+            assert used <= max(
+                budget * dense_params(layer), 1 * (layer.in_features + layer.out_features) + layer.out_features
+            )
 
 
 def test_attention_mask_rows_are_dropped():
@@ -400,6 +404,7 @@ def test_save_and_load_compressed(tmp_path):
         torch.testing.assert_close(again(test_x), small(test_x))
     with pytest.raises(ValueError, match="path"):
         from safetensors.torch import save_file
+
         save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
         load_compressed(net, tmp_path / "plain.safetensors")
 
@@ -477,9 +482,9 @@ def test_method_dict_mixes_sequential_methods():
     err = _out_err(small, net, test_x)
     assert err < _out_err(tp.compress(net, calib, method="svd", budget=0.5)[0], net, test_x)
     with pytest.raises(ValueError, match="method"):
-        tp.compress(net, calib, method={"blocks.*": "activation"})   # inp and head unmatched
+        tp.compress(net, calib, method={"blocks.*": "activation"})  # inp and head unmatched
     with pytest.raises(ValueError, match="method"):
-        tp.compress(net, calib, method={"*": "svd"})                 # one-shot methods are not per layer
+        tp.compress(net, calib, method={"*": "svd"})  # one-shot methods are not per layer
 
 
 def test_cache_reuses_statistics_without_changing_results():
@@ -527,6 +532,7 @@ def test_gram_stats_reference_borrows_x_gram():
 def test_truncating_a_full_fit_equals_fitting_at_the_rank():
     from tensorpress.compress.lowrank import fit_activation, fit_svd, truncate_fit
     from tensorpress.compress.stats import GramStats
+
     torch.manual_seed(11)
     w, b = torch.randn(7, 10, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
     st = GramStats(10, paired=False)

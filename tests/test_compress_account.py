@@ -1,6 +1,7 @@
 """Every layer accounted for (issue 28, item 3): compress() says what it did with every
 nn.Linear / conv layer of the model, and why; the report's rows and ranks read the same in
 every mode; progress shows by default where someone watches."""
+
 from __future__ import annotations
 
 import io
@@ -49,10 +50,14 @@ def test_tucker_report_accounts_for_all_five_layers(method):
     model, calib = _five()
     _, report = tp.compress(model, calib, structure="tucker", method=method, budget=0.5)
     acc = _by_name(report)
-    assert list(acc) == ["stem", "grouped", "depthwise", "conv", "head"]   # model order
-    assert {n: a.status for n, a in acc.items()} == {"stem": "skipped", "grouped": "skipped",
-                                                     "depthwise": "skipped", "conv": "compressed",
-                                                     "head": "skipped"}
+    assert list(acc) == ["stem", "grouped", "depthwise", "conv", "head"]  # model order
+    assert {n: a.status for n, a in acc.items()} == {
+        "stem": "skipped",
+        "grouped": "skipped",
+        "depthwise": "skipped",
+        "conv": "compressed",
+        "head": "skipped",
+    }
     assert "one input channel" in acc["stem"].why
     assert "grouped conv (groups=2)" in acc["grouped"].why
     assert "depthwise conv" in acc["depthwise"].why
@@ -72,8 +77,9 @@ def test_tucker_report_accounts_for_all_five_layers(method):
 
 def test_excluded_layers_and_the_structures_own_reasons():
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8),
-                          nn.Linear(8, 1)).to(F64)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 1)
+    ).to(F64)
     calib = [torch.randn(6, 3, 4, 4, dtype=F64)]
     _, report = tp.compress(model, calib, structure="lowrank", method="whitened", budget=0.5, exclude=["4"])
     acc = _by_name(report)
@@ -111,7 +117,7 @@ def test_unsupported_types_and_tied_weights_are_listed():
         def __init__(self):
             super().__init__()
             self.conv1d = nn.Conv1d(4, 4, 3)
-            self.attn = nn.MultiheadAttention(8, 2)   # out_proj: a subclass of nn.Linear
+            self.attn = nn.MultiheadAttention(8, 2)  # out_proj: a subclass of nn.Linear
             self.a = nn.Linear(8, 8)
             self.b = nn.Linear(8, 8)
             self.b.weight = self.a.weight
@@ -124,13 +130,14 @@ def test_unsupported_types_and_tied_weights_are_listed():
     model = Model().to(F64)
     calib = [torch.randn(5, 2, 8, dtype=F64)]
     with pytest.warns(UserWarning, match="tied"):
-        _, report = tp.compress(model, calib, structure="lowrank", method="svd", budget=0.5, include=["a", "b", "c",
-                                                                                                       "attn.*"])
+        _, report = tp.compress(
+            model, calib, structure="lowrank", method="svd", budget=0.5, include=["a", "b", "c", "attn.*"]
+        )
     acc = _by_name(report)
     assert acc["conv1d"].status == "skipped" and "Conv1d: structure='lowrank' replaces nn.Linear" in acc["conv1d"].why
     assert acc["attn.out_proj"].status == "skipped" and "unsupported type" in acc["attn.out_proj"].why
     assert acc["a"].status == acc["b"].status == "skipped" and "tied" in acc["a"].why
-    assert set(report.skipped) == {"a", "b"}   # the tied layers, as before
+    assert set(report.skipped) == {"a", "b"}  # the tied layers, as before
     assert acc["c"].status == "compressed"
 
 
@@ -142,7 +149,7 @@ def test_calibration_rows_mean_the_same_in_sequential_and_one_shot_mode():
     rows = {}
     for method in ("activation", "whitened"):
         _, report = tp.compress(model, calib, structure="tucker", method=method, budget=0.5)
-        assert [r.rows for r in report.layers] == [6 * 8 * 8, 6 * 4 * 4]   # output positions of every image
+        assert [r.rows for r in report.layers] == [6 * 8 * 8, 6 * 4 * 4]  # output positions of every image
         rows[method] = report.calibration_rows
         assert "'0' saw" in str(report)
     assert rows["activation"] == rows["whitened"] == 6 * 8 * 8
@@ -155,6 +162,7 @@ class _Terminal(io.StringIO):
 
 def test_progress_defaults_to_on_when_stderr_is_a_terminal(monkeypatch):
     from tensorpress.compress.api import show_progress
+
     assert show_progress(True) and not show_progress(False)
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert not show_progress(None)

@@ -5,6 +5,7 @@ BatchNorm; on small synthetic models and on the MNIST and Fashion-MNIST CNNs the
 Every conv compress() meets is either replaced by a layer that keeps its stride, padding,
 dilation and padding mode (at full rank it computes the dense conv) or kept with the reason in
 report.account: never a crash, never a silently different output."""
+
 from __future__ import annotations
 
 import warnings
@@ -33,6 +34,7 @@ def small_and_quick():
     conv_paths.set_autotune(was)
     torch.set_num_threads(threads)
 
+
 # name: nn.Conv2d arguments (in -> out channels 6 -> 5); each is one branch of _Branches
 GEOMETRIES = {
     "square": dict(kernel_size=3, padding=1),
@@ -41,17 +43,17 @@ GEOMETRIES = {
     "dilated_h": dict(kernel_size=(3, 3), dilation=(2, 1), padding=(2, 1)),
     "strided": dict(kernel_size=3, stride=2, padding=1),
     "strided_w_valid": dict(kernel_size=3, stride=(1, 2)),
-    "same_even": dict(kernel_size=4, padding="same"),            # asymmetric 'same' padding
+    "same_even": dict(kernel_size=4, padding="same"),  # asymmetric 'same' padding
     "same_dilated": dict(kernel_size=(3, 2), padding="same", dilation=2),
     "reflect": dict(kernel_size=3, padding=1, padding_mode="reflect"),
     "circular": dict(kernel_size=(3, 5), padding=(1, 2), padding_mode="circular"),
     "replicate_dilated": dict(kernel_size=3, padding=2, padding_mode="replicate", dilation=2),
-    "audio_k1": dict(kernel_size=(5, 1), padding=(2, 0)),       # a 1-D conv written as a 2-D one
+    "audio_k1": dict(kernel_size=(5, 1), padding=(2, 0)),  # a 1-D conv written as a 2-D one
     "audio_k1_strided": dict(kernel_size=(3, 1), stride=(2, 1), dilation=(2, 1)),
     "pointwise": dict(kernel_size=1),
     "no_bias": dict(kernel_size=3, padding=1, bias=False),
 }
-CP_RANK = 2   # CP-ALS recovers rank-2 kernels of every shape here to ~1e-8 (rank 3 sometimes swamps)
+CP_RANK = 2  # CP-ALS recovers rank-2 kernels of every shape here to ~1e-8 (rank 3 sometimes swamps)
 
 
 class _Branches(nn.Module):
@@ -89,17 +91,26 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("structure, method", [("tucker", "svd"), ("tucker", "whitened"), ("tucker", "activation"),
-                                               ("cp", "svd"), ("cp", "whitened"), ("cp", "activation")])
+@pytest.mark.parametrize(
+    "structure, method",
+    [
+        ("tucker", "svd"),
+        ("tucker", "whitened"),
+        ("tucker", "activation"),
+        ("cp", "svd"),
+        ("cp", "whitened"),
+        ("cp", "activation"),
+    ],
+)
 def test_every_geometry_compresses_to_the_same_conv_at_full_rank(structure, method):
     model = _branches(exact_cp_rank=CP_RANK if structure == "cp" else None)
     names = [f"branch.{n}" for n in GEOMETRIES]
     ranks = {n: (5, 6) if structure == "tucker" else CP_RANK for n in names}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # full rank: "no fewer parameters than the dense kernel"
+        warnings.simplefilter("ignore")  # full rank: "no fewer parameters than the dense kernel"
         small, report = tp.compress(model, _calib(), structure=structure, method=method, ranks=ranks, ridge=1e-12)
     assert [a.status for a in report.account] == ["compressed"] * len(GEOMETRIES)
-    x = torch.randn(3, 6, 13, 10, generator=torch.Generator().manual_seed(3), dtype=F64)   # odd, unseen size
+    x = torch.randn(3, 6, 13, 10, generator=torch.Generator().manual_seed(3), dtype=F64)  # odd, unseen size
     for name in names:
         dense, layer = model.get_submodule(name), small.get_submodule(name)
         # the geometry is the dense conv's: the layer computes exactly the conv of its own kernel
@@ -118,7 +129,7 @@ class _Grouped(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(4, 8, 3, padding=1)
         self.grouped = nn.Conv2d(8, 8, (3, 5), padding=(1, 2), groups=4)
-        self.depthwise = nn.Conv2d(8, 16, 3, padding=1, groups=8)    # depth multiplier 2
+        self.depthwise = nn.Conv2d(8, 16, 3, padding=1, groups=8)  # depth multiplier 2
         self.pointwise = nn.Conv2d(16, 8, 1)
 
     def forward(self, x):
@@ -133,8 +144,12 @@ def test_grouped_and_depthwise_convs_are_kept_with_the_reason(structure, method)
     model = _Grouped().to(F64).eval()
     small, report = tp.compress(model, _calib((2, 4, 8, 8)), structure=structure, method=method, budget=0.5)
     acc = {a.name: a for a in report.account}
-    assert {n: a.status for n, a in acc.items()} == {"conv": "compressed", "grouped": "skipped",
-                                                     "depthwise": "skipped", "pointwise": "compressed"}
+    assert {n: a.status for n, a in acc.items()} == {
+        "conv": "compressed",
+        "grouped": "skipped",
+        "depthwise": "skipped",
+        "pointwise": "compressed",
+    }
     assert acc["grouped"].why.startswith(f"grouped conv (groups=4): not supported by {structure}")
     assert acc["depthwise"].why.startswith(f"grouped conv (groups=8): not supported by {structure}")
     assert "depthwise conv" in acc["depthwise"].why and "depthwise" not in acc["grouped"].why
@@ -144,16 +159,24 @@ def test_grouped_and_depthwise_convs_are_kept_with_the_reason(structure, method)
         assert type(kept) is nn.Conv2d and kept.groups == dense.groups
         assert torch.equal(kept.weight, dense.weight) and torch.equal(kept.bias, dense.bias)
     with pytest.raises(ValueError, match=r"'grouped' is skipped: grouped conv \(groups=4\)"):
-        tp.compress(model, _calib((2, 4, 8, 8)), structure=structure, method=method,
-                    ranks={"conv": 2, "grouped": 2, "pointwise": 2})
+        tp.compress(
+            model,
+            _calib((2, 4, 8, 8)),
+            structure=structure,
+            method=method,
+            ranks={"conv": 2, "grouped": 2, "pointwise": 2},
+        )
 
 
-@pytest.mark.parametrize("shape, asked, got", [
-    ((16, 12, 1, 1), (3, 2), (2, 2)),     # a 1x1 kernel's Tucker-2 core is a matrix: r_out = r_in
-    ((2, 16, 3, 1), (2, 4), (2, 4)),
-    ((2, 16, 3, 1), (1, 4), (1, 3)),      # r_in <= r_out * kh * kw
-    ((8, 8, 5, 1), (1, 8), (1, 5)),
-])
+@pytest.mark.parametrize(
+    "shape, asked, got",
+    [
+        ((16, 12, 1, 1), (3, 2), (2, 2)),  # a 1x1 kernel's Tucker-2 core is a matrix: r_out = r_in
+        ((2, 16, 3, 1), (2, 4), (2, 4)),
+        ((2, 16, 3, 1), (1, 4), (1, 3)),  # r_in <= r_out * kh * kw
+        ((8, 8, 5, 1), (1, 8), (1, 5)),
+    ],
+)
 def test_tucker_ranks_are_made_feasible_before_the_fit(shape, asked, got):
     """A 1x1 or (k, 1) kernel bounds each channel rank by the other's times the kernel size:
     the fit used to come back with fewer columns than the layer had room for (a RuntimeError
@@ -230,8 +253,18 @@ def _bn_model(exact_cp_rank: int | None = None, seed: int = 5) -> nn.Module:
     and dilated. (With seed 7 CP-ALS stalls at 2.6e-3 on the block's rank-2 (3, 1) kernel.)"""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 8, (3, 5), padding=(1, 2), bias=False), _bn(8, g), nn.ReLU(),
-                          _Block(g), nn.Conv2d(8, 6, 3, stride=2, dilation=2, padding=2), _bn(6, g)).to(F64).eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 8, (3, 5), padding=(1, 2), bias=False),
+            _bn(8, g),
+            nn.ReLU(),
+            _Block(g),
+            nn.Conv2d(8, 6, 3, stride=2, dilation=2, padding=2),
+            _bn(6, g),
+        )
+        .to(F64)
+        .eval()
+    )
     if exact_cp_rank is not None:
         for conv in (model[0], model[3].conv1, model[4]):
             _set_cp_kernel(conv, exact_cp_rank, g)
@@ -246,9 +279,16 @@ def test_batchnorm_folded_into_its_conv_leaves_the_outputs_as_they_were(structur
     model = _bn_model(CP_RANK if structure == "cp" else None)
     before = [p.clone() for p in model.parameters()]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # full rank
-        small, report = tp.compress(model, _calib((4, 3, 8, 8)), structure=structure, method=method,
-                                    ranks=FULL[structure], ridge=1e-12, fold_batchnorm=True)
+        warnings.simplefilter("ignore")  # full rank
+        small, report = tp.compress(
+            model,
+            _calib((4, 3, 8, 8)),
+            structure=structure,
+            method=method,
+            ranks=FULL[structure],
+            ridge=1e-12,
+            fold_batchnorm=True,
+        )
     # found in a Sequential and in a custom forward (ResNet's bn1(conv1(x)))
     assert report.folded_batchnorm == {"1": "0", "3.bn1": "3.conv1", "5": "4"}
     for bn, conv in report.folded_batchnorm.items():
@@ -271,33 +311,62 @@ def test_folding_lets_the_fit_weigh_channels_as_the_batchnorm_does():
     channels; the fit of the unfolded conv does not know which."""
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), _bn(16, g), nn.ReLU(),
-                          nn.Conv2d(16, 16, 3, padding=1, bias=False), _bn(16, g), nn.ReLU()).to(F64).eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(8, 16, 3, padding=1, bias=False),
+            _bn(16, g),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False),
+            _bn(16, g),
+            nn.ReLU(),
+        )
+        .to(F64)
+        .eval()
+    )
     calib = [torch.randn(8, 8, 10, 10, generator=g, dtype=F64) for _ in range(3)]
     x = torch.randn(8, 8, 10, 10, generator=g, dtype=F64)
     for structure in ("tucker", "cp"):
         err = {}
         for fold in (False, True):
-            small, _ = tp.compress(model, calib, structure=structure, method="activation", budget=0.3,
-                                   fold_batchnorm=fold)
+            small, _ = tp.compress(
+                model, calib, structure=structure, method="activation", budget=0.3, fold_batchnorm=fold
+            )
             with torch.no_grad():
                 err[fold] = _rel(small(x), model(x))
-        assert err[True] < 0.8 * err[False], (structure, err)   # measured: 0.45 vs 0.71, 0.07 vs 0.55-0.72
+        assert err[True] < 0.8 * err[False], (structure, err)  # measured: 0.45 vs 0.71, 0.07 vs 0.55-0.72
 
 
 def test_batchnorms_that_cannot_be_folded_stay_with_the_reason():
     g = torch.Generator().manual_seed(9)
     torch.manual_seed(9)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _bn(8, g),                      # stem: skipped
-                          _Reused(g),                                                     # output used twice
-                          nn.Conv2d(8, 8, 3, padding=1), _bn(8, g, track_running_stats=False),  # batch statistics
-                          nn.Conv2d(8, 8, 1), _bn(8, g),                                  # excluded
-                          nn.Conv2d(8, 4, 3, padding=1), _bn(4, g)).to(F64).eval()        # folded
+    model = (
+        nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            _bn(8, g),  # stem: skipped
+            _Reused(g),  # output used twice
+            nn.Conv2d(8, 8, 3, padding=1),
+            _bn(8, g, track_running_stats=False),  # batch statistics
+            nn.Conv2d(8, 8, 1),
+            _bn(8, g),  # excluded
+            nn.Conv2d(8, 4, 3, padding=1),
+            _bn(4, g),
+        )
+        .to(F64)
+        .eval()
+    )  # folded
     calib = _calib((4, 1, 6, 6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        small, report = tp.compress(model, calib, structure="tucker", method="whitened", exclude=["5"], ridge=1e-12,
-                                    ranks={"2.conv": (8, 8), "3": (8, 8), "7": (4, 8)}, fold_batchnorm=True)
+        small, report = tp.compress(
+            model,
+            calib,
+            structure="tucker",
+            method="whitened",
+            exclude=["5"],
+            ridge=1e-12,
+            ranks={"2.conv": (8, 8), "3": (8, 8), "7": (4, 8)},
+            fold_batchnorm=True,
+        )
     assert report.folded_batchnorm == {"8": "7"}
     notes = "\n".join(report.notes)
     assert "BatchNorm2d '1' after conv '0' not folded: the conv is not compressed (skipped: one input channel" in notes
@@ -313,9 +382,10 @@ def test_batchnorms_that_cannot_be_folded_stay_with_the_reason():
 
 def test_without_calibration_batches_pairs_are_found_side_by_side_in_a_sequential():
     model = _bn_model()
-    small, report = tp.compress(model, None, structure="tucker", method="svd", ranks=FULL["tucker"],
-                                fold_batchnorm=True)
-    assert report.folded_batchnorm == {"1": "0", "5": "4"}   # not the block's: no pass to see its forward
+    small, report = tp.compress(
+        model, None, structure="tucker", method="svd", ranks=FULL["tucker"], fold_batchnorm=True
+    )
+    assert report.folded_batchnorm == {"1": "0", "5": "4"}  # not the block's: no pass to see its forward
     assert type(small[3].bn1) is nn.BatchNorm2d
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(10), dtype=F64)
     with torch.no_grad():
@@ -330,11 +400,14 @@ def test_folding_is_opt_in_and_refuses_batchnorms_in_training_mode():
     with pytest.raises(TypeError, match="fold_batchnorm: expected True or False, got 'yes'"):
         tp.compress(model, calib, structure="tucker", fold_batchnorm="yes")
     model.train()
-    with pytest.raises(ValueError, match=r"fold_batchnorm: BatchNorm2d '1' \(after conv '0'\) is in training mode.*"
-                                         r"running statistics; call model.eval\(\) first"):
+    with pytest.raises(
+        ValueError,
+        match=r"fold_batchnorm: BatchNorm2d '1' \(after conv '0'\) is in training mode.*"
+        r"running statistics; call model.eval\(\) first",
+    ):
         tp.compress(model, calib, structure="tucker", method="whitened", budget=0.5, fold_batchnorm=True)
-    assert model.training and model[1].training   # left as it was
-    model[3].bn1.eval()   # only the BatchNorms to fold must be in eval mode
+    assert model.training and model[1].training  # left as it was
+    model[3].bn1.eval()  # only the BatchNorms to fold must be in eval mode
     model[1].eval()
     model[5].eval()
     _, report = tp.compress(model, calib, structure="tucker", method="whitened", budget=0.5, fold_batchnorm=True)
@@ -344,8 +417,15 @@ def test_folding_is_opt_in_and_refuses_batchnorms_in_training_mode():
 def test_a_folded_model_saves_and_loads_into_the_dense_architecture(tmp_path):
     model = _bn_model()
     # budget 0.9 with the rank rule keeps conv '0' dense: it keeps the bias the fold gave it
-    small, report = tp.compress(model, _calib((4, 3, 8, 8), n=3), structure="tucker", method="activation",
-                                budget=0.9, rank_rule="optimism", fold_batchnorm=True)
+    small, report = tp.compress(
+        model,
+        _calib((4, 3, 8, 8), n=3),
+        structure="tucker",
+        method="activation",
+        budget=0.9,
+        rank_rule="optimism",
+        fold_batchnorm=True,
+    )
     statuses = {a.name: a.status for a in report.account}
     assert statuses["0"] == "kept dense" and model[0].bias is None and small[0].bias is not None
     path = save_compressed(small, report, tmp_path / "m.safetensors")
@@ -355,15 +435,19 @@ def test_a_folded_model_saves_and_loads_into_the_dense_architecture(tmp_path):
         assert torch.equal(back(x), small(x))
     assert isinstance(back[1], FoldedBatchNorm) and back[1].conv == "0"
     other = _bn_model()
-    other[1] = nn.ReLU()   # a file for another model: checked before anything loads
-    with pytest.raises(CompressedFileError, match=r"layer '1': type: a FoldedBatchNorm replaces a BatchNorm, but "
-                                                  r"the model has a ReLU there"):
+    other[1] = nn.ReLU()  # a file for another model: checked before anything loads
+    with pytest.raises(
+        CompressedFileError,
+        match=r"layer '1': type: a FoldedBatchNorm replaces a BatchNorm, but "
+        r"the model has a ReLU there",
+    ):
         load_compressed(other, path)
 
 
 # ---------------------------------------------------------------------------- the shipped CNNs
 def _fashion_cnn():
     from tensorpress.zoo import fashion, mnist
+
     if (mnist.cache_dir() / fashion.CACHE_NAME).is_file():
         return fashion.load_fashion_cnn(progress=False)
     # not trained here yet (3 epochs take minutes): the same network, trained briefly (2.5 s on
@@ -380,8 +464,10 @@ def _fashion_cnn():
 def shipped(request):
     """(name, the CNN in eval mode, 628 normalized test images: 128 to calibrate, 500 to check)."""
     from tensorpress.zoo import mnist
+
     if request.param == "mnist-cnn":
         from test_zoo_mnist import _digits
+
         images = _digits()[0]
         model = mnist.load_mnist_cnn()
     else:
@@ -403,29 +489,34 @@ def _agreement(a, b, x) -> float:
 def test_shipped_cnns_compress_with_every_conv_accounted_for(shipped, structure):
     _, model, images = shipped
     calib, held_out = list(images[:128].split(64)), images[128:]
-    small, report = tp.compress(model, calib, structure=structure, method="activation", budget=0.5,
-                                fold_batchnorm=True)
+    small, report = tp.compress(model, calib, structure=structure, method="activation", budget=0.5, fold_batchnorm=True)
     acc = {a.name: a for a in report.account}
-    assert {n: a.status for n, a in acc.items()} == {"features.0": "skipped", "features.3": "compressed",
-                                                     "classifier.0": "skipped", "classifier.2": "skipped"}
+    assert {n: a.status for n, a in acc.items()} == {
+        "features.0": "skipped",
+        "features.3": "compressed",
+        "classifier.0": "skipped",
+        "classifier.2": "skipped",
+    }
     assert "one input channel" in acc["features.0"].why and acc["features.3"].why.startswith(f"{structure} rank")
     # no BatchNorm in these CNNs: folding asked for, nothing to fold, and the report says so
     assert report.folded_batchnorm == {} and any("nothing folded" in n for n in report.notes)
-    assert _agreement(small, model, held_out) > 0.95   # measured: 0.98-0.99 (half the conv's parameters)
+    assert _agreement(small, model, held_out) > 0.95  # measured: 0.98-0.99 (half the conv's parameters)
 
 
 def _with_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
     """The CNN with a BatchNorm2d after each conv, its statistics those of ``images`` and its
     scales uneven (the network of a user who trained with BatchNorm)."""
     import copy
+
     g = torch.Generator().manual_seed(12)
     f = copy.deepcopy(model.features)
     model = copy.deepcopy(model)
-    model.features = nn.Sequential(f[0], nn.BatchNorm2d(32, momentum=None), f[1], f[2], f[3],
-                                   nn.BatchNorm2d(64, momentum=None), f[4], f[5])
+    model.features = nn.Sequential(
+        f[0], nn.BatchNorm2d(32, momentum=None), f[1], f[2], f[3], nn.BatchNorm2d(64, momentum=None), f[4], f[5]
+    )
     model.train()
     with torch.no_grad():
-        model(images)   # momentum=None: the running statistics are these images' own
+        model(images)  # momentum=None: the running statistics are these images' own
         for bn in (model.features[1], model.features[5]):
             bn.weight.copy_(torch.exp(0.5 * torch.randn(bn.num_features, generator=g)))
             bn.bias.copy_(0.1 * torch.randn(bn.num_features, generator=g))
@@ -437,18 +528,26 @@ def test_shipped_cnns_with_batchnorm_fold_it_and_keep_their_outputs(shipped):
     model = _with_batchnorm(model, images[:128])
     calib, held_out = list(images[:128].split(64)), images[128:]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # full rank: no fewer parameters than the dense kernel
-        small, report = tp.compress(model, calib, structure="tucker", method="activation", ranks={"features.4": 64},
-                                    ridge=1e-12, fold_batchnorm=True)
+        warnings.simplefilter("ignore")  # full rank: no fewer parameters than the dense kernel
+        small, report = tp.compress(
+            model,
+            calib,
+            structure="tucker",
+            method="activation",
+            ranks={"features.4": 64},
+            ridge=1e-12,
+            fold_batchnorm=True,
+        )
     assert report.folded_batchnorm == {"features.5": "features.4"}
-    assert any("'features.1' after conv 'features.0' not folded: the conv is not compressed (skipped: one input "
-               "channel" in n for n in report.notes)
+    assert any(
+        "'features.1' after conv 'features.0' not folded: the conv is not compressed (skipped: one input channel" in n
+        for n in report.notes
+    )
     assert isinstance(small.features[5], FoldedBatchNorm) and type(small.features[1]) is nn.BatchNorm2d
     with torch.no_grad():
-        assert _rel(small(held_out), model(held_out)) < 1e-4   # float32 rounding
+        assert _rel(small(held_out), model(held_out)) < 1e-4  # float32 rounding
     # and at half the conv's parameters, folded, the predictions hold
-    small, report = tp.compress(model, calib, structure="tucker", method="activation", budget=0.5,
-                                fold_batchnorm=True)
+    small, report = tp.compress(model, calib, structure="tucker", method="activation", budget=0.5, fold_batchnorm=True)
     assert report.folded_batchnorm == {"features.5": "features.4"}
     assert _agreement(small, model, held_out) > 0.95
 
@@ -456,6 +555,7 @@ def test_shipped_cnns_with_batchnorm_fold_it_and_keep_their_outputs(shipped):
 def test_the_cli_passes_fold_batchnorm_to_every_compress_call(monkeypatch, tmp_path, capsys):
     from tensorpress import cli
     from tensorpress.compress import job
+
     with pytest.raises(SystemExit):
         cli.main(["compress", "--help"])
     assert "--fold-batchnorm" in capsys.readouterr().out
@@ -473,14 +573,25 @@ def test_the_cli_passes_fold_batchnorm_to_every_compress_call(monkeypatch, tmp_p
 
     def fake_compress(model, calib, **kw):
         seen.append(kw["fold_batchnorm"])
-        if len(seen) == 2:   # the main run and the first of the sweep
+        if len(seen) == 2:  # the main run and the first of the sweep
             raise Stop
         return model, tp.compress(model, calib, structure="tucker", method="svd", budget=0.5)[1]
 
     monkeypatch.setattr(job, "compress", fake_compress)
     with pytest.raises(Stop):
-        job.run_job(job.JobConfig(model="mnist-cnn", structure="tucker", n_calib=8, n_eval=8, sweep=(0.5,),
-                                  compare=("svd",), out=str(tmp_path), progress=False, fold_batchnorm=True))
+        job.run_job(
+            job.JobConfig(
+                model="mnist-cnn",
+                structure="tucker",
+                n_calib=8,
+                n_eval=8,
+                sweep=(0.5,),
+                compare=("svd",),
+                out=str(tmp_path),
+                progress=False,
+                fold_batchnorm=True,
+            )
+        )
     assert seen == [True, True]
 
 
@@ -503,27 +614,43 @@ def test_shipped_cnns_with_every_conv_kind_inserted(shipped):
     after their second conv (each passing its input through): the grouped ones are kept with
     the reason, the others compressed; at full rank the predictions are the CNN's own."""
     import copy
+
     _, model, images = shipped
     model = copy.deepcopy(model)
-    model.features = nn.Sequential(*model.features, _identity_conv(64, groups=64, kernel_size=3, padding=1),
-                                   _identity_conv(64, groups=4, kernel_size=1),
-                                   _identity_conv(64, kernel_size=(3, 5), dilation=(1, 2), padding=(1, 4)),
-                                   _identity_conv(64, kernel_size=(5, 1), padding=(2, 0))).eval()
+    model.features = nn.Sequential(
+        *model.features,
+        _identity_conv(64, groups=64, kernel_size=3, padding=1),
+        _identity_conv(64, groups=4, kernel_size=1),
+        _identity_conv(64, kernel_size=(3, 5), dilation=(1, 2), padding=(1, 4)),
+        _identity_conv(64, kernel_size=(5, 1), padding=(2, 0)),
+    ).eval()
     calib, held_out = list(images[:128].split(64)), images[128:]
     full = {"features.3": (64, 32), "features.8": (64, 64), "features.9": (64, 64)}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # full rank: no fewer parameters than the dense kernel
+        warnings.simplefilter("ignore")  # full rank: no fewer parameters than the dense kernel
         small, report = tp.compress(model, calib, structure="tucker", method="whitened", ranks=full, ridge=1e-12)
     acc = {a.name: a for a in report.account}
     assert acc["features.6"].why.startswith("grouped conv (groups=64): not supported by tucker")
     assert "depthwise conv" in acc["features.6"].why
     assert acc["features.7"].why.startswith("grouped conv (groups=4): not supported by tucker")
-    assert [acc[f"features.{i}"].status for i in (0, 3, 6, 7, 8, 9)] == ["skipped", "compressed", "skipped",
-                                                                         "skipped", "compressed", "compressed"]
+    assert [acc[f"features.{i}"].status for i in (0, 3, 6, 7, 8, 9)] == [
+        "skipped",
+        "compressed",
+        "skipped",
+        "skipped",
+        "compressed",
+        "compressed",
+    ]
     with torch.no_grad():
         assert _rel(small(held_out), model(held_out)) < 1e-4
     # and CP at a budget runs on the same kinds, accounting for every conv (weights only: the
     # data-aware CP fits of these kinds are checked above, 3 s more here)
     _, report = tp.compress(model, calib, structure="cp", method="svd", budget=0.5)
-    assert [a.status for a in report.account][:6] == ["skipped", "compressed", "skipped", "skipped", "compressed",
-                                                     "compressed"]
+    assert [a.status for a in report.account][:6] == [
+        "skipped",
+        "compressed",
+        "skipped",
+        "skipped",
+        "compressed",
+        "compressed",
+    ]

@@ -1,4 +1,5 @@
 """The `convex` and `relu` data-driven low-rank methods (tensorpress.compress.convex / .relu)."""
+
 from __future__ import annotations
 
 import math
@@ -83,7 +84,7 @@ def problem():
     m, d, h = 600, 24, 16
     draw = _inputs(g, m, d, decay=1.0)
     X = draw(m)
-    E = 0.1 * torch.randn(d, d, generator=g, dtype=F64) / d ** 0.5
+    E = 0.1 * torch.randn(d, d, generator=g, dtype=F64) / d**0.5
     Xt = X + X @ E
     W = _layer(g, h, d)
     b = torch.randn(h, generator=g, dtype=F64)
@@ -242,8 +243,7 @@ def test_relu_nll_gradient_and_stability():
     sigma = 0.4
     Ma = M.clone().requires_grad_(True)
     act = Y > 0
-    ref = (0.5 * ((Y - Ma) ** 2)[act].sum()
-           - sigma ** 2 * torch.special.log_ndtr(-Ma / sigma)[~act].sum())
+    ref = 0.5 * ((Y - Ma) ** 2)[act].sum() - sigma**2 * torch.special.log_ndtr(-Ma / sigma)[~act].sum()
     ref.backward()
     value, grad = relu_nll(M, Y, sigma)
     assert value == pytest.approx(float(ref.detach()), rel=1e-12)
@@ -270,7 +270,7 @@ def _mlp_problem(seed, m=1200, d=40, h=80, offset=1.0):
     W = _layer(g, h, d)
     P = draw(4000) @ W.T
     b = -P.mean(0) + 0.5 * P.std(0) * torch.randn(h, generator=g, dtype=F64) - offset * P.std(0)
-    E = 0.1 * torch.randn(d, d, generator=g, dtype=F64) / d ** 0.5
+    E = 0.1 * torch.randn(d, d, generator=g, dtype=F64) / d**0.5
     X, Xte = draw(m), draw(m)
     return W, b, X, X + X @ E, Xte, Xte + Xte @ E
 
@@ -294,8 +294,10 @@ def test_relu_beats_activation_on_post_relu_error():
         # calibration post-ReLU error improves too
         assert _relu_err(W, b, fit.weight(), fit.bias, X, Xt) < _relu_err(W, b, W_a, b_a, X, Xt)
         results.append((e_svd, e_act, e_relu))
-        print(f"seed {seed} rank {r}: held-out post-ReLU error svd {e_svd:.4f} activation {e_act:.4f} "
-              f"relu {e_relu:.4f} (active {fit.info['active_fraction']:.2f}, start {fit.info['start']})")
+        print(
+            f"seed {seed} rank {r}: held-out post-ReLU error svd {e_svd:.4f} activation {e_act:.4f} "
+            f"relu {e_relu:.4f} (active {fit.info['active_fraction']:.2f}, start {fit.info['start']})"
+        )
         assert e_act < e_svd
         assert e_relu < e_act
     assert sum(e[2] / e[1] for e in results) / len(results) < 0.99, results  # >= 1% better on average
@@ -374,7 +376,7 @@ def test_gelu_beats_activation_on_post_gelu_error():
         P = draw(4000) @ W.T
         b = -P.mean(0) + 0.5 * P.std(0) * torch.randn(h, generator=g, dtype=F64) - P.std(0)
         W, b = W * (1.5 / P.std()), b * (1.5 / P.std())
-        E = 0.1 * torch.randn(d, d, generator=g, dtype=F64) / d ** 0.5
+        E = 0.1 * torch.randn(d, d, generator=g, dtype=F64) / d**0.5
         X, Xte = draw(m), draw(m)
         Xt, Xtte = X + X @ E, Xte + Xte @ E
         U, S, Vh = torch.linalg.svd(W)
@@ -383,8 +385,9 @@ def test_gelu_beats_activation_on_post_gelu_error():
         e_svd = err(W, b, (U[:, :r] * S[:r]) @ Vh[:r], b, Xte, Xtte)
         e_act = err(W, b, W_a, b_a, Xte, Xtte)
         e_gelu = err(W, b, fit.weight(), fit.bias, Xte, Xtte)
-        print(f"seed {seed} rank {r}: held-out post-GELU error svd {e_svd:.4f} activation {e_act:.4f} "
-              f"gelu {e_gelu:.4f}")
+        print(
+            f"seed {seed} rank {r}: held-out post-GELU error svd {e_svd:.4f} activation {e_act:.4f} gelu {e_gelu:.4f}"
+        )
         assert fit.info["objective"] <= fit.info["objective_activation"]
         assert torch.linalg.matrix_rank(fit.weight()) <= r
         assert e_gelu < e_act < e_svd

@@ -1,5 +1,6 @@
 """rank_rule="cv": held-out error curves from per-fold statistics, checked against explicit
 fits and evaluations on the rows, and the allocation they give inside compress()."""
+
 from __future__ import annotations
 
 import copy
@@ -9,10 +10,9 @@ import torch
 from torch import nn
 
 import tensorpress as tp
+from conftest import rel_err
 from tensorpress.compress import GramStats, fit_activation
 from tensorpress.compress.crossval import cv_error_curves, heldout_error_curve, merge_stats
-
-from conftest import rel_err
 
 
 def _rows(n, d, seed, offset=2.0):
@@ -45,7 +45,7 @@ def _direct_error(layer, train_x, test_x, rank, ridge):
 def test_heldout_curve_matches_explicit_fits_at_every_rank():
     layer = _layer(10, 7, seed=0)
     train_x, test_x = _rows(400, 10, seed=1), _rows(150, 10, seed=2, offset=2.5)
-    ridge = 1e-13   # the curve is exact for the unridged fit
+    ridge = 1e-13  # the curve is exact for the unridged fit
     err, energy = heldout_error_curve(layer, _stats(train_x), _stats(test_x), ridge=ridge)
     assert err.shape == (8,)
     for r in range(1, 8):
@@ -63,30 +63,34 @@ def test_heldout_curve_matches_explicit_fits_at_every_rank():
 def test_cv_curves_equal_a_brute_force_k_fold_loop():
     layer = _layer(9, 12, seed=3)
     x = _rows(500, 9, seed=4)
-    parts = list(x.split(100))            # five folds
+    parts = list(x.split(100))  # five folds
     folds = [{"l": _stats(p)} for p in parts]
     ridge = 1e-13
     curves = cv_error_curves({"l": layer}, folds, ridge=ridge)["l"]
     with torch.no_grad():
         energy = layer(x).square().sum().item()
     for r in (1, 3, 6, 9):
-        total = sum(_direct_error(layer, torch.cat([q for j, q in enumerate(parts) if j != k]), parts[k], r, ridge)
-                    for k in range(5))
+        total = sum(
+            _direct_error(layer, torch.cat([q for j, q in enumerate(parts) if j != k]), parts[k], r, ridge)
+            for k in range(5)
+        )
         assert curves[r].item() == pytest.approx(total / energy, rel=1e-7)
 
 
 def test_merge_stats_sums_the_rows_and_keeps_shared_accumulators():
     x = _rows(300, 6, seed=5)
     shared_a, shared_b = _stats(x[:120]), _stats(x[120:])
-    parts = [{"q": shared_a, "k": shared_a, "o": _stats(x[:120] * 2)},
-             {"q": shared_b, "k": shared_b, "o": _stats(x[120:] * 2)}]
+    parts = [
+        {"q": shared_a, "k": shared_a, "o": _stats(x[:120] * 2)},
+        {"q": shared_b, "k": shared_b, "o": _stats(x[120:] * 2)},
+    ]
     merged = merge_stats(parts)
     assert merged["q"] is merged["k"] and merged["q"] is not merged["o"]
     whole = _stats(x)
     assert merged["q"].n == 300
     assert rel_err(merged["q"].cov_ref, whole.cov_ref) < 1e-12
     assert rel_err(merged["o"].mean_ref, 2 * whole.mean_ref) < 1e-12
-    assert parts[0]["q"].n == 120   # the parts are left as they were
+    assert parts[0]["q"].n == 120  # the parts are left as they were
 
 
 class _Planted(nn.Module):
@@ -99,8 +103,8 @@ class _Planted(nn.Module):
         with torch.no_grad():
             for layer, rank in ((self.a, 2), (self.b, 8), (self.c, 3)):
                 out_f, in_f = layer.weight.shape
-                w = torch.randn(out_f, rank, generator=g) @ torch.randn(rank, in_f, generator=g) / in_f ** 0.5
-                layer.weight.copy_(w + 0.01 * torch.randn(out_f, in_f, generator=g) / in_f ** 0.5)
+                w = torch.randn(out_f, rank, generator=g) @ torch.randn(rank, in_f, generator=g) / in_f**0.5
+                layer.weight.copy_(w + 0.01 * torch.randn(out_f, in_f, generator=g) / in_f**0.5)
 
     def forward(self, x):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))

@@ -1,5 +1,6 @@
 """compress() under torch.distributed: 2 processes (gloo) give the model one process gives.
 Runs in child processes with a timeout (gloo teardown has hung once in this suite)."""
+
 from __future__ import annotations
 
 import json
@@ -100,15 +101,19 @@ CHILD = textwrap.dedent(r"""
 def _run(tmp_path, method, rule, structure="lowrank"):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path), method, rule, structure], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), method, rule, structure],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_two_processes_give_the_one_process_model_activation(tmp_path):
     r = _run(tmp_path, "activation", "none")
-    assert r["feedback"] == ["blocks.0.out.dense", "blocks.1.out.dense"]   # OffsetStats summed too
+    assert r["feedback"] == ["blocks.0.out.dense", "blocks.1.out.dense"]  # OffsetStats summed too
     assert r["rows0"] == r["rows_single"] == 1200
     assert r["ranks0"] == r["ranks1"] == r["ranks_single"]
     assert r["between_ranks"] < 1e-12

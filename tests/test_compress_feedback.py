@@ -1,4 +1,5 @@
 """Residual feedback: low-rank fits that also make up for the residual stream's error."""
+
 import pytest
 import torch
 from torch import nn
@@ -103,10 +104,18 @@ def test_activation_fit_with_offset_solves_the_shifted_problem():
 def test_residual_partners_finds_post_norm_branches_only():
     post, pre = Stack(), Stack(out_cls=PreNormOut)
     x = data(32)
-    targets = lambda m: {n: m.get_submodule(n) for n in ("blocks.0.up", "blocks.0.out.dense",  # noqa: E731
-                                                         "blocks.2.out.dense")}
-    assert residual_partners(post, targets(post), x) == {"blocks.0.out.dense": "blocks.0.out",
-                                                         "blocks.2.out.dense": "blocks.2.out"}
+    targets = lambda m: {
+        n: m.get_submodule(n)
+        for n in (
+            "blocks.0.up",
+            "blocks.0.out.dense",  # noqa: E731
+            "blocks.2.out.dense",
+        )
+    }
+    assert residual_partners(post, targets(post), x) == {
+        "blocks.0.out.dense": "blocks.0.out",
+        "blocks.2.out.dense": "blocks.2.out",
+    }
     assert residual_partners(pre, targets(pre), x) == {}
 
 
@@ -178,9 +187,9 @@ def test_a_shared_cache_keeps_the_original_models_rows_and_changes_no_result(mon
     again, _ = tensorpress.compress(model, calib, budget=0.6, cache=cache)
     handle.remove()
     kept = [k for k in cache if isinstance(k, tuple) and k[0] == "ref-stage-rows"]
-    assert len(kept) == 6 * len(calib)                       # 2 stages per block, every batch
+    assert len(kept) == 6 * len(calib)  # 2 stages per block, every batch
     assert any(k[2] == ("blocks.2.out.dense",) for k in kept)  # residual rows kept with the stage
-    assert len(calls) <= first_calls - len(calib)   # no replay of the original per batch
+    assert len(calls) <= first_calls - len(calib)  # no replay of the original per batch
     fresh, _ = tensorpress.compress(model, calib, budget=0.6)
     monkeypatch.setattr(sequential, "REF_ROWS_BYTES", 0)
     capped_cache = {}

@@ -1,4 +1,5 @@
 """Rank rules (optimism, cv, energy) for the tensor structures tt, tucker and cp."""
+
 import math
 
 import pytest
@@ -9,8 +10,13 @@ import tensorpress
 from tensorpress.compress.crossval import merge_stats
 from tensorpress.compress.output_error import output_error
 from tensorpress.compress.stats import GramStats
-from tensorpress.compress.structured_rules import (CANDIDATE_FRACTIONS, CURVE_EFFORT, allocate_structured,
-                                                   candidate_ranks, measure_curves)
+from tensorpress.compress.structured_rules import (
+    CANDIDATE_FRACTIONS,
+    CURVE_EFFORT,
+    allocate_structured,
+    candidate_ranks,
+    measure_curves,
+)
 from tensorpress.compress.structures import ADAPTERS, budget_params
 from tensorpress.ops.tt import tt_to_dense
 
@@ -48,8 +54,11 @@ def test_tucker_dof_is_the_dimension_of_the_tucker2_manifold(ranks):
     conv = nn.Conv2d(6, 7, 3)
     torch.manual_seed(1)
     r_out, r_in = ranks
-    factors = [torch.randn(7, r_out, dtype=F64), torch.randn(r_out, r_in, 3, 3, dtype=F64),
-               torch.randn(r_in, 6, dtype=F64)]
+    factors = [
+        torch.randn(7, r_out, dtype=F64),
+        torch.randn(r_out, r_in, 3, 3, dtype=F64),
+        torch.randn(r_in, 6, dtype=F64),
+    ]
     kernel = lambda a, c, b: torch.einsum("oa,abhw,bi->oihw", a, c, b)  # noqa: E731
     assert ADAPTERS["tucker"].rank_dof(conv, ranks) == jacobian_rank(kernel, factors) + 7
 
@@ -58,15 +67,20 @@ def test_tucker_dof_is_the_dimension_of_the_tucker2_manifold(ranks):
 def test_cp_dof_is_the_dimension_of_the_cp_manifold(rank):
     conv = nn.Conv2d(6, 7, 3)
     torch.manual_seed(2)
-    factors = [torch.randn(7, rank, dtype=F64), torch.randn(rank, 6, dtype=F64), torch.randn(rank, 3, dtype=F64),
-               torch.randn(rank, 3, dtype=F64)]
+    factors = [
+        torch.randn(7, rank, dtype=F64),
+        torch.randn(rank, 6, dtype=F64),
+        torch.randn(rank, 3, dtype=F64),
+        torch.randn(rank, 3, dtype=F64),
+    ]
     kernel = lambda a, b, c, d: torch.einsum("or,ri,rh,rw->oihw", a, b, c, d)  # noqa: E731
     assert ADAPTERS["cp"].rank_dof(conv, rank) == jacobian_rank(kernel, factors) + 7
 
 
 # ---------------------------------------------------------------------------- curves
-@pytest.mark.parametrize("structure,layer", [("tt", nn.Linear(24, 36)), ("tucker", nn.Conv2d(8, 12, 3)),
-                                             ("cp", nn.Conv2d(8, 12, 3))])
+@pytest.mark.parametrize(
+    "structure,layer", [("tt", nn.Linear(24, 36)), ("tucker", nn.Conv2d(8, 12, 3)), ("cp", nn.Conv2d(8, 12, 3))]
+)
 def test_candidates_are_distinct_smaller_than_the_layer_and_include_the_budget(structure, layer):
     adapter = ADAPTERS[structure]
     ranks = candidate_ranks(adapter, layer, 0.37)
@@ -95,7 +109,7 @@ def test_curves_are_the_fits_errors_and_the_heldout_errors_are_explicit_kfold():
     cands = curves["l"]
     assert len(ticks) == 4 * len(cands)
     errs = [c.train for c in cands]
-    assert errs[0] > errs[-1]          # more parameters fit better
+    assert errs[0] > errs[-1]  # more parameters fit better
     for c in cands[::3]:
         fit = adapter.fit("whitened", layer, stats_of(x), c.rank, dict(CURVE_EFFORT))
         assert math.isclose(c.train, output_error(layer, fit, stats_of(x)) ** 2, rel_tol=1e-9)
@@ -121,9 +135,11 @@ def test_allocation_respects_the_budget_and_favours_the_layer_that_needs_rank():
     adapter = ADAPTERS["tt"]
     easy, hard = nn.Linear(24, 36).double(), nn.Linear(24, 36).double()
     out_f, in_f = adapter.factors(easy)
-    cores = [torch.randn(1, out_f[0], in_f[0], 2, dtype=F64), *[torch.randn(2, m, n, 2, dtype=F64)
-                                                                for m, n in zip(out_f[1:-1], in_f[1:-1])],
-             torch.randn(2, out_f[-1], in_f[-1], 1, dtype=F64)]
+    cores = [
+        torch.randn(1, out_f[0], in_f[0], 2, dtype=F64),
+        *[torch.randn(2, m, n, 2, dtype=F64) for m, n in zip(out_f[1:-1], in_f[1:-1])],
+        torch.randn(2, out_f[-1], in_f[-1], 1, dtype=F64),
+    ]
     with torch.no_grad():
         easy.weight.copy_(tt_to_dense(cores) / 3)
     layers = {"easy": easy, "hard": hard}
@@ -135,8 +151,9 @@ def test_allocation_respects_the_budget_and_favours_the_layer_that_needs_rank():
     by_rank = {n: {c.rank: c for c in cs} for n, cs in curves.items()}
     for rule in ("optimism", "energy"):
         chosen = allocate_structured(rule, layers, curves, 4000, 0.4)
-        params = {n: budget_params(layers[n]) if r is None else adapter.rank_params(layers[n], r)
-                  for n, r in chosen.items()}
+        params = {
+            n: budget_params(layers[n]) if r is None else adapter.rank_params(layers[n], r) for n, r in chosen.items()
+        }
         assert sum(params.values()) <= total
         assert params["hard"] > adapter.rank_params(hard, uniform["hard"])
         assert params["easy"] < adapter.rank_params(easy, uniform["easy"])
@@ -173,14 +190,13 @@ def _kept(report):
 def test_compress_tt_with_a_rank_rule(rule):
     torch.manual_seed(6)
     model = MLP()
-    with torch.no_grad():   # layer a is nearly TT rank 1: the rules should spend little on it
+    with torch.no_grad():  # layer a is nearly TT rank 1: the rules should spend little on it
         adapter = ADAPTERS["tt"]
         out_f, in_f = adapter.factors(model.a)
         cores = [torch.randn(1, m, n, 1) for m, n in zip(out_f, in_f)]
         model.a.weight.copy_(tt_to_dense(cores) * 0.05 + 1e-3 * torch.randn(36, 24))
     calib = [_planted_linear_data(seed=s, n=300).float() for s in range(6)]
-    cmp, report = tensorpress.compress(model, calib, structure="tt", method="whitened", budget=0.45,
-                                       rank_rule=rule)
+    cmp, report = tensorpress.compress(model, calib, structure="tt", method="whitened", budget=0.45, rank_rule=rule)
     assert report.rank_rule == rule and report.rank_rule_seconds > 0
     assert _kept(report) <= 0.45 + 1e-9
     by_name = {r.name: r for r in report.layers}
@@ -191,8 +207,10 @@ def test_compress_tt_with_a_rank_rule(rule):
     with torch.no_grad():
         ref = model(held)
         err = ((cmp(held) - ref).norm() / ref.norm()).item()
-        err_uniform = ((tensorpress.compress(model, calib, structure="tt", method="whitened", budget=0.45)[0](held)
-                        - ref).norm() / ref.norm()).item()
+        err_uniform = (
+            (tensorpress.compress(model, calib, structure="tt", method="whitened", budget=0.45)[0](held) - ref).norm()
+            / ref.norm()
+        ).item()
     assert err < err_uniform
 
 

@@ -1,4 +1,5 @@
 """compress() with the tensor structures: data-aware TT (Linear) and Tucker-2 / CP (Conv2d)."""
+
 import copy
 
 import pytest
@@ -10,8 +11,15 @@ from tensorpress.compress.calibrate import conv_patches
 from tensorpress.compress.conv import fit_cp_conv, fit_tucker_conv
 from tensorpress.compress.saving import load_compressed, save_compressed
 from tensorpress.compress.stats import GramStats
-from tensorpress.compress.tt import (_CoreMap, _extend_left, _extend_right, fit_tt_activation, fit_tt_svd,
-                                     tt_params, uniform_tt_rank)
+from tensorpress.compress.tt import (
+    _CoreMap,
+    _extend_left,
+    _extend_right,
+    fit_tt_activation,
+    fit_tt_svd,
+    tt_params,
+    uniform_tt_rank,
+)
 from tensorpress.nn import CPConv2d, TTLinear, TuckerConv2d
 from tensorpress.ops.tt import tt_to_dense
 
@@ -52,7 +60,7 @@ def test_tt_core_update_solves_the_least_squares_problem():
     w = torch.randn(6, 8, dtype=F64)
     st = one_shot(correlated(400, 8, decay=1.0))
     fit = fit_tt_activation(w, None, st, 2, (2, 3), (2, 4), sweeps=1, cg_iters=500)
-    cores = list(fit.cores)   # a sweep ends by updating core 0 against the fixed core 1
+    cores = list(fit.cores)  # a sweep ends by updating core 0 against the fixed core 1
     gram = st.cov_in + 1e-6 * st.cov_in.diagonal().mean() * torch.eye(8, dtype=F64)
     one = torch.ones(1, 1, 1, dtype=F64)
     cmap = _CoreMap(one, _extend_right(cores[1], one), 2, 2)
@@ -109,9 +117,16 @@ def test_tt_fit_rejects_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------ conv
-@pytest.mark.parametrize("kw", [dict(padding=1), dict(padding="same", dilation=2), dict(stride=2, padding=2,
-                                padding_mode="reflect"), dict(padding=(1, 0), padding_mode="circular"),
-                                dict(kernel_size=(4, 2), padding="same")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(padding=1),
+        dict(padding="same", dilation=2),
+        dict(stride=2, padding=2, padding_mode="reflect"),
+        dict(padding=(1, 0), padding_mode="circular"),
+        dict(kernel_size=(4, 2), padding="same"),
+    ],
+)
 def test_conv_patches_reproduce_the_conv(kw):
     k = kw.pop("kernel_size", 3)
     conv = nn.Conv2d(3, 5, k, **kw).double()
@@ -192,7 +207,7 @@ def _heldout_error(model, cmp, x):
 def test_compress_tt_structure():
     torch.manual_seed(5)
     model = MLP().eval()
-    data = correlated(1024, 24).float()   # one distribution: calibration and held-out rows
+    data = correlated(1024, 24).float()  # one distribution: calibration and held-out rows
     calib, held = list(data[:512].split(128)), data[512:]
     before = copy.deepcopy(model.state_dict())
     errs = {}
@@ -211,8 +226,9 @@ def test_compress_tt_ranks_and_round_trip(tmp_path):
     torch.manual_seed(6)
     model = MLP().eval()
     calib = list(correlated(128, 24).float().split(64))
-    cmp, report = tensorpress.compress(model, calib, structure="tt", ranks={"net.0": 3, "net.2": [2, 4, 2],
-                                                                               "net.4": 2}, include="net.*")
+    cmp, report = tensorpress.compress(
+        model, calib, structure="tt", ranks={"net.0": 3, "net.2": [2, 4, 2], "net.4": 2}, include="net.*"
+    )
     assert cmp.net[2].ranks == (2, 4, 2) and cmp.net[0].ranks[0] <= 3
     path = save_compressed(cmp, report, tmp_path / "m.safetensors")
     back = load_compressed(model, path)
@@ -253,5 +269,6 @@ def test_compress_structure_bad_input():
     with pytest.raises(ValueError, match="model: no eligible layer"):
         tensorpress.compress(model, calib, structure="tucker")
     with pytest.raises(ValueError, match="ranks: layer 'c2'"):
-        tensorpress.compress(CNN(), [torch.randn(2, 3, 8, 8)], structure="tucker",
-                             ranks={"c1": 2, "c2": (1, 2, 3), "c3": 2})
+        tensorpress.compress(
+            CNN(), [torch.randn(2, 3, 8, 8)], structure="tucker", ranks={"c1": 2, "c2": (1, 2, 3), "c3": 2}
+        )

@@ -4,18 +4,17 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import rel_err
 from tensorpress.decompose import cp_to_tensor
 from tensorpress.nn import CPConv2d, TuckerConv2d
-
-from conftest import rel_err
 
 # (kernel, stride, padding, dilation, padding_mode); every case on a non-square input
 GEOMETRIES = [
     ((3, 3), 1, 0, 1, "zeros"),
     ((3, 3), 2, 1, 1, "zeros"),
     ((3, 3), 1, "same", 2, "zeros"),
-    ((2, 2), 1, "same", 1, "zeros"),      # even kernel: asymmetric 'same' padding
-    ((4, 2), 2, 1, (2, 1), "zeros"),      # even, non-square kernel
+    ((2, 2), 1, "same", 1, "zeros"),  # even kernel: asymmetric 'same' padding
+    ((4, 2), 2, 1, (2, 1), "zeros"),  # even, non-square kernel
     ((3, 5), (2, 1), (1, 2), (1, 2), "zeros"),
     ((3, 3), 1, 1, 1, "reflect"),
     ((3, 3), 2, 1, 1, "circular"),
@@ -33,8 +32,9 @@ def _layer(kind, geom, cin=5, cout=7, bias=True, dtype=torch.float64, rank=4):
     k, s, p, d, mode = geom
     if kind == "cp":
         return CPConv2d(cin, cout, k, rank, stride=s, padding=p, dilation=d, bias=bias, padding_mode=mode, dtype=dtype)
-    return TuckerConv2d(cin, cout, k, (3, 4), stride=s, padding=p, dilation=d, bias=bias, padding_mode=mode,
-                        dtype=dtype)
+    return TuckerConv2d(
+        cin, cout, k, (3, 4), stride=s, padding=p, dilation=d, bias=bias, padding_mode=mode, dtype=dtype
+    )
 
 
 @pytest.mark.parametrize("kind", ["cp", "tucker"])
@@ -48,7 +48,7 @@ def test_forward_equals_conv_with_to_dense(kind, geom):
     y = layer(x)
     assert y.shape == ref(x).shape
     assert rel_err(y, ref(x)) < 1e-12
-    assert rel_err(layer(x[0]), ref(x[0])) < 1e-12       # unbatched input
+    assert rel_err(layer(x[0]), ref(x[0])) < 1e-12  # unbatched input
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES)
@@ -113,8 +113,11 @@ def test_state_dict_round_trip(kind):
     x = torch.randn(2, 5, 9, 10)
     assert torch.equal(a(x), b(x))
     names = set(a.state_dict())
-    assert names == ({"pointwise_in", "depthwise_h", "depthwise_w", "pointwise_out", "bias"} if kind == "cp"
-                     else {"first", "core", "last", "bias"})
+    assert names == (
+        {"pointwise_in", "depthwise_h", "depthwise_w", "pointwise_out", "bias"}
+        if kind == "cp"
+        else {"first", "core", "last", "bias"}
+    )
 
 
 @pytest.mark.parametrize("kind", ["cp", "tucker"])
@@ -140,7 +143,11 @@ def test_half_precision(kind, dtype):
     assert rel_err(y, ref(x)) < (2e-2 if dtype == torch.bfloat16 else 5e-3)
     # from_dense of a half conv gives a half layer
     conv = nn.Conv2d(5, 7, 3, padding=1, dtype=dtype)
-    layer = CPConv2d.from_dense(conv, rank=4, n_iter_max=10) if kind == "cp" else TuckerConv2d.from_dense(conv, ranks=(7, 5))
+    layer = (
+        CPConv2d.from_dense(conv, rank=4, n_iter_max=10)
+        if kind == "cp"
+        else TuckerConv2d.from_dense(conv, ranks=(7, 5))
+    )
     assert all(p.dtype == dtype for p in layer.parameters())
     if kind == "tucker":
         assert rel_err(layer(x.to(dtype)), conv(x.to(dtype))) < 3e-2

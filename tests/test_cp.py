@@ -1,12 +1,12 @@
 """CP-ALS and over-parameterized CP: planted recovery, fit history, results, bad input."""
+
 import math
 
 import pytest
 import torch
 
-from tensorpress.decompose import CPResult, cp_als, cp_overparam, cp_to_tensor
-
 from conftest import rel_err
+from tensorpress.decompose import CPResult, cp_als, cp_overparam, cp_to_tensor
 
 
 def planted(shape, rank, seed, orthogonal=False):
@@ -47,7 +47,7 @@ def test_cp_als_history_is_nonincreasing_and_respects_n_iter_max():
     res = cp_als(noisy, 4, n_iter_max=7, tol=0.0, init="random", random_state=1)
     assert res.n_iter == 7 and len(res.history) == 8 and not res.converged
     h = torch.tensor(res.history)
-    assert (h[1:] <= h[:-1] + 1e-9).all()     # ALS never increases the error (tiny ridge aside)
+    assert (h[1:] <= h[:-1] + 1e-9).all()  # ALS never increases the error (tiny ridge aside)
 
 
 def test_cp_als_keeps_dtype_and_accepts_generator_and_warm_start():
@@ -81,8 +81,9 @@ def test_cp_als_degenerate_problem_stays_finite():
     assert res.rel_error < 0.5
 
 
-@pytest.mark.parametrize("shape,rank,orthogonal", [((8, 8, 8), 3, False), ((10, 10, 10), 2, True),
-                                                   ((6, 6, 6, 6), 2, False)])
+@pytest.mark.parametrize(
+    "shape,rank,orthogonal", [((8, 8, 8), 3, False), ((10, 10, 10), 2, True), ((6, 6, 6, 6), 2, False)]
+)
 def test_cp_overparam_recovers_planted_tensor(shape, rank, orthogonal):
     t, _ = planted(shape, rank, seed=6, orthogonal=orthogonal)
     res = cp_overparam(t, rank, random_state=0)

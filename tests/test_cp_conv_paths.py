@@ -1,27 +1,26 @@
 """CPConv2d's speed paths (GEMM 1x1 stages, fused depthwise kernel) against the general path
 (F.conv2d 1x1 stages, two 1-D depthwise convs) and the dense conv, on the same inputs."""
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tensorpress.nn import CPConv2d
-from tensorpress.nn import conv_paths, cp_conv2d
-
 from conftest import rel_err
+from tensorpress.nn import CPConv2d, conv_paths, cp_conv2d
 
 # (kernel, stride, padding, dilation, padding_mode); kernels on both sides of MAX_FUSED_DEPTHWISE
 GEOMETRIES = [
     ((3, 3), 1, 1, 1, "zeros"),
     ((3, 3), 2, 0, 1, "zeros"),
-    ((2, 2), 1, "same", 1, "zeros"),                  # asymmetric 'same' padding (explicit pad)
+    ((2, 2), 1, "same", 1, "zeros"),  # asymmetric 'same' padding (explicit pad)
     ((4, 2), (2, 1), 1, (2, 1), "zeros"),
     ((3, 5), (1, 2), (1, 2), (1, 2), "zeros"),
     ((3, 3), 2, 1, 1, "reflect"),
     ((3, 3), 1, "same", 2, "circular"),
     ((1, 3), 1, (0, 1), 1, "replicate"),
-    ((7, 7), 1, 3, 1, "zeros"),                       # largest fused kernel
-    ((9, 3), (1, 2), (4, 1), 1, "zeros"),             # beyond it: the separable path
+    ((7, 7), 1, 3, 1, "zeros"),  # largest fused kernel
+    ((9, 3), (1, 2), (4, 1), 1, "zeros"),  # beyond it: the separable path
     ((1, 1), 2, 0, 1, "zeros"),
 ]
 
@@ -62,8 +61,12 @@ def test_fast_path_equals_general_path_and_dense(geom, bias):
 
 def _all_routes(layer, x):
     """Every combination of the stages' routes this layer and input may take."""
-    return [cp_conv2d.Routes(a, d, b) for a in cp_conv2d.pointwise_candidates(x)
-            for d in cp_conv2d.depthwise_candidates(layer.kernel_size) for b in ("gemm", "conv")]
+    return [
+        cp_conv2d.Routes(a, d, b)
+        for a in cp_conv2d.pointwise_candidates(x)
+        for d in cp_conv2d.depthwise_candidates(layer.kernel_size)
+        for b in ("gemm", "conv")
+    ]
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES)
@@ -94,10 +97,10 @@ def test_static_routes_follow_max_fused_depthwise(geom, monkeypatch):
     layer = _layer(geom)
     x = torch.randn(2, 5, 12, 11, dtype=torch.float64)
     fused = layer(x)
-    monkeypatch.setattr(cp_conv2d, "MAX_FUSED_DEPTHWISE", 0)       # every kernel -> separable
+    monkeypatch.setattr(cp_conv2d, "MAX_FUSED_DEPTHWISE", 0)  # every kernel -> separable
     assert layer.routes(x).depthwise == "separable"
     separable = layer(x)
-    monkeypatch.setattr(cp_conv2d, "MAX_FUSED_DEPTHWISE", 99)      # every kernel -> fused
+    monkeypatch.setattr(cp_conv2d, "MAX_FUSED_DEPTHWISE", 99)  # every kernel -> fused
     assert layer.routes(x) == ("gemm", "fused", "gemm")
     all_fused = layer(x)
     assert rel_err(fused, separable) < 1e-12
@@ -114,7 +117,7 @@ def test_pointwise_conv_matches_conv2d(memory_format, bias):
     y = cp_conv2d.pointwise_conv(x, w, b)
     assert y.shape == (4, 9, 5, 3)
     assert rel_err(y, F.conv2d(x, w, b)) < 1e-13
-    empty = cp_conv2d.pointwise_conv(x[:0], w, b)                    # empty batch
+    empty = cp_conv2d.pointwise_conv(x[:0], w, b)  # empty batch
     assert empty.shape == (0, 9, 5, 3)
 
 

@@ -1,12 +1,11 @@
 """CPConv2d's per-shape route choice (tensorpress.nn.conv_paths): decided by a scripted clock,
 measured once per shape key, never while torch records or transforms the computation."""
+
 import pytest
 import torch
 
-from tensorpress.nn import CPConv2d
-from tensorpress.nn import conv_paths, cp_conv2d
-
 from conftest import rel_err
+from tensorpress.nn import CPConv2d, conv_paths, cp_conv2d
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +34,7 @@ class ScriptedClock:
         def run(*args):
             self.now += self.costs[name]
             return fn(*args)
+
         return run
 
 
@@ -54,8 +54,8 @@ def test_choice_follows_the_scripted_timings(monkeypatch):
     assert list(conv_paths.cached().values()) == [("conv", "separable", "conv")]
     assert rel_err(y, layer.to_conv()(x)) < 1e-12
     clock.costs.update(gemm=0.5, fused=0.5)
-    assert layer.routes(x) == ("conv", "separable", "conv")        # cached
-    conv_paths.clear_cache()                                        # measured again: the new timings
+    assert layer.routes(x) == ("conv", "separable", "conv")  # cached
+    conv_paths.clear_cache()  # measured again: the new timings
     assert layer.routes(x) == ("gemm", "fused", "gemm")
 
 
@@ -65,7 +65,7 @@ def test_a_cached_choice_is_kept_without_measuring(monkeypatch):
     first = layer(x)
     assert layer.routes(x) == ("gemm", "fused", "gemm")
     reads = clock.reads
-    clock.costs.update(gemm=9.0, fused=9.0)          # the timings change; the choice does not
+    clock.costs.update(gemm=9.0, fused=9.0)  # the timings change; the choice does not
     for _ in range(3):
         assert torch.equal(layer(x), first)
     assert clock.reads == reads and layer.routes(x) == ("gemm", "fused", "gemm")
@@ -88,13 +88,13 @@ def test_the_key_separates_shapes_and_modes(monkeypatch):
     layer = _layer()
     calls = [
         lambda: layer(_x()),
-        lambda: layer(_x(n=7)),                                   # same batch bucket [4, 8): no measurement
-        lambda: layer(_x(n=8)),                                   # next bucket
-        lambda: layer(_x(size=10)),                               # spatial size
+        lambda: layer(_x(n=7)),  # same batch bucket [4, 8): no measurement
+        lambda: layer(_x(n=8)),  # next bucket
+        lambda: layer(_x(size=10)),  # spatial size
         lambda: layer(_x().to(memory_format=torch.channels_last)),  # layout
-        lambda: layer(_x(n=4)[0]),                                # unbatched: batch 1
-        lambda: no_grad(layer)(_x()),                             # no graph: timed forward only
-        lambda: _layer(kernel=5)(_x()),                           # geometry
+        lambda: layer(_x(n=4)[0]),  # unbatched: batch 1
+        lambda: no_grad(layer)(_x()),  # no graph: timed forward only
+        lambda: _layer(kernel=5)(_x()),  # geometry
         lambda: _layer(dtype=torch.float32)(_x(dtype=torch.float32)),  # dtype
     ]
     sizes = []
@@ -125,7 +125,7 @@ def test_training_measurement_leaves_grads_and_graph_alone(monkeypatch):
     y = layer(x)
     assert all(p.grad is None for p in layer.parameters()) and x.grad is None
     (key,) = conv_paths.cached()
-    assert key[-1] is True                                     # keyed as a training call
+    assert key[-1] is True  # keyed as a training call
     y.sum().backward()
     ref = layer.to_conv()
     x2 = x.detach().requires_grad_()
@@ -140,6 +140,7 @@ def _count_measurements(monkeypatch):
     def counted(routes):
         count["n"] += 1
         return real(routes)
+
     monkeypatch.setattr(conv_paths, "fastest", counted)
     return count
 
@@ -158,6 +159,7 @@ def test_recording_and_transforms_never_measure(record, monkeypatch):
         y = None
     elif record == "forward_ad":
         import torch.autograd.forward_ad as fwAD
+
         with fwAD.dual_level():
             y = fwAD.unpack_dual(layer(fwAD.make_dual(x, torch.ones_like(x)))).primal
     elif record == "autocast":
@@ -207,7 +209,9 @@ def test_fastest_takes_the_smallest_time(monkeypatch):
     def route(name):
         def run():
             now["t"] += next(runs[name])
+
         return run
+
     assert conv_paths.fastest({"b": route("b"), "a": route("a")}) == "a"
     assert conv_paths.fastest({"only": lambda: None}) == "only"
 

@@ -1,6 +1,7 @@
 """scripts/cuda_static.py (issue 23, item 5): the occupancy rules, the parsing of ptxas's report
 and the verdicts on captured compiler output run without nvcc; the representative launch
 configurations are checked against the C++ schedule; one test runs the whole script (nvcc)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -140,16 +141,27 @@ def test_parse_ptxas_spills_and_local_memory():
 def test_parse_ptxas_compiler_diagnostics():
     funcs, diagnostics = cs.parse_ptxas(FRONT_END_ERROR + "x.cu:2:15: warning: unused parameter 'a'\n")
     assert funcs == {}
-    assert diagnostics == ['fe.cu(1): error #177-D: variable "unused" was declared but never referenced',
-                           "x.cu:2:15: warning: unused parameter 'a'"]
+    assert diagnostics == [
+        'fe.cu(1): error #177-D: variable "unused" was declared but never referenced',
+        "x.cu:2:15: warning: unused parameter 'a'",
+    ]
 
 
 def test_short_names():
-    assert cs.short_name("void tensorpress::tt::(anonymous namespace)::tiled_gemm_kernel<float, float, __nv_bfloat16, "
-                         "float>(tensorpress::tt::(anonymous namespace)::TiledGemm<float, float, __nv_bfloat16>)") \
+    assert (
+        cs.short_name(
+            "void tensorpress::tt::(anonymous namespace)::tiled_gemm_kernel<float, float, __nv_bfloat16, "
+            "float>(tensorpress::tt::(anonymous namespace)::TiledGemm<float, float, __nv_bfloat16>)"
+        )
         == "tiled_gemm_kernel<f32,f32,bf16,f32>"
-    assert cs.short_name("void tensorpress::svd::(anonymous namespace)::jacobi_kernel<double>(double const*, double*, "
-                         "double*, double*, int, int, double, int)") == "jacobi_kernel<f64>"
+    )
+    assert (
+        cs.short_name(
+            "void tensorpress::svd::(anonymous namespace)::jacobi_kernel<double>(double const*, double*, "
+            "double*, double*, int, int, double, int)"
+        )
+        == "jacobi_kernel<f64>"
+    )
     assert cs.short_name("void k<__half, float>(Args<__half, float>)") == "k<f16,f32>"
     assert cs.short_name("lmem(float*, int)") == "lmem"
 
@@ -219,13 +231,23 @@ def test_representative_launches_match_the_schedule():
         assert (per_block, per_sm) == (cs.DEVICES[arch].smem_per_block, cs.DEVICES[arch].smem_per_sm)
         call = cs.TT_CALL
         dims = call["core_dims"]
-        shapes = tuple(tuple(dims[i:i + 4]) for i in range(0, len(dims), 4))
-        plan = choose_cuda_plan(shapes, call["batch"], CudaLimits(per_block, per_sm, sms), torch.float32,
-                                allow_dense=False)
+        shapes = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
+        plan = choose_cuda_plan(
+            shapes, call["batch"], CudaLimits(per_block, per_sm, sms), torch.float32, allow_dense=False
+        )
         assert (plan.path, plan.groups, list(plan.order)) == ("fused", tuple((i,) for i in range(4)), call["order"])
         for (kernel, acc), smem in cs.FUSED_SMEM.items():
-            s = _C.tt_cuda_schedule(dims, call["order"], call["batch"], kernel == "fused_backward_kernel", acc,
-                                    per_block, per_sm, sms, "auto")
+            s = _C.tt_cuda_schedule(
+                dims,
+                call["order"],
+                call["batch"],
+                kernel == "fused_backward_kernel",
+                acc,
+                per_block,
+                per_sm,
+                sms,
+                "auto",
+            )
             assert (s["path"], s["smem_bytes"]) == ("fused", smem[arch]), (kernel, acc, arch)
     m, n = cs.JACOBI_CALL
     assert n == JACOBI_MAX_COLUMNS_CUDA and _C.svd_jacobi_cuda_smem_bytes(m, n) == cs.JACOBI_SMEM
@@ -238,15 +260,22 @@ def test_full_run_passes(tmp_path):
     or local memory; every kernel in the report with its launch configuration."""
     out = tmp_path / "cuda_static.md"
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     md = out.read_text()
     assert "- result: PASS" in md
     for arch in ("80", "90"):
         section = md.split(f"## sm_{arch}", 1)[1].split("\n## ", 1)[0]
-        for kernel in ("jacobi_kernel<f32>", "fused_forward_kernel<f32,f32>", "fused_backward_kernel<bf16,f32>",
-                       "tiled_gemm_kernel<f64,f64,f64,f64>", "gather_rows_kernel<f16,f32>", "reduce_partials_kernel<f64>"):
+        for kernel in (
+            "jacobi_kernel<f32>",
+            "fused_forward_kernel<f32,f32>",
+            "fused_backward_kernel<bf16,f32>",
+            "tiled_gemm_kernel<f64,f64,f64,f64>",
+            "gather_rows_kernel<f16,f32>",
+            "reduce_partials_kernel<f64>",
+        ):
             row = next((line for line in section.splitlines() if f"`{kernel}`" in line), None)
             assert row is not None, f"{kernel} missing from the sm_{arch} table"
             assert "| ? |" not in row and re.search(r"\| \d+\.\d% \(\d+/64 warps\) \|", row), row  # launch, occupancy

@@ -1,4 +1,5 @@
 """TT rounding and Tucker (HOSVD, HOOI) against their guarantees."""
+
 import math
 
 import pytest
@@ -47,9 +48,11 @@ def test_tt_round_error_bound_and_reported_error(eps):
 
 def test_tt_round_max_rank_and_tt_matrix_cores():
     gen = torch.Generator().manual_seed(2)
-    cores = [torch.randn(1, 4, 4, 6, generator=gen, dtype=torch.float64),
-             torch.randn(6, 4, 4, 6, generator=gen, dtype=torch.float64),
-             torch.randn(6, 4, 4, 1, generator=gen, dtype=torch.float64)]
+    cores = [
+        torch.randn(1, 4, 4, 6, generator=gen, dtype=torch.float64),
+        torch.randn(6, 4, 4, 6, generator=gen, dtype=torch.float64),
+        torch.randn(6, 4, 4, 1, generator=gen, dtype=torch.float64),
+    ]
     res = tt_round(cores, max_rank=2)
     assert res.ranks == (2, 2)
     assert [tuple(c.shape) for c in res.cores] == [(1, 4, 4, 2), (2, 4, 4, 2), (2, 4, 4, 1)]

@@ -1,16 +1,15 @@
 """TT-SVD and TT-matrix SVD."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import rel_err
 from tensorpress.decompose import TTResult, tt_matrix_svd, tt_svd
 from tensorpress.ops import tt_to_dense
-
-from conftest import rel_err
 
 
 def tt_full(cores):
@@ -28,9 +27,12 @@ def decaying_tensor(shape, decay, seed):
     for k in range(40):
         term = torch.ones(())
         for p in shape:
-            term = torch.tensordot(term.unsqueeze(-1), torch.randn(1, p, generator=gen, dtype=torch.float64),
-                                   dims=1) if term.dim() else torch.randn(p, generator=gen, dtype=torch.float64)
-        t += decay ** k * term
+            term = (
+                torch.tensordot(term.unsqueeze(-1), torch.randn(1, p, generator=gen, dtype=torch.float64), dims=1)
+                if term.dim()
+                else torch.randn(p, generator=gen, dtype=torch.float64)
+            )
+        t += decay**k * term
     return t + 1e-3 * torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
@@ -73,8 +75,13 @@ def test_rel_error_bound_and_reported_error(eps, shape):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=st.lists(st.integers(1, 6), min_size=2, max_size=5), eps=st.floats(0.0, 0.9),
-       seed=st.integers(0, 2**16), use_cap=st.booleans(), cap=st.integers(1, 8))
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=2, max_size=5),
+    eps=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**16),
+    use_cap=st.booleans(),
+    cap=st.integers(1, 8),
+)
 def test_random_tensors(shape, eps, seed, use_cap, cap):
     gen = torch.Generator().manual_seed(seed)
     t = torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -107,7 +114,11 @@ def test_max_rank_respected(max_rank):
 
 
 def test_rank_one_tensor_recovered_with_rank_one():
-    a, b, c = torch.randn(4, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    a, b, c = (
+        torch.randn(4, dtype=torch.float64),
+        torch.randn(5, dtype=torch.float64),
+        torch.randn(6, dtype=torch.float64),
+    )
     t = torch.einsum("i,j,k->ijk", a, b, c)
     res = tt_svd(t, rel_error=1e-10)
     assert res.ranks == (1, 1)
@@ -153,20 +164,23 @@ def test_tt_matrix_svd_exact_and_truncated():
 
 
 # ----------------------------------------------------------------------------- bad arguments
-@pytest.mark.parametrize("kw,exc,pattern", [
-    ({}, ValueError, r"max_rank.*rel_error"),
-    ({"max_rank": 0}, ValueError, r"^max_rank: "),
-    ({"max_rank": -2}, ValueError, r"^max_rank: "),
-    ({"max_rank": [2, 2]}, ValueError, r"^max_rank: "),  # 3 bonds
-    ({"max_rank": [2, 2, 0]}, ValueError, r"^max_rank: "),
-    ({"max_rank": [2, 2.5, 2]}, ValueError, r"^max_rank: "),
-    ({"max_rank": 2.0}, (TypeError, ValueError), r"^max_rank: "),
-    ({"max_rank": None, "rel_error": -0.1}, ValueError, r"^rel_error: "),
-    ({"rel_error": 1.0}, ValueError, r"^rel_error: "),
-    ({"rel_error": float("nan")}, ValueError, r"^rel_error: "),
-    ({"rel_error": 3}, ValueError, r"^rel_error: "),
-    ({"rel_error": "0.1"}, (TypeError, ValueError), r"^rel_error: "),
-])
+@pytest.mark.parametrize(
+    "kw,exc,pattern",
+    [
+        ({}, ValueError, r"max_rank.*rel_error"),
+        ({"max_rank": 0}, ValueError, r"^max_rank: "),
+        ({"max_rank": -2}, ValueError, r"^max_rank: "),
+        ({"max_rank": [2, 2]}, ValueError, r"^max_rank: "),  # 3 bonds
+        ({"max_rank": [2, 2, 0]}, ValueError, r"^max_rank: "),
+        ({"max_rank": [2, 2.5, 2]}, ValueError, r"^max_rank: "),
+        ({"max_rank": 2.0}, (TypeError, ValueError), r"^max_rank: "),
+        ({"max_rank": None, "rel_error": -0.1}, ValueError, r"^rel_error: "),
+        ({"rel_error": 1.0}, ValueError, r"^rel_error: "),
+        ({"rel_error": float("nan")}, ValueError, r"^rel_error: "),
+        ({"rel_error": 3}, ValueError, r"^rel_error: "),
+        ({"rel_error": "0.1"}, (TypeError, ValueError), r"^rel_error: "),
+    ],
+)
 def test_bad_args(kw, exc, pattern):
     t = torch.randn(3, 4, 5, 6, dtype=torch.float64)
     before = t.clone()
@@ -183,8 +197,9 @@ def test_non_finite_tensor(bad):
         tt_svd(t, max_rank=2)
 
 
-@pytest.mark.parametrize("t", [torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.bool),
-                               [[1.0, 2.0]], torch.tensor(3.0)])
+@pytest.mark.parametrize(
+    "t", [torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.bool), [[1.0, 2.0]], torch.tensor(3.0)]
+)
 def test_bad_tensor(t):
     with pytest.raises((TypeError, ValueError), match=r"^tensor: "):
         tt_svd(t, max_rank=2)

@@ -1,11 +1,12 @@
 """Clear errors where inputs used to fail obscurely or silently: empty matrices to
 truncated_svd, 0-sized modes to the TT decompositions, low-rank candidates past min(p, q) in
 select_rank; and the packaging of the core features' dependencies."""
+
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from tensorpress.decompose.tt import tt_matrix_svd, tt_round, tt_svd
@@ -19,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0), (3, 0, 500), (2, 400, 0)])
 @pytest.mark.parametrize("method", ["auto", "jacobi", "lapack", "randomized", "randomized_checked"])
 def test_truncated_svd_refuses_matrices_without_rows_or_columns(shape, method):
-    with pytest.raises(ValueError, match=r"^A: expected matrices with m >= 1 rows and n >= 1 columns, got shape "
-                                         + re.escape(str(shape))):
+    with pytest.raises(
+        ValueError,
+        match=r"^A: expected matrices with m >= 1 rows and n >= 1 columns, got shape " + re.escape(str(shape)),
+    ):
         truncated_svd(torch.zeros(shape), rank=2, method=method)
 
 
@@ -38,14 +41,22 @@ def test_tt_svd_refuses_a_zero_sized_mode(shape):
         tt_svd(torch.zeros(shape), max_rank=2)
 
 
-@pytest.mark.parametrize("weight, out_f, in_f, pattern", [
-    (torch.zeros(0, 4), [0], [4], r"^weight: expected both sides >= 1, got shape \(0, 4\)"),
-    (torch.zeros(4, 0), [4], [0], r"^weight: expected both sides >= 1"),
-    (torch.zeros(4, 4), [2, 2, 1, 0], [4, 1, 1, 1], r"^out_factors: expected a non-empty sequence of ints >= 1, got"),
-    (torch.zeros(4, 4), [-2, -2], [2, 2], r"^out_factors: expected a non-empty sequence of ints >= 1"),
-    (torch.zeros(4, 4), [4], [], r"^in_factors: expected a non-empty sequence of ints >= 1, got \[\]"),
-    (torch.zeros(4, 4), [4], [2.0, 2.0], r"^in_factors: expected a non-empty sequence of ints >= 1"),
-])
+@pytest.mark.parametrize(
+    "weight, out_f, in_f, pattern",
+    [
+        (torch.zeros(0, 4), [0], [4], r"^weight: expected both sides >= 1, got shape \(0, 4\)"),
+        (torch.zeros(4, 0), [4], [0], r"^weight: expected both sides >= 1"),
+        (
+            torch.zeros(4, 4),
+            [2, 2, 1, 0],
+            [4, 1, 1, 1],
+            r"^out_factors: expected a non-empty sequence of ints >= 1, got",
+        ),
+        (torch.zeros(4, 4), [-2, -2], [2, 2], r"^out_factors: expected a non-empty sequence of ints >= 1"),
+        (torch.zeros(4, 4), [4], [], r"^in_factors: expected a non-empty sequence of ints >= 1, got \[\]"),
+        (torch.zeros(4, 4), [4], [2.0, 2.0], r"^in_factors: expected a non-empty sequence of ints >= 1"),
+    ],
+)
 def test_tt_matrix_svd_refuses_empty_weights_and_bad_factors(weight, out_f, in_f, pattern):
     with pytest.raises(ValueError, match=pattern):
         tt_matrix_svd(weight, out_f, in_f, max_rank=2)
@@ -72,10 +83,13 @@ def test_select_rank_refuses_a_low_rank_candidate_past_min_p_q(family):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(60, 4, 3, generator=g, dtype=torch.float64)
     y = torch.randn(60, generator=g, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"^candidates: a low-rank candidate must be at most min\(p, q\) = 3 for "
-                                         r"samples of shape \(4, 3\), got 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"^candidates: a low-rank candidate must be at most min\(p, q\) = 3 for "
+        r"samples of shape \(4, 3\), got 5",
+    ):
         select_rank(family, X, y, [1, 2, 5], random_state=0)
-    res = select_rank(family, X, y, [1, 3], random_state=0)   # min(p, q) itself is a model
+    res = select_rank(family, X, y, [1, 3], random_state=0)  # min(p, q) itself is a model
     assert res.candidates == [1, 3]
 
 
@@ -83,7 +97,7 @@ def test_select_rank_refuses_a_low_rank_candidate_past_min_p_q(family):
 def test_core_features_dependencies_are_core_dependencies():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
-    assert {"safetensors", "tqdm"} <= names   # save_compressed / load_compressed, progress=True
+    assert {"safetensors", "tqdm"} <= names  # save_compressed / load_compressed, progress=True
 
 
 def test_setup_script_installs_the_core_dependencies_before_its_no_deps_build():

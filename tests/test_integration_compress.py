@@ -9,6 +9,7 @@ weights stay tied; the report's parameter counts are those of the returned model
 errors are the errors measured on it. A new model shape gets all of this by joining CASES.
 All models are float64, so measured and reported numbers agree to ~1e-9.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,11 +21,9 @@ import torch
 from torch import nn
 
 import tensorpress as tp
-from tensorpress.compress import CalibrationBatchError, GramStats, fit_activation
-from tensorpress.compress import sequential
-from tensorpress.nn import LowRankLinear
-
 from conftest import rel_err
+from tensorpress.compress import CalibrationBatchError, GramStats, fit_activation, sequential
+from tensorpress.nn import LowRankLinear
 
 F64 = torch.float64
 METHODS = ("svd", "whitened", "activation")
@@ -58,11 +57,11 @@ class Block(nn.Module):
         super().__init__()
         self.a = nn.Linear(d, d)
         self.b = nn.Linear(d, d)
-        self.mix = mix   # None, or a module shared by every block
+        self.mix = mix  # None, or a module shared by every block
         self.repeat = repeat
 
     def forward(self, h):
-        for _ in range(self.repeat):   # repeat > 1: the block applies its own `a` again
+        for _ in range(self.repeat):  # repeat > 1: the block applies its own `a` again
             h = h + torch.tanh(self.a(h))
         if self.mix is not None:
             h = h + torch.tanh(self.mix(h))
@@ -166,20 +165,29 @@ def _conv_twice():
     model = ConvTwice().to(F64).train()
     model.out.eval()
     g = torch.Generator().manual_seed(5)
-    return model, [torch.randn(4, 6, 8, 8, generator=g, dtype=F64) for _ in range(4)], {"structure": "tucker",
-                                                                                       "budget": 0.5}
+    return (
+        model,
+        [torch.randn(4, 6, 8, 8, generator=g, dtype=F64) for _ in range(4)],
+        {"structure": "tucker", "budget": 0.5},
+    )
 
 
 # name -> () -> (model, calibration batches, compress() keyword arguments)
-CASES = {"twice": _twice, "registered_twice": _registered_twice, "shared_across_blocks": _shared_across_blocks,
-         "repeat_in_block": _repeat_in_block, "tied": _tied, "conv_twice": _conv_twice}
+CASES = {
+    "twice": _twice,
+    "registered_twice": _registered_twice,
+    "shared_across_blocks": _shared_across_blocks,
+    "repeat_in_block": _repeat_in_block,
+    "tied": _tied,
+    "conv_twice": _conv_twice,
+}
 
 
 def _bad_batch(calib):
     """A batch the model cannot run: one feature (channel) too many, or a token id past the
     vocabulary."""
     x = calib[0]
-    return x + 10 ** 6 if x.dtype == torch.int64 else torch.cat([x, x[:, :1]], dim=1)
+    return x + 10**6 if x.dtype == torch.int64 else torch.cat([x, x[:, :1]], dim=1)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -213,7 +221,8 @@ def _calls(model, name, batch, keep_inputs):
     """[(input, output)] of every call of layer ``name`` in one forward pass."""
     seen = []
     handle = model.get_submodule(name).register_forward_hook(
-        lambda _m, args, out: seen.append((args[0] if keep_inputs else None, out)))
+        lambda _m, args, out: seen.append((args[0] if keep_inputs else None, out))
+    )
     try:
         with torch.no_grad():
             model(batch)
@@ -232,8 +241,7 @@ def _measured_call_errors(original, returned, calib, name, one_shot):
     err2, energy = None, None
     for batch in calib:
         ref = _calls(original, name, batch, keep_inputs=True)
-        got = ([(None, new(x)) for x, _ in ref] if one_shot
-               else _calls(returned, name, batch, keep_inputs=False))
+        got = [(None, new(x)) for x, _ in ref] if one_shot else _calls(returned, name, batch, keep_inputs=False)
         assert len(got) == len(ref)
         if err2 is None:
             err2, energy = [0.0] * len(ref), [0.0] * len(ref)
@@ -282,8 +290,7 @@ def test_compress_contract(case, method):
     # the original: bit for bit, every module's own flag, no hook left
     _assert_unchanged(model, snap)
     # the returned model: the original's flags at every name
-    assert [(n, m.training) for n, m in small.named_modules(remove_duplicate=False)
-            if n in dict(snap[1])] == snap[1]
+    assert [(n, m.training) for n, m in small.named_modules(remove_duplicate=False) if n in dict(snap[1])] == snap[1]
     # a module registered under several names is one module there too
     names = {}
     for n, m in model.named_modules(remove_duplicate=False):
@@ -292,14 +299,16 @@ def test_compress_contract(case, method):
         assert len({id(small.get_submodule(n)) for n in group}) == 1, group
     # tied weights stay tied, and the layers holding them are reported as skipped
     assert _tied_groups(small) == _tied_groups(model)
-    tied = {n for group in _tied_groups(model) for n in group
-            if isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))}
+    tied = {
+        n for group in _tied_groups(model) for n in group if isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))
+    }
     assert set(report.skipped) == tied
     # the report counts the returned model, each shared module once
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert report.model_params_after == count(small)
-    assert (report.model_params_before - report.layer_params_before + report.layer_params_after
-            == report.model_params_after)
+    assert (
+        report.model_params_before - report.layer_params_before + report.layer_params_after == report.model_params_after
+    )
     for r in report.layers:
         assert r.params_after == count(small.get_submodule(r.name)), r.name
         assert r.aliases == names[id(model.get_submodule(r.name))][1:]
@@ -322,7 +331,7 @@ def test_compress_contract_after_a_bad_batch_in_the_middle(case, method):
         with pytest.warns(UserWarning, match="tied") if case == "tied" else _no_warning():
             tp.compress(model, bad, method=method, **kw)
     assert isinstance(info.value, ValueError)
-    assert isinstance(info.value.__cause__, (RuntimeError, IndexError))   # torch's own error, chained
+    assert isinstance(info.value.__cause__, (RuntimeError, IndexError))  # torch's own error, chained
     assert str(info.value.__cause__) in str(info.value)
     _assert_unchanged(model, snap)
 
@@ -350,7 +359,7 @@ def test_a_module_registered_twice_is_replaced_at_both_places_and_counted_once(m
     small, report = tp.compress(model, calib, method=method, **kw)
     assert isinstance(small[0], LowRankLinear) and small[2] is small[0]
     assert report.mode in ("one-shot", "model")
-    if method == "activation":   # the Sequential holds one block twice: no single-block replay
+    if method == "activation":  # the Sequential holds one block twice: no single-block replay
         assert any("block replay" in note and "several positions" in note for note in report.notes), report.notes
     assert report.kept_fraction <= 0.45 + 1e-12
     assert report.model_params_after == sum(p.numel() for p in small.parameters()) < report.model_params_before
@@ -419,7 +428,7 @@ def test_mixed_train_eval_modes_are_restored_module_by_module(method):
     small, _ = tp.compress(model, calib, method=method, **kw)
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert {n: small.get_submodule(n).training for n in flags} == flags
-    assert all(not m.training for m in small.lin.modules())   # the replacement takes the layer's flag
+    assert all(not m.training for m in small.lin.modules())  # the replacement takes the layer's flag
 
 
 def test_modes_and_buffers_are_restored_when_compress_fails_midway():
@@ -432,8 +441,9 @@ def test_modes_and_buffers_are_restored_when_compress_fails_midway():
 
 
 # ----------------------------------------------------------------------------- item 13
-@pytest.mark.parametrize("method,case", [("whitened", "twice"), ("activation", "twice"),
-                                         ("activation", "repeat_in_block"), ("svd", "tied")])
+@pytest.mark.parametrize(
+    "method,case", [("whitened", "twice"), ("activation", "twice"), ("activation", "repeat_in_block"), ("svd", "tied")]
+)
 def test_a_bad_batch_in_the_middle_is_named_with_torchs_error_chained(method, case):
     model, calib, kw = CASES[case]()
     bad = calib[:3] + [_bad_batch(calib)] + calib[3:]
@@ -459,7 +469,7 @@ def test_layer_sensitivity_replaces_a_module_registered_twice_at_both_places():
         energy = sum(model(x).square().sum().item() for x in calib)
     got = layer_sensitivity(model, calib, {"0": lin}, {"0": fit}, {"0": 1.0})
     assert got["0"] == pytest.approx(err / energy, rel=1e-12)
-    assert model[0] is lin and model[2] is lin   # restored at both places
+    assert model[0] is lin and model[2] is lin  # restored at both places
 
 
 def test_a_model_that_is_itself_the_layer_is_refused():

@@ -6,14 +6,15 @@ gets all of this by being added to LAYERS. Sizes: the "small" entries keep gradc
 the larger ones are big enough to take the extension's fast paths (the fused TT kernel, the
 OpenBLAS pointwise stages), which is where recording and caching bugs hide.
 """
+
 from __future__ import annotations
 
 import copy
 import io
 import pickle
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -26,17 +27,21 @@ from tensorpress.nn import CPConv2d, LowRankLinear, TTLinear, TuckerConv2d
 @dataclass(frozen=True)
 class Spec:
     name: str
-    make: Callable[..., nn.Module]          # make(dtype=...) -> layer
-    input_shape: tuple[int, ...]            # one batch of input
-    small: bool                             # cheap enough for gradcheck / gradgradcheck
+    make: Callable[..., nn.Module]  # make(dtype=...) -> layer
+    input_shape: tuple[int, ...]  # one batch of input
+    small: bool  # cheap enough for gradcheck / gradgradcheck
 
     def __str__(self) -> str:
         return self.name
 
 
 LAYERS = [
-    Spec("tt_small", lambda **f: TTLinear(24, 12, ranks=(3, 2), in_factors=(2, 3, 4), out_factors=(2, 3, 2), **f),
-         (5, 24), True),
+    Spec(
+        "tt_small",
+        lambda **f: TTLinear(24, 12, ranks=(3, 2), in_factors=(2, 3, 4), out_factors=(2, 3, 2), **f),
+        (5, 24),
+        True,
+    ),
     # fused at this batch (a plan of two merged groups), where the small one takes the dense route
     Spec("tt_large", lambda **f: TTLinear(256, 256, ranks=4, **f), (64, 256), False),
     Spec("lowrank_small", lambda **f: LowRankLinear(24, 12, rank=3, **f), (5, 24), True),
@@ -47,12 +52,16 @@ LAYERS = [
     # the other geometries: stride; a kernel past MAX_FUSED_DEPTHWISE (two 1-D depthwise convs)
     # on a reflect-padded input; dilation with "same" padding
     Spec("cp_strided", lambda **f: CPConv2d(3, 4, 3, rank=3, stride=2, padding=1, **f), (2, 3, 7, 6), True),
-    Spec("cp_separable", lambda **f: CPConv2d(2, 3, (9, 3), rank=2, padding=(4, 1), padding_mode="reflect", **f),
-         (2, 2, 10, 6), True),
-    Spec("tucker_dilated", lambda **f: TuckerConv2d(3, 5, 3, (4, 2), padding="same", dilation=2, **f),
-         (2, 3, 7, 6), True),
-    Spec("tucker_large", lambda **f: TuckerConv2d(32, 32, 3, ranks=(16, 16), padding=1, **f), (2, 32, 16, 16),
-         False),
+    Spec(
+        "cp_separable",
+        lambda **f: CPConv2d(2, 3, (9, 3), rank=2, padding=(4, 1), padding_mode="reflect", **f),
+        (2, 2, 10, 6),
+        True,
+    ),
+    Spec(
+        "tucker_dilated", lambda **f: TuckerConv2d(3, 5, 3, (4, 2), padding="same", dilation=2, **f), (2, 3, 7, 6), True
+    ),
+    Spec("tucker_large", lambda **f: TuckerConv2d(32, 32, 3, ranks=(16, 16), padding=1, **f), (2, 32, 16, 16), False),
 ]
 SMALL = [s for s in LAYERS if s.small]
 
@@ -95,7 +104,7 @@ def test_state_dict_round_trip(spec):
     layer, fresh = build(spec), build(spec, seed=7)
     x = batch(spec)
     with torch.no_grad():
-        layer(x), fresh(x)   # both prepare whatever they cache
+        layer(x), fresh(x)  # both prepare whatever they cache
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
@@ -139,7 +148,7 @@ def test_dtype_conversion_after_a_forward(spec, convert):
         y = layer(x64)
     assert y.dtype == torch.float64
     assert_matches_reference(layer, x64, y)
-    y = layer(x64)                      # and with autograd
+    y = layer(x64)  # and with autograd
     y.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in layer.parameters())
 
@@ -164,8 +173,12 @@ def _edits(layer):
         for p in layer.parameters():
             p.data.mul_(0.9).add_(0.1 * torch.ones_like(p))
 
-    return {"data_mul": data_mul, "data_assign": data_assign, "vector_to_parameters": vector_to_parameters,
-            "ema_update": ema_update}
+    return {
+        "data_mul": data_mul,
+        "data_assign": data_assign,
+        "vector_to_parameters": vector_to_parameters,
+        "ema_update": ema_update,
+    }
 
 
 @parametrize(LAYERS)
@@ -174,16 +187,16 @@ def test_weight_edits_reach_the_next_forward(spec, edit):
     layer = build(spec)
     x = batch(spec)
     with torch.no_grad():
-        layer(x)                         # primes any inference cache
+        layer(x)  # primes any inference cache
     _edits(layer)[edit](layer)
     with torch.no_grad():
         assert_matches_reference(layer, x, layer(x))
-    frozen_eval = layer(x)               # grad mode on
+    frozen_eval = layer(x)  # grad mode on
     assert_matches_reference(layer, x, frozen_eval)
     for p in layer.parameters():
         p.requires_grad_(False)
     _edits(layer)[edit](layer)
-    assert_matches_reference(layer, x, layer(x))   # frozen parameters take the no-grad paths too
+    assert_matches_reference(layer, x, layer(x))  # frozen parameters take the no-grad paths too
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -244,7 +257,7 @@ def test_jit_trace_records_the_computation(spec, mode):
         y = traced(other)
     assert_matches_reference(layer, other, y)
     with torch.no_grad():
-        for p in layer.parameters():   # the trace reads the parameters, it did not bake them in
+        for p in layer.parameters():  # the trace reads the parameters, it did not bake them in
             p.mul_(0.5)
         assert_matches_reference(layer, other, traced(other))
 
@@ -303,8 +316,9 @@ def test_jacrev_matches_the_dense_jacobian(spec):
     x = batch(spec, dtype=torch.float64)[:1]
     jac = torch.func.jacrev(layer)(x)
     dense = layer.to_conv() if hasattr(layer, "to_conv") else None
-    want = torch.func.jacrev(dense if dense is not None else
-                             (lambda t: F.linear(t, layer.to_dense().detach(), layer.bias.detach())))(x)
+    want = torch.func.jacrev(
+        dense if dense is not None else (lambda t: F.linear(t, layer.to_dense().detach(), layer.bias.detach()))
+    )(x)
     torch.testing.assert_close(jac, want, rtol=1e-10, atol=1e-12)
 
 
@@ -340,7 +354,7 @@ def test_four_threads_at_once(spec):
                 err = ((y.detach().double() - wants[i]).norm() / wants[i].norm()).item()
                 if err > 2e-5:
                     errors.append((i, step, err))
-        except Exception as e:   # noqa: BLE001 - reported below with the thread's index
+        except Exception as e:  # noqa: BLE001 - reported below with the thread's index
             errors.append((i, repr(e)))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
@@ -372,6 +386,7 @@ _TT_SHAPES = ((1, 2, 3, 2), (2, 3, 2, 3), (3, 2, 2, 1))
 
 def _tt_plans():
     from tensorpress.ops.tt_plan import ranked_plans
+
     return ranked_plans(_TT_SHAPES, 3, True, False)
 
 

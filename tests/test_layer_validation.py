@@ -1,6 +1,7 @@
 """The layers' constructors validate what they are given, and the eager fast paths survive the
 fallbacks for recording and transforms (tests/test_integration_torch.py runs every layer
 through PyTorch's machinery)."""
+
 from __future__ import annotations
 
 import warnings
@@ -9,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import rel_err
 from tensorpress.linalg import blas
 from tensorpress.nn import CPConv2d, LowRankLinear, TTLinear, TuckerConv2d
-
-from conftest import rel_err
 
 
 def test_plain_eager_inference_keeps_the_extension_fast_path(monkeypatch):
@@ -21,7 +21,7 @@ def test_plain_eager_inference_keeps_the_extension_fast_path(monkeypatch):
     gemm = blas._C.blas_gemm
     monkeypatch.setattr(blas._C, "blas_gemm", lambda *a: (calls.append(1), gemm(*a))[1])
     torch.manual_seed(0)
-    layer = CPConv2d(16, 16, 3, rank=16, padding=1)   # 16 x 16 x 256 multiply-adds per 1x1 stage
+    layer = CPConv2d(16, 16, 3, rank=16, padding=1)  # 16 x 16 x 256 multiply-adds per 1x1 stage
     x = torch.randn(2, 16, 16, 16)
     with torch.no_grad():
         y = layer(x)
@@ -41,7 +41,7 @@ def test_tt_no_grad_inference_reuses_its_prepared_matrices(monkeypatch):
         for _ in range(3):
             layer(x)
         assert len(prepared) == 1
-        layer.cores[1].data.mul_(2)        # a write autograd does not see
+        layer.cores[1].data.mul_(2)  # a write autograd does not see
         y = layer(x)
     assert len(prepared) == 2
     assert rel_err(y, x.double() @ layer.to_dense().detach().double().T + layer.bias.detach().double()) < 1e-5
@@ -51,7 +51,7 @@ def test_tt_no_grad_inference_reuses_its_prepared_matrices(monkeypatch):
 def test_cp_rank_above_the_largest_cp_rank_is_refused_before_allocating():
     # a (4, 3, 3, 3) kernel has CP rank at most 4 * 3 * 3 * 3 / 4 = 27
     with pytest.raises(ValueError, match="rank: expected at most 27 for a kernel of shape"):
-        CPConv2d(3, 4, 3, rank=10 ** 12)   # 12 TB of factors
+        CPConv2d(3, 4, 3, rank=10**12)  # 12 TB of factors
     with pytest.raises(ValueError, match="rank: expected at most 27"):
         CPConv2d(3, 4, 3, rank=28)
     with pytest.warns(UserWarning, match="more than the dense"):
@@ -70,14 +70,17 @@ def test_tucker_rank_capped_past_dense_warns_with_the_ranks_and_counts():
         TuckerConv2d.from_dense(nn.Conv2d(2, 30, 1), ranks=30)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        TuckerConv2d(4, 4, 3, (4, 4))                     # asked for: no cap, no warning
-        TuckerConv2d(2, 64, 3, (8, 8))                    # capped to (8, 2) but still smaller
+        TuckerConv2d(4, 4, 3, (4, 4))  # asked for: no cap, no warning
+        TuckerConv2d(2, 64, 3, (8, 8))  # capped to (8, 2) but still smaller
         TuckerConv2d.from_dense(nn.Conv2d(8, 8, 3), ranks=(2, 2))
 
 
 def test_tt_ranks_past_dense_warn_with_the_counts():
-    with pytest.warns(UserWarning, match=r"ranks \(4, 16, 4\): the TT cores hold 544 parameters, more than the "
-                                         r"dense weight's 256"):
+    with pytest.warns(
+        UserWarning,
+        match=r"ranks \(4, 16, 4\): the TT cores hold 544 parameters, more than the "
+        r"dense weight's 256",
+    ):
         TTLinear(16, 16, ranks=100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -86,8 +89,12 @@ def test_tt_ranks_past_dense_warn_with_the_counts():
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128, torch.int64])
 def test_non_real_floating_dtypes_are_refused_at_construction(dtype):
-    for build in (lambda: CPConv2d(3, 4, 3, 2, dtype=dtype), lambda: TuckerConv2d(3, 4, 3, 2, dtype=dtype),
-                  lambda: LowRankLinear(3, 4, 2, dtype=dtype), lambda: TTLinear(16, 16, 2, dtype=dtype)):
+    for build in (
+        lambda: CPConv2d(3, 4, 3, 2, dtype=dtype),
+        lambda: TuckerConv2d(3, 4, 3, 2, dtype=dtype),
+        lambda: LowRankLinear(3, 4, 2, dtype=dtype),
+        lambda: TTLinear(16, 16, 2, dtype=dtype),
+    ):
         with pytest.raises(TypeError, match=f"dtype: expected float32, float64, float16 or bfloat16.*{dtype}"):
             build()
     with pytest.raises(TypeError, match="dtype"):
@@ -102,8 +109,11 @@ def test_tt_input_errors_name_the_expected_shape(x):
 
 
 def test_cp_rank_past_dense_warns_with_the_counts():
-    with pytest.warns(UserWarning, match=r"rank: 27 gives the CPConv2d 351 factor parameters, more than the dense "
-                                         r"4x3x3x3 kernel's 108; a rank of at most 8 compresses"):
+    with pytest.warns(
+        UserWarning,
+        match=r"rank: 27 gives the CPConv2d 351 factor parameters, more than the dense "
+        r"4x3x3x3 kernel's 108; a rank of at most 8 compresses",
+    ):
         CPConv2d(3, 4, 3, rank=27)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

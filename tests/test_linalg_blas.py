@@ -1,13 +1,13 @@
 """tensorpress.linalg.blas: GEMM and triangular solves on the extension's OpenBLAS, against
 float64 torch references, with torch's own call wherever ours does not apply."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tensorpress.linalg import blas
-
 from conftest import rel_err
+from tensorpress.linalg import blas
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-13}
 
@@ -95,11 +95,21 @@ def test_mismatched_shapes_are_refused_with_the_argument_named():
         blas.mm(torch.randn(300, 200), torch.randn(201, 300))
     with pytest.raises(ValueError, match="out: expected shape"):
         from tensorpress._ext import _C
+
         _C.blas_gemm(torch.randn(300, 200), torch.randn(200, 100), torch.empty(300, 99), False, False, 1.0, 0.0, 2)
     with pytest.raises(ValueError, match="b: expected dtype float64"):
         from tensorpress._ext import _C
-        _C.blas_gemm(torch.randn(3, 2, dtype=torch.float64), torch.randn(2, 1), torch.empty(3, 1, dtype=torch.float64),
-                     False, False, 1.0, 0.0, 1)
+
+        _C.blas_gemm(
+            torch.randn(3, 2, dtype=torch.float64),
+            torch.randn(2, 1),
+            torch.empty(3, 1, dtype=torch.float64),
+            False,
+            False,
+            1.0,
+            0.0,
+            1,
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -138,8 +148,11 @@ def test_traced_products_are_recorded_not_computed_once():
     with torch.no_grad():
         mm = torch.jit.trace(blas.mm, (a, b), check_trace=False)
         bmm = torch.jit.trace(lambda u, v: blas.baddbmm(None, u, v), (w, x), check_trace=False)
-        solve = torch.jit.trace(lambda u, v: blas.solve_triangular(u, v, upper=False),
-                                (torch.eye(200, dtype=torch.float64) * 2, a), check_trace=False)
+        solve = torch.jit.trace(
+            lambda u, v: blas.solve_triangular(u, v, upper=False),
+            (torch.eye(200, dtype=torch.float64) * 2, a),
+            check_trace=False,
+        )
     a2, b2 = _operands(gen)
     assert rel_err(mm(a2, b2), a2 @ b2) < 1e-13
     assert rel_err(bmm(w * 2, x), (w * 2) @ x) < 1e-13

@@ -15,7 +15,7 @@ def with_spectrum(batch, m, n, spectrum, dtype=torch.float64, seed=0):
     if spectrum == "flat":
         s = torch.ones(k, dtype=torch.float64)
     elif spectrum == "decaying":
-        s = torch.tensor([0.8 ** i for i in range(k)], dtype=torch.float64)
+        s = torch.tensor([0.8**i for i in range(k)], dtype=torch.float64)
     elif spectrum == "clustered":
         s = torch.tensor([1.0 + 1e-6 * (i % 3) if i < k // 2 else 1e-2 for i in range(k)], dtype=torch.float64)
     elif spectrum == "rank_deficient":
@@ -80,7 +80,12 @@ def test_randomized_within_one_percent_of_optimal(spectrum):
 
 def test_randomized_float32_on_a_layer_sized_matrix():
     gen = torch.Generator().manual_seed(0)
-    A = torch.randn(300, 768, generator=gen) @ torch.diag(torch.logspace(0, -2, 768)) @ torch.randn(768, 768, generator=gen) / 30
+    A = (
+        torch.randn(300, 768, generator=gen)
+        @ torch.diag(torch.logspace(0, -2, 768))
+        @ torch.randn(768, 768, generator=gen)
+        / 30
+    )
     U, S, Vh = truncated_svd(A, rank=32, method="randomized", generator=gen)
     s_all = torch.linalg.svdvals(A.double())
     optimal = s_all[32:].pow(2).sum().sqrt()
@@ -94,7 +99,7 @@ def test_batch_shapes_rank_and_rtol(method):
     A = with_spectrum(6, 40, 30, "decaying", dtype=torch.float64).reshape(2, 3, 40, 30)
     U, S, Vh = truncated_svd(A, rank=10, method=method if method != "jacobi" else "jacobi")
     assert U.shape == (2, 3, 40, 10) and S.shape == (2, 3, 10) and Vh.shape == (2, 3, 10, 30)
-    U2, S2, Vh2 = truncated_svd(A, rtol=0.8 ** 5 * 1.0001, method="lapack" if method == "randomized" else method)
+    U2, S2, Vh2 = truncated_svd(A, rtol=0.8**5 * 1.0001, method="lapack" if method == "randomized" else method)
     assert S2.shape[-1] == 5  # 1, .8, .64, .512, .4096 are >= rtol * S_max
     ref = torch.linalg.svdvals(A)[..., :10]
     assert torch.allclose(S.double(), ref, rtol=1e-8)
@@ -116,13 +121,12 @@ def check_against_lapack(A, U, S, Vh, tol):
 def test_float32_batch_of_mixed_matrices_matches_lapack_and_single_solves(shape):
     # float32 runs 8 matrices per group in lock step: each group here mixes spectra that
     # converge at different speeds, and the last group is partly empty (19 matrices)
-    A = torch.cat([with_spectrum(1, *shape, SPECTRA[i % len(SPECTRA)], dtype=torch.float32, seed=i)
-                   for i in range(19)])
+    A = torch.cat([with_spectrum(1, *shape, SPECTRA[i % len(SPECTRA)], dtype=torch.float32, seed=i) for i in range(19)])
     U, S, Vh = truncated_svd(A, rank=min(shape), method="jacobi")
     check_against_lapack(A, U, S, Vh, tol=1e-6)
     for i in (0, 7, 18):  # a matrix alone in its group gets the same result
-        Ui, Si, Vhi = truncated_svd(A[i:i + 1], rank=min(shape), method="jacobi")
-        assert torch.allclose(Si, S[i:i + 1], rtol=1e-6, atol=1e-6 * float(S[i, 0]))
+        Ui, Si, Vhi = truncated_svd(A[i : i + 1], rank=min(shape), method="jacobi")
+        assert torch.allclose(Si, S[i : i + 1], rtol=1e-6, atol=1e-6 * float(S[i, 0]))
 
 
 @pytest.mark.parametrize("spectrum", ["decaying", "clustered", "rank_deficient"])
@@ -176,19 +180,22 @@ def test_cholesky_qr2_orthonormal_and_falls_back_on_rank_deficiency():
     assert torch.allclose(Q @ R, Y, atol=1e-10)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(A=torch.full((4, 4), float("nan")), rank=2), "A: expected finite"),
-    (dict(A=torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), rank=1), "A: expected finite"),
-    (dict(A=torch.ones(4), rank=1), "A: expected shape"),
-    (dict(A=torch.ones(4, 4, dtype=torch.int64), rank=1), "A: expected dtype"),
-    (dict(A=torch.ones(4, 4)), "rank, rtol"),
-    (dict(A=torch.ones(4, 4), rank=0), "rank: expected"),
-    (dict(A=torch.ones(4, 4), rank=2.5), "rank: expected"),
-    (dict(A=torch.ones(4, 4), rtol=1.5), "rtol: expected"),
-    (dict(A=torch.ones(4, 4), rank=2, method="qr"), "method: expected"),
-    (dict(A=torch.ones(4, 4), rtol=0.1, method="randomized"), "rank: the randomized"),
-    (dict(A=torch.ones(4, 4), rank=2, n_iter=-1), "n_iter: expected"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(A=torch.full((4, 4), float("nan")), rank=2), "A: expected finite"),
+        (dict(A=torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), rank=1), "A: expected finite"),
+        (dict(A=torch.ones(4), rank=1), "A: expected shape"),
+        (dict(A=torch.ones(4, 4, dtype=torch.int64), rank=1), "A: expected dtype"),
+        (dict(A=torch.ones(4, 4)), "rank, rtol"),
+        (dict(A=torch.ones(4, 4), rank=0), "rank: expected"),
+        (dict(A=torch.ones(4, 4), rank=2.5), "rank: expected"),
+        (dict(A=torch.ones(4, 4), rtol=1.5), "rtol: expected"),
+        (dict(A=torch.ones(4, 4), rank=2, method="qr"), "method: expected"),
+        (dict(A=torch.ones(4, 4), rtol=0.1, method="randomized"), "rank: the randomized"),
+        (dict(A=torch.ones(4, 4), rank=2, n_iter=-1), "n_iter: expected"),
+    ],
+)
 def test_bad_input(bad, message):
     A = bad["A"]
     before = A.clone()

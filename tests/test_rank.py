@@ -1,4 +1,5 @@
 """tensorpress.rank: df formulas, low-rank regressors, the optimism rule, CV, result type."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from tensorpress.rank import (CPRegressor, LowRankRegressor, RankSelection, TuckerRegressor, aic, bic,
-                              cp_degrees_of_freedom, energy_rank, estimated_test_error, matrix_degrees_of_freedom,
-                              optimism, select_rank, tucker_degrees_of_freedom)
+from tensorpress.rank import (
+    CPRegressor,
+    LowRankRegressor,
+    RankSelection,
+    TuckerRegressor,
+    aic,
+    bic,
+    cp_degrees_of_freedom,
+    energy_rank,
+    estimated_test_error,
+    matrix_degrees_of_freedom,
+    optimism,
+    select_rank,
+    tucker_degrees_of_freedom,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -22,8 +35,10 @@ def planted_cp(dims, R, n, snr, seed):
     """y = <B, X> + eps, B rank-R CP with ||B||_F = 1, X ~ N(0, 1), Var(eps) = 1/snr."""
     g = torch.Generator().manual_seed(seed)
     A = [torch.randn(p, R, generator=g, dtype=torch.float64) for p in dims]
-    B = torch.einsum(",".join(f"{chr(97 + d)}r" for d in range(len(dims))) + "->" +
-                     "".join(chr(97 + d) for d in range(len(dims))), *A)
+    B = torch.einsum(
+        ",".join(f"{chr(97 + d)}r" for d in range(len(dims))) + "->" + "".join(chr(97 + d) for d in range(len(dims))),
+        *A,
+    )
     B = B / B.norm()
     X = torch.randn(n, *dims, generator=g, dtype=torch.float64)
     y = X.flatten(1) @ B.flatten()
@@ -51,8 +66,8 @@ def rel(a, b):
 def test_df_formulas():
     assert cp_degrees_of_freedom(3, (10, 10, 10)) == 3 * (30 - 3 + 1)
     assert cp_degrees_of_freedom(2, (4, 5, 6, 7)) == 2 * (22 - 4 + 1)
-    assert cp_degrees_of_freedom(100, (3, 3, 3)) == 27                 # capped at the full space
-    assert cp_degrees_of_freedom(3, (16, 12)) == 3 * (16 + 12 - 3)     # D = 2: the matrix manifold
+    assert cp_degrees_of_freedom(100, (3, 3, 3)) == 27  # capped at the full space
+    assert cp_degrees_of_freedom(3, (16, 12)) == 3 * (16 + 12 - 3)  # D = 2: the matrix manifold
     assert matrix_degrees_of_freedom(2, 5, 7) == 2 * (5 + 7 - 2)
     assert matrix_degrees_of_freedom(5, 5, 7) == 35
     assert tucker_degrees_of_freedom((2, 3, 4), (5, 6, 7)) == 24 + 2 * 3 + 3 * 3 + 4 * 3
@@ -89,8 +104,9 @@ def test_optimism_matches_ols_simulation():
 
 
 # ----------------------------------------------------------------------------- regressors
-@pytest.mark.parametrize("cls,dims,R", [(CPRegressor, (6, 5, 4), 2), (CPRegressor, (8, 7), 3),
-                                        (LowRankRegressor, (8, 7), 3)])
+@pytest.mark.parametrize(
+    "cls,dims,R", [(CPRegressor, (6, 5, 4), 2), (CPRegressor, (8, 7), 3), (LowRankRegressor, (8, 7), 3)]
+)
 def test_recovers_planted_cp_noise_free(cls, dims, R):
     X, y, B = planted_cp(dims, R, 200, None, seed=1)
     m = cls(R, tol=1e-12, n_iter_max=500, random_state=0).fit(X, y)
@@ -184,7 +200,7 @@ def test_tucker_family_and_callable_family():
 
 
 def test_energy_rank():
-    assert energy_rank([3.0, 2.0, 1.0], 0.9) == 2          # 13/14 >= 0.9 > 9/14
+    assert energy_rank([3.0, 2.0, 1.0], 0.9) == 2  # 13/14 >= 0.9 > 9/14
     assert energy_rank(torch.tensor([1.0, 3.0, 2.0]), 0.5) == 1
     assert energy_rank([1.0, 1.0, 1.0, 1.0], 1.0) == 4
     assert energy_rank(np.zeros(3), 0.9) == 1
@@ -232,6 +248,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="^df_rule:"):
         select_rank("cp", X, y, [1], df_rule="exact")
     from tensorpress.rank import stein_degrees_of_freedom
+
     with pytest.raises(TypeError, match="^estimator:"):
         stein_degrees_of_freedom(object(), X, y)
     with pytest.raises(ValueError, match="^X:"):
@@ -243,6 +260,7 @@ def _refit_warm(est, X, y, sweeps=2000):
     """Continue the estimator's ALS from its current factors on new targets (for finite
     differences; a fixed number of sweeps: the RSS stalls before the factors stop moving)."""
     import copy
+
     m = copy.deepcopy(est)
     for _ in range(sweeps):
         m._sweep(X, y)
@@ -255,6 +273,7 @@ def test_stein_sensitivity_matches_finite_differences(cls, kind):
     # df_eff) must match refits on perturbed targets, and df_eff must exceed the manifold df
     from tensorpress.rank import stein_degrees_of_freedom
     from tensorpress.rank.stein import fit_sensitivity
+
     dims = (6, 6, 6)
     if kind == "cp":
         X, y, _ = planted_cp(dims, 2, 200, 4.0, seed=7)
@@ -262,16 +281,17 @@ def test_stein_sensitivity_matches_finite_differences(cls, kind):
         X, y0, _ = planted_tucker(dims, (2, 2, 2), 200, seed=7)
         y = y0 + 0.5 * torch.randn(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     est = cls(3, n_iter_max=20000, tol=0.0, random_state=0).fit(X, y)
-    sweeps = 3 * est.n_iter_                       # ample: ALS from the fit converged in n_iter_ sweeps
+    sweeps = 3 * est.n_iter_  # ample: ALS from the fit converged in n_iter_ sweeps
     yhat = _refit_warm(est, X, y, sweeps)
     z = torch.randn(200, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     fd = (_refit_warm(est, X, y + 1e-6 * z, sweeps) - yhat) / 1e-6
     assert rel(fit_sensitivity(est, X, y, z), fd) < 1e-4
-    assert stein_degrees_of_freedom(est, X, y) > est.degrees_of_freedom + 4   # 53 vs 48 (CP), 71 vs 54 (Tucker)
+    assert stein_degrees_of_freedom(est, X, y) > est.degrees_of_freedom + 4  # 53 vs 48 (CP), 71 vs 54 (Tucker)
 
 
 def test_stein_df_equals_manifold_df_at_a_well_determined_fit():
     from tensorpress.rank import stein_degrees_of_freedom
+
     dims = (8, 8, 8)
     X, y, _ = planted_cp(dims, 2, 600, 100.0, seed=8)
     est = CPRegressor(2, tol=1e-12, n_iter_max=500, random_state=0).fit(X, y)
@@ -292,8 +312,9 @@ def test_planted_rank_stein_fixes_over_selection(kind):
             X, y, _ = planted_cp(dims, R, 4 * cp_degrees_of_freedom(R, dims), 10.0, seed)
         else:
             X, y0, _ = planted_tucker(dims, (R,) * 3, 4 * tucker_degrees_of_freedom(R, dims), seed)
-            y = y0 + torch.randn(len(y0), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) \
-                / math.sqrt(10.0)
+            y = y0 + torch.randn(
+                len(y0), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+            ) / math.sqrt(10.0)
         # the plain minimum: the default's one-standard-error choice would hide the manifold df's bias
         kw = dict(random_state=seed, n_iter_max=100, tol=1e-6, criterion="test_error")
         sel = select_rank(kind, X, y, range(1, 5), **kw)
@@ -301,4 +322,4 @@ def test_planted_rank_stein_fixes_over_selection(kind):
         manifold_picks.append(select_rank(kind, X, y, range(1, 5), df_rule="manifold", **kw).rank_)
         assert all(row["df_eff"] >= 0.95 * row["df"] for row in sel.table)
     assert picks == [R] * 4, picks
-    assert sum(p > R for p in manifold_picks) >= 2, manifold_picks      # the bug this fixes
+    assert sum(p > R for p in manifold_picks) >= 2, manifold_picks  # the bug this fixes

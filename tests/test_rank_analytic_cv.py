@@ -1,14 +1,21 @@
 """The k-fold CV error predicted in closed form (criterion "analytic_cv", select_rank's default)."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from tensorpress.rank import (estimated_cv_error, estimated_test_error, layer_cv_error, layer_optimism,
-                              matrix_degrees_of_freedom, select_layer_rank, select_rank)
-
 from conftest import planted_matrix
+from tensorpress.rank import (
+    estimated_cv_error,
+    estimated_test_error,
+    layer_cv_error,
+    layer_optimism,
+    matrix_degrees_of_freedom,
+    select_layer_rank,
+    select_rank,
+)
 
 
 def kfold_cv_error(X, Y, k, gen):
@@ -32,7 +39,9 @@ def test_exact_in_expectation_for_least_squares(k):
     est, cv, err = [], [], []
     for _ in range(reps):
         X = torch.randn(n, p, generator=g, dtype=torch.float64)
-        y = X @ torch.ones(p, dtype=torch.float64) + math.sqrt(sigma2) * torch.randn(n, generator=g, dtype=torch.float64)
+        y = X @ torch.ones(p, dtype=torch.float64) + math.sqrt(sigma2) * torch.randn(
+            n, generator=g, dtype=torch.float64
+        )
         beta = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
         rss = float(((y - X @ beta) ** 2).sum())
         est.append(estimated_cv_error(rss, n, p, k))
@@ -52,9 +61,9 @@ def test_limits_and_infinities():
     # more folds -> fits on nearly all the data -> the estimated test error of the full fit
     assert estimated_cv_error(rss, n, df, 10_000) == pytest.approx(estimated_test_error(rss, n, df), rel=1e-3)
     assert estimated_cv_error(rss, n, df, 2) > estimated_cv_error(rss, n, df, 5) > estimated_cv_error(rss, n, df, 10)
-    assert estimated_cv_error(rss, n, 79, 5) == math.inf          # m = 80, df >= m - 1
+    assert estimated_cv_error(rss, n, 79, 5) == math.inf  # m = 80, df >= m - 1
     assert math.isfinite(estimated_cv_error(rss, n, 78, 5))
-    assert estimated_cv_error(rss, n, 33.5, 5) > 0                 # a float (Stein) df
+    assert estimated_cv_error(rss, n, 33.5, 5) > 0  # a float (Stein) df
 
 
 @pytest.mark.parametrize("bad", [1, 0, 2.0, True, None])
@@ -79,7 +88,7 @@ def test_default_rule_column_and_choice(seed):
             assert row["est_cv_error"] == pytest.approx(row["cv_error"], rel=0.15)
     assert sel.scores_ == sel.column("est_cv_error")
     assert sel.rank_ == R
-    assert sel.rank_ == sel.candidates[int(np.argmin(sel.column("cv_error")))]    # the same pick as 5-fold CV
+    assert sel.rank_ == sel.candidates[int(np.argmin(sel.column("cv_error")))]  # the same pick as 5-fold CV
 
 
 def test_folds_argument_is_the_k():
@@ -87,7 +96,7 @@ def test_folds_argument_is_the_k():
     s5 = select_rank("lowrank", X, y, [1, 2, 3], random_state=0)
     s2 = select_rank("lowrank", X, y, [1, 2, 3], cv=2, random_state=0)
     assert all(a < b for a, b in zip(s5.column("est_cv_error"), s2.column("est_cv_error")))
-    assert s5.cv is None        # no CV was run
+    assert s5.cv is None  # no CV was run
     assert "est_cv_error" in str(s5)
 
 
@@ -109,7 +118,7 @@ def test_layer_cv_error_matches_full_fit_in_the_limit():
     low = rss / (n * q) + layer_optimism(rss, n, q, p, 30, rank=2, df_eff=33.0)
     assert layer_cv_error(rss, n, q, p, 30, 100_000, rank=2, df_eff=33.0) == pytest.approx(low, rel=1e-3)
     assert layer_cv_error(rss, n, q, p, df, 5) > full
-    assert layer_cv_error(rss, 14, q, p, df, 2) == math.inf        # m = 7 <= p + 1
+    assert layer_cv_error(rss, 14, q, p, df, 2) == math.inf  # m = 7 <= p + 1
 
 
 def test_layer_least_squares_exact_in_expectation():
@@ -120,7 +129,9 @@ def test_layer_least_squares_exact_in_expectation():
     est, cv = [], []
     for _ in range(reps):
         X = torch.randn(n, p, generator=g, dtype=torch.float64)
-        Y = X @ torch.randn(p, q, generator=g, dtype=torch.float64) + torch.randn(n, q, generator=g, dtype=torch.float64)
+        Y = X @ torch.randn(p, q, generator=g, dtype=torch.float64) + torch.randn(
+            n, q, generator=g, dtype=torch.float64
+        )
         rss = float(((Y - X @ torch.linalg.lstsq(X, Y).solution) ** 2).sum())
         est.append(layer_cv_error(rss, n, q, p, p * q, k))
         cv.append(kfold_cv_error(X, Y, k, g))

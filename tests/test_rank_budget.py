@@ -1,4 +1,5 @@
 """tensorpress.rank.allocate_ranks: per-layer ranks under a total parameter budget."""
+
 from __future__ import annotations
 
 import itertools
@@ -19,10 +20,11 @@ def random_curves(rng, n_layers, n_cands, convex=False, integer=True):
         params = ranks * width if integer else ranks * width * rng.uniform(0.5, 1.5)
         if convex:
             err = rng.uniform(0.5, 2.0) * np.exp(-ranks / rng.uniform(2, 10))
-        else:   # noisy, non-convex, with dominated points
+        else:  # noisy, non-convex, with dominated points
             err = rng.uniform(0, 1) * np.exp(-ranks / 8.0) + rng.uniform(0, 0.3, n_cands)
-        curves[f"layer{l}"] = [(int(r), int(p) if integer else float(p), float(e))
-                               for r, p, e in zip(ranks, params, err)]
+        curves[f"layer{l}"] = [
+            (int(r), int(p) if integer else float(p), float(e)) for r, p, e in zip(ranks, params, err)
+        ]
     return curves
 
 
@@ -62,8 +64,7 @@ def test_matches_brute_force(seed):
 
 def test_lagrangian_exact_at_hull_breakpoints():
     # convex curves, budget at a point where whole hull segments fit: the relaxation is integral
-    curves = {"a": [(1, 10, 1.0), (2, 20, 0.5), (4, 40, 0.3)],
-              "b": [(1, 10, 2.0), (2, 20, 1.0), (4, 40, 0.9)]}
+    curves = {"a": [(1, 10, 1.0), (2, 20, 0.5), (4, 40, 0.3)], "b": [(1, 10, 2.0), (2, 20, 1.0), (4, 40, 0.9)]}
     res = allocate_ranks(curves, 40, method="lagrangian")
     assert res.ranks == {"a": 2, "b": 2} and res.params == 40 and res.gap == 0.0
     assert res.error == pytest.approx(1.5)

@@ -1,4 +1,5 @@
 """tensorpress.rank.select_layer_rank: a layer as multi-response regression; TT df."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from tensorpress.rank import (LayerFit, RankSelection, layer_optimism, optimism, rrr_effective_df, select_layer_rank,
-                              tt_degrees_of_freedom)
 from tensorpress.ops import tt_to_dense
+from tensorpress.rank import (
+    LayerFit,
+    RankSelection,
+    layer_optimism,
+    optimism,
+    rrr_effective_df,
+    select_layer_rank,
+    tt_degrees_of_freedom,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +28,7 @@ def one_thread(restore_threads):
 def planted_layer(n, p, q, r, noise, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(q, r, generator=g, dtype=torch.float64) @ torch.randn(r, p, generator=g, dtype=torch.float64)
-    W = W / W.norm() * math.sqrt(q)                     # unit signal variance per output on N(0, I) inputs
+    W = W / W.norm() * math.sqrt(q)  # unit signal variance per output on N(0, I) inputs
     X = torch.randn(n, p, generator=g, dtype=torch.float64)
     Y = X @ W.T + noise * torch.randn(n, q, generator=g, dtype=torch.float64)
     return W.to(dtype), X.to(dtype), Y.to(dtype)
@@ -33,7 +41,7 @@ def brute_rrr(X, Y, r, intercept=False):
     if intercept:
         xm, ym = X.mean(0), Y.mean(0)
         X, Y = X - xm, Y - ym
-    B = torch.linalg.lstsq(X, Y).solution                 # (p, q)
+    B = torch.linalg.lstsq(X, Y).solution  # (p, q)
     _, _, Vh = torch.linalg.svd(X @ B, full_matrices=False)
     Br = B @ Vh[:r].T @ Vh[:r]
     if intercept:
@@ -60,7 +68,7 @@ def test_rrr_closed_form_matches_brute_force(intercept):
         assert sel.table[0]["train_error"] == pytest.approx(rss / Y.numel(), rel=1e-9)
         A, Bt = est.factors
         assert float((A @ Bt - est.weight).norm()) < 1e-10 * float(est.weight.norm())
-    assert torch.equal(X, X0) and torch.equal(Y, Y0)      # inputs untouched
+    assert torch.equal(X, X0) and torch.equal(Y, Y0)  # inputs untouched
 
 
 def test_rrr_is_optimal_against_perturbations():
@@ -79,8 +87,9 @@ def test_cv_heldout_errors_match_direct_fits():
     W, X, Y = planted_layer(50, 8, 6, 2, 0.7, seed=3)
     sel = select_layer_rank(W, X, outputs=Y, candidates=[1, 2, 4], criterion="cv", cv=5, random_state=4)
     # redo the folds by hand with the brute-force fit
-    from tensorpress.rank.select import kfold_indices
     from tensorpress.rank.regressors import _generator
+    from tensorpress.rank.select import kfold_indices
+
     folds = kfold_indices(50, 5, _generator(4))
     for j, r in enumerate([1, 2, 4]):
         errs = []
@@ -103,7 +112,7 @@ def test_optimism_formula_exact_for_ols_by_simulation():
         Y = X @ W.T + torch.randn(n, q, generator=g, dtype=torch.float64)
         B = torch.linalg.lstsq(X, Y).solution
         train = float(((Y - X @ B) ** 2).mean())
-        test = s2 + float(((B.T - W) ** 2).sum()) / q   # exact expectation over a new x ~ N(0, I)
+        test = s2 + float(((B.T - W) ** 2).sum()) / q  # exact expectation over a new x ~ N(0, I)
         gaps.append(test - train)
     exact = s2 * (p / n + p / (n - p - 1))
     assert np.mean(gaps) == pytest.approx(exact, rel=0.06)
@@ -164,24 +173,24 @@ def test_selects_true_rank_and_agrees_with_cv():
         hits["optimism"] += opt_rank == 4
         agree += sel.rank_ == cv_rank
     assert hits["test_error"] >= 7 and hits["cv"] >= 7 and agree >= 7, (hits, agree)
-    assert hits["optimism"] <= 2          # optimism alone under-selects (documented)
+    assert hits["optimism"] <= 2  # optimism alone under-selects (documented)
 
 
 def test_noiseless_layer_and_rank_deficient_inputs():
     W, X, _ = planted_layer(100, 10, 7, 3, 0.0, seed=4)
-    X = torch.cat([X, X[:, :2]], 1)                         # 12 inputs, rank 10
+    X = torch.cat([X, X[:, :2]], 1)  # 12 inputs, rank 10
     W = torch.cat([W, torch.zeros(7, 2, dtype=W.dtype)], 1)
     sel = select_layer_rank(W, X, candidates=[1, 2, 3, 4, 7], random_state=0)
-    assert sel.rank_ == 3                                     # RSS = 0 from rank 3 on; smallest df wins ties
-    assert sel.table[2]["df"] == 3 * (10 + 7 - 3)              # p_eff = 10
+    assert sel.rank_ == 3  # RSS = 0 from rank 3 on; smallest df wins ties
+    assert sel.table[2]["df"] == 3 * (10 + 7 - 3)  # p_eff = 10
     assert float((sel.estimator_.predict(X) - X @ W.T).norm()) < 1e-8 * float((X @ W.T).norm())
-
 
 
 def test_dead_inputs_take_the_cholesky_path_and_match_lstsq():
     # inputs that are always zero (dead ReLU units) are dropped before the Cholesky whitening:
     # p_eff counts the live ones and the least-squares weight equals lstsq on them
     from tensorpress.rank.layer import _stats, _whiten
+
     W, X, Y = planted_layer(100, 10, 7, 3, 0.5, seed=5)
     X = torch.cat([X, torch.zeros(100, 2, dtype=X.dtype)], 1)
     W = torch.cat([W, torch.zeros(7, 2, dtype=W.dtype)], 1)
@@ -210,14 +219,21 @@ def _tt_jacobian_rank(out_f, in_f, ranks, seed=0):
     return int(torch.linalg.matrix_rank(J))
 
 
-@pytest.mark.parametrize("out_f,in_f,ranks", [((2, 3), (2, 2), (3,)), ((2, 2, 2), (2, 1, 2), (2, 3)),
-                                               ((3, 2, 2), (2, 2, 3), (2, 2)), ((2, 2, 2, 2), (1, 2, 2, 1), (2, 3, 2))])
+@pytest.mark.parametrize(
+    "out_f,in_f,ranks",
+    [
+        ((2, 3), (2, 2), (3,)),
+        ((2, 2, 2), (2, 1, 2), (2, 3)),
+        ((3, 2, 2), (2, 2, 3), (2, 2)),
+        ((2, 2, 2, 2), (1, 2, 2, 1), (2, 3, 2)),
+    ],
+)
 def test_tt_df_is_jacobian_rank(out_f, in_f, ranks):
     assert tt_degrees_of_freedom(list(ranks), out_f, in_f) == _tt_jacobian_rank(out_f, in_f, ranks)
 
 
 def test_tt_df_caps():
-    assert tt_degrees_of_freedom(100, (2, 3), (2, 2)) == 24                 # the full space
+    assert tt_degrees_of_freedom(100, (2, 3), (2, 2)) == 24  # the full space
     assert tt_degrees_of_freedom(3, (4, 4), (4, 4)) == 3 * 16 * 2 - 9
     # infeasible ranks reduce to the feasible ones: sizes (2, 2, 64): r_2 <= r_1 * 2
     assert tt_degrees_of_freedom((1, 8), (2, 2, 8), (1, 1, 8)) == tt_degrees_of_freedom((1, 2), (2, 2, 8), (1, 1, 8))
@@ -230,14 +246,26 @@ def test_tt_df_caps():
 def test_tt_selection_recovers_planted_tt_layer():
     g = torch.Generator().manual_seed(7)
     out_f, in_f = (4, 6), (4, 5)
-    cores = [torch.randn(1, 4, 4, 3, generator=g, dtype=torch.float64),
-             torch.randn(3, 6, 5, 1, generator=g, dtype=torch.float64)]
+    cores = [
+        torch.randn(1, 4, 4, 3, generator=g, dtype=torch.float64),
+        torch.randn(3, 6, 5, 1, generator=g, dtype=torch.float64),
+    ]
     W = tt_to_dense(cores)
     W = W / W.norm() * math.sqrt(24)
     X = torch.randn(400, 20, generator=g, dtype=torch.float64)
     Y = X @ W.T + 0.3 * torch.randn(400, 24, generator=g, dtype=torch.float64)
-    sel = select_layer_rank(W, X, family="tt", outputs=Y, candidates=[1, 2, 3, 4, 6], out_factors=out_f,
-                            in_factors=in_f, criterion="optimism", with_cv=True, random_state=0)
+    sel = select_layer_rank(
+        W,
+        X,
+        family="tt",
+        outputs=Y,
+        candidates=[1, 2, 3, 4, 6],
+        out_factors=out_f,
+        in_factors=in_f,
+        criterion="optimism",
+        with_cv=True,
+        random_state=0,
+    )
     assert sel.rank_ == (3,)
     assert sel.candidates[int(np.argmin(sel.column("cv_error")))] == (3,)
     assert sel.table[2]["df"] == tt_degrees_of_freedom(3, out_f, in_f)
@@ -255,20 +283,22 @@ def test_conv_tucker_cp_lowrank_on_images():
     Wk = torch.einsum("abhw,oa,ib->oihw", core, U, V)
     imgs = torch.randn(12, i, 8, 8, generator=g, dtype=torch.float64)
     out = torch.nn.functional.conv2d(imgs, Wk, padding=1)
-    sel = select_layer_rank(Wk, imgs, family="tucker", candidates=[1, 2, 3, (2, 3)], outputs=out, padding=1,
-                            random_state=0)
+    sel = select_layer_rank(
+        Wk, imgs, family="tucker", candidates=[1, 2, 3, (2, 3)], outputs=out, padding=1, random_state=0
+    )
     assert sel.rank_ == (2, 2) and sel.table[1]["train_error"] < 1e-20
     assert sel.estimator_.weight.shape == (o, i * k * k)
     # patches + default outputs give the same statistics
     cols = torch.nn.functional.unfold(imgs, k, padding=1).transpose(1, 2).reshape(-1, i * k * k)
     sel2 = select_layer_rank(Wk, cols, family="tucker", candidates=[1, 2, 3, (2, 3)], random_state=0)
     assert sel2.column("train_error") == pytest.approx(sel.column("train_error"), abs=1e-12)
-    cp = select_layer_rank(Wk, cols, family="cp", candidates=[1, 2, 4], random_state=0,
-                           decompose_kwargs={"n_iter_max": 30})
+    cp = select_layer_rank(
+        Wk, cols, family="cp", candidates=[1, 2, 4], random_state=0, decompose_kwargs={"n_iter_max": 30}
+    )
     assert cp.table[0]["df"] == 1 * (o + i + k + k - 3)
     assert cp.column("train_error")[0] > cp.column("train_error")[2]
     lr = select_layer_rank(Wk, cols, family="lowrank", candidates=[1, 2, 6], random_state=0)
-    assert lr.rank_ == 2 and lr.table[1]["train_error"] < 1e-20       # (out, in k k) matrix rank r_out
+    assert lr.rank_ == 2 and lr.table[1]["train_error"] < 1e-20  # (out, in k k) matrix rank r_out
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -309,4 +339,4 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="family 'tt' expects a 2-d"):
         select_layer_rank(torch.zeros(4, 3, 3, 3), torch.zeros(5, 27), family="tt")
     with pytest.raises(ValueError, match="candidates: no candidate has a finite"):
-        select_layer_rank(W, X[:6], candidates=[1])               # n = 6 <= p + 1
+        select_layer_rank(W, X[:6], candidates=[1])  # n = 6 <= p + 1

@@ -1,14 +1,19 @@
 """The one-standard-error rule on the estimated test errors (criterion="test_error_1se")."""
+
 import math
 
 import pytest
 import torch
 
-from tensorpress.rank import (CRITERIA, matrix_degrees_of_freedom, one_standard_error_choice, select_layer_rank,
-                              select_rank)
-from tensorpress.rank.select import choose
-
 from conftest import planted_matrix
+from tensorpress.rank import (
+    CRITERIA,
+    matrix_degrees_of_freedom,
+    one_standard_error_choice,
+    select_layer_rank,
+    select_rank,
+)
+from tensorpress.rank.select import choose
 
 
 def test_the_smallest_candidate_within_one_standard_error():
@@ -26,7 +31,7 @@ def test_the_smallest_candidate_within_one_standard_error():
 
 def test_choose_is_the_argmin_for_every_other_criterion():
     table = [{"df": 10, "df_eff": 10.0}, {"df": 20, "df_eff": 20.0}, {"df": 30, "df_eff": 30.0}]
-    assert choose("test_error", table, [1.0, 0.9, 0.9], 100) == 1       # ties go to the smaller df
+    assert choose("test_error", table, [1.0, 0.9, 0.9], 100) == 1  # ties go to the smaller df
     assert choose("test_error_1se", table, [1.0, 0.9, 0.9], 100) == 0
     assert "test_error_1se" in CRITERIA
 
@@ -38,7 +43,7 @@ def test_select_rank_with_the_rule(seed):
     plain = select_rank("lowrank", X, y, range(1, 6), criterion="test_error", random_state=seed)
     sel = select_rank("lowrank", X, y, range(1, 6), criterion="test_error_1se", random_state=seed)
     assert sel.rank_ == R and sel.criterion == "test_error_1se"
-    assert sel.scores_ == plain.scores_          # the same estimates, a different choice rule
+    assert sel.scores_ == plain.scores_  # the same estimates, a different choice rule
     i = one_standard_error_choice(sel.scores_, sel.column("df_eff"), sel.column("df"), X.shape[0])
     assert sel.rank_ == sel.candidates[i] and sel.estimator_ is sel.estimators_[i]
 
@@ -53,7 +58,7 @@ def test_the_rule_prefers_the_smaller_rank_at_few_samples():
         assert sel.rank_ <= plain.rank_
         picks.append(sel.rank_)
         plain_picks.append(plain.rank_)
-    assert picks == [1] * 6 and max(plain_picks) > 1      # the plain argmin over-ranks at least once
+    assert picks == [1] * 6 and max(plain_picks) > 1  # the plain argmin over-ranks at least once
 
 
 def test_layer_selection_with_the_rule():

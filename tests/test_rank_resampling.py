@@ -1,12 +1,13 @@
 """The parametric-bootstrap covariance penalty (tensorpress.rank.resampling) and its use in
 select_rank(df_rule="bootstrap"): exact in expectation for least squares, in agreement with the
 closed-form Stein df for CP fits, larger than the manifold df above the true rank."""
+
 import math
 
 import pytest
 import torch
 
-from tensorpress.rank import (CPRegressor, covariance_penalty_df, select_rank, stein_degrees_of_freedom)
+from tensorpress.rank import CPRegressor, covariance_penalty_df, select_rank, stein_degrees_of_freedom
 
 
 class OLS:
@@ -63,9 +64,9 @@ def test_cp_at_the_true_rank_agrees_with_stein_and_the_manifold():
 def test_cp_above_the_true_rank_pays_for_fitting_noise():
     X, y = planted_cp(8, 1, 100, 1.0, seed=0)
     r, stein, manifold = bootstrap_and_stein(X, y, rank=3, n_boot=100, draws_seed=1)
-    assert r.df > manifold + 3 * r.se          # the extra components fitted to noise count more than df
-    assert stein > manifold                     # the closed form sees it too ...
-    assert abs(r.df - stein) < 4 * r.se + 0.1 * stein   # ... by about as much
+    assert r.df > manifold + 3 * r.se  # the extra components fitted to noise count more than df
+    assert stein > manifold  # the closed form sees it too ...
+    assert abs(r.df - stein) < 4 * r.se + 0.1 * stein  # ... by about as much
 
 
 def test_common_random_numbers_and_determinism():
@@ -85,8 +86,9 @@ def test_select_rank_bootstrap_rule():
     assert sel.rank_ == 2
     # the df column is the covariance penalty of each rank with the draws of seed + 1
     for rank, row, est in zip(sel.candidates, sel.table, sel.estimators_):
-        ref = covariance_penalty_df(lambda: CPRegressor(rank, random_state=5, **kw), X, y, fitted=est,
-                                    n_boot=10, random_state=6)
+        ref = covariance_penalty_df(
+            lambda: CPRegressor(rank, random_state=5, **kw), X, y, fitted=est, n_boot=10, random_state=6
+        )
         assert row["df_eff"] == pytest.approx(min(max(ref.df, 0.0), 140.0))
         assert row["df_time"] > 0
     again = select_rank("cp", X, y, [1, 2, 3], df_rule="bootstrap", n_boot=10, random_state=5, **kw)
@@ -101,6 +103,7 @@ def test_bad_input_is_rejected_before_any_work_and_inputs_are_kept():
     def make():
         calls.append(1)
         return CPRegressor(1)
+
     for bad in (1, 0, True, 2.5):
         with pytest.raises(ValueError, match="n_boot"):
             covariance_penalty_df(make, X, y, n_boot=bad)

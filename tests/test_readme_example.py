@@ -1,4 +1,5 @@
 """The README's example runs as written."""
+
 import pathlib
 import re
 

@@ -1,5 +1,6 @@
 """load_compressed on crafted, malformed and foreign files: one clear error (CompressedFileError)
 naming the layer and field, raised before any layer is built; round trips for every structure."""
+
 import json
 
 import pytest
@@ -10,8 +11,7 @@ from torch import nn
 
 import tensorpress
 from tensorpress.compress import saving
-from tensorpress.compress.saving import (FORMAT_VERSION, CompressedFileError, load_compressed,
-                                         save_compressed)
+from tensorpress.compress.saving import FORMAT_VERSION, CompressedFileError, load_compressed, save_compressed
 
 
 def mlp(d_in=16):
@@ -93,7 +93,7 @@ def test_round_trip_every_structure(saved, structure):
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
     assert parts(path)[1]["tensorpress.format"] == str(FORMAT_VERSION)
-    for name, mod in small.named_modules():   # the same layer types at the same names
+    for name, mod in small.named_modules():  # the same layer types at the same names
         assert type(back.get_submodule(name)) is type(mod)
 
 
@@ -116,13 +116,19 @@ def test_newer_or_garbled_format_version_is_refused(saved, tmp_path, no_real_bui
 
 
 # huge ranks: each would allocate terabytes if the layer were built from the metadata
-@pytest.mark.parametrize("structure, edit, message", [
-    ("lowrank", lambda s: first_layer(s, "LowRankLinear").update(rank=10 ** 12), r"rank: expected an int in \[1, "),
-    ("tt", lambda s: first_layer(s, "TTLinear").update(ranks=[10 ** 12] * len(first_layer(s, "TTLinear")["ranks"])),
-     "ranks: bond 0: expected at most"),
-    ("tucker", lambda s: first_layer(s, "TuckerConv2d").update(ranks=[10 ** 6, 10 ** 6]), "ranks: expected"),
-    ("cp", lambda s: first_layer(s, "CPConv2d").update(rank=10 ** 12), r"rank: expected an int in \[1, "),
-])
+@pytest.mark.parametrize(
+    "structure, edit, message",
+    [
+        ("lowrank", lambda s: first_layer(s, "LowRankLinear").update(rank=10**12), r"rank: expected an int in \[1, "),
+        (
+            "tt",
+            lambda s: first_layer(s, "TTLinear").update(ranks=[10**12] * len(first_layer(s, "TTLinear")["ranks"])),
+            "ranks: bond 0: expected at most",
+        ),
+        ("tucker", lambda s: first_layer(s, "TuckerConv2d").update(ranks=[10**6, 10**6]), "ranks: expected"),
+        ("cp", lambda s: first_layer(s, "CPConv2d").update(rank=10**12), r"rank: expected an int in \[1, "),
+    ],
+)
 def test_huge_ranks_are_refused_before_allocating(saved, tmp_path, no_real_build, structure, edit, message):
     model, _, path = saved[structure]
     crafted = rewrite(path, tmp_path / "c.safetensors", layers=edit)
@@ -144,20 +150,23 @@ def test_rank_within_bounds_but_not_the_files_tensors(saved, tmp_path, no_real_b
         load_compressed(model, crafted)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda s: s["0"].update(rank="4"), "layer '0': rank: expected an int"),
-    (lambda s: s["0"].update(rank=4.0), "layer '0': rank: expected an int"),
-    (lambda s: s["0"].update(rank=True), "layer '0': rank: expected an int"),
-    (lambda s: s["0"].update(bias="yes"), "layer '0': bias: expected true or false"),
-    (lambda s: s["0"].update(in_features=None), "layer '0': in_features: expected an int"),
-    (lambda s: s["0"].pop("rank"), r"layer '0': fields: .*missing \['rank'\]"),
-    (lambda s: s["0"].update(extra=1), r"layer '0': fields: .*unknown \['extra'\]"),
-    (lambda s: s["0"].pop("type"), "layer '0': type: expected one of"),
-    (lambda s: s["0"].update(type="Bogus"), "layer '0': type: expected one of"),
-    (lambda s: s.update({"nope.1": dict(s["0"])}), "layer 'nope.1': name: the model has no such module"),
-    (lambda s: s.update({"1": dict(s["0"])}), "layer '1': type: a LowRankLinear replaces an nn.Linear"),
-    (lambda s: s.update({"0": [1, 2]}), "layer '0': expected an object of constructor arguments"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s["0"].update(rank="4"), "layer '0': rank: expected an int"),
+        (lambda s: s["0"].update(rank=4.0), "layer '0': rank: expected an int"),
+        (lambda s: s["0"].update(rank=True), "layer '0': rank: expected an int"),
+        (lambda s: s["0"].update(bias="yes"), "layer '0': bias: expected true or false"),
+        (lambda s: s["0"].update(in_features=None), "layer '0': in_features: expected an int"),
+        (lambda s: s["0"].pop("rank"), r"layer '0': fields: .*missing \['rank'\]"),
+        (lambda s: s["0"].update(extra=1), r"layer '0': fields: .*unknown \['extra'\]"),
+        (lambda s: s["0"].pop("type"), "layer '0': type: expected one of"),
+        (lambda s: s["0"].update(type="Bogus"), "layer '0': type: expected one of"),
+        (lambda s: s.update({"nope.1": dict(s["0"])}), "layer 'nope.1': name: the model has no such module"),
+        (lambda s: s.update({"1": dict(s["0"])}), "layer '1': type: a LowRankLinear replaces an nn.Linear"),
+        (lambda s: s.update({"0": [1, 2]}), "layer '0': expected an object of constructor arguments"),
+    ],
+)
 def test_malformed_lowrank_specs(tmp_path, no_real_build, edit, message):
     model = mlp()
     small = nn.Sequential(tensorpress.nn.LowRankLinear.from_dense(model[0], 4), *list(model)[1:])
@@ -167,22 +176,35 @@ def test_malformed_lowrank_specs(tmp_path, no_real_build, edit, message):
         load_compressed(model, crafted)
 
 
-@pytest.mark.parametrize("structure, edit, message", [
-    ("tt", lambda s: first_layer(s, "TTLinear").update(ranks=3), "ranks: expected a list"),
-    ("tt", lambda s: first_layer(s, "TTLinear").update(in_factors=[2.0, 8]), "in_factors: expected a list"),
-    ("tt", lambda s: first_layer(s, "TTLinear").update(out_factors=[2]), "out_factors: expected a list of"),
-    ("tt", lambda s: first_layer(s, "TTLinear").update(in_factors=[1] * 100), "in_factors: expected a list of at most"),
-    ("tt", lambda s: first_layer(s, "TTLinear").update(in_factors=[3] * len(first_layer(s, "TTLinear")["in_factors"])),
-     "in_factors: expected factors of in_features"),
-    ("tt", lambda s: first_layer(s, "TTLinear").update(ranks=[]), "ranks: expected a list of"),
-    ("tucker", lambda s: first_layer(s, "TuckerConv2d").update(kernel_size=[5, 5]),
-     "kernel_size: the file has \\(5, 5\\), the model's nn.Conv2d has \\(3, 3\\)"),
-    ("tucker", lambda s: first_layer(s, "TuckerConv2d").update(padding=[-1, 0]), "padding: expected a list"),
-    ("tucker", lambda s: first_layer(s, "TuckerConv2d").update(padding={"a": 1}), "padding: expected"),
-    ("cp", lambda s: first_layer(s, "CPConv2d").update(stride=[2, 2]), "stride: the file has"),
-    ("cp", lambda s: first_layer(s, "CPConv2d").update(padding_mode="reflect"), "padding_mode: the file has"),
-    ("cp", lambda s: first_layer(s, "CPConv2d").update(in_channels=4), "in_channels: the file has 4"),
-])
+@pytest.mark.parametrize(
+    "structure, edit, message",
+    [
+        ("tt", lambda s: first_layer(s, "TTLinear").update(ranks=3), "ranks: expected a list"),
+        ("tt", lambda s: first_layer(s, "TTLinear").update(in_factors=[2.0, 8]), "in_factors: expected a list"),
+        ("tt", lambda s: first_layer(s, "TTLinear").update(out_factors=[2]), "out_factors: expected a list of"),
+        (
+            "tt",
+            lambda s: first_layer(s, "TTLinear").update(in_factors=[1] * 100),
+            "in_factors: expected a list of at most",
+        ),
+        (
+            "tt",
+            lambda s: first_layer(s, "TTLinear").update(in_factors=[3] * len(first_layer(s, "TTLinear")["in_factors"])),
+            "in_factors: expected factors of in_features",
+        ),
+        ("tt", lambda s: first_layer(s, "TTLinear").update(ranks=[]), "ranks: expected a list of"),
+        (
+            "tucker",
+            lambda s: first_layer(s, "TuckerConv2d").update(kernel_size=[5, 5]),
+            "kernel_size: the file has \\(5, 5\\), the model's nn.Conv2d has \\(3, 3\\)",
+        ),
+        ("tucker", lambda s: first_layer(s, "TuckerConv2d").update(padding=[-1, 0]), "padding: expected a list"),
+        ("tucker", lambda s: first_layer(s, "TuckerConv2d").update(padding={"a": 1}), "padding: expected"),
+        ("cp", lambda s: first_layer(s, "CPConv2d").update(stride=[2, 2]), "stride: the file has"),
+        ("cp", lambda s: first_layer(s, "CPConv2d").update(padding_mode="reflect"), "padding_mode: the file has"),
+        ("cp", lambda s: first_layer(s, "CPConv2d").update(in_channels=4), "in_channels: the file has 4"),
+    ],
+)
 def test_malformed_structured_specs(saved, tmp_path, no_real_build, structure, edit, message):
     model, _, path = saved[structure]
     crafted = rewrite(path, tmp_path / "c.safetensors", layers=edit)
@@ -202,7 +224,7 @@ def test_conv_layer_built_with_an_int_padding_round_trips(tmp_path):
 
 
 def test_another_models_file_is_refused(saved, no_real_build):
-    _, _, path = saved["lowrank"]   # compressed from an MLP taking 16 inputs
+    _, _, path = saved["lowrank"]  # compressed from an MLP taking 16 inputs
     with pytest.raises(CompressedFileError, match="in_features: the file has 16, the model's nn.Linear has 12"):
         load_compressed(mlp(d_in=12), path)
     _, _, conv_path = saved["cp"]
@@ -217,8 +239,11 @@ def test_another_models_dense_tensors_are_refused(tmp_path, no_real_build):
     path = save_compressed(small, path=tmp_path / "m.safetensors")
     wider = mlp()
     wider[4] = nn.Linear(24, 9)
-    with pytest.raises(CompressedFileError, match=r"tensor '4.(weight|bias)': the file has shape \(8,( 24)?\), the "
-                                                  r"model expects \(9,( 24)?\)"):
+    with pytest.raises(
+        CompressedFileError,
+        match=r"tensor '4.(weight|bias)': the file has shape \(8,( 24)?\), the "
+        r"model expects \(9,( 24)?\)",
+    ):
         load_compressed(wider, path)
     unbiased = mlp()
     unbiased[4] = nn.Linear(24, 8, bias=False)
@@ -239,11 +264,14 @@ def test_tensor_dtype_missing_and_extra_tensors(saved, tmp_path, no_real_build):
         load_compressed(model, extra)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "tensorpress.layers: expected JSON"),
-    ("[1, 2]", "tensorpress.layers: expected an object"),
-    ("[" * 100000 + "]" * 100000, "tensorpress.layers: expected JSON"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "tensorpress.layers: expected JSON"),
+        ("[1, 2]", "tensorpress.layers: expected an object"),
+        ("[" * 100000 + "]" * 100000, "tensorpress.layers: expected JSON"),
+    ],
+)
 def test_unreadable_layer_metadata(saved, tmp_path, no_real_build, text, message):
     model, _, path = saved["lowrank"]
     crafted = rewrite(path, tmp_path / "c.safetensors", meta=lambda m: m.update({"tensorpress.layers": text}))

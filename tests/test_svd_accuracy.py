@@ -2,6 +2,7 @@
 on flat and slowly decaying spectra, in float32 and float64, against float64 LAPACK: every
 returned singular value within (value s_i + floor s_1) / sqrt(2) of the exact one, and the
 rank-k error within (1 + frobenius) of the optimal (Eckart-Young) one."""
+
 import math
 
 import pytest
@@ -27,8 +28,12 @@ def with_spectrum(m, n, kind, dtype, seed=0, batch=()):
     qu = torch.linalg.qr(torch.randn(*batch, m, k, generator=g, dtype=F64)).Q
     qv = torch.linalg.qr(torch.randn(*batch, n, k, generator=g, dtype=F64)).Q
     i = torch.arange(k, dtype=F64)
-    s = {"inv_sqrt": 1 / (i + 1).sqrt(), "inv": 1 / (i + 1), "decay": 0.9 ** i + 1e-3,
-         "lowrank": torch.where(i < 10, 1 / (i + 1), torch.zeros_like(i))}[kind]
+    s = {
+        "inv_sqrt": 1 / (i + 1).sqrt(),
+        "inv": 1 / (i + 1),
+        "decay": 0.9**i + 1e-3,
+        "lowrank": torch.where(i < 10, 1 / (i + 1), torch.zeros_like(i)),
+    }[kind]
     return ((qu * s) @ qv.mT).to(dtype)
 
 
@@ -42,7 +47,7 @@ def assert_documented_accuracy(A, U, S, Vh, k):
     err2 = torch.linalg.matrix_norm(A.double() - U.double() @ torch.diag_embed(s) @ Vh.double()) ** 2
     opt2 = (ref[..., k:] ** 2).sum(-1)
     allowed = (1 + tol.frobenius) ** 2 * opt2 + math.sqrt(2) * tol.floor * ref[..., 0] * s_ref.sum(-1)
-    assert (err2 <= allowed).all(), (err2.sqrt() / opt2.sqrt() - 1)
+    assert (err2 <= allowed).all(), err2.sqrt() / opt2.sqrt() - 1
 
 
 SHAPES = [(400, 300, 24), (300, 500, 16)]
@@ -64,7 +69,7 @@ def test_auto_meets_its_stated_accuracy(m, n, k, spectrum, dtype, method):
 def test_auto_tries_the_checked_method_where_the_cost_model_expects_a_gain():
     assert svd_method((1024, 1024), 64, dtype=torch.float32) == "randomized_checked"
     assert svd_method((2048, 2048), 64, dtype=F64) == "randomized_checked"
-    assert svd_method((2048, 2048), 600, dtype=torch.float32) == "lapack"     # rank > 25% of min(m, n)
+    assert svd_method((2048, 2048), 600, dtype=torch.float32) == "lapack"  # rank > 25% of min(m, n)
     # tall, or a wide block: a full SVD costs fewer than CHECKED_MIN_BUDGET power iterations
     assert svd_method((4096, 1024), 128, dtype=torch.float32) == "lapack"
     assert svd_method((1024, 1024), 64, dtype=F64) == "lapack"
@@ -84,7 +89,7 @@ def test_flat_spectrum_top_values_in_float64_now_match_lapack():
     A = with_spectrum(1024, 512, "gauss", F64, seed=3)
     ref = torch.linalg.svdvals(A)[:64]
     unchecked = truncated_svd(A, rank=64, method="randomized", generator=torch.Generator().manual_seed(0)).S
-    assert ((unchecked - ref).abs() / ref).max() > 1e-3   # what auto used to return
+    assert ((unchecked - ref).abs() / ref).max() > 1e-3  # what auto used to return
     S = truncated_svd(A, rank=64, generator=torch.Generator().manual_seed(0)).S
     assert ((S - ref).abs() / ref).max() <= 1e-6
 
@@ -100,7 +105,7 @@ def test_from_dense_is_the_best_rank_r_approximation_on_a_flat_spectrum(dtype):
     W = lin.weight.double()
     optimal = torch.linalg.svdvals(W)[rank:].pow(2).sum().sqrt()
     err = (layer.to_dense().double() - W).norm()
-    eps = 1e-6 if dtype == F64 else 1e-5   # float32 factors round at ~1e-7 of ||W||
+    eps = 1e-6 if dtype == F64 else 1e-5  # float32 factors round at ~1e-7 of ||W||
     assert err <= (1 + eps) * optimal, err / optimal - 1
 
 
@@ -137,9 +142,9 @@ def test_fast_decaying_spectrum_is_accepted_without_lapack(monkeypatch):
 def test_randomized_checked_explicitly_with_rtol_and_orthonormal_factors():
     A = with_spectrum(300, 260, "inv", F64, seed=7, batch=(3,))
     U, S, Vh = truncated_svd(A, rank=30, rtol=0.049, method="randomized_checked")
-    assert S.shape[-1] == 20   # 1/i >= 0.049 for i <= 20
+    assert S.shape[-1] == 20  # 1/i >= 0.049 for i <= 20
     eye = torch.eye(20, dtype=F64)
     assert (U.mT @ U - eye).abs().max() < 1e-12 and (Vh @ Vh.mT - eye).abs().max() < 1e-12
     assert torch.allclose(S, torch.linalg.svdvals(A)[..., :20], rtol=1e-6, atol=0)
-    idx = U.abs().argmax(dim=-2, keepdim=True)   # the documented signs
+    idx = U.abs().argmax(dim=-2, keepdim=True)  # the documented signs
     assert (torch.gather(U, -2, idx) > 0).all()

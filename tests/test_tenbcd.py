@@ -1,5 +1,6 @@
 """tenBCD (python/tensorpress/train): exact block minimizers, monotone objective, projections,
 accuracy on scikit-learn digits, bad input, to_torch()."""
+
 from __future__ import annotations
 
 import math
@@ -10,9 +11,22 @@ import torch
 from tensorpress.decompose import tt_matrix_svd
 from tensorpress.nn import TTLinear
 from tensorpress.ops.tt import tt_to_dense
-from tensorpress.train import (ConvSpec, DivergenceError, TenBCD, one_hot, prune_projection, ranks_for_ratio,
-                               relu_prox, train_backprop, tt_project, update_u_hidden, update_u_out, update_v_hidden,
-                               update_v_out, update_w)
+from tensorpress.train import (
+    ConvSpec,
+    DivergenceError,
+    TenBCD,
+    one_hot,
+    prune_projection,
+    ranks_for_ratio,
+    relu_prox,
+    train_backprop,
+    tt_project,
+    update_u_hidden,
+    update_u_out,
+    update_v_hidden,
+    update_v_out,
+    update_w,
+)
 from tensorpress.train.updates import gram, gram_factor
 
 D64 = torch.float64
@@ -54,8 +68,9 @@ def test_update_v_out_and_u_out_are_block_minimizers():
     g, r, a = 5.0, 3.0, 1.0
     Y, U, V0, P = (_randn(10, 40, seed=s) for s in range(4))
     V = update_v_out(Y, U, V0, g, a)
-    _assert_stationary(lambda V: 0.5 * (V - Y).square().sum() + g / 2 * (V - U).square().sum()
-                       + a / 2 * (V - V0).square().sum(), V)
+    _assert_stationary(
+        lambda V: 0.5 * (V - Y).square().sum() + g / 2 * (V - U).square().sum() + a / 2 * (V - V0).square().sum(), V
+    )
     Un = update_u_out(V, P, g, r)
     _assert_stationary(lambda U: g / 2 * (V - U).square().sum() + r / 2 * (U - P).square().sum(), Un)
 
@@ -69,11 +84,16 @@ def test_update_w_is_block_minimizer(n, tau, decay, rows):
     U, Vp = _randn(rows, n, seed=3), _randn(20, n, seed=4)
     W = update_w(W0, U, Vp, r, a, tau, T, decay=decay)
     assert gram_factor(Vp, r, a + tau).woodbury == (n < 20)
-    f = lambda W: (r / 2 * (U - W @ Vp).square().sum() + tau / 2 * (W - T).square().sum()  # noqa: E731
-                   + a / 2 * (W - W0).square().sum() + decay / 2 * W.square().sum())
+    f = lambda W: (
+        r / 2 * (U - W @ Vp).square().sum()
+        + tau / 2 * (W - T).square().sum()  # noqa: E731
+        + a / 2 * (W - W0).square().sum()
+        + decay / 2 * W.square().sum()
+    )
     _assert_stationary(f, W)
-    direct = torch.linalg.solve((a + tau + decay) * torch.eye(20, dtype=D64) + r * Vp @ Vp.T,
-                                (a * W0 + tau * T + r * U @ Vp.T).T).T
+    direct = torch.linalg.solve(
+        (a + tau + decay) * torch.eye(20, dtype=D64) + r * Vp @ Vp.T, (a * W0 + tau * T + r * U @ Vp.T).T
+    ).T
     torch.testing.assert_close(W, direct, rtol=1e-9, atol=1e-10)
     # a reused factorization gives the same answer; one built for another diagonal is refused
     c = a + tau + decay
@@ -85,10 +105,11 @@ def test_update_w_is_block_minimizer(n, tau, decay, rows):
 @pytest.mark.parametrize("shape", [(3, 5), (1024, 1500), (777, 1031)])
 def test_squared_norm_of_float32_accumulates_in_float64(shape):
     from tensorpress.train.tenbcd import _sq
+
     T = (_randn(*shape, seed=21) * 3 + 1).float()
     exact = float(T.double().square().sum())
     assert abs(_sq(T) / exact - 1) < 1e-7
-    assert abs(_sq(T.T) / exact - 1) < 1e-7            # any layout
+    assert abs(_sq(T.T) / exact - 1) < 1e-7  # any layout
     assert _sq(_randn(*shape, seed=21)) == pytest.approx(float(_randn(*shape, seed=21).square().sum()), rel=1e-12)
 
 
@@ -97,7 +118,7 @@ def test_gram_is_the_product_with_its_transpose(d):
     A = _randn(d, 200, seed=20)
     G = gram(A, 2.5)
     torch.testing.assert_close(G, 2.5 * A @ A.T, rtol=1e-12, atol=1e-10)
-    assert torch.equal(A, _randn(d, 200, seed=20))   # input untouched
+    assert torch.equal(A, _randn(d, 200, seed=20))  # input untouched
 
 
 @pytest.mark.parametrize("m", [30, 4], ids=["direct", "woodbury"])  # W_{i+1} with fewer rows -> m x m system
@@ -129,8 +150,8 @@ def test_relu_prox_matches_brute_force_grid():
         cost = lambda u: (u.clamp_min(0) - V[..., None]).square() + g * (u - B[..., None]).square()  # noqa: E731
         best = cost(grid[None, :]).min(1).values
         ours = cost(u[:, None])[:, 0]
-        assert torch.all(ours <= best + 1e-12)          # never worse than any grid point
-        assert torch.all(ours >= best - 1e-8)           # and the grid gets within its spacing
+        assert torch.all(ours <= best + 1e-12)  # never worse than any grid point
+        assert torch.all(ours >= best - 1e-8)  # and the grid gets within its spacing
         # where the minimizer is unique, the grid's argmin is next to ours
         arg = grid[cost(grid[None, :]).argmin(1)]
         second = cost(grid[None, :]).topk(2000, largest=False).values[:, -1]
@@ -142,11 +163,17 @@ def test_update_u_hidden_beats_perturbations_and_grid():
     g, r, a = 5.0, 5.0, 1.0
     V, P, U0 = _randn(6, 7, seed=11).clamp_min(0), _randn(6, 7, seed=12), _randn(6, 7, seed=13)
     U = update_u_hidden(V, P, U0, g, r, a)
-    cost = lambda U: (g / 2 * (V - U.clamp_min(0)).square() + r / 2 * (U - P).square()  # noqa: E731
-                      + a / 2 * (U - U0).square())
+    cost = lambda U: (
+        g / 2 * (V - U.clamp_min(0)).square()
+        + r / 2 * (U - P).square()  # noqa: E731
+        + a / 2 * (U - U0).square()
+    )
     grid = torch.linspace(-5, 5, 100001, dtype=D64)
-    full = (g / 2 * (V[..., None] - grid.clamp_min(0)).square() + r / 2 * (grid - P[..., None]).square()
-            + a / 2 * (grid - U0[..., None]).square())
+    full = (
+        g / 2 * (V[..., None] - grid.clamp_min(0)).square()
+        + r / 2 * (grid - P[..., None]).square()
+        + a / 2 * (grid - U0[..., None]).square()
+    )
     assert torch.all(cost(U) <= full.min(-1).values + 1e-12)
     for s in range(5):
         assert torch.all(cost(U + 1e-3 * _randn(6, 7, seed=20 + s)) >= cost(U) - 1e-15)
@@ -197,8 +224,8 @@ def test_tt_project_bonds_that_do_not_truncate_skip_the_svd_and_give_the_same_pr
         torch.testing.assert_close(dense[b], tt_to_dense(ref.cores), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(dense[b], tt_to_dense([c[b] for c in cores]), rtol=1e-10, atol=1e-12)
     if ranks == (12, 16):
-        torch.testing.assert_close(dense, W, rtol=1e-10, atol=1e-12)   # nothing truncated: exact
-    for c in cores[:-1]:   # left-orthonormal cores, as the SVD would give
+        torch.testing.assert_close(dense, W, rtol=1e-10, atol=1e-12)  # nothing truncated: exact
+    for c in cores[:-1]:  # left-orthonormal cores, as the SVD would give
         u = c.reshape(2, -1, c.shape[-1])
         torch.testing.assert_close(u.mT @ u, torch.eye(u.shape[-1], dtype=D64).expand(2, -1, -1), rtol=0, atol=1e-12)
 
@@ -217,7 +244,7 @@ def test_tt_project_warm_start_from_the_previous_subspace_is_near_optimal():
     W1 = W0 + 0.01 * _randn(1024, 1024, seed=18) / 1024
     _, warm = tt_project(W1, outf, inf, ranks, method="auto", generator=_gen(2), state=state)
     _, exact = tt_project(W1, outf, inf, ranks, method="lapack")
-    assert not torch.equal(state[1], first)          # the subspace moved with W
+    assert not torch.equal(state[1], first)  # the subspace moved with W
     assert (W1 - warm).norm() <= 1.001 * (W1 - exact).norm()
     assert (warm - exact).norm() < 1e-2 * exact.norm()
 
@@ -249,11 +276,12 @@ def test_every_block_update_never_increases_the_objective(digits):
 
 def test_objective_non_increasing_over_iterations_and_cached_matches(digits):
     X, y, Xt, yt = digits
-    m = _small_model(dtype=torch.float32).fit(X[:500], one_hot(y[:500], 10), n_iter=15, X_test=Xt, y_test=yt,
-                                               eval_every=5)
+    m = _small_model(dtype=torch.float32).fit(
+        X[:500], one_hot(y[:500], 10), n_iter=15, X_test=Xt, y_test=yt, eval_every=5
+    )
     f = m.history_["objective"]
     assert len(f) == 15 and all(b <= a * (1 + 1e-5) for a, b in zip(f, f[1:]))
-    assert f[-1] < 0.8 * f[0]    # measured 0.70 (alpha_w = 0.1 n keeps the W steps short)
+    assert f[-1] < 0.8 * f[0]  # measured 0.70 (alpha_w = 0.1 n keeps the W steps short)
     assert m.history_["test_acc"][4] is not None and m.history_["test_acc"][3] is None
     assert abs(m._objective_cached() - m.objective()) <= 1e-5 * m.objective()
     assert set(m.history_["tt_gap"][-1]) == {0, 1, 2}
@@ -265,8 +293,8 @@ def test_accuracy_on_digits_with_tt_weights(digits):
     m = TenBCD([64, 256, 256, 10], tt_layers={0: 4, 1: 8}, seed=0)
     m.fit(X, one_hot(y, 10), n_iter=20, X_test=Xt, y_test=yt, eval_every=20)
     acc = m.history_["test_acc"][-1]
-    assert acc >= 0.90, acc    # measured 0.935 (0.95 after 40 iterations)
-    assert max(m.tt_gaps().values()) < 0.05        # tau scaled with n keeps W on its TT projection
+    assert acc >= 0.90, acc  # measured 0.935 (0.95 after 40 iterations)
+    assert max(m.tt_gaps().values()) < 0.05  # tau scaled with n keeps W on its TT projection
     assert m.score(Xt, yt) == pytest.approx(acc)
     m.refit_output(X, one_hot(y, 10))
     assert m.score(Xt, yt) >= 0.90
@@ -278,7 +306,9 @@ def test_tau_scale_matters(digits):
     X, y, _, _ = digits
     gaps = {}
     for scale in ("n", None):
-        m = TenBCD([64, 128, 10], tt_layers={0: 2}, tau=0.1, alpha_w=0.0, weight_decay=0.0, scale=scale, seed=0, dtype=D64)
+        m = TenBCD(
+            [64, 128, 10], tt_layers={0: 2}, tau=0.1, alpha_w=0.0, weight_decay=0.0, scale=scale, seed=0, dtype=D64
+        )
         m.fit(X[:400], one_hot(y[:400], 10), n_iter=10, eval_every=10)
         gaps[scale] = m.tt_gaps()[0]
     assert gaps[None] > 4 * gaps["n"]  # measured 7.9x after 10 iterations
@@ -297,9 +327,13 @@ def test_to_torch_matches_predict(digits):
 
 def test_conv_front_trains_and_exports(digits):
     X, y, Xt, _ = digits
-    conv = ConvSpec((1, 8, 8), out_channels=4, kernel_size=3, stride=1)          # 4 * 6 * 6 = 144
-    m = TenBCD([64, 144, 64, 10], conv=conv, tt_layers={1: {"ranks": 4, "in_factors": (4, 6, 6),
-                                                            "out_factors": (4, 4, 4)}}, dtype=D64)
+    conv = ConvSpec((1, 8, 8), out_channels=4, kernel_size=3, stride=1)  # 4 * 6 * 6 = 144
+    m = TenBCD(
+        [64, 144, 64, 10],
+        conv=conv,
+        tt_layers={1: {"ranks": 4, "in_factors": (4, 6, 6), "out_factors": (4, 4, 4)}},
+        dtype=D64,
+    )
     m.initialize(X[:200], one_hot(y[:200], 10))
     prev = m.objective()
     for name, f in m.step(trace_blocks=True):
@@ -323,20 +357,23 @@ def test_adam_baseline_on_same_init(digits):
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(layer_sizes=[64, 67, 10], tt_layers={0: 2}), r"tt_layers\[0\].*67"),          # 67 does not factor
-    (dict(layer_sizes=[64, 64, 10], tt_layers={0: 100}), r"tt_layers\[0\].*larger than possible"),
-    (dict(layer_sizes=[64, 64, 10], tt_layers={0: [4, 100, 4]}), r"tt_layers\[0\].*larger than possible"),
-    (dict(layer_sizes=[64, 64, 10], tt_layers={5: 4}), "tt_layers"),
-    (dict(layer_sizes=[64, 64, 10], tt_layers={0: 4}, prune={0: 0.5}), r"prune\[0\]"),
-    (dict(layer_sizes=[64, 64, 10], prune={1: 1.5}), r"prune\[1\]"),
-    (dict(layer_sizes=[64, 64, 10], gamma=0.0), "gamma"),
-    (dict(layer_sizes=[64, 64, 10], tau=-1.0), "tau"),
-    (dict(layer_sizes=[64, 64, 10], scale="sqrt"), "scale"),
-    (dict(layer_sizes=[64, 64, 10], alpha_w=-1.0), "alpha_w"),
-    (dict(layer_sizes=[64, 64, 10], weight_decay=float("nan")), "weight_decay"),
-    (dict(layer_sizes=[64]), "layer_sizes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(layer_sizes=[64, 67, 10], tt_layers={0: 2}), r"tt_layers\[0\].*67"),  # 67 does not factor
+        (dict(layer_sizes=[64, 64, 10], tt_layers={0: 100}), r"tt_layers\[0\].*larger than possible"),
+        (dict(layer_sizes=[64, 64, 10], tt_layers={0: [4, 100, 4]}), r"tt_layers\[0\].*larger than possible"),
+        (dict(layer_sizes=[64, 64, 10], tt_layers={5: 4}), "tt_layers"),
+        (dict(layer_sizes=[64, 64, 10], tt_layers={0: 4}, prune={0: 0.5}), r"prune\[0\]"),
+        (dict(layer_sizes=[64, 64, 10], prune={1: 1.5}), r"prune\[1\]"),
+        (dict(layer_sizes=[64, 64, 10], gamma=0.0), "gamma"),
+        (dict(layer_sizes=[64, 64, 10], tau=-1.0), "tau"),
+        (dict(layer_sizes=[64, 64, 10], scale="sqrt"), "scale"),
+        (dict(layer_sizes=[64, 64, 10], alpha_w=-1.0), "alpha_w"),
+        (dict(layer_sizes=[64, 64, 10], weight_decay=float("nan")), "weight_decay"),
+        (dict(layer_sizes=[64]), "layer_sizes"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TenBCD(**kwargs)
@@ -373,7 +410,7 @@ def test_divergence_names_iteration_and_block(digits):
 
     def poison(model, rec):
         if rec["iteration"] == 2:
-            model.V[0][0, 0] = float("nan")     # V[0] feeds only W[1]'s update in the next sweep
+            model.V[0][0, 0] = float("nan")  # V[0] feeds only W[1]'s update in the next sweep
 
     with pytest.raises(DivergenceError, match=r"iteration 3.*W\[1\]"):
         m.fit(X[:100], one_hot(y[:100], 10), n_iter=5, callback=poison)
@@ -385,15 +422,15 @@ def test_cuda_matches_cpu(digits):
     X, y, Xt, _ = digits
     cpu = _small_model().fit(X[:300], one_hot(y[:300], 10), n_iter=3)
     gpu = _small_model(device="cuda").fit(X[:300].cuda(), one_hot(y[:300], 10).cuda(), n_iter=3)
-    torch.testing.assert_close(gpu.decision_function(Xt.cuda()).cpu(), cpu.decision_function(Xt),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gpu.decision_function(Xt.cuda()).cpu(), cpu.decision_function(Xt), rtol=1e-6, atol=1e-6)
 
 
 def test_weight_terms_scale_with_n_and_enter_the_objective(digits):
     X, y, _, _ = digits
     for scale, k in (("n", 300), (None, 1)):
-        m = TenBCD([64, 32, 10], tt_layers={0: 2}, tau=0.5, alpha_w=0.2, weight_decay=0.03, scale=scale,
-                   dtype=D64).initialize(X[:300], one_hot(y[:300], 10))
+        m = TenBCD(
+            [64, 32, 10], tt_layers={0: 2}, tau=0.5, alpha_w=0.2, weight_decay=0.03, scale=scale, dtype=D64
+        ).initialize(X[:300], one_hot(y[:300], 10))
         assert (m.tau_eff, m.alpha_w_eff, m.decay_eff) == pytest.approx((0.5 * k, 0.2 * k, 0.03 * k))
         m.step()
         _, terms = m.objective(terms=True)
@@ -414,18 +451,19 @@ def test_gcv_ridge_matches_brute_force():
     from tensorpress.train.tenbcd import gcv_ridge
 
     H, Y = _randn(12, 40, seed=5), _randn(3, 40, seed=6)
-    Y = Y + 2.0 * _randn(3, 12, seed=7) @ H                         # a signal to fit, plus noise
+    Y = Y + 2.0 * _randn(3, 12, seed=7) @ H  # a signal to fit, plus noise
     G, B = H @ H.T, Y @ H.T
     lam = gcv_ridge(G, B, float(Y.square().sum()), 40)
     lams = torch.linalg.eigvalsh(G).mean() * torch.logspace(-8, 2, 61, dtype=D64)
 
     def gcv(l):
-        hat = H.T @ torch.linalg.solve(G + l * torch.eye(12, dtype=D64), H)   # n x n hat matrix
+        hat = H.T @ torch.linalg.solve(G + l * torch.eye(12, dtype=D64), H)  # n x n hat matrix
         rss = (Y - Y @ hat).square().sum()
         return float(rss / (40 * (1 - torch.trace(hat) / 40) ** 2))
+
     scores = [gcv(float(l)) for l in lams]
     assert lam == pytest.approx(float(lams[min(range(len(scores)), key=scores.__getitem__)]), rel=1e-9)
-    assert 0 < lam < float(lams[-1])                                   # an interior optimum here
+    assert 0 < lam < float(lams[-1])  # an interior optimum here
 
 
 def test_refit_output_gcv_and_fixed_ridge(digits):
@@ -438,7 +476,7 @@ def test_refit_output_gcv_and_fixed_ridge(digits):
     G = H @ H.T
     W = torch.linalg.solve(G + gcv_lam * torch.eye(128, dtype=D64), H @ one_hot(y[:300], 10).double()).T
     torch.testing.assert_close(m.weights_[-1], W, rtol=1e-8, atol=1e-10)
-    assert torch.equal(m.weights_[0], before[0])                       # only the output layer changes
+    assert torch.equal(m.weights_[0], before[0])  # only the output layer changes
     m.refit_output(X[:300], one_hot(y[:300], 10), ridge=1e-4)
     assert m.refit_ridge_ == pytest.approx(1e-4 * float(G.diagonal().mean()), rel=1e-5)
     with pytest.raises(ValueError, match="ridge"):
@@ -449,11 +487,10 @@ def test_refit_output_with_fewer_samples_than_hidden_units_in_float32(digits):
     """H H^T is singular when n < d: the refit still solves (in float64), matches the ridge
     solution and fits the training set (the quick benchmark's 500 digits vs 1024 units)."""
     X, y, _, _ = digits
-    m = TenBCD([64, 256, 10], seed=1).fit(X[:100], one_hot(y[:100], 10), n_iter=3)   # float32, n = 100 < 256
+    m = TenBCD([64, 256, 10], seed=1).fit(X[:100], one_hot(y[:100], 10), n_iter=3)  # float32, n = 100 < 256
     m.refit_output(X[:100], one_hot(y[:100], 10))
     assert math.isfinite(m.refit_ridge_) and m.refit_ridge_ > 0
     H = m._forward(X[:100].double(), [w.double() for w in m.effective_weights()], upto=1)
-    W = torch.linalg.solve(H @ H.T + m.refit_ridge_ * torch.eye(256, dtype=D64),
-                           H @ one_hot(y[:100], 10).double()).T
+    W = torch.linalg.solve(H @ H.T + m.refit_ridge_ * torch.eye(256, dtype=D64), H @ one_hot(y[:100], 10).double()).T
     torch.testing.assert_close(m.weights_[-1].double(), W, rtol=2e-3, atol=2e-4)
     assert m.score(X[:100], y[:100]) > 0.9

@@ -1,15 +1,22 @@
 """Opt-in autotuning of CPU plans (tensorpress.ops.set_autotune, ops/tt_autotune.py)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tensorpress.nn import TTLinear
-from tensorpress.ops import autotune_enabled, choose_plan, select_plan, set_autotune, tt_matmul, tt_matmul_reference
-from tensorpress.ops import tt_autotune
-from tensorpress.ops.tt_plan import ranked_plans
-
 from conftest import random_cores, rel_err
+from tensorpress.nn import TTLinear
+from tensorpress.ops import (
+    autotune_enabled,
+    choose_plan,
+    select_plan,
+    set_autotune,
+    tt_autotune,
+    tt_matmul,
+    tt_matmul_reference,
+)
+from tensorpress.ops.tt_plan import ranked_plans
 
 SHAPES_1024_R8 = ((1, 4, 4, 8), (8, 8, 8, 8), (8, 8, 8, 8), (8, 4, 4, 1))
 
@@ -37,7 +44,7 @@ def test_candidates_are_the_cheapest_few_within_the_slack():
     ranked = ranked_plans(SHAPES_1024_R8, 256, True)
     cands = tt_autotune.candidates(SHAPES_1024_R8, 256, True)
     assert cands[0] == ranked[0]
-    assert list(cands) == list(ranked[:len(cands)])
+    assert list(cands) == list(ranked[: len(cands)])
     assert 1 < len(cands) <= tt_autotune.MAX_CANDIDATES
     assert all(p.cost <= ranked[0].cost * tt_autotune.COST_SLACK for p in cands)
 
@@ -46,17 +53,17 @@ def test_the_fastest_candidate_is_chosen_and_kept(autotune, monkeypatch):
     cands = tt_autotune.candidates(SHAPES_1024_R8, 256, True)
     timed = []
 
-    def fake_seconds(x, cores, plan, training, run_plan):    # the model's runner-up is the fastest here
+    def fake_seconds(x, cores, plan, training, run_plan):  # the model's runner-up is the fastest here
         timed.append(plan)
         return 1.0 if plan == cands[1] else 2.0
 
     monkeypatch.setattr(tt_autotune, "_median_seconds", fake_seconds)
     assert select_plan(SHAPES_1024_R8, 256) == cands[1]
-    assert timed == list(cands)                          # every candidate timed once
+    assert timed == list(cands)  # every candidate timed once
     assert select_plan(SHAPES_1024_R8, 256) == cands[1]
-    assert len(timed) == len(cands)                      # then kept: no second timing
+    assert len(timed) == len(cands)  # then kept: no second timing
     training = tt_autotune.candidates(SHAPES_1024_R8, 256, True, training=True)
-    assert select_plan(SHAPES_1024_R8, 256, training=True) in training   # a training step is timed apart
+    assert select_plan(SHAPES_1024_R8, 256, training=True) in training  # a training step is timed apart
     assert len(timed) == len(cands) + len(training)
     assert choose_plan(SHAPES_1024_R8, 256) == cands[0]  # the cost model alone: pure, no timing
     set_autotune(False)
@@ -105,8 +112,7 @@ def test_the_ops_modules_import_each_other_without_a_cycle():
 
 def test_autotuned_layer_matches_the_float64_reference(autotune):
     gen = torch.Generator().manual_seed(5)
-    cores = random_cores((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8), dtype=torch.float64, generator=gen,
-                         requires_grad=True)
+    cores = random_cores((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8), dtype=torch.float64, generator=gen, requires_grad=True)
     x = torch.randn(64, 1024, generator=gen, dtype=torch.float64, requires_grad=True)
     plan = select_plan([tuple(g.shape) for g in cores], 64, dtype=torch.float64, training=True)
     assert plan in tt_autotune.candidates(tuple(tuple(g.shape) for g in cores), 64, True, training=True)

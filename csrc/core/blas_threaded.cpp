@@ -27,8 +27,8 @@ inline void trsm(bool left, bool upper, bool trans, int m, int n, const double* 
 }  // namespace
 
 template <typename T>
-void gemm_threaded(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                   const T* b, int64_t ldb, T beta, T* c, int threads) {
+void gemm_threaded(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                   int64_t ldb, T beta, T* c, int threads) {
   use_single_threaded_gemm();
   // Panels of C's rows (A's rows) or, for a wide C, of its columns (B's columns).
   const bool by_rows = m >= n;
@@ -38,10 +38,10 @@ void gemm_threaded(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, c
     const int64_t lo = extent * p / parts, hi = extent * (p + 1) / parts;
     if (hi == lo) return;
     if (by_rows) {
-      const T* a_panel = ta ? a + lo : a + lo * lda;   // op(A) rows lo..hi
+      const T* a_panel = ta ? a + lo : a + lo * lda;  // op(A) rows lo..hi
       gemm(ta, tb, int(hi - lo), int(n), int(k), alpha, a_panel, int(lda), b, int(ldb), beta, c + lo * n, int(n));
     } else {
-      const T* b_panel = tb ? b + lo * ldb : b + lo;   // op(B) columns lo..hi
+      const T* b_panel = tb ? b + lo * ldb : b + lo;  // op(B) columns lo..hi
       gemm(ta, tb, int(m), int(hi - lo), int(k), alpha, a, int(lda), b_panel, int(ldb), beta, c + lo, int(n));
     }
   });
@@ -64,8 +64,8 @@ void trsm_threaded(bool left, bool upper, bool trans, int64_t m, int64_t n, cons
   });
 }
 
-template void gemm_threaded<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
-                                   const float*, int64_t, float, float*, int);
+template void gemm_threaded<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                                   int64_t, float, float*, int);
 template void gemm_threaded<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
                                     const double*, int64_t, double, double*, int);
 template void trsm_threaded<float>(bool, bool, bool, int64_t, int64_t, const float*, int64_t, float*, int);

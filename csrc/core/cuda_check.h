@@ -11,8 +11,8 @@ namespace tensorpress {
 
 inline void cuda_check(cudaError_t err, const char* what, const char* file, int line) {
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(err) + " in " + what + " (" + file +
-                             ":" + std::to_string(line) + ")");
+    throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(err) + " in " + what + " (" + file + ":" +
+                             std::to_string(line) + ")");
 }
 
 // TENSORPRESS_CUDA_SYNC_CHECK=1: wait for every kernel right after its launch, so a fault is
@@ -37,8 +37,10 @@ class CudaDeviceGuard {
  public:
   explicit CudaDeviceGuard(int device) {
     cuda_check(cudaGetDevice(&previous_), "cudaGetDevice", __FILE__, __LINE__);
-    if (previous_ != device) cuda_check(cudaSetDevice(device), "cudaSetDevice", __FILE__, __LINE__);
-    else previous_ = -1;
+    if (previous_ != device)
+      cuda_check(cudaSetDevice(device), "cudaSetDevice", __FILE__, __LINE__);
+    else
+      previous_ = -1;
   }
   ~CudaDeviceGuard() {
     if (previous_ >= 0) cudaSetDevice(previous_);  // no throw from a destructor

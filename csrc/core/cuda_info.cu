@@ -39,10 +39,14 @@ std::string cuda_driver_version() {
 std::string cuda_driver_required() {
   // minimum Linux drivers per major release, from NVIDIA's CUDA toolkit release notes
   switch (CUDART_VERSION / 1000) {
-    case 11: return ">= 450.80.02 (CUDA 11.x)";
-    case 12: return ">= 525.60.13 (CUDA 12.x)";
-    case 13: return ">= 580.65.06 (CUDA 13.x)";
-    default: return "a driver supporting CUDA " + cuda_runtime_version();
+    case 11:
+      return ">= 450.80.02 (CUDA 11.x)";
+    case 12:
+      return ">= 525.60.13 (CUDA 12.x)";
+    case 13:
+      return ">= 580.65.06 (CUDA 13.x)";
+    default:
+      return "a driver supporting CUDA " + cuda_runtime_version();
   }
 }
 

@@ -6,10 +6,17 @@
 extern "C" {
 
 enum DLDeviceType : int32_t { kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13 };
-struct DLDevice { DLDeviceType device_type; int32_t device_id; };
+struct DLDevice {
+  DLDeviceType device_type;
+  int32_t device_id;
+};
 
 enum DLDataTypeCode : uint8_t { kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4 };
-struct DLDataType { uint8_t code; uint8_t bits; uint16_t lanes; };
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
 
 struct DLTensor {
   void* data;

@@ -50,7 +50,8 @@ __attribute__((target("avx2"))) void transpose_avx2(const float* src, float* dst
                                                     int64_t src_row, int64_t dst_row) {
   const int64_t rows8 = rows - rows % 8, cols8 = cols - cols % 8;
   for (int64_t j = 0; j < cols8; j += 8)
-    for (int64_t i = 0; i < rows8; i += 8) transpose_8x8(src + i + j * src_row, dst + i * dst_row + j, src_row, dst_row);
+    for (int64_t i = 0; i < rows8; i += 8)
+      transpose_8x8(src + i + j * src_row, dst + i * dst_row + j, src_row, dst_row);
   // ragged edges
   if (rows8 < rows) transpose_scalar(src + rows8, dst + rows8 * dst_row, rows - rows8, cols, src_row, dst_row);
   if (cols8 < cols) transpose_scalar(src + cols8 * src_row, dst + cols8, rows8, cols - cols8, src_row, dst_row);

@@ -58,13 +58,23 @@ void transpose_2d(const double* src, double* dst, int64_t rows, int64_t cols, in
 template <typename T>
 inline void copy_run(const T* from, T* out, int64_t n) {
   switch (n * static_cast<int64_t>(sizeof(T))) {
-    case 16: std::memcpy(out, from, 16); return;
-    case 32: std::memcpy(out, from, 32); return;
-    case 64: std::memcpy(out, from, 64); return;
-    case 128: std::memcpy(out, from, 128); return;
+    case 16:
+      std::memcpy(out, from, 16);
+      return;
+    case 32:
+      std::memcpy(out, from, 32);
+      return;
+    case 64:
+      std::memcpy(out, from, 64);
+      return;
+    case 128:
+      std::memcpy(out, from, 128);
+      return;
     default:
-      if (n >= 64) std::memcpy(out, from, sizeof(T) * n);
-      else for (int64_t i = 0; i < n; ++i) out[i] = from[i];
+      if (n >= 64)
+        std::memcpy(out, from, sizeof(T) * n);
+      else
+        for (int64_t i = 0; i < n; ++i) out[i] = from[i];
   }
 }
 

@@ -6,9 +6,12 @@ namespace tensorpress {
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::Float32: return "float32";
-    case DType::Float64: return "float64";
-    default: return "unsupported";
+    case DType::Float32:
+      return "float32";
+    case DType::Float64:
+      return "float64";
+    default:
+      return "unsupported";
   }
 }
 
@@ -28,10 +31,13 @@ BorrowedTensor::BorrowedTensor(const py::object& tensor, const std::string& name
   view_.data = static_cast<char*>(t.data) + t.byte_offset;
   view_.shape.assign(t.shape, t.shape + t.ndim);
   view_.device_id = t.device.device_id;
-  view_.device = t.device.device_type == kDLCPU ? Device::CPU
-               : t.device.device_type == kDLCUDA ? Device::CUDA : Device::Other;
-  if (t.dtype.code == kDLFloat && t.dtype.lanes == 1 && t.dtype.bits == 32) view_.dtype = DType::Float32;
-  else if (t.dtype.code == kDLFloat && t.dtype.lanes == 1 && t.dtype.bits == 64) view_.dtype = DType::Float64;
+  view_.device = t.device.device_type == kDLCPU    ? Device::CPU
+                 : t.device.device_type == kDLCUDA ? Device::CUDA
+                                                   : Device::Other;
+  if (t.dtype.code == kDLFloat && t.dtype.lanes == 1 && t.dtype.bits == 32)
+    view_.dtype = DType::Float32;
+  else if (t.dtype.code == kDLFloat && t.dtype.lanes == 1 && t.dtype.bits == 64)
+    view_.dtype = DType::Float64;
 
   // Kernels index with compact row-major strides: refuse anything else.
   if (t.strides != nullptr && view_.numel() > 0) {  // an empty tensor has nothing to index

@@ -26,7 +26,10 @@ struct TensorView {
     for (int64_t s : shape) n *= s;
     return n;
   }
-  template <typename T> T* ptr() const { return static_cast<T*>(data); }
+  template <typename T>
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 };
 
 const char* dtype_name(DType t);

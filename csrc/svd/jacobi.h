@@ -13,7 +13,7 @@
 namespace tensorpress::svd {
 
 struct JacobiParams {
-  double tol;       // rotate a pair while |<w_p, w_q>| > tol * ||w_p|| ||w_q||
+  double tol;  // rotate a pair while |<w_p, w_q>| > tol * ||w_p|| ||w_q||
   int max_sweeps;
   bool sort_each_sweep = true;
 };
@@ -76,12 +76,11 @@ static inline void round_robin_pair(int64_t count, int64_t r, int64_t k, int64_t
 // norms[j] receives ||w_j||^2 on exit. `scratch` holds 4 * count values. Returns the number
 // of sweeps used.
 template <typename T>
-static int jacobi_orthogonalize(T* w, int64_t count, int64_t len, T* v, T* norms, const JacobiParams& p,
-                                T* scratch) {
+static int jacobi_orthogonalize(T* w, int64_t count, int64_t len, T* v, T* norms, const JacobiParams& p, T* scratch) {
   static_assert(sizeof(T) >= sizeof(int64_t), "scratch also holds the pairs' indices");
   for (int64_t j = 0; j < count; ++j) norms[j] = dot(w + j * len, w + j * len, len);
   const int64_t half = padded_count(count) / 2;
-  int64_t* first = reinterpret_cast<int64_t*>(scratch);   // pair members of the current round
+  int64_t* first = reinterpret_cast<int64_t*>(scratch);  // pair members of the current round
   int64_t* second = first + half;
   T* cosine = scratch + 2 * half;
   T* sine = cosine + half;

@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -106,11 +106,17 @@ void write_item(int64_t item, const double* w, const double* v, const double* no
   // orthogonal to the Jacobi tolerance already.
   int64_t trusted = rank;
   for (int64_t r = 0; r < rank; ++r)
-    if (double(s[item * k + r]) < sigma_max * 1e-6) { trusted = r; break; }
+    if (double(s[item * k + r]) < sigma_max * 1e-6) {
+      trusted = r;
+      break;
+    }
   for (int64_t r = trusted; r < rank; ++r) {
     double* q = w_sorted + r * len;
     const double norm = orthogonalize_against(w_sorted, r, len, q);
-    if (norm < 0.5) { rank = r; break; }
+    if (norm < 0.5) {
+      rank = r;
+      break;
+    }
     for (int64_t t = 0; t < len; ++t) q[t] /= norm;
   }
   complete_basis(w_sorted, rank, k, len);
@@ -134,7 +140,7 @@ void write_item(int64_t item, const double* w, const double* v, const double* no
     if (tall) {  // U[:, r] = w_sorted[r], Vh[r, :] = v_sorted[r]
       for (int64_t t = 0; t < m; ++t) ui[t * k + r] = T(w_sorted[r * len + t]);
       for (int64_t t = 0; t < n; ++t) vhi[r * n + t] = T(v_sorted[r * k + t]);
-    } else {     // U[:, r] = v_sorted[r], Vh[r, :] = w_sorted[r]
+    } else {  // U[:, r] = v_sorted[r], Vh[r, :] = w_sorted[r]
       for (int64_t t = 0; t < m; ++t) ui[t * k + r] = T(v_sorted[r * k + t]);
       for (int64_t t = 0; t < n; ++t) vhi[r * n + t] = T(w_sorted[r * len + t]);
     }
@@ -166,7 +172,8 @@ void gather_group(const float* a, int64_t count, int64_t m, int64_t n, float* x)
 // Records the largest sweep count seen.
 void note_sweeps(std::atomic<int>& max_sweeps, int sweeps) {
   int seen = max_sweeps.load();
-  while (sweeps > seen && !max_sweeps.compare_exchange_weak(seen, sweeps)) {}
+  while (sweeps > seen && !max_sweeps.compare_exchange_weak(seen, sweeps)) {
+  }
 }
 
 }  // namespace
@@ -178,8 +185,8 @@ int64_t jacobi_workspace_size(int64_t m, int64_t n, int threads) {
 }
 
 template <typename T>
-int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int64_t n,
-                   const JacobiParams& params, double* workspace, int threads) {
+int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int64_t n, const JacobiParams& params,
+                   double* workspace, int threads) {
   const bool tall = m >= n;
   const int64_t k = std::min(m, n), len = std::max(m, n);
   const WorkerLayout layout = worker_layout(k, len);
@@ -222,8 +229,8 @@ int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int6
   return max_sweeps.load();
 }
 
-template int jacobi_svd_cpu<float>(const float*, float*, float*, float*, int64_t, int64_t, int64_t,
-                                   const JacobiParams&, double*, int);
+template int jacobi_svd_cpu<float>(const float*, float*, float*, float*, int64_t, int64_t, int64_t, const JacobiParams&,
+                                   double*, int);
 template int jacobi_svd_cpu<double>(const double*, double*, double*, double*, int64_t, int64_t, int64_t,
                                     const JacobiParams&, double*, int);
 

@@ -16,7 +16,7 @@ int64_t jacobi_workspace_size(int64_t m, int64_t n, int threads);
 // vector's largest-magnitude entry is made positive; null directions are completed to an
 // orthonormal basis. Returns the largest number of sweeps any matrix needed.
 template <typename T>
-int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int64_t n,
-                   const JacobiParams& params, double* workspace, int threads);
+int jacobi_svd_cpu(const T* a, T* u, T* s, T* vh, int64_t batch, int64_t m, int64_t n, const JacobiParams& params,
+                   double* workspace, int threads);
 
 }  // namespace tensorpress::svd

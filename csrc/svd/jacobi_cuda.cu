@@ -67,11 +67,11 @@ __global__ void jacobi_kernel(const T* a, T* u, T* s, T* vh, int m, int n, doubl
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   TP_DYNAMIC_SHARED(unsigned char, smem_raw);
   double* w = reinterpret_cast<double*>(smem_raw);  // k vectors of len
-  double* v = w + k * len;                             // k x k rotations
+  double* v = w + k * len;                          // k x k rotations
   double* norms = v + k * k;
   double* covered = norms + k;                         // len (basis completion)
   int* order = reinterpret_cast<int*>(covered + len);  // sorted position -> vector
-  __shared__ int rotated_by[kMaxWarps];  // per warp: a rotation this sweep (one writer each)
+  __shared__ int rotated_by[kMaxWarps];                // per warp: a rotation this sweep (one writer each)
   __shared__ int rank, trusted;
 
   const int64_t item = blockIdx.x;
@@ -171,7 +171,10 @@ __global__ void jacobi_kernel(const T* a, T* u, T* s, T* vh, int m, int n, doubl
     rank = r;
     int tr = r;
     for (int q = 0; q < r; ++q)
-      if (sqrt(norms[order[q]]) < sigma_max * 1e-6) { tr = q; break; }
+      if (sqrt(norms[order[q]]) < sigma_max * 1e-6) {
+        tr = q;
+        break;
+      }
     trusted = tr;
   }
   __syncthreads();
@@ -189,7 +192,10 @@ __global__ void jacobi_kernel(const T* a, T* u, T* s, T* vh, int m, int n, doubl
     for (int r = trusted; r < rk; ++r) {
       double* q = w + order[r] * len;
       const double norm = orthogonalize_against(w, order, r, len, q, lane);
-      if (norm < 0.5) { rk = r; break; }
+      if (norm < 0.5) {
+        rk = r;
+        break;
+      }
       for (int i = lane; i < len; i += 32) q[i] /= norm;
       __syncwarp();
     }
@@ -279,7 +285,7 @@ void jacobi_svd_cuda(bool is_double, const void* a, void* u, void* s, void* vh, 
       TP_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     TP_LAUNCH(static_cast<unsigned>(batch), 32 * warps, smem, st, kernel)(ap, up, sp, vp, static_cast<int>(m),
-                                                                   static_cast<int>(n), tol, max_sweeps);
+                                                                          static_cast<int>(n), tol, max_sweeps);
     TP_CUDA_CHECK_LAUNCH("jacobi_kernel", st);
   };
   if (is_double)

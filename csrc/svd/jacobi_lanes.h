@@ -36,7 +36,6 @@
 
 #include "svd/jacobi.h"
 
-
 // The baseline build (no AVX) returns these 32-byte vectors from functions it may not inline;
 // they are all internal to one translation unit, so the ABI note does not apply.
 #pragma GCC diagnostic push
@@ -90,20 +89,21 @@ static inline GroupLayout group_layout(int64_t count, int64_t len) {
   // float32 (8 lanes: 4 doubles per entry)
   g.x32 = take(count * len * kHalf);  // the scaled input, then QR's reflectors and R1
   g.tau32 = take(count * kHalf);
-  g.x2 = take(square * kHalf);        // R1^T, then its QR's reflectors and R2
+  g.x2 = take(square * kHalf);  // R1^T, then its QR's reflectors and R2
   g.tau2 = take(count * kHalf);
-  g.y32 = take(square * kHalf);       // Y = R2^T, rotated by phase 1
-  g.v32 = take(square * kHalf);       // phase 1 rotations, then V1
+  g.y32 = take(square * kHalf);  // Y = R2^T, rotated by phase 1
+  g.v32 = take(square * kHalf);  // phase 1 rotations, then V1
   g.norms32 = take(count * kHalf);
   // double (4 lanes, two halves)
-  g.x = take(count * len * kLanes);   // the scaled input
-  g.w = take(count * len * kLanes);   // W = X V
-  g.v = take(square * kLanes);        // V
-  g.norms = take(count * kLanes);     // ||w_j||^2
-  g.tmp = take(square * kHalf);       // Newton-Schulz coefficients, Gram matrices (one half at a time)
+  g.x = take(count * len * kLanes);  // the scaled input
+  g.w = take(count * len * kLanes);  // W = X V
+  g.v = take(square * kLanes);       // V
+  g.norms = take(count * kLanes);    // ||w_j||^2
+  g.tmp = take(square * kHalf);      // Newton-Schulz coefficients, Gram matrices (one half at a time)
   // one sweep's cosines and sines (float32 or double: 4 doubles per lane vector)
   g.cs = take(2 * quad_slots(count) * kHalf);
-  g.d = take(3 * count * kHalf);      // fast Givens scales, their inverses, one round's products (float32 or half-group double)
+  g.d = take(3 * count *
+             kHalf);       // fast Givens scales, their inverses, one round's products (float32 or half-group double)
   g.scale = take(kLanes);  // per lane: the input is scaled by 2^-scale
   g.total = at;
   return g;
@@ -145,9 +145,11 @@ static inline V vsqrt(const V& x) {
       const unsigned char* in = reinterpret_cast<const unsigned char*>(&x) + at;
 #if defined(__AVX__)
       if constexpr (std::is_same_v<E, float>)
-        _mm256_storeu_ps(reinterpret_cast<float*>(out), _mm256_sqrt_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(in))));
+        _mm256_storeu_ps(reinterpret_cast<float*>(out),
+                         _mm256_sqrt_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(in))));
       else
-        _mm256_storeu_pd(reinterpret_cast<double*>(out), _mm256_sqrt_pd(_mm256_loadu_pd(reinterpret_cast<const double*>(in))));
+        _mm256_storeu_pd(reinterpret_cast<double*>(out),
+                         _mm256_sqrt_pd(_mm256_loadu_pd(reinterpret_cast<const double*>(in))));
 #elif defined(__SSE2__)
       if constexpr (std::is_same_v<E, float>)
         _mm_storeu_ps(reinterpret_cast<float*>(out), _mm_sqrt_ps(_mm_loadu_ps(reinterpret_cast<const float*>(in))));
@@ -255,7 +257,9 @@ struct QuadSchedule {
   std::vector<int32_t> quads;
   QuadSchedule(int64_t count, int64_t block)
       : own_pairs(count / 2), atoms((count + 1) / 2, std::max<int64_t>(1, block / 2)) {
-    auto member = [&](int64_t atom, int64_t i) { return 2 * atom + i < count ? static_cast<int32_t>(2 * atom + i) : -1; };
+    auto member = [&](int64_t atom, int64_t i) {
+      return 2 * atom + i < count ? static_cast<int32_t>(2 * atom + i) : -1;
+    };
     for (size_t p = 0; p < atoms.pairs.size(); ++p)
       for (int i = 0; i < 2; ++i) quads.push_back(member(atoms.pairs[p], i));
     slots = own_pairs + 2 * static_cast<int64_t>(atoms.pairs.size());
@@ -428,10 +432,10 @@ static inline void apply_fused(V* v, int64_t len, const QuadSchedule& qs, const 
 // after the first-round rotations (dot_across_rotated, which stores nothing), their
 // rotations, and one pass applying all four (apply_quad): four stores per entry and quad,
 // where applying round by round takes eight. The sweep's rotations are recorded (cs: the
-// multipliers per slot) and applied to v at its end (apply_fused), and w is scaled back. With `last` > 0 the sweeps also stop after one
-// where no |cos| exceeded `last`: convergence is quadratic by then, so that sweep leaves the
-// pairs near last^2 or below, and a sweep only to confirm it is saved (phase 1, which phase 2
-// checks anyway). cs: 2 * qs.slots vectors; d, inv_d, g: count each. Returns the sweeps run.
+// multipliers per slot) and applied to v at its end (apply_fused), and w is scaled back. With `last` > 0 the sweeps
+// also stop after one where no |cos| exceeded `last`: convergence is quadratic by then, so that sweep leaves the pairs
+// near last^2 or below, and a sweep only to confirm it is saved (phase 1, which phase 2 checks anyway). cs: 2 *
+// qs.slots vectors; d, inv_d, g: count each. Returns the sweeps run.
 template <typename V>
 static inline int quad_sweeps(V* w, int64_t count, int64_t len, V* v, V* norms, const QuadSchedule& qs, double tol,
                               double null, double last, int max_sweeps, V* cs, V* d, V* inv_d, V* g) {
@@ -508,10 +512,11 @@ static inline int quad_sweeps(V* w, int64_t count, int64_t len, V* v, V* norms, 
         V* dots = g + 2 * (q - first);
         if (ids[1] >= 0 && ids[3] >= 0) {
           if (quad_active[q])
-            dot_across_rotated(w + ids[0] * len, w + ids[1] * len, w + ids[2] * len, w + ids[3] * len, len, m,
-                               &dots[0], &dots[1]);
+            dot_across_rotated(w + ids[0] * len, w + ids[1] * len, w + ids[2] * len, w + ids[3] * len, len, m, &dots[0],
+                               &dots[1]);
           else
-            dots[0] = vdot(w + ids[0] * len, w + ids[3] * len, len), dots[1] = vdot(w + ids[1] * len, w + ids[2] * len, len);
+            dots[0] = vdot(w + ids[0] * len, w + ids[3] * len, len),
+            dots[1] = vdot(w + ids[1] * len, w + ids[2] * len, len);
           continue;
         }
         for (int i = 0; i < 2; ++i) {  // an atom alone
@@ -619,7 +624,8 @@ static inline void gram(const VD* in, int64_t count, int64_t len, VD* g) {
           for (int64_t k = 0; k < kB; ++k) g[(a + i) * count + b + k] = g[(b + k) * count + a + i] = sums[i][k];
       } else {
         for (int64_t i = a; i < a + na; ++i)
-          for (int64_t k = b; k < b + nb; ++k) g[i * count + k] = g[k * count + i] = vdot(in + i * len, in + k * len, len);
+          for (int64_t k = b; k < b + nb; ++k)
+            g[i * count + k] = g[k * count + i] = vdot(in + i * len, in + k * len, len);
       }
     }
   }
@@ -667,7 +673,9 @@ enum class FirstOrder { kOrthogonal, kApplied, kDeclined };
 constexpr double kMaxTan = 1e-3;
 static inline FirstOrder first_order_step(VD* w, VD* v, int64_t count, int64_t len, const QuadSchedule& qs, double tol,
                                           double null, VD* g, VD* norms, VD* cs, VD* d, VD* inv_d) {
-  { gram(w, count, len, g); }
+  {
+    gram(w, count, len, g);
+  }
   const VD zero{}, one = splat<VD>(1), tol2 = splat<VD>(tol * tol), nullv = splat<VD>(null);
   for (int64_t j = 0; j < count; ++j) norms[j] = g[j * count + j];
   std::vector<uint8_t> own_active(qs.own_pairs), quad_active(qs.quad_count());
@@ -697,7 +705,7 @@ static inline FirstOrder first_order_step(VD* w, VD* v, int64_t count, int64_t l
   }
   if (!rotated) return FirstOrder::kOrthogonal;
   if (any(largest > splat<VD>(kMaxTan))) return FirstOrder::kDeclined;
-  
+
   fast_givens(qs, cs, d, inv_d, count);
   apply_fused(v, count, qs, cs, own_active.data(), quad_active.data(), 0, qs.quad_count(), d, count);
   apply_fused(w, len, qs, cs, own_active.data(), quad_active.data(), 0, qs.quad_count(), d, count);
@@ -724,9 +732,7 @@ static inline void find_scales(const float* x, int64_t count, int64_t len, doubl
 }
 
 // Lanes [4h, 4h + 4) of a float32 group vector, in double.
-static inline VD half_to_double(const VF& x, int h) {
-  return VD{x[4 * h], x[4 * h + 1], x[4 * h + 2], x[4 * h + 3]};
-}
+static inline VD half_to_double(const VF& x, int h) { return VD{x[4 * h], x[4 * h + 1], x[4 * h + 2], x[4 * h + 3]}; }
 
 // Householder QR in place, LAPACK's geqrf convention: the count vectors x_j (each len long,
 // count <= len) become R (R[i][j] = x_j[i], i <= j) and the reflectors H_j = I - tau_j h_j h_j^T,
@@ -790,9 +796,13 @@ static inline void phase0_qr(const float* x_in, int64_t count, int64_t len, doub
   // below the largest (phase 2 works from the exact input)
   for (int64_t e = 0; e < count * len; ++e)
     for (int l = 0; l < kLanes; ++l) x[e][l] = static_cast<float>(double(xf[e][l]) * down[l]);
-  { householder_qr(x, count, len, reinterpret_cast<VF*>(ws + g.tau32)); }
+  {
+    householder_qr(x, count, len, reinterpret_cast<VF*>(ws + g.tau32));
+  }
   rows_of_r(x, count, len, x2);  // the columns of R1^T
-  { householder_qr(x2, count, count, reinterpret_cast<VF*>(ws + g.tau2)); }
+  {
+    householder_qr(x2, count, count, reinterpret_cast<VF*>(ws + g.tau2));
+  }
   rows_of_r(x2, count, count, reinterpret_cast<VF*>(ws + g.y32));
 }
 
@@ -805,9 +815,9 @@ static inline int phase1_float(int64_t count, int64_t len, const QuadSchedule& s
   std::fill(v32, v32 + count * count, VF{});
   for (int64_t j = 0; j < count; ++j) v32[j * count + j] = splat<VF>(1.0f);
   VF* d = reinterpret_cast<VF*>(ws + g.d);
-  const int sweeps = quad_sweeps(reinterpret_cast<VF*>(ws + g.y32), count, count, v32,
-                                 reinterpret_cast<VF*>(ws + g.norms32), sched, tol, kPhase1Null, last, max_sweeps,
-                                 reinterpret_cast<VF*>(ws + g.cs), d, d + count, d + 2 * count);
+  const int sweeps =
+      quad_sweeps(reinterpret_cast<VF*>(ws + g.y32), count, count, v32, reinterpret_cast<VF*>(ws + g.norms32), sched,
+                  tol, kPhase1Null, last, max_sweeps, reinterpret_cast<VF*>(ws + g.cs), d, d + count, d + 2 * count);
   apply_q(reinterpret_cast<const VF*>(ws + g.x2), reinterpret_cast<const VF*>(ws + g.tau2), count, v32);
   return sweeps;
 }
@@ -858,7 +868,9 @@ static inline int phase2_double(const float* x_in, int64_t count, int64_t len, c
   VD down;
   for (int l = 0; l < kHalf; ++l) down[l] = std::ldexp(1.0, -static_cast<int>(ws[g.scale + kHalf * h + l]));
   for (int64_t e = 0; e < count * len; ++e) x[e] = half_to_double(xf[e], h) * down;
-  { combine(v, x, w, count, len); }
+  {
+    combine(v, x, w, count, len);
+  }
   // each round checks all pairs from the Gram matrix, then makes the small rotations at once
   // or, where some is not small, sweeps
   VD* cs = reinterpret_cast<VD*>(ws + g.cs);
@@ -878,9 +890,12 @@ static inline int orthogonalize_group(const float* x, int64_t count, int64_t len
   const QuadSchedule sched(count, schedule_block(count));
   find_scales(x, count, len, ws);
   phase0_qr(x, count, len, ws);
-  const int first = phase1_float(count, len, sched, kPhase1Tol, kPhase1Last, std::min(p.max_sweeps, kPhase1MaxSweeps), ws);
+  const int first =
+      phase1_float(count, len, sched, kPhase1Tol, kPhase1Last, std::min(p.max_sweeps, kPhase1MaxSweeps), ws);
   int second = 0;
-  { newton_schulz_correction(count, len, ws); }
+  {
+    newton_schulz_correction(count, len, ws);
+  }
   for (int h = 0; h < 2; ++h)
     second = std::max(second, phase2_double(x, count, len, sched, p.tol, std::max(p.max_sweeps - first, 1), h, ws));
   return first + second;
@@ -888,7 +903,8 @@ static inline int orthogonalize_group(const float* x, int64_t count, int64_t len
 
 // Lane l's results out of the workspace, unscaled, in jacobi_orthogonalize's layout: vectors w
 // (count x len, norms sigma_j), rotations v (count x count) with w = x v, and norms sigma_j^2.
-static inline void extract_lane(const double* ws, int64_t count, int64_t len, int l, double* w, double* v, double* norms) {
+static inline void extract_lane(const double* ws, int64_t count, int64_t len, int l, double* w, double* v,
+                                double* norms) {
   const GroupLayout g = group_layout(count, len);
   const int h = l / kHalf, q = l % kHalf;
   const double up = std::ldexp(1.0, static_cast<int>(ws[g.scale + l]));

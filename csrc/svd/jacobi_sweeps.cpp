@@ -9,7 +9,7 @@
 namespace tensorpress::svd {
 
 int orthogonalize_generic(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
-                   double* scratch) {
+                          double* scratch) {
   return jacobi_orthogonalize(w, count, len, v, norms, p, scratch);
 }
 
@@ -35,7 +35,7 @@ const char* jacobi_isa() {
 }
 
 int orthogonalize(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
-                   double* scratch) {
+                  double* scratch) {
 #if defined(__x86_64__) && defined(TENSORPRESS_X86_VARIANTS)
   if (isa_level() == 2) return orthogonalize_avx512(w, count, len, v, norms, p, scratch);
   if (isa_level() == 1) return orthogonalize_avx2(w, count, len, v, norms, p, scratch);

@@ -9,11 +9,11 @@
 namespace tensorpress::svd {
 
 int orthogonalize_generic(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
-                   double* scratch);
+                          double* scratch);
 int orthogonalize_avx2(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
-                   double* scratch);
+                       double* scratch);
 int orthogonalize_avx512(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
-                   double* scratch);
+                         double* scratch);
 
 // One group of lanes::kLanes float32 matrices, interleaved (see lanes::orthogonalize_group).
 int orthogonalize_group_generic(const float* x, int64_t count, int64_t len, const JacobiParams& p, double* ws);
@@ -25,7 +25,7 @@ const char* jacobi_isa();
 
 // The widest variants this CPU runs.
 int orthogonalize(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
-                   double* scratch);
+                  double* scratch);
 int orthogonalize_group(const float* x, int64_t count, int64_t len, const JacobiParams& p, double* ws);
 
 }  // namespace tensorpress::svd

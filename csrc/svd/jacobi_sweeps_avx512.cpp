@@ -5,7 +5,7 @@
 namespace tensorpress::svd {
 
 int orthogonalize_avx512(double* w, int64_t count, int64_t len, double* v, double* norms, const JacobiParams& p,
-                   double* scratch) {
+                         double* scratch) {
   return jacobi_orthogonalize(w, count, len, v, norms, p, scratch);
 }
 

@@ -134,9 +134,9 @@ constexpr int kSmemDefault = 48 * 1024;
 struct RuntimeState {
   std::mutex mu;
   cudaError_t last = cudaSuccess;
-  std::string detail;                     // what the last launch failure was
-  std::map<const void*, int> max_dynamic; // per kernel, cudaFuncAttributeMaxDynamicSharedMemorySize
-  std::mutex launch;                      // one launch at a time (static __shared__ are function statics)
+  std::string detail;                      // what the last launch failure was
+  std::map<const void*, int> max_dynamic;  // per kernel, cudaFuncAttributeMaxDynamicSharedMemorySize
+  std::mutex launch;                       // one launch at a time (static __shared__ are function statics)
 };
 inline RuntimeState& runtime() {
   static RuntimeState s;
@@ -166,12 +166,21 @@ inline cudaError_t cudaPeekAtLastError() {
 inline const char* cudaGetErrorString(cudaError_t e) {
   static thread_local std::string text;
   switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: text = "invalid argument"; break;
-    case cudaErrorInvalidConfiguration: text = "invalid configuration argument"; break;
-    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorLaunchFailure: text = "unspecified launch failure"; break;
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      text = "invalid argument";
+      break;
+    case cudaErrorInvalidConfiguration:
+      text = "invalid configuration argument";
+      break;
+    case cudaErrorNoDevice:
+      return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorLaunchFailure:
+      text = "unspecified launch failure";
+      break;
   }
   tp_emu::RuntimeState& r = tp_emu::runtime();
   std::lock_guard<std::mutex> lk(r.mu);
@@ -194,9 +203,15 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int d) {
   if (d != 0) return cudaErrorInvalidDevice;
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *v = tp_emu::kSmCount; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = tp_emu::kSmemPerSm; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = tp_emu::kSmemPerBlockOptin; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *v = tp_emu::kSmCount;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *v = tp_emu::kSmemPerSm;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *v = tp_emu::kSmemPerBlockOptin;
+      return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
@@ -234,9 +249,9 @@ inline float bits_float(uint32_t u) {
 
 inline __half __float2half_rn(float f) {
   const uint32_t x = tp_emu::float_bits(f), sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
-  if (a > 0x7f800000u) return {static_cast<uint16_t>(0x7fffu)};                  // NaN
-  if (a >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};         // rounds to inf
-  if (a <= 0x33000000u) return {static_cast<uint16_t>(sign)};                   // <= 2^-25: to zero
+  if (a > 0x7f800000u) return {static_cast<uint16_t>(0x7fffu)};          // NaN
+  if (a >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
+  if (a <= 0x33000000u) return {static_cast<uint16_t>(sign)};            // <= 2^-25: to zero
   const uint32_t exp = a >> 23;
   uint32_t h, rem, halfway;
   if (exp < 113) {  // a half subnormal: units of 2^-24
@@ -332,8 +347,8 @@ class Block {
     smem_.reset(new (std::align_val_t(16)) unsigned char[smem ? smem : 1]);
     for (size_t w = 0; w < warps_.size(); ++w) warps_[w].lanes = std::min(32, threads - static_cast<int>(w) * 32);
     const size_t per = kStackBytes + kGuardBytes;
-    stacks_ = static_cast<char*>(mmap(nullptr, per * threads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                                      -1, 0));
+    stacks_ =
+        static_cast<char*>(mmap(nullptr, per * threads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
     if (stacks_ == MAP_FAILED) throw std::bad_alloc();
     for (int t = 0; t < threads; ++t) {
       mprotect(stacks_ + t * per, kGuardBytes, PROT_NONE);  // a stack overflow faults at once
@@ -377,9 +392,9 @@ class Block {
       // a fresh stack whose first switch "returns" into entry() with the ABI's alignment
       Fiber& f = fibers_[t];
       void** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(f.stack) + kStackBytes) & ~uintptr_t(15));
-      *--sp = nullptr;                                   // entry()'s return address: it never returns
-      *--sp = reinterpret_cast<void*>(&Block::entry);    // where tp_emu_switch's ret goes
-      for (int r = 0; r < 6; ++r) *--sp = nullptr;       // rbp, rbx, r12-r15
+      *--sp = nullptr;                                 // entry()'s return address: it never returns
+      *--sp = reinterpret_cast<void*>(&Block::entry);  // where tp_emu_switch's ret goes
+      for (int r = 0; r < 6; ++r) *--sp = nullptr;     // rbp, rbx, r12-r15
       f.sp = sp;
       f.state = State::Runnable;
       f.waiting_on = nullptr;
@@ -431,7 +446,7 @@ class Block {
   }
 
   static inline thread_local Block* current = nullptr;  // the launch running on this OS thread
-  static inline thread_local int current_tid = 0;        // its CUDA thread now running
+  static inline thread_local int current_tid = 0;       // its CUDA thread now running
 
  private:
 #if TP_EMU_ASAN || TP_EMU_TSAN
@@ -697,8 +712,8 @@ inline void run_grid(const char* file, int line, dim3 grid, dim3 block_dim, size
         blockIdx = {x, y, z};
         ok = blk.run(block_dim, body);
         if (!ok)
-          set_error(cudaErrorLaunchFailure, blk.error() + " in block " + dim_str(dim3(x, y, z)) +
-                                                " of the kernel launched at " + at);
+          set_error(cudaErrorLaunchFailure,
+                    blk.error() + " in block " + dim_str(dim3(x, y, z)) + " of the kernel launched at " + at);
       }
   Block::current = outer;
   threadIdx = {0, 0, 0};
@@ -741,19 +756,26 @@ inline void sync_warp(int line, unsigned mask = 0xffffffffu) { block().syncwarp(
 template <typename T>
 T shfl_xor(int line, unsigned mask, T v, int lane_mask, int width = 32) {
   return block().exchange(
-      mask, v, [&](int l) { const int s = l ^ lane_mask; return s / width == l / width ? s : l; }, line,
-      "__shfl_xor_sync");
+      mask, v,
+      [&](int l) {
+        const int s = l ^ lane_mask;
+        return s / width == l / width ? s : l;
+      },
+      line, "__shfl_xor_sync");
 }
 template <typename T>
 T shfl(int line, unsigned mask, T v, int src_lane, int width = 32) {
-  return block().exchange(mask, v, [&](int l) { return (l / width) * width + src_lane % width; }, line,
-                          "__shfl_sync");
+  return block().exchange(mask, v, [&](int l) { return (l / width) * width + src_lane % width; }, line, "__shfl_sync");
 }
 template <typename T>
 T shfl_down(int line, unsigned mask, T v, unsigned delta, int width = 32) {
   return block().exchange(
-      mask, v, [&](int l) { const int s = l + static_cast<int>(delta); return s / width == l / width ? s : l; }, line,
-      "__shfl_down_sync");
+      mask, v,
+      [&](int l) {
+        const int s = l + static_cast<int>(delta);
+        return s / width == l / width ? s : l;
+      },
+      line, "__shfl_down_sync");
 }
 }  // namespace tp_emu
 

@@ -62,9 +62,7 @@ __global__ void smem_overrun_kernel(double* out) {
   out[threadIdx.x] = slot[threadIdx.x];
 }
 
-__global__ void partial_mask_kernel(double* out) {
-  out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.0, 1);
-}
+__global__ void partial_mask_kernel(double* out) { out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.0, 1); }
 
 void launch(const std::string& name, int threads, int blocks, std::vector<double>& out) {
   const size_t smem = static_cast<size_t>(threads) * sizeof(double);

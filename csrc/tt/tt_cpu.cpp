@@ -33,8 +33,8 @@ struct Copies {
   explicit Copies(const Plan& plan) {
     for (const Step& s : plan.steps) {
       before.push_back(make_strided_copy(s.before.dims, s.before.perm));
-      before_inverse.push_back(make_strided_copy(permuted_dims(s.before.dims, s.before.perm),
-                                                 inverse_perm(s.before.perm)));
+      before_inverse.push_back(
+          make_strided_copy(permuted_dims(s.before.dims, s.before.perm), inverse_perm(s.before.perm)));
     }
     final_copy = make_strided_copy(plan.final_perm.dims, plan.final_perm.perm);
     final_inverse = make_strided_copy(permuted_dims(plan.final_perm.dims, plan.final_perm.perm),
@@ -58,7 +58,9 @@ int64_t saved_per_sample(const Plan& plan) {
 }
 
 template <typename T>
-T* other(T* p, T* a, T* b) { return p == a ? b : a; }
+T* other(T* p, T* a, T* b) {
+  return p == a ? b : a;
+}
 
 // y[i, :] += bias for `rows` rows of `cols`: done per block, while the block's rows are in cache.
 template <typename T>
@@ -93,8 +95,8 @@ CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool back
 }
 
 template <typename T>
-void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* bias, T* y,
-                 int64_t batch, T* workspace, const CpuSchedule& c) {
+void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* bias, T* y, int64_t batch,
+                 T* workspace, const CpuSchedule& c) {
   const int64_t N_in = plan.in_features, M_out = plan.out_features;
   const size_t n_steps = plan.steps.size();
   const Copies copies(plan);
@@ -122,9 +124,8 @@ void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats
 }
 
 template <typename T>
-void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* grad_y,
-                  T* grad_x, const std::vector<T*>& grad_mats, T* grad_bias, int64_t batch, T* workspace,
-                  const CpuSchedule& c) {
+void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* grad_y, T* grad_x,
+                  const std::vector<T*>& grad_mats, T* grad_bias, int64_t batch, T* workspace, const CpuSchedule& c) {
   const int64_t N_in = plan.in_features, M_out = plan.out_features;
   const int n_steps = static_cast<int>(plan.steps.size());
   const Copies copies(plan);
@@ -132,7 +133,10 @@ void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mat
   // The lowest step whose input gradient is still needed; below it the sweep stops.
   int lowest = n_steps;
   for (int t = 0; t < n_steps; ++t)
-    if (grad_mats[t] != nullptr) { lowest = t; break; }
+    if (grad_mats[t] != nullptr) {
+      lowest = t;
+      break;
+    }
   if (grad_x != nullptr) lowest = 0;
   if (lowest == n_steps && grad_bias == nullptr) return;
 
@@ -216,15 +220,13 @@ void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mat
   if (grad_bias != nullptr) reduce(grad_bias, mats_total, M_out);
 }
 
-template void forward_cpu<float>(const Plan&, const float*, const std::vector<const float*>&, const float*,
-                                 float*, int64_t, float*, const CpuSchedule&);
-template void forward_cpu<double>(const Plan&, const double*, const std::vector<const double*>&, const double*,
-                                  double*, int64_t, double*, const CpuSchedule&);
-template void backward_cpu<float>(const Plan&, const float*, const std::vector<const float*>&,
-                                  const float*, float*, const std::vector<float*>&, float*, int64_t, float*,
-                                  const CpuSchedule&);
-template void backward_cpu<double>(const Plan&, const double*, const std::vector<const double*>&,
-                                   const double*, double*, const std::vector<double*>&, double*, int64_t,
-                                   double*, const CpuSchedule&);
+template void forward_cpu<float>(const Plan&, const float*, const std::vector<const float*>&, const float*, float*,
+                                 int64_t, float*, const CpuSchedule&);
+template void forward_cpu<double>(const Plan&, const double*, const std::vector<const double*>&, const double*, double*,
+                                  int64_t, double*, const CpuSchedule&);
+template void backward_cpu<float>(const Plan&, const float*, const std::vector<const float*>&, const float*, float*,
+                                  const std::vector<float*>&, float*, int64_t, float*, const CpuSchedule&);
+template void backward_cpu<double>(const Plan&, const double*, const std::vector<const double*>&, const double*,
+                                   double*, const std::vector<double*>&, double*, int64_t, double*, const CpuSchedule&);
 
 }  // namespace tensorpress::tt

@@ -24,14 +24,34 @@ namespace {
 
 // ----------------------------------------------------------------------------- conversions
 template <typename To, typename From>
-__device__ __forceinline__ To cvt(From v) { return static_cast<To>(v); }
-template <> __device__ __forceinline__ float cvt<float, __half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float cvt<float, __nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ __half cvt<__half, float>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 cvt<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ To cvt(From v) {
+  return static_cast<To>(v);
+}
+template <>
+__device__ __forceinline__ float cvt<float, __half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float cvt<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ __half cvt<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 cvt<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
 
 // ----------------------------------------------------------------------------- index maps
 // off(i) = (i / inner) * outer + tab[i % inner] with a table, i * mul without.
@@ -125,10 +145,14 @@ __device__ void block_gemm(int P, int Q, int L, const Acc* A, Map ap, Map al, co
   const bool wide = Q >= 64;
   const int qthreads = wide ? (Q + 3) / 4 : Q;
   const bool tall = ((P + 3) / 4) * qthreads >= static_cast<int>(blockDim.x);
-  if (wide && tall) block_gemm_tiles<4, 4>(P, Q, L, A, ap, al, B, bl, bq, out);
-  else if (wide) block_gemm_tiles<1, 4>(P, Q, L, A, ap, al, B, bl, bq, out);
-  else if (tall) block_gemm_tiles<4, 1>(P, Q, L, A, ap, al, B, bl, bq, out);
-  else block_gemm_tiles<1, 1>(P, Q, L, A, ap, al, B, bl, bq, out);
+  if (wide && tall)
+    block_gemm_tiles<4, 4>(P, Q, L, A, ap, al, B, bl, bq, out);
+  else if (wide)
+    block_gemm_tiles<1, 4>(P, Q, L, A, ap, al, B, bl, bq, out);
+  else if (tall)
+    block_gemm_tiles<4, 1>(P, Q, L, A, ap, al, B, bl, bq, out);
+  else
+    block_gemm_tiles<1, 1>(P, Q, L, A, ap, al, B, bl, bq, out);
 }
 
 // ----------------------------------------------------------------------------- fused kernels
@@ -136,9 +160,9 @@ template <typename T, typename Acc>
 struct FusedArgs {
   int n_steps;
   int rows[kCudaMaxSteps], K[kCudaMaxSteps], N[kCudaMaxSteps];
-  int smem_off[kCudaMaxSteps];  // step matrix offset in shared memory (row stride smem_ld(N))
-  int grad_off[kCudaMaxSteps];  // step matrix offset in a gradient partial (row stride N)
-  int saved_off[kCudaMaxSteps]; // backward: per-sample offset of step t's saved input
+  int smem_off[kCudaMaxSteps];   // step matrix offset in shared memory (row stride smem_ld(N))
+  int grad_off[kCudaMaxSteps];   // step matrix offset in a gradient partial (row stride N)
+  int saved_off[kCudaMaxSteps];  // backward: per-sample offset of step t's saved input
   const Acc* mat[kCudaMaxSteps];
   const int32_t* ro[kCudaMaxSteps];
   const int32_t* co[kCudaMaxSteps];
@@ -155,7 +179,9 @@ struct FusedArgs {
 };
 
 template <typename Acc>
-__device__ __forceinline__ int ld_of(int N) { return N % 2 == 0 ? N + 1 : N; }
+__device__ __forceinline__ int ld_of(int N) {
+  return N % 2 == 0 ? N + 1 : N;
+}
 
 // out (ns x rows x N) = gathered in (ns x rows x K) * mat (K x N, row stride ld).
 template <typename T, typename Acc>
@@ -292,8 +318,10 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_kernel(const TiledGem
   const int p0 = blockIdx.x * BM, q0 = blockIdx.y * BN;
   const int l_begin = blockIdx.z * g.l_per_split;
   const int l_end = min(g.L, l_begin + g.l_per_split);
-  if (tid < BM) arow[tid] = g.ap.at(min(p0 + tid, g.P - 1));
-  else if (tid < BM + BN) bcol[tid - BM] = g.bq.at(min(q0 + tid - BM, g.Q - 1));
+  if (tid < BM)
+    arow[tid] = g.ap.at(min(p0 + tid, g.P - 1));
+  else if (tid < BM + BN)
+    bcol[tid - BM] = g.bq.at(min(q0 + tid - BM, g.Q - 1));
   Acc acc[4][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -301,8 +329,10 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_kernel(const TiledGem
     for (int c = 0; c < 4; ++c) acc[i][c] = Acc(0);
   for (int l0 = l_begin; l0 < l_end; l0 += BK) {
     __syncthreads();  // the previous tile has been consumed
-    if (tid < BK) acol[tid] = l0 + tid < l_end ? g.al.at(l0 + tid) : 0;
-    else if (tid < 2 * BK) brow[tid - BK] = l0 + tid - BK < l_end ? g.bl.at(l0 + tid - BK) : 0;
+    if (tid < BK)
+      acol[tid] = l0 + tid < l_end ? g.al.at(l0 + tid) : 0;
+    else if (tid < 2 * BK)
+      brow[tid - BK] = l0 + tid - BK < l_end ? g.bl.at(l0 + tid - BK) : 0;
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < BM * BK / kCudaThreads; ++i) {
@@ -610,8 +640,8 @@ CudaLimits cuda_limits(int device) {
 }
 
 void forward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
-                  const std::vector<const void*>& mats, const int32_t* tables, void* y, int64_t batch,
-                  void* workspace, int device, void* stream) {
+                  const std::vector<const void*>& mats, const int32_t* tables, void* y, int64_t batch, void* workspace,
+                  int device, void* stream) {
   CudaDeviceGuard guard(device);
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {

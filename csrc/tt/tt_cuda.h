@@ -22,13 +22,12 @@ CudaLimits cuda_limits(int device);
 // y (batch x M) = x (batch x N) W^T. mats[t] is step t's (K x N) matrix, tables from
 // make_tables(plan) copied to the device.
 void forward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
-                  const std::vector<const void*>& mats, const int32_t* tables, void* y, int64_t batch,
-                  void* workspace, int device, void* stream);
+                  const std::vector<const void*>& mats, const int32_t* tables, void* y, int64_t batch, void* workspace,
+                  int device, void* stream);
 
 // grad_x (null: not needed) and every grad_mats[t] (empty vector: not needed) from grad_y.
 void backward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
-                   const std::vector<const void*>& mats, const int32_t* tables, const void* grad_y,
-                   void* grad_x, const std::vector<void*>& grad_mats, int64_t batch, void* workspace,
-                   int device, void* stream);
+                   const std::vector<const void*>& mats, const int32_t* tables, const void* grad_y, void* grad_x,
+                   const std::vector<void*>& grad_mats, int64_t batch, void* workspace, int device, void* stream);
 
 }  // namespace tensorpress::tt

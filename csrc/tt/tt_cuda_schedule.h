@@ -18,9 +18,9 @@
 
 namespace tensorpress::tt {
 
-constexpr int kCudaMaxSteps = 16;        // plans have at most d <= 16 steps
-constexpr int kCudaThreads = 256;        // threads per block of every TT kernel
-constexpr int kCudaFusedMaxSamples = 32; // samples per block of the fused kernels
+constexpr int kCudaMaxSteps = 16;                                 // plans have at most d <= 16 steps
+constexpr int kCudaThreads = 256;                                 // threads per block of every TT kernel
+constexpr int kCudaFusedMaxSamples = 32;                          // samples per block of the fused kernels
 constexpr int kCudaTileM = 64, kCudaTileN = 64, kCudaTileK = 16;  // tiled GEMM tile
 // The tiled path holds its intermediates in global memory; the batch goes through in chunks
 // so the workspace stays bounded (elements of the accumulation type).
@@ -100,13 +100,13 @@ inline const char* path_name(CudaPath p) { return p == CudaPath::Fused ? "fused"
 
 struct CudaSchedule {
   CudaPath path = CudaPath::Tiled;
-  bool fits_fused = false;     // whether the fused kernel fits at one sample per block
-  int64_t samples = 1;         // fused: samples per block; tiled: samples per chunk
-  int64_t chunks = 0;          // fused: sample blocks; tiled: chunks of the batch
-  int64_t grid = 0;            // fused: blocks launched (each loops over chunks)
-  int64_t smem_bytes = 0;      // fused: dynamic shared memory per block
-  int64_t splits = 1;          // tiled backward: split of the core-gradient reduction
-  int64_t workspace = 0;       // elements of the accumulation type the caller provides
+  bool fits_fused = false;  // whether the fused kernel fits at one sample per block
+  int64_t samples = 1;      // fused: samples per block; tiled: samples per chunk
+  int64_t chunks = 0;       // fused: sample blocks; tiled: chunks of the batch
+  int64_t grid = 0;         // fused: blocks launched (each loops over chunks)
+  int64_t smem_bytes = 0;   // fused: dynamic shared memory per block
+  int64_t splits = 1;       // tiled backward: split of the core-gradient reduction
+  int64_t workspace = 0;    // elements of the accumulation type the caller provides
 };
 
 inline int64_t mats_total(const Plan& plan) {
@@ -135,16 +135,14 @@ inline int64_t fused_per_sample(const Plan& plan, bool backward) {
 }
 
 // Per-sample elements of the tiled path's global workspace (same structure, in global memory).
-inline int64_t tiled_per_sample(const Plan& plan, bool backward) {
-  return fused_per_sample(plan, backward);
-}
+inline int64_t tiled_per_sample(const Plan& plan, bool backward) { return fused_per_sample(plan, backward); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The schedule for one call. `path` is "auto", "fused" or "tiled" (the Python dispatcher
 // passes its choice; "fused" on a plan that does not fit is an error, never a silent change).
-inline CudaSchedule cuda_schedule(const Plan& plan, int64_t batch, bool backward, int acc_bytes,
-                                  const CudaLimits& lim, const std::string& path) {
+inline CudaSchedule cuda_schedule(const Plan& plan, int64_t batch, bool backward, int acc_bytes, const CudaLimits& lim,
+                                  const std::string& path) {
   if (static_cast<int>(plan.steps.size()) > kCudaMaxSteps)
     plan_error("cores: the CUDA kernel handles at most " + std::to_string(kCudaMaxSteps) + " steps");
   if (path != "auto" && path != "fused" && path != "tiled")
@@ -166,14 +164,15 @@ inline CudaSchedule cuda_schedule(const Plan& plan, int64_t batch, bool backward
     c.samples = std::max<int64_t>(1, std::min<int64_t>({fit, int64_t(kCudaFusedMaxSamples), want}));
     c.chunks = batch == 0 ? 0 : ceil_div(batch, c.samples);
     c.smem_bytes = fixed + c.samples * per;
-    const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(8, lim.smem_per_sm / std::max<int64_t>(1, c.smem_bytes)));
+    const int64_t per_sm =
+        std::max<int64_t>(1, std::min<int64_t>(8, lim.smem_per_sm / std::max<int64_t>(1, c.smem_bytes)));
     // the backward's per-block gradient partials live in the workspace: bound their number
     c.grid = std::min(c.chunks, sms * per_sm);
     c.workspace = backward ? c.grid * mats_total(plan) : 0;
   } else {
     const int64_t per_elems = tiled_per_sample(plan, backward);
-    c.samples = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(batch, 1),
-                                                       kCudaTiledWorkspaceCap / std::max<int64_t>(1, per_elems)));
+    c.samples = std::max<int64_t>(
+        1, std::min<int64_t>(std::max<int64_t>(batch, 1), kCudaTiledWorkspaceCap / std::max<int64_t>(1, per_elems)));
     c.chunks = batch == 0 ? 0 : ceil_div(batch, c.samples);
     c.grid = 0;
     c.workspace = c.samples * per_elems;
@@ -181,8 +180,7 @@ inline CudaSchedule cuda_schedule(const Plan& plan, int64_t batch, bool backward
       // Split the reduction over (samples x rows) so the core-gradient GEMMs fill the GPU;
       // each split accumulates its own slice, summed in a fixed order at the end.
       int64_t tiles = 1;
-      for (const Step& s : plan.steps)
-        tiles = std::max(tiles, ceil_div(s.K, kCudaTileM) * ceil_div(s.N, kCudaTileN));
+      for (const Step& s : plan.steps) tiles = std::max(tiles, ceil_div(s.K, kCudaTileM) * ceil_div(s.N, kCudaTileN));
       c.splits = std::max<int64_t>(1, std::min<int64_t>(64, ceil_div(2 * sms, tiles)));
       c.workspace += c.splits * mats_total(plan);
     }

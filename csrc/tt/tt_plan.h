@@ -53,9 +53,9 @@ struct Permutation {
 
 struct Step {
   int core;
-  Permutation before;           // brings the contracted axes innermost
-  int64_t rows, K, N;           // per sample: (rows x K) * (K x N)
-  std::array<int, 4> core_perm; // B = G.permute(core_perm).reshape(K, N), G axes (r_left, m, n, r_right)
+  Permutation before;            // brings the contracted axes innermost
+  int64_t rows, K, N;            // per sample: (rows x K) * (K x N)
+  std::array<int, 4> core_perm;  // B = G.permute(core_perm).reshape(K, N), G axes (r_left, m, n, r_right)
   int64_t in_size() const { return rows * K; }
   int64_t out_size() const { return rows * N; }
   int64_t flops() const { return 2 * rows * K * N; }
@@ -63,9 +63,9 @@ struct Step {
 
 struct Plan {
   std::vector<Step> steps;
-  Permutation final_perm;        // the m axes into order, at the end
+  Permutation final_perm;  // the m axes into order, at the end
   int64_t in_features = 1, out_features = 1;
-  int64_t max_state = 0;         // largest per-sample state anywhere in the sweep
+  int64_t max_state = 0;  // largest per-sample state anywhere in the sweep
   int64_t flops_per_sample = 0;
   // Elements the permutations move per sample, by how strided_copy (core/permute.h) runs
   // them; the cost model (python/tensorpress/ops/tt_plan.py) weighs each kind.
@@ -81,8 +81,10 @@ inline void count_permute(const Permutation& p, std::array<int64_t, kPermuteKind
     elements[kCopy] += c.numel;
     return;
   }
-  if (c.stride.back() != 1) elements[kTranspose] += c.numel;
-  else elements[c.size.back() >= 16 ? kCopy : kShortRuns] += c.numel;
+  if (c.stride.back() != 1)
+    elements[kTranspose] += c.numel;
+  else
+    elements[c.size.back() >= 16 ? kCopy : kShortRuns] += c.numel;
 }
 
 inline void check_chain(const std::vector<CoreDims>& cores, const std::vector<int>& order) {
@@ -104,11 +106,17 @@ inline void check_chain(const std::vector<CoreDims>& cores, const std::vector<in
   for (int t = 0; t < d; ++t) {
     int k = order[t];
     if (k < 0 || k >= d) plan_error("order: core index " + std::to_string(k) + " out of range");
-    if (t == 0) { lo = hi = k; continue; }
-    if (k == lo - 1) lo = k;
-    else if (k == hi + 1) hi = k;
-    else plan_error("order: core " + std::to_string(k) + " is not adjacent to the absorbed interval [" +
-                    std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    if (t == 0) {
+      lo = hi = k;
+      continue;
+    }
+    if (k == lo - 1)
+      lo = k;
+    else if (k == hi + 1)
+      hi = k;
+    else
+      plan_error("order: core " + std::to_string(k) + " is not adjacent to the absorbed interval [" +
+                 std::to_string(lo) + ", " + std::to_string(hi) + "]");
   }
 }
 
@@ -133,8 +141,8 @@ inline Plan make_plan(const std::vector<CoreDims>& cores, const std::vector<int>
   std::vector<bool> absorbed(d, false);
 
   for (int k : order) {
-    const bool left_open = k > 0 && absorbed[k - 1];      // bond b_{k-1} is a state axis
-    const bool right_open = k + 1 < d && absorbed[k + 1]; // bond b_k is a state axis
+    const bool left_open = k > 0 && absorbed[k - 1];       // bond b_{k-1} is a state axis
+    const bool right_open = k + 1 < d && absorbed[k + 1];  // bond b_k is a state axis
     auto is_contracted = [&](int id) {
       return id == n_id(k) || (left_open && id == b_id(k - 1)) || (right_open && id == b_id(k));
     };
@@ -145,8 +153,10 @@ inline Plan make_plan(const std::vector<CoreDims>& cores, const std::vector<int>
     std::vector<int> rows_ids, contracted;
     std::vector<int> src_pos_rows, src_pos_contracted;
     for (size_t i = 0; i < state.size(); ++i) {
-      if (is_contracted(state[i])) contracted.push_back(state[i]), src_pos_contracted.push_back(static_cast<int>(i));
-      else rows_ids.push_back(state[i]), src_pos_rows.push_back(static_cast<int>(i));
+      if (is_contracted(state[i]))
+        contracted.push_back(state[i]), src_pos_contracted.push_back(static_cast<int>(i));
+      else
+        rows_ids.push_back(state[i]), src_pos_rows.push_back(static_cast<int>(i));
     }
     for (int id : state) s.before.dims.push_back(size[id]);
     s.before.perm = src_pos_rows;

@@ -1,6 +1,8 @@
 """tensorpress: compress neural networks with tensor decompositions, and make them fast."""
-from tensorpress._ext import info
+
 from tensorpress import decompose, linalg, nn, ops, rank, train
+from tensorpress._ext import info
+
 # the function shadows the subpackage's attribute on purpose (tp.compress(model, ...));
 # `from tensorpress.compress import ...` still reaches the subpackage
 from tensorpress.compress.api import compress

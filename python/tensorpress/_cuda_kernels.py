@@ -5,6 +5,7 @@ One seam, so the test suite can run the same host code (plan and schedule choice
 sizing, argument packing) on the CPU emulation build of the CUDA sources (`_C_cuda_emu`, see
 csrc/testing/cuda_emu.h and tests/cuda_emu/), where CPU tensors play the GPU.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -5,6 +5,7 @@ or transforms the computation (torch.compile and torch.export, torch.jit.trace, 
 vmap/grad/jacrev, forward-mode AD, fake and other subclassed tensors) would see no operation at all and keep
 uninitialised memory. Those callers must take the traceable torch (or custom-op) path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,4 +32,5 @@ def plain_eager(*tensors: Tensor | None) -> bool:
     """True when nothing records the computation and every given tensor (None skipped) is a
     plain, materialised CPU tensor the extension may read directly."""
     return not recording() and all(
-        t is None or (type(t) in PLAIN_TENSOR_TYPES and t.device.type == "cpu") for t in tensors)
+        t is None or (type(t) in PLAIN_TENSOR_TYPES and t.device.type == "cpu") for t in tensors
+    )

@@ -1,15 +1,16 @@
 """Loads the native extension and reports what was built."""
+
 from __future__ import annotations
 
 import platform
 
-# torch first: it loads its libgomp.so.1, and the extension's OpenMP then binds to that same
-# runtime (one team of threads for torch's ops and ours; see csrc/core/thread_pool.h).
-import torch  # noqa: F401
-
 # The extension links the OpenBLAS shipped by scipy-openblas32; importing that package
 # loads the shared library so the dynamic loader finds it whatever the install layout.
 import scipy_openblas32
+
+# torch first: it loads its libgomp.so.1, and the extension's OpenMP then binds to that same
+# runtime (one team of threads for torch's ops and ours; see csrc/core/thread_pool.h).
+import torch  # noqa: F401
 
 
 def cpu_vendor() -> str:

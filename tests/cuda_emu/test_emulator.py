@@ -6,6 +6,7 @@ conversions round bit for bit as CUDA's.
 Run by scripts/cuda_emu_tests.sh (which builds _C_cuda_emu and sets TENSORPRESS_CUDA_EMU_MODULE);
 tests/conftest.py leaves this directory out of the plain run.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,12 +32,15 @@ def test_shuffles_barriers_and_shared_memory_compute_the_block_sums(threads, blo
     assert got == want
 
 
-@pytest.mark.parametrize("name, message", [
-    ("divergent_barrier", r"__syncthreads at line \d+ reached by 32 of 64 threads: the others returned"),
-    ("two_barriers", r"__syncthreads reached at different places"),
-    ("partial_mask", r"mask 0x0000ffff is not the warp's full mask"),
-    ("smem_over_default", r"65536 bytes of dynamic shared memory, the kernel allows 49152"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("divergent_barrier", r"__syncthreads at line \d+ reached by 32 of 64 threads: the others returned"),
+        ("two_barriers", r"__syncthreads reached at different places"),
+        ("partial_mask", r"mask 0x0000ffff is not the warp's full mask"),
+        ("smem_over_default", r"65536 bytes of dynamic shared memory, the kernel allows 49152"),
+    ],
+)
 def test_broken_kernels_fail_at_their_launch(name, message):
     with pytest.raises(RuntimeError, match=message):
         EMU.emu_selftest(name, 64)
@@ -61,12 +65,20 @@ def test_a_missing_barrier_reads_the_poison():
 
 
 def _run_selftest_in_subprocess(name: str) -> subprocess.CompletedProcess:
-    code = ("import sys; from tensorpress._cuda_kernels import load_module; "
-            "load_module(sys.argv[1]).emu_selftest(sys.argv[2], 64)")
+    code = (
+        "import sys; from tensorpress._cuda_kernels import load_module; "
+        "load_module(sys.argv[1]).emu_selftest(sys.argv[2], 64)"
+    )
     # start_new_session: a plain fork, not vfork (a vforked child under the sanitizer's
     # preloaded runtime corrupts the parent, which then aborts at its exit)
-    return subprocess.run([sys.executable, "-c", code, MODULE, name], capture_output=True, text=True, timeout=300,
-                          env=os.environ.copy(), start_new_session=True)
+    return subprocess.run(
+        [sys.executable, "-c", code, MODULE, name],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
+        start_new_session=True,
+    )
 
 
 @pytest.mark.skipif(SANITIZER != "tsan", reason="needs the ThreadSanitizer build (scripts/cuda_emu_tests.sh tsan)")
@@ -86,9 +98,28 @@ def test_addresssanitizer_reports_a_shared_memory_overrun():
 
 def _specials() -> torch.Tensor:
     f32 = torch.float32
-    edges = [0.0, -0.0, 1.0, -1.0, 65504.0, 65519.99, 65520.0, 65536.0, 1e-8, 5.960464477539063e-08,
-             2.9802322387695312e-08, 2.98023259e-08, 6.103515625e-05, 6.1035e-05, 3.4e38, -3.4e38, 1e-40,
-             float("inf"), float("-inf"), float("nan")]
+    edges = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        65536.0,
+        1e-8,
+        5.960464477539063e-08,
+        2.9802322387695312e-08,
+        2.98023259e-08,
+        6.103515625e-05,
+        6.1035e-05,
+        3.4e38,
+        -3.4e38,
+        1e-40,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+    ]
     # exact halfway cases between neighbouring half / bfloat16 values, both parities
     halves = torch.arange(0, 2048, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
     mid = (halves[:-1].double() + halves[1:].double()) / 2

@@ -8,6 +8,7 @@ CPU tensors play the GPU, through the same bindings, schedules and Python host c
 No conftest.py here on purpose: a second module named `conftest` would shadow tests/conftest.py
 for the test modules that import from it.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,6 +84,8 @@ def random_cores(out_factors, in_factors, ranks, generator=None):
     cores = []
     for k in range(d):
         std = math.sqrt(target ** (1 / d) / math.sqrt(full[k] * full[k + 1]))
-        cores.append(torch.randn(full[k], out_factors[k], in_factors[k], full[k + 1], dtype=torch.float64,
-                                 generator=generator) * std)
+        cores.append(
+            torch.randn(full[k], out_factors[k], in_factors[k], full[k + 1], dtype=torch.float64, generator=generator)
+            * std
+        )
     return cores

@@ -7,6 +7,7 @@
 Exits non-zero if a result is wrong, so a kernel that the sanitizer lets through but that
 computes garbage still fails. Small sizes: racecheck slows kernels down by orders of magnitude.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,18 +16,20 @@ import sys
 import torch
 
 import tensorpress  # noqa: F401
+from tensorpress._ext import _C
 from tensorpress.linalg.svd import JACOBI_MAX_SWEEPS, JACOBI_TOL
 from tensorpress.ops import tt as T
 from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch
 from tensorpress.ops.tt_plan import cuda_limits, cuda_schedule, flat_dims
-from tensorpress._ext import _C
 
 
 def tt_case(out_f, in_f, ranks, groups, order, batch, dtype, path) -> float:
     gen = torch.Generator().manual_seed(0)
     full = (1, *ranks, 1)
-    cores = [torch.randn(full[k], out_f[k], in_f[k], full[k + 1], dtype=torch.float64, generator=gen) * 0.3
-             for k in range(len(out_f))]
+    cores = [
+        torch.randn(full[k], out_f[k], in_f[k], full[k + 1], dtype=torch.float64, generator=gen) * 0.3
+        for k in range(len(out_f))
+    ]
     merged = [merge_group(cores, g) for g in groups]
     mats64 = step_matrices(merged, order)
     dims = flat_dims(tuple(m.shape) for m in merged)
@@ -36,7 +39,7 @@ def tt_case(out_f, in_f, ranks, groups, order, batch, dtype, path) -> float:
     gy = torch.randn(batch, math.prod(out_f), generator=gen).to("cuda", dtype)
     stream = torch.cuda.current_stream().cuda_stream
     tables = T._tables(dims, list(order), x.device)
-    merged_t = tuple(tuple(dims[i:i + 4]) for i in range(0, len(dims), 4))
+    merged_t = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     lim = cuda_limits("cuda")
     s = cuda_schedule(merged_t, tuple(order), batch, False, dtype, lim, path)
     y = torch.empty(batch, math.prod(out_f), dtype=dtype, device="cuda")
@@ -73,10 +76,14 @@ def main() -> int:
     worst = {}
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float64, 1e-11)):
         for path in ("fused", "tiled"):
-            worst[f"tt {path} {dtype}"] = (tt_case((3, 5, 2), (2, 7, 3), (4, 5), ((0,), (1,), (2,)), (1, 2, 0), 9,
-                                                   dtype, path), tol)
-            worst[f"tt {path} merged {dtype}"] = (tt_case((4, 2, 3), (2, 3, 4), (3, 2), ((0, 1), (2,)), (1, 0), 5,
-                                                          dtype, path), tol)
+            worst[f"tt {path} {dtype}"] = (
+                tt_case((3, 5, 2), (2, 7, 3), (4, 5), ((0,), (1,), (2,)), (1, 2, 0), 9, dtype, path),
+                tol,
+            )
+            worst[f"tt {path} merged {dtype}"] = (
+                tt_case((4, 2, 3), (2, 3, 4), (3, 2), ((0, 1), (2,)), (1, 0), 5, dtype, path),
+                tol,
+            )
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
         worst[f"svd 16x16 {dtype}"] = (svd_case(4, 16, 16, dtype), tol)
         worst[f"svd 20x7 {dtype}"] = (svd_case(3, 20, 7, dtype), tol)

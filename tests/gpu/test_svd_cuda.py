@@ -1,12 +1,12 @@
 """The CUDA batched Jacobi SVD against float64 LAPACK and against the CPU Jacobi (same
 conventions: sorted, sign-normalized, completed bases), on chosen spectra."""
+
 from __future__ import annotations
 
 import zlib
 
 import pytest
 import torch
-
 from gpu_util import DEV, EMULATED, GPU, KERNELS, rel_err, stream, sync
 
 from tensorpress.linalg import truncated_svd
@@ -32,9 +32,12 @@ def make_batch(batch, m, n, spectrum, gen):
     qa, _ = torch.linalg.qr(torch.randn(batch, m, k, dtype=torch.float64, generator=gen))
     qb, _ = torch.linalg.qr(torch.randn(batch, n, k, dtype=torch.float64, generator=gen))
     i = torch.arange(k, dtype=torch.float64)
-    s = {"decaying": 0.5 ** i, "clustered": 1.0 + 1e-3 * (i % 3),
-         "rank_deficient": (i < max(k // 2, 1)).double() * (1.0 + i),
-         "ill_conditioned": torch.logspace(0, -6, k, dtype=torch.float64)}[spectrum]
+    s = {
+        "decaying": 0.5**i,
+        "clustered": 1.0 + 1e-3 * (i % 3),
+        "rank_deficient": (i < max(k // 2, 1)).double() * (1.0 + i),
+        "ill_conditioned": torch.logspace(0, -6, k, dtype=torch.float64),
+    }[spectrum]
     return (qa * s) @ qb.transpose(-1, -2)
 
 
@@ -75,8 +78,16 @@ def test_against_lapack(shape, spectrum, dtype):
     assert (torch.gather(U, -2, idx) > 0).all()
 
 
-@pytest.mark.parametrize("shape", [pytest.param((16, 16), marks=pytest.mark.tsan), (64, 64), (40, 17),
-                                   pytest.param((17, 40), marks=pytest.mark.tsan)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param((16, 16), marks=pytest.mark.tsan),
+        (64, 64),
+        (40, 17),
+        pytest.param((17, 40), marks=pytest.mark.tsan),
+    ],
+    ids=str,
+)
 def test_matches_cpu_jacobi(shape):
     """Distinct singular values: the GPU and CPU drivers give the same triplets."""
     gen = torch.Generator().manual_seed(23)
@@ -136,6 +147,11 @@ def test_randomized_method_runs_its_small_svds_on_the_kernel():
         svd_module._jacobi = original
     assert calls and all(max(c[-2:]) <= 64 for c in calls)
     assert U.device.type == DEV and rel_err(S, torch.linalg.svdvals(a)[:, :6]) < 1e-10
-    assert rel_err(U @ torch.diag_embed(S) @ Vh, (torch.linalg.svd(a, full_matrices=False)[0][..., :6]
-                                               * torch.linalg.svdvals(a)[:, None, :6])
-                   @ torch.linalg.svd(a, full_matrices=False)[2][..., :6, :]) < 1e-8
+    assert (
+        rel_err(
+            U @ torch.diag_embed(S) @ Vh,
+            (torch.linalg.svd(a, full_matrices=False)[0][..., :6] * torch.linalg.svdvals(a)[:, None, :6])
+            @ torch.linalg.svd(a, full_matrices=False)[2][..., :6, :],
+        )
+        < 1e-8
+    )

@@ -5,6 +5,7 @@ plans per shape and batches that cross the kernels' block and chunk boundaries; 
 workspaces are poisoned with NaN first, so an element the kernel never writes fails the
 comparison.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,6 @@ import math
 
 import pytest
 import torch
-
 from gpu_util import DEV, EMULATED, GPU, GPU_SIZE, KERNELS, REAL_GPU, random_cores, rel_err, stream, sync
 
 import tensorpress  # noqa: F401  (registers the ops)
@@ -31,11 +31,22 @@ GRAD_MAT_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 1e-4, 
 # (out_factors, in_factors, ranks, [(groups, order), ...])
 SHAPES = [
     ((2, 3), (3, 2), (2,), [(((0,), (1,)), (0, 1)), (((0,), (1,)), (1, 0)), (((0, 1),), (0,))]),
-    ((3, 5, 2), (2, 7, 3), (4, 5), [(((0,), (1,), (2,)), (0, 1, 2)), (((0,), (1,), (2,)), (1, 2, 0)),
-                                    (((0, 1), (2,)), (1, 0))]),
-    ((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8), [(((0,), (1,), (2,), (3,)), (0, 1, 2, 3)),
-                                             (((0,), (1,), (2,), (3,)), (3, 2, 1, 0)),
-                                             (((0, 1), (2, 3)), (0, 1))]),
+    (
+        (3, 5, 2),
+        (2, 7, 3),
+        (4, 5),
+        [(((0,), (1,), (2,)), (0, 1, 2)), (((0,), (1,), (2,)), (1, 2, 0)), (((0, 1), (2,)), (1, 0))],
+    ),
+    (
+        (4, 8, 8, 4),
+        (4, 8, 8, 4),
+        (8, 8, 8),
+        [
+            (((0,), (1,), (2,), (3,)), (0, 1, 2, 3)),
+            (((0,), (1,), (2,), (3,)), (3, 2, 1, 0)),
+            (((0, 1), (2, 3)), (0, 1)),
+        ],
+    ),
     ((2, 2, 2, 2, 2), (2, 2, 2, 2, 2), (3, 4, 5, 3), [(((0,), (1,), (2,), (3,), (4,)), (2, 1, 3, 0, 4))]),
 ]
 # too large for one block's shared memory: only the tiled kernel (several chunks at batch 300)
@@ -56,34 +67,36 @@ def _problem(shape, plan_idx, dtype, gen):
 
 
 def _paths(dims, order, batch, dtype, backward):
-    merged = tuple(tuple(dims[i:i + 4]) for i in range(0, len(dims), 4))
+    merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     fits = cuda_schedule(merged, tuple(order), max(batch, 1), backward, dtype, cuda_limits(DEV))["fits_fused"]
     return ("fused", "tiled") if fits else ("tiled",)
 
 
 def _forward(x, mats, dims, order, path):
     """The binding called directly, on NaN-poisoned output and workspace."""
-    merged = tuple(tuple(dims[i:i + 4]) for i in range(0, len(dims), 4))
+    merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     sched = cuda_schedule(merged, tuple(order), x.shape[0], False, x.dtype, cuda_limits(DEV), path)
     assert sched["path"] == path
     y = torch.full((x.shape[0], math.prod(dims[1::4])), float("nan"), dtype=x.dtype, device=DEV)
     ws = torch.full((max(sched["workspace"], 1),), float("nan"), dtype=mats[0].dtype, device=DEV)
-    KERNELS.tt_forward(x, mats, dims, order, y, ws, 1, tables=T._tables(dims, order, x.device), path=path,
-                  stream=stream())
+    KERNELS.tt_forward(
+        x, mats, dims, order, y, ws, 1, tables=T._tables(dims, order, x.device), path=path, stream=stream()
+    )
     sync()
     return y
 
 
 def _backward(x, mats, dims, order, gy, path, need_x=True, need_mats=True):
-    merged = tuple(tuple(dims[i:i + 4]) for i in range(0, len(dims), 4))
+    merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     sched = cuda_schedule(merged, tuple(order), x.shape[0], True, x.dtype, cuda_limits(DEV), path)
     assert sched["path"] == path
     nan = float("nan")
     gx = torch.full_like(x, nan) if need_x else None
     gm = [torch.full_like(m, nan) for m in mats] if need_mats else [None] * len(mats)
     ws = torch.full((max(sched["workspace"], 1),), nan, dtype=mats[0].dtype, device=DEV)
-    KERNELS.tt_backward(x, mats, dims, order, gy, gx, gm, ws, 1, tables=T._tables(dims, order, x.device), path=path,
-                   stream=stream())
+    KERNELS.tt_backward(
+        x, mats, dims, order, gy, gx, gm, ws, 1, tables=T._tables(dims, order, x.device), path=path, stream=stream()
+    )
     sync()
     return gx, gm
 
@@ -98,16 +111,21 @@ def _reference(x, gy, mats64, dims, order):
 
 
 # the smallest shape also runs under ThreadSanitizer (the emulation's tsan subset)
-CASES = [pytest.param((s, p), marks=[pytest.mark.tsan] if s == 0 else []) for s in range(len(SHAPES))
-         for p in range(len(SHAPES[s][3]))]
+CASES = [
+    pytest.param((s, p), marks=[pytest.mark.tsan] if s == 0 else [])
+    for s in range(len(SHAPES))
+    for p in range(len(SHAPES[s][3]))
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"shape{c[0]}-plan{c[1]}")
 def test_forward_backward_all_paths(case, dtype):
     if EMULATED and case[0] == 2 and dtype in (torch.float16, torch.float64):
-        pytest.skip("the CPU emulation runs the 1024-feature shape in float32 and bfloat16 only (40 s a case); "
-                    "float16 and float64 run on the other shapes")
+        pytest.skip(
+            "the CPU emulation runs the 1024-feature shape in float32 and bfloat16 only (40 s a case); "
+            "float16 and float64 run on the other shapes"
+        )
     gen = torch.Generator().manual_seed(1000 * case[0] + case[1])
     shape = SHAPES[case[0]]
     cores64, mats64, mats, dims, order = _problem(shape, case[1], dtype, gen)
@@ -134,7 +152,7 @@ def test_large_shape_tiled_several_chunks(dtype):
     gen = torch.Generator().manual_seed(7)
     cores64, mats64, mats, dims, order = _problem(LARGE, 0, dtype, gen)
     assert _paths(dims, order, 1, dtype, backward=False) == ("tiled",)
-    merged = tuple(tuple(dims[i:i + 4]) for i in range(0, len(dims), 4))
+    merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     # a few samples more than one chunk of the backward's bounded workspace holds
     batch = cuda_schedule(merged, tuple(order), 300, True, dtype, cuda_limits(DEV))["samples"] + 5
     assert cuda_schedule(merged, tuple(order), batch, True, dtype, cuda_limits(DEV))["chunks"] == 2
@@ -285,8 +303,28 @@ def test_bad_input_on_cuda():
     big = ((8, 8, 8, 8), (8, 8, 8, 8), (16, 16, 16))
     _, _, bmats, bdims, border = _problem((*big, [(((0,), (1,), (2,), (3,)), (0, 1, 2, 3))]), 0, torch.float32, gen)
     with pytest.raises(ValueError, match="shared memory"):
-        KERNELS.tt_forward(torch.randn(2, 4096, device=DEV), bmats, bdims, border, torch.empty(2, 4096, device=DEV), ws, 1,
-                      tables=T._tables(bdims, border, x.device), path="fused", stream=st)
+        KERNELS.tt_forward(
+            torch.randn(2, 4096, device=DEV),
+            bmats,
+            bdims,
+            border,
+            torch.empty(2, 4096, device=DEV),
+            ws,
+            1,
+            tables=T._tables(bdims, border, x.device),
+            path="fused",
+            stream=st,
+        )
     with pytest.raises(ValueError, match="workspace"):
-        KERNELS.tt_forward(torch.randn(2, 4096, device=DEV), bmats, bdims, border, torch.empty(2, 4096, device=DEV), ws, 1,
-                      tables=T._tables(bdims, border, x.device), path="tiled", stream=st)
+        KERNELS.tt_forward(
+            torch.randn(2, 4096, device=DEV),
+            bmats,
+            bdims,
+            border,
+            torch.empty(2, 4096, device=DEV),
+            ws,
+            1,
+            tables=T._tables(bdims, border, x.device),
+            path="tiled",
+            stream=st,
+        )

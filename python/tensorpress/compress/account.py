@@ -3,10 +3,11 @@ dense, skipped or left out at the user's request, and why (CompressionReport.acc
 
 The structures' own filters (structures.py, ``why_not``) give the reasons a layer cannot be
 replaced; the include/exclude patterns, tied weights and the rank rule add theirs here."""
+
 from __future__ import annotations
 
 import fnmatch
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -48,8 +49,9 @@ def user_choice(names: Sequence[str], include: Sequence[str], exclude: Sequence[
     return None if hit is None else f"matches exclude pattern {hit!r}"
 
 
-def screen(model: nn.Module, why_not, names_of: Mapping[int, list[str]], include: Sequence[str],
-           exclude: Sequence[str]) -> tuple[list[str], dict[str, tuple[str, str]]]:
+def screen(
+    model: nn.Module, why_not, names_of: Mapping[int, list[str]], include: Sequence[str], exclude: Sequence[str]
+) -> tuple[list[str], dict[str, tuple[str, str]]]:
     """(names of the layers to compress, {layer left out: (status, why)}) over every
     nn.Linear / conv layer; ``why_not(module)`` is the structure's reason a layer cannot be
     replaced, or None. A layer the structure cannot replace is skipped for that reason even if
@@ -73,19 +75,28 @@ def dense_reason(name: str, ranks: Mapping | None, rank_rule: str | None) -> str
     if ranks is not None:
         return f"ranks[{name!r}] is None"
     if rank_rule is not None:
-        return (f"rank_rule={rank_rule!r} kept it whole: its estimated error at every lower rank cost more "
-                f"than the parameters it would save elsewhere under the budget")
+        return (
+            f"rank_rule={rank_rule!r} kept it whole: its estimated error at every lower rank cost more "
+            f"than the parameters it would save elsewhere under the budget"
+        )
     return "the budget keeps the whole layer"
 
 
 def compressed_reason(r: LayerReport) -> str:
-    return (f"{r.structure} rank {r.rank_text}: {r.params_before:,} -> {r.params_after:,} parameters "
-            f"({100 * r.params_after / max(r.params_before, 1):.1f}% kept)")
+    return (
+        f"{r.structure} rank {r.rank_text}: {r.params_before:,} -> {r.params_after:,} parameters "
+        f"({100 * r.params_after / max(r.params_before, 1):.1f}% kept)"
+    )
 
 
-def build_account(model: nn.Module, names_of: Mapping[int, list[str]], left_out: Mapping[str, tuple[str, str]],
-                  tied: Mapping[str, str], done: Sequence[LayerReport],
-                  dense_why: Mapping[str, str]) -> list[LayerAccount]:
+def build_account(
+    model: nn.Module,
+    names_of: Mapping[int, list[str]],
+    left_out: Mapping[str, tuple[str, str]],
+    tied: Mapping[str, str],
+    done: Sequence[LayerReport],
+    dense_why: Mapping[str, str],
+) -> list[LayerAccount]:
     """One LayerAccount per nn.Linear / conv layer of ``model`` (in model order): from the
     screening (``left_out``), the layers kept dense for their tied weights (``tied``) and the
     report's rows of the layers fitted (``done``; ``dense_why``: why a layer was kept dense)."""
@@ -100,8 +111,9 @@ def build_account(model: nn.Module, names_of: Mapping[int, list[str]], left_out:
             status, why = KEPT_DENSE, dense_why.get(name, "kept dense")
         elif name in reports:
             status, why = COMPRESSED, compressed_reason(reports[name])
-        else:   # compress() reports every target; a gap here is a bug, and must show
+        else:  # compress() reports every target; a gap here is a bug, and must show
             raise RuntimeError(f"compress: layer {name!r} was neither fitted nor left out; please report this")
-        out.append(LayerAccount(name=name, kind=layer_kind(mod), status=status, why=why,
-                                aliases=list(names_of[id(mod)][1:])))
+        out.append(
+            LayerAccount(name=name, kind=layer_kind(mod), status=status, why=why, aliases=list(names_of[id(mod)][1:]))
+        )
     return out

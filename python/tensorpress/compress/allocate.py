@@ -26,9 +26,10 @@ sensitivity: the squared relative error of the model's output when that layer al
 replaced by its uniform-budget fit, divided by that fit's own relative error (a first-order
 model in which the layers' errors add up; see :func:`layer_sensitivity`).
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -56,20 +57,28 @@ def max_useful_rank(layer: nn.Linear) -> int:
 
 
 def allocate_uniform(layers: Mapping[str, nn.Linear], budget: float) -> dict[str, int]:
-    return {n: max(1, min(max_useful_rank(m), int((budget * dense_params(m) - m.out_features)
-                                                  // (m.in_features + m.out_features))))
-            for n, m in layers.items()}
+    return {
+        n: max(
+            1,
+            min(
+                max_useful_rank(m), int((budget * dense_params(m) - m.out_features) // (m.in_features + m.out_features))
+            ),
+        )
+        for n, m in layers.items()
+    }
 
 
-def relative_error_curves(layers: Mapping[str, nn.Linear], stats: Mapping[str, GramStats],
-                          fits: Mapping | None = None, **fit_kwargs) -> dict[str, torch.Tensor]:
+def relative_error_curves(
+    layers: Mapping[str, nn.Linear], stats: Mapping[str, GramStats], fits: Mapping | None = None, **fit_kwargs
+) -> dict[str, torch.Tensor]:
     """Relative squared output error at ranks 0..k of every layer (one-shot statistics).
     ``fits``: the layers' full-rank whitened fits on these statistics, when already made."""
     curves = {}
     for name, layer in layers.items():
         k = min(layer.in_features, layer.out_features)
-        info = (fits[name] if fits is not None else fit_activation(layer.weight, layer.bias, stats[name], k,
-                                                                   **fit_kwargs)).info
+        info = (
+            fits[name] if fits is not None else fit_activation(layer.weight, layer.bias, stats[name], k, **fit_kwargs)
+        ).info
         curves[name] = error_curve(info) / max(info["output_energy"] + _mean_energy(layer, stats[name]), 1e-300)
     return curves
 
@@ -98,10 +107,16 @@ def _optimism_curve(rel: torch.Tensor, layer: nn.Linear, rows: int) -> torch.Ten
     return optimism_estimate(rel, r * (i + o - r) + o, float(rows * o))
 
 
-def allocate_by_rule(rule: str, layers: Mapping[str, nn.Linear], stats: Mapping[str, GramStats], budget: float,
-                     curves: Mapping[str, torch.Tensor] | None = None,
-                     weights: Mapping[str, float] | None = None, heldout: Mapping[str, torch.Tensor] | None = None,
-                     **fit_kwargs) -> dict[str, int | None]:
+def allocate_by_rule(
+    rule: str,
+    layers: Mapping[str, nn.Linear],
+    stats: Mapping[str, GramStats],
+    budget: float,
+    curves: Mapping[str, torch.Tensor] | None = None,
+    weights: Mapping[str, float] | None = None,
+    heldout: Mapping[str, torch.Tensor] | None = None,
+    **fit_kwargs,
+) -> dict[str, int | None]:
     """Ranks by ``rule`` (see the module docstring). curves: the layers' relative error
     curves if already computed; weights: per-layer multipliers of the errors (the measured
     sensitivity of the model's output to each layer's error; 1 when None); heldout: the
@@ -121,8 +136,11 @@ def allocate_by_rule(rule: str, layers: Mapping[str, nn.Linear], stats: Mapping[
         rows = stats[name].n
         est = heldout[name] if rule == "cv" else _optimism_curve(rel[name], layer, rows)
         est = est * (1.0 if weights is None else weights[name])
-        pts = [(r, lowrank_params(layer, r), est[r].item()) for r in range(1, max_useful_rank(layer) + 1)
-               if torch.isfinite(est[r])]
+        pts = [
+            (r, lowrank_params(layer, r), est[r].item())
+            for r in range(1, max_useful_rank(layer) + 1)
+            if torch.isfinite(est[r])
+        ]
         pts.append((KEEP_DENSE, dense_params(layer), 0.0))
         curves[name] = pts
     return dict(allocate_ranks(curves, total).ranks)
@@ -133,12 +151,13 @@ def _energy_threshold(layers, rel, total) -> dict[str, int]:
         out = {}
         for name, layer in layers.items():
             top = max_useful_rank(layer)
-            ok = (rel[name][1:top + 1] <= t).nonzero()
+            ok = (rel[name][1 : top + 1] <= t).nonzero()
             out[name] = int(ok[0]) + 1 if ok.numel() else top
         return out
 
-    return ranks_for(fitting_threshold(lambda t: sum(lowrank_params(layers[n], r) for n, r in ranks_for(t).items()),
-                                       total))
+    return ranks_for(
+        fitting_threshold(lambda t: sum(lowrank_params(layers[n], r) for n, r in ranks_for(t).items()), total)
+    )
 
 
 def fitting_threshold(params_at, total: float) -> float:
@@ -157,8 +176,13 @@ def fitting_threshold(params_at, total: float) -> float:
     return hi
 
 
-def layer_sensitivity(model: nn.Module, batches, layers: Mapping[str, nn.Linear], fits: Mapping[str, nn.Module],
-                      layer_errors: Mapping[str, float]) -> dict[str, float]:
+def layer_sensitivity(
+    model: nn.Module,
+    batches,
+    layers: Mapping[str, nn.Linear],
+    fits: Mapping[str, nn.Module],
+    layer_errors: Mapping[str, float],
+) -> dict[str, float]:
     """For each layer: (relative squared change of the model's output when ``fits[name]``
     alone replaces it) / layer_errors[name]. ``model`` is modified in place and restored;
     ``layers`` are its own modules."""

@@ -1,4 +1,5 @@
 """tensorpress.compress(model, calib, ...): data-driven post-training compression of a model."""
+
 from __future__ import annotations
 
 import copy
@@ -6,19 +7,33 @@ import fnmatch
 import sys
 import time
 import warnings
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from tensorpress.compress.account import build_account, dense_reason, screen
-from tensorpress.compress.allocate import (RANK_RULES, allocate_by_rule, allocate_uniform, layer_sensitivity,
-                                          relative_error_curves)
-from tensorpress.compress.batchnorm import fold_batchnorms
 from tensorpress.compress import distributed as tpdist
+from tensorpress.compress.account import build_account, dense_reason, screen
+from tensorpress.compress.allocate import (
+    RANK_RULES,
+    allocate_by_rule,
+    allocate_uniform,
+    layer_sensitivity,
+    relative_error_curves,
+)
+from tensorpress.compress.batchnorm import fold_batchnorms
+from tensorpress.compress.calibrate import (
+    call_model,
+    hooks,
+    layer_features,
+    layer_rows,
+    naming_batch,
+    record_inputs,
+    row_mask,
+    row_signature,
+    run_until_stop,
+)
 from tensorpress.compress.crossval import DEFAULT_FOLDS, cv_error_curves, merge_stats
-from tensorpress.compress.calibrate import (call_model, hooks, layer_features, layer_rows, naming_batch, record_inputs,
-                                            row_mask, row_signature, run_until_stop)
 from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd, truncate_fit
 from tensorpress.compress.output_error import output_error, output_error_parts
 from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
@@ -31,7 +46,7 @@ from tensorpress.nn.lowrank_linear import LowRankLinear
 
 ONE_SHOT_METHODS = ("svd", "whitened")
 SEQUENTIAL_METHODS = ("activation", "convex", "relu", "gelu")
-SAMPLE_METHODS = ("relu", "gelu")   # need rows of (X, X~), not only their Grams
+SAMPLE_METHODS = ("relu", "gelu")  # need rows of (X, X~), not only their Grams
 DEFAULT_KEEP_ROWS = 4096
 METHODS = ONE_SHOT_METHODS + SEQUENTIAL_METHODS
 
@@ -63,8 +78,9 @@ def select_targets(model: nn.Module, structure: str, include=None, exclude=None)
     return screen_targets(model, structure, include, exclude)[0]
 
 
-def screen_targets(model: nn.Module, structure: str, include=None, exclude=None
-                   ) -> tuple[list[str], dict[str, tuple[str, str]]]:
+def screen_targets(
+    model: nn.Module, structure: str, include=None, exclude=None
+) -> tuple[list[str], dict[str, tuple[str, str]]]:
     """(select_targets' names, {every other nn.Linear / conv layer: (status, why)}): status
     "skipped" for a layer the structure cannot replace, "excluded" for one the include/exclude
     patterns leave out (see compress.account)."""
@@ -75,18 +91,24 @@ def screen_targets(model: nn.Module, structure: str, include=None, exclude=None
     for arg, pats in (("include", inc), ("exclude", exc)):
         unknown = [p for p in pats if not any(fnmatch.fnmatchcase(n, p) or n == p for n in all_names)]
         if unknown:
-            raise ValueError(f"{arg}: no layer of the model matches {unknown}; eligible layers are e.g. "
-                             f"{list(eligible_layers(model, structure))[:5]}")
+            raise ValueError(
+                f"{arg}: no layer of the model matches {unknown}; eligible layers are e.g. "
+                f"{list(eligible_layers(model, structure))[:5]}"
+            )
     names, left_out = screen(model, adapter.why_not, names_of, inc, exc)
     if not names:
         why = "; ".join(f"{n}: {w}" for n, (_, w) in list(left_out.items())[:3])
-        raise ValueError(f"model: no eligible layer to compress for structure={structure!r} "
-                         f"(eligible: {adapter.describe()}; after include={inc}, exclude={exc})"
-                         + (f"; left out: {why}" if why else ""))
-    if "" in names:   # the returned copy would have to be another object than a copy of the model
-        raise ValueError(f"model: is itself a layer to compress ({type(model).__name__}); compress() replaces "
-                         f"layers inside a model: pass e.g. nn.Sequential(model), or use the layer classes' "
-                         f"from_dense")
+        raise ValueError(
+            f"model: no eligible layer to compress for structure={structure!r} "
+            f"(eligible: {adapter.describe()}; after include={inc}, exclude={exc})"
+            + (f"; left out: {why}" if why else "")
+        )
+    if "" in names:  # the returned copy would have to be another object than a copy of the model
+        raise ValueError(
+            f"model: is itself a layer to compress ({type(model).__name__}); compress() replaces "
+            f"layers inside a model: pass e.g. nn.Sequential(model), or use the layer classes' "
+            f"from_dense"
+        )
     return names, left_out
 
 
@@ -102,13 +124,15 @@ def _skip_tied(model: nn.Module, targets: list[str], ranks) -> tuple[list[str], 
     left = [n for n in targets if n not in skipped]
     if not left:
         raise ValueError(f"model: every layer to compress has tied weights ({skipped}); nothing to compress")
-    warnings.warn(f"compress: layers with tied weights kept dense: {sorted(skipped)} (see report.skipped)",
-                  stacklevel=3)
+    warnings.warn(
+        f"compress: layers with tied weights kept dense: {sorted(skipped)} (see report.skipped)", stacklevel=3
+    )
     return left, skipped
 
 
-def _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds=DEFAULT_FOLDS,
-                fold_batchnorm=False):
+def _check_args(
+    model, calib, structure, method, budget, ranks, rank_rule, cv_folds=DEFAULT_FOLDS, fold_batchnorm=False
+):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(fold_batchnorm, bool):
@@ -118,8 +142,10 @@ def _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_fo
     if isinstance(method, Mapping):
         bad = {k: v for k, v in method.items() if not isinstance(k, str) or v not in SEQUENTIAL_METHODS}
         if bad or not method:
-            raise ValueError(f"method: a dict maps layer names or glob patterns to one of {SEQUENTIAL_METHODS}, "
-                             f"got {bad or method!r}")
+            raise ValueError(
+                f"method: a dict maps layer names or glob patterns to one of {SEQUENTIAL_METHODS}, "
+                f"got {bad or method!r}"
+            )
     elif method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS} or a dict {{pattern: method}}, got {method!r}")
     allowed = ADAPTERS[structure].methods
@@ -144,8 +170,10 @@ def _batches(calib) -> list:
     if calib is None:
         return []
     if isinstance(calib, Tensor):
-        raise TypeError("calib: expected an iterable of batches (e.g. a list of tensors or of dicts), got one "
-                        "tensor; wrap it as [tensor] or split it with tensor.split(batch_size)")
+        raise TypeError(
+            "calib: expected an iterable of batches (e.g. a list of tensors or of dicts), got one "
+            "tensor; wrap it as [tensor] or split it with tensor.split(batch_size)"
+        )
     batches = list(calib)
     if not batches:
         raise ValueError("calib: expected at least one calibration batch, got none")
@@ -155,8 +183,11 @@ def _batches(calib) -> list:
 def _first_batch_calls(model: nn.Module, batch, layers: Mapping[str, nn.Module], position: int = 0) -> dict:
     """Check that the model runs on its first calibration batch (the model's own message says
     which shape or dtype it wanted) and count each layer's calls in that pass: {name: calls}."""
-    tensors = list(batch.values()) if isinstance(batch, Mapping) else (
-        list(batch) if isinstance(batch, (tuple, list)) else [batch])
+    tensors = (
+        list(batch.values())
+        if isinstance(batch, Mapping)
+        else (list(batch) if isinstance(batch, (tuple, list)) else [batch])
+    )
     for t in tensors:
         if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"calib[{position}]: the batch contains NaN or Inf")
@@ -170,23 +201,30 @@ def _first_batch_calls(model: nn.Module, batch, layers: Mapping[str, nn.Module],
     return calls
 
 
-def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Module], structure: str = "lowrank",
-                 left_out: Mapping[str, tuple[str, str]] | None = None) -> dict:
+def _check_ranks(
+    ranks: Mapping,
+    layers: Mapping[str, nn.Module],
+    structure: str = "lowrank",
+    left_out: Mapping[str, tuple[str, str]] | None = None,
+) -> dict:
     unknown = [n for n in ranks if n not in layers]
     known = [n for n in unknown if n in (left_out or {})]
-    if known:   # a layer of the model that was left out: say why
+    if known:  # a layer of the model that was left out: say why
         status, why = left_out[known[0]]
         raise ValueError(f"ranks: layer {known[0]!r} is {status}: {why}; drop it from ranks")
     if unknown:
-        raise ValueError(f"ranks: unknown or excluded layers {unknown}; compressible layers are e.g. "
-                         f"{list(layers)[:5]}")
+        raise ValueError(
+            f"ranks: unknown or excluded layers {unknown}; compressible layers are e.g. {list(layers)[:5]}"
+        )
     out = {}
     for name, layer in layers.items():
         if name not in ranks:
-            raise ValueError(f"ranks: no rank given for layer {name!r} (give every targeted layer one, or "
-                             f"narrow the targets with include=)")
+            raise ValueError(
+                f"ranks: no rank given for layer {name!r} (give every targeted layer one, or "
+                f"narrow the targets with include=)"
+            )
         r = ranks[name]
-        if r is None and structure == "lowrank":   # kept dense (refitted by "activation")
+        if r is None and structure == "lowrank":  # kept dense (refitted by "activation")
             out[name] = None
             continue
         if structure != "lowrank":
@@ -194,14 +232,21 @@ def _check_ranks(ranks: Mapping, layers: Mapping[str, nn.Module], structure: str
             continue
         top = min(layer.in_features, layer.out_features)
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= top:
-            raise ValueError(f"ranks: layer {name!r} ({layer.out_features}x{layer.in_features}) needs a rank in "
-                             f"[1, {top}], got {r!r}")
+            raise ValueError(
+                f"ranks: layer {name!r} ({layer.out_features}x{layer.in_features}) needs a rank in "
+                f"[1, {top}], got {r!r}"
+            )
         out[name] = r
     return out
 
 
-def one_shot_stats(model: nn.Module, batches: Sequence, layers: Mapping[str, nn.Module],
-                   progress=None, positions: Sequence[int] | None = None) -> dict[str, GramStats]:
+def one_shot_stats(
+    model: nn.Module,
+    batches: Sequence,
+    layers: Mapping[str, nn.Module],
+    progress=None,
+    positions: Sequence[int] | None = None,
+) -> dict[str, GramStats]:
     """Input statistics of every layer of the unmodified model, from one pass per batch; a
     layer called several times per pass gets the rows of all its calls. ``positions``: each
     batch's index in the user's calib list (for error messages)."""
@@ -209,7 +254,7 @@ def one_shot_stats(model: nn.Module, batches: Sequence, layers: Mapping[str, nn.
     for i, batch in enumerate(batches):
         pos = i if positions is None else positions[i]
         mask = row_mask(batch)
-        got: dict[str, list[Tensor]] = {}   # every call's input, in call order
+        got: dict[str, list[Tensor]] = {}  # every call's input, in call order
         with hooks(record_inputs(layers, lambda n, x: got.setdefault(n, []).append(x))), naming_batch(pos):
             run_until_stop(lambda: call_model(model, batch))
         missing = [n for n in layers if n not in got]
@@ -252,16 +297,28 @@ def _methods_by_layer(method, targets: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _fit_sequential(method: str, layer: nn.Linear, stats: GramStats, rank: int, ridge_kw: dict,
-                    offset=None) -> LowRankFit:
+def _fit_sequential(
+    method: str, layer: nn.Linear, stats: GramStats, rank: int, ridge_kw: dict, offset=None
+) -> LowRankFit:
     """A sequential method's fit; ``offset`` (residual feedback) is used by "activation" only."""
     if method == "activation":
         return fit_activation(layer.weight, layer.bias, stats, rank, offset=offset, **ridge_kw)
     if method == "convex":
         from tensorpress.compress.convex import fit_convex
-        return fit_convex(layer.weight, layer.bias, stats.n, stats.mean_in, stats.mean_ref, stats.gram_in(),
-                          stats.cross(), rank, **ridge_kw)
+
+        return fit_convex(
+            layer.weight,
+            layer.bias,
+            stats.n,
+            stats.mean_in,
+            stats.mean_ref,
+            stats.gram_in(),
+            stats.cross(),
+            rank,
+            **ridge_kw,
+        )
     from tensorpress.compress.relu import fit_gelu, fit_relu
+
     x_ref, x_in = stats.samples()
     fit = fit_relu if method == "relu" else fit_gelu
     return fit(layer.weight, layer.bias, x_ref, x_in, rank, **ridge_kw)
@@ -286,8 +343,9 @@ def _dense_refit(layer: nn.Linear, stats: GramStats, offset, ridge_kw: dict):
     original outputs (plus the residual offset) on the compressed model's inputs."""
     full = min(layer.in_features, layer.out_features)
     fit = fit_activation(layer.weight, layer.bias, stats, full, offset=offset, **ridge_kw)
-    new = nn.Linear(layer.in_features, layer.out_features, bias=True, device=layer.weight.device,
-                    dtype=layer.weight.dtype)
+    new = nn.Linear(
+        layer.in_features, layer.out_features, bias=True, device=layer.weight.device, dtype=layer.weight.dtype
+    )
     with torch.no_grad():
         new.weight.copy_(fit.weight())
         new.bias.copy_(fit.bias)
@@ -297,8 +355,9 @@ def _dense_refit(layer: nn.Linear, stats: GramStats, offset, ridge_kw: dict):
 
 
 def _lowrank_module(layer: nn.Linear, fit: LowRankFit) -> LowRankLinear:
-    return LowRankLinear.from_factors(fit.first, fit.second, fit.bias, dtype=layer.weight.dtype,
-                                      device=layer.weight.device)
+    return LowRankLinear.from_factors(
+        fit.first, fit.second, fit.bias, dtype=layer.weight.dtype, device=layer.weight.device
+    )
 
 
 # calibration batches used to measure each layer's sensitivity (rank_rule="optimism")
@@ -319,8 +378,11 @@ def _whitened_full_fits(layers, shot, ridge_kw, cache) -> dict:
     fits = {}
     for name, layer in layers.items():
         top = min(layer.in_features, layer.out_features)
-        fits[name] = _cached(cache, _full_fit_key("whitened", name, ridge_kw),
-                             lambda: fit_activation(layer.weight, layer.bias, shot[name], top, **ridge_kw))
+        fits[name] = _cached(
+            cache,
+            _full_fit_key("whitened", name, ridge_kw),
+            lambda: fit_activation(layer.weight, layer.bias, shot[name], top, **ridge_kw),
+        )
     return fits
 
 
@@ -353,26 +415,36 @@ def _measure_sensitivities(work_model, batches, layers, fits, errs):
     return layer_sensitivity(work_model, mine, work_layers, fits, errs)
 
 
-def _allocate_structured(rule, adapter, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None,
-                         folds=None, progress=False):
+def _allocate_structured(
+    rule, adapter, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None, folds=None, progress=False
+):
     """Ranks of a tensor structure by a rule (see tensorpress.compress.structured_rules): the
     layers' curves from fits at candidate ranks, weighted for "optimism" and "cv" by each
     layer's measured sensitivity at its uniform rank."""
+
     def measure():
         fits = sum(len(candidate_ranks(adapter, layer, budget)) for layer in layers.values()) * (1 + len(folds or ()))
         bar = _progress(fits, f"rank rule: {adapter.name} fits", progress)
         try:
-            return measure_curves(adapter, layers, shot, budget, folds, ridge_kw,
-                                  tick=None if bar is None else lambda: bar.update(1), keep_fits=uniform)
+            return measure_curves(
+                adapter,
+                layers,
+                shot,
+                budget,
+                folds,
+                ridge_kw,
+                tick=None if bar is None else lambda: bar.update(1),
+                keep_fits=uniform,
+            )
         finally:
             if bar is not None:
                 bar.close()
 
-    key = ("structured-curves", adapter.name, tuple(layers), budget, len(folds or ()),
-           tuple(sorted(ridge_kw.items())))
+    key = ("structured-curves", adapter.name, tuple(layers), budget, len(folds or ()), tuple(sorted(ridge_kw.items())))
     curves = _cached(cache, key, measure)
     weights = None
     if rule != "energy":
+
         def sensitivities():
             fits, errs = {}, {}
             for name, layer in layers.items():
@@ -388,8 +460,11 @@ def _allocate_structured(rule, adapter, work_model, batches, layers, shot, budge
                 fits[name] = adapter.module(layer, fit)
             return _measure_sensitivities(work_model, batches, layers, fits, errs)
 
-        weights = _cached(cache, ("structured-sensitivity", adapter.name, tuple(layers),
-                                  tuple(sorted(uniform.items()))), sensitivities)
+        weights = _cached(
+            cache,
+            ("structured-sensitivity", adapter.name, tuple(layers), tuple(sorted(uniform.items()))),
+            sensitivities,
+        )
     rows = next(iter(shot.values())).n
     return allocate_structured(rule, layers, curves, rows, budget, weights)
 
@@ -414,13 +489,15 @@ def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw
         return allocate_by_rule(rule, layers, shot, budget, curves=curves, **ridge_kw)
     heldout = None
     if rule == "cv":
-        heldout = _cached(cache, ("cv-curves", tuple(layers), len(folds)),
-                          lambda: cv_error_curves(layers, folds, **ridge_kw))
+        heldout = _cached(
+            cache, ("cv-curves", tuple(layers), len(folds)), lambda: cv_error_curves(layers, folds, **ridge_kw)
+        )
     at = dict(uniform)
     for _ in range(SENSITIVITY_ROUNDS):
         weights = _sensitivities(work_model, batches, layers, shot, at, curves, full, cache)
-        chosen = allocate_by_rule(rule, layers, shot, budget, curves=curves, weights=weights, heldout=heldout,
-                                  **ridge_kw)
+        chosen = allocate_by_rule(
+            rule, layers, shot, budget, curves=curves, weights=weights, heldout=heldout, **ridge_kw
+        )
         # a layer kept dense is linearized at its uniform rank
         at = {n: (uniform[n] if r is None else r) for n, r in chosen.items()}
     return chosen
@@ -438,10 +515,12 @@ def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress):
     if shot is not None and (not folds or parts is not None):
         return shot, parts
     bar = _progress(len(batches), "calibration statistics", progress)
-    index = list(range(len(all_batches)))   # sliced as the batches are, for error messages
+    index = list(range(len(all_batches)))  # sliced as the batches are, for error messages
     if folds:
-        parts = [one_shot_stats(ref, tpdist.shard(all_batches[k::folds]), layers, bar, tpdist.shard(index[k::folds]))
-                 for k in range(folds)]
+        parts = [
+            one_shot_stats(ref, tpdist.shard(all_batches[k::folds]), layers, bar, tpdist.shard(index[k::folds]))
+            for k in range(folds)
+        ]
         shot = merge_stats(parts)
     else:
         shot = one_shot_stats(ref, batches, layers, bar, tpdist.shard(index))
@@ -471,13 +550,14 @@ def _copy_training_flags(model: nn.Module, flags: Mapping[int, tuple[nn.Module, 
     its name in ``model``; a replacement's own submodules take the replacement's flag."""
     by_name = {name: flags[id(m)][1] for name, m in model.named_modules(remove_duplicate=False)}
     given: dict[str, bool] = {}
-    for name, m in out.named_modules(remove_duplicate=False):   # parents come before children
+    for name, m in out.named_modules(remove_duplicate=False):  # parents come before children
         flag = by_name.get(name, given.get(name.rpartition(".")[0], flags[id(model)][1]))
         m.training = given[name] = flag
 
 
-def _report_repeated_calls(report: CompressionReport, ref: nn.Module, cmp: nn.Module, batches, calls: Mapping,
-                           one_shot: bool, positions) -> None:
+def _report_repeated_calls(
+    report: CompressionReport, ref: nn.Module, cmp: nn.Module, batches, calls: Mapping, one_shot: bool, positions
+) -> None:
     """For each layer called several times per pass: its output error at every call, measured
     on the models (see shared.call_errors); its rel_error is the worst of them."""
     repeated = [r for r in report.layers if calls.get(r.name, 1) > 1]
@@ -501,15 +581,28 @@ def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
+
     return tqdm(total=total, desc=desc, leave=False)
 
 
-def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "lowrank",
-             method: str | Mapping[str, str] = "activation", budget: float = 0.5, ranks: Mapping[str, int] | None = None,
-             rank_rule: str | None = None, include=None, exclude=None, keep_rows: int = 0,
-             ridge: float | None = None, progress: bool | None = None,
-             cache: dict | None = None, residual_feedback: bool = True,
-             cv_folds: int = DEFAULT_FOLDS, fold_batchnorm: bool = False) -> tuple[nn.Module, CompressionReport]:
+def compress(
+    model: nn.Module,
+    calib: Iterable | None = None,
+    structure: str = "lowrank",
+    method: str | Mapping[str, str] = "activation",
+    budget: float = 0.5,
+    ranks: Mapping[str, int] | None = None,
+    rank_rule: str | None = None,
+    include=None,
+    exclude=None,
+    keep_rows: int = 0,
+    ridge: float | None = None,
+    progress: bool | None = None,
+    cache: dict | None = None,
+    residual_feedback: bool = True,
+    cv_folds: int = DEFAULT_FOLDS,
+    fold_batchnorm: bool = False,
+) -> tuple[nn.Module, CompressionReport]:
     """Compress the layers of ``model`` and return (compressed copy, report).
 
     Modules used at more than one place: a layer called several times per forward pass (or
@@ -596,21 +689,25 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     folds = cv_folds if rank_rule == "cv" else 0
     if folds and len(all_batches) < folds * tpdist.world():
         per = " (one per fold and process)" if tpdist.world() > 1 else ""
-        raise ValueError(f"calib: rank_rule='cv' with cv_folds={folds} needs at least {folds * tpdist.world()} "
-                         f"calibration batches{per}, got {len(all_batches)}")
-    positions = tpdist.shard(list(range(len(all_batches))))   # each batch's index in calib
+        raise ValueError(
+            f"calib: rank_rule='cv' with cv_folds={folds} needs at least {folds * tpdist.world()} "
+            f"calibration batches{per}, got {len(all_batches)}"
+        )
+    positions = tpdist.shard(list(range(len(all_batches))))  # each batch's index in calib
     progress = show_progress(progress)
     screened, left_out = screen_targets(model, structure, include, exclude)
     targets, skipped = _skip_tied(model, screened, ranks)
     original, folding = model, None
     if fold_batchnorm:
-        not_fitted = {**{n: f"{status}: {why}" for n, (status, why) in left_out.items()},
-                      **{n: f"skipped: {why}" for n, why in skipped.items()}}
+        not_fitted = {
+            **{n: f"{status}: {why}" for n, (status, why) in left_out.items()},
+            **{n: f"skipped: {why}" for n, why in skipped.items()},
+        }
         # every process finds the pairs on the same batch (calib[0]), so they fold alike
         folding = fold_batchnorms(model, targets, not_fitted, all_batches[0] if all_batches else None)
         # from here on the folded copy stands for the model (it computes the same outputs)
         model = folding.model
-        if cache is not None and folding.folded:   # the folded convs' fits differ from the dense ones'
+        if cache is not None and folding.folded:  # the folded convs' fits differ from the dense ones'
             cache = cache.setdefault(("fold_batchnorm",), {})
     per_layer = _methods_by_layer(method, targets)
     if any(m in SAMPLE_METHODS for m in per_layer.values()) and not keep_rows:
@@ -625,9 +722,15 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
     names_of = module_names(model)
     flags = _training_flags(model)
     cmp = copy.deepcopy(model).eval()
-    report = CompressionReport(structure=structure, method=method_name, budget=None if ranks else float(budget),
-                               rank_rule=rank_rule, model_params_before=count_params(original),
-                               bytes_before=state_dict_bytes(original), skipped=skipped)
+    report = CompressionReport(
+        structure=structure,
+        method=method_name,
+        budget=None if ranks else float(budget),
+        rank_rule=rank_rule,
+        model_params_before=count_params(original),
+        bytes_before=state_dict_bytes(original),
+        skipped=skipped,
+    )
     if folding is not None:
         report.folded_batchnorm = dict(folding.folded)
         report.notes += folding.notes
@@ -646,34 +749,61 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             chosen = {n: adapter.uniform_rank(layer, budget) for n, layer in layers.items()}
             if rank_rule is not None:
                 t0 = time.perf_counter()
-                chosen = _allocate_structured(rank_rule, adapter, cmp, all_batches, layers, shot, budget, chosen,
-                                              ridge_kw, cache, fold_stats, progress)
+                chosen = _allocate_structured(
+                    rank_rule,
+                    adapter,
+                    cmp,
+                    all_batches,
+                    layers,
+                    shot,
+                    budget,
+                    chosen,
+                    ridge_kw,
+                    cache,
+                    fold_stats,
+                    progress,
+                )
                 report.rank_rule_seconds = time.perf_counter() - t0
         elif chosen is None:
             chosen = allocate_uniform(layers, budget)
             if rank_rule is not None:
                 t0 = time.perf_counter()
-                chosen = _allocate(rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache,
-                                   fold_stats)
+                chosen = _allocate(
+                    rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache, fold_stats
+                )
                 report.rank_rule_seconds = time.perf_counter() - t0
 
-        dense_why: dict[str, str] = {}   # why each layer was kept dense (for the account)
+        dense_why: dict[str, str] = {}  # why each layer was kept dense (for the account)
 
         def record(name, fit, module, stats, seconds):
             layer = layers[name]
             out_f, in_f = weight_matrix(layer).shape
             dense = fit.info.get("method") == "dense"
             lowrank = structure == "lowrank"
-            report.layers.append(LayerReport(
-                name=name, structure="dense" if dense else structure, method=per_layer[name], shape=(out_f, in_f),
-                rank=(min(in_f, out_f) if dense else fit.rank if lowrank else adapter.report_rank(fit)),
-                params_before=module_params(layer), params_after=module_params(module),
-                flops_before=dense_macs_per_row(layer),
-                flops_after=(dense_macs_per_row(layer) if dense else fit.rank * (in_f + out_f) if lowrank
-                             else adapter.macs_per_row(layer, module)),
-                rel_error=output_error(layer, fit, stats) if stats is not None else float("nan"),
-                seconds=seconds, calls=calls.get(name, 1), aliases=names_of[id(layer)][1:],
-                rows=0 if stats is None else stats.n))
+            report.layers.append(
+                LayerReport(
+                    name=name,
+                    structure="dense" if dense else structure,
+                    method=per_layer[name],
+                    shape=(out_f, in_f),
+                    rank=(min(in_f, out_f) if dense else fit.rank if lowrank else adapter.report_rank(fit)),
+                    params_before=module_params(layer),
+                    params_after=module_params(module),
+                    flops_before=dense_macs_per_row(layer),
+                    flops_after=(
+                        dense_macs_per_row(layer)
+                        if dense
+                        else fit.rank * (in_f + out_f)
+                        if lowrank
+                        else adapter.macs_per_row(layer, module)
+                    ),
+                    rel_error=output_error(layer, fit, stats) if stats is not None else float("nan"),
+                    seconds=seconds,
+                    calls=calls.get(name, 1),
+                    aliases=names_of[id(layer)][1:],
+                    rows=0 if stats is None else stats.n,
+                )
+            )
             if dense:
                 refit = "; refitted at full rank by least squares on the compressed model's inputs"
                 dense_why[name] = dense_reason(name, ranks, rank_rule) + (refit if fit.info.get("refit") else "")
@@ -682,9 +812,14 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
             """(fit, replacement module) of one layer."""
             layer = layers[name]
             if chosen[name] is None:
-                if (type(layer) is nn.Linear and method_of_layer == "activation" and stats is not None
-                        and stats.paired and layer.bias is not None
-                        and stats.n >= DENSE_REFIT_MIN_ROWS_PER_INPUT * layer.in_features):
+                if (
+                    type(layer) is nn.Linear
+                    and method_of_layer == "activation"
+                    and stats is not None
+                    and stats.paired
+                    and layer.bias is not None
+                    and stats.n >= DENSE_REFIT_MIN_ROWS_PER_INPUT * layer.in_features
+                ):
                     return _dense_refit(layer, stats, offset, ridge_kw)
                 return _identity_fit(layer), layer
             if structure != "lowrank":
@@ -697,12 +832,16 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
                 full = None if cache is None else cache.get(key)
                 if full is None:
                     top = min(layer.in_features, layer.out_features)
-                    full = (fit_svd(layer.weight, layer.bias, top) if method_of_layer == "svd"
-                            else fit_activation(layer.weight, layer.bias, stats, top, **ridge_kw))
+                    full = (
+                        fit_svd(layer.weight, layer.bias, top)
+                        if method_of_layer == "svd"
+                        else fit_activation(layer.weight, layer.bias, stats, top, **ridge_kw)
+                    )
                     if cache is not None:
                         cache[key] = full
-                fit = truncate_fit(full, chosen[name], layer.weight, layer.bias,
-                                   None if method_of_layer == "svd" else stats)
+                fit = truncate_fit(
+                    full, chosen[name], layer.weight, layer.bias, None if method_of_layer == "svd" else stats
+                )
             else:
                 fit = _fit_sequential(method_of_layer, layer, stats, chosen[name], ridge_kw, offset)
             return fit, _lowrank_module(layer, fit)
@@ -734,12 +873,25 @@ def compress(model: nn.Module, calib: Iterable | None = None, structure: str = "
 
             if bar is not None:
                 bar.total = None
-            feedback = ([n for n in targets if per_layer[n] == "activation" and chosen[n] is not None]
-                        if residual_feedback and structure == "lowrank" else [])
-            info = compress_sequential(ref, cmp, batches, targets, fit_layer, keep_rows=keep_rows, progress=bar,
-                                       reference=shot, cache=cache, residual_feedback=feedback,
-                                       projectable=[n for n in targets if per_layer[n] == "activation"],
-                                       positions=positions)
+            feedback = (
+                [n for n in targets if per_layer[n] == "activation" and chosen[n] is not None]
+                if residual_feedback and structure == "lowrank"
+                else []
+            )
+            info = compress_sequential(
+                ref,
+                cmp,
+                batches,
+                targets,
+                fit_layer,
+                keep_rows=keep_rows,
+                progress=bar,
+                reference=shot,
+                cache=cache,
+                residual_feedback=feedback,
+                projectable=[n for n in targets if per_layer[n] == "activation"],
+                positions=positions,
+            )
             report.residual_feedback = info["residual_feedback"]
             report.notes += info["notes"]
             if bar is not None:

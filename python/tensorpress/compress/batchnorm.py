@@ -21,14 +21,14 @@ the BatchNorm would change it, and such a pair is left unfolded (noted). A Batch
 mode normalizes by each batch's statistics, not the running ones folding uses: compress()
 refuses to fold it (ValueError) rather than change what the model computes.
 """
+
 from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +68,9 @@ class Folding:
     notes: list[str] = field(default_factory=list)
 
 
-def fold_batchnorms(model: nn.Module, targets: Sequence[str], not_fitted: Mapping[str, str], batch=None,
-                    position: int = 0) -> Folding:
+def fold_batchnorms(
+    model: nn.Module, targets: Sequence[str], not_fitted: Mapping[str, str], batch=None, position: int = 0
+) -> Folding:
     """Fold every eval-mode BatchNorm that directly follows one of the convs ``targets`` (the
     layers compress() fits) into it, in a copy of ``model`` (see the module docstring); the
     model is copied only when there is something to fold, and left as it was.
@@ -78,9 +79,10 @@ def fold_batchnorms(model: nn.Module, targets: Sequence[str], not_fitted: Mappin
     ``position`` its index in calib (for error messages)."""
     names = {i: n[0] for i, n in module_names(model).items()}
     aliased = {i for i, n in module_names(model).items() if len(n) > 1}
-    with _inferring(model) as flags:   # the pass as the model infers (dropout off), flags put back
-        pairs, reference = (_sequential_pairs(model), None) if batch is None else _dataflow_pairs(model, batch,
-                                                                                                  position)
+    with _inferring(model) as flags:  # the pass as the model infers (dropout off), flags put back
+        pairs, reference = (
+            (_sequential_pairs(model), None) if batch is None else _dataflow_pairs(model, batch, position)
+        )
     notes, chosen = [], []
     if not pairs:
         where = "reads a conv's output directly" if batch is not None else "follows a Conv2d in an nn.Sequential"
@@ -91,17 +93,25 @@ def fold_batchnorms(model: nn.Module, targets: Sequence[str], not_fitted: Mappin
         if why is not None:
             notes.append(f"fold_batchnorm: {type(bn).__name__} {bn_name!r} after conv {conv_name!r} not folded: {why}")
         elif flags[id(bn)]:
-            raise ValueError(f"fold_batchnorm: {type(bn).__name__} {bn_name!r} (after conv {conv_name!r}) is in "
-                             f"training mode: it normalizes by each batch's statistics, and folding uses its running "
-                             f"statistics; call model.eval() first, or leave fold_batchnorm=False")
+            raise ValueError(
+                f"fold_batchnorm: {type(bn).__name__} {bn_name!r} (after conv {conv_name!r}) is in "
+                f"training mode: it normalizes by each batch's statistics, and folding uses its running "
+                f"statistics; call model.eval() first, or leave fold_batchnorm=False"
+            )
         else:
             chosen.append((conv_name, bn_name))
     if not chosen:
         return Folding(model, {}, notes)
     work = copy.deepcopy(model)
-    with _inferring(work):   # a FoldedBatchNorm stands for an eval-mode BatchNorm: its flag stays False
-        kept = _fold_checked(work, [(work.get_submodule(c), work.get_submodule(b), c, b) for c, b in chosen], batch,
-                             position, reference, notes)
+    with _inferring(work):  # a FoldedBatchNorm stands for an eval-mode BatchNorm: its flag stays False
+        kept = _fold_checked(
+            work,
+            [(work.get_submodule(c), work.get_submodule(b), c, b) for c, b in chosen],
+            batch,
+            position,
+            reference,
+            notes,
+        )
     if not kept:
         return Folding(model, {}, notes)
     return Folding(work, {bn_name: conv_name for _, _, conv_name, bn_name in kept}, notes)
@@ -120,8 +130,14 @@ def _inferring(model: nn.Module):
             m.training = flags.get(id(m), False)
 
 
-def _why_not(conv: nn.Module, bn: nn.Module, conv_name: str, targets: Sequence[str],
-             not_fitted: Mapping[str, str], aliased: set[int]) -> str | None:
+def _why_not(
+    conv: nn.Module,
+    bn: nn.Module,
+    conv_name: str,
+    targets: Sequence[str],
+    not_fitted: Mapping[str, str],
+    aliased: set[int],
+) -> str | None:
     """Why a conv -> BatchNorm pair is not folded (None: fold it)."""
     if conv_name not in targets:
         return f"the conv is not compressed ({not_fitted.get(conv_name, 'not a target')})"
@@ -155,8 +171,8 @@ def _dataflow_pairs(model: nn.Module, batch, position: int) -> tuple[list[tuple[
     if not convs or not bns:
         return [], None
     calls: dict[int, int] = {}
-    outputs: dict[int, weakref.ref] = {}   # conv -> its output (weak: nothing kept alive)
-    fed_by: dict[int, nn.Module] = {}      # BatchNorm -> the conv whose output it read
+    outputs: dict[int, weakref.ref] = {}  # conv -> its output (weak: nothing kept alive)
+    fed_by: dict[int, nn.Module] = {}  # BatchNorm -> the conv whose output it read
     by_id = {id(c): c for c in convs}
 
     def conv_hook(mod, _args, out):
@@ -171,12 +187,14 @@ def _dataflow_pairs(model: nn.Module, batch, position: int) -> tuple[list[tuple[
         if src is not None:
             fed_by[id(mod)] = by_id[src]
 
-    handles = [c.register_forward_hook(conv_hook) for c in convs] + [b.register_forward_pre_hook(bn_hook)
-                                                                     for b in bns]
+    handles = [c.register_forward_hook(conv_hook) for c in convs] + [b.register_forward_pre_hook(bn_hook) for b in bns]
     with hooks(handles), naming_batch(position), torch.no_grad():
         out = call_model(model, batch)
-    pairs = [(fed_by[id(b)], b) for b in bns
-             if id(b) in fed_by and calls.get(id(b)) == 1 and calls.get(id(fed_by[id(b)])) == 1]
+    pairs = [
+        (fed_by[id(b)], b)
+        for b in bns
+        if id(b) in fed_by and calls.get(id(b)) == 1 and calls.get(id(fed_by[id(b)])) == 1
+    ]
     return pairs, out
 
 
@@ -184,18 +202,28 @@ def _fold_pair(model: nn.Module, conv: nn.Conv2d, bn: nn.Module, conv_name: str)
     """Fold ``bn`` into ``conv`` inside ``model`` (a FoldedBatchNorm in its place); returns
     the undo."""
     old_weight, old_bias = conv.weight, conv.bias
-    f64 = lambda t: None if t is None else t.detach().to(torch.float64)   # noqa: E731
-    weight, bias = fuse_conv_bn_weights(f64(conv.weight), f64(conv.bias), f64(bn.running_mean),
-                                        f64(bn.running_var), bn.eps, f64(bn.weight), f64(bn.bias))
+    f64 = lambda t: None if t is None else t.detach().to(torch.float64)  # noqa: E731
+    weight, bias = fuse_conv_bn_weights(
+        f64(conv.weight),
+        f64(conv.bias),
+        f64(bn.running_mean),
+        f64(bn.running_var),
+        bn.eps,
+        f64(bn.weight),
+        f64(bn.bias),
+    )
     conv.weight = nn.Parameter(weight.detach().to(old_weight.dtype), old_weight.requires_grad)
-    conv.bias = nn.Parameter(bias.detach().to(old_weight.dtype if old_bias is None else old_bias.dtype),
-                             old_weight.requires_grad if old_bias is None else old_bias.requires_grad)
+    conv.bias = nn.Parameter(
+        bias.detach().to(old_weight.dtype if old_bias is None else old_bias.dtype),
+        old_weight.requires_grad if old_bias is None else old_bias.requires_grad,
+    )
     marker = FoldedBatchNorm(conv_name, bn.num_features)
     swap_module(model, bn, marker)
 
     def undo():
         conv.weight, conv.bias = old_weight, old_bias
         swap_module(model, marker, bn)
+
     return undo
 
 
@@ -215,9 +243,11 @@ def _fold_checked(model: nn.Module, chosen: list, batch, position: int, referenc
             kept.append((conv, bn, conv_name, bn_name))
         else:
             u()
-            notes.append(f"fold_batchnorm: {type(bn).__name__} {bn_name!r} after conv {conv_name!r} not folded: "
-                         f"folding it changed the model's output on calib[{position}] by {change:.2e} (relative): "
-                         f"the conv's output is also used elsewhere, or changed before the BatchNorm reads it")
+            notes.append(
+                f"fold_batchnorm: {type(bn).__name__} {bn_name!r} after conv {conv_name!r} not folded: "
+                f"folding it changed the model's output on calib[{position}] by {change:.2e} (relative): "
+                f"the conv's output is also used elsewhere, or changed before the BatchNorm reads it"
+            )
     return kept
 
 

@@ -12,11 +12,11 @@ Every hook is registered inside a ``with`` block, so hooks are removed even when
 An error the model raises on a calibration batch is re-raised as a CalibrationBatchError naming
 the batch's position in the caller's ``calib`` list (the original error chained).
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +43,9 @@ def naming_batch(index: int):
     except _NOT_THE_BATCH:
         raise
     except Exception as err:
-        raise CalibrationBatchError(f"calib[{index}]: the model cannot run on this calibration batch "
-                                    f"({type(err).__name__}: {err})") from err
+        raise CalibrationBatchError(
+            f"calib[{index}]: the model cannot run on this calibration batch ({type(err).__name__}: {err})"
+        ) from err
 
 
 def call_model(model: nn.Module, batch) -> object:
@@ -75,8 +76,15 @@ def rows(x: Tensor, mask: Tensor | None) -> Tensor:
 def row_signature(layer: nn.Module) -> tuple:
     """Layers with equal signatures turn the same input tensor into the same rows."""
     if isinstance(layer, nn.Conv2d):
-        return ("conv2d", layer.in_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                layer.padding_mode)
+        return (
+            "conv2d",
+            layer.in_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.padding_mode,
+        )
     return ("linear", layer.in_features)
 
 
@@ -99,8 +107,7 @@ def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         padding = (0, 0)
-    cols = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
-                                      stride=conv.stride)
+    cols = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
@@ -122,8 +129,9 @@ def hooks(handles: list):
         handles.clear()
 
 
-def record_inputs(module_of: Mapping[str, nn.Module], on_input: Callable[[str, Tensor], None],
-                  stop_after: Sequence[str] = ()) -> list:
+def record_inputs(
+    module_of: Mapping[str, nn.Module], on_input: Callable[[str, Tensor], None], stop_after: Sequence[str] = ()
+) -> list:
     """Register pre-hooks that call on_input(name, input) for each named module; once every
     module in ``stop_after`` has fired in a pass, raise StopForward. Returns the handles (use
     within :func:`hooks`)."""
@@ -133,14 +141,17 @@ def record_inputs(module_of: Mapping[str, nn.Module], on_input: Callable[[str, T
     def make(name):
         def hook(_mod, args):
             if not args or not isinstance(args[0], Tensor):
-                raise TypeError(f"layer {name!r}: expected a tensor as its first input, got "
-                                f"{type(args[0]).__name__ if args else 'nothing'}")
+                raise TypeError(
+                    f"layer {name!r}: expected a tensor as its first input, got "
+                    f"{type(args[0]).__name__ if args else 'nothing'}"
+                )
             on_input(name, args[0])
             if need:
                 fired.add(name)
                 if need <= fired:
                     fired.clear()
                     raise StopForward
+
         return hook
 
     return [m.register_forward_pre_hook(make(n)) for n, m in module_of.items()]
@@ -155,8 +166,9 @@ def run_until_stop(fn: Callable[[], object]) -> object | None:
         return None
 
 
-def trace_calls(run: Callable[[], object], targets: Mapping[str, nn.Module],
-                scopes: Sequence[nn.Module] = ()) -> list[tuple[str, Tensor, int | None]]:
+def trace_calls(
+    run: Callable[[], object], targets: Mapping[str, nn.Module], scopes: Sequence[nn.Module] = ()
+) -> list[tuple[str, Tensor, int | None]]:
     """(name, input, scope) of every call of a target layer in one pass (``run()``), in order;
     scope: the index in ``scopes`` of the innermost scope module running at that call (e.g.
     the block of a transformer), or None. Each scope module must appear once in ``scopes``."""
@@ -166,6 +178,7 @@ def trace_calls(run: Callable[[], object], targets: Mapping[str, nn.Module],
     def enter(i):
         def hook(_mod, _args):
             running.append(i)
+
         return hook
 
     def leave(_mod, _args, _out):
@@ -202,8 +215,13 @@ def group_stages(calls: Sequence[tuple], targets: Mapping[str, nn.Module]) -> li
             continue
         seen.add(name)
         shareable = counts[name] == 1
-        if (stages and shareable and last_shared and x is last
-                and row_signature(targets[name]) == row_signature(targets[stages[-1][0]])):
+        if (
+            stages
+            and shareable
+            and last_shared
+            and x is last
+            and row_signature(targets[name]) == row_signature(targets[stages[-1][0]])
+        ):
             stages[-1].append(name)
         else:
             stages.append([name])
@@ -261,18 +279,21 @@ def residual_partners(model: nn.Module, targets: Mapping[str, nn.Module], batch)
     def on_parent(pname):
         def hook(_mod, args, kwargs):
             seen_args.setdefault(pname, tuple(args))
+
         return hook
 
     def on_layer(name):
         def hook(_mod, _args, out):
             if isinstance(out, Tensor):
                 seen_out.setdefault(name, out)
+
         return hook
 
     def on_norm(pname):
         def hook(_mod, args):
             if args and isinstance(args[0], Tensor):
                 seen_norm.setdefault(pname, []).append(args[0])
+
         return hook
 
     for name, pname in parents.items():
@@ -289,7 +310,9 @@ def residual_partners(model: nn.Module, targets: Mapping[str, nn.Module], batch)
         args, out = seen_args.get(pname, ()), seen_out.get(name)
         if out is None or len(args) < 2 or not isinstance(args[1], Tensor) or args[1].shape != out.shape:
             continue
-        if any(x.shape == out.shape and torch.allclose(x, out + args[1], rtol=1e-4, atol=1e-5)
-               for x in seen_norm.get(pname, [])):
+        if any(
+            x.shape == out.shape and torch.allclose(x, out + args[1], rtol=1e-4, atol=1e-5)
+            for x in seen_norm.get(pname, [])
+        ):
             found[name] = pname
     return found

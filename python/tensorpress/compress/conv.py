@@ -17,11 +17,12 @@ objective. With one-shot statistics (X~ = X) it is the "whitened" method. The ou
 factor's update is the "data-aware output projection": with the other factors fixed it is
 the least-squares map from the compressed layer's inner channels to the original outputs.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +51,15 @@ class ConvFit:
         return w.reshape(w.shape[0], -1)
 
 
-def refine_factors(factors: list[Tensor], kernel: Callable[..., Tensor], stats: GramStats, weight: Tensor,
-                   sweeps: int, cg_iters: int, ridge: float) -> tuple[list[Tensor], list[float], float]:
+def refine_factors(
+    factors: list[Tensor],
+    kernel: Callable[..., Tensor],
+    stats: GramStats,
+    weight: Tensor,
+    sweeps: int,
+    cg_iters: int,
+    ridge: float,
+) -> tuple[list[Tensor], list[float], float]:
     """ALS sweeps over ``factors`` of the multilinear ``kernel(*factors) -> (out, features)``
     on the data-aware objective. Returns (factors, objective history, output energy)."""
     objective = OutputObjective(weight.reshape(weight.shape[0], -1), stats, ridge)
@@ -59,26 +67,36 @@ def refine_factors(factors: list[Tensor], kernel: Callable[..., Tensor], stats: 
     history = [objective(kernel(*factors))]
     for _ in range(sweeps):
         for k in range(len(factors)):
+
             def linear(x, k=k):
-                return kernel(*factors[:k], x, *factors[k + 1:])
-            _, adjoint = torch.func.vjp(linear, factors[k])   # linear in x: valid at any point
+                return kernel(*factors[:k], x, *factors[k + 1 :])
+
+            _, adjoint = torch.func.vjp(linear, factors[k])  # linear in x: valid at any point
             rhs = adjoint(objective.target)[0]
-            factors[k] = conjugate_gradient(lambda g: adjoint(linear(g) @ objective.gram)[0], rhs, factors[k],
-                                            cg_iters)
+            factors[k] = conjugate_gradient(lambda g: adjoint(linear(g) @ objective.gram)[0], rhs, factors[k], cg_iters)
             history.append(objective(kernel(*factors)))
     return factors, history, objective.energy
 
 
-def _fit_factored(conv: nn.Conv2d, module: nn.Module, stats: GramStats | None, kernel: Callable[..., Tensor],
-                  views: list[Tensor], sweeps: int, cg_iters: int, ridge: float) -> ConvFit:
+def _fit_factored(
+    conv: nn.Conv2d,
+    module: nn.Module,
+    stats: GramStats | None,
+    kernel: Callable[..., Tensor],
+    views: list[Tensor],
+    sweeps: int,
+    cg_iters: int,
+    ridge: float,
+) -> ConvFit:
     """``module`` (float64, from the weights-only decomposition) refined on the data: ``views``
     are its factors as views into its parameters (written back in place), ``kernel`` maps them
     to the (out, in * kh * kw) kernel matrix."""
     if stats is None:
         return ConvFit(module, None if conv.bias is None else module.bias.detach().clone(), {"method": "svd"})
     with small_problem_threads(views[0].device, min(conv.out_channels, conv.in_channels)):
-        factors, history, energy = refine_factors(views, kernel, stats, conv.weight.to(torch.float64), sweeps,
-                                                  cg_iters, ridge)
+        factors, history, energy = refine_factors(
+            views, kernel, stats, conv.weight.to(torch.float64), sweeps, cg_iters, ridge
+        )
     with torch.no_grad():
         for view, factor in zip(views, factors):
             view.copy_(factor)
@@ -100,8 +118,9 @@ def _free_bias(conv: nn.Conv2d, w_hat: Tensor, stats: GramStats) -> Tensor:
 def _check_stats(conv: nn.Conv2d, stats: GramStats | None) -> None:
     features = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     if stats is not None and stats.in_features != features:
-        raise ValueError(f"stats: expected patch statistics of {features} features (in_channels * kh * kw), got "
-                         f"{stats.in_features}")
+        raise ValueError(
+            f"stats: expected patch statistics of {features} features (in_channels * kh * kw), got {stats.in_features}"
+        )
 
 
 def _with_bias(conv: nn.Conv2d, module: nn.Module) -> nn.Module:
@@ -111,9 +130,14 @@ def _with_bias(conv: nn.Conv2d, module: nn.Module) -> nn.Module:
     return module
 
 
-def fit_tucker_conv(conv: nn.Conv2d, stats: GramStats | None, ranks: Sequence[int] | int,
-                    sweeps: int = DEFAULT_SWEEPS, cg_iters: int = DEFAULT_CG_ITERS,
-                    ridge: float = DEFAULT_RIDGE) -> ConvFit:
+def fit_tucker_conv(
+    conv: nn.Conv2d,
+    stats: GramStats | None,
+    ranks: Sequence[int] | int,
+    sweeps: int = DEFAULT_SWEEPS,
+    cg_iters: int = DEFAULT_CG_ITERS,
+    ridge: float = DEFAULT_RIDGE,
+) -> ConvFit:
     """Tucker-2 (r_out, r_in) of ``conv``: HOOI of the kernel, then (with statistics) ALS on
     the data-aware objective over U_out, the core and U_in."""
     _check_stats(conv, stats)
@@ -126,9 +150,15 @@ def fit_tucker_conv(conv: nn.Conv2d, stats: GramStats | None, ranks: Sequence[in
     return _fit_factored(conv, module, stats, kernel, views, sweeps, cg_iters, ridge)
 
 
-def fit_cp_conv(conv: nn.Conv2d, stats: GramStats | None, rank: int, decomposition: str = "als",
-                sweeps: int = DEFAULT_SWEEPS, cg_iters: int = DEFAULT_CG_ITERS,
-                ridge: float = DEFAULT_RIDGE) -> ConvFit:
+def fit_cp_conv(
+    conv: nn.Conv2d,
+    stats: GramStats | None,
+    rank: int,
+    decomposition: str = "als",
+    sweeps: int = DEFAULT_SWEEPS,
+    cg_iters: int = DEFAULT_CG_ITERS,
+    ridge: float = DEFAULT_RIDGE,
+) -> ConvFit:
     """Rank-R CP of ``conv``: CP-ALS (or ``decomposition="overparam"``) of the kernel, then (with
     statistics) ALS on the data-aware objective over the four factors."""
     _check_stats(conv, stats)
@@ -137,8 +167,12 @@ def fit_cp_conv(conv: nn.Conv2d, stats: GramStats | None, rank: int, decompositi
     def kernel(a, b, c, d):
         return torch.einsum("or,ri,rh,rw->oihw", a, b, c, d).reshape(a.shape[0], -1)
 
-    views = [module.pointwise_out[:, :, 0, 0], module.pointwise_in[:, :, 0, 0], module.depthwise_h[:, 0, :, 0],
-             module.depthwise_w[:, 0, 0, :]]
+    views = [
+        module.pointwise_out[:, :, 0, 0],
+        module.pointwise_in[:, :, 0, 0],
+        module.depthwise_h[:, 0, :, 0],
+        module.depthwise_w[:, 0, 0, :],
+    ]
     return _fit_factored(conv, module, stats, kernel, views, sweeps, cg_iters, ridge)
 
 

@@ -18,14 +18,19 @@ to rank r. `constrained_lstsq` is the solver alone on plain (G, B) inputs.
 The result type `LowRankFit` and the helpers for the activation-aware (G-metric) truncation
 are shared with the `relu` method (tensorpress.compress.relu).
 """
+
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
-from tensorpress.compress.lowrank import (SINGLE_THREAD_MAX_K, DEFAULT_RIDGE, LowRankFit,  # noqa: F401
-                                          small_problem_threads)
+from tensorpress.compress.lowrank import (
+    DEFAULT_RIDGE,
+    LowRankFit,  # noqa: F401
+    small_problem_threads,
+)
 from tensorpress.compress.quadratic import ridged_cholesky
 
 __all__ = ["LowRankFit", "fit_convex", "constrained_lstsq", "project_nuclear_ball", "project_l1_ball"]
@@ -47,8 +52,9 @@ def _check_tensor(name, t, shape=None, ndim=None, float64=False, device=None):
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     if float64 and t.dtype != torch.float64:
-        raise TypeError(f"{name}: expected dtype float64 (calibration statistics are accumulated "
-                        f"in float64), got {t.dtype}")
+        raise TypeError(
+            f"{name}: expected dtype float64 (calibration statistics are accumulated in float64), got {t.dtype}"
+        )
     if t.dtype not in _REAL_FLOATS:
         raise TypeError(f"{name}: expected a real floating-point dtype, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
@@ -72,8 +78,13 @@ def _check_int(name, v, low, high=None):
 def _check_positive(name, v, allow_none=True, allow_inf=False):
     if v is None and allow_none:
         return None
-    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
-          and (allow_inf or math.isfinite(v)) and not math.isnan(v))
+    ok = (
+        not isinstance(v, bool)
+        and isinstance(v, (int, float))
+        and v > 0
+        and (allow_inf or math.isfinite(v))
+        and not math.isnan(v)
+    )
     if not ok:
         extra = " (or math.inf)" if allow_inf else ""
         none = " or None" if allow_none else ""
@@ -197,9 +208,17 @@ def _project(Z: Tensor, radius: float, box: float | None, n_dykstra: int) -> tup
 
 
 # ----------------------------------------------------------------------------- the solver
-def constrained_lstsq(gram: Tensor, target: Tensor, *, radius: float = math.inf, box: float | None = None,
-                      init: Tensor | None = None, n_iter: int = 1000, tol: float = 1e-9,
-                      n_dykstra: int = DEFAULT_DYKSTRA_ITER) -> tuple[Tensor, dict]:
+def constrained_lstsq(
+    gram: Tensor,
+    target: Tensor,
+    *,
+    radius: float = math.inf,
+    box: float | None = None,
+    init: Tensor | None = None,
+    n_iter: int = 1000,
+    tol: float = 1e-9,
+    n_dykstra: int = DEFAULT_DYKSTRA_ITER,
+) -> tuple[Tensor, dict]:
     """Minimize f(Ŵ) = ½ tr(Ŵ G Ŵᵀ) − ⟨Ŵ, B⟩ over {‖Ŵ‖_* ≤ radius} ∩ {|Ŵ_ij| ≤ box}.
 
     Accelerated projected gradient (FISTA) with step 1/λ_max(G) and function-value restart
@@ -282,17 +301,31 @@ def constrained_lstsq(gram: Tensor, target: Tensor, *, radius: float = math.inf,
             if step <= tol * max(float(torch.linalg.vector_norm(x)), 1e-300):
                 converged = True
                 break
-        info.update(iterations=it, converged=converged, restarts=restarts, objective=f,
-                    dykstra_rounds=rounds_total)
+        info.update(iterations=it, converged=converged, restarts=restarts, objective=f, dykstra_rounds=rounds_total)
         return x, info
 
 
 # ----------------------------------------------------------------------------- the method
-def fit_convex(weight: Tensor, bias: Tensor | None, n: int, mean_in: Tensor, mean_ref: Tensor,
-               gram_in: Tensor, cross: Tensor, rank: int, *, radius: float | None = None,
-               box: float | None = None, init: str | Tensor = "lstsq", truncation: str = "metric",
-               gram_ref: Tensor | None = None, ridge: float = DEFAULT_RIDGE, n_iter: int = 1000,
-               tol: float = 1e-9, n_dykstra: int = DEFAULT_DYKSTRA_ITER) -> LowRankFit:
+def fit_convex(
+    weight: Tensor,
+    bias: Tensor | None,
+    n: int,
+    mean_in: Tensor,
+    mean_ref: Tensor,
+    gram_in: Tensor,
+    cross: Tensor,
+    rank: int,
+    *,
+    radius: float | None = None,
+    box: float | None = None,
+    init: str | Tensor = "lstsq",
+    truncation: str = "metric",
+    gram_ref: Tensor | None = None,
+    ridge: float = DEFAULT_RIDGE,
+    n_iter: int = 1000,
+    tol: float = 1e-9,
+    n_dykstra: int = DEFAULT_DYKSTRA_ITER,
+) -> LowRankFit:
     """Rank-r compression of a linear layer by the nuclear-ball/box constrained least squares.
 
     Solves min tr(Ŵ G Ŵᵀ) − 2 tr(Ŵ C Wᵀ) s.t. ‖Ŵ‖_* ≤ radius, |Ŵ_ij| ≤ box (see the module
@@ -385,8 +418,9 @@ def fit_convex(weight: Tensor, bias: Tensor | None, n: int, mean_in: Tensor, mea
             x0 = W_act
         else:
             x0 = W
-        W_c, sinfo = constrained_lstsq(G_reg, B, radius=radius, box=box, init=x0, n_iter=n_iter, tol=tol,
-                                       n_dykstra=n_dykstra)
+        W_c, sinfo = constrained_lstsq(
+            G_reg, B, radius=radius, box=box, init=x0, n_iter=n_iter, tol=tol, n_dykstra=n_dykstra
+        )
         if truncation == "metric":
             first, second = metric_truncation(W_c @ L, L, rank)
         else:

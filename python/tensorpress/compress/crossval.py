@@ -16,9 +16,10 @@ one SVD and one (out x out) product per layer and fold. The curve is the summed 
 error over the summed held-out output energy, the cross-validated counterpart of the
 training curves of tensorpress.compress.allocate.relative_error_curves.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +47,9 @@ def merge_stats(parts: Sequence[Mapping[str, GramStats]]) -> dict[str, GramStats
     return merged
 
 
-def heldout_error_curve(layer: nn.Module, train: GramStats, test: GramStats,
-                        ridge: float = DEFAULT_RIDGE) -> tuple[Tensor, float]:
+def heldout_error_curve(
+    layer: nn.Module, train: GramStats, test: GramStats, ridge: float = DEFAULT_RIDGE
+) -> tuple[Tensor, float]:
     """(squared output error on ``test``'s rows of the one-shot fit from ``train`` at ranks
     0..k, output energy of those rows)."""
     w = weight_matrix(layer).to(torch.float64)
@@ -55,7 +57,7 @@ def heldout_error_curve(layer: nn.Module, train: GramStats, test: GramStats,
     with small_problem_threads(w.device, min(w.shape)):
         L = whitening_factor(train.cov_in, ridge)
         M = torch.linalg.solve_triangular(L, train.cov_in @ w.T, upper=False)
-        vh = torch.linalg.svd(M, full_matrices=False)[2]          # (k, out), rows v_j^T
+        vh = torch.linalg.svd(M, full_matrices=False)[2]  # (k, out), rows v_j^T
         shift = test.mean_ref - train.mean_ref
         scatter = test.cov_ref + test.n * torch.outer(shift, shift)
         A = w @ scatter @ w.T
@@ -67,8 +69,9 @@ def heldout_error_curve(layer: nn.Module, train: GramStats, test: GramStats,
     return err, energy
 
 
-def cv_error_curves(layers: Mapping[str, nn.Module], folds: Sequence[Mapping[str, GramStats]],
-                    ridge: float = DEFAULT_RIDGE) -> dict[str, Tensor]:
+def cv_error_curves(
+    layers: Mapping[str, nn.Module], folds: Sequence[Mapping[str, GramStats]], ridge: float = DEFAULT_RIDGE
+) -> dict[str, Tensor]:
     """Cross-validated relative squared output error at ranks 0..k of every layer, from the
     per-fold one-shot statistics (see the module docstring)."""
     if len(folds) < 2:

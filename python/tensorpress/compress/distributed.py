@@ -5,6 +5,7 @@ to process i mod world_size). The statistics are summed across processes before 
 so all processes fit the same layers from the same totals and end with the same model, equal
 to a one-process run up to the order of floating-point sums.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,9 @@ def shard(batches: list) -> list:
         return batches
     world, me = dist.get_world_size(), dist.get_rank()
     if len(batches) < world:
-        raise ValueError(f"calib: {len(batches)} batches cannot be shared by {world} processes (need at least one "
-                         f"each)")
+        raise ValueError(
+            f"calib: {len(batches)} batches cannot be shared by {world} processes (need at least one each)"
+        )
     return batches[me::world]
 
 

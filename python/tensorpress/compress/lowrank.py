@@ -16,6 +16,7 @@ W^^T = X~^+ [P_X~ X W^T]_r, written with Grams):
 With X~ = X this is the whitened SVD (SVD of W L, multiplied back by L^{-1}), so `whitened`
 is the one-shot version of `activation` and the two differ exactly by the sequential X~.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,8 +74,9 @@ def _check_weight_rank(weight: Tensor, rank: int) -> None:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D tensor (out, in), got {getattr(weight, 'shape', weight)!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
-        raise ValueError(f"rank: expected an int in [1, {min(weight.shape)}] for a {tuple(weight.shape)} weight, "
-                         f"got {rank!r}")
+        raise ValueError(
+            f"rank: expected an int in [1, {min(weight.shape)}] for a {tuple(weight.shape)} weight, got {rank!r}"
+        )
 
 
 def _split(u_r: Tensor, s_r: Tensor, v_r: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,8 +102,14 @@ def whitening_factor(cov: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
     return ridged_cholesky(cov, ridge)[0]
 
 
-def fit_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, rank: int,
-                   ridge: float = DEFAULT_RIDGE, offset: OffsetStats | None = None) -> LowRankFit:
+def fit_activation(
+    weight: Tensor,
+    bias: Tensor | None,
+    stats: GramStats,
+    rank: int,
+    ridge: float = DEFAULT_RIDGE,
+    offset: OffsetStats | None = None,
+) -> LowRankFit:
     """Activation-aware rank-r fit (the closed form in the module docstring). With one-shot
     statistics (stats.paired False) it is the whitened SVD.
 
@@ -109,8 +117,10 @@ def fit_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, rank: 
     X W^T + b + D (C W^T becomes C W^T + X~c^T Dc in M, and the bias gets mean(D)). Used for
     residual feedback: D is the error of the residual stream the layer's output is added to."""
     if offset is not None and (offset.in_features != weight.shape[1] or offset.out_features != weight.shape[0]):
-        raise ValueError(f"offset: expected statistics of {weight.shape[1]} inputs and {weight.shape[0]} outputs, got "
-                         f"{offset.in_features} and {offset.out_features}")
+        raise ValueError(
+            f"offset: expected statistics of {weight.shape[1]} inputs and {weight.shape[0]} outputs, got "
+            f"{offset.in_features} and {offset.out_features}"
+        )
     _check_weight_rank(weight, rank)
     if stats.in_features != weight.shape[1]:
         raise ValueError(f"stats: expected statistics of {weight.shape[1]} input features, got {stats.in_features}")
@@ -132,8 +142,12 @@ def _fit_activation(weight, bias, stats, rank, ridge, offset=None) -> LowRankFit
     first = torch.linalg.solve_triangular(L.T, u[:, :rank], upper=True).T * root[:, None]
     second = vh[:rank].T * root
     out_energy = ((w @ stats.cov_ref.to(w.device)) * w).sum()
-    info = {"method": "activation" if stats.paired else "whitened", "singular_values": s,
-            "residual_floor": (out_energy - (s * s).sum()).clamp_min(0).item(), "output_energy": out_energy.item()}
+    info = {
+        "method": "activation" if stats.paired else "whitened",
+        "singular_values": s,
+        "residual_floor": (out_energy - (s * s).sum()).clamp_min(0).item(),
+        "output_energy": out_energy.item(),
+    }
     # the free bias b^ = b + W mu - W^ mu~ (given even to a layer that had none: the rank
     # part was fitted to centered data)
     b = w @ stats.mean_ref - second @ (first @ stats.mean_in)
@@ -145,8 +159,9 @@ def _fit_activation(weight, bias, stats, rank, ridge, offset=None) -> LowRankFit
     return LowRankFit(first, second, b, info)
 
 
-def truncate_fit(fit: LowRankFit, rank: int, weight: Tensor, bias: Tensor | None,
-                 stats: GramStats | None = None) -> LowRankFit:
+def truncate_fit(
+    fit: LowRankFit, rank: int, weight: Tensor, bias: Tensor | None, stats: GramStats | None = None
+) -> LowRankFit:
     """The rank-``rank`` fit from a higher-rank fit_svd / fit_activation result (their factors
     are ordered by singular value, so truncation is slicing; the free bias is recomputed from
     ``stats`` when given, else the layer's bias is kept). Saves the decomposition when the

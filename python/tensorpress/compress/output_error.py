@@ -1,4 +1,5 @@
 """A fitted layer's output error on calibration rows, from their Gram statistics."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,12 @@ def output_error_parts(layer: nn.Module, fit, stats: GramStats) -> tuple[float, 
     mean_ref_out = w @ stats.mean_ref + b
     mean_diff = mean_ref_out - (wh @ stats.mean_in + bh)
     energy_c = quad(w, stats.cov_ref, w)
-    err2 = (energy_c - 2 * (wh * stats.cov_cross_times(w).T).sum() + quad(wh, stats.cov_in, wh)
-            + n * mean_diff.square().sum())
+    err2 = (
+        energy_c
+        - 2 * (wh * stats.cov_cross_times(w).T).sum()
+        + quad(wh, stats.cov_in, wh)
+        + n * mean_diff.square().sum()
+    )
     energy = energy_c + n * mean_ref_out.square().sum()
     return max(err2.item(), 0.0), energy.item()
 

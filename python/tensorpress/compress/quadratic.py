@@ -10,6 +10,7 @@ with Cr = Xc^T Xc and C = X~c^T Xc. A structured W^ is linear in each of its blo
 block update is a symmetric positive (semi)definite linear system, solved by conjugate
 gradients from the current block.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,10 @@ def ridged_cholesky(cov: Tensor, ridge: float) -> tuple[Tensor, float]:
         if int(bad) == 0:
             return L, delta
         delta *= 10.0
-    raise ValueError("calib: the calibration inputs' Gram matrix is not positive semidefinite even after a large "
-                     f"ridge (delta = {delta:.3g}); the calibration statistics are inconsistent (NaN or overflow?)")
+    raise ValueError(
+        "calib: the calibration inputs' Gram matrix is not positive semidefinite even after a large "
+        f"ridge (delta = {delta:.3g}); the calibration statistics are inconsistent (NaN or overflow?)"
+    )
 
 
 class OutputObjective:

@@ -31,6 +31,7 @@ variable is V = Ŵ L (out×in), M = A Vᵀ + 1cᵀ, ‖V‖_* ≥ ‖X̃_c Ŵᵀ
 `fit_gelu` applies steps 1 and 4 to the post-GELU squared error directly (no likelihood
 model is needed there: GELU is smooth and invertible enough that the error itself is the loss).
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,9 @@ def relu_nll(M: Tensor, Y: Tensor, sigma: float, active: Tensor | None = None) -
     ratio = torch.exp(-0.5 * t * t - _LOG_SQRT_2PI - log_cdf)
     diff = M - Y
     zero = M.new_zeros(())
-    value = (0.5 * float(torch.where(active, diff * diff, zero).sum())
-             - sigma * sigma * float(torch.where(active, zero, log_cdf).sum()))
+    value = 0.5 * float(torch.where(active, diff * diff, zero).sum()) - sigma * sigma * float(
+        torch.where(active, zero, log_cdf).sum()
+    )
     grad = torch.where(active, diff, sigma * ratio)
     return value, grad
 
@@ -123,8 +125,9 @@ def _truncate(V: Tensor, rank: int) -> Tensor:
     return (U[:, :rank] * S[:rank]) @ Vh[:rank]
 
 
-def _fista(prob: _Problem, V: Tensor, c: Tensor, project, n_iter: int, tol: float, lr: float = 1.0,
-           backtrack: bool = False):
+def _fista(
+    prob: _Problem, V: Tensor, c: Tensor, project, n_iter: int, tol: float, lr: float = 1.0, backtrack: bool = False
+):
     """Minimize F over {V: project(V) = V}, c free, by accelerated projected gradient: step 1
     for V and 1/m for c (F is 1-smooth in (V, √m c)), with function-value and gradient
     restarts (O'Donoghue & Candès), monotone: a step that raises F is discarded. `project` is
@@ -187,9 +190,20 @@ def _check_layer_samples(weight, bias, rank, X_ref, X_in):
     return out_f, in_f, dev
 
 
-def fit_relu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, rank: int, *,
-             sigma: float | None = None, radius: float | None = None, n_iter: int = 20,
-             polish_iter: int = 30, tol: float = 1e-7, ridge: float = DEFAULT_RIDGE) -> LowRankFit:
+def fit_relu(
+    weight: Tensor,
+    bias: Tensor | None,
+    X_ref: Tensor,
+    X_in: Tensor,
+    rank: int,
+    *,
+    sigma: float | None = None,
+    radius: float | None = None,
+    n_iter: int = 20,
+    polish_iter: int = 30,
+    tol: float = 1e-7,
+    ridge: float = DEFAULT_RIDGE,
+) -> LowRankFit:
     """Rank-r compression of a linear layer followed by ReLU, by maximum likelihood (see the
     module docstring for the model and the four steps).
 
@@ -261,8 +275,14 @@ def fit_relu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
         prob = _Problem(A, lambda M: relu_nll(M, Y, sigma, active))
         f_act, _, _ = prob(V_act, c0, need_grad=False)
         scale = 1.0 / (m * out_f)
-        info = {"method": "relu", "sigma": sigma, "radius": radius, "ridge_delta": delta,
-                "objective_activation": f_act * scale, "active_fraction": float(active.double().mean())}
+        info = {
+            "method": "relu",
+            "sigma": sigma,
+            "radius": radius,
+            "ridge_delta": delta,
+            "objective_activation": f_act * scale,
+            "active_fraction": float(active.double().mean()),
+        }
 
         # 2. the convex program over the nuclear ball, 3. truncation in the X_in metric
         if n_iter > 0:
@@ -270,12 +290,10 @@ def fit_relu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
             V_c, c_c, f_c, its, conv = _fista(prob, V_act, c0, ball, n_iter, tol)
             V_t = _truncate(V_c, rank)
             f_t, _, _ = prob(V_t, c_c, need_grad=False)
-            info.update(iterations=its, converged=conv, objective_convex=f_c * scale,
-                        objective_truncated=f_t * scale)
+            info.update(iterations=its, converged=conv, objective_convex=f_c * scale, objective_truncated=f_t * scale)
         else:
             V_t, c_c, f_t = V_act, c0, f_act
-            info.update(iterations=0, converged=False, objective_convex=None,
-                        objective_truncated=f_act * scale)
+            info.update(iterations=0, converged=False, objective_convex=None, objective_truncated=f_act * scale)
         if f_t <= f_act:
             V, c, info["start"] = V_t, c_c, "convex"
         else:
@@ -297,8 +315,17 @@ def fit_relu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
         return LowRankFit(first, second, bias_hat, info)
 
 
-def fit_gelu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, rank: int, *,
-             n_iter: int = 30, tol: float = 1e-7, ridge: float = DEFAULT_RIDGE) -> LowRankFit:
+def fit_gelu(
+    weight: Tensor,
+    bias: Tensor | None,
+    X_ref: Tensor,
+    X_in: Tensor,
+    rank: int,
+    *,
+    n_iter: int = 30,
+    tol: float = 1e-7,
+    ridge: float = DEFAULT_RIDGE,
+) -> LowRankFit:
     """Rank-r compression of a linear layer followed by (exact, erf) GELU: minimizes the
     post-GELU calibration error ½‖GELU(X̃_c Ŵᵀ + 1cᵀ) − GELU(X_ref Wᵀ + b)‖_F² over rank(Ŵ) <= r,
     c free, by accelerated projected gradient onto the rank-r set (in the X_in metric, as in
@@ -336,12 +363,17 @@ def fit_gelu(weight: Tensor, bias: Tensor | None, X_ref: Tensor, X_in: Tensor, r
         # max GELU'² ≈ 1.13² bounds the Gauss-Newton part of the curvature; backtracking covers the rest
         lr = 1.0 / 1.3
         if n_iter > 0:
-            V, c, f, its, conv = _fista(prob, V, c, lambda Z: _truncate(Z, rank), n_iter, tol, lr=lr,
-                                        backtrack=True)
+            V, c, f, its, conv = _fista(prob, V, c, lambda Z: _truncate(Z, rank), n_iter, tol, lr=lr, backtrack=True)
         else:
             f, its, conv = f_act, 0, False
-        info = {"method": "gelu", "iterations": its, "converged": conv, "ridge_delta": delta,
-                "objective": f * scale, "objective_activation": f_act * scale}
+        info = {
+            "method": "gelu",
+            "iterations": its,
+            "converged": conv,
+            "ridge_delta": delta,
+            "objective": f * scale,
+            "objective_activation": f_act * scale,
+        }
         U, S, Vh = _svd(V)
         first, second, _ = balanced_factors(U[:, :rank] * S[:rank], _solve_right_lower(Vh[:rank], L), rank)
         W_hat = second @ first

@@ -1,4 +1,5 @@
 """The compression report: per layer and for the whole model, as text, JSON, markdown, PNG."""
+
 from __future__ import annotations
 
 import io
@@ -14,20 +15,20 @@ class LayerReport:
     name: str
     structure: str
     method: str
-    shape: tuple[int, int]          # (out_features, in_features)
+    shape: tuple[int, int]  # (out_features, in_features)
     rank: int
     params_before: int
     params_after: int
-    flops_before: int               # multiply-adds per sample (per token)
+    flops_before: int  # multiply-adds per sample (per token)
     flops_after: int
     # ||y - y^|| / ||y|| of the layer's outputs on the calibration data (one-shot methods: on the
     # original model's inputs; sequential ones: y^ on the compressed model's inputs); for a
     # layer called several times per forward pass, the worst of its calls
     rel_error: float
     seconds: float
-    calls: int = 1                  # calls per forward pass (a module applied more than once)
-    call_errors: list = field(default_factory=list)   # rel_error of each call, measured, when calls > 1
-    aliases: list = field(default_factory=list)       # the module's other names (registered at several places)
+    calls: int = 1  # calls per forward pass (a module applied more than once)
+    call_errors: list = field(default_factory=list)  # rel_error of each call, measured, when calls > 1
+    aliases: list = field(default_factory=list)  # the module's other names (registered at several places)
     # calibration rows the layer's statistics hold: its input vectors over the whole calibration
     # set (a token of a Linear, an output position of an image for a conv; every call counted)
     rows: int = 0
@@ -47,9 +48,10 @@ STATUSES = (COMPRESSED, KEPT_DENSE, SKIPPED, EXCLUDED)
 @dataclass
 class LayerAccount:
     """One nn.Linear / conv layer of the model and what compress() did with it, and why."""
+
     name: str
-    kind: str                       # e.g. "Conv2d(1->8, 3x3)"
-    status: str                     # one of STATUSES
+    kind: str  # e.g. "Conv2d(1->8, 3x3)"
+    status: str  # one of STATUSES
     why: str
     aliases: list = field(default_factory=list)
 
@@ -68,11 +70,11 @@ class CompressionReport:
     calibration_rows: int = 0
     seconds: float = 0.0
     rank_rule_seconds: float = 0.0  # time the rank rule took to choose the ranks (fits, sensitivities)
-    mode: str = ""                  # "blocks" (block replay) or "model" (whole-model passes) or "one-shot"
-    quality: dict = field(default_factory=dict)   # filled by the caller (accuracy, cosine, ...)
-    residual_feedback: list = field(default_factory=list)   # layers fitted to make up for the residual error
-    skipped: dict = field(default_factory=dict)   # {layer: why it was left dense} (tied weights)
-    notes: list = field(default_factory=list)     # how the run departed from its defaults, and why
+    mode: str = ""  # "blocks" (block replay) or "model" (whole-model passes) or "one-shot"
+    quality: dict = field(default_factory=dict)  # filled by the caller (accuracy, cosine, ...)
+    residual_feedback: list = field(default_factory=list)  # layers fitted to make up for the residual error
+    skipped: dict = field(default_factory=dict)  # {layer: why it was left dense} (tied weights)
+    notes: list = field(default_factory=list)  # how the run departed from its defaults, and why
     # {BatchNorm name: conv name} folded by fold_batchnorm=True (a FoldedBatchNorm in its place)
     folded_batchnorm: dict = field(default_factory=dict)
     # every nn.Linear / conv layer of the model, in model order: compressed, kept dense, skipped
@@ -120,15 +122,21 @@ class CompressionReport:
     def summary_lines(self) -> list[str]:
         mb = 1024 * 1024
         first = self.layers[0].name if self.layers else None
-        rows = (f"calibration rows={self.calibration_rows:,} (the inputs {first!r} saw over the calibration set; "
-                f"each layer's own in the 'rows' column)" if first else f"calibration rows={self.calibration_rows:,}")
-        lines = [f"structure={self.structure} method={self.method} budget={self.budget} rank_rule={self.rank_rule} "
-                 f"mode={self.mode} time={self.seconds:.1f}s",
-                 rows,
-                 f"compressed layers: {len(self.layers)}, their parameters {self.layer_params_before:,} -> "
-                 f"{self.layer_params_after:,} ({100 * self.kept_fraction:.1f}% kept)",
-                 f"model parameters {self.model_params_before:,} -> {self.model_params_after:,}; "
-                 f"state_dict {self.bytes_before / mb:.2f} MiB -> {self.bytes_after / mb:.2f} MiB"]
+        rows = (
+            f"calibration rows={self.calibration_rows:,} (the inputs {first!r} saw over the calibration set; "
+            f"each layer's own in the 'rows' column)"
+            if first
+            else f"calibration rows={self.calibration_rows:,}"
+        )
+        lines = [
+            f"structure={self.structure} method={self.method} budget={self.budget} rank_rule={self.rank_rule} "
+            f"mode={self.mode} time={self.seconds:.1f}s",
+            rows,
+            f"compressed layers: {len(self.layers)}, their parameters {self.layer_params_before:,} -> "
+            f"{self.layer_params_after:,} ({100 * self.kept_fraction:.1f}% kept)",
+            f"model parameters {self.model_params_before:,} -> {self.model_params_after:,}; "
+            f"state_dict {self.bytes_before / mb:.2f} MiB -> {self.bytes_after / mb:.2f} MiB",
+        ]
         # tied layers up front too (the account lists them with the others)
         lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
         if self.folded_batchnorm:
@@ -144,9 +152,19 @@ class CompressionReport:
         rows = []
         for r in self.layers:
             name = r.name + "".join(f" = {a}" for a in r.aliases) + (f" (x{r.calls} calls)" if r.calls > 1 else "")
-            rows.append([name, f"{r.shape[0]}x{r.shape[1]}", r.rank_text, f"{r.params_after:,}",
-                         f"{100 * r.params_after / r.params_before:.1f}", f"{r.flops_after:,}", f"{r.rows:,}",
-                         f"{r.rel_error:.4f}", f"{r.seconds:.2f}"])
+            rows.append(
+                [
+                    name,
+                    f"{r.shape[0]}x{r.shape[1]}",
+                    r.rank_text,
+                    f"{r.params_after:,}",
+                    f"{100 * r.params_after / r.params_before:.1f}",
+                    f"{r.flops_after:,}",
+                    f"{r.rows:,}",
+                    f"{r.rel_error:.4f}",
+                    f"{r.seconds:.2f}",
+                ]
+            )
         return _format_table(head, rows, fmt, right=range(1, len(head)))
 
     def _account_section(self, fmt: str) -> list[str]:
@@ -159,8 +177,13 @@ class CompressionReport:
         return "\n".join(self.summary_lines() + [self.table()] + self._account_section("text"))
 
     def to_markdown(self, path=None) -> str:
-        text = "\n".join(["# Compression report", ""] + [f"- {line}" for line in self.summary_lines()]
-                         + ["", self.table("markdown")] + self._account_section("markdown") + [""])
+        text = "\n".join(
+            ["# Compression report", ""]
+            + [f"- {line}" for line in self.summary_lines()]
+            + ["", self.table("markdown")]
+            + self._account_section("markdown")
+            + [""]
+        )
         if path is not None:
             with open(path, "w") as f:
                 f.write(text)
@@ -169,6 +192,7 @@ class CompressionReport:
     def plot(self, path) -> str:
         """PNG: per layer, the fraction of parameters kept and the relative output error."""
         import matplotlib
+
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
@@ -199,8 +223,10 @@ def _format_table(head: list[str], rows: list[list[str]], fmt: str, right) -> st
         return "\n".join(out)
     right = set(right)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt_row = lambda row: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
-                                    for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    fmt_row = lambda row: "  ".join(
+        c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+        for i, (c, w) in enumerate(zip(row, widths))
+    ).rstrip()
     return "\n".join([fmt_row(head)] + [fmt_row(row) for row in rows])
 
 

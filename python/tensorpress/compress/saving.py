@@ -13,6 +13,7 @@ within what the layer's shape allows), then every tensor's shape and dtype in th
 safetensors header (read without loading a tensor) against the model it would build. A file
 that fails any check raises `CompressedFileError` naming the layer and field.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,19 +41,35 @@ _FORMAT_KEY = "tensorpress.format"
 FORMAT_VERSION = 1
 # more cores than this would need factors of 1: no file written by save_compressed has them
 MAX_TT_CORES = 64
-_CLASSES = {"LowRankLinear": LowRankLinear, "TTLinear": TTLinear, "TuckerConv2d": TuckerConv2d, "CPConv2d": CPConv2d,
-            "FoldedBatchNorm": FoldedBatchNorm}
+_CLASSES = {
+    "LowRankLinear": LowRankLinear,
+    "TTLinear": TTLinear,
+    "TuckerConv2d": TuckerConv2d,
+    "CPConv2d": CPConv2d,
+    "FoldedBatchNorm": FoldedBatchNorm,
+}
 _LINEAR_FIELDS = ("in_features", "out_features", "bias")
 _CONV_FIELDS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode", "bias")
-_FIELDS = {"LowRankLinear": ("type", *_LINEAR_FIELDS, "rank"),
-           "TTLinear": ("type", *_LINEAR_FIELDS, "ranks", "in_factors", "out_factors"),
-           "TuckerConv2d": ("type", *_CONV_FIELDS, "ranks"),
-           "CPConv2d": ("type", *_CONV_FIELDS, "rank"),
-           "FoldedBatchNorm": ("type", "conv", "num_features")}
+_FIELDS = {
+    "LowRankLinear": ("type", *_LINEAR_FIELDS, "rank"),
+    "TTLinear": ("type", *_LINEAR_FIELDS, "ranks", "in_factors", "out_factors"),
+    "TuckerConv2d": ("type", *_CONV_FIELDS, "ranks"),
+    "CPConv2d": ("type", *_CONV_FIELDS, "rank"),
+    "FoldedBatchNorm": ("type", "conv", "num_features"),
+}
 # torch dtype -> the safetensors header's name for it
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class CompressedFileError(ValueError):
@@ -63,20 +80,41 @@ class CompressedFileError(ValueError):
 
 # ---------------------------------------------------------------------------- saving
 def _conv_geometry(mod) -> dict:
-    return {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "kernel_size": list(mod.kernel_size),
-            "stride": list(mod.stride), "padding": mod.padding if isinstance(mod.padding, str) else list(
-                mod.padding) if isinstance(mod.padding, tuple) else mod.padding,
-            "dilation": list(mod.dilation), "padding_mode": mod.padding_mode, "bias": mod.bias is not None}
+    return {
+        "in_channels": mod.in_channels,
+        "out_channels": mod.out_channels,
+        "kernel_size": list(mod.kernel_size),
+        "stride": list(mod.stride),
+        "padding": mod.padding
+        if isinstance(mod.padding, str)
+        else list(mod.padding)
+        if isinstance(mod.padding, tuple)
+        else mod.padding,
+        "dilation": list(mod.dilation),
+        "padding_mode": mod.padding_mode,
+        "bias": mod.bias is not None,
+    }
 
 
 def _spec(mod) -> dict | None:
     if isinstance(mod, LowRankLinear):
-        return {"type": "LowRankLinear", "in_features": mod.in_features, "out_features": mod.out_features,
-                "rank": mod.rank, "bias": mod.bias is not None}
+        return {
+            "type": "LowRankLinear",
+            "in_features": mod.in_features,
+            "out_features": mod.out_features,
+            "rank": mod.rank,
+            "bias": mod.bias is not None,
+        }
     if isinstance(mod, TTLinear):
-        return {"type": "TTLinear", "in_features": mod.in_features, "out_features": mod.out_features,
-                "ranks": list(mod.ranks), "in_factors": list(mod.in_factors), "out_factors": list(mod.out_factors),
-                "bias": mod.bias is not None}
+        return {
+            "type": "TTLinear",
+            "in_features": mod.in_features,
+            "out_features": mod.out_features,
+            "ranks": list(mod.ranks),
+            "in_factors": list(mod.in_factors),
+            "out_factors": list(mod.out_factors),
+            "bias": mod.bias is not None,
+        }
     if isinstance(mod, TuckerConv2d):
         return {"type": "TuckerConv2d", "ranks": list(mod.ranks), **_conv_geometry(mod)}
     if isinstance(mod, CPConv2d):
@@ -104,8 +142,9 @@ def save_compressed(model: nn.Module, report=None, path="model.safetensors") -> 
 
     meta = {_KEY: json.dumps(compressed_layers(model)), _FORMAT_KEY: str(FORMAT_VERSION)}
     if report is not None:
-        meta["tensorpress.summary"] = json.dumps({"method": report.method, "structure": report.structure,
-                                                  "kept_fraction": report.kept_fraction})
+        meta["tensorpress.summary"] = json.dumps(
+            {"method": report.method, "structure": report.structure, "kept_fraction": report.kept_fraction}
+        )
     save_model(model, str(path), metadata=meta)
     return str(path)
 
@@ -116,11 +155,14 @@ def _check_path(path) -> str:
         raise TypeError(f"path: expected a str or os.PathLike naming a .safetensors file, got {type(path).__name__}")
     where = os.fspath(path)
     if os.path.isdir(where):
-        raise CompressedFileError(f"path: {where} is a directory; expected a .safetensors file written by "
-                                  f"save_compressed")
+        raise CompressedFileError(
+            f"path: {where} is a directory; expected a .safetensors file written by save_compressed"
+        )
     if not os.path.isfile(where):
-        raise CompressedFileError(f"path: {where} does not exist (or is not a regular file); expected a "
-                                  f".safetensors file written by save_compressed")
+        raise CompressedFileError(
+            f"path: {where} does not exist (or is not a regular file); expected a "
+            f".safetensors file written by save_compressed"
+        )
     return where
 
 
@@ -137,8 +179,9 @@ def _read_header(where: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int,
                 piece = f.get_slice(key)
                 tensors[key] = (tuple(int(v) for v in piece.get_shape()), str(piece.get_dtype()))
     except (SafetensorError, OSError) as err:
-        raise CompressedFileError(f"path: {where} is not a readable safetensors file (truncated or another "
-                                  f"format?): {err}") from err
+        raise CompressedFileError(
+            f"path: {where} is not a readable safetensors file (truncated or another format?): {err}"
+        ) from err
     return meta, tensors
 
 
@@ -148,26 +191,31 @@ def _format_version(meta: dict[str, str], where: str) -> int:
         raise CompressedFileError(f"path: {where}: {_FORMAT_KEY}: expected a format version (an int), got {raw!r}")
     version = int(raw)
     if version > FORMAT_VERSION:
-        raise CompressedFileError(f"path: {where}: {_FORMAT_KEY}: format {version} was written by a newer "
-                                  f"tensorpress; this one reads formats 0 to {FORMAT_VERSION}")
+        raise CompressedFileError(
+            f"path: {where}: {_FORMAT_KEY}: format {version} was written by a newer "
+            f"tensorpress; this one reads formats 0 to {FORMAT_VERSION}"
+        )
     return version
 
 
 def _layer_specs(meta: dict[str, str], where: str) -> dict[str, dict]:
     if _KEY not in meta:
-        raise CompressedFileError(f"path: {where} was not written by tensorpress.save_compressed (no {_KEY!r} "
-                                  f"metadata)")
+        raise CompressedFileError(
+            f"path: {where} was not written by tensorpress.save_compressed (no {_KEY!r} metadata)"
+        )
     try:
         specs = json.loads(meta[_KEY])
     except (ValueError, RecursionError) as err:
         raise CompressedFileError(f"path: {where}: {_KEY}: expected JSON, got unreadable text ({err})") from err
     if not isinstance(specs, dict):
-        raise CompressedFileError(f"path: {where}: {_KEY}: expected an object {{layer name: spec}}, got "
-                                  f"{type(specs).__name__}")
+        raise CompressedFileError(
+            f"path: {where}: {_KEY}: expected an object {{layer name: spec}}, got {type(specs).__name__}"
+        )
     for name, spec in specs.items():
         if not isinstance(spec, dict):
-            raise CompressedFileError(f"path: {where}: layer {name!r}: expected an object of constructor "
-                                      f"arguments, got {type(spec).__name__}")
+            raise CompressedFileError(
+                f"path: {where}: layer {name!r}: expected an object of constructor arguments, got {type(spec).__name__}"
+            )
     return specs
 
 
@@ -205,30 +253,38 @@ class _Fields:
     def same(self, field: str, value, model_value, what: str) -> None:
         """A field that must equal the dense model's: else the file is for another model."""
         if value != model_value:
-            raise self.fail(field, f"the file has {value!r}, the model's {what} has {model_value!r} "
-                                   f"(a file for another model?)")
+            raise self.fail(
+                field, f"the file has {value!r}, the model's {what} has {model_value!r} (a file for another model?)"
+            )
 
 
 def _check_fields(fields: _Fields) -> str:
     kind = fields.spec.get("type")
     if kind not in _CLASSES:
-        raise fields.fail("type", f"expected one of {sorted(_CLASSES)}, got {kind!r} (written by a newer "
-                                  f"tensorpress?)")
+        raise fields.fail("type", f"expected one of {sorted(_CLASSES)}, got {kind!r} (written by a newer tensorpress?)")
     expected, given = set(_FIELDS[kind]), set(fields.spec)
     if given != expected:
         missing, extra = sorted(expected - given), sorted(given - expected)
-        raise fields.fail("fields", f"expected exactly {sorted(expected)} for a {kind}" +
-                          (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""))
+        raise fields.fail(
+            "fields",
+            f"expected exactly {sorted(expected)} for a {kind}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unknown {extra}" if extra else ""),
+        )
     return kind
 
 
 def _check_linear(fields: _Fields, module: nn.Module) -> dict:
     if not isinstance(module, nn.Linear):
-        raise fields.fail("type", f"a {fields.spec['type']} replaces an nn.Linear, but the model has a "
-                                  f"{type(module).__name__} there")
+        raise fields.fail(
+            "type", f"a {fields.spec['type']} replaces an nn.Linear, but the model has a {type(module).__name__} there"
+        )
     # bias is the file's own: the data-aware fits may add one the dense layer lacked
-    kw = {"in_features": fields.int("in_features"), "out_features": fields.int("out_features"),
-          "bias": fields.bool("bias")}
+    kw = {
+        "in_features": fields.int("in_features"),
+        "out_features": fields.int("out_features"),
+        "bias": fields.bool("bias"),
+    }
     fields.same("in_features", kw["in_features"], module.in_features, "nn.Linear")
     fields.same("out_features", kw["out_features"], module.out_features, "nn.Linear")
     return kw
@@ -237,7 +293,7 @@ def _check_linear(fields: _Fields, module: nn.Module) -> dict:
 def _max_tt_ranks(out_factors: list[int], in_factors: list[int]) -> list[int]:
     """The largest useful bond ranks: the smaller side's size at each bond."""
     sizes = [m * n for m, n in zip(out_factors, in_factors)]
-    return [min(math.prod(sizes[:k + 1]), math.prod(sizes[k + 1:])) for k in range(len(sizes) - 1)]
+    return [min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)]
 
 
 def _check_tt(fields: _Fields, kw: dict) -> dict:
@@ -262,11 +318,19 @@ def _pair(fields: _Fields, field: str) -> tuple[int, int]:
 
 def _check_conv(fields: _Fields, module: nn.Module) -> dict:
     if not isinstance(module, nn.Conv2d) or module.groups != 1:
-        raise fields.fail("type", f"a {fields.spec['type']} replaces an nn.Conv2d with groups=1, but the model has "
-                                  f"a {type(module).__name__} there")
-    kw = {"in_channels": fields.int("in_channels"), "out_channels": fields.int("out_channels"),
-          "kernel_size": _pair(fields, "kernel_size"), "stride": _pair(fields, "stride"),
-          "dilation": _pair(fields, "dilation"), "bias": fields.bool("bias")}   # bias: as for linear layers
+        raise fields.fail(
+            "type",
+            f"a {fields.spec['type']} replaces an nn.Conv2d with groups=1, but the model has "
+            f"a {type(module).__name__} there",
+        )
+    kw = {
+        "in_channels": fields.int("in_channels"),
+        "out_channels": fields.int("out_channels"),
+        "kernel_size": _pair(fields, "kernel_size"),
+        "stride": _pair(fields, "stride"),
+        "dilation": _pair(fields, "dilation"),
+        "bias": fields.bool("bias"),
+    }  # bias: as for linear layers
     padding = fields.spec["padding"]
     if isinstance(padding, list):
         padding = tuple(fields.ints("padding", length=2, lo=0))
@@ -284,8 +348,9 @@ def _check_conv(fields: _Fields, module: nn.Module) -> dict:
 def _check_folded(fields: _Fields, module: nn.Module, model: nn.Module) -> dict:
     """A FoldedBatchNorm: a BatchNorm in the dense model, folded into the nn.Conv2d it names."""
     if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-        raise fields.fail("type", f"a FoldedBatchNorm replaces a BatchNorm, but the model has a "
-                                  f"{type(module).__name__} there")
+        raise fields.fail(
+            "type", f"a FoldedBatchNorm replaces a BatchNorm, but the model has a {type(module).__name__} there"
+        )
     n = fields.int("num_features")
     fields.same("num_features", n, module.num_features, type(module).__name__)
     conv = fields.spec["conv"]
@@ -296,8 +361,11 @@ def _check_folded(fields: _Fields, module: nn.Module, model: nn.Module) -> dict:
     except AttributeError:
         target = None
     if type(target) is not nn.Conv2d or target.out_channels != n:
-        raise fields.fail("conv", f"expected an nn.Conv2d with {n} output channels at {conv!r}, the model has "
-                                  f"{type(target).__name__ if target is not None else 'no module'} there")
+        raise fields.fail(
+            "conv",
+            f"expected an nn.Conv2d with {n} output channels at {conv!r}, the model has "
+            f"{type(target).__name__ if target is not None else 'no module'} there",
+        )
     return {"conv": conv, "num_features": n}
 
 
@@ -333,7 +401,7 @@ def _module_at(model: nn.Module, name: str, fields: _Fields) -> nn.Module:
 
 
 def _build(kind: str, kw: dict, device, dtype) -> nn.Module:
-    if kind == "FoldedBatchNorm":   # no tensors of its own
+    if kind == "FoldedBatchNorm":  # no tensors of its own
         return FoldedBatchNorm(**kw)
     return _CLASSES[kind](**kw, device=device, dtype=dtype)
 
@@ -354,7 +422,7 @@ def _meta_layer(fields: _Fields, kind: str, kw: dict, dtype) -> nn.Module:
     """The layer on the meta device: its parameters' shapes without allocating them."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # the real build warns, once
+            warnings.simplefilter("ignore")  # the real build warns, once
             return _build(kind, kw, "meta", dtype)
     except (ValueError, TypeError) as err:
         raise fields.fail("fields", f"the {kind} constructor rejects them: {err}") from err
@@ -369,8 +437,9 @@ def _prefixed(name: str, key: str) -> str:
     return f"{name}.{key}" if name else key
 
 
-def _expected_tensors(model: nn.Module, layers: dict[str, nn.Module],
-                      biased: dict[str, nn.Conv2d] | None = None) -> dict[str, tuple]:
+def _expected_tensors(
+    model: nn.Module, layers: dict[str, nn.Module], biased: dict[str, nn.Conv2d] | None = None
+) -> dict[str, tuple]:
     """{key: (shape, dtype, alias group)} of the model load_compressed would build: the dense
     model's tensors outside the replaced layers, the replaced layers' own (one group per
     dense module, so a module under several names counts once), and the bias of each conv in
@@ -394,16 +463,20 @@ def _check_tensors(expected: dict[str, tuple], header: dict[str, tuple], where: 
     a tensor the file lacks must share storage with one it has (save_model keeps one name)."""
     for key, (shape, dtype_name) in header.items():
         if key not in expected:
-            raise CompressedFileError(f"path: {where}: tensor {key!r}: the model to load has no such tensor "
-                                      f"(a file for another model?)")
+            raise CompressedFileError(
+                f"path: {where}: tensor {key!r}: the model to load has no such tensor (a file for another model?)"
+            )
         want_shape, want_dtype, _ = expected[key]
         if shape != want_shape:
-            raise CompressedFileError(f"path: {where}: tensor {key!r}: the file has shape {shape}, the model "
-                                      f"expects {want_shape}")
+            raise CompressedFileError(
+                f"path: {where}: tensor {key!r}: the file has shape {shape}, the model expects {want_shape}"
+            )
         want_name = _DTYPE_NAMES.get(want_dtype)
         if want_name is not None and dtype_name != want_name:
-            raise CompressedFileError(f"path: {where}: tensor {key!r}: the file has dtype {dtype_name}, the model "
-                                      f"has {want_dtype} (convert the model with .to(dtype) first)")
+            raise CompressedFileError(
+                f"path: {where}: tensor {key!r}: the file has dtype {dtype_name}, the model "
+                f"has {want_dtype} (convert the model with .to(dtype) first)"
+            )
     present = {expected[key][2] for key in header}
     for key, (_, _, group) in expected.items():
         if key not in header and group not in present:
@@ -428,7 +501,7 @@ def _checked_layers(model: nn.Module, specs: dict[str, dict], where: str) -> dic
         module = _module_at(model, name, fields)
         kw = _check_spec(fields, module, model)
         kind = spec["type"]
-        weight = getattr(module, "weight", None)   # a BatchNorm's is None without affine
+        weight = getattr(module, "weight", None)  # a BatchNorm's is None without affine
         checked[name] = (kind, kw, _meta_layer(fields, kind, kw, None if weight is None else weight.dtype))
     return checked
 
@@ -455,10 +528,10 @@ def load_compressed(model: nn.Module, path) -> nn.Module:
     _check_tensors(_expected_tensors(model, {n: c[2] for n, c in checked.items()}, biased), header, where)
 
     out = copy.deepcopy(model)
-    for name in biased:   # a dense conv that took its folded BatchNorm's shift as its bias
+    for name in biased:  # a dense conv that took its folded BatchNorm's shift as its bias
         conv = out.get_submodule(name)
         conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
-    built = {}   # one layer per dense module, however many names it has
+    built = {}  # one layer per dense module, however many names it has
     for name, (kind, kw, _) in checked.items():
         old = out.get_submodule(name)
         if id(old) not in built:

@@ -13,18 +13,33 @@ call; its later calls' X~ are those of the model before this layer's own replace
 block replay is used only when every call of a layer inside a block happens while that block
 runs: a layer shared across blocks switches the engine to whole-model passes.
 """
+
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from tensorpress.compress.calibrate import (StopForward, call_counts, call_model, execution_order, find_blocks,
-                                            group_stages, hooks, layer_features, layer_rows, naming_batch,
-                                            record_inputs, residual_partners, row_mask, rows, run_until_stop,
-                                            trace_calls)
+from tensorpress.compress.calibrate import (
+    StopForward,
+    call_counts,
+    call_model,
+    execution_order,
+    find_blocks,
+    group_stages,
+    hooks,
+    layer_features,
+    layer_rows,
+    naming_batch,
+    record_inputs,
+    residual_partners,
+    row_mask,
+    rows,
+    run_until_stop,
+    trace_calls,
+)
 from tensorpress.compress.shared import swap_module
 from tensorpress.compress.stats import GramStats, OffsetStats
 
@@ -64,8 +79,9 @@ class _BlockStack:
         self.batches = batches
 
     @staticmethod
-    def capture_first_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence,
-                             position: Callable[[int], int] = int) -> list:
+    def capture_first_inputs(
+        model: nn.Module, first_block: nn.Module, batches: Sequence, position: Callable[[int], int] = int
+    ) -> list:
         captured = []
 
         def hook(_mod, args, kwargs):
@@ -113,19 +129,33 @@ class _BlockStack:
 
 def _residual_hooks(parents: dict, got: dict) -> list:
     """Pre-hooks recording each parent's second argument (the residual) as got[layer name]."""
+
     def make(name):
         def hook(_mod, args, kwargs):
             got.setdefault(name, args[1])
+
         return hook
+
     return [parent.register_forward_pre_hook(make(name), with_kwargs=True) for name, parent in parents.items()]
 
 
-def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Callable, run_cmp: Callable,
-                   n_batches: int, mask_of: Callable[[int], Tensor | None], keep_rows: int,
-                   progress: Callable | None, reference: dict | None = None,
-                   partners: dict | None = None, store: dict | None = None,
-                   projectable: Collection[str] = (), repeated: bool = False,
-                   position: Callable[[int], int] = int) -> tuple[dict[str, GramStats], dict[str, OffsetStats]]:
+def _collect_stage(
+    stage: Sequence[str],
+    ref_of: dict,
+    cmp_of: dict,
+    run_ref: Callable,
+    run_cmp: Callable,
+    n_batches: int,
+    mask_of: Callable[[int], Tensor | None],
+    keep_rows: int,
+    progress: Callable | None,
+    reference: dict | None = None,
+    partners: dict | None = None,
+    store: dict | None = None,
+    projectable: Collection[str] = (),
+    repeated: bool = False,
+    position: Callable[[int], int] = int,
+) -> tuple[dict[str, GramStats], dict[str, OffsetStats]]:
     """GramStats of every layer in the stage over all batches (paired X, X~). The layers of a
     stage read the same input tensor into the same rows, so they share one accumulator.
     ``store``: a cache shared by calls on the same model and batches; the original model's rows
@@ -137,38 +167,49 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
     with the k-th of the compressed one. ``position(b)``: batch b's index in the user's calib
     list (for error messages)."""
     only = ref_of[stage[0]]
-    narrows = (len(stage) == 1 and stage[0] in projectable and not keep_rows and isinstance(only, nn.Linear)
-               and 2 * only.out_features < only.in_features)
-    shared = GramStats(layer_features(only), paired=True, keep_rows=keep_rows,
-                       reference=None if reference is None else reference.get(stage[0]),
-                       project=only.weight if narrows else None)
+    narrows = (
+        len(stage) == 1
+        and stage[0] in projectable
+        and not keep_rows
+        and isinstance(only, nn.Linear)
+        and 2 * only.out_features < only.in_features
+    )
+    shared = GramStats(
+        layer_features(only),
+        paired=True,
+        keep_rows=keep_rows,
+        reference=None if reference is None else reference.get(stage[0]),
+        project=only.weight if narrows else None,
+    )
     stats = {name: shared for name in stage}
-    paired = {n: partners[n] for n in stage if partners and n in partners}   # name -> (ref parent, cmp parent)
+    paired = {n: partners[n] for n in stage if partners and n in partners}  # name -> (ref parent, cmp parent)
     offsets = {n: OffsetStats(layer_features(ref_of[n]), ref_of[n].out_features) for n in paired}
-    got_ref: dict[str, list[Tensor]] = {}   # every call's input, in call order
+    got_ref: dict[str, list[Tensor]] = {}  # every call's input, in call order
     got_cmp: dict[str, list[Tensor]] = {}
     res_ref: dict[str, Tensor] = {}
     res_cmp: dict[str, Tensor] = {}
-    stop = () if repeated else stage   # a repeated layer's later calls are needed too
-    ref_handles = record_inputs({n: ref_of[n] for n in stage}, lambda n, x: got_ref.setdefault(n, []).append(x),
-                                stop)
-    cmp_handles = record_inputs({n: cmp_of[n] for n in stage}, lambda n, x: got_cmp.setdefault(n, []).append(x),
-                                stop)
+    stop = () if repeated else stage  # a repeated layer's later calls are needed too
+    ref_handles = record_inputs({n: ref_of[n] for n in stage}, lambda n, x: got_ref.setdefault(n, []).append(x), stop)
+    cmp_handles = record_inputs({n: cmp_of[n] for n in stage}, lambda n, x: got_cmp.setdefault(n, []).append(x), stop)
     # the parents' pre-hooks fire before the layers' (a parent calls its layer), so the
     # residuals are recorded before the layers' hooks end the pass
     ref_handles += _residual_hooks({n: p[0] for n, p in paired.items()}, res_ref)
     cmp_handles += _residual_hooks({n: p[1] for n, p in paired.items()}, res_cmp)
+
     def check_reached(got, res, b):
         for name in stage:
             if name not in got:
                 raise RuntimeError(f"layer {name!r} was not reached by calibration batch {position(b)}")
             if got[name][0] is not got[stage[0]][0]:
-                raise RuntimeError(f"layer {name!r}: its input differs from {stage[0]!r}'s in calibration batch "
-                                   f"{position(b)}, though they were grouped as reading the same tensor")
+                raise RuntimeError(
+                    f"layer {name!r}: its input differs from {stage[0]!r}'s in calibration batch "
+                    f"{position(b)}, though they were grouped as reading the same tensor"
+                )
         for n in paired:
             if n not in res:
-                raise RuntimeError(f"layer {n!r}: its block's residual was not recorded in calibration batch "
-                                   f"{position(b)}")
+                raise RuntimeError(
+                    f"layer {n!r}: its block's residual was not recorded in calibration batch {position(b)}"
+                )
 
     def stage_rows(got, mask):
         """The rows of every call of the stage's (first) layer, in call order."""
@@ -188,8 +229,7 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
         check_reached(got_ref, res_ref, b)
         x_ref = stage_rows(got_ref, mask)
         if not torch.isfinite(x_ref).all():
-            raise ValueError(f"layer {stage[0]!r}: calibration activations contain NaN or Inf (batch "
-                             f"{position(b)})")
+            raise ValueError(f"layer {stage[0]!r}: calibration activations contain NaN or Inf (batch {position(b)})")
         found = (x_ref, {n: rows(res_ref[n], mask) for n in paired})
         if store is not None:
             size = x_ref.numel() * x_ref.element_size() + sum(r.numel() * r.element_size() for r in found[1].values())
@@ -211,12 +251,13 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
             name = stage[0]
             x_cmp = stage_rows(got_cmp, mask)
             if x_cmp.shape != x_ref.shape:
-                raise RuntimeError(f"layer {name!r}: {x_ref.shape[0]} input rows in the original model, "
-                                   f"{x_cmp.shape[0]} in the compressed one on calibration batch {position(b)} "
-                                   f"(it is called a different number of times)")
+                raise RuntimeError(
+                    f"layer {name!r}: {x_ref.shape[0]} input rows in the original model, "
+                    f"{x_cmp.shape[0]} in the compressed one on calibration batch {position(b)} "
+                    f"(it is called a different number of times)"
+                )
             if not torch.isfinite(x_cmp).all():
-                raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch "
-                                 f"{position(b)})")
+                raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {position(b)})")
             shared.update(x_ref, x_cmp)
             for n, off in offsets.items():
                 off.update(x_cmp, residual_ref[n] - rows(res_cmp[n], mask))
@@ -228,11 +269,20 @@ def _collect_stage(stage: Sequence[str], ref_of: dict, cmp_of: dict, run_ref: Ca
     return stats, offsets
 
 
-def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targets: Sequence[str],
-                        fit_layer: FitLayer, keep_rows: int = 0, progress=None,
-                        reference: dict[str, GramStats] | None = None, cache: dict | None = None,
-                        residual_feedback: Sequence[str] = (), projectable: Collection[str] = (),
-                        positions: Sequence[int] | None = None) -> dict:
+def compress_sequential(
+    ref: nn.Module,
+    cmp: nn.Module,
+    batches: Sequence,
+    targets: Sequence[str],
+    fit_layer: FitLayer,
+    keep_rows: int = 0,
+    progress=None,
+    reference: dict[str, GramStats] | None = None,
+    cache: dict | None = None,
+    residual_feedback: Sequence[str] = (),
+    projectable: Collection[str] = (),
+    positions: Sequence[int] | None = None,
+) -> dict:
     """Replace every layer in ``targets`` of ``cmp`` (a copy of ``ref``) by fit_layer(name,
     stats), in execution order, each fitted on X from ``ref`` and X~ from ``cmp`` as compressed
     so far. ``progress``: an object with ``update(n)``, ``set_description(s)`` and a writable
@@ -259,9 +309,23 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
     def fit_stage(stage, run_ref, run_cmp):
         if progress is not None:
             progress.set_description(f"calibrating {stage[0]}" + (f" (+{len(stage) - 1})" if len(stage) > 1 else ""))
-        stats, offsets = _collect_stage(stage, ref_of, cmp_of, run_ref, run_cmp, len(batches), masks.__getitem__,
-                                        keep_rows, tick, reference, partners, cache, projectable,
-                                        repeated=any(n in repeated for n in stage), position=position)
+        stats, offsets = _collect_stage(
+            stage,
+            ref_of,
+            cmp_of,
+            run_ref,
+            run_cmp,
+            len(batches),
+            masks.__getitem__,
+            keep_rows,
+            tick,
+            reference,
+            partners,
+            cache,
+            projectable,
+            repeated=any(n in repeated for n in stage),
+            position=position,
+        )
         for name in stage:
             new = fit_layer(name, stats[name], offsets.get(name))
             swap_module(cmp, cmp_of[name], new)
@@ -298,8 +362,7 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
     # a container holding one block object twice is not a stack of blocks to replay
     if found is None or not distinct or not _BlockStack.replay_matches(ref, found[1], batches[0]):
         whole_model(set(targets))
-        return {"mode": "model", "stages": done, "residual_feedback": sorted(partners), "calls": counts,
-                "notes": notes}
+        return {"mode": "model", "stages": done, "residual_feedback": sorted(partners), "calls": counts, "notes": notes}
     prefix, ref_blocks = found
     cmp_blocks = cmp.get_submodule(prefix) if prefix else cmp
     pre = f"{prefix}." if prefix else ""
@@ -327,25 +390,26 @@ def compress_sequential(ref: nn.Module, cmp: nn.Module, batches: Sequence, targe
     cmp_in = _BlockStack.capture_first_inputs(cmp, cmp_blocks[0], batches, position)
     for i in range(len(ref_blocks)):
         block_pre = f"{pre}{i}."
-        inside = {n[len(block_pre):]: n for n in targets if n.startswith(block_pre)}
+        inside = {n[len(block_pre) :]: n for n in targets if n.startswith(block_pre)}
         if inside:
             local = {k: ref_blocks[i].get_submodule(k) for k in inside}
             for stage in execution_order(lambda i=i: _call(ref_blocks[i], ref_in[0]), local):
-                fit_stage([inside[k] for k in stage], lambda b, i=i: _call(ref_blocks[i], ref_in[b]),
-                          lambda b, i=i: _call(cmp_blocks[i], cmp_in[b]))
+                fit_stage(
+                    [inside[k] for k in stage],
+                    lambda b, i=i: _call(ref_blocks[i], ref_in[b]),
+                    lambda b, i=i: _call(cmp_blocks[i], cmp_in[b]),
+                )
         with torch.no_grad():
-            ref_in = ref_inputs(i + 1, lambda i=i, prev=ref_in: [step(ref_blocks[i], x, b)
-                                                                 for b, x in enumerate(prev)])
+            ref_in = ref_inputs(i + 1, lambda i=i, prev=ref_in: [step(ref_blocks[i], x, b) for b, x in enumerate(prev)])
             cmp_in = [step(cmp_blocks[i], x, b) for b, x in enumerate(cmp_in)]
     whole_model({n for n in targets if not any(n in st for st in done)})
-    return {"mode": "blocks", "stages": done, "residual_feedback": sorted(partners), "calls": counts,
-            "notes": notes}
+    return {"mode": "blocks", "stages": done, "residual_feedback": sorted(partners), "calls": counts, "notes": notes}
 
 
 def _home_block(name: str, prefix: str, n_blocks: int) -> int | None:
     """The index of the block whose inside holds layer ``name`` (``prefix.i.``...), or None."""
     pre = f"{prefix}." if prefix else ""
-    head, dot, _ = name[len(pre):].partition(".") if name.startswith(pre) else ("", "", "")
+    head, dot, _ = name[len(pre) :].partition(".") if name.startswith(pre) else ("", "", "")
     return int(head) if dot and head.isdigit() and int(head) < n_blocks else None
 
 

@@ -6,9 +6,10 @@ compress() fits a layer called several times on the statistics of all its calls,
 under every name it has (so the copies stay one module), reports its worst call's output
 error, and keeps layers with tied weights dense (a replacement would untie them).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +48,10 @@ def tied_layers(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, 
         for pname, p in layer.named_parameters(recurse=False):
             others = [h for h in holders.get(id(p), []) if h != name]
             if others:
-                out[name] = (f"its {pname} is tied to {', '.join(repr(o) for o in others)}: kept dense, since "
-                             f"replacing it would untie them")
+                out[name] = (
+                    f"its {pname} is tied to {', '.join(repr(o) for o in others)}: kept dense, since "
+                    f"replacing it would untie them"
+                )
                 break
     return out
 
@@ -60,14 +63,16 @@ def _output_rows(layer: nn.Module, y: Tensor, mask: Tensor | None) -> Tensor:
     return rows(y, mask)
 
 
-def _outputs(model: nn.Module, modules: Mapping[str, nn.Module], run: Callable[[], object],
-             keep_inputs: bool) -> dict[str, list[tuple[Tensor | None, Tensor]]]:
+def _outputs(
+    model: nn.Module, modules: Mapping[str, nn.Module], run: Callable[[], object], keep_inputs: bool
+) -> dict[str, list[tuple[Tensor | None, Tensor]]]:
     """{name: [(input or None, output) per call]} of the named modules in one pass of run()."""
     seen: dict[str, list] = {n: [] for n in modules}
 
     def make(name):
         def hook(_mod, args, out):
             seen[name].append((args[0] if keep_inputs else None, out))
+
         return hook
 
     with hooks([m.register_forward_hook(make(n)) for n, m in modules.items()]):
@@ -75,8 +80,14 @@ def _outputs(model: nn.Module, modules: Mapping[str, nn.Module], run: Callable[[
     return seen
 
 
-def call_errors(ref: nn.Module, cmp: nn.Module, batches: Sequence, names: Sequence[str], one_shot: bool,
-                positions: Sequence[int] | None = None) -> dict[str, list[float]]:
+def call_errors(
+    ref: nn.Module,
+    cmp: nn.Module,
+    batches: Sequence,
+    names: Sequence[str],
+    one_shot: bool,
+    positions: Sequence[int] | None = None,
+) -> dict[str, list[float]]:
     """{layer: [||Y_k - Y^_k||_F / ||Y_k||_F for each call k]} over the calibration batches,
     measured on the models themselves: Y_k is the original layer's output at its k-th call
     in ``ref``, Y^_k the output of its replacement in ``cmp``, run on the same input
@@ -90,13 +101,18 @@ def call_errors(ref: nn.Module, cmp: nn.Module, batches: Sequence, names: Sequen
         mask = row_mask(batch)
         with naming_batch(b if positions is None else positions[b]), torch.no_grad():
             got_ref = _outputs(ref, ref_of, lambda: call_model(ref, batch), keep_inputs=one_shot)
-            got_cmp = ({n: [(None, cmp_of[n](x)) for x, _ in got_ref[n]] for n in names} if one_shot
-                       else _outputs(cmp, cmp_of, lambda: call_model(cmp, batch), keep_inputs=False))
+            got_cmp = (
+                {n: [(None, cmp_of[n](x)) for x, _ in got_ref[n]] for n in names}
+                if one_shot
+                else _outputs(cmp, cmp_of, lambda: call_model(cmp, batch), keep_inputs=False)
+            )
         for n in names:
             if len(got_ref[n]) != len(got_cmp[n]):
-                raise RuntimeError(f"layer {n!r}: called {len(got_ref[n])} times by the original model and "
-                                   f"{len(got_cmp[n])} times by the compressed one on calibration batch "
-                                   f"{b if positions is None else positions[b]}")
+                raise RuntimeError(
+                    f"layer {n!r}: called {len(got_ref[n])} times by the original model and "
+                    f"{len(got_cmp[n])} times by the compressed one on calibration batch "
+                    f"{b if positions is None else positions[b]}"
+                )
             for k, ((_, y), (_, y_hat)) in enumerate(zip(got_ref[n], got_cmp[n])):
                 y = _output_rows(ref_of[n], y, mask).to(torch.float64)
                 y_hat = _output_rows(ref_of[n], y_hat, mask).to(torch.float64)

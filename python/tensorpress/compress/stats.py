@@ -5,6 +5,7 @@ model compressed so far (X~ = X when nothing before it changed), one row per sam
 data-aware fit needs only means and the Gram matrices X~^T X~, X~^T X and X^T X, so they are
 accumulated batch by batch and memory never grows with the number of samples.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,7 @@ def _mirror(acc: Tensor) -> Tensor:
     if d < 2 * GRAM_PANEL:
         return acc
     full = acc + acc.T
-    for lo in range(0, d, GRAM_PANEL):   # the diagonal blocks were whole, so they were doubled
+    for lo in range(0, d, GRAM_PANEL):  # the diagonal blocks were whole, so they were doubled
         hi = min(lo + GRAM_PANEL, d)
         full[lo:hi, lo:hi] = acc[lo:hi, lo:hi]
     return full
@@ -66,17 +67,25 @@ class GramStats:
             of that layer reads (see cov_cross_times), at out/in of the cost.
     """
 
-    def __init__(self, in_features: int, paired: bool = True, keep_rows: int = 0,
-                 reference: "GramStats | None" = None, project: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        paired: bool = True,
+        keep_rows: int = 0,
+        reference: GramStats | None = None,
+        project: Tensor | None = None,
+    ) -> None:
         self.in_features, self.paired, self.keep_rows = in_features, paired, keep_rows
         if reference is not None and (not paired or reference.in_features != in_features):
             raise ValueError("reference: expected one-shot statistics of the same features for paired statistics")
         if project is not None and (not paired or project.dim() != 2 or project.shape[1] != in_features):
-            raise ValueError(f"project: expected a weight (out, {in_features}) for paired statistics, got "
-                             f"{tuple(project.shape) if project is not None else None}")
+            raise ValueError(
+                f"project: expected a weight (out, {in_features}) for paired statistics, got "
+                f"{tuple(project.shape) if project is not None else None}"
+            )
         self.project = None if project is None else project.detach().to(torch.float64)
         self.reference = reference
-        self._upper = False   # True while the Grams hold upper block triangles (see _add_gram)
+        self._upper = False  # True while the Grams hold upper block triangles (see _add_gram)
         self.n = 0
         self._shift_ref: Tensor | None = None
         self._shift_in: Tensor | None = None
@@ -107,7 +116,7 @@ class GramStats:
             if self.paired:
                 self._gram_in = zeros(d, d)
                 self._cross = zeros(d, d) if self.project is None else zeros(d, self.project.shape[0])
-            self._upper = True   # the Grams hold upper block triangles until first read
+            self._upper = True  # the Grams hold upper block triangles until first read
         # rows added after a read go into the whole matrices
         add_gram = _add_gram if self._upper else (lambda acc, x: acc.add_((x.T @ x).to(torch.float64)))
         a = x_ref - self._shift_ref
@@ -197,8 +206,10 @@ class GramStats:
             return self.cov_cross.to(w.device) @ w.T
         self._require_data()
         if w.shape != self.project.shape or not torch.equal(w.to(self.project.device), self.project):
-            raise ValueError(f"weight: these statistics keep X~^T X only times the weight they were projected on "
-                             f"{tuple(self.project.shape)}; expected that weight")
+            raise ValueError(
+                f"weight: these statistics keep X~^T X only times the weight they were projected on "
+                f"{tuple(self.project.shape)}; expected that weight"
+            )
         centered = self._cross - torch.outer(self._sum_in, self.project @ self._sum_ref) / self.n
         return centered.to(w.device)
 
@@ -217,7 +228,7 @@ class GramStats:
             raise ValueError("keep_rows: no rows were kept (construct GramStats with keep_rows > 0)")
         return torch.cat(self.rows_ref), torch.cat(self.rows_in)
 
-    def merge_(self, other: "GramStats") -> "GramStats":
+    def merge_(self, other: GramStats) -> GramStats:
         """Add another accumulator's rows into this one (for multi-process reduction)."""
         if self.reference is not None or other.reference is not None:
             raise ValueError("other: statistics that borrow a reference X^T X cannot be merged")
@@ -231,6 +242,7 @@ class GramStats:
             self.__dict__.update({k: (v.clone() if isinstance(v, Tensor) else v) for k, v in other.__dict__.items()})
             self.rows_ref, self.rows_in = list(other.rows_ref), list(other.rows_in)
             return self
+
         # re-express the other's sums about this accumulator's shifts: with d = shift_o - shift,
         # sum (a + d_a)(b + d_b)^T = G + s_a d_b^T + d_a s_b^T + n d_a d_b^T
         def moved(gram, s_a, s_b, d_a, d_b):
@@ -249,7 +261,7 @@ class GramStats:
         self.rows_in += other.rows_in
         return self
 
-    def all_reduce_(self) -> "GramStats":
+    def all_reduce_(self) -> GramStats:
         """Sum the statistics of every process of the torch.distributed group (all processes
         call it; afterwards each holds the totals). Kept rows are concatenated in rank order."""
         from tensorpress.compress import distributed as tpdist
@@ -260,7 +272,7 @@ class GramStats:
         d = self.in_features
         f64 = torch.float64
         dev = self._sum_ref.device if self.n else torch.device("cpu")
-        proj = self.project   # the cross product's ref side is kept times W^T: move it through W too
+        proj = self.project  # the cross product's ref side is kept times W^T: move it through W too
         wt = (lambda v: v) if proj is None else (lambda v: proj.to(v.device) @ v)  # noqa: E731
         cross_cols = d if proj is None else proj.shape[0]
         zero_vec = torch.zeros(d, dtype=f64, device=dev)
@@ -282,17 +294,21 @@ class GramStats:
         parts = []
         if self.n:
             d_ref = self._shift_ref.to(f64) - mu_ref
-            parts += [self._sum_ref + self.n * d_ref,
-                      zeros if self._gram_ref is None else moved(self._gram_ref, self._sum_ref, self._sum_ref, d_ref,
-                                                                 d_ref)]
+            parts += [
+                self._sum_ref + self.n * d_ref,
+                zeros if self._gram_ref is None else moved(self._gram_ref, self._sum_ref, self._sum_ref, d_ref, d_ref),
+            ]
             if self.paired:
                 d_in = self._shift_in.to(f64) - mu_in
-                parts += [self._sum_in + self.n * d_in,
-                          moved(self._gram_in, self._sum_in, self._sum_in, d_in, d_in),
-                          moved(self._cross, self._sum_in, wt(self._sum_ref), d_in, wt(d_ref))]
+                parts += [
+                    self._sum_in + self.n * d_in,
+                    moved(self._gram_in, self._sum_in, self._sum_in, d_in, d_in),
+                    moved(self._cross, self._sum_in, wt(self._sum_ref), d_in, wt(d_ref)),
+                ]
         else:
-            parts += [zero_vec, zeros] + ([zero_vec, zeros, torch.zeros(d, cross_cols, dtype=f64, device=dev)]
-                                          if self.paired else [])
+            parts += [zero_vec, zeros] + (
+                [zero_vec, zeros, torch.zeros(d, cross_cols, dtype=f64, device=dev)] if self.paired else []
+            )
         parts = tpdist.sum_tensors(parts)
         self._sum_ref, gram_ref = parts[0], parts[1]
         self._gram_ref = None if self.reference is not None else gram_ref
@@ -355,20 +371,28 @@ class OffsetStats:
             raise ValueError("calibration data: no rows reached this layer")
         return self._cross - torch.outer(self._sum_x, self._sum_d) / self.n
 
-    def all_reduce_(self) -> "OffsetStats":
+    def all_reduce_(self) -> OffsetStats:
         """Sum over the processes of the torch.distributed group (a no-op without one)."""
         from tensorpress.compress import distributed as tpdist
 
         if not tpdist.active():
             return self
         f64, d_in, d_out = torch.float64, self.in_features, self.out_features
-        if self.n:   # uncentered sums (shift 0): sum x, sum d, sum x d^T
+        if self.n:  # uncentered sums (shift 0): sum x, sum d, sum x d^T
             sum_x = self._sum_x + self.n * self._shift
-            parts = [torch.tensor([float(self.n)], dtype=f64, device=sum_x.device), sum_x, self._sum_d,
-                     self._cross + torch.outer(self._shift, self._sum_d)]
+            parts = [
+                torch.tensor([float(self.n)], dtype=f64, device=sum_x.device),
+                sum_x,
+                self._sum_d,
+                self._cross + torch.outer(self._shift, self._sum_d),
+            ]
         else:
-            parts = [torch.zeros(1, dtype=f64), torch.zeros(d_in, dtype=f64), torch.zeros(d_out, dtype=f64),
-                     torch.zeros(d_in, d_out, dtype=f64)]
+            parts = [
+                torch.zeros(1, dtype=f64),
+                torch.zeros(d_in, dtype=f64),
+                torch.zeros(d_out, dtype=f64),
+                torch.zeros(d_in, d_out, dtype=f64),
+            ]
         n, self._sum_x, self._sum_d, self._cross = tpdist.sum_tensors(parts)
         self.n = int(n.item())
         self._shift = torch.zeros(d_in, dtype=f64, device=self._sum_x.device)

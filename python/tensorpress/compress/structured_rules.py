@@ -19,11 +19,13 @@ For "optimism" and "cv" each layer's curve is weighted by the measured sensitivi
 model's output to that layer, and tensorpress.rank.allocate_ranks picks one candidate per layer,
 or keeps it dense, under the total budget.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +52,7 @@ class Candidate:
     dof: int
     train: float
     heldout: float | None = None
-    fit: Any = field(default=None, repr=False)   # kept only where measure_curves was asked to
+    fit: Any = field(default=None, repr=False)  # kept only where measure_curves was asked to
 
 
 def candidate_ranks(adapter, layer: nn.Module, budget: float) -> list:
@@ -64,10 +66,16 @@ def candidate_ranks(adapter, layer: nn.Module, budget: float) -> list:
     return sorted(ranks.values(), key=lambda r: adapter.rank_params(layer, r))
 
 
-def measure_curves(adapter, layers: Mapping[str, nn.Module], shot: Mapping[str, GramStats], budget: float,
-                   folds: Sequence[Mapping[str, GramStats]] | None = None, ridge_kw: dict | None = None,
-                   tick: Callable[[], None] | None = None,
-                   keep_fits: Mapping[str, Any] | None = None) -> dict[str, list[Candidate]]:
+def measure_curves(
+    adapter,
+    layers: Mapping[str, nn.Module],
+    shot: Mapping[str, GramStats],
+    budget: float,
+    folds: Sequence[Mapping[str, GramStats]] | None = None,
+    ridge_kw: dict | None = None,
+    tick: Callable[[], None] | None = None,
+    keep_fits: Mapping[str, Any] | None = None,
+) -> dict[str, list[Candidate]]:
     """{layer: its candidates with training (and with ``folds``, cross-validated) errors}.
     ``tick`` is called after every fit (progress); the candidate at ``keep_fits[layer]`` keeps
     its fit on all the rows (the sensitivities swap it in)."""
@@ -86,8 +94,15 @@ def measure_curves(adapter, layers: Mapping[str, nn.Module], shot: Mapping[str, 
         for rank in ranks[name]:
             fit, err, energy = scored(layer, rank, shot[name], shot[name])
             keep = keep_fits is not None and keep_fits.get(name) == rank
-            curves[name].append(Candidate(rank, adapter.rank_params(layer, rank), adapter.rank_dof(layer, rank),
-                                          err / max(energy, 1e-300), fit=fit if keep else None))
+            curves[name].append(
+                Candidate(
+                    rank,
+                    adapter.rank_params(layer, rank),
+                    adapter.rank_dof(layer, rank),
+                    err / max(energy, 1e-300),
+                    fit=fit if keep else None,
+                )
+            )
     if folds:
         totals = {name: [[0.0, 0.0] for _ in ranks[name]] for name in layers}
         for k, held_out in enumerate(folds):
@@ -113,8 +128,14 @@ def estimated_errors(rule: str, cands: Sequence[Candidate], rows: int, out_featu
     return optimism_estimate(rel, dof, float(rows * out_features)).tolist()
 
 
-def allocate_structured(rule: str, layers: Mapping[str, nn.Module], curves: Mapping[str, Sequence[Candidate]],
-                        rows: int, budget: float, weights: Mapping[str, float] | None = None) -> dict:
+def allocate_structured(
+    rule: str,
+    layers: Mapping[str, nn.Module],
+    curves: Mapping[str, Sequence[Candidate]],
+    rows: int,
+    budget: float,
+    weights: Mapping[str, float] | None = None,
+) -> dict:
     """{layer: chosen rank, or KEEP_DENSE} under ``budget`` (fraction of the layers'
     parameters) by ``rule``; ``weights`` multiply each layer's errors (sensitivities)."""
     from tensorpress.rank.budget import allocate_ranks
@@ -126,9 +147,11 @@ def allocate_structured(rule: str, layers: Mapping[str, nn.Module], curves: Mapp
     for name, layer in layers.items():
         out = layer.weight.shape[0]
         scale = 1.0 if weights is None else weights[name]
-        pts = [(c.rank, c.params, scale * e) for c, e in zip(curves[name], estimated_errors(rule, curves[name], rows,
-                                                                                             out))
-               if math.isfinite(e)]
+        pts = [
+            (c.rank, c.params, scale * e)
+            for c, e in zip(curves[name], estimated_errors(rule, curves[name], rows, out))
+            if math.isfinite(e)
+        ]
         pts.append((KEEP_DENSE, budget_params(layer), 0.0))
         points[name] = pts
     return dict(allocate_ranks(points, total).ranks)
@@ -136,8 +159,7 @@ def allocate_structured(rule: str, layers: Mapping[str, nn.Module], curves: Mapp
 
 def _energy_threshold(curves: Mapping[str, Sequence[Candidate]], total: float) -> dict:
     def ranks_for(t):  # {layer: the smallest candidate within t, else its largest}
-        return {name: next((c for c in cands if c.train <= t), cands[-1]) for name, cands in curves.items()
-                if cands}
+        return {name: next((c for c in cands if c.train <= t), cands[-1]) for name, cands in curves.items() if cands}
 
     chosen = ranks_for(fitting_threshold(lambda t: sum(c.params for c in ranks_for(t).values()), total))
     return {name: chosen[name].rank if name in chosen else KEEP_DENSE for name in curves}

@@ -10,6 +10,7 @@ module replaces it and what that module costs per calibration row.
 * ``tucker``: nn.Conv2d (groups=1) -> TuckerConv2d; ranks (r_out, r_in) (an int sets both).
 * ``cp``: nn.Conv2d (groups=1) -> CPConv2d; rank R.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,10 @@ class LowRank:
         wrong = _type_reason(module, nn.Linear, self.name)
         if wrong or min(module.in_features, module.out_features) >= 2:
             return wrong
-        return (f"{module.out_features}x{module.in_features}: a side of one feature leaves no rank to reduce "
-                f"(rank 1 is the layer itself)")
+        return (
+            f"{module.out_features}x{module.in_features}: a side of one feature leaves no rank to reduce "
+            f"(rank 1 is the layer itself)"
+        )
 
     def eligible(self, module: nn.Module) -> bool:
         return self.why_not(module) is None
@@ -66,12 +69,15 @@ class TT:
 
     def why_not(self, module: nn.Module) -> str | None:
         from tensorpress.nn.factorize import _prime_factors
+
         wrong = _type_reason(module, nn.Linear, self.name)
         if wrong:
             return wrong
-        prime = [f"{side} {n}" for side, n in (("in_features", module.in_features),
-                                              ("out_features", module.out_features))
-                 if len(_prime_factors(n)) < 2]
+        prime = [
+            f"{side} {n}"
+            for side, n in (("in_features", module.in_features), ("out_features", module.out_features))
+            if len(_prime_factors(n)) < 2
+        ]
         if prime:
             return f"{' and '.join(prime)} do not split into >= 2 factors: no TT cores to form"
         return None
@@ -84,38 +90,46 @@ class TT:
 
     def factors(self, layer: nn.Linear):
         from tensorpress.compress.tt import tt_factors
+
         in_f, out_f = tt_factors(layer)
         return out_f, in_f
 
     def uniform_rank(self, layer: nn.Linear, budget: float):
         from tensorpress.compress.tt import capped_ranks, uniform_tt_rank
+
         out_f, in_f = self.factors(layer)
         return capped_ranks(uniform_tt_rank(layer, budget, out_f, in_f), out_f, in_f)
 
     def rank_params(self, layer: nn.Linear, rank) -> int:
         """Parameters of the compressed layer (cores and the bias the fits leave free)."""
         from tensorpress.compress.tt import tt_params
+
         return tt_params(*self.factors(layer), rank) + layer.out_features
 
     def rank_dof(self, layer: nn.Linear, rank) -> int:
         """Dimension of the TT manifold (each bond's r x r gauge removed) plus the bias."""
         from tensorpress.rank.layer import tt_degrees_of_freedom
+
         return tt_degrees_of_freedom(list(rank), *self.factors(layer)) + layer.out_features
 
     def check_rank(self, name: str, layer: nn.Linear, rank):
         from tensorpress.compress.tt import capped_ranks
         from tensorpress.nn.factorize import max_bond_ranks
+
         out_f, in_f = self.factors(layer)
         d = len(out_f)
         if _is_int(rank):
             return capped_ranks(rank, out_f, in_f)
         if isinstance(rank, (list, tuple)) and len(rank) == d - 1 and all(_is_int(r) for r in rank):
             return tuple(min(r, c) for r, c in zip(rank, max_bond_ranks(out_f, in_f)))
-        raise ValueError(f"ranks: layer {name!r} (TT factors {out_f}x{in_f}) needs an int bond rank >= 1 or "
-                         f"{d - 1} of them, got {rank!r}")
+        raise ValueError(
+            f"ranks: layer {name!r} (TT factors {out_f}x{in_f}) needs an int bond rank >= 1 or "
+            f"{d - 1} of them, got {rank!r}"
+        )
 
     def fit(self, method: str, layer: nn.Linear, stats: GramStats | None, rank, ridge_kw: dict):
         from tensorpress.compress.tt import fit_tt_activation, fit_tt_svd
+
         out_f, in_f = self.factors(layer)
         if method == "svd":
             return fit_tt_svd(layer.weight, layer.bias, list(rank), out_f, in_f)
@@ -123,11 +137,14 @@ class TT:
 
     def module(self, layer: nn.Linear, fit) -> nn.Module:
         from tensorpress.nn.tt_linear import TTLinear
-        return TTLinear.from_cores(fit.cores, fit.bias, fit.in_factors, fit.out_factors,
-                                   device=layer.weight.device, dtype=layer.weight.dtype)
+
+        return TTLinear.from_cores(
+            fit.cores, fit.bias, fit.in_factors, fit.out_factors, device=layer.weight.device, dtype=layer.weight.dtype
+        )
 
     def macs_per_row(self, layer: nn.Linear, module: nn.Module) -> int:
         from tensorpress.ops.tt_plan import choose_plan
+
         batch = 256
         return int(choose_plan(module.core_shapes, batch).flops // (2 * batch))
 
@@ -147,11 +164,15 @@ class _ConvStructure:
             # the fits factor one dense (out, in) channel map; a grouped conv has one per group
             # (a block-diagonal map; per-group factors would need a grouped layer class)
             depthwise = "; a depthwise conv (groups = in_channels) mixes no channels: none to reduce" if g == i else ""
-            return (f"grouped conv (groups={g}): not supported by {self.name}, which factors one dense channel map "
-                    f"(groups=1){depthwise}")
+            return (
+                f"grouped conv (groups={g}): not supported by {self.name}, which factors one dense channel map "
+                f"(groups=1){depthwise}"
+            )
         if i == 1:
-            return (f"one input channel: {self.name} has no input channels to reduce (the conv is already a "
-                    f"{o}x{module.kernel_size[0]}x{module.kernel_size[1]} map)")
+            return (
+                f"one input channel: {self.name} has no input channels to reduce (the conv is already a "
+                f"{o}x{module.kernel_size[0]}x{module.kernel_size[1]} map)"
+            )
         if o == 1:
             return f"one output channel: {self.name} has no output channels to reduce"
         return None
@@ -179,6 +200,7 @@ class Tucker(_ConvStructure):
         """(r_out, r_in, s_h, s_w): the ranks TuckerConv2d.from_dense fits, each at most its
         mode's size and the product of the other ranks (a 1x1 conv's (3, 2) is (2, 2))."""
         from tensorpress.decompose.tucker import feasible_ranks
+
         return tuple(feasible_ranks([r_out, r_in, *layer.kernel_size], layer.weight.shape))
 
     def uniform_rank(self, layer: nn.Conv2d, budget: float):
@@ -201,18 +223,21 @@ class Tucker(_ConvStructure):
     def rank_dof(self, layer: nn.Conv2d, rank) -> int:
         """Dimension of the Tucker manifold (spatial modes kept whole) plus the bias."""
         from tensorpress.rank.regressors import tucker_degrees_of_freedom
+
         return tucker_degrees_of_freedom(self.feasible(layer, *rank), tuple(layer.weight.shape)) + layer.out_channels
 
     def check_rank(self, name: str, layer: nn.Conv2d, rank):
         o, i = layer.out_channels, layer.in_channels
         pair = (rank, rank) if _is_int(rank) else rank
-        if (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_int(r) for r in pair)):
+        if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_int(r) for r in pair):
             return self.feasible(layer, *pair)[:2]
-        raise ValueError(f"ranks: layer {name!r} ({o}x{i} channels) needs (r_out, r_in) ints >= 1 or one int, "
-                         f"got {rank!r}")
+        raise ValueError(
+            f"ranks: layer {name!r} ({o}x{i} channels) needs (r_out, r_in) ints >= 1 or one int, got {rank!r}"
+        )
 
     def fit(self, method: str, layer: nn.Conv2d, stats: GramStats | None, rank, ridge_kw: dict):
         from tensorpress.compress.conv import fit_tucker_conv
+
         return fit_tucker_conv(layer, None if method == "svd" else stats, rank, **ridge_kw)
 
     def macs_per_row(self, layer: nn.Conv2d, module: nn.Module) -> int:
@@ -241,6 +266,7 @@ class CP(_ConvStructure):
     def rank_dof(self, layer: nn.Conv2d, rank: int) -> int:
         """CP parameters less each component's three scale indeterminacies, plus the bias."""
         from tensorpress.rank.regressors import cp_degrees_of_freedom
+
         return cp_degrees_of_freedom(rank, tuple(layer.weight.shape)) + layer.out_channels
 
     def check_rank(self, name: str, layer: nn.Conv2d, rank):
@@ -250,6 +276,7 @@ class CP(_ConvStructure):
 
     def fit(self, method: str, layer: nn.Conv2d, stats: GramStats | None, rank, ridge_kw: dict):
         from tensorpress.compress.conv import fit_cp_conv
+
         return fit_cp_conv(layer, None if method == "svd" else stats, rank, **ridge_kw)
 
     def macs_per_row(self, layer: nn.Conv2d, module: nn.Module) -> int:

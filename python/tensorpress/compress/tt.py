@@ -23,11 +23,12 @@ the quadratic at every step, so every sweep lowers the objective even when a cor
 cut off by the iteration cap. The sweeps start from the TT-SVD of the weight (the ``svd``
 structure's answer), so the data-aware fit is never worse than it on the calibration rows.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,8 +72,10 @@ class TTFit:
 def tt_factors(layer: nn.Linear, num_factors: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(in_factors, out_factors): balanced splits of the layer's sides (TTLinear's defaults)."""
     d = num_factors or default_num_factors(layer.in_features, layer.out_features)
-    return (balanced_factors(layer.in_features, d, "in_features"),
-            balanced_factors(layer.out_features, d, "out_features"))
+    return (
+        balanced_factors(layer.in_features, d, "in_features"),
+        balanced_factors(layer.out_features, d, "out_features"),
+    )
 
 
 def tt_params(out_factors: Sequence[int], in_factors: Sequence[int], ranks: Sequence[int]) -> int:
@@ -132,16 +135,16 @@ class _CoreMap:
 
     def apply(self, g: Tensor) -> Tensor:
         x, y, a, b, z, w, m, n = self.x, self.y, self.a, self.b, self.z, self.w, self.m, self.n
-        t = self.left.reshape(x * y, a) @ g.reshape(a, m * n * b)               # (x y, m n b)
-        t = t.reshape(x * y * m * n, b) @ self.right.reshape(b, z * w)           # (x y m n, z w)
+        t = self.left.reshape(x * y, a) @ g.reshape(a, m * n * b)  # (x y, m n b)
+        t = t.reshape(x * y * m * n, b) @ self.right.reshape(b, z * w)  # (x y m n, z w)
         t = t.reshape(x, y, m, n, z, w).permute(0, 2, 4, 1, 3, 5)
         return t.reshape(x * m * z, y * n * w)
 
     def adjoint(self, mat: Tensor) -> Tensor:
         x, y, a, b, z, w, m, n = self.x, self.y, self.a, self.b, self.z, self.w, self.m, self.n
         t = mat.reshape(x, m, z, y, n, w).permute(0, 3, 1, 4, 2, 5).reshape(x * y * m * n, z * w)
-        t = t @ self.right.reshape(b, z * w).T                                   # (x y m n, b)
-        t = self.left.reshape(x * y, a).T @ t.reshape(x * y, m * n * b)          # (a, m n b)
+        t = t @ self.right.reshape(b, z * w).T  # (x y m n, b)
+        t = self.left.reshape(x * y, a).T @ t.reshape(x * y, m * n * b)  # (a, m n b)
         return t.reshape(a, m, n, b)
 
 
@@ -168,11 +171,14 @@ def _check(weight: Tensor, out_factors, in_factors, ranks) -> tuple[int, ...]:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D tensor (out, in), got {getattr(weight, 'shape', weight)!r}")
     if len(out_factors) != len(in_factors) or len(out_factors) < 2:
-        raise ValueError(f"out_factors, in_factors: expected two lists of the same length >= 2, got {out_factors} "
-                         f"and {in_factors}")
+        raise ValueError(
+            f"out_factors, in_factors: expected two lists of the same length >= 2, got {out_factors} and {in_factors}"
+        )
     if math.prod(out_factors) != weight.shape[0] or math.prod(in_factors) != weight.shape[1]:
-        raise ValueError(f"out_factors, in_factors: expected products {tuple(weight.shape)}, got "
-                         f"{math.prod(out_factors)} and {math.prod(in_factors)}")
+        raise ValueError(
+            f"out_factors, in_factors: expected products {tuple(weight.shape)}, got "
+            f"{math.prod(out_factors)} and {math.prod(in_factors)}"
+        )
     d = len(out_factors)
     values = [ranks] * (d - 1) if isinstance(ranks, int) else list(ranks)
     if len(values) != d - 1 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in values):
@@ -190,9 +196,17 @@ def fit_tt_svd(weight: Tensor, bias: Tensor | None, ranks, out_factors, in_facto
     return TTFit(list(res.cores), tuple(out_factors), tuple(in_factors), b, {"method": "svd"})
 
 
-def fit_tt_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, ranks, out_factors, in_factors,
-                      sweeps: int = DEFAULT_SWEEPS, cg_iters: int = DEFAULT_CG_ITERS,
-                      ridge: float = DEFAULT_RIDGE) -> TTFit:
+def fit_tt_activation(
+    weight: Tensor,
+    bias: Tensor | None,
+    stats: GramStats,
+    ranks,
+    out_factors,
+    in_factors,
+    sweeps: int = DEFAULT_SWEEPS,
+    cg_iters: int = DEFAULT_CG_ITERS,
+    ridge: float = DEFAULT_RIDGE,
+) -> TTFit:
     """The data-aware TT fit of the module docstring: TT-SVD, then ``sweeps`` ALS sweeps
     (each a left-to-right and a right-to-left pass over the cores). With one-shot statistics
     (X~ = X) it is the "whitened" method's TT counterpart."""
@@ -205,15 +219,15 @@ def fit_tt_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, ran
     w = weight.detach().to(torch.float64)
     start = fit_tt_svd(weight, None, list(caps), out_factors, in_factors)
     cores = list(start.cores)
-    objective = OutputObjective(w, stats, ridge)   # the squared centered output error
+    objective = OutputObjective(w, stats, ridge)  # the squared centered output error
     history = [objective(_dense(cores).reshape(w.shape))]
     d = len(cores)
     # the CG products (out x in by in x in) run on every thread; the small QRs of the cores on one
     # (see small_problem_threads)
     with small_problem_threads(w.device, min(w.shape)):
-        for k in range(d - 1, 0, -1):   # right-orthonormal cores 1..d-1, the free one is core 0
+        for k in range(d - 1, 0, -1):  # right-orthonormal cores 1..d-1, the free one is core 0
             _right_orthonormalize(cores, k)
-    order = list(range(d)) + list(range(d - 2, -1, -1))   # there and back
+    order = list(range(d)) + list(range(d - 2, -1, -1))  # there and back
     for _ in range(sweeps):
         for step, k in enumerate(order):
             going_right = step < d - 1
@@ -224,9 +238,17 @@ def fit_tt_activation(weight: Tensor, bias: Tensor | None, stats: GramStats, ran
                     _left_orthonormalize(cores, k)
                 elif not going_right and k > 0:
                     _right_orthonormalize(cores, k)
-    fit = TTFit(cores, tuple(out_factors), tuple(in_factors), None,
-                {"method": "activation" if stats.paired else "whitened", "objective": history,
-                 "output_energy": objective.energy})
+    fit = TTFit(
+        cores,
+        tuple(out_factors),
+        tuple(in_factors),
+        None,
+        {
+            "method": "activation" if stats.paired else "whitened",
+            "objective": history,
+            "output_energy": objective.energy,
+        },
+    )
     # the free bias b^ = b + W mu - W^ mu~
     b = w @ stats.mean_ref - fit.weight() @ stats.mean_in
     fit.bias = b if bias is None else b + bias.detach().to(torch.float64)
@@ -239,7 +261,7 @@ def _update_core(cores: list[Tensor], k: int, gram: Tensor, target: Tensor, cg_i
     left, right = one, one
     for g in cores[:k]:
         left = _extend_left(left, g)
-    for g in reversed(cores[k + 1:]):
+    for g in reversed(cores[k + 1 :]):
         right = _extend_right(g, right)
     _, m, n, _ = cores[k].shape
     cmap = _CoreMap(left, right, m, n)

@@ -9,12 +9,13 @@ components from a small random start by gradient descent, re-randomize the compo
 do not grow, keep the ``rank`` largest and polish them with ALS. ``lazy=True`` gives the
 comparison variant (large start, no re-randomization).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -139,12 +140,22 @@ def _check_int(name, v, low):
 
 
 def _check_float(name, v, low=0.0, strict=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low or (strict and v == low):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(v)
+        or v < low
+        or (strict and v == low)
+    ):
         raise ValueError(f"{name}: expected a float {'>' if strict else '>='} {low}, got {v!r}")
 
 
 def _check_random_state(random_state):
-    if random_state is not None and not isinstance(random_state, (int, torch.Generator)) or isinstance(random_state, bool):
+    if (
+        random_state is not None
+        and not isinstance(random_state, (int, torch.Generator))
+        or isinstance(random_state, bool)
+    ):
         raise TypeError(f"random_state: expected None, an int or a torch.Generator, got {type(random_state).__name__}")
 
 
@@ -169,9 +180,15 @@ def _sorted_result(weights, factors, dtype, **kw) -> CPResult:
 
 
 # ---------------------------------------------------------------------------- CP-ALS
-def cp_als(tensor: Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-8,
-           init: str | CPResult | Sequence[Tensor] = "svd", random_state=None,
-           ridge: float = 1e-10) -> CPResult:
+def cp_als(
+    tensor: Tensor,
+    rank: int,
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    init: str | CPResult | Sequence[Tensor] = "svd",
+    random_state=None,
+    ridge: float = 1e-10,
+) -> CPResult:
     """CP decomposition by alternating least squares.
 
     Args:
@@ -215,11 +232,11 @@ def cp_als(tensor: Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-8,
 
     if isinstance(init, CPResult) or isinstance(init, (list, tuple)):
         given = list(init.factors) if isinstance(init, CPResult) else list(init)
-        if len(given) != d or any(not isinstance(f, Tensor) or tuple(f.shape) != (p, rank)
-                                  for f, p in zip(given, shape)):
+        if len(given) != d or any(
+            not isinstance(f, Tensor) or tuple(f.shape) != (p, rank) for f, p in zip(given, shape)
+        ):
             got = [tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__ for f in given]
-            raise ValueError(f"init: expected {d} factor matrices of shapes "
-                             f"{[(p, rank) for p in shape]}, got {got}")
+            raise ValueError(f"init: expected {d} factor matrices of shapes {[(p, rank) for p in shape]}, got {got}")
         factors = [f.detach().to(device=device, dtype=torch.float64).clone() for f in given]
         if isinstance(init, CPResult):
             factors[0] = factors[0] * init.weights.detach().to(device=device, dtype=torch.float64)
@@ -242,8 +259,16 @@ def cp_als(tensor: Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-8,
     weights = torch.ones(rank, dtype=torch.float64, device=device)
     if t_norm == 0:
         factors = [_normalize(f)[0] for f in factors]
-        return _sorted_result(torch.zeros_like(weights), factors, tensor.dtype, rel_error=0.0, n_iter=0,
-                              history=[0.0], converged=True, time_s=time.perf_counter() - start)
+        return _sorted_result(
+            torch.zeros_like(weights),
+            factors,
+            tensor.dtype,
+            rel_error=0.0,
+            n_iter=0,
+            history=[0.0],
+            converged=True,
+            time_s=time.perf_counter() - start,
+        )
     # fold any scale of the start into the weights
     for n in range(d):
         factors[n], norms = _normalize(factors[n])
@@ -269,17 +294,39 @@ def cp_als(tensor: Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-8,
         if abs(history[-2] - history[-1]) < tol:
             converged = True
             break
-    return _sorted_result(weights, factors, tensor.dtype, rel_error=history[-1], n_iter=it, history=history,
-                          converged=converged, time_s=time.perf_counter() - start)
+    return _sorted_result(
+        weights,
+        factors,
+        tensor.dtype,
+        rel_error=history[-1],
+        n_iter=it,
+        history=history,
+        converged=converged,
+        time_s=time.perf_counter() - start,
+    )
 
 
 # ---------------------------------------------------------------------------- over-parameterized GD
-def cp_overparam(tensor: Tensor, rank: int, width: int | None = None, n_steps: int = 3000,
-                 lr: float = 0.5, init_scale: float | None = None, check_every: int = 25,
-                 reinit_every: int = 200, reinit_growth: float = 1.0, reinit_below: float = 0.1,
-                 switch_tol: float = 1e-2, probe_below: float = 0.2, probe_iter: int = 10,
-                 lazy: bool = False, polish: bool = True, n_iter_max: int = 100, tol: float = 1e-10,
-                 random_state=None) -> CPResult:
+def cp_overparam(
+    tensor: Tensor,
+    rank: int,
+    width: int | None = None,
+    n_steps: int = 3000,
+    lr: float = 0.5,
+    init_scale: float | None = None,
+    check_every: int = 25,
+    reinit_every: int = 200,
+    reinit_growth: float = 1.0,
+    reinit_below: float = 0.1,
+    switch_tol: float = 1e-2,
+    probe_below: float = 0.2,
+    probe_iter: int = 10,
+    lazy: bool = False,
+    polish: bool = True,
+    n_iter_max: int = 100,
+    tol: float = 1e-10,
+    random_state=None,
+) -> CPResult:
     r"""Over-parameterized CP by gradient descent (after Wu, Lee, Ge, Ma & Wang, NeurIPS 2020).
 
     Fits m = ``width`` > rank components u_i^{(1)} o ... o u_i^{(d)} (the weight c_i is the
@@ -409,14 +456,32 @@ def cp_overparam(tensor: Tensor, rank: int, width: int | None = None, n_steps: i
             normed.append(f)
             weights = weights * norms
         err = _rel_error(tn, weights, normed, 1.0)
-        return _sorted_result(weights * t_norm, normed, tensor.dtype, rel_error=err, n_iter=0,
-                              history=history + [err], converged=False, n_steps=step, n_reinit=n_reinit,
-                              time_s=gd_time)
+        return _sorted_result(
+            weights * t_norm,
+            normed,
+            tensor.dtype,
+            rel_error=err,
+            n_iter=0,
+            history=history + [err],
+            converged=False,
+            n_steps=step,
+            n_reinit=n_reinit,
+            time_s=gd_time,
+        )
     factors[0] = factors[0] * t_norm
     res = cp_als(t, rank, n_iter_max=n_iter_max, tol=tol, init=factors, random_state=gen)
-    return _sorted_result(res.weights, res.factors, tensor.dtype, rel_error=res.rel_error, n_iter=res.n_iter,
-                          history=history + res.history, converged=res.converged, n_steps=step,
-                          n_reinit=n_reinit, time_s=time.perf_counter() - start)
+    return _sorted_result(
+        res.weights,
+        res.factors,
+        tensor.dtype,
+        rel_error=res.rel_error,
+        n_iter=res.n_iter,
+        history=history + res.history,
+        converged=res.converged,
+        n_steps=step,
+        n_reinit=n_reinit,
+        time_s=time.perf_counter() - start,
+    )
 
 
 def _consolidate(u: Sequence[Tensor], rank: int, cos_min: float = 0.9) -> list[Tensor]:
@@ -451,9 +516,16 @@ def _consolidate(u: Sequence[Tensor], rank: int, cos_min: float = 0.9) -> list[T
     factors[0] = factors[0] * weights
     if len(top) < rank:  # fewer distinct directions than rank: pad with tiny random columns
         extra = rank - len(top)
-        factors = [torch.cat([f, 1e-3 * g[:, :extra]], dim=1) for f, g in
-                   zip(factors, [torch.linalg.qr(torch.randn(f.shape[0], max(extra, f.shape[0]), dtype=f.dtype,
-                                                             device=f.device))[0] for f in factors])]
+        factors = [
+            torch.cat([f, 1e-3 * g[:, :extra]], dim=1)
+            for f, g in zip(
+                factors,
+                [
+                    torch.linalg.qr(torch.randn(f.shape[0], max(extra, f.shape[0]), dtype=f.dtype, device=f.device))[0]
+                    for f in factors
+                ],
+            )
+        ]
     return factors
 
 

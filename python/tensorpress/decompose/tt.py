@@ -3,12 +3,13 @@
 With delta = rel_error * ||T|| / sqrt(d - 1) dropped at each of the d - 1 bonds, the result
 satisfies ||T - T_hat|| <= rel_error * ||T||.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ class TTResult:
 def _check_rank_args(d: int, max_rank, rel_error):
     if max_rank is None and rel_error is None:
         raise ValueError("max_rank, rel_error: expected at least one of them, got neither")
+
     def is_rank(r):
         return isinstance(r, int) and not isinstance(r, bool) and r >= 1
 
@@ -40,8 +42,9 @@ def _check_rank_args(d: int, max_rank, rel_error):
         ranks = list(max_rank)
     else:
         raise ValueError(f"max_rank: expected an int >= 1 or {d - 1} ints >= 1, got {max_rank!r}")
-    if rel_error is not None and (isinstance(rel_error, bool) or not isinstance(rel_error, (int, float))
-                                  or not 0 <= rel_error < 1):
+    if rel_error is not None and (
+        isinstance(rel_error, bool) or not isinstance(rel_error, (int, float)) or not 0 <= rel_error < 1
+    ):
         raise ValueError(f"rel_error: expected a float in [0, 1), got {rel_error!r}")
     return ranks
 
@@ -51,13 +54,12 @@ def _bond_rank(s: Tensor, delta: float | None, cap: int | None) -> int:
     keep = len(s)
     if delta is not None:
         tail = torch.cumsum(s.flip(0) ** 2, 0).flip(0)  # tail[i] = sum_{j >= i} s_j^2
-        keep = int((tail > delta ** 2).sum().item())
+        keep = int((tail > delta**2).sum().item())
     keep = max(1, keep)
     return keep if cap is None else min(keep, cap)
 
 
-def tt_svd(tensor: Tensor, max_rank: int | Sequence[int] | None = None,
-           rel_error: float | None = None) -> TTResult:
+def tt_svd(tensor: Tensor, max_rank: int | Sequence[int] | None = None, rel_error: float | None = None) -> TTResult:
     """Tensor-train decomposition of a d-way tensor by sequential truncated SVDs.
 
     Args:
@@ -104,15 +106,24 @@ def tt_svd(tensor: Tensor, max_rank: int | Sequence[int] | None = None,
 def _check_factors(name: str, factors) -> list[int]:
     """A non-empty sequence of ints >= 1 (a factor of 0 would empty the tensor, a negative
     pair could still multiply to the right size)."""
-    ok = (isinstance(factors, Sequence) and not isinstance(factors, str) and len(factors) > 0
-          and all(isinstance(f, numbers.Integral) and not isinstance(f, bool) and f >= 1 for f in factors))
+    ok = (
+        isinstance(factors, Sequence)
+        and not isinstance(factors, str)
+        and len(factors) > 0
+        and all(isinstance(f, numbers.Integral) and not isinstance(f, bool) and f >= 1 for f in factors)
+    )
     if not ok:
         raise ValueError(f"{name}: expected a non-empty sequence of ints >= 1, got {factors!r}")
     return [int(f) for f in factors]
 
 
-def tt_matrix_svd(weight: Tensor, out_factors: Sequence[int], in_factors: Sequence[int],
-                  max_rank: int | Sequence[int] | None = None, rel_error: float | None = None) -> TTResult:
+def tt_matrix_svd(
+    weight: Tensor,
+    out_factors: Sequence[int],
+    in_factors: Sequence[int],
+    max_rank: int | Sequence[int] | None = None,
+    rel_error: float | None = None,
+) -> TTResult:
     """TT-matrix cores (r_{k-1}, m_k, n_k, r_k) of W (M x N), M = prod m_k, N = prod n_k."""
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-d tensor, got {getattr(weight, 'shape', type(weight))}")
@@ -123,8 +134,10 @@ def tt_matrix_svd(weight: Tensor, out_factors: Sequence[int], in_factors: Sequen
     if len(out_factors) != len(in_factors):
         raise ValueError(f"out_factors, in_factors: expected the same length, got {out_factors} and {in_factors}")
     if math.prod(out_factors) != weight.shape[0] or math.prod(in_factors) != weight.shape[1]:
-        raise ValueError(f"out_factors, in_factors: expected products {tuple(weight.shape)}, got "
-                         f"{math.prod(out_factors)} and {math.prod(in_factors)}")
+        raise ValueError(
+            f"out_factors, in_factors: expected products {tuple(weight.shape)}, got "
+            f"{math.prod(out_factors)} and {math.prod(in_factors)}"
+        )
     d = len(out_factors)
     # (m_1..m_d, n_1..n_d) -> (m_1, n_1, m_2, n_2, ...) -> (m_1 n_1, ..., m_d n_d)
     t = weight.reshape(*out_factors, *in_factors)
@@ -135,8 +148,9 @@ def tt_matrix_svd(weight: Tensor, out_factors: Sequence[int], in_factors: Sequen
     return TTResult(cores, res.ranks, res.rel_error)
 
 
-def tt_round(cores: Sequence[Tensor], max_rank: int | Sequence[int] | None = None,
-             rel_error: float | None = None) -> TTResult:
+def tt_round(
+    cores: Sequence[Tensor], max_rank: int | Sequence[int] | None = None, rel_error: float | None = None
+) -> TTResult:
     """Truncate the bond ranks of an existing tensor train (Oseledets' TT rounding).
 
     A right-to-left QR sweep makes every core but the first orthonormal, so the first core

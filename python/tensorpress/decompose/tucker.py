@@ -1,9 +1,10 @@
 """Tucker decomposition: HOSVD (De Lathauwer et al. 2000), refined by HOOI."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -52,10 +53,10 @@ def feasible_ranks(ranks: Sequence[int], shape: Sequence[int]) -> list[int]:
     Tucker-2 kernel needs r_out = r_in."""
     out = [min(int(r), int(p)) for r, p in zip(ranks, shape)]
     changed = True
-    while changed:   # each pass only lowers ranks (all >= 1): it ends
+    while changed:  # each pass only lowers ranks (all >= 1): it ends
         changed = False
         for n in range(len(out)):
-            cap = math.prod(out[:n] + out[n + 1:])
+            cap = math.prod(out[:n] + out[n + 1 :])
             if out[n] > cap:
                 out[n], changed = cap, True
     return out
@@ -68,8 +69,11 @@ def _check(tensor, ranks):
     if isinstance(ranks, int) and not isinstance(ranks, bool):
         ranks = [ranks] * d
     ranks = list(ranks) if isinstance(ranks, (list, tuple)) else ranks
-    if (not isinstance(ranks, list) or len(ranks) != d
-            or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks)):
+    if (
+        not isinstance(ranks, list)
+        or len(ranks) != d
+        or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks)
+    ):
         raise ValueError(f"ranks: expected {d} ints >= 1 (one per mode of a {d}-way tensor), got {ranks!r}")
     if not torch.isfinite(tensor).all():
         raise ValueError("tensor: expected finite values, found NaN or Inf")
@@ -87,8 +91,9 @@ def hosvd(tensor: Tensor, ranks: int | Sequence[int]) -> TuckerResult:
     return TuckerResult(core.to(tensor.dtype), [f.to(tensor.dtype) for f in factors], err, 0, [err])
 
 
-def tucker(tensor: Tensor, ranks: int | Sequence[int], n_iter_max: int = 50, tol: float = 1e-10,
-           init: str = "hosvd") -> TuckerResult:
+def tucker(
+    tensor: Tensor, ranks: int | Sequence[int], n_iter_max: int = 50, tol: float = 1e-10, init: str = "hosvd"
+) -> TuckerResult:
     """Tucker decomposition by higher-order orthogonal iteration (HOOI), started from HOSVD.
 
     Each sweep replaces every factor by the leading left singular vectors of the tensor
@@ -124,4 +129,4 @@ def _rel_error(t: Tensor, core: Tensor) -> float:
     if total == 0:
         return 0.0
     kept = torch.linalg.vector_norm(core).item()
-    return max(total ** 2 - kept ** 2, 0.0) ** 0.5 / total
+    return max(total**2 - kept**2, 0.0) ** 0.5 / total

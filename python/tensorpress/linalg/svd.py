@@ -11,6 +11,7 @@ Accuracy of each method (s_i the returned values, sigma_i the exact ones, u the 
   posteriori and redone by LAPACK where the check fails; the guarantee is in
   `truncated_svd`'s docstring and `CHECK_TOLERANCE`.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,14 +49,16 @@ class CheckTolerance(NamedTuple):
     frobenius: float
 
 
-CHECK_TOLERANCE = {torch.float32: CheckTolerance(value=1e-4, floor=1e-5, frobenius=1e-4),
-                   torch.float64: CheckTolerance(value=1e-6, floor=1e-12, frobenius=1e-6)}
+CHECK_TOLERANCE = {
+    torch.float32: CheckTolerance(value=1e-4, floor=1e-5, frobenius=1e-4),
+    torch.float64: CheckTolerance(value=1e-6, floor=1e-12, frobenius=1e-6),
+}
 # the checked method's block: twice the rank (at least rank + DEFAULT_OVERSAMPLE); a wide
 # block makes the power iterations converge at (sigma_{l+1} / sigma_k)^2 each, which on the
 # slowly decaying spectra of the tests is what lets the check pass at all
-CHECKED_FIRST_ITERATIONS = 3   # power iterations before the first check
+CHECKED_FIRST_ITERATIONS = 3  # power iterations before the first check
 CHECKED_MAX_CHECKS = 3
-CHECKED_STEP_MARGIN = 1.25     # on the predicted iterations (see _predicted_steps)
+CHECKED_STEP_MARGIN = 1.25  # on the predicted iterations (see _predicted_steps)
 # Cost model of the checked method's budget: a full LAPACK SVD of an m x n matrix (p = min,
 # q = max) takes as long as LAPACK_COST_IN_STEPS * (4 q p^2 + 8 p^3) / (4 m n l + 8 (m + n) l^2)
 # power iterations (their GEMMs and CholeskyQR2s); fitted single-threaded on the 2-core EPYC
@@ -82,8 +85,9 @@ class SVDResult(NamedTuple):
     Vh: Tensor
 
 
-def svd_method(shape, rank: int | None = None, method: str = "auto", device="cpu",
-               dtype: torch.dtype = torch.float32) -> str:
+def svd_method(
+    shape, rank: int | None = None, method: str = "auto", device="cpu", dtype: torch.dtype = torch.float32
+) -> str:
     """The method `truncated_svd` uses for matrices of this shape, rank and dtype (the choice
     made visible): jacobi when min(m, n) <= 64 for float32, <= 32 for float64 (on CUDA: up to
     64 where our kernel takes the shape), randomized_checked (randomized, checked, LAPACK where
@@ -97,8 +101,11 @@ def svd_method(shape, rank: int | None = None, method: str = "auto", device="cpu
         return "jacobi"
     if k <= JACOBI_MAX_COLUMNS_CUDA and jacobi_on_cuda(shape, device):
         return "jacobi"
-    if (rank is not None and rank <= RANDOMIZED_MAX_RANK_FRACTION * k
-            and checked_step_budget(m, n, rank, dtype) >= CHECKED_MIN_BUDGET):
+    if (
+        rank is not None
+        and rank <= RANDOMIZED_MAX_RANK_FRACTION * k
+        and checked_step_budget(m, n, rank, dtype) >= CHECKED_MIN_BUDGET
+    ):
         return "randomized_checked"
     return "lapack"
 
@@ -131,9 +138,15 @@ def _validate(A, rank, rtol, method, n_iter, oversample):
         raise ValueError("A: expected finite values, found NaN or Inf")
 
 
-def truncated_svd(A: Tensor, rank: int | None = None, rtol: float | None = None, method: str = "auto",
-                  n_iter: int | None = None, oversample: int | None = None,
-                  generator: torch.Generator | None = None) -> SVDResult:
+def truncated_svd(
+    A: Tensor,
+    rank: int | None = None,
+    rtol: float | None = None,
+    method: str = "auto",
+    n_iter: int | None = None,
+    oversample: int | None = None,
+    generator: torch.Generator | None = None,
+) -> SVDResult:
     """Truncated SVD of a batch of matrices.
 
     Args:
@@ -180,8 +193,13 @@ def truncated_svd(A: Tensor, rank: int | None = None, rtol: float | None = None,
     if chosen == "jacobi":
         U, S, Vh = _jacobi(a)
     elif chosen == "randomized":
-        U, S, Vh = _randomized(a, k, DEFAULT_POWER_ITERATIONS if n_iter is None else n_iter,
-                               DEFAULT_OVERSAMPLE if oversample is None else oversample, generator)
+        U, S, Vh = _randomized(
+            a,
+            k,
+            DEFAULT_POWER_ITERATIONS if n_iter is None else n_iter,
+            DEFAULT_OVERSAMPLE if oversample is None else oversample,
+            generator,
+        )
     elif chosen == "randomized_checked":
         U, S, Vh = _randomized_checked(a, k, generator)
     else:
@@ -235,8 +253,7 @@ def _jacobi(a: Tensor):
         b, m, n = a.shape
         k = min(m, n)
         U, S, Vh = a.new_empty(b, m, k), a.new_empty(b, k), a.new_empty(b, k, n)
-        kernels.module.svd_jacobi_cuda(a, U, S, Vh, JACOBI_TOL[a.dtype], JACOBI_MAX_SWEEPS,
-                                       kernels.stream(a.device))
+        kernels.module.svd_jacobi_cuda(a, U, S, Vh, JACOBI_TOL[a.dtype], JACOBI_MAX_SWEEPS, kernels.stream(a.device))
         return U, S, Vh
     a = a.contiguous()
     b, m, n = a.shape
@@ -352,7 +369,7 @@ def _predicted_steps(failure: Tensor, s_all: Tensor, k: int) -> Tensor:
     convergence is in sight. The estimate is optimistic before convergence (s_l is then well
     below sigma_l), hence the margin."""
     ratio = (s_all[..., -1] / s_all[..., k - 1].clamp_min(torch.finfo(s_all.dtype).tiny)).to(torch.float64)
-    rate = -2 * torch.log(ratio.clamp(max=1.0))            # log reduction per iteration, >= 0
+    rate = -2 * torch.log(ratio.clamp(max=1.0))  # log reduction per iteration, >= 0
     need = CHECKED_STEP_MARGIN * torch.log(failure.clamp_min(1.0)) / rate
     return torch.ceil(torch.nan_to_num(need, nan=0.0, posinf=math.inf))
 
@@ -366,7 +383,7 @@ def checked_step_budget(m: int, n: int, k: int, dtype: torch.dtype) -> float:
     may spend on an m x n matrix at rank k: CHECKED_TIME_FRACTION of a full SVD's time by the
     cost model of LAPACK_COST_IN_STEPS."""
     l, p, q = _checked_block(m, n, k), min(m, n), max(m, n)
-    lapack = 4 * q * p * p + 8 * p ** 3
+    lapack = 4 * q * p * p + 8 * p**3
     step = 4 * m * n * l + 8 * (m + n) * l * l
     return CHECKED_TIME_FRACTION * LAPACK_COST_IN_STEPS.get(dtype, LAPACK_COST_IN_STEPS[torch.float64]) * lapack / step
 
@@ -385,8 +402,8 @@ def _randomized_checked(a: Tensor, k: int, generator):
     budget = checked_step_budget(m, n, k, a.dtype)
     norm2 = torch.linalg.vector_norm(a, dim=(-2, -1), dtype=torch.float64) ** 2
     U, S, Vh = a.new_empty(b, m, k), a.new_empty(b, k), a.new_empty(b, k, n)
-    work, idx = a, torch.arange(b, device=a.device)   # the matrices still iterating
-    exact = []                                        # indices of those LAPACK redoes
+    work, idx = a, torch.arange(b, device=a.device)  # the matrices still iterating
+    exact = []  # indices of those LAPACK redoes
     q, _ = cholesky_qr2(_sketch(a, _checked_block(m, n, k), generator))
     spent, steps = 0, CHECKED_FIRST_ITERATIONS
     for check in range(CHECKED_MAX_CHECKS):

@@ -1,4 +1,5 @@
 """Drop-in compressed layers."""
+
 from tensorpress.nn.cp_conv2d import CPConv2d
 from tensorpress.nn.factorize import balanced_factors
 from tensorpress.nn.lowrank_linear import LowRankLinear

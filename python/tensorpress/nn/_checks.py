@@ -1,7 +1,8 @@
 """Checks shared by the factorized layers (TTLinear, CPConv2d, TuckerConv2d, LowRankLinear)."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -28,17 +29,24 @@ def check_input_matches(x, params: Iterable[tuple[str, Tensor | None]]) -> None:
         if p is None:
             continue
         if x.device != p.device:
-            raise ValueError(f"input: expected a tensor on {p.device} (the device of the layer's {name}), "
-                             f"got one on {x.device}")
+            raise ValueError(
+                f"input: expected a tensor on {p.device} (the device of the layer's {name}), got one on {x.device}"
+            )
         if x.dtype != p.dtype and not autocast_casts(x, p):
-            raise TypeError(f"input: expected dtype {p.dtype} (the dtype of the layer's {name}; under "
-                            f"torch.autocast any dtype it casts), got {x.dtype}")
+            raise TypeError(
+                f"input: expected dtype {p.dtype} (the dtype of the layer's {name}; under "
+                f"torch.autocast any dtype it casts), got {x.dtype}"
+            )
 
 
 def autocast_casts(x: Tensor, p: Tensor) -> bool:
     """Whether autocast is on for x's device and casts both x and p (floating types other than
     float64, as for nn.Linear), so that their dtypes need not match."""
     device = x.device.type
-    return (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-            and x.is_floating_point() and p.is_floating_point()
-            and torch.float64 not in (x.dtype, p.dtype))
+    return (
+        torch.amp.is_autocast_available(device)
+        and torch.is_autocast_enabled(device)
+        and x.is_floating_point()
+        and p.is_floating_point()
+        and torch.float64 not in (x.dtype, p.dtype)
+    )

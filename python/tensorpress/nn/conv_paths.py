@@ -18,20 +18,21 @@ CPU autocast or on other devices: those take the static routes. Routes round dif
 outputs may differ in the last bits between processes; within a process a key always takes
 the same route.
 """
+
 from __future__ import annotations
 
 import os
 import threading
 import time
-from typing import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 import torch
 from torch import Tensor
 
 from tensorpress._eager import plain_eager
 
-REPEATS = 3            # timed runs per route (after one warm-up), interleaved across routes
-MAX_KEYS = 1024        # cached keys kept; the oldest is dropped past this
+REPEATS = 3  # timed runs per route (after one warm-up), interleaved across routes
+MAX_KEYS = 1024  # cached keys kept; the oldest is dropped past this
 
 # read at call time, so that tests can replace it with a scripted clock
 clock: Callable[[], float] = time.perf_counter
@@ -57,8 +58,7 @@ def may_measure(x: Tensor, *params: Tensor | None) -> bool:
     """Whether this call may time routes: autotuning on, a non-empty batch of plain eager CPU
     tensors that nothing records, CPU autocast off (it would time autocast's dtype)."""
     # plain_eager first: under jit.trace the batch size is a traced value
-    return (autotune_enabled() and plain_eager(x, *params) and not torch.is_autocast_enabled("cpu")
-            and x.shape[0] > 0)
+    return autotune_enabled() and plain_eager(x, *params) and not torch.is_autocast_enabled("cpu") and x.shape[0] > 0
 
 
 def autograd_wanted(x: Tensor, *params: Tensor | None) -> bool:
@@ -74,8 +74,7 @@ def batch_bucket(n: int) -> int:
 def call_key(x: Tensor, training: bool) -> tuple:
     """The part of a key every layer shares: input shape but batch, batch bucket, dtype,
     layout, thread count and grad mode."""
-    return (tuple(x.shape[1:]), batch_bucket(x.shape[0]), x.dtype, x.is_contiguous(),
-            torch.get_num_threads(), training)
+    return (tuple(x.shape[1:]), batch_bucket(x.shape[0]), x.dtype, x.is_contiguous(), torch.get_num_threads(), training)
 
 
 def cached_choice(key: tuple, measure: Callable[[], object]) -> object:
@@ -108,18 +107,21 @@ def runner(forward: Callable[[], Tensor], wrt: tuple[Tensor, ...], training: boo
     """A call of `forward` as the layer will make it: without autograd, or with its backward
     to the leaves in `wrt` that want gradients (ones as the output's gradient)."""
     if not training:
+
         def run() -> None:
             with torch.no_grad():
                 forward()
+
         return run
     leaves = [t for t in wrt if t.requires_grad]
-    if not leaves:                    # nothing of this stage wants a gradient: forward only
+    if not leaves:  # nothing of this stage wants a gradient: forward only
         return runner(forward, wrt, False)
 
     def run_with_backward() -> None:
         with torch.enable_grad():
             y = forward()
             torch.autograd.grad(y, leaves, torch.ones_like(y))
+
     return run_with_backward
 
 
@@ -142,7 +144,7 @@ def fastest(routes: Mapping[Hashable, Callable[[], None]]) -> Hashable:
         routes[name]()
     samples: dict[Hashable, list[float]] = {n: [] for n in names}
     for i in range(REPEATS):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             start = clock()
             routes[name]()
             samples[name].append(clock() - start)

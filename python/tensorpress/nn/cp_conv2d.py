@@ -1,4 +1,5 @@
 """CPConv2d: a Conv2d whose kernel is a CP tensor, run as 1x1 GEMMs around a depthwise conv."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,11 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 def _pair(name: str, v, low: int) -> tuple[int, int]:
     vals = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
-    if (not isinstance(vals, (tuple, list)) or len(vals) != 2
-            or any(isinstance(x, bool) or not isinstance(x, int) or x < low for x in vals)):
+    if (
+        not isinstance(vals, (tuple, list))
+        or len(vals) != 2
+        or any(isinstance(x, bool) or not isinstance(x, int) or x < low for x in vals)
+    ):
         raise ValueError(f"{name}: expected an int >= {low} or a pair of them, got {v!r}")
     return int(vals[0]), int(vals[1])
 
@@ -48,7 +52,9 @@ def resolve_conv_args(in_channels, out_channels, kernel_size, stride, padding, d
             pad = (0, 0, 0, 0)
         elif padding == "same":
             if stride != (1, 1):
-                raise ValueError(f"padding: 'same' is only supported with stride 1 (as in nn.Conv2d), got stride={stride}")
+                raise ValueError(
+                    f"padding: 'same' is only supported with stride 1 (as in nn.Conv2d), got stride={stride}"
+                )
             total = [d * (k - 1) for d, k in zip(dilation, kernel)]
             pad = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
         else:
@@ -78,7 +84,9 @@ def check_dense_conv(conv) -> Tensor:
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
     if conv.groups != 1:
-        raise ValueError(f"conv: expected groups=1 (grouped/depthwise convs are not factorized), got groups={conv.groups}")
+        raise ValueError(
+            f"conv: expected groups=1 (grouped/depthwise convs are not factorized), got groups={conv.groups}"
+        )
     w = conv.weight.detach()
     if w.dim() != 4:
         raise ValueError(f"conv: expected a 4-D weight (out, in, kh, kw), got shape {tuple(w.shape)}")
@@ -88,16 +96,34 @@ def check_dense_conv(conv) -> Tensor:
 
 
 def conv_kwargs(conv: nn.Conv2d) -> dict:
-    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
-                stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-                padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
 
 
 def dense_conv_like(layer: nn.Module, weight: Tensor) -> nn.Conv2d:
     """An nn.Conv2d with `layer`'s geometry and bias and the given kernel."""
-    conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                     layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode,
-                     device=weight.device, dtype=weight.dtype)
+    conv = nn.Conv2d(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
     with torch.no_grad():
         conv.weight.copy_(weight)
         if layer.bias is not None:
@@ -136,12 +162,13 @@ MAX_FUSED_DEPTHWISE = 7
 
 def depthwise_fused(h: Tensor, kernel_h: Tensor, kernel_w: Tensor, pad: tuple[int, int], stride, dilation) -> Tensor:
     """The two depthwise stages as one kh x kw depthwise conv with kernel C[h, r] D[w, r]."""
-    kernel = kernel_h * kernel_w          # (R, 1, kh, 1) * (R, 1, 1, kw)
+    kernel = kernel_h * kernel_w  # (R, 1, kh, 1) * (R, 1, 1, kw)
     return F.conv2d(h, kernel, stride=stride, padding=pad, dilation=dilation, groups=kernel.shape[0])
 
 
-def depthwise_separable(h: Tensor, kernel_h: Tensor, kernel_w: Tensor, pad: tuple[int, int], stride,
-                        dilation) -> Tensor:
+def depthwise_separable(
+    h: Tensor, kernel_h: Tensor, kernel_w: Tensor, pad: tuple[int, int], stride, dilation
+) -> Tensor:
     """kh x 1 then 1 x kw depthwise convs (H stride/dilation on the first, W on the second)."""
     (sh, sw), (dh, dw), rank = stride, dilation, kernel_h.shape[0]
     h = F.conv2d(h, kernel_h, stride=(sh, 1), padding=(pad[0], 0), dilation=(dh, 1), groups=rank)
@@ -155,8 +182,9 @@ DEPTHWISE = {"fused": depthwise_fused, "separable": depthwise_separable}
 
 class Routes(NamedTuple):
     """The route each stage of a CPConv2d forward takes."""
-    pointwise_in: str        # a key of POINTWISE
-    depthwise: str           # a key of DEPTHWISE
+
+    pointwise_in: str  # a key of POINTWISE
+    depthwise: str  # a key of DEPTHWISE
     pointwise_out: str
 
 
@@ -181,7 +209,9 @@ def check_input(x: Tensor, layer: nn.Module) -> None:
     check_input_matches(x, layer._parameters.items())
     in_channels = layer.in_channels
     if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
-        raise ValueError(f"input: expected shape (N, {in_channels}, H, W) or ({in_channels}, H, W), got {tuple(x.shape)}")
+        raise ValueError(
+            f"input: expected shape (N, {in_channels}, H, W) or ({in_channels}, H, W), got {tuple(x.shape)}"
+        )
 
 
 def max_cp_rank(shape: tuple[int, ...]) -> int:
@@ -197,14 +227,19 @@ def check_cp_rank(rank, kernel_shape: tuple[int, int, int, int]) -> int:
     _check_positive_int("rank", rank)
     bound = max_cp_rank(kernel_shape)
     if rank > bound:
-        raise ValueError(f"rank: expected at most {bound} for a kernel of shape {kernel_shape} (out, in, kh, kw): "
-                         f"no such kernel has a larger CP rank (at most the product of all sizes but the "
-                         f"largest), got {rank}")
+        raise ValueError(
+            f"rank: expected at most {bound} for a kernel of shape {kernel_shape} (out, in, kh, kw): "
+            f"no such kernel has a larger CP rank (at most the product of all sizes but the "
+            f"largest), got {rank}"
+        )
     params, dense = rank * sum(kernel_shape), math.prod(kernel_shape)
     if params > dense:
-        warnings.warn(f"rank: {rank} gives the CPConv2d {params} factor parameters, more than the dense "
-                      f"{'x'.join(map(str, kernel_shape))} kernel's {dense}; a rank of at most "
-                      f"{dense // sum(kernel_shape)} compresses", stacklevel=3)
+        warnings.warn(
+            f"rank: {rank} gives the CPConv2d {params} factor parameters, more than the dense "
+            f"{'x'.join(map(str, kernel_shape))} kernel's {dense}; a rank of at most "
+            f"{dense // sum(kernel_shape)} compresses",
+            stacklevel=3,
+        )
     return rank
 
 
@@ -236,16 +271,29 @@ class CPConv2d(nn.Module):
     as for nn.Conv2d.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if groups != 1:
             raise ValueError(f"groups: expected 1 (CPConv2d factorizes a full conv), got {groups!r}")
         check_factor_dtype(dtype)
         self.kernel_size, self.stride, self.dilation, self._pad = resolve_conv_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
+            in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode
+        )
         check_cp_rank(rank, (out_channels, in_channels, *self.kernel_size))
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
         self.padding, self.padding_mode, self.groups = padding, padding_mode, 1
@@ -278,8 +326,9 @@ class CPConv2d(nn.Module):
 
     def forward_routes(self, x: Tensor, routes: Routes) -> Tensor:
         """The forward on a batched input with the given stage routes (all compute the same)."""
-        return self._stages(x, routes, self.pointwise_in, self.depthwise_h, self.depthwise_w, self.pointwise_out,
-                            self.bias)
+        return self._stages(
+            x, routes, self.pointwise_in, self.depthwise_h, self.depthwise_w, self.pointwise_out, self.bias
+        )
 
     def _stages(self, x, routes: Routes, p_in, k_h, k_w, p_out, bias) -> Tensor:
         h = POINTWISE[routes.pointwise_in](x, p_in)
@@ -301,14 +350,24 @@ class CPConv2d(nn.Module):
         if not conv_paths.may_measure(x, *params):
             return static_routes(self.kernel_size)
         training = conv_paths.autograd_wanted(x, *params)
-        key = (type(self).__name__, self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride,
-               self.dilation, self._pad, self.padding_mode, self.bias is not None,
-               *conv_paths.call_key(x, training))
+        key = (
+            type(self).__name__,
+            self.in_channels,
+            self.out_channels,
+            self.rank,
+            self.kernel_size,
+            self.stride,
+            self.dilation,
+            self._pad,
+            self.padding_mode,
+            self.bias is not None,
+            *conv_paths.call_key(x, training),
+        )
         return conv_paths.cached_choice(key, lambda: self._measure_routes(x, training))
 
     def route_candidates(self, x: Tensor) -> list[Routes]:
         """Every combination of routes for this input, the static one first (it wins ties)."""
-        pointwise = pointwise_candidates(x)   # a channels_last input stays channels_last throughout
+        pointwise = pointwise_candidates(x)  # a channels_last input stays channels_last throughout
         return [Routes(a, d, b) for a in pointwise for d in depthwise_candidates(self.kernel_size) for b in pointwise]
 
     def _measure_routes(self, x: Tensor, training: bool) -> Routes:
@@ -316,12 +375,18 @@ class CPConv2d(nn.Module):
         when the call builds a graph) on the call's input, detached. Whole forwards, not stages
         one by one: memory-bound stages share caches and allocations, and at 32x64x56x56 the
         stage-by-stage choice was 30% slower than the best combination."""
-        factors = tuple(conv_paths.leaf(p, p is not None and p.requires_grad) for p in (
-            self.pointwise_in, self.depthwise_h, self.depthwise_w, self.pointwise_out, self.bias))
+        factors = tuple(
+            conv_paths.leaf(p, p is not None and p.requires_grad)
+            for p in (self.pointwise_in, self.depthwise_h, self.depthwise_w, self.pointwise_out, self.bias)
+        )
         x = conv_paths.leaf(x, x.requires_grad)
         wrt = (x, *(f for f in factors if f is not None))
-        return conv_paths.fastest({r: conv_paths.runner(lambda r=r: self._stages(x, r, *factors), wrt, training)
-                                   for r in self.route_candidates(x)})
+        return conv_paths.fastest(
+            {
+                r: conv_paths.runner(lambda r=r: self._stages(x, r, *factors), wrt, training)
+                for r in self.route_candidates(x)
+            }
+        )
 
     def _depthwise_fused(self, h: Tensor, pad: tuple[int, int]) -> Tensor:
         return depthwise_fused(h, self.depthwise_h, self.depthwise_w, pad, self.stride, self.dilation)
@@ -331,7 +396,7 @@ class CPConv2d(nn.Module):
 
     # ------------------------------------------------------------------ conversions
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, rank: int, method: str = "als", **kwargs) -> "CPConv2d":
+    def from_dense(cls, conv: nn.Conv2d, rank: int, method: str = "als", **kwargs) -> CPConv2d:
         """A CPConv2d approximating ``conv`` (groups=1) by a rank-``rank`` CP decomposition of
         its kernel: ``method="als"`` (:func:`~tensorpress.decompose.cp_als`, SVD start) or
         ``"overparam"`` (:func:`~tensorpress.decompose.cp_overparam`); ``kwargs`` go to it.
@@ -360,8 +425,13 @@ class CPConv2d(nn.Module):
 
     def to_dense(self) -> Tensor:
         """The kernel W (out, in, kh, kw)."""
-        return torch.einsum("or,ri,rh,rw->oihw", self.pointwise_out[:, :, 0, 0], self.pointwise_in[:, :, 0, 0],
-                            self.depthwise_h[:, 0, :, 0], self.depthwise_w[:, 0, 0, :])
+        return torch.einsum(
+            "or,ri,rh,rw->oihw",
+            self.pointwise_out[:, :, 0, 0],
+            self.pointwise_in[:, :, 0, 0],
+            self.depthwise_h[:, 0, :, 0],
+            self.depthwise_w[:, 0, 0, :],
+        )
 
     def to_conv(self) -> nn.Conv2d:
         """The equivalent nn.Conv2d (kernel :meth:`to_dense`, same bias and geometry)."""
@@ -375,8 +445,10 @@ class CPConv2d(nn.Module):
         return dense / (self.rank * (self.out_channels + self.in_channels + kh + kw))
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
-             f"stride={self.stride}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+            f"stride={self.stride}"
+        )
         if self.padding not in (0, (0, 0), "valid"):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):

@@ -1,4 +1,5 @@
 """Splitting a layer dimension into d factors for a tensorized layer."""
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,10 @@ def balanced_factors(n: int, d: int, name: str = "n") -> tuple[int, ...]:
     if d == 1:
         return (n,)
     if len(_prime_factors(n)) < d:
-        raise ValueError(f"{name}={n} cannot be split into {d} factors > 1 (its prime factors are "
-                         f"{_prime_factors(n)}); pass explicit factors or fewer of them")
+        raise ValueError(
+            f"{name}={n} cannot be split into {d} factors > 1 (its prime factors are "
+            f"{_prime_factors(n)}); pass explicit factors or fewer of them"
+        )
     best = None
     for combo in _factorizations(n, d, 2):
         key = (max(combo), max(combo) - min(combo))
@@ -53,7 +56,7 @@ def _factorizations(n: int, d: int, smallest: int):
             yield (n,)
         return
     f = smallest
-    while f ** d <= n:
+    while f**d <= n:
         if n % f == 0:
             for rest in _factorizations(n // f, d - 1, f):
                 yield (f,) + rest
@@ -68,4 +71,4 @@ def default_num_factors(*dims: int) -> int:
 def max_bond_ranks(out_factors, in_factors) -> list[int]:
     """The largest useful rank of each bond: min of the sizes on its two sides."""
     sizes = [m * n for m, n in zip(out_factors, in_factors)]
-    return [min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1:])) for k in range(len(sizes) - 1)]
+    return [min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)]

@@ -1,4 +1,5 @@
 """LowRankLinear: a Linear whose weight is a rank-r product, run as two thin linears."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ def _check_rank(rank, in_features: int, out_features: int) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank: expected an int >= 1, got {rank!r}")
     if rank > min(in_features, out_features):
-        raise ValueError(f"rank: expected at most min(in_features, out_features) = "
-                         f"{min(in_features, out_features)}, got {rank}")
+        raise ValueError(
+            f"rank: expected at most min(in_features, out_features) = {min(in_features, out_features)}, got {rank}"
+        )
     return rank
 
 
@@ -44,8 +46,9 @@ class LowRankLinear(nn.Module):
     Shape: input (*, in_features) -> output (*, out_features), as nn.Linear.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None,
-                 dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         check_factor_dtype(dtype)
@@ -76,15 +79,22 @@ class LowRankLinear(nn.Module):
         return F.linear(F.linear(x, self.first), self.second, self.bias)
 
     @classmethod
-    def from_factors(cls, first: Tensor, second: Tensor, bias: Tensor | None, dtype=None,
-                     device=None) -> "LowRankLinear":
+    def from_factors(cls, first: Tensor, second: Tensor, bias: Tensor | None, dtype=None, device=None) -> LowRankLinear:
         """A layer holding the given factors (copied, cast to ``dtype``/``device``)."""
         if first.dim() != 2 or second.dim() != 2 or second.shape[1] != first.shape[0]:
-            raise ValueError(f"first, second: expected (rank, in) and (out, rank), got {tuple(first.shape)} "
-                             f"and {tuple(second.shape)}")
+            raise ValueError(
+                f"first, second: expected (rank, in) and (out, rank), got {tuple(first.shape)} "
+                f"and {tuple(second.shape)}"
+            )
         dtype = dtype or first.dtype
-        layer = cls(first.shape[1], second.shape[0], first.shape[0], bias=bias is not None, dtype=dtype,
-                    device=device or first.device)
+        layer = cls(
+            first.shape[1],
+            second.shape[0],
+            first.shape[0],
+            bias=bias is not None,
+            dtype=dtype,
+            device=device or first.device,
+        )
         with torch.no_grad():
             layer.first.copy_(first)
             layer.second.copy_(second)
@@ -93,7 +103,7 @@ class LowRankLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+    def from_dense(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
         """The best rank-``rank`` approximation of ``linear``'s weight in Frobenius norm
         (truncated SVD in float64, singular values split evenly between the factors). For a
         data-aware approximation use :func:`tensorpress.compress.compress`."""
@@ -111,8 +121,13 @@ class LowRankLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """The equivalent nn.Linear."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.first.device, dtype=self.first.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.first.device,
+            dtype=self.first.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(self.to_dense())
             if self.bias is not None:
@@ -125,5 +140,7 @@ class LowRankLinear(nn.Module):
         return self.in_features * self.out_features / (self.rank * (self.in_features + self.out_features))
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features} -> {self.out_features}, rank={self.rank}, bias={self.bias is not None}, "
-                f"{self.compression_ratio:.1f}x smaller")
+        return (
+            f"{self.in_features} -> {self.out_features}, rank={self.rank}, bias={self.bias is not None}, "
+            f"{self.compression_ratio:.1f}x smaller"
+        )

@@ -1,10 +1,11 @@
 """TTLinear: a linear layer whose weight is a TT-matrix, run by the fused TT kernel."""
+
 from __future__ import annotations
 
 import ctypes
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +36,17 @@ class TTLinear(nn.Module):
         input (*, in_features) -> output (*, out_features).
     """
 
-    def __init__(self, in_features: int, out_features: int, ranks: int | Sequence[int],
-                 in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
-                 bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ranks: int | Sequence[int],
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -51,7 +60,8 @@ class TTLinear(nn.Module):
         full = (1, *self.ranks, 1)
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(full[k], m, n, full[k + 1], **factory))
-            for k, (m, n) in enumerate(zip(self.out_factors, self.in_factors)))
+            for k, (m, n) in enumerate(zip(self.out_factors, self.in_factors))
+        )
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
 
@@ -78,9 +88,14 @@ class TTLinear(nn.Module):
 
     @staticmethod
     def _plan(cores: list[Tensor], batch: int, dtype: torch.dtype | None, training: bool = False) -> TTPlan:
-        core = cores[0]   # on CUDA the plan also picks the kernel path by the GPU cost model
-        return select_plan(tuple(tuple(g.shape) for g in cores), batch, device=str(core.device),
-                           dtype=dtype or core.dtype, training=training)
+        core = cores[0]  # on CUDA the plan also picks the kernel path by the GPU cost model
+        return select_plan(
+            tuple(tuple(g.shape) for g in cores),
+            batch,
+            device=str(core.device),
+            dtype=dtype or core.dtype,
+            training=training,
+        )
 
     @property
     def core_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
@@ -104,8 +119,9 @@ class TTLinear(nn.Module):
             # the half types in float32), autocast itself off inside
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):
-                return tt_matmul(x.to(dtype), [g.to(dtype) for g in cores],
-                                 bias=None if bias is None else bias.to(dtype))
+                return tt_matmul(
+                    x.to(dtype), [g.to(dtype) for g in cores], bias=None if bias is None else bias.to(dtype)
+                )
         plan, prepared = self._prepared_for_inference(x, cores)
         # the CPU kernel adds the bias block by block (and sums its gradient the same way)
         return tt_matmul(x, cores, plan=plan, prepared=prepared, bias=bias)
@@ -140,9 +156,14 @@ class TTLinear(nn.Module):
 
     # ------------------------------------------------------------------ conversions
     @classmethod
-    def from_dense(cls, linear: nn.Linear, ranks: int | Sequence[int] | None = None,
-                   rel_error: float | None = None, in_factors: Sequence[int] | None = None,
-                   out_factors: Sequence[int] | None = None) -> "TTLinear":
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        ranks: int | Sequence[int] | None = None,
+        rel_error: float | None = None,
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+    ) -> TTLinear:
         """A TTLinear approximating `linear` by TT-SVD.
 
         ranks caps the bond ranks; rel_error sets the per-bond truncation so that
@@ -161,16 +182,32 @@ class TTLinear(nn.Module):
         return cls.from_cores(res.cores, linear.bias, in_f, out_f, device=w.device, dtype=w.dtype)
 
     @classmethod
-    def from_cores(cls, cores: Sequence[Tensor], bias: Tensor | None, in_factors: Sequence[int],
-                   out_factors: Sequence[int], device=None, dtype=None) -> "TTLinear":
+    def from_cores(
+        cls,
+        cores: Sequence[Tensor],
+        bias: Tensor | None,
+        in_factors: Sequence[int],
+        out_factors: Sequence[int],
+        device=None,
+        dtype=None,
+    ) -> TTLinear:
         """A TTLinear holding copies of ``cores`` (r_{k-1}, out_factors[k], in_factors[k], r_k)
         and of ``bias`` (or none), in ``dtype`` on ``device``."""
         ranks = [int(g.shape[3]) for g in cores[:-1]]
-        layer = cls(math.prod(in_factors), math.prod(out_factors), ranks, in_factors, out_factors,
-                    bias=bias is not None, device=device, dtype=dtype)
+        layer = cls(
+            math.prod(in_factors),
+            math.prod(out_factors),
+            ranks,
+            in_factors,
+            out_factors,
+            bias=bias is not None,
+            device=device,
+            dtype=dtype,
+        )
         if layer.core_shapes != tuple(tuple(g.shape) for g in cores):
-            raise ValueError(f"cores: expected shapes {layer.core_shapes} for these factors, got "
-                             f"{[tuple(g.shape) for g in cores]}")
+            raise ValueError(
+                f"cores: expected shapes {layer.core_shapes} for these factors, got {[tuple(g.shape) for g in cores]}"
+            )
         with torch.no_grad():
             for g, c in zip(layer.cores, cores):
                 g.copy_(c)
@@ -189,30 +226,36 @@ class TTLinear(nn.Module):
 
     def extra_repr(self) -> str:
         f = lambda t: "(" + ",".join(map(str, t)) + ")"  # noqa: E731
-        return (f"{self.in_features} -> {self.out_features}, factors {f(self.in_factors)}->{f(self.out_factors)}, "
-                f"ranks {f(self.ranks)}, {self.compression_ratio:.0f}x smaller, bias={self.bias is not None}")
+        return (
+            f"{self.in_features} -> {self.out_features}, factors {f(self.in_factors)}->{f(self.out_factors)}, "
+            f"ranks {f(self.ranks)}, {self.compression_ratio:.0f}x smaller, bias={self.bias is not None}"
+        )
 
 
 class _InferenceCache:
     """prepare_tt's output for one plan and one state of the cores (see _prepared_for_inference)."""
 
     def __init__(self, plan: TTPlan, cores: list[Tensor]) -> None:
-        self.plan, self.cores = plan, tuple(cores)   # held, so no other tensor can take their place
+        self.plan, self.cores = plan, tuple(cores)  # held, so no other tensor can take their place
         self.keys = _storage_keys(cores)
         with torch.no_grad():
             self.values = tuple(g.detach().clone(memory_format=torch.contiguous_format) for g in cores)
             self.prepared = prepare_tt(list(cores), plan)
 
     def valid_for(self, plan: TTPlan, cores: list[Tensor]) -> bool:
-        return (plan == self.plan and len(cores) == len(self.cores)
-                and all(a is b for a, b in zip(cores, self.cores)) and _storage_keys(cores) == self.keys
-                and all(_same_bytes(g, v) for g, v in zip(cores, self.values)))
+        return (
+            plan == self.plan
+            and len(cores) == len(self.cores)
+            and all(a is b for a, b in zip(cores, self.cores))
+            and _storage_keys(cores) == self.keys
+            and all(_same_bytes(g, v) for g, v in zip(cores, self.values))
+        )
 
 
 def _libc_memcmp():
     try:
         fn = ctypes.CDLL(None).memcmp
-    except (OSError, AttributeError):   # no C library symbols in this process (Windows)
+    except (OSError, AttributeError):  # no C library symbols in this process (Windows)
         return None
     fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_int
     return fn
@@ -237,8 +280,11 @@ def _warn_if_not_smaller(ranks, out_factors, in_factors) -> None:
     params = sum(full[k] * m * n * full[k + 1] for k, (m, n) in enumerate(zip(out_factors, in_factors)))
     dense = math.prod(out_factors) * math.prod(in_factors)
     if params > dense:
-        warnings.warn(f"ranks {tuple(ranks)}: the TT cores hold {params} parameters, more than the dense "
-                      f"weight's {dense}; lower ranks compress", stacklevel=3)
+        warnings.warn(
+            f"ranks {tuple(ranks)}: the TT cores hold {params} parameters, more than the dense "
+            f"weight's {dense}; lower ranks compress",
+            stacklevel=3,
+        )
 
 
 def _resolve_factors(in_features, out_features, in_factors, out_factors):

@@ -1,24 +1,35 @@
 """TuckerConv2d: a Conv2d whose kernel is a Tucker-2 tensor (1x1, small k x k core, 1x1)."""
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tensorpress.decompose.tucker import feasible_ranks, multi_mode_product, tucker
-from tensorpress.nn.cp_conv2d import (apply_padding, check_dense_conv, check_input, conv_kwargs, dense_conv_like,
-                                      resolve_conv_args, symmetric_zero_padding)
 from tensorpress.nn._checks import check_factor_dtype
+from tensorpress.nn.cp_conv2d import (
+    apply_padding,
+    check_dense_conv,
+    check_input,
+    conv_kwargs,
+    dense_conv_like,
+    resolve_conv_args,
+    symmetric_zero_padding,
+)
 
 
 def _requested_ranks(ranks) -> tuple[int, int]:
     vals = (ranks, ranks) if isinstance(ranks, int) and not isinstance(ranks, bool) else ranks
-    if (not isinstance(vals, (tuple, list)) or len(vals) != 2
-            or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in vals)):
+    if (
+        not isinstance(vals, (tuple, list))
+        or len(vals) != 2
+        or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in vals)
+    ):
         raise ValueError(f"ranks: expected (r_out, r_in), two ints >= 1 (or one int for both), got {ranks!r}")
     return int(vals[0]), int(vals[1])
 
@@ -34,8 +45,9 @@ def tucker_params(ranks: tuple[int, int], in_channels: int, out_channels: int, k
     return r_in * in_channels + r_out * r_in * math.prod(kernel) + out_channels * r_out
 
 
-def warn_if_capped_past_dense(requested, ranks: tuple[int, int], in_channels: int, out_channels: int,
-                              kernel: tuple[int, int]) -> None:
+def warn_if_capped_past_dense(
+    requested, ranks: tuple[int, int], in_channels: int, out_channels: int, kernel: tuple[int, int]
+) -> None:
     """Capping the requested ranks is silent otherwise: say so when the capped layer is no
     smaller than the dense conv it stands for (then it compresses nothing)."""
     if tuple(requested) == tuple(ranks):
@@ -43,9 +55,12 @@ def warn_if_capped_past_dense(requested, ranks: tuple[int, int], in_channels: in
     params = tucker_params(ranks, in_channels, out_channels, kernel)
     dense = out_channels * in_channels * math.prod(kernel)
     if params >= dense:
-        warnings.warn(f"ranks: {tuple(requested)} capped to {tuple(ranks)} for a {out_channels}x{in_channels}x"
-                      f"{kernel[0]}x{kernel[1]} kernel; the TuckerConv2d has {params} factor parameters, not fewer "
-                      f"than the dense kernel's {dense}", stacklevel=3)
+        warnings.warn(
+            f"ranks: {tuple(requested)} capped to {tuple(ranks)} for a {out_channels}x{in_channels}x"
+            f"{kernel[0]}x{kernel[1]} kernel; the TuckerConv2d has {params} factor parameters, not fewer "
+            f"than the dense kernel's {dense}",
+            stacklevel=3,
+        )
 
 
 class TuckerConv2d(nn.Module):
@@ -67,16 +82,29 @@ class TuckerConv2d(nn.Module):
     Shape: input (N, in, H, W) or (in, H, W) -> output (N, out, H_out, W_out) as nn.Conv2d.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, ranks: int | Sequence[int], stride=1,
-                 padding=0, dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        ranks: int | Sequence[int],
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if groups != 1:
             raise ValueError(f"groups: expected 1 (TuckerConv2d factorizes a full conv), got {groups!r}")
         check_factor_dtype(dtype)
         self.kernel_size, self.stride, self.dilation, self._pad = resolve_conv_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
+            in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode
+        )
         self.ranks = _resolve_ranks(ranks, in_channels, out_channels)
         warn_if_capped_past_dense(_requested_ranks(ranks), self.ranks, in_channels, out_channels, self.kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -116,8 +144,9 @@ class TuckerConv2d(nn.Module):
 
     # ------------------------------------------------------------------ conversions
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, ranks: int | Sequence[int], n_iter_max: int = 50,
-                   tol: float = 1e-6) -> "TuckerConv2d":
+    def from_dense(
+        cls, conv: nn.Conv2d, ranks: int | Sequence[int], n_iter_max: int = 50, tol: float = 1e-6
+    ) -> TuckerConv2d:
         """A TuckerConv2d approximating ``conv`` (groups=1): Tucker-2 of its kernel on the
         (out, in) modes by HOSVD refined with HOOI (:func:`~tensorpress.decompose.tucker`,
         float64; the spatial modes are kept whole). Exact when ranks = (out, in).
@@ -127,8 +156,9 @@ class TuckerConv2d(nn.Module):
         # a mode's rank is also bounded by the product of the other modes' ranks (HOOI returns
         # no more: a 1x1 conv's ranks (3, 2) come out (2, 2)); the spatial modes too
         r_out, r_in, s_h, s_w = feasible_ranks([*_requested_ranks(ranks), kh, kw], w.shape)
-        warn_if_capped_past_dense(_requested_ranks(ranks), (r_out, r_in), conv.in_channels, conv.out_channels,
-                                  conv.kernel_size)
+        warn_if_capped_past_dense(
+            _requested_ranks(ranks), (r_out, r_in), conv.in_channels, conv.out_channels, conv.kernel_size
+        )
         layer = cls(ranks=(r_out, r_in), **conv_kwargs(conv))
         res = tucker(w.to(torch.float64), [r_out, r_in, s_h, s_w], n_iter_max=n_iter_max, tol=tol)
         # the spatial factors (kh x s_h, kw x s_w; square unless a rank bounds them) go back
@@ -158,8 +188,10 @@ class TuckerConv2d(nn.Module):
         return dense / tucker_params(self.ranks, self.in_channels, self.out_channels, self.kernel_size)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
-             f"stride={self.stride}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
+            f"stride={self.stride}"
+        )
         if self.padding not in (0, (0, 0), "valid"):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):

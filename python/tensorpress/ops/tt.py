@@ -5,11 +5,12 @@ row-major flattening (factor 0 most significant). The kernels live in csrc/tt/: 
 fused kernel, and on CUDA a fused (shared-memory) and a tiled kernel; x may be float16 or
 bfloat16 on CUDA (the step matrices and the accumulation stay float32).
 """
+
 from __future__ import annotations
 
 import math
 import threading
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -20,8 +21,14 @@ from tensorpress._ext import _C
 from tensorpress.ops import tt_autotune
 from tensorpress.ops.tt_dense import dense_from_halves
 from tensorpress.ops.tt_plan import TTPlan, choose_plan, cuda_limits, cuda_schedule, flat_dims, plan_info
-from tensorpress.ops.tt_prepare import (merge_group, merge_pair, merged_groups,  # noqa: F401 (merge_group: public here)
-                                        prepared_grads, prepared_outputs, step_matrices_of_groups)
+from tensorpress.ops.tt_prepare import (
+    merge_group,
+    merge_pair,
+    merged_groups,  # noqa: F401 (merge_group: public here)
+    prepared_grads,
+    prepared_outputs,
+    step_matrices_of_groups,
+)
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 SYMBOLIC_BATCH_HINT = 256
@@ -43,10 +50,13 @@ def validate_tt_cores(cores: Sequence[Tensor], name: str = "cores") -> None:
         if g.device != cores[0].device:
             raise ValueError(f"{name}[{k}]: expected device {cores[0].device} like {name}[0], got {g.device}")
         if k > 0 and g.shape[0] != cores[k - 1].shape[3]:
-            raise ValueError(f"{name}[{k}]: expected r_left = {cores[k - 1].shape[3]} (r_right of {name}[{k - 1}]), "
-                             f"got {g.shape[0]}")
+            raise ValueError(
+                f"{name}[{k}]: expected r_left = {cores[k - 1].shape[3]} (r_right of {name}[{k - 1}]), got {g.shape[0]}"
+            )
     if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
-        raise ValueError(f"{name}: expected boundary ranks r_0 = r_d = 1, got {cores[0].shape[0]} and {cores[-1].shape[3]}")
+        raise ValueError(
+            f"{name}: expected boundary ranks r_0 = r_d = 1, got {cores[0].shape[0]} and {cores[-1].shape[3]}"
+        )
     if cores[0].dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{name}: expected dtype float32, float64, float16 or bfloat16, got {cores[0].dtype}")
 
@@ -83,18 +93,17 @@ def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:
     return full.reshape(full.shape[1], full.shape[2])
 
 
-def step_matrices(merged: Sequence[Tensor], order: Sequence[int]) -> List[Tensor]:
+def step_matrices(merged: Sequence[Tensor], order: Sequence[int]) -> list[Tensor]:
     """Each absorbed core as the (K x N) matrix its step multiplies by (see csrc/tt/tt_plan.h)."""
     info = plan_info(tuple(flat_dims(tuple(g.shape) for g in merged)), tuple(order))
-    return [merged[s["core"]].permute(*s["core_perm"]).reshape(s["K"], s["N"]).contiguous()
-            for s in info["steps"]]
+    return [merged[s["core"]].permute(*s["core_perm"]).reshape(s["K"], s["N"]).contiguous() for s in info["steps"]]
 
 
 # ----------------------------------------------------------------------------- custom ops
 _scratch = threading.local()
 
 
-def _workspace(x: Tensor, core_dims: List[int], order: List[int], backward: bool) -> tuple[Tensor, int]:
+def _workspace(x: Tensor, core_dims: list[int], order: list[int], backward: bool) -> tuple[Tensor, int]:
     """Scratch memory for the kernel and the thread count it is sized for.
 
     Kept per Python thread (so concurrent callers never share it) and grown on demand:
@@ -114,7 +123,7 @@ def _workspace(x: Tensor, core_dims: List[int], order: List[int], backward: bool
 _cuda_tables: dict = {}
 
 
-def _tables(core_dims: List[int], order: List[int], device: torch.device) -> Tensor:
+def _tables(core_dims: list[int], order: list[int], device: torch.device) -> Tensor:
     """The plan's gather tables on the device, built once per (plan, device)."""
     key = (tuple(core_dims), tuple(order), device)
     t = _cuda_tables.get(key)
@@ -123,27 +132,44 @@ def _tables(core_dims: List[int], order: List[int], device: torch.device) -> Ten
     return t
 
 
-def cuda_kernel_path(core_dims: List[int], order: List[int], batch: int, dtype: torch.dtype, device,
-                     backward: bool = False, path: str = "auto") -> str:
+def cuda_kernel_path(
+    core_dims: list[int],
+    order: list[int],
+    batch: int,
+    dtype: torch.dtype,
+    device,
+    backward: bool = False,
+    path: str = "auto",
+) -> str:
     """The kernel a CUDA call runs: "fused" where a block of samples fits in shared memory
     (unless "tiled" is asked for), else "tiled"."""
     return _cuda_sched(core_dims, order, batch, dtype, device, backward, path)["path"]
 
 
 def _cuda_sched(core_dims, order, batch, dtype, device, backward, path):
-    merged = tuple(tuple(core_dims[i:i + 4]) for i in range(0, len(core_dims), 4))
+    merged = tuple(tuple(core_dims[i : i + 4]) for i in range(0, len(core_dims), 4))
     return cuda_schedule(merged, tuple(order), batch, backward, dtype, cuda_limits(device), path)
 
 
-def _run_cuda(x: Tensor, mats: List[Tensor], core_dims, order, path: str, bias: Optional[Tensor]) -> Tensor:
+def _run_cuda(x: Tensor, mats: list[Tensor], core_dims, order, path: str, bias: Tensor | None) -> Tensor:
     x = x.detach().contiguous()
     mats = [m.detach().contiguous() for m in mats]
     y = x.new_empty(x.shape[0], _out_features(core_dims))
     sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, False, path)
     ws = torch.empty(max(sched["workspace"], 1), dtype=mats[0].dtype, device=x.device)
     kernels = cuda_kernels.active()
-    kernels.module.tt_forward(x, mats, core_dims, order, y, ws, 1, tables=_tables(core_dims, order, x.device),
-                              path=path, stream=kernels.stream(x.device))
+    kernels.module.tt_forward(
+        x,
+        mats,
+        core_dims,
+        order,
+        y,
+        ws,
+        1,
+        tables=_tables(core_dims, order, x.device),
+        path=path,
+        stream=kernels.stream(x.device),
+    )
     return y if bias is None else y.add_(bias)
 
 
@@ -155,9 +181,20 @@ def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, p
     sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, True, path)
     ws = torch.empty(max(sched["workspace"], 1), dtype=mats[0].dtype, device=x.device)
     kernels = cuda_kernels.active()
-    kernels.module.tt_backward(x, mats, core_dims, order, grad_out, grad_x, grad_mats, ws, 1,
-                               tables=_tables(core_dims, order, x.device), path=path,
-                               stream=kernels.stream(x.device))
+    kernels.module.tt_backward(
+        x,
+        mats,
+        core_dims,
+        order,
+        grad_out,
+        grad_x,
+        grad_mats,
+        ws,
+        1,
+        tables=_tables(core_dims, order, x.device),
+        path=path,
+        stream=kernels.stream(x.device),
+    )
     grad_bias = grad_out.sum(0, dtype=mats[0].dtype) if need_bias else None
     return _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats)
 
@@ -169,8 +206,14 @@ def _uses_cuda_kernels(x: Tensor) -> bool:
 
 
 @torch.library.custom_op("tensorpress::tt_contract", mutates_args=())
-def tt_contract(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int], path: str = "auto",
-                bias: Optional[Tensor] = None) -> Tensor:
+def tt_contract(
+    x: Tensor,
+    mats: list[Tensor],
+    core_dims: list[int],
+    order: list[int],
+    path: str = "auto",
+    bias: Tensor | None = None,
+) -> Tensor:
     """y (B, M) = x (B, N) W^T (+ bias (M,)), executing a plan's steps with its step matrices
     (fused kernel; on the CPU the bias is added, and its gradient summed, block by block).
 
@@ -185,8 +228,9 @@ def tt_contract(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List
     return _forward_cpu(x, mats, core_dims, order, bias)
 
 
-def _forward_cpu(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int],
-                 bias: Optional[Tensor] = None) -> Tensor:
+def _forward_cpu(
+    x: Tensor, mats: list[Tensor], core_dims: list[int], order: list[int], bias: Tensor | None = None
+) -> Tensor:
     x = x.detach().contiguous()  # DLPack refuses tensors that require grad
     mats = [m.detach().contiguous() for m in mats]
     y = x.new_empty(x.shape[0], _out_features(core_dims))
@@ -195,14 +239,14 @@ def _forward_cpu(x: Tensor, mats: List[Tensor], core_dims: List[int], order: Lis
     return y
 
 
-def _out_features(core_dims: List[int]) -> int:
+def _out_features(core_dims: list[int]) -> int:
     m = 1
     for k in range(1, len(core_dims), 4):
         m *= core_dims[k]
     return m
 
 
-def _in_features(core_dims: List[int]) -> int:
+def _in_features(core_dims: list[int]) -> int:
     n = 1
     for k in range(2, len(core_dims), 4):
         n *= core_dims[k]
@@ -212,25 +256,41 @@ def _in_features(core_dims: List[int]) -> int:
 @tt_contract.register_fake
 def _tt_contract_fake(x, mats, core_dims, order, path="auto", bias=None):
     torch._check(x.dim() == 2, lambda: f"x should be a 2d tensor (batch, N), got {x.dim()}D")
-    torch._check(x.shape[1] == _in_features(core_dims),
-                 lambda: f"x should have {_in_features(core_dims)} columns, got {x.shape[1]}")
+    torch._check(
+        x.shape[1] == _in_features(core_dims),
+        lambda: f"x should have {_in_features(core_dims)} columns, got {x.shape[1]}",
+    )
     steps = plan_info(tuple(core_dims), tuple(order))["steps"]
     torch._check(len(mats) == len(steps), lambda: f"expected {len(steps)} step matrices, got {len(mats)}")
     for t, (m, s) in enumerate(zip(mats, steps)):
-        torch._check(tuple(m.shape) == (s["K"], s["N"]),
-                     lambda: f"mats[{t}] should have shape ({s['K']}, {s['N']}), got {tuple(m.shape)}")
-        torch._check(m.dtype == compute_dtype(x.dtype),
-                     lambda: f"mats[{t}] should have dtype {compute_dtype(x.dtype)}, got {m.dtype}")
+        torch._check(
+            tuple(m.shape) == (s["K"], s["N"]),
+            lambda: f"mats[{t}] should have shape ({s['K']}, {s['N']}), got {tuple(m.shape)}",
+        )
+        torch._check(
+            m.dtype == compute_dtype(x.dtype),
+            lambda: f"mats[{t}] should have dtype {compute_dtype(x.dtype)}, got {m.dtype}",
+        )
     if bias is not None:
-        torch._check(tuple(bias.shape) == (_out_features(core_dims),),
-                     lambda: f"bias should have shape ({_out_features(core_dims)},), got {tuple(bias.shape)}")
+        torch._check(
+            tuple(bias.shape) == (_out_features(core_dims),),
+            lambda: f"bias should have shape ({_out_features(core_dims)},), got {tuple(bias.shape)}",
+        )
     return x.new_empty(x.shape[0], _out_features(core_dims))
 
 
 @torch.library.custom_op("tensorpress::tt_contract_backward", mutates_args=())
-def tt_contract_backward(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int],
-                         grad_out: Tensor, need_x: bool, need_mats: bool, path: str = "auto",
-                         need_bias: bool = False) -> List[Tensor]:
+def tt_contract_backward(
+    x: Tensor,
+    mats: list[Tensor],
+    core_dims: list[int],
+    order: list[int],
+    grad_out: Tensor,
+    need_x: bool,
+    need_mats: bool,
+    path: str = "auto",
+    need_bias: bool = False,
+) -> list[Tensor]:
     """[grad_x, grad_mats..., grad_bias]; gradients that are not needed come back as empty
     tensors.
 
@@ -244,7 +304,7 @@ def tt_contract_backward(x: Tensor, mats: List[Tensor], core_dims: List[int], or
     return _backward_cpu(x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias)
 
 
-def _backward_cpu(x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias) -> List[Tensor]:
+def _backward_cpu(x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias) -> list[Tensor]:
     x, grad_out = x.detach().contiguous(), grad_out.detach().contiguous()
     mats = [m.detach().contiguous() for m in mats]
     grad_x = torch.empty_like(x) if need_x else None
@@ -255,18 +315,22 @@ def _backward_cpu(x, mats, core_dims, order, grad_out, need_x, need_mats, need_b
     return _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats)
 
 
-def _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats) -> List[Tensor]:
+def _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats) -> list[Tensor]:
     # gradients not asked for come back as distinct empty tensors (outputs may not alias)
-    return ([grad_x if need_x else x.new_empty(0)] + [g if need_mats else x.new_empty(0) for g in grad_mats]
-            + [x.new_empty(0) if grad_bias is None else grad_bias])
+    return (
+        [grad_x if need_x else x.new_empty(0)]
+        + [g if need_mats else x.new_empty(0) for g in grad_mats]
+        + [x.new_empty(0) if grad_bias is None else grad_bias]
+    )
 
 
 @tt_contract_backward.register_fake
-def _tt_contract_backward_fake(x, mats, core_dims, order, grad_out, need_x, need_mats, path="auto",
-                               need_bias=False):
-    return ([torch.empty_like(x) if need_x else x.new_empty(0)]
-            + [torch.empty_like(m) if need_mats else x.new_empty(0) for m in mats]
-            + [x.new_empty(_out_features(core_dims)) if need_bias else x.new_empty(0)])
+def _tt_contract_backward_fake(x, mats, core_dims, order, grad_out, need_x, need_mats, path="auto", need_bias=False):
+    return (
+        [torch.empty_like(x) if need_x else x.new_empty(0)]
+        + [torch.empty_like(m) if need_mats else x.new_empty(0) for m in mats]
+        + [x.new_empty(_out_features(core_dims)) if need_bias else x.new_empty(0)]
+    )
 
 
 def _tt_contract_backward_setup(ctx, inputs, output):
@@ -283,12 +347,16 @@ def _tt_contract_backward_grad(ctx, grads_of_outputs):
     with torch.enable_grad():
         xd, god = x.detach().requires_grad_(), grad_out.detach().requires_grad_()
         md = [m.detach().requires_grad_() for m in mats]
-        outs = _tt_contract_backward_torch(xd, md, ctx.core_dims, ctx.order, god, ctx.need_x, ctx.need_mats,
-                                           ctx.need_bias, create_graph=True)
+        outs = _tt_contract_backward_torch(
+            xd, md, ctx.core_dims, ctx.order, god, ctx.need_x, ctx.need_mats, ctx.need_bias, create_graph=True
+        )
         pairs = [(o, g) for o, g in zip(outs, grads_of_outputs) if o.numel() and o.requires_grad]
         wrt = [xd, *md, god]
-        got = (torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-               if pairs else [None] * len(wrt))
+        got = (
+            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+            if pairs
+            else [None] * len(wrt)
+        )
     got = [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt)]
     # one entry per input of the call: x, mats, core_dims, order, grad_out, need_x, need_mats[, path[, need_bias]]
     # (the dispatcher drops trailing arguments equal to their defaults: count what autograd saw)
@@ -314,8 +382,7 @@ def _tt_contract_grad(ctx, grad_out):
     need_x = bool(ctx.needs_input_grad[0])
     need_mats = any(ctx.needs_input_grad[1])  # one flag per step matrix
     need_bias = ctx.has_bias and bool(ctx.needs_input_grad[5])
-    grads = tt_contract_backward(x, mats, ctx.core_dims, ctx.order, grad_out, need_x, need_mats, ctx.path,
-                                 need_bias)
+    grads = tt_contract_backward(x, mats, ctx.core_dims, ctx.order, grad_out, need_x, need_mats, ctx.path, need_bias)
     grad_x = grads[0] if need_x else None
     # one entry per step matrix, even when none of them needs a gradient (frozen cores)
     grad_mats = list(grads[1:-1]) if need_mats else [None] * len(mats)
@@ -330,7 +397,7 @@ tt_contract.register_autograd(_tt_contract_grad, setup_context=_tt_contract_setu
 
 
 # ----------------------------------------------------------------------------- torch references
-def tt_contract_torch(x: Tensor, mats: List[Tensor], core_dims: List[int], order: List[int]) -> Tensor:
+def tt_contract_torch(x: Tensor, mats: list[Tensor], core_dims: list[int], order: list[int]) -> Tensor:
     """The same plan executed with torch ops (reference for the kernel; GPU fallback)."""
     info = plan_info(tuple(core_dims), tuple(order))
     batch = x.shape[0]
@@ -348,8 +415,9 @@ def _permute_samples(state: Tensor, p: dict, batch: int) -> Tensor:
     return moved.reshape(batch, math.prod(p["dims"]))
 
 
-def _tt_contract_backward_torch(x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias=False,
-                                create_graph=False):
+def _tt_contract_backward_torch(
+    x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias=False, create_graph=False
+):
     """The backward by torch ops; with create_graph, differentiable in x, mats and grad_out."""
     grad_x, grad_mats = None, [None] * len(mats)
     if need_x or need_mats:
@@ -386,12 +454,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _KERNEL_DTYPES else torch.float32
 
 
-def _compute_cores(cores: Sequence[Tensor]) -> List[Tensor]:
+def _compute_cores(cores: Sequence[Tensor]) -> list[Tensor]:
     compute = compute_dtype(cores[0].dtype)
     return [g.to(compute) for g in cores]
 
 
-def prepare_tt(cores: Sequence[Tensor], plan: TTPlan) -> List[Tensor]:
+def prepare_tt(cores: Sequence[Tensor], plan: TTPlan) -> list[Tensor]:
     """The batch-independent part of a call: merged cores laid out as the plan's step
     matrices (or, for the dense route, the single matrix W^T). Differentiable in the cores
     (one autograd node, `ops/tt_prepare.py`)."""
@@ -407,7 +475,7 @@ def _step_layouts(plan: TTPlan) -> tuple:
     return tuple((s["core"], tuple(s["core_perm"]), s["K"], s["N"]) for s in info["steps"])
 
 
-def apply_tt(x: Tensor, mats: List[Tensor], plan: TTPlan, bias: Tensor | None = None) -> Tensor:
+def apply_tt(x: Tensor, mats: list[Tensor], plan: TTPlan, bias: Tensor | None = None) -> Tensor:
     """x (B, N) contracted with prepared matrices (+ bias): in the compute dtype, or on CUDA
     also in float16/bfloat16 (the kernels read the half types and accumulate in float32; the
     dense route multiplies in x's dtype, on the tensor cores). `bias` is in the compute dtype."""
@@ -447,20 +515,25 @@ class _EagerCpuTraining(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True (a gradient penalty, a Hessian-vector product): the kernel's
             # gradients carry no graph, so the gradient is rebuilt from differentiable torch ops
-            return (None, None, *_differentiable_vjp(plan, ctx.steps, x, ctx.bias_given, cores, grad_y,
-                                                    ctx.needs_input_grad[2:]))
-        grads = _backward_cpu(x, mats, flat_dims(plan.merged_shapes), list(plan.order), grad_y, need_x,
-                              need_cores, need_bias)
+            return (
+                None,
+                None,
+                *_differentiable_vjp(plan, ctx.steps, x, ctx.bias_given, cores, grad_y, ctx.needs_input_grad[2:]),
+            )
+        grads = _backward_cpu(
+            x, mats, flat_dims(plan.merged_shapes), list(plan.order), grad_y, need_x, need_cores, need_bias
+        )
         core_grads = prepared_grads(cores, plan.groups, ctx.steps, grads[1:-1]) if need_cores else [None] * n_cores
         return (None, None, grads[0] if need_x else None, grads[-1] if need_bias else None, *core_grads)
 
 
-def _differentiable_vjp(plan: TTPlan, steps, x: Tensor, bias_given: bool, cores: Sequence[Tensor], grad_y: Tensor,
-                        needs: Sequence[bool]) -> list[Tensor | None]:
+def _differentiable_vjp(
+    plan: TTPlan, steps, x: Tensor, bias_given: bool, cores: Sequence[Tensor], grad_y: Tensor, needs: Sequence[bool]
+) -> list[Tensor | None]:
     """[grad x, grad bias, grad cores...] of y = x W^T + b by torch ops that autograd can
     differentiate again (in x, the cores and grad_y)."""
     with torch.enable_grad():
-        mats = step_matrices_of_groups(cores, plan.groups, steps)   # twice differentiable
+        mats = step_matrices_of_groups(cores, plan.groups, steps)  # twice differentiable
         y = tt_contract_torch(x, list(mats), flat_dims(plan.merged_shapes), list(plan.order))
         wrt = [t for t, need in zip((x, *cores), (needs[0], *needs[2:])) if need]
         grads = list(torch.autograd.grad(y, wrt, grad_y, create_graph=True, allow_unused=True)) if wrt else []
@@ -476,14 +549,23 @@ def _differentiable_vjp(plan: TTPlan, steps, x: Tensor, bias_given: bool, cores:
 def _eager_cpu_training(x: Tensor, cores: Sequence[Tensor], bias: Tensor | None) -> bool:
     """Autograd on, a kernel dtype, and `plain_eager` (nothing records the call; plain CPU
     tensors, not fake or subclassed)."""
-    return (x.dtype in _KERNEL_DTYPES and plain_eager(x, *cores, bias) and not _uses_cuda_kernels(x)
-            and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *cores, bias)))
+    return (
+        x.dtype in _KERNEL_DTYPES
+        and plain_eager(x, *cores, bias)
+        and not _uses_cuda_kernels(x)
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, *cores, bias))
+    )
 
 
-def _eager_cpu_inference(x: Tensor, mats: List[Tensor], bias: Tensor | None = None) -> bool:
+def _eager_cpu_inference(x: Tensor, mats: list[Tensor], bias: Tensor | None = None) -> bool:
     """No autograd, a kernel dtype, and `plain_eager`: the custom op adds nothing to the kernel."""
-    return (x.dtype in _KERNEL_DTYPES and plain_eager(x, *mats, bias) and not _uses_cuda_kernels(x)
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *mats, bias))))
+    return (
+        x.dtype in _KERNEL_DTYPES
+        and plain_eager(x, *mats, bias)
+        and not _uses_cuda_kernels(x)
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *mats, bias)))
+    )
 
 
 def _dense_route(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
@@ -495,15 +577,22 @@ def _dense_route(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     return dense_from_halves(x, left.to(x.dtype), right.to(x.dtype))
 
 
-def select_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu",
-                dtype: torch.dtype = torch.float32, training: bool = False) -> TTPlan:
+def select_plan(
+    shapes,
+    batch: int,
+    allow_dense: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    training: bool = False,
+) -> TTPlan:
     """The plan a call runs: `choose_plan`'s (the cost model), or on the CPU with the opt-in
     autotune (`set_autotune`) the fastest of the model's few best, timed once (never while
     anything records the computation)."""
     if tt_autotune.autotune_enabled() and str(device) == "cpu" and not recording():
         shapes = tuple(tuple(int(v) for v in s) for s in shapes)
-        return tt_autotune.autotuned_plan(shapes, int(batch), bool(allow_dense), compute_dtype(dtype),
-                                          bool(training), _run_plan)
+        return tt_autotune.autotuned_plan(
+            shapes, int(batch), bool(allow_dense), compute_dtype(dtype), bool(training), _run_plan
+        )
     return choose_plan(shapes, batch, allow_dense=allow_dense, device=device, dtype=dtype, training=training)
 
 
@@ -532,8 +621,13 @@ def plan_for(cores: Sequence[Tensor], batch) -> TTPlan:
     return select_plan(shapes, batch, device=device, dtype=dtype, training=training)
 
 
-def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
-              prepared: List[Tensor] | None = None, bias: Tensor | None = None) -> Tensor:
+def tt_matmul(
+    x: Tensor,
+    cores: Sequence[Tensor],
+    plan: TTPlan | None = None,
+    prepared: list[Tensor] | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
     """y = x W^T (+ bias) with W given by TT-matrix cores, through the fused kernel.
 
     Args:
@@ -573,8 +667,9 @@ def tt_matmul(x: Tensor, cores: Sequence[Tensor], plan: TTPlan | None = None,
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[1])  # (no view node where none is needed)
 
 
-def _tt_matmul_torch(x: Tensor, cores: Sequence[Tensor], plan: TTPlan, prepared: List[Tensor] | None,
-                     bias: Tensor | None) -> Tensor:
+def _tt_matmul_torch(
+    x: Tensor, cores: Sequence[Tensor], plan: TTPlan, prepared: list[Tensor] | None, bias: Tensor | None
+) -> Tensor:
     """The plan by plain differentiable torch ops (merges, permutes, matmuls): under torch.func
     and forward-mode AD, where autograd Functions and the custom op have no batching or
     forward-mode rules and torch's ops have them all."""

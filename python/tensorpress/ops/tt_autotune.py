@@ -11,6 +11,7 @@ while at rank 16 and at 4096x4096 the model's order was 10-25% faster. Off by de
 timings, and plans round differently, so results may differ in the last bits between
 processes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,7 @@ import math
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -49,8 +50,9 @@ def autotune_enabled() -> bool:
     return _AUTOTUNE["enabled"]
 
 
-def candidates(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool,
-               training: bool = False) -> tuple[TTPlan, ...]:
+def candidates(
+    shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool, training: bool = False
+) -> tuple[TTPlan, ...]:
     """The plans worth timing: the cheapest by the model and those close behind it (in a
     training step, among the plans the model allows there)."""
     ranked = ranked_plans(shapes, batch, allow_dense, training)
@@ -58,8 +60,9 @@ def candidates(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool,
     return tuple(p for p in ranked[:MAX_CANDIDATES] if p.cost <= limit)
 
 
-def autotuned_plan(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool, dtype: torch.dtype,
-                   training: bool, run_plan: RunPlan) -> TTPlan:
+def autotuned_plan(
+    shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool, dtype: torch.dtype, training: bool, run_plan: RunPlan
+) -> TTPlan:
     """The fastest candidate, timed once per (shapes, batch, dtype, threads, training) for the
     life of the process. In training (the cores need gradients) plans are timed forward +
     backward (a plan fast forward can be slow backward: one merged core of all of W runs its
@@ -79,7 +82,7 @@ def _autotuned(shapes, batch, allow_dense, dtype, threads, training, run_plan) -
 
 
 def _median_seconds(x, cores, plan, training, run_plan) -> float:
-    run_plan(x, cores, plan, training)                 # warm-up: workspace, caches
+    run_plan(x, cores, plan, training)  # warm-up: workspace, caches
     times = []
     for _ in range(REPEATS):
         start = time.perf_counter()

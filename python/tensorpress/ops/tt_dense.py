@@ -7,6 +7,7 @@ here it costs one GEMM for grad W, one permuted copy of it and two thin GEMMs (K
 the halves. Only x and the halves are saved: W is rebuilt in the backward (a thin GEMM),
 so the route keeps no weight-sized tensor alive between forward and backward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,9 +18,10 @@ def halves_to_dense(left: Tensor, right: Tensor) -> Tensor:
     """W (mL mR, nL nR) from the merged halves L (1, mL, nL, r) and R (r, mR, nR, 1)."""
     _, m_left, n_left, rank = left.shape
     _, m_right, n_right, _ = right.shape
-    pairs = left.reshape(m_left * n_left, rank) @ right.reshape(rank, m_right * n_right)   # [(a,b), (c,d)]
-    return (pairs.reshape(m_left, n_left, m_right, n_right).permute(0, 2, 1, 3)
-            .reshape(m_left * m_right, n_left * n_right))
+    pairs = left.reshape(m_left * n_left, rank) @ right.reshape(rank, m_right * n_right)  # [(a,b), (c,d)]
+    return (
+        pairs.reshape(m_left, n_left, m_right, n_right).permute(0, 2, 1, 3).reshape(m_left * m_right, n_left * n_right)
+    )
 
 
 class _DenseFromHalves(torch.autograd.Function):
@@ -43,9 +45,12 @@ class _DenseFromHalves(torch.autograd.Function):
         if need_left or need_right:
             _, m_left, n_left, rank = left.shape
             _, m_right, n_right, _ = right.shape
-            grad_w = grad_y.T @ x                                              # [(a, c), (b, d)]
-            grad_pairs = (grad_w.reshape(m_left, m_right, n_left, n_right).permute(0, 2, 1, 3)
-                          .reshape(m_left * n_left, m_right * n_right))       # [(a, b), (c, d)]
+            grad_w = grad_y.T @ x  # [(a, c), (b, d)]
+            grad_pairs = (
+                grad_w.reshape(m_left, m_right, n_left, n_right)
+                .permute(0, 2, 1, 3)
+                .reshape(m_left * n_left, m_right * n_right)
+            )  # [(a, b), (c, d)]
             if need_left:
                 grad_left = (grad_pairs @ right.reshape(rank, -1).T).reshape(left.shape)
             if need_right:

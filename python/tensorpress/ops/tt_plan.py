@@ -6,6 +6,7 @@ The geometry of every step comes from the C++ plan (csrc/tt/tt_plan.h), and the 
 schedule from csrc/tt/tt_cuda_schedule.h, so the cost model and the kernels can never
 disagree about shapes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,8 +48,8 @@ AVX512_OPENBLAS_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
 CUDA_FUSED_FLOPS = 8e12
 CUDA_TILED_FLOPS = 10e12
 CUDA_DENSE_FLOPS = {"float32": 40e12, "float64": 40e12, "float16": 400e12, "bfloat16": 400e12}
-CUDA_BANDWIDTH = 2.5e12         # bytes/s
-CUDA_LAUNCH_SECONDS = 4e-6      # per kernel launch (latency floor of small calls)
+CUDA_BANDWIDTH = 2.5e12  # bytes/s
+CUDA_LAUNCH_SECONDS = 4e-6  # per kernel launch (latency floor of small calls)
 CUDA_PATHS = ("fused", "tiled", "dense")
 
 CoreShape = tuple[int, int, int, int]
@@ -96,8 +97,10 @@ class TTPlan:
             return f"dense (rebuild W, one GEMM): {self.flops / 1e6:.1f} MFLOP at batch {self.batch}"
         groups = " ".join("[" + ",".join(map(str, g)) + "]" for g in self.groups)
         kernel = "fused TT" if self.path == "cpu" else f"CUDA {self.path} TT"
-        return (f"{kernel}: groups {groups}, order {list(self.order)}: {self.flops / 1e6:.1f} MFLOP "
-                f"at batch {self.batch} (dense {self.dense_flops / 1e6:.1f})")
+        return (
+            f"{kernel}: groups {groups}, order {list(self.order)}: {self.flops / 1e6:.1f} MFLOP "
+            f"at batch {self.batch} (dense {self.dense_flops / 1e6:.1f})"
+        )
 
 
 def _partitions(d: int):
@@ -149,11 +152,12 @@ def dense_route_cost(shapes: tuple[CoreShape, ...], batch: int) -> int:
     return int(dense_flops(shapes, batch) / dense_speed_advantage())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_speed_advantage() -> float:
     """How fast torch's dense GEMM runs per FLOP against the fused kernel's FLOP-equivalent,
     by which kernels our OpenBLAS runs (fixed when it loads) and the CPU's vendor."""
     from tensorpress._ext import cpu_vendor, openblas_core
+
     return DENSE_SPEED_ADVANTAGE[gemm_family(openblas_core(), cpu_vendor())]
 
 
@@ -189,8 +193,9 @@ def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int)
 
 
 @functools.lru_cache(maxsize=4096)
-def ranked_plans(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool = True,
-                 training: bool = False) -> tuple[TTPlan, ...]:
+def ranked_plans(
+    shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool = True, training: bool = False
+) -> tuple[TTPlan, ...]:
     """Every fused plan (merge partition x absorb order), and the dense route when allowed,
     cheapest first by the cost model; the first is what `choose_plan` returns on CPU.
 
@@ -220,13 +225,20 @@ def ranked_plans(shapes: tuple[CoreShape, ...], batch: int, allow_dense: bool = 
 def _dense_plan(shapes: tuple[CoreShape, ...], batch: int, cost: int) -> TTPlan:
     everything = tuple(range(len(shapes)))
     flops = dense_flops(shapes, batch)
-    return TTPlan((everything,), (0,), True, batch, flops, flops, (merge_shapes(shapes, everything)[0],), cost,
-                  path="dense")
+    return TTPlan(
+        (everything,), (0,), True, batch, flops, flops, (merge_shapes(shapes, everything)[0],), cost, path="dense"
+    )
 
 
 @torch.compiler.assume_constant_result  # pure function of static shapes: torch.compile folds it
-def choose_plan(shapes, batch: int, allow_dense: bool = True, device: str = "cpu",
-                dtype: torch.dtype = torch.float32, training: bool = False) -> TTPlan:
+def choose_plan(
+    shapes,
+    batch: int,
+    allow_dense: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    training: bool = False,
+) -> TTPlan:
     """The cheapest plan for cores of the given shapes at this batch size, by the cost model
     alone (a pure function of its arguments; `ops.tt.select_plan` adds the opt-in autotune).
 
@@ -253,7 +265,7 @@ def cuda_limits(device="cuda") -> CudaLimits:
     return _device_limits(torch.cuda.current_device() if dev.index is None else dev.index)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_limits(index: int) -> CudaLimits:
     return CudaLimits(**_C.tt_cuda_device_limits(index))
 
@@ -262,22 +274,46 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def cuda_schedule(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int, backward: bool,
-                  dtype, limits: CudaLimits, path: str = "auto") -> dict:
+def cuda_schedule(
+    merged: tuple[CoreShape, ...],
+    order: tuple[int, ...],
+    batch: int,
+    backward: bool,
+    dtype,
+    limits: CudaLimits,
+    path: str = "auto",
+) -> dict:
     """The C++ schedule of one CUDA call: path, samples per block, grid, shared memory and
     workspace (elements of the accumulation type: float64 for float64 inputs, else float32)."""
-    return _cuda_schedule(tuple(flat_dims(merged)), tuple(order), int(batch), bool(backward),
-                          8 if _dtype_name(dtype) == "float64" else 4, limits, path)
+    return _cuda_schedule(
+        tuple(flat_dims(merged)),
+        tuple(order),
+        int(batch),
+        bool(backward),
+        8 if _dtype_name(dtype) == "float64" else 4,
+        limits,
+        path,
+    )
 
 
 @functools.lru_cache(maxsize=8192)
 def _cuda_schedule(core_dims, order, batch, backward, acc_bytes, limits, path) -> dict:
-    return _C.tt_cuda_schedule(list(core_dims), list(order), batch, backward, acc_bytes, limits.smem_per_block,
-                               limits.smem_per_sm, limits.sm_count, path)
+    return _C.tt_cuda_schedule(
+        list(core_dims),
+        list(order),
+        batch,
+        backward,
+        acc_bytes,
+        limits.smem_per_block,
+        limits.smem_per_sm,
+        limits.sm_count,
+        path,
+    )
 
 
-def cuda_plan_costs(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int, limits: CudaLimits,
-                    dtype=torch.float32) -> dict[str, float]:
+def cuda_plan_costs(
+    merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int, limits: CudaLimits, dtype=torch.float32
+) -> dict[str, float]:
     """Estimated seconds of the forward of one plan by each CUDA kernel that can run it:
     {"fused": s, "tiled": s} ("fused" only where one sample's intermediates fit in shared
     memory)."""
@@ -317,8 +353,9 @@ def cuda_dense_cost(shapes: tuple[CoreShape, ...], batch: int, dtype=torch.float
     return len(shapes) * CUDA_LAUNCH_SECONDS + (merge + 2 * batch * M * N) / rate + traffic / CUDA_BANDWIDTH
 
 
-def choose_cuda_plan(shapes, batch: int, limits: CudaLimits = H100_LIMITS, dtype=torch.float32,
-                     allow_dense: bool = True) -> TTPlan:
+def choose_cuda_plan(
+    shapes, batch: int, limits: CudaLimits = H100_LIMITS, dtype=torch.float32, allow_dense: bool = True
+) -> TTPlan:
     """The fastest CUDA route by the cost model above: the best (partition, order, kernel) of
     the fused and tiled kernels, or the dense route. Pure host logic (runs without a GPU);
     the choice is `plan.path`."""
@@ -333,7 +370,9 @@ def _choose_cuda(shapes, batch, limits, dtype_name, allow_dense) -> TTPlan:
     best = None
     for groups in _partitions(d):
         merged, merge_cost = zip(*(merge_shapes(shapes, g) for g in groups))
-        merge_seconds = sum(merge_cost) / CUDA_DENSE_FLOPS["float32"] + (len(shapes) - len(groups)) * CUDA_LAUNCH_SECONDS
+        merge_seconds = (
+            sum(merge_cost) / CUDA_DENSE_FLOPS["float32"] + (len(shapes) - len(groups)) * CUDA_LAUNCH_SECONDS
+        )
         for order in _orders(len(groups)):
             for path, seconds in cuda_plan_costs(tuple(merged), order, batch, limits, dtype).items():
                 total = merge_seconds + seconds
@@ -346,5 +385,6 @@ def _choose_cuda(shapes, batch, limits, dtype_name, allow_dense) -> TTPlan:
             return _dense_plan(shapes, batch, int(dense_seconds * 1e12))
     merge_flops = sum(merge_shapes(shapes, g)[1] for g in groups)
     flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
-    return TTPlan(groups, order, False, batch, flops, dense_flops(shapes, batch), merged, int(seconds * 1e12),
-                  path=path)
+    return TTPlan(
+        groups, order, False, batch, flops, dense_flops(shapes, batch), merged, int(seconds * 1e12), path=path
+    )

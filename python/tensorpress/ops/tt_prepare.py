@@ -11,11 +11,12 @@ the backward recomputes from the saved cores (small). The backward is built of
 differentiable torch ops, so the node stays twice differentiable. Core gradients come back
 with exact row-major strides (DDP's buckets want them; is_contiguous() ignores size-1 dims).
 """
+
 from __future__ import annotations
 
 import functools
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -65,8 +66,9 @@ def _row_major(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def prepared_outputs(cores: Sequence[Tensor], groups: tuple[tuple[int, ...], ...],
-                     steps: tuple[Step, ...] | None) -> tuple[Tensor, ...]:
+def prepared_outputs(
+    cores: Sequence[Tensor], groups: tuple[tuple[int, ...], ...], steps: tuple[Step, ...] | None
+) -> tuple[Tensor, ...]:
     """The merged groups (steps None) or the step matrices, computed without autograd's
     bookkeeping; never sharing a core's memory (a lone core, laid out as it lies, is copied)."""
     merged = [merge_group(cores, g) for g in groups]
@@ -76,12 +78,17 @@ def prepared_outputs(cores: Sequence[Tensor], groups: tuple[tuple[int, ...], ...
         outs = [(i, merged[i].permute(*perm).reshape(K, N).contiguous()) for i, perm, K, N in steps]
     # a lone core laid out as it lies comes back as itself or a view of it; a merge or a
     # copying layout gives new memory. (No data_ptr: fake tensors under export have none.)
-    return tuple(o.clone() if len(groups[i]) == 1 and (o is cores[groups[i][0]] or o._is_view()) else o
-                 for i, o in outs)
+    return tuple(
+        o.clone() if len(groups[i]) == 1 and (o is cores[groups[i][0]] or o._is_view()) else o for i, o in outs
+    )
 
 
-def prepared_grads(cores: Sequence[Tensor], groups: tuple[tuple[int, ...], ...], steps: tuple[Step, ...] | None,
-                   grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+def prepared_grads(
+    cores: Sequence[Tensor],
+    groups: tuple[tuple[int, ...], ...],
+    steps: tuple[Step, ...] | None,
+    grads: Sequence[Tensor | None],
+) -> list[Tensor | None]:
     """The cores' gradients from those of `prepared_outputs` (None where none flows)."""
     if steps is None:
         merged_grads = list(grads)
@@ -127,8 +134,8 @@ def merged_groups(cores: Sequence[Tensor], groups: Sequence[Sequence[int]]) -> t
     return _Prepared.apply(tuple(tuple(g) for g in groups), None, *cores)
 
 
-def step_matrices_of_groups(cores: Sequence[Tensor], groups: Sequence[Sequence[int]],
-                            steps: Sequence[Step]) -> tuple[Tensor, ...]:
+def step_matrices_of_groups(
+    cores: Sequence[Tensor], groups: Sequence[Sequence[int]], steps: Sequence[Step]
+) -> tuple[Tensor, ...]:
     """The fused kernel's step matrices: merged group `i` permuted by `perm` into (K, N)."""
-    return _Prepared.apply(tuple(tuple(g) for g in groups), tuple((i, tuple(p), K, N) for i, p, K, N in steps),
-                           *cores)
+    return _Prepared.apply(tuple(tuple(g) for g in groups), tuple((i, tuple(p), K, N) for i, p, K, N in steps), *cores)

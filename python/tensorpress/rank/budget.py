@@ -22,12 +22,14 @@ a multiple-choice knapsack problem. Two methods:
 * "auto" (default): "dp" when the parameter counts are integers and the DP costs at most
   ~1e7 cell updates, else "lagrangian".
 """
+
 from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +55,10 @@ class Allocation:
     choices: dict = field(default_factory=dict)
 
     def __str__(self):
-        lines = [f"Allocation(method={self.method!r}, params={self.params:g} / budget {self.budget:g}, "
-                 f"error={self.error:.6g}, gap<={self.gap:.3g})"]
+        lines = [
+            f"Allocation(method={self.method!r}, params={self.params:g} / budget {self.budget:g}, "
+            f"error={self.error:.6g}, gap<={self.gap:.3g})"
+        ]
         lines += [f"  {name}: rank {r!r}" for name, r in self.ranks.items()]
         return "\n".join(lines)
 
@@ -65,8 +69,10 @@ def _is_number(v) -> bool:
 
 def _check(curves, budget):
     if not isinstance(curves, Mapping) or len(curves) == 0:
-        raise ValueError(f"curves: expected a non-empty dict {{layer: [(rank, params, error), ...]}}, got "
-                         f"{type(curves).__name__ if not isinstance(curves, Mapping) else 'an empty dict'}")
+        raise ValueError(
+            f"curves: expected a non-empty dict {{layer: [(rank, params, error), ...]}}, got "
+            f"{type(curves).__name__ if not isinstance(curves, Mapping) else 'an empty dict'}"
+        )
     if not _is_number(budget) or not math.isfinite(budget) or budget < 0:
         raise ValueError(f"budget: expected a finite number >= 0 (total parameters), got {budget!r}")
     parsed = {}
@@ -87,8 +93,10 @@ def _check(curves, budget):
         parsed[name] = [(pt[0], float(pt[1]), float(pt[2])) for pt in pts]
     smallest = sum(min(p for _, p, _ in pts) for pts in parsed.values())
     if smallest > budget:
-        raise ValueError(f"budget: {budget:g} parameters is less than {smallest:g}, the total of every layer's "
-                         f"smallest candidate; raise the budget or add smaller ranks")
+        raise ValueError(
+            f"budget: {budget:g} parameters is less than {smallest:g}, the total of every layer's "
+            f"smallest candidate; raise the budget or add smaller ranks"
+        )
     return parsed
 
 
@@ -129,7 +137,7 @@ def _lagrangian(parsed, budget):
         pts = parsed[name]
         hull = _lower_hull(pts, _frontier(pts))
         hulls[name] = hull
-        cur[name] = 0                     # position on the hull
+        cur[name] = 0  # position on the hull
         for j in range(len(hull) - 1):
             a, b = pts[hull[j]], pts[hull[j + 1]]
             dp, de = b[1] - a[1], a[2] - b[2]
@@ -154,15 +162,16 @@ def _lagrangian(parsed, budget):
             cur[name] = j + 1
             choice[name] = hull[j + 1]
         else:
-            if lower is None:             # the relaxation takes this segment fractionally
+            if lower is None:  # the relaxation takes this segment fractionally
                 frac = (budget - used) / dp if dp > 0 else 0.0
                 lower = err - frac * de
             blocked.add(name)
     if lower is None:
-        lower = err                       # every hull segment fitted: the relaxation is integral
+        lower = err  # every hull segment fitted: the relaxation is integral
     # greedy fill: the best single-layer move that fits, until none improves
-    arrays = {name: (np.array([p for _, p, _ in parsed[name]]), np.array([e for _, _, e in parsed[name]]))
-              for name in names}
+    arrays = {
+        name: (np.array([p for _, p, _ in parsed[name]]), np.array([e for _, _, e in parsed[name]])) for name in names
+    }
     while True:
         best = None
         room = budget - used
@@ -186,7 +195,7 @@ def _dp(parsed, budget):
     names = list(parsed)
     B = int(math.floor(budget))
     INF = np.inf
-    best = np.zeros(B + 1)                # best[b]: min error of the layers so far within b params
+    best = np.zeros(B + 1)  # best[b]: min error of the layers so far within b params
     picks = []
     for name in names:
         pts = parsed[name]
@@ -197,13 +206,13 @@ def _dp(parsed, budget):
             if p > B:
                 continue
             cand = np.full(B + 1, INF)
-            cand[p:] = best[:B + 1 - p] + e
+            cand[p:] = best[: B + 1 - p] + e
             better = cand < new
             new[better] = cand[better]
             arg[better] = i
         best = new
         picks.append(arg)
-    b = int(np.argmin(best))             # best is non-increasing in b; argmin = smallest b at the min
+    b = int(np.argmin(best))  # best is non-increasing in b; argmin = smallest b at the min
     choice = {}
     for name, arg in zip(reversed(names), reversed(picks)):
         i = int(arg[b])
@@ -250,5 +259,13 @@ def allocate_ranks(curves: Mapping[Any, Any], budget: float, method: str = "auto
     if lower is None:
         lower = error
     lower = min(lower, error)
-    return Allocation(ranks=ranks, params=params, error=error, lower_bound=lower, gap=max(error - lower, 0.0),
-                      method=method, budget=float(budget), choices={name: choice[name] for name in parsed})
+    return Allocation(
+        ranks=ranks,
+        params=params,
+        error=error,
+        lower_bound=lower,
+        gap=max(error - lower, 0.0),
+        method=method,
+        budget=float(budget),
+        choices={name: choice[name] for name in parsed},
+    )

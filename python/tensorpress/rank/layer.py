@@ -70,12 +70,14 @@ For CV the same fitting code runs on the training rows of each fold (sufficient 
 recomputed from those rows) and the held-out rows are predicted: k fits on (k-1)/k of the
 data against the one fit of the optimism rules.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,12 +88,18 @@ from tensorpress.decompose import cp_als, tt_matrix_svd, tucker
 from tensorpress.linalg import truncated_svd
 from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
 from tensorpress.rank.optimism import aic, bic
-from tensorpress.rank.regressors import cp_degrees_of_freedom, tucker_degrees_of_freedom
+from tensorpress.rank.regressors import _generator, cp_degrees_of_freedom, tucker_degrees_of_freedom
 from tensorpress.rank.select import _COLUMN, CRITERIA, RankSelection, choose, kfold_indices
-from tensorpress.rank.regressors import _generator
 
-__all__ = ["select_layer_rank", "tt_degrees_of_freedom", "layer_optimism", "layer_cv_error", "rrr_effective_df", "LayerFit",
-           "LAYER_FAMILIES"]
+__all__ = [
+    "select_layer_rank",
+    "tt_degrees_of_freedom",
+    "layer_optimism",
+    "layer_cv_error",
+    "rrr_effective_df",
+    "LayerFit",
+    "LAYER_FAMILIES",
+]
 
 LAYER_FAMILIES = ("lowrank", "tt", "cp", "tucker")
 
@@ -128,8 +136,9 @@ def tt_degrees_of_freedom(ranks: int | Sequence[int], out_factors: Sequence[int]
         if not isinstance(f, (list, tuple)) or len(f) < 1 or not all(_is_int(v) for v in f):
             raise ValueError(f"{name}: expected a non-empty sequence of ints >= 1, got {f!r}")
     if len(out_factors) != len(in_factors):
-        raise ValueError(f"out_factors, in_factors: expected the same length, got {list(out_factors)} and "
-                         f"{list(in_factors)}")
+        raise ValueError(
+            f"out_factors, in_factors: expected the same length, got {list(out_factors)} and {list(in_factors)}"
+        )
     d = len(out_factors)
     if _is_int(ranks):
         ranks = (int(ranks),) * (d - 1)
@@ -142,8 +151,9 @@ def tt_degrees_of_freedom(ranks: int | Sequence[int], out_factors: Sequence[int]
 
 
 # ----------------------------------------------------------------------------- optimism
-def layer_optimism(rss: float, n: int, q: int, p: int, df: int, rank: int | None = None,
-                   df_eff: float | None = None) -> float:
+def layer_optimism(
+    rss: float, n: int, q: int, p: int, df: int, rank: int | None = None, df_eff: float | None = None
+) -> float:
     """Estimated optimism (expected test minus training mean squared error per response entry)
     of a structured fit of q responses on p inputs from n samples (see the module docstring).
     rank: the rank of a reduced-rank fit (the sharper formula), None for other structures.
@@ -157,8 +167,9 @@ def layer_optimism(rss: float, n: int, q: int, p: int, df: int, rank: int | None
     return rss / (N - dfe) * (dfe / N + _excess_factor(n, q, p, df, dfe, rank))
 
 
-def layer_cv_error(rss: float, n: int, q: int, p: int, df: int, k: int, rank: int | None = None,
-                   df_eff: float | None = None) -> float:
+def layer_cv_error(
+    rss: float, n: int, q: int, p: int, df: int, k: int, rank: int | None = None, df_eff: float | None = None
+) -> float:
     """The k-fold cross-validation error (per response entry) predicted in closed form from the
     fit on all n samples: sigma_hat^2 (1 + excess at m = n (k - 1)/k training samples), where
     RSS/N + layer_optimism = sigma_hat^2 (1 + excess at n) is the test error of the fit on all
@@ -216,8 +227,11 @@ def rrr_effective_df(singular_values, rank: int, p: int, q: int) -> float:
     tiny = 1e-12 * float(s2.max()) if m else 0.0
     a, b = s2[:r, None], s2[None, r:]
     diff = a - b
-    term = torch.where(diff > tiny, a / diff.clamp_min(tiny if tiny > 0 else 1e-300),
-                       torch.where(a > tiny, a / max(tiny, 1e-300), torch.ones_like(diff)))
+    term = torch.where(
+        diff > tiny,
+        a / diff.clamp_min(tiny if tiny > 0 else 1e-300),
+        torch.where(a > tiny, a / max(tiny, 1e-300), torch.ones_like(diff)),
+    )
     return float(r * abs(p - q) + r * r + 2.0 * float(term.sum()))
 
 
@@ -273,12 +287,13 @@ def _whiten(st: _Stats, rcond: float) -> _Whitened:
     idx = live.nonzero().flatten()
     L, info = torch.linalg.cholesky_ex(C[idx][:, idx])
     if int(info) == 0 and float(L.diagonal().min()) ** 2 > max(rcond, 1e-12) * top:
-        Linv_t = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device),
-                                               upper=False).T                      # L^{-T}
+        Linv_t = torch.linalg.solve_triangular(
+            L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False
+        ).T  # L^{-T}
         M = torch.zeros(C.shape[0], idx.numel(), dtype=C.dtype, device=C.device)
         M[idx] = Linv_t
         return _Whitened(M, M.T @ st.Cxy)
-    evals, Q = torch.linalg.eigh(C[idx][:, idx])   # near-singular inputs: drop small eigen-directions
+    evals, Q = torch.linalg.eigh(C[idx][:, idx])  # near-singular inputs: drop small eigen-directions
     etop = float(evals.max())
     keep = evals > rcond * etop
     Q, d = Q[:, keep], evals[keep]
@@ -324,8 +339,8 @@ def _lowrank_all(st: _Stats, rcond: float):
 def _lowrank_fit(shared, r: int):
     wh, U, S, Vh = shared
     k = min(r, S.numel())
-    Bt = (wh.M @ (U[:, :k] * S[:k])).T                # (k, p): (M U_k S_k)^T
-    A = Vh[:k].T                                      # (q, k)
+    Bt = (wh.M @ (U[:, :k] * S[:k])).T  # (k, p): (M U_k S_k)^T
+    A = Vh[:k].T  # (q, k)
     return A, Bt
 
 
@@ -336,9 +351,9 @@ def _lowrank_heldout_errors(shared, st_train: _Stats, Xte: Tensor, Yte: Tensor, 
     wh, U, S, Vh = shared
     if st_train.x_mean is not None:
         Xte, Yte = Xte - st_train.x_mean, Yte - st_train.y_mean
-    T = (Xte @ wh.M) @ U                              # (n_te, k)
-    A = Yte @ Vh.T                                    # (n_te, k)
-    gain = 2 * S * (T * A).sum(0) - S ** 2 * (T * T).sum(0)
+    T = (Xte @ wh.M) @ U  # (n_te, k)
+    A = Yte @ Vh.T  # (n_te, k)
+    gain = 2 * S * (T * A).sum(0) - S**2 * (T * T).sum(0)
     cum = torch.cat([torch.zeros(1, dtype=gain.dtype), torch.cumsum(gain, 0)])
     base = float((Yte * Yte).sum())
     return [max(base - float(cum[min(r, S.numel())]), 0.0) for r in ranks]
@@ -346,10 +361,11 @@ def _lowrank_heldout_errors(shared, st_train: _Stats, Xte: Tensor, Yte: Tensor, 
 
 def _structured_fit(family: str, st: _Stats, wh: _Whitened, rank, info: dict):
     """(weight q x p, factors) of a TT/CP/Tucker fit: decomposition of the least-squares weight."""
-    W_ls = wh.ls_coef().T                             # (q, p)
+    W_ls = wh.ls_coef().T  # (q, p)
     if family == "tt":
         res = tt_matrix_svd(W_ls, info["out_factors"], info["in_factors"], max_rank=list(rank))
         from tensorpress.ops import tt_to_dense
+
         return tt_to_dense([c for c in res.cores]).to(torch.float64), res.cores
     kernel = W_ls.reshape(info["kernel_shape"])
     if family == "cp":
@@ -367,10 +383,11 @@ def _as_matrix(a, name) -> Tensor:
         t = torch.from_numpy(np.array(a, dtype=np.float64))
     else:
         raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(a).__name__}")
-    if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32,
-                                                                     torch.int64, torch.uint8)):
+    if t.is_complex() or not (
+        t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+    ):
         raise TypeError(f"{name}: expected a real numeric dtype, got {t.dtype}")
-    return t.to(torch.float64)                 # a copy for other dtypes; never written to
+    return t.to(torch.float64)  # a copy for other dtypes; never written to
 
 
 def _check_finite(t: Tensor, name: str):
@@ -383,35 +400,44 @@ def _prepare_data(W: Tensor, inputs, outputs, stride, padding, dilation):
     X = _as_matrix(inputs, "inputs").to(W.device)
     if W.dim() == 4 and X.dim() == 4:
         if X.shape[1] != W.shape[1]:
-            raise ValueError(f"inputs: expected images (N, {W.shape[1]}, H, W) for a kernel of shape "
-                             f"{tuple(W.shape)}, got {tuple(X.shape)}")
+            raise ValueError(
+                f"inputs: expected images (N, {W.shape[1]}, H, W) for a kernel of shape "
+                f"{tuple(W.shape)}, got {tuple(X.shape)}"
+            )
         kh, kw = W.shape[2], W.shape[3]
-        cols = F.unfold(X, (kh, kw), dilation=dilation, padding=padding, stride=stride)   # (N, p, L)
+        cols = F.unfold(X, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, p, L)
         if cols.shape[-1] == 0:
             raise ValueError(f"inputs: images of shape {tuple(X.shape[2:])} are smaller than the kernel")
         X = cols.transpose(1, 2).reshape(-1, cols.shape[1])
         if outputs is not None:
             Y = _as_matrix(outputs, "outputs").to(W.device)
-            if Y.dim() != 4 or Y.shape[0] != inputs.shape[0] or Y.shape[1] != W.shape[0] \
-                    or Y.shape[2] * Y.shape[3] != cols.shape[-1]:
-                raise ValueError(f"outputs: expected (N, {W.shape[0]}, H_out, W_out) with N = {inputs.shape[0]} "
-                                 f"and {cols.shape[-1]} output positions, got {tuple(Y.shape)}")
+            if (
+                Y.dim() != 4
+                or Y.shape[0] != inputs.shape[0]
+                or Y.shape[1] != W.shape[0]
+                or Y.shape[2] * Y.shape[3] != cols.shape[-1]
+            ):
+                raise ValueError(
+                    f"outputs: expected (N, {W.shape[0]}, H_out, W_out) with N = {inputs.shape[0]} "
+                    f"and {cols.shape[-1]} output positions, got {tuple(Y.shape)}"
+                )
             outputs = Y.flatten(2).transpose(1, 2).reshape(-1, W.shape[0])
     if X.dim() != 2:
         want = "(n, in_features)" if W.dim() == 2 else "(n, in*kh*kw) patches or (N, in, H, W) images"
         raise ValueError(f"inputs: expected {want}, got shape {tuple(X.shape)}")
     p = W[0].numel()
     if X.shape[1] != p:
-        raise ValueError(f"inputs: expected {p} features per sample to match weight {tuple(W.shape)}, "
-                         f"got {X.shape[1]}")
+        raise ValueError(f"inputs: expected {p} features per sample to match weight {tuple(W.shape)}, got {X.shape[1]}")
     _check_finite(X, "inputs")
     if outputs is None:
         Y = X @ W.reshape(W.shape[0], -1).T
     else:
         Y = _as_matrix(outputs, "outputs").to(W.device)
         if Y.shape != (X.shape[0], W.shape[0]):
-            raise ValueError(f"outputs: expected shape ({X.shape[0]}, {W.shape[0]}) (one row per input, one "
-                             f"column per output), got {tuple(Y.shape)}")
+            raise ValueError(
+                f"outputs: expected shape ({X.shape[0]}, {W.shape[0]}) (one row per input, one "
+                f"column per output), got {tuple(Y.shape)}"
+            )
         _check_finite(Y, "outputs")
     return X, Y
 
@@ -441,7 +467,7 @@ def _default_candidates(family, W, info):
         return sorted({max(1, int(round(top * f))) for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)})
     if family == "tt":
         top = max(max_bond_ranks(info["out_factors"], info["in_factors"]) or [1])
-        return sorted({min(top, 2 ** k) for k in range(0, 12) if 2 ** k <= 2 * top})
+        return sorted({min(top, 2**k) for k in range(0, 12) if 2**k <= 2 * top})
     if family == "cp":
         return [1, 2, 4, 8, 16, 32]
     top = min(W.shape[0], W.shape[1])
@@ -498,8 +524,7 @@ def _df(family, rank, W, info, p_eff):
         r = min(rank, p_eff, q)
         return p_eff * q if r >= min(p_eff, q) else r * (p_eff + q - r)
     if family == "tt":
-        df = tt_degrees_of_freedom(list(rank), info["out_factors"], info["in_factors"]) if rank else \
-            q * W.shape[1]
+        df = tt_degrees_of_freedom(list(rank), info["out_factors"], info["in_factors"]) if rank else q * W.shape[1]
     elif family == "cp":
         df = cp_degrees_of_freedom(rank, tuple(W.shape))
     else:
@@ -509,11 +534,25 @@ def _df(family, rank, W, info, p_eff):
 
 
 # ----------------------------------------------------------------------------- the selector
-def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, criterion: str = "test_error",
-                      cv: int = 5, outputs=None, fit_intercept: bool = False, with_cv: bool | None = None,
-                      in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
-                      rcond: float = 1e-10, stride=1, padding=0, dilation=1, random_state=None,
-                      decompose_kwargs: dict | None = None) -> RankSelection:
+def select_layer_rank(
+    weight,
+    inputs,
+    family: str = "lowrank",
+    candidates=None,
+    criterion: str = "test_error",
+    cv: int = 5,
+    outputs=None,
+    fit_intercept: bool = False,
+    with_cv: bool | None = None,
+    in_factors: Sequence[int] | None = None,
+    out_factors: Sequence[int] | None = None,
+    rcond: float = 1e-10,
+    stride=1,
+    padding=0,
+    dilation=1,
+    random_state=None,
+    decompose_kwargs: dict | None = None,
+) -> RankSelection:
     """Choose a layer's rank from calibration data (see the module docstring for the model).
 
     Args:
@@ -571,11 +610,14 @@ def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, 
         raise TypeError(f"decompose_kwargs: expected a dict or None, got {type(decompose_kwargs).__name__}")
     W = _as_matrix(weight, "weight")
     if W.dim() not in (2, 4) or W.numel() == 0:
-        raise ValueError(f"weight: expected a 2-d (out, in) or 4-d (out, in, kh, kw) tensor, got shape "
-                         f"{tuple(W.shape)}")
+        raise ValueError(
+            f"weight: expected a 2-d (out, in) or 4-d (out, in, kh, kw) tensor, got shape {tuple(W.shape)}"
+        )
     if family in ("cp", "tucker") and W.dim() != 4:
-        raise ValueError(f"weight: family {family!r} expects a 4-d conv kernel (out, in, kh, kw), got shape "
-                         f"{tuple(W.shape)}; use 'lowrank' or 'tt' for Linear weights")
+        raise ValueError(
+            f"weight: family {family!r} expects a 4-d conv kernel (out, in, kh, kw), got shape "
+            f"{tuple(W.shape)}; use 'lowrank' or 'tt' for Linear weights"
+        )
     if family == "tt" and W.dim() != 2:
         raise ValueError(f"weight: family 'tt' expects a 2-d (out, in) weight, got shape {tuple(W.shape)}")
     _check_finite(W, "weight")
@@ -583,7 +625,7 @@ def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, 
     n, p, q = X.shape[0], X.shape[1], Y.shape[1]
     if cv > n:
         raise ValueError(f"cv: expected at most n = {n} folds, got {cv}")
-    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if random_state is None else int(random_state)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if random_state is None else int(random_state)
     info = {"kernel_shape": tuple(W.shape), "seed": seed, "decompose_kwargs": dict(decompose_kwargs or {})}
     if family == "tt":
         info["out_factors"], info["in_factors"] = _resolve_tt_factors(q, p, out_factors, in_factors)
@@ -622,7 +664,7 @@ def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, 
         t1 = time.perf_counter()
         if family == "lowrank":
             S = shared[2]
-            rss = max(st.yy - float((S[:min(r, S.numel())] ** 2).sum()), 0.0)
+            rss = max(st.yy - float((S[: min(r, S.numel())] ** 2).sum()), 0.0)
         else:
             rss = _rss_of(st, fits[j][0].T)
         t_own[j] += time.perf_counter() - t1
@@ -633,13 +675,25 @@ def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, 
         else:
             df_eff = float(df)
             opt = layer_optimism(rss, n, q, p_eff, df)
-        cv_est = layer_cv_error(rss, n, q, p_eff, df, cv, rank=r if family == "lowrank" else None,
-                                df_eff=df_eff)
-        table.append({"rank": r, "df": df, "df_eff": df_eff, "train_error": rss / N,
-                      "sigma2": rss / (N - df_eff) if df_eff < N else math.inf, "optimism": opt,
-                      "est_test_error": rss / N + opt, "est_cv_error": cv_est, "aic": aic(rss, N, df), "bic": bic(rss, N, df),
-                      "cv_error": None, "cv_std": None,
-                      "fit_time": t_own[j] + (t_stats + t_shared) / len(cands), "cv_time": None})
+        cv_est = layer_cv_error(rss, n, q, p_eff, df, cv, rank=r if family == "lowrank" else None, df_eff=df_eff)
+        table.append(
+            {
+                "rank": r,
+                "df": df,
+                "df_eff": df_eff,
+                "train_error": rss / N,
+                "sigma2": rss / (N - df_eff) if df_eff < N else math.inf,
+                "optimism": opt,
+                "est_test_error": rss / N + opt,
+                "est_cv_error": cv_est,
+                "aic": aic(rss, N, df),
+                "bic": bic(rss, N, df),
+                "cv_error": None,
+                "cv_std": None,
+                "fit_time": t_own[j] + (t_stats + t_shared) / len(cands),
+                "cv_time": None,
+            }
+        )
 
     if do_cv:
         folds = kfold_indices(n, cv, _generator(seed))
@@ -675,9 +729,11 @@ def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, 
     scores = [row[_COLUMN[criterion]] for row in table]
     finite = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
     if not finite:
-        raise ValueError(f"candidates: no candidate has a finite {criterion} (n = {n} samples for p_eff = {p_eff} "
-                         f"inputs and {q} outputs: need n > p_eff + 1 and df < n q - 1); use more calibration "
-                         f"samples or smaller ranks")
+        raise ValueError(
+            f"candidates: no candidate has a finite {criterion} (n = {n} samples for p_eff = {p_eff} "
+            f"inputs and {q} outputs: need n > p_eff + 1 and df < n q - 1); use more calibration "
+            f"samples or smaller ranks"
+        )
     best = choose(criterion, table, scores, N)
     r = ranks[best]
     if family == "lowrank":
@@ -687,9 +743,18 @@ def select_layer_rank(weight, inputs, family: str = "lowrank", candidates=None, 
         wt, factors = fits[best]
     Wfit, bias = _with_bias(wt, st)
     est = LayerFit(family=family, rank=r, weight=Wfit, bias=bias, df=table[best]["df"], factors=factors)
-    return RankSelection(rank_=r, criterion=criterion, candidates=ranks, table=table, scores_=scores,
-                         best_index_=best, family=f"layer-{family}", n_samples=n, cv=cv if do_cv else None,
-                         estimator_=est)
+    return RankSelection(
+        rank_=r,
+        criterion=criterion,
+        candidates=ranks,
+        table=table,
+        scores_=scores,
+        best_index_=best,
+        family=f"layer-{family}",
+        n_samples=n,
+        cv=cv if do_cv else None,
+        estimator_=est,
+    )
 
 
 def _with_bias(wt: Tensor, st: _Stats):

@@ -55,6 +55,7 @@ tests/test_rank.py and benchmarks/rank_selection.py):
 
 All functions return inf where df >= n - 1 (the formulas have no finite value there).
 """
+
 from __future__ import annotations
 
 import math

@@ -10,10 +10,11 @@ The estimators follow scikit-learn's conventions: constructor arguments are stor
 X is (n, p_1, ..., p_D) and y is (n,), as torch tensors or numpy arrays; computation is in
 float64 on the CPU (or on X's device for tensors). `predict` returns the type it was given.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,14 +22,23 @@ from torch import Tensor
 
 from tensorpress.linalg import truncated_svd
 
-__all__ = ["CPRegressor", "TuckerRegressor", "LowRankRegressor", "cp_degrees_of_freedom",
-           "tucker_degrees_of_freedom", "matrix_degrees_of_freedom"]
+__all__ = [
+    "CPRegressor",
+    "TuckerRegressor",
+    "LowRankRegressor",
+    "cp_degrees_of_freedom",
+    "tucker_degrees_of_freedom",
+    "matrix_degrees_of_freedom",
+]
 
 
 # ----------------------------------------------------------------------------- df formulas
 def _check_dims(dims, name="dims"):
-    if (not isinstance(dims, (list, tuple)) or len(dims) < 1
-            or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in dims)):
+    if (
+        not isinstance(dims, (list, tuple))
+        or len(dims) < 1
+        or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in dims)
+    ):
         raise ValueError(f"{name}: expected a sequence of ints >= 1, got {dims!r}")
     return tuple(int(p) for p in dims)
 
@@ -76,8 +86,11 @@ def tucker_degrees_of_freedom(ranks: int | Sequence[int], dims: Sequence[int]) -
 def _tucker_ranks(ranks, D):
     if isinstance(ranks, (int, np.integer)) and not isinstance(ranks, bool):
         ranks = (int(ranks),) * D
-    if (not isinstance(ranks, (list, tuple)) or len(ranks) != D
-            or any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in ranks)):
+    if (
+        not isinstance(ranks, (list, tuple))
+        or len(ranks) != D
+        or any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in ranks)
+    ):
         raise ValueError(f"ranks: expected an int >= 1 or {D} ints >= 1 (one per mode), got {ranks!r}")
     return tuple(int(r) for r in ranks)
 
@@ -171,8 +184,7 @@ def _mode_product(X: Tensor, U: Tensor, axis: int) -> Tensor:
 class _ALSRegressor:
     """Shared fit/predict/score; subclasses define _init, _sweep, _coef and degrees_of_freedom."""
 
-    def __init__(self, ridge=0.0, n_iter_max=200, tol=1e-8, init="moment", fit_intercept=False,
-                 random_state=None):
+    def __init__(self, ridge=0.0, n_iter_max=200, tol=1e-8, init="moment", fit_intercept=False, random_state=None):
         self.ridge = ridge
         self.n_iter_max = n_iter_max
         self.tol = tol
@@ -253,7 +265,9 @@ class _ALSRegressor:
         self._check_fitted()
         Xt = check_Xy(X, min_modes=self._min_modes)
         if tuple(Xt.shape[1:]) != self.n_features_in_:
-            raise ValueError(f"X: expected samples of shape {self.n_features_in_} (as in fit), got {tuple(Xt.shape[1:])}")
+            raise ValueError(
+                f"X: expected samples of shape {self.n_features_in_} (as in fit), got {tuple(Xt.shape[1:])}"
+            )
         out = self._linear(Xt.to(self.coef_.device))
         if isinstance(X, Tensor):
             return out.to(X.dtype if X.is_floating_point() else torch.float64)
@@ -326,8 +340,9 @@ class CPRegressor(_ALSRegressor):
     _param_names = ("rank", "ridge", "n_iter_max", "tol", "init", "fit_intercept", "random_state")
     _min_modes = 1
 
-    def __init__(self, rank=1, ridge=0.0, n_iter_max=200, tol=1e-8, init="moment", fit_intercept=False,
-                 random_state=None):
+    def __init__(
+        self, rank=1, ridge=0.0, n_iter_max=200, tol=1e-8, init="moment", fit_intercept=False, random_state=None
+    ):
         super().__init__(ridge, n_iter_max, tol, init, fit_intercept, random_state)
         self.rank = rank
 
@@ -355,7 +370,7 @@ class CPRegressor(_ALSRegressor):
         if cache is None or cache[0] != key:
             n, dims = X.shape[0], X.shape[1:]
             unf = [torch.movedim(X, d + 1, 1).reshape(n * p, -1) for d, p in enumerate(dims)]
-            self._prep_cache = cache = (key, X, unf)    # X held: its address cannot be reused meanwhile
+            self._prep_cache = cache = (key, X, unf)  # X held: its address cannot be reused meanwhile
         return cache[2]
 
     def _partial(self, X: Tensor, skip: int) -> Tensor:
@@ -366,7 +381,7 @@ class CPRegressor(_ALSRegressor):
             return X[:, :, None].expand(-1, -1, R)
         others = [A[k] for k in range(len(A)) if k != skip]
         khatri_rao = others[0]
-        for a in others[1:]:                           # rows: the other modes' indices, first most significant
+        for a in others[1:]:  # rows: the other modes' indices, first most significant
             khatri_rao = (khatri_rao[:, None, :] * a[None, :, :]).reshape(-1, R)
         return (self._unfoldings(X)[skip] @ khatri_rao).reshape(X.shape[0], X.shape[skip + 1], R)
 
@@ -377,10 +392,10 @@ class CPRegressor(_ALSRegressor):
     def _sweep(self, X, y) -> float:
         D = X.dim() - 1
         for d in range(D):
-            Z = self._partial(X, d).reshape(X.shape[0], -1)        # (n, p_d R)
+            Z = self._partial(X, d).reshape(X.shape[0], -1)  # (n, p_d R)
             w = _lstsq(Z, y, float(self.ridge))
             if d == D - 1:
-                rss = float(((y - Z @ w) ** 2).sum())               # B after the sweep (rescaling keeps it)
+                rss = float(((y - Z @ w) ** 2).sum())  # B after the sweep (rescaling keeps it)
             self.factors_[d] = w.reshape(self.factors_[d].shape)
             if D > 1:
                 # keep the scale on the factor updated next: unit columns elsewhere
@@ -405,7 +420,7 @@ class CPRegressor(_ALSRegressor):
     def _jacobian(self, X: Tensor) -> Tensor:
         """d(predictions)/d(parameters) (n, P) at the fit: the ALS design matrices side by side."""
         jac = torch.cat([self._partial(X, d).reshape(X.shape[0], -1) for d in range(X.dim() - 1)], 1)
-        self._prep_cache = None                        # the unfoldings are copies of X: not kept
+        self._prep_cache = None  # the unfoldings are copies of X: not kept
         return jac
 
     def _coef_hessian(self, E: Tensor) -> Tensor:
@@ -422,16 +437,17 @@ class CPRegressor(_ALSRegressor):
             for e in range(d + 1, D):
                 others = [f for f in range(D) if f not in (d, e)]
                 spec = letters + "".join(f",{letters[f]}r" for f in others) + f"->{letters[d]}{letters[e]}r"
-                T = torch.einsum(spec, E, *[A[f] for f in others]) if others else \
-                    E[:, :, None].expand(-1, -1, R)                                  # (p_d, p_e, R)
+                T = (
+                    torch.einsum(spec, E, *[A[f] for f in others]) if others else E[:, :, None].expand(-1, -1, R)
+                )  # (p_d, p_e, R)
                 blk = torch.diag_embed(T).permute(0, 2, 1, 3).reshape(sizes[d], sizes[e])
-                H[offs[d]:offs[d] + sizes[d], offs[e]:offs[e] + sizes[e]] = blk
-                H[offs[e]:offs[e] + sizes[e], offs[d]:offs[d] + sizes[d]] = blk.T
+                H[offs[d] : offs[d] + sizes[d], offs[e] : offs[e] + sizes[e]] = blk
+                H[offs[e] : offs[e] + sizes[e], offs[d] : offs[d] + sizes[d]] = blk.T
         return H
 
 
 def _cp_tensor(factors) -> Tensor:
-    B = factors[0]                                                  # (p_1, R)
+    B = factors[0]  # (p_1, R)
     for f in factors[1:]:
         B = (B[..., None, :] * f).reshape(*B.shape[:-1], f.shape[0], f.shape[1])
     return B.sum(-1)
@@ -489,8 +505,9 @@ class TuckerRegressor(_ALSRegressor):
     _param_names = ("ranks", "ridge", "n_iter_max", "tol", "init", "fit_intercept", "random_state")
     _min_modes = 1
 
-    def __init__(self, ranks=1, ridge=0.0, n_iter_max=200, tol=1e-8, init="moment", fit_intercept=False,
-                 random_state=None):
+    def __init__(
+        self, ranks=1, ridge=0.0, n_iter_max=200, tol=1e-8, init="moment", fit_intercept=False, random_state=None
+    ):
         super().__init__(ridge, n_iter_max, tol, init, fit_intercept, random_state)
         self.ranks = ranks
 
@@ -535,11 +552,11 @@ class TuckerRegressor(_ALSRegressor):
     def _factor_design(self, X, d) -> Tensor:
         """Z (n, p_d, R_d): predictions are linear in U_d with these coefficients."""
         n = X.shape[0]
-        W = self._project(X, skip=d)                                # (n, R_1.., p_d, ..R_D)
+        W = self._project(X, skip=d)  # (n, R_1.., p_d, ..R_D)
         G = self.core_
         # Z[i, a, s] = sum_{others} W[i, .., a, ..] G[.., s, ..]
-        Wd = torch.movedim(W, d + 1, -1).reshape(n, -1, W.shape[d + 1])     # (n, prod R_-d, p_d)
-        Gd = torch.movedim(G, d, -1).reshape(-1, G.shape[d])                 # (prod R_-d, R_d)
+        Wd = torch.movedim(W, d + 1, -1).reshape(n, -1, W.shape[d + 1])  # (n, prod R_-d, p_d)
+        Gd = torch.movedim(G, d, -1).reshape(-1, G.shape[d])  # (prod R_-d, R_d)
         return torch.einsum("nka,ks->nas", Wd, Gd)
 
     def _sweep(self, X, y) -> float:

@@ -21,6 +21,7 @@ noise) and sigma_hat^2 = RSS_R / (n - df_R) with the manifold df unless given. T
 draws are used for every rank when the same random_state is passed (common random numbers: the
 differences between ranks are then less noisy than the values).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ class BootstrapDF:
     n_boot: int
 
 
-def covariance_penalty_df(make_estimator, X, y, fitted=None, n_boot: int = 20, sigma2: float | None = None,
-                          random_state=None) -> BootstrapDF:
+def covariance_penalty_df(
+    make_estimator, X, y, fitted=None, n_boot: int = 20, sigma2: float | None = None, random_state=None
+) -> BootstrapDF:
     """The parametric-bootstrap covariance-penalty df of the fitting procedure make_estimator()
     (a callable returning a fresh, unfitted estimator with fit/predict) on (X, y).
 
@@ -55,12 +57,14 @@ def covariance_penalty_df(make_estimator, X, y, fitted=None, n_boot: int = 20, s
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
         raise ValueError(f"n_boot: expected an int >= 2, got {n_boot!r}")
-    if sigma2 is not None and (isinstance(sigma2, bool) or not isinstance(sigma2, (int, float))
-                               or not math.isfinite(sigma2) or sigma2 <= 0):
+    if sigma2 is not None and (
+        isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)) or not math.isfinite(sigma2) or sigma2 <= 0
+    ):
         raise ValueError(f"sigma2: expected None or a finite number > 0, got {sigma2!r}")
     if not callable(make_estimator):
-        raise TypeError(f"make_estimator: expected a callable returning an unfitted estimator, got "
-                        f"{type(make_estimator).__name__}")
+        raise TypeError(
+            f"make_estimator: expected a callable returning an unfitted estimator, got {type(make_estimator).__name__}"
+        )
     Xt, yt = check_Xy(X, y)
     n = int(Xt.shape[0])
     if fitted is None:
@@ -85,5 +89,6 @@ def covariance_penalty_df(make_estimator, X, y, fitted=None, n_boot: int = 20, s
     # cov(y_hat_i, y_i) / sigma^2 = cov(y_hat_i, eps_i) / sigma, summed over i, per draw
     centred = preds - preds.mean(0)
     per_draw = (centred * eps).sum(1) / sigma * n_boot / (n_boot - 1)
-    return BootstrapDF(df=float(per_draw.mean()), se=float(per_draw.std() / math.sqrt(n_boot)),
-                       sigma2=sigma2, n_boot=n_boot)
+    return BootstrapDF(
+        df=float(per_draw.mean()), se=float(per_draw.std() / math.sqrt(n_boot)), sigma2=sigma2, n_boot=n_boot
+    )

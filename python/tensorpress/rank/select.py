@@ -1,10 +1,12 @@
 """Rank selection: the optimism rule, k-fold cross-validation, AIC/BIC, energy threshold."""
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,15 +17,29 @@ from tensorpress.rank.regressors import CPRegressor, LowRankRegressor, TuckerReg
 from tensorpress.rank.resampling import covariance_penalty_df
 from tensorpress.rank.stein import _stein_df
 
-__all__ = ["RankSelection", "select_rank", "energy_rank", "one_standard_error_choice", "CRITERIA", "FAMILIES",
-           "DF_RULES"]
+__all__ = [
+    "RankSelection",
+    "select_rank",
+    "energy_rank",
+    "one_standard_error_choice",
+    "CRITERIA",
+    "FAMILIES",
+    "DF_RULES",
+]
 
 CRITERIA = ("analytic_cv", "test_error", "test_error_1se", "optimism", "cv", "aic", "bic")
 DF_RULES = ("stein", "manifold", "bootstrap")
-FAMILIES = {"cp": CPRegressor, "tucker": TuckerRegressor, "lowrank": LowRankRegressor,
-            "matrix": LowRankRegressor}
+FAMILIES = {"cp": CPRegressor, "tucker": TuckerRegressor, "lowrank": LowRankRegressor, "matrix": LowRankRegressor}
 # the column of the table each criterion minimizes
-_COLUMN = {"analytic_cv": "est_cv_error", "test_error": "est_test_error", "test_error_1se": "est_test_error", "optimism": "optimism", "cv": "cv_error", "aic": "aic", "bic": "bic"}
+_COLUMN = {
+    "analytic_cv": "est_cv_error",
+    "test_error": "est_test_error",
+    "test_error_1se": "est_test_error",
+    "optimism": "optimism",
+    "cv": "cv_error",
+    "aic": "aic",
+    "bic": "bic",
+}
 
 
 @dataclass
@@ -60,10 +76,27 @@ class RankSelection:
         return [row[key] for row in self.table]
 
     def __str__(self):
-        keys = ["rank", "df", "df_eff", "train_error", "optimism", "est_test_error", "est_cv_error", "aic", "bic", "cv_error", "cv_std",
-                "fit_time", "df_time", "cv_time"]
-        lines = [f"RankSelection(family={self.family!r}, criterion={self.criterion!r}, rank_={self.rank_!r}, "
-                 f"n={self.n_samples})", " | ".join(keys)]
+        keys = [
+            "rank",
+            "df",
+            "df_eff",
+            "train_error",
+            "optimism",
+            "est_test_error",
+            "est_cv_error",
+            "aic",
+            "bic",
+            "cv_error",
+            "cv_std",
+            "fit_time",
+            "df_time",
+            "cv_time",
+        ]
+        lines = [
+            f"RankSelection(family={self.family!r}, criterion={self.criterion!r}, rank_={self.rank_!r}, "
+            f"n={self.n_samples})",
+            " | ".join(keys),
+        ]
         for row in self.table:
             cells = []
             for k in keys:
@@ -76,6 +109,7 @@ class RankSelection:
         """Write a PNG: train error, estimated test error, optimism and (when computed) CV
         error with its std, against the candidates; the chosen rank marked. Returns path."""
         import matplotlib
+
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
@@ -84,8 +118,9 @@ class RankSelection:
         x = np.arange(len(labels))
 
         def col(k):
-            return np.array([np.nan if row[k] is None or not math.isfinite(row[k]) else row[k] for row in self.table],
-                            dtype=float)
+            return np.array(
+                [np.nan if row[k] is None or not math.isfinite(row[k]) else row[k] for row in self.table], dtype=float
+            )
 
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         ax.plot(x, col("train_error"), "o-", label="train error")
@@ -100,7 +135,9 @@ class RankSelection:
         ax.set_xlabel("rank")
         ax.set_ylabel("mean squared error")
         finite = col("est_test_error")
-        if np.isfinite(finite).any() and np.nanmax(finite) > 20 * np.nanmin(col("train_error")[np.isfinite(finite)] + 1e-300):
+        if np.isfinite(finite).any() and np.nanmax(finite) > 20 * np.nanmin(
+            col("train_error")[np.isfinite(finite)] + 1e-300
+        ):
             ax.set_yscale("log")
         ax.set_title(f"rank selection: {self.family}, n = {self.n_samples}")
         ax.legend(fontsize=8)
@@ -125,22 +162,33 @@ def _check_candidates(family, candidates, dims):
         raise ValueError("candidates: expected a non-empty sequence of ranks, got an empty one")
     for c in cands:
         ok_int = isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1
-        ok_tuple = (family == "tucker" and isinstance(c, (tuple, list)) and len(c) == len(dims)
-                    and all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r >= 1 for r in c))
+        ok_tuple = (
+            family == "tucker"
+            and isinstance(c, (tuple, list))
+            and len(c) == len(dims)
+            and all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r >= 1 for r in c)
+        )
         if not (ok_int or ok_tuple or callable(family)):
             what = "ints >= 1" + (f" or tuples of {len(dims)} ints" if family == "tucker" else "")
             raise ValueError(f"candidates: expected {what}, got {c!r}")
         if family == "tucker":
             rs = (int(c),) * len(dims) if ok_int else tuple(int(r) for r in c)
             if any(r > p for r, p in zip(rs, dims)):
-                raise ValueError(f"candidates: Tucker ranks must satisfy R_d <= p_d for samples of shape {dims}, "
-                                 f"got {c!r}")
+                raise ValueError(
+                    f"candidates: Tucker ranks must satisfy R_d <= p_d for samples of shape {dims}, got {c!r}"
+                )
         # a rank past min(p, q) is no model: the fit would silently stop at min(p, q)
         if family in ("lowrank", "matrix") and ok_int and c > min(dims):
-            raise ValueError(f"candidates: a low-rank candidate must be at most min(p, q) = {min(dims)} for samples "
-                             f"of shape {dims}, got {c!r}")
-    return [tuple(int(r) for r in c) if isinstance(c, (tuple, list)) else (int(c) if not callable(family) or
-            isinstance(c, (int, np.integer)) else c) for c in cands]
+            raise ValueError(
+                f"candidates: a low-rank candidate must be at most min(p, q) = {min(dims)} for samples "
+                f"of shape {dims}, got {c!r}"
+            )
+    return [
+        tuple(int(r) for r in c)
+        if isinstance(c, (tuple, list))
+        else (int(c) if not callable(family) or isinstance(c, (int, np.integer)) else c)
+        for c in cands
+    ]
 
 
 def kfold_indices(n: int, k: int, generator: torch.Generator) -> list[Tensor]:
@@ -149,9 +197,19 @@ def kfold_indices(n: int, k: int, generator: torch.Generator) -> list[Tensor]:
     return list(torch.tensor_split(perm, k))
 
 
-def select_rank(model_family: str | Callable, X, y, candidates, criterion: str = "analytic_cv", cv: int = 5,
-                random_state=None, with_cv: bool | None = None, df_rule: str = "stein", n_boot: int = 20,
-                **estimator_kwargs) -> RankSelection:
+def select_rank(
+    model_family: str | Callable,
+    X,
+    y,
+    candidates,
+    criterion: str = "analytic_cv",
+    cv: int = 5,
+    random_state=None,
+    with_cv: bool | None = None,
+    df_rule: str = "stein",
+    n_boot: int = 20,
+    **estimator_kwargs,
+) -> RankSelection:
     """Choose the rank of a low-rank regression y = <B, X> + eps among `candidates`.
 
     Args:
@@ -200,8 +258,9 @@ def select_rank(model_family: str | Callable, X, y, candidates, criterion: str =
         if model_family not in FAMILIES:
             raise ValueError(f"model_family: expected one of {sorted(FAMILIES)} or a callable, got {model_family!r}")
     elif not callable(model_family):
-        raise TypeError(f"model_family: expected a string or a callable rank -> estimator, got "
-                        f"{type(model_family).__name__}")
+        raise TypeError(
+            f"model_family: expected a string or a callable rank -> estimator, got {type(model_family).__name__}"
+        )
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
     if df_rule not in DF_RULES:
@@ -235,8 +294,11 @@ def select_rank(model_family: str | Callable, X, y, candidates, criterion: str =
         est.fit(Xt, yt)
         fit_time = time.perf_counter() - t0
         df = int(est.degrees_of_freedom)
-        rss = float(est.rss_) if hasattr(est, "rss_") else \
-            float(((yt - torch.as_tensor(est.predict(Xt), dtype=torch.float64)) ** 2).sum())
+        rss = (
+            float(est.rss_)
+            if hasattr(est, "rss_")
+            else float(((yt - torch.as_tensor(est.predict(Xt), dtype=torch.float64)) ** 2).sum())
+        )
         t0 = time.perf_counter()
         if df_rule == "stein" and hasattr(est, "_jacobian"):
             Xc, yc = (Xt - Xt.mean(0), yt - yt.mean()) if getattr(est, "fit_intercept", False) else (Xt, yt)
@@ -245,17 +307,33 @@ def select_rank(model_family: str | Callable, X, y, candidates, criterion: str =
             # the same noise draws (seed + 1) for every rank: common random numbers
             df_eff = covariance_penalty_df(
                 lambda: _make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed)),
-                Xt, yt, fitted=est, n_boot=n_boot, random_state=seed + 1).df
+                Xt,
+                yt,
+                fitted=est,
+                n_boot=n_boot,
+                random_state=seed + 1,
+            ).df
             df_eff = min(max(df_eff, 0.0), float(n))
         else:
             df_eff = float(df)
         df_time = time.perf_counter() - t0
-        row = {"rank": rank, "df": df, "df_eff": df_eff, "train_error": rss / n,
-               "sigma2": noise_variance(rss, n, df_eff), "optimism": optimism(rss, n, df_eff),
-               "est_test_error": estimated_test_error(rss, n, df_eff),
-               "est_cv_error": estimated_cv_error(rss, n, df_eff, cv), "aic": aic(rss, n, df),
-               "bic": bic(rss, n, df), "cv_error": None, "cv_std": None, "fit_time": fit_time,
-               "df_time": df_time, "cv_time": None}
+        row = {
+            "rank": rank,
+            "df": df,
+            "df_eff": df_eff,
+            "train_error": rss / n,
+            "sigma2": noise_variance(rss, n, df_eff),
+            "optimism": optimism(rss, n, df_eff),
+            "est_test_error": estimated_test_error(rss, n, df_eff),
+            "est_cv_error": estimated_cv_error(rss, n, df_eff, cv),
+            "aic": aic(rss, n, df),
+            "bic": bic(rss, n, df),
+            "cv_error": None,
+            "cv_std": None,
+            "fit_time": fit_time,
+            "df_time": df_time,
+            "cv_time": None,
+        }
         if do_cv:
             t0 = time.perf_counter()
             errs = []
@@ -274,13 +352,24 @@ def select_rank(model_family: str | Callable, X, y, candidates, criterion: str =
     scores = [row[_COLUMN[criterion]] for row in table]
     finite = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
     if not finite:
-        raise ValueError(f"candidates: every candidate has df >= n - 1 = {n - 1} (no finite {criterion}); "
-                         f"use smaller ranks or more samples")
+        raise ValueError(
+            f"candidates: every candidate has df >= n - 1 = {n - 1} (no finite {criterion}); "
+            f"use smaller ranks or more samples"
+        )
     best = choose(criterion, table, scores, n)
-    return RankSelection(rank_=cands[best], criterion=criterion, candidates=cands, table=table, scores_=scores,
-                         best_index_=best, family=model_family if isinstance(model_family, str) else
-                         getattr(model_family, "__name__", "custom"), n_samples=n, cv=cv if do_cv else None,
-                         estimator_=fitted[best], estimators_=fitted)
+    return RankSelection(
+        rank_=cands[best],
+        criterion=criterion,
+        candidates=cands,
+        table=table,
+        scores_=scores,
+        best_index_=best,
+        family=model_family if isinstance(model_family, str) else getattr(model_family, "__name__", "custom"),
+        n_samples=n,
+        cv=cv if do_cv else None,
+        estimator_=fitted[best],
+        estimators_=fitted,
+    )
 
 
 def one_standard_error_choice(est_test_error, df_eff, df, n_obs: int) -> int | None:
@@ -327,7 +416,9 @@ def energy_rank(singular_values, energy: float = 0.9) -> int:
         try:
             s = np.asarray(singular_values, dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"singular_values: expected a 1-D array of numbers, got {type(singular_values).__name__}") from exc
+            raise TypeError(
+                f"singular_values: expected a 1-D array of numbers, got {type(singular_values).__name__}"
+            ) from exc
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"singular_values: expected a non-empty 1-D array, got shape {s.shape}")
     if not np.all(np.isfinite(s)) or np.any(s < 0):

@@ -50,6 +50,7 @@ freedom of a non-convex procedure, which a divergence does not see). The two agr
 the true rank is about 0.75 n against Stein's 0.6 n, and the rule then over-ranks where 5-fold CV
 and the oracle do not.
 """
+
 from __future__ import annotations
 
 import torch
@@ -66,12 +67,15 @@ def stein_degrees_of_freedom(estimator, X, y) -> float:
     docstring. Returns a float >= 0."""
     for attr in ("_jacobian", "_param_vector", "_coef_of"):
         if not hasattr(estimator, attr):
-            raise TypeError(f"estimator: expected a fitted CPRegressor, TuckerRegressor or LowRankRegressor, "
-                            f"got {type(estimator).__name__}")
+            raise TypeError(
+                f"estimator: expected a fitted CPRegressor, TuckerRegressor or LowRankRegressor, "
+                f"got {type(estimator).__name__}"
+            )
     Xc, yc = estimator.centered(X, y)
     if tuple(Xc.shape[1:]) != tuple(estimator.coef_.shape):
-        raise ValueError(f"X: expected samples of shape {tuple(estimator.coef_.shape)} (as in fit), got "
-                         f"{tuple(Xc.shape[1:])}")
+        raise ValueError(
+            f"X: expected samples of shape {tuple(estimator.coef_.shape)} (as in fit), got {tuple(Xc.shape[1:])}"
+        )
     return _stein_df(estimator, Xc.to(estimator.coef_.device), yc.to(estimator.coef_.device))
 
 
@@ -82,7 +86,7 @@ def _stein_df(estimator, Xc: Tensor, yc: Tensor) -> float:
     if parts is None:
         return extra
     J, Q, s, M = parts
-    A = (Q.T @ M @ Q) * s[:, None] * s[None, :]                       # K^{-1/2} M K^{-1/2} on range(K)
+    A = (Q.T @ M @ Q) * s[:, None] * s[None, :]  # K^{-1/2} M K^{-1/2} on range(K)
     mu = torch.linalg.eigvalsh((A + A.T) / 2)
     return float((1.0 / mu.clamp_min(MU_FLOOR)).sum()) + extra
 
@@ -100,7 +104,7 @@ def fit_sensitivity(estimator, Xc: Tensor, yc: Tensor, z: Tensor) -> Tensor:
 def _reduced_system(estimator, Xc: Tensor, yc: Tensor):
     """(J, Q, s, M): the Jacobian, an orthonormal basis Q of range(J^T J) with s = its
     eigenvalues^{-1/2}, and M = J^T J - H + ridge I; None when J = 0."""
-    J = estimator._jacobian(Xc)                                       # (n, P)
+    J = estimator._jacobian(Xc)  # (n, P)
     Xf = Xc.flatten(1)
     E = (Xf.T @ (yc - Xf @ estimator.coef_.flatten())).reshape(estimator.coef_.shape)
     if hasattr(estimator, "_coef_hessian"):

@@ -1,4 +1,5 @@
 """The gradient baseline: SGD/Adam training of the same network (e.g. TenBCD(...).to_torch() at init)."""
+
 from __future__ import annotations
 
 import math
@@ -9,10 +10,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def train_backprop(model: nn.Module, X: Tensor, y: Tensor, epochs: int = 10, optimizer: str = "adam",
-                   lr: float = 1e-3, batch_size: int = 128, momentum: float = 0.9, loss: str = "cross_entropy",
-                   X_test: Tensor | None = None, y_test: Tensor | None = None, seed: int = 0,
-                   verbose: bool = False) -> dict[str, list]:
+def train_backprop(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    epochs: int = 10,
+    optimizer: str = "adam",
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    loss: str = "cross_entropy",
+    X_test: Tensor | None = None,
+    y_test: Tensor | None = None,
+    seed: int = 0,
+    verbose: bool = False,
+) -> dict[str, list]:
     """Mini-batch training of `model` in place; returns the per-epoch history.
 
     X (n, d_0), y (n,) integer labels; loss "cross_entropy" or "mse" (on one-hot targets, like
@@ -24,8 +36,9 @@ def train_backprop(model: nn.Module, X: Tensor, y: Tensor, epochs: int = 10, opt
     if loss not in ("cross_entropy", "mse"):
         raise ValueError(f"loss: expected 'cross_entropy' or 'mse', got {loss!r}")
     if not isinstance(X, Tensor) or X.dim() != 2 or not isinstance(y, Tensor) or y.dim() != 1 or len(y) != len(X):
-        raise ValueError(f"X, y: expected (n, d) and (n,) tensors, got {getattr(X, 'shape', None)} and "
-                         f"{getattr(y, 'shape', None)}")
+        raise ValueError(
+            f"X, y: expected (n, d) and (n,) tensors, got {getattr(X, 'shape', None)} and {getattr(y, 'shape', None)}"
+        )
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "epochs" else 1):
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -34,8 +47,11 @@ def train_backprop(model: nn.Module, X: Tensor, y: Tensor, epochs: int = 10, opt
     p0 = next(model.parameters())
     X, y = X.to(p0.device, p0.dtype), y.to(p0.device).long()
     C = None
-    opt = torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam" else \
-        torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = (
+        torch.optim.Adam(model.parameters(), lr=lr)
+        if optimizer == "adam"
+        else torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    )
     gen = torch.Generator().manual_seed(seed)
     hist = {k: [] for k in ("epoch", "loss", "train_acc", "test_acc", "time_s")}
     n = len(X)
@@ -45,7 +61,7 @@ def train_backprop(model: nn.Module, X: Tensor, y: Tensor, epochs: int = 10, opt
         perm = torch.randperm(n, generator=gen).to(X.device)
         total = 0.0
         for s in range(0, n, batch_size):
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             out = model(X[idx])
             if loss == "cross_entropy":
                 l = F.cross_entropy(out, y[idx])
@@ -67,8 +83,11 @@ def train_backprop(model: nn.Module, X: Tensor, y: Tensor, epochs: int = 10, opt
         hist["train_acc"].append(accuracy(model, X, y))
         hist["test_acc"].append(accuracy(model, X_test, y_test) if X_test is not None else None)
         if verbose:
-            print(f"{optimizer} ep {ep:3d} loss={total / n:.4f} train={hist['train_acc'][-1]:.4f} "
-                  f"test={hist['test_acc'][-1]} {dt:.2f}s", flush=True)
+            print(
+                f"{optimizer} ep {ep:3d} loss={total / n:.4f} train={hist['train_acc'][-1]:.4f} "
+                f"test={hist['test_acc'][-1]} {dt:.2f}s",
+                flush=True,
+            )
     return hist
 
 
@@ -78,6 +97,8 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor, batch_size: int = 4096) -> 
     p0 = next(model.parameters())
     model.eval()
     X, y = X.to(p0.device, p0.dtype), y.to(p0.device)
-    hits = sum(int((model(X[s:s + batch_size]).argmax(1) == y[s:s + batch_size]).sum())
-               for s in range(0, len(X), batch_size))
+    hits = sum(
+        int((model(X[s : s + batch_size]).argmax(1) == y[s : s + batch_size]).sum())
+        for s in range(0, len(X), batch_size)
+    )
     return hits / len(X)

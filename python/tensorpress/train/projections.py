@@ -1,8 +1,9 @@
 """The constraint projections of tenBCD: TT-SVD with capped bond ranks, and magnitude pruning."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -41,16 +42,16 @@ def tt_reconstruct(cores: Sequence[Tensor], out_factors: Sequence[int], in_facto
     """The dense (b, M, N) matrices of a batch of TT-matrix cores (b, r_{k-1}, m_k, n_k, r_k)."""
     d = len(cores)
     b = cores[0].shape[0]
-    full = cores[0].reshape(b, -1, cores[0].shape[-1])           # (b, p_1, r_1)
+    full = cores[0].reshape(b, -1, cores[0].shape[-1])  # (b, p_1, r_1)
     for g in cores[1:]:
-        full = full @ g.reshape(b, g.shape[1], -1)                # (b, p_1..p_{k-1}, p_k r_k)
+        full = full @ g.reshape(b, g.shape[1], -1)  # (b, p_1..p_{k-1}, p_k r_k)
         full = full.reshape(b, -1, g.shape[-1])
     t = full.reshape(b, *[x for m, n in zip(out_factors, in_factors) for x in (m, n)])
     t = t.permute(0, *[1 + 2 * k for k in range(d)], *[2 + 2 * k for k in range(d)])
     return t.reshape(b, math.prod(out_factors), math.prod(in_factors))
 
 
-RANDOMIZED_MIN_SIZE = 512   # auto: a randomized SVD only for unfoldings at least this large in both
+RANDOMIZED_MIN_SIZE = 512  # auto: a randomized SVD only for unfoldings at least this large in both
 RANDOMIZED_MAX_FRACTION = 0.25  # dimensions and ranks at most this fraction of the smaller one
 
 
@@ -102,8 +103,8 @@ def _subspace_svd(mat: Tensor, r: int, start: Tensor, power_iterations: int) -> 
         q, _ = cholesky_qr2(y)
         z, _ = cholesky_qr2(mat.mT @ q)
         y = mat @ z
-    q, _ = cholesky_qr2(y)                                   # (b, m, l): the range of mat
-    ub, s, vh = torch.linalg.svd(q.mT @ mat, full_matrices=False)   # the small (b, l, n) problem
+    q, _ = cholesky_qr2(y)  # (b, m, l): the range of mat
+    ub, s, vh = torch.linalg.svd(q.mT @ mat, full_matrices=False)  # the small (b, l, n) problem
     return q @ ub[..., :r], s[..., :r], vh[..., :r, :], vh.mT.contiguous()
 
 
@@ -142,9 +143,15 @@ def _split_bond(mat: Tensor, r: int, method: str, key, state: dict | None, gener
     return u, s.unsqueeze(-1) * vh
 
 
-def tt_project(W: Tensor, out_factors: Sequence[int], in_factors: Sequence[int], ranks: Sequence[int],
-               method: str = "auto", generator: torch.Generator | None = None,
-               state: dict | None = None) -> tuple[list[Tensor], Tensor]:
+def tt_project(
+    W: Tensor,
+    out_factors: Sequence[int],
+    in_factors: Sequence[int],
+    ranks: Sequence[int],
+    method: str = "auto",
+    generator: torch.Generator | None = None,
+    state: dict | None = None,
+) -> tuple[list[Tensor], Tensor]:
     """TT-SVD of W (M x N) or of a batch W (b, M, N), every bond rank capped at ranks[k].
 
     Sequential truncated SVDs of the unfoldings (Oseledets 2011), in W's dtype and on its

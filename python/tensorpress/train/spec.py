@@ -1,9 +1,10 @@
 """Layer specifications of a tenBCD network: which weights are TT-constrained, pruned, or a conv front."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
 
@@ -55,7 +56,7 @@ class ConvSpec:
 
     @property
     def patch_size(self) -> int:
-        return self.in_shape[0] * self.kernel_size ** 2
+        return self.in_shape[0] * self.kernel_size**2
 
 
 def _is_int(v) -> bool:
@@ -86,8 +87,9 @@ def resolve_tt_spec(spec, in_features: int, out_features: int, name: str) -> TTS
             try:
                 given = balanced_factors(n, d, f"{name}: {fname.replace('factors', 'features')}")
             except ValueError as e:
-                raise ValueError(f"{name}: layer size {n} does not factor into {d} factors > 1 ({e}); "
-                                 f"pass {fname} explicitly") from None
+                raise ValueError(
+                    f"{name}: layer size {n} does not factor into {d} factors > 1 ({e}); pass {fname} explicitly"
+                ) from None
         given = tuple(given)
         if len(given) != d or not all(_is_int(f) and f >= 1 for f in given) or math.prod(given) != n:
             raise ValueError(f"{name}: {fname} expected {d} positive ints with product {n}, got {given}")
@@ -98,31 +100,42 @@ def resolve_tt_spec(spec, in_features: int, out_features: int, name: str) -> TTS
     caps = max_bond_ranks(outf, inf)
     if _is_int(ranks):
         if ranks < 1 or ranks > max(caps):
-            raise ValueError(f"{name}: rank {ranks} is larger than possible (largest useful bond ranks "
-                             f"{caps} for factors {outf} x {inf})" if ranks >= 1 else
-                             f"{name}: expected ranks >= 1, got {ranks}")
+            raise ValueError(
+                f"{name}: rank {ranks} is larger than possible (largest useful bond ranks "
+                f"{caps} for factors {outf} x {inf})"
+                if ranks >= 1
+                else f"{name}: expected ranks >= 1, got {ranks}"
+            )
         ranks = tuple(min(ranks, c) for c in caps)
     elif isinstance(ranks, (list, tuple)) and len(ranks) == d - 1 and all(_is_int(r) for r in ranks):
         if any(r < 1 for r in ranks):
             raise ValueError(f"{name}: expected ranks >= 1, got {list(ranks)}")
         bad = [k for k, (r, c) in enumerate(zip(ranks, caps)) if r > c]
         if bad:
-            raise ValueError(f"{name}: ranks {list(ranks)} larger than possible at bond(s) {bad}: "
-                             f"the largest useful ranks are {caps} for factors {outf} x {inf}")
+            raise ValueError(
+                f"{name}: ranks {list(ranks)} larger than possible at bond(s) {bad}: "
+                f"the largest useful ranks are {caps} for factors {outf} x {inf}"
+            )
         ranks = tuple(ranks)
     else:
         raise ValueError(f"{name}: ranks expected an int >= 1 or {d - 1} ints, got {ranks!r}")
     return TTSpec(outf, inf, ranks)
 
 
-def ranks_for_ratio(in_features: int, out_features: int, ratio: float, in_factors: Sequence[int] | None = None,
-                    out_factors: Sequence[int] | None = None) -> TTSpec:
+def ranks_for_ratio(
+    in_features: int,
+    out_features: int,
+    ratio: float,
+    in_factors: Sequence[int] | None = None,
+    out_factors: Sequence[int] | None = None,
+) -> TTSpec:
     """The TTSpec with one rank cap r on every bond (bonds capped at their largest useful rank)
     whose TT/dense parameter ratio is closest to `ratio`."""
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio: expected a float in (0, 1], got {ratio!r}")
-    base = resolve_tt_spec({"ranks": 1, "in_factors": in_factors, "out_factors": out_factors},
-                           in_features, out_features, "ranks_for_ratio")
+    base = resolve_tt_spec(
+        {"ranks": 1, "in_factors": in_factors, "out_factors": out_factors}, in_features, out_features, "ranks_for_ratio"
+    )
     caps = max_bond_ranks(base.out_factors, base.in_factors)
     best = None
     for r in range(1, max(caps) + 1):

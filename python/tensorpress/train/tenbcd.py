@@ -23,11 +23,12 @@ hyperparameters then mean the same thing at any n. With ``scale=None`` they are 
 against rho V V^T that each W update is an almost unregularized least-squares fit: on 1,500
 MNIST digits the network then reaches 100% training and 76% test accuracy).
 """
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,16 @@ from torch import Tensor, nn
 from tensorpress.linalg import blas
 from tensorpress.train.projections import prune_projection, tt_project
 from tensorpress.train.spec import ConvSpec, TTSpec, resolve_tt_spec
-from tensorpress.train.updates import (GramFactor, SolveError, gram_factor, update_u_hidden,
-                                       update_u_out, update_v_hidden, update_v_out, update_w)
+from tensorpress.train.updates import (
+    GramFactor,
+    SolveError,
+    gram_factor,
+    update_u_hidden,
+    update_u_out,
+    update_v_hidden,
+    update_v_out,
+    update_w,
+)
 
 
 class DivergenceError(FloatingPointError):
@@ -50,8 +59,12 @@ def one_hot(labels: Tensor, num_classes: int, dtype=torch.float32) -> Tensor:
 
 
 def _check_number(name, v, lo=0.0, strict=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-            (v <= lo if strict else v < lo):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(v)
+        or (v <= lo if strict else v < lo)
+    ):
         raise ValueError(f"{name}: expected a finite number {'>' if strict else '>='} {lo}, got {v!r}")
     return float(v)
 
@@ -85,14 +98,30 @@ class TenBCD:
     TT gaps ||W - T||/||W||, times), ``n_iter_``.
     """
 
-    def __init__(self, layer_sizes: Sequence[int], tt_layers: Mapping[int, object] | None = None,
-                 prune: Mapping[int, float] | None = None, gamma: float = 5.0, rho: float = 5.0,
-                 alpha: float = 1.0, tau: float = 1.0, alpha_w: float = 0.1, weight_decay: float = 0.01,
-                 scale: str | None = "n", conv: ConvSpec | None = None,
-                 svd_method: str = "auto", init_gain: float = 2.0, dtype: torch.dtype = torch.float32,
-                 device=None, seed: int = 0) -> None:
-        if not isinstance(layer_sizes, (list, tuple)) or len(layer_sizes) < 2 or \
-                not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in layer_sizes):
+    def __init__(
+        self,
+        layer_sizes: Sequence[int],
+        tt_layers: Mapping[int, object] | None = None,
+        prune: Mapping[int, float] | None = None,
+        gamma: float = 5.0,
+        rho: float = 5.0,
+        alpha: float = 1.0,
+        tau: float = 1.0,
+        alpha_w: float = 0.1,
+        weight_decay: float = 0.01,
+        scale: str | None = "n",
+        conv: ConvSpec | None = None,
+        svd_method: str = "auto",
+        init_gain: float = 2.0,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        seed: int = 0,
+    ) -> None:
+        if (
+            not isinstance(layer_sizes, (list, tuple))
+            or len(layer_sizes) < 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in layer_sizes)
+        ):
             raise ValueError(f"layer_sizes: expected a list of >= 2 positive ints, got {layer_sizes!r}")
         self.layer_sizes = list(layer_sizes)
         N = len(layer_sizes) - 1
@@ -117,8 +146,10 @@ class TenBCD:
             if not isinstance(conv, ConvSpec):
                 raise ValueError(f"conv: expected a ConvSpec, got {type(conv).__name__}")
             if math.prod(conv.in_shape) != layer_sizes[0]:
-                raise ValueError(f"conv: in_shape {conv.in_shape} has {math.prod(conv.in_shape)} features, "
-                                 f"layer_sizes[0] is {layer_sizes[0]}")
+                raise ValueError(
+                    f"conv: in_shape {conv.in_shape} has {math.prod(conv.in_shape)} features, "
+                    f"layer_sizes[0] is {layer_sizes[0]}"
+                )
             if min(conv.out_hw) < 1 or conv.out_features != layer_sizes[1]:
                 raise ValueError(f"conv: output has {conv.out_features} features, layer_sizes[1] is {layer_sizes[1]}")
             if N < 2:
@@ -158,7 +189,7 @@ class TenBCD:
     def _patches(self, X: Tensor) -> Tensor:
         """Samples (n, C*H*W) -> patch columns (C k^2, P * n), column index p * n + sample."""
         c = self.conv
-        P = F.unfold(X.reshape(-1, *c.in_shape), c.kernel_size, stride=c.stride)    # (n, C k^2, P)
+        P = F.unfold(X.reshape(-1, *c.in_shape), c.kernel_size, stride=c.stride)  # (n, C k^2, P)
         return P.permute(1, 2, 0).reshape(c.patch_size, -1).contiguous()
 
     def _input(self, X: Tensor) -> Tensor:
@@ -188,12 +219,20 @@ class TenBCD:
                 groups.setdefault((s.out_factors, s.in_factors, s.ranks), []).append(i)
         for (outf, inf, ranks), members in groups.items():
             W = torch.stack([self.weights_[i] for i in members])
-            cores, dense = tt_project(W, outf, inf, ranks, method=self.svd_method, generator=self._gen,
-                                      state=self._svd_state.setdefault((outf, inf, ranks), {}))
+            cores, dense = tt_project(
+                W,
+                outf,
+                inf,
+                ranks,
+                method=self.svd_method,
+                generator=self._gen,
+                state=self._svd_state.setdefault((outf, inf, ranks), {}),
+            )
             for b, i in enumerate(members):
                 old = self.targets_[i]
-                if old is not None and torch.linalg.vector_norm(self.weights_[i] - dense[b]) > \
-                        torch.linalg.vector_norm(self.weights_[i] - old):
+                if old is not None and torch.linalg.vector_norm(self.weights_[i] - dense[b]) > torch.linalg.vector_norm(
+                    self.weights_[i] - old
+                ):
                     continue
                 self.targets_[i] = dense[b].contiguous()
                 self.cores_[i] = [c[b].contiguous() for c in cores]
@@ -205,11 +244,14 @@ class TenBCD:
     # ------------------------------------------------------------------ validation
     def _check_xy(self, X, Y, xname="X", yname="Y", labels_ok=False) -> tuple[Tensor, Tensor | None]:
         if not isinstance(X, Tensor) or X.dim() != 2 or not X.is_floating_point():
-            raise ValueError(f"{xname}: expected a 2-d floating-point tensor (n_samples, {self.layer_sizes[0]}), "
-                             f"got {getattr(X, 'shape', type(X).__name__)}")
+            raise ValueError(
+                f"{xname}: expected a 2-d floating-point tensor (n_samples, {self.layer_sizes[0]}), "
+                f"got {getattr(X, 'shape', type(X).__name__)}"
+            )
         if X.shape[1] != self.layer_sizes[0]:
-            raise ValueError(f"{xname}: expected {self.layer_sizes[0]} features (layer_sizes[0]), got shape "
-                             f"{tuple(X.shape)}")
+            raise ValueError(
+                f"{xname}: expected {self.layer_sizes[0]} features (layer_sizes[0]), got shape {tuple(X.shape)}"
+            )
         if X.shape[0] < 1 or not torch.isfinite(X).all():
             raise ValueError(f"{xname}: expected at least one sample and finite values, found NaN/Inf or no rows")
         if Y is None:
@@ -224,16 +266,20 @@ class TenBCD:
                 raise ValueError(f"{yname}: expected integer labels in [0, {C}), got values outside")
             return X, Y.long()
         if Y.dim() != 2 or Y.shape[0] != X.shape[0] or Y.shape[1] != C:
-            raise ValueError(f"{yname}: expected one-hot of shape ({X.shape[0]}, {C}) (n_samples of {xname}, "
-                             f"layer_sizes[-1]), got {tuple(Y.shape)}")
+            raise ValueError(
+                f"{yname}: expected one-hot of shape ({X.shape[0]}, {C}) (n_samples of {xname}, "
+                f"layer_sizes[-1]), got {tuple(Y.shape)}"
+            )
         Yf = Y.to(torch.float64)
         if not torch.isfinite(Yf).all() or not ((Yf == 0) | (Yf == 1)).all() or not (Yf.sum(1) == 1).all():
-            raise ValueError(f"{yname}: expected one-hot rows (entries 0/1, one 1 per row); use "
-                             "tensorpress.train.one_hot(labels, num_classes)")
+            raise ValueError(
+                f"{yname}: expected one-hot rows (entries 0/1, one 1 per row); use "
+                "tensorpress.train.one_hot(labels, num_classes)"
+            )
         return X, Y
 
     # ------------------------------------------------------------------ state
-    def initialize(self, X: Tensor, Y: Tensor) -> "TenBCD":
+    def initialize(self, X: Tensor, Y: Tensor) -> TenBCD:
         """Validate (X, Y) and set up the state: random weights (TT layers start exactly on
         random TT cores, so the gap is 0), U, V by a forward pass, T_i, cached factorizations."""
         X, Y = self._check_xy(X, Y)
@@ -246,8 +292,11 @@ class TenBCD:
         k = n if self.scale == "n" else 1
         self.tau_eff, self.alpha_w_eff, self.decay_eff = self.tau * k, self.alpha_w * k, self.weight_decay * k
         g = torch.Generator(device="cpu").manual_seed(self.seed)
-        self._gen = torch.Generator(device=dev).manual_seed(self.seed + 1) if dev.type == "cuda" else \
-            torch.Generator().manual_seed(self.seed + 1)
+        self._gen = (
+            torch.Generator(device=dev).manual_seed(self.seed + 1)
+            if dev.type == "cuda"
+            else torch.Generator().manual_seed(self.seed + 1)
+        )
         self.weights_, self.targets_, self.cores_ = [], [None] * self.N, [None] * self.N
         for i in range(self.N):
             m, k = self._weight_shape(i)
@@ -274,11 +323,22 @@ class TenBCD:
             self.V.append(P.clamp_min(0.0) if i < self.N - 1 else P.clone())
             inp = self.V[i]
         self._factor0: GramFactor | None = None
-        self._svd_state: dict = {}   # per TT group: the previous singular subspaces (warm starts)
+        self._svd_state: dict = {}  # per TT group: the previous singular subspaces (warm starts)
         self._block = ""
         self.n_iter_ = 0
-        self.history_ = {k: [] for k in ("iteration", "objective", "train_acc", "test_acc", "test_acc_free_w",
-                                         "tt_gap", "time_update_s", "time_eval_s")}
+        self.history_ = {
+            k: []
+            for k in (
+                "iteration",
+                "objective",
+                "train_acc",
+                "test_acc",
+                "test_acc_free_w",
+                "tt_gap",
+                "time_update_s",
+                "time_eval_s",
+            )
+        }
         return self
 
     # ------------------------------------------------------------------ objective
@@ -313,8 +373,13 @@ class TenBCD:
 
     def tt_gaps(self) -> dict[int, float]:
         """||W_i - T_i|| / ||W_i|| per constrained layer."""
-        return {i: (torch.linalg.vector_norm(self.weights_[i] - self.targets_[i])
-                    / torch.linalg.vector_norm(self.weights_[i]).clamp_min(1e-30)).item() for i in self.constrained}
+        return {
+            i: (
+                torch.linalg.vector_norm(self.weights_[i] - self.targets_[i])
+                / torch.linalg.vector_norm(self.weights_[i]).clamp_min(1e-30)
+            ).item()
+            for i in self.constrained
+        }
 
     # ------------------------------------------------------------------ one iteration
     def _w_update(self, i: int) -> None:
@@ -324,8 +389,17 @@ class TenBCD:
             if self._factor0 is None:
                 self._factor0 = gram_factor(self.V0, self.rho, self.alpha_w_eff + tau + self.decay_eff)
             factor = self._factor0
-        self.weights_[i] = update_w(self.weights_[i], self._wl(i, self.U[i]), self._inp(i), self.rho, self.alpha_w_eff,
-                                    tau, self.targets_[i] if tau else None, factor, decay=self.decay_eff)
+        self.weights_[i] = update_w(
+            self.weights_[i],
+            self._wl(i, self.U[i]),
+            self._inp(i),
+            self.rho,
+            self.alpha_w_eff,
+            tau,
+            self.targets_[i] if tau else None,
+            factor,
+            decay=self.decay_eff,
+        )
 
     def step(self, trace_blocks: bool = False) -> list[tuple[str, float]] | None:
         """One full-batch tenBCD iteration (output layer back to the first). With trace_blocks,
@@ -349,8 +423,9 @@ class TenBCD:
         mark(f"W[{L}]")
         for i in range(L - 1, -1, -1):
             self._block = f"V[{i}]"
-            self.V[i] = update_v_hidden(self.weights_[i + 1], self._wl(i + 1, self.U[i + 1]),
-                                        self.U[i].clamp_min(0.0), g, r)
+            self.V[i] = update_v_hidden(
+                self.weights_[i + 1], self._wl(i + 1, self.U[i + 1]), self.U[i].clamp_min(0.0), g, r
+            )
             mark(f"V[{i}]")
             self._block = f"U[{i}]"
             self.U[i] = update_u_hidden(self.V[i], self.P[i], self.U[i], g, r, a)
@@ -383,9 +458,18 @@ class TenBCD:
         return "objective (overflow)"
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: Tensor, Y: Tensor, n_iter: int = 100, X_test: Tensor | None = None,
-            y_test: Tensor | None = None, eval_every: int = 1, refit_output: bool = False,
-            callback: Callable[["TenBCD", dict], None] | None = None, verbose: bool = False) -> "TenBCD":
+    def fit(
+        self,
+        X: Tensor,
+        Y: Tensor,
+        n_iter: int = 100,
+        X_test: Tensor | None = None,
+        y_test: Tensor | None = None,
+        eval_every: int = 1,
+        refit_output: bool = False,
+        callback: Callable[[TenBCD, dict], None] | None = None,
+        verbose: bool = False,
+    ) -> TenBCD:
         """Run n_iter iterations from a fresh initialization.
 
         X (n, d_0) finite floats, Y (n, d_N) one-hot; X_test (m, d_0), y_test (m,) labels or
@@ -422,10 +506,19 @@ class TenBCD:
             sync()
             t1 = time.perf_counter()
             if not math.isfinite(f):
-                raise DivergenceError(f"iteration {it}: objective is {f}; first non-finite block: "
-                                      f"{self._locate_nonfinite()} (try smaller gamma/rho or larger alpha)")
-            rec = {"iteration": it, "objective": f, "tt_gap": self.tt_gaps(), "time_update_s": t1 - t0,
-                   "train_acc": None, "test_acc": None, "test_acc_free_w": None}
+                raise DivergenceError(
+                    f"iteration {it}: objective is {f}; first non-finite block: "
+                    f"{self._locate_nonfinite()} (try smaller gamma/rho or larger alpha)"
+                )
+            rec = {
+                "iteration": it,
+                "objective": f,
+                "tt_gap": self.tt_gaps(),
+                "time_update_s": t1 - t0,
+                "train_acc": None,
+                "test_acc": None,
+                "test_acc_free_w": None,
+            }
             if it % eval_every == 0 or it == n_iter:
                 rec["train_acc"] = self._accuracy(Xd, y_train)
                 if X_test is not None:
@@ -437,15 +530,18 @@ class TenBCD:
                 self.history_[k].append(v)
             self.n_iter_ = it
             if verbose:
-                print(f"tenBCD it {it:4d}  F={f:.4e}  train={rec['train_acc']}  test={rec['test_acc']}  "
-                      f"gap={max(rec['tt_gap'].values(), default=0):.3f}  {t1 - t0:.3f}s", flush=True)
+                print(
+                    f"tenBCD it {it:4d}  F={f:.4e}  train={rec['train_acc']}  test={rec['test_acc']}  "
+                    f"gap={max(rec['tt_gap'].values(), default=0):.3f}  {t1 - t0:.3f}s",
+                    flush=True,
+                )
             if callback is not None:
                 callback(self, rec)
         if refit_output:
             self.refit_output(X, Y)
         return self
 
-    def refit_output(self, X: Tensor, Y: Tensor, ridge: float | str = "gcv") -> "TenBCD":
+    def refit_output(self, X: Tensor, Y: Tensor, ridge: float | str = "gcv") -> TenBCD:
         """W_N <- argmin ||Y - W H||^2 + lam ||W||^2 with H the TT network's own last hidden outputs
         on X; projected again if the output layer is constrained.
 
@@ -461,11 +557,14 @@ class TenBCD:
         # Gram's rounding (negative eigenvalues ~1e-7 ||G||) would swamp a small chosen lam
         H = self._forward(X.to(self.device_, self.dtype), self.effective_weights(), upto=self.N - 1).double()
         Yc = Y.to(self.device_, torch.float64).T
-        G, B = H @ H.T, Yc @ H.T                                    # B = Y H^T (C x d)
+        G, B = H @ H.T, Yc @ H.T  # B = Y H^T (C x d)
         e, Q = torch.linalg.eigh(G)
         e = e.clamp_min(0.0)
-        lam = gcv_ridge(G, B, float(Yc.square().sum()), H.shape[1], eig=(e, Q)) if ridge == "gcv" else \
-            ridge * float(G.diagonal().mean()) + 1e-12
+        lam = (
+            gcv_ridge(G, B, float(Yc.square().sum()), H.shape[1], eig=(e, Q))
+            if ridge == "gcv"
+            else ridge * float(G.diagonal().mean()) + 1e-12
+        )
         self.refit_ridge_ = lam
         # W = B (G + lam I)^{-1} through G's eigenvectors (lam > 0 unless H = 0, whose refit is W = 0)
         inv = torch.where(e + lam > 0, 1.0 / (e + lam), torch.zeros_like(e))
@@ -524,8 +623,15 @@ class TenBCD:
         for i in range(self.N):
             if i == 0 and self.conv is not None:
                 c = self.conv
-                conv = nn.Conv2d(c.in_shape[0], c.out_channels, c.kernel_size, stride=c.stride, bias=False,
-                                 device=self.device_, dtype=self.dtype)
+                conv = nn.Conv2d(
+                    c.in_shape[0],
+                    c.out_channels,
+                    c.kernel_size,
+                    stride=c.stride,
+                    bias=False,
+                    device=self.device_,
+                    dtype=self.dtype,
+                )
                 with torch.no_grad():
                     conv.weight.copy_(eff[0].reshape(conv.weight.shape))
                 mods += [nn.Unflatten(1, c.in_shape), conv, nn.ReLU(), nn.Flatten()]
@@ -534,8 +640,16 @@ class TenBCD:
             if i in self.tt_specs:
                 s = self.tt_specs[i]
                 cores = self.cores_[i]
-                layer = TTLinear(din, dout, [g.shape[-1] for g in cores[:-1]], s.in_factors, s.out_factors,
-                                 bias=False, device=self.device_, dtype=self.dtype)
+                layer = TTLinear(
+                    din,
+                    dout,
+                    [g.shape[-1] for g in cores[:-1]],
+                    s.in_factors,
+                    s.out_factors,
+                    bias=False,
+                    device=self.device_,
+                    dtype=self.dtype,
+                )
                 with torch.no_grad():
                     for p, g in zip(layer.cores, cores):
                         p.copy_(g)
@@ -550,8 +664,9 @@ class TenBCD:
 
 
 # ----------------------------------------------------------------------------- helpers
-def gcv_ridge(G: Tensor, B: Tensor, y_sq: float, n: int, grid: int = 61,
-              eig: tuple[Tensor, Tensor] | None = None) -> float:
+def gcv_ridge(
+    G: Tensor, B: Tensor, y_sq: float, n: int, grid: int = 61, eig: tuple[Tensor, Tensor] | None = None
+) -> float:
     """The ridge lam minimizing GCV(lam) = RSS(lam) / (n (1 - df(lam)/n)^2) for W = B (G + lam I)^{-1}.
 
     G = H H^T (d x d), B = Y H^T (C x d), y_sq = ||Y||^2, n samples (columns of H). With
@@ -564,7 +679,7 @@ def gcv_ridge(G: Tensor, B: Tensor, y_sq: float, n: int, grid: int = 61,
     keep = e > e.max() * 1e-12
     e, c = e[keep], (B.double() @ Q[:, keep]).square().sum(0) / e[keep]
     lams = e.mean() * torch.logspace(-8, 2, grid, dtype=torch.float64, device=e.device)
-    shrink = lams[:, None] / (e[None, :] + lams[:, None])                       # (grid, k)
+    shrink = lams[:, None] / (e[None, :] + lams[:, None])  # (grid, k)
     rss = (y_sq - (c[None, :] * (1 - shrink.square())).sum(1)).clamp_min(0.0)
     df = (1 - shrink).sum(1)
     score = rss / (n * (1 - df / n).clamp_min(1e-12).square())

@@ -7,6 +7,7 @@ block, plus the proximal term (alpha/2)||X - X_old||^2 where the method asks for
 systems are symmetric positive definite and solved by Cholesky; when the other dimension of a
 Gram matrix is smaller, by the Woodbury identity on the smaller system.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ def cholesky(A: Tensor, what: str) -> Tensor:
     """Lower Cholesky factor of the SPD matrix A; SolveError naming `what` if it fails."""
     L, info = torch.linalg.cholesky_ex(A)
     if int(info.max()) != 0:
-        raise SolveError(f"{what}: Cholesky factorization failed (matrix not positive definite; "
-                         "non-finite values or too small gamma/alpha/tau?)")
+        raise SolveError(
+            f"{what}: Cholesky factorization failed (matrix not positive definite; "
+            "non-finite values or too small gamma/alpha/tau?)"
+        )
     return L
 
 
@@ -82,7 +85,7 @@ def update_v_hidden(W_next: Tensor, U_next: Tensor, R: Tensor, gamma: float, rho
     R and V may share a (non-contiguous) layout: R is (d x n) or (d*g x n) viewed accordingly.
     """
     m, d = W_next.shape
-    Z = blas.addmm(R, W_next.T, U_next, beta=gamma, alpha=rho)           # rho W^T U + gamma R
+    Z = blas.addmm(R, W_next.T, U_next, beta=gamma, alpha=rho)  # rho W^T U + gamma R
     if m < d:
         L = cholesky(_add_diag(gram(W_next), gamma / rho), "V update (Woodbury system gamma/rho I + W W^T)")
         T = _solve_left(blas.mm(W_next, Z), L)
@@ -93,7 +96,7 @@ def update_v_hidden(W_next: Tensor, U_next: Tensor, R: Tensor, gamma: float, rho
     return _solve_right(Z.T, L).T.contiguous()
 
 
-GRAM_BLOCKED_MIN = 512   # below this the three half-size products are no faster than one
+GRAM_BLOCKED_MIN = 512  # below this the three half-size products are no faster than one
 
 
 def gram(A: Tensor, scale: float = 1.0) -> Tensor:
@@ -131,13 +134,23 @@ def gram_factor(Vp: Tensor, rho: float, c: float) -> GramFactor:
     """Factorize the W-update system of input Vp (d x n) with diagonal weight c = alpha + tau."""
     d, n = Vp.shape
     if n < d and c > 0:
-        return GramFactor(cholesky(_add_diag(gram(Vp.T), c / rho), "W update (Woodbury system c/rho I + V^T V)"),
-                          True, c)
+        return GramFactor(
+            cholesky(_add_diag(gram(Vp.T), c / rho), "W update (Woodbury system c/rho I + V^T V)"), True, c
+        )
     return GramFactor(cholesky(_add_diag(gram(Vp, rho), c), "W update (c I + rho V V^T)"), False, c)
 
 
-def update_w(W: Tensor, U: Tensor, Vp: Tensor, rho: float, alpha: float, tau: float = 0.0,
-             target: Tensor | None = None, factor: GramFactor | None = None, decay: float = 0.0) -> Tensor:
+def update_w(
+    W: Tensor,
+    U: Tensor,
+    Vp: Tensor,
+    rho: float,
+    alpha: float,
+    tau: float = 0.0,
+    target: Tensor | None = None,
+    factor: GramFactor | None = None,
+    decay: float = 0.0,
+) -> Tensor:
     """W_i <- (alpha W_i + tau T + rho U V^T) ((alpha + tau + decay) I + rho V V^T)^{-1}, V = V_{i-1}, T = target.
 
     The exact minimizer of rho/2||U - W V||^2 + tau/2||W - T||^2 + alpha/2||W - W_i||^2 + decay/2||W||^2.

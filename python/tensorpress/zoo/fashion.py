@@ -4,6 +4,7 @@ The architecture is the MNIST CNN's (two 3x3 convs 1 -> 32 -> 64 with max-poolin
 3136 -> 128 -> 10), trained with Adam from a fixed seed on the 60,000 training images; the
 weights are cached under tensorpress.zoo.mnist.cache_dir() as ``fashion_cnn_v1.pt``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,8 +26,13 @@ class FashionCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.classifier = nn.Sequential(nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +56,7 @@ def train_fashion_cnn(epochs: int = EPOCHS, progress: bool = True, n_train: int 
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=steps, desc="training the Fashion-MNIST CNN (once; cached)", file=sys.stderr)
     model.train()
     for _ in range(epochs):
@@ -76,7 +83,7 @@ def load_fashion_cnn(progress: bool = True) -> FashionCNN:
     model = train_fashion_cnn(progress=progress)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
-    tmp.replace(path)   # atomic: a concurrent reader never sees half a file
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return model
 
 

@@ -5,6 +5,7 @@ Quality of a compressed copy = mean cosine similarity of its mean-pooled, normal
 embeddings to the original's on held-out sentences, and the Spearman correlation of the two
 models' pairwise sentence similarities.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,7 @@ def batches(tokenizer, sentences: list[str], batch_size: int = 64, max_length: i
     order = sorted(range(len(sentences)), key=lambda i: (lengths[i], i))
     out = []
     for i in range(0, len(order), batch_size):
-        chunk = [sentences[j] for j in order[i:i + batch_size]]
+        chunk = [sentences[j] for j in order[i : i + batch_size]]
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out.append(dict(enc))
     return out

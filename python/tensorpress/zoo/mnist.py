@@ -14,6 +14,7 @@ Data are cached under ~/.cache/tensorpress (or $TENSORPRESS_CACHE). The ``load_*
 flat numpy arrays (float32 images in [0, 1] with 784 features, int64 labels); ``mnist_digits`` and
 ``fashion_mnist`` return torch tensors shaped for the CNN.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -77,7 +78,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim)]
+    shape = [int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -97,8 +98,9 @@ def load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
                 src = Path(tmp) / "root" / "usr/share/datasets/fashion-mnist"
             arrays = {}
             for part, prefix in (("train", "train"), ("test", "t10k")):
-                arrays[f"X_{part}"] = (_read_idx(src / f"{prefix}-images-idx3-ubyte.gz").reshape(-1, 784)
-                                       .astype(np.float32) / 255.0)
+                arrays[f"X_{part}"] = (
+                    _read_idx(src / f"{prefix}-images-idx3-ubyte.gz").reshape(-1, 784).astype(np.float32) / 255.0
+                )
                 arrays[f"y_{part}"] = _read_idx(src / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
             np.savez_compressed(cached, **arrays)
     with np.load(cached) as f:
@@ -110,7 +112,7 @@ def split(X: np.ndarray, y: np.ndarray, n_train: int, n_test: int, seed: int = 0
     if n_train + n_test > len(X):
         raise ValueError(f"n_train + n_test: expected at most {len(X)}, got {n_train + n_test}")
     p = np.random.default_rng(seed).permutation(len(X))
-    tr, te = p[:n_train], p[n_train:n_train + n_test]
+    tr, te = p[:n_train], p[n_train : n_train + n_test]
     return X[tr], y[tr], X[te], y[te]
 
 
@@ -159,8 +161,9 @@ def load_mnist_cnn(device: str | torch.device | None = None) -> nn.Module:
 
     weights = importlib.resources.files("ccexam") / "weights" / "mnist.pth"
     if not weights.is_file():
-        raise RuntimeError(f"model: ccexam is installed but has no weights/mnist.pth; reinstall it with "
-                           f"`{INSTALL_HINT}`")
+        raise RuntimeError(
+            f"model: ccexam is installed but has no weights/mnist.pth; reinstall it with `{INSTALL_HINT}`"
+        )
     model = MNISTNet(input_size=28)
     with importlib.resources.as_file(weights) as path:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -174,11 +177,15 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError(f"images: expected a 4-D tensor (N, C, H, W), got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        raise ValueError(
+            f"images: expected a 4-D tensor (N, C, H, W), got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
+        )
     if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
-        raise ValueError(f"labels: expected a 1-D integer tensor, got "
-                         f"{(labels.dtype, tuple(labels.shape)) if isinstance(labels, Tensor) else type(labels).__name__}")
+        raise ValueError(
+            f"labels: expected a 1-D integer tensor, got "
+            f"{(labels.dtype, tuple(labels.shape)) if isinstance(labels, Tensor) else type(labels).__name__}"
+        )
     if len(labels) != len(images):
         raise ValueError(f"labels: expected {len(images)} labels (one per image), got {len(labels)}")
     if len(images) == 0:
@@ -194,8 +201,8 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     try:
         with torch.no_grad():
             for i in range(0, len(images), batch_size):
-                logits = model(images[i:i + batch_size].to(device=device, dtype=dtype))
-                correct += int((logits.argmax(1).cpu() == labels[i:i + batch_size].cpu()).sum())
+                logits = model(images[i : i + batch_size].to(device=device, dtype=dtype))
+                correct += int((logits.argmax(1).cpu() == labels[i : i + batch_size].cpu()).sum())
     finally:
         model.train(was_training)
     return correct / len(images)
