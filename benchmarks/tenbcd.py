@@ -22,7 +22,7 @@ weight decay weight_decay * n (0.01, ours). The paper's tau = 0.1 unscaled leave
 TT projection, and its alpha = 1 unscaled on W lets the network fit the training set outright
 (100% train, 76% test on 1,500 digits: see TenBCD's docstring).
 
-    python benchmarks/tenbcd.py            # scaled to ~10-15 min on 2 quiet cores (1,500 train digits, 40 MLP / 30 CNN iterations)
+    python benchmarks/tenbcd.py            # ~10-15 min on 2 quiet cores (1,500 digits, 40 MLP / 30 CNN iterations)
     python benchmarks/tenbcd.py --full     # the paper's sizes: 6,000 / 1,000 digits, 1,000 iterations (hours on CPU)
     python benchmarks/tenbcd.py --quick    # smoke test (< 2 min), writes tenbcd_quick.*
 """
@@ -182,13 +182,12 @@ def experiment_cnn(data, args) -> list[dict]:
     X, y, Xt, yt = data
     rows = []
     conv = ConvSpec((1, 28, 28), out_channels=32, kernel_size=3, stride=2)
-    make = lambda r: TenBCD(
-        [784, conv.out_features, 1024, 1024, 10],
-        conv=conv,  # noqa: E731
-        tt_layers={1: r, 2: r},
-        seed=args.seed,
-        **HYPER,
-    )
+
+    def make(r):
+        return TenBCD(
+            [784, conv.out_features, 1024, 1024, 10], conv=conv, tt_layers={1: r, 2: r}, seed=args.seed, **HYPER
+        )
+
     adam_lr = None
     for r in CNN_RANKS:
         print(f"[cnn] TT rank {r}", flush=True)
@@ -348,8 +347,8 @@ def write_markdown(
         f"with tau = {h['tau']:g}, W's proximal weight alpha_w * {n} with alpha_w = {h['alpha_w']:g}, weight decay "
         f"{h['weight_decay']:g} * {n}; accuracies are with the TT "
         "weights (the network actually deployed); '+refit': after the least-squares refit of the output layer on "
-        "the TT network's hidden outputs (ridge chosen by generalized cross-validation); 'free W': the unconstrained weights W (not deployable); gap = max over "
-        "TT layers of ||W - TTD||/||W||",
+        "the TT network's hidden outputs (ridge chosen by generalized cross-validation); 'free W': the "
+        "unconstrained weights W (not deployable); gap = max over TT layers of ||W - TTD||/||W||",
         "- Adam / SGD (momentum 0.9): cross-entropy, mini-batches, the same TT network from the same initial "
         "cores; learning rate tuned once on a held-out 20 % of the training set (grid in the JSON)",
         "",

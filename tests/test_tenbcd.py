@@ -84,12 +84,15 @@ def test_update_w_is_block_minimizer(n, tau, decay, rows):
     U, Vp = _randn(rows, n, seed=3), _randn(20, n, seed=4)
     W = update_w(W0, U, Vp, r, a, tau, T, decay=decay)
     assert gram_factor(Vp, r, a + tau).woodbury == (n < 20)
-    f = lambda W: (
-        r / 2 * (U - W @ Vp).square().sum()
-        + tau / 2 * (W - T).square().sum()  # noqa: E731
-        + a / 2 * (W - W0).square().sum()
-        + decay / 2 * W.square().sum()
-    )
+
+    def f(W):
+        return (
+            r / 2 * (U - W @ Vp).square().sum()
+            + tau / 2 * (W - T).square().sum()
+            + a / 2 * (W - W0).square().sum()
+            + decay / 2 * W.square().sum()
+        )
+
     _assert_stationary(f, W)
     direct = torch.linalg.solve(
         (a + tau + decay) * torch.eye(20, dtype=D64) + r * Vp @ Vp.T, (a * W0 + tau * T + r * U @ Vp.T).T
@@ -147,7 +150,10 @@ def test_relu_prox_matches_brute_force_grid():
     grid = torch.linspace(-4, 4, 160001, dtype=D64)
     for g in (0.2, 1.0, 3.0):
         u = relu_prox(V, B, g)
-        cost = lambda u: (u.clamp_min(0) - V[..., None]).square() + g * (u - B[..., None]).square()  # noqa: E731
+
+        def cost(u, g=g):
+            return (u.clamp_min(0) - V[..., None]).square() + g * (u - B[..., None]).square()
+
         best = cost(grid[None, :]).min(1).values
         ours = cost(u[:, None])[:, 0]
         assert torch.all(ours <= best + 1e-12)  # never worse than any grid point
@@ -163,11 +169,10 @@ def test_update_u_hidden_beats_perturbations_and_grid():
     g, r, a = 5.0, 5.0, 1.0
     V, P, U0 = _randn(6, 7, seed=11).clamp_min(0), _randn(6, 7, seed=12), _randn(6, 7, seed=13)
     U = update_u_hidden(V, P, U0, g, r, a)
-    cost = lambda U: (
-        g / 2 * (V - U.clamp_min(0)).square()
-        + r / 2 * (U - P).square()  # noqa: E731
-        + a / 2 * (U - U0).square()
-    )
+
+    def cost(U):
+        return g / 2 * (V - U.clamp_min(0)).square() + r / 2 * (U - P).square() + a / 2 * (U - U0).square()
+
     grid = torch.linspace(-5, 5, 100001, dtype=D64)
     full = (
         g / 2 * (V[..., None] - grid.clamp_min(0)).square()
@@ -456,12 +461,12 @@ def test_gcv_ridge_matches_brute_force():
     lam = gcv_ridge(G, B, float(Y.square().sum()), 40)
     lams = torch.linalg.eigvalsh(G).mean() * torch.logspace(-8, 2, 61, dtype=D64)
 
-    def gcv(l):
-        hat = H.T @ torch.linalg.solve(G + l * torch.eye(12, dtype=D64), H)  # n x n hat matrix
+    def gcv(lam):
+        hat = H.T @ torch.linalg.solve(G + lam * torch.eye(12, dtype=D64), H)  # n x n hat matrix
         rss = (Y - Y @ hat).square().sum()
         return float(rss / (40 * (1 - torch.trace(hat) / 40) ** 2))
 
-    scores = [gcv(float(l)) for l in lams]
+    scores = [gcv(float(v)) for v in lams]
     assert lam == pytest.approx(float(lams[min(range(len(scores)), key=scores.__getitem__)]), rel=1e-9)
     assert 0 < lam < float(lams[-1])  # an interior optimum here
 

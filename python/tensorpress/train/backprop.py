@@ -64,14 +64,14 @@ def train_backprop(
             idx = perm[s : s + batch_size]
             out = model(X[idx])
             if loss == "cross_entropy":
-                l = F.cross_entropy(out, y[idx])
+                batch_loss = F.cross_entropy(out, y[idx])
             else:
                 C = C or out.shape[1]
-                l = 0.5 * (out - F.one_hot(y[idx], C).to(out.dtype)).square().sum(1).mean()
+                batch_loss = 0.5 * (out - F.one_hot(y[idx], C).to(out.dtype)).square().sum(1).mean()
             opt.zero_grad(set_to_none=True)
-            l.backward()
+            batch_loss.backward()
             opt.step()
-            total += float(l.detach()) * len(idx)
+            total += float(batch_loss.detach()) * len(idx)
         if X.device.type == "cuda":
             torch.cuda.synchronize(X.device)
         dt = time.perf_counter() - t0

@@ -111,12 +111,12 @@ def _subspace_svd(mat: Tensor, r: int, start: Tensor, power_iterations: int) -> 
 def _warm_svd(mat: Tensor, r: int, key, state: dict, generator) -> tuple[Tensor, Tensor, Tensor]:
     """Truncated SVD of an unfolding through ``state[key]`` (see _subspace_svd)."""
     b, m, n = mat.shape
-    l = min(r + OVERSAMPLE, m, n)
+    width = min(r + OVERSAMPLE, m, n)
     start = state.get(key)
     iters = WARM_POWER_ITERATIONS
-    if start is None or start.shape != (b, n, l):
+    if start is None or start.shape != (b, n, width):
         where = generator.device if generator is not None else mat.device
-        start = torch.randn(b, n, l, generator=generator, dtype=mat.dtype, device=where).to(mat.device)
+        start = torch.randn(b, n, width, generator=generator, dtype=mat.dtype, device=where).to(mat.device)
         iters = COLD_POWER_ITERATIONS
     u, s, vh, state[key] = _subspace_svd(mat, r, start, iters)
     return u, s, vh

@@ -1,8 +1,8 @@
 """tenBCD: gradient-free tensor block coordinate descent for TT-compressed (or pruned) networks.
 
-Yang et al., "On Model Compression for Neural Networks: Framework, Algorithm, and Convergence
-Guarantee" (arXiv 2303.06815). Samples are columns internally: V_0 = X^T, U_i = W_i V_{i-1},
-V_i = ReLU(U_i), V_N = U_N, Y one-hot. With 0-based weights W[0..N-1] (this module's indexing;
+Li, Chung, Du, Wang, Zhou and Shen, "On Model Compression for Neural Networks: Framework,
+Algorithm, and Convergence Guarantee" (arXiv 2303.06815). Samples are columns internally: V_0 = X^T,
+U_i = W_i V_{i-1}, V_i = ReLU(U_i), V_N = U_N, Y one-hot. With 0-based weights W[0..N-1] (this module's indexing;
 the paper counts from 1) the objective is
 
     F = 1/2||V_N - Y||^2 + sum_i rho/2||U_i - W_i V_{i-1}||^2 + sum_{i<N} gamma/2||V_i - ReLU(U_i)||^2

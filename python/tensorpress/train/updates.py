@@ -1,4 +1,5 @@
-"""The closed-form block updates of tenBCD (Yang et al., arXiv 2303.06815), as plain functions.
+"""The closed-form block updates of tenBCD (Li, Chung, Du, Wang, Zhou and Shen,
+arXiv 2303.06815), as plain functions.
 
 Convention: samples are columns. ``V`` (d_{i-1} x n) is a layer's input, ``U = W V`` (d_i x n)
 its pre-activation, ``W`` (d_i x d_{i-1}) its weight. Every function returns the exact
