@@ -1,8 +1,15 @@
 """Training of compressed networks: tenBCD (gradient-free block coordinate descent) and a backprop baseline."""
 
 from tensorpress.train.backprop import accuracy, train_backprop
-from tensorpress.train.projections import prune_projection, tt_project, tt_reconstruct
-from tensorpress.train.spec import ConvSpec, TTSpec, ranks_for_ratio, resolve_tt_spec
+from tensorpress.train.paper import PAPER_LOGGED_TEST_ACC, PaperCNN
+from tensorpress.train.projections import (
+    prune_projection,
+    tt_project,
+    tt_project_reshaped,
+    tt_reconstruct,
+    tt_reconstruct_reshaped,
+)
+from tensorpress.train.spec import ConvSpec, ReshapedTTSpec, TTSpec, ranks_for_ratio, reshaped_tt_spec, resolve_tt_spec
 from tensorpress.train.tenbcd import DivergenceError, TenBCD, one_hot
 from tensorpress.train.updates import relu_prox, update_u_hidden, update_u_out, update_v_hidden, update_v_out, update_w
 
@@ -10,12 +17,18 @@ __all__ = [
     "TenBCD",
     "DivergenceError",
     "one_hot",
+    "PaperCNN",
+    "PAPER_LOGGED_TEST_ACC",
     "TTSpec",
+    "ReshapedTTSpec",
+    "reshaped_tt_spec",
     "ConvSpec",
     "ranks_for_ratio",
     "resolve_tt_spec",
     "tt_project",
     "tt_reconstruct",
+    "tt_project_reshaped",
+    "tt_reconstruct_reshaped",
     "prune_projection",
     "relu_prox",
     "update_v_out",

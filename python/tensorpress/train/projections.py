@@ -183,3 +183,55 @@ def tt_project(
     if not batched:
         return [c[0] for c in cores], dense[0]
     return cores, dense
+
+
+def tt_reconstruct_reshaped(cores: Sequence[Tensor], out_features: int, in_features: int) -> Tensor:
+    """The dense (b, out, in) matrices of a batch of TT cores (b, r_{k-1}, n_k, r_k) of the weights'
+    row-major reshapes (the inverse of :func:`tt_project_reshaped`'s reshape)."""
+    b = cores[0].shape[0]
+    full = cores[0].reshape(b, -1, cores[0].shape[-1])  # (b, n_1, r_1)
+    for g in cores[1:]:
+        full = (full @ g.reshape(b, g.shape[1], -1)).reshape(b, -1, g.shape[-1])
+    return full.reshape(b, out_features, in_features)
+
+
+def tt_project_reshaped(
+    W: Tensor,
+    shape: Sequence[int],
+    ranks: Sequence[int],
+    method: str = "auto",
+    generator: torch.Generator | None = None,
+    state: dict | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """TT-SVD of the row-major reshape of W (M x N, or a batch (b, M, N)) into ``shape``, every
+    bond rank capped at ranks[k]: the projection of the tenBCD authors' CNN notebook (TensorLy's
+    tensor_train of W.reshape(shape) at one rank for all bonds).
+
+    Sequential truncated SVDs of the unfoldings (Oseledets 2011), left to right, through
+    tensorpress.linalg.truncated_svd; ``method`` and ``state`` as in :func:`tt_project` (a bond
+    whose cap does not truncate is factorized without an SVD; "lapack" gives exact SVDs, "auto"
+    a warm-started subspace iteration for low ranks of unfoldings >= 512 x 512 when a state is
+    kept). Returns (cores, W_tt): cores (r_{k-1}, shape[k], r_k) (batch dim first when W had one)
+    and the reconstruction, shaped like W.
+    """
+    batched = W.dim() == 3
+    Wb = W if batched else W.unsqueeze(0)
+    b, M, N = Wb.shape
+    if math.prod(shape) != M * N or len(ranks) != len(shape) - 1:
+        raise ValueError(
+            f"shape, ranks: expected a shape with product {M * N} and {len(shape) - 1} ranks, got "
+            f"{tuple(shape)} and {tuple(ranks)}"
+        )
+    cores, r_prev = [], 1
+    rest = Wb.reshape(b, 1, -1)
+    for k in range(len(shape) - 1):
+        mat = rest.reshape(b, r_prev * shape[k], -1)
+        u, rest = _split_bond(mat, min(ranks[k], *mat.shape[1:]), method, k, state, generator)
+        r = u.shape[-1]
+        cores.append(u.reshape(b, r_prev, shape[k], r))
+        r_prev = r
+    cores.append(rest.reshape(b, r_prev, shape[-1], 1))
+    dense = tt_reconstruct_reshaped(cores, M, N)
+    if not batched:
+        return [c[0] for c in cores], dense[0]
+    return cores, dense

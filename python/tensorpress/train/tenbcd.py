@@ -26,17 +26,21 @@ MNIST digits the network then reaches 100% training and 76% test accuracy).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tensorpress.linalg import blas
-from tensorpress.train.projections import prune_projection, tt_project
-from tensorpress.train.spec import ConvSpec, TTSpec, resolve_tt_spec
+from tensorpress.nn.factorize import max_bond_ranks
+from tensorpress.train.projections import prune_projection, tt_project, tt_project_reshaped, tt_reconstruct_reshaped
+from tensorpress.train.spec import FLATTEN_ORDERS, ConvSpec, ReshapedTTSpec, TTSpec, reshaped_tt_spec, resolve_tt_spec
 from tensorpress.train.updates import (
     GramFactor,
     SolveError,
@@ -47,6 +51,19 @@ from tensorpress.train.updates import (
     update_v_out,
     update_w,
 )
+
+HISTORY_KEYS = (
+    "iteration",
+    "objective",
+    "train_acc",
+    "test_acc",
+    "test_acc_free_w",
+    "tt_gap",
+    "time_update_s",
+    "time_eval_s",
+)
+CHECKPOINT_FORMAT = "tensorpress.train.TenBCD checkpoint"
+CHECKPOINT_VERSION = 1
 
 
 class DivergenceError(FloatingPointError):
@@ -76,8 +93,9 @@ class TenBCD:
         layer_sizes: [d_0, d_1, ..., d_N]: input features, hidden widths, number of classes.
             With ``conv``, d_1 must be the conv's flattened output size.
         tt_layers: {weight index (0-based): spec}; spec is an int rank cap, a list of d-1 bond
-            ranks, a dict(ranks=, in_factors=, out_factors=) or a TTSpec. Factors are chosen
-            as in TTLinear when omitted.
+            ranks, a dict(ranks=, in_factors=, out_factors=) or a TTSpec (a TT-matrix; factors
+            chosen as in TTLinear when omitted), or a dict(shape=, ranks=) or ReshapedTTSpec (a TT
+            of the weight's row-major reshape into ``shape``, the authors' notebook's format).
         prune: {weight index: sparsity s in [0, 1)}: P_s(W) (keep the largest (1-s) fraction of
             entries) in place of the TT projection.
         gamma, rho, alpha, tau: the method's weights (gamma, rho > 0; alpha, tau >= 0); alpha is
@@ -88,8 +106,14 @@ class TenBCD:
         scale: "n" (tau, alpha_w and weight_decay multiplied by n_samples, default) or None.
         conv: a ConvSpec: weight 0 is a bias-free Conv2d trained as a linear map on patches.
         svd_method: passed to truncated_svd in the TT-SVD ("auto" or "lapack" for exact SVDs).
-        init_gain: hidden weights start with entry variance init_gain / fan_in (TT layers from
-            random TT cores scaled so), the output layer with 1 / fan_in.
+        init: "tt": hidden weights start with entry variance init_gain / fan_in (TT layers exactly
+            on random TT cores scaled so, pruned layers on their projection), the output layer
+            with 1 / fan_in. "normal": every W_i = init_std * N(0, 1) entries (the authors'
+            notebook: 0.01), and each constrained layer's first target is its projection (TT
+            layers: the TT-SVD at every bond rank capped at init_target_rank, default the
+            layer's own ranks; the notebook uses 700).
+        projection_accept: "closer" (a new TT projection replaces T_i only when it is at least
+            as close to W_i as the old one, so that F never increases) or "always" (the notebook).
         dtype, device: of all state (float32 or float64; CPU or CUDA). device None: X's device.
         seed: the initialization's random seed.
 
@@ -113,6 +137,10 @@ class TenBCD:
         conv: ConvSpec | None = None,
         svd_method: str = "auto",
         init_gain: float = 2.0,
+        init: str = "tt",
+        init_std: float = 0.01,
+        init_target_rank: int | None = None,
+        projection_accept: str = "closer",
         dtype: torch.dtype = torch.float32,
         device=None,
         seed: int = 0,
@@ -141,6 +169,18 @@ class TenBCD:
         if svd_method not in ("auto", "lapack", "randomized", "jacobi"):
             raise ValueError(f"svd_method: expected 'auto' or 'lapack', got {svd_method!r}")
         self.svd_method = svd_method
+        if init not in ("tt", "normal"):
+            raise ValueError(f"init: expected 'tt' or 'normal', got {init!r}")
+        self.init = init
+        self.init_std = _check_number("init_std", init_std, strict=True)
+        if init_target_rank is not None and (
+            isinstance(init_target_rank, bool) or not isinstance(init_target_rank, int) or init_target_rank < 1
+        ):
+            raise ValueError(f"init_target_rank: expected None or an int >= 1, got {init_target_rank!r}")
+        self.init_target_rank = init_target_rank
+        if projection_accept not in ("closer", "always"):
+            raise ValueError(f"projection_accept: expected 'closer' or 'always', got {projection_accept!r}")
+        self.projection_accept = projection_accept
 
         if conv is not None:
             if not isinstance(conv, ConvSpec):
@@ -154,9 +194,17 @@ class TenBCD:
                 raise ValueError(f"conv: output has {conv.out_features} features, layer_sizes[1] is {layer_sizes[1]}")
             if N < 2:
                 raise ValueError("conv: expected at least one linear layer after the conv layer")
+            if conv.flatten not in FLATTEN_ORDERS:
+                raise ValueError(f"conv: flatten expected one of {FLATTEN_ORDERS}, got {conv.flatten!r}")
         self.conv = conv
+        # layer 1's weight as its structure sees it: columns in the conv's declared flatten order
+        # (internally the conv features are channel-major, c * P + p)
+        self._col_perm: dict[int, Tensor] = {}
+        if conv is not None and conv.flatten == "positions":
+            perm = torch.arange(conv.out_features).view(conv.out_channels, conv.positions).T.reshape(-1)
+            self._col_perm[1] = perm
 
-        self.tt_specs: dict[int, TTSpec] = {}
+        self.tt_specs: dict[int, TTSpec | ReshapedTTSpec] = {}
         for i, spec in dict(tt_layers or {}).items():
             if not isinstance(i, int) or not 0 <= i < N:
                 raise ValueError(f"tt_layers: expected weight indices in 0..{N - 1}, got {i!r}")
@@ -207,34 +255,54 @@ class TenBCD:
     def _inp(self, i: int) -> Tensor:
         return self.V0 if i == 0 else self.V[i - 1]
 
-    def _project(self, idx: list[int]) -> None:
+    def _canonical(self, i: int, W: Tensor) -> Tensor:
+        """W_i with its columns in the order its structure sees them (see ConvSpec.flatten)."""
+        return W[:, self._col_perm[i]] if i in self._col_perm else W
+
+    def _from_canonical(self, i: int, T: Tensor) -> Tensor:
+        if i not in self._col_perm:
+            return T
+        out = torch.empty_like(T)
+        out[:, self._col_perm[i]] = T
+        return out
+
+    def _tt_projection(self, W: Tensor, spec, ranks, state: dict | None) -> tuple[list[Tensor], Tensor]:
+        """TT-SVD of a batch W (b, M, N) (canonical column order) in the spec's format."""
+        if isinstance(spec, ReshapedTTSpec):
+            return tt_project_reshaped(W, spec.shape, ranks, self.svd_method, self._gen, state)
+        return tt_project(W, spec.out_factors, spec.in_factors, ranks, self.svd_method, self._gen, state)
+
+    def _project(self, idx: list[int], initial: bool = False) -> None:
         """T_i <- projection of W_i for the given constrained layers; same-shape TT layers batched.
-        A TT projection replaces the old one only if it is at least as close to W_i."""
+        With projection_accept="closer" a TT projection replaces the old one only if it is at
+        least as close to W_i. initial: the first target of init="normal" (every bond capped at
+        init_target_rank when given; always accepted, no warm-start state)."""
         groups: dict[tuple, list[int]] = {}
         for i in idx:
             if i in self.sparsity:
                 self.targets_[i] = prune_projection(self.weights_[i], self.sparsity[i])
             else:
-                s = self.tt_specs[i]
-                groups.setdefault((s.out_factors, s.in_factors, s.ranks), []).append(i)
-        for (outf, inf, ranks), members in groups.items():
-            W = torch.stack([self.weights_[i] for i in members])
-            cores, dense = tt_project(
-                W,
-                outf,
-                inf,
-                ranks,
-                method=self.svd_method,
-                generator=self._gen,
-                state=self._svd_state.setdefault((outf, inf, ranks), {}),
-            )
+                groups.setdefault(self.tt_specs[i], []).append(i)
+        for spec, members in groups.items():
+            ranks, state = spec.ranks, None
+            if not initial:
+                state = self._svd_state.setdefault(_spec_key(spec), {})
+            elif self.init_target_rank is not None:
+                ranks = _ranks_capped_at(spec, self.init_target_rank)
+            W = torch.stack([self._canonical(i, self.weights_[i]) for i in members])
+            cores, dense = self._tt_projection(W, spec, ranks, state)
             for b, i in enumerate(members):
+                new = self._from_canonical(i, dense[b]).contiguous()
                 old = self.targets_[i]
-                if old is not None and torch.linalg.vector_norm(self.weights_[i] - dense[b]) > torch.linalg.vector_norm(
-                    self.weights_[i] - old
+                if (
+                    not initial
+                    and self.projection_accept == "closer"
+                    and old is not None
+                    and torch.linalg.vector_norm(self.weights_[i] - new)
+                    > torch.linalg.vector_norm(self.weights_[i] - old)
                 ):
                     continue
-                self.targets_[i] = dense[b].contiguous()
+                self.targets_[i] = new
                 self.cores_[i] = [c[b].contiguous() for c in cores]
 
     def effective_weights(self) -> list[Tensor]:
@@ -279,31 +347,51 @@ class TenBCD:
         return X, Y
 
     # ------------------------------------------------------------------ state
-    def initialize(self, X: Tensor, Y: Tensor) -> TenBCD:
-        """Validate (X, Y) and set up the state: random weights (TT layers start exactly on
-        random TT cores, so the gap is 0), U, V by a forward pass, T_i, cached factorizations."""
+    def _setup(self, X: Tensor, Y: Tensor) -> None:
+        """The data-dependent, deterministic part of the state: device, V_0, Y, n, the scaled weights."""
         X, Y = self._check_xy(X, Y)
         dev = torch.device(self.device) if self.device is not None else X.device
         self.device_ = dev
         X = X.to(dev, self.dtype)
-        Yc = Y.to(dev, self.dtype).T.contiguous()
         n = X.shape[0]
         self.n_samples_ = n
         k = n if self.scale == "n" else 1
         self.tau_eff, self.alpha_w_eff, self.decay_eff = self.tau * k, self.alpha_w * k, self.weight_decay * k
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.Y = Y.to(dev, self.dtype).T.contiguous()
+        self._data_fingerprint = self._fingerprint(X, Y)
+        self.V0 = self._input(X)
+        self._col_perm = {i: p.to(dev) for i, p in self._col_perm.items()}
         self._gen = (
             torch.Generator(device=dev).manual_seed(self.seed + 1)
             if dev.type == "cuda"
             else torch.Generator().manual_seed(self.seed + 1)
         )
+        self._factor0: GramFactor | None = None
+        self._svd_state: dict = {}  # per TT group: the previous singular subspaces (warm starts)
+        self._block = ""
+        self.n_iter_ = 0
+        self.history_ = {k: [] for k in HISTORY_KEYS}
+
+    def initialize(self, X: Tensor, Y: Tensor) -> TenBCD:
+        """Validate (X, Y) and set up the state: random weights (init="tt": TT layers start
+        exactly on random TT cores, so the gap is 0; init="normal": init_std * N(0, 1) entries and
+        the first targets by projection), U, V by a forward pass, T_i, cached factorizations."""
+        self._setup(X, Y)
+        dev = self.device_
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
         self.weights_, self.targets_, self.cores_ = [], [None] * self.N, [None] * self.N
         for i in range(self.N):
             m, k = self._weight_shape(i)
+            if self.init == "normal":
+                self.weights_.append(
+                    (torch.randn(m, k, generator=g, dtype=torch.float64) * self.init_std).to(dev, self.dtype)
+                )
+                continue
             var = (self.init_gain if i < self.N - 1 else 1.0) / k
             if i in self.tt_specs:
-                cores = _random_tt_cores(self.tt_specs[i], var, g)
-                W = _dense_of(cores, self.tt_specs[i])
+                spec = self.tt_specs[i]
+                cores = _random_tt_cores(spec, var, g)
+                W = self._from_canonical(i, _dense_of(cores, spec).to(dev))
                 self.cores_[i] = [c.to(dev, self.dtype) for c in cores]
                 self.targets_[i] = W.to(dev, self.dtype)
             else:
@@ -312,8 +400,9 @@ class TenBCD:
                     W = prune_projection(W, self.sparsity[i])
                     self.targets_[i] = W.to(dev, self.dtype)
             self.weights_.append(W.to(dev, self.dtype))
-        self.Y = Yc
-        self.V0 = self._input(X)
+        if self.init == "normal":
+            self._project(sorted(self.sparsity))
+            self._project(sorted(self.tt_specs), initial=True)
         self.U, self.V, self.P = [], [], []
         inp = self.V0
         for i in range(self.N):
@@ -322,23 +411,6 @@ class TenBCD:
             self.U.append(P.clone())
             self.V.append(P.clamp_min(0.0) if i < self.N - 1 else P.clone())
             inp = self.V[i]
-        self._factor0: GramFactor | None = None
-        self._svd_state: dict = {}  # per TT group: the previous singular subspaces (warm starts)
-        self._block = ""
-        self.n_iter_ = 0
-        self.history_ = {
-            k: []
-            for k in (
-                "iteration",
-                "objective",
-                "train_acc",
-                "test_acc",
-                "test_acc_free_w",
-                "tt_gap",
-                "time_update_s",
-                "time_eval_s",
-            )
-        }
         return self
 
     # ------------------------------------------------------------------ objective
@@ -469,76 +541,233 @@ class TenBCD:
         refit_output: bool = False,
         callback: Callable[[TenBCD, dict], None] | None = None,
         verbose: bool = False,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
+        resume: bool = False,
+        progress: bool = False,
     ) -> TenBCD:
-        """Run n_iter iterations from a fresh initialization.
+        """Run iterations up to n_iter, from a fresh initialization (or from a checkpoint).
 
         X (n, d_0) finite floats, Y (n, d_N) one-hot; X_test (m, d_0), y_test (m,) labels or
         (m, d_N) one-hot. Every eval_every iterations records train/test accuracy with the
         TT/pruned weights (and test accuracy with the free W); F, the gaps and the update time
         every iteration. refit_output: finish with refit_output() (the output layer's least
         squares on the TT network's own hidden outputs). callback(self, record) after each iteration.
+        checkpoint: a file the full state is written to (atomically) every checkpoint_every
+        iterations and after the last (see save_checkpoint); with resume=True and the file
+        present, the run continues from it (same data and settings required) and ends in the
+        bit-identical state an uninterrupted run reaches (n_iter is the total, not a count more).
+        progress: a tqdm progress bar with F and the latest accuracies.
         Raises DivergenceError (naming iteration and block) if F becomes non-finite.
         """
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
             raise ValueError(f"n_iter: expected an int >= 0, got {n_iter!r}")
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise ValueError(f"eval_every: expected an int >= 1, got {eval_every!r}")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every: expected an int >= 1, got {checkpoint_every!r}")
+        if resume and checkpoint is None:
+            raise ValueError("resume: needs a checkpoint path")
         self._check_xy(X, Y)
         if (X_test is None) != (y_test is None):
             raise ValueError("X_test, y_test: expected both or neither")
         if X_test is not None:
             X_test, y_test = self._check_xy(X_test, y_test, "X_test", "y_test", labels_ok=True)
             y_test = y_test if y_test.dim() == 1 else y_test.argmax(1)
-        self.initialize(X, Y)
+        if resume and Path(checkpoint).exists():
+            self.load_checkpoint(checkpoint, X, Y)
+        else:
+            self.initialize(X, Y)
         Xd = X.to(self.device_, self.dtype)
         y_train = Y.argmax(1).to(self.device_)
         if X_test is not None:
             X_test, y_test = X_test.to(self.device_, self.dtype), y_test.to(self.device_)
         sync = (lambda: torch.cuda.synchronize(self.device_)) if self.device_.type == "cuda" else (lambda: None)
-        for it in range(1, n_iter + 1):
-            sync()
-            t0 = time.perf_counter()
-            try:
-                self.step()
-                f = self._objective_cached()
-            except (SolveError, torch.linalg.LinAlgError, ValueError) as e:  # ValueError: SVD of non-finite W
-                raise DivergenceError(f"iteration {it}, block {self._block}: {e}") from None
-            sync()
-            t1 = time.perf_counter()
-            if not math.isfinite(f):
-                raise DivergenceError(
-                    f"iteration {it}: objective is {f}; first non-finite block: "
-                    f"{self._locate_nonfinite()} (try smaller gamma/rho or larger alpha)"
-                )
-            rec = {
-                "iteration": it,
-                "objective": f,
-                "tt_gap": self.tt_gaps(),
-                "time_update_s": t1 - t0,
-                "train_acc": None,
-                "test_acc": None,
-                "test_acc_free_w": None,
-            }
-            if it % eval_every == 0 or it == n_iter:
-                rec["train_acc"] = self._accuracy(Xd, y_train)
-                if X_test is not None:
-                    rec["test_acc"] = self._accuracy(X_test, y_test)
-                    rec["test_acc_free_w"] = self._accuracy(X_test, y_test, self.weights_)
-            sync()
-            rec["time_eval_s"] = time.perf_counter() - t1
-            for k, v in rec.items():
-                self.history_[k].append(v)
-            self.n_iter_ = it
-            if verbose:
-                print(
-                    f"tenBCD it {it:4d}  F={f:.4e}  train={rec['train_acc']}  test={rec['test_acc']}  "
-                    f"gap={max(rec['tt_gap'].values(), default=0):.3f}  {t1 - t0:.3f}s",
-                    flush=True,
-                )
-            if callback is not None:
-                callback(self, rec)
+        start = self.n_iter_ + 1
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_iter, initial=start - 1, desc="tenBCD", unit="it", dynamic_ncols=True)
+        try:
+            for it in range(start, n_iter + 1):
+                rec = self._iterate(it, Xd, y_train, X_test, y_test, eval_every, n_iter, sync)
+                if verbose:
+                    print(
+                        f"tenBCD it {it:4d}  F={rec['objective']:.4e}  train={rec['train_acc']}  "
+                        f"test={rec['test_acc']}  gap={max(rec['tt_gap'].values(), default=0):.3f}  "
+                        f"{rec['time_update_s']:.3f}s",
+                        flush=True,
+                    )
+                if bar is not None:
+                    post = {"F": f"{rec['objective']:.4g}"}
+                    acc = {k: v for k, v in self._latest_accuracies().items() if v is not None}
+                    post.update({k: f"{100 * v:.2f}%" for k, v in acc.items()})
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if checkpoint is not None and (it % checkpoint_every == 0 or it == n_iter):
+                    self.save_checkpoint(checkpoint)
+                if callback is not None:
+                    callback(self, rec)
+        finally:
+            if bar is not None:
+                bar.close()
         if refit_output:
             self.refit_output(X, Y)
+        return self
+
+    def _iterate(self, it, Xd, y_train, X_test, y_test, eval_every, n_iter, sync) -> dict:
+        """One iteration of fit(): the sweep, F, the evaluation, the history record."""
+        sync()
+        t0 = time.perf_counter()
+        try:
+            self.step()
+            f = self._objective_cached()
+        except (SolveError, torch.linalg.LinAlgError, ValueError) as e:  # ValueError: SVD of non-finite W
+            raise DivergenceError(f"iteration {it}, block {self._block}: {e}") from None
+        sync()
+        t1 = time.perf_counter()
+        if not math.isfinite(f):
+            raise DivergenceError(
+                f"iteration {it}: objective is {f}; first non-finite block: "
+                f"{self._locate_nonfinite()} (try smaller gamma/rho or larger alpha)"
+            )
+        rec = {
+            "iteration": it,
+            "objective": f,
+            "tt_gap": self.tt_gaps(),
+            "time_update_s": t1 - t0,
+            "train_acc": None,
+            "test_acc": None,
+            "test_acc_free_w": None,
+        }
+        if it % eval_every == 0 or it == n_iter:
+            rec["train_acc"] = self._accuracy(Xd, y_train)
+            if X_test is not None:
+                rec["test_acc"] = self._accuracy(X_test, y_test)
+                rec["test_acc_free_w"] = self._accuracy(X_test, y_test, self.weights_)
+        sync()
+        rec["time_eval_s"] = time.perf_counter() - t1
+        for k, v in rec.items():
+            self.history_[k].append(v)
+        self.n_iter_ = it
+        return rec
+
+    def _latest_accuracies(self) -> dict[str, float | None]:
+        """The most recent recorded train and test accuracy (TT/pruned weights)."""
+        out = {}
+        for key, name in (("train_acc", "train"), ("test_acc", "test")):
+            vals = [v for v in self.history_.get(key, []) if v is not None]
+            out[name] = vals[-1] if vals else None
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _settings(self) -> dict:
+        """The constructor's settings as plain values (a checkpoint resumes only under the same)."""
+        conv = self.conv
+        return {
+            "layer_sizes": list(self.layer_sizes),
+            "tt_layers": {i: _spec_key(s) for i, s in self.tt_specs.items()},
+            "prune": dict(self.sparsity),
+            "gamma": self.gamma,
+            "rho": self.rho,
+            "alpha": self.alpha,
+            "tau": self.tau,
+            "alpha_w": self.alpha_w,
+            "weight_decay": self.weight_decay,
+            "scale": self.scale,
+            "conv": None
+            if conv is None
+            else (tuple(conv.in_shape), conv.out_channels, conv.kernel_size, conv.stride, conv.flatten),
+            "svd_method": self.svd_method,
+            "init": self.init,
+            "init_gain": self.init_gain,
+            "init_std": self.init_std,
+            "init_target_rank": self.init_target_rank,
+            "projection_accept": self.projection_accept,
+            "dtype": str(self.dtype),
+            "seed": self.seed,
+        }
+
+    @staticmethod
+    def _fingerprint(X: Tensor, Y: Tensor) -> str:
+        """sha256 of the training data's bytes (as float32 / int64 on the CPU): a resume on other data is refused."""
+        h = hashlib.sha256()
+        h.update(str(tuple(X.shape)).encode())
+        h.update(X.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(Y.detach().to("cpu", torch.float32).argmax(1).numpy().tobytes())
+        return h.hexdigest()
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write the full state to ``path`` (atomically: a temporary file renamed over it).
+
+        Holds the settings, a fingerprint of the training data, every block (W_i, T_i, TT cores,
+        U_i, V_i, the cached products P_i), the first layer's Gram factorization, the TT-SVD's
+        warm-start subspaces, the random generator's state, the iteration count and the history:
+        what load_checkpoint needs to continue bit-identically. V_0 and Y are rebuilt from the data.
+        """
+        self._require_fitted()
+        cpu = lambda t: None if t is None else t.detach().to("cpu")  # noqa: E731
+        f0 = self._factor0
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "settings": self._settings(),
+            "data": self._data_fingerprint,
+            "n_iter": self.n_iter_,
+            "history": self.history_,
+            "weights": [cpu(w) for w in self.weights_],
+            "targets": [cpu(t) for t in self.targets_],
+            "cores": [None if c is None else [cpu(g) for g in c] for c in self.cores_],
+            "U": [cpu(t) for t in self.U],
+            "V": [cpu(t) for t in self.V],
+            "P": [cpu(t) for t in self.P],
+            "factor0": None if f0 is None else (cpu(f0.L), f0.woodbury, f0.c),
+            "svd_state": [(k, {b: cpu(t) for b, t in v.items()}) for k, v in self._svd_state.items()],
+            "generator": self._gen.get_state().cpu(),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | os.PathLike, X: Tensor, Y: Tensor) -> TenBCD:
+        """Restore the state save_checkpoint wrote, for the same training data (X, Y) and settings.
+
+        ValueError if the file is not a tenBCD checkpoint, or was written under other settings or
+        for other data (each named)."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint: {path} is not a tenBCD checkpoint")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint: version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        mine = self._settings()
+        diff = sorted(k for k in mine.keys() | state["settings"].keys() if mine.get(k) != state["settings"].get(k))
+        if diff:
+            raise ValueError(
+                "checkpoint: written under other settings: "
+                + ", ".join(f"{k} = {state['settings'].get(k)!r} (this model: {mine.get(k)!r})" for k in diff)
+            )
+        self._setup(X, Y)
+        if state["data"] != self._data_fingerprint:
+            raise ValueError("checkpoint: written for other training data (X, Y differ)")
+        dev, dt = self.device_, self.dtype
+        on = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        self.weights_ = [on(w) for w in state["weights"]]
+        self.targets_ = [on(t) for t in state["targets"]]
+        self.cores_ = [None if c is None else [on(g) for g in c] for c in state["cores"]]
+        self.U, self.V = [on(t) for t in state["U"]], [on(t) for t in state["V"]]
+        self.P = [on(t) for t in state["P"]]
+        if any(w.dtype != dt for w in self.weights_):
+            raise ValueError(f"checkpoint: weights in {self.weights_[0].dtype}, this model uses {dt}")
+        if state["factor0"] is not None:
+            L, woodbury, c = state["factor0"]
+            self._factor0 = GramFactor(on(L), woodbury, c)
+        self._svd_state = {k: {b: on(t) for b, t in v.items()} for k, v in state["svd_state"]}
+        self._gen.set_state(state["generator"])
+        self.history_ = {k: list(state["history"][k]) for k in HISTORY_KEYS}
+        self.n_iter_ = state["n_iter"]
         return self
 
     def refit_output(self, X: Tensor, Y: Tensor, ridge: float | str = "gcv") -> TenBCD:
@@ -637,7 +866,7 @@ class TenBCD:
                 mods += [nn.Unflatten(1, c.in_shape), conv, nn.ReLU(), nn.Flatten()]
                 continue
             din, dout = self.layer_sizes[i], self.layer_sizes[i + 1]
-            if i in self.tt_specs:
+            if isinstance(self.tt_specs.get(i), TTSpec):
                 s = self.tt_specs[i]
                 cores = self.cores_[i]
                 layer = TTLinear(
@@ -703,19 +932,45 @@ def _sq(T: Tensor) -> float:
 _SQ_ROW = 4096
 
 
-def _random_tt_cores(spec: TTSpec, var: float, gen: torch.Generator) -> list[Tensor]:
+def _core_modes(spec) -> list[tuple[int, ...]]:
+    """The middle (non-bond) dims of each core: (m_k, n_k) for a TT-matrix, (shape[k],) for a reshaped TT."""
+    if isinstance(spec, ReshapedTTSpec):
+        return [(n,) for n in spec.shape]
+    return list(zip(spec.out_factors, spec.in_factors))
+
+
+def _random_tt_cores(spec, var: float, gen: torch.Generator) -> list[Tensor]:
     """Gaussian TT cores (float64) with Var(W_ij) = var: core k has entry variance
     var^(1/d) / (r_{k-1} r_k)^(1/2) (the bond sums multiply the variances by prod_k r_k)."""
-    d = len(spec.out_factors)
+    modes = _core_modes(spec)
+    d = len(modes)
     full = (1, *spec.ranks, 1)
     cores = []
-    for k, (m, n) in enumerate(zip(spec.out_factors, spec.in_factors)):
+    for k, mid in enumerate(modes):
         std = math.sqrt(var ** (1 / d) / math.sqrt(full[k] * full[k + 1]))
-        cores.append(torch.randn(full[k], m, n, full[k + 1], generator=gen, dtype=torch.float64) * std)
+        cores.append(torch.randn(full[k], *mid, full[k + 1], generator=gen, dtype=torch.float64) * std)
     return cores
 
 
-def _dense_of(cores: list[Tensor], spec: TTSpec) -> Tensor:
+def _dense_of(cores: list[Tensor], spec) -> Tensor:
+    """The dense weight (canonical column order) of one layer's TT cores."""
     from tensorpress.train.projections import tt_reconstruct
 
+    if isinstance(spec, ReshapedTTSpec):
+        return tt_reconstruct_reshaped([c.unsqueeze(0) for c in cores], spec.out_features, spec.in_features)[0]
     return tt_reconstruct([c.unsqueeze(0) for c in cores], spec.out_factors, spec.in_factors)[0]
+
+
+def _spec_key(spec) -> tuple:
+    """A plain-tuple key of a TT spec (the warm-start state's key; checkpoints store plain types)."""
+    if isinstance(spec, ReshapedTTSpec):
+        return ("reshaped", spec.out_features, spec.in_features, spec.shape, spec.ranks)
+    return ("matrix", spec.out_factors, spec.in_factors, spec.ranks)
+
+
+def _ranks_capped_at(spec, cap: int) -> tuple[int, ...]:
+    """The bond ranks a TT-SVD in the spec's format gives with every bond capped at ``cap``."""
+    if isinstance(spec, ReshapedTTSpec):
+        return reshaped_tt_spec(spec.out_features, spec.in_features, spec.shape, cap).ranks
+    caps = max_bond_ranks(spec.out_factors, spec.in_factors)
+    return tuple(min(cap, c) for c in caps)
