@@ -135,6 +135,23 @@ def test_update_v_hidden_is_block_minimizer(m, n):
     torch.testing.assert_close(V, direct, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("m", [30, 4], ids=["direct", "woodbury"])
+def test_update_v_hidden_with_product_returns_the_next_layers_product(m):
+    W, Un, R = _randn(m, 16, seed=5), _randn(m, 40, seed=6), _randn(16, 40, seed=7).clamp_min(0)
+    V, WV = update_v_hidden(W, Un, R, 5.0, 2.0, with_product=True)
+    torch.testing.assert_close(V, update_v_hidden(W, Un, R, 5.0, 2.0), rtol=0, atol=0)
+    torch.testing.assert_close(WV, W @ V, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [300, 600, 1100])
+def test_gram_lower_triangle_for_cholesky(d):
+    A = _randn(d, 50, seed=22)
+    G = gram(A, 0.5, lower=True)
+    torch.testing.assert_close(torch.tril(G), torch.tril(0.5 * A @ A.T), rtol=1e-12, atol=1e-10)
+    L = torch.linalg.cholesky(torch.tril(G) + torch.tril(G, -1).T + torch.eye(d, dtype=D64))
+    torch.testing.assert_close(torch.linalg.cholesky(G + torch.eye(d, dtype=D64)), L)  # reads the lower one only
+
+
 def test_update_v_hidden_float32_woodbury_close_to_float64():
     W, Un, R = _randn(10, 300, seed=8), _randn(10, 50, seed=9), _randn(300, 50, seed=10)
     ref = update_v_hidden(W, Un, R, 5.0, 5.0)

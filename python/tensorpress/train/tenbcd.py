@@ -431,10 +431,10 @@ class TenBCD:
         return (total, t) if terms else total
 
     def _objective_cached(self) -> float:
-        """F using the cached products P_i = W_i V_{i-1} (recomputed here, reused by the next sweep)."""
+        """F using the cached products P_i = W_i V_{i-1}, which step() keeps current (each V_i
+        update returns W_{i+1} V_i; P_0 is recomputed at the end of the sweep)."""
         f = 0.5 * _sq(self.V[-1] - self.Y)
         for i in range(self.N):
-            self.P[i] = self._fl(i, blas.mm(self.weights_[i], self._inp(i)))
             f += 0.5 * self.rho * _sq(self.U[i] - self.P[i])
             f += 0.5 * self.gamma * _sq(self.V[i] - (self.U[i].clamp_min(0.0) if i < self.N - 1 else self.U[i]))
             if i in self.constrained:
@@ -495,9 +495,11 @@ class TenBCD:
         mark(f"W[{L}]")
         for i in range(L - 1, -1, -1):
             self._block = f"V[{i}]"
-            self.V[i] = update_v_hidden(
-                self.weights_[i + 1], self._wl(i + 1, self.U[i + 1]), self.U[i].clamp_min(0.0), g, r
+            self.V[i], WV = update_v_hidden(
+                self.weights_[i + 1], self._wl(i + 1, self.U[i + 1]), self.U[i].clamp_min(0.0), g, r, with_product=True
             )
+            # W_{i+1} is final for this sweep and P_{i+1} was used already (by U_{i+1}): cache the product
+            self.P[i + 1] = self._fl(i + 1, WV)
             mark(f"V[{i}]")
             self._block = f"U[{i}]"
             self.U[i] = update_u_hidden(self.V[i], self.P[i], self.U[i], g, r, a)
@@ -509,6 +511,7 @@ class TenBCD:
                 self._block = f"T[{i}]"
                 self._project([i])
                 mark(f"T[{i}]")
+        self.P[0] = self._fl(0, blas.mm(self.weights_[0], self.V0))
         if trace is None:
             # T_i is used only by W_i's next update and by F, so projecting every layer after the
             # sweep gives the same result as projecting each right after its W update, batched.
@@ -798,6 +801,7 @@ class TenBCD:
         # W = B (G + lam I)^{-1} through G's eigenvectors (lam > 0 unless H = 0, whose refit is W = 0)
         inv = torch.where(e + lam > 0, 1.0 / (e + lam), torch.zeros_like(e))
         self.weights_[-1] = (((B @ Q) * inv) @ Q.T).to(self.dtype).contiguous()
+        self.P[-1] = self._fl(self.N - 1, blas.mm(self.weights_[-1], self._inp(self.N - 1)))
         if self.N - 1 in self.constrained:
             self.targets_[-1] = None
             self._project([self.N - 1])

@@ -77,45 +77,69 @@ def update_u_hidden(V: Tensor, P: Tensor, U: Tensor, gamma: float, rho: float, a
     return relu_prox(V, B, (rho + alpha) / gamma)
 
 
-def update_v_hidden(W_next: Tensor, U_next: Tensor, R: Tensor, gamma: float, rho: float) -> Tensor:
+def update_v_hidden(
+    W_next: Tensor, U_next: Tensor, R: Tensor, gamma: float, rho: float, with_product: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """V_i <- (rho W^T W + gamma I)^{-1} (rho W^T U_{i+1} + gamma R), W = W_{i+1}, R = ReLU(U_i).
 
     The exact minimizer of gamma/2||V - R||^2 + rho/2||U_{i+1} - W V||^2. When W has fewer rows
-    (m) than columns (d), Woodbury: (gamma I + rho W^T W)^{-1} = (I - W^T (gamma/rho I + W W^T)^{-1} W)/gamma,
-    so only an m x m system is factorized.
+    (m) than columns (d), Woodbury: (gamma I + rho W^T W)^{-1} = (I - W^T S^{-1} W)/gamma with
+    S = gamma/rho I + W W^T, so only an m x m system is factorized; with Z = rho W^T U + gamma R,
+    V = (Z - W^T S^{-1} W Z)/gamma = R + W^T (rho U - S^{-1} W Z)/gamma and W Z = gamma W R +
+    rho S U - gamma U: two d x n products (W R and W^T (...)) instead of the three of forming Z.
+    with_product: also return W V (the next layer's product, for the caller's cache), which the
+    Woodbury path gets from the same terms: W V = W R + (S M)/gamma - M/rho, M = rho U - S^{-1} W Z.
     R and V may share a (non-contiguous) layout: R is (d x n) or (d*g x n) viewed accordingly.
     """
     m, d = W_next.shape
-    Z = blas.addmm(R, W_next.T, U_next, beta=gamma, alpha=rho)  # rho W^T U + gamma R
     if m < d:
-        L = cholesky(_add_diag(gram(W_next), gamma / rho), "V update (Woodbury system gamma/rho I + W W^T)")
-        T = _solve_left(blas.mm(W_next, Z), L)
-        return blas.addmm(Z, W_next.T, T, alpha=-1.0).div_(gamma)
-    L = cholesky(_add_diag(gram(W_next.T, rho), gamma), "V update (rho W^T W + gamma I)")
+        S = _add_diag(gram(W_next), gamma / rho)
+        L = cholesky(S, "V update (Woodbury system gamma/rho I + W W^T)")
+        WR = blas.mm(W_next, R)
+        WZ = blas.addmm(WR, S, U_next, beta=gamma, alpha=rho).sub_(U_next, alpha=gamma)
+        M = _solve_left(WZ, L).mul_(-1.0).add_(U_next, alpha=rho)  # rho U - S^{-1} W Z
+        V = blas.addmm(R, W_next.T, M, alpha=1.0 / gamma)
+        if not with_product:
+            return V
+        return V, blas.addmm(WR, S, M, alpha=1.0 / gamma).sub_(M, alpha=1.0 / rho)
+    Z = blas.addmm(R, W_next.T, U_next, beta=gamma, alpha=rho)  # rho W^T U + gamma R
+    L = cholesky(_add_diag(gram(W_next.T, rho, lower=True), gamma), "V update (rho W^T W + gamma I)")
     # A^{-1} Z = (Z^T A^{-1})^T: right-side solves are the fast ones; made row-major again so
     # the V (and the U computed from it) keep the layout the layer views expect
-    return _solve_right(Z.T, L).T.contiguous()
+    V = _solve_right(Z.T, L).T.contiguous()
+    return (V, blas.mm(W_next, V)) if with_product else V
 
 
-GRAM_BLOCKED_MIN = 512  # below this the three half-size products are no faster than one
+GRAM_BLOCKED_MIN = 512  # below this the half-size products are no faster than one
 
 
-def gram(A: Tensor, scale: float = 1.0) -> Tensor:
-    """scale * A A^T (A: d x n). From d = 512 on, by 2 x 2 blocks with the off-diagonal one
-    computed once and mirrored: three half-size products instead of the four of A @ A.T
-    (BLAS's GEMM does not use the symmetry; about 20% faster at 1024 x 1500)."""
+def gram(A: Tensor, scale: float = 1.0, lower: bool = False) -> Tensor:
+    """scale * A A^T (A: d x n). From d = 512 on, by 2 x 2 blocks, recursively: the off-diagonal
+    block computed once, the diagonal ones by the same rule, so the products cost about d^2 n
+    multiply-adds instead of the 2 d^2 n of A @ A.T (BLAS's GEMM does not use the symmetry).
+    lower: only the lower triangle is wanted (a Cholesky factorization reads no other): the
+    upper one is left zero wherever a block was split, which saves the mirroring copies."""
     d = A.shape[0]
     if d < GRAM_BLOCKED_MIN:
         return blas.mm(A, A.T).mul_(scale)
+    out = A.new_zeros(d, d) if lower else A.new_empty(d, d)
+    _gram_into(A, out, mirror=not lower)
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+def _gram_into(A: Tensor, out: Tensor, mirror: bool) -> None:
+    d = A.shape[0]
+    if d < GRAM_BLOCKED_MIN:
+        out.copy_(blas.mm(A, A.T))
+        return
     h = d // 2
     top, bottom = A[:h], A[h:]
-    out = A.new_empty(d, d)
-    out[:h, :h] = blas.mm(top, top.T)
-    out[h:, h:] = blas.mm(bottom, bottom.T)
+    _gram_into(top, out[:h, :h], mirror)
+    _gram_into(bottom, out[h:, h:], mirror)
     off = blas.mm(bottom, top.T)
     out[h:, :h] = off
-    out[:h, h:] = off.T
-    return out.mul_(scale) if scale != 1.0 else out
+    if mirror:
+        out[:h, h:] = off.T
 
 
 @dataclass
@@ -136,9 +160,9 @@ def gram_factor(Vp: Tensor, rho: float, c: float) -> GramFactor:
     d, n = Vp.shape
     if n < d and c > 0:
         return GramFactor(
-            cholesky(_add_diag(gram(Vp.T), c / rho), "W update (Woodbury system c/rho I + V^T V)"), True, c
+            cholesky(_add_diag(gram(Vp.T, lower=True), c / rho), "W update (Woodbury system c/rho I + V^T V)"), True, c
         )
-    return GramFactor(cholesky(_add_diag(gram(Vp, rho), c), "W update (c I + rho V V^T)"), False, c)
+    return GramFactor(cholesky(_add_diag(gram(Vp, rho, lower=True), c), "W update (c I + rho V V^T)"), False, c)
 
 
 def update_w(
