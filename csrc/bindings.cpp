@@ -106,11 +106,11 @@ std::vector<T*> pointers(const std::vector<const TensorView*>& views) {
 #if TENSORPRESS_WITH_CUDA
 void tt_forward_cuda(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                      const std::vector<int>& order, const py::object& y, const py::object& workspace,
-                     const py::object& tables, const std::string& path, uintptr_t stream);
+                     const py::object& tables, const std::string& path, uintptr_t stream, bool tensor_cores);
 void tt_backward_cuda(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                       const std::vector<int>& order, const py::object& grad_y, const py::object& grad_x,
                       const py::list& grad_mats, const py::object& workspace, const py::object& tables,
-                      const std::string& path, uintptr_t stream);
+                      const std::string& path, uintptr_t stream, bool tensor_cores);
 #endif
 
 // The memory the CUDA entry points take: device memory, or host memory in the CPU emulation
@@ -153,16 +153,18 @@ void refuse_bias_on_cuda(const py::object& bias, const char* name) {
 
 void tt_forward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                 const std::vector<int>& order, const py::object& y, const py::object& workspace, int threads,
-                const py::object& tables, const std::string& path, const py::object& stream, const py::object& bias) {
+                const py::object& tables, const std::string& path, const py::object& stream, const py::object& bias,
+                bool tensor_cores) {
 #if TENSORPRESS_WITH_CUDA
   if (on_cuda(x)) {
     refuse_bias_on_cuda(bias, "bias");
-    return tt_forward_cuda(x, mats, core_dims, order, y, workspace, tables, path, stream_of(stream));
+    return tt_forward_cuda(x, mats, core_dims, order, y, workspace, tables, path, stream_of(stream), tensor_cores);
   }
 #else
   on_cuda(x);
   (void)tables, (void)path, (void)stream;
 #endif
+  require(!tensor_cores, "tensor_cores: expected False for CPU tensors (the tensor-core path is CUDA's)");
   tt::Plan plan = plan_from(core_dims, order);
   BorrowedTensor xb(x, "x"), yb(y, "out"), wb(workspace, "workspace");
   const TensorView &xv = xb.view(), &yv = yb.view(), &wv = wb.view();
@@ -203,17 +205,18 @@ void tt_forward(const py::object& x, const py::list& mats, const std::vector<int
 void tt_backward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                  const std::vector<int>& order, const py::object& grad_y, const py::object& grad_x,
                  const py::list& grad_mats, const py::object& workspace, int threads, const py::object& tables,
-                 const std::string& path, const py::object& stream, const py::object& grad_bias) {
+                 const std::string& path, const py::object& stream, const py::object& grad_bias, bool tensor_cores) {
 #if TENSORPRESS_WITH_CUDA
   if (on_cuda(x)) {
     refuse_bias_on_cuda(grad_bias, "grad_bias");
     return tt_backward_cuda(x, mats, core_dims, order, grad_y, grad_x, grad_mats, workspace, tables, path,
-                            stream_of(stream));
+                            stream_of(stream), tensor_cores);
   }
 #else
   on_cuda(x);
   (void)tables, (void)path, (void)stream;
 #endif
+  require(!tensor_cores, "tensor_cores: expected False for CPU tensors (the tensor-core path is CUDA's)");
   tt::Plan plan = plan_from(core_dims, order);
   BorrowedTensor xb(x, "x"), gyb(grad_y, "grad_out"), wb(workspace, "workspace");
   const TensorView &xv = xb.view(), &gyv = gyb.view(), &wv = wb.view();
@@ -445,30 +448,38 @@ void check_cuda_common(CudaCallArgs& c, const py::object& x, const py::list& mat
   c.workspace = wv.data;
 }
 
+// float64 has no tensor-core path here: asking for one is an error, never a silent fallback.
+void refuse_fp64_tensor_cores(tt::CudaDType dtype, bool tensor_cores) {
+  require(!(tensor_cores && dtype == tt::CudaDType::F64),
+          "tensor_cores: expected False for float64 (the tensor-core path takes float32, float16 and bfloat16)");
+}
+
 void tt_forward_cuda(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                      const std::vector<int>& order, const py::object& y, const py::object& workspace,
-                     const py::object& tables, const std::string& path, uintptr_t stream) {
+                     const py::object& tables, const std::string& path, uintptr_t stream, bool tensor_cores) {
   CudaCallArgs c;
   c.plan = plan_from(core_dims, order);
   check_cuda_common(c, x, mats, workspace, tables, path, false, 1);
+  refuse_fp64_tensor_cores(c.dtype, tensor_cores);
   c.held.emplace_back(y, "out");
   const std::vector<int64_t> yshape{c.batch, c.plan.out_features};
   expect_cuda(y, c.held.back().view(), c.device, torch_dtype_name(x), &yshape, "out");
   void* yp = c.held.back().view().data;
   const void* xp = c.held.front().view().data;
   py::gil_scoped_release release;
-  tt::forward_cuda(c.dtype, c.plan, c.sched, xp, c.mats, c.tables, yp, c.batch, c.workspace, c.device,
+  tt::forward_cuda(c.dtype, c.plan, c.sched, xp, c.mats, c.tables, yp, c.batch, c.workspace, tensor_cores, c.device,
                    reinterpret_cast<void*>(stream));
 }
 
 void tt_backward_cuda(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                       const std::vector<int>& order, const py::object& grad_y, const py::object& grad_x,
                       const py::list& grad_mats, const py::object& workspace, const py::object& tables,
-                      const std::string& path, uintptr_t stream) {
+                      const std::string& path, uintptr_t stream, bool tensor_cores) {
   CudaCallArgs c;
   c.plan = plan_from(core_dims, order);
   const size_t n = c.plan.steps.size();
   check_cuda_common(c, x, mats, workspace, tables, path, true, n + 2);
+  refuse_fp64_tensor_cores(c.dtype, tensor_cores);
   const std::string xdtype = torch_dtype_name(x), acc = xdtype == "float64" ? "float64" : "float32";
   c.held.emplace_back(grad_y, "grad_out");
   const std::vector<int64_t> yshape{c.batch, c.plan.out_features};
@@ -495,8 +506,8 @@ void tt_backward_cuda(const py::object& x, const py::list& mats, const std::vect
   }
   const void* xp = c.held.front().view().data;
   py::gil_scoped_release release;
-  tt::backward_cuda(c.dtype, c.plan, c.sched, xp, c.mats, c.tables, gyp, gxp, gm, c.batch, c.workspace, c.device,
-                    reinterpret_cast<void*>(stream));
+  tt::backward_cuda(c.dtype, c.plan, c.sched, xp, c.mats, c.tables, gyp, gxp, gm, c.batch, c.workspace, tensor_cores,
+                    c.device, reinterpret_cast<void*>(stream));
 }
 #endif
 
@@ -644,11 +655,12 @@ PYBIND11_MODULE(TENSORPRESS_MODULE_NAME, m) {
   // CPU or CUDA by x's device; tables / path / stream are used on CUDA only.
   m.def("tt_forward", &tt_forward, py::arg("x"), py::arg("mats"), py::arg("core_dims"), py::arg("order"),
         py::arg("out"), py::arg("workspace"), py::arg("threads"), py::arg("tables") = py::none(),
-        py::arg("path") = "auto", py::arg("stream") = py::none(), py::arg("bias") = py::none());
+        py::arg("path") = "auto", py::arg("stream") = py::none(), py::arg("bias") = py::none(),
+        py::arg("tensor_cores") = false);
   m.def("tt_backward", &tt_backward, py::arg("x"), py::arg("mats"), py::arg("core_dims"), py::arg("order"),
         py::arg("grad_out"), py::arg("grad_x"), py::arg("grad_mats"), py::arg("workspace"), py::arg("threads"),
         py::arg("tables") = py::none(), py::arg("path") = "auto", py::arg("stream") = py::none(),
-        py::arg("grad_bias") = py::none());
+        py::arg("grad_bias") = py::none(), py::arg("tensor_cores") = false);
   m.def("tt_cuda_schedule", &tt_cuda_schedule_info, py::arg("core_dims"), py::arg("order"), py::arg("batch"),
         py::arg("backward"), py::arg("acc_bytes"), py::arg("smem_per_block"), py::arg("smem_per_sm"),
         py::arg("sm_count"), py::arg("path") = "auto");

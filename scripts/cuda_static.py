@@ -300,7 +300,8 @@ JACOBI_CALL = (64, 64)  # m x n: the widest block the CUDA Jacobi takes (JACOBI_
 JACOBI_SMEM = 66816  # jacobi_cuda_smem_bytes(64, 64)
 
 CONFIG_LEGEND = {
-    "T": "threads = kCudaThreads (tt_cuda_schedule.h); no dynamic shared memory (tiled GEMM, gather, reduce)",
+    "T": "threads = kCudaThreads (tt_cuda_schedule.h); no dynamic shared memory (tiled GEMMs, SIMT and tensor-core; "
+    "gather, reduce)",
     "F": "fused TT at its scheduled dynamic shared memory for TT 256x256, cores (1,4,4,8) (8,4,4,8) (8,4,4,8) "
     "(8,4,4,1) (rank 8), one step per core in order, batch 256 (the path and plan the CUDA cost model picks "
     "for float32 on both GPUs): tt_cuda_schedule.h with the GPU's limits packs 1 (H100) or 2 (A100) samples "
@@ -314,7 +315,7 @@ def launch_of(name: str, arch: str, tt_threads: int, jacobi_threads: int) -> Lau
     """The launch configuration the report assumes for a kernel (short name), or None."""
     base = name.split("<", 1)[0]
     args = name[len(base) + 1 : -1].split(",") if "<" in name else []
-    if base in ("tiled_gemm_kernel", "gather_rows_kernel", "reduce_partials_kernel"):
+    if base in ("tiled_gemm_kernel", "tiled_gemm_tc_kernel", "gather_rows_kernel", "reduce_partials_kernel"):
         return Launch(tt_threads, 0, "T")
     if base in ("fused_forward_kernel", "fused_backward_kernel"):
         acc = 8 if args[-1:] == ["f64"] else 4
@@ -419,6 +420,43 @@ def _kb(n: int) -> str:
     return f"{n / 1024:.1f} KB" if n else "0"
 
 
+# ----------------------------------------------------------------------------- tensor cores in the PTX
+# The kernels that must run on the tensor cores (issue 24): in csrc/tt/tt_cuda.cu's PTX, every
+# instantiation of these entries holds warp matrix instructions, one instantiation per operand
+# type named (mangled fragments of the template arguments).
+TENSOR_CORE_SOURCE = "csrc/tt/tt_cuda.cu"
+TENSOR_CORE_KERNEL = "tiled_gemm_tc_kernel"
+TENSOR_CORE_OPERANDS = {"fp16": "6__half", "bf16": "13__nv_bfloat16", "tf32": "4Tf32"}
+MMA_INSTRUCTION = re.compile(r"^\s*(?:wmma\.mma|mma)\.sync\S*", re.M)
+
+
+def ptx_entries(ptx: str) -> dict[str, str]:
+    """The body of every `.entry` (kernel) of a PTX file, by mangled name."""
+    parts = re.split(r"^\s*(?:\.(?:visible|weak)\s+)?\.entry\s+", ptx, flags=re.M)
+    out = {}
+    for part in parts[1:]:
+        name = re.match(r"[\w$]+", part).group(0)
+        out[name] = part
+    return out
+
+
+def tensor_core_check(ptx: str, arch: str) -> tuple[dict[str, int], list[str]]:
+    """mma instructions per tensor-core kernel entry, and the findings: an entry without any,
+    or an operand type with no instantiation."""
+    counts = {
+        name: len(MMA_INSTRUCTION.findall(body))
+        for name, body in ptx_entries(ptx).items()
+        if TENSOR_CORE_KERNEL in name
+    }
+    findings = [
+        f"sm_{arch} {TENSOR_CORE_SOURCE}: {name} has no mma instruction" for name, n in counts.items() if n == 0
+    ]
+    for op, fragment in TENSOR_CORE_OPERANDS.items():
+        if not any(fragment in name for name in counts):
+            findings.append(f"sm_{arch} {TENSOR_CORE_SOURCE}: no {TENSOR_CORE_KERNEL} for {op} operands in the PTX")
+    return counts, findings
+
+
 def report(rows: list[Row], findings: list[str], meta: dict) -> str:
     lines = [
         "# CUDA static checks: registers, spills, shared memory, occupancy",
@@ -510,6 +548,20 @@ def report(rows: list[Row], findings: list[str], meta: dict) -> str:
         f"Threads per block as the sources set them: kCudaThreads = {tt_threads}, Jacobi at most "
         f"32 * kMaxWarps = {jacobi_threads}.",
     ]
+    tensor_cores = meta.get("tensor_cores", {})
+    if tensor_cores:
+        lines += [
+            "",
+            "## Tensor-core instructions in the PTX",
+            "",
+            f"`nvcc -arch=compute_XX -ptx {TENSOR_CORE_SOURCE}`: warp matrix instructions (`wmma.mma.sync` / "
+            f"`mma.sync`) per instantiation of `{TENSOR_CORE_KERNEL}` (each must have some).",
+            "",
+            "| architecture | kernel | mma instructions |",
+            "|---|---|---:|",
+        ]
+        for arch, counts in tensor_cores.items():
+            lines += [f"| compute_{arch} | `{short_name(name)}` | {n} |" for name, n in sorted(counts.items())]
     if findings:
         lines += ["", "## Findings", ""] + [f"- {f}" for f in findings]
     return "\n".join(lines) + "\n"
@@ -560,16 +612,44 @@ def main(argv: list[str] | None = None) -> int:
                         [nvcc, *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", source, "-o", str(obj)],
                     )
                 )
+        ptx_jobs = [
+            Job(
+                TENSOR_CORE_SOURCE,
+                arch,
+                [
+                    nvcc,
+                    *BUILD_FLAGS,
+                    "-I",
+                    "csrc",
+                    f"-arch=compute_{arch}",
+                    "-ptx",
+                    TENSOR_CORE_SOURCE,
+                    "-o",
+                    str(Path(tmp) / f"tt_cuda.compute_{arch}.ptx"),
+                ],
+            )  # fmt: skip
+            for arch in archs
+        ]
         # the largest files first, so two workers finish together
-        order = sorted(jobs, key=lambda j: -(src_root / j.source).stat().st_size)
+        order = sorted(jobs, key=lambda j: -(src_root / j.source).stat().st_size) + ptx_jobs
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             list(pool.map(lambda j: run_job(j, src_root), order))
         seconds = time.perf_counter() - t0
+        tensor_cores: dict[str, dict[str, int]] = {}
+        ptx_findings: list[str] = []
+        for job in ptx_jobs:
+            if job.returncode != 0:
+                ptx_findings.append(f"sm_{job.arch} {job.source}: nvcc -ptx exited with status {job.returncode}")
+                continue
+            counts, found = tensor_core_check((Path(tmp) / f"tt_cuda.compute_{job.arch}.ptx").read_text(), job.arch)
+            tensor_cores[job.arch] = counts
+            ptx_findings += found
         tt_threads = source_constant(src_root / "csrc/tt/tt_cuda_schedule.h", "kCudaThreads")
         jacobi_threads = 32 * source_constant(src_root / "csrc/svd/jacobi_cuda.cu", "kMaxWarps")
 
     rows, findings = check(jobs)
+    findings += ptx_findings
     kernels = {(r.arch, r.name) for r in rows if r.f.entry}
     for job in jobs:
         print(f"  {job.source} sm_{job.arch}: {job.seconds:.1f} s, status {job.returncode}")
@@ -591,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": max(1, args.jobs),
             "tt_threads": tt_threads,
             "jacobi_threads": jacobi_threads,
+            "tensor_cores": {
+                a: {demangle(list(c)).get(n, n): k for n, k in c.items()} for a, c in tensor_cores.items()
+            },
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report(rows, findings, meta))

@@ -253,6 +253,37 @@ def test_representative_launches_match_the_schedule():
     assert n == JACOBI_MAX_COLUMNS_CUDA and _C.svd_jacobi_cuda_smem_bytes(m, n) == cs.JACOBI_SMEM
 
 
+# ----------------------------------------------------------------------------- tensor cores in the PTX
+# the shape of nvcc 13.0's PTX (abridged): two tensor-core entries, one SIMT entry
+PTX = """\
+.visible .entry _ZN11tensorpress2tt20tiled_gemm_tc_kernelIffffNS0_4Tf32EEEvNS0_9TiledGemmIT_T0_T1_EE(
+\t.param .align 8 .b8 p[136]
+)
+{
+\twmma.mma.sync.aligned.row.row.m16n16k8.f32.tf32.tf32.f32 {%f1, %f2}, {%r1}, {%r2}, {%f3};
+\twmma.mma.sync.aligned.row.row.m16n16k8.f32.tf32.tf32.f32 {%f1, %f2}, {%r1}, {%r2}, {%f3};
+}
+.visible .entry _ZN11tensorpress2tt20tiled_gemm_tc_kernelIfff6__halfEEvNS0_9TiledGemmIT_T0_T1_EE(
+)
+{
+\tret;
+}
+.visible .entry _ZN11tensorpress2tt17tiled_gemm_kernelIffffEEvNS0_9TiledGemmIT_T0_T1_EE(
+)
+{
+\tfma.rn.f32 %f1, %f2, %f3, %f4;
+}
+"""
+
+
+def test_tensor_core_check_counts_mma_per_kernel_and_flags_what_is_missing():
+    counts, findings = cs.tensor_core_check(PTX, "90")
+    assert sorted(counts.values()) == [0, 2] and len(counts) == 2  # the SIMT kernel is not counted
+    assert any("6__half" in f and "has no mma instruction" in f for f in findings)
+    assert any("no tiled_gemm_tc_kernel for bf16 operands" in f for f in findings)
+    assert not any("tf32" in f for f in findings)
+
+
 # ----------------------------------------------------------------------------- the whole script
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: the CUDA static checks need it")
 def test_full_run_passes(tmp_path):
@@ -279,4 +310,13 @@ def test_full_run_passes(tmp_path):
             row = next((line for line in section.splitlines() if f"`{kernel}`" in line), None)
             assert row is not None, f"{kernel} missing from the sm_{arch} table"
             assert "| ? |" not in row and re.search(r"\| \d+\.\d% \(\d+/64 warps\) \|", row), row  # launch, occupancy
+    tensor_cores = md.split("## Tensor-core instructions in the PTX", 1)[1]
+    for arch in ("80", "90"):
+        for op in ("f16", "bf16", "Tf32"):
+            assert re.search(
+                rf"\| compute_{arch} \| `tiled_gemm_tc_kernel<[^`]*,{op}>` \| [1-9]\d* \|", tensor_cores
+            ), (
+                arch,
+                op,
+            )
     print(f"cuda_static full run: {time.perf_counter() - t0:.1f} s")

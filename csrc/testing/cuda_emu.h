@@ -29,8 +29,9 @@
 // - __half and __nv_bfloat16 hold their 16 bits; conversions round to nearest even exactly as
 //   CUDA's __float2half_rn / __float2bfloat16_rn (NaN becomes the canonical 0x7fff).
 // - Launches are synchronous; streams are accepted and ignored.
-// Not modelled: atomics, tensor-core fragments, clusters, memory-ordering effects weaker than
-// the barriers (the threads see each other's writes at the barriers, as in CUDA).
+// - Tensor-core fragments (nvcuda::wmma, cuda_emu_include/mma.h): see that file.
+// Not modelled: atomics, clusters, wgmma/TMA, memory-ordering effects weaker than the barriers
+// (the threads see each other's writes at the barriers, as in CUDA).
 #pragma once
 
 #include <math.h>
@@ -74,7 +75,7 @@
 #define __noinline__
 #define __restrict__
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 
 // device math that CUDA provides unqualified for integers (floating point comes from math.h)
@@ -345,7 +346,10 @@ class Block {
  public:
   Block(int threads, size_t smem) : n_(threads), smem_bytes_(smem), fibers_(threads), warps_((threads + 31) / 32) {
     smem_.reset(new (std::align_val_t(16)) unsigned char[smem ? smem : 1]);
-    for (size_t w = 0; w < warps_.size(); ++w) warps_[w].lanes = std::min(32, threads - static_cast<int>(w) * 32);
+    for (size_t w = 0; w < warps_.size(); ++w) {
+      warps_[w].lanes = std::min(32, threads - static_cast<int>(w) * 32);
+      for (auto& g : warps_[w].gather) g.assign(32 * kGatherBytes, 0);
+    }
     const size_t per = kStackBytes + kGuardBytes;
     stacks_ =
         static_cast<char*>(mmap(nullptr, per * threads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
@@ -445,6 +449,33 @@ class Block {
     return out;
   }
 
+  // A warp collective that hands every lane the `bytes` bytes each of the 32 lanes put in, in
+  // lane order (`all` gets 32 * bytes): the tensor-core fragment operations (mma.h) exchange
+  // their operands through it. Same buffering argument as exchange(); whole warps only.
+  static constexpr size_t kGatherBytes = 256;
+  void all_gather(const void* mine, size_t bytes, void* all, int line, const char* what) {
+    Quiet quiet;
+    Warp& w = warps_[current_tid / 32];
+    if (w.lanes != 32 || bytes > kGatherBytes) {
+      fail(std::string(what) +
+           (w.lanes != 32 ? " in a warp of " + std::to_string(w.lanes) + " threads (needs all 32)"
+                          : ": operand above the emulator's " + std::to_string(kGatherBytes) + " bytes per lane"));
+      park();
+    }
+    const int lane = current_tid % 32, p = w.parity[lane];
+    std::memcpy(w.gather[p].data() + lane * kGatherBytes, mine, bytes);
+    arrive(w.bar, line, what);
+    for (int l = 0; l < 32; ++l)
+      std::memcpy(static_cast<unsigned char*>(all) + l * bytes, w.gather[p].data() + l * kGatherBytes, bytes);
+    w.parity[lane] = static_cast<uint8_t>(1 - p);
+  }
+  // Fails the launch (a misuse the hardware would not diagnose), naming `what`.
+  [[noreturn]] void misuse(const std::string& what) {
+    Quiet quiet;
+    fail(what);
+    park();
+  }
+
   static inline thread_local Block* current = nullptr;  // the launch running on this OS thread
   static inline thread_local int current_tid = 0;       // its CUDA thread now running
 
@@ -471,6 +502,7 @@ class Block {
     int lanes = 32;
     uint8_t parity[32] = {};
     alignas(8) unsigned char slots[2][32][8] = {};
+    std::vector<unsigned char> gather[2];  // all_gather's buffers, 32 x kGatherBytes each
   };
 
   static void reset(Barrier& b, int n) { b.n = n, b.waiting = 0, b.exited = 0, b.line = 0; }

@@ -11,10 +11,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <climits>
 #include <string>
+#include <type_traits>
 
 #include "core/cuda_check.h"
 #include "core/cuda_launch.h"
@@ -368,6 +370,120 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_kernel(const TiledGem
     }
 }
 
+// ----------------------------------------------------------------------------- tensor-core tiled GEMM
+// The tiled GEMM's contract on the tensor cores (nvcuda::wmma, float accumulation). Each
+// block's operands are gathered through the maps as above, rounded to the operand type (fp16,
+// bf16, or tf32 for float data) and staged row-major in shared memory; the 8 warps, in a 4 x 2
+// grid, each own a 16 x 32 strip of the 64 x 64 tile (two 16 x 16 accumulators); the tile
+// leaves through shared memory, so the output map and the accumulate flag work as above.
+struct Tf32 {};  // float data on the tf32 tensor cores
+template <typename Op>
+struct TensorCoreOp {
+  using storage = Op;  // shared-memory and fragment element type
+  using frag = Op;     // the fragment's operand type parameter
+  static constexpr int k = 16, pad = 8;
+};
+template <>
+struct TensorCoreOp<Tf32> {
+  using storage = float;
+  using frag = nvcuda::wmma::precision::tf32;
+  static constexpr int k = 8, pad = 4;
+};
+template <typename Op>
+__device__ __forceinline__ typename TensorCoreOp<Op>::storage to_operand(float v) {
+  if constexpr (std::is_same<Op, Tf32>::value)
+    return nvcuda::wmma::__float_to_tf32(v);
+  else
+    return cvt<Op>(v);
+}
+
+// The tensor-core operand type for x's element type T (void: none, float64 stays on SIMT).
+template <typename T>
+struct TensorCoreOf {
+  using type = void;
+};
+template <>
+struct TensorCoreOf<float> {
+  using type = Tf32;
+};
+template <>
+struct TensorCoreOf<__half> {
+  using type = __half;
+};
+template <>
+struct TensorCoreOf<__nv_bfloat16> {
+  using type = __nv_bfloat16;
+};
+
+constexpr int kTensorCoreTileK = 32;
+
+template <typename TA, typename TB, typename TC, typename Op>
+__global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const TiledGemm<TA, TB, TC> g) {
+  namespace wmma = nvcuda::wmma;
+  using S = typename TensorCoreOp<Op>::storage;
+  using F = typename TensorCoreOp<Op>::frag;
+  constexpr int BM = kCudaTileM, BN = kCudaTileN, BK = kTensorCoreTileK, WK = TensorCoreOp<Op>::k;
+  // rows padded by 16 bytes (bank spread); every fragment pointer stays 32-byte aligned
+  constexpr int LDA = BK + TensorCoreOp<Op>::pad, LDB = BN + TensorCoreOp<Op>::pad, LDC = BN + 4;
+  static_assert(BM == 64 && BN == 64 && kCudaThreads == 256, "8 warps of 16 x 32 outputs");
+  __shared__ __align__(32) S As[BM * LDA];
+  __shared__ __align__(32) S Bs[BK * LDB];
+  __shared__ __align__(32) float Cs[BM * LDC];
+  __shared__ int arow[BM], bcol[BN], acol[BK], brow[BK];
+  const int tid = threadIdx.x, warp = tid / 32, wm = warp % 4, wn = warp / 4;
+  const int p0 = blockIdx.x * BM, q0 = blockIdx.y * BN;
+  const int l_begin = blockIdx.z * g.l_per_split;
+  const int l_end = min(g.L, l_begin + g.l_per_split);
+  if (tid < BM)
+    arow[tid] = g.ap.at(min(p0 + tid, g.P - 1));
+  else if (tid < BM + BN)
+    bcol[tid - BM] = g.bq.at(min(q0 + tid - BM, g.Q - 1));
+  wmma::fragment<wmma::accumulator, 16, 16, WK, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+  for (int l0 = l_begin; l0 < l_end; l0 += BK) {
+    __syncthreads();  // the previous tile has been consumed
+    if (tid < BK)
+      acol[tid] = l0 + tid < l_end ? g.al.at(l0 + tid) : 0;
+    else if (tid < 2 * BK)
+      brow[tid - BK] = l0 + tid - BK < l_end ? g.bl.at(l0 + tid - BK) : 0;
+    __syncthreads();
+#pragma unroll 2
+    for (int i = 0; i < BM * BK / kCudaThreads; ++i) {
+      const int e = tid + i * kCudaThreads, pp = e / BK, ll = e % BK;
+      As[pp * LDA + ll] =
+          to_operand<Op>((p0 + pp < g.P && l0 + ll < l_end) ? cvt<float>(g.A[arow[pp] + acol[ll]]) : 0.0f);
+    }
+#pragma unroll 2
+    for (int i = 0; i < BN * BK / kCudaThreads; ++i) {
+      const int e = tid + i * kCudaThreads, ll = e / BN, qq = e % BN;
+      Bs[ll * LDB + qq] =
+          to_operand<Op>((q0 + qq < g.Q && l0 + ll < l_end) ? cvt<float>(g.B[brow[ll] + bcol[qq]]) : 0.0f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += WK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, WK, F, wmma::row_major> a;
+      wmma::load_matrix_sync(a, As + wm * 16 * LDA + kk, LDA);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, WK, F, wmma::row_major> b;
+        wmma::load_matrix_sync(b, Bs + kk * LDB + wn * 32 + j * 16, LDB);
+        wmma::mma_sync(acc[j], a, b, acc[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    wmma::store_matrix_sync(Cs + wm * 16 * LDC + wn * 32 + j * 16, acc[j], LDC, wmma::mem_row_major);
+  __syncthreads();
+  const Out<TC> out{g.C + blockIdx.z * g.c_split_stride, g.cp, g.cq, g.accumulate};
+  for (int e = tid; e < BM * BN; e += kCudaThreads) {
+    const int pp = e / BN, qq = e % BN;
+    if (p0 + pp < g.P && q0 + qq < g.Q) put(out, p0 + pp, q0 + qq, Cs[pp * LDC + qq]);
+  }
+}
+
 // ----------------------------------------------------------------------------- small kernels
 // dst[i] = src[(i / M) * M + tab[i % M]]: the final permutation and its inverse.
 template <typename TS, typename TD>
@@ -444,12 +560,20 @@ FusedArgs<T, Acc> fused_args(const Plan& plan, const CudaSchedule& sched, const 
   return a;
 }
 
-template <typename TA, typename TB, typename TC>
-void launch_tiled(const TiledGemm<TA, TB, TC>& g, int splits, cudaStream_t stream, const char* what) {
+// One tiled GEMM on the tensor cores (operand type Op) when `tc`, else in SIMT arithmetic.
+template <typename Op, typename TA, typename TB, typename TC>
+void launch_tiled(const TiledGemm<TA, TB, TC>& g, int splits, bool tc, cudaStream_t stream, const char* what) {
   using Acc = typename AccOf<TC>::type;
   if (g.P <= 0 || g.Q <= 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div(g.P, kCudaTileM)), static_cast<unsigned>(ceil_div(g.Q, kCudaTileN)),
                   static_cast<unsigned>(splits));
+  if constexpr (!std::is_void<Op>::value) {
+    if (tc) {
+      TP_LAUNCH(grid, kCudaThreads, 0, stream, tiled_gemm_tc_kernel<TA, TB, TC, Op>)(g);
+      TP_CUDA_CHECK_LAUNCH(what, stream);
+      return;
+    }
+  }
   TP_LAUNCH(grid, kCudaThreads, 0, stream, tiled_gemm_kernel<TA, TB, TC, Acc>)(g);
   TP_CUDA_CHECK_LAUNCH(what, stream);
 }
@@ -480,8 +604,9 @@ void reduce_partials(const Plan& plan, const Acc* partial, int64_t count, const 
 
 template <typename T>
 void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const std::vector<const void*>& mats,
-                  const int32_t* tables, T* y, int64_t batch, void* workspace, cudaStream_t stream) {
+                  const int32_t* tables, T* y, int64_t batch, void* workspace, bool tc, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
+  using Op = typename TensorCoreOf<T>::type;
   if (batch == 0) return;
   if (sched.path == CudaPath::Fused) {
     FusedArgs<T, Acc> a = fused_args<T, Acc>(plan, sched, mats, tables, batch);
@@ -508,13 +633,13 @@ void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const
       Acc* out = buf[t % 2];
       const Acc* mat = static_cast<const Acc*>(mats[t]);
       if (t == 0)
-        launch_tiled(TiledGemm<T, Acc, Acc>{nb * rows, N, K, K, x + b0 * Nin, ap, al, mat, lin(N), lin(1), out, lin(N),
-                                            lin(1), 0, false},
-                     1, stream, "tt tiled forward step");
+        launch_tiled<Op>(TiledGemm<T, Acc, Acc>{nb * rows, N, K, K, x + b0 * Nin, ap, al, mat, lin(N), lin(1), out,
+                                                lin(N), lin(1), 0, false},
+                         1, tc, stream, "tt tiled forward step");
       else
-        launch_tiled(TiledGemm<Acc, Acc, Acc>{nb * rows, N, K, K, cur, ap, al, mat, lin(N), lin(1), out, lin(N), lin(1),
-                                              0, false},
-                     1, stream, "tt tiled forward step");
+        launch_tiled<Op>(TiledGemm<Acc, Acc, Acc>{nb * rows, N, K, K, cur, ap, al, mat, lin(N), lin(1), out, lin(N),
+                                                  lin(1), 0, false},
+                         1, tc, stream, "tt tiled forward step");
       cur = out;
     }
     TP_LAUNCH(grid_for(nb * M), kCudaThreads, 0, stream, gather_rows_kernel<Acc, T>)(
@@ -526,8 +651,9 @@ void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const
 template <typename T>
 void backward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const std::vector<const void*>& mats,
                    const int32_t* tables, const T* grad_y, T* grad_x, const std::vector<void*>& grad_mats,
-                   int64_t batch, void* workspace, cudaStream_t stream) {
+                   int64_t batch, void* workspace, bool tc, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
+  using Op = typename TensorCoreOf<T>::type;
   const bool need_x = grad_x != nullptr, need_mats = !grad_mats.empty();
   if (!need_x && !need_mats) return;
   const int64_t mtotal = mats_total(plan);
@@ -575,13 +701,13 @@ void backward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, cons
       const Map ap = table(tables + lay.row_off[t], rows, rows * K), al = table1(tables + lay.col_off[t]);
       const Acc* mat = static_cast<const Acc*>(mats[t]);
       if (t == 0)
-        launch_tiled(TiledGemm<T, Acc, Acc>{nb * rows, N, K, K, xs, ap, al, mat, lin(N), lin(1), slot[1], lin(N),
-                                            lin(1), 0, false},
-                     1, stream, "tt tiled backward recompute");
+        launch_tiled<Op>(TiledGemm<T, Acc, Acc>{nb * rows, N, K, K, xs, ap, al, mat, lin(N), lin(1), slot[1], lin(N),
+                                                lin(1), 0, false},
+                         1, tc, stream, "tt tiled backward recompute");
       else
-        launch_tiled(TiledGemm<Acc, Acc, Acc>{nb * rows, N, K, K, slot[t], ap, al, mat, lin(N), lin(1), slot[t + 1],
-                                              lin(N), lin(1), 0, false},
-                     1, stream, "tt tiled backward recompute");
+        launch_tiled<Op>(TiledGemm<Acc, Acc, Acc>{nb * rows, N, K, K, slot[t], ap, al, mat, lin(N), lin(1), slot[t + 1],
+                                                  lin(N), lin(1), 0, false},
+                         1, tc, stream, "tt tiled backward recompute");
     }
     TP_LAUNCH(grid_for(nb * M), kCudaThreads, 0, stream, gather_rows_kernel<T, Acc>)(
         grad_y + b0 * M, gbuf[0], nb * M, static_cast<int>(M), tables + lay.finv);
@@ -599,25 +725,25 @@ void backward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, cons
         const int per = static_cast<int>(ceil_div(ceil_div(L, splits), kCudaTileK) * kCudaTileK);
         Acc* c = partial + grad_off[t];
         if (t == 0)
-          launch_tiled(TiledGemm<T, Acc, Acc>{K, N, L, per, xs, table1(co), table(ro, rows, in_size), g, lin(N), lin(1),
-                                              c, lin(N), lin(1), mtotal, chunk > 0},
-                       splits, stream, "tt tiled core gradient");
+          launch_tiled<Op>(TiledGemm<T, Acc, Acc>{K, N, L, per, xs, table1(co), table(ro, rows, in_size), g, lin(N),
+                                                  lin(1), c, lin(N), lin(1), mtotal, chunk > 0},
+                           splits, tc, stream, "tt tiled core gradient");
         else
-          launch_tiled(TiledGemm<Acc, Acc, Acc>{K, N, L, per, slot[t], table1(co), table(ro, rows, in_size), g, lin(N),
-                                                lin(1), c, lin(N), lin(1), mtotal, chunk > 0},
-                       splits, stream, "tt tiled core gradient");
+          launch_tiled<Op>(TiledGemm<Acc, Acc, Acc>{K, N, L, per, slot[t], table1(co), table(ro, rows, in_size), g,
+                                                    lin(N), lin(1), c, lin(N), lin(1), mtotal, chunk > 0},
+                           splits, tc, stream, "tt tiled core gradient");
       }
       if (t > 0 || need_x) {
         const Acc* mat = static_cast<const Acc*>(mats[t]);
         const Map cp = table(ro, rows, in_size), cq = table1(co);
         if (t == 0)
-          launch_tiled(TiledGemm<Acc, Acc, T>{nb * rows, K, N, N, g, lin(N), lin(1), mat, lin(1), lin(N),
-                                              grad_x + b0 * Nin, cp, cq, 0, false},
-                       1, stream, "tt tiled input gradient");
+          launch_tiled<Op>(TiledGemm<Acc, Acc, T>{nb * rows, K, N, N, g, lin(N), lin(1), mat, lin(1), lin(N),
+                                                  grad_x + b0 * Nin, cp, cq, 0, false},
+                           1, tc, stream, "tt tiled input gradient");
         else
-          launch_tiled(TiledGemm<Acc, Acc, Acc>{nb * rows, K, N, N, g, lin(N), lin(1), mat, lin(1), lin(N),
-                                                gbuf[1 - cur], cp, cq, 0, false},
-                       1, stream, "tt tiled input gradient");
+          launch_tiled<Op>(TiledGemm<Acc, Acc, Acc>{nb * rows, K, N, N, g, lin(N), lin(1), mat, lin(1), lin(N),
+                                                    gbuf[1 - cur], cp, cq, 0, false},
+                           1, tc, stream, "tt tiled input gradient");
       }
       cur = 1 - cur;
     }
@@ -641,47 +767,48 @@ CudaLimits cuda_limits(int device) {
 
 void forward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
                   const std::vector<const void*>& mats, const int32_t* tables, void* y, int64_t batch, void* workspace,
-                  int device, void* stream) {
+                  bool tensor_cores, int device, void* stream) {
   CudaDeviceGuard guard(device);
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case CudaDType::F32:
       return forward_impl<float>(plan, sched, static_cast<const float*>(x), mats, tables, static_cast<float*>(y), batch,
-                                 workspace, st);
+                                 workspace, tensor_cores, st);
     case CudaDType::F64:
       return forward_impl<double>(plan, sched, static_cast<const double*>(x), mats, tables, static_cast<double*>(y),
-                                  batch, workspace, st);
+                                  batch, workspace, tensor_cores, st);
     case CudaDType::F16:
       return forward_impl<__half>(plan, sched, static_cast<const __half*>(x), mats, tables, static_cast<__half*>(y),
-                                  batch, workspace, st);
+                                  batch, workspace, tensor_cores, st);
     case CudaDType::BF16:
       return forward_impl<__nv_bfloat16>(plan, sched, static_cast<const __nv_bfloat16*>(x), mats, tables,
-                                         static_cast<__nv_bfloat16*>(y), batch, workspace, st);
+                                         static_cast<__nv_bfloat16*>(y), batch, workspace, tensor_cores, st);
   }
 }
 
 void backward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
                    const std::vector<const void*>& mats, const int32_t* tables, const void* grad_y, void* grad_x,
-                   const std::vector<void*>& grad_mats, int64_t batch, void* workspace, int device, void* stream) {
+                   const std::vector<void*>& grad_mats, int64_t batch, void* workspace, bool tensor_cores, int device,
+                   void* stream) {
   CudaDeviceGuard guard(device);
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case CudaDType::F32:
       return backward_impl<float>(plan, sched, static_cast<const float*>(x), mats, tables,
                                   static_cast<const float*>(grad_y), static_cast<float*>(grad_x), grad_mats, batch,
-                                  workspace, st);
+                                  workspace, tensor_cores, st);
     case CudaDType::F64:
       return backward_impl<double>(plan, sched, static_cast<const double*>(x), mats, tables,
                                    static_cast<const double*>(grad_y), static_cast<double*>(grad_x), grad_mats, batch,
-                                   workspace, st);
+                                   workspace, tensor_cores, st);
     case CudaDType::F16:
       return backward_impl<__half>(plan, sched, static_cast<const __half*>(x), mats, tables,
                                    static_cast<const __half*>(grad_y), static_cast<__half*>(grad_x), grad_mats, batch,
-                                   workspace, st);
+                                   workspace, tensor_cores, st);
     case CudaDType::BF16:
-      return backward_impl<__nv_bfloat16>(plan, sched, static_cast<const __nv_bfloat16*>(x), mats, tables,
-                                          static_cast<const __nv_bfloat16*>(grad_y),
-                                          static_cast<__nv_bfloat16*>(grad_x), grad_mats, batch, workspace, st);
+      return backward_impl<__nv_bfloat16>(
+          plan, sched, static_cast<const __nv_bfloat16*>(x), mats, tables, static_cast<const __nv_bfloat16*>(grad_y),
+          static_cast<__nv_bfloat16*>(grad_x), grad_mats, batch, workspace, tensor_cores, st);
   }
 }
 

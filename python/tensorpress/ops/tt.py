@@ -151,6 +151,16 @@ def _cuda_sched(core_dims, order, batch, dtype, device, backward, path):
     return cuda_schedule(merged, tuple(order), batch, backward, dtype, cuda_limits(device), path)
 
 
+def tensor_cores_for(dtype: torch.dtype) -> bool:
+    """Whether the CUDA kernels' tiled GEMMs run on the tensor cores for inputs of `dtype`:
+    always for float16 / bfloat16 (float accumulation, as torch's matmul), for float32 exactly
+    when torch's own float32 matmul may use TF32 (torch.backends.cuda.matmul.allow_tf32, which
+    torch.set_float32_matmul_precision("high" / "medium") turns on), never for float64."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return True
+    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _run_cuda(x: Tensor, mats: list[Tensor], core_dims, order, path: str, bias: Tensor | None) -> Tensor:
     x = x.detach().contiguous()
     mats = [m.detach().contiguous() for m in mats]
@@ -169,6 +179,7 @@ def _run_cuda(x: Tensor, mats: list[Tensor], core_dims, order, path: str, bias: 
         tables=_tables(core_dims, order, x.device),
         path=path,
         stream=kernels.stream(x.device),
+        tensor_cores=tensor_cores_for(x.dtype),
     )
     return y if bias is None else y.add_(bias)
 
@@ -194,6 +205,7 @@ def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, p
         tables=_tables(core_dims, order, x.device),
         path=path,
         stream=kernels.stream(x.device),
+        tensor_cores=tensor_cores_for(x.dtype),
     )
     grad_bias = grad_out.sum(0, dtype=mats[0].dtype) if need_bias else None
     return _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats)
