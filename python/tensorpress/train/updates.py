@@ -11,6 +11,7 @@ Gram matrix is smaller, by the Woodbury identity on the smaller system.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,13 +57,15 @@ def relu_prox(V: Tensor, B: Tensor, g: float) -> Tensor:
 
     u >= 0: u1 = max(s, 0), s = (V + g B) / (1 + g), cost (u1 - V)^2 + g (u1 - B)^2;
     u <= 0: u2 = min(B, 0), cost V^2 + g (u2 - B)^2. The cheaper one wins (u1 on ties).
-    Comparing the two costs in closed form (fewer passes over the data than computing both):
-    B >= 0: u2 = 0 is u1's candidate too, so u1 wins; B < 0, s <= 0: u1 = 0 costs g B^2 more
-    than u2 = B; B < 0, s > 0: u1 = s costs g (V - B)^2 / (1 + g) against V^2.
+    Comparing the two costs in closed form: B >= 0: u2 = 0 is u1's candidate too, so u1 wins;
+    B < 0, s <= 0: u1 = 0 costs g B^2 more than u2 = B; B < 0, s > 0: u1 = s costs
+    g (V - B)^2 / (1 + g) against V^2, i.e. u1 wins iff sqrt(g) (V - B) <= sqrt(1 + g) V, which
+    is linear: (sqrt(1 + g) - sqrt(g)) V + sqrt(g) B >= 0 (and it implies s > 0 when B < 0). So
+    u = max(s, 0) where B >= 0 or that holds, else B: seven passes over the data.
     """
-    s = torch.add(V, B, alpha=g).div_(1.0 + g)
-    s_wins = (V - B).square_().mul_(g) <= V.square().mul_(1.0 + g)
-    s_wins &= s > 0
+    s = torch.lerp(V, B, g / (1.0 + g))
+    c = math.sqrt(1.0 + g) - math.sqrt(g)
+    s_wins = torch.add(B, V, alpha=c / math.sqrt(g)) >= 0
     s_wins |= B >= 0
     return torch.where(s_wins, s.clamp_min_(0.0), B)
 
@@ -73,7 +76,7 @@ def update_u_hidden(V: Tensor, P: Tensor, U: Tensor, gamma: float, rho: float, a
     The two quadratics merge into (rho + alpha)/2 ||U - B||^2, B = (rho P + alpha U_i)/(rho + alpha);
     dividing by gamma/2 gives relu_prox with g = (rho + alpha)/gamma.
     """
-    B = (rho * P + alpha * U) / (rho + alpha) if alpha else P
+    B = torch.lerp(U, P, rho / (rho + alpha)) if alpha else P
     return relu_prox(V, B, (rho + alpha) / gamma)
 
 
