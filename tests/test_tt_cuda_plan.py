@@ -19,7 +19,9 @@ from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch, tt
 from tensorpress.ops.tt_plan import (
     CUDA_PATHS,
     H100_LIMITS,
+    H100_RATES,
     CudaLimits,
+    CudaRates,
     _orders,
     _partitions,
     choose_cuda_plan,
@@ -29,6 +31,7 @@ from tensorpress.ops.tt_plan import (
     flat_dims,
     merge_shapes,
     plan_info,
+    tensor_cores_for,
 )
 
 
@@ -70,6 +73,55 @@ def test_full_rank_large_batch_goes_dense():
     assert plan.flops == dense_flops(shapes, 65536)
     # without the dense route, the same call runs one of our kernels
     assert choose_cuda_plan(shapes, 65536, H100_LIMITS, torch.bfloat16, allow_dense=False).path in ("fused", "tiled")
+
+
+def test_benchmark_shape_bf16_large_batch_goes_dense():
+    """1024x1024 r16 at batch 4096 in bf16: cuBLAS on the tensor cores beats every TT plan."""
+    shapes = tt_shapes((4, 8, 8, 4), (4, 8, 8, 4), (16, 16, 16))
+    assert choose_cuda_plan(shapes, 4096, H100_LIMITS, torch.bfloat16).path == "dense"
+
+
+def test_tensor_cores_lower_the_tiled_estimate_only():
+    shapes = tt_shapes((8, 8, 8, 8), (8, 8, 8, 8), (16, 16, 16))
+    merged, order = tuple(shapes), (0, 1, 2, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        simt = cuda_plan_costs(merged, order, 4096, H100_LIMITS, dtype, tensor_cores=False)
+        tc = cuda_plan_costs(merged, order, 4096, H100_LIMITS, dtype, tensor_cores=True)
+        assert tc["tiled"] < 0.5 * simt["tiled"], dtype
+        assert tc.get("fused") == simt.get("fused")  # the fused kernels stay SIMT
+    fp64 = [cuda_plan_costs(merged, order, 64, H100_LIMITS, torch.float64, tensor_cores=t)["tiled"] for t in (0, 1)]
+    assert fp64[0] == fp64[1]
+
+
+def test_float32_follows_torchs_tf32_setting():
+    shapes = tt_shapes((8, 8, 8, 8), (8, 8, 8, 8), (16, 16, 16))
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision, allowed in (("highest", False), ("high", True)):
+            torch.set_float32_matmul_precision(precision)
+            assert tensor_cores_for(torch.float32) is allowed
+            auto = choose_cuda_plan(shapes, 2048, H100_LIMITS, torch.float32)
+            assert auto == choose_cuda_plan(shapes, 2048, H100_LIMITS, torch.float32, tensor_cores=allowed)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert tensor_cores_for(torch.bfloat16) and tensor_cores_for(torch.float16) and not tensor_cores_for(torch.float64)
+
+
+def test_rates_are_parameters_of_the_choice():
+    shapes = tt_shapes((8, 8, 8, 8), (8, 8, 8, 8), (8, 8, 8))
+    # 4096x4096 r8 at batch 4096 in bf16: the tiled path's float32 intermediates (8x the input
+    # per step at rank 8) cross device memory, so even at the tensor cores' peak it stays
+    # behind cuBLAS; with the intermediates' traffic free as well, the TT plan (3.6x fewer
+    # FLOPs) wins
+    peak = CudaRates(tiled_tensor_core_half=H100_RATES.dense_half)
+    assert choose_cuda_plan(shapes, 4096, H100_LIMITS, torch.bfloat16).path == "dense"
+    assert choose_cuda_plan(shapes, 4096, H100_LIMITS, torch.bfloat16, rates=peak).path == "dense"
+    on_chip = CudaRates(tiled_tensor_core_half=H100_RATES.dense_half, bandwidth=1e16)
+    assert choose_cuda_plan(shapes, 4096, H100_LIMITS, torch.bfloat16, rates=on_chip).path == "tiled"
+    # launches that cost a millisecond each: one fused launch beats a launch per step
+    slow_launch = CudaRates(launch_seconds=1e-3)
+    small = tt_shapes((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8))
+    assert choose_cuda_plan(small, 16, H100_LIMITS, torch.float32, allow_dense=False, rates=slow_launch).path == "fused"
 
 
 def test_choice_is_the_cheapest_candidate():

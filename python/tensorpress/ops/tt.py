@@ -20,7 +20,15 @@ from tensorpress._eager import plain_eager, recording, transforming
 from tensorpress._ext import _C
 from tensorpress.ops import tt_autotune
 from tensorpress.ops.tt_dense import dense_from_halves
-from tensorpress.ops.tt_plan import TTPlan, choose_plan, cuda_limits, cuda_schedule, flat_dims, plan_info
+from tensorpress.ops.tt_plan import (
+    TTPlan,
+    choose_plan,
+    cuda_limits,
+    cuda_schedule,
+    flat_dims,
+    plan_info,
+    tensor_cores_for,
+)
 from tensorpress.ops.tt_prepare import (
     merge_group,
     merge_pair,
@@ -149,16 +157,6 @@ def cuda_kernel_path(
 def _cuda_sched(core_dims, order, batch, dtype, device, backward, path):
     merged = tuple(tuple(core_dims[i : i + 4]) for i in range(0, len(core_dims), 4))
     return cuda_schedule(merged, tuple(order), batch, backward, dtype, cuda_limits(device), path)
-
-
-def tensor_cores_for(dtype: torch.dtype) -> bool:
-    """Whether the CUDA kernels' tiled GEMMs run on the tensor cores for inputs of `dtype`:
-    always for float16 / bfloat16 (float accumulation, as torch's matmul), for float32 exactly
-    when torch's own float32 matmul may use TF32 (torch.backends.cuda.matmul.allow_tf32, which
-    torch.set_float32_matmul_precision("high" / "medium") turns on), never for float64."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return True
-    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def _run_cuda(x: Tensor, mats: list[Tensor], core_dims, order, path: str, bias: Tensor | None) -> Tensor:

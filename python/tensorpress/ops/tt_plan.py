@@ -41,16 +41,58 @@ GEMM_TRAFFIC_FLOPS = 0
 DENSE_SPEED_ADVANTAGE = {"avx2": 1.0, "avx512_on_amd": 0.42}
 AVX512_OPENBLAS_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
 
-# ---- CUDA cost model (seconds). First guesses for an H100, to be calibrated from
-# benchmarks/results/tt_<gpu>.json (benchmarks/gpu_check.sh): the fused and tiled kernels run
-# FP32 FMAs on the CUDA cores out of shared memory; cuBLAS runs the dense route (tensor cores
-# for the half types).
-CUDA_FUSED_FLOPS = 8e12
-CUDA_TILED_FLOPS = 10e12
-CUDA_DENSE_FLOPS = {"float32": 40e12, "float64": 40e12, "float16": 400e12, "bfloat16": 400e12}
-CUDA_BANDWIDTH = 2.5e12  # bytes/s
-CUDA_LAUNCH_SECONDS = 4e-6  # per kernel launch (latency floor of small calls)
+# ---- CUDA cost model (seconds).
 CUDA_PATHS = ("fused", "tiled", "dense")
+
+
+@dataclass(frozen=True)
+class CudaRates:
+    """The rates of the CUDA cost model, FLOP/s and bytes/s. Defaults: an H100 SXM. The dense
+    bf16 rate and the bandwidth are the workplace's measurements on one (an 8192^3 bf16 matmul at
+    798 TFLOP/s, a device-to-device copy at 3.0 TB/s, .library/device/KINDS.md, 2026-11-13);
+    the rest are first guesses, unmeasured until benchmarks/gpu_check.sh runs on a GPU, from
+    the datasheet scaled by what each kernel leaves on the table: the fused and SIMT tiled
+    kernels run FP32 FMAs on the CUDA cores out of shared memory (about 60 TFLOP/s peak); the
+    tensor-core tiled GEMM gathers its operands with scalar loads, far from the wmma peak."""
+
+    fused: float = 8e12
+    tiled_simt: float = 10e12
+    tiled_tensor_core_half: float = 120e12  # fp16 / bf16 operands, float accumulation
+    tiled_tensor_core_tf32: float = 60e12
+    dense_fp32: float = 40e12  # cuBLAS SGEMM with TF32 off
+    dense_tf32: float = 300e12
+    dense_half: float = 798e12
+    dense_fp64: float = 50e12
+    bandwidth: float = 3.0e12
+    launch_seconds: float = 4e-6  # per kernel launch (latency floor of small calls)
+
+    def tiled(self, dtype_name: str, tensor_cores: bool) -> float:
+        if tensor_cores and dtype_name in ("float16", "bfloat16"):
+            return self.tiled_tensor_core_half
+        if tensor_cores and dtype_name == "float32":
+            return self.tiled_tensor_core_tf32
+        return self.tiled_simt
+
+    def dense(self, dtype_name: str, tensor_cores: bool) -> float:
+        if dtype_name in ("float16", "bfloat16"):
+            return self.dense_half
+        if dtype_name == "float64":
+            return self.dense_fp64
+        return self.dense_tf32 if tensor_cores else self.dense_fp32
+
+
+H100_RATES = CudaRates()
+
+
+def tensor_cores_for(dtype: torch.dtype) -> bool:
+    """Whether the CUDA kernels' tiled GEMMs run on the tensor cores for inputs of `dtype`:
+    always for float16 / bfloat16 (float accumulation, as torch's matmul), for float32 exactly
+    when torch's own float32 matmul may use TF32 (torch.backends.cuda.matmul.allow_tf32, which
+    torch.set_float32_matmul_precision("high" / "medium") turns on), never for float64."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return True
+    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+
 
 CoreShape = tuple[int, int, int, int]
 
@@ -312,11 +354,17 @@ def _cuda_schedule(core_dims, order, batch, backward, acc_bytes, limits, path) -
 
 
 def cuda_plan_costs(
-    merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int, limits: CudaLimits, dtype=torch.float32
+    merged: tuple[CoreShape, ...],
+    order: tuple[int, ...],
+    batch: int,
+    limits: CudaLimits,
+    dtype=torch.float32,
+    tensor_cores: bool = False,
+    rates: CudaRates = H100_RATES,
 ) -> dict[str, float]:
     """Estimated seconds of the forward of one plan by each CUDA kernel that can run it:
     {"fused": s, "tiled": s} ("fused" only where one sample's intermediates fit in shared
-    memory)."""
+    memory). `tensor_cores`: the tiled GEMMs run on them (`tensor_cores_for`)."""
     info = plan_info(tuple(flat_dims(merged)), tuple(order))
     elem = torch.empty((), dtype=dtype).element_size()
     acc = 8 if elem == 8 else 4
@@ -327,60 +375,74 @@ def cuda_plan_costs(
     if fused["fits_fused"]:
         # blocks of `samples` samples: fewer blocks than SMs leave SMs idle
         busy = min(1.0, max(fused["chunks"], 1) / limits.sm_count)
-        costs["fused"] = CUDA_LAUNCH_SECONDS + flops / (CUDA_FUSED_FLOPS * busy) + io_bytes / CUDA_BANDWIDTH
+        costs["fused"] = rates.launch_seconds + flops / (rates.fused * busy) + io_bytes / rates.bandwidth
     # tiled: one GEMM launch per step (and the output permutation) per chunk of the batch,
     # each filling only as many SMs as it has 64 x 64 output tiles
     tiled = cuda_schedule(merged, order, batch, False, dtype, limits, "tiled")
     chunks = max(tiled["chunks"], 1)
-    seconds = chunks * CUDA_LAUNCH_SECONDS
+    seconds = chunks * rates.launch_seconds
+    tiled_rate = rates.tiled(_dtype_name(dtype), tensor_cores)
     for s in info["steps"]:
         rows = tiled["samples"] * s["rows"]
         tiles = math.ceil(rows / 64) * math.ceil(s["N"] / 64)
         busy = min(1.0, tiles / limits.sm_count)
         step_flops = 2 * rows * s["K"] * s["N"]
         step_bytes = rows * (s["K"] + s["N"]) * acc
-        seconds += chunks * (CUDA_LAUNCH_SECONDS + step_flops / (CUDA_TILED_FLOPS * busy) + step_bytes / CUDA_BANDWIDTH)
-    costs["tiled"] = seconds + io_bytes / CUDA_BANDWIDTH
+        seconds += chunks * (rates.launch_seconds + step_flops / (tiled_rate * busy) + step_bytes / rates.bandwidth)
+    costs["tiled"] = seconds + io_bytes / rates.bandwidth
     return costs
 
 
-def cuda_dense_cost(shapes: tuple[CoreShape, ...], batch: int, dtype=torch.float32) -> float:
+def cuda_dense_cost(
+    shapes: tuple[CoreShape, ...],
+    batch: int,
+    dtype=torch.float32,
+    tensor_cores: bool = False,
+    rates: CudaRates = H100_RATES,
+) -> float:
     """Estimated seconds of rebuilding W (einsum merges) and one cuBLAS GEMM."""
     (_, M, N, _), merge = merge_shapes(shapes, tuple(range(len(shapes))))
     elem = torch.empty((), dtype=dtype).element_size()
-    rate = CUDA_DENSE_FLOPS.get(_dtype_name(dtype), CUDA_DENSE_FLOPS["float32"])
+    rate = rates.dense(_dtype_name(dtype), tensor_cores)
     traffic = (M * N * 3 + batch * (M + N)) * elem  # W written by the merge, cast, read by the GEMM
-    return len(shapes) * CUDA_LAUNCH_SECONDS + (merge + 2 * batch * M * N) / rate + traffic / CUDA_BANDWIDTH
+    return len(shapes) * rates.launch_seconds + (merge + 2 * batch * M * N) / rate + traffic / rates.bandwidth
 
 
 def choose_cuda_plan(
-    shapes, batch: int, limits: CudaLimits = H100_LIMITS, dtype=torch.float32, allow_dense: bool = True
+    shapes,
+    batch: int,
+    limits: CudaLimits = H100_LIMITS,
+    dtype=torch.float32,
+    allow_dense: bool = True,
+    tensor_cores: bool | None = None,
+    rates: CudaRates = H100_RATES,
 ) -> TTPlan:
     """The fastest CUDA route by the cost model above: the best (partition, order, kernel) of
     the fused and tiled kernels, or the dense route. Pure host logic (runs without a GPU);
-    the choice is `plan.path`."""
+    the choice is `plan.path`. `tensor_cores`: whether the tiled GEMMs (and, for float32,
+    cuBLAS) use the tensor cores; None: as a call would now (`tensor_cores_for(dtype)`)."""
     shapes = tuple(tuple(int(v) for v in s) for s in shapes)
-    return _choose_cuda(shapes, int(batch), limits, _dtype_name(dtype), bool(allow_dense))
+    tc = tensor_cores_for(dtype) if tensor_cores is None else bool(tensor_cores)
+    return _choose_cuda(shapes, int(batch), limits, _dtype_name(dtype), bool(allow_dense), tc, rates)
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose_cuda(shapes, batch, limits, dtype_name, allow_dense) -> TTPlan:
+def _choose_cuda(shapes, batch, limits, dtype_name, allow_dense, tensor_cores, rates) -> TTPlan:
     dtype = getattr(torch, dtype_name)
     d = len(shapes)
     best = None
     for groups in _partitions(d):
         merged, merge_cost = zip(*(merge_shapes(shapes, g) for g in groups))
-        merge_seconds = (
-            sum(merge_cost) / CUDA_DENSE_FLOPS["float32"] + (len(shapes) - len(groups)) * CUDA_LAUNCH_SECONDS
-        )
+        merge_seconds = sum(merge_cost) / rates.dense_fp32 + (len(shapes) - len(groups)) * rates.launch_seconds
         for order in _orders(len(groups)):
-            for path, seconds in cuda_plan_costs(tuple(merged), order, batch, limits, dtype).items():
+            costs = cuda_plan_costs(tuple(merged), order, batch, limits, dtype, tensor_cores, rates)
+            for path, seconds in costs.items():
                 total = merge_seconds + seconds
                 if best is None or total < best[0]:
                     best = (total, groups, order, tuple(merged), path)
     seconds, groups, order, merged, path = best
     if allow_dense:
-        dense_seconds = cuda_dense_cost(shapes, batch, dtype)
+        dense_seconds = cuda_dense_cost(shapes, batch, dtype, tensor_cores, rates)
         if dense_seconds <= seconds:
             return _dense_plan(shapes, batch, int(dense_seconds * 1e12))
     merge_flops = sum(merge_shapes(shapes, g)[1] for g in groups)
