@@ -285,3 +285,17 @@ def test_progress_bar_shows_running_accuracy(data, capsys):
     _small().fit(X, Y, n_iter=2, X_test=Xt, y_test=yt, progress=True)
     err = capsys.readouterr().err
     assert "tenBCD" in err and "2/2" in err and "test=" in err and "train=" in err
+
+
+def test_step_sq_is_the_squared_change_of_every_block(data):
+    X, Y, _, _ = data
+    m = _small(dtype=D64).initialize(X.double(), Y)
+    for _ in range(2):
+        before = [t.clone() for t in (*m.weights_, *m.U, *m.V, m.targets_[1])]
+        m.step()
+        after = (*m.weights_, *m.U, *m.V, m.targets_[1])
+        expect = sum(float((a - b).square().sum()) for a, b in zip(after, before))
+        assert m._step_sq == pytest.approx(expect, rel=1e-10) and expect > 0
+        m._objective_cached()
+    fitted = _small().fit(X, Y, n_iter=3)
+    assert len(fitted.history_["step_sq"]) == 3 and all(v > 0 for v in fitted.history_["step_sq"])

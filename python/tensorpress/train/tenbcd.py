@@ -63,6 +63,7 @@ HISTORY_KEYS = (
     "tt_gap",
     "time_update_s",
     "time_eval_s",
+    "step_sq",
 )
 CHECKPOINT_FORMAT = "tensorpress.train.TenBCD checkpoint"
 CHECKPOINT_VERSION = 1
@@ -121,7 +122,8 @@ class TenBCD:
 
     After fit: ``weights_`` (W_i), ``targets_`` (T_i, None for free layers), ``cores_`` (TT cores
     per TT layer), ``history_`` (per-iteration objective, accuracies with the TT/pruned weights,
-    TT gaps ||W - T||/||W||, times), ``n_iter_``.
+    TT gaps ||W - T||/||W||, times, and step_sq = ||x_{k+1} - x_k||^2 summed over every block W_i,
+    U_i, V_i, T_i: the quantity of the paper's O(1/k) rate), ``n_iter_``.
     """
 
     def __init__(
@@ -481,44 +483,66 @@ class TenBCD:
         The cached products P_i must be current (they are after initialize() and each step())."""
         L, g, r, a = self.N - 1, self.gamma, self.rho, self.alpha
         trace = [] if trace_blocks else None
+        # ||x_{k+1} - x_k||^2 over every block (the T_i stand in for the TT cores), for the O(1/k) check
+        self._step_sq = 0.0
+
+        def moved(old, new):
+            self._step_sq += _sq(new - old)
 
         def mark(name):
             if trace is not None:
                 trace.append((name, self.objective()))
 
         self._block = f"V[{L}]"
+        old = self.V[L]
         self.V[L] = update_v_out(self.Y, self.U[L], self.V[L], g, a)
+        moved(old, self.V[L])
         mark(f"V[{L}]")
         self._block = f"U[{L}]"
+        old = self.U[L]
         self.U[L] = update_u_out(self.V[L], self.P[L], g, r)
+        moved(old, self.U[L])
         mark(f"U[{L}]")
         self._block = f"W[{L}]"
+        old = self.weights_[L]
         self._w_update(L)
+        moved(old, self.weights_[L])
         mark(f"W[{L}]")
         for i in range(L - 1, -1, -1):
             self._block = f"V[{i}]"
+            old = self.V[i]
             self.V[i], WV = update_v_hidden(
                 self.weights_[i + 1], self._wl(i + 1, self.U[i + 1]), self.U[i].clamp_min(0.0), g, r, with_product=True
             )
             # W_{i+1} is final for this sweep and P_{i+1} was used already (by U_{i+1}): cache the product
             self.P[i + 1] = self._fl(i + 1, WV)
+            moved(old, self.V[i])
             mark(f"V[{i}]")
             self._block = f"U[{i}]"
+            old = self.U[i]
             self.U[i] = update_u_hidden(self.V[i], self.P[i], self.U[i], g, r, a)
+            moved(old, self.U[i])
             mark(f"U[{i}]")
             self._block = f"W[{i}]"
+            old = self.weights_[i]
             self._w_update(i)
+            moved(old, self.weights_[i])
             mark(f"W[{i}]")
             if trace is not None and i in self.constrained:  # projections are batched at the end otherwise
                 self._block = f"T[{i}]"
+                old = self.targets_[i]
                 self._project([i])
+                moved(old, self.targets_[i])
                 mark(f"T[{i}]")
         self.P[0] = self._fl(0, blas.mm(self.weights_[0], self.V0))
         if trace is None:
             # T_i is used only by W_i's next update and by F, so projecting every layer after the
             # sweep gives the same result as projecting each right after its W update, batched.
             self._block = "T (projections)"
+            old_targets = list(self.targets_)
             self._project(self.constrained)
+            for i in self.constrained:
+                moved(old_targets[i], self.targets_[i])
         return trace
 
     def _locate_nonfinite(self) -> str:
@@ -642,6 +666,7 @@ class TenBCD:
             "objective": f,
             "tt_gap": self.tt_gaps(),
             "time_update_s": t1 - t0,
+            "step_sq": self._step_sq,
             "train_acc": None,
             "test_acc": None,
             "test_acc_free_w": None,
@@ -771,7 +796,7 @@ class TenBCD:
             self._factor0 = GramFactor(on(L), woodbury, c)
         self._svd_state = {k: {b: on(t) for b, t in v.items()} for k, v in state["svd_state"]}
         self._gen.set_state(state["generator"])
-        self.history_ = {k: list(state["history"][k]) for k in HISTORY_KEYS}
+        self.history_ = {k: list(state["history"].get(k, [None] * state["n_iter"])) for k in HISTORY_KEYS}
         self.n_iter_ = state["n_iter"]
         return self
 
