@@ -9,9 +9,15 @@ its state in a run directory OUTSIDE the repository and can be stopped and resum
     run_dir/log.jsonl       one line per iteration (F, accuracies, gaps, seconds), appended
     run_dir/meta.json       the command, git revision, machine, settings and data split of each start
 
-    # start, or resume from the checkpoint (the same command does both); nice'd, in the background:
-    nohup nice -n 19 python benchmarks/tenbcd_paper.py run --rank 40 --iters 2000 \\
-        --run-dir /work/runs/tenbcd_r40 > /work/runs/tenbcd_r40/stdout.log 2>&1 &
+    # start, or resume from the checkpoint (the same command does both), nice'd, in the background,
+    # from a snapshot of the code: a rebuild of tensorpress._C in the working tree while the run has
+    # it loaded crashes the run (it did, with a segfault, 2026-12-07)
+    R=/work/runs/tenbcd_r40; mkdir -p $R/snapshot/benchmarks && cp -r python $R/snapshot/ && \\
+    cp benchmarks/{tenbcd_paper,_common,mnist_data}.py $R/snapshot/benchmarks/ && \\
+    echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- python/tensorpress/train \\
+        benchmarks/tenbcd_paper.py || echo +modified)" > $R/snapshot/REVISION && \\
+    (cd $R/snapshot && PYTHONPATH=python nohup nice -n 19 /work/main/.venv/bin/python \\
+        benchmarks/tenbcd_paper.py run --rank 40 --iters 2000 --eval-every 10 --run-dir $R >> $R/stdout.log 2>&1 &)
     # refresh benchmarks/results/tenbcd_paper_r40.{md,json,png} from whatever iterations are done:
     python benchmarks/tenbcd_paper.py report --run-dir /work/runs/tenbcd_r40
 
@@ -90,7 +96,11 @@ def paper_split(X: np.ndarray, y: np.ndarray, n_train: int = N_TRAIN, n_test: in
 
 
 def own_files_state() -> str:
-    """'clean' when this benchmark's own code (train/, this script) has no uncommitted change, else 'modified'."""
+    """'clean' when this benchmark's own code (train/, this script) has no uncommitted change, else 'modified'
+    (in a snapshot of the code, see the module docstring: what its REVISION file says)."""
+    snap = ROOT / "REVISION"
+    if snap.exists():
+        return f"snapshot of {snap.read_text().strip()}"
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--", *OWN_FILES], cwd=ROOT, capture_output=True, text=True, timeout=10
