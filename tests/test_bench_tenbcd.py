@@ -119,6 +119,7 @@ def test_paper_report_from_a_run_directory(paper_bench, tmp_path):
                 "test_acc": acc,
                 "time_update_s": 2.0,
                 "time_eval_s": 0.5 if acc else 0.0,
+                "step_sq": 4.0 / it if it % 7 else 9.0,  # a 1/k decay with bumps the running minimum ignores
             }
         )
     lines.append({**lines[49], "test_acc": 0.6, "train_acc": 0.6})  # iteration 50 again, after a resume
@@ -131,6 +132,7 @@ def test_paper_report_from_a_run_directory(paper_bench, tmp_path):
     assert s["iterations_done"] == 60 and len(data["records"]) == 60
     assert s["test_acc_at_paper_iterations"]["50"] == 0.6 and s["test_acc_at_paper_iterations"]["100"] is None
     assert s["median_s_per_iteration_update"] == 2.0 and s["target_1000"] is None
+    assert s["rate_slope"] == pytest.approx(-1.0, abs=0.03)
     md = (out / "tenbcd_paper_r40.md").read_text()
     assert "| 50 | 54.0 | 60.0 |" in md and "| 1000 | 97.6 | - |" in md and "60 of 2000 iterations" in md
     assert (out / "tenbcd_paper_r40.png").stat().st_size > 10_000
