@@ -74,6 +74,13 @@ def test_tensor_core_tiled_forward_and_backward(case, dtype, batch):
         assert rel_err(y_simt, y_ref) < 2e-6 < rel_err(y, y_ref)
 
 
+@pytest.mark.tsan
+def test_tensor_core_kernel_under_the_race_detector():
+    """The smallest case (the emulation's ThreadSanitizer subset): staging, fragments and the
+    epilogue through shared memory, forward and backward."""
+    test_tensor_core_tiled_forward_and_backward((0, 0), torch.bfloat16, 70)
+
+
 def test_tensor_cores_on_a_chunked_large_shape_bfloat16():
     """4096 features, more than 64 columns per GEMM (several tiles), split core gradients."""
     from test_tt_cuda import LARGE

@@ -1,0 +1,105 @@
+"""What one TTLinear call costs the host on the CUDA path (issue 24, item 3): the extension
+calls and the torch operations a forward and a backward issue, counted and pinned, so a change
+that adds host work shows here first; and no host-device synchronization (on a real GPU).
+
+Counted at the dispatcher's top level (TorchDispatchMode): the custom op's own inside work
+(output and workspace allocation from torch's caching allocator, the one extension call) shows
+as the op. Under the CPU emulation CPU tensors play the GPU through the same host code.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from gpu_util import DEV, GPU, REAL_GPU
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tensorpress  # noqa: F401  (registers the ops)
+from tensorpress import _cuda_kernels
+from tensorpress.nn import TTLinear
+
+pytestmark = GPU
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def extension_calls(monkeypatch):
+    """Counts every call into the active kernels module (the CUDA build's or the emulation's)."""
+    calls = collections.Counter()
+    active = _cuda_kernels.active()
+    module = active.module
+
+    class Counting:
+        def __getattr__(self, name):
+            attr = getattr(module, name)
+            if not callable(attr):
+                return attr
+
+            def counted(*args, **kwargs):
+                calls[name] += 1
+                return attr(*args, **kwargs)
+
+            return counted
+
+    monkeypatch.setattr(active, "module", Counting())
+    return calls
+
+
+# (forward ops, backward ops) at the top level for TTLinear 256 -> 256, ranks 8, bias, batch
+# 16, grad enabled: the forward lays out the 4 cores as step matrices (permute, clone, view
+# each) and calls the op; the backward runs the op's backward and folds the step-matrix
+# gradients back to core gradients (view, permute, copy into the cores' layout each)
+PINNED = {"forward": 14, "backward": 24, "no_grad_forward": 30}
+
+
+def test_one_extension_call_per_forward_and_per_backward_and_pinned_torch_ops(extension_calls):
+    layer = TTLinear(256, 256, ranks=8, bias=True).to(DEV)
+    x = torch.randn(16, 256, device=DEV, requires_grad=True)
+    gy = torch.randn(16, 256, device=DEV)
+    layer(x).backward(gy)  # warm: tables built, plans cached
+    # the pinned counts are this plan's: one step per core (no merges), on one of our kernels
+    plan = tensorpress.ops.tt.plan_for(list(layer.cores), 16)
+    assert plan.groups == ((0,), (1,), (2,), (3,)) and plan.path in ("fused", "tiled"), plan
+    extension_calls.clear()
+    counts = {}
+    with _CountOps() as mode:
+        y = layer(x)
+    counts["forward"] = mode.ops
+    assert dict(extension_calls) == {"tt_forward": 1}
+    with _CountOps() as mode:
+        y.backward(gy)
+    counts["backward"] = mode.ops
+    assert dict(extension_calls) == {"tt_forward": 1, "tt_backward": 1}
+    with torch.no_grad(), _CountOps() as mode:
+        layer(x)
+    counts["no_grad_forward"] = mode.ops
+    assert extension_calls["tt_forward"] == 2
+    for phase, pinned in PINNED.items():
+        assert sum(counts[phase].values()) == pinned, (phase, dict(counts[phase]))
+
+
+@REAL_GPU
+def test_forward_and_backward_never_synchronize_with_the_host():
+    layer = TTLinear(256, 256, ranks=8, bias=True).to(DEV)
+    x = torch.randn(16, 256, device=DEV, requires_grad=True)
+    gy = torch.randn(16, 256, device=DEV)
+    layer(x).backward(gy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).backward(gy)
+        with torch.no_grad():
+            layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
