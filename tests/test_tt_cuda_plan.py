@@ -75,6 +75,14 @@ def test_full_rank_large_batch_goes_dense():
     assert choose_cuda_plan(shapes, 65536, H100_LIMITS, torch.bfloat16, allow_dense=False).path in ("fused", "tiled")
 
 
+def test_costs_name_their_unit():
+    shapes = tt_shapes((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8))
+    assert tensorpress.ops.choose_plan(shapes, 64).cost_unit == "flop"
+    for allow_dense, batch in ((False, 64), (True, 1 << 16)):
+        plan = choose_cuda_plan(shapes, batch, H100_LIMITS, torch.float32, allow_dense=allow_dense)
+        assert plan.cost_unit == "ps" and plan.cost > 0, plan
+
+
 def test_benchmark_shape_bf16_large_batch_goes_dense():
     """1024x1024 r16 at batch 4096 in bf16: cuBLAS on the tensor cores beats every TT plan."""
     shapes = tt_shapes((4, 8, 8, 4), (4, 8, 8, 4), (16, 16, 16))

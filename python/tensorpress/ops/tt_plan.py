@@ -119,7 +119,8 @@ class TTPlan:
     dense:  rebuild W once and run a single GEMM instead.
     flops:  arithmetic FLOPs of the whole call at this batch (merging included);
     dense_flops: what the dense route costs, for comparison.
-    cost:   what the plan search minimized: FLOPs plus memory-traffic terms.
+    cost:   what the plan search minimized, in `cost_unit`: on the CPU "flop" (FLOPs plus
+            memory-traffic terms in FLOP-equivalents), on CUDA "ps" (estimated picoseconds).
     """
 
     groups: tuple[tuple[int, ...], ...]
@@ -130,9 +131,9 @@ class TTPlan:
     dense_flops: int
     merged_shapes: tuple[CoreShape, ...]
     cost: int = 0
-    # which kernel runs it: "cpu" (the CPU fused kernel), "dense", or on CUDA "fused" / "tiled";
-    # CUDA plans' cost is in picoseconds of estimated time
+    # which kernel runs it: "cpu" (the CPU fused kernel), "dense", or on CUDA "fused" / "tiled"
     path: str = "cpu"
+    cost_unit: str = "flop"  # the CPU model's FLOP-equivalents, or "ps" (the CUDA model's time)
 
     def __str__(self) -> str:
         if self.dense:
@@ -264,11 +265,20 @@ def ranked_plans(
     return tuple(plans)
 
 
-def _dense_plan(shapes: tuple[CoreShape, ...], batch: int, cost: int) -> TTPlan:
+def _dense_plan(shapes: tuple[CoreShape, ...], batch: int, cost: int, cost_unit: str = "flop") -> TTPlan:
     everything = tuple(range(len(shapes)))
     flops = dense_flops(shapes, batch)
     return TTPlan(
-        (everything,), (0,), True, batch, flops, flops, (merge_shapes(shapes, everything)[0],), cost, path="dense"
+        (everything,),
+        (0,),
+        True,
+        batch,
+        flops,
+        flops,
+        (merge_shapes(shapes, everything)[0],),
+        cost,
+        path="dense",
+        cost_unit=cost_unit,
     )
 
 
@@ -444,9 +454,18 @@ def _choose_cuda(shapes, batch, limits, dtype_name, allow_dense, tensor_cores, r
     if allow_dense:
         dense_seconds = cuda_dense_cost(shapes, batch, dtype, tensor_cores, rates)
         if dense_seconds <= seconds:
-            return _dense_plan(shapes, batch, int(dense_seconds * 1e12))
+            return _dense_plan(shapes, batch, int(dense_seconds * 1e12), "ps")
     merge_flops = sum(merge_shapes(shapes, g)[1] for g in groups)
     flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
     return TTPlan(
-        groups, order, False, batch, flops, dense_flops(shapes, batch), merged, int(seconds * 1e12), path=path
+        groups,
+        order,
+        False,
+        batch,
+        flops,
+        dense_flops(shapes, batch),
+        merged,
+        int(seconds * 1e12),
+        path=path,
+        cost_unit="ps",
     )
