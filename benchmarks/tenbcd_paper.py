@@ -383,8 +383,10 @@ def write_markdown(path: Path, s: dict, meta: dict, records: list[dict], png: st
         "| iteration | authors' log, test % | tensorpress, test % (TT weights) |",
         "|---:|---:|---:|",
     ]
-    for k, v in PAPER_LOGGED_TEST_ACC.items():
-        L.append(f"| {k} | {100 * v:.1f} | {pct(s['test_acc_at_paper_iterations'][str(k)])} |")
+    logged = {**{k: v for k, v in NOTEBOOK_EARLY_TEST_ACC.items() if k >= 10}, **PAPER_LOGGED_TEST_ACC}
+    for k in sorted(logged):
+        ours = accuracy_at(records, k) if s["iterations_done"] >= k else None
+        L.append(f"| {k} | {100 * logged[k]:.1f} | {pct(ours)} |")
     L += [
         "",
         "Objective F against the authors' log (their sq_loss is gamma/2 ||V_N - Y||^2, F here has 1/2: their "
