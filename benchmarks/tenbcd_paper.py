@@ -130,7 +130,7 @@ def run(args) -> int:
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"starts": []}
     start = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "git": git_revision(),
+        "git": (ROOT / "REVISION").read_text().strip() if (ROOT / "REVISION").exists() else git_revision(),
         "own_files": own_files_state(),
         "resumed_from_checkpoint": ckpt.exists(),
         "machine": machine_info(torch.get_num_threads()),
