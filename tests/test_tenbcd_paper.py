@@ -299,3 +299,18 @@ def test_step_sq_is_the_squared_change_of_every_block(data):
         m._objective_cached()
     fitted = _small().fit(X, Y, n_iter=3)
     assert len(fitted.history_["step_sq"]) == 3 and all(v > 0 for v in fitted.history_["step_sq"])
+
+
+def test_train_backprop_keeps_masked_weights_at_zero():
+    from tensorpress.train import prune_projection, train_backprop
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(20, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    X, y = torch.randn(64, 20, generator=_gen(5)), torch.randint(0, 3, (64,), generator=_gen(6))
+    mask = (prune_projection(net[0].weight.detach(), 0.75) != 0).float()
+    before = net[2].weight.detach().clone()
+    train_backprop(net, X, y, epochs=2, lr=1e-2, masks={"0.weight": mask})
+    assert int((net[0].weight != 0).sum()) <= int(mask.sum()) == 80
+    assert torch.all(net[0].weight[mask == 0] == 0) and not torch.equal(net[2].weight, before)
+    with pytest.raises(ValueError, match="masks"):
+        train_backprop(net, X, y, epochs=1, masks={"0.weight": mask[:3]})

@@ -24,12 +24,16 @@ def train_backprop(
     y_test: Tensor | None = None,
     seed: int = 0,
     verbose: bool = False,
+    masks: dict[str, Tensor] | None = None,
 ) -> dict[str, list]:
     """Mini-batch training of `model` in place; returns the per-epoch history.
 
     X (n, d_0), y (n,) integer labels; loss "cross_entropy" or "mse" (on one-hot targets, like
     tenBCD's data term). History: epoch, loss (mean over the epoch), train_acc, test_acc,
     time_s (training time of the epoch, evaluation excluded).
+    masks: {parameter name: 0/1 tensor of its shape}: those parameters are multiplied by their
+    masks before training and after every step (a pruned network trained with its sparsity
+    pattern fixed, as in magnitude pruning with fine-tuning).
     """
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {optimizer!r}")
@@ -46,6 +50,21 @@ def train_backprop(
         raise ValueError(f"lr: expected a positive float, got {lr!r}")
     p0 = next(model.parameters())
     X, y = X.to(p0.device, p0.dtype), y.to(p0.device).long()
+    params = dict(model.named_parameters())
+    masks = dict(masks or {})
+    for name, m in masks.items():
+        if name not in params or tuple(m.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"masks[{name!r}]: expected a parameter name of the model and its shape, got {tuple(m.shape)}"
+            )
+    masked = [(params[name], m.to(params[name].device, params[name].dtype)) for name, m in masks.items()]
+
+    def apply_masks():
+        with torch.no_grad():
+            for p, m in masked:
+                p.mul_(m)
+
+    apply_masks()
     C = None
     opt = (
         torch.optim.Adam(model.parameters(), lr=lr)
@@ -71,6 +90,7 @@ def train_backprop(
             opt.zero_grad(set_to_none=True)
             batch_loss.backward()
             opt.step()
+            apply_masks()
             total += float(batch_loss.detach()) * len(idx)
         if X.device.type == "cuda":
             torch.cuda.synchronize(X.device)
