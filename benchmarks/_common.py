@@ -57,7 +57,7 @@ def machine_info(threads: int) -> dict:
     model = platform.processor()
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")) or model
+        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")) or model
     except Exception:
         pass
     return {

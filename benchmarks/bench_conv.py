@@ -16,8 +16,8 @@ On ``nn.Conv2d(256, 256, 3, padding=1)`` with a seeded random weight and an inpu
 4. forward and forward + backward at a few other shapes (batch 1; 64 channels at 56x56; 512 at
    14x14; a 5x5 kernel), randomly initialised CPConv2d against the tltorch side with its factors;
 5. the cost of CPConv2d's first call per shape key, which times the stages' routes
-   (``tensorpress.nn.conv_paths``: every combination as a whole forward), the routes it chose, and the layer with its static routes
-   (GEMM 1x1 stages, fused depthwise; what it ran before the choice) as a baseline;
+   (``tensorpress.nn.conv_paths``: every combination as a whole forward), the routes it chose, and the layer with its
+   static routes (GEMM 1x1 stages, fused depthwise; what it ran before the choice) as a baseline;
 6. the issue's targets, PASS/FAIL.
 
 Writes ``conv_cpu.{json,md,png}`` (``conv_cpu_quick.*`` with --quick) under ``--out``.
@@ -149,14 +149,14 @@ def build_sides(
     w = conv.weight.detach()
     sides, info = {"dense": conv}, {}
     for r in cp_ranks:
-        layer, t = built.get(r) or timed(lambda: CPConv2d.from_dense(conv, r, method="als", **kw))
+        layer, t = built.get(r) or timed(lambda r=r: CPConv2d.from_dense(conv, r, method="als", **kw))
         sides[f"CPConv2d r{r}"] = layer
         sides[f"CPConv2d r{r} static routes"] = StaticRoutes(layer)
         info[f"CPConv2d r{r}"] = {"build_s": t, "rel_err": rel_err(w, layer.to_dense())}
         for impl in ("factorized", "reconstructed"):
             sides[f"tltorch CP {impl} r{r}"] = tltorch_cp_conv(layer, impl)
     for rk in tucker_ranks:
-        layer, t = timed(lambda: TuckerConv2d.from_dense(conv, ranks=rk))
+        layer, t = timed(lambda rk=rk: TuckerConv2d.from_dense(conv, ranks=rk))
         name = f"TuckerConv2d ({rk[0]},{rk[1]})"
         sides[name] = layer
         info[name] = {"build_s": t, "rel_err": rel_err(w, layer.to_dense())}
@@ -170,9 +170,9 @@ def first_calls(sides: dict, x: torch.Tensor, cp_ranks) -> dict[str, dict]:
     for r in cp_ranks:
         layer = sides[f"CPConv2d r{r}"]
         with torch.no_grad():
-            _, t_inf = timed(lambda: layer(x))
+            _, t_inf = timed(lambda layer=layer: layer(x))
         xg = x.detach().requires_grad_()
-        _, t_train = timed(lambda: torch.autograd.grad(layer(xg).sum(), [xg, *layer.parameters()]))
+        _, t_train = timed(lambda layer=layer, xg=xg: torch.autograd.grad(layer(xg).sum(), [xg, *layer.parameters()]))
         out[f"CPConv2d r{r}"] = {
             "first_fwd_ms": 1e3 * t_inf,
             "first_fwd_bwd_ms": 1e3 * t_train,
@@ -454,18 +454,16 @@ def write_plot(path: Path, res: dict) -> None:
 
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1]})
     names = list(res["forward"])
-    color = lambda n: (
-        "gray"
-        if n == "dense"
-        else "tab:blue"
-        if n.startswith("CP")
-        # noqa: E731
-        else "tab:green"
-        if n.startswith("Tucker")
-        else "tab:orange"
-        if "factorized" in n
-        else "tab:red"
-    )
+
+    def color(n: str) -> str:
+        if n == "dense":
+            return "gray"
+        if n.startswith("CP"):
+            return "tab:blue"
+        if n.startswith("Tucker"):
+            return "tab:green"
+        return "tab:orange" if "factorized" in n else "tab:red"
+
     a0.bar(range(len(names)), [res["forward"][n]["fwd_ms"] for n in names], color=[color(n) for n in names])
     a0.set_xticks(
         range(len(names)), [n.replace("tltorch CP ", "tl ") for n in names], rotation=45, ha="right", fontsize=8

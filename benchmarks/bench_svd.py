@@ -320,8 +320,9 @@ def write_markdown(
         f"- tensorpress: {tensorpress_flags(meta)}; repository at {meta['git']}",
         f"- inputs: U diag(s) V^T with Haar-random U, V and s_i = {DECAY:g}^i + {FLOOR:g} (built in float64, cast "
         "to float32); 'gauss': i.i.d. N(0, 1) entries. Every side gets the same input.",
-        f"- time: median over rounds that each run every side once (in an order that changes every round), after {warmup} "
-        f"warmup call(s) per side; {MIN_REPEATS} to {max_repeats} rounds, scaled so a case takes ~{budget_s:g} s. "
+        "- time: median over rounds that each run every side once (in an order that changes every round), "
+        f"after {warmup} warmup call(s) per side; {MIN_REPEATS} to {max_repeats} rounds, "
+        f"scaled so a case takes ~{budget_s:g} s. "
         f"A round during which other processes used > {NOISY_SHARE:.0%} of the CPU is noisy and redone (for up to "
         f"{noise_wait:g}x that time); column 'rounds': kept / run, '(all)' where too few were quiet and all are kept",
         f"- sides: tp = `tensorpress.linalg.truncated_svd(A, rank)` (randomized: n_iter={n_iter}, "
@@ -341,12 +342,15 @@ def write_markdown(
         for side, t in r["times"].items():
             a = r["accuracy"][side]
             q = t["quartiles_ms"]
-            vs = lambda key: f"{r[key][side]:.2f}x" if side in r.get(key, {}) else "-"  # noqa: E731
+            vs = {
+                key: f"{r[key][side]:.2f}x" if side in r.get(key, {}) else "-"
+                for key in ("speedup_vs_torch_svd", "speedup_vs_svd_lowrank")
+            }
             recon = f"{a['recon_excess_pct']:+.2g}%" if "recon_excess_pct" in a else f"{a['recon_rel']:.1e}"
             target = r["targets"].get(side)
             lines.append(
                 f"| {r['case']} | {side} | {method_of(r, side)} | {t['median_ms']:.1f} "
-                f"[{q[0]:.1f}, {q[1]:.1f}] | {vs('speedup_vs_torch_svd')} | {vs('speedup_vs_svd_lowrank')} "
+                f"[{q[0]:.1f}, {q[1]:.1f}] | {vs['speedup_vs_torch_svd']} | {vs['speedup_vs_svd_lowrank']} "
                 f"| {a['sv_rel_err']:.1e} | {a['orth_U']:.1e} | {recon} "
                 f"| {target['result'] if target else ''} |"
             )
@@ -361,12 +365,10 @@ def write_markdown(
         "| case | auto picks | rounds | target | side | measured | result | other CPU load |",
         "|---|---|---:|---|---|---|---|---:|",
     ]
-    rounds_cell = lambda r: (
-        f"{r['rounds']['kept']} / {r['rounds']['rounds']}"
-        + (  # noqa: E731
-            "" if r["rounds"]["quiet_only"] else " (all)"
-        )
-    )
+
+    def rounds_cell(r: dict) -> str:
+        return f"{r['rounds']['kept']} / {r['rounds']['rounds']}" + ("" if r["rounds"]["quiet_only"] else " (all)")
+
     for r in results:
         rows = r["targets"].items() or [(None, None)]
         for side, t in rows:
@@ -569,12 +571,12 @@ def cuda_main(args) -> int:
         k = case.k
         lowrank = case.rank is not None
         Ad = A.to("cuda")
-        sides = {"tp auto": lambda a: truncated_svd(a, rank=k)}
+        sides = {"tp auto": lambda a, k=k: truncated_svd(a, rank=k)}
         if min(case.m, case.n) <= 64:
-            sides["tp jacobi"] = lambda a: truncated_svd(a, rank=k, method="jacobi")
+            sides["tp jacobi"] = lambda a, k=k: truncated_svd(a, rank=k, method="jacobi")
         sides["torch svd"] = lambda a: torch.linalg.svd(a, full_matrices=False)
         if lowrank:
-            sides["svd_lowrank"] = lambda a: torch.svd_lowrank(a, q=k + LOWRANK_OVERSAMPLE, niter=LOWRANK_NITER)
+            sides["svd_lowrank"] = lambda a, k=k: torch.svd_lowrank(a, q=k + LOWRANK_OVERSAMPLE, niter=LOWRANK_NITER)
         A64 = A.double()
         S_ref = torch.linalg.svdvals(A64)
         optimal = (S_ref[..., k:] ** 2).sum(-1).sqrt() / torch.linalg.matrix_norm(A64)
@@ -635,11 +637,10 @@ def cuda_main(args) -> int:
         "|---|---|" + "---:|" * len(sides) + "---:|---:|---:|---|",
     ]
     for r in results:
-        cell = lambda s: f"{r['times_ms'][s]:.2f}" if s in r["times_ms"] else "-"  # noqa: E731
         ex = r["excess_err"]
         lines.append(
             f"| {r['case']} | {r['auto_method']} | "
-            + " | ".join(cell(s) for s in sides)
+            + " | ".join(f"{r['times_ms'][s]:.2f}" if s in r["times_ms"] else "-" for s in sides)
             + f" | {r['sv_err']['tp auto']:.1e} | {r['orth_err']['tp auto']:.1e} "
             f"| {ex['tp auto']:.2%} / {ex.get('svd_lowrank', 0):.2%} "
             f"| {', '.join(f'{k} {v}' for k, v in r['targets'].items())} |"

@@ -281,8 +281,8 @@ def write_markdown(path: Path, meta: dict, results: list[dict], repeats: int, wa
             if meta.get("autotune")
             else "the cost model's"
         ),
-        f"- median of {repeats} repeats ({warmup} warmup), rotating among {N_INPUTS} inputs, sides interleaved in an order that changes every "
-        "repeat (every side follows every other equally often)",
+        f"- median of {repeats} repeats ({warmup} warmup), rotating among {N_INPUTS} inputs, sides interleaved in an "
+        "order that changes every repeat (every side follows every other equally often)",
         "- all four sides hold the same weights (one set of TT cores); forward outputs agree "
         f"with a float64 reference to < {AGREE_TOL:g} relative error before timing",
         "- fwd+bwd: loss = (y * g).sum(), gradients w.r.t. x and all parameters",
@@ -556,7 +556,7 @@ def cuda_ceilings() -> dict:
     for name in CUDA_DTYPES:
         dt = getattr(torch, name)
         m = torch.randn(8192, 8192, device="cuda").to(dt)
-        ms = statistics.median(cuda_time_ms(lambda _: m @ m, [None], 20, 3))
+        ms = statistics.median(cuda_time_ms(lambda _, m=m: m @ m, [None], 20, 3))
         res[f"matmul_flops_{name}"] = 2 * 8192**3 / (ms * 1e-3)
     return res
 

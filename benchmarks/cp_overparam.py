@@ -60,8 +60,8 @@ def tucker_rows(base: dict, tensors: list, rank: int, tl_tucker) -> list[dict]:
         ranks = [tr] * tensors[0].dim()
         tucker(tensors[0], ranks)  # warm-up
         tl_tucker(tensors[0], rank=ranks, n_iter_max=50, tol=1e-10)
-        ours = [timed(lambda t=t: tucker(t, ranks, n_iter_max=50, tol=1e-10)) for t in tensors]
-        peer = [timed(lambda t=t: tl_tucker(t, rank=ranks, n_iter_max=50, tol=1e-10)) for t in tensors]
+        ours = [timed(lambda t=t, ranks=ranks: tucker(t, ranks, n_iter_max=50, tol=1e-10)) for t in tensors]
+        peer = [timed(lambda t=t, ranks=ranks: tl_tucker(t, rank=ranks, n_iter_max=50, tol=1e-10)) for t in tensors]
         # both errors from the explicit reconstruction: TuckerResult.rel_error uses
         # sqrt(||T||^2 - ||core||^2), which cancels down to ~1e-8 on exact fits
         ours_err = [((r.to_tensor() - t).norm() / t.norm()).item() for (r, _), t in zip(ours, tensors)]
@@ -101,7 +101,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.full:
-        cases = [(l, d, r) for l in (3, 4) for d in (10, 20, 40) for r in (2, 3, 5) if l == 3 or d <= 20]
+        cases = [(order, d, r) for order in (3, 4) for d in (10, 20, 40) for r in (2, 3, 5) if order == 3 or d <= 20]
     else:
         cases = [(3, 10, 5), (3, 20, 5), (4, 10, 3)]
     try:
@@ -133,7 +133,11 @@ def main():
             if parafac is not None:
                 parafac(tensors[0], rank, n_iter_max=5, init="random", random_state=0)
             als = [
-                timed(lambda t=t, s=s: cp_als(t, rank, n_iter_max=1000, tol=1e-12, init="random", random_state=s))
+                timed(
+                    lambda t=t, s=s, rank=rank: cp_als(
+                        t, rank, n_iter_max=1000, tol=1e-12, init="random", random_state=s
+                    )
+                )
                 for s, t in enumerate(tensors)
             ]
             rows.append(
@@ -170,7 +174,11 @@ def main():
             for width in (rank, 2 * rank, 4 * rank):
                 for name, lazy in (("cp_overparam", False), ("cp_overparam lazy", True)):
                     out = [
-                        timed(lambda t=t, s=s: cp_overparam(t, rank, width=width, lazy=lazy, random_state=s))
+                        timed(
+                            lambda t=t, s=s, rank=rank, width=width, lazy=lazy: cp_overparam(
+                                t, rank, width=width, lazy=lazy, random_state=s
+                            )
+                        )
                         for s, t in enumerate(tensors)
                     ]
                     rows.append(

@@ -159,8 +159,8 @@ def _bench():
         cores = [c.detach() for c in layer.weight.factors]
         x = torch.randn(batch, math.prod(factors))
         with torch.no_grad():
-            t_tl = _median_ms(lambda: layer(x))
-            t_ch = _median_ms(lambda: einsum_chain_tt(x, cores))
+            t_tl = _median_ms(lambda layer=layer, x=x: layer(x))
+            t_ch = _median_ms(lambda x=x, cores=cores: einsum_chain_tt(x, cores))
         print(f"  {factors} rank {rank:2d} batch {batch:3d}: tltorch {t_tl:8.3f} ms   einsum_chain_tt {t_ch:8.3f} ms")
 
 

@@ -253,7 +253,8 @@ def write_markdown(path: Path, meta: dict, cases: list[dict], weights: dict, ver
         "",
         "Mean regret (forward, forward+backward): "
         + "; ".join(
-            f"{name} {statistics.mean(j['fwd_regret'] for j in v):.1%}, {statistics.mean(j['fwd_bwd_regret'] for j in v):.1%}"
+            f"{name} {statistics.mean(j['fwd_regret'] for j in v):.1%}, "
+            f"{statistics.mean(j['fwd_bwd_regret'] for j in v):.1%}"
             for name, v in verdicts.items()
         )
         + ". rank corr.: Spearman correlation of model cost and forward time over "

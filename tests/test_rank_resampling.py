@@ -87,7 +87,7 @@ def test_select_rank_bootstrap_rule():
     # the df column is the covariance penalty of each rank with the draws of seed + 1
     for rank, row, est in zip(sel.candidates, sel.table, sel.estimators_):
         ref = covariance_penalty_df(
-            lambda: CPRegressor(rank, random_state=5, **kw), X, y, fitted=est, n_boot=10, random_state=6
+            lambda rank=rank: CPRegressor(rank, random_state=5, **kw), X, y, fitted=est, n_boot=10, random_state=6
         )
         assert row["df_eff"] == pytest.approx(min(max(ref.df, 0.0), 140.0))
         assert row["df_time"] > 0

@@ -165,7 +165,7 @@ def _normalize(f: Tensor) -> tuple[Tensor, Tensor]:
     return f / safe, norms
 
 
-def _rel_error(t: Tensor, weights: Tensor, factors: Sequence[Tensor], t_norm: float) -> float:
+def _rel_error(t: Tensor, weights: Tensor | None, factors: Sequence[Tensor], t_norm: float) -> float:
     diff = torch.linalg.vector_norm(t - cp_to_tensor(weights, factors)).item()
     return diff / t_norm if t_norm > 0 else diff
 
@@ -277,7 +277,7 @@ def cp_als(
     eye = torch.eye(rank, dtype=torch.float64, device=device)
     converged = False
     it = 0
-    for it in range(1, n_iter_max + 1):
+    for it in range(1, n_iter_max + 1):  # noqa: B007 (read after the loop: iterations run)
         for n in range(d):
             v = _hadamard_grams(factors, skip=n)
             lam = ridge * torch.diagonal(v).mean().clamp_min(1e-300)

@@ -110,7 +110,7 @@ def _check_factors(name: str, factors) -> list[int]:
         isinstance(factors, Sequence)
         and not isinstance(factors, str)
         and len(factors) > 0
-        and all(isinstance(f, numbers.Integral) and not isinstance(f, bool) and f >= 1 for f in factors)
+        and all(isinstance(f, numbers.Integral) and not isinstance(f, bool) and int(f) >= 1 for f in factors)
     )
     if not ok:
         raise ValueError(f"{name}: expected a non-empty sequence of ints >= 1, got {factors!r}")

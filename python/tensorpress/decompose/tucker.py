@@ -62,7 +62,7 @@ def feasible_ranks(ranks: Sequence[int], shape: Sequence[int]) -> list[int]:
     return out
 
 
-def _check(tensor, ranks):
+def _check(tensor, ranks) -> list[int]:
     if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
         raise TypeError(f"tensor: expected a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor))}")
     d = tensor.dim()
@@ -110,7 +110,7 @@ def tucker(
     ranks = [f.shape[1] for f in factors]
     history = [start.rel_error]
     it = 0
-    for it in range(1, n_iter_max + 1):
+    for it in range(1, n_iter_max + 1):  # noqa: B007 (read after the loop: iterations run)
         for n in range(t.dim()):
             others = [None if m == n else f for m, f in enumerate(factors)]
             projected = multi_mode_product(t, others, transpose=True)

@@ -297,10 +297,10 @@ def _cholesky_qr(y: Tensor):
     return q, chol, ok
 
 
-def _sketch(a: Tensor, l: int, generator) -> Tensor:
-    """A @ omega for a Gaussian omega (n, l) drawn on the CPU (the generator's device)."""
+def _sketch(a: Tensor, ell: int, generator) -> Tensor:
+    """A @ omega for a Gaussian omega (n, ell) drawn on the CPU (the generator's device)."""
     b, m, n = a.shape
-    omega = torch.randn(b, n, l, generator=generator, dtype=a.dtype, device="cpu").to(a.device)
+    omega = torch.randn(b, n, ell, generator=generator, dtype=a.dtype, device="cpu").to(a.device)
     return a @ omega
 
 
@@ -331,8 +331,8 @@ def _rayleigh_ritz(a: Tensor, q: Tensor):
 def _randomized(a: Tensor, k: int, n_iter: int, oversample: int, generator):
     """Range finder with power iterations, then the small SVD (unchecked)."""
     b, m, n = a.shape
-    l = min(k + oversample, min(m, n))
-    q, _ = cholesky_qr2(_sketch(a, l, generator))
+    ell = min(k + oversample, min(m, n))
+    q, _ = cholesky_qr2(_sketch(a, ell, generator))
     U, S, Vh = _rayleigh_ritz(a, _power(a, q, n_iter))
     return _normalize_signs(U[..., :k], S[..., :k], Vh[..., :k, :])
 
@@ -382,9 +382,9 @@ def checked_step_budget(m: int, n: int, k: int, dtype: torch.dtype) -> float:
     """The power iterations (a Ritz extraction and check counting as one) the checked method
     may spend on an m x n matrix at rank k: CHECKED_TIME_FRACTION of a full SVD's time by the
     cost model of LAPACK_COST_IN_STEPS."""
-    l, p, q = _checked_block(m, n, k), min(m, n), max(m, n)
+    ell, p, q = _checked_block(m, n, k), min(m, n), max(m, n)
     lapack = 4 * q * p * p + 8 * p**3
-    step = 4 * m * n * l + 8 * (m + n) * l * l
+    step = 4 * m * n * ell + 8 * (m + n) * ell * ell
     return CHECKED_TIME_FRACTION * LAPACK_COST_IN_STEPS.get(dtype, LAPACK_COST_IN_STEPS[torch.float64]) * lapack / step
 
 

@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
+from typing import TypeVar, cast, overload
 
 import torch
 from torch import Tensor
@@ -40,6 +41,8 @@ clock: Callable[[], float] = time.perf_counter
 _ENABLED = {"on": os.environ.get("TENSORPRESS_CONV_AUTOTUNE", "") != "0"}
 _CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
+_T = TypeVar("_T")
+_K = TypeVar("_K", bound=Hashable)
 
 
 def set_autotune(enabled: bool) -> None:
@@ -77,12 +80,12 @@ def call_key(x: Tensor, training: bool) -> tuple:
     return (tuple(x.shape[1:]), batch_bucket(x.shape[0]), x.dtype, x.is_contiguous(), torch.get_num_threads(), training)
 
 
-def cached_choice(key: tuple, measure: Callable[[], object]) -> object:
+def cached_choice(key: tuple, measure: Callable[[], _T]) -> _T:
     """The value cached for `key`, measuring it (once, under a lock: concurrent first calls
     agree) when absent."""
     got = _CACHE.get(key)
     if got is not None:
-        return got
+        return cast(_T, got)
     with _LOCK:
         got = _CACHE.get(key)
         if got is None:
@@ -90,7 +93,7 @@ def cached_choice(key: tuple, measure: Callable[[], object]) -> object:
             if len(_CACHE) >= MAX_KEYS:
                 _CACHE.pop(next(iter(_CACHE)))
             _CACHE[key] = got
-    return got
+    return cast(_T, got)  # a key's value is what its measure returned
 
 
 def cached() -> dict[tuple, object]:
@@ -125,13 +128,19 @@ def runner(forward: Callable[[], Tensor], wrt: tuple[Tensor, ...], training: boo
     return run_with_backward
 
 
+@overload
+def leaf(t: Tensor, requires_grad: bool) -> Tensor: ...
+@overload
+def leaf(t: None, requires_grad: bool) -> None: ...
+@overload
+def leaf(t: Tensor | None, requires_grad: bool) -> Tensor | None: ...
 def leaf(t: Tensor | None, requires_grad: bool) -> Tensor | None:
     """A detached copy of the call's tensor (same storage) for timing: nothing reaches the
     caller's graph, hooks or .grad."""
     return None if t is None else t.detach().requires_grad_(requires_grad)
 
 
-def fastest(routes: Mapping[Hashable, Callable[[], None]]) -> Hashable:
+def fastest(routes: Mapping[_K, Callable[[], None]]) -> _K:
     """The route with the smallest time of its REPEATS runs; ties go to the first listed. One
     warm-up each, then REPEATS rounds, the order rotated every round (no route always runs
     first). The minimum, not the median: another process only adds time; with the median of
@@ -142,7 +151,7 @@ def fastest(routes: Mapping[Hashable, Callable[[], None]]) -> Hashable:
         return names[0]
     for name in names:
         routes[name]()
-    samples: dict[Hashable, list[float]] = {n: [] for n in names}
+    samples: dict[_K, list[float]] = {n: [] for n in names}
     for i in range(REPEATS):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             start = clock()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -110,8 +111,9 @@ def conv_kwargs(conv: nn.Conv2d) -> dict:
     )
 
 
-def dense_conv_like(layer: nn.Module, weight: Tensor) -> nn.Conv2d:
-    """An nn.Conv2d with `layer`'s geometry and bias and the given kernel."""
+def dense_conv_like(layer: Any, weight: Tensor) -> nn.Conv2d:
+    """An nn.Conv2d with `layer`'s geometry and bias and the given kernel (`layer`: any module
+    with nn.Conv2d's geometry attributes: nn.Conv2d, CPConv2d, TuckerConv2d)."""
     conv = nn.Conv2d(
         layer.in_channels,
         layer.out_channels,
@@ -127,6 +129,7 @@ def dense_conv_like(layer: nn.Module, weight: Tensor) -> nn.Conv2d:
     with torch.no_grad():
         conv.weight.copy_(weight)
         if layer.bias is not None:
+            assert conv.bias is not None  # built with bias=True above
             conv.bias.copy_(layer.bias)
     return conv
 
@@ -271,6 +274,8 @@ class CPConv2d(nn.Module):
     as for nn.Conv2d.
     """
 
+    decomposition: Any  # set by from_dense: the CPResult it came from
+
     def __init__(
         self,
         in_channels: int,
@@ -383,7 +388,7 @@ class CPConv2d(nn.Module):
         wrt = (x, *(f for f in factors if f is not None))
         return conv_paths.fastest(
             {
-                r: conv_paths.runner(lambda r=r: self._stages(x, r, *factors), wrt, training)
+                r: conv_paths.runner(functools.partial(self._stages, x, r, *factors), wrt, training)
                 for r in self.route_candidates(x)
             }
         )
@@ -419,6 +424,7 @@ class CPConv2d(nn.Module):
             layer.depthwise_h.copy_(c.T.reshape(rank, 1, kh, 1))
             layer.depthwise_w.copy_(d.T.reshape(rank, 1, 1, kw))
             if conv.bias is not None:
+                assert layer.bias is not None  # built with conv's bias above
                 layer.bias.copy_(conv.bias)
         layer.decomposition = res
         return layer

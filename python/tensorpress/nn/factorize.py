@@ -36,14 +36,16 @@ def balanced_factors(n: int, d: int, name: str = "n") -> tuple[int, ...]:
             f"{name}={n} cannot be split into {d} factors > 1 (its prime factors are "
             f"{_prime_factors(n)}); pass explicit factors or fewer of them"
         )
-    best = None
+    best: tuple[tuple[int, int], tuple[int, ...]] | None = None
     for combo in _factorizations(n, d, 2):
         key = (max(combo), max(combo) - min(combo))
         if best is None or key < best[0]:
             best = (key, combo)
+    assert best is not None  # n >= 1 has at least one factorization
     ordered = sorted(best[1])
     # place ascending factors alternately at the two ends, the largest land in the middle
-    left, right = [], []
+    left: list[int] = []
+    right: list[int] = []
     for i, f in enumerate(ordered):
         (left if i % 2 == 0 else right).append(f)
     return tuple(left + right[::-1])

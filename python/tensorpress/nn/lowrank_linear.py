@@ -99,6 +99,7 @@ class LowRankLinear(nn.Module):
             layer.first.copy_(first)
             layer.second.copy_(second)
             if bias is not None:
+                assert layer.bias is not None  # built with a bias above
                 layer.bias.copy_(bias)
         return layer
 

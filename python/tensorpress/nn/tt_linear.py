@@ -6,6 +6,7 @@ import ctypes
 import math
 import warnings
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +99,7 @@ class TTLinear(nn.Module):
         )
 
     @property
-    def core_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
+    def core_shapes(self) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(g.shape) for g in self._core_list())
 
     def _core_list(self) -> list[Tensor]:
@@ -106,7 +107,7 @@ class TTLinear(nn.Module):
         # a small batch's call); its parameter dict holds the same tensors in index order.
         if torch.compiler.is_compiling():
             return list(self.cores)
-        return list(self.cores._parameters.values())
+        return cast(list[Tensor], list(self.cores._parameters.values()))
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -212,6 +213,7 @@ class TTLinear(nn.Module):
             for g, c in zip(layer.cores, cores):
                 g.copy_(c)
             if bias is not None:
+                assert layer.bias is not None  # built with a bias above
                 layer.bias.copy_(bias)
         return layer
 

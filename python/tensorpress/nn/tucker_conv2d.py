@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,14 +40,14 @@ def _resolve_ranks(ranks, in_channels: int, out_channels: int) -> tuple[int, int
     return min(r_out, out_channels), min(r_in, in_channels)
 
 
-def tucker_params(ranks: tuple[int, int], in_channels: int, out_channels: int, kernel: tuple[int, int]) -> int:
+def tucker_params(ranks: tuple[int, int], in_channels: int, out_channels: int, kernel: tuple[int, ...]) -> int:
     """Factor parameters of a Tucker-2 conv (bias not counted): first, core, last."""
     r_out, r_in = ranks
     return r_in * in_channels + r_out * r_in * math.prod(kernel) + out_channels * r_out
 
 
 def warn_if_capped_past_dense(
-    requested, ranks: tuple[int, int], in_channels: int, out_channels: int, kernel: tuple[int, int]
+    requested, ranks: tuple[int, int], in_channels: int, out_channels: int, kernel: tuple[int, ...]
 ) -> None:
     """Capping the requested ranks is silent otherwise: say so when the capped layer is no
     smaller than the dense conv it stands for (then it compresses nothing)."""
@@ -81,6 +82,8 @@ class TuckerConv2d(nn.Module):
 
     Shape: input (N, in, H, W) or (in, H, W) -> output (N, out, H_out, W_out) as nn.Conv2d.
     """
+
+    decomposition: Any  # set by from_dense: the TuckerResult it came from
 
     def __init__(
         self,
@@ -169,6 +172,7 @@ class TuckerConv2d(nn.Module):
             layer.first.copy_(res.factors[1].T.reshape(r_in, conv.in_channels, 1, 1))
             layer.core.copy_(core)
             if conv.bias is not None:
+                assert layer.bias is not None  # built with conv's bias above
                 layer.bias.copy_(conv.bias)
         layer.decomposition = res
         return layer

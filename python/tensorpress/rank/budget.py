@@ -113,7 +113,7 @@ def _frontier(pts):
 
 def _lower_hull(pts, idx):
     """Lower convex hull (monotone chain) of the frontier points idx (sorted by params)."""
-    hull = []
+    hull: list[int] = []
     for i in idx:
         x, y = pts[i][1], pts[i][2]
         while len(hull) >= 2:
@@ -132,7 +132,7 @@ def _lagrangian(parsed, budget):
     names = list(parsed)
     cur = {}
     hulls = {}
-    heap = []
+    heap: list[tuple] = []
     for li, name in enumerate(names):
         pts = parsed[name]
         hull = _lower_hull(pts, _frontier(pts))
@@ -184,10 +184,10 @@ def _lagrangian(parsed, budget):
                 best = (float(gain[i]), name, i, float(P[i] - cp))
         if best is None:
             break
-        gain, name, i, dp = best
+        best_gain, name, i, dp = best
         choice[name] = i
         used += dp
-        err -= gain
+        err -= best_gain
     return choice, lower
 
 

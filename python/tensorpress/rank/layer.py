@@ -77,7 +77,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ LAYER_FAMILIES = ("lowrank", "tt", "cp", "tucker")
 
 
 # ----------------------------------------------------------------------------- df of TT
-def _is_int(v, low=1):
+def _is_int(v, low=1) -> TypeGuard[int]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
 
 
@@ -249,6 +249,8 @@ class _Stats:
 
 
 def _stats(X: Tensor, Y: Tensor, fit_intercept: bool) -> _Stats:
+    xm: Tensor | None
+    ym: Tensor | None
     if fit_intercept:
         xm, ym = X.mean(0), Y.mean(0)
         X, Y = X - xm, Y - ym
@@ -349,7 +351,7 @@ def _lowrank_heldout_errors(shared, st_train: _Stats, Xte: Tensor, Yte: Tensor, 
     A = Y_te V, ||Y_te - sum_{i<=r} s_i t_i v_i^T||^2 = ||Y_te||^2 - sum_{i<=r} (2 s_i <t_i, a_i>
     - s_i^2 ||t_i||^2) (the v_i are orthonormal)."""
     wh, U, S, Vh = shared
-    if st_train.x_mean is not None:
+    if st_train.x_mean is not None and st_train.y_mean is not None:  # set together (fit_intercept)
         Xte, Yte = Xte - st_train.x_mean, Yte - st_train.y_mean
     T = (Xte @ wh.M) @ U  # (n_te, k)
     A = Yte @ Vh.T  # (n_te, k)
@@ -363,16 +365,16 @@ def _structured_fit(family: str, st: _Stats, wh: _Whitened, rank, info: dict):
     """(weight q x p, factors) of a TT/CP/Tucker fit: decomposition of the least-squares weight."""
     W_ls = wh.ls_coef().T  # (q, p)
     if family == "tt":
-        res = tt_matrix_svd(W_ls, info["out_factors"], info["in_factors"], max_rank=list(rank))
+        tt_res = tt_matrix_svd(W_ls, info["out_factors"], info["in_factors"], max_rank=list(rank))
         from tensorpress.ops import tt_to_dense
 
-        return tt_to_dense([c for c in res.cores]).to(torch.float64), res.cores
+        return tt_to_dense([c for c in tt_res.cores]).to(torch.float64), tt_res.cores
     kernel = W_ls.reshape(info["kernel_shape"])
     if family == "cp":
-        res = cp_als(kernel, int(rank), random_state=info["seed"], **info["decompose_kwargs"])
-        return res.to_tensor().reshape(W_ls.shape), res
-    res = tucker(kernel, [rank[0], rank[1], kernel.shape[2], kernel.shape[3]], **info["decompose_kwargs"])
-    return res.to_tensor().reshape(W_ls.shape), res
+        cp_res = cp_als(kernel, int(rank), random_state=info["seed"], **info["decompose_kwargs"])
+        return cp_res.to_tensor().reshape(W_ls.shape), cp_res
+    tucker_res = tucker(kernel, [rank[0], rank[1], kernel.shape[2], kernel.shape[3]], **info["decompose_kwargs"])
+    return tucker_res.to_tensor().reshape(W_ls.shape), tucker_res
 
 
 # ----------------------------------------------------------------------------- validation
@@ -482,7 +484,7 @@ def _check_candidates(family, candidates, W, info):
     cands = list(candidates)
     if not cands:
         raise ValueError("candidates: expected a non-empty sequence of ranks, got an empty one")
-    out = []
+    out: list[int | tuple[int, ...]] = []
     for c in cands:
         if family == "tt" and isinstance(c, (list, tuple)):
             nb = len(info["out_factors"]) - 1
@@ -660,7 +662,7 @@ def select_layer_rank(
     N = n * q
     extra_df = q if fit_intercept else 0
     table = []
-    for j, (c, r) in enumerate(zip(cands, ranks)):
+    for j, (_c, r) in enumerate(zip(cands, ranks)):
         t1 = time.perf_counter()
         if family == "lowrank":
             S = shared[2]
@@ -759,6 +761,6 @@ def select_layer_rank(
 
 def _with_bias(wt: Tensor, st: _Stats):
     """(weight, bias) from a fit on (possibly centered) statistics."""
-    if st.x_mean is None:
+    if st.x_mean is None or st.y_mean is None:  # set together (fit_intercept)
         return wt, None
     return wt, st.y_mean - wt @ st.x_mean

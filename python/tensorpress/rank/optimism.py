@@ -72,13 +72,13 @@ def _check(rss, n, df):
         raise ValueError(f"rss: expected a finite number >= 0, got {rss!r}")
 
 
-def noise_variance(rss: float, n: int, df: int) -> float:
+def noise_variance(rss: float, n: int, df: float) -> float:
     """sigma_hat^2 = RSS / (n - df) (inf when df >= n)."""
     _check(rss, n, df)
     return rss / (n - df) if df < n else math.inf
 
 
-def optimism(rss: float, n: int, df: int) -> float:
+def optimism(rss: float, n: int, df: float) -> float:
     """Opt_hat = sigma_hat^2 (df/n + df/(n - df - 1)) with sigma_hat^2 = RSS/(n - df): the
     estimated expected test error minus training error of a fit with df free parameters."""
     _check(rss, n, df)
@@ -87,7 +87,7 @@ def optimism(rss: float, n: int, df: int) -> float:
     return noise_variance(rss, n, df) * (df / n + df / (n - df - 1))
 
 
-def estimated_test_error(rss: float, n: int, df: int) -> float:
+def estimated_test_error(rss: float, n: int, df: float) -> float:
     """RSS/n + Opt_hat = sigma_hat^2 (n - 1)/(n - df - 1): the estimated mean squared error
     of the fit on new data."""
     _check(rss, n, df)
@@ -110,13 +110,13 @@ def estimated_cv_error(rss: float, n: int, df: float, k: int) -> float:
     return noise_variance(rss, n, df) * (m - 1) / (m - df - 1)
 
 
-def aic(rss: float, n: int, df: int) -> float:
+def aic(rss: float, n: int, df: float) -> float:
     """n log(RSS/n) + 2 df (Gaussian errors, variance profiled out)."""
     _check(rss, n, df)
     return n * math.log(max(rss / n, 1e-300)) + 2 * df
 
 
-def bic(rss: float, n: int, df: int) -> float:
+def bic(rss: float, n: int, df: float) -> float:
     """n log(RSS/n) + df log n."""
     _check(rss, n, df)
     return n * math.log(max(rss / n, 1e-300)) + df * math.log(n)

@@ -77,13 +77,13 @@ def tucker_degrees_of_freedom(ranks: int | Sequence[int], dims: Sequence[int]) -
     """Dimension of the Tucker manifold with multilinear ranks (R_1..R_D): prod_d R_d +
     sum_d R_d (p_d - R_d) (core plus Grassmann factors), capped at prod_d p_d."""
     dims = _check_dims(dims)
-    ranks = _tucker_ranks(ranks, len(dims))
-    if any(r > p for r, p in zip(ranks, dims)):
-        raise ValueError(f"ranks: expected R_d <= p_d for dims {dims}, got {ranks}")
-    return min(math.prod(ranks) + sum(r * (p - r) for r, p in zip(ranks, dims)), math.prod(dims))
+    rs = _tucker_ranks(ranks, len(dims))
+    if any(r > p for r, p in zip(rs, dims)):
+        raise ValueError(f"ranks: expected R_d <= p_d for dims {dims}, got {rs}")
+    return min(math.prod(rs) + sum(r * (p - r) for r, p in zip(rs, dims)), math.prod(dims))
 
 
-def _tucker_ranks(ranks, D):
+def _tucker_ranks(ranks, D) -> tuple[int, ...]:
     if isinstance(ranks, (int, np.integer)) and not isinstance(ranks, bool):
         ranks = (int(ranks),) * D
     if (
@@ -184,6 +184,10 @@ def _mode_product(X: Tensor, U: Tensor, axis: int) -> Tensor:
 class _ALSRegressor:
     """Shared fit/predict/score; subclasses define _init, _sweep, _coef and degrees_of_freedom."""
 
+    # defined by each model (CPRegressor, TuckerRegressor)
+    _param_names: tuple[str, ...]
+    _min_modes: int
+
     def __init__(self, ridge=0.0, n_iter_max=200, tol=1e-8, init="moment", fit_intercept=False, random_state=None):
         self.ridge = ridge
         self.n_iter_max = n_iter_max
@@ -191,6 +195,25 @@ class _ALSRegressor:
         self.init = init
         self.fit_intercept = fit_intercept
         self.random_state = random_state
+
+    # the model's hooks
+    def _check_ranks(self, dims):
+        raise NotImplementedError
+
+    def _df(self, dims) -> int:
+        raise NotImplementedError
+
+    def _init_factors(self, X, y, gen):
+        raise NotImplementedError
+
+    def _predict_centered(self, X):
+        raise NotImplementedError
+
+    def _sweep(self, X, y) -> float:
+        raise NotImplementedError
+
+    def _coef(self):
+        raise NotImplementedError
 
     # scikit-learn style parameter access
     def get_params(self, deep=True):
@@ -233,7 +256,7 @@ class _ALSRegressor:
         history = [rss]
         it = 0
         converged = False
-        for it in range(1, self.n_iter_max + 1):
+        for it in range(1, self.n_iter_max + 1):  # noqa: B007 (read after the loop: iterations run)
             # the sweep returns the RSS of its last block update (no extra contraction of X)
             rss = self._sweep(Xc, yc)
             history.append(rss)

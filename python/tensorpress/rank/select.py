@@ -285,7 +285,7 @@ def select_rank(
         raise ValueError(f"cv: expected at most n = {n} folds, got {cv}")
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if random_state is None else int(random_state)
     do_cv = criterion == "cv" or bool(with_cv)
-    folds = kfold_indices(n, cv, _generator(seed)) if do_cv else None
+    folds = kfold_indices(n, cv, _generator(seed)) if do_cv else []
 
     table, fitted = [], []
     for rank in cands:
@@ -306,7 +306,7 @@ def select_rank(
         elif df_rule == "bootstrap" and df < n - 1:
             # the same noise draws (seed + 1) for every rank: common random numbers
             df_eff = covariance_penalty_df(
-                lambda: _make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed)),
+                lambda rank=rank: _make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed)),
                 Xt,
                 yt,
                 fitted=est,
@@ -400,7 +400,9 @@ def choose(criterion: str, table: list[dict], scores: list, n_obs: int) -> int:
     """The index of the chosen candidate: the least score (ties to the smaller df), or the
     one-standard-error choice for "test_error_1se". Assumes at least one finite score."""
     if criterion == "test_error_1se":
-        return one_standard_error_choice(scores, [r["df_eff"] for r in table], [r["df"] for r in table], n_obs)
+        i = one_standard_error_choice(scores, [r["df_eff"] for r in table], [r["df"] for r in table], n_obs)
+        assert i is not None  # the callers check that some score is finite
+        return i
     finite = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
     return min(finite, key=lambda i: (scores[i], table[i]["df"]))
 

