@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import tensorpress  # noqa: F401
-from conftest import random_cores
+from _util import random_cores
 from tensorpress.decompose import tt_matrix_svd, tt_svd
 from tensorpress.nn import TTLinear, balanced_factors
 from tensorpress.ops import choose_plan, tt_matmul, tt_matmul_reference, tt_to_dense, validate_tt_cores

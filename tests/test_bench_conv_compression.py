@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import import_benchmark
+from _util import import_benchmark
 
 pytest.importorskip("tltorch", reason="tensorly-torch is the benchmark's peer (scripts/setup.sh bench)")
 pytest.importorskip("matplotlib")
@@ -16,6 +16,7 @@ def conv_compression():
     return import_benchmark("conv_compression")
 
 
+@pytest.mark.slow
 def test_quick_run_writes_consistent_results(conv_compression, tmp_path):
     import torch
 
@@ -53,6 +54,7 @@ def test_quick_run_writes_consistent_results(conv_compression, tmp_path):
     assert "QUICK run" in md and "equal parameter count" in md and "tltorch Tucker" in md
 
 
+@pytest.mark.slow
 def test_finetune_lowers_the_loss(conv_compression):
     import torch
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import import_benchmark
+from _util import import_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -14,6 +14,7 @@ def bench():
 
 
 def test_quick_run_writes_json_markdown_and_plot(bench, tmp_path):
+    pytest.importorskip("matplotlib")  # the run writes its plot (scripts/setup.sh test installs it)
     assert bench.main(["--quick", "--threads", "1", "--n-boot", "8", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "optimism_resampling_quick.json").read_text())
     (t,) = data["trials"]
@@ -49,6 +50,7 @@ def test_summary_sorts_candidates_by_their_place_against_the_true_rank(bench):
 
 
 def test_rewrite_regenerates_the_report_from_the_json(bench, tmp_path):
+    pytest.importorskip("matplotlib")  # the run writes its plot (scripts/setup.sh test installs it)
     assert bench.main(["--quick", "--threads", "1", "--n-boot", "4", "--out", str(tmp_path)]) == 0
     js = tmp_path / "optimism_resampling_quick.json"
     md = tmp_path / "optimism_resampling_quick.md"

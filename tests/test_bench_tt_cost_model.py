@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import import_benchmark
+from _util import import_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 RECORDED = BENCH / "results" / "tt_cost_model.json"
@@ -75,6 +75,7 @@ def test_pick_charges_merging_and_gives_ties_to_the_dense_route(tcm):
 
 
 def test_rewrite_judges_the_recorded_weights_again(tcm, tmp_path):
+    pytest.importorskip("matplotlib")  # the run writes its plot (scripts/setup.sh test installs it)
     path = tmp_path / "tt_cost_model.json"
     shutil.copy(RECORDED, path)
     assert tcm.main(["--rewrite", str(path)]) == 0

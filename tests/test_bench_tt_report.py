@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import import_benchmark
+from _util import import_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # recorded with OpenBLAS's AVX2 kernels: the plans the tests' cost model chooses (conftest.py)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.decompose import cp_to_tensor
 from tensorpress.nn import CPConv2d, TuckerConv2d
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.decompose import CPResult, cp_als, cp_overparam, cp_to_tensor
 
 
@@ -102,6 +102,7 @@ def test_cp_overparam_lazy_and_unpolished():
     assert raw.history[-2] < raw.history[0]
 
 
+@pytest.mark.slow
 def test_cp_overparam_rerandomizes_components_that_do_not_grow():
     t, _ = planted((10, 10, 10), 2, seed=8)
     res = cp_overparam(t, 2, width=12, random_state=0, reinit_every=50, n_steps=400, switch_tol=0.0)

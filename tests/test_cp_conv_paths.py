@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.nn import CPConv2d, conv_paths, cp_conv2d
 
 # (kernel, stride, padding, dilation, padding_mode); kernels on both sides of MAX_FUSED_DEPTHWISE

@@ -4,7 +4,7 @@ measured once per shape key, never while torch records or transforms the computa
 import pytest
 import torch
 
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.nn import CPConv2d, conv_paths, cp_conv2d
 
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.decompose import TTResult, tt_matrix_svd, tt_svd
 from tensorpress.ops import tt_to_dense
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.linalg import blas
 from tensorpress.nn import CPConv2d, LowRankLinear, TTLinear, TuckerConv2d
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.linalg import blas
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-13}

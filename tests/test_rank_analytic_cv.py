@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import planted_matrix
+from _util import planted_matrix
 from tensorpress.rank import (
     estimated_cv_error,
     estimated_test_error,
@@ -30,7 +30,7 @@ def kfold_cv_error(X, Y, k, gen):
     return total / Y.numel()
 
 
-@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("k", [2, pytest.param(5, marks=pytest.mark.slow)])
 def test_exact_in_expectation_for_least_squares(k):
     # Gaussian random design, p free parameters: E[CV_k] = sigma^2 (m - 1)/(m - p - 1), m = n (k-1)/k,
     # and RSS/(n - p) is unbiased for sigma^2, so the estimate's mean is E[CV_k]
@@ -121,6 +121,7 @@ def test_layer_cv_error_matches_full_fit_in_the_limit():
     assert layer_cv_error(rss, 14, q, p, df, 2) == math.inf  # m = 7 <= p + 1
 
 
+@pytest.mark.slow
 def test_layer_least_squares_exact_in_expectation():
     # unstructured multi-response least squares (rank None, df = p q): E[CV_k] per entry
     # = sigma^2 (m - 1)/(m - p - 1)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import planted_matrix
+from _util import planted_matrix
 from tensorpress.rank import (
     CRITERIA,
     matrix_degrees_of_freedom,
@@ -48,6 +48,7 @@ def test_select_rank_with_the_rule(seed):
     assert sel.rank_ == sel.candidates[i] and sel.estimator_ is sel.estimators_[i]
 
 
+@pytest.mark.slow
 def test_the_rule_prefers_the_smaller_rank_at_few_samples():
     # n barely above the df of rank 3: its estimate is too noisy to be trusted over rank 1
     picks, plain_picks = [], []

@@ -61,6 +61,7 @@ def test_cp_at_the_true_rank_agrees_with_stein_and_the_manifold():
     assert abs(r.df - stein) < 4 * r.se + 1.5
 
 
+@pytest.mark.slow
 def test_cp_above_the_true_rank_pays_for_fitting_noise():
     X, y = planted_cp(8, 1, 100, 1.0, seed=0)
     r, stein, manifold = bootstrap_and_stein(X, y, rank=3, n_boot=100, draws_seed=1)

@@ -3,12 +3,15 @@
 import pathlib
 import re
 
+import pytest
+
 
 def _blocks():
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_example_runs():
     blocks = _blocks()
     assert blocks, "README.md has no python example"

@@ -76,6 +76,7 @@ def test_auto_tries_the_checked_method_where_the_cost_model_expects_a_gain():
     assert checked_step_budget(1024, 1024, 64, torch.float32) > checked_step_budget(1024, 1024, 64, F64)
 
 
+@pytest.mark.slow
 def test_auto_on_a_large_flat_float64_matrix_meets_its_stated_accuracy():
     A = with_spectrum(2048, 1024, "gauss", F64, seed=4)
     assert svd_method(A.shape, 32, dtype=F64) == "randomized_checked"

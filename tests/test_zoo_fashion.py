@@ -6,6 +6,7 @@ import torch
 from tensorpress.zoo import fashion, mnist
 
 
+@pytest.mark.slow
 def test_short_training_learns_and_shapes_match():
     model = fashion.train_fashion_cnn(epochs=1, progress=False, n_train=3000)
     x, y = mnist.fashion_mnist("test")

@@ -27,6 +27,7 @@ def _digits(normalize=True):
 
 @pytest.fixture(scope="module")
 def cnn():
+    pytest.importorskip("ccexam.models", reason="the pretrained CNN's package (scripts/setup.sh test installs it)")
     return mnist.load_mnist_cnn()
 
 
@@ -55,6 +56,7 @@ def test_digits_shapes_and_normalization(digits):
     torch.testing.assert_close(images.double(), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pretrained_cnn_is_accurate_on_npm_digits(cnn, digits):
     acc = mnist.accuracy(cnn, *digits)
     assert acc >= ACC_FLOOR, acc
