@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <deque>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -44,6 +45,18 @@ class BorrowedTensor {
  private:
   pybind11::object capsule_;
   TensorView view_;
+};
+
+// The tensors one binding call borrows, alive (and their views valid) until it returns: a
+// deque never moves its elements, so a view returned by add() cannot dangle.
+class Borrowed {
+ public:
+  const TensorView& add(const pybind11::object& tensor, const std::string& name) {
+    return held_.emplace_back(tensor, name).view();
+  }
+
+ private:
+  std::deque<BorrowedTensor> held_;
 };
 
 // Argument checks with messages that name the argument and the expectation.

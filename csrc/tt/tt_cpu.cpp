@@ -95,8 +95,8 @@ CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool back
 }
 
 template <typename T>
-void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* bias, T* y, int64_t batch,
-                 T* workspace, const CpuSchedule& c) {
+void forward_blocks(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* bias, T* y, int64_t batch,
+                    T* workspace, const CpuSchedule& c) {
   const int64_t N_in = plan.in_features, M_out = plan.out_features;
   const size_t n_steps = plan.steps.size();
   const Copies copies(plan);
@@ -124,8 +124,9 @@ void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats
 }
 
 template <typename T>
-void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* grad_y, T* grad_x,
-                  const std::vector<T*>& grad_mats, T* grad_bias, int64_t batch, T* workspace, const CpuSchedule& c) {
+void backward_blocks(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* grad_y, T* grad_x,
+                     const std::vector<T*>& grad_mats, T* grad_bias, int64_t batch, T* workspace,
+                     const CpuSchedule& c) {
   const int64_t N_in = plan.in_features, M_out = plan.out_features;
   const int n_steps = static_cast<int>(plan.steps.size());
   const Copies copies(plan);
@@ -220,13 +221,28 @@ void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mat
   if (grad_bias != nullptr) reduce(grad_bias, mats_total, M_out);
 }
 
-template void forward_cpu<float>(const Plan&, const float*, const std::vector<const float*>&, const float*, float*,
-                                 int64_t, float*, const CpuSchedule&);
-template void forward_cpu<double>(const Plan&, const double*, const std::vector<const double*>&, const double*, double*,
-                                  int64_t, double*, const CpuSchedule&);
-template void backward_cpu<float>(const Plan&, const float*, const std::vector<const float*>&, const float*, float*,
-                                  const std::vector<float*>&, float*, int64_t, float*, const CpuSchedule&);
-template void backward_cpu<double>(const Plan&, const double*, const std::vector<const double*>&, const double*,
-                                   double*, const std::vector<double*>&, double*, int64_t, double*, const CpuSchedule&);
+template <typename T>
+void forward_cpu(const ForwardCall& call, const CpuSchedule& schedule) {
+  std::vector<const T*> mats;
+  for (const void* m : call.mats) mats.push_back(static_cast<const T*>(m));
+  forward_blocks<T>(*call.plan, static_cast<const T*>(call.x), mats, static_cast<const T*>(call.bias),
+                    static_cast<T*>(call.y), call.batch, static_cast<T*>(call.workspace), schedule);
+}
+
+template <typename T>
+void backward_cpu(const BackwardCall& call, const CpuSchedule& schedule) {
+  std::vector<const T*> mats;
+  for (const void* m : call.mats) mats.push_back(static_cast<const T*>(m));
+  std::vector<T*> grad_mats(mats.size(), nullptr);  // empty: no step-matrix gradient asked for
+  for (size_t t = 0; t < call.grad_mats.size(); ++t) grad_mats[t] = static_cast<T*>(call.grad_mats[t]);
+  backward_blocks<T>(*call.plan, static_cast<const T*>(call.x), mats, static_cast<const T*>(call.grad_y),
+                     static_cast<T*>(call.grad_x), grad_mats, static_cast<T*>(call.grad_bias), call.batch,
+                     static_cast<T*>(call.workspace), schedule);
+}
+
+template void forward_cpu<float>(const ForwardCall&, const CpuSchedule&);
+template void forward_cpu<double>(const ForwardCall&, const CpuSchedule&);
+template void backward_cpu<float>(const BackwardCall&, const CpuSchedule&);
+template void backward_cpu<double>(const BackwardCall&, const CpuSchedule&);
 
 }  // namespace tensorpress::tt

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "tt/tt_call.h"
 #include "tt/tt_plan.h"
 
 namespace tensorpress::tt {
@@ -19,17 +20,12 @@ struct CpuSchedule {
 
 CpuSchedule cpu_schedule(const Plan& plan, int64_t batch, int threads, bool backward, int elem_bytes);
 
-// y (batch x M) = x (batch x N) W^T (+ bias, where not null).  mats[t] is step t's (K x N)
-// core matrix.
+// The call's operands as T (float or double); `schedule` from cpu_schedule for this call.
+// Forward: y = x W^T (+ bias). Backward: the gradients asked for, recomputing the forward
+// states per block from x instead of keeping them between forward and backward.
 template <typename T>
-void forward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* bias, T* y, int64_t batch,
-                 T* workspace, const CpuSchedule& schedule);
-
-// grad_x, grad_mats[t] and grad_bias (each skipped where null) from grad_y; recomputes the
-// forward states per block from x instead of keeping them between forward and backward.
+void forward_cpu(const ForwardCall& call, const CpuSchedule& schedule);
 template <typename T>
-void backward_cpu(const Plan& plan, const T* x, const std::vector<const T*>& mats, const T* grad_y, T* grad_x,
-                  const std::vector<T*>& grad_mats, T* grad_bias, int64_t batch, T* workspace,
-                  const CpuSchedule& schedule);
+void backward_cpu(const BackwardCall& call, const CpuSchedule& schedule);
 
 }  // namespace tensorpress::tt

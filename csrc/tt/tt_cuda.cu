@@ -765,50 +765,50 @@ CudaLimits cuda_limits(int device) {
   return lim;
 }
 
-void forward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
-                  const std::vector<const void*>& mats, const int32_t* tables, void* y, int64_t batch, void* workspace,
-                  bool tensor_cores, int device, void* stream) {
-  CudaDeviceGuard guard(device);
-  auto st = static_cast<cudaStream_t>(stream);
+void forward_cuda(CudaDType dtype, const ForwardCall& c, const int32_t* tables, const CudaSchedule& sched,
+                  const CudaLaunch& launch) {
+  CudaDeviceGuard guard(launch.device);
+  auto st = static_cast<cudaStream_t>(launch.stream);
+  const bool tc = launch.tensor_cores;
   switch (dtype) {
     case CudaDType::F32:
-      return forward_impl<float>(plan, sched, static_cast<const float*>(x), mats, tables, static_cast<float*>(y), batch,
-                                 workspace, tensor_cores, st);
+      return forward_impl<float>(*c.plan, sched, static_cast<const float*>(c.x), c.mats, tables,
+                                 static_cast<float*>(c.y), c.batch, c.workspace, tc, st);
     case CudaDType::F64:
-      return forward_impl<double>(plan, sched, static_cast<const double*>(x), mats, tables, static_cast<double*>(y),
-                                  batch, workspace, tensor_cores, st);
+      return forward_impl<double>(*c.plan, sched, static_cast<const double*>(c.x), c.mats, tables,
+                                  static_cast<double*>(c.y), c.batch, c.workspace, tc, st);
     case CudaDType::F16:
-      return forward_impl<__half>(plan, sched, static_cast<const __half*>(x), mats, tables, static_cast<__half*>(y),
-                                  batch, workspace, tensor_cores, st);
+      return forward_impl<__half>(*c.plan, sched, static_cast<const __half*>(c.x), c.mats, tables,
+                                  static_cast<__half*>(c.y), c.batch, c.workspace, tc, st);
     case CudaDType::BF16:
-      return forward_impl<__nv_bfloat16>(plan, sched, static_cast<const __nv_bfloat16*>(x), mats, tables,
-                                         static_cast<__nv_bfloat16*>(y), batch, workspace, tensor_cores, st);
+      return forward_impl<__nv_bfloat16>(*c.plan, sched, static_cast<const __nv_bfloat16*>(c.x), c.mats, tables,
+                                         static_cast<__nv_bfloat16*>(c.y), c.batch, c.workspace, tc, st);
   }
 }
 
-void backward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
-                   const std::vector<const void*>& mats, const int32_t* tables, const void* grad_y, void* grad_x,
-                   const std::vector<void*>& grad_mats, int64_t batch, void* workspace, bool tensor_cores, int device,
-                   void* stream) {
-  CudaDeviceGuard guard(device);
-  auto st = static_cast<cudaStream_t>(stream);
+void backward_cuda(CudaDType dtype, const BackwardCall& c, const int32_t* tables, const CudaSchedule& sched,
+                   const CudaLaunch& launch) {
+  CudaDeviceGuard guard(launch.device);
+  auto st = static_cast<cudaStream_t>(launch.stream);
+  const bool tc = launch.tensor_cores;
   switch (dtype) {
     case CudaDType::F32:
-      return backward_impl<float>(plan, sched, static_cast<const float*>(x), mats, tables,
-                                  static_cast<const float*>(grad_y), static_cast<float*>(grad_x), grad_mats, batch,
-                                  workspace, tensor_cores, st);
+      return backward_impl<float>(*c.plan, sched, static_cast<const float*>(c.x), c.mats, tables,
+                                  static_cast<const float*>(c.grad_y), static_cast<float*>(c.grad_x), c.grad_mats,
+                                  c.batch, c.workspace, tc, st);
     case CudaDType::F64:
-      return backward_impl<double>(plan, sched, static_cast<const double*>(x), mats, tables,
-                                   static_cast<const double*>(grad_y), static_cast<double*>(grad_x), grad_mats, batch,
-                                   workspace, tensor_cores, st);
+      return backward_impl<double>(*c.plan, sched, static_cast<const double*>(c.x), c.mats, tables,
+                                   static_cast<const double*>(c.grad_y), static_cast<double*>(c.grad_x), c.grad_mats,
+                                   c.batch, c.workspace, tc, st);
     case CudaDType::F16:
-      return backward_impl<__half>(plan, sched, static_cast<const __half*>(x), mats, tables,
-                                   static_cast<const __half*>(grad_y), static_cast<__half*>(grad_x), grad_mats, batch,
-                                   workspace, tensor_cores, st);
+      return backward_impl<__half>(*c.plan, sched, static_cast<const __half*>(c.x), c.mats, tables,
+                                   static_cast<const __half*>(c.grad_y), static_cast<__half*>(c.grad_x), c.grad_mats,
+                                   c.batch, c.workspace, tc, st);
     case CudaDType::BF16:
-      return backward_impl<__nv_bfloat16>(
-          plan, sched, static_cast<const __nv_bfloat16*>(x), mats, tables, static_cast<const __nv_bfloat16*>(grad_y),
-          static_cast<__nv_bfloat16*>(grad_x), grad_mats, batch, workspace, tensor_cores, st);
+      return backward_impl<__nv_bfloat16>(*c.plan, sched, static_cast<const __nv_bfloat16*>(c.x), c.mats, tables,
+                                          static_cast<const __nv_bfloat16*>(c.grad_y),
+                                          static_cast<__nv_bfloat16*>(c.grad_x), c.grad_mats, c.batch, c.workspace, tc,
+                                          st);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "tt/tt_call.h"
 #include "tt/tt_cuda_schedule.h"
 #include "tt/tt_plan.h"
 
@@ -19,20 +20,22 @@ enum class CudaDType { F32, F64, F16, BF16 };
 // Reads the device's limits (shared memory, SM count). Throws without a usable device.
 CudaLimits cuda_limits(int device);
 
-// y (batch x M) = x (batch x N) W^T. mats[t] is step t's (K x N) matrix, tables from
-// make_tables(plan) copied to the device. tensor_cores: the tiled path's GEMMs run on the
-// tensor cores with float accumulation, their operands rounded to fp16 / bf16 (x's type) or
-// to tf32 for F32 (as torch's matmul does when TF32 is allowed); ignored for F64 and by the
-// fused path.
-void forward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
-                  const std::vector<const void*>& mats, const int32_t* tables, void* y, int64_t batch, void* workspace,
-                  bool tensor_cores, int device, void* stream);
+// Where and how a call runs: the device, the caller's stream (cudaStream_t), and whether the
+// tiled path's GEMMs run on the tensor cores (float accumulation, operands rounded to fp16 /
+// bf16 as x, or to tf32 for F32, as torch's matmul does when TF32 is allowed; ignored for F64
+// and by the fused path).
+struct CudaLaunch {
+  int device = 0;
+  void* stream = nullptr;
+  bool tensor_cores = false;
+};
 
-// grad_x (null: not needed) and every grad_mats[t] (empty vector: not needed) from grad_y;
-// tensor_cores as for forward_cuda.
-void backward_cuda(CudaDType dtype, const Plan& plan, const CudaSchedule& sched, const void* x,
-                   const std::vector<const void*>& mats, const int32_t* tables, const void* grad_y, void* grad_x,
-                   const std::vector<void*>& grad_mats, int64_t batch, void* workspace, bool tensor_cores, int device,
-                   void* stream);
+// The call's operands (tt_call.h; call.bias and grad_bias must be null: the caller adds the
+// bias) as `dtype`; mats, their gradients and the workspace in the accumulation type; the
+// tables from make_tables(plan) on the device.
+void forward_cuda(CudaDType dtype, const ForwardCall& call, const int32_t* tables, const CudaSchedule& sched,
+                  const CudaLaunch& launch);
+void backward_cuda(CudaDType dtype, const BackwardCall& call, const int32_t* tables, const CudaSchedule& sched,
+                   const CudaLaunch& launch);
 
 }  // namespace tensorpress::tt
