@@ -1,4 +1,4 @@
-"""Type stub of tensorpress._C, the native extension (csrc/bindings.cpp: keep the two in step).
+"""Type stub of tensorpress._C, the native extension (csrc/bindings/*.cpp: keep the two in step).
 
 Tensors cross through DLPack: every tensor argument is borrowed, never copied, so it must
 already have the dtype, device, shape and layout the function checks for (the Python
@@ -27,6 +27,7 @@ def tt_forward(
     path: str = "auto",
     stream: int | None = None,
     bias: _DLPackTensor | None = None,
+    tensor_cores: bool = False,  # CUDA only: the tiled path's tensor-core variant
 ) -> None: ...
 def tt_backward(
     x: _DLPackTensor,
@@ -42,6 +43,7 @@ def tt_backward(
     path: str = "auto",
     stream: int | None = None,
     grad_bias: _DLPackTensor | None = None,
+    tensor_cores: bool = False,  # CUDA only: the tiled path's tensor-core variant
 ) -> None: ...
 def tt_cuda_schedule(
     core_dims: Sequence[int],
