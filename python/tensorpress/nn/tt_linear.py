@@ -11,6 +11,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from tensorpress import _cuda_kernels as cuda_kernels
 from tensorpress._eager import plain_eager
 from tensorpress.decompose.tt import tt_matrix_svd
 from tensorpress.nn._checks import autocast_casts, check_factor_dtype
@@ -137,6 +138,8 @@ class TTLinear(nn.Module):
         Not on CUDA, where comparing values would synchronise every call."""
         if not plain_eager(x, *cores) or (torch.is_grad_enabled() and any(g.requires_grad for g in cores)):
             return None, None
+        if cuda_kernels.active().emulated and cuda_kernels.active().takes(x):
+            return None, None  # the CUDA emulation's CPU tensors stand for CUDA ones: no cache, as on CUDA
         plan = self._plan(cores, math.prod(x.shape[:-1]), x.dtype)
         cached = self.__dict__.get("_inference_cache")
         if cached is None or not cached.valid_for(plan, cores):

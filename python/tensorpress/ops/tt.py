@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tensorpress import _cuda_kernels as cuda_kernels
-from tensorpress._eager import plain_eager, recording, transforming
+from tensorpress._eager import PLAIN_TENSOR_TYPES, plain_eager, recording, transforming
 from tensorpress._ext import _C
 from tensorpress.ops import tt_autotune
 from tensorpress.ops.tt_dense import dense_from_halves
@@ -497,6 +497,8 @@ def apply_tt(x: Tensor, mats: list[Tensor], plan: TTPlan, bias: Tensor | None = 
         # what the custom op would run, without its dispatch (a third of a small call's time)
         return _forward_cpu(x, mats, core_dims, order, bias)
     path = plan.path if plan.path in ("fused", "tiled") else "auto"
+    if _eager_cuda_inference(x, mats, bias):  # the same, on CUDA: one extension call, no dispatch
+        return _run_cuda(x, mats, core_dims, order, path, bias)
     return tt_contract(x, mats, core_dims, order, path, bias)
 
 
@@ -575,6 +577,18 @@ def _eager_cpu_inference(x: Tensor, mats: list[Tensor], bias: Tensor | None = No
         and plain_eager(x, *mats, bias)
         and not _uses_cuda_kernels(x)
         and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *mats, bias)))
+    )
+
+
+def _eager_cuda_inference(x: Tensor, mats: list[Tensor], bias: Tensor | None = None) -> bool:
+    """No autograd, nothing records the call, plain tensors where our CUDA kernels run: the
+    custom op's dispatch would only add host time (CUDA graph capture is fine: the same launch)."""
+    tensors = (x, *mats, bias)
+    return (
+        _uses_cuda_kernels(x)
+        and not recording()
+        and all(t is None or type(t) in PLAIN_TENSOR_TYPES for t in tensors)
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
     )
 
 
