@@ -140,7 +140,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--stem", default=None)
+    ap.add_argument("--markdown-from", default=None, help="rewrite the markdown of an existing results JSON")
     args = ap.parse_args(argv)
+    if args.markdown_from:
+        d = json.loads(Path(args.markdown_from).read_text())
+        write_markdown(Path(args.markdown_from).with_suffix(".md"), d["meta"], d["config"], d["rows"])
+        return 0
     q = args.quick
     iters = args.iters or (3 if q else 200)
     epochs = args.epochs or (1 if q else 30)
@@ -209,9 +214,22 @@ def write_markdown(path: Path, meta: dict, cfg: dict, rows: list[dict]) -> None:
     for m in methods:
         by_s = {r["sparsity"]: r for r in rows if r["method"] == m}
         L.append(f"| {m} | " + " | ".join(pct(by_s[s]["test_acc"]) if s in by_s else "-" for s in sp) + " |")
+    for m in methods:
+        if m.startswith("tenBCD"):  # its unconstrained W: what the network fits before the projection
+            by_s = {r["sparsity"]: r for r in rows if r["method"] == m}
+            cells = " | ".join(pct(by_s[s].get("test_acc_free_w")) if s in by_s else "-" for s in sp)
+            L.append(f"| {m}, free W (not sparse) | {cells} |")
     for r in rows:
         if r["sparsity"] == 0:
             L.append(f"| {r['method']} (no pruning) | {pct(r['test_acc'])} |" + " |" * (len(sp) - 1))
+    half = cfg["iters"] // 2
+    climb = [
+        f"{r['method']} s = {r['sparsity']:g}: {pct(dict(r['curve']).get(half))} -> {pct(r['test_acc'])}"
+        for r in rows
+        if r.get("curve") and half in dict(r["curve"])
+    ]
+    if climb:
+        L += ["", f"tenBCD test accuracy at iteration {half} -> {cfg['iters']}: " + "; ".join(climb)]
     L += [
         "",
         "Magnitude pruning before fine-tuning: "
