@@ -87,6 +87,12 @@ inline double __longlong_as_double(long long v) {
   return d;
 }
 
+// CUDA's 16-byte vector type: its alignment makes a misaligned vector load undefined behaviour
+// here too, which UBSan (-fsanitize=alignment) reports.
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}

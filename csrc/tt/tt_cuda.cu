@@ -417,6 +417,19 @@ struct TensorCoreOf<__nv_bfloat16> {
 
 constexpr int kTensorCoreTileK = 32;
 
+// Whether an operand tile can be read as 16-byte vectors along its contiguous index: float
+// data, unit stride along that index (no gather table), a row stride that keeps every row
+// 16-byte aligned, and an aligned base. Otherwise (and for partial tiles) the scalar gather.
+template <typename T>
+__device__ __forceinline__ bool vector_rows(const T* base, const Map& rows, const Map& along) {
+  if constexpr (!std::is_same<T, float>::value) {
+    return false;
+  } else {
+    return rows.tab == nullptr && along.tab == nullptr && along.mul == 1 && rows.mul % 4 == 0 &&
+           reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  }
+}
+
 template <typename TA, typename TB, typename TC, typename Op>
 __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const TiledGemm<TA, TB, TC> g) {
   namespace wmma = nvcuda::wmma;
@@ -441,6 +454,9 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const Tiled
   wmma::fragment<wmma::accumulator, 16, 16, WK, float> acc[2];
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
+  // A(p, l) rows contiguous along l; B(l, q) rows contiguous along q (block-uniform tests)
+  const bool a_vec = vector_rows(g.A, g.ap, g.al) && l_begin % 4 == 0;
+  const bool b_vec = vector_rows(g.B, g.bl, g.bq) && q0 + BN <= g.Q;
   for (int l0 = l_begin; l0 < l_end; l0 += BK) {
     __syncthreads();  // the previous tile has been consumed
     if (tid < BK)
@@ -448,17 +464,38 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const Tiled
     else if (tid < 2 * BK)
       brow[tid - BK] = l0 + tid - BK < l_end ? g.bl.at(l0 + tid - BK) : 0;
     __syncthreads();
+    const bool full_l = l0 + BK <= l_end;
+    if (a_vec && full_l) {  // 4 consecutive l of one row per load
+      for (int e = tid; e < BM * BK / 4; e += kCudaThreads) {
+        const int pp = e / (BK / 4), ll = 4 * (e % (BK / 4));
+        float4 v{0.0f, 0.0f, 0.0f, 0.0f};
+        if (p0 + pp < g.P) v = *reinterpret_cast<const float4*>(&g.A[arow[pp] + acol[ll]]);
+        S* d = As + pp * LDA + ll;
+        d[0] = to_operand<Op>(v.x), d[1] = to_operand<Op>(v.y), d[2] = to_operand<Op>(v.z), d[3] = to_operand<Op>(v.w);
+      }
+    } else {
 #pragma unroll 2
-    for (int i = 0; i < BM * BK / kCudaThreads; ++i) {
-      const int e = tid + i * kCudaThreads, pp = e / BK, ll = e % BK;
-      As[pp * LDA + ll] =
-          to_operand<Op>((p0 + pp < g.P && l0 + ll < l_end) ? cvt<float>(g.A[arow[pp] + acol[ll]]) : 0.0f);
+      for (int i = 0; i < BM * BK / kCudaThreads; ++i) {
+        const int e = tid + i * kCudaThreads, pp = e / BK, ll = e % BK;
+        As[pp * LDA + ll] =
+            to_operand<Op>((p0 + pp < g.P && l0 + ll < l_end) ? cvt<float>(g.A[arow[pp] + acol[ll]]) : 0.0f);
+      }
     }
+    if (b_vec) {  // 4 consecutive q of one row per load
+      for (int e = tid; e < BK * BN / 4; e += kCudaThreads) {
+        const int ll = e / (BN / 4), qq = 4 * (e % (BN / 4));
+        float4 v{0.0f, 0.0f, 0.0f, 0.0f};
+        if (l0 + ll < l_end) v = *reinterpret_cast<const float4*>(&g.B[brow[ll] + bcol[qq]]);
+        S* d = Bs + ll * LDB + qq;
+        d[0] = to_operand<Op>(v.x), d[1] = to_operand<Op>(v.y), d[2] = to_operand<Op>(v.z), d[3] = to_operand<Op>(v.w);
+      }
+    } else {
 #pragma unroll 2
-    for (int i = 0; i < BN * BK / kCudaThreads; ++i) {
-      const int e = tid + i * kCudaThreads, ll = e / BN, qq = e % BN;
-      Bs[ll * LDB + qq] =
-          to_operand<Op>((q0 + qq < g.Q && l0 + ll < l_end) ? cvt<float>(g.B[brow[ll] + bcol[qq]]) : 0.0f);
+      for (int i = 0; i < BN * BK / kCudaThreads; ++i) {
+        const int e = tid + i * kCudaThreads, ll = e / BN, qq = e % BN;
+        Bs[ll * LDB + qq] =
+            to_operand<Op>((q0 + qq < g.Q && l0 + ll < l_end) ? cvt<float>(g.B[brow[ll] + bcol[qq]]) : 0.0f);
+      }
     }
     __syncthreads();
 #pragma unroll
