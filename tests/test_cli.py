@@ -15,8 +15,20 @@ def test_compress_help_lists_the_options(capsys):
         cli.main(["compress", "--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--budget", "--method", "--rank-rule", "--calib", "--sweep", "--out"):
+    for opt in ("--budget", "--method", "--rank-rule", "--calib", "--sweep", "--out", "--max-memory"):
         assert opt in out
+
+
+def test_compress_max_memory_is_parsed_and_reaches_the_job(monkeypatch, capsys):
+    from tensorpress.compress import job
+
+    seen = {}
+    monkeypatch.setattr(job, "run_job", lambda cfg: seen.setdefault("cfg", cfg))
+    assert cli.main(["compress", "--max-memory", "1.5G", "--quiet"]) == 0
+    assert seen["cfg"].max_memory == int(1.5 * (1 << 30))
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "--max-memory", "lots"])
+    assert "--max-memory" in capsys.readouterr().err
 
 
 def test_compress_rejects_bad_choices(capsys):

@@ -280,13 +280,19 @@ def _tied_groups(model):
 
 
 # ----------------------------------------------------------------------------- the contract
+def _error_column(method: str) -> dict:
+    """method="svd" gathers statistics (and so passes over every batch) only for the report's
+    error column: ask for it, so the contract covers the errors and the passes."""
+    return {"report_error": True} if method == "svd" else {}
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_compress_contract(case, method):
     model, calib, kw = CASES[case]()
     snap = _snapshot(model)
     with pytest.warns(UserWarning, match="tied") if case == "tied" else _no_warning():
-        small, report = tp.compress(model, calib, method=method, **kw)
+        small, report = tp.compress(model, calib, method=method, **kw, **_error_column(method))
     # the original: bit for bit, every module's own flag, no hook left
     _assert_unchanged(model, snap)
     # the returned model: the original's flags at every name
@@ -329,7 +335,7 @@ def test_compress_contract_after_a_bad_batch_in_the_middle(case, method):
     bad = calib[:2] + [_bad_batch(calib)] + calib[2:]
     with pytest.raises(CalibrationBatchError, match=r"calib\[2\]") as info:
         with pytest.warns(UserWarning, match="tied") if case == "tied" else _no_warning():
-            tp.compress(model, bad, method=method, **kw)
+            tp.compress(model, bad, method=method, **kw, **_error_column(method))
     assert isinstance(info.value, ValueError)
     assert isinstance(info.value.__cause__, (RuntimeError, IndexError))  # torch's own error, chained
     assert str(info.value.__cause__) in str(info.value)
@@ -449,7 +455,7 @@ def test_a_bad_batch_in_the_middle_is_named_with_torchs_error_chained(method, ca
     bad = calib[:3] + [_bad_batch(calib)] + calib[3:]
     with pytest.raises(ValueError, match=r"^calib\[3\]: the model cannot run on this calibration batch") as info:
         with pytest.warns(UserWarning) if case == "tied" else _no_warning():
-            tp.compress(model, bad, method=method, **kw)
+            tp.compress(model, bad, method=method, **kw, **_error_column(method))
     cause = info.value.__cause__
     assert cause is not None and type(cause).__name__ in str(info.value)
 

@@ -32,6 +32,15 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip()) if text else ()
 
 
+def _memory(text: str) -> int:
+    from tensorpress.compress.memory import parse_memory
+
+    try:
+        return parse_memory(text, "--max-memory")
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _compress(args) -> int:
     from tensorpress.compress.job import JobConfig, init_distributed, run_job
 
@@ -52,6 +61,7 @@ def _compress(args) -> int:
         threads=args.threads,
         residual_feedback=not args.no_residual_feedback,
         fold_batchnorm=args.fold_batchnorm,
+        max_memory=args.max_memory,
     )
     try:
         run_job(cfg)
@@ -146,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="fold each eval-mode BatchNorm2d that directly follows a conv to compress into that "
         "conv before the fit (see compress(fold_batchnorm=)); the report lists them",
+    )
+    comp.add_argument(
+        "--max-memory",
+        type=_memory,
+        default=None,
+        help="memory budget of the calibration statistics and fits, e.g. 8G or 512M (default: half the "
+        "available memory); layers whose exact statistics do not fit get an approximation the report "
+        "names (see compress(max_memory=))",
     )
     comp.set_defaults(run=_compress)
     bench = sub.add_parser("bench", help="run the kernel benchmarks (from a source checkout)")

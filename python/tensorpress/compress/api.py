@@ -26,7 +26,7 @@ from tensorpress.compress.calibrate import (
     call_model,
     hooks,
     layer_features,
-    layer_rows,
+    layer_row_chunks,
     naming_batch,
     record_inputs,
     row_mask,
@@ -35,6 +35,13 @@ from tensorpress.compress.calibrate import (
 )
 from tensorpress.compress.crossval import DEFAULT_FOLDS, cv_error_curves, merge_stats
 from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd, truncate_fit
+from tensorpress.compress.memory import (
+    DEFAULT_MEMORY_FRACTION,
+    available_memory,
+    format_bytes,
+    parse_memory,
+    plan_memory,
+)
 from tensorpress.compress.output_error import output_error, output_error_parts
 from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
 from tensorpress.compress.sequential import compress_sequential
@@ -246,37 +253,63 @@ def one_shot_stats(
     layers: Mapping[str, nn.Module],
     progress=None,
     positions: Sequence[int] | None = None,
+    plans: Mapping | None = None,
 ) -> dict[str, GramStats]:
     """Input statistics of every layer of the unmodified model, from one pass per batch; a
     layer called several times per pass gets the rows of all its calls. ``positions``: each
-    batch's index in the user's calib list (for error messages)."""
+    batch's index in the user's calib list (for error messages). ``plans``: {layer:
+    memory.LayerMemory}: the representation of its statistics and the rows per update (a
+    batch's rows are formed and added a chunk at a time)."""
+    plans = plans or {}
     stats: dict[str, GramStats] = {}
     for i, batch in enumerate(batches):
         pos = i if positions is None else positions[i]
         mask = row_mask(batch)
         got: dict[str, list[Tensor]] = {}  # every call's input, in call order
-        with hooks(record_inputs(layers, lambda n, x: got.setdefault(n, []).append(x))), naming_batch(pos):
-            run_until_stop(lambda: call_model(model, batch))
+        with (
+            hooks(record_inputs(layers, lambda n, x, got=got: got.setdefault(n, []).append(x))),
+            naming_batch(pos),
+        ):
+            run_until_stop(lambda batch=batch: call_model(model, batch))
         missing = [n for n in layers if n not in got]
         if missing:
             raise ValueError(f"include: layers {missing} are never called by the model on calibration batch {pos}")
         if not stats:
             # layers called once, reading the very same tensor into the same rows (q, k, v),
-            # share one accumulator
+            # share one accumulator (unless their statistics are kept through their weights)
             owner: dict[tuple, GramStats] = {}
             for name, layer in layers.items():
-                key = (id(got[name][0]), row_signature(layer)) if len(got[name]) == 1 else (name,)
-                stats[name] = owner.setdefault(key, GramStats(layer_features(layer), paired=False))
+                plan = plans.get(name)
+                kron = plan is not None and plan.kronecker is not None
+                key = (id(got[name][0]), row_signature(layer)) if len(got[name]) == 1 and not kron else (name,)
+                stats[name] = owner.setdefault(
+                    key,
+                    GramStats(
+                        layer_features(layer),
+                        paired=False,
+                        project=weight_matrix(layer) if kron else None,
+                        dtype=torch.float64 if plan is None else plan.dtype,
+                        kronecker=plan.kronecker if kron else None,
+                        conv=layer if isinstance(layer, nn.Conv2d) else None,
+                        buffer_bytes=64 << 20 if plan is None else max(plan.rows_bytes, 1 << 20),
+                    ),
+                )
         done: set[int] = set()
         for name in layers:
             if id(stats[name]) in done:
                 continue
             done.add(id(stats[name]))
+            chunk = plans[name].chunk_rows if name in plans else None
             for x in got[name]:
-                x = layer_rows(layers[name], x, mask)
-                if not torch.isfinite(x).all():
-                    raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {pos})")
-                stats[name].update(x)
+                if isinstance(layers[name], nn.Conv2d):
+                    if not torch.isfinite(x).all():
+                        raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {pos})")
+                    stats[name].update_conv(x, None, chunk)
+                    continue
+                for rows_ in layer_row_chunks(layers[name], x, mask, chunk):
+                    if not torch.isfinite(rows_).all():
+                        raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {pos})")
+                    stats[name].update(rows_)
         if progress is not None:
             progress.update(1)
     for unique in {id(st): st for st in stats.values()}.values():
@@ -381,7 +414,10 @@ def _whitened_full_fits(layers, shot, ridge_kw, cache) -> dict:
         fits[name] = _cached(
             cache,
             _full_fit_key("whitened", name, ridge_kw),
-            lambda: fit_activation(layer.weight, layer.bias, shot[name], top, **ridge_kw),
+            # called right away by _cached: the loop variables are bound for clarity only
+            lambda layer=layer, name=name, top=top: fit_activation(
+                layer.weight, layer.bias, shot[name], top, **ridge_kw
+            ),
         )
     return fits
 
@@ -503,13 +539,14 @@ def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw
     return chosen
 
 
-def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress):
+def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress, plans=None):
     """(one-shot statistics of every layer on all batches, per-fold statistics or None).
     ``batches`` are this process's share of ``all_batches``. With folds, fold k holds the
     batches i = k mod folds of all processes together (so the folds do not depend on the
     number of processes), each process passes its share of every fold once, and the totals
     are merged from the folds."""
-    key, fold_key = ("one-shot", tuple(layers)), ("folds", tuple(layers), folds)
+    reps = tuple(sorted((n, p.representation) for n, p in (plans or {}).items() if p.representation != "exact"))
+    key, fold_key = ("one-shot", tuple(layers)) + reps, ("folds", tuple(layers), folds) + reps
     shot = None if cache is None else cache.get(key)
     parts = None if (cache is None or not folds) else cache.get(fold_key)
     if shot is not None and (not folds or parts is not None):
@@ -518,12 +555,12 @@ def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress):
     index = list(range(len(all_batches)))  # sliced as the batches are, for error messages
     if folds:
         parts = [
-            one_shot_stats(ref, tpdist.shard(all_batches[k::folds]), layers, bar, tpdist.shard(index[k::folds]))
+            one_shot_stats(ref, tpdist.shard(all_batches[k::folds]), layers, bar, tpdist.shard(index[k::folds]), plans)
             for k in range(folds)
         ]
         shot = merge_stats(parts)
     else:
-        shot = one_shot_stats(ref, batches, layers, bar, tpdist.shard(index))
+        shot = one_shot_stats(ref, batches, layers, bar, tpdist.shard(index), plans)
     if bar is not None:
         bar.close()
     if cache is not None:
@@ -602,6 +639,8 @@ def compress(
     residual_feedback: bool = True,
     cv_folds: int = DEFAULT_FOLDS,
     fold_batchnorm: bool = False,
+    max_memory: int | float | str | None = None,
+    report_error: bool | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress the layers of ``model`` and return (compressed copy, report).
 
@@ -677,6 +716,19 @@ def compress(
             report lists the BatchNorms folded (report.folded_batchnorm) and, in its notes,
             those after a conv left as they were, with the reason. A BatchNorm to fold that is
             in training mode is refused (ValueError). See compress.batchnorm.
+        max_memory: the memory budget of the calibration statistics and fits, in bytes or as
+            a size such as "8G"; None (the default): half the memory available when compress()
+            starts (MemAvailable). Before any calibration pass, each layer's needs are
+            estimated and its statistics given the most exact representation that fits: the
+            exact float64 Gram of its inputs, the same in float32, or (Tucker/CP convs fitted
+            by "activation"/"whitened") a Kronecker-factored patch covariance (channels x
+            spatial offsets); the report says which (report.memory, the "stats" column and a
+            note per approximated layer). When even the smallest does not fit, a
+            memory.MemoryPlanError (a ValueError) names the layer, the estimate and the options.
+        report_error: measure each layer's output error on the calibration data for the
+            report's "rel err" column. None (the default): on, except for method="svd",
+            whose fit needs no statistics: there they are only gathered when asked for (or a
+            rank rule needs them), and the column shows nan.
     Returns:
         (compressed model, CompressionReport).
     Raises:
@@ -684,6 +736,14 @@ def compress(
             message names it as calib[i] and the model's own error is chained.
     """
     _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds, fold_batchnorm)
+    if report_error is not None and not isinstance(report_error, bool):
+        raise TypeError(f"report_error: expected None, True or False, got {report_error!r}")
+    if max_memory is None:
+        avail = available_memory()
+        memory_budget = int(DEFAULT_MEMORY_FRACTION * avail)
+        budget_source = f"{100 * DEFAULT_MEMORY_FRACTION:.0f}% of MemAvailable {format_bytes(avail)}"
+    else:
+        memory_budget, budget_source = parse_memory(max_memory), "max_memory"
     all_batches = _batches(calib)
     batches = tpdist.shard(all_batches)  # this process's share under torch.distributed
     folds = cv_folds if rank_rule == "cv" else 0
@@ -716,6 +776,28 @@ def compress(
     layers = {n: model.get_submodule(n) for n in targets}
     adapter = ADAPTERS[structure]
     chosen = _check_ranks(ranks, layers, structure, left_out) if ranks is not None else None
+    sequential = not (isinstance(method, str) and method in ONE_SHOT_METHODS)
+    svd_only = isinstance(method, str) and method == "svd"
+    if report_error is None:
+        report_error = not svd_only
+    # one-shot statistics: needed by one-shot methods (svd: only for the report's error column)
+    # and rank rules; with a cache they also save the sequential runs a third of their Gram work
+    need_shot = bool(all_batches) and (
+        rank_rule is not None
+        or (not sequential and (not svd_only or report_error))
+        or (sequential and cache is not None)
+    )
+    plan = plan_memory(
+        layers,
+        {n: (None if svd_only and not need_shot else per_layer[n]) for n in targets},
+        structure,
+        memory_budget,
+        budget_source,
+        sequential=sequential and bool(all_batches),
+        one_shot=need_shot,
+        keep_rows=keep_rows,
+        folds=folds,
+    )
     ridge_kw = {} if ridge is None else {"ridge": ridge}
     start = time.perf_counter()
     ref = model
@@ -731,6 +813,8 @@ def compress(
         bytes_before=state_dict_bytes(original),
         skipped=skipped,
     )
+    report.memory = plan.to_dict()
+    report.memory_lines = plan.lines()
     if folding is not None:
         report.folded_batchnorm = dict(folding.folded)
         report.notes += folding.notes
@@ -739,12 +823,9 @@ def compress(
         model.eval()
         calls = _first_batch_calls(model, batches[0], layers, positions[0]) if batches else {}
         shot = None
-        sequential = not (isinstance(method, str) and method in ONE_SHOT_METHODS)
-        # one-shot statistics: needed by one-shot methods and rank rules; with a cache they
-        # also save the sequential runs a third of their Gram work
         fold_stats = None
-        if batches and (not sequential or rank_rule is not None or cache is not None):
-            shot, fold_stats = _reference_stats(ref, batches, all_batches, layers, folds, cache, progress)
+        if batches and need_shot:
+            shot, fold_stats = _reference_stats(ref, batches, all_batches, layers, folds, cache, progress, plan.layers)
         if chosen is None and structure != "lowrank":
             chosen = {n: adapter.uniform_rank(layer, budget) for n, layer in layers.items()}
             if rank_rule is not None:
@@ -797,11 +878,12 @@ def compress(
                         if lowrank
                         else adapter.macs_per_row(layer, module)
                     ),
-                    rel_error=output_error(layer, fit, stats) if stats is not None else float("nan"),
+                    rel_error=(output_error(layer, fit, stats) if stats is not None and report_error else float("nan")),
                     seconds=seconds,
                     calls=calls.get(name, 1),
                     aliases=names_of[id(layer)][1:],
                     rows=0 if stats is None else stats.n,
+                    statistics="none" if stats is None else stats.representation,
                 )
             )
             if dense:
@@ -891,13 +973,15 @@ def compress(
                 residual_feedback=feedback,
                 projectable=[n for n in targets if per_layer[n] == "activation"],
                 positions=positions,
+                plans=plan.layers,
             )
             report.residual_feedback = info["residual_feedback"]
             report.notes += info["notes"]
             if bar is not None:
                 bar.close()
             report.mode = info["mode"]
-        _report_repeated_calls(report, ref, cmp, batches, calls, one_shot=not sequential, positions=positions)
+        if report_error:
+            _report_repeated_calls(report, ref, cmp, batches, calls, one_shot=not sequential, positions=positions)
     finally:
         _restore_training_flags(flags)
     _copy_training_flags(model, flags, cmp)

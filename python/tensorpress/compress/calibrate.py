@@ -118,6 +118,73 @@ def layer_rows(layer: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
     return rows(x, mask)
 
 
+def _conv_positions(conv: nn.Conv2d, x: Tensor) -> int:
+    """Output positions per sample (H_out * W_out) of ``conv`` on x (..., H, W)."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        pad = conv._reversed_padding_repeated_twice  # (left, right, top, bottom)
+        sizes = (x.shape[-2] + pad[2] + pad[3], x.shape[-1] + pad[0] + pad[1])
+    else:
+        sizes = (x.shape[-2] + 2 * conv.padding[0], x.shape[-1] + 2 * conv.padding[1])
+    out = 1
+    for size, k, s, d in zip(sizes, conv.kernel_size, conv.stride, conv.dilation):
+        out *= max(0, (size - d * (k - 1) - 1) // s + 1)
+    return out
+
+
+def layer_row_count(layer: nn.Module, x: Tensor, mask: Tensor | None) -> int:
+    """The number of rows layer_rows(layer, x, mask) has, without forming them."""
+    if isinstance(layer, nn.Conv2d):
+        return (1 if x.dim() == 3 else x.shape[0]) * _conv_positions(layer, x)
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return int(mask.sum())
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def layer_row_chunks(layer: nn.Module, x: Tensor, mask: Tensor | None, max_rows: int | None):
+    """layer_rows(layer, x, mask) in consecutive chunks of at most ``max_rows`` rows (a conv's
+    patches are unfolded a few samples at a time, or a few output rows of one sample at a
+    time), so the rows of a whole batch are never formed at once. ``max_rows`` None: one chunk."""
+    if max_rows is None:
+        yield layer_rows(layer, x, mask)
+        return
+    if isinstance(layer, nn.Conv2d):
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        positions = _conv_positions(layer, x)
+        per = max_rows // max(1, positions)
+        if per >= 1:
+            for i in range(0, x.shape[0], per):
+                yield conv_patches(layer, x[i : i + per])
+            return
+        yield from _output_row_chunks(layer, x, max_rows)
+        return
+    r = rows(x, mask)
+    for i in range(0, r.shape[0], max_rows):
+        yield r[i : i + max_rows]
+
+
+def _output_row_chunks(conv: nn.Conv2d, x: Tensor, max_rows: int):
+    """The patches of each sample a block of output rows at a time (at least one row)."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    for n in range(x.shape[0]):
+        xp = x[n : n + 1]
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            xp = torch.nn.functional.pad(xp, conv._reversed_padding_repeated_twice, mode=mode)
+        else:
+            xp = torch.nn.functional.pad(xp, (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0]))
+        h_out = (xp.shape[-2] - dh * (kh - 1) - 1) // sh + 1
+        w_out = (xp.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+        if h_out <= 0 or w_out <= 0:
+            continue
+        block = max(1, max_rows // w_out)
+        for h0 in range(0, h_out, block):
+            h1 = min(h_out, h0 + block)
+            part = xp[..., h0 * sh : (h1 - 1) * sh + dh * (kh - 1) + 1, :]
+            cols = torch.nn.functional.unfold(part, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+            yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
 @contextmanager
 def hooks(handles: list):
     """Remove every handle in ``handles`` on exit (also on error)."""

@@ -73,7 +73,12 @@ def refine_factors(
 
             _, adjoint = torch.func.vjp(linear, factors[k])  # linear in x: valid at any point
             rhs = adjoint(objective.target)[0]
-            factors[k] = conjugate_gradient(lambda g: adjoint(linear(g) @ objective.gram)[0], rhs, factors[k], cg_iters)
+            factors[k] = conjugate_gradient(
+                lambda g, adjoint=adjoint, linear=linear: adjoint(objective.apply(linear(g)))[0],
+                rhs,
+                factors[k],
+                cg_iters,
+            )
             history.append(objective(kernel(*factors)))
     return factors, history, objective.energy
 

@@ -192,7 +192,7 @@ def _project(Z: Tensor, radius: float, box: float | None, n_dykstra: int) -> tup
     p = torch.zeros_like(Z)
     q = torch.zeros_like(Z)
     rounds = 0
-    for rounds in range(1, n_dykstra + 1):
+    for rounds in range(1, n_dykstra + 1):  # noqa: B007 (the count is returned)
         y = project_nuclear_ball(x + p, radius)
         p = x + p - y
         x_new = (y + q).clamp(-box, box)
@@ -270,7 +270,7 @@ def constrained_lstsq(
         info = {"objective_init": f, "lipschitz": lip}
         y, yG, t = x, xG, 1.0
         converged, restarts, it = False, 0, 0
-        for it in range(1, n_iter + 1):
+        for it in range(1, n_iter + 1):  # noqa: B007 (iterations reported after the loop)
             z, rounds = _project(y - (yG - B) / lip, radius, box, n_dykstra)
             rounds_total += rounds
             zG = z @ G

@@ -36,6 +36,7 @@ class JobConfig:
     threads: int | None = None
     residual_feedback: bool = True
     fold_batchnorm: bool = False
+    max_memory: int | str | None = None  # compress(max_memory=): None = half the available memory
     extra: dict = field(default_factory=dict)
 
 
@@ -178,6 +179,7 @@ def run_job(cfg: JobConfig) -> dict:
         cache=cache,
         residual_feedback=cfg.residual_feedback,
         fold_batchnorm=cfg.fold_batchnorm,
+        max_memory=cfg.max_memory,
         **target_kw,
     )
     report.quality.update(evaluate(small))
@@ -209,6 +211,7 @@ def run_job(cfg: JobConfig) -> dict:
             cache=cache,
             residual_feedback=cfg.residual_feedback,
             fold_batchnorm=cfg.fold_batchnorm,
+            max_memory=cfg.max_memory,
             progress=False,
             **target_kw,
         )

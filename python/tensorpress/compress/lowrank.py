@@ -141,7 +141,7 @@ def _fit_activation(weight, bias, stats, rank, ridge, offset=None) -> LowRankFit
     root = s[:rank].sqrt()
     first = torch.linalg.solve_triangular(L.T, u[:, :rank], upper=True).T * root[:, None]
     second = vh[:rank].T * root
-    out_energy = ((w @ stats.cov_ref.to(w.device)) * w).sum()
+    out_energy = torch.tensor(stats.ref_energy(w), dtype=torch.float64)
     info = {
         "method": "activation" if stats.paired else "whitened",
         "singular_values": s,

@@ -21,18 +21,10 @@ def output_error_parts(layer: nn.Module, fit, stats: GramStats) -> tuple[float, 
     bh = torch.zeros_like(b) if fit.bias is None else fit.bias.to(torch.float64)
     n = stats.n
 
-    def quad(a, g, c):  # tr(a g c^T) without an (out, in, in) intermediate
-        return ((a @ g) * c).sum()
-
     mean_ref_out = w @ stats.mean_ref + b
     mean_diff = mean_ref_out - (wh @ stats.mean_in + bh)
-    energy_c = quad(w, stats.cov_ref, w)
-    err2 = (
-        energy_c
-        - 2 * (wh * stats.cov_cross_times(w).T).sum()
-        + quad(wh, stats.cov_in, wh)
-        + n * mean_diff.square().sum()
-    )
+    energy_c = torch.tensor(stats.ref_energy(w), dtype=torch.float64)
+    err2 = energy_c - 2 * (wh * stats.cov_cross_times(w).T).sum() + stats.in_quad(wh) + n * mean_diff.square().sum()
     energy = energy_c + n * mean_ref_out.square().sum()
     return max(err2.item(), 0.0), energy.item()
 

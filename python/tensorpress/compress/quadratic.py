@@ -27,7 +27,9 @@ def _ridge(cov: Tensor, ridge: float) -> float:
 
 def ridged_gram(cov: Tensor, ridge: float) -> Tensor:
     """cov + ridge * mean(diag(cov)) I: keeps directions with (almost) no energy well posed."""
-    return cov + _ridge(cov, ridge) * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    out = cov.clone()
+    out.diagonal().add_(_ridge(cov, ridge))
+    return out
 
 
 def ridged_cholesky(cov: Tensor, ridge: float) -> tuple[Tensor, float]:
@@ -48,17 +50,32 @@ def ridged_cholesky(cov: Tensor, ridge: float) -> tuple[Tensor, float]:
 
 
 class OutputObjective:
-    """E(W^) of the module docstring for one layer: ``gram`` (G), ``target`` (T, out x in),
-    ``energy`` (the original outputs' centered energy, E(0)); calling it on W^ gives E(W^)."""
+    """E(W^) of the module docstring for one layer: ``gram`` (G, or None when the statistics
+    keep X~^T X~ only as an operator: Kronecker-factored), ``apply(V)`` (V G), ``target`` (T,
+    out x in), ``energy`` (the original outputs' centered energy, E(0)); calling it on W^ gives
+    E(W^)."""
 
     def __init__(self, weight: Tensor, stats: GramStats, ridge: float) -> None:
         w = weight.detach().to(torch.float64)
-        self.gram = ridged_gram(stats.cov_in.to(w.device), ridge)
+        self.stats = stats
+        if stats.kronecker is None:
+            gram = stats.cov_in.to(w.device)  # a fresh matrix: ridged in place
+            gram.diagonal().add_(_ridge(gram, ridge))
+            self.gram, self.delta = gram, 0.0
+        else:
+            scale = stats.in_mean_diag()
+            self.gram, self.delta = None, (ridge * scale if scale > 0 else ridge)
         self.target = stats.cov_cross_times(w).T
-        self.energy = ((w @ stats.cov_ref.to(w.device)) * w).sum().item()
+        self.energy = stats.ref_energy(w) + stats.energy_offset(w)
+
+    def apply(self, v: Tensor) -> Tensor:
+        """V G for V (m, in)."""
+        if self.gram is not None:
+            return v @ self.gram
+        return self.stats.in_apply(v).to(v.device) + self.delta * v
 
     def __call__(self, w_hat: Tensor) -> float:
-        return self.energy + ((w_hat @ self.gram) * w_hat).sum().item() - 2 * (w_hat * self.target).sum().item()
+        return self.energy + (self.apply(w_hat) * w_hat).sum().item() - 2 * (w_hat * self.target).sum().item()
 
 
 def conjugate_gradient(matvec, rhs: Tensor, start: Tensor, iters: int, tol: float = 1e-10) -> Tensor:

@@ -143,7 +143,7 @@ def _fista(
     xV, xc = V, c
     yV, yc, ygV, ygc = V, c, gV, gc
     t, converged, it = 1.0, False, 0
-    for it in range(1, n_iter + 1):
+    for it in range(1, n_iter + 1):  # noqa: B007 (iterations reported after the loop)
         zV = project(yV - lr * ygV)
         zc = yc - lr * ygc / m
         fz, zgM = prob.value(zV, zc)  # its (V, c) gradient is formed only if a restart needs it

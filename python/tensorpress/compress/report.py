@@ -32,6 +32,9 @@ class LayerReport:
     # calibration rows the layer's statistics hold: its input vectors over the whole calibration
     # set (a token of a Linear, an output position of an image for a conv; every call counted)
     rows: int = 0
+    # how its calibration statistics were kept (compress.memory): "exact" (float64 Gram),
+    # "exact-fp32", "kronecker" (channels x offsets factored patch covariance) or "none"
+    statistics: str = "exact"
 
     @property
     def rank_text(self) -> str:
@@ -80,6 +83,10 @@ class CompressionReport:
     # every nn.Linear / conv layer of the model, in model order: compressed, kept dense, skipped
     # (with the reason; tied weights too) or excluded by include/exclude
     account: list[LayerAccount] = field(default_factory=list)
+    # the memory plan (compress.memory.MemoryPlan.to_dict()): budget, estimated peak, and per
+    # layer the representation of its statistics, its approximation and the bytes estimated
+    memory: dict = field(default_factory=dict)
+    memory_lines: list = field(default_factory=list)  # the plan in words (budget, approximated layers)
 
     def account_counts(self) -> dict[str, int]:
         return {s: sum(a.status == s for a in self.account) for s in STATUSES}
@@ -142,13 +149,14 @@ class CompressionReport:
         if self.folded_batchnorm:
             pairs = ", ".join(f"{bn} -> {conv}" for bn, conv in self.folded_batchnorm.items())
             lines.append(f"BatchNorm folded into the conv before it (an identity in its place; same outputs): {pairs}")
+        lines += self.memory_lines
         lines += self.notes
         for k, v in self.quality.items():
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return lines
 
     def table(self, fmt: str = "text") -> str:
-        head = ["layer", "shape", "rank", "params", "kept %", "MACs/row", "rows", "rel err", "s"]
+        head = ["layer", "shape", "rank", "params", "kept %", "MACs/row", "rows", "stats", "rel err", "s"]
         rows = []
         for r in self.layers:
             name = r.name + "".join(f" = {a}" for a in r.aliases) + (f" (x{r.calls} calls)" if r.calls > 1 else "")
@@ -161,6 +169,7 @@ class CompressionReport:
                     f"{100 * r.params_after / r.params_before:.1f}",
                     f"{r.flops_after:,}",
                     f"{r.rows:,}",
+                    r.statistics,
                     f"{r.rel_error:.4f}",
                     f"{r.seconds:.2f}",
                 ]
@@ -223,10 +232,10 @@ def _format_table(head: list[str], rows: list[list[str]], fmt: str, right) -> st
         return "\n".join(out)
     right = set(right)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt_row = lambda row: "  ".join(
-        c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
-        for i, (c, w) in enumerate(zip(row, widths))
-    ).rstrip()
+
+    def fmt_row(row):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
     return "\n".join([fmt_row(head)] + [fmt_row(row) for row in rows])
 
 

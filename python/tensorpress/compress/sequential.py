@@ -31,7 +31,8 @@ from tensorpress.compress.calibrate import (
     group_stages,
     hooks,
     layer_features,
-    layer_rows,
+    layer_row_chunks,
+    layer_row_count,
     naming_batch,
     record_inputs,
     residual_partners,
@@ -40,8 +41,10 @@ from tensorpress.compress.calibrate import (
     run_until_stop,
     trace_calls,
 )
+from tensorpress.compress.memory import narrows
 from tensorpress.compress.shared import swap_module
 from tensorpress.compress.stats import GramStats, OffsetStats
+from tensorpress.compress.structures import weight_matrix
 
 # the original model's calibration rows kept in a shared cache, at most this many bytes (the
 # rows of every stage of MiniLM-L6 on 1,000 sentences take about 2 GB); the stages beyond it
@@ -92,7 +95,7 @@ class _BlockStack:
         with hooks([handle]):
             for b, batch in enumerate(batches):
                 with naming_batch(position(b)):
-                    run_until_stop(lambda: call_model(model, batch))
+                    run_until_stop(lambda batch=batch: call_model(model, batch))
         if len(captured) != len(batches):
             raise RuntimeError("the first block was not reached by every calibration batch")
         return captured
@@ -139,6 +142,46 @@ def _residual_hooks(parents: dict, got: dict) -> list:
     return [parent.register_forward_pre_hook(make(name), with_kwargs=True) for name, parent in parents.items()]
 
 
+def _stage_stats(
+    stage: Sequence[str],
+    ref_of: dict,
+    keep_rows: int,
+    reference: dict | None,
+    projectable: Collection[str],
+    plans: dict | None,
+) -> dict[str, GramStats]:
+    """{layer: its accumulator}: the layers of a stage share one, unless their plan keeps the
+    statistics only through each layer's weight (Kronecker-factored), then one per layer."""
+    only = ref_of[stage[0]]
+    plan = (plans or {}).get(stage[0])
+    dtype = torch.float64 if plan is None else plan.dtype
+    if any((plans or {}).get(n) is not None and plans[n].kronecker for n in stage):
+        return {
+            n: GramStats(
+                layer_features(ref_of[n]),
+                paired=True,
+                reference=None if reference is None else reference.get(n),
+                project=weight_matrix(ref_of[n]),
+                dtype=plans[n].dtype,
+                kronecker=plans[n].kronecker,
+                conv=ref_of[n] if isinstance(ref_of[n], nn.Conv2d) else None,
+            )
+            for n in stage
+        }
+    project = len(stage) == 1 and stage[0] in projectable and not keep_rows and narrows(only)
+    shared = GramStats(
+        layer_features(only),
+        paired=True,
+        keep_rows=keep_rows,
+        reference=None if reference is None else reference.get(stage[0]),
+        project=weight_matrix(only) if project else None,
+        dtype=dtype,
+        conv=only if isinstance(only, nn.Conv2d) else None,
+        buffer_bytes=64 << 20 if plan is None else max(plan.rows_bytes, 1 << 20),
+    )
+    return {name: shared for name in stage}
+
+
 def _collect_stage(
     stage: Sequence[str],
     ref_of: dict,
@@ -155,33 +198,25 @@ def _collect_stage(
     projectable: Collection[str] = (),
     repeated: bool = False,
     position: Callable[[int], int] = int,
+    plans: dict | None = None,
 ) -> tuple[dict[str, GramStats], dict[str, OffsetStats]]:
     """GramStats of every layer in the stage over all batches (paired X, X~). The layers of a
     stage read the same input tensor into the same rows, so they share one accumulator.
-    ``store``: a cache shared by calls on the same model and batches; the original model's rows
-    (X, and the residuals) are kept there within REF_ROWS_BYTES and reused instead of
+    ``store``: a cache shared by calls on the same model and batches; the original model's
+    inputs (X, and the residuals) are kept there within REF_ROWS_BYTES and reused instead of
     replaying the original model. ``projectable``: layers whose fits read X~^T X only times
     their weight (GramStats project=); used for a one-layer stage that narrows its input.
     ``repeated``: the stage's one layer is called several times per pass: every pass runs to
     its end and the rows of all calls are added, the k-th call of the original model paired
     with the k-th of the compressed one. ``position(b)``: batch b's index in the user's calib
-    list (for error messages)."""
+    list (for error messages). ``plans``: {layer: memory.LayerMemory}, the representation of
+    its statistics and the rows per accumulator update (the rows of a batch are formed and
+    added a chunk at a time)."""
     only = ref_of[stage[0]]
-    narrows = (
-        len(stage) == 1
-        and stage[0] in projectable
-        and not keep_rows
-        and isinstance(only, nn.Linear)
-        and 2 * only.out_features < only.in_features
-    )
-    shared = GramStats(
-        layer_features(only),
-        paired=True,
-        keep_rows=keep_rows,
-        reference=None if reference is None else reference.get(stage[0]),
-        project=only.weight if narrows else None,
-    )
-    stats = {name: shared for name in stage}
+    stats = _stage_stats(stage, ref_of, keep_rows, reference, projectable, plans)
+    accumulators = list({id(st): st for st in stats.values()}.values())
+    plan = (plans or {}).get(stage[0])
+    chunk = None if plan is None else plan.chunk_rows
     paired = {n: partners[n] for n in stage if partners and n in partners}  # name -> (ref parent, cmp parent)
     offsets = {n: OffsetStats(layer_features(ref_of[n]), ref_of[n].out_features) for n in paired}
     got_ref: dict[str, list[Tensor]] = {}  # every call's input, in call order
@@ -211,14 +246,8 @@ def _collect_stage(
                     f"layer {n!r}: its block's residual was not recorded in calibration batch {position(b)}"
                 )
 
-    def stage_rows(got, mask):
-        """The rows of every call of the stage's (first) layer, in call order."""
-        layer = ref_of[stage[0]]
-        parts = [layer_rows(layer, x, mask) for x in got[stage[0]]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def reference_rows(b, mask):
-        """(X rows, {layer: residual rows}) of the original model for batch b."""
+    def reference_inputs(b, mask):
+        """(the stage's inputs in the original model, one per call; {layer: residual rows})."""
         key = ("ref-stage-rows", tuple(stage), tuple(paired), b)
         if store is not None and key in store:
             return store[key]
@@ -227,43 +256,82 @@ def _collect_stage(
         with naming_batch(position(b)):
             run_until_stop(lambda: run_ref(b))
         check_reached(got_ref, res_ref, b)
-        x_ref = stage_rows(got_ref, mask)
-        if not torch.isfinite(x_ref).all():
-            raise ValueError(f"layer {stage[0]!r}: calibration activations contain NaN or Inf (batch {position(b)})")
-        found = (x_ref, {n: rows(res_ref[n], mask) for n in paired})
+        found = (list(got_ref[stage[0]]), {n: rows(res_ref[n], mask) for n in paired})
         if store is not None:
-            size = x_ref.numel() * x_ref.element_size() + sum(r.numel() * r.element_size() for r in found[1].values())
+            size = sum(x.numel() * x.element_size() for x in found[0])
+            size += sum(r.numel() * r.element_size() for r in found[1].values())
             used = store.get("ref-stage-rows-bytes", 0)
             if used + size <= REF_ROWS_BYTES:
-                store[key] = found = (x_ref.clone(), {n: r.clone() for n, r in found[1].items()})
+                store[key] = found = ([x.clone() for x in found[0]], {n: r.clone() for n, r in found[1].items()})
                 store["ref-stage-rows-bytes"] = used + size
         return found
+
+    def add(b, mask, ins_ref, ins_cmp):
+        """Add the rows of every call, a chunk at a time, the k-th call of each model paired."""
+        name = stage[0]
+        n_ref = sum(layer_row_count(only, x, mask) for x in ins_ref)
+        n_cmp = sum(layer_row_count(only, x, mask) for x in ins_cmp)
+        if len(ins_ref) != len(ins_cmp) or n_ref != n_cmp:
+            raise RuntimeError(
+                f"layer {name!r}: {n_ref} input rows in the original model, "
+                f"{n_cmp} in the compressed one on calibration batch {position(b)} "
+                f"(it is called a different number of times)"
+            )
+        if isinstance(only, nn.Conv2d):  # the accumulators form the patch rows a chunk at a time
+            for x_r, x_c in zip(ins_ref, ins_cmp):
+                if x_r.shape != x_c.shape:
+                    raise RuntimeError(
+                        f"layer {name!r}: input of shape {tuple(x_r.shape)} in the original model, "
+                        f"{tuple(x_c.shape)} in the compressed one on calibration batch {position(b)}"
+                    )
+                if not (torch.isfinite(x_r).all() and torch.isfinite(x_c).all()):
+                    raise ValueError(
+                        f"layer {name!r}: calibration activations contain NaN or Inf (batch {position(b)})"
+                    )
+                for st in accumulators:
+                    st.update_conv(x_r, x_c, chunk)
+            return
+        for x_r, x_c in zip(ins_ref, ins_cmp):
+            for a, c in zip(layer_row_chunks(only, x_r, mask, chunk), layer_row_chunks(only, x_c, mask, chunk)):
+                if a.shape != c.shape:
+                    raise RuntimeError(
+                        f"layer {name!r}: input rows of shape {tuple(a.shape)} in the original model, "
+                        f"{tuple(c.shape)} in the compressed one on calibration batch {position(b)}"
+                    )
+                if not torch.isfinite(a).all():
+                    raise ValueError(
+                        f"layer {name!r}: calibration activations contain NaN or Inf (batch {position(b)})"
+                    )
+                if not torch.isfinite(c).all():
+                    raise ValueError(
+                        f"layer {name!r}: calibration activations contain NaN or Inf (batch {position(b)})"
+                    )
+                for st in accumulators:
+                    st.update(a, c)
+                if offsets:
+                    yield c
 
     with hooks(ref_handles), hooks(cmp_handles):
         for b in range(n_batches):
             mask = mask_of(b)
-            x_ref, residual_ref = reference_rows(b, mask)
+            ins_ref, residual_ref = reference_inputs(b, mask)
             got_cmp.clear()
             res_cmp.clear()
             with naming_batch(position(b)):
-                run_until_stop(lambda: run_cmp(b))
+                run_until_stop(lambda b=b: run_cmp(b))
             check_reached(got_cmp, res_cmp, b)
-            name = stage[0]
-            x_cmp = stage_rows(got_cmp, mask)
-            if x_cmp.shape != x_ref.shape:
-                raise RuntimeError(
-                    f"layer {name!r}: {x_ref.shape[0]} input rows in the original model, "
-                    f"{x_cmp.shape[0]} in the compressed one on calibration batch {position(b)} "
-                    f"(it is called a different number of times)"
-                )
-            if not torch.isfinite(x_cmp).all():
-                raise ValueError(f"layer {name!r}: calibration activations contain NaN or Inf (batch {position(b)})")
-            shared.update(x_ref, x_cmp)
-            for n, off in offsets.items():
-                off.update(x_cmp, residual_ref[n] - rows(res_cmp[n], mask))
+            ins_cmp = list(got_cmp[stage[0]])
+            if offsets:  # residual feedback (Linear layers of post-norm blocks): rows at once
+                x_cmp = torch.cat(list(add(b, mask, ins_ref, ins_cmp)))
+                for n, off in offsets.items():
+                    off.update(x_cmp, residual_ref[n] - rows(res_cmp[n], mask))
+            else:
+                for _ in add(b, mask, ins_ref, ins_cmp):
+                    pass
             if progress is not None:
                 progress(1)
-    shared.all_reduce_()  # sums over processes under torch.distributed; a no-op otherwise
+    for st in accumulators:
+        st.all_reduce_()  # sums over processes under torch.distributed; a no-op otherwise
     for off in offsets.values():
         off.all_reduce_()
     return stats, offsets
@@ -282,6 +350,7 @@ def compress_sequential(
     residual_feedback: Sequence[str] = (),
     projectable: Collection[str] = (),
     positions: Sequence[int] | None = None,
+    plans: dict | None = None,
 ) -> dict:
     """Replace every layer in ``targets`` of ``cmp`` (a copy of ``ref``) by fit_layer(name,
     stats), in execution order, each fitted on X from ``ref`` and X~ from ``cmp`` as compressed
@@ -294,6 +363,7 @@ def compress_sequential(
     ``projectable``: layers whose fit reads the cross statistics only through
     GramStats.cov_cross_times(their weight), which then may be all that is kept.
     ``positions``: each batch's index in the user's calib list (for error messages).
+    ``plans``: {layer: memory.LayerMemory} (see _collect_stage).
     A layer is replaced under every name it is registered by (see shared.swap_module).
     Returns {"mode": "blocks"|"model", "stages": [...], "residual_feedback": [names],
     "calls": {layer: calls per pass on the first batch}, "notes": [why the block replay was
@@ -325,6 +395,7 @@ def compress_sequential(
             projectable,
             repeated=any(n in repeated for n in stage),
             position=position,
+            plans=plans,
         )
         for name in stage:
             new = fit_layer(name, stats[name], offsets.get(name))
@@ -393,11 +464,12 @@ def compress_sequential(
         inside = {n[len(block_pre) :]: n for n in targets if n.startswith(block_pre)}
         if inside:
             local = {k: ref_blocks[i].get_submodule(k) for k in inside}
-            for stage in execution_order(lambda i=i: _call(ref_blocks[i], ref_in[0]), local):
+            # the passes run within this iteration, before ref_in / cmp_in move on to the next block
+            for stage in execution_order(lambda i=i, ref_in=ref_in: _call(ref_blocks[i], ref_in[0]), local):
                 fit_stage(
                     [inside[k] for k in stage],
-                    lambda b, i=i: _call(ref_blocks[i], ref_in[b]),
-                    lambda b, i=i: _call(cmp_blocks[i], cmp_in[b]),
+                    lambda b, i=i, ref_in=ref_in: _call(ref_blocks[i], ref_in[b]),
+                    lambda b, i=i, cmp_in=cmp_in: _call(cmp_blocks[i], cmp_in[b]),
                 )
         with torch.no_grad():
             ref_in = ref_inputs(i + 1, lambda i=i, prev=ref_in: [step(ref_blocks[i], x, b) for b, x in enumerate(prev)])

@@ -4,12 +4,32 @@ For a layer y = x W^T + b, X holds the inputs the ORIGINAL model feeds it and X~
 model compressed so far (X~ = X when nothing before it changed), one row per sample. Every
 data-aware fit needs only means and the Gram matrices X~^T X~, X~^T X and X^T X, so they are
 accumulated batch by batch and memory never grows with the number of samples.
+
+How the statistics are kept (the representation; :mod:`tensorpress.compress.memory` picks one
+per layer so they fit a memory budget):
+
+- ``exact``: X~^T X~ as a whole (in, in) float64 matrix; with ``project=W`` the cross and the
+  reference side are kept only through the layer's weight (X~^T X W^T and W X^T X W^T), which is
+  all a fit of that layer reads.
+- ``exact-fp32``: the same, the Gram accumulated and kept in float32 (half the memory; each
+  batch's product is formed in float32 anyway, the sums lose about 1e-7 relative per batch).
+- ``kronecker`` (convolutions, with ``project``): X~^T X~ approximated by the Kronecker product
+  of a channel covariance and a spatial-offset covariance, A (C, C) and S (K, K) with
+  A[c, c'] = sum_k G[(c, k), (c', k)] and S[k, k'] = sum_c G[(c, k), (c, k')], G ~ A (x) S / tr(A)
+  (exact when the patches' second moment is separable in channels x offsets, as for stationary
+  inputs with channel correlations independent of position). With D = X - X~ and dW = W - W^,
+  the output error is ||D W^T||^2 + 2 tr(dW X~^T D W^T) + ||X~ dW^T||^2: the first two terms
+  are kept exactly through the weight (X~^T X W^T, X~^T X~ W^T, W X^T X W^T) and only the last
+  is approximated, so at X~ = X a full-rank fit is W itself and the error of the original
+  layer is 0; memory C^2 + K^2 + 2 in * out instead of in^2.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+REPRESENTATIONS = ("exact", "exact-fp32", "kronecker")
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
@@ -27,23 +47,109 @@ def _add_gram(acc: Tensor, x: Tensor) -> None:
     """acc += x^T x, where acc holds the upper block triangle (see _mirror)."""
     d = x.shape[1]
     if d < 2 * GRAM_PANEL:
-        acc += (x.T @ x).to(torch.float64)
+        acc += (x.T @ x).to(acc.dtype)
         return
     for lo in range(0, d, GRAM_PANEL):
         hi = min(lo + GRAM_PANEL, d)
-        acc[lo:hi, lo:] += (x[:, lo:hi].T @ x[:, lo:]).to(torch.float64)
+        acc[lo:hi, lo:] += (x[:, lo:hi].T @ x[:, lo:]).to(acc.dtype)
 
 
 def _mirror(acc: Tensor) -> Tensor:
-    """The whole symmetric matrix from _add_gram's upper block triangle."""
+    """The whole symmetric matrix from _add_gram's upper block triangle, in place (no second
+    (in, in) matrix: the strictly lower blocks are overwritten by the upper ones' transposes)."""
     d = acc.shape[0]
     if d < 2 * GRAM_PANEL:
         return acc
-    full = acc + acc.T
-    for lo in range(0, d, GRAM_PANEL):  # the diagonal blocks were whole, so they were doubled
+    for lo in range(GRAM_PANEL, d, GRAM_PANEL):
         hi = min(lo + GRAM_PANEL, d)
-        full[lo:hi, lo:hi] = acc[lo:hi, lo:hi]
-    return full
+        acc[lo:hi, :lo] = acc[:lo, lo:hi].T
+    return acc
+
+
+def _moved(gram: Tensor, s_a: Tensor, s_b: Tensor, d_a: Tensor, d_b: Tensor, n: int) -> Tensor:
+    """sum (a + d_a)(b + d_b)^T over n rows from G = sum a b^T and the sums s_a, s_b:
+    G + s_a d_b^T + d_a s_b^T + n d_a d_b^T (re-expressing sums about another shift)."""
+    return gram + torch.outer(s_a, d_b) + torch.outer(d_a, s_b) + n * torch.outer(d_a, d_b)
+
+
+def _kron_moved(a: Tensor, s: Tensor, sums: Tensor, delta: Tensor, n: int, shape: tuple[int, int]):
+    """The Kronecker factors (A, S) about a shift moved by ``delta`` (see _moved), from the
+    per-feature sums: sums and delta are (C * K,) vectors, reshaped (C, K)."""
+    sm, dm = sums.reshape(shape), delta.reshape(shape)
+    a = a + sm @ dm.T + dm @ sm.T + n * (dm @ dm.T)
+    s = s + sm.T @ dm + dm.T @ sm + n * (dm.T @ dm)
+    return a, s
+
+
+def tall_kernel(conv) -> tuple[int, bool] | None:
+    """(K, transposed) when the patch Gram of ``conv`` can be formed from correlations of its
+    input (see conv_patch_gram): a (K, 1) kernel with stride 1 and dilation 1 along H, or a
+    (1, K) one along W (transposed), K > 1, one group; None otherwise."""
+    kh, kw = conv.kernel_size
+    if conv.groups != 1:
+        return None
+    if kw == 1 and kh > 1 and conv.stride[0] == 1 and conv.dilation[0] == 1:
+        return kh, False
+    if kh == 1 and kw > 1 and conv.stride[1] == 1 and conv.dilation[1] == 1:
+        return kw, True
+    return None
+
+
+def conv_signals(conv, x: Tensor, transposed: bool) -> Tensor:
+    """The input of a tall-kernel conv as 1-D signals (B, C, L), padded as the conv pads: every
+    column the conv's output reads (stride along the other axis) is one signal."""
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    else:
+        ph, pw = conv.padding
+        x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    if transposed:
+        x = x.transpose(-1, -2)
+        step = conv.stride[0]
+    else:
+        step = conv.stride[1]
+    x = x[..., ::step]  # (N, C, L, columns read)
+    return x.permute(0, 3, 1, 2).reshape(-1, x.shape[1], x.shape[2])
+
+
+def conv_patch_gram(u: Tensor, k: int) -> Tensor | None:
+    """sum over signals b and positions p of patch(b, p) patch(b, p)^T, patch(b, p)[c, j] =
+    u[b, c, p + j] (the rows of a (K, 1) conv with stride 1, channel-major), as a (C * K, C * K)
+    float64 matrix, from correlations of the signals u (B, C, L) instead of the patches: with
+    O_q(D) = sum_b u[b, :, q] u[b, :, q + D]^T, block (j, j + D) is the sum of O_q(D) over
+    q = j .. j + P - 1 (P = L - K + 1 positions): a core over q = K - 1 .. P - 1 shared by every
+    j (one GEMM per lag D) plus a head and a tail of fewer than K terms each (cumulative sums).
+    About K P / (2 (P + K)) times fewer FLOPs than the patches' Gram. None when P < K."""
+    b, c, length = u.shape
+    p = length - k + 1
+    if p < k:
+        return None
+    f64 = torch.float64
+    g = torch.empty(k * k, c, c, dtype=f64, device=u.device)  # block (j, j') at j * K + j'
+    m = p - k + 1  # core positions per signal
+    core_left = u[:, :, k - 1 : p].permute(1, 0, 2).reshape(c, b * m)
+    ut = u.permute(2, 0, 1).contiguous()  # (L, B, C): U_q = ut[q]; batched GEMMs want it contiguous
+    heads = ut[: k - 1].transpose(1, 2)  # (K - 1, C, B): U_q^T
+    for d in range(k):
+        n = k - d  # blocks (j, j + D) for j = 0 .. K - 1 - D
+        right = u[:, :, k - 1 + d : p + d].permute(1, 0, 2).reshape(c, b * m)
+        val = (core_left @ right.T).to(f64).expand(n, c, c).clone()
+        if k > 1:
+            # head: sum over q = j .. K - 2 of O_q(D), a reverse cumulative sum over q
+            o = torch.bmm(heads, ut[d : d + k - 1]).to(f64)  # (K - 1, C, C)
+            head = o.flip(0).cumsum(0).flip(0)  # head[j] = sum_{q >= j}
+            val[: min(n, k - 1)] += head[: min(n, k - 1)]
+        if n > 1:
+            # tail: sum over q = P .. P + j - 1 of O_q(D), j = 1 .. n - 1
+            t = torch.bmm(ut[p : p + n - 1].transpose(1, 2), ut[p + d : p + d + n - 1])
+            val[1:] += t.to(f64).cumsum(0)
+        g[d :: k + 1][:n] = val  # blocks (j, j + D): a strided diagonal of the block grid
+        if d:
+            g[d * k :: k + 1][:n] = val.transpose(1, 2)  # blocks (j + D, j)
+    return g.reshape(k, k, c, c).permute(2, 0, 3, 1).reshape(c * k, c * k)
 
 
 class GramStats:
@@ -52,7 +158,7 @@ class GramStats:
     Each batch is shifted by a fixed reference point (the first batch's mean) before its
     products are formed in the input's precision, so large common offsets (transformer hidden
     states have them) do not cancel catastrophically, and the batch products are added into
-    float64 accumulators.
+    float64 accumulators (float32 with ``dtype=torch.float32``).
 
     Args:
         in_features: the row length.
@@ -62,9 +168,15 @@ class GramStats:
         reference: one-shot statistics of the very same X rows (the original model's inputs
             to this layer, from the same batches), whose X^T X is then used instead of being
             accumulated again (a third of the work of a paired update).
-        project: the weight W (out, in) of the one layer these statistics serve, for paired
-            statistics: X~^T X is then kept only as X~^T X W^T (in, out), which is all a fit
-            of that layer reads (see cov_cross_times), at out/in of the cost.
+        project: the weight W (out, in) of the one layer these statistics serve: X~^T X is
+            then kept only as X~^T X W^T (in, out) and X^T X only as W X^T X W^T (out, out),
+            which is all a fit of that layer reads (see cov_cross_times and ref_energy), at
+            out/in of the cost. With paired=False it keeps X^T X W^T beside X^T X.
+        dtype: the precision the Gram matrices are accumulated and kept in (torch.float64 or
+            torch.float32; the means and reads are float64 either way).
+        kronecker: (channels, offsets) with channels * offsets = in_features, the row laid out
+            channel-major (a conv's patch): keep X~^T X~ as a Kronecker product of channel and
+            offset covariances (see the module docstring); needs ``project``.
     """
 
     def __init__(
@@ -74,30 +186,82 @@ class GramStats:
         keep_rows: int = 0,
         reference: GramStats | None = None,
         project: Tensor | None = None,
+        dtype: torch.dtype = torch.float64,
+        kronecker: tuple[int, int] | None = None,
+        conv=None,
+        buffer_bytes: int = 64 << 20,
     ) -> None:
         self.in_features, self.paired, self.keep_rows = in_features, paired, keep_rows
         if reference is not None and (not paired or reference.in_features != in_features):
             raise ValueError("reference: expected one-shot statistics of the same features for paired statistics")
-        if project is not None and (not paired or project.dim() != 2 or project.shape[1] != in_features):
+        if project is not None and (project.dim() != 2 or project.shape[1] != in_features):
             raise ValueError(
                 f"project: expected a weight (out, {in_features}) for paired statistics, got "
                 f"{tuple(project.shape) if project is not None else None}"
             )
+        if dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"dtype: expected torch.float64 or torch.float32, got {dtype}")
+        if kronecker is not None:
+            ok = (
+                isinstance(kronecker, (tuple, list))
+                and len(kronecker) == 2
+                and all(isinstance(k, int) and k >= 1 for k in kronecker)
+                and kronecker[0] * kronecker[1] == in_features
+            )
+            if not ok:
+                raise ValueError(
+                    f"kronecker: expected (channels, offsets) with channels * offsets = {in_features}, "
+                    f"got {kronecker!r}"
+                )
+            if project is None:
+                raise ValueError("kronecker: Kronecker-factored statistics need project= (the layer's weight)")
+            if keep_rows:
+                raise ValueError("keep_rows: Kronecker-factored statistics keep no rows")
+            kronecker = (int(kronecker[0]), int(kronecker[1]))
         self.project = None if project is None else project.detach().to(torch.float64)
+        self.dtype, self.kronecker = dtype, kronecker
         self.reference = reference
         self._upper = False  # True while the Grams hold upper block triangles (see _add_gram)
         self.n = 0
         self._shift_ref: Tensor | None = None
         self._shift_in: Tensor | None = None
         self._sum_ref = self._sum_in = None
-        self._gram_ref = self._gram_in = self._cross = None
+        self._gram_ref = self._gram_in = self._cross = self._ref_out = None
+        self._kron_a = self._kron_s = self._in_proj = None
+        # a tall-kernel conv whose only (in, in) Gram is the input side's: that Gram is formed
+        # from correlations of the conv's input signals (conv_patch_gram), buffered up to
+        # buffer_bytes (see update_conv)
+        only_in_gram = kronecker is None and (not paired or (project is not None and reference is None))
+        self.conv = conv
+        self._tall = tall_kernel(conv) if (conv is not None and (only_in_gram or kronecker is not None)) else None
+        if conv is not None and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] != in_features:
+            raise ValueError(f"conv: expected a conv with {in_features} features per patch, got {conv}")
+        self.buffer_bytes = buffer_bytes
+        self._signals: list[Tensor] = []
+        self._signal_bytes = 0
         self.rows_ref: list[Tensor] = []
         self.rows_in: list[Tensor] = []
         self._kept = 0
 
-    def update(self, x_ref: Tensor, x_in: Tensor | None = None) -> None:
+    @property
+    def representation(self) -> str:
+        """How X~^T X~ is kept: "exact", "exact-fp32" or "kronecker" (see the module docstring)."""
+        if self.kronecker is not None:
+            return "kronecker"
+        return "exact" if self.dtype == torch.float64 else "exact-fp32"
+
+    @property
+    def _keeps_gram_ref(self) -> bool:
+        # one-shot: X^T X is the input Gram itself (unless Kronecker-factored); paired: only
+        # when neither a reference nor the projection stands in for it
+        if not self.paired:
+            return self.kronecker is None
+        return self.reference is None and self.project is None
+
+    def update(self, x_ref: Tensor, x_in: Tensor | None = None, _in_gram: bool = True) -> None:
         """Add rows: x_ref (rows, in) from the original model and x_in (rows, in) from the
-        compressed one (ignored, and may be None, when not paired)."""
+        compressed one (ignored, and may be None, when not paired). (``_in_gram`` False: the
+        input side's Gram is added by update_conv from the signals.)"""
         x_ref = x_ref.detach().reshape(-1, self.in_features)
         x_in = x_ref if not self.paired or x_in is None else x_in.detach().reshape(-1, self.in_features)
         if x_in.shape != x_ref.shape:
@@ -108,29 +272,59 @@ class GramStats:
         x_ref, x_in = x_ref.to(work), x_in.to(work)
         if self._shift_ref is None:
             self._shift_ref = x_ref.mean(0)
-            self._shift_in = x_in.mean(0)
+            self._shift_in = x_in.mean(0) if self.paired else self._shift_ref
+        if self._sum_ref is None:
             d = self.in_features
-            zeros = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x_ref.device)  # noqa: E731
-            self._sum_ref, self._sum_in = zeros(d), zeros(d)
-            self._gram_ref = zeros(d, d) if self.reference is None else None
-            if self.paired:
-                self._gram_in = zeros(d, d)
-                self._cross = zeros(d, d) if self.project is None else zeros(d, self.project.shape[0])
-            self._upper = True  # the Grams hold upper block triangles until first read
+            dev = x_ref.device
+
+            def zeros(*s, dtype=torch.float64):
+                return torch.zeros(*s, dtype=dtype, device=dev)
+
+            self._sum_ref, self._sum_in = zeros(d), (zeros(d) if self.paired else None)
+            self._gram_ref = zeros(d, d, dtype=self.dtype) if self._keeps_gram_ref else None
+            if self.kronecker is not None:
+                c, k = self.kronecker
+                self._kron_a, self._kron_s = zeros(c, c), zeros(k, k)
+                if self.paired:
+                    self._in_proj = zeros(d, self.project.shape[0])
+            elif self.paired:
+                self._gram_in = zeros(d, d, dtype=self.dtype)
+            if self.project is not None:
+                out = self.project.shape[0]
+                self._cross, self._ref_out = zeros(d, out), zeros(out, out)
+            elif self.paired:
+                self._cross = zeros(d, d)
+            # the Grams hold upper block triangles until first read (update_conv adds whole ones)
+            self._upper = self._tall is None
         # rows added after a read go into the whole matrices
-        add_gram = _add_gram if self._upper else (lambda acc, x: acc.add_((x.T @ x).to(torch.float64)))
+        add_gram = _add_gram if self._upper else (lambda acc, x: acc.add_((x.T @ x).to(acc.dtype)))
         a = x_ref - self._shift_ref
         self._sum_ref += a.sum(0, dtype=torch.float64)
-        if self.reference is None:
+        if self._gram_ref is not None and (self.paired or _in_gram):
             add_gram(self._gram_ref, a)
+        b = a
         if self.paired:
             b = x_in - self._shift_in
             self._sum_in += b.sum(0, dtype=torch.float64)
+        if self.kronecker is not None and _in_gram:
+            c, k = self.kronecker
+            bk = b.reshape(-1, c, k)
+            for j in range(k):  # one offset at a time: no (rows * K, C) copy
+                col = bk[:, :, j]
+                self._kron_a += (col.T @ col).to(torch.float64)
+            flat = b.reshape(-1, k)
+            self._kron_s += (flat.T @ flat).to(torch.float64)
+        elif self.paired and _in_gram:
             add_gram(self._gram_in, b)
-            if self.project is None:
-                self._cross += (b.T @ a).to(torch.float64)
-            else:
-                self._cross += (b.T @ (a @ self.project.to(device=a.device, dtype=a.dtype).T)).to(torch.float64)
+        if self.project is not None:
+            p = self.project.to(device=a.device, dtype=a.dtype)
+            aw = a @ p.T
+            self._cross += (b.T @ aw).to(torch.float64)
+            self._ref_out += (aw.T @ aw).to(torch.float64)
+            if self._in_proj is not None:
+                self._in_proj += (b.T @ (b @ p.T)).to(torch.float64)
+        elif self.paired:
+            self._cross += (b.T @ a).to(torch.float64)
         self.n += x_ref.shape[0]
         if self._kept < self.keep_rows:
             take = min(self.keep_rows - self._kept, x_ref.shape[0])
@@ -139,6 +333,80 @@ class GramStats:
             self.rows_in.append(x_in[idx].to(torch.float64))
             self._kept += take
 
+    def update_conv(self, x_ref: Tensor, x_in: Tensor | None = None, max_rows: int | None = None) -> None:
+        """Add the patch rows of the conv given at construction for its inputs x_ref and x_in
+        (N, C, H, W) (x_in ignored when not paired), at most ``max_rows`` patch rows formed at
+        a time. For a tall kernel (see tall_kernel) the input side's Gram is formed from the
+        signals' correlations (conv_patch_gram, float32 products summed in float64), the other
+        statistics from the patch rows; otherwise every statistic from the patch rows."""
+        from tensorpress.compress.calibrate import layer_row_chunks
+
+        conv = self.conv
+        if conv is None:
+            raise ValueError("conv: update_conv needs GramStats(..., conv=the layer)")
+        x_in = x_ref if not self.paired or x_in is None else x_in
+        if x_in.shape != x_ref.shape:
+            raise ValueError(f"x_in: expected the shape of x_ref {tuple(x_ref.shape)}, got {tuple(x_in.shape)}")
+        chunks = zip(layer_row_chunks(conv, x_ref, None, max_rows), layer_row_chunks(conv, x_in, None, max_rows))
+        if self._tall is None:
+            for a, b in chunks:
+                self.update(a, b)
+            return
+        k, transposed = self._tall
+        work = _work_dtype(x_ref)
+        if self._shift_ref is None:  # one shift per channel: the signals can be shifted before their products
+            dims = [0, 2, 3] if x_ref.dim() == 4 else [1, 2]
+            per_ref = x_ref.detach().to(work).mean(dims)
+            per_in = x_in.detach().to(work).mean(dims) if self.paired else per_ref
+            self._shift_ref = per_ref.repeat_interleave(k)
+            self._shift_in = per_in.repeat_interleave(k) if self.paired else self._shift_ref
+        for a, b in chunks:
+            self.update(a, b, _in_gram=False)
+        sig = conv_signals(conv, x_in.detach().to(work), transposed)
+        sig = sig - self._shift_in.reshape(-1, k)[:, 0].to(sig.device)[None, :, None]
+        if self.kronecker is not None:
+            self._add_kron_signals(sig, k)
+            return
+        self._signals.append(sig)
+        self._signal_bytes += sig.numel() * sig.element_size()
+        if self._signal_bytes >= self.buffer_bytes:
+            self._flush()
+
+    def _add_kron_signals(self, u: Tensor, k: int) -> None:
+        """The Kronecker factors' sums from the (shifted) signals u (B, C, L) of a tall kernel:
+        A = sum over patches and offsets of x_c x_e = sum over positions q of m_q u_q u_q^T (m_q:
+        the patches x offsets that read q), S = the offsets' Gram summed over channels (the patch
+        Gram of each channel's signal): L instead of K * P products per signal for A."""
+        b, c, length = u.shape
+        p = length - k + 1
+        if p <= 0:
+            return
+        q = torch.arange(length, device=u.device)
+        m = (torch.clamp(q, max=k - 1) - torch.clamp(q - p + 1, min=0) + 1).clamp(min=0).to(u.dtype)
+        flat = (u * m.sqrt()).permute(1, 0, 2).reshape(c, b * length)
+        self._kron_a += (flat @ flat.T).to(torch.float64)
+        chan = u.reshape(b * c, 1, length)
+        gram = conv_patch_gram(chan, k)
+        if gram is None:
+            rows = chan.unfold(2, k, 1).reshape(-1, k)
+            gram = (rows.T @ rows).to(torch.float64)
+        self._kron_s += gram
+
+    def _flush(self) -> None:
+        """Add the buffered signals' patch Gram into the input side's Gram."""
+        if not self._signals:
+            return
+        u = torch.cat(self._signals) if len(self._signals) > 1 else self._signals[0]
+        self._signals, self._signal_bytes = [], 0
+        k = self._tall[0]
+        gram = conv_patch_gram(u, k)
+        acc = self._gram_in if self.paired else self._gram_ref
+        if gram is None:  # fewer positions than offsets: the patches' own Gram
+            rows = u.unfold(2, k, 1).permute(0, 2, 1, 3).reshape(-1, u.shape[1] * k)
+            acc += (rows.T @ rows).to(acc.dtype)
+        else:
+            acc += gram.to(acc.dtype)
+
     def _require_data(self):
         if self.n == 0:
             raise ValueError("calibration data: no rows reached this layer")
@@ -146,12 +414,17 @@ class GramStats:
 
     def _whole(self) -> None:
         """Turn the Grams' upper block triangles into whole matrices (once, at first read)."""
+        self._flush()
         if self.n and self._upper:
             if self._gram_ref is not None:
                 self._gram_ref = _mirror(self._gram_ref)
-            if self.paired:
+            if self._gram_in is not None:
                 self._gram_in = _mirror(self._gram_in)
             self._upper = False
+
+    @property
+    def _sum_in_side(self) -> Tensor:
+        return self._sum_in if self.paired else self._sum_ref
 
     @property
     def mean_ref(self) -> Tensor:
@@ -169,7 +442,17 @@ class GramStats:
 
     def _centered(self, gram: Tensor, sum_a: Tensor, sum_b: Tensor) -> Tensor:
         # sum (a - mean_a)(b - mean_b)^T from the shifted sums: G - s_a s_b^T / n
-        return gram - torch.outer(sum_a, sum_b) / self.n
+        out = gram.to(torch.float64)
+        if out is gram:
+            out = gram.clone()
+        return out.sub_(torch.outer(sum_a, sum_b).div_(self.n))
+
+    def _no_matrix(self, what: str) -> ValueError:
+        return ValueError(
+            f"stats: {what} is not kept as a matrix by these statistics (representation "
+            f"{self.representation!r}, project={'set' if self.project is not None else 'None'}); "
+            f"use in_apply / in_quad / ref_energy / cov_cross_times"
+        )
 
     @property
     def cov_ref(self) -> Tensor:
@@ -179,6 +462,8 @@ class GramStats:
             if self.reference.n != self.n:
                 raise RuntimeError(f"reference: its statistics cover {self.reference.n} rows, these {self.n}")
             return self.reference.cov_ref
+        if self._gram_ref is None:
+            raise self._no_matrix("X^T X")
         return self._centered(self._gram_ref, self._sum_ref, self._sum_ref)
 
     @property
@@ -187,17 +472,26 @@ class GramStats:
         if not self.paired:
             return self.cov_ref
         self._require_data()
+        if self._gram_in is None:
+            raise self._no_matrix("X~^T X~")
         return self._centered(self._gram_in, self._sum_in, self._sum_in)
 
     @property
     def cov_cross(self) -> Tensor:
         """Centered X~^T X (in, in)."""
+        if self.project is not None:
+            raise ValueError("stats: X~^T X was kept only times the layer's weight (project=); use cov_cross_times")
         if not self.paired:
             return self.cov_ref
         self._require_data()
-        if self.project is not None:
-            raise ValueError("stats: X~^T X was kept only times the layer's weight (project=); use cov_cross_times")
         return self._centered(self._cross, self._sum_in, self._sum_ref)
+
+    def _check_projected(self, w: Tensor) -> None:
+        if w.shape != self.project.shape or not torch.equal(w.to(self.project.device), self.project):
+            raise ValueError(
+                f"weight: these statistics keep X~^T X only times the weight they were projected on "
+                f"{tuple(self.project.shape)}; expected that weight"
+            )
 
     def cov_cross_times(self, weight: Tensor) -> Tensor:
         """Centered X~^T X W^T (in, out) for the layer's weight W (out, in), float64."""
@@ -205,13 +499,75 @@ class GramStats:
         if self.project is None:
             return self.cov_cross.to(w.device) @ w.T
         self._require_data()
-        if w.shape != self.project.shape or not torch.equal(w.to(self.project.device), self.project):
-            raise ValueError(
-                f"weight: these statistics keep X~^T X only times the weight they were projected on "
-                f"{tuple(self.project.shape)}; expected that weight"
-            )
-        centered = self._cross - torch.outer(self._sum_in, self.project @ self._sum_ref) / self.n
+        self._check_projected(w)
+        centered = self._cross - torch.outer(self._sum_in_side, self.project @ self._sum_ref) / self.n
+        if self.kronecker is not None:
+            # the fit's effective target (module docstring): C^ W^T + (X~^T X - X~^T X~) W^T
+            centered = centered - self._in_projected() + self.in_apply(self.project).T
         return centered.to(w.device)
+
+    def _in_projected(self) -> Tensor:
+        """Centered X~^T X~ W^T (in, out), exact (Kronecker-factored statistics)."""
+        if self._in_proj is None:  # one-shot: X~ = X
+            return self._cross - torch.outer(self._sum_ref, self.project @ self._sum_ref) / self.n
+        return self._in_proj - torch.outer(self._sum_in, self.project @ self._sum_in) / self.n
+
+    def energy_offset(self, weight: Tensor) -> float:
+        """What the quadratic objective built from these statistics (in_apply, cov_cross_times,
+        ref_energy) misses of the output error: 0 for exact statistics; for Kronecker-factored
+        ones tr(W C^ W^T) - tr(W Cin W^T), so that the error of W^ = W is exactly that of the
+        inputs' difference, ||(X - X~) W^T||^2 (see the module docstring)."""
+        if self.kronecker is None:
+            return 0.0
+        w = weight.detach().to(torch.float64)
+        self._require_data()
+        self._check_projected(w)
+        return self.in_quad(self.project) - float((self.project.T * self._in_projected()).sum())
+
+    def ref_energy(self, weight: Tensor) -> float:
+        """tr(W Cr W^T): the centered energy of the original outputs X W^T."""
+        w = weight.detach().to(torch.float64)
+        self._require_data()
+        if self.reference is not None:
+            return self.reference.ref_energy(w)
+        if self.project is not None and self._gram_ref is None:
+            self._check_projected(w)
+            ws = self.project @ self._sum_ref
+            return float(self._ref_out.trace() - ws.square().sum() / self.n)
+        return float(((w @ self.cov_ref.to(w.device)) * w).sum())
+
+    def in_apply(self, v: Tensor) -> Tensor:
+        """V Cin (m, in) for V (m, in), Cin the centered X~^T X~ (or its Kronecker approximation)."""
+        v = v.to(torch.float64)
+        if self.kronecker is None:
+            return v @ self.cov_in.to(v.device)
+        a, s = self._kron_factors()
+        c, k = self.kronecker
+        return torch.einsum("ce,mek,kl->mcl", a.to(v.device), v.reshape(-1, c, k), s.to(v.device)).reshape(v.shape)
+
+    def in_quad(self, v: Tensor) -> float:
+        """tr(V Cin V^T) (see in_apply)."""
+        return float((self.in_apply(v) * v.to(torch.float64)).sum())
+
+    def in_mean_diag(self) -> float:
+        """The mean of Cin's diagonal (the scale a relative ridge is taken of)."""
+        self._require_data()
+        s_in = self._sum_in_side
+        if self.kronecker is not None:
+            return float(self._kron_factors()[1].trace()) / self.in_features
+        gram = self._gram_in if self.paired else self._gram_ref
+        if gram is None:
+            return float(self.cov_in.diagonal().mean())
+        return float((gram.diagonal().to(torch.float64) - s_in.square() / self.n).mean())
+
+    def _kron_factors(self) -> tuple[Tensor, Tensor]:
+        """The centered Kronecker factors (A / tr(A), S): Cin ~ (A / tr A) (x) S."""
+        self._require_data()
+        sm = self._sum_in_side.reshape(self.kronecker)
+        a = self._kron_a - sm @ sm.T / self.n
+        s = self._kron_s - sm.T @ sm / self.n
+        tr = float(a.trace())
+        return (a / tr if tr > 0 else a), s
 
     def gram_in(self) -> Tensor:
         """Uncentered X~^T X~."""
@@ -241,22 +597,20 @@ class GramStats:
         if self.n == 0:
             self.__dict__.update({k: (v.clone() if isinstance(v, Tensor) else v) for k, v in other.__dict__.items()})
             self.rows_ref, self.rows_in = list(other.rows_ref), list(other.rows_in)
+            self._signals, self._signal_bytes = [], 0
             return self
 
-        # re-express the other's sums about this accumulator's shifts: with d = shift_o - shift,
-        # sum (a + d_a)(b + d_b)^T = G + s_a d_b^T + d_a s_b^T + n d_a d_b^T
-        def moved(gram, s_a, s_b, d_a, d_b):
-            return gram + torch.outer(s_a, d_b) + torch.outer(d_a, s_b) + other.n * torch.outer(d_a, d_b)
-
+        # re-express the other's sums about this accumulator's shifts
+        n = other.n
         d_ref = (other._shift_ref - self._shift_ref).to(torch.float64)
-        self._gram_ref += moved(other._gram_ref, other._sum_ref, other._sum_ref, d_ref, d_ref)
+        self._gram_ref += _moved(other._gram_ref, other._sum_ref, other._sum_ref, d_ref, d_ref, n).to(self.dtype)
         if self.paired:
             d_in = (other._shift_in - self._shift_in).to(torch.float64)
-            self._gram_in += moved(other._gram_in, other._sum_in, other._sum_in, d_in, d_in)
-            self._cross += moved(other._cross, other._sum_in, other._sum_ref, d_in, d_ref)
-            self._sum_in += other._sum_in + other.n * d_in
-        self._sum_ref += other._sum_ref + other.n * d_ref
-        self.n += other.n
+            self._gram_in += _moved(other._gram_in, other._sum_in, other._sum_in, d_in, d_in, n).to(self.dtype)
+            self._cross += _moved(other._cross, other._sum_in, other._sum_ref, d_in, d_ref, n)
+            self._sum_in += other._sum_in + n * d_in
+        self._sum_ref += other._sum_ref + n * d_ref
+        self.n += n
         self.rows_ref += other.rows_ref
         self.rows_in += other.rows_in
         return self
@@ -272,9 +626,7 @@ class GramStats:
         d = self.in_features
         f64 = torch.float64
         dev = self._sum_ref.device if self.n else torch.device("cpu")
-        proj = self.project  # the cross product's ref side is kept times W^T: move it through W too
-        wt = (lambda v: v) if proj is None else (lambda v: proj.to(v.device) @ v)  # noqa: E731
-        cross_cols = d if proj is None else proj.shape[0]
+        proj = self.project  # the ref side is kept times W^T: move it through W too
         zero_vec = torch.zeros(d, dtype=f64, device=dev)
         # 1. the global means become the common shift (the best-conditioned one)
         s_ref = (self._shift_ref.to(f64) * self.n + self._sum_ref) if self.n else zero_vec
@@ -283,38 +635,57 @@ class GramStats:
         total = int(n_t.item())
         if total == 0:
             return self
-        mu_ref, mu_in = s_ref / total, (s_in / total if self.paired else None)
+        mu_ref = s_ref / total
+        mu_in = s_in / total if self.paired else mu_ref
 
-        # 2. this process's sums re-expressed about the common shift: with d = shift - mu,
-        #    sum (a + d_a)(b + d_b)^T = G + s_a d_b^T + d_a s_b^T + n d_a d_b^T
-        def moved(gram, s_a, s_b, d_a, d_b):
-            return gram + torch.outer(s_a, d_b) + torch.outer(d_a, s_b) + self.n * torch.outer(d_a, d_b)
-
-        zeros = torch.zeros(d, d, dtype=f64, device=dev)
-        parts = []
+        # 2. this process's sums re-expressed about the common shift (see _moved); the parts
+        #    are named, with the shapes every process agrees on (zeros where n == 0)
+        out = 0 if proj is None else proj.shape[0]
+        shapes = {"sum_ref": (d,), "sum_in": (d,) if self.paired else None}
+        shapes["gram_ref"] = (d, d) if self._keeps_gram_ref else None
+        shapes["gram_in"] = (d, d) if (self.paired and self.kronecker is None) else None
+        shapes["kron_a"] = None if self.kronecker is None else (self.kronecker[0],) * 2
+        shapes["kron_s"] = None if self.kronecker is None else (self.kronecker[1],) * 2
+        shapes["cross"] = (d, out) if proj is not None else ((d, d) if self.paired else None)
+        shapes["ref_out"] = (out, out) if proj is not None else None
+        shapes["in_proj"] = (d, out) if self._in_proj is not None or (self.kronecker and self.paired) else None
+        shapes = {k: v for k, v in shapes.items() if v is not None}
         if self.n:
+            n = self.n
             d_ref = self._shift_ref.to(f64) - mu_ref
-            parts += [
-                self._sum_ref + self.n * d_ref,
-                zeros if self._gram_ref is None else moved(self._gram_ref, self._sum_ref, self._sum_ref, d_ref, d_ref),
-            ]
+            d_in = (self._shift_in.to(f64) - mu_in) if self.paired else d_ref
+            s_in_side = self._sum_in_side
+            got = {"sum_ref": self._sum_ref + n * d_ref}
             if self.paired:
-                d_in = self._shift_in.to(f64) - mu_in
-                parts += [
-                    self._sum_in + self.n * d_in,
-                    moved(self._gram_in, self._sum_in, self._sum_in, d_in, d_in),
-                    moved(self._cross, self._sum_in, wt(self._sum_ref), d_in, wt(d_ref)),
-                ]
+                got["sum_in"] = self._sum_in + n * d_in
+            if "gram_ref" in shapes:
+                got["gram_ref"] = _moved(self._gram_ref.to(f64), self._sum_ref, self._sum_ref, d_ref, d_ref, n)
+            if "gram_in" in shapes:
+                got["gram_in"] = _moved(self._gram_in.to(f64), self._sum_in, self._sum_in, d_in, d_in, n)
+            if "kron_a" in shapes:
+                got["kron_a"], got["kron_s"] = _kron_moved(
+                    self._kron_a, self._kron_s, s_in_side, d_in, n, self.kronecker
+                )
+            if proj is not None:
+                p = proj.to(dev)
+                got["cross"] = _moved(self._cross, s_in_side, p @ self._sum_ref, d_in, p @ d_ref, n)
+                got["ref_out"] = _moved(self._ref_out, p @ self._sum_ref, p @ self._sum_ref, p @ d_ref, p @ d_ref, n)
+                if "in_proj" in shapes:
+                    got["in_proj"] = _moved(self._in_proj, self._sum_in, p @ self._sum_in, d_in, p @ d_in, n)
+            elif self.paired:
+                got["cross"] = _moved(self._cross, self._sum_in, self._sum_ref, d_in, d_ref, n)
         else:
-            parts += [zero_vec, zeros] + (
-                [zero_vec, zeros, torch.zeros(d, cross_cols, dtype=f64, device=dev)] if self.paired else []
-            )
-        parts = tpdist.sum_tensors(parts)
-        self._sum_ref, gram_ref = parts[0], parts[1]
-        self._gram_ref = None if self.reference is not None else gram_ref
-        if self.paired:
-            self._sum_in, self._gram_in, self._cross = parts[2], parts[3], parts[4]
-        self._shift_ref, self._shift_in = mu_ref, (mu_in if self.paired else mu_ref)
+            got = {k: torch.zeros(*s, dtype=f64, device=dev) for k, s in shapes.items()}
+        keys = list(shapes)
+        summed = dict(zip(keys, tpdist.sum_tensors([got[k] for k in keys])))
+        self._sum_ref = summed["sum_ref"]
+        self._sum_in = summed.get("sum_in")
+        self._gram_ref = summed["gram_ref"].to(self.dtype) if "gram_ref" in summed else None
+        self._gram_in = summed["gram_in"].to(self.dtype) if "gram_in" in summed else None
+        self._kron_a, self._kron_s = summed.get("kron_a"), summed.get("kron_s")
+        self._cross, self._ref_out = summed.get("cross"), summed.get("ref_out")
+        self._in_proj = summed.get("in_proj")
+        self._shift_ref, self._shift_in = mu_ref, mu_in
         self.n = total
         self._upper = False
         if self.keep_rows:
