@@ -20,6 +20,7 @@ backward (activation memory), and writes ``tt_cpu.json``, ``tt_cpu.md`` and ``tt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -522,8 +523,11 @@ CUDA_CASES = [
     ("4096->11008 r32", 4096, 11008, 32, None, None),
 ]
 CUDA_BATCHES = (1, 16, 256, 4096)
-CUDA_DTYPES = ("float32", "bfloat16")
-CUDA_AGREE_TOL = {"float32": 1e-4, "bfloat16": 3e-2}
+# float32 twice: TF32 off (torch's default), then on (torch.backends.cuda.matmul.allow_tf32:
+# cuBLAS and our tensor-core tiled GEMMs both use it)
+CUDA_DTYPES = ("float32", "float32-tf32", "bfloat16")
+CUDA_AGREE_TOL = {"float32": 1e-4, "float32-tf32": 5e-3, "bfloat16": 3e-2}
+CUDA_GRAPH_MAX_BATCH = 16  # small batches are also timed as CUDA-graph replays (launch gaps gone)
 CUDA_TARGET_SMALL, CUDA_TARGET_LARGE = 3.0, 2.0  # vs einsum / tltorch at batch <= 64, at 4096
 CUDA_TARGET_LATENCY_US = 10.0  # 4096^2 r16 at batch <= 64
 CUDA_TARGET_ROOFLINE = 0.5  # large-batch forward vs its roofline floor
@@ -554,18 +558,64 @@ def cuda_ceilings() -> dict:
     a = b = None  # 2 GiB freed before the matmuls (not `del`: the lambda above still names them)
     res = {"copy_bytes_per_s": 2 * 4 * n / (copy_ms * 1e-3)}
     for name in CUDA_DTYPES:
-        dt = getattr(torch, name)
-        m = torch.randn(8192, 8192, device="cuda").to(dt)
-        ms = statistics.median(cuda_time_ms(lambda _, m=m: m @ m, [None], 20, 3))
+        with tf32(name):
+            m = torch.randn(8192, 8192, device="cuda").to(torch_dtype(name))
+            ms = statistics.median(cuda_time_ms(lambda _, m=m: m @ m, [None], 20, 3))
         res[f"matmul_flops_{name}"] = 2 * 8192**3 / (ms * 1e-3)
     return res
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.split("-")[0])
+
+
+@contextlib.contextmanager
+def tf32(name: str):
+    """TF32 matmuls on for the "-tf32" variants, off otherwise; restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = name.endswith("-tf32")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def cuda_graph_ms(fn, xs, repeats: int, warmup: int) -> list[float]:
+    """Per-call times (ms) of fn replayed from a captured CUDA graph (one static input)."""
+    static_x = xs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 2)):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(static_x)
+
+    def replay(x):
+        static_x.copy_(x)
+        graph.replay()
+
+    return cuda_time_ms(replay, xs, repeats, warmup)
+
+
+def fwd_bwd(fn, params):
+    """fn's forward + backward on x (and the side's parameters), as training runs it."""
+
+    def step(x):
+        xg = x.detach().requires_grad_()
+        y = fn(xg)
+        torch.autograd.grad(y, [xg, *params], torch.ones_like(y))
+
+    return step
 
 
 def cuda_case(name, in_f, out_f, rank, in_factors, out_factors, batch, dtype_name, ceilings, repeats, warmup):
     from tensorpress.ops.tt import tt_matmul, tt_matmul_reference
     from tensorpress.ops.tt_plan import choose_plan
 
-    dtype = getattr(torch, dtype_name)
+    dtype = torch_dtype(dtype_name)
     torch.manual_seed(0)
     layer = TTLinear(in_f, out_f, rank, in_factors=in_factors, out_factors=out_factors)
     cores64 = [g.detach().double() for g in layer.cores]
@@ -579,6 +629,7 @@ def cuda_case(name, in_f, out_f, rank, in_factors, out_factors, batch, dtype_nam
         "einsum": lambda x: einsum_chain_tt(x, cores),
         "dense": lambda x: x @ w.T,
     }
+    params = {"tensorpress": cores, "einsum": cores, "dense": [w]}
     tl = tensorly_torch_tt_linear(layer.in_factors, layer.out_factors, rank)
     if tl is not None:
         with torch.no_grad():
@@ -587,6 +638,7 @@ def cuda_case(name, in_f, out_f, rank, in_factors, out_factors, batch, dtype_nam
             tl.bias.zero_()
         tl = tl.to("cuda", dtype)
         sides["tltorch"] = tl
+        params["tltorch"] = list(tl.parameters())
     ref = tt_matmul_reference(xs[0].double().cpu(), cores64)
     errs = {}
     with torch.no_grad():
@@ -596,6 +648,20 @@ def cuda_case(name, in_f, out_f, rank, in_factors, out_factors, batch, dtype_nam
         if bad:
             raise RuntimeError(f"{name} B={batch} {dtype_name}: outputs disagree with float64: {bad}")
         times = {side: statistics.median(cuda_time_ms(fn, xs, repeats, warmup)) for side, fn in sides.items()}
+        graph_times, graph_errors = {}, {}
+        if batch <= CUDA_GRAPH_MAX_BATCH:
+            for side, fn in sides.items():
+                try:
+                    graph_times[side] = statistics.median(cuda_graph_ms(fn, xs, repeats, warmup))
+                except Exception as e:  # recorded, not fatal: the other measurements stand
+                    graph_errors[side] = f"{type(e).__name__}: {e}"
+    for group in params.values():
+        for p in group:
+            p.requires_grad_(True)
+    train_times = {
+        side: statistics.median(cuda_time_ms(fwd_bwd(fn, params[side]), xs, repeats, warmup))
+        for side, fn in sides.items()
+    }
     elem = torch.empty((), dtype=dtype).element_size()
     io_bytes = (batch * (in_f + out_f) + sum(g.numel() for g in cores)) * elem
     peak = ceilings[f"matmul_flops_{dtype_name}"]
@@ -612,6 +678,12 @@ def cuda_case(name, in_f, out_f, rank, in_factors, out_factors, batch, dtype_nam
         "dense_flops": 2 * batch * in_f * out_f,
         "rel_err": errs,
         "times_ms": times,
+        "graph_times_ms": graph_times,
+        "graph_errors": graph_errors,
+        "fwd_bwd_times_ms": train_times,
+        "fwd_bwd_speedup_vs_peers": {
+            k: v / train_times["tensorpress"] for k, v in train_times.items() if k in ("einsum", "tltorch")
+        },
         "achieved_flops": plan.flops / (ours * 1e-3),
         "achieved_bytes_per_s": io_bytes / (ours * 1e-3),
         "roofline_floor_ms": floor_ms,
@@ -634,6 +706,18 @@ def cuda_targets(r: dict) -> dict:
     if r["batch"] >= 4096:
         t["roofline_50pct"] = mark(r["roofline_fraction"] >= CUDA_TARGET_ROOFLINE)
     return t
+
+
+def us_of(times_ms: dict, key: str) -> str:
+    return f"{1e3 * times_ms[key]:.1f}" if key in times_ms else "-"
+
+
+def graph_cell(r: dict) -> str:
+    if r["graph_errors"]:
+        return ("error: " + "; ".join(f"{k}: {v}" for k, v in r["graph_errors"].items()))[:80]
+    if not r["graph_times_ms"]:
+        return "-"
+    return f"{us_of(r['graph_times_ms'], 'tensorpress')} / {us_of(r['graph_times_ms'], 'dense')}"
 
 
 def gpu_slug() -> str:
@@ -663,7 +747,8 @@ def cuda_main(args) -> int:
     for case in cases:
         for batch in batches:
             for dt in CUDA_DTYPES:
-                r = cuda_case(*case, batch, dt, ceilings, repeats, warmup)
+                with tf32(dt):
+                    r = cuda_case(*case, batch, dt, ceilings, repeats, warmup)
                 r["targets"] = cuda_targets(r)
                 results.append(r)
                 print(
@@ -696,16 +781,17 @@ def cuda_main(args) -> int:
         + ", ".join(f"{k[13:]} matmul {v / 1e12:.1f} TFLOP/s" for k, v in ceilings.items() if k.startswith("matmul")),
         "",
         "| case | batch | dtype | path | ours µs | einsum µs | tltorch µs | dense µs | TFLOP/s | GB/s "
-        "| roofline | targets |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| roofline | targets | graph: ours / dense µs | f+b: ours / tltorch / dense µs |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
-    us = lambda r, k: f"{1e3 * r['times_ms'][k]:.1f}" if k in r["times_ms"] else "-"  # noqa: E731
+    us = lambda r, k: us_of(r["times_ms"], k)  # noqa: E731
     for r in results:
         lines.append(
             f"| {r['case']} | {r['batch']} | {r['dtype']} | {r['path']} | {us(r, 'tensorpress')} "
             f"| {us(r, 'einsum')} | {us(r, 'tltorch')} | {us(r, 'dense')} | {r['achieved_flops'] / 1e12:.2f} "
             f"| {r['achieved_bytes_per_s'] / 1e9:.0f} | {r['roofline_fraction']:.0%} "
-            f"| {', '.join(f'{k} {v}' for k, v in r['targets'].items())} |"
+            f"| {', '.join(f'{k} {v}' for k, v in r['targets'].items())} | {graph_cell(r)} "
+            f"| {' / '.join(us_of(r['fwd_bwd_times_ms'], k) for k in ('tensorpress', 'tltorch', 'dense'))} |"
         )
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / stem}.{{json,md}}")
