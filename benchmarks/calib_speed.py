@@ -27,8 +27,8 @@ Writes calib_speed.{json,md} (calib_speed_quick.* with --quick) under --out.
 With --memory (issue 28 item 1) it measures instead the peak resident memory of compress(
 method="activation", structure="tucker") under the default budget (max_memory=None: half of
 MemAvailable) on a synthetic model whose first conv has 1,024 input channels and 64x1 kernels
-(65,536-feature patches: an exact float64 Gram would be 34 GB): Conv2d(1024, 32, (64, 1),
-padding="same"), ReLU, MaxPool (2, 1), Conv2d(32, 32, (64, 1), padding="same"), on --frames
+(65,536-feature patches: an exact float64 Gram would be 34 GB): Conv2d(1024, 8, (64, 1),
+padding="same"), ReLU, MaxPool (2, 1), Conv2d(8, 8, (64, 1), padding="same"), on --frames
 frames of 1,024 channels x 64 positions (default 32). The peak is ru_maxrss of the process and
 its increase over the resident memory just before compress() (after a warm-up call on a small
 conv, so library pages first touched are not counted). Writes compress_memory.{json,md}.
@@ -152,10 +152,10 @@ def _nothing():
 def memory_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1024, 32, (64, 1), padding="same"),
+        nn.Conv2d(1024, 8, (64, 1), padding="same"),
         nn.ReLU(),
         nn.MaxPool2d((2, 1)),
-        nn.Conv2d(32, 32, (64, 1), padding="same"),
+        nn.Conv2d(8, 8, (64, 1), padding="same"),
     ).eval()
 
 
@@ -202,7 +202,7 @@ def run_memory(args) -> None:
         "git": git_revision(),
         "command": ("python benchmarks/calib_speed.py " + " ".join(sys.argv[1:])).strip(),
         "settings": {
-            "model": "Conv2d(1024, 32, (64, 1), same), ReLU, MaxPool(2, 1), Conv2d(32, 32, (64, 1), same)",
+            "model": "Conv2d(1024, 8, (64, 1), same), ReLU, MaxPool(2, 1), Conv2d(8, 8, (64, 1), same)",
             "frames": n_frames,
             "batch": args.batch,
             "input": [n_frames, 1024, 64, 1],
