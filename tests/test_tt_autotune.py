@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_cores, rel_err
+from _util import random_cores, rel_err
 from tensorpress.nn import TTLinear
 from tensorpress.ops import (
     autotune_enabled,

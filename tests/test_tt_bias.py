@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tensorpress  # noqa: F401  (registers the custom ops)
-from conftest import make_plan, random_cores, rel_err
+from _util import make_plan, random_cores, rel_err
 from tensorpress.nn import TTLinear
 from tensorpress.ops import choose_plan, tt_matmul, tt_matmul_reference
 from tensorpress.ops.tt import merge_group, prepare_tt, step_matrices, tt_contract_torch

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tensorpress
-from conftest import random_cores, rel_err
+from _util import random_cores, rel_err
 from tensorpress._ext import _C
 from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch, tt_matmul_reference
 from tensorpress.ops.tt_plan import (

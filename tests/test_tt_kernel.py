@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensorpress  # noqa: F401  (registers the custom ops)
-from conftest import make_plan, random_cores, rel_err, tt_flops
+from _util import make_plan, random_cores, rel_err, tt_flops
 from tensorpress.ops import choose_plan, tt_matmul, tt_matmul_reference, tt_to_dense
 from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch
 from tensorpress.ops.tt_plan import _orders, _partitions, flat_dims, merge_shapes
@@ -333,13 +333,17 @@ def test_gradcheck_only_x_and_only_cores():
     x = torch.randn(3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     shapes = [tuple(g.shape) for g in cores]
     for plan in (None, make_plan(shapes, ((0,), (1,)), (1, 0), 3), make_plan(shapes, ((0,), (1,)), (0, 1), 3)):
-        assert torch.autograd.gradcheck(lambda x: tt_matmul(x, cores, plan), (x,))
+        assert torch.autograd.gradcheck(lambda x, plan=plan: tt_matmul(x, cores, plan), (x,))
         cores_g = [g.clone().requires_grad_(True) for g in cores]
         x_const = x.detach()
-        assert torch.autograd.gradcheck(lambda *c: tt_matmul(x_const, list(c), plan), tuple(cores_g))
+        assert torch.autograd.gradcheck(
+            lambda *c, plan=plan, x_const=x_const: tt_matmul(x_const, list(c), plan), tuple(cores_g)
+        )
         # only one core requires grad
         c0 = cores[0].clone().requires_grad_(True)
-        assert torch.autograd.gradcheck(lambda c: tt_matmul(x_const, [c, cores[1]], plan), (c0,))
+        assert torch.autograd.gradcheck(
+            lambda c, plan=plan, x_const=x_const: tt_matmul(x_const, [c, cores[1]], plan), (c0,)
+        )
 
 
 # ----------------------------------------------------------------------------- opcheck

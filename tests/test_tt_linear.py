@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.nn import TTLinear, balanced_factors
 from tensorpress.nn.factorize import max_bond_ranks
 from tensorpress.ops import tt_matmul_reference, tt_to_dense

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_cores, rel_err
+from _util import random_cores, rel_err
 from tensorpress.ops import tt as T
 from tensorpress.ops.tt_plan import ranked_plans
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_plan, random_cores, rel_err, tt_flops
+from _util import make_plan, random_cores, rel_err, tt_flops
 from tensorpress.nn import TTLinear
 from tensorpress.ops import TTPlan, choose_plan, tt_matmul, tt_matmul_reference
 from tensorpress.ops.tt_plan import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_cores
+from _util import random_cores
 from tensorpress.ops.tt import merge_group, step_matrices
 from tensorpress.ops.tt_plan import _orders, _partitions, flat_dims, plan_info
 from tensorpress.ops.tt_prepare import merged_groups, step_matrices_of_groups

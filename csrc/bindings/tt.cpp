@@ -52,6 +52,7 @@ tt::CudaSchedule cuda_schedule_checked(const tt::Plan& plan, int64_t batch, bool
   }
 }
 
+#if TENSORPRESS_WITH_CUDA
 // The CPU kernels add the bias (and sum its gradient) per block; the CUDA ones leave it to
 // the caller.
 void refuse_bias_on_cuda(const py::object& bias, const char* name) {
@@ -59,6 +60,7 @@ void refuse_bias_on_cuda(const py::object& bias, const char* name) {
                               ": expected None for CUDA tensors (the CUDA kernels take no bias; "
                               "add it to the output)");
 }
+#endif
 
 void tt_forward(const py::object& x, const py::list& mats, const std::vector<int64_t>& core_dims,
                 const std::vector<int>& order, const py::object& y, const py::object& workspace, int threads,

@@ -275,11 +275,11 @@ def _tt_contract_fake(x, mats, core_dims, order, path="auto", bias=None):
     for t, (m, s) in enumerate(zip(mats, steps)):
         torch._check(
             tuple(m.shape) == (s["K"], s["N"]),
-            lambda: f"mats[{t}] should have shape ({s['K']}, {s['N']}), got {tuple(m.shape)}",
+            lambda t=t, s=s, m=m: f"mats[{t}] should have shape ({s['K']}, {s['N']}), got {tuple(m.shape)}",
         )
         torch._check(
             m.dtype == compute_dtype(x.dtype),
-            lambda: f"mats[{t}] should have dtype {compute_dtype(x.dtype)}, got {m.dtype}",
+            lambda t=t, m=m: f"mats[{t}] should have dtype {compute_dtype(x.dtype)}, got {m.dtype}",
         )
     if bias is not None:
         torch._check(
