@@ -417,6 +417,18 @@ struct TensorCoreOf<__nv_bfloat16> {
 
 constexpr int kTensorCoreTileK = 32;
 
+// Four consecutive float operands by one 16-byte load (zeros where !valid: nothing is read),
+// rounded to the operand type into shared memory.
+template <typename Op>
+__device__ __forceinline__ void stage4(typename TensorCoreOp<Op>::storage* d, const void* src, bool valid) {
+  float4 v{0.0f, 0.0f, 0.0f, 0.0f};
+  if (valid) v = *reinterpret_cast<const float4*>(src);
+  d[0] = to_operand<Op>(v.x);
+  d[1] = to_operand<Op>(v.y);
+  d[2] = to_operand<Op>(v.z);
+  d[3] = to_operand<Op>(v.w);
+}
+
 // Whether an operand tile can be read as 16-byte vectors along its contiguous index: float
 // data, unit stride along that index (no gather table), a row stride that keeps every row
 // 16-byte aligned, and an aligned base. Otherwise (and for partial tiles) the scalar gather.
@@ -468,10 +480,7 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const Tiled
     if (a_vec && full_l) {  // 4 consecutive l of one row per load
       for (int e = tid; e < BM * BK / 4; e += kCudaThreads) {
         const int pp = e / (BK / 4), ll = 4 * (e % (BK / 4));
-        float4 v{0.0f, 0.0f, 0.0f, 0.0f};
-        if (p0 + pp < g.P) v = *reinterpret_cast<const float4*>(&g.A[arow[pp] + acol[ll]]);
-        S* d = As + pp * LDA + ll;
-        d[0] = to_operand<Op>(v.x), d[1] = to_operand<Op>(v.y), d[2] = to_operand<Op>(v.z), d[3] = to_operand<Op>(v.w);
+        stage4<Op>(As + pp * LDA + ll, &g.A[arow[pp] + acol[ll]], p0 + pp < g.P);
       }
     } else {
 #pragma unroll 2
@@ -484,10 +493,7 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const Tiled
     if (b_vec) {  // 4 consecutive q of one row per load
       for (int e = tid; e < BK * BN / 4; e += kCudaThreads) {
         const int ll = e / (BN / 4), qq = 4 * (e % (BN / 4));
-        float4 v{0.0f, 0.0f, 0.0f, 0.0f};
-        if (l0 + ll < l_end) v = *reinterpret_cast<const float4*>(&g.B[brow[ll] + bcol[qq]]);
-        S* d = Bs + ll * LDB + qq;
-        d[0] = to_operand<Op>(v.x), d[1] = to_operand<Op>(v.y), d[2] = to_operand<Op>(v.z), d[3] = to_operand<Op>(v.w);
+        stage4<Op>(Bs + ll * LDB + qq, &g.B[brow[ll] + bcol[qq]], l0 + ll < l_end);
       }
     } else {
 #pragma unroll 2
