@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine stamp, CPU-load (noise) measurement,
+"""Helpers shared by the benchmark scripts: provenance (code, command, machine), CPU-load (noise) measurement,
 timing statistics and the stamp lines of the Markdown reports."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import platform
 import random
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,20 +53,68 @@ def other_cpu_share(busy0: float, self0: float, wall0: float) -> float:
     return max(0.0, ((busy1 - busy0) - (self1 - self0)) / ((time.perf_counter() - wall0) * os.cpu_count()))
 
 
-def machine_info(threads: int) -> dict:
-    """Date, CPU, core count, load average, torch version and threads, tensorpress.info(), thread env."""
-    model = platform.processor()
+def _lscpu() -> dict[str, str]:
+    """lscpu's "key: value" lines ({} where lscpu is missing)."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")) or model
     except Exception:
-        pass
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines()) if v}
+
+
+def _git(*args: str) -> str:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout
+
+
+def git_state() -> tuple[str, bool]:
+    """(short commit, whether tracked files differ from it); ('unknown', False) outside a checkout."""
+    try:
+        return _git("rev-parse", "--short", "HEAD").strip(), bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except Exception:
+        return "unknown", False
+
+
+def git_revision() -> str:
+    """The repository's commit, '+dirty' appended when tracked files have changes, or 'unknown'."""
+    rev, dirty = git_state()
+    return rev + ("+dirty" if dirty else "")
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """How to rerun this process from the repository root: 'python benchmarks/x.py --flag ...'."""
+    argv = sys.argv if argv is None else argv
+    script = Path(argv[0]).resolve() if argv else None
+    root = Path(__file__).resolve().parent.parent
+    if script is not None and script.is_relative_to(root):
+        head = f"python {script.relative_to(root)}"
+    else:
+        head = "python " + (argv[0] if argv else "")
+    return " ".join([head, *(shlex.quote(a) for a in argv[1:])]).strip()
+
+
+def provenance(threads: int) -> dict:
+    """Everything a results file records about how it was made: the code (git commit and dirty
+    flag), the command, the date, the machine (CPU model, family and model number: Zen 4 and
+    Zen 5 differ 1.5x under one marketing name), core count, load average, torch and Python
+    versions, thread count and thread environment, tensorpress.info(). Every benchmark script
+    puts this dict in its JSON as "meta" and renders it with stamp_lines."""
+    cpu = _lscpu()
+    rev, dirty = git_state()
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": model,
+        "git": rev + ("+dirty" if dirty else ""),
+        "git_commit": rev,
+        "git_dirty": dirty,
+        "command": command_line(),
+        "argv": list(sys.argv),
+        "cpu": cpu.get("Model name") or platform.processor(),
+        "cpu_family": cpu.get("CPU family"),
+        "cpu_model_number": cpu.get("Model"),
         "machine": platform.machine(),
         "cores": os.cpu_count(),
         "load_avg_start": os.getloadavg(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": threads,
         "opt_einsum": torch.backends.opt_einsum.is_available(),
@@ -74,30 +123,17 @@ def machine_info(threads: int) -> dict:
     }
 
 
-def git_revision() -> str:
-    """The repository's commit ('+dirty' when the working tree has changes), or 'unknown'."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+machine_info = provenance  # the old name, kept while scripts in flight still import it
 
 
 def stamp_lines(meta: dict) -> list[str]:
-    """The date and machine lines (load averages and other processes' CPU share included) of a report."""
+    """The provenance lines of a report: date, code and command, machine (load averages and
+    other processes' CPU share included)."""
+    family = f"family {meta['cpu_family']} model {meta['cpu_model_number']}, " if meta.get("cpu_family") else ""
     return [
         f"- date: {meta['date']}",
-        f"- machine: {meta['cpu']} ({meta['machine']}), {meta['cores']} cores; "
+        f"- code: git {meta.get('git', 'not recorded')}; command: `{meta.get('command', 'not recorded')}`",
+        f"- machine: {meta['cpu']} ({family}{meta['machine']}), {meta['cores']} cores; "
         f"load avg at start {', '.join(f'{v:.2f}' for v in meta['load_avg_start'])}, "
         f"at end {', '.join(f'{v:.2f}' for v in meta['load_avg_end'])}; other processes used "
         f"{meta['other_cpu_share']:.0%} of the CPU during the run (noisy if more than a few %)",

@@ -49,11 +49,10 @@ from _common import (
     cpu_seconds,
     exit_unless_cpu,
     forced_blas_suffix,
-    git_revision,  # noqa: E402
     interleaved_orders,
-    machine_info,
     median_ms,
     other_cpu_share,
+    provenance,
     quartiles_ms,
     stamp_lines,
     tensorpress_flags,
@@ -338,7 +337,7 @@ def write_markdown(path: Path, res: dict) -> None:
         "# Factorized Conv2d benchmark (CPU)",
         "",
         *stamp_lines(meta),
-        f"- code: git {meta['git']}; command: `{meta['command']}`; OpenBLAS env: {meta['blas_env'] or 'none set'}",
+        f"- OpenBLAS env: {meta['blas_env'] or 'none set'}",
         f"- torch {meta['torch']}, {meta['threads']} threads, float32; tltorch {res['tltorch_version']}; "
         f"thread env: {meta['env'] or 'none set'}",
         f"- tensorpress: {tensorpress_flags(meta)}",
@@ -500,9 +499,7 @@ def main(argv=None) -> int:
     cp_ranks = (DECOMP_RANK,) if args.quick else CP_RANKS
     tucker_ranks = TUCKER_RANKS[:1] if args.quick else TUCKER_RANKS
     n_iter = 3 if args.quick else None
-    meta = machine_info(torch.get_num_threads())
-    meta["git"] = git_revision()  # at the start: the code that runs
-    meta["command"] = " ".join(["python", *sys.argv])
+    meta = provenance(torch.get_num_threads())
     meta["blas_env"] = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
 

@@ -47,9 +47,9 @@ from _common import (
     forced_blas_suffix,
     git_revision,  # noqa: E402
     interleaved_orders,
-    machine_info,
     median_ms,
     other_cpu_share,
+    provenance,
     quartiles_ms,
     stamp_lines,
     tensorpress_flags,
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     max_repeats = args.repeats or (5 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else 1
     budget_s, noise_wait = (QUICK_BUDGET_S, 0.0) if args.quick else (BUDGET_S, NOISE_WAIT)
-    meta = machine_info(torch.get_num_threads())
+    meta = provenance(torch.get_num_threads())
     meta["git"] = git_revision()
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     cases = QUICK_CASES if args.quick else CASES
@@ -562,7 +562,7 @@ def cuda_main(args) -> int:
         sys.exit("bench_svd.py: this build of tensorpress has no CUDA kernels (TENSORPRESS_CUDA=ON to build them)")
     repeats = args.repeats or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else 1
-    meta = machine_info(torch.get_num_threads())
+    meta = provenance(torch.get_num_threads())
     meta["git"] = git_revision()
     meta["gpu"] = torch.cuda.get_device_name()
     results = []

@@ -45,9 +45,9 @@ from _common import (
     exit_unless_cpu,
     forced_blas_suffix,
     interleaved_orders,  # noqa: E402
-    machine_info,
     median_ms,
     other_cpu_share,
+    provenance,
     quartiles_ms,
     stamp_lines,
     tensorpress_flags,
@@ -471,7 +471,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 48)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     cases = QUICK_CASES if args.quick else CASES
-    meta = machine_info(torch.get_num_threads())
+    meta = provenance(torch.get_num_threads())
     meta["autotune"] = args.autotune
     tensorpress.ops.set_autotune(args.autotune)
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
@@ -736,7 +736,7 @@ def cuda_main(args) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
     cases = CUDA_CASES[:2] if args.quick else CUDA_CASES
     batches = (1, 256) if args.quick else CUDA_BATCHES
-    meta = machine_info(torch.get_num_threads())
+    meta = provenance(torch.get_num_threads())
     meta["gpu"] = torch.cuda.get_device_name()
     ceilings = cuda_ceilings()
     print(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 
 import torch
@@ -23,10 +22,9 @@ from _common import (
     bench_parser,
     cpu_seconds,
     forced_blas_suffix,
-    git_revision,
     interleaved_orders,
-    machine_info,
     other_cpu_share,
+    provenance,
     stamp_lines,
     tensorpress_flags,
 )
@@ -63,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (8 if args.quick else 40)
-    meta = machine_info(args.threads)
+    meta = provenance(args.threads)
     busy0, self0 = cpu_seconds()
     wall0 = time.perf_counter()
     safe = tt_linear._InferenceCache.valid_for
@@ -97,8 +95,8 @@ def main() -> None:
     meta.update(load_avg_end=__import__("os").getloadavg(), other_cpu_share=other_cpu_share(busy0, self0, wall0))
     stem = "tt_cache_cpu" + ("_quick" if args.quick else "") + forced_blas_suffix()
     record = {
-        "git": git_revision(),
-        "command": " ".join(sys.argv),
+        "git": meta["git"],
+        "command": meta["command"],
         "repeats": repeats,
         "calls_per_sample": CALLS,
         "machine": meta,
@@ -109,7 +107,6 @@ def main() -> None:
     lines = [
         "# TTLinear no-grad inference cache: the cost of the byte check",
         "",
-        f"- git: {record['git']}; command: `python {record['command']}`",
         *stamp_lines(meta),
         f"- tensorpress: {tensorpress_flags(meta)}",
         f"- settings: {args.threads} threads, {repeats} samples of {CALLS} no-grad forwards per side, "

@@ -51,7 +51,7 @@ import tensorpress as tp
 from tensorpress.compress import calibrate, memory, sequential
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_parser, cpu_seconds, git_revision, machine_info, other_cpu_share, stamp_lines  # noqa: E402
+from _common import bench_parser, cpu_seconds, other_cpu_share, provenance, stamp_lines  # noqa: E402
 
 
 def crepe_tiny(seed: int = 0) -> nn.Module:
@@ -179,7 +179,7 @@ def run_memory(args) -> None:
     held = torch.einsum("cr,nrhw->nchw", mix, torch.randn(16, 48, 64, 1, generator=g))
     warm = nn.Sequential(nn.Conv2d(16, 4, (8, 1))).eval()
     tp.compress(warm, [torch.randn(4, 16, 20, 1)], structure="tucker", max_memory="256K", progress=False)
-    meta = machine_info(args.threads)
+    meta = provenance(args.threads)
     busy0, self0 = cpu_seconds()
     wall0 = time.perf_counter()
     gc.collect()
@@ -199,8 +199,8 @@ def run_memory(args) -> None:
     exact0 = report.memory["layers"]["0"]["exact_bytes"]
     out = {
         "meta": meta,
-        "git": git_revision(),
-        "command": ("python benchmarks/calib_speed.py " + " ".join(sys.argv[1:])).strip(),
+        "git": meta["git"],
+        "command": meta["command"],
         "settings": {
             "model": "Conv2d(1024, 8, (64, 1), same), ReLU, MaxPool(2, 1), Conv2d(8, 8, (64, 1), same)",
             "frames": n_frames,
@@ -226,8 +226,6 @@ def run_memory(args) -> None:
     lines = [
         "# Peak memory of compress() on a 1,024-channel conv with 64x1 kernels",
         "",
-        f"- command: `{out['command']}`",
-        f"- git: {out['git']}",
         *stamp_lines(meta),
         f"- torch {meta['torch']}, {args.threads} threads",
         f"- model: {out['settings']['model']}; {n_frames} calibration frames (1,024 channels x 64 positions) in "
@@ -268,7 +266,7 @@ def main() -> None:
     held_out = frames(128, 2)
     sides = ["new"] + (["old"] if args.old and not args.quick else [])
     repeats = args.repeats or 1
-    meta = machine_info(args.threads)
+    meta = provenance(args.threads)
     busy0, self0 = cpu_seconds()
     wall0 = time.perf_counter()
     runs = []
@@ -285,11 +283,10 @@ def main() -> None:
             )
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
-    command = "python benchmarks/calib_speed.py " + " ".join(sys.argv[1:])
     out = {
         "meta": meta,
-        "git": git_revision(),
-        "command": command.strip(),
+        "git": meta["git"],
+        "command": meta["command"],
         "settings": {
             "model": "synthetic CREPE-tiny-shaped CNN (see the script's docstring)",
             "params": params,
@@ -309,8 +306,6 @@ def main() -> None:
     lines = [
         "# Calibration speed of compress(method='activation') on a 0.49M-parameter audio CNN",
         "",
-        f"- command: `{out['command']}`",
-        f"- git: {out['git']}",
         *stamp_lines(meta),
         f"- torch {meta['torch']}, {args.threads} threads",
         f"- model: synthetic CREPE-tiny-shaped CNN, {params:,} parameters; conv '4' (128 -> 16, 64x1) has "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import tensorpress as tp
-from _common import cpu_seconds, git_revision, machine_info, other_cpu_share, stamp_lines, tensorpress_flags
+from _common import cpu_seconds, other_cpu_share, provenance, stamp_lines, tensorpress_flags
 from tensorpress.zoo import minilm, text
 
 # (label, calibration sentences, method, rank rule, residual feedback[, structure (default lowrank)])
@@ -73,8 +73,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     configs = CONFIGS + (SLOW_CONFIGS if args.all else [])
-    meta = machine_info(args.threads)
-    meta["revision"] = git_revision()  # at the start: the code that runs
+    meta = provenance(args.threads)
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     model, tok = minilm.load()
     max_calib = max(c[1] for c in CONFIGS + SLOW_CONFIGS)  # the same evaluation sentences with or without --all
@@ -138,7 +137,7 @@ def write_markdown(path: Path, meta: dict, budget: float, n_eval: int, threads: 
         f"# MiniLM-L6 compression at {100 * budget:.0f}% of the linear-layer parameters (no fine-tuning)",
         "",
         *stamp_lines(meta),
-        f"- torch {meta['torch']}, {threads} threads; {tensorpress_flags(meta)}; repository at {meta['revision']}",
+        f"- torch {meta['torch']}, {threads} threads; {tensorpress_flags(meta)}; repository at {meta['git']}",
         f"- evaluation: {n_eval} held-out sentences (standard-library docstrings, disjoint from calibration); "
         "mean cosine of normalized mean-pooled embeddings to the original's; Spearman of pairwise similarities",
         "- 36 encoder Linear layers compressed (pooler excluded: unused by the embedding); time = compress() "

