@@ -9,6 +9,7 @@ AIC/BIC and the energy threshold, with one result type for all (see `select_rank
     alloc = tensorpress.rank.allocate_ranks({name: [(rank, params, err), ...]}, budget)
 """
 
+from tensorpress.rank.averaging import AveragedRegressor
 from tensorpress.rank.budget import Allocation, allocate_ranks
 from tensorpress.rank.layer import (
     LAYER_FAMILIES,
@@ -72,4 +73,5 @@ __all__ = [
     "LAYER_FAMILIES",
     "allocate_ranks",
     "Allocation",
+    "AveragedRegressor",
 ]
