@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tensorpress.ops.tt_plan import TTPlan, dense_flops, merge_shapes, plan_cost
+from tensorpress.tt_format import core_stds
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -40,14 +41,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def random_cores(out_factors, in_factors, ranks, dtype=torch.float64, generator=None, requires_grad=False):
     """TT cores (r_{k-1}, m_k, n_k, r_k) scaled so that W's entries have variance ~ 1/N."""
-    d = len(out_factors)
     full = (1, *ranks, 1)
-    n_total = math.prod(in_factors)
-    target = 1.0 / n_total
     cores = []
-    for k in range(d):
+    for k, std in enumerate(core_stds(ranks, 1.0 / math.prod(in_factors))):
         shape = (full[k], out_factors[k], in_factors[k], full[k + 1])
-        std = math.sqrt(target ** (1 / d) / math.sqrt(full[k] * full[k + 1]))
         g = torch.randn(shape, dtype=torch.float64, generator=generator) * std
         g = g.to(dtype)
         if requires_grad:

@@ -10,8 +10,8 @@ from torch import nn
 
 from _util import rel_err
 from tensorpress.nn import TTLinear, balanced_factors
-from tensorpress.nn.factorize import max_bond_ranks
 from tensorpress.ops import tt_matmul_reference, tt_to_dense
+from tensorpress.tt_format import max_bond_ranks
 
 
 # ----------------------------------------------------------------------------- factorization

@@ -18,12 +18,9 @@ import math
 import torch
 from torch import nn
 
+from tensorpress._validate import is_int
 from tensorpress.compress.stats import GramStats
-
-
-def _is_int(v, low=1) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int) and v >= low
-
+from tensorpress.tt_format import capped_ranks, max_bond_ranks, prime_factors, tt_params
 
 # the structures for each layer type, to point the user at the right one
 _STRUCTURES_OF = {nn.Linear: "'lowrank' or 'tt'", nn.Conv2d: "'tucker' or 'cp'"}
@@ -44,7 +41,7 @@ def _type_reason(module: nn.Module, cls: type, structure: str) -> str | None:
 
 class LowRank:
     name = "lowrank"
-    methods = ("svd", "whitened", "activation", "convex", "relu", "gelu")
+    methods = ("svd", "whitened", "activation", "convex", "convex_weights", "relu", "gelu")
 
     def why_not(self, module: nn.Module) -> str | None:
         """None when the layer can be replaced, else why it cannot (for the report's account)."""
@@ -68,15 +65,13 @@ class TT:
     methods = ("svd", "whitened", "activation")
 
     def why_not(self, module: nn.Module) -> str | None:
-        from tensorpress.nn.factorize import _prime_factors
-
         wrong = _type_reason(module, nn.Linear, self.name)
         if wrong:
             return wrong
         prime = [
             f"{side} {n}"
             for side, n in (("in_features", module.in_features), ("out_features", module.out_features))
-            if len(_prime_factors(n)) < 2
+            if len(prime_factors(n)) < 2
         ]
         if prime:
             return f"{' and '.join(prime)} do not split into >= 2 factors: no TT cores to form"
@@ -95,15 +90,13 @@ class TT:
         return out_f, in_f
 
     def uniform_rank(self, layer: nn.Linear, budget: float):
-        from tensorpress.compress.tt import capped_ranks, uniform_tt_rank
+        from tensorpress.compress.tt import uniform_tt_rank
 
         out_f, in_f = self.factors(layer)
         return capped_ranks(uniform_tt_rank(layer, budget, out_f, in_f), out_f, in_f)
 
     def rank_params(self, layer: nn.Linear, rank) -> int:
         """Parameters of the compressed layer (cores and the bias the fits leave free)."""
-        from tensorpress.compress.tt import tt_params
-
         return tt_params(*self.factors(layer), rank) + layer.out_features
 
     def rank_dof(self, layer: nn.Linear, rank) -> int:
@@ -113,14 +106,11 @@ class TT:
         return tt_degrees_of_freedom(list(rank), *self.factors(layer)) + layer.out_features
 
     def check_rank(self, name: str, layer: nn.Linear, rank):
-        from tensorpress.compress.tt import capped_ranks
-        from tensorpress.nn.factorize import max_bond_ranks
-
         out_f, in_f = self.factors(layer)
         d = len(out_f)
-        if _is_int(rank):
+        if is_int(rank, 1):
             return capped_ranks(rank, out_f, in_f)
-        if isinstance(rank, (list, tuple)) and len(rank) == d - 1 and all(_is_int(r) for r in rank):
+        if isinstance(rank, (list, tuple)) and len(rank) == d - 1 and all(is_int(r, 1) for r in rank):
             return tuple(min(r, c) for r, c in zip(rank, max_bond_ranks(out_f, in_f)))
         raise ValueError(
             f"ranks: layer {name!r} (TT factors {out_f}x{in_f}) needs an int bond rank >= 1 or "
@@ -228,8 +218,8 @@ class Tucker(_ConvStructure):
 
     def check_rank(self, name: str, layer: nn.Conv2d, rank):
         o, i = layer.out_channels, layer.in_channels
-        pair = (rank, rank) if _is_int(rank) else rank
-        if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_int(r) for r in pair):
+        pair = (rank, rank) if is_int(rank, 1) else rank
+        if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(is_int(r, 1) for r in pair):
             return self.feasible(layer, *pair)[:2]
         raise ValueError(
             f"ranks: layer {name!r} ({o}x{i} channels) needs (r_out, r_in) ints >= 1 or one int, got {rank!r}"
@@ -270,7 +260,7 @@ class CP(_ConvStructure):
         return cp_degrees_of_freedom(rank, tuple(layer.weight.shape)) + layer.out_channels
 
     def check_rank(self, name: str, layer: nn.Conv2d, rank):
-        if _is_int(rank):
+        if is_int(rank, 1):
             return rank
         raise ValueError(f"ranks: layer {name!r} needs a CP rank (an int >= 1), got {rank!r}")
 

@@ -27,7 +27,6 @@ structure's answer), so the data-aware fit is never worse than it on the calibra
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +36,14 @@ from tensorpress.compress.lowrank import DEFAULT_RIDGE, small_problem_threads
 from tensorpress.compress.quadratic import OutputObjective, conjugate_gradient
 from tensorpress.compress.stats import GramStats
 from tensorpress.decompose.tt import tt_matrix_svd
-from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
+from tensorpress.tt_format import (
+    balanced_factors,
+    capped_ranks,
+    cores_to_dense,
+    default_num_factors,
+    max_bond_ranks,
+    tt_params,
+)
 
 DEFAULT_SWEEPS = 2
 DEFAULT_CG_ITERS = 25
@@ -66,7 +72,7 @@ class TTFit:
     def weight(self) -> Tensor:
         """The dense (out, in) weight."""
         out = math.prod(self.out_factors)
-        return _dense(self.cores).reshape(out, -1)
+        return cores_to_dense(self.cores).reshape(out, -1)
 
 
 def tt_factors(layer: nn.Linear, num_factors: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -76,16 +82,6 @@ def tt_factors(layer: nn.Linear, num_factors: int | None = None) -> tuple[tuple[
         balanced_factors(layer.in_features, d, "in_features"),
         balanced_factors(layer.out_features, d, "out_features"),
     )
-
-
-def tt_params(out_factors: Sequence[int], in_factors: Sequence[int], ranks: Sequence[int]) -> int:
-    full = (1, *ranks, 1)
-    return sum(full[k] * m * n * full[k + 1] for k, (m, n) in enumerate(zip(out_factors, in_factors)))
-
-
-def capped_ranks(rank: int, out_factors: Sequence[int], in_factors: Sequence[int]) -> tuple[int, ...]:
-    """An int bond rank for every bond, each capped at that bond's largest useful rank."""
-    return tuple(min(rank, c) for c in max_bond_ranks(out_factors, in_factors))
 
 
 def uniform_tt_rank(layer: nn.Linear, budget: float, out_factors, in_factors) -> int:
@@ -101,14 +97,6 @@ def uniform_tt_rank(layer: nn.Linear, budget: float, out_factors, in_factors) ->
 
 
 # ---------------------------------------------------------------------------- TT algebra
-def _dense(cores: Sequence[Tensor]) -> Tensor:
-    """The full (M_1..M_d, N_1..N_d) tensor as (M, N)-shaped row-major (out, in) blocks."""
-    left = torch.ones(1, 1, 1, dtype=cores[0].dtype, device=cores[0].device)
-    for g in cores:
-        left = _extend_left(left, g)
-    return left[..., 0]
-
-
 def _extend_left(left: Tensor, core: Tensor) -> Tensor:
     """left (M<, N<, a) x core (a, m, n, b) -> (M< m, N< n, b)."""
     x, y, a = left.shape
@@ -220,7 +208,7 @@ def fit_tt_activation(
     start = fit_tt_svd(weight, None, list(caps), out_factors, in_factors)
     cores = list(start.cores)
     objective = OutputObjective(w, stats, ridge)  # the squared centered output error
-    history = [objective(_dense(cores).reshape(w.shape))]
+    history = [objective(cores_to_dense(cores).reshape(w.shape))]
     d = len(cores)
     # the CG products (out x in by in x in) run on every thread; the small QRs of the cores on one
     # (see small_problem_threads)
@@ -232,7 +220,7 @@ def fit_tt_activation(
         for step, k in enumerate(order):
             going_right = step < d - 1
             _update_core(cores, k, objective.gram, objective.target, cg_iters)
-            history.append(objective(_dense(cores).reshape(w.shape)))
+            history.append(objective(cores_to_dense(cores).reshape(w.shape)))
             with small_problem_threads(w.device, min(w.shape)):
                 if going_right and k < d - 1:
                     _left_orthonormalize(cores, k)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from tensorpress.linalg import truncated_svd
+from tensorpress.tt_format import matrix_to_tt_tensor
 
 
 @dataclass
@@ -138,12 +139,7 @@ def tt_matrix_svd(
             f"out_factors, in_factors: expected products {tuple(weight.shape)}, got "
             f"{math.prod(out_factors)} and {math.prod(in_factors)}"
         )
-    d = len(out_factors)
-    # (m_1..m_d, n_1..n_d) -> (m_1, n_1, m_2, n_2, ...) -> (m_1 n_1, ..., m_d n_d)
-    t = weight.reshape(*out_factors, *in_factors)
-    t = t.permute(*[i for k in range(d) for i in (k, d + k)])
-    t = t.reshape(*[m * n for m, n in zip(out_factors, in_factors)])
-    res = tt_svd(t, max_rank=max_rank, rel_error=rel_error)
+    res = tt_svd(matrix_to_tt_tensor(weight, out_factors, in_factors), max_rank=max_rank, rel_error=rel_error)
     cores = [c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(res.cores, out_factors, in_factors)]
     return TTResult(cores, res.ranks, res.rel_error)
 

@@ -15,9 +15,9 @@ from tensorpress import _cuda_kernels as cuda_kernels
 from tensorpress._eager import plain_eager
 from tensorpress.decompose.tt import tt_matrix_svd
 from tensorpress.nn._checks import autocast_casts, check_factor_dtype
-from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
 from tensorpress.ops.tt import prepare_tt, select_plan, tt_matmul, tt_to_dense
 from tensorpress.ops.tt_plan import TTPlan
+from tensorpress.tt_format import core_stds, max_bond_ranks, resolve_factors, tt_params
 
 
 class TTLinear(nn.Module):
@@ -56,7 +56,7 @@ class TTLinear(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         check_factor_dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.in_factors, self.out_factors = _resolve_factors(in_features, out_features, in_factors, out_factors)
+        self.in_factors, self.out_factors = resolve_factors(in_features, out_features, in_factors, out_factors)
         self.ranks = _resolve_ranks(ranks, self.out_factors, self.in_factors)
         _warn_if_not_smaller(self.ranks, self.out_factors, self.in_factors)
         full = (1, *self.ranks, 1)
@@ -73,10 +73,7 @@ class TTLinear(nn.Module):
         With i.i.d. N(0, s_k^2) core entries, Var(W_ij) = prod_k s_k^2 * prod_k r_k; taking
         s_k^2 = (1/(3N))^(1/d) / sqrt(r_{k-1} r_k) gives 1/(3N) for any d and ranks.
         """
-        d = len(self.cores)
-        target = 1.0 / (3 * self.in_features)
-        for g in self.cores:
-            std = math.sqrt(target ** (1 / d) / math.sqrt(g.shape[0] * g.shape[3]))
+        for g, std in zip(self.cores, core_stds([g.shape[3] for g in self.cores[:-1]], 1.0 / (3 * self.in_features))):
             nn.init.normal_(g, 0.0, std)
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
@@ -180,7 +177,7 @@ class TTLinear(nn.Module):
         w = linear.weight.detach()
         if not torch.isfinite(w).all() or (linear.bias is not None and not torch.isfinite(linear.bias).all()):
             raise ValueError("linear: expected finite weights, found NaN or Inf")
-        in_f, out_f = _resolve_factors(linear.in_features, linear.out_features, in_factors, out_factors)
+        in_f, out_f = resolve_factors(linear.in_features, linear.out_features, in_factors, out_factors)
         caps = None if ranks is None else _resolve_ranks(ranks, out_f, in_f)
         res = tt_matrix_svd(w, out_f, in_f, max_rank=caps, rel_error=rel_error)
         return cls.from_cores(res.cores, linear.bias, in_f, out_f, device=w.device, dtype=w.dtype)
@@ -281,8 +278,7 @@ def _storage_keys(cores: Sequence[Tensor]) -> tuple:
 
 
 def _warn_if_not_smaller(ranks, out_factors, in_factors) -> None:
-    full = (1, *ranks, 1)
-    params = sum(full[k] * m * n * full[k + 1] for k, (m, n) in enumerate(zip(out_factors, in_factors)))
+    params = tt_params(out_factors, in_factors, ranks)
     dense = math.prod(out_factors) * math.prod(in_factors)
     if params > dense:
         warnings.warn(
@@ -290,25 +286,6 @@ def _warn_if_not_smaller(ranks, out_factors, in_factors) -> None:
             f"weight's {dense}; lower ranks compress",
             stacklevel=3,
         )
-
-
-def _resolve_factors(in_features, out_features, in_factors, out_factors):
-    if in_factors is None and out_factors is None:
-        d = default_num_factors(in_features, out_features)
-    else:
-        d = len(in_factors if in_factors is not None else out_factors)
-    result = []
-    for name, n, given in (("in_factors", in_features, in_factors), ("out_factors", out_features, out_factors)):
-        if given is None:
-            result.append(balanced_factors(n, d, name.replace("factors", "features")))
-            continue
-        given = tuple(given)
-        if len(given) != d or any((not isinstance(f, int)) or f < 1 for f in given):
-            raise ValueError(f"{name}: expected {d} positive ints, got {given}")
-        if math.prod(given) != n:
-            raise ValueError(f"{name}: expected factors whose product is {n}, got {given} (product {math.prod(given)})")
-        result.append(given)
-    return result[0], result[1]
 
 
 def _resolve_ranks(ranks, out_factors, in_factors) -> tuple[int, ...]:

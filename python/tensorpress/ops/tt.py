@@ -31,12 +31,12 @@ from tensorpress.ops.tt_plan import (
 )
 from tensorpress.ops.tt_prepare import (
     merge_group,
-    merge_pair,
     merged_groups,  # noqa: F401 (merge_group: public here)
     prepared_grads,
     prepared_outputs,
     step_matrices_of_groups,
 )
+from tensorpress.tt_format import cores_to_dense
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 SYMBOLIC_BATCH_HINT = 256
@@ -85,20 +85,10 @@ def _check_input(x: Tensor, cores: Sequence[Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------- plan helpers
-def _merge_balanced(cores: Sequence[Tensor]) -> Tensor:
-    """Merge a run of cores as a balanced tree: the two halves meet in one contraction, so
-    the full-size intermediate is built (and differentiated through) once, not d - 2 times."""
-    if len(cores) == 1:
-        return cores[0]
-    half = len(cores) // 2
-    return merge_pair(_merge_balanced(cores[:half]), _merge_balanced(cores[half:]))
-
-
 def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:
     """W (prod m_k, prod n_k) from TT-matrix cores."""
     validate_tt_cores(cores)
-    full = _merge_balanced(list(cores))
-    return full.reshape(full.shape[1], full.shape[2])
+    return cores_to_dense(cores)
 
 
 def step_matrices(merged: Sequence[Tensor], order: Sequence[int]) -> list[Tensor]:

@@ -13,15 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tensorpress.tt_format import cores_to_dense
+
 
 def halves_to_dense(left: Tensor, right: Tensor) -> Tensor:
     """W (mL mR, nL nR) from the merged halves L (1, mL, nL, r) and R (r, mR, nR, 1)."""
-    _, m_left, n_left, rank = left.shape
-    _, m_right, n_right, _ = right.shape
-    pairs = left.reshape(m_left * n_left, rank) @ right.reshape(rank, m_right * n_right)  # [(a,b), (c,d)]
-    return (
-        pairs.reshape(m_left, n_left, m_right, n_right).permute(0, 2, 1, 3).reshape(m_left * m_right, n_left * n_right)
-    )
+    return cores_to_dense((left, right))
 
 
 class _DenseFromHalves(torch.autograd.Function):

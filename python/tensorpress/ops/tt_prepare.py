@@ -22,18 +22,11 @@ import torch
 from torch import Tensor
 
 from tensorpress.ops.tt_plan import merge_shapes
+from tensorpress.tt_format import merge_pair
 
 # A step of the fused kernel: which merged group it absorbs, how that core is permuted, and
 # the (K, N) matrix it becomes (csrc/tt/tt_plan.h).
 Step = tuple[int, tuple[int, ...], int, int]
-
-
-def merge_pair(a: Tensor, b: Tensor) -> Tensor:
-    """(r0, m1, n1, r1) x (r1, m2, n2, r2) -> (r0, m1 m2, n1 n2, r2)."""
-    r0, m1, n1, r1 = a.shape
-    _, m2, n2, r2 = b.shape
-    product = (a.reshape(r0 * m1 * n1, r1) @ b.reshape(r1, m2 * n2 * r2)).view(r0, m1, n1, m2, n2, r2)
-    return product.permute(0, 1, 3, 2, 4, 5).reshape(r0, m1 * m2, n1 * n2, r2)
 
 
 def merge_pair_grads(a: Tensor, b: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:

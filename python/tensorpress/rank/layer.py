@@ -77,19 +77,20 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tensorpress._validate import is_int
 from tensorpress.decompose import cp_als, tt_matrix_svd, tucker
 from tensorpress.linalg import truncated_svd
-from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
 from tensorpress.rank.optimism import aic, bic
 from tensorpress.rank.regressors import _generator, cp_degrees_of_freedom, tucker_degrees_of_freedom
 from tensorpress.rank.select import _COLUMN, CRITERIA, RankSelection, choose, kfold_indices
+from tensorpress.tt_format import max_bond_ranks, resolve_factors
 
 __all__ = [
     "select_layer_rank",
@@ -105,10 +106,6 @@ LAYER_FAMILIES = ("lowrank", "tt", "cp", "tucker")
 
 
 # ----------------------------------------------------------------------------- df of TT
-def _is_int(v, low=1) -> TypeGuard[int]:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
-
-
 def _effective_tt_ranks(ranks: Sequence[int], sizes: Sequence[int]) -> tuple[int, ...]:
     """Ranks reduced to a feasible (minimal) TT: r_k <= r_{k-1} p_k and r_k <= p_{k+1} r_{k+1}."""
     d = len(sizes)
@@ -133,16 +130,16 @@ def tt_degrees_of_freedom(ranks: int | Sequence[int], out_factors: Sequence[int]
     ranks: an int (every bond) or d - 1 ints >= 1; out_factors (m_k), in_factors (n_k): d ints >= 1.
     """
     for name, f in (("out_factors", out_factors), ("in_factors", in_factors)):
-        if not isinstance(f, (list, tuple)) or len(f) < 1 or not all(_is_int(v) for v in f):
+        if not isinstance(f, (list, tuple)) or len(f) < 1 or not all(is_int(v, 1) for v in f):
             raise ValueError(f"{name}: expected a non-empty sequence of ints >= 1, got {f!r}")
     if len(out_factors) != len(in_factors):
         raise ValueError(
             f"out_factors, in_factors: expected the same length, got {list(out_factors)} and {list(in_factors)}"
         )
     d = len(out_factors)
-    if _is_int(ranks):
+    if is_int(ranks, 1):
         ranks = (int(ranks),) * (d - 1)
-    if not isinstance(ranks, (list, tuple)) or len(ranks) != d - 1 or not all(_is_int(r) for r in ranks):
+    if not isinstance(ranks, (list, tuple)) or len(ranks) != d - 1 or not all(is_int(r, 1) for r in ranks):
         raise ValueError(f"ranks: expected an int >= 1 or {d - 1} ints >= 1 (one per bond), got {ranks!r}")
     sizes = [int(m) * int(n) for m, n in zip(out_factors, in_factors)]
     r = (1, *_effective_tt_ranks(ranks, sizes), 1)
@@ -188,11 +185,11 @@ def layer_cv_error(
 
 def _check_layer_args(rss, n, q, p, df, rank, df_eff):
     for name, v, low in (("n", n, 1), ("q", q, 1), ("p", p, 1), ("df", df, 0)):
-        if not _is_int(v, low):
+        if not is_int(v, low):
             raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
     if isinstance(rss, bool) or not isinstance(rss, (int, float)) or not rss >= 0 or not math.isfinite(rss):
         raise ValueError(f"rss: expected a finite number >= 0, got {rss!r}")
-    if rank is not None and not _is_int(rank):
+    if rank is not None and not is_int(rank, 1):
         raise ValueError(f"rank: expected None or an int >= 1, got {rank!r}")
     if df_eff is not None and (isinstance(df_eff, bool) or not isinstance(df_eff, (int, float)) or not df_eff >= 0):
         raise ValueError(f"df_eff: expected None or a number >= 0, got {df_eff!r}")
@@ -444,24 +441,6 @@ def _prepare_data(W: Tensor, inputs, outputs, stride, padding, dilation):
     return X, Y
 
 
-def _resolve_tt_factors(q, p, out_factors, in_factors):
-    if out_factors is None and in_factors is None:
-        d = default_num_factors(p, q)
-    else:
-        d = len(out_factors if out_factors is not None else in_factors)
-    res = []
-    for name, n, given in (("out_factors", q, out_factors), ("in_factors", p, in_factors)):
-        if given is None:
-            res.append(tuple(balanced_factors(n, d, name)))
-            continue
-        if not isinstance(given, (list, tuple)) or len(given) != d or not all(_is_int(v) for v in given):
-            raise ValueError(f"{name}: expected {d} ints >= 1, got {given!r}")
-        if math.prod(given) != n:
-            raise ValueError(f"{name}: expected factors whose product is {n}, got {tuple(given)}")
-        res.append(tuple(int(v) for v in given))
-    return res[0], res[1]
-
-
 def _default_candidates(family, W, info):
     q, p = W.shape[0], W[0].numel()
     if family == "lowrank":
@@ -488,14 +467,14 @@ def _check_candidates(family, candidates, W, info):
     for c in cands:
         if family == "tt" and isinstance(c, (list, tuple)):
             nb = len(info["out_factors"]) - 1
-            if len(c) != nb or not all(_is_int(r) for r in c):
+            if len(c) != nb or not all(is_int(r, 1) for r in c):
                 raise ValueError(f"candidates: expected ints >= 1 or tuples of {nb} bond ranks, got {c!r}")
             out.append(tuple(int(r) for r in c))
         elif family == "tucker" and isinstance(c, (list, tuple)):
-            if len(c) != 2 or not all(_is_int(r) for r in c):
+            if len(c) != 2 or not all(is_int(r, 1) for r in c):
                 raise ValueError(f"candidates: expected ints >= 1 or pairs (r_out, r_in), got {c!r}")
             out.append(tuple(int(r) for r in c))
-        elif _is_int(c):
+        elif is_int(c, 1):
             out.append(int(c))
         else:
             raise ValueError(f"candidates: expected ints >= 1 for family {family!r}, got {c!r}")
@@ -598,7 +577,7 @@ def select_layer_rank(
         raise ValueError(f"family: expected one of {LAYER_FAMILIES}, got {family!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
-    if not _is_int(cv, 2):
+    if not is_int(cv, 2):
         raise ValueError(f"cv: expected an int >= 2, got {cv!r}")
     if not isinstance(fit_intercept, bool):
         raise ValueError(f"fit_intercept: expected a bool, got {fit_intercept!r}")
@@ -606,7 +585,7 @@ def select_layer_rank(
         raise ValueError(f"with_cv: expected None or a bool, got {with_cv!r}")
     if isinstance(rcond, bool) or not isinstance(rcond, (int, float)) or not 0 <= rcond < 1:
         raise ValueError(f"rcond: expected a number in [0, 1), got {rcond!r}")
-    if random_state is not None and not _is_int(random_state, 0):
+    if random_state is not None and not is_int(random_state, 0):
         raise ValueError(f"random_state: expected None or an int >= 0, got {random_state!r}")
     if decompose_kwargs is not None and not isinstance(decompose_kwargs, dict):
         raise TypeError(f"decompose_kwargs: expected a dict or None, got {type(decompose_kwargs).__name__}")
@@ -630,7 +609,7 @@ def select_layer_rank(
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if random_state is None else int(random_state)
     info = {"kernel_shape": tuple(W.shape), "seed": seed, "decompose_kwargs": dict(decompose_kwargs or {})}
     if family == "tt":
-        info["out_factors"], info["in_factors"] = _resolve_tt_factors(q, p, out_factors, in_factors)
+        info["in_factors"], info["out_factors"] = resolve_factors(p, q, in_factors, out_factors)
     elif in_factors is not None or out_factors is not None:
         raise ValueError("in_factors, out_factors: only used with family 'tt'")
     cands = _check_candidates(family, candidates, W, info)

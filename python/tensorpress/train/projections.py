@@ -10,6 +10,7 @@ from torch import Tensor
 
 from tensorpress.linalg import truncated_svd
 from tensorpress.linalg.svd import cholesky_qr2
+from tensorpress.tt_format import cores_to_dense, matrix_to_tt_tensor
 
 
 def prune_projection(W: Tensor, sparsity: float) -> Tensor:
@@ -30,25 +31,13 @@ def prune_projection(W: Tensor, sparsity: float) -> Tensor:
     return out.reshape(W.shape)
 
 
-def _to_tt_tensor(W: Tensor, out_factors: Sequence[int], in_factors: Sequence[int]) -> Tensor:
-    """(b, M, N) -> (b, m_1 n_1, ..., m_d n_d) with W[(i_1..i_d), (j_1..j_d)] row-major."""
-    d = len(out_factors)
-    t = W.reshape(W.shape[0], *out_factors, *in_factors)
-    t = t.permute(0, *[1 + i for k in range(d) for i in (k, d + k)])
-    return t.reshape(W.shape[0], *[m * n for m, n in zip(out_factors, in_factors)])
-
-
 def tt_reconstruct(cores: Sequence[Tensor], out_factors: Sequence[int], in_factors: Sequence[int]) -> Tensor:
     """The dense (b, M, N) matrices of a batch of TT-matrix cores (b, r_{k-1}, m_k, n_k, r_k)."""
-    d = len(cores)
-    b = cores[0].shape[0]
-    full = cores[0].reshape(b, -1, cores[0].shape[-1])  # (b, p_1, r_1)
-    for g in cores[1:]:
-        full = full @ g.reshape(b, g.shape[1], -1)  # (b, p_1..p_{k-1}, p_k r_k)
-        full = full.reshape(b, -1, g.shape[-1])
-    t = full.reshape(b, *[x for m, n in zip(out_factors, in_factors) for x in (m, n)])
-    t = t.permute(0, *[1 + 2 * k for k in range(d)], *[2 + 2 * k for k in range(d)])
-    return t.reshape(b, math.prod(out_factors), math.prod(in_factors))
+    if [tuple(g.shape[2:4]) for g in cores] != list(zip(out_factors, in_factors)):
+        raise ValueError(
+            f"cores: expected (m_k, n_k) = {list(zip(out_factors, in_factors))}, got {[tuple(g.shape) for g in cores]}"
+        )
+    return cores_to_dense(cores)
 
 
 RANDOMIZED_MIN_SIZE = 512  # auto: a randomized SVD only for unfoldings at least this large in both
@@ -168,7 +157,7 @@ def tt_project(
     batched = W.dim() == 3
     Wb = W if batched else W.unsqueeze(0)
     b = Wb.shape[0]
-    t = _to_tt_tensor(Wb, out_factors, in_factors)
+    t = matrix_to_tt_tensor(Wb, out_factors, in_factors)
     sizes = [m * n for m, n in zip(out_factors, in_factors)]
     cores, r_prev = [], 1
     rest = t.reshape(b, 1, -1)

@@ -6,7 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tensorpress.nn.factorize import balanced_factors, default_num_factors, max_bond_ranks
+from tensorpress._validate import is_int
+from tensorpress.tt_format import max_bond_ranks, resolve_factors, tt_params
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,7 @@ class TTSpec:
 
     @property
     def num_params(self) -> int:
-        full = (1, *self.ranks, 1)
-        return sum(full[k] * m * n * full[k + 1] for k, (m, n) in enumerate(zip(self.out_factors, self.in_factors)))
+        return tt_params(self.out_factors, self.in_factors, self.ranks)
 
     @property
     def ratio(self) -> float:
@@ -68,7 +68,7 @@ def reshaped_tt_spec(out_features: int, in_features: int, shape: Sequence[int], 
     if (
         not isinstance(shape, tuple)
         or len(shape) < 2
-        or not all(_is_int(n) and n >= 1 for n in shape)
+        or not all(is_int(n) and n >= 1 for n in shape)
         or math.prod(shape) != out_features * in_features
     ):
         raise ValueError(
@@ -76,14 +76,14 @@ def reshaped_tt_spec(out_features: int, in_features: int, shape: Sequence[int], 
             f"{out_features * in_features}, got {shape!r}"
         )
     caps = reshaped_bond_caps(shape)
-    if _is_int(ranks):
+    if is_int(ranks):
         if ranks < 1:
             raise ValueError(f"{name}: expected ranks >= 1, got {ranks}")
         full = [1]
         for k in range(len(shape) - 1):
             full.append(min(ranks, full[-1] * shape[k], caps[k]))
         ranks = tuple(full[1:])
-    elif isinstance(ranks, (list, tuple)) and len(ranks) == len(shape) - 1 and all(_is_int(r) for r in ranks):
+    elif isinstance(ranks, (list, tuple)) and len(ranks) == len(shape) - 1 and all(is_int(r) for r in ranks):
         bad = [k for k, (r, c) in enumerate(zip(ranks, caps)) if not 1 <= r <= c]
         if bad:
             raise ValueError(f"{name}: ranks {list(ranks)} out of range at bond(s) {bad}: expected 1..{list(caps)}")
@@ -132,10 +132,6 @@ class ConvSpec:
         return self.in_shape[0] * self.kernel_size**2
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def resolve_tt_spec(spec, in_features: int, out_features: int, name: str) -> TTSpec | ReshapedTTSpec:
     """A TTSpec from an int rank, a list of ranks, a dict(ranks=, in_factors=, out_factors=) or a TTSpec;
     a ReshapedTTSpec from one (checked against the layer) or from a dict(shape=, ranks=).
@@ -163,28 +159,12 @@ def resolve_tt_spec(spec, in_features: int, out_features: int, name: str) -> TTS
     if unknown:
         raise ValueError(f"{name}: unknown keys {sorted(unknown)}; expected ranks, in_factors, out_factors")
     ranks, inf, outf = spec.get("ranks"), spec.get("in_factors"), spec.get("out_factors")
-    if inf is None and outf is None:
-        d = default_num_factors(in_features, out_features)
-    else:
-        d = len(inf if inf is not None else outf)
-    factors = []
-    for fname, n, given in (("in_factors", in_features, inf), ("out_factors", out_features, outf)):
-        if given is None:
-            try:
-                given = balanced_factors(n, d, f"{name}: {fname.replace('factors', 'features')}")
-            except ValueError as e:
-                raise ValueError(
-                    f"{name}: layer size {n} does not factor into {d} factors > 1 ({e}); pass {fname} explicitly"
-                ) from None
-        given = tuple(given)
-        if len(given) != d or not all(_is_int(f) and f >= 1 for f in given) or math.prod(given) != n:
-            raise ValueError(f"{name}: {fname} expected {d} positive ints with product {n}, got {given}")
-        factors.append(given)
-    inf, outf = factors
+    inf, outf = resolve_factors(in_features, out_features, inf, outf, where=f"{name}: ")
+    d = len(inf)
     if d < 2:
         raise ValueError(f"{name}: a TT layer needs at least 2 factors, got {d}")
     caps = max_bond_ranks(outf, inf)
-    if _is_int(ranks):
+    if is_int(ranks):
         if ranks < 1 or ranks > max(caps):
             raise ValueError(
                 f"{name}: rank {ranks} is larger than possible (largest useful bond ranks "
@@ -193,7 +173,7 @@ def resolve_tt_spec(spec, in_features: int, out_features: int, name: str) -> TTS
                 else f"{name}: expected ranks >= 1, got {ranks}"
             )
         ranks = tuple(min(ranks, c) for c in caps)
-    elif isinstance(ranks, (list, tuple)) and len(ranks) == d - 1 and all(_is_int(r) for r in ranks):
+    elif isinstance(ranks, (list, tuple)) and len(ranks) == d - 1 and all(is_int(r) for r in ranks):
         if any(r < 1 for r in ranks):
             raise ValueError(f"{name}: expected ranks >= 1, got {list(ranks)}")
         bad = [k for k, (r, c) in enumerate(zip(ranks, caps)) if r > c]

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tensorpress.linalg import blas
-from tensorpress.nn.factorize import max_bond_ranks
 from tensorpress.train.projections import prune_projection, tt_project, tt_project_reshaped, tt_reconstruct_reshaped
 from tensorpress.train.spec import FLATTEN_ORDERS, ConvSpec, ReshapedTTSpec, TTSpec, reshaped_tt_spec, resolve_tt_spec
 from tensorpress.train.updates import (
@@ -53,6 +52,7 @@ from tensorpress.train.updates import (
     update_v_out,
     update_w,
 )
+from tensorpress.tt_format import core_stds, max_bond_ranks
 
 HISTORY_KEYS = (
     "iteration",
@@ -973,14 +973,11 @@ def _core_modes(spec) -> list[tuple[int, ...]]:
 def _random_tt_cores(spec, var: float, gen: torch.Generator) -> list[Tensor]:
     """Gaussian TT cores (float64) with Var(W_ij) = var: core k has entry variance
     var^(1/d) / (r_{k-1} r_k)^(1/2) (the bond sums multiply the variances by prod_k r_k)."""
-    modes = _core_modes(spec)
-    d = len(modes)
     full = (1, *spec.ranks, 1)
-    cores = []
-    for k, mid in enumerate(modes):
-        std = math.sqrt(var ** (1 / d) / math.sqrt(full[k] * full[k + 1]))
-        cores.append(torch.randn(full[k], *mid, full[k + 1], generator=gen, dtype=torch.float64) * std)
-    return cores
+    return [
+        torch.randn(full[k], *mid, full[k + 1], generator=gen, dtype=torch.float64) * std
+        for k, (mid, std) in enumerate(zip(_core_modes(spec), core_stds(spec.ranks, var)))
+    ]
 
 
 def _dense_of(cores: list[Tensor], spec) -> Tensor:
