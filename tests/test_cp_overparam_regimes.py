@@ -130,13 +130,13 @@ def test_lazy_gd_stays_near_its_start_and_fits_above_the_tangent_threshold():
 def test_below_the_tangent_threshold_lazy_fails_where_rich_succeeds():
     t, _ = planted(6, 2, seed=6)
     m = 3  # 18 tangent dimensions < 56 symmetric ones
-    lazy = lazy_gd(t, m, alpha=1e3, n_steps=3000, tol=1e-3, random_state=2)
+    lazy = lazy_gd(t, m, alpha=1e3, n_steps=300, tol=1e-3, random_state=2)
     floor = tangent_residual(t, m, random_state=2)
     assert floor > 0.3
     assert lazy.rel_error[0] >= floor - 1e-3  # cannot beat the linearized optimum by more than O(1/alpha)
     assert lazy.rel_error[0] < floor * 1.2  # and gets close to it
-    rich = rich_gd(t, m, tol=1e-3, random_state=2)
-    assert rich.converged == [True]
+    rich = rich_gd(t, m, tol=1e-2, random_state=2)
+    assert rich.converged == [True] and rich.rel_error[0] <= 1e-2
 
 
 def test_batched_runs_equal_unbatched_runs_for_one_instance():
