@@ -21,16 +21,21 @@ separation can be measured:
     gradient steps, and at the start of every epoch the components that did not grow (weight
     below ``reinit_below`` x the start weight) are re-drawn at random: fresh chances to correlate
     with what is left of the residual.
-  Where we depart or had to choose: the stored copies of the paper we could read (abstract,
-  introduction and third-party summaries; not the algorithm section itself) fix the structure
-  above (homogeneous components, small initialization, a regularized symmetric objective,
-  periodic re-initialization) but not the constants. The step size, epoch length, number of
-  epochs, start scale, re-initialization threshold, and the schedule that halves lambda every
-  epoch down to ``reg_min`` (so that the final fit is not biased by the penalty: an exact
-  component keeps a residual of lambda/2 along itself) are ours. The paper's guarantee is for
-  gradient flow with its own constants; we run plain gradient descent, stop an instance once its
-  relative error is below ``tol`` (checked every ``check_every`` steps), and use no ALS or other
-  polish.
+  What we could read, and where we depart or had to choose: the algorithm section of the paper
+  was not reachable from here. The stored copies give its abstract and introduction (the
+  objective over sum_i c_i u_i^{(x)l}, the two width bounds), the NeurIPS reviews (its objective
+  "quite different to the classical one", its algorithm "different to simple gradient descent"),
+  the summary of the authors' talk (escaping bad local minima through random correlation with
+  the target, amplified as in the tensor power method) and third-party proof notes citing it
+  (homogeneous small initialization, periodic re-initialization, a symmetric regularized
+  objective). The structure above is our reading of these, not the letter of the paper's
+  Algorithm 1; if that differs (parameterization, regularizer, re-initialization rule), this is
+  a variant in its spirit. The step size, epoch length, number of epochs, start scale,
+  re-initialization threshold, and the schedule that halves lambda every epoch down to
+  ``reg_min`` (so that the final fit is not biased by the penalty: an exact component keeps a
+  residual of lambda/2 along itself) are ours. The paper's guarantee is for its own constants;
+  we run plain gradient descent, stop an instance once its relative error is below ``tol``
+  (checked every ``check_every`` steps), and use no ALS or other polish.
 
 ``lazy_gd`` (the lazy / NTK regime the paper's lower bound is about):
   * model: the standard (non-homogeneous) parameterization with the NTK scaling and the
@@ -45,7 +50,8 @@ separation can be measured:
     fit is the projection of T* on the tangent space at W_0 (``tangent_residual`` computes it).
     The tangent space of m components has dimension at most m d, and the symmetric tensors
     dimension C(d + l - 1, l), so the lazy regime cannot fit a generic target below
-    m ~ C(d + l - 1, l) / d (~ d^(l-1) / l!), the counting behind the paper's lower bound.
+    m ~ C(d + l - 1, l) / d (~ d^(l-1) / l!): a dimension count of the same order as the paper's
+    lower bound (whose proof we could not read).
 
 All computations are in float64; targets may be batched (``batched=True``: leading batch
 dimension, one independent run per instance, vectorized) to share the Python overhead of small
