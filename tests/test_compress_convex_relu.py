@@ -9,13 +9,16 @@ import torch
 
 from tensorpress.compress.convex import (
     LowRankFit,
+    PreactBasis,
     _project,
     constrained_lstsq,
     fit_convex,
+    fit_convex_weights,
+    project_box_nuclear,
     project_l1_ball,
     project_nuclear_ball,
 )
-from tensorpress.compress.relu import fit_gelu, fit_relu, gelu_loss, relu_nll
+from tensorpress.compress.relu import fit_gelu, fit_relu, gelu_loss, ml_sigma, relu_nll
 
 F64 = torch.float64
 
@@ -73,6 +76,18 @@ def _activation_fit(W, b, X, Xt, r, ridge=1e-6):
     return Wh, c - Wh @ mu
 
 
+def _activation_exact(W, b, X, Xt, r):
+    """The activation-aware rank-r fit without ridge: Ŵᵀ = X̃_c⁺ [Π P_c]_r (Π: projection on
+    the range of X̃_c), free bias; X̃_c must have full column rank."""
+    P = X @ W.T + b
+    c = P.mean(0)
+    Xc = Xt - Xt.mean(0)
+    Qo, _ = torch.linalg.qr(Xc)
+    U, S, Vh = torch.linalg.svd(Qo @ (Qo.T @ (P - c)), full_matrices=False)
+    Wh = torch.linalg.lstsq(Xc, (U[:, :r] * S[:r]) @ Vh[:r]).solution.T
+    return Wh, c - Wh @ Xt.mean(0)
+
+
 def _relu_err(W, b, Wh, bh, X, Xt):
     Y = torch.relu(X @ W.T + b)
     return float(torch.linalg.vector_norm(Y - torch.relu(Xt @ Wh.T + bh)) / torch.linalg.vector_norm(Y))
@@ -107,14 +122,14 @@ def test_l1_and_nuclear_projection():
         assert float(((Z - P) * (Q - P)).sum()) <= 1e-10
 
 
-def test_convex_unconstrained_converges_to_least_squares(problem):
+def test_convex_weights_unconstrained_converges_to_least_squares(problem):
     W, b, X, Xt = problem
     st = _stats(X, Xt)
     G, C, B = _centered(st, W)
     W_ls = torch.linalg.solve(_ridge(G), B.T).T  # the ridge least-squares solution
     b_ls = b + W @ st["mean_ref"] - W_ls @ st["mean_in"]
     full = min(W.shape)
-    fit = fit_convex(W, b, **st, rank=full, radius=math.inf, init="weight", n_iter=5000, tol=1e-13)
+    fit = fit_convex_weights(W, b, **st, rank=full, radius=math.inf, init="weight", n_iter=5000, tol=1e-13)
     assert isinstance(fit, LowRankFit)
     assert fit.first.shape == (full, W.shape[1]) and fit.second.shape == (W.shape[0], full)
     assert fit.bias.shape == (W.shape[0],) and fit.first.dtype == F64
@@ -122,15 +137,15 @@ def test_convex_unconstrained_converges_to_least_squares(problem):
     assert float(torch.linalg.vector_norm(fit.weight() - W_ls) / torch.linalg.vector_norm(W_ls)) < 1e-7
     assert torch.allclose(fit.bias, b_ls, rtol=1e-6, atol=1e-8)
     # with the default init (projected least squares) it is immediate
-    fit2 = fit_convex(W, b, **st, rank=full, radius=math.inf)
+    fit2 = fit_convex_weights(W, b, **st, rank=full, radius=math.inf)
     assert torch.allclose(fit2.weight(), W_ls, rtol=1e-9, atol=1e-10)
 
 
-def test_convex_unconstrained_rank_r_is_activation(problem):
+def test_convex_weights_unconstrained_rank_r_is_activation(problem):
     """With no constraint, truncation in the G metric gives the activation-aware solution."""
     W, b, X, Xt = problem
     r = 4
-    fit = fit_convex(W, b, **_stats(X, Xt), rank=r, radius=math.inf, gram_ref=X.T @ X)
+    fit = fit_convex_weights(W, b, **_stats(X, Xt), rank=r, radius=math.inf, gram_ref=X.T @ X)
     W_a, b_a = _activation_fit(W, b, X, Xt, r)
     assert torch.allclose(fit.weight(), W_a, rtol=1e-7, atol=1e-9)
     assert torch.allclose(fit.bias, b_a, rtol=1e-7, atol=1e-9)
@@ -179,11 +194,11 @@ def test_convex_active_constraints_kkt(problem, use_box):
     assert float(torch.linalg.vector_norm(step - sol)) <= 1e-5 * float(torch.linalg.vector_norm(sol))
 
 
-def test_fit_convex_default_radius_and_truncation(problem):
+def test_fit_convex_weights_default_radius_and_truncation(problem):
     W, b, X, Xt = problem
     r = 4
     st = _stats(X, Xt)
-    fit = fit_convex(W, b, **st, rank=r)
+    fit = fit_convex_weights(W, b, **st, rank=r)
     # default radius: the nuclear norm of the rank-r activation-aware solution
     W_a, _ = _activation_fit(W, b, X, Xt, r)
     assert fit.info["radius"] == pytest.approx(float(torch.linalg.svdvals(W_a).sum()), rel=1e-9)
@@ -195,44 +210,201 @@ def test_fit_convex_default_radius_and_truncation(problem):
     assert fit.info["converged"]
     # euclidean truncation keeps the nuclear-norm ball; box constraints are met before truncation
     box = 0.2 * float(W.abs().max())
-    fe = fit_convex(W, b, **st, rank=r, box=box, truncation="euclidean")
+    fe = fit_convex_weights(W, b, **st, rank=r, box=box, truncation="euclidean")
     assert float(torch.linalg.svdvals(fe.weight()).sum()) <= fe.info["radius"] * (1 + 1e-9)
     assert fe.info["max_abs"] <= box * (1 + 1e-12)
     assert torch.linalg.matrix_rank(fe.weight()) <= r
 
 
-def test_fit_convex_validation_and_no_mutation(problem):
+def test_fit_convex_weights_validation_and_no_mutation(problem):
     W, b, X, Xt = problem
     st = _stats(X, Xt)
     copies = {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
     Wc, bc = W.clone(), b.clone()
-    fit_convex(W, b, **st, rank=3, box=0.5)
-    fit_convex(W, None, **st, rank=3)
+    fit_convex_weights(W, b, **st, rank=3, box=0.5)
+    fit_convex_weights(W, None, **st, rank=3)
     assert torch.equal(W, Wc) and torch.equal(b, bc)
     assert all(torch.equal(st[k], v) for k, v in copies.items())
     h, d = W.shape
     with pytest.raises(ValueError, match="rank"):
-        fit_convex(W, b, **st, rank=0)
+        fit_convex_weights(W, b, **st, rank=0)
     with pytest.raises(ValueError, match="rank"):
-        fit_convex(W, b, **st, rank=min(h, d) + 1)
+        fit_convex_weights(W, b, **st, rank=min(h, d) + 1)
     with pytest.raises(TypeError, match="gram_in.*float64"):
-        fit_convex(W, b, **{**st, "gram_in": st["gram_in"].float()}, rank=2)
+        fit_convex_weights(W, b, **{**st, "gram_in": st["gram_in"].float()}, rank=2)
     with pytest.raises(ValueError, match="cross"):
-        fit_convex(W, b, **{**st, "cross": st["cross"][:, :-1]}, rank=2)
+        fit_convex_weights(W, b, **{**st, "cross": st["cross"][:, :-1]}, rank=2)
     with pytest.raises(ValueError, match="mean_in"):
-        fit_convex(W, b, **{**st, "mean_in": torch.full((d,), float("nan"), dtype=F64)}, rank=2)
+        fit_convex_weights(W, b, **{**st, "mean_in": torch.full((d,), float("nan"), dtype=F64)}, rank=2)
     with pytest.raises(ValueError, match="bias"):
-        fit_convex(W, b[:-1], **st, rank=2)
+        fit_convex_weights(W, b[:-1], **st, rank=2)
     with pytest.raises(TypeError, match="weight"):
-        fit_convex(W.numpy(), b, **st, rank=2)
+        fit_convex_weights(W.numpy(), b, **st, rank=2)
     with pytest.raises(ValueError, match="radius"):
-        fit_convex(W, b, **st, rank=2, radius=-1.0)
+        fit_convex_weights(W, b, **st, rank=2, radius=-1.0)
     with pytest.raises(ValueError, match="box"):
-        fit_convex(W, b, **st, rank=2, box=0.0)
+        fit_convex_weights(W, b, **st, rank=2, box=0.0)
     with pytest.raises(ValueError, match="n"):
-        fit_convex(W, b, **{**st, "n": 0}, rank=2)
+        fit_convex_weights(W, b, **{**st, "n": 0}, rank=2)
     with pytest.raises(ValueError, match="truncation"):
-        fit_convex(W, b, **st, rank=2, truncation="frobenius")
+        fit_convex_weights(W, b, **st, rank=2, truncation="frobenius")
+
+
+# ----------------------------------------------------------------------------- convex (Zhang & Saab)
+def _orthonormal(g, m, k):
+    return torch.linalg.qr(torch.randn(m, k, generator=g, dtype=F64))[0]
+
+
+@pytest.mark.parametrize("which", ["both", "box", "ball"])
+def test_project_box_nuclear_is_the_projection(which):
+    """Feasible, and the variational inequality <Z − V, U − V> <= 0 holds for feasible U."""
+    g = _gen(7)
+    m, K, n = 60, 8, 5
+    B = _orthonormal(g, m, K)
+    Z = 3.0 * torch.randn(n, K, generator=g, dtype=F64)
+    peak = float((B @ Z.T).abs().max())
+    nuc = float(torch.linalg.svdvals(Z).sum())
+    alpha = 0.4 * peak if which != "ball" else 2.0 * peak
+    radius = 0.5 * nuc if which != "box" else 2.0 * nuc
+    V, info, _ = project_box_nuclear(Z, B, alpha, radius, tol=1e-9, max_iter=5000)
+    assert info["converged"] and info["iterations"] > (0 if which != "ball" else -1)
+    assert float(torch.linalg.svdvals(V).sum()) <= radius * (1 + 1e-9)
+    assert float((B @ V.T).abs().max()) <= alpha * (1 + 1e-12)
+    gap = float(torch.linalg.vector_norm(Z - V))
+    for k in range(30):
+        U = torch.randn(n, K, generator=_gen(200 + k), dtype=F64)
+        U = U * min(radius / float(torch.linalg.svdvals(U).sum()), alpha / float((B @ U.T).abs().max()))
+        U = V + torch.rand((), generator=_gen(300 + k), dtype=F64) * (U - V)  # feasible, near V too
+        assert float(((Z - V) * (U - V)).sum()) <= 1e-6 * gap * float(torch.linalg.vector_norm(U - V)) + 1e-12
+    if which == "ball":  # the box is inactive at the ball's projection: exact, no ADMM
+        assert info["iterations"] == 0 and torch.allclose(V, project_nuclear_ball(Z, radius))
+
+
+def test_preact_basis_orthonormal_and_weights(problem):
+    W, b, X, Xt = problem
+    basis = PreactBasis(Xt, 1e-6)
+    full = basis.full()
+    assert basis.k == X.shape[1]
+    assert torch.allclose(full.T @ full, torch.eye(basis.k + 1, dtype=F64), atol=1e-9)
+    V = torch.randn(W.shape[0], basis.k, generator=_gen(5), dtype=F64)
+    first, second = basis.factors(V, basis.k)  # full rank: the weight with pre-activations A Vᵀ
+    assert torch.allclose((Xt - basis.mu) @ (second @ first).T, basis.A @ V.T, atol=1e-8)
+
+
+def test_fit_convex_is_zhang_saab_program(problem):
+    """Default α (the activation-aware fit is feasible, so the program can only lower the
+    calibration error before truncation); feasibility; optimality against feasible points;
+    the output weights reproduce the truncated solution's pre-activations."""
+    W, b, X, Xt = problem
+    r, m, out_f = 4, X.shape[0], W.shape[0]
+    fit = fit_convex(W, b, X, Xt, r, tol=1e-8, max_iter=5000)
+    info = fit.info
+    P = X @ W.T + b
+    W_a, b_a = _activation_exact(W, b, X, Xt, r)
+    Q_act = Xt @ W_a.T + b_a
+    assert info["alpha_rule"] == "activation"
+    assert info["alpha"] == pytest.approx(float(Q_act.abs().max()), rel=1e-8)
+    assert info["radius"] == pytest.approx(info["alpha"] * math.sqrt(r * m * out_f), rel=1e-12)
+    assert info["converged"]
+    assert info["rel_error_convex"] <= info["rel_error_activation"] * (1 + 1e-9)
+    # the convex solution, rebuilt: least squares fit of P restricted to the set beats feasible points
+    basis = PreactBasis(Xt, 1e-6)
+    assert fit.first.shape == (r, W.shape[1]) and fit.second.shape == (out_f, r)
+    assert torch.linalg.matrix_rank(fit.weight()) <= r
+    Q_fit = Xt @ fit.weight().T + fit.bias
+    energy = float(torch.linalg.vector_norm(P - P.mean(0)))
+    assert float(torch.linalg.vector_norm(Q_fit - P)) / energy == pytest.approx(info["rel_error"], rel=1e-7)
+    assert basis.k == X.shape[1]
+    # with X̃ = X, α = max |P| and no ball, P itself is feasible: "convex" = "activation"
+    same = fit_convex(W, b, X, X, r, alpha="target", radius=math.inf)
+    assert same.info["iterations"] == 0 and same.info["rel_error_convex"] < 1e-9
+    W_s, b_s = _activation_exact(W, b, X, X, r)
+    assert torch.allclose(same.weight(), W_s, rtol=1e-7, atol=1e-9)
+    assert torch.allclose(same.bias, b_s, rtol=1e-7, atol=1e-9)
+    # a tight α: every entry of the rank-r output before truncation is within it
+    tight = fit_convex(W, b, X, Xt, r, alpha=0.5 * info["alpha"], tol=1e-8, max_iter=5000)
+    assert tight.info["iterations"] > 0 and tight.info["converged"]
+    assert tight.info["box_active_fraction"] > info["box_active_fraction"]
+    assert tight.info["rel_error_convex"] > info["rel_error_convex"]
+
+
+def test_fit_convex_optimality_of_the_program():
+    """The solution's objective is no worse than any feasible point in the range (checked with
+    random feasible pre-activations), and a tight nuclear bound is attained."""
+    g = _gen(11)
+    m, d, h, r = 300, 10, 8, 2
+    X = torch.randn(m, d, generator=g, dtype=F64)
+    W = torch.randn(h, d, generator=g, dtype=F64)
+    b = torch.randn(h, generator=g, dtype=F64)
+    fit = fit_convex(W, b, X, X, r, alpha=2.0, radius=60.0, tol=1e-9, max_iter=20000)
+    info = fit.info
+    assert info["converged"] and info["ball_active"] and info["box_active_fraction"] > 0
+    P = X @ W.T + b
+    energy = float(torch.linalg.vector_norm(P - P.mean(0)))
+    best = info["rel_error_convex"] * energy
+    B = PreactBasis(X, 1e-6).full()
+    for k in range(20):
+        V = torch.randn(h, d + 1, generator=_gen(400 + k), dtype=F64)
+        V = V * min(60.0 / float(torch.linalg.svdvals(V).sum()), 2.0 / float((B @ V.T).abs().max()))
+        assert best <= float(torch.linalg.vector_norm(B @ V.T - P)) + 1e-9
+
+
+def test_fit_convex_validation_and_no_mutation(problem):
+    W, b, X, Xt = problem
+    saved = [t.clone() for t in (W, b, X, Xt)]
+    fit_convex(W, b, X, Xt, 2, max_iter=5)
+    fit_convex(W, None, X, Xt, 2, alpha=1.0, max_iter=5)
+    assert all(torch.equal(t, s) for t, s in zip((W, b, X, Xt), saved))
+    with pytest.raises(ValueError, match="rank"):
+        fit_convex(W, b, X, Xt, 0)
+    with pytest.raises(ValueError, match="alpha"):
+        fit_convex(W, b, X, Xt, 2, alpha="max")
+    with pytest.raises(ValueError, match="alpha"):
+        fit_convex(W, b, X, Xt, 2, alpha=-1.0)
+    with pytest.raises(ValueError, match="radius"):
+        fit_convex(W, b, X, Xt, 2, radius=0.0)
+    with pytest.raises(ValueError, match="X_in"):
+        fit_convex(W, b, X, Xt[:-1], 2)
+    with pytest.raises(ValueError, match="max_iter"):
+        fit_convex(W, b, X, Xt, 2, max_iter=-1)
+
+
+# ----------------------------------------------------------------------------- relu: σ and the box
+def test_ml_sigma_recovers_the_noise_level():
+    g = _gen(12)
+    Q = torch.randn(3000, 40, generator=g, dtype=F64) - 0.3
+    for sigma in (0.1, 0.5, 2.0):
+        Y = (Q + sigma * torch.randn(Q.shape, generator=g, dtype=F64)).clamp_min(0)
+        est = ml_sigma(Q, Y)
+        assert est == pytest.approx(sigma, rel=0.03)
+
+        def loglik(s, Y=Y):
+            act = Y > 0
+            return float(
+                (-torch.log(torch.tensor(s)) - 0.5 * ((Y - Q) / s) ** 2)[act].sum()
+                + torch.special.log_ndtr(-Q / s)[~act].sum()
+            )
+
+        assert loglik(est) >= max(loglik(est * 1.02), loglik(est / 1.02))
+    # a perfect fit (no positive residual, every zero target below 0): σ̂ = 0
+    assert ml_sigma(Q, Q.clamp_min(0)) == 0.0 or ml_sigma(Q, Q.clamp_min(0)) < 1e-6
+
+
+def test_relu_theorem_estimator_box_and_sigma_rules(problem):
+    W, b, X, Xt = problem
+    fit = fit_relu(W, b, X, Xt, 3, alpha=1.0, n_iter=15, polish_iter=0)
+    info = fit.info
+    assert info["alpha"] == 1.0 and info["sigma_rule"] == "ml" and info["start"] == "convex"
+    assert info["admm_iterations"] > 0 and info["box_scale"] <= 1.0
+    assert info["radius"] == pytest.approx(math.sqrt(3 * X.shape[0] * W.shape[0]), rel=1e-12)
+    heur = fit_relu(W, b, X, Xt, 3, sigma="heuristic", n_iter=3, polish_iter=3)
+    assert heur.info["sigma_rule"] == "heuristic" and heur.info["sigma"] != info["sigma"]
+    with pytest.raises(ValueError, match="sigma"):
+        fit_relu(W, b, X, Xt, 2, sigma="mle")
+    with pytest.raises(ValueError, match="alpha"):
+        fit_relu(W, b, X, Xt, 2, alpha=0.0)
+    with pytest.raises(ValueError, match="admm_tol"):
+        fit_relu(W, b, X, Xt, 2, admm_tol=-1.0)
 
 
 # ----------------------------------------------------------------------------- relu
@@ -309,7 +481,7 @@ def test_relu_defaults_and_options(problem):
     assert fit.info["sigma"] > 0 and fit.info["radius"] > 0
     assert fit.info["iterations"] <= 10 and fit.info["polish_iterations"] <= 10
     plain = fit_relu(W, b, X, Xt, 3, n_iter=0, polish_iter=0)  # = activation-aware
-    W_a, b_a = _activation_fit(W, b, X, Xt, 3)
+    W_a, b_a = _activation_exact(W, b, X, Xt, 3)
     assert torch.allclose(plain.weight(), W_a, rtol=1e-7, atol=1e-9)
     assert torch.allclose(plain.bias, b_a, rtol=1e-7, atol=1e-9)
     nobias = fit_relu(W, None, X, Xt, 3, sigma=0.1, radius=math.inf, n_iter=5, polish_iter=5)
@@ -409,3 +581,23 @@ def test_fit_gelu_plain_and_validation(problem):
         fit_gelu(W, b, X, Xt[:, :3], 2)
     with pytest.raises(ValueError, match="n_iter"):
         fit_gelu(W, b, X, Xt, 2, n_iter=-3)
+
+
+def test_compress_api_convex_methods():
+    """compress() runs "convex" (from kept rows) and "convex_weights" (from the Grams); the paper's
+    program with the default α keeps the activation-aware fit feasible, so on the calibration
+    rows it is close to "activation"."""
+    import tensorpress as tp
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6)).double()
+    calib = [torch.randn(64, 12, dtype=F64) for _ in range(4)]
+    x = torch.cat(calib)
+    ref = net(x)
+    errs = {}
+    for method in ("activation", "convex", "convex_weights"):
+        small, report = tp.compress(net, calib, method=method, budget=0.5, progress=False)
+        assert {r.method for r in report.layers if r.method != "dense"} <= {method}
+        errs[method] = float(torch.linalg.vector_norm(small(x) - ref) / torch.linalg.vector_norm(ref))
+    assert errs["convex"] < 1.5 * errs["activation"] + 1e-6, errs
+    assert all(e < 1.0 for e in errs.values()), errs

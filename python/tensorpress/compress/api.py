@@ -52,8 +52,8 @@ from tensorpress.compress.structures import ADAPTERS, STRUCTURES, dense_macs_per
 from tensorpress.nn.lowrank_linear import LowRankLinear
 
 ONE_SHOT_METHODS = ("svd", "whitened")
-SEQUENTIAL_METHODS = ("activation", "convex", "relu", "gelu")
-SAMPLE_METHODS = ("relu", "gelu")  # need rows of (X, X~), not only their Grams
+SEQUENTIAL_METHODS = ("activation", "convex", "convex_weights", "relu", "gelu")
+SAMPLE_METHODS = ("convex", "relu", "gelu")  # need rows of (X, X~), not only their Grams
 DEFAULT_KEEP_ROWS = 4096
 METHODS = ONE_SHOT_METHODS + SEQUENTIAL_METHODS
 
@@ -336,10 +336,10 @@ def _fit_sequential(
     """A sequential method's fit; ``offset`` (residual feedback) is used by "activation" only."""
     if method == "activation":
         return fit_activation(layer.weight, layer.bias, stats, rank, offset=offset, **ridge_kw)
-    if method == "convex":
-        from tensorpress.compress.convex import fit_convex
+    if method == "convex_weights":
+        from tensorpress.compress.convex import fit_convex_weights
 
-        return fit_convex(
+        return fit_convex_weights(
             layer.weight,
             layer.bias,
             stats.n,
@@ -350,10 +350,11 @@ def _fit_sequential(
             rank,
             **ridge_kw,
         )
+    from tensorpress.compress.convex import fit_convex
     from tensorpress.compress.relu import fit_gelu, fit_relu
 
     x_ref, x_in = stats.samples()
-    fit = fit_relu if method == "relu" else fit_gelu
+    fit = {"convex": fit_convex, "relu": fit_relu, "gelu": fit_gelu}[method]
     return fit(layer.weight, layer.bias, x_ref, x_in, rank, **ridge_kw)
 
 
@@ -672,9 +673,13 @@ def compress(
         method: "activation" (sequential: each layer fitted on the inputs of the model
             compressed so far, closed form of Zhang & Saab), "whitened" (the same on the
             original model's inputs, all layers from one pass), "svd" (weights only);
-            sequential too: "convex" (nuclear-norm-ball constrained least squares, then
-            truncation), "relu" / "gelu" (for a layer followed by that nonlinearity: fitted
-            on the post-activation outputs, from ``keep_rows`` sampled rows). A dict
+            sequential too, from ``keep_rows`` sampled rows: "convex" (Zhang & Saab's convex
+            program, Theorem 4.4: least squares of the pre-activations under their entrywise
+            and nuclear-norm bounds, then rank r), "relu" (their Theorem 4.9: maximum
+            likelihood for a layer followed by ReLU, on the post-ReLU outputs), "gelu" (the
+            post-GELU error of a layer followed by GELU); and from the Grams,
+            "convex_weights" (a nuclear-norm ball on the weights themselves, then
+            truncation: not the paper's program). A dict
             {layer name or glob pattern: method} mixes sequential methods, first match wins,
             e.g. {"*.intermediate.dense": "gelu", "*": "activation"}.
         budget: fraction of the targeted layers' weight parameters kept, in (0, 1].
@@ -691,7 +696,7 @@ def compress(
         cv_folds: folds for rank_rule="cv" (batch i goes to fold i mod cv_folds; at least
             that many calibration batches per process).
         include, exclude: layer names or glob patterns ("encoder.*.attention.*").
-        keep_rows: rows of (X, X~) kept per layer for "relu"/"gelu" (default 4096 when used).
+        keep_rows: rows of (X, X~) kept per layer for "convex"/"relu"/"gelu" (default 4096 when used).
         ridge: Gram regularization relative to its mean diagonal (default 1e-6).
         progress: show progress bars (tqdm) on stderr; None (the default): when stderr is a
             terminal.

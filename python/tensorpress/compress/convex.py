@@ -1,19 +1,43 @@
-"""The `convex` method: nuclear-norm-ball and box constrained least squares, then rank truncation.
+"""The convex low-rank methods: Zhang & Saab's pre-activation program (`convex`) and a
+weight-space variant (`convex_weights`).
 
-For a linear layer y = x Wᵀ + b (W: out×in) with calibration inputs X of the original model and
-X̃ of the model compressed so far (m rows each), the layer's output error with a free bias is
+Notation (Zhang & Saab, "Theoretical Guarantees for Low-Rank Compression of Deep Neural
+Networks", arXiv:2502.02766, Section 4): a layer y = x Wᵀ + b, calibration inputs X (original
+model) and X̃ (model compressed so far), m rows each; N1 = out features; the pre-activations
+P = X Wᵀ + 1bᵀ (m × N1) are the observations and Q = X̃ Ŵᵀ + 1ĉᵀ the compressed layer's.
+
+`fit_convex` (method "convex") is their convex program (Theorem 4.4 / Corollary 4.7):
+
+    min ‖Q − P‖_F   over Q = X̃ Ŵᵀ + 1ĉᵀ   s.t.   ‖Q‖_∞ ≤ α,   ‖Q‖_* ≤ α √(r m N1),
+
+then the rank-r output. In an orthonormal basis B of the range of [X̃_c, 1] (X̃_c the centered
+X̃), Q = B V and ‖Q‖_* = ‖V‖_*, ‖Q − P‖_F² = ‖V − BᵀP‖_F² + const, so the program is the
+Euclidean projection of BᵀP onto {‖V‖_* ≤ α√(rmN1)} ∩ {‖BV‖_∞ ≤ α}: `project_box_nuclear`,
+by ADMM (Boyd et al. 2011, §5, with residual balancing), stopped on relative primal and dual
+residuals. Departures, all stated in the docstrings: (1) the paper absorbs the bias into W and
+counts it in the rank; here the bias stays free (not rank-limited), as in every method of this
+package (the box and the ball still bound the full pre-activations including the bias);
+(2) α is a bound the theorem assumes on the planted low-rank pre-activations, unknown in
+practice: the default rule takes α = max |Q_act| of the activation-aware rank-r fit Q_act (the
+closed form of their Theorem 4.1 / Section 3), which makes Q_act feasible (a rank-r matrix with
+entries ≤ α has ‖·‖_* ≤ √r ‖·‖_F ≤ α√(rmN1)), so the program can only lower the calibration
+error before truncation; (3) directions of X̃_c with energy below the ridge are dropped from B.
+The rank-r output is the best rank-r weight in the X̃ metric for the solution Q̂ (truncated
+SVD of its coordinates V̂), as their Corollary 4.7 takes the best rank-r approximation of the
+solution.
+
+`fit_convex_weights` (method "convex_weights") is this package's earlier "convex" method: a
+nuclear-norm ball (and optional box) on the weights Ŵ themselves, with the radius of the
+activation-aware fit, then truncation. It is not the paper's program (the constraints are on
+Ŵ, not on X̃Ŵᵀ; no entrywise bound by default). For a layer y = x Wᵀ + b the output error with
+a free bias is
 
     ‖X Wᵀ + 1bᵀ − X̃ Ŵᵀ − 1b̂ᵀ‖_F² = tr(Ŵ G Ŵᵀ) − 2 tr(Ŵ C Wᵀ) + const,
 
-with the centered statistics G = X̃ᵀX̃ − n μ̃μ̃ᵀ and C = X̃ᵀX − n μ̃μᵀ (μ̃, μ the row means of X̃, X)
-and the optimal bias b̂ = b + Wμ − Ŵμ̃. `fit_convex` minimizes this over the convex set
-
-    {‖Ŵ‖_* ≤ radius} ∩ {|Ŵ_ij| ≤ box}
-
-(the convex relaxation of rank(Ŵ) ≤ r used by Zhang & Saab, "Theoretical Guarantees for
-Low-Rank Compression of Deep Neural Networks"), by accelerated projected gradient (FISTA, step
-1/λ_max(G), function-value restart so the objective never increases), and truncates the result
-to rank r. `constrained_lstsq` is the solver alone on plain (G, B) inputs.
+with the centered statistics G = X̃ᵀX̃ − n μ̃μ̃ᵀ and C = X̃ᵀX − n μ̃μᵀ and the optimal bias
+b̂ = b + Wμ − Ŵμ̃; it minimizes this over {‖Ŵ‖_* ≤ radius} ∩ {|Ŵ_ij| ≤ box} by accelerated
+projected gradient (FISTA, step 1/λ_max(G), restarts) and truncates to rank r. It needs only
+the Grams; `constrained_lstsq` is its solver alone on plain (G, B) inputs.
 
 The result type `LowRankFit` and the helpers for the activation-aware (G-metric) truncation
 are shared with the `relu` method (tensorpress.compress.relu).
@@ -33,7 +57,16 @@ from tensorpress.compress.lowrank import (
 )
 from tensorpress.compress.quadratic import ridged_cholesky
 
-__all__ = ["LowRankFit", "fit_convex", "constrained_lstsq", "project_nuclear_ball", "project_l1_ball"]
+__all__ = [
+    "LowRankFit",
+    "PreactBasis",
+    "constrained_lstsq",
+    "fit_convex",
+    "fit_convex_weights",
+    "project_box_nuclear",
+    "project_l1_ball",
+    "project_nuclear_ball",
+]
 
 # Dykstra's alternating projections onto ball ∩ box stop after this many rounds or when a
 # round moves the point by less than DYKSTRA_TOL relative to its norm.
@@ -171,8 +204,9 @@ def project_l1_ball(s: Tensor, radius: float) -> Tensor:
 
 def project_nuclear_ball(Z: Tensor, radius: float) -> Tensor:
     """Euclidean (Frobenius) projection of a matrix onto {‖Ŵ‖_* ≤ radius}: SVD, then the
-    singular values projected onto the l1 ball."""
-    if radius == math.inf:
+    singular values projected onto the l1 ball. No SVD when ‖Z‖_* ≤ √min(shape) ‖Z‖_F already
+    proves Z inside."""
+    if radius == math.inf or math.sqrt(min(Z.shape)) * float(torch.linalg.vector_norm(Z)) <= radius:
         return Z
     U, S, Vh = _svd(Z)
     if float(S.sum()) <= radius:
@@ -306,7 +340,7 @@ def constrained_lstsq(
 
 
 # ----------------------------------------------------------------------------- the method
-def fit_convex(
+def fit_convex_weights(
     weight: Tensor,
     bias: Tensor | None,
     n: int,
@@ -326,7 +360,9 @@ def fit_convex(
     tol: float = 1e-9,
     n_dykstra: int = DEFAULT_DYKSTRA_ITER,
 ) -> LowRankFit:
-    """Rank-r compression of a linear layer by the nuclear-ball/box constrained least squares.
+    """The `convex_weights` method: rank-r compression by nuclear-ball/box constrained least
+    squares on the weights (a weight-space heuristic, not Zhang & Saab's program: see the
+    module docstring).
 
     Solves min tr(Ŵ G Ŵᵀ) − 2 tr(Ŵ C Wᵀ) s.t. ‖Ŵ‖_* ≤ radius, |Ŵ_ij| ≤ box (see the module
     docstring) with `constrained_lstsq`, where G is regularized to G + δI, δ = ridge·trace(G)/in
@@ -430,7 +466,7 @@ def fit_convex(
         bias_hat = b + W @ mean_ref - W_hat @ mean_in
         sv = _svdvals(W_c)
         info = {
-            "method": "convex",
+            "method": "convex_weights",
             "iterations": sinfo["iterations"],
             "converged": sinfo["converged"],
             "restarts": sinfo["restarts"],
@@ -450,4 +486,248 @@ def fit_convex(
             Gr = gram_ref - n * torch.outer(mean_ref, mean_ref)
             const = float((W * (W @ Gr)).sum())
             info["rel_error"] = math.sqrt(max(info["objective"] + const, 0.0) / const) if const > 0 else 0.0
+        return LowRankFit(first, second, bias_hat, info)
+
+
+# ----------------------------------------------------------------------------- Zhang & Saab's program
+def _check_layer_samples(weight, bias, rank, X_ref, X_in):
+    """Validate a fit's layer and sample rows; returns (out_features, in_features, device)."""
+    out_f, in_f = _check_weight_bias_rank(weight, bias, rank)
+    dev = weight.device
+    _check_tensor("X_ref", X_ref, ndim=2, device=dev)
+    if X_ref.shape[1] != in_f:
+        raise ValueError(f"X_ref: expected shape (m, {in_f}) to match weight, got {tuple(X_ref.shape)}")
+    if X_ref.shape[0] < 2:
+        raise ValueError(f"X_ref: expected at least 2 rows, got {X_ref.shape[0]}")
+    _check_tensor("X_in", X_in, shape=tuple(X_ref.shape), device=dev)
+    return out_f, in_f, dev
+
+
+class PreactBasis:
+    """Orthonormal coordinates of the centered pre-activations a linear layer on X_in can make.
+
+    X̃_c = X_in − 1μ̃ᵀ = A S Vkᵀ with A (m×k) orthonormal columns, from the eigenvectors of
+    X̃_cᵀX̃_c whose eigenvalues exceed δ = ridge · trace/in (weaker directions carry less than
+    the ridge and are dropped). A ⟂ 1 (X̃_c is centered), so [A, 1/√m] is an orthonormal basis
+    of the range of [X̃_c, 1]: M = A Vᵀ + 1cᵀ has ‖M − 1cᵀ‖_* = ‖V‖_* and the weight with those
+    pre-activations is Ŵ = V S⁻¹ Vkᵀ."""
+
+    def __init__(self, X_in: Tensor, ridge: float) -> None:
+        self.m = X_in.shape[0]
+        self.mu = X_in.mean(0)
+        Xc = X_in - self.mu
+        G = Xc.T @ Xc
+        evals, evecs = torch.linalg.eigh(0.5 * (G + G.T))
+        self.delta = ridge * float(evals.clamp_min(0).sum()) / G.shape[0]
+        keep = evals > max(self.delta, 1e-300)
+        self.vecs = evecs[:, keep]
+        self.s = evals[keep].sqrt()
+        self.k = int(self.s.shape[0])
+        self.A = (Xc @ self.vecs) / self.s
+
+    def full(self) -> Tensor:
+        """[A, 1/√m] (m × (k+1))."""
+        return torch.cat([self.A, self.A.new_full((self.m, 1), self.m**-0.5)], dim=1)
+
+    def factors(self, V: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+        """Balanced rank-`rank` factors (first (r, in), second (out, r)) of the weight whose
+        centered pre-activations are A [V]_rᵀ: the best rank-r weight in the X̃ metric."""
+        U, S, Vh = _svd(V)
+        k = min(rank, S.shape[0])
+        left = U[:, :k] * S[:k]
+        right = (Vh[:k] / self.s) @ self.vecs.T
+        first, second, _ = balanced_factors(left, right, rank)
+        return first, second
+
+
+def truncate(V: Tensor, rank: int) -> Tensor:
+    """Best rank-`rank` approximation of V (truncated SVD)."""
+    U, S, Vh = _svd(V)
+    return (U[:, :rank] * S[:rank]) @ Vh[:rank]
+
+
+def project_box_nuclear(
+    Z: Tensor,
+    basis: Tensor,
+    alpha: float,
+    radius: float,
+    *,
+    tol: float = 1e-5,
+    max_iter: int = 500,
+    rho: float = 1.0,
+    state: tuple | None = None,
+) -> tuple[Tensor, dict, tuple]:
+    """Euclidean projection of Z (n×K) onto {V: ‖V‖_* ≤ radius, ‖basis Vᵀ‖_∞ ≤ alpha}, for a
+    basis (m×K) with orthonormal columns (so ‖V − Z‖_F = ‖basis Vᵀ − basis Zᵀ‖_F).
+
+    ADMM on V and Q = basis Vᵀ (scaled dual U; Boyd et al. 2011, §3): V ← P_*((Z + ρ(Q − U)ᵀ
+    basis)/(1 + ρ)), Q ← clip(basis Vᵀ + U, ±alpha), U ← U + basis Vᵀ − Q, with residual
+    balancing of ρ (§3.4.1). Stops when the primal residual ‖basis Vᵀ − Q‖_F ≤ tol · max(‖basis
+    Vᵀ‖_F, ‖Q‖_F, ‖Z‖_F) and the dual residual, bounded by ρ‖Q − Q_prev‖_F, ≤ tol · max(ρ‖U‖_F,
+    ‖Z‖_F) (Boyd's relative criterion with the absolute part set to the problem's scale ‖Z‖_F:
+    with few active box entries U is tiny and a purely relative test would not stop). Shortcut:
+    when the nuclear projection P_*(Z) already satisfies the box it is the exact answer (0
+    iterations). The returned V always lies in both sets: it is in the ball by construction and
+    is scaled by min(1, alpha / ‖basis Vᵀ‖_∞) at the end (both sets are symmetric, convex and
+    contain 0); info["box_scale"] says how far from 1 that was. `state` (returned) warm-starts
+    a later call on a nearby Z. Returns (V, info, state)."""
+    V = project_nuclear_ball(Z, radius)
+    BV = basis @ V.T
+    peak = float(BV.abs().max())
+    if peak <= alpha:
+        return V, {"iterations": 0, "converged": True, "box_scale": 1.0, "rho": rho}, state or ()
+    if state:
+        Q, U, rho = state
+    else:
+        Q, U = BV.clamp(-alpha, alpha), torch.zeros_like(BV)
+    converged, it, r_norm, s_norm = False, 0, math.inf, math.inf
+    scale_z = max(float(torch.linalg.vector_norm(Z)), 1e-300)  # the problem's scale, for the tolerances
+    for it in range(1, max_iter + 1):  # noqa: B007 (iterations reported after the loop)
+        V = project_nuclear_ball((Z + rho * ((Q - U).T @ basis)) / (1.0 + rho), radius)
+        BV = basis @ V.T
+        Q_new = (BV + U).clamp(-alpha, alpha)
+        U = U + BV - Q_new
+        r_norm = float(torch.linalg.vector_norm(BV - Q_new))
+        s_norm = rho * float(torch.linalg.vector_norm(Q_new - Q))
+        Q = Q_new
+        eps_pri = tol * max(float(torch.linalg.vector_norm(BV)), float(torch.linalg.vector_norm(Q)), scale_z)
+        eps_dual = tol * max(rho * float(torch.linalg.vector_norm(U)), scale_z)
+        if r_norm <= eps_pri and s_norm <= eps_dual:
+            converged = True
+            break
+        # residual balancing on the residuals relative to their thresholds; U is the dual / ρ
+        if r_norm / eps_pri > 10.0 * s_norm / eps_dual:
+            rho, U = 2.0 * rho, 0.5 * U
+        elif s_norm / eps_dual > 10.0 * r_norm / eps_pri:
+            rho, U = 0.5 * rho, 2.0 * U
+    peak = float((basis @ V.T).abs().max())
+    scale = min(1.0, alpha / peak) if peak > 0 else 1.0
+    info = {
+        "iterations": it,
+        "converged": converged,
+        "box_scale": scale,
+        "rho": rho,
+        "primal_residual": r_norm,
+        "dual_residual": s_norm,
+    }
+    return V * scale, info, (Q, U, rho)
+
+
+def choose_alpha(alpha, Q_act: Tensor, P: Tensor) -> tuple[float, str]:
+    """The entrywise bound α and the rule that gave it: None / "activation" → max |Q_act| (the
+    activation-aware rank-r pre-activations), "target" → max |P| (the original ones), or a
+    positive float as given."""
+    if alpha is None or alpha == "activation":
+        value, rule = float(Q_act.abs().max()), "activation"
+    elif alpha == "target":
+        value, rule = float(P.abs().max()), "target"
+    else:
+        value, rule = _check_positive("alpha", alpha, allow_none=False), "given"
+    return max(value, 1e-300), rule
+
+
+def _check_alpha(alpha):
+    if isinstance(alpha, str) or alpha is None:
+        if alpha not in (None, "activation", "target"):
+            raise ValueError(f"alpha: expected None, 'activation', 'target' or a positive float, got {alpha!r}")
+        return alpha
+    return _check_positive("alpha", alpha, allow_none=False)
+
+
+def fit_convex(
+    weight: Tensor,
+    bias: Tensor | None,
+    X_ref: Tensor,
+    X_in: Tensor,
+    rank: int,
+    *,
+    alpha: float | str | None = None,
+    radius: float | None = None,
+    tol: float = 1e-5,
+    max_iter: int = 500,
+    ridge: float = DEFAULT_RIDGE,
+) -> LowRankFit:
+    """The `convex` method: Zhang & Saab's convex program (Theorem 4.4 / Corollary 4.7) on the
+    pre-activations, then the rank-r output (see the module docstring for the reduction to a
+    projection and the departures: free bias, the α rule, dropped weak directions).
+
+    Solves min ‖Q − P‖_F over Q = X̃Ŵᵀ + 1ĉᵀ with ‖Q‖_∞ ≤ α and ‖Q‖_* ≤ radius (P = X_ref Wᵀ +
+    b), by `project_box_nuclear` to a relative ADMM residual `tol`, then returns the best
+    rank-r weight in the X̃ metric for the solution, with its free bias.
+
+    Args:
+        weight: W (out, in); bias: b (out,) or None (taken as 0); any real floating dtype.
+        X_ref: (m, in) inputs of the original model at this layer; X_in: (m, in) inputs of the
+            model compressed so far, rows paired with X_ref (m >= 2). Same device as weight.
+        rank: r in [1, min(out, in)].
+        alpha: the entrywise bound α: None or "activation" (default): max |Q_act| of the
+            activation-aware rank-r pre-activations on these rows (an estimate of the bound
+            the theorem assumes on the planted low-rank pre-activations; Q_act is feasible);
+            "target": max |P| (then P's projection is typically feasible and, unless the ball
+            binds, the method reduces to "activation"); or a positive float.
+        radius: the nuclear bound. None (default): the paper's α √(r m N1) (m rows, N1 = out);
+            a positive float or math.inf.
+        tol: ADMM stopping tolerance (relative primal and dual residuals); max_iter: its cap.
+        ridge: input directions with energy below ridge · trace(X̃_cᵀX̃_c)/in are dropped.
+    Returns:
+        LowRankFit(first (r, in), second (out, r), bias (out,), info), float64. info keys:
+        alpha, alpha_rule, radius, iterations, converged, primal_residual, dual_residual,
+        box_scale, nuclear_norm (of the convex solution's centered-and-bias coordinates),
+        ball_active (nuclear bound attained), box_active_fraction (share of entries at ±α),
+        solution_rank, basis_dim, ridge_delta, and the relative calibration errors
+        ‖Q − P‖_F / ‖P − 1P̄ᵀ‖_F of the result (rel_error), the convex solution before
+        truncation (rel_error_convex) and the activation-aware fit (rel_error_activation).
+    """
+    out_f, in_f, dev = _check_layer_samples(weight, bias, rank, X_ref, X_in)
+    alpha = _check_alpha(alpha)
+    radius = _check_positive("radius", radius, allow_inf=True)
+    tol = _check_positive("tol", tol, allow_none=False)
+    _check_int("max_iter", max_iter, 0)
+    ridge = _check_positive("ridge", ridge, allow_none=False)
+
+    with small_problem_threads(dev, min(out_f, in_f)):
+        f64 = torch.float64
+        W = weight.detach().to(f64)
+        b = bias.detach().to(f64) if bias is not None else W.new_zeros(out_f)
+        P = X_ref.to(f64) @ W.T + b  # new tensors: the caller's are untouched
+        basis = PreactBasis(X_in.to(f64), ridge)
+        m, k = basis.m, basis.k
+        c0 = P.mean(0)
+        Zx = (P - c0).T @ basis.A  # coordinates of P's projection (out × k); the bias part is c0
+        V_act = truncate(Zx, rank)
+        Q_act = basis.A @ V_act.T + c0
+        alpha_value, rule = choose_alpha(alpha, Q_act, P)
+        if radius is None:
+            radius = alpha_value * math.sqrt(rank * m * out_f)
+        B = basis.full()
+        Z = torch.cat([Zx, math.sqrt(m) * c0[:, None]], dim=1)
+        V, pinfo, _ = project_box_nuclear(Z, B, alpha_value, radius, tol=tol, max_iter=max_iter)
+        Vx, c = V[:, :k], V[:, k] / math.sqrt(m)
+        first, second = basis.factors(Vx, rank)
+        W_hat = second @ first
+        bias_hat = c - W_hat @ basis.mu
+
+        energy = float(torch.linalg.vector_norm(P - c0))
+
+        def rel(Q):
+            return float(torch.linalg.vector_norm(Q - P)) / energy if energy > 0 else 0.0
+
+        Q_conv = B @ V.T
+        sv = _svdvals(V)
+        info = {
+            "method": "convex",
+            "alpha": alpha_value,
+            "alpha_rule": rule,
+            "radius": radius,
+            **pinfo,
+            "nuclear_norm": float(sv.sum()),
+            "ball_active": bool(float(sv.sum()) >= radius * (1 - 1e-6)),
+            "box_active_fraction": float((Q_conv.abs() >= alpha_value * (1 - 1e-6)).double().mean()),
+            "solution_rank": int((sv > sv[0] * 1e-10).sum()) if float(sv[0]) > 0 else 0,
+            "basis_dim": k,
+            "ridge_delta": basis.delta,
+            "rel_error": rel(basis.A @ truncate(Vx, rank).T + c),
+            "rel_error_convex": rel(Q_conv),
+            "rel_error_activation": rel(Q_act),
+        }
         return LowRankFit(first, second, bias_hat, info)

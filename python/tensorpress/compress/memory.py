@@ -238,7 +238,7 @@ def plan_memory(
     def layer_memory(name):
         layer, rep = layers[name], reps[name]
         method = methods.get(name)
-        keep = keep_rows if method in ("relu", "gelu") else 0
+        keep = keep_rows if method in ("convex", "relu", "gelu") else 0
         kron = rep == "kronecker"
         proj_seq = kron or (method == "activation" and not keep and narrows(layer))
         shot = (0, 0, 0, 0)
