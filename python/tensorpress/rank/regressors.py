@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from tensorpress.linalg import truncated_svd
+from tensorpress.rank.estimator import EstimatorParams
 
 __all__ = [
     "CPRegressor",
@@ -181,12 +182,10 @@ def _mode_product(X: Tensor, U: Tensor, axis: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- base
-class _ALSRegressor:
+class _ALSRegressor(EstimatorParams):
     """Shared fit/predict/score; subclasses define _init, _sweep, _coef and degrees_of_freedom."""
 
-    # defined by each model (CPRegressor, TuckerRegressor)
-    _param_names: tuple[str, ...]
-    _min_modes: int
+    _min_modes: int  # defined by each model (CPRegressor, TuckerRegressor)
 
     def __init__(self, ridge=0.0, n_iter_max=200, tol=1e-8, init="moment", fit_intercept=False, random_state=None):
         self.ridge = ridge
@@ -214,21 +213,6 @@ class _ALSRegressor:
 
     def _coef(self):
         raise NotImplementedError
-
-    # scikit-learn style parameter access
-    def get_params(self, deep=True):
-        return {k: getattr(self, k) for k in self._param_names}
-
-    def set_params(self, **params):
-        for k, v in params.items():
-            if k not in self._param_names:
-                raise ValueError(f"{k}: not a parameter of {type(self).__name__} (expected one of {self._param_names})")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._param_names)
-        return f"{type(self).__name__}({args})"
 
     def _validate(self, X, y):
         _check_common(self.ridge, self.n_iter_max, self.tol, self.init)
@@ -360,7 +344,6 @@ class CPRegressor(_ALSRegressor):
         train_error_ (RSS/n), n_iter_, converged_, rss_history_.
     """
 
-    _param_names = ("rank", "ridge", "n_iter_max", "tol", "init", "fit_intercept", "random_state")
     _min_modes = 1
 
     def __init__(
@@ -525,7 +508,6 @@ class TuckerRegressor(_ALSRegressor):
     Fitted attributes: core_, factors_, coef_, intercept_, rss_, train_error_, n_iter_, ...
     """
 
-    _param_names = ("ranks", "ridge", "n_iter_max", "tol", "init", "fit_intercept", "random_state")
     _min_modes = 1
 
     def __init__(
