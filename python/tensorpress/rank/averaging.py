@@ -11,9 +11,10 @@ abstract and summaries were; the same holds for their optimism formulas, see
 
       w_R  proportional to  exp(-n (Err_hat(R) - min_R' Err_hat(R')) / (T sigma_hat^2)),
 
-  Err_hat(R) = train error + estimated optimism (`tensorpress.rank.optimism.estimated_test_error`,
-  criterion="test_error") or the predicted k-fold CV error (criterion="analytic_cv"), with the
-  effective (Stein) df of each fit, and sigma_hat^2 = RSS/(n - df_eff) of the best-scoring rank.
+  Err_hat(R) = the predicted k-fold CV error (criterion="analytic_cv", the default, as in
+  select_rank) or train error + estimated optimism (criterion="test_error",
+  `tensorpress.rank.optimism.estimated_test_error`), with the effective (Stein) df of each fit,
+  and sigma_hat^2 = RSS/(n - df_eff) of the best-scoring rank.
   n Err_hat / sigma^2 is, up to a constant, Mallows' C_p, which to first order equals AIC, so
   temperature T = 2 gives Akaike weights exp(-Delta AIC / 2) (Buckland, Burnham & Augustin 1997);
   T = 4 is the temperature of the exponential-weighting aggregate's oracle inequality for
@@ -21,12 +22,24 @@ abstract and summaries were; the same holds for their optimism formulas, see
   & Tsybakov 2007). Departures: our fits are non-linear (ALS on a manifold) and the design is
   random, so neither guarantee applies; sigma^2 is estimated, not known; the df is Stein's
   divergence of the fit (`tensorpress.rank.stein`). As T -> 0 the weights concentrate on the
-  selected rank (select_rank with the same criterion).
+  selected rank (select_rank with the same criterion; the default criterion is select_rank's
+  default, so the limit is the project's default selection). "test_error" is the estimate for the
+  very fit that is averaged, but the Stein df undercounts over-ranked non-convex fits
+  (`tensorpress.rank.optimism`), and its weights inherit that: on
+  benchmarks/results/rank_averaging.md they predicted worse than analytic_cv's (that first run is
+  why the default is analytic_cv).
 * weighting="stacking": Breiman's stacked regression (Breiman 1996, "Stacked regressions"):
   weights w >= 0 with sum(w) = 1 minimizing ||y - P w||^2, P the k-fold out-of-fold predictions
   of each rank (the same folds select_rank's CV uses), then applied to the fits on all the data.
   Costs the k fits per rank of CV selection. Breiman constrains w >= 0 only; we also require
   sum(w) = 1 (a convex combination, as the exponential weights are).
+
+Measured (benchmarks/results/rank_averaging.md, exact test errors on the synthetic grid of
+benchmarks/rank_selection.py and its image task): the exponential weights are nearly one-hot
+(n Delta Err_hat / sigma^2 is large between ranks), so "exp" predicts about as well as the rank
+select_rank picks, no better; stacking predicts better than selecting by analytic_cv or by 5-fold
+CV in most trials and, on average, better than the best single rank, at the cost of the k fits per
+rank of CV.
 
 The averaged coefficient tensor sum_R w_R B_R generally has rank up to sum_R R (not low rank):
 for compression, averaging keeps every member's parameters. Prediction is the weighted average
@@ -108,10 +121,10 @@ def exponential_weights(scores: Sequence, n: int, sigma2: float, temperature: fl
     return w / w.sum()
 
 
-def optimism_weights(selection: RankSelection, criterion: str = "test_error", temperature: float = 2.0) -> np.ndarray:
+def optimism_weights(selection: RankSelection, criterion: str = "analytic_cv", temperature: float = 2.0) -> np.ndarray:
     """Exponential weights (see the module docstring) from a `select_rank` result: its estimated
-    errors per candidate (criterion "test_error": train error + optimism; "analytic_cv": the
-    predicted k-fold CV error) and sigma_hat^2 = RSS/(n - df_eff) of the best-scoring candidate."""
+    errors per candidate (criterion "analytic_cv": the predicted k-fold CV error; "test_error":
+    train error + optimism) and sigma_hat^2 = RSS/(n - df_eff) of the best-scoring candidate."""
     if not isinstance(selection, RankSelection):
         raise TypeError(f"selection: expected a RankSelection (from select_rank), got {type(selection).__name__}")
     if criterion not in AVERAGING_CRITERIA:
@@ -260,10 +273,10 @@ class AveragedRegressor:
            select_rank takes).
         candidates: the ranks to average over (ints; for "tucker" also per-mode tuples).
         weighting: "exp" (exponential weights on the estimated error) or "stacking".
-        criterion: the estimated error the exponential weights use: "test_error" (default; train
-           error + optimism, the estimate for the fit on all n samples, which is what is averaged)
-           or "analytic_cv" (select_rank's default selection rule). With "stacking" it only sets
-           which rank `selected_rank_` reports.
+        criterion: the estimated error the exponential weights use: "analytic_cv" (default, as
+           select_rank's: the predicted k-fold CV error) or "test_error" (train error + optimism,
+           the estimate for the fit on all n samples). With "stacking" it only sets which rank
+           `selected_rank_` reports.
         temperature: T > 0 of the exponential weights (2: Akaike weights; smaller -> selection).
         cv: folds of "stacking" and the k of "analytic_cv", an int >= 2.
         df_rule: the df the optimism charges, as select_rank's ("stein", "manifold", "bootstrap").
@@ -296,7 +309,7 @@ class AveragedRegressor:
         family="cp",
         candidates=(1, 2, 3, 4),
         weighting="exp",
-        criterion="test_error",
+        criterion="analytic_cv",
         temperature=2.0,
         cv=5,
         df_rule="stein",
