@@ -277,7 +277,8 @@ def findings(summary) -> list[str]:
             losers = [k for k, v in d["settings"].items() if v[rule] > v["analytic_cv"] * (1 + 1e-3)]
             if losers:
                 L.append(
-                    f"- {part}: {rule} averaging loses to analytic_cv selection on average (by more than 0.1%) in: {'; '.join(losers)}."
+                    f"- {part}: {rule} averaging loses to analytic_cv selection on average (by more than 0.1%) "
+                    f"in: {'; '.join(losers)}."
                 )
     return L + [""]
 
