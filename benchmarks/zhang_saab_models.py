@@ -120,9 +120,7 @@ def write(args, meta, rows):
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (out / "zhang_saab_models.json").write_text(
-        json.dumps({"meta": meta, "settings": settings, "rows": rows}, indent=2)
-    )
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "settings": settings, "rows": rows}, indent=2))
     lm = [r for r in rows if r["model"] == "MiniLM-L6"]
     cnn = [r for r in rows if r["model"] != "MiniLM-L6"]
     lines = [
@@ -156,7 +154,7 @@ def write(args, meta, rows):
             f"| {r['budget']:.2f} | {r['method']} | {r['kept_fraction']:.3f} | {r['accuracy']:.4f} | "
             f"{r['accuracy_dense']:.4f} | {r['seconds']:.1f} s |"
         )
-    (out / "zhang_saab_models.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label in METHODS:
         pts = [r for r in lm if r["method"] == label]
@@ -174,7 +172,7 @@ def write(args, meta, rows):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "zhang_saab_models.png", dpi=120)
+    fig.savefig(out / f"{args.name}.png", dpi=120)
 
 
 def main() -> None:
@@ -187,6 +185,8 @@ def main() -> None:
     ap.add_argument("--keep-rows", type=int, default=768, help="rows per layer for convex / relu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-cnn", action="store_true")
+    ap.add_argument("--name", default="zhang_saab_models", help="results file name (without suffix)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -194,12 +194,13 @@ def main() -> None:
     meta = provenance(args.threads)
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     rows: list[dict] = []
-    run_cnn(args, rows)
+    if not args.skip_cnn:
+        run_cnn(args, rows)
     if not args.skip_minilm:
         run_minilm(args, rows)
     meta.update(load_avg_end=list(os.getloadavg()), other_cpu_share=other_cpu_share(busy0, self0, wall0))
     write(args, meta, rows)
-    print(f"wrote {args.out / 'zhang_saab_models'}.md")
+    print(f"wrote {args.out / args.name}.md")
 
 
 if __name__ == "__main__":
