@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 
-from _util import planted_matrix
+from _util import import_benchmark, planted_matrix
 from tensorpress.rank import AveragedRegressor, select_rank
 from tensorpress.rank.averaging import (
     exponential_weights,
@@ -147,9 +148,8 @@ def test_stacking_weights_minimize_the_out_of_fold_error(data):
 
 
 def test_clone_round_trip(fitted, data):
-    sklearn_base = pytest.importorskip("sklearn.base")
     X, y, Xte = data
-    c = sklearn_base.clone(fitted)
+    c = clone(fitted)
     assert c.get_params() == fitted.get_params() and not hasattr(c, "weights_")
     c.fit(X, y)
     np.testing.assert_array_equal(c.weights_, fitted.weights_)
@@ -208,3 +208,23 @@ def test_argument_checks_of_the_functions(fitted, data):
         AveragedRegressor().predict(Xte)
     with pytest.raises(ValueError, match="shape"):
         fitted.predict(Xte[:, :4])
+
+
+def test_benchmark_summary_counts_paired_wins_and_ratios():
+    bench = import_benchmark("rank_averaging")
+    rules = bench.RULES
+
+    def row(errs, **kw):
+        return {"part": "image", "image": "x", "test_error": dict(zip(rules, errs)), "fit_s": 1.0, "cv_s": 4.0} | kw
+
+    # rules: analytic_cv, test_error, cv5, exp, exp_T4, exp_te, stacking, oracle_single, oracle_convex
+    trials = [
+        row([2.0, 2.0, 2.0, 2.0, 1.0, 3.0, 1.5, 1.0, 0.5]),
+        row([1.0, 1.0, 4.0, 1.0, 2.0, 1.0, 0.5, 1.0, 0.5]),
+    ]
+    assert bench.paired(trials, "stacking", "analytic_cv") == (2, 0, 0)
+    assert bench.paired(trials, "exp", "analytic_cv") == (0, 2, 0)
+    assert bench.paired(trials, "exp_T4", "cv5") == (2, 0, 0)
+    s = bench.summarize(trials)["image"]
+    assert s["trials"] == 2 and s["mean_ratio"]["cv5"] == pytest.approx((2.0 + 4.0) / 2)
+    assert s["max_ratio"]["stacking"] == pytest.approx(1.5) and s["paired"]["exp_te vs test_error"] == (0, 1, 1)
