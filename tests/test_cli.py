@@ -20,7 +20,7 @@ def test_compress_help_lists_the_options(capsys):
 
 
 def test_compress_max_memory_is_parsed_and_reaches_the_job(monkeypatch, capsys):
-    from tensorpress.compress import job
+    from tensorpress.cli import compress_job as job
 
     seen = {}
     monkeypatch.setattr(job, "run_job", lambda cfg: seen.setdefault("cfg", cfg))

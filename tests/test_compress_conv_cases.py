@@ -554,7 +554,7 @@ def test_shipped_cnns_with_batchnorm_fold_it_and_keep_their_outputs(shipped):
 
 def test_the_cli_passes_fold_batchnorm_to_every_compress_call(monkeypatch, tmp_path, capsys):
     from tensorpress import cli
-    from tensorpress.compress import job
+    from tensorpress.cli import compress_job as job
 
     with pytest.raises(SystemExit):
         cli.main(["compress", "--help"])

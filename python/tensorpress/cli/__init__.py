@@ -42,7 +42,7 @@ def _memory(text: str) -> int:
 
 
 def _compress(args) -> int:
-    from tensorpress.compress.job import JobConfig, init_distributed, run_job
+    from tensorpress.cli.compress_job import JobConfig, init_distributed, run_job
 
     started = init_distributed()  # under torchrun: split the work across the processes
 
