@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import tensorpress as tp
-from tensorpress.compress.calibrate import conv_patches
 from tensorpress.compress.memory import MemoryPlanError, parse_memory, plan_memory
 from tensorpress.compress.stats import GramStats, conv_patch_gram
+from tensorpress.nn.patches import conv_patches
 
 F64 = torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

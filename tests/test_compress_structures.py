@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import tensorpress
-from tensorpress.compress.calibrate import conv_patches
 from tensorpress.compress.conv import fit_cp_conv, fit_tucker_conv
 from tensorpress.compress.saving import load_compressed, save_compressed
 from tensorpress.compress.stats import GramStats
@@ -21,6 +20,7 @@ from tensorpress.compress.tt import (
     uniform_tt_rank,
 )
 from tensorpress.nn import CPConv2d, TTLinear, TuckerConv2d
+from tensorpress.nn.patches import conv_patches
 from tensorpress.ops.tt import tt_to_dense
 
 F64 = torch.float64

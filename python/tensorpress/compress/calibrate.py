@@ -21,6 +21,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from tensorpress.nn.patches import conv_patches, im2col
+
 
 class StopForward(Exception):
     """Raised by a hook to end a forward pass once everything needed was recorded."""
@@ -96,21 +98,6 @@ def layer_features(layer: nn.Module) -> int:
     return layer.in_features
 
 
-def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """(N, C, H, W) -> (N * H_out * W_out, C * kh * kw): the patches the conv multiplies by
-    weight.reshape(out, -1), padding included (so W^ p + b reproduces the conv exactly)."""
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    padding = conv.padding
-    if isinstance(padding, str) or conv.padding_mode != "zeros":
-        # "same" may pad unevenly and other modes are not zeros: pad as nn.Conv2d does
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        padding = (0, 0)
-    cols = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
 def layer_rows(layer: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
     """The calibration rows of ``layer`` for its input ``x`` (see :func:`layer_features`)."""
     if isinstance(layer, nn.Conv2d):
@@ -181,8 +168,7 @@ def _output_row_chunks(conv: nn.Conv2d, x: Tensor, max_rows: int):
         for h0 in range(0, h_out, block):
             h1 = min(h_out, h0 + block)
             part = xp[..., h0 * sh : (h1 - 1) * sh + dh * (kh - 1) + 1, :]
-            cols = torch.nn.functional.unfold(part, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
-            yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            yield im2col(part, (kh, kw), (sh, sw), 0, (dh, dw))
 
 
 @contextmanager

@@ -2,7 +2,7 @@ r"""Data-aware Tucker-2 and CP fits of a Conv2d.
 
 A conv is a linear layer on its input patches: y = W_mat p + b with W_mat = weight.reshape(out,
 in * kh * kw) and p the (in, kh, kw) patch an output position sees (see
-:func:`tensorpress.compress.calibrate.conv_patches`). The calibration statistics are the Grams
+:func:`tensorpress.nn.patches.conv_patches`). The calibration statistics are the Grams
 of those patches, and the objective is the low-rank fits' one with W^ a Tucker-2 or CP kernel:
 
     min || P W_mat^T + 1 b^T - P~ W^_mat^T - 1 b^^T ||_F^2 = tr(W^ G W^^T) - 2 tr(W^ Q) + const.

@@ -81,12 +81,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tensorpress._validate import is_int
 from tensorpress.decompose import cp_als, tt_matrix_svd, tucker
 from tensorpress.linalg import truncated_svd
+from tensorpress.nn.patches import im2col, output_size
 from tensorpress.rank.optimism import aic, bic
 from tensorpress.rank.regressors import _generator, cp_degrees_of_freedom, tucker_degrees_of_freedom
 from tensorpress.rank.select import _COLUMN, CRITERIA, RankSelection, choose, kfold_indices
@@ -404,21 +404,22 @@ def _prepare_data(W: Tensor, inputs, outputs, stride, padding, dilation):
                 f"{tuple(W.shape)}, got {tuple(X.shape)}"
             )
         kh, kw = W.shape[2], W.shape[3]
-        cols = F.unfold(X, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, p, L)
-        if cols.shape[-1] == 0:
+        h_out, w_out = output_size(X.shape[2:], (kh, kw), stride, padding, dilation)
+        if h_out <= 0 or w_out <= 0:
             raise ValueError(f"inputs: images of shape {tuple(X.shape[2:])} are smaller than the kernel")
-        X = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        positions = h_out * w_out
+        X = im2col(X, (kh, kw), stride, padding, dilation)
         if outputs is not None:
             Y = _as_matrix(outputs, "outputs").to(W.device)
             if (
                 Y.dim() != 4
                 or Y.shape[0] != inputs.shape[0]
                 or Y.shape[1] != W.shape[0]
-                or Y.shape[2] * Y.shape[3] != cols.shape[-1]
+                or Y.shape[2] * Y.shape[3] != positions
             ):
                 raise ValueError(
                     f"outputs: expected (N, {W.shape[0]}, H_out, W_out) with N = {inputs.shape[0]} "
-                    f"and {cols.shape[-1]} output positions, got {tuple(Y.shape)}"
+                    f"and {positions} output positions, got {tuple(Y.shape)}"
                 )
             outputs = Y.flatten(2).transpose(1, 2).reshape(-1, W.shape[0])
     if X.dim() != 2:
