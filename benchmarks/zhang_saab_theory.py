@@ -8,7 +8,9 @@ carry noise the compressed layer cannot see (Δ = N R⁻¹ for inputs X = G Rᵀ
 outputs, large in weight norm along weak input directions): P = X Wᵀ + 1b*ᵀ + σE (E independent standard
 normal, fed to the fits as extra inputs that are zero in X̃). Errors are measured on held-out
 rows against the planted Q* (pre-activation RMSE / RMS(Q*)) and against ReLU(Q*) (post-ReLU
-relative error). m is the paper's m (rows); N1 = outputs.
+relative error), and against the original layer's held-out outputs ReLU(P) (what compression
+is judged by; its noise is unpredictable, so no method reaches 0). m is the paper's m (rows);
+N1 = outputs.
 
 Reference curves: the basic-inequality bound behind Theorem 4.4 (both Q̂ and Q* lie in the
 constraint set): ‖Q̂ − Q*‖_F² ≤ 2 ‖Π Z‖_op ‖Q̂ − Q*‖_* ≤ 4 ‖Π Z‖_op α √(r m N1), Π the
@@ -68,6 +70,7 @@ def run_one(g, d, n1, r, m, sigma_rel, delta_rel, n_test):
     X_ref, X_in = torch.cat([X, E], 1), torch.cat([X, torch.zeros_like(E)], 1)
     Q_star, Q_star_t = X @ M.T + b, Xt @ M.T + b
     Y_t = Q_star_t.clamp_min(0)
+    Y_orig = (Xt @ W.T + b + sigma * Et).clamp_min(0)  # the original layer's held-out outputs
     fits = {}
     # activation-aware closed form (rank-constrained least squares in the X̃ metric)
     P = X_ref @ W_big.T + b
@@ -101,6 +104,9 @@ def run_one(g, d, n1, r, m, sigma_rel, delta_rel, n_test):
         out[name] = {
             "preact_rmse": float((Qh - Q_star_t).pow(2).mean().sqrt()) / scale,
             "post_relu_error": float(torch.linalg.vector_norm(Qh.clamp_min(0) - Y_t) / torch.linalg.vector_norm(Y_t)),
+            "post_relu_vs_original": float(
+                torch.linalg.vector_norm(Qh.clamp_min(0) - Y_orig) / torch.linalg.vector_norm(Y_orig)
+            ),
         }
     # reference curves on the calibration rows
     Z = P - Q_star
@@ -115,11 +121,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--d", type=int, default=30)
     ap.add_argument("--n1", type=int, default=40)
-    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 6])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 6, 12])
     ap.add_argument("--rows", type=int, nargs="+", default=[60, 120, 240, 480, 960, 1920])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--sigma", type=float, default=0.3, help="noise std relative to RMS(Q*)")
-    ap.add_argument("--delta", type=float, default=0.03, help="full-rank weight part, relative to RMS(Q*)")
+    ap.add_argument("--delta", type=float, default=0.1, help="full-rank weight part, relative to RMS(Q*)")
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
@@ -161,7 +167,11 @@ def main() -> None:
         "solution with α = max|Q*| (calibration rows); dof: σ√(r(d+N1)/(mN1)) / RMS(Q*)",
         "",
     ]
-    for key, title in (("preact_rmse", "pre-activation RMSE / RMS(Q*)"), ("post_relu_error", "post-ReLU error")):
+    for key, title in (
+        ("preact_rmse", "pre-activation RMSE / RMS(Q*)"),
+        ("post_relu_error", "post-ReLU error against ReLU(Q*)"),
+        ("post_relu_vs_original", "post-ReLU error against the original layer's outputs (noise included)"),
+    ):
         for r in args.ranks:
             lines += [f"## {title}, rank {r}", "", "| m | " + " | ".join(methods) + " | bound | dof rate |"]
             lines.append("|---:|" + "---:|" * (len(methods) + 2))

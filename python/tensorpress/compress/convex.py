@@ -23,8 +23,9 @@ closed form of their Theorem 4.1 / Section 3), which makes Q_act feasible (a ran
 entries ≤ α has ‖·‖_* ≤ √r ‖·‖_F ≤ α√(rmN1)), so the program can only lower the calibration
 error before truncation; (3) directions of X̃_c with energy below the ridge are dropped from B.
 The rank-r output is the best rank-r weight in the X̃ metric for the solution Q̂ (truncated
-SVD of its coordinates V̂), as their Corollary 4.7 takes the best rank-r approximation of the
-solution.
+SVD of its coordinates V̂). The constraint set, the statement numbers and the rank-r output
+follow issue 29's reading of the paper; only its abstract and third-party summaries could be
+read here, so the theorems' constants and side conditions were not checked against the text.
 
 `fit_convex_weights` (method "convex_weights") is this package's earlier "convex" method: a
 nuclear-norm ball (and optional box) on the weights Ŵ themselves, with the radius of the
