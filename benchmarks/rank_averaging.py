@@ -26,6 +26,7 @@ Writes results/rank_averaging.{json,md,png} (``_quick`` with --quick).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -208,12 +209,16 @@ def summarize(trials) -> dict:
     return out
 
 
-def write_markdown(path, meta, summary, trials, args):
+def write_markdown(path, meta, summary, trials):
     L = ["# Model averaging over ranks vs one selected rank (issue 29, item 5)", ""]
     L += stamp_lines(meta)
     L += [
         f"- torch {meta['torch']}, {meta['threads']} threads; settings: ALS {ALS}, 5 folds, "
-        f"{args.seeds} seeds per synthetic setting, {args.image_seeds} per image, {meta['elapsed_s']:.0f} s in all",
+        f"{meta['settings']['seeds']} seeds per synthetic setting, {meta['settings']['image_seeds']} per image, "
+        f"{meta['elapsed_s']:.0f} s in all",
+        f"- images: {', '.join(sorted({t['image'] for t in trials if t['part'] == 'image'})) or 'none'} "
+        "(rank_selection.py's `load_images`; its skimage camera needs scikit-image, "
+        f"{'not ' if not meta.get('skimage') else ''}installed for this run)",
         "",
         "Error: the exact test error (noise variance + ||B_hat - B||_F^2, X Gaussian) of each rule's "
         "prediction, divided by that of the best single candidate rank (the oracle single rank; < 1 means "
@@ -290,7 +295,10 @@ def write_plot(path, summary):
     import matplotlib.pyplot as plt
 
     parts = list(summary)
-    fig, axes = plt.subplots(1, len(parts), figsize=(7.5 * len(parts), 4.6), squeeze=False)
+    widths = [max(5, len(summary[p]["settings"])) for p in parts]
+    fig, axes = plt.subplots(
+        1, len(parts), figsize=(3 + 0.7 * sum(widths), 5.2), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
     rules = SELECT + AVERAGE + ("oracle_convex",)
     for ax, part in zip(axes[0], parts):
         settings = summary[part]["settings"]
@@ -307,9 +315,10 @@ def write_plot(path, summary):
         hi = max(max(settings[k][r] for r in rules) for k in keys)
         ax.set_ylim(max(0.0, lo - 0.02), min(hi + 0.02, 2.0))
         ax.set_ylabel("test error / best single rank (mean over seeds)")
-        ax.set_title(f"{part}: averaging (hatched) vs selection", fontsize=10)
-    axes[0][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+        ax.set_title(f"{part}: averaging (hatched) vs selection", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(rules), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -319,13 +328,23 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 5; 1 with --quick)")
     ap.add_argument("--image-seeds", type=int, default=None, help="seeds per image (default 2; 1 with --quick)")
     ap.add_argument("--parts", default="synthetic,image", help="comma-separated subset of synthetic,image")
+    ap.add_argument("--rewrite", type=Path, default=None, help="rewrite the Markdown and plot from a results JSON")
     args = ap.parse_args(argv)
+    if args.rewrite is not None:
+        data = json.loads(args.rewrite.read_text())
+        data["summary"] = summarize(data["trials"])
+        data["meta"].setdefault("skimage", False)  # runs before it was recorded: camera absent from their images
+        args.rewrite.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        write_markdown(args.rewrite.with_suffix(".md"), data["meta"], data["summary"], data["trials"])
+        write_plot(args.rewrite.with_suffix(".png"), data["summary"])
+        return 0
     exit_unless_cpu(args.device, "rank_averaging.py")
     args.seeds = args.seeds or (1 if args.quick else 5)
     args.image_seeds = args.image_seeds or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     meta = provenance(torch.get_num_threads())
+    meta["skimage"] = importlib.util.find_spec("skimage") is not None
     meta["settings"] = {
         "seeds": args.seeds,
         "image_seeds": args.image_seeds,
@@ -362,7 +381,7 @@ def main(argv=None) -> int:
     (args.out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "summary": summary, "trials": trials}, indent=1, default=str) + "\n"
     )
-    write_markdown(args.out / f"{stem}.md", meta, summary, trials, args)
+    write_markdown(args.out / f"{stem}.md", meta, summary, trials)
     write_plot(args.out / f"{stem}.png", summary)
     print(json.dumps({k: v["mean_ratio"] for k, v in summary.items()}, indent=1))
     return 0

@@ -26,20 +26,21 @@ abstract and summaries were; the same holds for their optimism formulas, see
   default, so the limit is the project's default selection). "test_error" is the estimate for the
   very fit that is averaged, but the Stein df undercounts over-ranked non-convex fits
   (`tensorpress.rank.optimism`), and its weights inherit that: on
-  benchmarks/results/rank_averaging.md they predicted worse than analytic_cv's (that first run is
-  why the default is analytic_cv).
+  benchmarks/results/rank_averaging.md they predict worse than analytic_cv's (column exp_te; a
+  first run of that benchmark is why the default is analytic_cv, not test_error).
 * weighting="stacking": Breiman's stacked regression (Breiman 1996, "Stacked regressions"):
   weights w >= 0 with sum(w) = 1 minimizing ||y - P w||^2, P the k-fold out-of-fold predictions
   of each rank (the same folds select_rank's CV uses), then applied to the fits on all the data.
   Costs the k fits per rank of CV selection. Breiman constrains w >= 0 only; we also require
   sum(w) = 1 (a convex combination, as the exponential weights are).
 
-Measured (benchmarks/results/rank_averaging.md, exact test errors on the synthetic grid of
-benchmarks/rank_selection.py and its image task): the exponential weights are nearly one-hot
-(n Delta Err_hat / sigma^2 is large between ranks), so "exp" predicts about as well as the rank
-select_rank picks, no better; stacking predicts better than selecting by analytic_cv or by 5-fold
-CV in most trials and, on average, better than the best single rank, at the cost of the k fits per
-rank of CV.
+Measured (benchmarks/results/rank_averaging.md: exact test errors over the best single rank's, on
+105 synthetic trials of the grid of benchmarks/rank_selection.py and 6 of its image task): the
+exponential weights are nearly one-hot (n Delta Err_hat / sigma^2 is large between ranks), so "exp"
+predicts about as well as the rank select_rank picks (synthetic 1.026 vs 1.026; images 0.997 vs
+1.002), not better; stacking predicts better than selecting by analytic_cv or by 5-fold CV in
+78 / 80 of 105 synthetic trials (worse in 26 / 24) and in 6 of 6 image trials, on average better
+than the best single rank (0.985; images 0.966), at the cost of the k fits per rank of CV.
 
 The averaged coefficient tensor sum_R w_R B_R generally has rank up to sum_R R (not low rank):
 for compression, averaging keeps every member's parameters. Prediction is the weighted average
