@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tensorpress._validate import is_int
 from tensorpress.compress.quadratic import ridged_cholesky
 from tensorpress.compress.stats import GramStats, OffsetStats
 
@@ -73,7 +74,7 @@ class LowRankFit:
 def _check_weight_rank(weight: Tensor, rank: int) -> None:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D tensor (out, in), got {getattr(weight, 'shape', weight)!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
+    if not is_int(rank) or not 1 <= rank <= min(weight.shape):
         raise ValueError(
             f"rank: expected an int in [1, {min(weight.shape)}] for a {tuple(weight.shape)} weight, got {rank!r}"
         )

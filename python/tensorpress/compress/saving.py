@@ -26,6 +26,7 @@ import warnings
 import torch
 from torch import nn
 
+from tensorpress._validate import is_int
 from tensorpress.compress.batchnorm import FoldedBatchNorm
 from tensorpress.nn.cp_conv2d import CPConv2d
 from tensorpress.nn.lowrank_linear import LowRankLinear
@@ -231,14 +232,14 @@ class _Fields:
 
     def int(self, field: str, lo: int = 1, hi: int | None = None) -> int:
         v = self.spec[field]
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        if not is_int(v) or v < lo or (hi is not None and v > hi):
             bound = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
             raise self.fail(field, f"expected {bound}, got {v!r}")
         return v
 
     def ints(self, field: str, length: int | None = None, lo: int = 1, max_length: int | None = None) -> list[int]:
         v = self.spec[field]
-        ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v)
+        ok = isinstance(v, list) and all(is_int(x) and x >= lo for x in v)
         if not ok or (length is not None and len(v) != length) or (max_length is not None and len(v) > max_length):
             size = f"{length} " if length is not None else f"at most {max_length} " if max_length else ""
             raise self.fail(field, f"expected a list of {size}ints >= {lo}, got {v!r}")
@@ -334,7 +335,7 @@ def _check_conv(fields: _Fields, module: nn.Module) -> dict:
     padding = fields.spec["padding"]
     if isinstance(padding, list):
         padding = tuple(fields.ints("padding", length=2, lo=0))
-    elif not isinstance(padding, str) and (isinstance(padding, bool) or not isinstance(padding, int) or padding < 0):
+    elif not isinstance(padding, str) and (not is_int(padding) or padding < 0):
         raise fields.fail("padding", f"expected 'same', 'valid', an int >= 0 or a list of 2, got {padding!r}")
     kw["padding"] = padding
     kw["padding_mode"] = fields.spec["padding_mode"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tensorpress._validate import is_int
 from tensorpress.compress.lowrank import DEFAULT_RIDGE, small_problem_threads
 from tensorpress.compress.quadratic import OutputObjective, conjugate_gradient
 from tensorpress.compress.stats import GramStats
@@ -169,7 +170,7 @@ def _check(weight: Tensor, out_factors, in_factors, ranks) -> tuple[int, ...]:
         )
     d = len(out_factors)
     values = [ranks] * (d - 1) if isinstance(ranks, int) else list(ranks)
-    if len(values) != d - 1 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in values):
+    if len(values) != d - 1 or any(not is_int(r) or r < 1 for r in values):
         raise ValueError(f"ranks: expected an int >= 1 or {d - 1} of them, got {ranks!r}")
     return tuple(min(r, c) for r, c in zip(values, max_bond_ranks(out_factors, in_factors)))
 
@@ -202,7 +203,7 @@ def fit_tt_activation(
     if stats.in_features != weight.shape[1]:
         raise ValueError(f"stats: expected statistics of {weight.shape[1]} input features, got {stats.in_features}")
     for name, v in (("sweeps", sweeps), ("cg_iters", cg_iters)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if not is_int(v) or v < 0:
             raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
     w = weight.detach().to(torch.float64)
     start = fit_tt_svd(weight, None, list(caps), out_factors, in_factors)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tensorpress._validate import is_int
 from tensorpress.linalg import truncated_svd
 
 INITS = ("svd", "random")
@@ -135,7 +136,7 @@ def _check_tensor(tensor, name="tensor") -> None:
 
 
 def _check_int(name, v, low):
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    if not is_int(v) or v < low:
         raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
 
 

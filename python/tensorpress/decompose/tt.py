@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tensorpress._validate import is_int
 from tensorpress.linalg import truncated_svd
 from tensorpress.tt_format import matrix_to_tt_tensor
 
@@ -33,7 +34,7 @@ def _check_rank_args(d: int, max_rank, rel_error):
         raise ValueError("max_rank, rel_error: expected at least one of them, got neither")
 
     def is_rank(r):
-        return isinstance(r, int) and not isinstance(r, bool) and r >= 1
+        return is_int(r) and r >= 1
 
     if max_rank is None:
         ranks = [None] * (d - 1)

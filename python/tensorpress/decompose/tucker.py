@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tensorpress._validate import is_int
 from tensorpress.linalg import truncated_svd
 
 
@@ -66,14 +67,10 @@ def _check(tensor, ranks) -> list[int]:
     if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
         raise TypeError(f"tensor: expected a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor))}")
     d = tensor.dim()
-    if isinstance(ranks, int) and not isinstance(ranks, bool):
+    if is_int(ranks):
         ranks = [ranks] * d
     ranks = list(ranks) if isinstance(ranks, (list, tuple)) else ranks
-    if (
-        not isinstance(ranks, list)
-        or len(ranks) != d
-        or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks)
-    ):
+    if not isinstance(ranks, list) or len(ranks) != d or any(not is_int(r) or r < 1 for r in ranks):
         raise ValueError(f"ranks: expected {d} ints >= 1 (one per mode of a {d}-way tensor), got {ranks!r}")
     if not torch.isfinite(tensor).all():
         raise ValueError("tensor: expected finite values, found NaN or Inf")
@@ -102,7 +99,7 @@ def tucker(
     """
     if init != "hosvd":
         raise ValueError(f"init: expected 'hosvd', got {init!r}")
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 0:
+    if not is_int(n_iter_max) or n_iter_max < 0:
         raise ValueError(f"n_iter_max: expected an int >= 0, got {n_iter_max!r}")
     start = hosvd(tensor, ranks)
     t = tensor.detach().to(torch.float64)

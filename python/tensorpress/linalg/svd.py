@@ -22,6 +22,7 @@ from torch import Tensor
 
 from tensorpress import _cuda_kernels as cuda_kernels
 from tensorpress._ext import _C
+from tensorpress._validate import is_int
 
 METHODS = ("auto", "jacobi", "randomized", "randomized_checked", "lapack")
 # auto uses our Jacobi up to this many columns, per dtype: measured on the 2-core EPYC against
@@ -123,7 +124,7 @@ def _validate(A, rank, rtol, method, n_iter, oversample):
         raise TypeError(f"A: expected dtype float32 or float64, got {A.dtype}")
     if rank is None and rtol is None:
         raise ValueError("rank, rtol: expected at least one of them, got neither")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank is not None and (not is_int(rank) or rank < 1):
         raise ValueError(f"rank: expected an int >= 1, got {rank!r}")
     if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1):
         raise ValueError(f"rtol: expected a float in [0, 1), got {rtol!r}")
@@ -132,7 +133,7 @@ def _validate(A, rank, rtol, method, n_iter, oversample):
     if method in ("randomized", "randomized_checked") and rank is None:
         raise ValueError(f"rank: the {method} method needs a rank, got None")
     for name, v in (("n_iter", n_iter), ("oversample", oversample)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        if v is not None and (not is_int(v) or v < 0):
             raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
     if A.numel() and not torch.isfinite(A).all():
         raise ValueError("A: expected finite values, found NaN or Inf")

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from tensorpress._validate import is_int
 from tensorpress.decompose.cp import cp_als, cp_overparam
 from tensorpress.linalg import blas
 from tensorpress.nn import conv_paths
@@ -21,18 +22,14 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _pair(name: str, v, low: int) -> tuple[int, int]:
-    vals = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
-    if (
-        not isinstance(vals, (tuple, list))
-        or len(vals) != 2
-        or any(isinstance(x, bool) or not isinstance(x, int) or x < low for x in vals)
-    ):
+    vals = (v, v) if is_int(v) else v
+    if not isinstance(vals, (tuple, list)) or len(vals) != 2 or any(not is_int(x) or x < low for x in vals):
         raise ValueError(f"{name}: expected an int >= {low} or a pair of them, got {v!r}")
     return int(vals[0]), int(vals[1])
 
 
 def _check_positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    if not is_int(v) or v < 1:
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
     return v
 

@@ -8,12 +8,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from tensorpress._validate import is_int
 from tensorpress.linalg.svd import truncated_svd
 from tensorpress.nn._checks import check_factor_dtype, check_input_matches
 
 
 def _check_rank(rank, in_features: int, out_features: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ValueError(f"rank: expected an int >= 1, got {rank!r}")
     if rank > min(in_features, out_features):
         raise ValueError(
@@ -53,7 +54,7 @@ class LowRankLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         check_factor_dtype(dtype)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         self.in_features, self.out_features = in_features, out_features
         self.rank = _check_rank(rank, in_features, out_features)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from tensorpress import _cuda_kernels as cuda_kernels
 from tensorpress._eager import plain_eager
+from tensorpress._validate import is_int
 from tensorpress.decompose.tt import tt_matrix_svd
 from tensorpress.nn._checks import autocast_casts, check_factor_dtype
 from tensorpress.ops.tt import prepare_tt, select_plan, tt_matmul, tt_to_dense
@@ -52,7 +53,7 @@ class TTLinear(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         check_factor_dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
@@ -296,6 +297,6 @@ def _resolve_ranks(ranks, out_factors, in_factors) -> tuple[int, ...]:
     values = [ranks] * (d - 1) if isinstance(ranks, int) else list(ranks)
     if len(values) != d - 1:
         raise ValueError(f"ranks: expected {d - 1} bond ranks for {d} factors, got {len(values)}")
-    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in values):
+    if any(not is_int(r) or r < 1 for r in values):
         raise ValueError(f"ranks: expected ints >= 1, got {values}")
     return tuple(min(r, c) for r, c in zip(values, caps))

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from tensorpress._validate import is_int
 from tensorpress.decompose.tucker import feasible_ranks, multi_mode_product, tucker
 from tensorpress.nn._checks import check_factor_dtype
 from tensorpress.nn.cp_conv2d import (
@@ -25,12 +26,8 @@ from tensorpress.nn.cp_conv2d import (
 
 
 def _requested_ranks(ranks) -> tuple[int, int]:
-    vals = (ranks, ranks) if isinstance(ranks, int) and not isinstance(ranks, bool) else ranks
-    if (
-        not isinstance(vals, (tuple, list))
-        or len(vals) != 2
-        or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in vals)
-    ):
+    vals = (ranks, ranks) if is_int(ranks) else ranks
+    if not isinstance(vals, (tuple, list)) or len(vals) != 2 or any(not is_int(r) or r < 1 for r in vals):
         raise ValueError(f"ranks: expected (r_out, r_in), two ints >= 1 (or one int for both), got {ranks!r}")
     return int(vals[0]), int(vals[1])
 

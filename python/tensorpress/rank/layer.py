@@ -173,7 +173,7 @@ def layer_cv_error(
     the data (the analogue of `tensorpress.rank.optimism.estimated_cv_error`; criterion
     "analytic_cv"). inf where a fold's fit has no finite value (m <= p + 1)."""
     _check_layer_args(rss, n, q, p, df, rank, df_eff)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+    if not is_int(k) or k < 2:
         raise ValueError(f"k: expected an int >= 2 (the folds), got {k!r}")
     N = n * q
     m = n * (k - 1) / k

@@ -60,11 +60,13 @@ from __future__ import annotations
 
 import math
 
+from tensorpress._validate import is_int
+
 __all__ = ["noise_variance", "optimism", "estimated_test_error", "estimated_cv_error", "aic", "bic"]
 
 
 def _check(rss, n, df):
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
     if isinstance(df, bool) or not isinstance(df, (int, float)) or not df >= 0 or not math.isfinite(df):
         raise ValueError(f"df: expected a finite number >= 0 (an int, or a float effective df), got {df!r}")
@@ -102,7 +104,7 @@ def estimated_cv_error(rss: float, n: int, df: float, k: int) -> float:
     (sigma_hat^2 = RSS/(n - df)); inf where df >= m - 1 (no finite value: a fold's fit would
     interpolate)."""
     _check(rss, n, df)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+    if not is_int(k) or k < 2:
         raise ValueError(f"k: expected an int >= 2 (the folds), got {k!r}")
     m = n * (k - 1) / k
     if df >= m - 1:

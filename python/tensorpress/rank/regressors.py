@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tensorpress._validate import is_int
 from tensorpress.linalg import truncated_svd
 from tensorpress.rank.estimator import EstimatorParams
 
@@ -35,11 +36,7 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- df formulas
 def _check_dims(dims, name="dims"):
-    if (
-        not isinstance(dims, (list, tuple))
-        or len(dims) < 1
-        or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in dims)
-    ):
+    if not isinstance(dims, (list, tuple)) or len(dims) < 1 or any(not is_int(p) or p < 1 for p in dims):
         raise ValueError(f"{name}: expected a sequence of ints >= 1, got {dims!r}")
     return tuple(int(p) for p in dims)
 
@@ -136,7 +133,7 @@ def check_Xy(X, y=None, min_modes=1):
 def _check_common(ridge, n_iter_max, tol, init):
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or not math.isfinite(ridge):
         raise ValueError(f"ridge: expected a finite number >= 0, got {ridge!r}")
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 1:
+    if not is_int(n_iter_max) or n_iter_max < 1:
         raise ValueError(f"n_iter_max: expected an int >= 1, got {n_iter_max!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol: expected a number >= 0, got {tol!r}")

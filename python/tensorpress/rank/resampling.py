@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tensorpress._validate import is_int
 from tensorpress.rank.regressors import _generator, check_Xy
 
 __all__ = ["BootstrapDF", "covariance_penalty_df"]
@@ -55,7 +56,7 @@ def covariance_penalty_df(
     mu_hat. sigma2: the noise variance of the draws (default RSS / (n - df), df the fit's
     manifold degrees_of_freedom). n_boot: refits, an int >= 2. random_state: seed of the draws.
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
+    if not is_int(n_boot) or n_boot < 2:
         raise ValueError(f"n_boot: expected an int >= 2, got {n_boot!r}")
     if sigma2 is not None and (
         isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)) or not math.isfinite(sigma2) or sigma2 <= 0

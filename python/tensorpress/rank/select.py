@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tensorpress._validate import is_int
 from tensorpress.rank.optimism import aic, bic, estimated_cv_error, estimated_test_error, noise_variance, optimism
 from tensorpress.rank.regressors import CPRegressor, LowRankRegressor, TuckerRegressor, _generator, check_Xy
 from tensorpress.rank.resampling import covariance_penalty_df
@@ -265,9 +266,9 @@ def select_rank(
         raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
     if df_rule not in DF_RULES:
         raise ValueError(f"df_rule: expected one of {DF_RULES}, got {df_rule!r}")
-    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
+    if not is_int(cv) or cv < 2:
         raise ValueError(f"cv: expected an int >= 2, got {cv!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
+    if not is_int(n_boot) or n_boot < 2:
         raise ValueError(f"n_boot: expected an int >= 2, got {n_boot!r}")
     if with_cv is not None and not isinstance(with_cv, bool):
         raise ValueError(f"with_cv: expected None or a bool, got {with_cv!r}")

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tensorpress._validate import is_int
+
 
 def train_backprop(
     model: nn.Module,
@@ -44,7 +46,7 @@ def train_backprop(
             f"X, y: expected (n, d) and (n,) tensors, got {getattr(X, 'shape', None)} and {getattr(y, 'shape', None)}"
         )
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "epochs" else 1):
+        if not is_int(v) or v < (0 if name == "epochs" else 1):
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr: expected a positive float, got {lr!r}")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tensorpress._validate import is_int
 from tensorpress.train.spec import ConvSpec, reshaped_tt_spec
 from tensorpress.train.tenbcd import TenBCD
 
@@ -73,7 +74,7 @@ class PaperCNN:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if not is_int(self.rank) or self.rank < 1:
             raise ValueError(f"rank: expected an int >= 1, got {self.rank!r}")
 
     @property

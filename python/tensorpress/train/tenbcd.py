@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tensorpress._validate import is_int
 from tensorpress.linalg import blas
 from tensorpress.train.projections import prune_projection, tt_project, tt_project_reshaped, tt_reconstruct_reshaped
 from tensorpress.train.spec import FLATTEN_ORDERS, ConvSpec, ReshapedTTSpec, TTSpec, reshaped_tt_spec, resolve_tt_spec
@@ -152,7 +153,7 @@ class TenBCD:
         if (
             not isinstance(layer_sizes, (list, tuple))
             or len(layer_sizes) < 2
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in layer_sizes)
+            or not all(is_int(d) and d >= 1 for d in layer_sizes)
         ):
             raise ValueError(f"layer_sizes: expected a list of >= 2 positive ints, got {layer_sizes!r}")
         self.layer_sizes = list(layer_sizes)
@@ -177,9 +178,7 @@ class TenBCD:
             raise ValueError(f"init: expected 'tt' or 'normal', got {init!r}")
         self.init = init
         self.init_std = _check_number("init_std", init_std, strict=True)
-        if init_target_rank is not None and (
-            isinstance(init_target_rank, bool) or not isinstance(init_target_rank, int) or init_target_rank < 1
-        ):
+        if init_target_rank is not None and (not is_int(init_target_rank) or init_target_rank < 1):
             raise ValueError(f"init_target_rank: expected None or an int >= 1, got {init_target_rank!r}")
         self.init_target_rank = init_target_rank
         if projection_accept not in ("closer", "always"):
@@ -589,11 +588,11 @@ class TenBCD:
         progress: a tqdm progress bar with F and the latest accuracies.
         Raises DivergenceError (naming iteration and block) if F becomes non-finite.
         """
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        if not is_int(n_iter) or n_iter < 0:
             raise ValueError(f"n_iter: expected an int >= 0, got {n_iter!r}")
-        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        if not is_int(eval_every) or eval_every < 1:
             raise ValueError(f"eval_every: expected an int >= 1, got {eval_every!r}")
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        if not is_int(checkpoint_every) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every: expected an int >= 1, got {checkpoint_every!r}")
         if resume and checkpoint is None:
             raise ValueError("resume: needs a checkpoint path")

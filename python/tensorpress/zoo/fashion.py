@@ -12,6 +12,7 @@ import sys
 import torch
 from torch import nn
 
+from tensorpress._validate import is_int
 from tensorpress.zoo.mnist import accuracy, cache_dir, fashion_mnist
 
 CACHE_NAME = "fashion_cnn_v1.pt"
@@ -42,9 +43,9 @@ class FashionCNN(nn.Module):
 def train_fashion_cnn(epochs: int = EPOCHS, progress: bool = True, n_train: int | None = None) -> FashionCNN:
     """Train the CNN on the Fashion-MNIST training split (Adam, lr 1e-3, batch 128); ``n_train``
     uses only the first that many training images (for quick checks)."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise ValueError(f"epochs: expected an int >= 1, got {epochs!r}")
-    if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
+    if n_train is not None and (not is_int(n_train) or n_train < 1):
         raise ValueError(f"n_train: expected None or an int >= 1, got {n_train!r}")
     images, labels = fashion_mnist("train")
     images, labels = images[:n_train], labels[:n_train]

