@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensorpress.rank import CPRegressor, LowRankRegressor, TuckerRegressor
+from tensorpress.rank import AveragedRegressor, CPRegressor, LowRankRegressor, TuckerRegressor
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
@@ -36,7 +36,9 @@ def test_clone_and_params_round_trip(est):
     assert repr(est).startswith(type(est).__name__ + "(")
 
 
-@pytest.mark.parametrize("est", ESTIMATORS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "est", [*ESTIMATORS, AveragedRegressor(family="tucker", candidates=(1, 2))], ids=lambda e: type(e).__name__
+)
 @pytest.mark.parametrize(
     "check",
     [

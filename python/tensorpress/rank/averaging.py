@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tensorpress.rank.estimator import EstimatorParams
 from tensorpress.rank.regressors import _check_common, _generator, check_Xy
 from tensorpress.rank.select import (
     DF_RULES,
@@ -264,7 +265,7 @@ def out_of_fold_predictions(
     return P, errs
 
 
-class AveragedRegressor:
+class AveragedRegressor(EstimatorParams):
     """The average of low-rank regressors fitted at every candidate rank, weighted by their
     estimated test errors (weighting="exp") or by stacking (weighting="stacking"); see the module
     docstring for the rules and where they depart from the literature.
@@ -288,22 +289,6 @@ class AveragedRegressor:
         select_rank picks with `criterion`), coef_ (sum_k w_k B_k), intercept_, n_features_in_,
         n_samples_, oof_predictions_ ((n, K), stacking only).
     """
-
-    _param_names = (
-        "family",
-        "candidates",
-        "weighting",
-        "criterion",
-        "temperature",
-        "cv",
-        "df_rule",
-        "ridge",
-        "n_iter_max",
-        "tol",
-        "init",
-        "fit_intercept",
-        "random_state",
-    )
 
     def __init__(
         self,
@@ -334,21 +319,6 @@ class AveragedRegressor:
         self.init = init
         self.fit_intercept = fit_intercept
         self.random_state = random_state
-
-    # scikit-learn style parameter access (sklearn.base.clone works on these)
-    def get_params(self, deep=True):
-        return {k: getattr(self, k) for k in self._param_names}
-
-    def set_params(self, **params):
-        for k, v in params.items():
-            if k not in self._param_names:
-                raise ValueError(f"{k}: not a parameter of {type(self).__name__} (expected one of {self._param_names})")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._param_names)
-        return f"{type(self).__name__}({args})"
 
     def _estimator_kwargs(self) -> dict:
         return {
