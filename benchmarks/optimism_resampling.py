@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tensorpress.rank import cp_degrees_of_freedom, select_rank, tucker_degrees_of_freedom
+from tensorpress.rank import select_rank
+from tensorpress.rank.regressors import cp_degrees_of_freedom, tucker_degrees_of_freedom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (

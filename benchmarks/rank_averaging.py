@@ -37,12 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tensorpress.rank import cp_degrees_of_freedom, select_rank, tucker_degrees_of_freedom
+from tensorpress.rank import select_rank
 from tensorpress.rank.averaging import (
     optimism_weights,
     out_of_fold_predictions,
     simplex_least_squares,
 )
+from tensorpress.rank.regressors import cp_degrees_of_freedom, tucker_degrees_of_freedom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_parser, cpu_seconds, exit_unless_cpu, other_cpu_share, provenance, stamp_lines  # noqa: E402

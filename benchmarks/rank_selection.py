@@ -47,15 +47,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tensorpress.rank import (
-    cp_degrees_of_freedom,
-    estimated_cv_error,
-    estimated_test_error,
-    one_standard_error_choice,
-    select_layer_rank,
-    select_rank,
-    tucker_degrees_of_freedom,
-)
+from tensorpress.rank import estimated_cv_error, estimated_test_error, select_layer_rank, select_rank
+from tensorpress.rank.regressors import cp_degrees_of_freedom, tucker_degrees_of_freedom
+from tensorpress.rank.select import one_standard_error_choice
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (

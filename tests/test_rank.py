@@ -13,16 +13,13 @@ from tensorpress.rank import (
     LowRankRegressor,
     RankSelection,
     TuckerRegressor,
-    aic,
-    bic,
-    cp_degrees_of_freedom,
     energy_rank,
     estimated_test_error,
-    matrix_degrees_of_freedom,
     optimism,
     select_rank,
-    tucker_degrees_of_freedom,
 )
+from tensorpress.rank.optimism import aic, bic
+from tensorpress.rank.regressors import cp_degrees_of_freedom, matrix_degrees_of_freedom, tucker_degrees_of_freedom
 
 
 @pytest.fixture(autouse=True)
@@ -247,7 +244,7 @@ def test_bad_inputs_name_the_argument():
         optimism(1.0, 0, 1)
     with pytest.raises(ValueError, match="^df_rule:"):
         select_rank("cp", X, y, [1], df_rule="exact")
-    from tensorpress.rank import stein_degrees_of_freedom
+    from tensorpress.rank.stein import stein_degrees_of_freedom
 
     with pytest.raises(TypeError, match="^estimator:"):
         stein_degrees_of_freedom(object(), X, y)
@@ -271,8 +268,7 @@ def _refit_warm(est, X, y, sweeps=2000):
 def test_stein_sensitivity_matches_finite_differences(cls, kind):
     # an over-ranked fit (rank 3, true rank 2): the closed-form d y_hat / d y (whose trace is
     # df_eff) must match refits on perturbed targets, and df_eff must exceed the manifold df
-    from tensorpress.rank import stein_degrees_of_freedom
-    from tensorpress.rank.stein import fit_sensitivity
+    from tensorpress.rank.stein import fit_sensitivity, stein_degrees_of_freedom
 
     dims = (6, 6, 6)
     if kind == "cp":
@@ -290,7 +286,7 @@ def test_stein_sensitivity_matches_finite_differences(cls, kind):
 
 
 def test_stein_df_equals_manifold_df_at_a_well_determined_fit():
-    from tensorpress.rank import stein_degrees_of_freedom
+    from tensorpress.rank.stein import stein_degrees_of_freedom
 
     dims = (8, 8, 8)
     X, y, _ = planted_cp(dims, 2, 600, 100.0, seed=8)

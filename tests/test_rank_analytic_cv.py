@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from _util import planted_matrix
-from tensorpress.rank import (
-    estimated_cv_error,
-    estimated_test_error,
-    layer_cv_error,
-    layer_optimism,
-    matrix_degrees_of_freedom,
-    select_layer_rank,
-    select_rank,
-)
+from tensorpress.rank import estimated_cv_error, estimated_test_error, layer_optimism, select_layer_rank, select_rank
+from tensorpress.rank.layer import layer_cv_error
+from tensorpress.rank.regressors import matrix_degrees_of_freedom
 
 
 def kfold_cv_error(X, Y, k, gen):

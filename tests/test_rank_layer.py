@@ -9,15 +9,8 @@ import pytest
 import torch
 
 from tensorpress.ops import tt_to_dense
-from tensorpress.rank import (
-    LayerFit,
-    RankSelection,
-    layer_optimism,
-    optimism,
-    rrr_effective_df,
-    select_layer_rank,
-    tt_degrees_of_freedom,
-)
+from tensorpress.rank import LayerFit, RankSelection, layer_optimism, optimism, select_layer_rank
+from tensorpress.rank.layer import rrr_effective_df, tt_degrees_of_freedom
 
 
 @pytest.fixture(autouse=True)

@@ -6,14 +6,9 @@ import pytest
 import torch
 
 from _util import planted_matrix
-from tensorpress.rank import (
-    CRITERIA,
-    matrix_degrees_of_freedom,
-    one_standard_error_choice,
-    select_layer_rank,
-    select_rank,
-)
-from tensorpress.rank.select import choose
+from tensorpress.rank import select_layer_rank, select_rank
+from tensorpress.rank.regressors import matrix_degrees_of_freedom
+from tensorpress.rank.select import CRITERIA, choose, one_standard_error_choice
 
 
 def test_the_smallest_candidate_within_one_standard_error():

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from tensorpress.rank import CPRegressor, covariance_penalty_df, select_rank, stein_degrees_of_freedom
+from tensorpress.rank import CPRegressor, select_rank
+from tensorpress.rank.resampling import covariance_penalty_df
+from tensorpress.rank.stein import stein_degrees_of_freedom
 
 
 class OLS:

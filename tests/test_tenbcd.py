@@ -18,16 +18,19 @@ from tensorpress.train import (
     one_hot,
     prune_projection,
     ranks_for_ratio,
-    relu_prox,
     train_backprop,
     tt_project,
+)
+from tensorpress.train.updates import (
+    gram,
+    gram_factor,
+    relu_prox,
     update_u_hidden,
     update_u_out,
     update_v_hidden,
     update_v_out,
     update_w,
 )
-from tensorpress.train.updates import gram, gram_factor
 
 D64 = torch.float64
 

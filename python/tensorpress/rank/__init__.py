@@ -11,67 +11,29 @@ AIC/BIC and the energy threshold, with one result type for all (see `select_rank
 
 from tensorpress.rank.averaging import AveragedRegressor
 from tensorpress.rank.budget import Allocation, allocate_ranks
-from tensorpress.rank.layer import (
-    LAYER_FAMILIES,
-    LayerFit,
-    layer_cv_error,
-    layer_optimism,
-    rrr_effective_df,
-    select_layer_rank,
-    tt_degrees_of_freedom,
-)
-from tensorpress.rank.optimism import aic, bic, estimated_cv_error, estimated_test_error, noise_variance, optimism
-from tensorpress.rank.regressors import (
-    CPRegressor,
-    LowRankRegressor,
-    TuckerRegressor,
-    cp_degrees_of_freedom,
-    matrix_degrees_of_freedom,
-    tucker_degrees_of_freedom,
-)
-from tensorpress.rank.resampling import BootstrapDF, covariance_penalty_df
-from tensorpress.rank.select import (
-    CRITERIA,
-    DF_RULES,
-    FAMILIES,
-    RankSelection,
-    energy_rank,
-    one_standard_error_choice,
-    select_rank,
-)
-from tensorpress.rank.stein import stein_degrees_of_freedom
+from tensorpress.rank.layer import LayerFit, layer_optimism, select_layer_rank
+from tensorpress.rank.optimism import estimated_cv_error, estimated_test_error, optimism
+from tensorpress.rank.regressors import CPRegressor, LowRankRegressor, TuckerRegressor
+from tensorpress.rank.select import RankSelection, energy_rank, select_rank
 
 __all__ = [
+    # estimators (scikit-learn style)
     "CPRegressor",
     "TuckerRegressor",
     "LowRankRegressor",
-    "cp_degrees_of_freedom",
-    "tucker_degrees_of_freedom",
-    "matrix_degrees_of_freedom",
-    "optimism",
-    "estimated_test_error",
-    "estimated_cv_error",
-    "noise_variance",
-    "aic",
-    "bic",
+    "AveragedRegressor",
+    # choosing a rank
     "select_rank",
     "RankSelection",
     "energy_rank",
-    "one_standard_error_choice",
-    "CRITERIA",
-    "DF_RULES",
-    "FAMILIES",
-    "stein_degrees_of_freedom",
-    "covariance_penalty_df",
-    "BootstrapDF",
     "select_layer_rank",
-    "tt_degrees_of_freedom",
-    "layer_optimism",
-    "layer_cv_error",
-    "rrr_effective_df",
     "LayerFit",
-    "LAYER_FAMILIES",
+    # splitting a parameter budget across layers
     "allocate_ranks",
     "Allocation",
-    "AveragedRegressor",
+    # the estimates themselves
+    "optimism",
+    "estimated_test_error",
+    "estimated_cv_error",
+    "layer_optimism",
 ]

@@ -1,4 +1,7 @@
-"""Training of compressed networks: tenBCD (gradient-free block coordinate descent) and a backprop baseline."""
+"""Training of compressed networks: tenBCD (gradient-free block coordinate descent) and a backprop baseline.
+
+The block updates themselves (tensorpress.train.updates) are internal: TenBCD runs them.
+"""
 
 from tensorpress.train.backprop import accuracy, train_backprop
 from tensorpress.train.paper import PAPER_LOGGED_TEST_ACC, PaperCNN
@@ -11,7 +14,6 @@ from tensorpress.train.projections import (
 )
 from tensorpress.train.spec import ConvSpec, ReshapedTTSpec, TTSpec, ranks_for_ratio, reshaped_tt_spec, resolve_tt_spec
 from tensorpress.train.tenbcd import DivergenceError, TenBCD, one_hot
-from tensorpress.train.updates import relu_prox, update_u_hidden, update_u_out, update_v_hidden, update_v_out, update_w
 
 __all__ = [
     "TenBCD",
@@ -30,12 +32,6 @@ __all__ = [
     "tt_project_reshaped",
     "tt_reconstruct_reshaped",
     "prune_projection",
-    "relu_prox",
-    "update_v_out",
-    "update_u_out",
-    "update_u_hidden",
-    "update_v_hidden",
-    "update_w",
     "train_backprop",
     "accuracy",
 ]
