@@ -47,6 +47,7 @@ def set_autotune(enabled: bool) -> None:
 
 
 def autotune_enabled() -> bool:
+    """Whether CPU plans are chosen by timing (set_autotune) rather than by the cost model alone."""
     return _AUTOTUNE["enabled"]
 
 
