@@ -80,10 +80,10 @@ def test_cv_heldout_errors_match_direct_fits():
     W, X, Y = planted_layer(50, 8, 6, 2, 0.7, seed=3)
     sel = select_layer_rank(W, X, outputs=Y, candidates=[1, 2, 4], criterion="cv", cv=5, random_state=4)
     # redo the folds by hand with the brute-force fit
-    from tensorpress.rank.regressors import _generator
+    from tensorpress.rank.regressors import as_generator
     from tensorpress.rank.select import kfold_indices
 
-    folds = kfold_indices(50, 5, _generator(4))
+    folds = kfold_indices(50, 5, as_generator(4))
     for j, r in enumerate([1, 2, 4]):
         errs = []
         for k, test in enumerate(folds):

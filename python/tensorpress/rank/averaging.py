@@ -61,14 +61,14 @@ import torch
 from torch import Tensor
 
 from tensorpress.rank.estimator import EstimatorParams
-from tensorpress.rank.regressors import _check_common, _generator, check_Xy
+from tensorpress.rank.regressors import as_generator, check_fit_settings, check_Xy
 from tensorpress.rank.select import (
     DF_RULES,
     FAMILIES,
     RankSelection,
-    _check_candidates,
-    _make_estimator,
+    check_candidates,
     kfold_indices,
+    make_estimator,
     select_rank,
 )
 
@@ -250,14 +250,14 @@ def out_of_fold_predictions(
     n = int(Xt.shape[0])
     if cv > n:
         raise ValueError(f"cv: expected at most n = {n} folds, got {cv}")
-    cands = _check_candidates(model_family, candidates, tuple(Xt.shape[1:]))
-    folds = kfold_indices(n, cv, _generator(int(random_state)))
+    cands = check_candidates(model_family, candidates, tuple(Xt.shape[1:]))
+    folds = kfold_indices(n, cv, as_generator(int(random_state)))
     P = np.zeros((n, len(cands)))
     errs = np.zeros((len(cands), cv))
     for j, rank in enumerate(cands):
         for k, test in enumerate(folds):
             train = torch.cat([f for i, f in enumerate(folds) if i != k])
-            est = _make_estimator(model_family, rank, dict(estimator_kwargs, random_state=int(random_state)))
+            est = make_estimator(model_family, rank, dict(estimator_kwargs, random_state=int(random_state)))
             est.fit(Xt[train], yt[train])
             pred = torch.as_tensor(est.predict(Xt[test]), dtype=torch.float64)
             P[test.numpy(), j] = pred.cpu().numpy()
@@ -344,7 +344,7 @@ class AveragedRegressor(EstimatorParams):
             raise ValueError(f"cv: expected an int >= 2, got {self.cv!r}")
         if self.df_rule not in DF_RULES:
             raise ValueError(f"df_rule: expected one of {DF_RULES}, got {self.df_rule!r}")
-        _check_common(self.ridge, self.n_iter_max, self.tol, self.init)
+        check_fit_settings(self.ridge, self.n_iter_max, self.tol, self.init)
         if not isinstance(self.fit_intercept, bool):
             raise ValueError(f"fit_intercept: expected a bool, got {self.fit_intercept!r}")
         rs = self.random_state
@@ -356,7 +356,7 @@ class AveragedRegressor(EstimatorParams):
         self._validate_params()
         Xt, yt = check_Xy(X, y, min_modes=2 if self.family in ("lowrank", "matrix") else 1)
         # checked before any fit (select_rank checks them too, but only after its argument checks)
-        _check_candidates(self.family, self.candidates, tuple(Xt.shape[1:]))
+        check_candidates(self.family, self.candidates, tuple(Xt.shape[1:]))
         if self.cv > Xt.shape[0]:
             raise ValueError(f"cv: expected at most n = {Xt.shape[0]} folds, got {self.cv}")
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if self.random_state is None else int(self.random_state)

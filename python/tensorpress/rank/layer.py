@@ -88,8 +88,8 @@ from tensorpress.decompose import cp_als, tt_matrix_svd, tucker
 from tensorpress.linalg import truncated_svd
 from tensorpress.nn.patches import im2col, output_size
 from tensorpress.rank.optimism import aic, bic
-from tensorpress.rank.regressors import _generator, cp_degrees_of_freedom, tucker_degrees_of_freedom
-from tensorpress.rank.select import _COLUMN, CRITERIA, RankSelection, choose, kfold_indices
+from tensorpress.rank.regressors import as_generator, cp_degrees_of_freedom, tucker_degrees_of_freedom
+from tensorpress.rank.select import CRITERIA, CRITERION_COLUMN, RankSelection, choose, kfold_indices
 from tensorpress.tt_format import max_bond_ranks, resolve_factors
 
 __all__ = [
@@ -678,7 +678,7 @@ def select_layer_rank(
         )
 
     if do_cv:
-        folds = kfold_indices(n, cv, _generator(seed))
+        folds = kfold_indices(n, cv, as_generator(seed))
         errs = np.zeros((cv, len(cands)))
         cv_time = np.zeros(len(cands))
         for k, test in enumerate(folds):
@@ -708,7 +708,7 @@ def select_layer_rank(
             row["cv_std"] = float(errs[:, j].std(ddof=1))
             row["cv_time"] = float(cv_time[j])
 
-    scores = [row[_COLUMN[criterion]] for row in table]
+    scores = [row[CRITERION_COLUMN[criterion]] for row in table]
     finite = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
     if not finite:
         raise ValueError(

@@ -130,7 +130,8 @@ def check_Xy(X, y=None, min_modes=1):
     return Xt, yt
 
 
-def _check_common(ridge, n_iter_max, tol, init):
+def check_fit_settings(ridge, n_iter_max, tol, init):
+    """The ALS settings every regressor shares, checked (ValueError naming the argument)."""
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or not math.isfinite(ridge):
         raise ValueError(f"ridge: expected a finite number >= 0, got {ridge!r}")
     if not is_int(n_iter_max) or n_iter_max < 1:
@@ -141,7 +142,8 @@ def _check_common(ridge, n_iter_max, tol, init):
         raise ValueError(f"init: expected 'moment' or 'random', got {init!r}")
 
 
-def _generator(random_state):
+def as_generator(random_state):
+    """A torch.Generator from random_state: a Generator as is, an int seed, or None (fresh entropy)."""
     if isinstance(random_state, torch.Generator):
         return random_state
     g = torch.Generator()
@@ -212,7 +214,7 @@ class _ALSRegressor(EstimatorParams):
         raise NotImplementedError
 
     def _validate(self, X, y):
-        _check_common(self.ridge, self.n_iter_max, self.tol, self.init)
+        check_fit_settings(self.ridge, self.n_iter_max, self.tol, self.init)
         if not isinstance(self.fit_intercept, bool):
             raise ValueError(f"fit_intercept: expected a bool, got {self.fit_intercept!r}")
         return check_Xy(X, y, min_modes=self._min_modes)
@@ -224,7 +226,7 @@ class _ALSRegressor(EstimatorParams):
 
     def _fit(self, Xt, yt):
         self._check_ranks(tuple(Xt.shape[1:]))
-        gen = _generator(self.random_state)
+        gen = as_generator(self.random_state)
         if self.fit_intercept:
             x_mean, y_mean = Xt.mean(0), yt.mean()
             Xc, yc = Xt - x_mean, yt - y_mean

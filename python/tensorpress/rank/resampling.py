@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from tensorpress._validate import is_int
-from tensorpress.rank.regressors import _generator, check_Xy
+from tensorpress.rank.regressors import as_generator, check_Xy
 
 __all__ = ["BootstrapDF", "covariance_penalty_df"]
 
@@ -81,7 +81,7 @@ def covariance_penalty_df(
         if not sigma2 > 0:
             raise ValueError("sigma2: the fit interpolates the data (RSS = 0); pass sigma2 explicitly")
     sigma = math.sqrt(sigma2)
-    gen = _generator(random_state)
+    gen = as_generator(random_state)
     eps = torch.randn(n_boot, n, generator=gen, dtype=torch.float64)
     preds = torch.empty(n_boot, n, dtype=torch.float64)
     for b in range(n_boot):

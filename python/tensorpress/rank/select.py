@@ -14,9 +14,9 @@ from torch import Tensor
 
 from tensorpress._validate import is_int
 from tensorpress.rank.optimism import aic, bic, estimated_cv_error, estimated_test_error, noise_variance, optimism
-from tensorpress.rank.regressors import CPRegressor, LowRankRegressor, TuckerRegressor, _generator, check_Xy
+from tensorpress.rank.regressors import CPRegressor, LowRankRegressor, TuckerRegressor, as_generator, check_Xy
 from tensorpress.rank.resampling import covariance_penalty_df
-from tensorpress.rank.stein import _stein_df
+from tensorpress.rank.stein import stein_df_centered
 
 __all__ = [
     "RankSelection",
@@ -32,7 +32,7 @@ CRITERIA = ("analytic_cv", "test_error", "test_error_1se", "optimism", "cv", "ai
 DF_RULES = ("stein", "manifold", "bootstrap")
 FAMILIES = {"cp": CPRegressor, "tucker": TuckerRegressor, "lowrank": LowRankRegressor, "matrix": LowRankRegressor}
 # the column of the table each criterion minimizes
-_COLUMN = {
+CRITERION_COLUMN = {
     "analytic_cv": "est_cv_error",
     "test_error": "est_test_error",
     "test_error_1se": "est_test_error",
@@ -148,14 +148,16 @@ class RankSelection:
         return path
 
 
-def _make_estimator(family, rank, estimator_kwargs):
+def make_estimator(family, rank, estimator_kwargs):
+    """The estimator of `family` (a name in FAMILIES, or a callable rank -> estimator) at `rank`."""
     if isinstance(family, str):
         cls = FAMILIES[family]
         return cls(rank, **estimator_kwargs)
     return family(rank, **estimator_kwargs)
 
 
-def _check_candidates(family, candidates, dims):
+def check_candidates(family, candidates, dims):
+    """The candidate ranks as a list, checked against the family and the samples' dims."""
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Iterable):
         raise ValueError(f"candidates: expected a non-empty sequence of ranks, got {candidates!r}")
     cands = list(candidates)
@@ -281,16 +283,16 @@ def select_rank(
     dims = tuple(Xt.shape[1:])
     if model_family in ("lowrank", "matrix") and len(dims) != 2:
         raise ValueError(f"X: model_family {model_family!r} needs matrix samples (n, p, q), got sample shape {dims}")
-    cands = _check_candidates(model_family, candidates, dims)
+    cands = check_candidates(model_family, candidates, dims)
     if cv > n:
         raise ValueError(f"cv: expected at most n = {n} folds, got {cv}")
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if random_state is None else int(random_state)
     do_cv = criterion == "cv" or bool(with_cv)
-    folds = kfold_indices(n, cv, _generator(seed)) if do_cv else []
+    folds = kfold_indices(n, cv, as_generator(seed)) if do_cv else []
 
     table, fitted = [], []
     for rank in cands:
-        est = _make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed))
+        est = make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed))
         t0 = time.perf_counter()
         est.fit(Xt, yt)
         fit_time = time.perf_counter() - t0
@@ -303,11 +305,11 @@ def select_rank(
         t0 = time.perf_counter()
         if df_rule == "stein" and hasattr(est, "_jacobian"):
             Xc, yc = (Xt - Xt.mean(0), yt - yt.mean()) if getattr(est, "fit_intercept", False) else (Xt, yt)
-            df_eff = _stein_df(est, Xc, yc)
+            df_eff = stein_df_centered(est, Xc, yc)
         elif df_rule == "bootstrap" and df < n - 1:
             # the same noise draws (seed + 1) for every rank: common random numbers
             df_eff = covariance_penalty_df(
-                lambda rank=rank: _make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed)),
+                lambda rank=rank: make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed)),
                 Xt,
                 yt,
                 fitted=est,
@@ -340,7 +342,7 @@ def select_rank(
             errs = []
             for k, test in enumerate(folds):
                 train = torch.cat([f for j, f in enumerate(folds) if j != k])
-                m = _make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed))
+                m = make_estimator(model_family, rank, dict(estimator_kwargs, random_state=seed))
                 m.fit(Xt[train], yt[train])
                 p = torch.as_tensor(m.predict(Xt[test]), dtype=torch.float64)
                 errs.append(float(((yt[test] - p) ** 2).mean()))
@@ -350,7 +352,7 @@ def select_rank(
         table.append(row)
         fitted.append(est)
 
-    scores = [row[_COLUMN[criterion]] for row in table]
+    scores = [row[CRITERION_COLUMN[criterion]] for row in table]
     finite = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
     if not finite:
         raise ValueError(

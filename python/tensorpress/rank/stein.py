@@ -76,10 +76,10 @@ def stein_degrees_of_freedom(estimator, X, y) -> float:
         raise ValueError(
             f"X: expected samples of shape {tuple(estimator.coef_.shape)} (as in fit), got {tuple(Xc.shape[1:])}"
         )
-    return _stein_df(estimator, Xc.to(estimator.coef_.device), yc.to(estimator.coef_.device))
+    return stein_df_centered(estimator, Xc.to(estimator.coef_.device), yc.to(estimator.coef_.device))
 
 
-def _stein_df(estimator, Xc: Tensor, yc: Tensor) -> float:
+def stein_df_centered(estimator, Xc: Tensor, yc: Tensor) -> float:
     """stein_degrees_of_freedom on validated, centered float64 data (no checks)."""
     extra = 1.0 if estimator.fit_intercept else 0.0
     parts = _reduced_system(estimator, Xc, yc)
