@@ -411,8 +411,8 @@ def executed_fwd_bwd_flops(r: dict) -> int:
         raise ValueError(f"{r['case']}: the plan chosen now ({plan}) is not the recorded one ({recorded})")
     if plan.dense:
         return 3 * plan.flops
-    steps = plan_info(tuple(flat_dims(plan.merged_shapes)), tuple(plan.order))["steps"]
-    return 3 * plan.flops + r["batch"] * sum(s["flops"] for s in steps[:-1])
+    steps = plan_info(tuple(flat_dims(plan.merged_shapes)), tuple(plan.order)).steps
+    return 3 * plan.flops + r["batch"] * sum(s.flops for s in steps[:-1])
 
 
 def write_plot(path: Path, results: list[dict]) -> None:

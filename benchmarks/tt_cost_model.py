@@ -67,10 +67,10 @@ def features(plan) -> dict[str, float]:
     info = plan_info(tuple(flat_dims(plan.merged_shapes)), tuple(plan.order))
     b = plan.batch
     f = {
-        "flops": b * info["flops_per_sample"],
-        "traffic": b * sum(s["rows"] * (s["K"] + s["N"]) for s in info["steps"]),
+        "flops": b * info.flops_per_sample,
+        "traffic": b * sum(s.rows * (s.K + s.N) for s in info.steps),
     }
-    f.update({k: b * info["permute_elements"][k] for k in PERMUTE_KINDS})
+    f.update({k: b * getattr(info.permute_elements, k) for k in PERMUTE_KINDS})
     return f
 
 
@@ -78,7 +78,7 @@ def merge_flops(plan) -> int:
     """The batch-independent FLOPs of a plan (merging cores; for the dense route, rebuilding
     W): not in the timings (plans are prepared) but charged by the plan search, as here."""
     info = plan_info(tuple(flat_dims(plan.merged_shapes)), tuple(plan.order))
-    return plan.flops - plan.batch * info["flops_per_sample"]
+    return plan.flops - plan.batch * info.flops_per_sample
 
 
 def model_cost(feat: dict[str, float], weights: dict[str, float]) -> float:

@@ -177,12 +177,12 @@ def test_schedule_fits_limits_and_rejects_bad_requests():
 def _tables(dims, order):
     """The C++ tables split as the kernels read them (tt_cuda_schedule.h, table_layout)."""
     tab = torch.tensor(_C.tt_cuda_tables(dims, order), dtype=torch.int64)
-    steps = plan_info(tuple(dims), tuple(order))["steps"]
+    steps = plan_info(tuple(dims), tuple(order)).steps
     out, at = [], 0
     for s in steps:
-        ro, co = tab[at : at + s["rows"]], tab[at + s["rows"] : at + s["rows"] + s["K"]]
+        ro, co = tab[at : at + s.rows], tab[at + s.rows : at + s.rows + s.K]
         out.append((ro, co))
-        at += s["rows"] + s["K"]
+        at += s.rows + s.K
     M = math.prod(dims[1::4])
     return steps, out, tab[at : at + M], tab[at + M : at + 2 * M]
 
@@ -196,7 +196,7 @@ def emulate(x, gy, mats, dims, order):
     state, saved = x, []
     for s, (ro, co), mat in zip(steps, tabs, mats):
         idx = ro[:, None] + co[None, :]
-        assert torch.equal(idx.flatten().sort().values, torch.arange(s["rows"] * s["K"])), "a bijection"
+        assert torch.equal(idx.flatten().sort().values, torch.arange(s.rows * s.K)), "a bijection"
         saved.append(state)
         state = (state[:, idx] @ mat).reshape(B, -1)
     y = state[:, fsrc]
@@ -205,9 +205,9 @@ def emulate(x, gy, mats, dims, order):
     for t in reversed(range(len(steps))):
         s, (ro, co) = steps[t], tabs[t]
         idx = ro[:, None] + co[None, :]
-        g3 = g.reshape(B, s["rows"], s["N"])
+        g3 = g.reshape(B, s.rows, s.N)
         grads[t] = torch.einsum("brk,brn->kn", saved[t][:, idx], g3)
-        gin = torch.empty(B, s["rows"] * s["K"], dtype=x.dtype)
+        gin = torch.empty(B, s.rows * s.K, dtype=x.dtype)
         gin[:, idx.flatten()] = (g3 @ mats[t].T).reshape(B, -1)
         g = gin
     return y, g, grads

@@ -208,7 +208,7 @@ def test_plan_cost_is_per_sample_and_covers_the_arithmetic():
     ],
 )
 def test_permuted_elements_by_how_the_kernel_moves_them(core_dims, order, expected):
-    assert plan_info(core_dims, order)["permute_elements"] == expected
+    assert plan_info(core_dims, order).permute_elements._asdict() == expected
 
 
 def test_flop_counter_on_a_known_case():

@@ -17,7 +17,7 @@ CHAINS = [((2, 3), (3, 2), (2,)), ((2, 3, 2), (3, 1, 2), (3, 2)), ((2, 2, 3, 2),
 def steps_of(cores, groups, order):
     merged_shapes = [tuple(t.shape) for t in (merge_group(cores, g) for g in groups)]
     info = plan_info(tuple(flat_dims(merged_shapes)), tuple(order))
-    return [(s["core"], tuple(s["core_perm"]), s["K"], s["N"]) for s in info["steps"]]
+    return [(s.core, s.core_perm, s.K, s.N) for s in info.steps]
 
 
 def every_plan(d):

@@ -94,7 +94,7 @@ def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:
 def step_matrices(merged: Sequence[Tensor], order: Sequence[int]) -> list[Tensor]:
     """Each absorbed core as the (K x N) matrix its step multiplies by (see csrc/tt/tt_plan.h)."""
     info = plan_info(tuple(flat_dims(tuple(g.shape) for g in merged)), tuple(order))
-    return [merged[s["core"]].permute(*s["core_perm"]).reshape(s["K"], s["N"]).contiguous() for s in info["steps"]]
+    return [merged[s.core].permute(*s.core_perm).reshape(s.K, s.N).contiguous() for s in info.steps]
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -260,11 +260,11 @@ def _tt_contract_fake(x, mats, core_dims, order, path="auto", bias=None):
         x.shape[1] == _in_features(core_dims),
         lambda: f"x should have {_in_features(core_dims)} columns, got {x.shape[1]}",
     )
-    steps = plan_info(tuple(core_dims), tuple(order))["steps"]
+    steps = plan_info(tuple(core_dims), tuple(order)).steps
     torch._check(len(mats) == len(steps), lambda: f"expected {len(steps)} step matrices, got {len(mats)}")
     for t, (m, s) in enumerate(zip(mats, steps)):
         torch._check(
-            tuple(m.shape) == (s["K"], s["N"]),
+            tuple(m.shape) == (s.K, s.N),
             lambda t=t, s=s, m=m: f"mats[{t}] should have shape ({s['K']}, {s['N']}), got {tuple(m.shape)}",
         )
         torch._check(
@@ -402,17 +402,17 @@ def tt_contract_torch(x: Tensor, mats: list[Tensor], core_dims: list[int], order
     info = plan_info(tuple(core_dims), tuple(order))
     batch = x.shape[0]
     state = x
-    for mat, s in zip(mats, info["steps"]):
-        state = _permute_samples(state, s["before"], batch)
-        state = state.reshape(batch * s["rows"], s["K"]) @ mat
-    return _permute_samples(state, info["final"], batch).reshape(batch, info["out_features"])
+    for mat, s in zip(mats, info.steps):
+        state = _permute_samples(state, s.before, batch)
+        state = state.reshape(batch * s.rows, s.K) @ mat
+    return _permute_samples(state, info.final, batch).reshape(batch, info.out_features)
 
 
 def _permute_samples(state: Tensor, p: dict, batch: int) -> Tensor:
-    if p["identity"]:
+    if p.identity:
         return state
-    moved = state.reshape(batch, *p["dims"]).permute(0, *[1 + i for i in p["perm"]])
-    return moved.reshape(batch, math.prod(p["dims"]))
+    moved = state.reshape(batch, *p.dims).permute(0, *[1 + i for i in p.perm])
+    return moved.reshape(batch, math.prod(p.dims))
 
 
 def _tt_contract_backward_torch(
@@ -472,7 +472,7 @@ def prepare_tt(cores: Sequence[Tensor], plan: TTPlan) -> list[Tensor]:
 def _step_layouts(plan: TTPlan) -> tuple:
     """Per step of a fused plan: (merged group, permutation, K, N) of its step matrix."""
     info = plan_info(tuple(flat_dims(plan.merged_shapes)), tuple(plan.order))
-    return tuple((s["core"], tuple(s["core_perm"]), s["K"], s["N"]) for s in info["steps"])
+    return tuple((s.core, s.core_perm, s.K, s.N) for s in info.steps)
 
 
 def apply_tt(x: Tensor, mats: list[Tensor], plan: TTPlan, bias: Tensor | None = None) -> Tensor:

@@ -13,6 +13,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -215,23 +216,91 @@ def flat_dims(shapes) -> list[int]:
     return [int(v) for s in shapes for v in s]
 
 
+class Permutation(NamedTuple):
+    """A permutation of each sample's state: view it as `dims`, permute the axes by `perm`."""
+
+    dims: tuple[int, ...]
+    perm: tuple[int, ...]
+    identity: bool
+
+
+class PlanStep(NamedTuple):
+    """One absorbed core: permute the state (`before`), then a (rows x K) @ (K x N) GEMM per
+    sample with the core laid out as `core_perm` of its axes, reshaped (K, N)."""
+
+    core: int
+    before: Permutation
+    rows: int
+    K: int
+    N: int
+    core_perm: tuple[int, ...]
+    flops: int
+
+
+class PermutedElements(NamedTuple):
+    """Elements a sample's permutations move, by how the kernel moves them."""
+
+    copy: int
+    short_runs: int
+    transpose: int
+
+
+class PlanGeometry(NamedTuple):
+    """The C++ plan's geometry for merged cores and an absorb order (csrc/tt/tt_plan.h)."""
+
+    steps: tuple[PlanStep, ...]
+    final: Permutation
+    in_features: int
+    out_features: int
+    flops_per_sample: int
+    permute_elements: PermutedElements
+    max_state: int
+
+
+def _permutation(d: dict) -> Permutation:
+    return Permutation(tuple(d["dims"]), tuple(d["perm"]), bool(d["identity"]))
+
+
 @torch.compiler.assume_constant_result  # a pure function of static shapes
-def plan_info(core_dims: tuple[int, ...], order: tuple[int, ...]) -> dict:
+def plan_info(core_dims: tuple[int, ...], order: tuple[int, ...]) -> PlanGeometry:
     """The C++ plan's geometry (steps, permutations, GEMM shapes) for merged core dims."""
     return _plan_info(tuple(core_dims), tuple(order))
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan_info(core_dims: tuple[int, ...], order: tuple[int, ...]) -> dict:
-    return _C.tt_plan_info(list(core_dims), list(order))
+def _plan_info(core_dims: tuple[int, ...], order: tuple[int, ...]) -> PlanGeometry:
+    # the one place the extension's dict is read: everything else sees typed fields
+    d = _C.tt_plan_info(list(core_dims), list(order))
+    steps = tuple(
+        PlanStep(
+            int(s["core"]),
+            _permutation(s["before"]),
+            int(s["rows"]),
+            int(s["K"]),
+            int(s["N"]),
+            tuple(s["core_perm"]),
+            int(s["flops"]),
+        )
+        for s in d["steps"]
+    )
+    moved = d["permute_elements"]
+    return PlanGeometry(
+        steps,
+        _permutation(d["final"]),
+        int(d["in_features"]),
+        int(d["out_features"]),
+        int(d["flops_per_sample"]),
+        PermutedElements(int(moved["copy"]), int(moved["short_runs"]), int(moved["transpose"])),
+        int(d["max_state"]),
+    )
 
 
 def plan_cost(merged: tuple[CoreShape, ...], order: tuple[int, ...], batch: int) -> int:
     """Estimated cost, in FLOP-equivalents, of contracting a batch with already merged cores."""
     info = plan_info(tuple(flat_dims(merged)), tuple(order))
-    per_sample = info["flops_per_sample"]
-    per_sample += sum(PERMUTE_FLOPS[kind] * n for kind, n in info["permute_elements"].items())
-    per_sample += GEMM_TRAFFIC_FLOPS * sum(s["rows"] * (s["K"] + s["N"]) for s in info["steps"])
+    per_sample = info.flops_per_sample
+    per_sample += sum(PERMUTE_FLOPS[kind] * n for kind, n in info.permute_elements._asdict().items())
+    per_sample += GEMM_TRAFFIC_FLOPS * sum(s.rows * (s.K + s.N) for s in info.steps)
     return batch * per_sample
 
 
@@ -256,7 +325,7 @@ def ranked_plans(
         merge_flops = sum(merge_cost)
         for order in _orders(len(groups)):
             cost = merge_flops + plan_cost(merged, order, batch)
-            flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
+            flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order)).flops_per_sample
             plans.append(TTPlan(groups, order, False, batch, flops, dense, tuple(merged), cost))
     if allow_dense:
         plans.append(_dense_plan(shapes, batch, dense_route_cost(shapes, batch)))
@@ -378,8 +447,8 @@ def cuda_plan_costs(
     info = plan_info(tuple(flat_dims(merged)), tuple(order))
     elem = torch.empty((), dtype=dtype).element_size()
     acc = 8 if elem == 8 else 4
-    flops = batch * info["flops_per_sample"]
-    io_bytes = batch * (info["in_features"] + info["out_features"]) * elem
+    flops = batch * info.flops_per_sample
+    io_bytes = batch * (info.in_features + info.out_features) * elem
     costs = {}
     fused = cuda_schedule(merged, order, batch, False, dtype, limits)
     if fused["fits_fused"]:
@@ -392,12 +461,12 @@ def cuda_plan_costs(
     chunks = max(tiled["chunks"], 1)
     seconds = chunks * rates.launch_seconds
     tiled_rate = rates.tiled(_dtype_name(dtype), tensor_cores)
-    for s in info["steps"]:
-        rows = tiled["samples"] * s["rows"]
-        tiles = math.ceil(rows / 64) * math.ceil(s["N"] / 64)
+    for s in info.steps:
+        rows = tiled["samples"] * s.rows
+        tiles = math.ceil(rows / 64) * math.ceil(s.N / 64)
         busy = min(1.0, tiles / limits.sm_count)
-        step_flops = 2 * rows * s["K"] * s["N"]
-        step_bytes = rows * (s["K"] + s["N"]) * acc
+        step_flops = 2 * rows * s.K * s.N
+        step_bytes = rows * (s.K + s.N) * acc
         seconds += chunks * (rates.launch_seconds + step_flops / (tiled_rate * busy) + step_bytes / rates.bandwidth)
     costs["tiled"] = seconds + io_bytes / rates.bandwidth
     return costs
@@ -456,7 +525,7 @@ def _choose_cuda(shapes, batch, limits, dtype_name, allow_dense, tensor_cores, r
         if dense_seconds <= seconds:
             return _dense_plan(shapes, batch, int(dense_seconds * 1e12), "ps")
     merge_flops = sum(merge_shapes(shapes, g)[1] for g in groups)
-    flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order))["flops_per_sample"]
+    flops = merge_flops + batch * plan_info(tuple(flat_dims(merged)), tuple(order)).flops_per_sample
     return TTPlan(
         groups,
         order,
