@@ -42,7 +42,7 @@ FULL = [
     *[(20, r, [r, 2 * r, 4 * r, 20, 40, 80, 160, 400]) for r in (2, 5)],
     (40, 3, [3, 6, 12, 40]),
 ]
-QUICK = [(6, 2, [2, 4, 20])]
+QUICK = [(6, 2, [2, 20])]
 
 
 def n_sym(d: int, order: int = ORDER) -> int:
@@ -86,7 +86,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one small case (smoke test)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--stem", default="cp_overparam")
+    ap.add_argument("--regimes", default="rich,lazy", help="comma-separated subset of rich,lazy")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the rows of --regimes in --out's existing JSON (same grid and seeds); each run's "
+        "provenance is kept in meta['runs']",
+    )
     args = ap.parse_args()
+    regimes = [g for g in args.regimes.split(",") if g]
+    if not regimes or any(g not in ("rich", "lazy") for g in regimes):
+        raise SystemExit(f"--regimes: expected a comma-separated subset of rich,lazy, got {args.regimes!r}")
     torch.set_num_threads(args.threads)
     try:
         from tqdm import tqdm
@@ -101,7 +111,7 @@ def main() -> None:
         "seeds": args.seeds,
         "success_threshold": args.tol,
         "targets": "sum_{j<=r} u_j^(x)3, u_j orthonormal (QR of a Gaussian matrix), unit weights",
-        "rich_gd": {**_defaults(rich_gd), **rich_kw},
+        "rich_gd": {**_defaults(rich_gd), **rich_kw, "init_scale (None)": "0.01 m^(-1/4)"},
         "lazy_gd": {**_defaults(lazy_gd), **lazy_kw},
         "tangent_residual": "computed for d <= 20 where m d <= 2 C(d+2,3) (beyond: the tangent space spans "
         "all symmetric tensors for a generic start)",
@@ -115,21 +125,24 @@ def main() -> None:
         targets = planted(d, r, args.seeds)
         seed = 7 * m + 1000 * r + 100_000 * d
         base = {"d": d, "r": r, "m": m, "n_sym": n_sym(d), "tangent_dim_max": m * d}
-        rich = rich_gd(targets, m, batched=True, random_state=seed, **rich_kw)
-        rows.append({**base, "regime": "rich", **summarize(rich, args.tol)})
-        lazy = lazy_gd(targets, m, batched=True, random_state=seed, **lazy_kw)
-        row = {**base, "regime": "lazy", **summarize(lazy, args.tol)}
-        if d <= 20 and m * d <= 2 * n_sym(d):
-            # lazy_gd's start for instance i of a batch is not the start tangent_residual draws for
-            # a seed: this is the same computation on fresh starts, one per target
-            tr = [tangent_residual(targets[i], m, random_state=seed + i) for i in range(args.seeds)]
-            row["tangent_residual_median"] = statistics.median(tr)
-            row["tangent_success"] = sum(e <= args.tol for e in tr) / len(tr)
-        rows.append(row)
-        msg = (
-            f"d={d} r={r} m={m}: rich {rows[-2]['success']:.2f} (err {rows[-2]['median_rel_error']:.1e}), "
-            f"lazy {row['success']:.2f} (err {row['median_rel_error']:.1e}, move {row['median_rel_movement']:.1e})"
-        )
+        msg = f"d={d} r={r} m={m}:"
+        if "rich" in regimes:
+            rich = rich_gd(targets, m, batched=True, random_state=seed, **rich_kw)
+            rows.append({**base, "regime": "rich", **summarize(rich, args.tol)})
+            msg += f" rich {rows[-1]['success']:.2f} (err {rows[-1]['median_rel_error']:.1e})"
+        if "lazy" in regimes:
+            lazy = lazy_gd(targets, m, batched=True, random_state=seed, **lazy_kw)
+            row = {**base, "regime": "lazy", **summarize(lazy, args.tol)}
+            if d <= 20 and m * d <= 2 * n_sym(d):
+                # lazy_gd's start for instance i of a batch is not the start tangent_residual draws
+                # for a seed: this is the same computation on fresh starts, one per target
+                tr = [tangent_residual(targets[i], m, random_state=seed + i) for i in range(args.seeds)]
+                row["tangent_residual_median"] = statistics.median(tr)
+                row["tangent_success"] = sum(e <= args.tol for e in tr) / len(tr)
+            rows.append(row)
+            msg += (
+                f" lazy {row['success']:.2f} (err {row['median_rel_error']:.1e}, move {row['median_rel_movement']:.1e})"
+            )
         if tqdm:
             tqdm.write(msg)
         else:
@@ -137,11 +150,33 @@ def main() -> None:
     meta["load_avg_end"] = os.getloadavg()
     meta["other_cpu_share"] = other_cpu_share(busy0, self0, wall0)
     meta["wall_s"] = time.perf_counter() - wall0
+    meta["regimes"] = regimes
     args.out.mkdir(parents=True, exist_ok=True)
-    data = {"meta": meta, "settings": settings, "rows": rows}
+    if args.merge:
+        data = merge(json.loads((args.out / f"{args.stem}.json").read_text()), meta, settings, rows, regimes)
+    else:
+        data = {"meta": meta, "settings": settings, "rows": rows, "runs": [meta]}
+    for x in rows:
+        x["run"] = len(data["runs"])
     (args.out / f"{args.stem}.json").write_text(json.dumps(data, indent=1))
     write_markdown(args.out / f"{args.stem}.md", data, args.stem)
     write_plot(args.out / f"{args.stem}.png", rows, args.tol)
+
+
+def merge(old: dict, meta: dict, settings: dict, rows: list[dict], regimes: list[str]) -> dict:
+    """The old results with the rows of ``regimes`` replaced by ``rows`` (same grid and seeds)."""
+    for key in ("seeds", "success_threshold", "grid"):
+        if old["settings"][key] != settings[key]:
+            raise SystemExit(
+                f"--merge: {key} differs from the existing results ({old['settings'][key]} vs {settings[key]})"
+            )
+    runs = old.get("runs") or [old["meta"]]
+    for g in regimes:
+        old["settings"][f"{g}_gd"] = settings[f"{g}_gd"]
+    kept = [x for x in old["rows"] if x["regime"] not in regimes]
+    order = {(x["d"], x["r"], x["m"], x["regime"]): i for i, x in enumerate(old["rows"])}
+    merged = sorted(kept + rows, key=lambda x: order.get((x["d"], x["r"], x["m"], x["regime"]), len(order)))
+    return {"meta": old["meta"], "settings": old["settings"], "rows": merged, "runs": [*runs, meta]}
 
 
 def _defaults(fn) -> dict:
@@ -166,15 +201,15 @@ def smallest_width(rows: list[dict], d: int, r: int, regime: str, level: float =
 
 
 def write_markdown(path: Path, data: dict, stem: str) -> None:
-    meta, st, rows = data["meta"], data["settings"], data["rows"]
+    st, rows = data["settings"], data["rows"]
     tol = st["success_threshold"]
     cases = sorted({(x["d"], x["r"]) for x in rows})
     lines = [
         f"# Lazy vs rich over-parameterized symmetric CP ({st['seeds']} seeds, success = rel. error <= {tol:g}, "
         "no polish)",
         "",
-        *stamp_lines(meta),
-        f"- run time {meta['wall_s'] / 60:.1f} min; float64; plot: [{stem}.png]({stem}.png)",
+        *_run_lines(data),
+        f"- float64; plot: [{stem}.png]({stem}.png)",
         f"- targets: {st['targets']}; order {st['order']}",
         f"- rich (`rich_gd`, the paper's variant as we read it): {_kw(st['rich_gd'])}",
         f"- lazy (`lazy_gd`, NTK scale, centred model): {_kw(st['lazy_gd'])}",
@@ -211,8 +246,8 @@ def write_markdown(path: Path, data: dict, stem: str) -> None:
         "purpose); steps: median gradient steps (runs stop at the threshold); tangent: median relative "
         "residual of the best tangent-space fit and the share of seeds where it is below the threshold.",
         "",
-        "| d | r | m | regime | success | success 1e-2 | rel. error | movement | steps | tangent | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| d | r | m | regime | success | success 1e-2 | rel. error | movement | steps | tangent | time (s) | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in rows:
         q = x["rel_error_quartiles"]
@@ -220,7 +255,7 @@ def write_markdown(path: Path, data: dict, stem: str) -> None:
         lines.append(
             f"| {x['d']} | {x['r']} | {x['m']} | {x['regime']} | {x['success']:.1f} | {x['success_1e-2']:.1f} | "
             f"{x['median_rel_error']:.1e} [{q[0]:.1e}, {q[1]:.1e}] | {x['median_rel_movement']:.1e}, "
-            f"{x['max_rel_movement']:.1e} | {x['median_steps']:.0f} | {tan} | {x['time_s']:.1f} |"
+            f"{x['max_rel_movement']:.1e} | {x['median_steps']:.0f} | {tan} | {x['time_s']:.1f} | {x.get('run', 1)} |"
         )
     lines += [
         "",
@@ -237,6 +272,20 @@ def write_markdown(path: Path, data: dict, stem: str) -> None:
         "tensors; and the widths stopped at 4r, far below the lazy thresholds (d^2 = 400 at d = 20).",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _run_lines(data: dict) -> list[str]:
+    runs = data.get("runs") or [data["meta"]]
+    if len(runs) == 1:
+        return [*stamp_lines(runs[0]), f"- run time {runs[0]['wall_s'] / 60:.1f} min"]
+    out = []
+    for k, run in enumerate(runs, 1):
+        out += [
+            f"- run {k} ({', '.join(run.get('regimes', ['rich', 'lazy']))}; {run['wall_s'] / 60:.1f} min; the "
+            f"table's rows of these regimes come from the last run that measured them):",
+            *("  " + line for line in stamp_lines(run)),
+        ]
+    return out
 
 
 def _kw(d: dict) -> str:

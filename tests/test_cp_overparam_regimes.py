@@ -107,11 +107,14 @@ def test_rich_gd_recovers_a_planted_orthogonal_tensor_without_polish():
     assert torch.equal(t, t_copy)  # caller's data untouched
     assert res.converged == [True] and res.rel_error[0] <= 1e-3
     assert rel_err(res.to_tensor(), t) == pytest.approx(res.rel_error[0], rel=1e-9)
-    # every true direction is carried by a heavy component (weights near 1), the rest are small
-    heavy = res.weights > 0.2
-    cos = (u.T @ res.directions[:, heavy]).abs()
-    assert (cos.max(dim=1).values > 0.999).all()
-    assert res.weights[heavy].sum().item() == pytest.approx(2.0, rel=2e-2)
+    # each true direction is carried by the components aligned with it (descent may split it over
+    # several), with its weight 1; the other components are left small
+    cos = u.T @ res.directions  # (r, m)
+    for j in range(2):
+        aligned = cos[j] > 0.99
+        assert res.weights[aligned].sum().item() == pytest.approx(1.0, rel=2e-2)
+    rest = (cos.abs() <= 0.99).all(dim=0)
+    assert res.weights[rest].sum().item() < 0.05
     assert res.rel_movement[0] > 10  # far from the small start: the rich regime
 
 
