@@ -45,7 +45,7 @@ def test_small_layer_small_batch_runs_fused():
     shapes = tt_shapes((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8))
     plan = choose_cuda_plan(shapes, 64, H100_LIMITS, torch.float32, allow_dense=False)
     assert plan.path == "fused"
-    assert cuda_schedule(plan.merged_shapes, plan.order, 64, False, torch.float32, H100_LIMITS)["path"] == "fused"
+    assert cuda_schedule(plan.merged_shapes, plan.order, 64, False, torch.float32, H100_LIMITS).path == "fused"
 
 
 def test_state_too_large_for_shared_memory_runs_tiled():
@@ -161,11 +161,11 @@ def test_schedule_fits_limits_and_rejects_bad_requests():
     for backward in (False, True):
         for batch in (1, 7, 300, 5000):
             s = cuda_schedule(shapes, order, batch, backward, torch.float32, H100_LIMITS)
-            assert s["path"] == "fused" and 0 < s["smem_bytes"] <= H100_LIMITS.smem_per_block
-            assert 1 <= s["samples"] <= 32 and s["chunks"] == math.ceil(batch / s["samples"])
-            assert 1 <= s["grid"] <= s["chunks"]
+            assert s.path == "fused" and 0 < s.smem_bytes <= H100_LIMITS.smem_per_block
+            assert 1 <= s.samples <= 32 and s.chunks == math.ceil(batch / s.samples)
+            assert 1 <= s.grid <= s.chunks
             t = cuda_schedule(shapes, order, batch, backward, torch.float32, H100_LIMITS, "tiled")
-            assert t["path"] == "tiled" and t["chunks"] * t["samples"] >= batch and t["workspace"] > 0
+            assert t.path == "tiled" and t.chunks * t.samples >= batch and t.workspace > 0
     big = tt_shapes((8, 8, 8, 8), (8, 8, 8, 8), (32, 32, 32))
     with pytest.raises(ValueError, match="fused"):
         cuda_schedule(big, order, 4, False, torch.float32, H100_LIMITS, "fused")

@@ -68,7 +68,7 @@ def _problem(shape, plan_idx, dtype, gen):
 
 def _paths(dims, order, batch, dtype, backward):
     merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
-    fits = cuda_schedule(merged, tuple(order), max(batch, 1), backward, dtype, cuda_limits(DEV))["fits_fused"]
+    fits = cuda_schedule(merged, tuple(order), max(batch, 1), backward, dtype, cuda_limits(DEV)).fits_fused
     return ("fused", "tiled") if fits else ("tiled",)
 
 
@@ -76,9 +76,9 @@ def _forward(x, mats, dims, order, path):
     """The binding called directly, on NaN-poisoned output and workspace."""
     merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     sched = cuda_schedule(merged, tuple(order), x.shape[0], False, x.dtype, cuda_limits(DEV), path)
-    assert sched["path"] == path
+    assert sched.path == path
     y = torch.full((x.shape[0], math.prod(dims[1::4])), float("nan"), dtype=x.dtype, device=DEV)
-    ws = torch.full((max(sched["workspace"], 1),), float("nan"), dtype=mats[0].dtype, device=DEV)
+    ws = torch.full((max(sched.workspace, 1),), float("nan"), dtype=mats[0].dtype, device=DEV)
     KERNELS.tt_forward(
         x, mats, dims, order, y, ws, 1, tables=T._tables(dims, order, x.device), path=path, stream=stream()
     )
@@ -89,11 +89,11 @@ def _forward(x, mats, dims, order, path):
 def _backward(x, mats, dims, order, gy, path, need_x=True, need_mats=True):
     merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     sched = cuda_schedule(merged, tuple(order), x.shape[0], True, x.dtype, cuda_limits(DEV), path)
-    assert sched["path"] == path
+    assert sched.path == path
     nan = float("nan")
     gx = torch.full_like(x, nan) if need_x else None
     gm = [torch.full_like(m, nan) for m in mats] if need_mats else [None] * len(mats)
-    ws = torch.full((max(sched["workspace"], 1),), nan, dtype=mats[0].dtype, device=DEV)
+    ws = torch.full((max(sched.workspace, 1),), nan, dtype=mats[0].dtype, device=DEV)
     KERNELS.tt_backward(
         x, mats, dims, order, gy, gx, gm, ws, 1, tables=T._tables(dims, order, x.device), path=path, stream=stream()
     )
@@ -154,8 +154,8 @@ def test_large_shape_tiled_several_chunks(dtype):
     assert _paths(dims, order, 1, dtype, backward=False) == ("tiled",)
     merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     # a few samples more than one chunk of the backward's bounded workspace holds
-    batch = cuda_schedule(merged, tuple(order), 300, True, dtype, cuda_limits(DEV))["samples"] + 5
-    assert cuda_schedule(merged, tuple(order), batch, True, dtype, cuda_limits(DEV))["chunks"] == 2
+    batch = cuda_schedule(merged, tuple(order), 300, True, dtype, cuda_limits(DEV)).samples + 5
+    assert cuda_schedule(merged, tuple(order), batch, True, dtype, cuda_limits(DEV)).chunks == 2
     x = torch.randn(batch, 4096, generator=gen).to(DEV, dtype)
     gy = torch.randn(batch, 4096, generator=gen).to(DEV, dtype)
     y_ref, gx_ref, gm_ref = _reference(x, gy, mats64, dims, order)

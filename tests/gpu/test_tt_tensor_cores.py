@@ -34,7 +34,7 @@ def _call(x, mats, dims, order, gy=None, tensor_cores=True, misalign_workspace=F
     backward = gy is not None
     sched = cuda_schedule(merged, tuple(order), x.shape[0], backward, x.dtype, cuda_limits(DEV), "tiled")
     nan = float("nan")
-    ws = torch.full((max(sched["workspace"], 1) + 1,), nan, dtype=mats[0].dtype, device=DEV)
+    ws = torch.full((max(sched.workspace, 1) + 1,), nan, dtype=mats[0].dtype, device=DEV)
     ws = ws[1:] if misalign_workspace else ws[:-1]
     tables = T._tables(dims, order, x.device)
     if not backward:

@@ -141,7 +141,7 @@ def cuda_kernel_path(
 ) -> str:
     """The kernel a CUDA call runs: "fused" where a block of samples fits in shared memory
     (unless "tiled" is asked for), else "tiled"."""
-    return _cuda_sched(core_dims, order, batch, dtype, device, backward, path)["path"]
+    return _cuda_sched(core_dims, order, batch, dtype, device, backward, path).path
 
 
 def _cuda_sched(core_dims, order, batch, dtype, device, backward, path):
@@ -154,7 +154,7 @@ def _run_cuda(x: Tensor, mats: list[Tensor], core_dims, order, path: str, bias: 
     mats = [m.detach().contiguous() for m in mats]
     y = x.new_empty(x.shape[0], _out_features(core_dims))
     sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, False, path)
-    ws = torch.empty(max(sched["workspace"], 1), dtype=mats[0].dtype, device=x.device)
+    ws = torch.empty(max(sched.workspace, 1), dtype=mats[0].dtype, device=x.device)
     kernels = cuda_kernels.active()
     kernels.module.tt_forward(
         x,
@@ -178,7 +178,7 @@ def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, p
     grad_x = torch.empty_like(x) if need_x else None
     grad_mats = [torch.empty_like(m) for m in mats] if need_mats else [None] * len(mats)
     sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, True, path)
-    ws = torch.empty(max(sched["workspace"], 1), dtype=mats[0].dtype, device=x.device)
+    ws = torch.empty(max(sched.workspace, 1), dtype=mats[0].dtype, device=x.device)
     kernels = cuda_kernels.active()
     kernels.module.tt_backward(
         x,

@@ -403,7 +403,7 @@ def cuda_schedule(
     dtype,
     limits: CudaLimits,
     path: str = "auto",
-) -> dict:
+) -> CudaSchedule:
     """The C++ schedule of one CUDA call: path, samples per block, grid, shared memory and
     workspace (elements of the accumulation type: float64 for float64 inputs, else float32)."""
     return _cuda_schedule(
@@ -417,18 +417,35 @@ def cuda_schedule(
     )
 
 
+class CudaSchedule(NamedTuple):
+    """How one CUDA call runs (csrc/tt/tt_cuda_schedule.h): the path ("fused" or "tiled"),
+    whether the fused kernel fits, samples per block, chunks of samples, grid, shared memory
+    per block (bytes), split blocks of the tiled backward, workspace (accumulator elements)."""
+
+    path: str
+    fits_fused: bool
+    samples: int
+    chunks: int
+    grid: int
+    smem_bytes: int
+    splits: int
+    workspace: int
+
+
 @functools.lru_cache(maxsize=8192)
-def _cuda_schedule(core_dims, order, batch, backward, acc_bytes, limits, path) -> dict:
-    return _C.tt_cuda_schedule(
-        list(core_dims),
-        list(order),
-        batch,
-        backward,
-        acc_bytes,
-        limits.smem_per_block,
-        limits.smem_per_sm,
-        limits.sm_count,
-        path,
+def _cuda_schedule(core_dims, order, batch, backward, acc_bytes, limits, path) -> CudaSchedule:
+    return CudaSchedule(
+        **_C.tt_cuda_schedule(
+            list(core_dims),
+            list(order),
+            batch,
+            backward,
+            acc_bytes,
+            limits.smem_per_block,
+            limits.smem_per_sm,
+            limits.sm_count,
+            path,
+        )
     )
 
 
@@ -451,18 +468,18 @@ def cuda_plan_costs(
     io_bytes = batch * (info.in_features + info.out_features) * elem
     costs = {}
     fused = cuda_schedule(merged, order, batch, False, dtype, limits)
-    if fused["fits_fused"]:
+    if fused.fits_fused:
         # blocks of `samples` samples: fewer blocks than SMs leave SMs idle
-        busy = min(1.0, max(fused["chunks"], 1) / limits.sm_count)
+        busy = min(1.0, max(fused.chunks, 1) / limits.sm_count)
         costs["fused"] = rates.launch_seconds + flops / (rates.fused * busy) + io_bytes / rates.bandwidth
     # tiled: one GEMM launch per step (and the output permutation) per chunk of the batch,
     # each filling only as many SMs as it has 64 x 64 output tiles
     tiled = cuda_schedule(merged, order, batch, False, dtype, limits, "tiled")
-    chunks = max(tiled["chunks"], 1)
+    chunks = max(tiled.chunks, 1)
     seconds = chunks * rates.launch_seconds
     tiled_rate = rates.tiled(_dtype_name(dtype), tensor_cores)
     for s in info.steps:
-        rows = tiled["samples"] * s.rows
+        rows = tiled.samples * s.rows
         tiles = math.ceil(rows / 64) * math.ceil(s.N / 64)
         busy = min(1.0, tiles / limits.sm_count)
         step_flops = 2 * rows * s.K * s.N
