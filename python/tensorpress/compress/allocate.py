@@ -7,10 +7,10 @@ parameters (weights and biases) kept. Rules:
 * uniform (rank_rule=None): the same fraction in every layer, the largest r with
   r (in + out) + out <= budget * (in out + bias).
 * "optimism": each layer's error curve comes from one SVD of its whitened weight (the
-  one-shot statistics): err_l(r) = relative squared output error at rank r, then the
-  estimated test error of Shi, Chi & Luo's rule (see tensorpress.rank.optimism): the layer is
-  a multi-response regression with n = rows * out responses and df = r (in + out - r)
-  (+ out for the bias), Err_hat = RSS/(n - df) * (n - 1)/(n - df - 1). Ranks minimizing the
+  one-shot statistics): err_l(r) = relative squared output error at rank r, then its
+  estimated test error by tensorpress.rank's layer optimism (the layer as a multi-response
+  regression of its out outputs on its in inputs over the calibration rows, df = r (in + out - r)
+  + out for the bias; `optimism_estimate`), the estimate select_layer_rank uses. Ranks minimizing the
   sum of the layers' relative errors under the total budget are found by
   tensorpress.rank.allocate_ranks. A layer may also stay dense ("keep" candidate: error 0,
   params in * out) when that is where the budget does most good.
@@ -29,7 +29,8 @@ model in which the layers' errors add up; see :func:`layer_sensitivity`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +38,8 @@ from torch import nn
 from tensorpress.compress.distributed import sum_floats
 from tensorpress.compress.lowrank import error_curve, fit_activation
 from tensorpress.compress.stats import GramStats
+from tensorpress.rank.layer import layer_test_error_ratio
+from tensorpress.rank.optimism import estimated_test_error
 
 RANK_RULES = ("optimism", "cv", "energy")
 KEEP_DENSE = None  # the rank value meaning "leave this layer as it is"
@@ -91,20 +94,36 @@ def _mean_energy(layer: nn.Linear, stats: GramStats) -> float:
     return stats.n * mean_out.square().sum().item()
 
 
-def optimism_estimate(rel: torch.Tensor, df: torch.Tensor, n: float) -> torch.Tensor:
-    """Training relative errors ``rel`` of models with ``df`` degrees of freedom fitted to n
-    responses -> their estimated relative test errors (Shi, Chi & Luo's asymptotic optimism:
-    RSS/(n - df) * (n - 1)/(n - df - 1), relative to RSS/n); inf where df >= n - 1."""
-    df = df.to(torch.float64)
-    est = rel * (n - 1) / ((n - df) * (n - df - 1)) * n
-    return torch.where(df < n - 1, est, torch.full_like(est, float("inf")))
+def optimism_estimate(
+    rel: Sequence[float], dfs: Sequence[int], rows: int, q: int, p: int, ranks: Sequence[int | None]
+) -> torch.Tensor:
+    """Relative training errors ``rel`` of fits with ``dfs`` degrees of freedom (ranks ``ranks``:
+    an int for a reduced-rank fit, None for another structure) of a layer with q outputs and p
+    inputs seen on ``rows`` calibration rows -> their estimated relative test errors.
+
+    The estimate is tensorpress.rank's layer optimism (`layer_test_error_ratio`: the layer as
+    a multi-response regression on random inputs), the one select_layer_rank charges. Where
+    it has no finite value because the layer has at least as many inputs as rows (n <= p + 1,
+    e.g. a conv with 65,536-feature patches), the fixed-design rule of
+    `tensorpress.rank.optimism.estimated_test_error` over the N = rows * q responses is used
+    instead (it asks only df < N - 1); inf where neither is finite."""
+    N = rows * q
+    out = []
+    for e, df, r in zip(rel, dfs, ranks):
+        if rows > p + 1:
+            ratio = layer_test_error_ratio(rows, q, p, int(df), rank=r)
+        else:  # estimated_test_error(RSS, N, df) / (RSS / N): the fixed-design factor
+            ratio = N * estimated_test_error(1.0, N, float(df))
+        out.append(math.inf if math.isinf(ratio) else float(e) * ratio)  # (0 * inf would be nan)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def _optimism_curve(rel: torch.Tensor, layer: nn.Linear, rows: int) -> torch.Tensor:
-    """rel (ranks 0..k) -> estimated relative test error (inf where df >= n - 1)."""
+    """rel (ranks 0..k) -> estimated relative test error (see optimism_estimate); rank 0 is
+    the bias alone."""
     i, o = layer.in_features, layer.out_features
-    r = torch.arange(rel.shape[0], dtype=torch.float64)
-    return optimism_estimate(rel, r * (i + o - r) + o, float(rows * o))
+    ranks = range(rel.shape[0])
+    return optimism_estimate(rel.tolist(), [r * (i + o - r) + o for r in ranks], rows, o, i, [r or None for r in ranks])
 
 
 def allocate_by_rule(

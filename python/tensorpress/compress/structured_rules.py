@@ -7,10 +7,10 @@ and at the budget asked for, each fitted on the original model's inputs (the "wh
 with a lighter ALS than the final fit (CURVE_EFFORT: the curves compare trade-offs between
 layers; the layer is refitted in full at the rank chosen). Then, as for low rank:
 
-* "optimism": relative training error -> estimated test error by Shi, Chi & Luo's asymptotic
-  optimism, with df the dimension of the structure's manifold (TT: the cores less the bond
-  gauges; Tucker-2: less the factors' gauges; CP: less three scalings per component) plus the
-  bias, and n = rows * out responses;
+* "optimism": relative training error -> estimated test error by tensorpress.rank's layer
+  optimism (allocate.optimism_estimate), with df the dimension of the structure's manifold (TT:
+  the cores less the bond gauges; Tucker-2: less the factors' gauges; CP: less three scalings
+  per component) plus the bias, out responses per row and the layer's fan-in as inputs;
 * "cv": every candidate fitted on K - 1 folds of the calibration batches and scored on the
   held-out fold (K times the fits);
 * "energy": one relative-error threshold for every layer, set so the total fits the budget.
@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from tensorpress.compress.allocate import KEEP_DENSE, fitting_threshold, optimism_estimate
@@ -119,13 +118,16 @@ def measure_curves(
     return curves
 
 
-def estimated_errors(rule: str, cands: Sequence[Candidate], rows: int, out_features: int) -> list[float]:
-    """Each candidate's estimated relative test error under ``rule`` ("optimism" or "cv")."""
+def estimated_errors(
+    rule: str, cands: Sequence[Candidate], rows: int, out_features: int, in_features: int
+) -> list[float]:
+    """Each candidate's estimated relative test error under ``rule`` ("optimism" or "cv");
+    in_features: the inputs of one output row (a conv's patch size)."""
     if rule == "cv":
         return [c.heldout for c in cands]
-    rel = torch.tensor([c.train for c in cands], dtype=torch.float64)
-    dof = torch.tensor([c.dof for c in cands], dtype=torch.float64)
-    return optimism_estimate(rel, dof, float(rows * out_features)).tolist()
+    return optimism_estimate(
+        [c.train for c in cands], [c.dof for c in cands], rows, out_features, in_features, [None] * len(cands)
+    ).tolist()
 
 
 def allocate_structured(
@@ -145,11 +147,11 @@ def allocate_structured(
         return _energy_threshold(curves, total)
     points = {}
     for name, layer in layers.items():
-        out = layer.weight.shape[0]
+        out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
         scale = 1.0 if weights is None else weights[name]
         pts = [
             (c.rank, c.params, scale * e)
-            for c, e in zip(curves[name], estimated_errors(rule, curves[name], rows, out))
+            for c, e in zip(curves[name], estimated_errors(rule, curves[name], rows, out, fan_in))
             if math.isfinite(e)
         ]
         pts.append((KEEP_DENSE, budget_params(layer), 0.0))

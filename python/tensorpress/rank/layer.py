@@ -96,6 +96,7 @@ __all__ = [
     "select_layer_rank",
     "tt_degrees_of_freedom",
     "layer_optimism",
+    "layer_test_error_ratio",
     "layer_cv_error",
     "rrr_effective_df",
     "LayerFit",
@@ -162,6 +163,22 @@ def layer_optimism(
     if dfe >= N - 1 or n <= p + 1:
         return math.inf
     return rss / (N - dfe) * (dfe / N + _excess_factor(n, q, p, df, dfe, rank))
+
+
+def layer_test_error_ratio(
+    n: int, q: int, p: int, df: int, rank: int | None = None, df_eff: float | None = None
+) -> float:
+    """(RSS/N + layer_optimism) / (RSS/N) = N (1 + excess) / (N - df_eff): the factor by which
+    a structured fit's training error per response entry is multiplied to estimate its test
+    error (the same formula as `layer_optimism`, without the RSS, so a whole error curve can be
+    scaled; compress() uses it). inf where it has no finite value (df_eff >= N - 1 or
+    n <= p + 1)."""
+    _check_layer_args(0.0, n, q, p, df, rank, df_eff)
+    N = n * q
+    dfe = float(df if df_eff is None else df_eff)
+    if dfe >= N - 1 or n <= p + 1:
+        return math.inf
+    return N * (1.0 + _excess_factor(n, q, p, df, dfe, rank)) / (N - dfe)
 
 
 def layer_cv_error(
