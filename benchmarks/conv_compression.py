@@ -14,8 +14,8 @@ reports the evaluation accuracy without fine-tuning and after one epoch of fine-
 network on the other half (Adam, fixed learning rate, same shuffling for every model; the dense
 model gets the same epoch as a control), the kernel's relative error, the compression ratio
 (18,432 / factorized kernel parameters, biases not counted) and the decomposition time
-(``from_dense`` vs tltorch's ``from_conv`` at the same rank, timed in alternating rounds; overparam once). Each factorized
-layer's output is checked against a dense conv with its reconstructed kernel before use.
+(``from_dense`` vs tltorch's ``from_conv`` at the same rank, timed in alternating rounds; overparam once).
+Each factorized layer's output is checked against a dense conv with its reconstructed kernel before use.
 
 Writes ``conv_compression.{json,md,png}`` (``conv_compression_quick.*`` with --quick) under --out.
 
@@ -305,7 +305,8 @@ def write_markdown(path: Path, res: dict) -> None:
         "for every model",
         f"- decomposition time: after one untimed warm-up build per method; ours and tltorch's at the "
         f"same rank timed in {cfg['build_repeats']} alternating rounds (medians; the load of other processes hits "
-        "both alike); CPConv2d overparam timed once; tltorch with implementation='factorized'; every layer's forward matched "
+        "both alike); CPConv2d overparam timed once; tltorch with implementation='factorized'; "
+        "every layer's forward matched "
         f"a dense conv with its own kernel to < {OUT_TOL:g} relative difference",
         "- compression = 18,432 / factorized kernel parameters (biases not counted)",
     ]

@@ -8,10 +8,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# re-exported for the test files that still import them from here (`from conftest import ...`);
-# new code imports _util
-from _util import BENCHMARKS, import_benchmark, make_plan, planted_matrix, random_cores, rel_err, tt_flops  # noqa: F401
-
 settings.register_profile(
     "tensorpress",
     max_examples=30,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from conftest import import_benchmark
+from _util import import_benchmark
 
 pytest.importorskip("matplotlib")
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tensorpress as tp
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.compress import GramStats, fit_activation
 from tensorpress.compress.crossval import cv_error_curves, heldout_error_curve, merge_stats
 

@@ -104,14 +104,10 @@ def test_activation_fit_with_offset_solves_the_shifted_problem():
 def test_residual_partners_finds_post_norm_branches_only():
     post, pre = Stack(), Stack(out_cls=PreNormOut)
     x = data(32)
-    targets = lambda m: {
-        n: m.get_submodule(n)
-        for n in (
-            "blocks.0.up",
-            "blocks.0.out.dense",  # noqa: E731
-            "blocks.2.out.dense",
-        )
-    }
+
+    def targets(m):
+        return {n: m.get_submodule(n) for n in ("blocks.0.up", "blocks.0.out.dense", "blocks.2.out.dense")}
+
     assert residual_partners(post, targets(post), x) == {
         "blocks.0.out.dense": "blocks.0.out",
         "blocks.2.out.dense": "blocks.2.out",

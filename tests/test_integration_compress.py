@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import tensorpress as tp
-from conftest import rel_err
+from _util import rel_err
 from tensorpress.compress import CalibrationBatchError, GramStats, fit_activation, sequential
 from tensorpress.nn import LowRankLinear
 
