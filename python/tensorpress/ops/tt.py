@@ -21,6 +21,7 @@ from tensorpress._ext import _C
 from tensorpress.ops import tt_autotune
 from tensorpress.ops.tt_dense import dense_from_halves
 from tensorpress.ops.tt_plan import (
+    Permutation,
     TTPlan,
     choose_plan,
     cuda_limits,
@@ -352,15 +353,15 @@ def _tt_contract_backward_grad(ctx, grads_of_outputs):
         )
         pairs = [(o, g) for o, g in zip(outs, grads_of_outputs) if o.numel() and o.requires_grad]
         wrt = [xd, *md, god]
-        got = (
+        got: Sequence[Tensor | None] = (
             torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
             if pairs
             else [None] * len(wrt)
         )
-    got = [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt)]
+    full = [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt)]
     # one entry per input of the call: x, mats, core_dims, order, grad_out, need_x, need_mats[, path[, need_bias]]
     # (the dispatcher drops trailing arguments equal to their defaults: count what autograd saw)
-    return (got[0], got[1:-1], None, None, got[-1], *[None] * (len(ctx.needs_input_grad) - 5))
+    return (full[0], full[1:-1], None, None, full[-1], *[None] * (len(ctx.needs_input_grad) - 5))
 
 
 tt_contract_backward.register_autograd(_tt_contract_backward_grad, setup_context=_tt_contract_backward_setup)
@@ -408,7 +409,7 @@ def tt_contract_torch(x: Tensor, mats: list[Tensor], core_dims: list[int], order
     return _permute_samples(state, info.final, batch).reshape(batch, info.out_features)
 
 
-def _permute_samples(state: Tensor, p: dict, batch: int) -> Tensor:
+def _permute_samples(state: Tensor, p: Permutation, batch: int) -> Tensor:
     if p.identity:
         return state
     moved = state.reshape(batch, *p.dims).permute(0, *[1 + i for i in p.perm])
@@ -419,7 +420,8 @@ def _tt_contract_backward_torch(
     x, mats, core_dims, order, grad_out, need_x, need_mats, need_bias=False, create_graph=False
 ):
     """The backward by torch ops; with create_graph, differentiable in x, mats and grad_out."""
-    grad_x, grad_mats = None, [None] * len(mats)
+    grad_x: Tensor | None = None
+    grad_mats: list[Tensor | None] = [None] * len(mats)
     if need_x or need_mats:
         with torch.enable_grad():
             xd = x if create_graph else x.detach().requires_grad_(need_x)
@@ -428,7 +430,7 @@ def _tt_contract_backward_torch(
             wrt = ([xd] if need_x else []) + (md if need_mats else [])
             grads = list(torch.autograd.grad(y, wrt, grad_out, create_graph=create_graph))
         grad_x = grads.pop(0) if need_x else None
-        grad_mats = grads if need_mats else grad_mats
+        grad_mats = list(grads) if need_mats else grad_mats
     grad_bias = grad_out.sum(0, dtype=mats[0].dtype) if need_bias else None
     return _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats)
 

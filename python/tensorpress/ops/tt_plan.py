@@ -536,6 +536,7 @@ def _choose_cuda(shapes, batch, limits, dtype_name, allow_dense, tensor_cores, r
                 total = merge_seconds + seconds
                 if best is None or total < best[0]:
                     best = (total, groups, order, tuple(merged), path)
+    assert best is not None  # every chain has at least one partition and order
     seconds, groups, order, merged, path = best
     if allow_dense:
         dense_seconds = cuda_dense_cost(shapes, batch, dtype, tensor_cores, rates)

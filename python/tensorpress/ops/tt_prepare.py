@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tensorpress.ops.tt_plan import merge_shapes
+from tensorpress.ops.tt_plan import CoreShape, merge_shapes
 from tensorpress.tt_format import merge_pair
 
 # A step of the fused kernel: which merged group it absorbs, how that core is permuted, and
@@ -83,11 +83,12 @@ def prepared_grads(
     grads: Sequence[Tensor | None],
 ) -> list[Tensor | None]:
     """The cores' gradients from those of `prepared_outputs` (None where none flows)."""
+    merged_grads: list[Tensor | None]
     if steps is None:
         merged_grads = list(grads)
     else:
         merged_grads = [None] * len(groups)
-        shapes = tuple(tuple(c.shape) for c in cores)
+        shapes: tuple[CoreShape, ...] = tuple((c.shape[0], c.shape[1], c.shape[2], c.shape[3]) for c in cores)
         for (i, perm, _, _), grad in zip(steps, grads):
             if grad is None:
                 continue
@@ -95,7 +96,8 @@ def prepared_grads(
             laid_out = [merged[p] for p in perm]
             inverse = [perm.index(a) for a in range(4)]
             g = grad.reshape(laid_out).permute(*inverse)
-            merged_grads[i] = g if merged_grads[i] is None else merged_grads[i] + g
+            prev = merged_grads[i]
+            merged_grads[i] = g if prev is None else prev + g
     core_grads: list[Tensor | None] = [None] * len(cores)
     for group, grad in zip(groups, merged_grads):
         if grad is None:

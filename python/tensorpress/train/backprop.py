@@ -74,7 +74,7 @@ def train_backprop(
         else torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     )
     gen = torch.Generator().manual_seed(seed)
-    hist = {k: [] for k in ("epoch", "loss", "train_acc", "test_acc", "time_s")}
+    hist: dict[str, list] = {k: [] for k in ("epoch", "loss", "train_acc", "test_acc", "time_s")}
     n = len(X)
     for ep in range(1, epochs + 1):
         t0 = time.perf_counter()
@@ -103,7 +103,7 @@ def train_backprop(
         hist["loss"].append(total / n)
         hist["time_s"].append(dt)
         hist["train_acc"].append(accuracy(model, X, y))
-        hist["test_acc"].append(accuracy(model, X_test, y_test) if X_test is not None else None)
+        hist["test_acc"].append(accuracy(model, X_test, y_test) if X_test is not None and y_test is not None else None)
         if verbose:
             print(
                 f"{optimizer} ep {ep:3d} loss={total / n:.4f} train={hist['train_acc'][-1]:.4f} "

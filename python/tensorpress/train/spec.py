@@ -202,11 +202,7 @@ def ranks_for_ratio(
     base = resolve_tt_spec(
         {"ranks": 1, "in_factors": in_factors, "out_factors": out_factors}, in_features, out_features, "ranks_for_ratio"
     )
+    assert isinstance(base, TTSpec)  # a dict spec with factors resolves to a TT-matrix
     caps = max_bond_ranks(base.out_factors, base.in_factors)
-    best = None
-    for r in range(1, max(caps) + 1):
-        s = TTSpec(base.out_factors, base.in_factors, tuple(min(r, c) for c in caps))
-        key = abs(math.log(s.ratio / ratio))
-        if best is None or key < best[0]:
-            best = (key, s)
-    return best[1]
+    specs = [TTSpec(base.out_factors, base.in_factors, tuple(min(r, c) for c in caps)) for r in range(1, max(caps) + 1)]
+    return min(specs, key=lambda s: abs(math.log(s.ratio / ratio)))  # the first of equals, as before
