@@ -93,7 +93,13 @@ def main() -> None:
         help="replace only the rows of --regimes in --out's existing JSON (same grid and seeds); each run's "
         "provenance is kept in meta['runs']",
     )
+    ap.add_argument("--report-only", action="store_true", help="rebuild the .md and .png from --out's JSON")
     args = ap.parse_args()
+    if args.report_only:
+        data = json.loads((args.out / f"{args.stem}.json").read_text())
+        write_markdown(args.out / f"{args.stem}.md", data, args.stem)
+        write_plot(args.out / f"{args.stem}.png", data["rows"], data["settings"]["success_threshold"])
+        return
     regimes = [g for g in args.regimes.split(",") if g]
     if not regimes or any(g not in ("rich", "lazy") for g in regimes):
         raise SystemExit(f"--regimes: expected a comma-separated subset of rich,lazy, got {args.regimes!r}")
@@ -160,7 +166,7 @@ def main() -> None:
         x["run"] = len(data["runs"])
     (args.out / f"{args.stem}.json").write_text(json.dumps(data, indent=1))
     write_markdown(args.out / f"{args.stem}.md", data, args.stem)
-    write_plot(args.out / f"{args.stem}.png", rows, args.tol)
+    write_plot(args.out / f"{args.stem}.png", data["rows"], args.tol)
 
 
 def merge(old: dict, meta: dict, settings: dict, rows: list[dict], regimes: list[str]) -> dict:
