@@ -70,8 +70,8 @@ def _text_task(cfg: JobConfig):
     evalb = minilm.batches(tokenizer, eval_sents)
     reference = minilm.embed(model, evalb) if tpdist.rank() == 0 else None
 
-    def evaluate(m):  # on the first process only (the others return nothing)
-        return minilm.quality(reference, minilm.embed(m, evalb)) if tpdist.rank() == 0 else {}
+    def evaluate(m):  # on the first process only (the others have no reference and return nothing)
+        return {} if reference is None else minilm.quality(reference, minilm.embed(m, evalb))
 
     desc = (
         f"MiniLM-L6 sentence embeddings ({path or 'all-MiniLM-L6-v2'}); {len(calib_sents)} calibration and "

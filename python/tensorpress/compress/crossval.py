@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tensorpress.compress.lowrank import DEFAULT_RIDGE, small_problem_threads, whitening_factor
 from tensorpress.compress.stats import GramStats
-from tensorpress.compress.structures import weight_matrix
+from tensorpress.compress.structures import layer_bias, weight_matrix
 
 DEFAULT_FOLDS = 5
 
@@ -53,7 +53,8 @@ def heldout_error_curve(
     """(squared output error on ``test``'s rows of the one-shot fit from ``train`` at ranks
     0..k, output energy of those rows)."""
     w = weight_matrix(layer).to(torch.float64)
-    b = None if layer.bias is None else layer.bias.detach().to(torch.float64)
+    bias = layer_bias(layer)
+    b = None if bias is None else bias.to(torch.float64)
     with small_problem_threads(w.device, min(w.shape)):
         L = whitening_factor(train.cov_in, ridge)
         M = torch.linalg.solve_triangular(L, train.cov_in @ w.T, upper=False)
@@ -76,8 +77,8 @@ def cv_error_curves(
     per-fold one-shot statistics (see the module docstring)."""
     if len(folds) < 2:
         raise ValueError(f"folds: cross-validation needs at least 2 folds, got {len(folds)}")
-    err = {name: 0.0 for name in layers}
-    energy = dict(err)
+    err = {name: torch.zeros((), dtype=torch.float64) for name in layers}  # the curves' sums over folds
+    energy: dict[str, float] = {name: 0.0 for name in layers}
     for k, held_out in enumerate(folds):
         # one training set at a time: each is as large as all the statistics together
         train = merge_stats([f for j, f in enumerate(folds) if j != k])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tensorpress.compress.stats import GramStats
-from tensorpress.compress.structures import weight_matrix
+from tensorpress.compress.structures import layer_bias, weight_matrix
 
 
 def output_error_parts(layer: nn.Module, fit, stats: GramStats) -> tuple[float, float]:
@@ -16,7 +16,8 @@ def output_error_parts(layer: nn.Module, fit, stats: GramStats) -> tuple[float, 
     ``fit`` has ``weight()`` (the dense W^ as a matrix) and ``bias``. The rows need not be
     those the fit was made from (held-out rows score a fit made on others)."""
     w = weight_matrix(layer).to(torch.float64)
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if layer.bias is None else layer.bias.detach().to(torch.float64)
+    bias = layer_bias(layer)
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
     wh = fit.weight().to(torch.float64)
     bh = torch.zeros_like(b) if fit.bias is None else fit.bias.to(torch.float64)
     n = stats.n

@@ -58,6 +58,7 @@ class OutputObjective:
     def __init__(self, weight: Tensor, stats: GramStats, ridge: float) -> None:
         w = weight.detach().to(torch.float64)
         self.stats = stats
+        self.gram: Tensor | None
         if stats.kronecker is None:
             gram = stats.cov_in.to(w.device)  # a fresh matrix: ridged in place
             gram.diagonal().add_(_ridge(gram, ridge))

@@ -9,6 +9,7 @@ error, and keeps layers with tied weights dense (a replacement would untie them)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -100,11 +101,11 @@ def call_errors(
     for b, batch in enumerate(batches):
         mask = row_mask(batch)
         with naming_batch(b if positions is None else positions[b]), torch.no_grad():
-            got_ref = _outputs(ref, ref_of, lambda batch=batch: call_model(ref, batch), keep_inputs=one_shot)
+            got_ref = _outputs(ref, ref_of, functools.partial(call_model, ref, batch), keep_inputs=one_shot)
             got_cmp = (
                 {n: [(None, cmp_of[n](x)) for x, _ in got_ref[n]] for n in names}
                 if one_shot
-                else _outputs(cmp, cmp_of, lambda batch=batch: call_model(cmp, batch), keep_inputs=False)
+                else _outputs(cmp, cmp_of, functools.partial(call_model, cmp, batch), keep_inputs=False)
             )
         for n in names:
             if len(got_ref[n]) != len(got_cmp[n]):

@@ -286,6 +286,12 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
 
 
+def layer_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's bias, detached, or None when it has none."""
+    b = getattr(layer, "bias", None)
+    return b.detach() if isinstance(b, torch.Tensor) else None
+
+
 def budget_params(layer: nn.Module) -> int:
     """The layer's weights plus a bias: what a budget fraction of a tensor-structured layer is
     taken of (every fit has a bias)."""

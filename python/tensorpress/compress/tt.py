@@ -209,6 +209,9 @@ def fit_tt_activation(
     start = fit_tt_svd(weight, None, list(caps), out_factors, in_factors)
     cores = list(start.cores)
     objective = OutputObjective(w, stats, ridge)  # the squared centered output error
+    gram = objective.gram
+    if gram is None:  # the memory plan gives Kronecker-factored statistics to convs only
+        raise ValueError("stats: a TT fit needs the exact input Gram, got Kronecker-factored statistics")
     history = [objective(cores_to_dense(cores).reshape(w.shape))]
     d = len(cores)
     # the CG products (out x in by in x in) run on every thread; the small QRs of the cores on one
@@ -220,7 +223,7 @@ def fit_tt_activation(
     for _ in range(sweeps):
         for step, k in enumerate(order):
             going_right = step < d - 1
-            _update_core(cores, k, objective.gram, objective.target, cg_iters)
+            _update_core(cores, k, gram, objective.target, cg_iters)
             history.append(objective(cores_to_dense(cores).reshape(w.shape)))
             with small_problem_threads(w.device, min(w.shape)):
                 if going_right and k < d - 1:
