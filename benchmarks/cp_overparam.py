@@ -5,7 +5,7 @@ m = O*(r^(2.5 l) log d).
 
 Targets: symmetric order-3 tensors T* = sum_{j<=r} u_j^(x)3 with orthonormal u_j (unit weights),
 d in {10, 20, 40}, r in {2, 3, 5}; one target per seed. Both regimes run on the same targets from
-their own random starts, vectorized over the seeds (tensorpress.decompose.cp_overparam):
+their own random starts, vectorized over the seeds (tensorpress.decompose.cp_regimes):
   * rich: ``rich_gd`` (2-homogeneous components, small start, regularized objective, epochs
     with re-initialization of the components that did not grow);
   * lazy: ``lazy_gd`` (NTK scale alpha, centred model, step 1 / (alpha^2 L)); its relative
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from tensorpress.decompose.cp_overparam import lazy_gd, rich_gd, symmetric_cp_tensor, tangent_residual
+from tensorpress.decompose.cp_regimes import lazy_gd, rich_gd, symmetric_cp_tensor, tangent_residual
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_seconds, other_cpu_share, provenance, stamp_lines  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _util import rel_err
-from tensorpress.decompose.cp_overparam import (
+from tensorpress.decompose.cp_regimes import (
     _ntk_top_eigenvalue,
     lazy_gd,
     rich_gd,

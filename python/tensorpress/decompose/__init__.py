@@ -1,7 +1,7 @@
 """Tensor decompositions as functions with explicit ranks and tolerances."""
 
 from tensorpress.decompose.cp import CPResult, cp_als, cp_overparam, cp_to_tensor
-from tensorpress.decompose.cp_overparam import (
+from tensorpress.decompose.cp_regimes import (
     SymmetricCPResult,
     lazy_gd,
     rich_gd,
