@@ -3,7 +3,7 @@
 ``cp_als``: alternating least squares with column normalization, a ridge-guarded normal
 equation per mode and a stopping rule on the relative change of the fit.
 
-``cp_overparam``: over-parameterized gradient descent after Wu, Lee, Ge, Ma & Wang, "Beyond
+``cp_overparam``: over-parameterized gradient descent after Wang, Wu, Lee, Ma & Ge, "Beyond
 Lazy Training for Over-parameterized Tensor Decomposition" (NeurIPS 2020): fit m > rank
 components from a small random start by gradient descent, re-randomize the components that
 do not grow, keep the ``rank`` largest and polish them with ALS. ``lazy=True`` gives the
@@ -328,7 +328,7 @@ def cp_overparam(
     tol: float = 1e-10,
     random_state=None,
 ) -> CPResult:
-    r"""Over-parameterized CP by gradient descent (after Wu, Lee, Ge, Ma & Wang, NeurIPS 2020).
+    r"""Over-parameterized CP by gradient descent (after Wang, Wu, Lee, Ma & Ge, NeurIPS 2020).
 
     Fits m = ``width`` > rank components u_i^{(1)} o ... o u_i^{(d)} (the weight c_i is the
     product of the column norms) to T / ||T|| by gradient descent on
