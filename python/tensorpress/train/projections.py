@@ -46,7 +46,11 @@ RANDOMIZED_MAX_FRACTION = 0.25  # dimensions and ranks at most this fraction of 
 
 def _svd_method(shape, rank: int, method: str) -> str:
     """auto: LAPACK, except a randomized SVD for a low rank of a large unfolding (on small
-    unfoldings the randomized method's power iterations cost more than a full SVD)."""
+    unfoldings the randomized method's power iterations cost more than a full SVD).
+
+    Deliberately not tensorpress.linalg.svd_method's "auto", which never returns an unchecked
+    randomized SVD: inside tenBCD a projection slightly off in one iteration is corrected by the
+    next, so the residual check (and its LAPACK fallback) would cost time for nothing."""
     if method != "auto":
         return method
     k = min(shape[-2:])
