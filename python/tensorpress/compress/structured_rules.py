@@ -55,13 +55,19 @@ class Candidate:
 
 
 def candidate_ranks(adapter, layer: nn.Module, budget: float) -> list:
-    """Distinct ranks from the uniform rule at CANDIDATE_FRACTIONS and at ``budget``, that keep
-    fewer parameters than the layer, in increasing parameter count."""
+    """Distinct ranks from the uniform rule at CANDIDATE_FRACTIONS and at ``budget``, and the
+    adapter's other splits of the rank at ``budget`` (`rank_variants`: Tucker's (r_out, r_in)
+    away from the channel ratio), that keep fewer parameters than the layer, in increasing
+    parameter count."""
     ranks = {}
     for fraction in sorted(set(CANDIDATE_FRACTIONS) | {budget}):
         rank = adapter.uniform_rank(layer, fraction)
         if adapter.rank_params(layer, rank) < budget_params(layer):
             ranks[rank] = rank
+    if hasattr(adapter, "rank_variants"):
+        for rank in adapter.rank_variants(layer, adapter.uniform_rank(layer, budget)):
+            if adapter.rank_params(layer, rank) < budget_params(layer):
+                ranks[rank] = rank
     return sorted(ranks.values(), key=lambda r: adapter.rank_params(layer, r))
 
 

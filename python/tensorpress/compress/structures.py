@@ -177,6 +177,9 @@ class _ConvStructure:
         return fit.module.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
 
+SPLIT_FACTORS = (0.5, 2.0)  # Tucker's r_out relative to the channel-ratio split, tried by the rank rules
+
+
 class Tucker(_ConvStructure):
     name = "tucker"
 
@@ -206,6 +209,26 @@ class Tucker(_ConvStructure):
                 break
             best = rank
         return best
+
+    def rank_variants(self, layer: nn.Conv2d, rank) -> list[tuple[int, int]]:
+        """Other (r_out, r_in) splits of about the parameters of ``rank``: r_out a factor of
+        SPLIT_FACTORS away, r_in the largest that keeps the count at most rank's. The uniform
+        rule splits in the channels' ratio; with a rank rule these compete with it on their
+        measured errors, so the split is chosen by the fit."""
+        o, i = layer.out_channels, layer.in_channels
+        kh, kw = layer.kernel_size
+        allowed = self.params(layer, *rank)
+        out = []
+        for factor in SPLIT_FACTORS:
+            r_out = max(1, min(o, round(rank[0] * factor)))
+            # params = r_in (i + r_out kh kw) + o r_out + o  <=  allowed
+            r_in = min(i, (allowed - o - o * r_out) // (i + r_out * kh * kw))
+            if r_in < 1:
+                continue
+            split = self.feasible(layer, r_out, r_in)[:2]
+            if split != tuple(rank) and self.params(layer, *split) <= allowed:
+                out.append(split)
+        return out
 
     def rank_params(self, layer: nn.Conv2d, rank) -> int:
         return self.params(layer, *rank)
