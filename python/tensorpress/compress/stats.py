@@ -163,8 +163,9 @@ class GramStats:
     Args:
         in_features: the row length.
         paired: False when X~ = X (one-shot statistics): then only X^T X is kept.
-        keep_rows: keep up to this many (X, X~) rows (a uniform subsample of the first
-            batches) for methods that need samples, not moments (the ReLU-aware fit).
+        keep_rows: keep up to this many (X, X~) rows, a uniform sample of all the rows seen
+            (reservoir sampling, seeded), for methods that need samples, not moments (the
+            convex program and the ReLU-aware fit).
         reference: one-shot statistics of the very same X rows (the original model's inputs
             to this layer, from the same batches), whose X^T X is then used instead of being
             accumulated again (a third of the work of a paired update).
@@ -242,6 +243,7 @@ class GramStats:
         self.rows_ref: list[Tensor] = []
         self.rows_in: list[Tensor] = []
         self._kept = 0
+        self._sample_gen = torch.Generator().manual_seed(0) if keep_rows else None
 
     @property
     def representation(self) -> str:
@@ -325,13 +327,40 @@ class GramStats:
                 self._in_proj += (b.T @ (b @ p.T)).to(torch.float64)
         elif self.paired:
             self._cross += (b.T @ a).to(torch.float64)
+        seen = self.n
         self.n += x_ref.shape[0]
-        if self._kept < self.keep_rows:
-            take = min(self.keep_rows - self._kept, x_ref.shape[0])
-            idx = torch.randperm(x_ref.shape[0], device=x_ref.device)[:take]
-            self.rows_ref.append(x_ref[idx].to(torch.float64))
-            self.rows_in.append(x_in[idx].to(torch.float64))
-            self._kept += take
+        if self.keep_rows:
+            self._keep_sample(x_ref, x_in, seen)
+
+    def _keep_sample(self, x_ref: Tensor, x_in: Tensor, seen: int) -> None:
+        """Reservoir sampling (Vitter's algorithm R, a batch at a time): the kept rows stay a
+        uniform sample of every row seen so far, not of the first batches (calibration batches
+        are often sorted, e.g. by sentence length: the first rows alone misrepresent the data).
+        Rows are copied (never views of the caller's activations)."""
+        k, b = self.keep_rows, x_ref.shape[0]
+        fill = min(max(k - self._kept, 0), b)
+        if fill:
+            self.rows_ref.append(x_ref[:fill].to(torch.float64, copy=True))
+            self.rows_in.append(x_in[:fill].to(torch.float64, copy=True))
+            self._kept += fill
+        rest = b - fill
+        if rest == 0:
+            return
+        if len(self.rows_ref) > 1:  # one tensor per side from here on: slots are replaced in place
+            self.rows_ref, self.rows_in = [torch.cat(self.rows_ref)], [torch.cat(self.rows_in)]
+        # row j of the rest is row number seen + fill + j (from 0) of all rows: kept with
+        # probability k / (number + 1), in a uniformly drawn slot
+        number = seen + fill + torch.arange(rest, dtype=torch.float64)
+        u = torch.rand(rest, generator=self._sample_gen, dtype=torch.float64)
+        accepted = (u * (number + 1) < k).nonzero().flatten()
+        if accepted.numel() == 0:
+            return
+        slots = torch.randint(k, (accepted.numel(),), generator=self._sample_gen)
+        last = {int(s): fill + int(j) for s, j in zip(slots, accepted)}  # a later row wins a slot
+        where = torch.tensor(list(last), dtype=torch.long)
+        rows = torch.tensor(list(last.values()), dtype=torch.long, device=x_ref.device)
+        self.rows_ref[0][where.to(self.rows_ref[0].device)] = x_ref[rows].to(torch.float64)
+        self.rows_in[0][where.to(self.rows_in[0].device)] = x_in[rows].to(torch.float64)
 
     def update_conv(self, x_ref: Tensor, x_in: Tensor | None = None, max_rows: int | None = None) -> None:
         """Add the patch rows of the conv given at construction for its inputs x_ref and x_in
