@@ -17,7 +17,6 @@ from tensorpress.compress.account import build_account, dense_reason, screen
 from tensorpress.compress.allocate import (
     RANK_RULES,
     allocate_by_rule,
-    allocate_uniform,
     layer_sensitivity,
     relative_error_curves,
 )
@@ -49,7 +48,6 @@ from tensorpress.compress.shared import call_errors, module_names, swap_module, 
 from tensorpress.compress.stats import GramStats
 from tensorpress.compress.structured_rules import CURVE_EFFORT, allocate_structured, candidate_ranks, measure_curves
 from tensorpress.compress.structures import ADAPTERS, STRUCTURES, dense_macs_per_row, module_params, weight_matrix
-from tensorpress.nn.lowrank_linear import LowRankLinear
 
 ONE_SHOT_METHODS = ("svd", "whitened")
 SEQUENTIAL_METHODS = ("activation", "convex", "convex_weights", "relu", "gelu")
@@ -234,16 +232,7 @@ def _check_ranks(
         if r is None and structure == "lowrank":  # kept dense (refitted by "activation")
             out[name] = None
             continue
-        if structure != "lowrank":
-            out[name] = ADAPTERS[structure].check_rank(name, layer, r)
-            continue
-        top = min(layer.in_features, layer.out_features)
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= top:
-            raise ValueError(
-                f"ranks: layer {name!r} ({layer.out_features}x{layer.in_features}) needs a rank in "
-                f"[1, {top}], got {r!r}"
-            )
-        out[name] = r
+        out[name] = ADAPTERS[structure].check_rank(name, layer, r)
     return out
 
 
@@ -330,34 +319,6 @@ def _methods_by_layer(method, targets: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _fit_sequential(
-    method: str, layer: nn.Linear, stats: GramStats, rank: int, ridge_kw: dict, offset=None
-) -> LowRankFit:
-    """A sequential method's fit; ``offset`` (residual feedback) is used by "activation" only."""
-    if method == "activation":
-        return fit_activation(layer.weight, layer.bias, stats, rank, offset=offset, **ridge_kw)
-    if method == "convex_weights":
-        from tensorpress.compress.convex import fit_convex_weights
-
-        return fit_convex_weights(
-            layer.weight,
-            layer.bias,
-            stats.n,
-            stats.mean_in,
-            stats.mean_ref,
-            stats.gram_in(),
-            stats.cross(),
-            rank,
-            **ridge_kw,
-        )
-    from tensorpress.compress.convex import fit_convex
-    from tensorpress.compress.relu import fit_gelu, fit_relu
-
-    x_ref, x_in = stats.samples()
-    fit = {"convex": fit_convex, "relu": fit_relu, "gelu": fit_gelu}[method]
-    return fit(layer.weight, layer.bias, x_ref, x_in, rank, **ridge_kw)
-
-
 def _identity_fit(layer: nn.Module) -> LowRankFit:
     """The layer kept dense, as a 'fit' (W = I @ W) for the error report."""
     w = weight_matrix(layer).to(torch.float64)
@@ -386,12 +347,6 @@ def _dense_refit(layer: nn.Linear, stats: GramStats, offset, ridge_kw: dict):
     fit.info["method"] = "dense"
     fit.info["refit"] = True
     return fit, new
-
-
-def _lowrank_module(layer: nn.Linear, fit: LowRankFit) -> LowRankLinear:
-    return LowRankLinear.from_factors(
-        fit.first, fit.second, fit.bias, dtype=layer.weight.dtype, device=layer.weight.device
-    )
 
 
 # calibration batches used to measure each layer's sensitivity (rank_rule="optimism")
@@ -432,7 +387,7 @@ def _sensitivities(work_model, batches, layers, shot, ranks, curves, full, cache
     fits, errs = {}, {}
     for name, layer in layers.items():
         fit = truncate_fit(full[name], ranks[name], layer.weight, layer.bias, shot[name])
-        fits[name] = _lowrank_module(layer, fit)
+        fits[name] = ADAPTERS["lowrank"].module(layer, fit)
         errs[name] = curves[name][ranks[name]].item()
     weights = _measure_sensitivities(work_model, batches, layers, fits, errs)
     if cache is not None:
@@ -831,32 +786,29 @@ def compress(
         fold_stats = None
         if batches and need_shot:
             shot, fold_stats = _reference_stats(ref, batches, all_batches, layers, folds, cache, progress, plan.layers)
-        if chosen is None and structure != "lowrank":
+        if chosen is None:
             chosen = {n: adapter.uniform_rank(layer, budget) for n, layer in layers.items()}
             if rank_rule is not None:
                 t0 = time.perf_counter()
-                chosen = _allocate_structured(
-                    rank_rule,
-                    adapter,
-                    cmp,
-                    all_batches,
-                    layers,
-                    shot,
-                    budget,
-                    chosen,
-                    ridge_kw,
-                    cache,
-                    fold_stats,
-                    progress,
-                )
-                report.rank_rule_seconds = time.perf_counter() - t0
-        elif chosen is None:
-            chosen = allocate_uniform(layers, budget)
-            if rank_rule is not None:
-                t0 = time.perf_counter()
-                chosen = _allocate(
-                    rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache, fold_stats
-                )
+                if structure == "lowrank":  # every rank's error from one SVD per layer
+                    chosen = _allocate(
+                        rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache, fold_stats
+                    )
+                else:  # error curves measured at candidate ranks
+                    chosen = _allocate_structured(
+                        rank_rule,
+                        adapter,
+                        cmp,
+                        all_batches,
+                        layers,
+                        shot,
+                        budget,
+                        chosen,
+                        ridge_kw,
+                        cache,
+                        fold_stats,
+                        progress,
+                    )
                 report.rank_rule_seconds = time.perf_counter() - t0
 
         dense_why: dict[str, str] = {}  # why each layer was kept dense (for the account)
@@ -865,24 +817,17 @@ def compress(
             layer = layers[name]
             out_f, in_f = weight_matrix(layer).shape
             dense = fit.info.get("method") == "dense"
-            lowrank = structure == "lowrank"
             report.layers.append(
                 LayerReport(
                     name=name,
                     structure="dense" if dense else structure,
                     method=per_layer[name],
                     shape=(out_f, in_f),
-                    rank=(min(in_f, out_f) if dense else fit.rank if lowrank else adapter.report_rank(fit)),
+                    rank=(min(in_f, out_f) if dense else adapter.report_rank(fit)),
                     params_before=module_params(layer),
                     params_after=module_params(module),
                     flops_before=dense_macs_per_row(layer),
-                    flops_after=(
-                        dense_macs_per_row(layer)
-                        if dense
-                        else fit.rank * (in_f + out_f)
-                        if lowrank
-                        else adapter.macs_per_row(layer, module)
-                    ),
+                    flops_after=(dense_macs_per_row(layer) if dense else adapter.macs_per_row(layer, module)),
                     rel_error=(output_error(layer, fit, stats) if stats is not None and report_error else float("nan")),
                     seconds=seconds,
                     calls=calls.get(name, 1),
@@ -909,10 +854,7 @@ def compress(
                 ):
                     return _dense_refit(layer, stats, offset, ridge_kw)
                 return _identity_fit(layer), layer
-            if structure != "lowrank":
-                fit = adapter.fit(method_of_layer, layer, stats, chosen[name], ridge_kw)
-                return fit, adapter.module(layer, fit)
-            if method_of_layer in ONE_SHOT_METHODS:
+            if structure == "lowrank" and method_of_layer in ONE_SHOT_METHODS:
                 # one decomposition per layer, truncated to each rank asked for (a cache
                 # shared by a sweep over budgets keeps it)
                 key = _full_fit_key(method_of_layer, name, ridge_kw)
@@ -929,9 +871,11 @@ def compress(
                 fit = truncate_fit(
                     full, chosen[name], layer.weight, layer.bias, None if method_of_layer == "svd" else stats
                 )
+            elif structure == "lowrank":  # residual feedback reaches the low-rank fits only
+                fit = adapter.fit(method_of_layer, layer, stats, chosen[name], ridge_kw, offset=offset)
             else:
-                fit = _fit_sequential(method_of_layer, layer, stats, chosen[name], ridge_kw, offset)
-            return fit, _lowrank_module(layer, fit)
+                fit = adapter.fit(method_of_layer, layer, stats, chosen[name], ridge_kw)
+            return fit, adapter.module(layer, fit)
 
         if isinstance(method, str) and method in ONE_SHOT_METHODS:
             bar = _progress(len(targets), f"fitting ({structure}, {method})", progress)

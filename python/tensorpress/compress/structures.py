@@ -14,6 +14,7 @@ module replaces it and what that module costs per calibration row.
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -58,6 +59,74 @@ class LowRank:
 
     def describe(self) -> str:
         return "nn.Linear layers with both sides >= 2"
+
+    def uniform_rank(self, layer: nn.Linear, budget: float) -> int:
+        """The largest r with r (in + out) + out <= budget * (in out + bias), at least 1."""
+        from tensorpress.compress.allocate import allocate_uniform
+
+        return allocate_uniform({"layer": layer}, budget)["layer"]
+
+    def rank_params(self, layer: nn.Linear, rank: int) -> int:
+        """Parameters of the two thin factors and the bias the fits leave free."""
+        return rank * (layer.in_features + layer.out_features) + layer.out_features
+
+    def rank_dof(self, layer: nn.Linear, rank: int) -> int:
+        """Dimension of the rank-r matrices plus the bias."""
+        i, o = layer.in_features, layer.out_features
+        return rank * (i + o - rank) + o
+
+    def check_rank(self, name: str, layer: nn.Linear, rank) -> int:
+        top = min(layer.in_features, layer.out_features)
+        if not is_int(rank) or not 1 <= rank <= top:
+            raise ValueError(
+                f"ranks: layer {name!r} ({layer.out_features}x{layer.in_features}) needs a rank in "
+                f"[1, {top}], got {rank!r}"
+            )
+        return rank
+
+    def fit(self, method: str, layer: nn.Linear, stats: GramStats | None, rank: int, ridge_kw: dict, offset=None):
+        """The rank-r fit by ``method`` (offset: residual feedback, "activation" only)."""
+        from tensorpress.compress.lowrank import fit_activation, fit_svd
+
+        if method == "svd":
+            return fit_svd(layer.weight, layer.bias, rank)
+        if stats is None:
+            raise ValueError(f"method={method!r}: needs calibration statistics")
+        if method in ("whitened", "activation"):
+            return fit_activation(layer.weight, layer.bias, stats, rank, offset=offset, **ridge_kw)
+        if method == "convex_weights":
+            from tensorpress.compress.convex import fit_convex_weights
+
+            return fit_convex_weights(
+                layer.weight,
+                layer.bias,
+                stats.n,
+                stats.mean_in,
+                stats.mean_ref,
+                stats.gram_in(),
+                stats.cross(),
+                rank,
+                **ridge_kw,
+            )
+        from tensorpress.compress.convex import fit_convex
+        from tensorpress.compress.relu import fit_gelu, fit_relu
+
+        x_ref, x_in = stats.samples()
+        fitter = {"convex": fit_convex, "relu": fit_relu, "gelu": fit_gelu}[method]
+        return fitter(layer.weight, layer.bias, x_ref, x_in, rank, **ridge_kw)
+
+    def module(self, layer: nn.Linear, fit) -> nn.Module:
+        from tensorpress.nn.lowrank_linear import LowRankLinear
+
+        return LowRankLinear.from_factors(
+            fit.first, fit.second, fit.bias, dtype=layer.weight.dtype, device=layer.weight.device
+        )
+
+    def macs_per_row(self, layer: nn.Linear, module: nn.Module) -> int:
+        return module.rank * (layer.in_features + layer.out_features)
+
+    def report_rank(self, fit) -> int:
+        return fit.rank
 
 
 class TT:
@@ -299,7 +368,29 @@ class CP(_ConvStructure):
         return fit.module.rank
 
 
-ADAPTERS = {s.name: s for s in (LowRank(), TT(), Tucker(), CP())}
+@runtime_checkable
+class StructureAdapter(Protocol):
+    """What compress() asks of a structure: eligibility, budget -> rank, rank checks and
+    counts, the fit (weights only, or from calibration statistics), the replacing module and
+    what the report shows. Every adapter in ADAPTERS implements all of it."""
+
+    name: str
+    methods: tuple[str, ...]
+
+    def why_not(self, module: nn.Module) -> str | None: ...
+    def eligible(self, module: nn.Module) -> bool: ...
+    def describe(self) -> str: ...
+    def uniform_rank(self, layer: Any, budget: float) -> Any: ...
+    def rank_params(self, layer: Any, rank: Any) -> int: ...
+    def rank_dof(self, layer: Any, rank: Any) -> int: ...
+    def check_rank(self, name: str, layer: Any, rank: Any) -> Any: ...
+    def fit(self, method: str, layer: Any, stats: GramStats | None, rank: Any, ridge_kw: dict) -> Any: ...
+    def module(self, layer: Any, fit: Any) -> nn.Module: ...
+    def macs_per_row(self, layer: Any, module: nn.Module) -> int: ...
+    def report_rank(self, fit: Any) -> Any: ...
+
+
+ADAPTERS: dict[str, StructureAdapter] = {s.name: s for s in (LowRank(), TT(), Tucker(), CP())}
 STRUCTURES = tuple(ADAPTERS)
 
 
