@@ -161,7 +161,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_defaults_to_on_when_stderr_is_a_terminal(monkeypatch):
-    from tensorpress.compress.api import show_progress
+    from tensorpress.compress.progress import show_progress
 
     assert show_progress(True) and not show_progress(False)
     monkeypatch.setattr(sys, "stderr", io.StringIO())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,9 +15,6 @@ from tensorpress.compress import distributed as tpdist
 from tensorpress.compress.account import build_account, dense_reason, screen
 from tensorpress.compress.allocate import (
     RANK_RULES,
-    allocate_by_rule,
-    layer_sensitivity,
-    relative_error_curves,
 )
 from tensorpress.compress.batchnorm import fold_batchnorms
 from tensorpress.compress.calibrate import (
@@ -32,7 +28,7 @@ from tensorpress.compress.calibrate import (
     row_signature,
     run_until_stop,
 )
-from tensorpress.compress.crossval import DEFAULT_FOLDS, cv_error_curves, merge_stats
+from tensorpress.compress.crossval import DEFAULT_FOLDS, merge_stats
 from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd, truncate_fit
 from tensorpress.compress.memory import (
     DEFAULT_MEMORY_FRACTION,
@@ -41,12 +37,13 @@ from tensorpress.compress.memory import (
     parse_memory,
     plan_memory,
 )
-from tensorpress.compress.output_error import output_error, output_error_parts
+from tensorpress.compress.output_error import output_error
+from tensorpress.compress.progress import progress_bar, show_progress
+from tensorpress.compress.rank_rules import allocate_lowrank_by_rule, allocate_structured_by_rule, full_fit_key
 from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
 from tensorpress.compress.sequential import compress_sequential
 from tensorpress.compress.shared import call_errors, module_names, swap_module, tied_layers
 from tensorpress.compress.stats import GramStats
-from tensorpress.compress.structured_rules import CURVE_EFFORT, allocate_structured, candidate_ranks, measure_curves
 from tensorpress.compress.structures import ADAPTERS, STRUCTURES, dense_macs_per_row, module_params, weight_matrix
 
 ONE_SHOT_METHODS = ("svd", "whitened")
@@ -349,152 +346,6 @@ def _dense_refit(layer: nn.Linear, stats: GramStats, offset, ridge_kw: dict):
     return fit, new
 
 
-# calibration batches used to measure each layer's sensitivity (rank_rule="optimism")
-SENSITIVITY_BATCHES = 2
-# the sensitivities are a linearization at the uniform ranks; more rounds re-measure them at the
-# ranks the previous allocation chose (on MiniLM at 50%: 1 round 0.885 mean cosine, 2 rounds 0.874)
-SENSITIVITY_ROUNDS = 1
-
-
-def _full_fit_key(method: str, name: str, ridge_kw: dict) -> tuple:
-    return ("full-fit", method, name, tuple(sorted(ridge_kw.items())))
-
-
-def _whitened_full_fits(layers, shot, ridge_kw, cache) -> dict:
-    """Every layer's full-rank whitened fit on the one-shot statistics, kept in the cache
-    under the key compress()'s "whitened" method reads too: the rank rule's error curves,
-    its sensitivities and a whitened run share one decomposition per layer."""
-    fits = {}
-    for name, layer in layers.items():
-        top = min(layer.in_features, layer.out_features)
-        fits[name] = _cached(
-            cache,
-            _full_fit_key("whitened", name, ridge_kw),
-            # called right away by _cached: the loop variables are bound for clarity only
-            lambda layer=layer, name=name, top=top: fit_activation(
-                layer.weight, layer.bias, shot[name], top, **ridge_kw
-            ),
-        )
-    return fits
-
-
-def _sensitivities(work_model, batches, layers, shot, ranks, curves, full, cache):
-    """Each layer's sensitivity with that layer alone at ranks[name] (cached per ranks);
-    ``full``: the layers' full-rank whitened fits, truncated to those ranks."""
-    key = ("sensitivity", tuple(layers), tuple(sorted(ranks.items())))
-    if cache is not None and key in cache:
-        return cache[key]
-    fits, errs = {}, {}
-    for name, layer in layers.items():
-        fit = truncate_fit(full[name], ranks[name], layer.weight, layer.bias, shot[name])
-        fits[name] = ADAPTERS["lowrank"].module(layer, fit)
-        errs[name] = curves[name][ranks[name]].item()
-    weights = _measure_sensitivities(work_model, batches, layers, fits, errs)
-    if cache is not None:
-        cache[key] = weights
-    return weights
-
-
-def _measure_sensitivities(work_model, batches, layers, fits, errs):
-    """layer_sensitivity of ``work_model`` on SENSITIVITY_BATCHES of ``batches``."""
-    # the copy's own layers are the originals until they are replaced
-    work_layers = {n: work_model.get_submodule(n) for n in layers}
-    # evenly spaced batches of the whole calibration set (callers often sort batches by
-    # length); under torch.distributed each process measures the ones it owns
-    step = max(1, len(batches) // SENSITIVITY_BATCHES)
-    picks = list(range(0, len(batches), step))[:SENSITIVITY_BATCHES]
-    mine = [batches[i] for k, i in enumerate(picks) if k % tpdist.world() == tpdist.rank()]
-    return layer_sensitivity(work_model, mine, work_layers, fits, errs)
-
-
-def _allocate_structured(
-    rule, adapter, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None, folds=None, progress=False
-):
-    """Ranks of a tensor structure by a rule (see tensorpress.compress.structured_rules): the
-    layers' curves from fits at candidate ranks, weighted for "optimism" and "cv" by each
-    layer's measured sensitivity at its uniform rank."""
-
-    def measure():
-        fits = sum(len(candidate_ranks(adapter, layer, budget)) for layer in layers.values()) * (1 + len(folds or ()))
-        bar = _progress(fits, f"rank rule: {adapter.name} fits", progress)
-        try:
-            return measure_curves(
-                adapter,
-                layers,
-                shot,
-                budget,
-                folds,
-                ridge_kw,
-                tick=None if bar is None else lambda: bar.update(1),
-                keep_fits=uniform,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
-
-    key = ("structured-curves", adapter.name, tuple(layers), budget, len(folds or ()), tuple(sorted(ridge_kw.items())))
-    curves = _cached(cache, key, measure)
-    weights = None
-    if rule != "energy":
-
-        def sensitivities():
-            fits, errs = {}, {}
-            for name, layer in layers.items():
-                # the curve's fit at the uniform rank; it is no candidate when the budget keeps
-                # about the whole layer, and is fitted here then
-                cand = next((c for c in curves[name] if c.rank == uniform[name]), None)
-                if cand is not None:
-                    fit, errs[name] = cand.fit, cand.train
-                else:
-                    fit = adapter.fit("whitened", layer, shot[name], uniform[name], {**CURVE_EFFORT, **ridge_kw})
-                    err, energy = output_error_parts(layer, fit, shot[name])
-                    errs[name] = err / max(energy, 1e-300)
-                fits[name] = adapter.module(layer, fit)
-            return _measure_sensitivities(work_model, batches, layers, fits, errs)
-
-        weights = _cached(
-            cache,
-            ("structured-sensitivity", adapter.name, tuple(layers), tuple(sorted(uniform.items()))),
-            sensitivities,
-        )
-    rows = next(iter(shot.values())).n
-    return allocate_structured(rule, layers, curves, rows, budget, weights)
-
-
-def _cached(cache, key, compute):
-    value = None if cache is None else cache.get(key)
-    if value is None:
-        value = compute()
-        if cache is not None:
-            cache[key] = value
-    return value
-
-
-def _allocate(rule, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None, folds=None):
-    """Ranks by a rule; for "optimism" and "cv" each layer's errors are weighted by the
-    measured sensitivity of the model's output to it (see SENSITIVITY_ROUNDS); "cv" needs
-    ``folds``, the per-fold one-shot statistics."""
-    # one decomposition per layer for the curves and the sensitivities (cached for later calls)
-    full = _whitened_full_fits(layers, shot, ridge_kw, cache)
-    curves = _cached(cache, ("curves", tuple(layers)), lambda: relative_error_curves(layers, shot, full))
-    if rule == "energy":
-        return allocate_by_rule(rule, layers, shot, budget, curves=curves, **ridge_kw)
-    heldout = None
-    if rule == "cv":
-        heldout = _cached(
-            cache, ("cv-curves", tuple(layers), len(folds)), lambda: cv_error_curves(layers, folds, **ridge_kw)
-        )
-    at = dict(uniform)
-    for _ in range(SENSITIVITY_ROUNDS):
-        weights = _sensitivities(work_model, batches, layers, shot, at, curves, full, cache)
-        chosen = allocate_by_rule(
-            rule, layers, shot, budget, curves=curves, weights=weights, heldout=heldout, **ridge_kw
-        )
-        # a layer kept dense is linearized at its uniform rank
-        at = {n: (uniform[n] if r is None else r) for n, r in chosen.items()}
-    return chosen
-
-
 def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress, plans=None):
     """(one-shot statistics of every layer on all batches, per-fold statistics or None).
     ``batches`` are this process's share of ``all_batches``. With folds, fold k holds the
@@ -507,7 +358,7 @@ def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress, 
     parts = None if (cache is None or not folds) else cache.get(fold_key)
     if shot is not None and (not folds or parts is not None):
         return shot, parts
-    bar = _progress(len(batches), "calibration statistics", progress)
+    bar = progress_bar(len(batches), "calibration statistics", progress)
     index = list(range(len(all_batches)))  # sliced as the batches are, for error messages
     if folds:
         parts = [
@@ -560,22 +411,6 @@ def _report_repeated_calls(
     for r in repeated:
         r.call_errors = errors[r.name]
         r.rel_error = max(r.call_errors)
-
-
-def show_progress(progress: bool | None) -> bool:
-    """progress=None: on when stderr is a terminal (someone is watching), off in logs and tests
-    (and on the first process only under torch.distributed)."""
-    if progress is None:
-        return bool(getattr(sys.stderr, "isatty", lambda: False)()) and tpdist.rank() == 0
-    return bool(progress)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def compress(
@@ -791,11 +626,11 @@ def compress(
             if rank_rule is not None:
                 t0 = time.perf_counter()
                 if structure == "lowrank":  # every rank's error from one SVD per layer
-                    chosen = _allocate(
+                    chosen = allocate_lowrank_by_rule(
                         rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache, fold_stats
                     )
                 else:  # error curves measured at candidate ranks
-                    chosen = _allocate_structured(
+                    chosen = allocate_structured_by_rule(
                         rank_rule,
                         adapter,
                         cmp,
@@ -857,7 +692,7 @@ def compress(
             if structure == "lowrank" and method_of_layer in ONE_SHOT_METHODS:
                 # one decomposition per layer, truncated to each rank asked for (a cache
                 # shared by a sweep over budgets keeps it)
-                key = _full_fit_key(method_of_layer, name, ridge_kw)
+                key = full_fit_key(method_of_layer, name, ridge_kw)
                 full = None if cache is None else cache.get(key)
                 if full is None:
                     top = min(layer.in_features, layer.out_features)
@@ -878,7 +713,7 @@ def compress(
             return fit, adapter.module(layer, fit)
 
         if isinstance(method, str) and method in ONE_SHOT_METHODS:
-            bar = _progress(len(targets), f"fitting ({structure}, {method})", progress)
+            bar = progress_bar(len(targets), f"fitting ({structure}, {method})", progress)
             for name in targets:
                 t0 = time.perf_counter()
                 stats = None if shot is None else shot[name]
@@ -892,7 +727,7 @@ def compress(
                 bar.close()
             report.mode = "one-shot"
         else:
-            bar = _progress(0, "calibrating", progress)
+            bar = progress_bar(0, "calibrating", progress)
 
             def fit_layer(name, stats, offset):
                 t0 = time.perf_counter()
