@@ -134,6 +134,7 @@ def allocate_by_rule(
     curves: Mapping[str, torch.Tensor] | None = None,
     weights: Mapping[str, float] | None = None,
     heldout: Mapping[str, torch.Tensor] | None = None,
+    notes: list[str] | None = None,
     **fit_kwargs,
 ) -> dict[str, int | None]:
     """Ranks by ``rule`` (see the module docstring). curves: the layers' relative error
@@ -162,7 +163,18 @@ def allocate_by_rule(
         ]
         pts.append((KEEP_DENSE, dense_params(layer), 0.0))
         curves[name] = pts
-    return dict(allocate_ranks(curves, total).ranks)
+    allocation = allocate_ranks(curves, total)
+    _note_unused_budget(rule, curves, allocation, notes)
+    return dict(allocation.ranks)
+
+
+def _note_unused_budget(rule: str, curves, allocation, notes: list[str] | None) -> None:
+    """Say in ``notes`` why the rule left part of the budget unused (rank.budget.why_under_budget)."""
+    from tensorpress.rank.budget import why_under_budget
+
+    why = why_under_budget(curves, allocation)
+    if why is not None and notes is not None:
+        notes.append(f"rank_rule={rule!r} {why}")
 
 
 def _energy_threshold(layers, rel, total) -> dict[str, int]:

@@ -627,7 +627,17 @@ def compress(
                 t0 = time.perf_counter()
                 if structure == "lowrank":  # every rank's error from one SVD per layer
                     chosen = allocate_lowrank_by_rule(
-                        rank_rule, cmp, all_batches, layers, shot, budget, chosen, ridge_kw, cache, fold_stats
+                        rank_rule,
+                        cmp,
+                        all_batches,
+                        layers,
+                        shot,
+                        budget,
+                        chosen,
+                        ridge_kw,
+                        cache,
+                        fold_stats,
+                        notes=report.notes,
                     )
                 else:  # error curves measured at candidate ranks
                     chosen = allocate_structured_by_rule(
@@ -643,6 +653,7 @@ def compress(
                         cache,
                         fold_stats,
                         progress,
+                        notes=report.notes,
                     )
                 report.rank_rule_seconds = time.perf_counter() - t0
 

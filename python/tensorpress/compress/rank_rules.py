@@ -73,7 +73,19 @@ def _measure_sensitivities(work_model, batches, layers, fits, errs):
 
 
 def allocate_structured_by_rule(
-    rule, adapter, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None, folds=None, progress=False
+    rule,
+    adapter,
+    work_model,
+    batches,
+    layers,
+    shot,
+    budget,
+    uniform,
+    ridge_kw,
+    cache=None,
+    folds=None,
+    progress=False,
+    notes=None,
 ):
     """Ranks of a tensor structure by a rule (see tensorpress.compress.structured_rules): the
     layers' curves from fits at candidate ranks, weighted for "optimism" and "cv" by each
@@ -123,7 +135,7 @@ def allocate_structured_by_rule(
             sensitivities,
         )
     rows = next(iter(shot.values())).n
-    return allocate_structured(rule, layers, curves, rows, budget, weights)
+    return allocate_structured(rule, layers, curves, rows, budget, weights, notes)
 
 
 def cached(cache, key, compute):
@@ -136,7 +148,7 @@ def cached(cache, key, compute):
 
 
 def allocate_lowrank_by_rule(
-    rule, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None, folds=None
+    rule, work_model, batches, layers, shot, budget, uniform, ridge_kw, cache=None, folds=None, notes=None
 ):
     """Ranks by a rule; for "optimism" and "cv" each layer's errors are weighted by the
     measured sensitivity of the model's output to it (see SENSITIVITY_ROUNDS); "cv" needs
@@ -152,10 +164,19 @@ def allocate_lowrank_by_rule(
             cache, ("cv-curves", tuple(layers), len(folds)), lambda: cv_error_curves(layers, folds, **ridge_kw)
         )
     at = dict(uniform)
-    for _ in range(SENSITIVITY_ROUNDS):
+    for round_ in range(SENSITIVITY_ROUNDS):
         weights = _sensitivities(work_model, batches, layers, shot, at, curves, full, cache)
+        last = round_ == SENSITIVITY_ROUNDS - 1  # only the final allocation's slack is reported
         chosen = allocate_by_rule(
-            rule, layers, shot, budget, curves=curves, weights=weights, heldout=heldout, **ridge_kw
+            rule,
+            layers,
+            shot,
+            budget,
+            curves=curves,
+            weights=weights,
+            heldout=heldout,
+            notes=notes if last else None,
+            **ridge_kw,
         )
         # a layer kept dense is linearized at its uniform rank
         at = {n: (uniform[n] if r is None else r) for n, r in chosen.items()}

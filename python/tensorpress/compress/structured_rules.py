@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from tensorpress.compress.allocate import KEEP_DENSE, fitting_threshold, optimism_estimate
+from tensorpress.compress.allocate import KEEP_DENSE, _note_unused_budget, fitting_threshold, optimism_estimate
 from tensorpress.compress.crossval import merge_stats
 from tensorpress.compress.output_error import output_error_parts
 from tensorpress.compress.stats import GramStats
@@ -143,9 +143,11 @@ def allocate_structured(
     rows: int,
     budget: float,
     weights: Mapping[str, float] | None = None,
+    notes: list[str] | None = None,
 ) -> dict:
     """{layer: chosen rank, or KEEP_DENSE} under ``budget`` (fraction of the layers'
-    parameters) by ``rule``; ``weights`` multiply each layer's errors (sensitivities)."""
+    parameters) by ``rule``; ``weights`` multiply each layer's errors (sensitivities); why the
+    budget was left partly unused, if it was, goes to ``notes``."""
     from tensorpress.rank.budget import allocate_ranks
 
     total = budget * sum(budget_params(m) for m in layers.values())
@@ -162,7 +164,9 @@ def allocate_structured(
         ]
         pts.append((KEEP_DENSE, budget_params(layer), 0.0))
         points[name] = pts
-    return dict(allocate_ranks(points, total).ranks)
+    allocation = allocate_ranks(points, total)
+    _note_unused_budget(rule, points, allocation, notes)
+    return dict(allocation.ranks)
 
 
 def _energy_threshold(curves: Mapping[str, Sequence[Candidate]], total: float) -> dict:

@@ -269,3 +269,35 @@ def allocate_ranks(curves: Mapping[Any, Any], budget: float, method: str = "auto
         budget=float(budget),
         choices={name: choice[name] for name in parsed},
     )
+
+
+def why_under_budget(curves: Mapping[Any, Any], allocation: Allocation, min_slack: float = 0.02) -> str | None:
+    """Why an allocation keeps fewer parameters than its budget allows, in words (None when it
+    uses all but ``min_slack`` of the budget): every larger rank has a higher error (the error
+    estimate stops improving; for the optimism rule the charged optimism grows faster than the
+    training error falls), or the layers whose error would still fall need more parameters than
+    are left (their next steps, e.g. keeping a layer dense: rank label None, are too coarse), or,
+    for an approximate (Lagrangian) allocation, its gap."""
+    slack = allocation.budget - allocation.params
+    if allocation.budget <= 0 or slack <= min_slack * allocation.budget:
+        return None
+    fits, too_big, dense_only = [], [], 0
+    for name, pts in curves.items():
+        _, p0, e0 = pts[allocation.choices[name]]
+        lower = [(r, p - p0) for r, p, e in pts if p > p0 and e < e0]
+        if any(extra <= slack for _, extra in lower):
+            fits.append(str(name))
+        elif any(r is not None for r, _ in lower):
+            too_big.append(str(name))
+        elif lower:
+            dense_only += 1
+    used = f"kept {allocation.params:,.0f} of the {allocation.budget:,.0f} parameters the budget allows"
+    if fits:
+        return f"{used}: the {allocation.method} allocation's gap (lower errors fit for {', '.join(fits)})"
+    if too_big:
+        layers = ", ".join(too_big)
+        return f"{used}: the rest is too small for the next rank of the layers whose error would still fall ({layers})"
+    why = f"{used}: every larger rank has a higher estimated error than the one chosen (the estimate stops improving)"
+    if dense_only:
+        why += "; keeping a layer dense would lower it but needs more parameters than are left"
+    return why
