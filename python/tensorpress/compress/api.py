@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from tensorpress._validate import is_int
 from tensorpress.compress import distributed as tpdist
 from tensorpress.compress.account import build_account, dense_reason, screen
 from tensorpress.compress.allocate import (
@@ -161,7 +162,7 @@ def _check_args(
         raise TypeError(f"ranks: expected a dict {{layer name: rank}}, got {type(ranks).__name__}")
     if rank_rule is not None and rank_rule not in RANK_RULES:
         raise ValueError(f"rank_rule: expected None or one of {RANK_RULES}, got {rank_rule!r}")
-    if rank_rule == "cv" and (isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 2):
+    if rank_rule == "cv" and (not is_int(cv_folds) or cv_folds < 2):
         raise ValueError(f"cv_folds: expected an int >= 2 (folds of the calibration batches), got {cv_folds!r}")
     if not (isinstance(method, str) and method == "svd") or rank_rule is not None:
         if calib is None:

@@ -51,6 +51,7 @@ import math
 import torch
 from torch import Tensor
 
+from tensorpress._validate import is_int
 from tensorpress.compress.lowrank import (
     DEFAULT_RIDGE,
     LowRankFit,  # noqa: F401
@@ -103,7 +104,7 @@ def _check_tensor(name, t, shape=None, ndim=None, float64=False, device=None):
 
 
 def _check_int(name, v, low, high=None):
-    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+    if not is_int(v) or v < low or (high is not None and v > high):
         want = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
         raise ValueError(f"{name}: expected {want}, got {v!r}")
     return v

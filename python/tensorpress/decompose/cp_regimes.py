@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tensorpress._validate import is_int
+
 
 @dataclass
 class SymmetricCPResult:
@@ -95,7 +97,7 @@ class SymmetricCPResult:
 # ---------------------------------------------------------------------------- tensor helpers
 def symmetric_cp_tensor(weights: Tensor, directions: Tensor, order: int) -> Tensor:
     """sum_i weights[..., i] directions[..., :, i]^{(x)order}: (..., d, ..., d)."""
-    if not isinstance(order, int) or isinstance(order, bool) or order < 2:
+    if not is_int(order) or order < 2:
         raise ValueError(f"order: expected an int >= 2, got {order!r}")
     if directions.dim() < 2 or weights.shape != directions.shape[:-2] + directions.shape[-1:]:
         raise ValueError(
@@ -146,7 +148,7 @@ def _check_target(target, batched: bool, name: str = "target") -> tuple[Tensor, 
 
 
 def _check_int(name, v, low):
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    if not is_int(v) or v < low:
         raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
 
 
@@ -162,7 +164,7 @@ def _check_pos(name, v, strict=True, upper=None):
 def _generator(random_state) -> torch.Generator:
     if isinstance(random_state, torch.Generator):
         return random_state
-    if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
+    if random_state is not None and (not is_int(random_state)):
         raise TypeError(f"random_state: expected None, an int or a torch.Generator, got {type(random_state).__name__}")
     gen = torch.Generator()
     if random_state is None:

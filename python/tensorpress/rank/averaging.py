@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tensorpress._validate import is_int
 from tensorpress.rank.estimator import EstimatorParams
 from tensorpress.rank.regressors import as_generator, check_fit_settings, check_Xy
 from tensorpress.rank.select import (
@@ -194,7 +195,7 @@ def simplex_least_squares(P, y, tol: float = 1e-12, max_iter: int = 20_000) -> n
         raise ValueError("P, y: expected finite values, found NaN or Inf")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
         raise ValueError(f"tol: expected a number > 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    if not is_int(max_iter) or max_iter < 1:
         raise ValueError(f"max_iter: expected an int >= 1, got {max_iter!r}")
     K = Pm.shape[1]
     G, b = Pm.T @ Pm, Pm.T @ yv
@@ -242,7 +243,7 @@ def out_of_fold_predictions(
         raise ValueError(f"model_family: expected one of {sorted(FAMILIES)} or a callable, got {model_family!r}")
     if not isinstance(model_family, str) and not callable(model_family):
         raise TypeError(f"model_family: expected a string or a callable, got {type(model_family).__name__}")
-    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
+    if not is_int(cv) or cv < 2:
         raise ValueError(f"cv: expected an int >= 2, got {cv!r}")
     if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
         raise ValueError(f"random_state: expected an int, got {random_state!r}")
@@ -340,7 +341,7 @@ class AveragedRegressor(EstimatorParams):
         if self.criterion not in AVERAGING_CRITERIA:
             raise ValueError(f"criterion: expected one of {tuple(AVERAGING_CRITERIA)}, got {self.criterion!r}")
         _check_temperature(self.temperature)
-        if isinstance(self.cv, bool) or not isinstance(self.cv, int) or self.cv < 2:
+        if not is_int(self.cv) or self.cv < 2:
             raise ValueError(f"cv: expected an int >= 2, got {self.cv!r}")
         if self.df_rule not in DF_RULES:
             raise ValueError(f"df_rule: expected one of {DF_RULES}, got {self.df_rule!r}")
