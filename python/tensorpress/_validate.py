@@ -16,20 +16,10 @@ def is_int(value: Any, low: int | None = None) -> TypeGuard[int]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and (low is None or int(value) >= low)
 
 
-def check_int(name: str, value: Any, low: int = 1) -> int:
-    """value when it is an int >= low (not a bool); ValueError naming `name` otherwise."""
-    if not is_int(value, low):
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
+    """value as an int when it is an integer (not a bool) in [low, high] (high None: no upper
+    bound); ValueError naming `name` otherwise."""
+    if not is_int(value, low) or (high is not None and value > high):
+        want = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
     return int(value)
-
-
-def check_int_tuple(name: str, values: Any, length: int | None = None, low: int = 1) -> tuple[int, ...]:
-    """values as a tuple when it is a list/tuple of ints >= low (of `length` when given)."""
-    if (
-        not isinstance(values, (list, tuple))
-        or (length is not None and len(values) != length)
-        or not all(is_int(v, low) for v in values)
-    ):
-        count = f"{length} " if length is not None else ""
-        raise ValueError(f"{name}: expected a list of {count}ints >= {low}, got {values!r}")
-    return tuple(int(v) for v in values)

@@ -51,7 +51,7 @@ import math
 import torch
 from torch import Tensor
 
-from tensorpress._validate import is_int
+from tensorpress._validate import check_int
 from tensorpress.compress.lowrank import (
     DEFAULT_RIDGE,
     LowRankFit,  # noqa: F401
@@ -103,13 +103,6 @@ def _check_tensor(name, t, shape=None, ndim=None, float64=False, device=None):
     return t
 
 
-def _check_int(name, v, low, high=None):
-    if not is_int(v) or v < low or (high is not None and v > high):
-        want = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise ValueError(f"{name}: expected {want}, got {v!r}")
-    return v
-
-
 def _check_positive(name, v, allow_none=True, allow_inf=False):
     if v is None and allow_none:
         return None
@@ -134,7 +127,7 @@ def _check_weight_bias_rank(weight, bias, rank):
         raise ValueError(f"weight: expected a non-empty (out, in) matrix, got shape {tuple(weight.shape)}")
     if bias is not None:
         _check_tensor("bias", bias, shape=(out_f,), device=weight.device)
-    _check_int("rank", rank, 1, min(out_f, in_f))
+    check_int("rank", rank, 1, min(out_f, in_f))
     return out_f, in_f
 
 
@@ -282,8 +275,8 @@ def constrained_lstsq(
         raise ValueError(f"target: expected shape (out, {d}) to match gram, got {tuple(target.shape)}")
     radius = _check_positive("radius", radius, allow_none=False, allow_inf=True)
     box = _check_positive("box", box)
-    _check_int("n_iter", n_iter, 0)
-    _check_int("n_dykstra", n_dykstra, 1)
+    check_int("n_iter", n_iter, 0)
+    check_int("n_dykstra", n_dykstra, 1)
     tol = _check_positive("tol", tol, allow_none=False)
     with small_problem_threads(gram.device, min(target.shape)):
         G = gram.to(torch.float64)
@@ -405,7 +398,7 @@ def fit_convex_weights(
     """
     out_f, in_f = _check_weight_bias_rank(weight, bias, rank)
     dev = weight.device
-    _check_int("n", n, 1)
+    check_int("n", n, 1)
     _check_tensor("mean_in", mean_in, shape=(in_f,), float64=True, device=dev)
     _check_tensor("mean_ref", mean_ref, shape=(in_f,), float64=True, device=dev)
     _check_tensor("gram_in", gram_in, shape=(in_f, in_f), float64=True, device=dev)
@@ -422,8 +415,8 @@ def fit_convex_weights(
             raise ValueError(f"init: expected 'lstsq', 'activation', 'weight' or a tensor, got {init!r}")
     else:
         _check_tensor("init", init, shape=(out_f, in_f), device=dev)
-    _check_int("n_iter", n_iter, 0)
-    _check_int("n_dykstra", n_dykstra, 1)
+    check_int("n_iter", n_iter, 0)
+    check_int("n_dykstra", n_dykstra, 1)
     tol = _check_positive("tol", tol, allow_none=False)
 
     with small_problem_threads(dev, min(out_f, in_f)):
@@ -684,7 +677,7 @@ def fit_convex(
     alpha = _check_alpha(alpha)
     radius = _check_positive("radius", radius, allow_inf=True)
     tol = _check_positive("tol", tol, allow_none=False)
-    _check_int("max_iter", max_iter, 0)
+    check_int("max_iter", max_iter, 0)
     ridge = _check_positive("ridge", ridge, allow_none=False)
 
     with small_problem_threads(dev, min(out_f, in_f)):

@@ -45,12 +45,12 @@ import math
 import torch
 from torch import Tensor
 
+from tensorpress._validate import check_int
 from tensorpress.compress.convex import (
     DEFAULT_RIDGE,
     LowRankFit,
     PreactBasis,
     _check_alpha,
-    _check_int,
     _check_layer_samples,
     _check_positive,
     _solve_right_lower,
@@ -302,8 +302,8 @@ def fit_relu(
         sigma = _check_positive("sigma", sigma, allow_none=False)
     alpha = _check_alpha(alpha)
     radius = _check_positive("radius", radius, allow_inf=True)
-    _check_int("n_iter", n_iter, 0)
-    _check_int("polish_iter", polish_iter, 0)
+    check_int("n_iter", n_iter, 0)
+    check_int("polish_iter", polish_iter, 0)
     tol = _check_positive("tol", tol, allow_none=False)
     admm_tol = _check_positive("admm_tol", admm_tol, allow_none=False)
     ridge = _check_positive("ridge", ridge, allow_none=False)
@@ -418,7 +418,7 @@ def fit_gelu(
     objective / objective_activation (½ post-GELU squared error per entry, i.e. / (m·out)).
     """
     out_f, in_f, dev = _check_layer_samples(weight, bias, rank, X_ref, X_in)
-    _check_int("n_iter", n_iter, 0)
+    check_int("n_iter", n_iter, 0)
     tol = _check_positive("tol", tol, allow_none=False)
     ridge = _check_positive("ridge", ridge, allow_none=False)
     with small_problem_threads(dev, min(out_f, in_f)):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tensorpress._validate import is_int
+from tensorpress._validate import check_int
 from tensorpress.linalg import truncated_svd
 
 INITS = ("svd", "random")
@@ -135,11 +135,6 @@ def _check_tensor(tensor, name="tensor") -> None:
         raise ValueError(f"{name}: expected finite values, found NaN or Inf")
 
 
-def _check_int(name, v, low):
-    if not is_int(v) or v < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
-
-
 def _check_float(name, v, low=0.0, strict=False):
     if (
         isinstance(v, bool)
@@ -215,8 +210,8 @@ def cp_als(
     vanishes is re-drawn at random with weight 0.
     """
     _check_tensor(tensor)
-    _check_int("rank", rank, 1)
-    _check_int("n_iter_max", n_iter_max, 0)
+    check_int("rank", rank, 1)
+    check_int("n_iter_max", n_iter_max, 0)
     _check_float("tol", tol)
     _check_float("ridge", ridge)
     _check_random_state(random_state)
@@ -367,14 +362,14 @@ def cp_overparam(
     check, then the ALS sweeps); ``n_steps`` gradient steps and ``n_reinit`` re-draws.
     """
     _check_tensor(tensor)
-    _check_int("rank", rank, 1)
+    check_int("rank", rank, 1)
     if width is None:
         width = max(4 * rank, rank + 4)
-    _check_int("width", width, rank)
-    _check_int("n_steps", n_steps, 0)
-    _check_int("check_every", check_every, 1)
-    _check_int("reinit_every", reinit_every, 1)
-    _check_int("n_iter_max", n_iter_max, 0)
+    check_int("width", width, rank)
+    check_int("n_steps", n_steps, 0)
+    check_int("check_every", check_every, 1)
+    check_int("reinit_every", reinit_every, 1)
+    check_int("n_iter_max", n_iter_max, 0)
     _check_float("lr", lr, strict=True)
     if init_scale is None:
         init_scale = 1.0 if lazy else 0.3
@@ -383,7 +378,7 @@ def cp_overparam(
     _check_float("reinit_below", reinit_below)
     _check_float("switch_tol", switch_tol)
     _check_float("probe_below", probe_below)
-    _check_int("probe_iter", probe_iter, 0)
+    check_int("probe_iter", probe_iter, 0)
     _check_float("tol", tol)
     _check_random_state(random_state)
     start = time.perf_counter()

@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tensorpress._validate import is_int
+from tensorpress._validate import check_int, is_int
 
 
 @dataclass
@@ -147,11 +147,6 @@ def _check_target(target, batched: bool, name: str = "target") -> tuple[Tensor, 
     return t.reshape(t.shape[0], d**order).clone(), order
 
 
-def _check_int(name, v, low):
-    if not is_int(v) or v < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
-
-
 def _check_pos(name, v, strict=True, upper=None):
     ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if strict else v >= 0)
     if ok and upper is not None:
@@ -223,7 +218,7 @@ def rich_gd(
         tol was reached, history and re-draw counts.
     """
     t, order = _check_target(target, batched)
-    _check_int("width", width, 1)
+    check_int("width", width, 1)
     if init_scale is None:
         init_scale = 0.01 * width**-0.25
     for name, v in (("init_scale", init_scale), ("lr", lr)):
@@ -231,7 +226,7 @@ def rich_gd(
     for name, v in (("reg", reg), ("reg_min", reg_min), ("reinit_below", reinit_below), ("tol", tol)):
         _check_pos(name, v, strict=False)
     for name, v in (("epoch_steps", epoch_steps), ("n_epochs", n_epochs), ("check_every", check_every)):
-        _check_int(name, v, 1)
+        check_int(name, v, 1)
     gen = _generator(random_state)
     start = time.perf_counter()
     b, d = t.shape[0], round(t.shape[1] ** (1 / order))
@@ -341,13 +336,13 @@ def lazy_gd(
         parameter movement ||W - W_0||_F / ||W_0||_F, steps and history.
     """
     t, order = _check_target(target, batched)
-    _check_int("width", width, 1)
+    check_int("width", width, 1)
     _check_pos("alpha", alpha)
     _check_pos("lr_scale", lr_scale, upper=2.0)
     _check_pos("tol", tol, strict=False)
-    _check_int("n_steps", n_steps, 0)
-    _check_int("check_every", check_every, 1)
-    _check_int("power_iter", power_iter, 1)
+    check_int("n_steps", n_steps, 0)
+    check_int("check_every", check_every, 1)
+    check_int("power_iter", power_iter, 1)
     gen = _generator(random_state)
     start = time.perf_counter()
     b, d = t.shape[0], round(t.shape[1] ** (1 / order))
@@ -425,7 +420,7 @@ def tangent_residual(target: Tensor, width: int, *, random_state=None) -> float:
     decomposition of J J^T restricted to the symmetric coordinates (rank cut at 1e-10 of the top).
     """
     t, order = _check_target(target, batched=False)
-    _check_int("width", width, 1)
+    check_int("width", width, 1)
     if isinstance(random_state, torch.Generator) or random_state is None:
         raise TypeError("random_state: expected an int seed (the start must be reproducible)")
     gen = _generator(random_state)
