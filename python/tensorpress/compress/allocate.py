@@ -53,6 +53,12 @@ def lowrank_params(layer: nn.Linear, rank: int) -> int:
     return rank * (layer.in_features + layer.out_features) + layer.out_features
 
 
+def lowrank_dof(layer: nn.Linear, rank: int) -> int:
+    """Dimension of the rank-r matrices plus the bias the fits leave free."""
+    i, o = layer.in_features, layer.out_features
+    return rank * (i + o - rank) + o
+
+
 def max_useful_rank(layer: nn.Linear) -> int:
     """The largest rank that still saves parameters."""
     i, o = layer.in_features, layer.out_features
@@ -121,9 +127,9 @@ def optimism_estimate(
 def _optimism_curve(rel: torch.Tensor, layer: nn.Linear, rows: int) -> torch.Tensor:
     """rel (ranks 0..k) -> estimated relative test error (see optimism_estimate); rank 0 is
     the bias alone."""
-    i, o = layer.in_features, layer.out_features
     ranks = range(rel.shape[0])
-    return optimism_estimate(rel.tolist(), [r * (i + o - r) + o for r in ranks], rows, o, i, [r or None for r in ranks])
+    dfs = [lowrank_dof(layer, r) for r in ranks]
+    return optimism_estimate(rel.tolist(), dfs, rows, layer.out_features, layer.in_features, [r or None for r in ranks])
 
 
 def allocate_by_rule(
@@ -164,11 +170,11 @@ def allocate_by_rule(
         pts.append((KEEP_DENSE, dense_params(layer), 0.0))
         curves[name] = pts
     allocation = allocate_ranks(curves, total)
-    _note_unused_budget(rule, curves, allocation, notes)
+    note_unused_budget(rule, curves, allocation, notes)
     return dict(allocation.ranks)
 
 
-def _note_unused_budget(rule: str, curves, allocation, notes: list[str] | None) -> None:
+def note_unused_budget(rule: str, curves, allocation, notes: list[str] | None) -> None:
     """Say in ``notes`` why the rule left part of the budget unused (rank.budget.why_under_budget)."""
     from tensorpress.rank.budget import why_under_budget
 

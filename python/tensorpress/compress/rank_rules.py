@@ -35,7 +35,7 @@ def _whitened_full_fits(layers, shot, ridge_kw, cache) -> dict:
         fits[name] = cached(
             cache,
             full_fit_key("whitened", name, ridge_kw),
-            # called right away by _cached: the loop variables are bound for clarity only
+            # called right away by cached(): the loop variables are bound for clarity only
             lambda layer=layer, name=name, top=top: fit_activation(
                 layer.weight, layer.bias, shot[name], top, **ridge_kw
             ),

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from tensorpress.compress.allocate import KEEP_DENSE, _note_unused_budget, fitting_threshold, optimism_estimate
+from tensorpress.compress.allocate import KEEP_DENSE, fitting_threshold, note_unused_budget, optimism_estimate
 from tensorpress.compress.crossval import merge_stats
 from tensorpress.compress.output_error import output_error_parts
 from tensorpress.compress.stats import GramStats
@@ -165,7 +165,7 @@ def allocate_structured(
         pts.append((KEEP_DENSE, budget_params(layer), 0.0))
         points[name] = pts
     allocation = allocate_ranks(points, total)
-    _note_unused_budget(rule, points, allocation, notes)
+    note_unused_budget(rule, points, allocation, notes)
     return dict(allocation.ranks)
 
 

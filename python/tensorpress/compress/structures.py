@@ -68,12 +68,15 @@ class LowRank:
 
     def rank_params(self, layer: nn.Linear, rank: int) -> int:
         """Parameters of the two thin factors and the bias the fits leave free."""
-        return rank * (layer.in_features + layer.out_features) + layer.out_features
+        from tensorpress.compress.allocate import lowrank_params
+
+        return lowrank_params(layer, rank)
 
     def rank_dof(self, layer: nn.Linear, rank: int) -> int:
         """Dimension of the rank-r matrices plus the bias."""
-        i, o = layer.in_features, layer.out_features
-        return rank * (i + o - rank) + o
+        from tensorpress.compress.allocate import lowrank_dof
+
+        return lowrank_dof(layer, rank)
 
     def check_rank(self, name: str, layer: nn.Linear, rank) -> int:
         top = min(layer.in_features, layer.out_features)
