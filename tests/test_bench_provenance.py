@@ -80,4 +80,4 @@ def test_benchmark_scripts_use_the_provenance_helper():
         text = script.read_text()
         if script.name.startswith("_") or not re.search(r"write_text\(|json\.dump", text):
             continue
-        assert re.search(r"\b(provenance|machine_info)\(", text), f"{script.name} writes results without provenance()"
+        assert re.search(r"\bprovenance\(", text), f"{script.name} writes results without provenance()"
