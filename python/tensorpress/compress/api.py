@@ -30,7 +30,7 @@ from tensorpress.compress.calibrate import (
     run_until_stop,
 )
 from tensorpress.compress.crossval import DEFAULT_FOLDS, merge_stats
-from tensorpress.compress.lowrank import LowRankFit, fit_activation, fit_svd, truncate_fit
+from tensorpress.compress.lowrank import LowRankFit, fit_activation, truncate_fit
 from tensorpress.compress.memory import (
     DEFAULT_MEMORY_FRACTION,
     available_memory,
@@ -40,7 +40,7 @@ from tensorpress.compress.memory import (
 )
 from tensorpress.compress.output_error import output_error
 from tensorpress.compress.progress import progress_bar, show_progress
-from tensorpress.compress.rank_rules import allocate_lowrank_by_rule, allocate_structured_by_rule, full_fit_key
+from tensorpress.compress.rank_rules import allocate_lowrank_by_rule, allocate_structured_by_rule, cached, full_fit_key
 from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
 from tensorpress.compress.sequential import compress_sequential
 from tensorpress.compress.shared import call_errors, module_names, swap_module, tied_layers
@@ -704,17 +704,12 @@ def compress(
             if structure == "lowrank" and method_of_layer in ONE_SHOT_METHODS:
                 # one decomposition per layer, truncated to each rank asked for (a cache
                 # shared by a sweep over budgets keeps it)
-                key = full_fit_key(method_of_layer, name, ridge_kw)
-                full = None if cache is None else cache.get(key)
-                if full is None:
-                    top = min(layer.in_features, layer.out_features)
-                    full = (
-                        fit_svd(layer.weight, layer.bias, top)
-                        if method_of_layer == "svd"
-                        else fit_activation(layer.weight, layer.bias, stats, top, **ridge_kw)
-                    )
-                    if cache is not None:
-                        cache[key] = full
+                top = min(layer.in_features, layer.out_features)
+                full = cached(
+                    cache,
+                    full_fit_key(method_of_layer, name, ridge_kw),
+                    lambda: adapter.fit(method_of_layer, layer, stats, top, ridge_kw),
+                )
                 fit = truncate_fit(
                     full, chosen[name], layer.weight, layer.bias, None if method_of_layer == "svd" else stats
                 )
