@@ -187,9 +187,9 @@ def write(args, meta, rows):
         f"- settings: {settings}",
         "- MiniLM-L6: 36 encoder Linear layers (pooler excluded), uniform rank rule, no residual feedback; "
         f"{args.calib} calibration sentences, {args.eval} held-out sentences; convex and relu fit on "
-        f"up to {args.keep_rows} kept rows per layer (compress() keeps the first rows it sees, so keep_rows "
-        "covers all calibration tokens here and every method sees the same data; with fewer kept rows the "
-        "sample methods saw only the shortest sentences' tokens and failed: see the report). "
+        f"up to {args.keep_rows} kept rows per layer (beyond keep_rows compress() keeps a seeded "
+        "reservoir sample of all rows; until commit 1c36e84 it kept the first rows it saw, and the sample "
+        "methods then saw only the shortest sentences' tokens). "
         "relu is applied to *.intermediate.dense only (followed by GELU in MiniLM, which the ReLU model only "
         "approximates), activation elsewhere. Time: compress() only, on a shared machine.",
         f"- MNIST CNN: ccexam MNISTNet, its first Linear layer classifier.0 (3136->128, followed by ReLU; 99.7% "

@@ -13,6 +13,7 @@ from tensorpress.compress.stats import GramStats
 from tensorpress.compress.structured_rules import (
     CANDIDATE_FRACTIONS,
     CURVE_EFFORT,
+    CURVE_MIN_GAIN,
     allocate_structured,
     candidate_ranks,
     measure_curves,
@@ -108,6 +109,7 @@ def test_curves_are_the_fits_errors_and_the_heldout_errors_are_explicit_kfold():
     curves = measure_curves(adapter, {"l": layer}, shot, 0.4, folds, tick=lambda: ticks.append(1))
     cands = curves["l"]
     assert len(ticks) == 4 * len(cands)
+    assert [c.rank for c in cands] == candidate_ranks(adapter, layer, 0.4)  # TT ladders are never capped
     errs = [c.train for c in cands]
     assert errs[0] > errs[-1]  # more parameters fit better
     for c in cands[::3]:
@@ -160,6 +162,57 @@ def test_allocation_respects_the_budget_and_favours_the_layer_that_needs_rank():
     chosen = allocate_structured("optimism", layers, curves, 4000, 0.4)
     summed = sum(0.0 if r is None else by_rank[n][r].train for n, r in chosen.items())
     assert summed < sum(by_rank[n][uniform[n]].train for n in layers)
+
+
+def _cp_rank2_conv(seed):
+    """Conv2d(8, 12, 3) whose kernel is exactly CP rank 2."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(8, 12, 3).double()
+    a, b, c, d = (torch.randn(n, 2, generator=g, dtype=F64) for n in (12, 8, 3, 3))
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("or,ir,hr,wr->oihw", a, b, c, d))
+    return conv
+
+
+def _patches(n_images, seed, channels=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_images, channels, 10, 10, generator=g, dtype=F64)
+    return torch.nn.functional.unfold(x, 3).transpose(1, 2).reshape(-1, channels * 9)
+
+
+def test_cp_ladders_stop_where_a_higher_rank_stops_paying():
+    """An exactly rank-2 CP kernel: the ladder stops at the first candidate that does not lower
+    the best error by CURVE_MIN_GAIN, every candidate before it did, and the ranks above are
+    never fitted (the progress ticks still count them, once per fold)."""
+    conv = _cp_rank2_conv(9)
+    adapter = ADAPTERS["cp"]
+    full = candidate_ranks(adapter, conv, 0.5)
+    x = _patches(40, 10)
+    folds = [{"c": stats_of(x[k::2])} for k in range(2)]
+    shot = merge_stats(folds)
+    ticks, fitted = [], []
+    fit = adapter.fit
+
+    class Counting:
+        caps_flat_curves = True
+
+        def __getattr__(self, name):
+            return getattr(adapter, name)
+
+        def fit(self, method, layer, stats, rank, ridge_kw):
+            fitted.append(rank)
+            return fit(method, layer, stats, rank, ridge_kw)
+
+    curves = measure_curves(Counting(), {"c": conv}, shot, 0.5, folds, tick=lambda: ticks.append(1))
+    errs = [c.train for c in curves["c"]]
+    assert 2 <= len(errs) < len(full) and [c.rank for c in curves["c"]] == full[: len(errs)]
+    for k in range(1, len(errs) - 1):
+        assert errs[k] <= (1 - CURVE_MIN_GAIN) * min(errs[:k])
+    assert errs[-1] > (1 - CURVE_MIN_GAIN) * min(errs[:-1]) or min(errs[:-1]) <= 1e-12
+    assert min(errs) < 1e-6  # rank 2 is inside the ladder and fits the kernel
+    assert set(fitted) == set(full[: len(errs)]) and len(fitted) == 3 * len(errs)  # all rows + 2 folds
+    assert len(ticks) == 3 * len(full)
+    assert all(c.heldout is not None for c in curves["c"])
 
 
 # ---------------------------------------------------------------------------- compress()
@@ -227,6 +280,21 @@ def test_compress_conv_with_a_rank_rule(structure):
         x = calib[0]
         assert torch.isfinite(cmp(x)).all()
         assert ((cmp(x) - model(x)).norm() / model(x).norm()).item() < 0.5
+
+
+def test_compress_cp_rule_says_where_the_ladder_stopped():
+    """compress() with a rank rule on an exactly rank-2 CP conv: the rank kept is inside the
+    ladder that was measured, the budget is left unused and the report says why."""
+    conv = _cp_rank2_conv(11).float()
+    model = nn.Sequential(conv)
+    g = torch.Generator().manual_seed(12)
+    calib = [torch.randn(8, 8, 10, 10, generator=g) for _ in range(4)]
+    _, report = tensorpress.compress(model, calib, structure="cp", budget=0.5, rank_rule="optimism")
+    full = candidate_ranks(ADAPTERS["cp"], conv, 0.5)
+    (layer,) = report.layers
+    assert layer.structure == "cp" and layer.rank < full[-1]
+    assert _kept(report) < 0.5
+    assert any("ranks above" in n and "'0'" in n for n in report.notes), report.notes
 
 
 def test_compress_structured_rule_bad_input():

@@ -11,7 +11,13 @@ from tensorpress.compress.crossval import cv_error_curves
 from tensorpress.compress.lowrank import fit_activation, truncate_fit
 from tensorpress.compress.output_error import output_error_parts
 from tensorpress.compress.progress import progress_bar
-from tensorpress.compress.structured_rules import CURVE_EFFORT, allocate_structured, candidate_ranks, measure_curves
+from tensorpress.compress.structured_rules import (
+    CURVE_EFFORT,
+    CURVE_MIN_GAIN,
+    allocate_structured,
+    candidate_ranks,
+    measure_curves,
+)
 from tensorpress.compress.structures import ADAPTERS
 
 # calibration batches used to measure each layer's sensitivity (rank_rule="optimism")
@@ -111,6 +117,8 @@ def allocate_structured_by_rule(
 
     key = ("structured-curves", adapter.name, tuple(layers), budget, len(folds or ()), tuple(sorted(ridge_kw.items())))
     curves = cached(cache, key, measure)
+    if notes is not None:
+        _note_capped_ladders(adapter, layers, curves, budget, notes)
     weights = None
     if rule != "energy":
 
@@ -136,6 +144,18 @@ def allocate_structured_by_rule(
         )
     rows = next(iter(shot.values())).n
     return allocate_structured(rule, layers, curves, rows, budget, weights, notes)
+
+
+def _note_capped_ladders(adapter, layers, curves, budget, notes: list) -> None:
+    """Say which layers' candidate ladders ended where a higher rank stopped paying."""
+    for name, layer in layers.items():
+        if len(curves[name]) < len(candidate_ranks(adapter, layer, budget)):
+            top = curves[name][-1]
+            notes.append(
+                f"{adapter.name} layer {name!r}: ranks above {top.rank} were not tried: rank {top.rank} "
+                f"lowered the layer's training error by less than {CURVE_MIN_GAIN:.0%} (relative error "
+                f"{top.train:.3g})"
+            )
 
 
 def cached(cache, key, compute):

@@ -18,6 +18,12 @@ layers; the layer is refitted in full at the rank chosen). Then, as for low rank
 For "optimism" and "cv" each layer's curve is weighted by the measured sensitivity of the
 model's output to that layer, and tensorpress.rank.allocate_ranks picks one candidate per layer,
 or keeps it dense, under the total budget.
+
+CP ranks are capped where they stop paying: CP fits are not nested (a higher rank's ALS may fit
+no better than a lower one's, and CP-ALS at high rank is the costliest fit of all), so a CP
+layer's ladder is measured upwards only while each candidate lowers the layer's best training
+error by CURVE_MIN_GAIN; the first candidate that does not (or an error already at
+CURVE_EXACT) ends it. The ranks above are never fitted, so no rule can spend budget on them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ from tensorpress.compress.structures import budget_params
 CANDIDATE_FRACTIONS = (0.03, 0.07, 0.12, 0.2, 0.3, 0.45, 0.6, 0.8)
 # the curve fits: one ALS sweep of few CG steps after the weights-only decomposition
 CURVE_EFFORT = {"sweeps": 1, "cg_iters": 5}
+# a CP candidate must lower the best training error so far by this fraction, or the ladder ends
+CURVE_MIN_GAIN = 0.01
+# a relative training error this small is an exact fit: nothing above it can pay
+CURVE_EXACT = 1e-12
 
 
 @dataclass
@@ -86,6 +96,7 @@ def measure_curves(
     its fit on all the rows (the sensitivities swap it in)."""
     effort = {**CURVE_EFFORT, **(ridge_kw or {})}
     ranks = {name: candidate_ranks(adapter, layer, budget) for name, layer in layers.items()}
+    capped = getattr(adapter, "caps_flat_curves", False)
 
     def scored(layer, rank, train, test):
         fit = adapter.fit("whitened", layer, train, rank, effort)
@@ -99,15 +110,23 @@ def measure_curves(
         for rank in ranks[name]:
             fit, err, energy = scored(layer, rank, shot[name], shot[name])
             keep = keep_fits is not None and keep_fits.get(name) == rank
-            curves[name].append(
-                Candidate(
-                    rank,
-                    adapter.rank_params(layer, rank),
-                    adapter.rank_dof(layer, rank),
-                    err / max(energy, 1e-300),
-                    fit=fit if keep else None,
-                )
+            cand = Candidate(
+                rank,
+                adapter.rank_params(layer, rank),
+                adapter.rank_dof(layer, rank),
+                err / max(energy, 1e-300),
+                fit=fit if keep else None,
             )
+            best = min((c.train for c in curves[name]), default=math.inf)
+            curves[name].append(cand)
+            if capped and stops_paying(cand.train, best):
+                break
+        if len(curves[name]) < len(ranks[name]):
+            skipped = len(ranks[name]) - len(curves[name])
+            ranks[name] = ranks[name][: len(curves[name])]
+            for _ in range(skipped * (1 + len(folds or ()))):  # the progress bar counted them
+                if tick is not None:
+                    tick()
     if folds:
         totals = {name: [[0.0, 0.0] for _ in ranks[name]] for name in layers}
         for k, held_out in enumerate(folds):
@@ -122,6 +141,13 @@ def measure_curves(
             for cand, (err, energy) in zip(curves[name], totals[name]):
                 cand.heldout = err / max(energy, 1e-300)
     return curves
+
+
+def stops_paying(train: float, best_below: float) -> bool:
+    """Whether a candidate with relative training error ``train`` ends a capped ladder whose
+    lower ranks reached ``best_below``: it did not lower the best by CURVE_MIN_GAIN, or the
+    best was already an exact fit."""
+    return best_below <= CURVE_EXACT or train > (1.0 - CURVE_MIN_GAIN) * best_below
 
 
 def estimated_errors(

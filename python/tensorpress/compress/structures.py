@@ -334,6 +334,8 @@ class Tucker(_ConvStructure):
 
 class CP(_ConvStructure):
     name = "cp"
+    # rank rules measure the CP ladder only while it pays (structured_rules.stops_paying)
+    caps_flat_curves = True
 
     @staticmethod
     def params(layer: nn.Conv2d, rank: int) -> int:
