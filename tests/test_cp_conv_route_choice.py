@@ -245,3 +245,27 @@ def test_measured_calls_in_every_grad_setting(mode, monkeypatch):
     if mode == "frozen_input_grad":
         y.sum().backward()
         assert x.grad is not None and all(p.grad is None for p in layer.parameters())
+
+
+def test_near_ties_are_decided_by_a_run_off(monkeypatch):
+    """Routes within RUNOFF_MARGIN of the best after REPEATS rounds run RUNOFF_REPEATS more
+    times each and the least time of all runs decides; routes further off run no more."""
+    script = {
+        "a": [1.00] * conv_paths.REPEATS + [1.00] * conv_paths.RUNOFF_REPEATS,
+        "b": [1.05] * conv_paths.REPEATS + [0.90] * conv_paths.RUNOFF_REPEATS,  # one busy early moment
+        "c": [2.00] * conv_paths.REPEATS,
+    }
+    now, runs = [0.0], {k: 0 for k in script}
+
+    def route(name):
+        def run():
+            if runs[name] > 0:  # the warm-up costs nothing
+                now[0] += script[name][runs[name] - 1]
+            runs[name] += 1
+
+        return run
+
+    monkeypatch.setattr(conv_paths, "clock", lambda: now[0])
+    assert conv_paths.fastest({k: route(k) for k in script}) == "b"
+    assert runs == {"a": 1 + 7, "b": 1 + 7, "c": 1 + 3}
+    assert conv_paths.REPEATS + conv_paths.RUNOFF_REPEATS == 7
