@@ -12,7 +12,7 @@ from torch import nn
 import tensorpress as tp
 from _util import rel_err
 from tensorpress.compress import GramStats, fit_activation, fit_svd, load_compressed, save_compressed, sequential
-from tensorpress.compress import api as compress_api
+from tensorpress.compress.output_error import output_error
 from tensorpress.compress import lowrank as compress_lowrank
 from tensorpress.compress.allocate import allocate_uniform, dense_params
 from tensorpress.compress.lowrank import error_curve
@@ -166,7 +166,7 @@ def test_fit_activation_matches_direct_closed_form(rank):
     assert rel_err(y_fit, y_ref) < 1e-8
     assert torch.linalg.matrix_rank(fit.weight()) == rank
     # the reported error agrees with the data
-    assert math.isclose(compress_api.output_error(_linear(w, b), fit, st), rel_err(y_fit, y), rel_tol=1e-6)
+    assert math.isclose(output_error(_linear(w, b), fit, st), rel_err(y_fit, y), rel_tol=1e-6)
 
 
 def test_fit_activation_optimal_against_perturbations():
@@ -178,13 +178,13 @@ def test_fit_activation_optimal_against_perturbations():
     st.update(x, xt)
     fit = fit_activation(w, None, st, r, ridge=0.0)
     lin = _linear(w, None)
-    best = compress_api.output_error(lin, fit, st)
+    best = output_error(lin, fit, st)
     for seed in range(10):
         g = torch.Generator().manual_seed(seed)
         other = copy.deepcopy(fit)
         other.first = other.first + 1e-3 * torch.randn(other.first.shape, generator=g, dtype=torch.float64)
         other.second = other.second + 1e-3 * torch.randn(other.second.shape, generator=g, dtype=torch.float64)
-        assert compress_api.output_error(lin, other, st) >= best - 1e-12
+        assert output_error(lin, other, st) >= best - 1e-12
 
 
 def test_whitened_is_activation_on_one_shot_stats_and_beats_svd():
@@ -198,7 +198,7 @@ def test_whitened_is_activation_on_one_shot_stats_and_beats_svd():
     a, bfit = fit_activation(w, None, one, r, ridge=0.0), fit_activation(w, None, paired, r, ridge=0.0)
     assert rel_err(a.weight(), bfit.weight()) < 1e-8
     lin = _linear(w, None)
-    assert compress_api.output_error(lin, a, one) < compress_api.output_error(lin, fit_svd(w, None, r), one)
+    assert output_error(lin, a, one) < output_error(lin, fit_svd(w, None, r), one)
 
 
 def test_error_curve_matches_fits_at_every_rank():

@@ -7,13 +7,15 @@ import fnmatch
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from tensorpress._validate import is_int
 from tensorpress.compress import distributed as tpdist
-from tensorpress.compress.account import build_account, dense_reason, screen
+from tensorpress.compress.account import build_account, screen
 from tensorpress.compress.allocate import (
     RANK_RULES,
 )
@@ -30,7 +32,7 @@ from tensorpress.compress.calibrate import (
     run_until_stop,
 )
 from tensorpress.compress.crossval import DEFAULT_FOLDS, merge_stats
-from tensorpress.compress.lowrank import LowRankFit, fit_activation, truncate_fit
+from tensorpress.compress.fitting import ONE_SHOT_METHODS, LayerFitter
 from tensorpress.compress.memory import (
     DEFAULT_MEMORY_FRACTION,
     available_memory,
@@ -38,16 +40,13 @@ from tensorpress.compress.memory import (
     parse_memory,
     plan_memory,
 )
-from tensorpress.compress.output_error import output_error
 from tensorpress.compress.progress import progress_bar, show_progress
-from tensorpress.compress.rank_rules import allocate_lowrank_by_rule, allocate_structured_by_rule, cached, full_fit_key
-from tensorpress.compress.report import CompressionReport, LayerReport, count_params, state_dict_bytes
-from tensorpress.compress.sequential import compress_sequential
-from tensorpress.compress.shared import call_errors, module_names, swap_module, tied_layers
+from tensorpress.compress.rank_rules import allocate_lowrank_by_rule, allocate_structured_by_rule
+from tensorpress.compress.report import CompressionReport, count_params, state_dict_bytes
+from tensorpress.compress.shared import call_errors, module_names, tied_layers
 from tensorpress.compress.stats import GramStats
-from tensorpress.compress.structures import ADAPTERS, STRUCTURES, dense_macs_per_row, module_params, weight_matrix
+from tensorpress.compress.structures import ADAPTERS, STRUCTURES, weight_matrix
 
-ONE_SHOT_METHODS = ("svd", "whitened")
 SEQUENTIAL_METHODS = ("activation", "convex", "convex_weights", "relu", "gelu")
 SAMPLE_METHODS = ("convex", "relu", "gelu")  # need rows of (X, X~), not only their Grams
 DEFAULT_KEEP_ROWS = 4096
@@ -210,8 +209,9 @@ def _check_ranks(
     structure: str = "lowrank",
     left_out: Mapping[str, tuple[str, str]] | None = None,
 ) -> dict:
+    left_out = left_out or {}
     unknown = [n for n in ranks if n not in layers]
-    known = [n for n in unknown if n in (left_out or {})]
+    known = [n for n in unknown if n in left_out]
     if known:  # a layer of the model that was left out: say why
         status, why = left_out[known[0]]
         raise ValueError(f"ranks: layer {known[0]!r} is {status}: {why}; drop it from ranks")
@@ -219,7 +219,7 @@ def _check_ranks(
         raise ValueError(
             f"ranks: unknown or excluded layers {unknown}; compressible layers are e.g. {list(layers)[:5]}"
         )
-    out = {}
+    out: dict[str, Any] = {}
     for name, layer in layers.items():
         if name not in ranks:
             raise ValueError(
@@ -232,6 +232,10 @@ def _check_ranks(
             continue
         out[name] = ADAPTERS[structure].check_rank(name, layer, r)
     return out
+
+
+def _append_input(got: dict[str, list[Tensor]], name: str, x: Tensor) -> None:
+    got.setdefault(name, []).append(x)
 
 
 def one_shot_stats(
@@ -253,11 +257,8 @@ def one_shot_stats(
         pos = i if positions is None else positions[i]
         mask = row_mask(batch)
         got: dict[str, list[Tensor]] = {}  # every call's input, in call order
-        with (
-            hooks(record_inputs(layers, lambda n, x, got=got: got.setdefault(n, []).append(x))),
-            naming_batch(pos),
-        ):
-            run_until_stop(lambda batch=batch: call_model(model, batch))
+        with hooks(record_inputs(layers, partial(_append_input, got))), naming_batch(pos):
+            run_until_stop(partial(call_model, model, batch))
         missing = [n for n in layers if n not in got]
         if missing:
             raise ValueError(f"include: layers {missing} are never called by the model on calibration batch {pos}")
@@ -268,6 +269,7 @@ def one_shot_stats(
             for name, layer in layers.items():
                 plan = plans.get(name)
                 kron = plan is not None and plan.kronecker is not None
+                kronecker = plan.kronecker if plan is not None else None
                 key = (id(got[name][0]), row_signature(layer)) if len(got[name]) == 1 and not kron else (name,)
                 stats[name] = owner.setdefault(
                     key,
@@ -276,7 +278,7 @@ def one_shot_stats(
                         paired=False,
                         project=weight_matrix(layer) if kron else None,
                         dtype=torch.float64 if plan is None else plan.dtype,
-                        kronecker=plan.kronecker if kron else None,
+                        kronecker=kronecker,
                         conv=layer if isinstance(layer, nn.Conv2d) else None,
                         buffer_bytes=64 << 20 if plan is None else max(plan.rows_bytes, 1 << 20),
                     ),
@@ -315,36 +317,6 @@ def _methods_by_layer(method, targets: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"method: no pattern of {list(method)} matches layer {name!r} (add '*': 'activation')")
         out[name] = hit
     return out
-
-
-def _identity_fit(layer: nn.Module) -> LowRankFit:
-    """The layer kept dense, as a 'fit' (W = I @ W) for the error report."""
-    w = weight_matrix(layer).to(torch.float64)
-    eye = torch.eye(w.shape[0], dtype=torch.float64, device=w.device)
-    bias = None if layer.bias is None else layer.bias.detach().to(torch.float64)
-    return LowRankFit(w, eye, bias, {"method": "dense"})
-
-
-# a layer the rank rule keeps dense is refitted at full rank on the compressed model's inputs
-# (sequential "activation") when the calibration rows are at least this many times its inputs
-# (fewer rows would let the least-squares fit chase noise)
-DENSE_REFIT_MIN_ROWS_PER_INPUT = 4
-
-
-def _dense_refit(layer: nn.Linear, stats: GramStats, offset, ridge_kw: dict):
-    """(fit, nn.Linear) of the same shape whose weights are the least-squares fit of the
-    original outputs (plus the residual offset) on the compressed model's inputs."""
-    full = min(layer.in_features, layer.out_features)
-    fit = fit_activation(layer.weight, layer.bias, stats, full, offset=offset, **ridge_kw)
-    new = nn.Linear(
-        layer.in_features, layer.out_features, bias=True, device=layer.weight.device, dtype=layer.weight.dtype
-    )
-    with torch.no_grad():
-        new.weight.copy_(fit.weight())
-        new.bias.copy_(fit.bias)
-    fit.info["method"] = "dense"
-    fit.info["refit"] = True
-    return fit, new
 
 
 def _reference_stats(ref, batches, all_batches, layers, folds, cache, progress, plans=None):
@@ -534,54 +506,28 @@ def compress(
     _check_args(model, calib, structure, method, budget, ranks, rank_rule, cv_folds, fold_batchnorm)
     if report_error is not None and not isinstance(report_error, bool):
         raise TypeError(f"report_error: expected None, True or False, got {report_error!r}")
-    if max_memory is None:
-        avail = available_memory()
-        memory_budget = int(DEFAULT_MEMORY_FRACTION * avail)
-        budget_source = f"{100 * DEFAULT_MEMORY_FRACTION:.0f}% of MemAvailable {format_bytes(avail)}"
-    else:
-        memory_budget, budget_source = parse_memory(max_memory), "max_memory"
-    all_batches = _batches(calib)
-    batches = tpdist.shard(all_batches)  # this process's share under torch.distributed
-    folds = cv_folds if rank_rule == "cv" else 0
-    if folds and len(all_batches) < folds * tpdist.world():
-        per = " (one per fold and process)" if tpdist.world() > 1 else ""
-        raise ValueError(
-            f"calib: rank_rule='cv' with cv_folds={folds} needs at least {folds * tpdist.world()} "
-            f"calibration batches{per}, got {len(all_batches)}"
-        )
-    positions = tpdist.shard(list(range(len(all_batches))))  # each batch's index in calib
+    memory_budget, budget_source = _memory_budget(max_memory)
+    all_batches, batches, positions, folds = _split_batches(calib, rank_rule, cv_folds)
     progress = show_progress(progress)
     screened, left_out = screen_targets(model, structure, include, exclude)
     targets, skipped = _skip_tied(model, screened, ranks)
     original, folding = model, None
     if fold_batchnorm:
-        not_fitted = {
-            **{n: f"{status}: {why}" for n, (status, why) in left_out.items()},
-            **{n: f"skipped: {why}" for n, why in skipped.items()},
-        }
-        # every process finds the pairs on the same batch (calib[0]), so they fold alike
-        folding = fold_batchnorms(model, targets, not_fitted, all_batches[0] if all_batches else None)
         # from here on the folded copy stands for the model (it computes the same outputs)
-        model = folding.model
-        if cache is not None and folding.folded:  # the folded convs' fits differ from the dense ones'
-            cache = cache.setdefault(("fold_batchnorm",), {})
+        model, folding, cache = _fold_first(model, targets, left_out, skipped, all_batches, cache)
     per_layer = _methods_by_layer(method, targets)
     if any(m in SAMPLE_METHODS for m in per_layer.values()) and not keep_rows:
         keep_rows = DEFAULT_KEEP_ROWS
-    method_name = method if isinstance(method, str) else "+".join(sorted(set(per_layer.values())))
     layers = {n: model.get_submodule(n) for n in targets}
-    adapter = ADAPTERS[structure]
     chosen = _check_ranks(ranks, layers, structure, left_out) if ranks is not None else None
-    sequential = not (isinstance(method, str) and method in ONE_SHOT_METHODS)
-    svd_only = isinstance(method, str) and method == "svd"
+    one_shot = isinstance(method, str) and method in ONE_SHOT_METHODS
+    svd_only = method == "svd"
     if report_error is None:
         report_error = not svd_only
     # one-shot statistics: needed by one-shot methods (svd: only for the report's error column)
     # and rank rules; with a cache they also save the sequential runs a third of their Gram work
     need_shot = bool(all_batches) and (
-        rank_rule is not None
-        or (not sequential and (not svd_only or report_error))
-        or (sequential and cache is not None)
+        rank_rule is not None or (one_shot and (not svd_only or report_error)) or (not one_shot and cache is not None)
     )
     plan = plan_memory(
         layers,
@@ -589,20 +535,82 @@ def compress(
         structure,
         memory_budget,
         budget_source,
-        sequential=sequential and bool(all_batches),
+        sequential=not one_shot and bool(all_batches),
         one_shot=need_shot,
         keep_rows=keep_rows,
         folds=folds,
     )
     ridge_kw = {} if ridge is None else {"ridge": ridge}
     start = time.perf_counter()
-    ref = model
     names_of = module_names(model)
     flags = _training_flags(model)
     cmp = copy.deepcopy(model).eval()
+    report = _new_report(original, structure, method, per_layer, budget, ranks, rank_rule, skipped, plan, folding)
+    try:
+        # statistics of the model as it infers (dropout off, normalization buffers left alone)
+        model.eval()
+        calls = _first_batch_calls(model, batches[0], layers, positions[0]) if batches else {}
+        shot, fold_stats = None, None
+        if batches and need_shot:
+            shot, fold_stats = _reference_stats(
+                model, batches, all_batches, layers, folds, cache, progress, plan.layers
+            )
+        if chosen is None:
+            chosen = {n: ADAPTERS[structure].uniform_rank(layer, budget) for n, layer in layers.items()}
+            if rank_rule is not None:
+                t0 = time.perf_counter()
+                chosen = _ranks_by_rule(
+                    rank_rule,
+                    structure,
+                    cmp,
+                    all_batches,
+                    layers,
+                    shot,
+                    budget,
+                    chosen,
+                    ridge_kw,
+                    cache,
+                    fold_stats,
+                    progress,
+                    report.notes,
+                )
+                report.rank_rule_seconds = time.perf_counter() - t0
+        fitter = LayerFitter(
+            structure=structure,
+            adapter=ADAPTERS[structure],
+            layers=layers,
+            per_layer=per_layer,
+            chosen=chosen,
+            ranks=ranks,
+            rank_rule=rank_rule,
+            ridge_kw=ridge_kw,
+            cache=cache,
+            report=report,
+            cmp=cmp,
+            names_of=names_of,
+            calls=calls,
+            report_error=report_error,
+        )
+        if one_shot:
+            fitter.fit_one_shot(targets, shot, str(method), progress)
+        else:
+            fitter.fit_sequential(
+                model, batches, targets, shot, keep_rows, residual_feedback, positions, plan.layers, progress
+            )
+        if report_error:
+            _report_repeated_calls(report, model, cmp, batches, calls, one_shot=one_shot, positions=positions)
+    finally:
+        _restore_training_flags(flags)
+    _copy_training_flags(model, flags, cmp)
+    _finish_report(report, model, cmp, targets, names_of, left_out, skipped, fitter.dense_why, folding, start)
+    return cmp, report
+
+
+def _new_report(original, structure, method, per_layer, budget, ranks, rank_rule, skipped, plan, folding):
+    """The report's header: what was asked, the model before, the memory plan, the folding."""
     report = CompressionReport(
         structure=structure,
-        method=method_name,
+        method=method if isinstance(method, str) else "+".join(sorted(set(per_layer.values()))),
         budget=None if ranks else float(budget),
         rank_rule=rank_rule,
         model_params_before=count_params(original),
@@ -614,168 +622,75 @@ def compress(
     if folding is not None:
         report.folded_batchnorm = dict(folding.folded)
         report.notes += folding.notes
-    try:
-        # statistics of the model as it infers (dropout off, normalization buffers left alone)
-        model.eval()
-        calls = _first_batch_calls(model, batches[0], layers, positions[0]) if batches else {}
-        shot = None
-        fold_stats = None
-        if batches and need_shot:
-            shot, fold_stats = _reference_stats(ref, batches, all_batches, layers, folds, cache, progress, plan.layers)
-        if chosen is None:
-            chosen = {n: adapter.uniform_rank(layer, budget) for n, layer in layers.items()}
-            if rank_rule is not None:
-                t0 = time.perf_counter()
-                if structure == "lowrank":  # every rank's error from one SVD per layer
-                    chosen = allocate_lowrank_by_rule(
-                        rank_rule,
-                        cmp,
-                        all_batches,
-                        layers,
-                        shot,
-                        budget,
-                        chosen,
-                        ridge_kw,
-                        cache,
-                        fold_stats,
-                        notes=report.notes,
-                    )
-                else:  # error curves measured at candidate ranks
-                    chosen = allocate_structured_by_rule(
-                        rank_rule,
-                        adapter,
-                        cmp,
-                        all_batches,
-                        layers,
-                        shot,
-                        budget,
-                        chosen,
-                        ridge_kw,
-                        cache,
-                        fold_stats,
-                        progress,
-                        notes=report.notes,
-                    )
-                report.rank_rule_seconds = time.perf_counter() - t0
+    return report
 
-        dense_why: dict[str, str] = {}  # why each layer was kept dense (for the account)
 
-        def record(name, fit, module, stats, seconds):
-            layer = layers[name]
-            out_f, in_f = weight_matrix(layer).shape
-            dense = fit.info.get("method") == "dense"
-            report.layers.append(
-                LayerReport(
-                    name=name,
-                    structure="dense" if dense else structure,
-                    method=per_layer[name],
-                    shape=(out_f, in_f),
-                    rank=(min(in_f, out_f) if dense else adapter.report_rank(fit)),
-                    params_before=module_params(layer),
-                    params_after=module_params(module),
-                    flops_before=dense_macs_per_row(layer),
-                    flops_after=(dense_macs_per_row(layer) if dense else adapter.macs_per_row(layer, module)),
-                    rel_error=(output_error(layer, fit, stats) if stats is not None and report_error else float("nan")),
-                    seconds=seconds,
-                    calls=calls.get(name, 1),
-                    aliases=names_of[id(layer)][1:],
-                    rows=0 if stats is None else stats.n,
-                    statistics="none" if stats is None else stats.representation,
-                )
-            )
-            if dense:
-                refit = "; refitted at full rank by least squares on the compressed model's inputs"
-                dense_why[name] = dense_reason(name, ranks, rank_rule) + (refit if fit.info.get("refit") else "")
+def _memory_budget(max_memory) -> tuple[int, str]:
+    """(bytes the statistics and fits may use, where that figure comes from)."""
+    if max_memory is not None:
+        return parse_memory(max_memory), "max_memory"
+    avail = available_memory()
+    return int(
+        DEFAULT_MEMORY_FRACTION * avail
+    ), f"{100 * DEFAULT_MEMORY_FRACTION:.0f}% of MemAvailable {format_bytes(avail)}"
 
-        def fit_module(name, stats, method_of_layer, offset=None):
-            """(fit, replacement module) of one layer."""
-            layer = layers[name]
-            if chosen[name] is None:
-                if (
-                    type(layer) is nn.Linear
-                    and method_of_layer == "activation"
-                    and stats is not None
-                    and stats.paired
-                    and layer.bias is not None
-                    and stats.n >= DENSE_REFIT_MIN_ROWS_PER_INPUT * layer.in_features
-                ):
-                    return _dense_refit(layer, stats, offset, ridge_kw)
-                return _identity_fit(layer), layer
-            if structure == "lowrank" and method_of_layer in ONE_SHOT_METHODS:
-                # one decomposition per layer, truncated to each rank asked for (a cache
-                # shared by a sweep over budgets keeps it)
-                top = min(layer.in_features, layer.out_features)
-                full = cached(
-                    cache,
-                    full_fit_key(method_of_layer, name, ridge_kw),
-                    lambda: adapter.fit(method_of_layer, layer, stats, top, ridge_kw),
-                )
-                fit = truncate_fit(
-                    full, chosen[name], layer.weight, layer.bias, None if method_of_layer == "svd" else stats
-                )
-            elif structure == "lowrank":  # residual feedback reaches the low-rank fits only
-                fit = adapter.fit(method_of_layer, layer, stats, chosen[name], ridge_kw, offset=offset)
-            else:
-                fit = adapter.fit(method_of_layer, layer, stats, chosen[name], ridge_kw)
-            return fit, adapter.module(layer, fit)
 
-        if isinstance(method, str) and method in ONE_SHOT_METHODS:
-            bar = progress_bar(len(targets), f"fitting ({structure}, {method})", progress)
-            for name in targets:
-                t0 = time.perf_counter()
-                stats = None if shot is None else shot[name]
-                fit, module = fit_module(name, stats, method)
-                if module is not layers[name]:
-                    swap_module(cmp, cmp.get_submodule(name), module)
-                record(name, fit, module, stats, time.perf_counter() - t0)
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-            report.mode = "one-shot"
-        else:
-            bar = progress_bar(0, "calibrating", progress)
+def _split_batches(calib, rank_rule: str | None, cv_folds: int) -> tuple[list, list, list[int], int]:
+    """(all calibration batches, this process's share under torch.distributed, each share
+    batch's index in calib, the cross-validation folds or 0)."""
+    all_batches = _batches(calib)
+    folds = cv_folds if rank_rule == "cv" else 0
+    if folds and len(all_batches) < folds * tpdist.world():
+        per = " (one per fold and process)" if tpdist.world() > 1 else ""
+        raise ValueError(
+            f"calib: rank_rule='cv' with cv_folds={folds} needs at least {folds * tpdist.world()} "
+            f"calibration batches{per}, got {len(all_batches)}"
+        )
+    return all_batches, tpdist.shard(all_batches), tpdist.shard(list(range(len(all_batches)))), folds
 
-            def fit_layer(name, stats, offset):
-                t0 = time.perf_counter()
-                fit, module = fit_module(name, stats, per_layer[name], offset)
-                if module is layers[name]:  # kept dense: the copy's own layer stays
-                    module = cmp.get_submodule(name)
-                record(name, fit, module, stats, time.perf_counter() - t0)
-                return module
 
-            if bar is not None:
-                bar.total = None
-            feedback = (
-                [n for n in targets if per_layer[n] == "activation" and chosen[n] is not None]
-                if residual_feedback and structure == "lowrank"
-                else []
-            )
-            info = compress_sequential(
-                ref,
-                cmp,
-                batches,
-                targets,
-                fit_layer,
-                keep_rows=keep_rows,
-                progress=bar,
-                reference=shot,
-                cache=cache,
-                residual_feedback=feedback,
-                projectable=[n for n in targets if per_layer[n] == "activation"],
-                positions=positions,
-                plans=plan.layers,
-            )
-            report.residual_feedback = info["residual_feedback"]
-            report.notes += info["notes"]
-            if bar is not None:
-                bar.close()
-            report.mode = info["mode"]
-        if report_error:
-            _report_repeated_calls(report, ref, cmp, batches, calls, one_shot=not sequential, positions=positions)
-    finally:
-        _restore_training_flags(flags)
-    _copy_training_flags(model, flags, cmp)
+def _fold_first(model, targets, left_out, skipped, all_batches, cache):
+    """(the model with its BatchNorms folded into the convs before them, the folding, the cache
+    to use: a folded conv's fits differ from the dense one's, so they get a cache of their own)."""
+    not_fitted = {
+        **{n: f"{status}: {why}" for n, (status, why) in left_out.items()},
+        **{n: f"skipped: {why}" for n, why in skipped.items()},
+    }
+    # every process finds the pairs on the same batch (calib[0]), so they fold alike
+    folding = fold_batchnorms(model, targets, not_fitted, all_batches[0] if all_batches else None)
+    if cache is not None and folding.folded:
+        cache = cache.setdefault(("fold_batchnorm",), {})
+    return folding.model, folding, cache
+
+
+def _ranks_by_rule(
+    rule, structure, cmp, all_batches, layers, shot, budget, uniform, ridge_kw, cache, fold_stats, progress, notes
+) -> dict:
+    """The ranks a rank rule gives: low rank's from one SVD per layer, the tensor structures'
+    from error curves measured at candidate ranks (see compress.rank_rules)."""
+    if structure == "lowrank":
+        return allocate_lowrank_by_rule(
+            rule, cmp, all_batches, layers, shot, budget, uniform, ridge_kw, cache, fold_stats, notes=notes
+        )
+    return allocate_structured_by_rule(
+        rule,
+        ADAPTERS[structure],
+        cmp,
+        all_batches,
+        layers,
+        shot,
+        budget,
+        uniform,
+        ridge_kw,
+        cache,
+        fold_stats,
+        progress,
+        notes=notes,
+    )
+
+
+def _finish_report(report, model, cmp, targets, names_of, left_out, skipped, dense_why, folding, start) -> None:
+    """Totals, the layers in the model's order and the account of every layer."""
     report.model_params_after = count_params(cmp)
     report.bytes_after = state_dict_bytes(cmp)
     report.seconds = time.perf_counter() - start
@@ -789,4 +704,3 @@ def compress(
         for a in report.account:
             if a.name in convs:
                 a.why += f"; {convs[a.name]!r} (BatchNorm) folded into it before the fit"
-    return cmp, report

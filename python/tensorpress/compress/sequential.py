@@ -17,7 +17,7 @@ runs: a layer shared across blocks switches the engine to whole-model passes.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -146,9 +146,9 @@ def _stage_stats(
     stage: Sequence[str],
     ref_of: dict,
     keep_rows: int,
-    reference: dict | None,
+    reference: Mapping | None,
     projectable: Collection[str],
-    plans: dict | None,
+    plans: Mapping | None,
 ) -> dict[str, GramStats]:
     """{layer: its accumulator}: the layers of a stage share one, unless their plan keeps the
     statistics only through each layer's weight (Kronecker-factored), then one per layer."""
@@ -192,13 +192,13 @@ def _collect_stage(
     mask_of: Callable[[int], Tensor | None],
     keep_rows: int,
     progress: Callable | None,
-    reference: dict | None = None,
+    reference: Mapping | None = None,
     partners: dict | None = None,
     store: dict | None = None,
     projectable: Collection[str] = (),
     repeated: bool = False,
     position: Callable[[int], int] = int,
-    plans: dict | None = None,
+    plans: Mapping | None = None,
 ) -> tuple[dict[str, GramStats], dict[str, OffsetStats]]:
     """GramStats of every layer in the stage over all batches (paired X, X~). The layers of a
     stage read the same input tensor into the same rows, so they share one accumulator.
@@ -345,12 +345,12 @@ def compress_sequential(
     fit_layer: FitLayer,
     keep_rows: int = 0,
     progress=None,
-    reference: dict[str, GramStats] | None = None,
+    reference: Mapping[str, GramStats] | None = None,
     cache: dict | None = None,
     residual_feedback: Sequence[str] = (),
     projectable: Collection[str] = (),
     positions: Sequence[int] | None = None,
-    plans: dict | None = None,
+    plans: Mapping | None = None,
 ) -> dict:
     """Replace every layer in ``targets`` of ``cmp`` (a copy of ``ref``) by fit_layer(name,
     stats), in execution order, each fitted on X from ``ref`` and X~ from ``cmp`` as compressed
