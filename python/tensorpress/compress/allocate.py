@@ -154,23 +154,27 @@ def allocate_by_rule(
     rel = dict(curves) if curves is not None else relative_error_curves(layers, stats, **fit_kwargs)
     total = budget * sum(dense_params(m) for m in layers.values())
     if rule == "energy":
-        return _energy_threshold(layers, rel, total)
+        return dict(_energy_threshold(layers, rel, total))
     from tensorpress.rank.budget import allocate_ranks
 
-    curves = {}
+    candidates: dict[str, list[tuple[int | None, int, float]]] = {}
     for name, layer in layers.items():
         rows = stats[name].n
-        est = heldout[name] if rule == "cv" else _optimism_curve(rel[name], layer, rows)
+        if rule == "cv":
+            assert heldout is not None  # checked on entry
+            est = heldout[name]
+        else:
+            est = _optimism_curve(rel[name], layer, rows)
         est = est * (1.0 if weights is None else weights[name])
-        pts = [
+        pts: list[tuple[int | None, int, float]] = [
             (r, lowrank_params(layer, r), est[r].item())
             for r in range(1, max_useful_rank(layer) + 1)
             if torch.isfinite(est[r])
         ]
         pts.append((KEEP_DENSE, dense_params(layer), 0.0))
-        curves[name] = pts
-    allocation = allocate_ranks(curves, total)
-    note_unused_budget(rule, curves, allocation, notes)
+        candidates[name] = pts
+    allocation = allocate_ranks(candidates, total)
+    note_unused_budget(rule, candidates, allocation, notes)
     return dict(allocation.ranks)
 
 

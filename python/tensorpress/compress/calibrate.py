@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -95,7 +96,7 @@ def layer_features(layer: nn.Module) -> int:
     for a Conv2d (one row per output position: the input patch it sees)."""
     if isinstance(layer, nn.Conv2d):
         return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
-    return layer.in_features
+    return cast(int, layer.in_features)
 
 
 def layer_rows(layer: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -290,11 +291,12 @@ def execution_order(run: Callable[[], object], targets: Mapping[str, nn.Module])
     return group_stages(trace_calls(run, targets), targets)
 
 
-def find_blocks(model: nn.Module, targets: Iterable[str]) -> tuple[str, nn.ModuleList] | None:
+def find_blocks(model: nn.Module, targets: Iterable[str]) -> tuple[str, nn.ModuleList | nn.Sequential] | None:
     """The repeated-block container holding the most target layers (a ModuleList or
     Sequential of at least two modules, e.g. a transformer's layers), or None."""
     targets = list(targets)
-    best, best_count = None, 0
+    best: tuple[str, nn.ModuleList | nn.Sequential] | None = None
+    best_count = 0
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
             continue

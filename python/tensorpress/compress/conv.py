@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,7 @@ class ConvFit:
 
     def weight(self) -> Tensor:
         """The dense kernel as an (out, in * kh * kw) matrix."""
-        w = self.module.to_dense().detach().to(torch.float64)
+        w = cast("CPConv2d | TuckerConv2d", self.module).to_dense().detach().to(torch.float64)
         return w.reshape(w.shape[0], -1)
 
 
@@ -71,7 +72,7 @@ def refine_factors(
             def linear(x, k=k):
                 return kernel(*factors[:k], x, *factors[k + 1 :])
 
-            _, adjoint = torch.func.vjp(linear, factors[k])  # linear in x: valid at any point
+            adjoint = torch.func.vjp(linear, factors[k])[1]  # linear in x: valid at any point
             rhs = adjoint(objective.target)[0]
             factors[k] = conjugate_gradient(
                 lambda g, adjoint=adjoint, linear=linear: adjoint(objective.apply(linear(g)))[0],
@@ -97,7 +98,7 @@ def _fit_factored(
     are its factors as views into its parameters (written back in place), ``kernel`` maps them
     to the (out, in * kh * kw) kernel matrix."""
     if stats is None:
-        return ConvFit(module, None if conv.bias is None else module.bias.detach().clone(), {"method": "svd"})
+        return ConvFit(module, None if conv.bias is None else _bias(module).detach().clone(), {"method": "svd"})
     with small_problem_threads(views[0].device, min(conv.out_channels, conv.in_channels)):
         factors, history, energy = refine_factors(
             views, kernel, stats, conv.weight.to(torch.float64), sweeps, cg_iters, ridge
@@ -108,7 +109,7 @@ def _fit_factored(
     module = _with_bias(conv, module)
     bias = _free_bias(conv, kernel(*factors), stats)
     with torch.no_grad():
-        module.bias.copy_(bias)
+        _bias(module).copy_(bias)
     info = {"method": "activation" if stats.paired else "whitened", "objective": history, "output_energy": energy}
     return ConvFit(module, bias, info)
 
@@ -126,6 +127,11 @@ def _check_stats(conv: nn.Conv2d, stats: GramStats | None) -> None:
         raise ValueError(
             f"stats: expected patch statistics of {features} features (in_channels * kh * kw), got {stats.in_features}"
         )
+
+
+def _bias(module: nn.Module) -> Tensor:
+    """The bias parameter of a factored conv (nn.Module's attribute type is too loose for mypy)."""
+    return cast(Tensor, module.bias)
 
 
 def _with_bias(conv: nn.Conv2d, module: nn.Module) -> nn.Module:

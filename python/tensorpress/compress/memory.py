@@ -23,6 +23,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -169,8 +170,9 @@ def kronecker_shape(layer: nn.Module) -> tuple[int, int] | None:
 def narrows(layer: nn.Module) -> bool:
     """The layer's output is under half its row length: its statistics keep the cross product
     only times its weight (fewer FLOPs and bytes; see GramStats project=)."""
-    out = layer.weight.shape[0]
-    features = math.prod(layer.weight.shape[1:])
+    shape = cast(torch.Tensor, layer.weight).shape
+    out = shape[0]
+    features = math.prod(shape[1:])
     return 2 * out < features
 
 
@@ -184,7 +186,10 @@ def _estimate(layer, rep: str, paired: bool, project: bool, keep_rows: int, refe
     vec = 4 * d * 8
     proj = d * out * 8 + out * out * 8
     if rep == "kronecker":
-        c, k = kronecker_shape(layer)
+        kron = kronecker_shape(layer)
+        # plan_memory allows "kronecker" only where the layer has a patch shape
+        assert kron is not None
+        c, k = kron
         stats = (c * c + k * k) * 8 + proj + vec + (d * out * 8 if paired else 0)
         fit = FIT_KERNEL_MATRICES * d * out * 8 + 2 * (c * c + k * k) * 8
     elif not paired:
