@@ -12,10 +12,10 @@ from torch import nn
 import tensorpress as tp
 from _util import rel_err
 from tensorpress.compress import GramStats, fit_activation, fit_svd, load_compressed, save_compressed, sequential
-from tensorpress.compress.output_error import output_error
 from tensorpress.compress import lowrank as compress_lowrank
 from tensorpress.compress.allocate import allocate_uniform, dense_params
 from tensorpress.compress.lowrank import error_curve
+from tensorpress.compress.output_error import output_error
 from tensorpress.nn import LowRankLinear
 
 

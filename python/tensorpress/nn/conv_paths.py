@@ -149,9 +149,10 @@ def leaf(t: Tensor | None, requires_grad: bool) -> Tensor | None:
 def fastest(routes: Mapping[_K, Callable[[], None]]) -> _K:
     """The route with the smallest time of its runs; ties go to the first listed. One warm-up
     each, then REPEATS rounds, the order rotated every round (no route always runs first),
-    then RUNOFF_REPEATS more rounds among the routes within RUNOFF_MARGIN of the best. The minimum, not the median: another process only adds time; with the median of
-    three, one run on a shared 2-core machine kept a forward + backward route 1.8x slower than
-    the static one (8x256x32x32 r64)."""
+    then RUNOFF_REPEATS more rounds among the routes within RUNOFF_MARGIN of the best. The
+    minimum, not the median: another process only adds time; with the median of three, one
+    run on a shared 2-core machine kept a forward + backward route 1.8x slower than the static
+    one (8x256x32x32 r64)."""
     names = list(routes)
     if len(names) == 1:
         return names[0]
