@@ -27,6 +27,7 @@ from tensorpress.ops.tt_plan import (
     choose_cuda_plan,
     cuda_plan_costs,
     cuda_schedule,
+    decode_split,
     dense_flops,
     flat_dims,
     merge_shapes,
@@ -52,17 +53,57 @@ def test_state_too_large_for_shared_memory_runs_tiled():
     # 4096x4096 r32: one sample's intermediate (512 n's x 8 m's x 32) alone is 512 KiB
     shapes = tt_shapes((8, 8, 8, 8), (8, 8, 8, 8), (32, 32, 32))
     plan = choose_cuda_plan(shapes, 4, H100_LIMITS, torch.float32, allow_dense=False)
-    assert plan.path == "tiled"
+    assert plan.path in ("tiled", "decode")  # at batch 4 the split (decode) tiled GEMMs
+    assert choose_cuda_plan(shapes, 256, H100_LIMITS, torch.float32, allow_dense=False).path == "tiled"
     for groups in _partitions(4):
         merged = tuple(merge_shapes(shapes, g)[0] for g in groups)
         for order in _orders(len(groups)):
             assert "fused" not in cuda_plan_costs(merged, order, 4, H100_LIMITS)
 
 
-def test_tiny_shared_memory_forces_tiled():
+def test_decode_path_for_a_big_layer_at_batch_one():
+    """4096x4096 TT rank 8 at batch 1 (float32): every step of the tiled path would fill a
+    few SMs; the decode path's split steps fill them all, and the model prefers it to the
+    dense layer (which reads the whole 64 MB weight). At large batch it is never chosen."""
+    shapes = tt_shapes((8, 8, 8, 8), (8, 8, 8, 8), (8, 8, 8))
+    plan = choose_cuda_plan(shapes, 1, H100_LIMITS, torch.float32)
+    assert plan.path == "decode"
+    costs = cuda_plan_costs(plan.merged_shapes, plan.order, 1, H100_LIMITS)
+    assert costs["decode"] < costs["tiled"]
+    for batch, dtype in ((4096, torch.float32), (4096, torch.bfloat16), (512, torch.bfloat16)):
+        assert choose_cuda_plan(shapes, batch, H100_LIMITS, dtype).path != "decode"
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 16, 100])
+def test_decode_split_mirrors_the_cpp_schedule(batch):
+    """The cost model's decode_split is the C++ one: the workspace the C++ schedule sizes is
+    two buffers of the largest step output times its splits; the splits reach the target
+    block count where the K range allows, never exceed the limit, and leave no slice empty."""
+    shapes = tt_shapes((4, 8, 8, 4), (4, 8, 8, 4), (16, 16, 16))
+    for groups in _partitions(4):
+        merged = tuple(merge_shapes(shapes, g)[0] for g in groups)
+        for order in _orders(len(groups)):
+            sched = cuda_schedule(merged, order, batch, False, torch.float32, H100_LIMITS, "decode")
+            assert sched.path == "decode" and sched.target_blocks == 2 * H100_LIMITS.sm_count
+            steps = plan_info(tuple(flat_dims(merged)), tuple(order)).steps
+            most = 0
+            for s in steps:
+                splits, per = decode_split(sched.samples * s.rows, s.K, s.N, sched.target_blocks)
+                assert 1 <= splits <= 32 and per % 16 == 0 and (splits - 1) * per < s.K <= splits * per
+                tiles = math.ceil(sched.samples * s.rows / 64) * math.ceil(s.N / 64)
+                most_splits = min(32, math.ceil(s.K / 16))
+                # the target, up to the rounding of the slices to whole 16-deep tiles
+                assert splits == most_splits or 2 * tiles * splits >= min(sched.target_blocks, tiles * most_splits)
+                most = max(most, splits * sched.samples * s.rows * s.N)
+            assert sched.workspace == 2 * most
+            back = cuda_schedule(merged, order, batch, True, torch.float32, H100_LIMITS, "decode")
+            assert back.path == "tiled"  # the decode path is inference-only
+
+
+def test_tiny_shared_memory_forces_the_global_memory_paths():
     shapes = tt_shapes((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8))
     tiny = CudaLimits(smem_per_block=1024, smem_per_sm=2048, sm_count=132)
-    assert choose_cuda_plan(shapes, 64, tiny, torch.float32, allow_dense=False).path == "tiled"
+    assert choose_cuda_plan(shapes, 64, tiny, torch.float32, allow_dense=False).path in ("tiled", "decode")
 
 
 def test_full_rank_large_batch_goes_dense():

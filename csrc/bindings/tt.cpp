@@ -207,6 +207,7 @@ py::dict tt_cuda_schedule_info(const std::vector<int64_t>& core_dims, const std:
   d["smem_bytes"] = c.smem_bytes;
   d["splits"] = c.splits;
   d["workspace"] = c.workspace;
+  d["target_blocks"] = c.target_blocks;
   return d;
 }
 

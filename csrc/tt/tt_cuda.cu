@@ -295,7 +295,10 @@ __global__ void __launch_bounds__(kCudaThreads) fused_backward_kernel(const Fuse
 // ----------------------------------------------------------------------------- tiled GEMM
 // C(p, q) (+)= sum over this split's l of A(p, l) B(l, q), operands gathered from global
 // memory through maps, one 64 x 64 tile per block, 4 x 4 outputs per thread. blockIdx.z is
-// the split of the l range; split z writes C + z * c_split_stride.
+// the split of the l range; split z writes C + z * c_split_stride. A may itself be the
+// a_splits partial products of a split step (the decode path): A(p, l) is then their sum,
+// taken in split order as the operand is read (the SIMT kernel only; the tensor-core kernel
+// is never handed split operands).
 template <typename TA, typename TB, typename TC>
 struct TiledGemm {
   int P, Q, L, l_per_split;
@@ -307,7 +310,16 @@ struct TiledGemm {
   Map cp, cq;
   int64_t c_split_stride;
   bool accumulate;
+  int a_splits = 1;
+  int64_t a_split_stride = 0;
 };
+
+template <typename Acc, typename TA, typename TB, typename TC>
+__device__ __forceinline__ Acc load_a(const TiledGemm<TA, TB, TC>& g, int off) {
+  Acc v = cvt<Acc>(g.A[off]);
+  for (int z = 1; z < g.a_splits; ++z) v += cvt<Acc>(g.A[z * g.a_split_stride + off]);
+  return v;
+}
 
 template <typename TA, typename TB, typename TC, typename Acc>
 __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_kernel(const TiledGemm<TA, TB, TC> g) {
@@ -339,7 +351,7 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_kernel(const TiledGem
 #pragma unroll
     for (int i = 0; i < BM * BK / kCudaThreads; ++i) {
       const int e = tid + i * kCudaThreads, pp = e / BK, ll = e % BK;
-      As[ll][pp] = (p0 + pp < g.P && l0 + ll < l_end) ? cvt<Acc>(g.A[arow[pp] + acol[ll]]) : Acc(0);
+      As[ll][pp] = (p0 + pp < g.P && l0 + ll < l_end) ? load_a<Acc>(g, arow[pp] + acol[ll]) : Acc(0);
     }
 #pragma unroll
     for (int i = 0; i < BN * BK / kCudaThreads; ++i) {
@@ -528,12 +540,17 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const Tiled
 }
 
 // ----------------------------------------------------------------------------- small kernels
-// dst[i] = src[(i / M) * M + tab[i % M]]: the final permutation and its inverse.
+// dst[i] = src[(i / M) * M + tab[i % M]]: the final permutation and its inverse; src may be
+// the `splits` partial products of a split step (stride apart), summed in split order.
 template <typename TS, typename TD>
-__global__ void gather_rows_kernel(const TS* src, TD* dst, int64_t n, int M, const int32_t* tab) {
+__global__ void gather_rows_kernel(const TS* src, TD* dst, int64_t n, int M, const int32_t* tab, int splits,
+                                   int64_t split_stride) {
+  using Acc = typename AccOf<TD>::type;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t s = i / M;
-    dst[i] = cvt<TD>(cvt<typename AccOf<TD>::type>(src[s * M + tab[i - s * M]]));
+    const int64_t s = i / M, at = s * M + tab[i - s * M];
+    Acc v = cvt<Acc>(src[at]);
+    for (int z = 1; z < splits; ++z) v += cvt<Acc>(src[z * split_stride + at]);
+    dst[i] = cvt<TD>(v);
   }
 }
 
@@ -645,6 +662,57 @@ void reduce_partials(const Plan& plan, const Acc* partial, int64_t count, const 
   TP_CUDA_CHECK_LAUNCH("tt reduce_partials", stream);
 }
 
+// The decode path: the tiled SIMT GEMM per step, each step's K range split so that its
+// launch has about target_blocks blocks (a small batch's steps have few output tiles: one
+// block per tile would leave most SMs idle). Split z of a step writes its partial product to
+// its own slice of the step's buffer; the next step sums the slices as it gathers its
+// operand, and the final permutation sums the last step's, always in split order, so the
+// result does not depend on the launch order of the blocks.
+template <typename T, typename Acc>
+void decode_forward(const Plan& plan, const CudaSchedule& sched, const T* x, const std::vector<const void*>& mats,
+                    const int32_t* tables, T* y, int64_t batch, Acc* workspace, cudaStream_t stream) {
+  const TableLayout lay = table_layout(plan);
+  const int n = static_cast<int>(plan.steps.size());
+  const int64_t Nin = plan.in_features, M = plan.out_features, Bc = sched.samples;
+  Acc* buf[2] = {workspace, workspace + sched.workspace / 2};
+  for (int64_t chunk = 0; chunk < sched.chunks; ++chunk) {
+    const int64_t b0 = chunk * Bc;
+    const int nb = static_cast<int>(std::min(Bc, batch - b0));
+    const Acc* cur = nullptr;
+    int cur_splits = 1;
+    int64_t cur_stride = 0;
+    for (int t = 0; t < n; ++t) {
+      const Step& s = plan.steps[t];
+      const int rows = static_cast<int>(s.rows), K = static_cast<int>(s.K), N = static_cast<int>(s.N);
+      // the split of a full chunk, so every chunk fits the workspace decode_buffer sized
+      const SplitK sk = decode_split(Bc * s.rows, s.K, s.N, sched.target_blocks);
+      const Map ap = table(tables + lay.row_off[t], rows, rows * K), al = table1(tables + lay.col_off[t]);
+      Acc* out = buf[t % 2];
+      const int64_t stride = int64_t(nb) * rows * N;
+      const Acc* mat = static_cast<const Acc*>(mats[t]);
+      if (t == 0) {
+        TiledGemm<T, Acc, Acc> g{
+            nb * rows, N,      K,    static_cast<int>(sk.per), x + b0 * Nin, ap, al, mat, lin(N), lin(1), out, lin(N),
+            lin(1),    stride, false};
+        launch_tiled<void>(g, static_cast<int>(sk.splits), false, stream, "tt decode step");
+      } else {
+        TiledGemm<Acc, Acc, Acc> g{
+            nb * rows, N,      K,    static_cast<int>(sk.per), cur, ap, al, mat, lin(N), lin(1), out, lin(N),
+            lin(1),    stride, false};
+        g.a_splits = cur_splits;
+        g.a_split_stride = cur_stride;
+        launch_tiled<void>(g, static_cast<int>(sk.splits), false, stream, "tt decode step");
+      }
+      cur = out;
+      cur_splits = static_cast<int>(sk.splits);
+      cur_stride = stride;
+    }
+    TP_LAUNCH(grid_for(nb * M), kCudaThreads, 0, stream, gather_rows_kernel<Acc, T>)(
+        cur, y + b0 * M, nb * M, static_cast<int>(M), tables + lay.fsrc, cur_splits, cur_stride);
+    TP_CUDA_CHECK_LAUNCH("tt gather_rows (decode output)", stream);
+  }
+}
+
 template <typename T>
 void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const std::vector<const void*>& mats,
                   const int32_t* tables, T* y, int64_t batch, void* workspace, bool tc, cudaStream_t stream) {
@@ -659,6 +727,10 @@ void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const
     TP_LAUNCH(static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream,
               fused_forward_kernel<T, Acc>)(a);
     TP_CUDA_CHECK_LAUNCH("tt fused_forward_kernel", stream);
+    return;
+  }
+  if (sched.path == CudaPath::Decode) {
+    decode_forward(plan, sched, x, mats, tables, y, batch, static_cast<Acc*>(workspace), stream);
     return;
   }
   const TableLayout lay = table_layout(plan);
@@ -686,7 +758,7 @@ void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const
       cur = out;
     }
     TP_LAUNCH(grid_for(nb * M), kCudaThreads, 0, stream, gather_rows_kernel<Acc, T>)(
-        cur, y + b0 * M, nb * M, static_cast<int>(M), tables + lay.fsrc);
+        cur, y + b0 * M, nb * M, static_cast<int>(M), tables + lay.fsrc, 1, int64_t(0));
     TP_CUDA_CHECK_LAUNCH("tt gather_rows (output)", stream);
   }
 }
@@ -753,7 +825,7 @@ void backward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, cons
                          1, tc, stream, "tt tiled backward recompute");
     }
     TP_LAUNCH(grid_for(nb * M), kCudaThreads, 0, stream, gather_rows_kernel<T, Acc>)(
-        grad_y + b0 * M, gbuf[0], nb * M, static_cast<int>(M), tables + lay.finv);
+        grad_y + b0 * M, gbuf[0], nb * M, static_cast<int>(M), tables + lay.finv, 1, int64_t(0));
     TP_CUDA_CHECK_LAUNCH("tt gather_rows (grad_out)", stream);
     int cur = 0;
     for (int t = n - 1; t >= 0; --t) {

@@ -25,6 +25,11 @@ constexpr int kCudaTileM = 64, kCudaTileN = 64, kCudaTileK = 16;  // tiled GEMM 
 // The tiled path holds its intermediates in global memory; the batch goes through in chunks
 // so the workspace stays bounded (elements of the accumulation type).
 constexpr int64_t kCudaTiledWorkspaceCap = int64_t(1) << 25;
+// The decode path (small batches) splits each step's contraction into at most this many
+// slices, so a step with few output tiles still occupies every SM (see decode_split).
+constexpr int64_t kCudaDecodeMaxSplits = 32;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Offsets (in int32 entries) of each table inside the one int32 buffer.
 struct TableLayout {
@@ -95,19 +100,45 @@ struct CudaLimits {
   int sm_count = 1;
 };
 
-enum class CudaPath { Fused, Tiled };
-inline const char* path_name(CudaPath p) { return p == CudaPath::Fused ? "fused" : "tiled"; }
+enum class CudaPath { Fused, Tiled, Decode };
+inline const char* path_name(CudaPath p) {
+  return p == CudaPath::Fused ? "fused" : p == CudaPath::Decode ? "decode" : "tiled";
+}
 
 struct CudaSchedule {
   CudaPath path = CudaPath::Tiled;
-  bool fits_fused = false;  // whether the fused kernel fits at one sample per block
-  int64_t samples = 1;      // fused: samples per block; tiled: samples per chunk
-  int64_t chunks = 0;       // fused: sample blocks; tiled: chunks of the batch
-  int64_t grid = 0;         // fused: blocks launched (each loops over chunks)
-  int64_t smem_bytes = 0;   // fused: dynamic shared memory per block
-  int64_t splits = 1;       // tiled backward: split of the core-gradient reduction
-  int64_t workspace = 0;    // elements of the accumulation type the caller provides
+  bool fits_fused = false;    // whether the fused kernel fits at one sample per block
+  int64_t samples = 1;        // fused: samples per block; tiled: samples per chunk
+  int64_t chunks = 0;         // fused: sample blocks; tiled: chunks of the batch
+  int64_t grid = 0;           // fused: blocks launched (each loops over chunks)
+  int64_t smem_bytes = 0;     // fused: dynamic shared memory per block
+  int64_t splits = 1;         // tiled backward: split of the core-gradient reduction
+  int64_t workspace = 0;      // elements of the accumulation type the caller provides
+  int64_t target_blocks = 0;  // decode: the blocks each step's launch aims for (2 per SM)
 };
+
+// How the decode path splits one step (P x K times K x N): `splits` slices of the K range,
+// `per` long (a multiple of the tile depth), so that output tiles x splits reaches `target`
+// blocks; each slice writes its own partial product, which the next step sums as it reads
+// its operand (and the final permutation as it writes y), in a fixed order.
+struct SplitK {
+  int64_t splits = 1, per = 1;
+};
+inline SplitK decode_split(int64_t P, int64_t K, int64_t N, int64_t target) {
+  const int64_t tiles = ceil_div(P, kCudaTileM) * ceil_div(N, kCudaTileN);
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kCudaDecodeMaxSplits, ceil_div(K, kCudaTileK)));
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(most, ceil_div(target, std::max<int64_t>(1, tiles))));
+  const int64_t per = ceil_div(ceil_div(K, want), kCudaTileK) * kCudaTileK;
+  return {ceil_div(K, per), per};
+}
+
+// Elements of one decode buffer: the largest step output of `samples` samples times its splits.
+inline int64_t decode_buffer(const Plan& plan, int64_t samples, int64_t target) {
+  int64_t most = 0;
+  for (const Step& s : plan.steps)
+    most = std::max(most, decode_split(samples * s.rows, s.K, s.N, target).splits * samples * s.rows * s.N);
+  return most;
+}
 
 inline int64_t mats_total(const Plan& plan) {
   int64_t n = 0;
@@ -137,17 +168,31 @@ inline int64_t fused_per_sample(const Plan& plan, bool backward) {
 // Per-sample elements of the tiled path's global workspace (same structure, in global memory).
 inline int64_t tiled_per_sample(const Plan& plan, bool backward) { return fused_per_sample(plan, backward); }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The schedule for one call. `path` is "auto", "fused" or "tiled" (the Python dispatcher
-// passes its choice; "fused" on a plan that does not fit is an error, never a silent change).
+// The schedule for one call. `path` is "auto", "fused", "tiled" or "decode" (the Python
+// dispatcher passes its choice; "fused" on a plan that does not fit is an error, never a
+// silent change). "decode" is an inference path: a backward asked of it runs the tiled one.
 inline CudaSchedule cuda_schedule(const Plan& plan, int64_t batch, bool backward, int acc_bytes, const CudaLimits& lim,
                                   const std::string& path) {
   if (static_cast<int>(plan.steps.size()) > kCudaMaxSteps)
     plan_error("cores: the CUDA kernel handles at most " + std::to_string(kCudaMaxSteps) + " steps");
-  if (path != "auto" && path != "fused" && path != "tiled")
-    plan_error("path: expected 'auto', 'fused' or 'tiled', got '" + path + "'");
+  if (path != "auto" && path != "fused" && path != "tiled" && path != "decode")
+    plan_error("path: expected 'auto', 'fused', 'tiled' or 'decode', got '" + path + "'");
   CudaSchedule c;
+  const int64_t sms = std::max(1, lim.sm_count);
+  if (path == "decode" && !backward) {
+    c.path = CudaPath::Decode;
+    c.target_blocks = 2 * sms;
+    // chunks bounded as the tiled path's, counting every split's partial products
+    const int64_t per_sample = 2 * kCudaDecodeMaxSplits * std::max<int64_t>(1, plan.max_state);
+    c.samples =
+        std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(batch, 1), kCudaTiledWorkspaceCap / per_sample));
+    c.chunks = batch == 0 ? 0 : ceil_div(batch, c.samples);
+    c.workspace = 2 * decode_buffer(plan, c.samples, c.target_blocks);
+    const int64_t fixed = smem_mats_total(plan) * acc_bytes;
+    const int64_t per = fused_per_sample(plan, false) * acc_bytes;
+    c.fits_fused = per > 0 && lim.smem_per_block > fixed && (lim.smem_per_block - fixed) / per >= 1;
+    return c;
+  }
   const int64_t fixed = smem_mats_total(plan) * acc_bytes;
   const int64_t per = fused_per_sample(plan, backward) * acc_bytes;
   const int64_t fit = per > 0 && lim.smem_per_block > fixed ? (lim.smem_per_block - fixed) / per : 0;
@@ -156,8 +201,7 @@ inline CudaSchedule cuda_schedule(const Plan& plan, int64_t batch, bool backward
     plan_error("path: 'fused' was asked for but one sample's intermediates (" + std::to_string(per) +
                " bytes) and the step matrices (" + std::to_string(fixed) + " bytes) exceed the " +
                std::to_string(lim.smem_per_block) + " bytes of shared memory per block");
-  c.path = (path == "tiled" || !c.fits_fused) ? CudaPath::Tiled : CudaPath::Fused;
-  const int64_t sms = std::max(1, lim.sm_count);
+  c.path = (path == "tiled" || path == "decode" || !c.fits_fused) ? CudaPath::Tiled : CudaPath::Fused;
   if (c.path == CudaPath::Fused) {
     // Enough blocks to fill every SM before packing more samples into one block.
     const int64_t want = std::max<int64_t>(1, ceil_div(batch, 2 * sms));

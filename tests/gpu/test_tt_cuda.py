@@ -18,7 +18,15 @@ from gpu_util import DEV, EMULATED, GPU, GPU_SIZE, KERNELS, REAL_GPU, random_cor
 import tensorpress  # noqa: F401  (registers the ops)
 from tensorpress.ops import tt as T
 from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch, tt_matmul, tt_matmul_reference
-from tensorpress.ops.tt_plan import choose_cuda_plan, choose_plan, cuda_limits, cuda_schedule, flat_dims
+from tensorpress.ops.tt_plan import (
+    choose_cuda_plan,
+    choose_plan,
+    cuda_limits,
+    cuda_schedule,
+    decode_split,
+    flat_dims,
+    plan_info,
+)
 
 pytestmark = GPU
 
@@ -166,6 +174,49 @@ def test_large_shape_tiled_several_chunks(dtype):
         assert rel_err(g, r) < GRAD_MAT_TOL[dtype]
 
 
+# both steps of this plan have K > 16, so both are split: the second step sums the first's
+# partial products as it reads them, the output permutation sums the second's
+DECODE_SHAPE = ((4, 6), (24, 5), (6,), [(((0,), (1,)), (0, 1))])
+# (name, shape, plan, whether a step is split) of the decode tests: the small shapes, the
+# 1024-feature one (float32 only) and DECODE_SHAPE
+DECODE_CASES = [
+    pytest.param(("shape0", SHAPES[0], 0, False), marks=[pytest.mark.tsan]),
+    ("shape1-plan1", SHAPES[1], 1, False),
+    ("shape1-plan2", SHAPES[1], 2, True),
+    ("shape3", SHAPES[3], 0, False),
+    ("shape2-plan2", SHAPES[2], 2, True),
+    pytest.param(("decode-shape", DECODE_SHAPE, 0, True), marks=[pytest.mark.tsan]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c[0])
+def test_decode_path_forward(case, dtype):
+    """The decode path (each step's K range split across blocks, the partial products summed
+    by the next step's operand reads and by the output permutation) against float64, on
+    NaN-poisoned output and workspace; a backward asked of it runs the tiled kernels."""
+    name, shape, plan_idx, splits_expected = case
+    if shape is SHAPES[2] and dtype != torch.float32:
+        pytest.skip("the 1024-feature shape runs in float32 only on the decode path (the others cover the dtypes)")
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    cores64, mats64, mats, dims, order = _problem(shape, plan_idx, dtype, gen)
+    merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
+    limits = cuda_limits(DEV)
+    split_steps = 0
+    for batch in (1, 3, 16):
+        sched = cuda_schedule(merged, tuple(order), batch, False, dtype, limits, "decode")
+        assert sched.path == "decode" and sched.target_blocks == 2 * limits.sm_count
+        steps = plan_info(tuple(dims), tuple(order)).steps
+        split_steps += sum(decode_split(sched.samples * s.rows, s.K, s.N, sched.target_blocks)[0] > 1 for s in steps)
+        x = torch.randn(batch, math.prod(shape[1]), generator=gen).to(DEV, dtype)
+        y_ref = tt_contract_torch(x.to("cpu", torch.float64), mats64, dims, order)
+        assert rel_err(_forward(x, mats, dims, order, "decode"), y_ref) < TOL[dtype], batch
+    assert (split_steps > 0) == splits_expected
+    if name == "decode-shape":
+        assert split_steps == 2 * 3  # both steps, at every batch
+    assert cuda_schedule(merged, tuple(order), 3, True, dtype, limits, "decode").path == "tiled"
+
+
 @pytest.mark.tsan
 @pytest.mark.parametrize("path", ("fused", "tiled"))
 def test_partial_gradients(path):
@@ -222,6 +273,7 @@ def test_empty_batch():
         assert _forward(x, mats, dims, order, path).shape == (0, 30)
         gx, gm = _backward(x, mats, dims, order, torch.empty(0, 30, device=DEV), path)
         assert gx.shape == (0, 42) and all(torch.equal(g, torch.zeros_like(g)) for g in gm)
+    assert _forward(torch.empty(0, 42, device=DEV), mats, dims, order, "decode").shape == (0, 30)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -233,7 +285,7 @@ def test_public_api_auto_plan(dtype):
     cores64 = random_cores(out_f, in_f, ranks, gen)
     for batch in (1, 16, 256):
         plan = choose_plan([tuple(g.shape) for g in cores64], batch, device="cuda", dtype=dtype)
-        assert plan.path in ("fused", "tiled", "dense")
+        assert plan.path in ("fused", "tiled", "decode", "dense")
         cores = [g.to(DEV, dtype).requires_grad_() for g in cores64]
         x = torch.randn(batch, 1024, generator=gen).to(DEV, dtype).requires_grad_()
         bias = torch.randn(1024, generator=gen).to(DEV, dtype).requires_grad_()

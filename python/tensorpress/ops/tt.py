@@ -140,8 +140,9 @@ def cuda_kernel_path(
     backward: bool = False,
     path: str = "auto",
 ) -> str:
-    """The kernel a CUDA call runs: "fused" where a block of samples fits in shared memory
-    (unless "tiled" is asked for), else "tiled"."""
+    """The kernel a CUDA call runs: "decode" when asked for (forward only; a backward asked of
+    it runs "tiled"), "fused" where a block of samples fits in shared memory (unless "tiled" is
+    asked for), else "tiled"."""
     return _cuda_sched(core_dims, order, batch, dtype, device, backward, path).path
 
 
@@ -219,7 +220,8 @@ def tt_contract(
     (fused kernel; on the CPU the bias is added, and its gradient summed, block by block).
 
     On CUDA, x may be float16/bfloat16 with float32 mats; `path` picks the kernel ("auto",
-    "fused" or "tiled"; see `cuda_kernel_path`). On the CPU `path` is ignored.
+    "fused", "tiled" or "decode"; the decode path is inference-only: the backward of a call
+    made on it runs the tiled kernels; see `cuda_kernel_path`). On the CPU `path` is ignored.
     """
     if _uses_cuda_kernels(x):
         return _run_cuda(x, mats, core_dims, order, path, bias)
@@ -488,7 +490,7 @@ def apply_tt(x: Tensor, mats: list[Tensor], plan: TTPlan, bias: Tensor | None = 
     if _eager_cpu_inference(x, mats, bias):
         # what the custom op would run, without its dispatch (a third of a small call's time)
         return _forward_cpu(x, mats, core_dims, order, bias)
-    path = plan.path if plan.path in ("fused", "tiled") else "auto"
+    path = plan.path if plan.path in ("fused", "tiled", "decode") else "auto"
     if _eager_cuda_inference(x, mats, bias):  # the same, on CUDA: one extension call, no dispatch
         return _run_cuda(x, mats, core_dims, order, path, bias)
     return tt_contract(x, mats, core_dims, order, path, bias)

@@ -43,7 +43,10 @@ DENSE_SPEED_ADVANTAGE = {"avx2": 1.0, "avx512_on_amd": 0.42}
 AVX512_OPENBLAS_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
 
 # ---- CUDA cost model (seconds).
-CUDA_PATHS = ("fused", "tiled", "dense")
+CUDA_PATHS = ("fused", "tiled", "decode", "dense")
+# mirrors csrc/tt/tt_cuda_schedule.h: the tiled GEMM tile and the decode path's split limit
+CUDA_TILE_M, CUDA_TILE_N, CUDA_TILE_K = 64, 64, 16
+CUDA_DECODE_MAX_SPLITS = 32
 
 
 @dataclass(frozen=True)
@@ -418,9 +421,10 @@ def cuda_schedule(
 
 
 class CudaSchedule(NamedTuple):
-    """How one CUDA call runs (csrc/tt/tt_cuda_schedule.h): the path ("fused" or "tiled"),
-    whether the fused kernel fits, samples per block, chunks of samples, grid, shared memory
-    per block (bytes), split blocks of the tiled backward, workspace (accumulator elements)."""
+    """How one CUDA call runs (csrc/tt/tt_cuda_schedule.h): the path ("fused", "tiled" or
+    "decode"), whether the fused kernel fits, samples per block, chunks of samples, grid,
+    shared memory per block (bytes), split blocks of the tiled backward, workspace (accumulator
+    elements), and the blocks each decode step aims for."""
 
     path: str
     fits_fused: bool
@@ -430,6 +434,17 @@ class CudaSchedule(NamedTuple):
     smem_bytes: int
     splits: int
     workspace: int
+    target_blocks: int
+
+
+def decode_split(rows: int, K: int, N: int, target: int) -> tuple[int, int]:
+    """(splits, slice length) of one decode step's K range: the C++ decode_split, for the
+    cost model (a test checks the two agree through the workspace they size)."""
+    tiles = math.ceil(rows / CUDA_TILE_M) * math.ceil(N / CUDA_TILE_N)
+    most = max(1, min(CUDA_DECODE_MAX_SPLITS, math.ceil(K / CUDA_TILE_K)))
+    want = max(1, min(most, math.ceil(target / max(1, tiles))))
+    per = math.ceil(math.ceil(K / want) / CUDA_TILE_K) * CUDA_TILE_K
+    return math.ceil(K / per), per
 
 
 @functools.lru_cache(maxsize=8192)
@@ -459,8 +474,9 @@ def cuda_plan_costs(
     rates: CudaRates = H100_RATES,
 ) -> dict[str, float]:
     """Estimated seconds of the forward of one plan by each CUDA kernel that can run it:
-    {"fused": s, "tiled": s} ("fused" only where one sample's intermediates fit in shared
-    memory). `tensor_cores`: the tiled GEMMs run on them (`tensor_cores_for`)."""
+    {"fused": s, "tiled": s, "decode": s} ("fused" only where one sample's intermediates fit
+    in shared memory). `tensor_cores`: the tiled GEMMs run on them (`tensor_cores_for`; the
+    decode path's split GEMMs are SIMT)."""
     info = plan_info(tuple(flat_dims(merged)), tuple(order))
     elem = torch.empty((), dtype=dtype).element_size()
     acc = 8 if elem == 8 else 4
@@ -486,6 +502,25 @@ def cuda_plan_costs(
         step_bytes = rows * (s.K + s.N) * acc
         seconds += chunks * (rates.launch_seconds + step_flops / (tiled_rate * busy) + step_bytes / rates.bandwidth)
     costs["tiled"] = seconds + io_bytes / rates.bandwidth
+    # decode: the SIMT tiled GEMMs with each step's K range split until the step's launch has
+    # about two blocks per SM; the partial products cross L2 / device memory once more (written
+    # by a step, summed by the next one's reads)
+    decode = cuda_schedule(merged, order, batch, False, dtype, limits, "decode")
+    chunks = max(decode.chunks, 1)
+    seconds = chunks * rates.launch_seconds  # the final permutation, summing the last partials
+    prev_splits = 1
+    for s in info.steps:
+        rows = decode.samples * s.rows
+        splits, _ = decode_split(rows, s.K, s.N, decode.target_blocks)
+        tiles = math.ceil(rows / CUDA_TILE_M) * math.ceil(s.N / CUDA_TILE_N)
+        busy = min(1.0, tiles * splits / limits.sm_count)
+        step_flops = 2 * rows * s.K * s.N
+        step_bytes = (rows * s.K * prev_splits + rows * s.N * splits + s.K * s.N) * acc
+        seconds += chunks * (
+            rates.launch_seconds + step_flops / (rates.tiled_simt * busy) + step_bytes / rates.bandwidth
+        )
+        prev_splits = splits
+    costs["decode"] = seconds + io_bytes / rates.bandwidth
     return costs
 
 
