@@ -53,6 +53,8 @@ def use(kernels: CudaKernels) -> None:
 def load_module(path: str):
     """The extension module at `path` (the emulation build, _C_cuda_emu; tests only)."""
     spec = importlib.util.spec_from_file_location("_C_cuda_emu", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"path: no loadable extension module at {path!r}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
