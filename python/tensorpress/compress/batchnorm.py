@@ -29,6 +29,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -151,7 +152,8 @@ def _why_not(
 def _sequential_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(conv, BatchNorm) pairs side by side in an nn.Sequential (its own forward, not a
     subclass's), each conv once."""
-    pairs, seen = [], set()
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+    seen: set[int] = set()
     for seq in model.modules():
         if type(seq) is not nn.Sequential:
             continue
@@ -198,26 +200,37 @@ def _dataflow_pairs(model: nn.Module, batch, position: int) -> tuple[list[tuple[
     return pairs, out
 
 
+def _f64(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float64)
+
+
+def _f64_or_none(t: Tensor | None) -> Tensor | None:
+    return None if t is None else _f64(t)
+
+
 def _fold_pair(model: nn.Module, conv: nn.Conv2d, bn: nn.Module, conv_name: str) -> Callable[[], None]:
     """Fold ``bn`` into ``conv`` inside ``model`` (a FoldedBatchNorm in its place); returns
     the undo."""
     old_weight, old_bias = conv.weight, conv.bias
-    f64 = lambda t: None if t is None else t.detach().to(torch.float64)  # noqa: E731
+    # a BatchNorm2d's attributes (nn.Module's attribute type is too loose); its running
+    # statistics are tensors: _why_not leaves out the BatchNorms without them
+    running_mean, running_var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
+    gamma, beta = cast("Tensor | None", bn.weight), cast("Tensor | None", bn.bias)
     weight, bias = fuse_conv_bn_weights(
-        f64(conv.weight),
-        f64(conv.bias),
-        f64(bn.running_mean),
-        f64(bn.running_var),
-        bn.eps,
-        f64(bn.weight),
-        f64(bn.bias),
+        _f64(conv.weight),
+        _f64_or_none(conv.bias),
+        _f64(running_mean),
+        _f64(running_var),
+        cast(float, bn.eps),
+        _f64_or_none(gamma),
+        _f64_or_none(beta),
     )
     conv.weight = nn.Parameter(weight.detach().to(old_weight.dtype), old_weight.requires_grad)
     conv.bias = nn.Parameter(
         bias.detach().to(old_weight.dtype if old_bias is None else old_bias.dtype),
         old_weight.requires_grad if old_bias is None else old_bias.requires_grad,
     )
-    marker = FoldedBatchNorm(conv_name, bn.num_features)
+    marker = FoldedBatchNorm(conv_name, cast(int, bn.num_features))
     swap_module(model, bn, marker)
 
     def undo():

@@ -41,6 +41,7 @@ the error itself is the loss).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -169,6 +170,16 @@ class _Problem:
         return gM.T @ self.A, gM.sum(0)
 
 
+@dataclass
+class _AdmmRuns:
+    """The box-and-nuclear projections of one convex stage: the ADMM warm start carried from
+    one projection to the next, the ADMM iterations in all and the last box scale."""
+
+    state: tuple | None = None
+    iterations: int = 0
+    box_scale: float = 1.0
+
+
 def _fista(
     prob: _Problem,
     V: Tensor,
@@ -192,9 +203,10 @@ def _fista(
     m = prob.m
     halvings = 0
     f, gM = prob.value(V, c)
-    gV, gc = prob.grad(gM)
+    ygV, ygc = prob.grad(gM)
+    grad_x: tuple[Tensor, Tensor] | None = (ygV, ygc)  # (dF/dV, dF/dc) at x; None until needed
     xV, xc = V, c
-    yV, yc, ygV, ygc = V, c, gV, gc
+    yV, yc = V, c
     t, converged, it = 1.0, False, 0
     for it in range(1, n_iter + 1):  # noqa: B007 (iterations reported after the loop)
         zV = project(yV - lr * ygV)
@@ -208,19 +220,21 @@ def _fista(
                     continue
                 converged = True
                 break
-            if gV is None:
-                gV, gc = prob.grad(gM)
-            yV, yc, ygV, ygc, t = xV, xc, gV, gc, 1.0  # discard the step, reset momentum
+            if grad_x is None:
+                grad_x = prob.grad(gM)
+            yV, yc, t = xV, xc, 1.0  # discard the step, reset momentum
+            ygV, ygc = grad_x
             continue
         decrease = f - fz
         momentum_bad = t > 1.0 and (float(((yV - zV) * sV).sum()) + m * float(((yc - zc) * sc).sum())) > 0
-        xV, xc, f, gM, gV, gc = zV, zc, fz, zgM, None, None
+        xV, xc, f, gM, grad_x = zV, zc, fz, zgM, None
         if decrease <= tol * max(abs(f), 1e-300):
             converged = True
             break
         if momentum_bad:
-            gV, gc = prob.grad(gM)
-            yV, yc, ygV, ygc, t = xV, xc, gV, gc, 1.0
+            grad_x = prob.grad(gM)
+            yV, yc, t = xV, xc, 1.0
+            ygV, ygc = grad_x
             continue
         t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         beta = (t - 1.0) / t_new
@@ -348,14 +362,12 @@ def fit_relu(
         if n_iter > 0:
             B = basis.full()
             full = _Problem(B, loss)
-            admm = {"state": None, "iterations": 0, "box_scale": 1.0}
+            admm = _AdmmRuns()
 
-            def project(Z):
-                V, pinfo, admm["state"] = project_box_nuclear(
-                    Z, B, alpha_value, radius, tol=admm_tol, state=admm["state"]
-                )
-                admm["iterations"] += pinfo["iterations"]
-                admm["box_scale"] = pinfo["box_scale"]
+            def project(Z: Tensor) -> Tensor:
+                V, pinfo, admm.state = project_box_nuclear(Z, B, alpha_value, radius, tol=admm_tol, state=admm.state)
+                admm.iterations += pinfo["iterations"]
+                admm.box_scale = pinfo["box_scale"]
                 return V
 
             V0 = project(torch.cat([V_act, math.sqrt(m) * c0[:, None]], dim=1))
@@ -366,8 +378,8 @@ def fit_relu(
             info.update(
                 iterations=its,
                 converged=conv,
-                admm_iterations=admm["iterations"],
-                box_scale=admm["box_scale"],
+                admm_iterations=admm.iterations,
+                box_scale=admm.box_scale,
                 objective_convex=f_c * scale,
                 objective_truncated=f_t * scale,
             )

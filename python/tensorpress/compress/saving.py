@@ -16,12 +16,14 @@ that fails any check raises `CompressedFileError` naming the layer and field.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import json
 import math
 import os
 import re
 import warnings
+from typing import cast
 
 import torch
 from torch import nn
@@ -237,7 +239,14 @@ class _Fields:
             raise self.fail(field, f"expected {bound}, got {v!r}")
         return v
 
-    def ints(self, field: str, length: int | None = None, lo: int = 1, max_length: int | None = None) -> list[int]:
+    # builtins.int: in this class body "int" is the method above
+    def ints(
+        self,
+        field: str,
+        length: builtins.int | None = None,
+        lo: builtins.int = 1,
+        max_length: builtins.int | None = None,
+    ) -> list[builtins.int]:
         v = self.spec[field]
         ok = isinstance(v, list) and all(is_int(x) and x >= lo for x in v)
         if not ok or (length is not None and len(v) != length) or (max_length is not None and len(v) > max_length):
@@ -314,7 +323,8 @@ def _check_tt(fields: _Fields, kw: dict) -> dict:
 
 
 def _pair(fields: _Fields, field: str) -> tuple[int, int]:
-    return tuple(fields.ints(field, length=2))
+    first, second = fields.ints(field, length=2)
+    return first, second
 
 
 def _check_conv(fields: _Fields, module: nn.Module) -> dict:
@@ -410,10 +420,10 @@ def _build(kind: str, kw: dict, device, dtype) -> nn.Module:
 def _folded_biases(model: nn.Module, checked: dict) -> dict[str, nn.Conv2d]:
     """{conv name: conv} of the dense convs (not replaced by the file) that a folded BatchNorm
     gave the bias they lack in the dense model."""
-    out = {}
+    out: dict[str, nn.Conv2d] = {}
     for kind, kw, _ in checked.values():
         if kind == "FoldedBatchNorm" and kw["conv"] not in checked:
-            conv = model.get_submodule(kw["conv"])
+            conv = cast(nn.Conv2d, model.get_submodule(kw["conv"]))  # _check_folded checked its type
             if conv.bias is None:
                 out[kw["conv"]] = conv
     return out
@@ -530,7 +540,7 @@ def load_compressed(model: nn.Module, path) -> nn.Module:
 
     out = copy.deepcopy(model)
     for name in biased:  # a dense conv that took its folded BatchNorm's shift as its bias
-        conv = out.get_submodule(name)
+        conv = cast(nn.Conv2d, out.get_submodule(name))  # a conv of the model's copy (_folded_biases)
         conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
     built = {}  # one layer per dense module, however many names it has
     for name, (kind, kw, _) in checked.items():

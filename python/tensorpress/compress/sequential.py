@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -95,16 +97,18 @@ class _BlockStack:
         with hooks([handle]):
             for b, batch in enumerate(batches):
                 with naming_batch(position(b)):
-                    run_until_stop(lambda batch=batch: call_model(model, batch))
+                    run_until_stop(partial(call_model, model, batch))
         if len(captured) != len(batches):
             raise RuntimeError("the first block was not reached by every calibration batch")
         return captured
 
     @staticmethod
-    def replay_matches(model: nn.Module, blocks: nn.Module, batch) -> bool:
+    def replay_matches(model: nn.Module, blocks: nn.ModuleList | nn.Sequential, batch) -> bool:
         """True when replaying the blocks from the first one's captured inputs reproduces
         every block's input and the last block's output of a real forward pass."""
-        seen_inputs, seen_first, last_out = [], [], []
+        seen_inputs: list[Tensor | None] = []
+        seen_first: list[tuple[tuple, dict]] = []
+        last_out: list[Tensor] = []
 
         def pre(_mod, args, kwargs):
             seen_inputs.append(args[0] if args and isinstance(args[0], Tensor) else None)
@@ -118,12 +122,13 @@ class _BlockStack:
         handles.append(blocks[len(blocks) - 1].register_forward_hook(post))
         with hooks(handles), torch.no_grad():
             call_model(model, batch)
-        if len(seen_inputs) != len(blocks) or any(x is None for x in seen_inputs) or not last_out:
+        block_inputs = [x for x in seen_inputs if x is not None]
+        if len(seen_inputs) != len(blocks) or len(block_inputs) != len(seen_inputs) or not last_out:
             return False
         inputs = seen_first[0]
         with torch.no_grad():
             for i, block in enumerate(blocks):
-                if not torch.allclose(inputs[0][0], seen_inputs[i], rtol=1e-5, atol=1e-6):
+                if not torch.allclose(inputs[0][0], block_inputs[i], rtol=1e-5, atol=1e-6):
                     return False
                 out = _call(block, inputs)
                 inputs = _next_inputs(out, inputs)
@@ -153,17 +158,18 @@ def _stage_stats(
     """{layer: its accumulator}: the layers of a stage share one, unless their plan keeps the
     statistics only through each layer's weight (Kronecker-factored), then one per layer."""
     only = ref_of[stage[0]]
-    plan = (plans or {}).get(stage[0])
+    plan_of = plans or {}
+    plan = plan_of.get(stage[0])
     dtype = torch.float64 if plan is None else plan.dtype
-    if any((plans or {}).get(n) is not None and plans[n].kronecker for n in stage):
+    if any(plan_of.get(n) is not None and plan_of[n].kronecker for n in stage):
         return {
             n: GramStats(
                 layer_features(ref_of[n]),
                 paired=True,
                 reference=None if reference is None else reference.get(n),
                 project=weight_matrix(ref_of[n]),
-                dtype=plans[n].dtype,
-                kronecker=plans[n].kronecker,
+                dtype=plan_of[n].dtype,
+                kronecker=plan_of[n].kronecker,
                 conv=ref_of[n] if isinstance(ref_of[n], nn.Conv2d) else None,
             )
             for n in stage
@@ -318,7 +324,7 @@ def _collect_stage(
             got_cmp.clear()
             res_cmp.clear()
             with naming_batch(position(b)):
-                run_until_stop(lambda b=b: run_cmp(b))
+                run_until_stop(partial(run_cmp, b))
             check_reached(got_cmp, res_cmp, b)
             ins_cmp = list(got_cmp[stage[0]])
             if offsets:  # residual feedback (Linear layers of post-norm blocks): rows at once
@@ -371,7 +377,7 @@ def compress_sequential(
     ref_of = {n: ref.get_submodule(n) for n in targets}
     cmp_of = {n: cmp.get_submodule(n) for n in targets}
     masks = [row_mask(b) for b in batches]
-    position = (lambda b: b) if positions is None else positions.__getitem__
+    position: Callable[[int], int] = _same_index if positions is None else positions.__getitem__
     done: list[list[str]] = []
     notes: list[str] = []
     tick = None if progress is None else progress.update
@@ -435,7 +441,8 @@ def compress_sequential(
         whole_model(set(targets))
         return {"mode": "model", "stages": done, "residual_feedback": sorted(partners), "calls": counts, "notes": notes}
     prefix, ref_blocks = found
-    cmp_blocks = cmp.get_submodule(prefix) if prefix else cmp
+    # cmp is a copy of ref: the same container there
+    cmp_blocks = cast("nn.ModuleList | nn.Sequential", cmp.get_submodule(prefix) if prefix else cmp)
     pre = f"{prefix}." if prefix else ""
     in_blocks = [n for n in reached if n.startswith(pre)]
     # layers outside the blocks that run before them are fitted first, the others last, so
@@ -465,7 +472,7 @@ def compress_sequential(
         if inside:
             local = {k: ref_blocks[i].get_submodule(k) for k in inside}
             # the passes run within this iteration, before ref_in / cmp_in move on to the next block
-            for stage in execution_order(lambda i=i, ref_in=ref_in: _call(ref_blocks[i], ref_in[0]), local):
+            for stage in execution_order(partial(_call, ref_blocks[i], ref_in[0]), local):
                 fit_stage(
                     [inside[k] for k in stage],
                     lambda b, i=i, ref_in=ref_in: _call(ref_blocks[i], ref_in[b]),
@@ -476,6 +483,10 @@ def compress_sequential(
             cmp_in = [step(cmp_blocks[i], x, b) for b, x in enumerate(cmp_in)]
     whole_model({n for n in targets if not any(n in st for st in done)})
     return {"mode": "blocks", "stages": done, "residual_feedback": sorted(partners), "calls": counts, "notes": notes}
+
+
+def _same_index(b: int) -> int:
+    return b
 
 
 def _home_block(name: str, prefix: str, n_blocks: int) -> int | None:

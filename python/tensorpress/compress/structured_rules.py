@@ -31,9 +31,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 from tensorpress.compress.allocate import KEEP_DENSE, fitting_threshold, note_unused_budget, optimism_estimate
 from tensorpress.compress.crossval import merge_stats
@@ -104,7 +104,7 @@ def measure_curves(
             tick()
         return (fit, *output_error_parts(layer, fit, test))
 
-    curves = {}
+    curves: dict[str, list[Candidate]] = {}
     for name, layer in layers.items():
         curves[name] = []
         for rank in ranks[name]:
@@ -156,10 +156,16 @@ def estimated_errors(
     """Each candidate's estimated relative test error under ``rule`` ("optimism" or "cv");
     in_features: the inputs of one output row (a conv's patch size)."""
     if rule == "cv":
-        return [c.heldout for c in cands]
+        return [_heldout(c) for c in cands]
     return optimism_estimate(
         [c.train for c in cands], [c.dof for c in cands], rows, out_features, in_features, [None] * len(cands)
     ).tolist()
+
+
+def _heldout(cand: Candidate) -> float:
+    if cand.heldout is None:
+        raise ValueError(f"rule 'cv': rank {cand.rank!r} has no held-out error (curves measured without folds)")
+    return cand.heldout
 
 
 def allocate_structured(
@@ -181,7 +187,8 @@ def allocate_structured(
         return _energy_threshold(curves, total)
     points = {}
     for name, layer in layers.items():
-        out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+        weight = cast(Tensor, layer.weight)
+        out, fan_in = weight.shape[0], weight[0].numel()
         scale = 1.0 if weights is None else weights[name]
         pts = [
             (c.rank, c.params, scale * e)

@@ -14,7 +14,8 @@ module replaces it and what that module costs per calibration row.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,6 +23,13 @@ from torch import nn
 from tensorpress._validate import is_int
 from tensorpress.compress.stats import GramStats
 from tensorpress.tt_format import capped_ranks, max_bond_ranks, prime_factors, tt_params
+
+if TYPE_CHECKING:  # the replacing modules import the fits lazily (import cycles otherwise)
+    from tensorpress.compress.lowrank import LowRankFit
+    from tensorpress.nn.cp_conv2d import CPConv2d
+    from tensorpress.nn.lowrank_linear import LowRankLinear
+    from tensorpress.nn.tt_linear import TTLinear
+    from tensorpress.nn.tucker_conv2d import TuckerConv2d
 
 # the structures for each layer type, to point the user at the right one
 _STRUCTURES_OF = {nn.Linear: "'lowrank' or 'tt'", nn.Conv2d: "'tucker' or 'cp'"}
@@ -42,15 +50,18 @@ def _type_reason(module: nn.Module, cls: type, structure: str) -> str | None:
 
 class LowRank:
     name = "lowrank"
-    methods = ("svd", "whitened", "activation", "convex", "convex_weights", "relu", "gelu")
+    methods: tuple[str, ...] = ("svd", "whitened", "activation", "convex", "convex_weights", "relu", "gelu")
 
     def why_not(self, module: nn.Module) -> str | None:
         """None when the layer can be replaced, else why it cannot (for the report's account)."""
         wrong = _type_reason(module, nn.Linear, self.name)
-        if wrong or min(module.in_features, module.out_features) >= 2:
+        if wrong:
             return wrong
+        layer = cast(nn.Linear, module)  # _type_reason: exactly an nn.Linear
+        if min(layer.in_features, layer.out_features) >= 2:
+            return None
         return (
-            f"{module.out_features}x{module.in_features}: a side of one feature leaves no rank to reduce "
+            f"{layer.out_features}x{layer.in_features}: a side of one feature leaves no rank to reduce "
             f"(rank 1 is the layer itself)"
         )
 
@@ -115,7 +126,8 @@ class LowRank:
         from tensorpress.compress.relu import fit_gelu, fit_relu
 
         x_ref, x_in = stats.samples()
-        fitter = {"convex": fit_convex, "relu": fit_relu, "gelu": fit_gelu}[method]
+        fitters: dict[str, Callable[..., LowRankFit]] = {"convex": fit_convex, "relu": fit_relu, "gelu": fit_gelu}
+        fitter = fitters[method]
         return fitter(layer.weight, layer.bias, x_ref, x_in, rank, **ridge_kw)
 
     def module(self, layer: nn.Linear, fit) -> nn.Module:
@@ -126,7 +138,7 @@ class LowRank:
         )
 
     def macs_per_row(self, layer: nn.Linear, module: nn.Module) -> int:
-        return module.rank * (layer.in_features + layer.out_features)
+        return cast("LowRankLinear", module).rank * (layer.in_features + layer.out_features)
 
     def report_rank(self, fit) -> int:
         return fit.rank
@@ -134,15 +146,16 @@ class LowRank:
 
 class TT:
     name = "tt"
-    methods = ("svd", "whitened", "activation")
+    methods: tuple[str, ...] = ("svd", "whitened", "activation")
 
     def why_not(self, module: nn.Module) -> str | None:
         wrong = _type_reason(module, nn.Linear, self.name)
         if wrong:
             return wrong
+        layer = cast(nn.Linear, module)  # _type_reason: exactly an nn.Linear
         prime = [
             f"{side} {n}"
-            for side, n in (("in_features", module.in_features), ("out_features", module.out_features))
+            for side, n in (("in_features", layer.in_features), ("out_features", layer.out_features))
             if len(prime_factors(n)) < 2
         ]
         if prime:
@@ -155,7 +168,7 @@ class TT:
     def describe(self) -> str:
         return "nn.Linear layers whose sides both split into >= 2 factors"
 
-    def factors(self, layer: nn.Linear):
+    def factors(self, layer: nn.Linear) -> tuple[tuple[int, ...], tuple[int, ...]]:
         from tensorpress.compress.tt import tt_factors
 
         in_f, out_f = tt_factors(layer)
@@ -169,7 +182,8 @@ class TT:
 
     def rank_params(self, layer: nn.Linear, rank) -> int:
         """Parameters of the compressed layer (cores and the bias the fits leave free)."""
-        return tt_params(*self.factors(layer), rank) + layer.out_features
+        out_f, in_f = self.factors(layer)
+        return tt_params(out_f, in_f, rank) + layer.out_features
 
     def rank_dof(self, layer: nn.Linear, rank) -> int:
         """Dimension of the TT manifold (each bond's r x r gauge removed) plus the bias."""
@@ -195,6 +209,8 @@ class TT:
         out_f, in_f = self.factors(layer)
         if method == "svd":
             return fit_tt_svd(layer.weight, layer.bias, list(rank), out_f, in_f)
+        if stats is None:
+            raise ValueError(f"method={method!r}: needs calibration statistics")
         return fit_tt_activation(layer.weight, layer.bias, stats, list(rank), out_f, in_f, **ridge_kw)
 
     def module(self, layer: nn.Linear, fit) -> nn.Module:
@@ -208,20 +224,22 @@ class TT:
         from tensorpress.ops.tt_plan import choose_plan
 
         batch = 256
-        return int(choose_plan(module.core_shapes, batch).flops // (2 * batch))
+        return int(choose_plan(cast("TTLinear", module).core_shapes, batch).flops // (2 * batch))
 
     def report_rank(self, fit) -> int:
         return fit.rank
 
 
 class _ConvStructure:
-    methods = ("svd", "whitened", "activation")
+    name: str  # each subclass's
+    methods: tuple[str, ...] = ("svd", "whitened", "activation")
 
     def why_not(self, module: nn.Module) -> str | None:
         wrong = _type_reason(module, nn.Conv2d, self.name)
         if wrong:
             return wrong
-        g, i, o = module.groups, module.in_channels, module.out_channels
+        conv = cast(nn.Conv2d, module)  # _type_reason: exactly an nn.Conv2d
+        g, i, o = conv.groups, conv.in_channels, conv.out_channels
         if g > 1:
             # the fits factor one dense (out, in) channel map; a grouped conv has one per group
             # (a block-diagonal map; per-group factors would need a grouped layer class)
@@ -233,7 +251,7 @@ class _ConvStructure:
         if i == 1:
             return (
                 f"one input channel: {self.name} has no input channels to reduce (the conv is already a "
-                f"{o}x{module.kernel_size[0]}x{module.kernel_size[1]} map)"
+                f"{o}x{conv.kernel_size[0]}x{conv.kernel_size[1]} map)"
             )
         if o == 1:
             return f"one output channel: {self.name} has no output channels to reduce"
@@ -266,7 +284,8 @@ class Tucker(_ConvStructure):
         mode's size and the product of the other ranks (a 1x1 conv's (3, 2) is (2, 2))."""
         from tensorpress.decompose.tucker import feasible_ranks
 
-        return tuple(feasible_ranks([r_out, r_in, *layer.kernel_size], layer.weight.shape))
+        r_o, r_i, s_h, s_w = feasible_ranks([r_out, r_in, *layer.kernel_size], layer.weight.shape)
+        return r_o, r_i, s_h, s_w
 
     def uniform_rank(self, layer: nn.Conv2d, budget: float):
         """The largest (r_out, r_in) in the channels' ratio that fits the budget (made feasible,
@@ -326,7 +345,7 @@ class Tucker(_ConvStructure):
         return fit_tucker_conv(layer, None if method == "svd" else stats, rank, **ridge_kw)
 
     def macs_per_row(self, layer: nn.Conv2d, module: nn.Module) -> int:
-        return self.params(layer, *module.ranks) - layer.out_channels
+        return self.params(layer, *cast("TuckerConv2d", module).ranks) - layer.out_channels
 
     def report_rank(self, fit):
         return tuple(fit.module.ranks)
@@ -367,7 +386,7 @@ class CP(_ConvStructure):
         return fit_cp_conv(layer, None if method == "svd" else stats, rank, **ridge_kw)
 
     def macs_per_row(self, layer: nn.Conv2d, module: nn.Module) -> int:
-        return self.params(layer, module.rank) - layer.out_channels
+        return self.params(layer, cast("CPConv2d", module).rank) - layer.out_channels
 
     def report_rank(self, fit) -> int:
         return fit.module.rank
@@ -401,7 +420,7 @@ STRUCTURES = tuple(ADAPTERS)
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as the (out, features) matrix its calibration rows multiply."""
-    w = layer.weight.detach()
+    w = cast(torch.Tensor, layer.weight).detach()
     return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
 
 
@@ -414,7 +433,8 @@ def layer_bias(layer: nn.Module) -> torch.Tensor | None:
 def budget_params(layer: nn.Module) -> int:
     """The layer's weights plus a bias: what a budget fraction of a tensor-structured layer is
     taken of (every fit has a bias)."""
-    return layer.weight.numel() + layer.weight.shape[0]
+    weight = cast(torch.Tensor, layer.weight)
+    return weight.numel() + weight.shape[0]
 
 
 def module_params(module: nn.Module) -> int:
