@@ -240,6 +240,7 @@ class TenBCD:
     def _patches(self, X: Tensor) -> Tensor:
         """Samples (n, C*H*W) -> patch columns (C k^2, P * n), column index p * n + sample."""
         c = self.conv
+        assert c is not None  # _input calls this only for a model with a conv layer
         P = F.unfold(X.reshape(-1, *c.in_shape), c.kernel_size, stride=c.stride)  # (n, C k^2, P)
         return P.permute(1, 2, 0).reshape(c.patch_size, -1).contiguous()
 
@@ -257,6 +258,12 @@ class TenBCD:
 
     def _inp(self, i: int) -> Tensor:
         return self.V0 if i == 0 else self.V[i - 1]
+
+    def _target(self, i: int) -> Tensor:
+        """T_i of a constrained layer i."""
+        target = self.targets_[i]
+        assert target is not None  # every constrained layer has its T_i from initialize() on
+        return target
 
     def _canonical(self, i: int, W: Tensor) -> Tensor:
         """W_i with its columns in the order its structure sees them (see ConvSpec.flatten)."""
@@ -280,7 +287,7 @@ class TenBCD:
         With projection_accept="closer" a TT projection replaces the old one only if it is at
         least as close to W_i. initial: the first target of init="normal" (every bond capped at
         init_target_rank when given; always accepted, no warm-start state)."""
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[TTSpec | ReshapedTTSpec, list[int]] = {}
         for i in idx:
             if i in self.sparsity:
                 self.targets_[i] = prune_projection(self.weights_[i], self.sparsity[i])
@@ -310,7 +317,7 @@ class TenBCD:
 
     def effective_weights(self) -> list[Tensor]:
         """The weights used at inference: T_i (TT reconstruction / pruned) for constrained layers, else W_i."""
-        return [self.targets_[i] if self.targets_[i] is not None else self.weights_[i] for i in range(self.N)]
+        return [w if t is None else t for w, t in zip(self.weights_, self.targets_)]
 
     # ------------------------------------------------------------------ validation
     def _check_xy(self, X, Y, xname="X", yname="Y", labels_ok=False) -> tuple[Tensor, Tensor | None]:
@@ -349,10 +356,17 @@ class TenBCD:
             )
         return X, Y
 
+    def _check_xy_given(self, X, Y, xname="X", yname="Y", labels_ok=False) -> tuple[Tensor, Tensor]:
+        """_check_xy where Y is required."""
+        X, Y = self._check_xy(X, Y, xname, yname, labels_ok)
+        if Y is None:
+            raise ValueError(f"{yname}: expected a tensor, got None")
+        return X, Y
+
     # ------------------------------------------------------------------ state
     def _setup(self, X: Tensor, Y: Tensor) -> None:
         """The data-dependent, deterministic part of the state: device, V_0, Y, n, the scaled weights."""
-        X, Y = self._check_xy(X, Y)
+        X, Y = self._check_xy_given(X, Y)
         dev = torch.device(self.device) if self.device is not None else X.device
         self.device_ = dev
         X = X.to(dev, self.dtype)
@@ -382,7 +396,9 @@ class TenBCD:
         self._setup(X, Y)
         dev = self.device_
         g = torch.Generator(device="cpu").manual_seed(self.seed)
-        self.weights_, self.targets_, self.cores_ = [], [None] * self.N, [None] * self.N
+        self.weights_: list[Tensor] = []
+        self.targets_: list[Tensor | None] = [None] * self.N  # T_i of the constrained layers
+        self.cores_: list[list[Tensor] | None] = [None] * self.N  # the TT layers' cores
         for i in range(self.N):
             m, k = self._weight_shape(i)
             if self.init == "normal":
@@ -426,8 +442,9 @@ class TenBCD:
             P = self._fl(i, blas.mm(self.weights_[i], inp))
             t["coupling"] += 0.5 * rho * _sq(self.U[i] - P)
             t["relu"] += 0.5 * gamma * _sq(self.V[i] - (self.U[i].clamp_min(0.0) if i < self.N - 1 else self.U[i]))
-            if self.targets_[i] is not None and i in self.constrained:
-                t["constraint"] += 0.5 * self.tau_eff * _sq(self.weights_[i] - self.targets_[i])
+            target = self.targets_[i]
+            if target is not None and i in self.constrained:
+                t["constraint"] += 0.5 * self.tau_eff * _sq(self.weights_[i] - target)
             if self.decay_eff:
                 t["decay"] += 0.5 * self.decay_eff * _sq(self.weights_[i])
         total = sum(t.values())
@@ -441,7 +458,7 @@ class TenBCD:
             f += 0.5 * self.rho * _sq(self.U[i] - self.P[i])
             f += 0.5 * self.gamma * _sq(self.V[i] - (self.U[i].clamp_min(0.0) if i < self.N - 1 else self.U[i]))
             if i in self.constrained:
-                f += 0.5 * self.tau_eff * _sq(self.weights_[i] - self.targets_[i])
+                f += 0.5 * self.tau_eff * _sq(self.weights_[i] - self._target(i))
             if self.decay_eff:
                 f += 0.5 * self.decay_eff * _sq(self.weights_[i])
         return f
@@ -450,7 +467,7 @@ class TenBCD:
         """||W_i - T_i|| / ||W_i|| per constrained layer."""
         return {
             i: (
-                torch.linalg.vector_norm(self.weights_[i] - self.targets_[i])
+                torch.linalg.vector_norm(self.weights_[i] - self._target(i))
                 / torch.linalg.vector_norm(self.weights_[i]).clamp_min(1e-30)
             ).item()
             for i in self.constrained
@@ -481,7 +498,7 @@ class TenBCD:
         returns [(block, F after it)] (F recomputed from scratch after each block: slow, for checks).
         The cached products P_i must be current (they are after initialize() and each step())."""
         L, g, r, a = self.N - 1, self.gamma, self.rho, self.alpha
-        trace = [] if trace_blocks else None
+        trace: list[tuple[str, float]] | None = [] if trace_blocks else None
         # ||x_{k+1} - x_k||^2 over every block (the T_i stand in for the TT cores), for the O(1/k) check
         self._step_sq = 0.0
 
@@ -529,9 +546,9 @@ class TenBCD:
             mark(f"W[{i}]")
             if trace is not None and i in self.constrained:  # projections are batched at the end otherwise
                 self._block = f"T[{i}]"
-                old = self.targets_[i]
+                old_target = self.targets_[i]
                 self._project([i])
-                moved(old, self.targets_[i])
+                moved(old_target, self.targets_[i])
                 mark(f"T[{i}]")
         self.P[0] = self._fl(0, blas.mm(self.weights_[0], self.V0))
         if trace is None:
@@ -553,7 +570,7 @@ class TenBCD:
             if not torch.isfinite(store[b][i]).all():
                 return f"{b}[{i}]"
         for i in self.constrained:
-            if not torch.isfinite(self.targets_[i]).all():
+            if not torch.isfinite(self._target(i)).all():
                 return f"T[{i}] (projection)"
         return "objective (overflow)"
 
@@ -600,15 +617,16 @@ class TenBCD:
         if (X_test is None) != (y_test is None):
             raise ValueError("X_test, y_test: expected both or neither")
         if X_test is not None:
-            X_test, y_test = self._check_xy(X_test, y_test, "X_test", "y_test", labels_ok=True)
-            y_test = y_test if y_test.dim() == 1 else y_test.argmax(1)
-        if resume and Path(checkpoint).exists():
+            X_test, y_checked = self._check_xy_given(X_test, y_test, "X_test", "y_test", labels_ok=True)
+            y_test = y_checked if y_checked.dim() == 1 else y_checked.argmax(1)
+        if resume and checkpoint is not None and Path(checkpoint).exists():  # resume needs a checkpoint (above)
             self.load_checkpoint(checkpoint, X, Y)
         else:
             self.initialize(X, Y)
         Xd = X.to(self.device_, self.dtype)
         y_train = Y.argmax(1).to(self.device_)
         if X_test is not None:
+            assert y_test is not None  # both or neither (checked above)
             X_test, y_test = X_test.to(self.device_, self.dtype), y_test.to(self.device_)
         sync = (lambda: torch.cuda.synchronize(self.device_)) if self.device_.type == "cuda" else (lambda: None)
         start = self.n_iter_ + 1
@@ -782,9 +800,15 @@ class TenBCD:
         if state["data"] != self._data_fingerprint:
             raise ValueError("checkpoint: written for other training data (X, Y differ)")
         dev, dt = self.device_, self.dtype
-        on = lambda t: None if t is None else t.to(dev)  # noqa: E731
+
+        def on(t: Tensor) -> Tensor:
+            return t.to(dev)
+
+        def on_or_none(t: Tensor | None) -> Tensor | None:  # T_i and the SVD states may be None
+            return None if t is None else on(t)
+
         self.weights_ = [on(w) for w in state["weights"]]
-        self.targets_ = [on(t) for t in state["targets"]]
+        self.targets_ = [on_or_none(t) for t in state["targets"]]
         self.cores_ = [None if c is None else [on(g) for g in c] for c in state["cores"]]
         self.U, self.V = [on(t) for t in state["U"]], [on(t) for t in state["V"]]
         self.P = [on(t) for t in state["P"]]
@@ -793,7 +817,7 @@ class TenBCD:
         if state["factor0"] is not None:
             L, woodbury, c = state["factor0"]
             self._factor0 = GramFactor(on(L), woodbury, c)
-        self._svd_state = {k: {b: on(t) for b, t in v.items()} for k, v in state["svd_state"]}
+        self._svd_state = {k: {b: on_or_none(t) for b, t in v.items()} for k, v in state["svd_state"]}
         self._gen.set_state(state["generator"])
         self.history_ = {k: list(state["history"].get(k, [None] * state["n_iter"])) for k in HISTORY_KEYS}
         self.n_iter_ = state["n_iter"]
@@ -808,9 +832,8 @@ class TenBCD:
         training sets); or a float: lam = ridge * mean diag(H H^T). The chosen lam is in ``refit_ridge_``.
         """
         self._require_fitted()
-        X, Y = self._check_xy(X, Y)
-        if ridge != "gcv":
-            ridge = _check_number("ridge", ridge)
+        X, Y = self._check_xy_given(X, Y)
+        scale = None if ridge == "gcv" else _check_number("ridge", ridge)  # None: by GCV
         # float64 throughout: with fewer samples than hidden units H H^T is singular, and a float32
         # Gram's rounding (negative eigenvalues ~1e-7 ||G||) would swamp a small chosen lam
         H = self._forward(X.to(self.device_, self.dtype), self.effective_weights(), upto=self.N - 1).double()
@@ -820,8 +843,8 @@ class TenBCD:
         e = e.clamp_min(0.0)
         lam = (
             gcv_ridge(G, B, float(Yc.square().sum()), H.shape[1], eig=(e, Q))
-            if ridge == "gcv"
-            else ridge * float(G.diagonal().mean()) + 1e-12
+            if scale is None
+            else scale * float(G.diagonal().mean()) + 1e-12
         )
         self.refit_ridge_ = lam
         # W = B (G + lam I)^{-1} through G's eigenvectors (lam > 0 unless H = 0, whose refit is W = 0)
@@ -866,7 +889,7 @@ class TenBCD:
     def score(self, X: Tensor, y: Tensor) -> float:
         """Accuracy with the TT/pruned weights; y labels (n,) or one-hot."""
         self._require_fitted()
-        X, y = self._check_xy(X, y, "X", "y", labels_ok=True)
+        X, y = self._check_xy_given(X, y, "X", "y", labels_ok=True)
         y = y if y.dim() == 1 else y.argmax(1)
         return self._accuracy(X.to(self.device_, self.dtype), y.to(self.device_))
 
@@ -896,10 +919,11 @@ class TenBCD:
                 mods += [nn.Unflatten(1, c.in_shape), conv, nn.ReLU(), nn.Flatten()]
                 continue
             din, dout = self.layer_sizes[i], self.layer_sizes[i + 1]
-            if isinstance(self.tt_specs.get(i), TTSpec):
-                s = self.tt_specs[i]
+            s = self.tt_specs.get(i)
+            if isinstance(s, TTSpec):
                 cores = self.cores_[i]
-                layer = TTLinear(
+                assert cores is not None  # a TT layer has its cores from initialize() on
+                tt = TTLinear(
                     din,
                     dout,
                     [g.shape[-1] for g in cores[:-1]],
@@ -910,13 +934,14 @@ class TenBCD:
                     dtype=self.dtype,
                 )
                 with torch.no_grad():
-                    for p, g in zip(layer.cores, cores):
+                    for p, g in zip(tt.cores, cores):
                         p.copy_(g)
+                mods.append(tt)
             else:
-                layer = nn.Linear(din, dout, bias=False, device=self.device_, dtype=self.dtype)
+                linear = nn.Linear(din, dout, bias=False, device=self.device_, dtype=self.dtype)
                 with torch.no_grad():
-                    layer.weight.copy_(eff[i])
-            mods.append(layer)
+                    linear.weight.copy_(eff[i])
+                mods.append(linear)
             if i < self.N - 1:
                 mods.append(nn.ReLU())
         return nn.Sequential(*mods)
