@@ -26,6 +26,8 @@ per layer so they fit a memory budget):
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import Tensor
 
@@ -152,6 +154,17 @@ def conv_patch_gram(u: Tensor, k: int) -> Tensor | None:
     return g.reshape(k, k, c, c).permute(2, 0, 3, 1).reshape(c * k, c * k)
 
 
+_T = TypeVar("_T")
+
+
+def _allocated(t: _T | None) -> _T:
+    """An accumulator (or shift, or setting) that is set at this point: the first update
+    allocates each one these statistics keep (which ones: see GramStats.update), every read
+    needs data first, and the callers check the settings a path needs (project=, kronecker=)."""
+    assert t is not None
+    return t
+
+
 class GramStats:
     """Running means and centered Gram matrices of paired inputs (X, X~), in float64.
 
@@ -226,9 +239,17 @@ class GramStats:
         self.n = 0
         self._shift_ref: Tensor | None = None
         self._shift_in: Tensor | None = None
-        self._sum_ref = self._sum_in = None
-        self._gram_ref = self._gram_in = self._cross = self._ref_out = None
-        self._kron_a = self._kron_s = self._in_proj = None
+        # the accumulators, allocated by the first update: which ones depends on paired,
+        # project and kronecker (see update); the others stay None
+        self._sum_ref: Tensor | None = None
+        self._sum_in: Tensor | None = None
+        self._gram_ref: Tensor | None = None
+        self._gram_in: Tensor | None = None
+        self._cross: Tensor | None = None
+        self._ref_out: Tensor | None = None
+        self._kron_a: Tensor | None = None
+        self._kron_s: Tensor | None = None
+        self._in_proj: Tensor | None = None
         # a tall-kernel conv whose only (in, in) Gram is the input side's: that Gram is formed
         # from correlations of the conv's input signals (conv_patch_gram), buffered up to
         # buffer_bytes (see update_conv)
@@ -287,8 +308,8 @@ class GramStats:
             if self.kronecker is not None:
                 c, k = self.kronecker
                 self._kron_a, self._kron_s = zeros(c, c), zeros(k, k)
-                if self.paired:
-                    self._in_proj = zeros(d, self.project.shape[0])
+                if self.paired:  # kronecker= needs project= (checked in __init__)
+                    self._in_proj = zeros(d, _allocated(self.project).shape[0])
             elif self.paired:
                 self._gram_in = zeros(d, d, dtype=self.dtype)
             if self.project is not None:
@@ -300,33 +321,39 @@ class GramStats:
             self._upper = self._tall is None
         # rows added after a read go into the whole matrices
         add_gram = _add_gram if self._upper else (lambda acc, x: acc.add_((x.T @ x).to(acc.dtype)))
-        a = x_ref - self._shift_ref
-        self._sum_ref += a.sum(0, dtype=torch.float64)
+        # the in-place sums below add into the accumulators allocated above
+        a = x_ref - _allocated(self._shift_ref)
+        sum_ref = _allocated(self._sum_ref)
+        sum_ref += a.sum(0, dtype=torch.float64)
         if self._gram_ref is not None and (self.paired or _in_gram):
             add_gram(self._gram_ref, a)
         b = a
         if self.paired:
-            b = x_in - self._shift_in
-            self._sum_in += b.sum(0, dtype=torch.float64)
+            b = x_in - _allocated(self._shift_in)
+            sum_in = _allocated(self._sum_in)
+            sum_in += b.sum(0, dtype=torch.float64)
         if self.kronecker is not None and _in_gram:
             c, k = self.kronecker
+            kron_a, kron_s = _allocated(self._kron_a), _allocated(self._kron_s)
             bk = b.reshape(-1, c, k)
             for j in range(k):  # one offset at a time: no (rows * K, C) copy
                 col = bk[:, :, j]
-                self._kron_a += (col.T @ col).to(torch.float64)
+                kron_a += (col.T @ col).to(torch.float64)
             flat = b.reshape(-1, k)
-            self._kron_s += (flat.T @ flat).to(torch.float64)
+            kron_s += (flat.T @ flat).to(torch.float64)
         elif self.paired and _in_gram:
-            add_gram(self._gram_in, b)
+            add_gram(_allocated(self._gram_in), b)
         if self.project is not None:
             p = self.project.to(device=a.device, dtype=a.dtype)
             aw = a @ p.T
-            self._cross += (b.T @ aw).to(torch.float64)
-            self._ref_out += (aw.T @ aw).to(torch.float64)
+            cross, ref_out = _allocated(self._cross), _allocated(self._ref_out)
+            cross += (b.T @ aw).to(torch.float64)
+            ref_out += (aw.T @ aw).to(torch.float64)
             if self._in_proj is not None:
                 self._in_proj += (b.T @ (b @ p.T)).to(torch.float64)
         elif self.paired:
-            self._cross += (b.T @ a).to(torch.float64)
+            cross = _allocated(self._cross)
+            cross += (b.T @ a).to(torch.float64)
         seen = self.n
         self.n += x_ref.shape[0]
         if self.keep_rows:
@@ -392,7 +419,7 @@ class GramStats:
         for a, b in chunks:
             self.update(a, b, _in_gram=False)
         sig = conv_signals(conv, x_in.detach().to(work), transposed)
-        sig = sig - self._shift_in.reshape(-1, k)[:, 0].to(sig.device)[None, :, None]
+        sig = sig - _allocated(self._shift_in).reshape(-1, k)[:, 0].to(sig.device)[None, :, None]
         if self.kronecker is not None:
             self._add_kron_signals(sig, k)
             return
@@ -413,13 +440,14 @@ class GramStats:
         q = torch.arange(length, device=u.device)
         m = (torch.clamp(q, max=k - 1) - torch.clamp(q - p + 1, min=0) + 1).clamp(min=0).to(u.dtype)
         flat = (u * m.sqrt()).permute(1, 0, 2).reshape(c, b * length)
-        self._kron_a += (flat @ flat.T).to(torch.float64)
+        kron_a, kron_s = _allocated(self._kron_a), _allocated(self._kron_s)  # by update (update_conv)
+        kron_a += (flat @ flat.T).to(torch.float64)
         chan = u.reshape(b * c, 1, length)
         gram = conv_patch_gram(chan, k)
         if gram is None:
             rows = chan.unfold(2, k, 1).reshape(-1, k)
             gram = (rows.T @ rows).to(torch.float64)
-        self._kron_s += gram
+        kron_s += gram
 
     def _flush(self) -> None:
         """Add the buffered signals' patch Gram into the input side's Gram."""
@@ -427,9 +455,9 @@ class GramStats:
             return
         u = torch.cat(self._signals) if len(self._signals) > 1 else self._signals[0]
         self._signals, self._signal_bytes = [], 0
-        k = self._tall[0]
+        k = _allocated(self._tall)[0]  # signals are buffered for a tall kernel only
         gram = conv_patch_gram(u, k)
-        acc = self._gram_in if self.paired else self._gram_ref
+        acc = _allocated(self._gram_in if self.paired else self._gram_ref)
         if gram is None:  # fewer positions than offsets: the patches' own Gram
             rows = u.unfold(2, k, 1).permute(0, 2, 1, 3).reshape(-1, u.shape[1] * k)
             acc += (rows.T @ rows).to(acc.dtype)
@@ -453,13 +481,13 @@ class GramStats:
 
     @property
     def _sum_in_side(self) -> Tensor:
-        return self._sum_in if self.paired else self._sum_ref
+        return _allocated(self._sum_in if self.paired else self._sum_ref)
 
     @property
     def mean_ref(self) -> Tensor:
         """Mean of the X rows (in,)."""
         self._require_data()
-        return self._shift_ref.to(torch.float64) + self._sum_ref / self.n
+        return _allocated(self._shift_ref).to(torch.float64) + _allocated(self._sum_ref) / self.n
 
     @property
     def mean_in(self) -> Tensor:
@@ -467,7 +495,7 @@ class GramStats:
         if not self.paired:
             return self.mean_ref
         self._require_data()
-        return self._shift_in.to(torch.float64) + self._sum_in / self.n
+        return _allocated(self._shift_in).to(torch.float64) + _allocated(self._sum_in) / self.n
 
     def _centered(self, gram: Tensor, sum_a: Tensor, sum_b: Tensor) -> Tensor:
         # sum (a - mean_a)(b - mean_b)^T from the shifted sums: G - s_a s_b^T / n
@@ -493,7 +521,8 @@ class GramStats:
             return self.reference.cov_ref
         if self._gram_ref is None:
             raise self._no_matrix("X^T X")
-        return self._centered(self._gram_ref, self._sum_ref, self._sum_ref)
+        sum_ref = _allocated(self._sum_ref)
+        return self._centered(self._gram_ref, sum_ref, sum_ref)
 
     @property
     def cov_in(self) -> Tensor:
@@ -503,7 +532,8 @@ class GramStats:
         self._require_data()
         if self._gram_in is None:
             raise self._no_matrix("X~^T X~")
-        return self._centered(self._gram_in, self._sum_in, self._sum_in)
+        sum_in = _allocated(self._sum_in)
+        return self._centered(self._gram_in, sum_in, sum_in)
 
     @property
     def cov_cross(self) -> Tensor:
@@ -513,13 +543,14 @@ class GramStats:
         if not self.paired:
             return self.cov_ref
         self._require_data()
-        return self._centered(self._cross, self._sum_in, self._sum_ref)
+        return self._centered(_allocated(self._cross), _allocated(self._sum_in), _allocated(self._sum_ref))
 
     def _check_projected(self, w: Tensor) -> None:
-        if w.shape != self.project.shape or not torch.equal(w.to(self.project.device), self.project):
+        project = _allocated(self.project)  # called for statistics made with project= only
+        if w.shape != project.shape or not torch.equal(w.to(project.device), project):
             raise ValueError(
                 f"weight: these statistics keep X~^T X only times the weight they were projected on "
-                f"{tuple(self.project.shape)}; expected that weight"
+                f"{tuple(project.shape)}; expected that weight"
             )
 
     def cov_cross_times(self, weight: Tensor) -> Tensor:
@@ -529,7 +560,8 @@ class GramStats:
             return self.cov_cross.to(w.device) @ w.T
         self._require_data()
         self._check_projected(w)
-        centered = self._cross - torch.outer(self._sum_in_side, self.project @ self._sum_ref) / self.n
+        sum_ref = _allocated(self._sum_ref)
+        centered = _allocated(self._cross) - torch.outer(self._sum_in_side, self.project @ sum_ref) / self.n
         if self.kronecker is not None:
             # the fit's effective target (module docstring): C^ W^T + (X~^T X - X~^T X~) W^T
             centered = centered - self._in_projected() + self.in_apply(self.project).T
@@ -537,9 +569,12 @@ class GramStats:
 
     def _in_projected(self) -> Tensor:
         """Centered X~^T X~ W^T (in, out), exact (Kronecker-factored statistics)."""
+        project = _allocated(self.project)  # Kronecker-factored statistics have project=
         if self._in_proj is None:  # one-shot: X~ = X
-            return self._cross - torch.outer(self._sum_ref, self.project @ self._sum_ref) / self.n
-        return self._in_proj - torch.outer(self._sum_in, self.project @ self._sum_in) / self.n
+            sum_ref = _allocated(self._sum_ref)
+            return _allocated(self._cross) - torch.outer(sum_ref, project @ sum_ref) / self.n
+        sum_in = _allocated(self._sum_in)
+        return self._in_proj - torch.outer(sum_in, project @ sum_in) / self.n
 
     def energy_offset(self, weight: Tensor) -> float:
         """What the quadratic objective built from these statistics (in_apply, cov_cross_times,
@@ -551,7 +586,8 @@ class GramStats:
         w = weight.detach().to(torch.float64)
         self._require_data()
         self._check_projected(w)
-        return self.in_quad(self.project) - float((self.project.T * self._in_projected()).sum())
+        project = _allocated(self.project)  # Kronecker-factored statistics have project=
+        return self.in_quad(project) - float((project.T * self._in_projected()).sum())
 
     def ref_energy(self, weight: Tensor) -> float:
         """tr(W Cr W^T): the centered energy of the original outputs X W^T."""
@@ -561,8 +597,8 @@ class GramStats:
             return self.reference.ref_energy(w)
         if self.project is not None and self._gram_ref is None:
             self._check_projected(w)
-            ws = self.project @ self._sum_ref
-            return float(self._ref_out.trace() - ws.square().sum() / self.n)
+            ws = self.project @ _allocated(self._sum_ref)
+            return float(_allocated(self._ref_out).trace() - ws.square().sum() / self.n)
         return float(((w @ self.cov_ref.to(w.device)) * w).sum())
 
     def in_apply(self, v: Tensor) -> Tensor:
@@ -592,9 +628,9 @@ class GramStats:
     def _kron_factors(self) -> tuple[Tensor, Tensor]:
         """The centered Kronecker factors (A / tr(A), S): Cin ~ (A / tr A) (x) S."""
         self._require_data()
-        sm = self._sum_in_side.reshape(self.kronecker)
-        a = self._kron_a - sm @ sm.T / self.n
-        s = self._kron_s - sm.T @ sm / self.n
+        sm = self._sum_in_side.reshape(_allocated(self.kronecker))  # called for Kronecker factors only
+        a = _allocated(self._kron_a) - sm @ sm.T / self.n
+        s = _allocated(self._kron_s) - sm.T @ sm / self.n
         tr = float(a.trace())
         return (a / tr if tr > 0 else a), s
 
@@ -629,16 +665,22 @@ class GramStats:
             self._signals, self._signal_bytes = [], 0
             return self
 
-        # re-express the other's sums about this accumulator's shifts
+        # re-express the other's sums about this accumulator's shifts (both hold rows: their
+        # accumulators are allocated; without project= and kronecker= every Gram is kept)
         n = other.n
-        d_ref = (other._shift_ref - self._shift_ref).to(torch.float64)
-        self._gram_ref += _moved(other._gram_ref, other._sum_ref, other._sum_ref, d_ref, d_ref, n).to(self.dtype)
+        d_ref = (_allocated(other._shift_ref) - _allocated(self._shift_ref)).to(torch.float64)
+        o_sum_ref = _allocated(other._sum_ref)
+        gram_ref = _allocated(self._gram_ref)
+        gram_ref += _moved(_allocated(other._gram_ref), o_sum_ref, o_sum_ref, d_ref, d_ref, n).to(self.dtype)
         if self.paired:
-            d_in = (other._shift_in - self._shift_in).to(torch.float64)
-            self._gram_in += _moved(other._gram_in, other._sum_in, other._sum_in, d_in, d_in, n).to(self.dtype)
-            self._cross += _moved(other._cross, other._sum_in, other._sum_ref, d_in, d_ref, n)
-            self._sum_in += other._sum_in + n * d_in
-        self._sum_ref += other._sum_ref + n * d_ref
+            d_in = (_allocated(other._shift_in) - _allocated(self._shift_in)).to(torch.float64)
+            o_sum_in = _allocated(other._sum_in)
+            gram_in, cross, sum_in = _allocated(self._gram_in), _allocated(self._cross), _allocated(self._sum_in)
+            gram_in += _moved(_allocated(other._gram_in), o_sum_in, o_sum_in, d_in, d_in, n).to(self.dtype)
+            cross += _moved(_allocated(other._cross), o_sum_in, o_sum_ref, d_in, d_ref, n)
+            sum_in += o_sum_in + n * d_in
+        sum_ref = _allocated(self._sum_ref)
+        sum_ref += o_sum_ref + n * d_ref
         self.n += n
         self.rows_ref += other.rows_ref
         self.rows_in += other.rows_in
@@ -654,12 +696,16 @@ class GramStats:
         self._whole()
         d = self.in_features
         f64 = torch.float64
-        dev = self._sum_ref.device if self.n else torch.device("cpu")
+        dev = _allocated(self._sum_ref).device if self.n else torch.device("cpu")
         proj = self.project  # the ref side is kept times W^T: move it through W too
         zero_vec = torch.zeros(d, dtype=f64, device=dev)
         # 1. the global means become the common shift (the best-conditioned one)
-        s_ref = (self._shift_ref.to(f64) * self.n + self._sum_ref) if self.n else zero_vec
-        s_in = (self._shift_in.to(f64) * self.n + self._sum_in) if (self.n and self.paired) else zero_vec
+        s_ref = (_allocated(self._shift_ref).to(f64) * self.n + _allocated(self._sum_ref)) if self.n else zero_vec
+        s_in = (
+            (_allocated(self._shift_in).to(f64) * self.n + _allocated(self._sum_in))
+            if (self.n and self.paired)
+            else zero_vec
+        )
         n_t, s_ref, s_in = tpdist.sum_tensors([torch.tensor([float(self.n)], dtype=f64), s_ref, s_in])
         total = int(n_t.item())
         if total == 0:
@@ -670,39 +716,43 @@ class GramStats:
         # 2. this process's sums re-expressed about the common shift (see _moved); the parts
         #    are named, with the shapes every process agrees on (zeros where n == 0)
         out = 0 if proj is None else proj.shape[0]
-        shapes = {"sum_ref": (d,), "sum_in": (d,) if self.paired else None}
-        shapes["gram_ref"] = (d, d) if self._keeps_gram_ref else None
-        shapes["gram_in"] = (d, d) if (self.paired and self.kronecker is None) else None
-        shapes["kron_a"] = None if self.kronecker is None else (self.kronecker[0],) * 2
-        shapes["kron_s"] = None if self.kronecker is None else (self.kronecker[1],) * 2
-        shapes["cross"] = (d, out) if proj is not None else ((d, d) if self.paired else None)
-        shapes["ref_out"] = (out, out) if proj is not None else None
-        shapes["in_proj"] = (d, out) if self._in_proj is not None or (self.kronecker and self.paired) else None
-        shapes = {k: v for k, v in shapes.items() if v is not None}
+        all_shapes: dict[str, tuple[int, ...] | None] = {"sum_ref": (d,), "sum_in": (d,) if self.paired else None}
+        all_shapes["gram_ref"] = (d, d) if self._keeps_gram_ref else None
+        all_shapes["gram_in"] = (d, d) if (self.paired and self.kronecker is None) else None
+        all_shapes["kron_a"] = None if self.kronecker is None else (self.kronecker[0],) * 2
+        all_shapes["kron_s"] = None if self.kronecker is None else (self.kronecker[1],) * 2
+        all_shapes["cross"] = (d, out) if proj is not None else ((d, d) if self.paired else None)
+        all_shapes["ref_out"] = (out, out) if proj is not None else None
+        all_shapes["in_proj"] = (d, out) if self._in_proj is not None or (self.kronecker and self.paired) else None
+        shapes = {k: v for k, v in all_shapes.items() if v is not None}
         if self.n:
+            # this process holds rows: the accumulators its settings keep are allocated
             n = self.n
-            d_ref = self._shift_ref.to(f64) - mu_ref
-            d_in = (self._shift_in.to(f64) - mu_in) if self.paired else d_ref
+            sum_ref = _allocated(self._sum_ref)
+            d_ref = _allocated(self._shift_ref).to(f64) - mu_ref
+            d_in = (_allocated(self._shift_in).to(f64) - mu_in) if self.paired else d_ref
             s_in_side = self._sum_in_side
-            got = {"sum_ref": self._sum_ref + n * d_ref}
+            got = {"sum_ref": sum_ref + n * d_ref}
             if self.paired:
-                got["sum_in"] = self._sum_in + n * d_in
+                got["sum_in"] = _allocated(self._sum_in) + n * d_in
             if "gram_ref" in shapes:
-                got["gram_ref"] = _moved(self._gram_ref.to(f64), self._sum_ref, self._sum_ref, d_ref, d_ref, n)
+                got["gram_ref"] = _moved(_allocated(self._gram_ref).to(f64), sum_ref, sum_ref, d_ref, d_ref, n)
             if "gram_in" in shapes:
-                got["gram_in"] = _moved(self._gram_in.to(f64), self._sum_in, self._sum_in, d_in, d_in, n)
+                sum_in = _allocated(self._sum_in)
+                got["gram_in"] = _moved(_allocated(self._gram_in).to(f64), sum_in, sum_in, d_in, d_in, n)
             if "kron_a" in shapes:
                 got["kron_a"], got["kron_s"] = _kron_moved(
-                    self._kron_a, self._kron_s, s_in_side, d_in, n, self.kronecker
+                    _allocated(self._kron_a), _allocated(self._kron_s), s_in_side, d_in, n, _allocated(self.kronecker)
                 )
             if proj is not None:
                 p = proj.to(dev)
-                got["cross"] = _moved(self._cross, s_in_side, p @ self._sum_ref, d_in, p @ d_ref, n)
-                got["ref_out"] = _moved(self._ref_out, p @ self._sum_ref, p @ self._sum_ref, p @ d_ref, p @ d_ref, n)
+                got["cross"] = _moved(_allocated(self._cross), s_in_side, p @ sum_ref, d_in, p @ d_ref, n)
+                got["ref_out"] = _moved(_allocated(self._ref_out), p @ sum_ref, p @ sum_ref, p @ d_ref, p @ d_ref, n)
                 if "in_proj" in shapes:
-                    got["in_proj"] = _moved(self._in_proj, self._sum_in, p @ self._sum_in, d_in, p @ d_in, n)
+                    sum_in = _allocated(self._sum_in)
+                    got["in_proj"] = _moved(_allocated(self._in_proj), sum_in, p @ sum_in, d_in, p @ d_in, n)
             elif self.paired:
-                got["cross"] = _moved(self._cross, self._sum_in, self._sum_ref, d_in, d_ref, n)
+                got["cross"] = _moved(_allocated(self._cross), _allocated(self._sum_in), sum_ref, d_in, d_ref, n)
         else:
             got = {k: torch.zeros(*s, dtype=f64, device=dev) for k, s in shapes.items()}
         keys = list(shapes)
@@ -736,7 +786,9 @@ class OffsetStats:
         self.in_features, self.out_features = in_features, out_features
         self.n = 0
         self._shift: Tensor | None = None
-        self._sum_x = self._sum_d = self._cross = None
+        self._sum_x: Tensor | None = None
+        self._sum_d: Tensor | None = None
+        self._cross: Tensor | None = None
 
     def update(self, x_in: Tensor, d: Tensor) -> None:
         x_in = x_in.detach().reshape(-1, self.in_features)
@@ -752,24 +804,26 @@ class OffsetStats:
             zeros = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x_in.device)  # noqa: E731
             self._sum_x, self._sum_d = zeros(self.in_features), zeros(self.out_features)
             self._cross = zeros(self.in_features, self.out_features)
-        b = x_in - self._shift.to(work)
-        self._sum_x += b.sum(0, dtype=torch.float64)
-        self._sum_d += d.sum(0, dtype=torch.float64)
-        self._cross += (b.T @ d).to(torch.float64)
+        # in place into the accumulators allocated with the shift (above, on the first rows)
+        sum_x, sum_d, cross = _allocated(self._sum_x), _allocated(self._sum_d), _allocated(self._cross)
+        b = x_in - _allocated(self._shift).to(work)
+        sum_x += b.sum(0, dtype=torch.float64)
+        sum_d += d.sum(0, dtype=torch.float64)
+        cross += (b.T @ d).to(torch.float64)
         self.n += x_in.shape[0]
 
     @property
     def mean_d(self) -> Tensor:
         if self.n == 0:
             raise ValueError("calibration data: no rows reached this layer")
-        return self._sum_d / self.n
+        return _allocated(self._sum_d) / self.n
 
     @property
     def cov_cross(self) -> Tensor:
         """Centered X~^T D (in, out)."""
         if self.n == 0:
             raise ValueError("calibration data: no rows reached this layer")
-        return self._cross - torch.outer(self._sum_x, self._sum_d) / self.n
+        return _allocated(self._cross) - torch.outer(_allocated(self._sum_x), _allocated(self._sum_d)) / self.n
 
     def all_reduce_(self) -> OffsetStats:
         """Sum over the processes of the torch.distributed group (a no-op without one)."""
@@ -778,13 +832,14 @@ class OffsetStats:
         if not tpdist.active():
             return self
         f64, d_in, d_out = torch.float64, self.in_features, self.out_features
-        if self.n:  # uncentered sums (shift 0): sum x, sum d, sum x d^T
-            sum_x = self._sum_x + self.n * self._shift
+        if self.n:  # uncentered sums (shift 0): sum x, sum d, sum x d^T (allocated: rows were added)
+            shift, sum_d = _allocated(self._shift), _allocated(self._sum_d)
+            sum_x = _allocated(self._sum_x) + self.n * shift
             parts = [
                 torch.tensor([float(self.n)], dtype=f64, device=sum_x.device),
                 sum_x,
-                self._sum_d,
-                self._cross + torch.outer(self._shift, self._sum_d),
+                sum_d,
+                _allocated(self._cross) + torch.outer(shift, sum_d),
             ]
         else:
             parts = [
