@@ -66,6 +66,29 @@ def test_update_conv_equals_the_statistics_of_the_patch_rows(conv, paired):
     assert rel_err(fast.mean_in, ref.mean_in) < 1e-12
 
 
+@pytest.mark.parametrize("kronecker", [False, True])
+def test_an_empty_first_batch_adds_nothing(kronecker):
+    """A batch of no samples before the first real one: the statistics are those of the real
+    batches alone (the per-channel shift of a tall kernel was once the NaN mean of nothing,
+    and every statistic after it NaN)."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 4, (3, 1)).double()
+    w = conv.weight.reshape(4, -1)
+    x = torch.randn(4, 3, 10, 2, dtype=F64) + 1.0
+    xt = x + 0.1 * torch.randn_like(x)
+    kw = dict(project=w, kronecker=(3, 3)) if kronecker else dict(project=w)
+    got = GramStats(w.shape[1], paired=True, conv=conv, **kw)
+    ref = GramStats(w.shape[1], paired=True, conv=conv, **kw)
+    got.update_conv(x[:0], xt[:0])
+    for st in (got, ref):
+        st.update_conv(x, xt)
+    assert got.n == ref.n > 0
+    assert torch.isfinite(got.mean_ref).all() and torch.equal(got.mean_ref, ref.mean_ref)
+    assert torch.equal(got.cov_cross_times(w), ref.cov_cross_times(w))
+    v = torch.randn(2, w.shape[1], dtype=F64)
+    assert torch.equal(got.in_apply(v), ref.in_apply(v))
+
+
 @pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, (5, 1), padding=(2, 0)), nn.Conv2d(3, 4, (1, 4), stride=(2, 1))])
 @pytest.mark.parametrize("paired", [True, False])
 def test_kronecker_factors_from_the_signals_equal_those_of_the_patch_rows(conv, paired):

@@ -403,6 +403,8 @@ class GramStats:
         x_in = x_ref if not self.paired or x_in is None else x_in
         if x_in.shape != x_ref.shape:
             raise ValueError(f"x_in: expected the shape of x_ref {tuple(x_ref.shape)}, got {tuple(x_in.shape)}")
+        if x_ref.numel() == 0:  # no samples: nothing to add (and no mean to take the shift from)
+            return
         chunks = zip(layer_row_chunks(conv, x_ref, None, max_rows), layer_row_chunks(conv, x_in, None, max_rows))
         if self._tall is None:
             for a, b in chunks:
