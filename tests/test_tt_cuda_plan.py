@@ -130,14 +130,18 @@ def test_benchmark_shape_bf16_large_batch_goes_dense():
     assert choose_cuda_plan(shapes, 4096, H100_LIMITS, torch.bfloat16).path == "dense"
 
 
-def test_tensor_cores_lower_the_tiled_estimate_only():
+def test_tensor_cores_lower_the_fused_and_tiled_estimates_only():
     shapes = tt_shapes((8, 8, 8, 8), (8, 8, 8, 8), (16, 16, 16))
     merged, order = tuple(shapes), (0, 1, 2, 3)
+    small = tt_shapes((4, 8, 8, 4), (4, 8, 8, 4), (8, 8, 8))  # fits the fused kernels
     for dtype in (torch.float32, torch.bfloat16):
         simt = cuda_plan_costs(merged, order, 4096, H100_LIMITS, dtype, tensor_cores=False)
         tc = cuda_plan_costs(merged, order, 4096, H100_LIMITS, dtype, tensor_cores=True)
         assert tc["tiled"] < 0.5 * simt["tiled"], dtype
-        assert tc.get("fused") == simt.get("fused")  # the fused kernels stay SIMT
+        assert tc["decode"] == simt["decode"]  # the decode path's split GEMMs stay SIMT
+        simt = cuda_plan_costs(tuple(small), order, 256, H100_LIMITS, dtype, tensor_cores=False)
+        tc = cuda_plan_costs(tuple(small), order, 256, H100_LIMITS, dtype, tensor_cores=True)
+        assert tc["fused"] < simt["fused"], dtype
     fp64 = [cuda_plan_costs(merged, order, 64, H100_LIMITS, torch.float64, tensor_cores=t)["tiled"] for t in (0, 1)]
     assert fp64[0] == fp64[1]
 

@@ -44,9 +44,9 @@ tt::Plan plan_from(const std::vector<int64_t>& core_dims, const std::vector<int>
 }
 
 tt::CudaSchedule cuda_schedule_checked(const tt::Plan& plan, int64_t batch, bool backward, int acc_bytes,
-                                       const tt::CudaLimits& lim, const std::string& path) {
+                                       const tt::CudaLimits& lim, const std::string& path, bool tensor_cores) {
   try {
-    return tt::cuda_schedule(plan, batch, backward, acc_bytes, lim, path);
+    return tt::cuda_schedule(plan, batch, backward, acc_bytes, lim, path, tensor_cores);
   } catch (const std::invalid_argument& e) {
     throw py::value_error(e.what());
   }
@@ -192,12 +192,12 @@ tt::CudaLimits limits_from(int64_t smem_per_block, int64_t smem_per_sm, int sm_c
 // its tests; computable without a GPU).
 py::dict tt_cuda_schedule_info(const std::vector<int64_t>& core_dims, const std::vector<int>& order, int64_t batch,
                                bool backward, int acc_bytes, int64_t smem_per_block, int64_t smem_per_sm, int sm_count,
-                               const std::string& path) {
+                               const std::string& path, bool tensor_cores) {
   require(batch >= 0, "batch: expected >= 0, got " + std::to_string(batch));
   require(acc_bytes == 4 || acc_bytes == 8, "acc_bytes: expected 4 or 8, got " + std::to_string(acc_bytes));
   const tt::Plan plan = plan_from(core_dims, order);
-  const tt::CudaSchedule c =
-      cuda_schedule_checked(plan, batch, backward, acc_bytes, limits_from(smem_per_block, smem_per_sm, sm_count), path);
+  const tt::CudaSchedule c = cuda_schedule_checked(
+      plan, batch, backward, acc_bytes, limits_from(smem_per_block, smem_per_sm, sm_count), path, tensor_cores);
   py::dict d;
   d["path"] = tt::path_name(c.path);
   d["fits_fused"] = c.fits_fused;
@@ -269,7 +269,7 @@ struct CudaCallArgs {
 
 // Validation shared by the CUDA forward and backward: x, mats, tables, workspace.
 void check_cuda_common(CudaCallArgs& c, const py::object& x, const py::list& mats, const py::object& workspace,
-                       const py::object& tables, const std::string& path, bool backward) {
+                       const py::object& tables, const std::string& path, bool backward, bool tensor_cores) {
   const TensorView& xv = c.held.add(x, "x");
   c.x = xv.data;
   std::string acc;
@@ -292,7 +292,7 @@ void check_cuda_common(CudaCallArgs& c, const py::object& x, const py::list& mat
   expect_cuda(tables, tv, c.device, "int32", &tshape, "tables");
   c.tables = static_cast<const int32_t*>(tv.data);
   const int acc_bytes = acc == "float64" ? 8 : 4;
-  c.sched = cuda_schedule_checked(c.plan, c.batch, backward, acc_bytes, device_limits(c.device), path);
+  c.sched = cuda_schedule_checked(c.plan, c.batch, backward, acc_bytes, device_limits(c.device), path, tensor_cores);
   const TensorView& wv = c.held.add(workspace, "workspace");
   expect_cuda(workspace, wv, c.device, acc, nullptr, "workspace");
   require(wv.numel() >= c.sched.workspace, "workspace: expected at least " + std::to_string(c.sched.workspace) +
@@ -311,7 +311,7 @@ void tt_forward_cuda(const py::object& x, const py::list& mats, const std::vecto
                      const py::object& tables, const std::string& path, uintptr_t stream, bool tensor_cores) {
   CudaCallArgs c;
   c.plan = plan_from(core_dims, order);
-  check_cuda_common(c, x, mats, workspace, tables, path, false);
+  check_cuda_common(c, x, mats, workspace, tables, path, false, tensor_cores);
   refuse_fp64_tensor_cores(c.dtype, tensor_cores);
   const TensorView& yv = c.held.add(y, "out");
   const std::vector<int64_t> yshape{c.batch, c.plan.out_features};
@@ -335,7 +335,7 @@ void tt_backward_cuda(const py::object& x, const py::list& mats, const std::vect
   CudaCallArgs c;
   c.plan = plan_from(core_dims, order);
   const size_t n = c.plan.steps.size();
-  check_cuda_common(c, x, mats, workspace, tables, path, true);
+  check_cuda_common(c, x, mats, workspace, tables, path, true, tensor_cores);
   refuse_fp64_tensor_cores(c.dtype, tensor_cores);
   const std::string xdtype = torch_dtype_name(x), acc = xdtype == "float64" ? "float64" : "float32";
   tt::BackwardCall call;
@@ -428,7 +428,7 @@ void register_tt(py::module_& m) {
         py::arg("grad_bias") = py::none(), py::arg("tensor_cores") = false);
   m.def("tt_cuda_schedule", &tt_cuda_schedule_info, py::arg("core_dims"), py::arg("order"), py::arg("batch"),
         py::arg("backward"), py::arg("acc_bytes"), py::arg("smem_per_block"), py::arg("smem_per_sm"),
-        py::arg("sm_count"), py::arg("path") = "auto");
+        py::arg("sm_count"), py::arg("path") = "auto", py::arg("tensor_cores") = false);
   m.def("tt_cuda_tables", &tt_cuda_tables, py::arg("core_dims"), py::arg("order"));
 #if TENSORPRESS_WITH_CUDA
   m.def("tt_cuda_device_limits", &tt_cuda_device_limits, py::arg("device"));

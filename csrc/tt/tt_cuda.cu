@@ -185,113 +185,6 @@ __device__ __forceinline__ int ld_of(int N) {
   return N % 2 == 0 ? N + 1 : N;
 }
 
-// out (ns x rows x N) = gathered in (ns x rows x K) * mat (K x N, row stride ld).
-template <typename T, typename Acc>
-__device__ void fused_step(const FusedArgs<T, Acc>& a, int t, int ns, const Acc* in, const Acc* mat, Acc* out) {
-  const int rows = a.rows[t], K = a.K[t], N = a.N[t];
-  block_gemm(ns * rows, N, K, in, table(a.ro[t], rows, rows * K), table1(a.co[t]), mat, lin(ld_of<Acc>(N)), lin(1),
-             Out<Acc>{out, lin(N), lin(1), false});
-}
-
-template <typename T, typename Acc>
-__device__ void stage_mats(const FusedArgs<T, Acc>& a, Acc* mats) {
-  for (int t = 0; t < a.n_steps; ++t) {
-    const int K = a.K[t], N = a.N[t], ld = ld_of<Acc>(N);
-    for (int i = threadIdx.x; i < K * N; i += blockDim.x) {
-      const int k = i / N;
-      mats[a.smem_off[t] + k * ld + (i - k * N)] = a.mat[t][i];
-    }
-  }
-}
-
-template <typename T, typename Acc>
-__global__ void __launch_bounds__(kCudaThreads) fused_forward_kernel(const FusedArgs<T, Acc> a) {
-  TP_DYNAMIC_SHARED(unsigned char, smem_raw);
-  Acc* mats = reinterpret_cast<Acc*>(smem_raw);
-  Acc* buf0 = mats + a.smem_mats;
-  Acc* buf1 = buf0 + a.samples * a.max_state;
-  stage_mats(a, mats);  // visible after the barrier that follows the first input copy
-  const int M = a.out_features;
-  for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
-    const int64_t b0 = chunk * a.samples;
-    const int ns = static_cast<int>(min(static_cast<int64_t>(a.samples), a.batch - b0));
-    const T* xs = a.x + b0 * a.in_features;
-    for (int i = threadIdx.x; i < ns * a.in_features; i += blockDim.x) buf0[i] = cvt<Acc>(xs[i]);
-    __syncthreads();
-    Acc* cur = buf0;
-    Acc* nxt = buf1;
-    for (int t = 0; t < a.n_steps; ++t) {
-      fused_step(a, t, ns, cur, mats + a.smem_off[t], nxt);
-      __syncthreads();
-      Acc* tmp = cur;
-      cur = nxt;
-      nxt = tmp;
-    }
-    T* ys = a.y + b0 * M;
-    for (int i = threadIdx.x; i < ns * M; i += blockDim.x) {
-      const int s = i / M;
-      ys[i] = cvt<T>(cur[s * M + a.fsrc[i - s * M]]);
-    }
-    __syncthreads();  // the next chunk overwrites the buffers
-  }
-}
-
-// Backward of one block of samples at a time: recompute the forward keeping every step's
-// input, then sweep back. Core gradients accumulate into this block's own partial (global
-// memory, owned by the block: no atomics), summed over blocks by reduce_partials.
-template <typename T, typename Acc>
-__global__ void __launch_bounds__(kCudaThreads) fused_backward_kernel(const FusedArgs<T, Acc> a) {
-  TP_DYNAMIC_SHARED(unsigned char, smem_raw);
-  Acc* mats = reinterpret_cast<Acc*>(smem_raw);
-  Acc* saved = mats + a.smem_mats;
-  Acc* g0 = saved + a.samples * a.saved_total;
-  Acc* g1 = g0 + a.samples * a.max_state;
-  Acc* partial = a.partial + static_cast<int64_t>(blockIdx.x) * a.mats_total;
-  stage_mats(a, mats);
-  if (a.need_mats)
-    for (int i = threadIdx.x; i < a.mats_total; i += blockDim.x) partial[i] = Acc(0);
-  const int M = a.out_features, n = a.n_steps;
-  for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
-    const int64_t b0 = chunk * a.samples;
-    const int ns = static_cast<int>(min(static_cast<int64_t>(a.samples), a.batch - b0));
-    const T* xs = a.x + b0 * a.in_features;
-    for (int i = threadIdx.x; i < ns * a.in_features; i += blockDim.x) saved[i] = cvt<Acc>(xs[i]);
-    __syncthreads();
-    for (int t = 0; t + 1 < n; ++t) {
-      fused_step(a, t, ns, saved + a.samples * a.saved_off[t], mats + a.smem_off[t],
-                 saved + a.samples * a.saved_off[t + 1]);
-      __syncthreads();
-    }
-    const T* gys = a.gy + b0 * M;
-    for (int i = threadIdx.x; i < ns * M; i += blockDim.x) {
-      const int s = i / M;
-      g0[i] = cvt<Acc>(gys[s * M + a.finv[i - s * M]]);
-    }
-    __syncthreads();
-    Acc* g = g0;
-    Acc* gn = g1;
-    for (int t = n - 1; t >= 0; --t) {
-      const int rows = a.rows[t], K = a.K[t], N = a.N[t], in_size = rows * K;
-      const Acc* in = saved + a.samples * a.saved_off[t];
-      if (a.need_mats)  // dB(k, j) += sum over (sample, row) of in(row, k) g(row, j)
-        block_gemm(K, N, ns * rows, in, table1(a.co[t]), table(a.ro[t], rows, in_size), g, lin(N), lin(1),
-                   Out<Acc>{partial + a.grad_off[t], lin(N), lin(1), true});
-      if (t > 0 || a.need_x)  // d in(row, k) = sum_j g(row, j) B(k, j), scattered to the state layout
-        block_gemm(ns * rows, K, N, g, lin(N), lin(1), mats + a.smem_off[t], lin(1), lin(ld_of<Acc>(N)),
-                   Out<Acc>{gn, table(a.ro[t], rows, in_size), table1(a.co[t]), false});
-      __syncthreads();
-      Acc* tmp = g;
-      g = gn;
-      gn = tmp;
-    }
-    if (a.need_x) {
-      T* gxs = a.gx + b0 * a.in_features;
-      for (int i = threadIdx.x; i < ns * a.in_features; i += blockDim.x) gxs[i] = cvt<T>(g[i]);
-      __syncthreads();
-    }
-  }
-}
-
 // ----------------------------------------------------------------------------- tiled GEMM
 // C(p, q) (+)= sum over this split's l of A(p, l) B(l, q), operands gathered from global
 // memory through maps, one 64 x 64 tile per block, 4 x 4 outputs per thread. blockIdx.z is
@@ -539,6 +432,221 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const Tiled
   }
 }
 
+// ----------------------------------------------------------------------------- fused kernels, tensor cores
+// The in-block GEMM C = A B on the tensor cores, for the fused kernels' steps when the call
+// uses them: the whole block walks C's 64 x 64 tiles; per tile, as in tiled_gemm_tc_kernel,
+// operand tiles gathered through the maps are rounded to the operand type and staged
+// row-major (`staging`: the block's dynamic shared memory after its buffers, 32-byte aligned,
+// kCudaFusedTensorCoreStaging bytes), 8 warps of 16 x 32 with float accumulation, and the
+// tile leaves through shared memory, so the output map and the accumulate flag work as in
+// block_gemm.
+template <typename Op, typename Acc, typename TC>
+__device__ void block_gemm_tc(int P, int Q, int L, const Acc* A, Map ap, Map al, const Acc* B, Map bl, Map bq,
+                              const Out<TC>& out, unsigned char* staging) {
+  namespace wmma = nvcuda::wmma;
+  using S = typename TensorCoreOp<Op>::storage;
+  using F = typename TensorCoreOp<Op>::frag;
+  constexpr int BM = kCudaTileM, BN = kCudaTileN, BK = kTensorCoreTileK, WK = TensorCoreOp<Op>::k;
+  constexpr int LDA = BK + TensorCoreOp<Op>::pad, LDB = BN + TensorCoreOp<Op>::pad, LDC = BN + 4;
+  static_assert(BM == 64 && BN == 64 && kCudaThreads == 256, "8 warps of 16 x 32 outputs");
+  static_assert(
+      (BM * LDA + BK * LDB) * sizeof(S) + (BM * LDC + BM + BN + 2 * BK) * 4 + 32 <= kCudaFusedTensorCoreStaging,
+      "the staging fits the shared memory the schedule reserves");
+  S* As = reinterpret_cast<S*>(staging);
+  S* Bs = As + BM * LDA;
+  float* Cs = reinterpret_cast<float*>(Bs + BK * LDB);
+  int* arow = reinterpret_cast<int*>(Cs + BM * LDC);
+  int* bcol = arow + BM;
+  int* acol = bcol + BN;
+  int* brow = acol + BK;
+  const int tid = threadIdx.x, warp = tid / 32, wm = warp % 4, wn = warp / 4;
+  const int tiles_q = (Q + BN - 1) / BN, tiles = ((P + BM - 1) / BM) * tiles_q;
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int p0 = (tile / tiles_q) * BM, q0 = (tile % tiles_q) * BN;
+    __syncthreads();  // the previous tile's epilogue is done with Cs and the index tables
+    if (tid < BM)
+      arow[tid] = ap.at(min(p0 + tid, P - 1));
+    else if (tid < BM + BN)
+      bcol[tid - BM] = bq.at(min(q0 + tid - BM, Q - 1));
+    wmma::fragment<wmma::accumulator, 16, 16, WK, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.0f);
+    wmma::fill_fragment(acc[1], 0.0f);
+    for (int l0 = 0; l0 < L; l0 += BK) {
+      __syncthreads();  // the previous operand tiles have been consumed
+      if (tid < BK)
+        acol[tid] = l0 + tid < L ? al.at(l0 + tid) : 0;
+      else if (tid < 2 * BK)
+        brow[tid - BK] = l0 + tid - BK < L ? bl.at(l0 + tid - BK) : 0;
+      __syncthreads();
+      for (int e = tid; e < BM * BK; e += kCudaThreads) {
+        const int pp = e / BK, ll = e % BK;
+        As[pp * LDA + ll] =
+            to_operand<Op>((p0 + pp < P && l0 + ll < L) ? static_cast<float>(A[arow[pp] + acol[ll]]) : 0.0f);
+      }
+      for (int e = tid; e < BK * BN; e += kCudaThreads) {
+        const int ll = e / BN, qq = e % BN;
+        Bs[ll * LDB + qq] =
+            to_operand<Op>((q0 + qq < Q && l0 + ll < L) ? static_cast<float>(B[brow[ll] + bcol[qq]]) : 0.0f);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += WK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, WK, F, wmma::row_major> a;
+        wmma::load_matrix_sync(a, As + wm * 16 * LDA + kk, LDA);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          wmma::fragment<wmma::matrix_b, 16, 16, WK, F, wmma::row_major> b;
+          wmma::load_matrix_sync(b, Bs + kk * LDB + wn * 32 + j * 16, LDB);
+          wmma::mma_sync(acc[j], a, b, acc[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(Cs + wm * 16 * LDC + wn * 32 + j * 16, acc[j], LDC, wmma::mem_row_major);
+    __syncthreads();
+    for (int e = tid; e < BM * BN; e += kCudaThreads) {
+      const int pp = e / BN, qq = e % BN;
+      if (p0 + pp < P && q0 + qq < Q) put(out, p0 + pp, q0 + qq, Cs[pp * LDC + qq]);
+    }
+  }
+  __syncthreads();  // the caller may reuse the staging or read C
+}
+
+// The step GEMMs of the fused kernels: on the tensor cores in the TC instantiation (never for
+// float64, whose operand type is void), else block_gemm. Two instantiations, so the SIMT one
+// keeps its registers (the tensor-core code path doubles them: benchmarks/results/cuda_static.md).
+template <bool TC, typename T, typename Acc, typename TCOut>
+__device__ void fused_gemm(unsigned char* staging, int P, int Q, int L, const Acc* A, Map ap, Map al, const Acc* B,
+                           Map bl, Map bq, const Out<TCOut>& out) {
+  using Op = typename TensorCoreOf<T>::type;
+  if constexpr (TC && !std::is_void<Op>::value)
+    block_gemm_tc<Op>(P, Q, L, A, ap, al, B, bl, bq, out, staging);
+  else
+    block_gemm(P, Q, L, A, ap, al, B, bl, bq, out);
+}
+
+// Where the fused kernels' tensor-core staging starts: after `elems` accumulator elements of
+// mats and buffers, at the next 32-byte aligned address (the fragments need it, the dynamic
+// shared memory's base promises less; the schedule reserved the slack).
+template <typename Acc>
+__device__ __forceinline__ unsigned char* staging_after(unsigned char* smem, int64_t elems) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(smem) + static_cast<uintptr_t>(elems) * sizeof(Acc);
+  return smem + ((end + 31) / 32 * 32 - reinterpret_cast<uintptr_t>(smem));
+}
+
+// out (ns x rows x N) = gathered in (ns x rows x K) * mat (K x N, row stride ld).
+template <bool TC, typename T, typename Acc>
+__device__ void fused_step(const FusedArgs<T, Acc>& a, unsigned char* staging, int t, int ns, const Acc* in,
+                           const Acc* mat, Acc* out) {
+  const int rows = a.rows[t], K = a.K[t], N = a.N[t];
+  fused_gemm<TC, T>(staging, ns * rows, N, K, in, table(a.ro[t], rows, rows * K), table1(a.co[t]), mat,
+                    lin(ld_of<Acc>(N)), lin(1), Out<Acc>{out, lin(N), lin(1), false});
+}
+
+// ----------------------------------------------------------------------------- fused kernels
+template <typename T, typename Acc>
+__device__ void stage_mats(const FusedArgs<T, Acc>& a, Acc* mats) {
+  for (int t = 0; t < a.n_steps; ++t) {
+    const int K = a.K[t], N = a.N[t], ld = ld_of<Acc>(N);
+    for (int i = threadIdx.x; i < K * N; i += blockDim.x) {
+      const int k = i / N;
+      mats[a.smem_off[t] + k * ld + (i - k * N)] = a.mat[t][i];
+    }
+  }
+}
+
+template <typename T, typename Acc, bool TC>
+__global__ void __launch_bounds__(kCudaThreads) fused_forward_kernel(const FusedArgs<T, Acc> a) {
+  TP_DYNAMIC_SHARED(unsigned char, smem_raw);
+  Acc* mats = reinterpret_cast<Acc*>(smem_raw);
+  Acc* buf0 = mats + a.smem_mats;
+  Acc* buf1 = buf0 + a.samples * a.max_state;
+  unsigned char* staging = staging_after<Acc>(smem_raw, a.smem_mats + 2 * int64_t(a.samples) * a.max_state);
+  stage_mats(a, mats);  // visible after the barrier that follows the first input copy
+  const int M = a.out_features;
+  for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
+    const int64_t b0 = chunk * a.samples;
+    const int ns = static_cast<int>(min(static_cast<int64_t>(a.samples), a.batch - b0));
+    const T* xs = a.x + b0 * a.in_features;
+    for (int i = threadIdx.x; i < ns * a.in_features; i += blockDim.x) buf0[i] = cvt<Acc>(xs[i]);
+    __syncthreads();
+    Acc* cur = buf0;
+    Acc* nxt = buf1;
+    for (int t = 0; t < a.n_steps; ++t) {
+      fused_step<TC>(a, staging, t, ns, cur, mats + a.smem_off[t], nxt);
+      __syncthreads();
+      Acc* tmp = cur;
+      cur = nxt;
+      nxt = tmp;
+    }
+    T* ys = a.y + b0 * M;
+    for (int i = threadIdx.x; i < ns * M; i += blockDim.x) {
+      const int s = i / M;
+      ys[i] = cvt<T>(cur[s * M + a.fsrc[i - s * M]]);
+    }
+    __syncthreads();  // the next chunk overwrites the buffers
+  }
+}
+
+// Backward of one block of samples at a time: recompute the forward keeping every step's
+// input, then sweep back. Core gradients accumulate into this block's own partial (global
+// memory, owned by the block: no atomics), summed over blocks by reduce_partials.
+template <typename T, typename Acc, bool TC>
+__global__ void __launch_bounds__(kCudaThreads) fused_backward_kernel(const FusedArgs<T, Acc> a) {
+  TP_DYNAMIC_SHARED(unsigned char, smem_raw);
+  Acc* mats = reinterpret_cast<Acc*>(smem_raw);
+  Acc* saved = mats + a.smem_mats;
+  Acc* g0 = saved + a.samples * a.saved_total;
+  Acc* g1 = g0 + a.samples * a.max_state;
+  Acc* partial = a.partial + static_cast<int64_t>(blockIdx.x) * a.mats_total;
+  unsigned char* staging = staging_after<Acc>(
+      smem_raw, a.smem_mats + int64_t(a.samples) * a.saved_total + 2 * int64_t(a.samples) * a.max_state);
+  stage_mats(a, mats);
+  if (a.need_mats)
+    for (int i = threadIdx.x; i < a.mats_total; i += blockDim.x) partial[i] = Acc(0);
+  const int M = a.out_features, n = a.n_steps;
+  for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
+    const int64_t b0 = chunk * a.samples;
+    const int ns = static_cast<int>(min(static_cast<int64_t>(a.samples), a.batch - b0));
+    const T* xs = a.x + b0 * a.in_features;
+    for (int i = threadIdx.x; i < ns * a.in_features; i += blockDim.x) saved[i] = cvt<Acc>(xs[i]);
+    __syncthreads();
+    for (int t = 0; t + 1 < n; ++t) {
+      fused_step<TC>(a, staging, t, ns, saved + a.samples * a.saved_off[t], mats + a.smem_off[t],
+                     saved + a.samples * a.saved_off[t + 1]);
+      __syncthreads();
+    }
+    const T* gys = a.gy + b0 * M;
+    for (int i = threadIdx.x; i < ns * M; i += blockDim.x) {
+      const int s = i / M;
+      g0[i] = cvt<Acc>(gys[s * M + a.finv[i - s * M]]);
+    }
+    __syncthreads();
+    Acc* g = g0;
+    Acc* gn = g1;
+    for (int t = n - 1; t >= 0; --t) {
+      const int rows = a.rows[t], K = a.K[t], N = a.N[t], in_size = rows * K;
+      const Acc* in = saved + a.samples * a.saved_off[t];
+      if (a.need_mats)  // dB(k, j) += sum over (sample, row) of in(row, k) g(row, j)
+        fused_gemm<TC, T>(staging, K, N, ns * rows, in, table1(a.co[t]), table(a.ro[t], rows, in_size), g, lin(N),
+                          lin(1), Out<Acc>{partial + a.grad_off[t], lin(N), lin(1), true});
+      if (t > 0 || a.need_x)  // d in(row, k) = sum_j g(row, j) B(k, j), scattered to the state layout
+        fused_gemm<TC, T>(staging, ns * rows, K, N, g, lin(N), lin(1), mats + a.smem_off[t], lin(1), lin(ld_of<Acc>(N)),
+                          Out<Acc>{gn, table(a.ro[t], rows, in_size), table1(a.co[t]), false});
+      __syncthreads();
+      Acc* tmp = g;
+      g = gn;
+      gn = tmp;
+    }
+    if (a.need_x) {
+      T* gxs = a.gx + b0 * a.in_features;
+      for (int i = threadIdx.x; i < ns * a.in_features; i += blockDim.x) gxs[i] = cvt<T>(g[i]);
+      __syncthreads();
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------- small kernels
 // dst[i] = src[(i / M) * M + tab[i % M]]: the final permutation and its inverse; src may be
 // the `splits` partial products of a split step (stride apart), summed in split order.
@@ -723,9 +831,18 @@ void forward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, const
     FusedArgs<T, Acc> a = fused_args<T, Acc>(plan, sched, mats, tables, batch);
     a.x = x;
     a.y = y;
-    allow_smem(fused_forward_kernel<T, Acc>, sched.smem_bytes);
+    if constexpr (!std::is_void<Op>::value) {
+      if (tc) {
+        allow_smem(fused_forward_kernel<T, Acc, true>, sched.smem_bytes);
+        TP_LAUNCH(static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream,
+                  fused_forward_kernel<T, Acc, true>)(a);
+        TP_CUDA_CHECK_LAUNCH("tt fused_forward_kernel (tensor cores)", stream);
+        return;
+      }
+    }
+    allow_smem(fused_forward_kernel<T, Acc, false>, sched.smem_bytes);
     TP_LAUNCH(static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream,
-              fused_forward_kernel<T, Acc>)(a);
+              fused_forward_kernel<T, Acc, false>)(a);
     TP_CUDA_CHECK_LAUNCH("tt fused_forward_kernel", stream);
     return;
   }
@@ -782,10 +899,22 @@ void backward_impl(const Plan& plan, const CudaSchedule& sched, const T* x, cons
       a.partial = partial;
       a.need_x = need_x;
       a.need_mats = need_mats;
-      allow_smem(fused_backward_kernel<T, Acc>, sched.smem_bytes);
-      TP_LAUNCH(static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream,
-                fused_backward_kernel<T, Acc>)(a);
-      TP_CUDA_CHECK_LAUNCH("tt fused_backward_kernel", stream);
+      bool launched = false;
+      if constexpr (!std::is_void<Op>::value) {
+        if (tc) {
+          allow_smem(fused_backward_kernel<T, Acc, true>, sched.smem_bytes);
+          TP_LAUNCH(static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream,
+                    fused_backward_kernel<T, Acc, true>)(a);
+          TP_CUDA_CHECK_LAUNCH("tt fused_backward_kernel (tensor cores)", stream);
+          launched = true;
+        }
+      }
+      if (!launched) {
+        allow_smem(fused_backward_kernel<T, Acc, false>, sched.smem_bytes);
+        TP_LAUNCH(static_cast<unsigned>(sched.grid), kCudaThreads, sched.smem_bytes, stream,
+                  fused_backward_kernel<T, Acc, false>)(a);
+        TP_CUDA_CHECK_LAUNCH("tt fused_backward_kernel", stream);
+      }
     }
     if (need_mats) reduce_partials<Acc>(plan, partial, batch > 0 ? sched.grid : 0, grad_mats, stream);
     return;

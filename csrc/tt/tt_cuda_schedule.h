@@ -25,6 +25,11 @@ constexpr int kCudaTileM = 64, kCudaTileN = 64, kCudaTileK = 16;  // tiled GEMM 
 // The tiled path holds its intermediates in global memory; the batch goes through in chunks
 // so the workspace stays bounded (elements of the accumulation type).
 constexpr int64_t kCudaTiledWorkspaceCap = int64_t(1) << 25;
+// Shared memory the fused kernels stage tensor-core operand tiles in (block_gemm_tc in
+// tt_cuda.cu: a 64 x 32 A tile and a 32 x 64 B tile in the operand type, padded, the 64 x 64
+// float output tile and the gather indices), at its largest (tf32 operands, 4 bytes), plus 32
+// bytes to align it; reserved in the fused schedule only when the call uses tensor cores.
+constexpr int64_t kCudaFusedTensorCoreStaging = 36096 + 32;
 // The decode path (small batches) splits each step's contraction into at most this many
 // slices, so a step with few output tiles still occupies every SM (see decode_split).
 constexpr int64_t kCudaDecodeMaxSplits = 32;
@@ -171,8 +176,10 @@ inline int64_t tiled_per_sample(const Plan& plan, bool backward) { return fused_
 // The schedule for one call. `path` is "auto", "fused", "tiled" or "decode" (the Python
 // dispatcher passes its choice; "fused" on a plan that does not fit is an error, never a
 // silent change). "decode" is an inference path: a backward asked of it runs the tiled one.
+// `tensor_cores`: the fused kernels stage operand tiles for the tensor cores (their shared
+// memory holds kCudaFusedTensorCoreStaging more bytes).
 inline CudaSchedule cuda_schedule(const Plan& plan, int64_t batch, bool backward, int acc_bytes, const CudaLimits& lim,
-                                  const std::string& path) {
+                                  const std::string& path, bool tensor_cores = false) {
   if (static_cast<int>(plan.steps.size()) > kCudaMaxSteps)
     plan_error("cores: the CUDA kernel handles at most " + std::to_string(kCudaMaxSteps) + " steps");
   if (path != "auto" && path != "fused" && path != "tiled" && path != "decode")
@@ -193,7 +200,7 @@ inline CudaSchedule cuda_schedule(const Plan& plan, int64_t batch, bool backward
     c.fits_fused = per > 0 && lim.smem_per_block > fixed && (lim.smem_per_block - fixed) / per >= 1;
     return c;
   }
-  const int64_t fixed = smem_mats_total(plan) * acc_bytes;
+  const int64_t fixed = smem_mats_total(plan) * acc_bytes + (tensor_cores ? kCudaFusedTensorCoreStaging : 0);
   const int64_t per = fused_per_sample(plan, backward) * acc_bytes;
   const int64_t fit = per > 0 && lim.smem_per_block > fixed ? (lim.smem_per_block - fixed) / per : 0;
   c.fits_fused = fit >= 1;

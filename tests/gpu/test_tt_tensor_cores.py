@@ -1,7 +1,8 @@
-"""The tiled path's GEMMs on the tensor cores (tiled_gemm_tc_kernel, nvcuda::wmma): fp16 and
-bf16 operands, and fp32 data on tf32, against the float64 reference of the same inputs, with
-error bounds from the operand precision; outputs and workspaces poisoned with NaN first. On the
-CPU emulation the fragments follow the model of csrc/testing/cuda_emu_include/mma.h.
+"""The GEMMs of the tiled path (tiled_gemm_tc_kernel) and of the fused kernels (block_gemm_tc)
+on the tensor cores (nvcuda::wmma): fp16 and bf16 operands, and fp32 data on tf32, against the
+float64 reference of the same inputs, with error bounds from the operand precision; outputs
+and workspaces poisoned with NaN first. On the CPU emulation the fragments follow the model of
+csrc/testing/cuda_emu_include/mma.h.
 
 The SIMT tiled kernel stays the path for float64 and for tensor_cores=False (the raw bindings'
 default), tested in test_tt_cuda.py.
@@ -26,13 +27,17 @@ pytestmark = GPU
 # Every step's input is rounded to the operand type (unit roundoff u) and multiplied exactly
 # with float accumulation: a few u per step (4 steps at most here), plus the output's rounding.
 U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-11}
+STAGING = 36096 + 32  # csrc/tt/tt_cuda_schedule.h kCudaFusedTensorCoreStaging
 TOL = {dt: 12 * u for dt, u in U.items()}
 
 
-def _call(x, mats, dims, order, gy=None, tensor_cores=True, misalign_workspace=False):
+def _call(x, mats, dims, order, gy=None, tensor_cores=True, misalign_workspace=False, path="tiled"):
     merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     backward = gy is not None
-    sched = cuda_schedule(merged, tuple(order), x.shape[0], backward, x.dtype, cuda_limits(DEV), "tiled")
+    sched = cuda_schedule(
+        merged, tuple(order), x.shape[0], backward, x.dtype, cuda_limits(DEV), path, tensor_cores=tensor_cores
+    )
+    assert sched.path == path
     nan = float("nan")
     ws = torch.full((max(sched.workspace, 1) + 1,), nan, dtype=mats[0].dtype, device=DEV)
     ws = ws[1:] if misalign_workspace else ws[:-1]
@@ -40,14 +45,14 @@ def _call(x, mats, dims, order, gy=None, tensor_cores=True, misalign_workspace=F
     if not backward:
         y = torch.full((x.shape[0], math.prod(dims[1::4])), nan, dtype=x.dtype, device=DEV)
         KERNELS.tt_forward(
-            x, mats, dims, order, y, ws, 1, tables=tables, path="tiled", stream=stream(), tensor_cores=tensor_cores
+            x, mats, dims, order, y, ws, 1, tables=tables, path=path, stream=stream(), tensor_cores=tensor_cores
         )
         sync()
         return y
     gx = torch.full_like(x, nan)
     gm = [torch.full_like(m, nan) for m in mats]
     KERNELS.tt_backward(
-        x, mats, dims, order, gy, gx, gm, ws, 1, tables=tables, path="tiled", stream=stream(), tensor_cores=tensor_cores
+        x, mats, dims, order, gy, gx, gm, ws, 1, tables=tables, path=path, stream=stream(), tensor_cores=tensor_cores
     )
     sync()
     return gx, gm
@@ -73,6 +78,50 @@ def test_tensor_core_tiled_forward_and_backward(case, dtype, batch):
     if dtype == torch.float32:  # tf32 really was used: the SIMT kernel is far closer
         y_simt = _call(x, mats, dims, order, tensor_cores=False)
         assert rel_err(y_simt, y_ref) < 2e-6 < rel_err(y, y_ref)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("case", [(0, 0), (1, 1), (1, 2), (3, 0)], ids=lambda c: f"shape{c[0]}-plan{c[1]}")
+@pytest.mark.parametrize("batch", (1, 70))
+def test_tensor_core_fused_forward_and_backward(case, dtype, batch):
+    """The fused kernels' step GEMMs (forward, core gradients accumulated into the block's
+    partial, input gradients scattered through the gather tables) on the tensor cores."""
+    gen = torch.Generator().manual_seed(150 + 10 * case[0] + case[1] + batch)
+    shape = SHAPES[case[0]]
+    _, mats64, mats, dims, order = _problem(shape, case[1], dtype, gen)
+    x = torch.randn(batch, math.prod(shape[1]), generator=gen).to(DEV, dtype)
+    gy = torch.randn(batch, math.prod(shape[0]), generator=gen).to(DEV, dtype)
+    y_ref, gx_ref, gm_ref = _reference(x, gy, mats64, dims, order)
+    y = _call(x, mats, dims, order, path="fused")
+    assert rel_err(y, y_ref) < TOL[dtype]
+    gx, gm = _call(x, mats, dims, order, gy, path="fused")
+    assert rel_err(gx, gx_ref) < TOL[dtype]
+    for t, (g, r) in enumerate(zip(gm, gm_ref)):
+        assert rel_err(g, r) < TOL[dtype], f"grad_mats[{t}]"
+    if dtype == torch.float32:  # tf32 really was used: the SIMT fused kernel is far closer
+        y_simt = _call(x, mats, dims, order, tensor_cores=False, path="fused")
+        assert rel_err(y_simt, y_ref) < 2e-6 < rel_err(y, y_ref)
+
+
+def test_fused_schedule_reserves_the_tensor_core_staging():
+    """With tensor cores the fused kernels' shared memory holds the operand staging too; a plan
+    that only just fits without it runs tiled with it, never over the limit."""
+    gen = torch.Generator().manual_seed(3)
+    _, _, _, dims, order = _problem(SHAPES[2], 0, torch.float32, gen)
+    merged = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
+    limits = cuda_limits(DEV)
+    simt = cuda_schedule(merged, tuple(order), 1, False, torch.float32, limits, tensor_cores=False)
+    tc = cuda_schedule(merged, tuple(order), 1, False, torch.float32, limits, tensor_cores=True)
+    assert simt.path == tc.path == "fused" and simt.samples == tc.samples == 1
+    assert tc.smem_bytes == simt.smem_bytes + STAGING and tc.smem_bytes <= limits.smem_per_block
+    tight = dataclasses.replace(limits, smem_per_block=simt.smem_bytes + STAGING // 2)
+    assert cuda_schedule(merged, tuple(order), 1, False, torch.float32, tight, tensor_cores=False).path == "fused"
+    assert cuda_schedule(merged, tuple(order), 1, False, torch.float32, tight, tensor_cores=True).path == "tiled"
+
+
+@pytest.mark.tsan
+def test_fused_tensor_cores_under_the_race_detector():
+    test_tensor_core_fused_forward_and_backward((0, 0), torch.bfloat16, 70)
 
 
 @pytest.mark.tsan

@@ -146,16 +146,17 @@ def cuda_kernel_path(
     return _cuda_sched(core_dims, order, batch, dtype, device, backward, path).path
 
 
-def _cuda_sched(core_dims, order, batch, dtype, device, backward, path):
+def _cuda_sched(core_dims, order, batch, dtype, device, backward, path, tensor_cores=False):
     merged = tuple(tuple(core_dims[i : i + 4]) for i in range(0, len(core_dims), 4))
-    return cuda_schedule(merged, tuple(order), batch, backward, dtype, cuda_limits(device), path)
+    return cuda_schedule(merged, tuple(order), batch, backward, dtype, cuda_limits(device), path, tensor_cores)
 
 
 def _run_cuda(x: Tensor, mats: list[Tensor], core_dims, order, path: str, bias: Tensor | None) -> Tensor:
     x = x.detach().contiguous()
     mats = [m.detach().contiguous() for m in mats]
     y = x.new_empty(x.shape[0], _out_features(core_dims))
-    sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, False, path)
+    tc = tensor_cores_for(x.dtype)
+    sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, False, path, tc)
     ws = torch.empty(max(sched.workspace, 1), dtype=mats[0].dtype, device=x.device)
     kernels = cuda_kernels.active()
     kernels.module.tt_forward(
@@ -169,7 +170,7 @@ def _run_cuda(x: Tensor, mats: list[Tensor], core_dims, order, path: str, bias: 
         tables=_tables(core_dims, order, x.device),
         path=path,
         stream=kernels.stream(x.device),
-        tensor_cores=tensor_cores_for(x.dtype),
+        tensor_cores=tc,
     )
     return y if bias is None else y.add_(bias)
 
@@ -179,7 +180,8 @@ def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, p
     mats = [m.detach().contiguous() for m in mats]
     grad_x = torch.empty_like(x) if need_x else None
     grad_mats = [torch.empty_like(m) for m in mats] if need_mats else [None] * len(mats)
-    sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, True, path)
+    tc = tensor_cores_for(x.dtype)
+    sched = _cuda_sched(core_dims, order, x.shape[0], x.dtype, x.device, True, path, tc)
     ws = torch.empty(max(sched.workspace, 1), dtype=mats[0].dtype, device=x.device)
     kernels = cuda_kernels.active()
     kernels.module.tt_backward(
@@ -195,7 +197,7 @@ def _run_cuda_backward(x, mats, core_dims, order, grad_out, need_x, need_mats, p
         tables=_tables(core_dims, order, x.device),
         path=path,
         stream=kernels.stream(x.device),
-        tensor_cores=tensor_cores_for(x.dtype),
+        tensor_cores=tc,
     )
     grad_bias = grad_out.sum(0, dtype=mats[0].dtype) if need_bias else None
     return _backward_outputs(x, grad_x, grad_mats, grad_bias, need_x, need_mats)

@@ -60,6 +60,10 @@ class CudaRates:
     tensor-core tiled GEMM gathers its operands with scalar loads, far from the wmma peak."""
 
     fused: float = 8e12
+    # the fused kernels' in-block GEMMs on the tensor cores: their operands are gathered from
+    # shared memory element by element, so far below the tiled kernel's rates (a guess)
+    fused_tensor_core_half: float = 24e12
+    fused_tensor_core_tf32: float = 16e12
     tiled_simt: float = 10e12
     tiled_tensor_core_half: float = 120e12  # fp16 / bf16 operands, float accumulation
     tiled_tensor_core_tf32: float = 60e12
@@ -69,6 +73,13 @@ class CudaRates:
     dense_fp64: float = 50e12
     bandwidth: float = 3.0e12
     launch_seconds: float = 4e-6  # per kernel launch (latency floor of small calls)
+
+    def fused_rate(self, dtype_name: str, tensor_cores: bool) -> float:
+        if tensor_cores and dtype_name in ("float16", "bfloat16"):
+            return self.fused_tensor_core_half
+        if tensor_cores and dtype_name == "float32":
+            return self.fused_tensor_core_tf32
+        return self.fused
 
     def tiled(self, dtype_name: str, tensor_cores: bool) -> float:
         if tensor_cores and dtype_name in ("float16", "bfloat16"):
@@ -406,9 +417,12 @@ def cuda_schedule(
     dtype,
     limits: CudaLimits,
     path: str = "auto",
+    tensor_cores: bool = False,
 ) -> CudaSchedule:
     """The C++ schedule of one CUDA call: path, samples per block, grid, shared memory and
-    workspace (elements of the accumulation type: float64 for float64 inputs, else float32)."""
+    workspace (elements of the accumulation type: float64 for float64 inputs, else float32).
+    `tensor_cores`: the call's GEMMs run on them (the fused kernels then reserve shared memory
+    to stage their operand tiles)."""
     return _cuda_schedule(
         tuple(flat_dims(merged)),
         tuple(order),
@@ -417,6 +431,7 @@ def cuda_schedule(
         8 if _dtype_name(dtype) == "float64" else 4,
         limits,
         path,
+        bool(tensor_cores),
     )
 
 
@@ -448,7 +463,7 @@ def decode_split(rows: int, K: int, N: int, target: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=8192)
-def _cuda_schedule(core_dims, order, batch, backward, acc_bytes, limits, path) -> CudaSchedule:
+def _cuda_schedule(core_dims, order, batch, backward, acc_bytes, limits, path, tensor_cores) -> CudaSchedule:
     return CudaSchedule(
         **_C.tt_cuda_schedule(
             list(core_dims),
@@ -460,6 +475,7 @@ def _cuda_schedule(core_dims, order, batch, backward, acc_bytes, limits, path) -
             limits.smem_per_sm,
             limits.sm_count,
             path,
+            tensor_cores,
         )
     )
 
@@ -483,11 +499,12 @@ def cuda_plan_costs(
     flops = batch * info.flops_per_sample
     io_bytes = batch * (info.in_features + info.out_features) * elem
     costs = {}
-    fused = cuda_schedule(merged, order, batch, False, dtype, limits)
+    fused = cuda_schedule(merged, order, batch, False, dtype, limits, tensor_cores=tensor_cores)
     if fused.fits_fused:
         # blocks of `samples` samples: fewer blocks than SMs leave SMs idle
         busy = min(1.0, max(fused.chunks, 1) / limits.sm_count)
-        costs["fused"] = rates.launch_seconds + flops / (rates.fused * busy) + io_bytes / rates.bandwidth
+        fused_rate = rates.fused_rate(_dtype_name(dtype), tensor_cores)
+        costs["fused"] = rates.launch_seconds + flops / (fused_rate * busy) + io_bytes / rates.bandwidth
     # tiled: one GEMM launch per step (and the output permutation) per chunk of the batch,
     # each filling only as many SMs as it has 64 x 64 output tiles
     tiled = cuda_schedule(merged, order, batch, False, dtype, limits, "tiled")
