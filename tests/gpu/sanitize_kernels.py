@@ -23,7 +23,7 @@ from tensorpress.ops.tt import merge_group, step_matrices, tt_contract_torch
 from tensorpress.ops.tt_plan import cuda_limits, cuda_schedule, flat_dims
 
 
-def tt_case(out_f, in_f, ranks, groups, order, batch, dtype, path) -> float:
+def tt_case(out_f, in_f, ranks, groups, order, batch, dtype, path, tensor_cores=False) -> float:
     gen = torch.Generator().manual_seed(0)
     full = (1, *ranks, 1)
     cores = [
@@ -41,15 +41,18 @@ def tt_case(out_f, in_f, ranks, groups, order, batch, dtype, path) -> float:
     tables = T._tables(dims, list(order), x.device)
     merged_t = tuple(tuple(dims[i : i + 4]) for i in range(0, len(dims), 4))
     lim = cuda_limits("cuda")
-    s = cuda_schedule(merged_t, tuple(order), batch, False, dtype, lim, path)
+    tc = tensor_cores
+    s = cuda_schedule(merged_t, tuple(order), batch, False, dtype, lim, path, tensor_cores=tc)
     y = torch.empty(batch, math.prod(out_f), dtype=dtype, device="cuda")
     ws = torch.empty(max(s.workspace, 1), dtype=acc, device="cuda")
-    _C.tt_forward(x, mats, dims, list(order), y, ws, 1, tables=tables, path=path, stream=stream)
-    s = cuda_schedule(merged_t, tuple(order), batch, True, dtype, lim, path)
+    _C.tt_forward(x, mats, dims, list(order), y, ws, 1, tables=tables, path=path, stream=stream, tensor_cores=tc)
+    s = cuda_schedule(merged_t, tuple(order), batch, True, dtype, lim, path, tensor_cores=tc)  # decode: tiled
     gx = torch.empty_like(x)
     gm = [torch.empty_like(m) for m in mats]
     ws = torch.empty(max(s.workspace, 1), dtype=acc, device="cuda")
-    _C.tt_backward(x, mats, dims, list(order), gy, gx, gm, ws, 1, tables=tables, path=path, stream=stream)
+    _C.tt_backward(
+        x, mats, dims, list(order), gy, gx, gm, ws, 1, tables=tables, path=path, stream=stream, tensor_cores=tc
+    )
     torch.cuda.synchronize()
     x64 = x.double().cpu().requires_grad_()
     m64 = [m.clone().requires_grad_() for m in mats64]
@@ -82,6 +85,18 @@ def main() -> int:
             )
             worst[f"tt {path} merged {dtype}"] = (
                 tt_case((4, 2, 3), (2, 3, 4), (3, 2), ((0, 1), (2,)), (1, 0), 5, dtype, path),
+                tol,
+            )
+        # the decode path's split steps (both steps of this plan are split)
+        worst[f"tt decode {dtype}"] = (
+            tt_case((4, 6), (24, 5), (6,), ((0,), (1,)), (0, 1), 3, dtype, "decode"),
+            tol,
+        )
+    # the fused and tiled GEMMs on the tensor cores (tf32 for float32)
+    for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 3e-2)):
+        for path in ("fused", "tiled"):
+            worst[f"tt {path} tensor cores {dtype}"] = (
+                tt_case((3, 5, 2), (2, 7, 3), (4, 5), ((0,), (1,), (2,)), (1, 2, 0), 9, dtype, path, True),
                 tol,
             )
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
