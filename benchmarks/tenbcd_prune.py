@@ -19,7 +19,15 @@ The authors' own pruning notebooks for LeNet-300-100 were not available to this 
 NN-BCD repository's pruning notebooks found here run another data set), so the hyperparameters
 above are the CNN notebook's, not theirs for this network.
 
-    python benchmarks/tenbcd_prune.py                 # ~10-15 min on 2 shared cores
+* TT + pruning together (issue 25 item 4's "together with"): the n-scaled configuration with the
+  784 x 300 weight a TT-matrix of rank TT_RANK (its 235,200 entries in 16,080 parameters, 6.8%)
+  and the two others pruned to s.
+
+With --seeds N the whole grid runs for the seeds 10, 20, ..., 10 N (the paper's repetitions),
+and each cell reports the mean and the standard deviation over them.
+
+    python benchmarks/tenbcd_prune.py                 # ~10-15 min per seed on 2 shared cores
+    python benchmarks/tenbcd_prune.py --seeds 10      # issue 25's 10 repetitions
     python benchmarks/tenbcd_prune.py --quick         # smoke test, writes tenbcd_prune_quick.*
 """
 
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,15 +68,23 @@ CONFIGS = {
 }
 
 
-def run_tenbcd(config: str, s: float, data, iters: int, seed: int) -> dict:
+TT_RANK = 16  # the TT layer of the "TT + pruned" rows (784 x 300 at rank 16: 6.8% of its entries)
+TOGETHER = "tenBCD (n-scaled), TT layer 0 + pruned 1, 2"
+
+
+def run_tenbcd(config: str, s: float, data, iters: int, seed: int, together: bool = False) -> dict:
     Xtr, ytr, Xte, yte = data
-    m = TenBCD(SIZES, prune={0: s, 1: s, 2: s}, seed=seed, **CONFIGS[config])
+    if together:
+        m = TenBCD(SIZES, tt_layers={0: TT_RANK}, prune={1: s, 2: s}, seed=seed, **CONFIGS[config])
+    else:
+        m = TenBCD(SIZES, prune={0: s, 1: s, 2: s}, seed=seed, **CONFIGS[config])
     t0 = time.perf_counter()
     m.fit(Xtr, one_hot(ytr, 10), n_iter=iters, X_test=Xte, y_test=yte, eval_every=max(1, iters // 10))
     h = m.history_
     nz = [int((t != 0).sum()) for t in m.targets_]
     return {
-        "method": f"tenBCD ({config})",
+        "method": TOGETHER if together else f"tenBCD ({config})",
+        "seed": seed,
         "sparsity": s,
         "test_acc": h["test_acc"][-1],
         "test_acc_free_w": h["test_acc_free_w"][-1],
@@ -136,6 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int, default=6000)
     ap.add_argument("--n-test", type=int, default=999)
     ap.add_argument("--seed", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=1, help="repetitions: seeds --seed, --seed + 10, ...")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--stem", default=None)
@@ -160,16 +178,16 @@ def main(argv=None) -> int:
     meta = provenance(args.threads)
     t0 = time.perf_counter()
     rows = []
-    for config in CONFIGS:
-        for s in sparsities:
-            rows.append(run_tenbcd(config, s, data, iters, args.seed))
-            print(f"{rows[-1]['method']} s={s}: test {rows[-1]['test_acc']:.4f}", flush=True)
-    for opt, lr in (("adam", 1e-3), ("sgd", 0.05)):
-        rows += run_backprop(opt, lr, sparsities, data, epochs, finetune, args.seed)
-        print(
-            f"{opt}: "
-            + ", ".join(f"s={r['sparsity']}: {r['test_acc']:.4f}" for r in rows if r["method"].startswith(opt))
-        )
+    seeds = [args.seed + 10 * i for i in range(max(1, args.seeds))]
+    for seed in seeds:
+        for config, together in [(c, False) for c in CONFIGS] + [("n-scaled", True)]:
+            for s in sparsities:
+                rows.append(run_tenbcd(config, s, data, iters, seed, together))
+                print(f"seed {seed} {rows[-1]['method']} s={s}: test {rows[-1]['test_acc']:.4f}", flush=True)
+        for opt, lr in (("adam", 1e-3), ("sgd", 0.05)):
+            new = [dict(r, seed=seed) for r in run_backprop(opt, lr, sparsities, data, epochs, finetune, seed)]
+            rows += new
+            print(f"seed {seed} {opt}: " + ", ".join(f"s={r['sparsity']}: {r['test_acc']:.4f}" for r in new))
     meta["total_wall_s"] = time.perf_counter() - t0
     cfg = {
         "iters": iters,
@@ -179,6 +197,8 @@ def main(argv=None) -> int:
         "n_train": n_train,
         "n_test": n_test,
         "seed": args.seed,
+        "seeds": seeds,
+        "tt_rank": TT_RANK,
         "configs": CONFIGS,
         "lrs": {"adam": 1e-3, "sgd": 0.05},
     }
@@ -193,8 +213,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def _cell(values: list) -> str:
+    """Test accuracy in %: the value, or over several seeds the mean +- standard deviation."""
+    vals = [100 * v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+
 def write_markdown(path: Path, meta: dict, cfg: dict, rows: list[dict]) -> None:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    seeds = cfg.get("seeds", [cfg["seed"]])
+    first = [r for r in rows if r.get("seed", seeds[0]) == seeds[0]]  # curves and single-run notes
     methods = list(dict.fromkeys(r["method"] for r in rows if r["sparsity"] > 0))
     sp = cfg["sparsities"]
     L = [
@@ -208,38 +240,52 @@ def write_markdown(path: Path, meta: dict, cfg: dict, rows: list[dict]) -> None:
         "| method | " + " | ".join(f"s = {s:g}" for s in sp) + " |",
         "|---|" + "---:|" * len(sp),
     ]
+
+    def cells(m: str, key: str) -> str:
+        return " | ".join(_cell([r.get(key) for r in rows if r["method"] == m and r["sparsity"] == s]) for s in sp)
+
     for m in methods:
-        by_s = {r["sparsity"]: r for r in rows if r["method"] == m}
-        L.append(f"| {m} | " + " | ".join(pct(by_s[s]["test_acc"]) if s in by_s else "-" for s in sp) + " |")
+        L.append(f"| {m} | {cells(m, 'test_acc')} |")
     for m in methods:
         if m.startswith("tenBCD"):  # its unconstrained W: what the network fits before the projection
-            by_s = {r["sparsity"]: r for r in rows if r["method"] == m}
-            cells = " | ".join(pct(by_s[s].get("test_acc_free_w")) if s in by_s else "-" for s in sp)
-            L.append(f"| {m}, free W (not sparse) | {cells} |")
-    for r in rows:
-        if r["sparsity"] == 0:
-            L.append(f"| {r['method']} (no pruning) | {pct(r['test_acc'])} |" + " |" * (len(sp) - 1))
+            L.append(f"| {m}, free W (not constrained) | {cells(m, 'test_acc_free_w')} |")
+    for m in dict.fromkeys(r["method"] for r in rows if r["sparsity"] == 0):
+        acc = _cell([r["test_acc"] for r in rows if r["method"] == m])
+        L.append(f"| {m} (no pruning) | {acc} |" + " |" * (len(sp) - 1))
     half = cfg["iters"] // 2
     climb = [
         f"{r['method']} s = {r['sparsity']:g}: {pct(dict(r['curve']).get(half))} -> {pct(r['test_acc'])}"
-        for r in rows
+        for r in first
         if r.get("curve") and half in dict(r["curve"])
     ]
     if climb:
-        L += ["", f"tenBCD test accuracy at iteration {half} -> {cfg['iters']}: " + "; ".join(climb)]
+        L += ["", f"tenBCD test accuracy at iteration {half} -> {cfg['iters']} (seed {seeds[0]}): " + "; ".join(climb)]
     L += [
         "",
         "Magnitude pruning before fine-tuning: "
         + "; ".join(
             f"{r['method'].split()[0]} s = {r['sparsity']:g}: {pct(r['test_acc_pruned_before_finetune'])}"
-            for r in rows
+            for r in first
             if "test_acc_pruned_before_finetune" in r
-        ),
+        )
+        + f" (seed {seeds[0]})",
         "",
         f"- tenBCD settings: {json.dumps(cfg['configs'])}; learning rates {cfg['lrs']} (not tuned), batch 128",
         "- the authors' LeNet-300-100 pruning notebooks were not available: their hyperparameters for this network "
         "are not known here; the CNN notebook's are used (and the n-scaled variant)",
-        f"- seed {cfg['seed']}, one run per cell (no spread yet)",
+        (
+            f"- seeds {seeds}: each cell the mean ± standard deviation over them"
+            if len(seeds) > 1
+            else f"- seed {seeds[0]}, one run per cell (no spread: --seeds N repeats the grid)"
+        ),
+        *(
+            [
+                f"- {TOGETHER}: weight 0 (784 x 300) a TT-matrix of rank {cfg.get('tt_rank', TT_RANK)}, the other "
+                "two pruned to s (the s columns)"
+            ]
+            if TOGETHER in methods
+            else []
+        ),
         f"- machine: {meta['cpu']} ({meta['machine']}), {meta['cores']} cores shared with other work, "
         f"{meta['threads']} thread(s), torch {meta['torch']}; tensorpress: {tensorpress_flags(meta)}; "
         f"total {meta['total_wall_s']:.0f} s",

@@ -205,19 +205,27 @@ def test_prune_benchmark_quick(tmp_path):
     prune = import_benchmark("tenbcd_prune")
     threads = torch.get_num_threads()
     try:
-        assert prune.main(["--quick", "--out", str(tmp_path)]) == 0
+        assert prune.main(["--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
     rows = json.loads((tmp_path / "tenbcd_prune_quick.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {
         "tenBCD (notebook)",
         "tenBCD (n-scaled)",
+        prune.TOGETHER,
         "adam dense",
         "adam + magnitude pruning",
         "sgd dense",
         "sgd + magnitude pruning",
     }
+    assert {r["seed"] for r in rows} == {10, 20} and len(rows) == 2 * len({(r["method"], r["sparsity"]) for r in rows})
     for r in rows:
-        if r["sparsity"] == 0.9:  # every layer keeps 10% of its entries
+        if r["sparsity"] == 0.9 and r["method"] != prune.TOGETHER:  # every layer keeps 10% of its entries
             assert r["nonzeros"] == [round(0.1 * 784 * 300), round(0.1 * 300 * 100), round(0.1 * 100 * 10)]
-    assert "| tenBCD (notebook) |" in (tmp_path / "tenbcd_prune_quick.md").read_text()
+        if r["method"] == prune.TOGETHER:  # the TT layer is dense in its reconstruction, the others pruned
+            assert r["nonzeros"][1:] == [round(0.1 * 300 * 100), round(0.1 * 100 * 10)]
+    md = (tmp_path / "tenbcd_prune_quick.md").read_text()
+    assert "| tenBCD (notebook) |" in md and " ± " in md and "seeds [10, 20]" in md
+    # a cell is the mean of the seeds' accuracies
+    accs = [100 * r["test_acc"] for r in rows if r["method"] == "adam + magnitude pruning"]
+    assert f"{sum(accs) / 2:.1f} ± " in md
