@@ -322,6 +322,56 @@ struct TensorCoreOf<__nv_bfloat16> {
 
 constexpr int kTensorCoreTileK = 32;
 
+// The tile both tensor-core GEMMs (tiled_gemm_tc_kernel, block_gemm_tc) stage: a 64 x BK A tile
+// and a BK x 64 B tile in the operand type, row-major, rows padded by 16 bytes (bank spread;
+// every fragment pointer stays 32-byte aligned), and the 64 x 64 float output tile; 8 warps in
+// a 4 x 2 grid, each owning a 16 x 32 strip (two 16 x 16 accumulators).
+template <typename Op>
+struct TcTile {
+  using S = typename TensorCoreOp<Op>::storage;
+  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, TensorCoreOp<Op>::k, float>;
+  static constexpr int BM = kCudaTileM, BN = kCudaTileN, BK = kTensorCoreTileK, WK = TensorCoreOp<Op>::k;
+  static constexpr int LDA = BK + TensorCoreOp<Op>::pad, LDB = BN + TensorCoreOp<Op>::pad, LDC = BN + 4;
+  static_assert(BM == 64 && BN == 64 && kCudaThreads == 256, "8 warps of 16 x 32 outputs");
+};
+
+// acc += this warp's strip of the staged As (BM x BK) times Bs (BK x BN).
+template <typename Op>
+__device__ __forceinline__ void tc_mma(const typename TcTile<Op>::S* As, const typename TcTile<Op>::S* Bs,
+                                       typename TcTile<Op>::Acc (&acc)[2], int wm, int wn) {
+  namespace wmma = nvcuda::wmma;
+  using T = TcTile<Op>;
+  using F = typename TensorCoreOp<Op>::frag;
+#pragma unroll
+  for (int kk = 0; kk < T::BK; kk += T::WK) {
+    wmma::fragment<wmma::matrix_a, 16, 16, T::WK, F, wmma::row_major> a;
+    wmma::load_matrix_sync(a, As + wm * 16 * T::LDA + kk, T::LDA);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::fragment<wmma::matrix_b, 16, 16, T::WK, F, wmma::row_major> b;
+      wmma::load_matrix_sync(b, Bs + kk * T::LDB + wn * 32 + j * 16, T::LDB);
+      wmma::mma_sync(acc[j], a, b, acc[j]);
+    }
+  }
+}
+
+// The block's output tile leaves through shared memory (Cs, BM x LDC floats): the fragments
+// stored, then every in-range (p0 + pp, q0 + qq) < (P, Q) written through the output map.
+template <typename Op, typename TC>
+__device__ __forceinline__ void tc_store(typename TcTile<Op>::Acc (&acc)[2], float* Cs, const Out<TC>& out, int p0,
+                                         int q0, int P, int Q, int wm, int wn) {
+  using T = TcTile<Op>;
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    nvcuda::wmma::store_matrix_sync(Cs + wm * 16 * T::LDC + wn * 32 + j * 16, acc[j], T::LDC,
+                                    nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < T::BM * T::BN; e += kCudaThreads) {
+    const int pp = e / T::BN, qq = e % T::BN;
+    if (p0 + pp < P && q0 + qq < Q) put(out, p0 + pp, q0 + qq, Cs[pp * T::LDC + qq]);
+  }
+}
+
 // Four consecutive float operands by one 16-byte load (zeros where !valid: nothing is read),
 // rounded to the operand type into shared memory.
 template <typename Op>
@@ -349,13 +399,9 @@ __device__ __forceinline__ bool vector_rows(const T* base, const Map& rows, cons
 
 template <typename TA, typename TB, typename TC, typename Op>
 __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const TiledGemm<TA, TB, TC> g) {
-  namespace wmma = nvcuda::wmma;
-  using S = typename TensorCoreOp<Op>::storage;
-  using F = typename TensorCoreOp<Op>::frag;
-  constexpr int BM = kCudaTileM, BN = kCudaTileN, BK = kTensorCoreTileK, WK = TensorCoreOp<Op>::k;
-  // rows padded by 16 bytes (bank spread); every fragment pointer stays 32-byte aligned
-  constexpr int LDA = BK + TensorCoreOp<Op>::pad, LDB = BN + TensorCoreOp<Op>::pad, LDC = BN + 4;
-  static_assert(BM == 64 && BN == 64 && kCudaThreads == 256, "8 warps of 16 x 32 outputs");
+  using Tile = TcTile<Op>;
+  using S = typename Tile::S;
+  constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, LDA = Tile::LDA, LDB = Tile::LDB, LDC = Tile::LDC;
   __shared__ __align__(32) S As[BM * LDA];
   __shared__ __align__(32) S Bs[BK * LDB];
   __shared__ __align__(32) float Cs[BM * LDC];
@@ -368,9 +414,9 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const Tiled
     arow[tid] = g.ap.at(min(p0 + tid, g.P - 1));
   else if (tid < BM + BN)
     bcol[tid - BM] = g.bq.at(min(q0 + tid - BM, g.Q - 1));
-  wmma::fragment<wmma::accumulator, 16, 16, WK, float> acc[2];
-  wmma::fill_fragment(acc[0], 0.0f);
-  wmma::fill_fragment(acc[1], 0.0f);
+  typename Tile::Acc acc[2];
+  nvcuda::wmma::fill_fragment(acc[0], 0.0f);
+  nvcuda::wmma::fill_fragment(acc[1], 0.0f);
   // A(p, l) rows contiguous along l; B(l, q) rows contiguous along q (block-uniform tests)
   const bool a_vec = vector_rows(g.A, g.ap, g.al) && l_begin % 4 == 0;
   const bool b_vec = vector_rows(g.B, g.bl, g.bq) && q0 + BN <= g.Q;
@@ -409,27 +455,10 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const Tiled
       }
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += WK) {
-      wmma::fragment<wmma::matrix_a, 16, 16, WK, F, wmma::row_major> a;
-      wmma::load_matrix_sync(a, As + wm * 16 * LDA + kk, LDA);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, WK, F, wmma::row_major> b;
-        wmma::load_matrix_sync(b, Bs + kk * LDB + wn * 32 + j * 16, LDB);
-        wmma::mma_sync(acc[j], a, b, acc[j]);
-      }
-    }
+    tc_mma<Op>(As, Bs, acc, wm, wn);
   }
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-    wmma::store_matrix_sync(Cs + wm * 16 * LDC + wn * 32 + j * 16, acc[j], LDC, wmma::mem_row_major);
-  __syncthreads();
   const Out<TC> out{g.C + blockIdx.z * g.c_split_stride, g.cp, g.cq, g.accumulate};
-  for (int e = tid; e < BM * BN; e += kCudaThreads) {
-    const int pp = e / BN, qq = e % BN;
-    if (p0 + pp < g.P && q0 + qq < g.Q) put(out, p0 + pp, q0 + qq, Cs[pp * LDC + qq]);
-  }
+  tc_store<Op>(acc, Cs, out, p0, q0, g.P, g.Q, wm, wn);
 }
 
 // ----------------------------------------------------------------------------- fused kernels, tensor cores
@@ -443,12 +472,9 @@ __global__ void __launch_bounds__(kCudaThreads) tiled_gemm_tc_kernel(const Tiled
 template <typename Op, typename Acc, typename TC>
 __device__ void block_gemm_tc(int P, int Q, int L, const Acc* A, Map ap, Map al, const Acc* B, Map bl, Map bq,
                               const Out<TC>& out, unsigned char* staging) {
-  namespace wmma = nvcuda::wmma;
-  using S = typename TensorCoreOp<Op>::storage;
-  using F = typename TensorCoreOp<Op>::frag;
-  constexpr int BM = kCudaTileM, BN = kCudaTileN, BK = kTensorCoreTileK, WK = TensorCoreOp<Op>::k;
-  constexpr int LDA = BK + TensorCoreOp<Op>::pad, LDB = BN + TensorCoreOp<Op>::pad, LDC = BN + 4;
-  static_assert(BM == 64 && BN == 64 && kCudaThreads == 256, "8 warps of 16 x 32 outputs");
+  using Tile = TcTile<Op>;
+  using S = typename Tile::S;
+  constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, LDA = Tile::LDA, LDB = Tile::LDB, LDC = Tile::LDC;
   static_assert(
       (BM * LDA + BK * LDB) * sizeof(S) + (BM * LDC + BM + BN + 2 * BK) * 4 + 32 <= kCudaFusedTensorCoreStaging,
       "the staging fits the shared memory the schedule reserves");
@@ -468,9 +494,9 @@ __device__ void block_gemm_tc(int P, int Q, int L, const Acc* A, Map ap, Map al,
       arow[tid] = ap.at(min(p0 + tid, P - 1));
     else if (tid < BM + BN)
       bcol[tid - BM] = bq.at(min(q0 + tid - BM, Q - 1));
-    wmma::fragment<wmma::accumulator, 16, 16, WK, float> acc[2];
-    wmma::fill_fragment(acc[0], 0.0f);
-    wmma::fill_fragment(acc[1], 0.0f);
+    typename Tile::Acc acc[2];
+    nvcuda::wmma::fill_fragment(acc[0], 0.0f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.0f);
     for (int l0 = 0; l0 < L; l0 += BK) {
       __syncthreads();  // the previous operand tiles have been consumed
       if (tid < BK)
@@ -489,26 +515,9 @@ __device__ void block_gemm_tc(int P, int Q, int L, const Acc* A, Map ap, Map al,
             to_operand<Op>((q0 + qq < Q && l0 + ll < L) ? static_cast<float>(B[brow[ll] + bcol[qq]]) : 0.0f);
       }
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += WK) {
-        wmma::fragment<wmma::matrix_a, 16, 16, WK, F, wmma::row_major> a;
-        wmma::load_matrix_sync(a, As + wm * 16 * LDA + kk, LDA);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, WK, F, wmma::row_major> b;
-          wmma::load_matrix_sync(b, Bs + kk * LDB + wn * 32 + j * 16, LDB);
-          wmma::mma_sync(acc[j], a, b, acc[j]);
-        }
-      }
+      tc_mma<Op>(As, Bs, acc, wm, wn);
     }
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(Cs + wm * 16 * LDC + wn * 32 + j * 16, acc[j], LDC, wmma::mem_row_major);
-    __syncthreads();
-    for (int e = tid; e < BM * BN; e += kCudaThreads) {
-      const int pp = e / BN, qq = e % BN;
-      if (p0 + pp < P && q0 + qq < Q) put(out, p0 + pp, q0 + qq, Cs[pp * LDC + qq]);
-    }
+    tc_store<Op>(acc, Cs, out, p0, q0, P, Q, wm, wn);
   }
   __syncthreads();  // the caller may reuse the staging or read C
 }

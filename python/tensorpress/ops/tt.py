@@ -139,11 +139,14 @@ def cuda_kernel_path(
     device,
     backward: bool = False,
     path: str = "auto",
+    tensor_cores: bool | None = None,
 ) -> str:
     """The kernel a CUDA call runs: "decode" when asked for (forward only; a backward asked of
     it runs "tiled"), "fused" where a block of samples fits in shared memory (unless "tiled" is
-    asked for), else "tiled"."""
-    return _cuda_sched(core_dims, order, batch, dtype, device, backward, path).path
+    asked for), else "tiled". `tensor_cores` (None: as a call of `dtype` would, see
+    `tensor_cores_for`) matters: the fused kernels then stage tiles in shared memory too."""
+    tc = tensor_cores_for(dtype) if tensor_cores is None else bool(tensor_cores)
+    return _cuda_sched(core_dims, order, batch, dtype, device, backward, path, tc).path
 
 
 def _cuda_sched(core_dims, order, batch, dtype, device, backward, path, tensor_cores=False):
